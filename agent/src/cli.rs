@@ -1,0 +1,164 @@
+//! Command-line interface (raw arguments). Everything here is resolved and validated into
+//! `settings::RunSettings` before anything starts.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "zerotrace",
+    version,
+    about = "Traces running Go programs with zero code changes: eBPF probes -> span trees -> OTLP",
+    long_about = None,
+)]
+pub struct Cli {
+    /// Log filter for the agent's own diagnostics (e.g. info, debug, zerotrace=trace).
+    #[arg(long, global = true, env = "ZEROTRACE_LOG", default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check what this kernel and this process's privileges allow, one line each.
+    Doctor,
+    /// Attach to running processes and trace them until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    #[value(name = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Exporter {
+    /// OTLP to a collector (OTEL_EXPORTER_OTLP_* apply).
+    Otlp,
+    /// No export (e.g. with --print only).
+    None,
+}
+
+/// How Go net/http server requests are observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GoHttpProbes {
+    /// Socket syscalls per request, one uprobe per connection (`(*conn).serve`): cheapest.
+    Conn,
+    /// Uprobes at the entry and every RET of `serverHandler.ServeHTTP`: two uprobe hits per
+    /// request (~9 us each on this VM), exact handler window, works for any transport.
+    Handler,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Process to trace (repeat for several). It keeps running; nothing in it changes.
+    #[arg(long = "pid", required = true, value_name = "PID")]
+    pub pids: Vec<u32>,
+
+    /// Also print each finished span as one line on stdout.
+    #[arg(long)]
+    pub print: bool,
+
+    /// Where spans go [env: OTEL_TRACES_EXPORTER] [default: otlp].
+    #[arg(long, value_enum)]
+    pub exporter: Option<Exporter>,
+
+    /// OTLP endpoint [env: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, OTEL_EXPORTER_OTLP_ENDPOINT]
+    /// [default: http://localhost:4317 for grpc, http://localhost:4318/v1/traces for http/protobuf].
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
+    /// OTLP protocol [env: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL, OTEL_EXPORTER_OTLP_PROTOCOL] [default: grpc].
+    #[arg(long, value_enum)]
+    pub otlp_protocol: Option<Protocol>,
+
+    /// Extra OTLP headers as k=v,k2=v2 [env: OTEL_EXPORTER_OTLP_TRACES_HEADERS, OTEL_EXPORTER_OTLP_HEADERS].
+    #[arg(long, value_name = "K=V,...")]
+    pub otlp_headers: Option<String>,
+
+    /// Timeout of one export request [env: OTEL_EXPORTER_OTLP_TIMEOUT in ms] [default: 10s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub otlp_timeout: Option<std::time::Duration>,
+
+    /// service.name of every traced process [env: OTEL_SERVICE_NAME] [default: the executable's name].
+    #[arg(long, value_name = "NAME")]
+    pub service_name: Option<String>,
+
+    /// Spans waiting for export at most; more are dropped and counted [env: OTEL_BSP_MAX_QUEUE_SIZE] [default: 2048].
+    #[arg(long, value_name = "N")]
+    pub batch_queue: Option<usize>,
+
+    /// Spans per export request at most [env: OTEL_BSP_MAX_EXPORT_BATCH_SIZE] [default: 512].
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
+
+    /// Longest wait before a partial batch is sent [env: OTEL_BSP_SCHEDULE_DELAY in ms] [default: 5s].
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub batch_delay: Option<std::time::Duration>,
+
+    /// How Go net/http server requests are observed.
+    #[arg(long, value_enum, default_value = "conn")]
+    pub go_http_probes: GoHttpProbes,
+
+    /// Bytes of each request head captured at the read syscall (64..=2048).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=2048))]
+    pub capture_bytes: u32,
+
+    /// Sockets tracked at once across all traced processes.
+    #[arg(long, default_value_t = zerotrace_common::bounds::MAX_CONNS, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub max_connections: u32,
+
+    /// Print the agent's counters (events, drops, spans) every this often; 0 disables.
+    #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DURATION")]
+    pub stats_interval: std::time::Duration,
+
+    /// Where to write the agent's counters as JSON at exit (for benchmarks and tests).
+    #[arg(long, value_name = "FILE")]
+    pub stats_file: Option<PathBuf>,
+}
+
+/// "500ms", "5s", "2m", or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 5s, 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in {s:?}: use ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("invalid duration {s:?}"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap().as_millis(), 500);
+        assert_eq!(parse_duration("5s").unwrap().as_secs(), 5);
+        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
+        assert_eq!(parse_duration("3").unwrap().as_secs(), 3);
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}

@@ -1,0 +1,170 @@
+//! Span assembly on recorded event streams (no kernel, no privileges).
+use super::*;
+use crate::events::{decode, record};
+
+const PID: u32 = 4242;
+const OFFSET: i128 = 1_700_000_000_000_000_000;
+
+fn run(stream: &[Vec<u8>]) -> (Vec<Span>, Stats) {
+    let mut c = Correlator::new(Clock::fixed(OFFSET));
+    let mut out = Vec::new();
+    for rec in stream {
+        c.on_event(decode(rec).expect("recorded records decode"), &mut out);
+    }
+    (out, c.stats)
+}
+
+fn open(conn: u64, fd: i32) -> Vec<u8> {
+    record::conn_open(PID, 1_000, conn, fd, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 51000))
+}
+
+fn s(span: &Span, key: &str) -> String {
+    span.attr(key).map(ToString::to_string).unwrap_or_default()
+}
+
+#[test]
+fn request_and_response_make_one_server_span() {
+    let (spans, stats) = run(&[
+        open(1, 7),
+        record::request(PID, 2_000_000, 1, 7, 1, 0xc000123000, b"GET /items/42?debug=1 HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: curl/8.1\r\n\r\n"),
+        record::response(PID, 5_000_000, 1, 7, 1, b"HTTP/1.1 200 OK\r", "GET /items/{id}"),
+    ]);
+    assert_eq!(spans.len(), 1, "{stats:?}");
+    let sp = &spans[0];
+    assert_eq!(sp.name, "GET /items/{id}");
+    assert_eq!(sp.kind, SpanKind::Server);
+    assert_eq!(s(sp, "http.request.method"), "GET");
+    assert_eq!(s(sp, "url.path"), "/items/42");
+    assert_eq!(s(sp, "http.route"), "/items/{id}");
+    assert_eq!(s(sp, "http.response.status_code"), "200");
+    assert_eq!(s(sp, "server.port"), "8080");
+    assert_eq!(s(sp, "server.address"), "shop");
+    assert_eq!(s(sp, "network.peer.address"), "127.0.0.1");
+    assert_eq!(s(sp, "network.peer.port"), "51000");
+    assert_eq!(s(sp, "user_agent.original"), "curl/8.1");
+    assert_eq!(s(sp, "url.scheme"), "http");
+    assert_eq!(sp.start_unix_ns, (2_000_000 + OFFSET) as u64);
+    assert_eq!(sp.end_unix_ns, (5_000_000 + OFFSET) as u64);
+    assert_eq!(sp.status, Status::Unset);
+    assert!(sp.parent.is_none());
+    assert_eq!(stats.spans, 1);
+}
+
+#[test]
+fn keep_alive_requests_stay_apart() {
+    let mut stream = vec![open(1, 7)];
+    for i in 1..=3u32 {
+        let path = format!("GET /n/{i} HTTP/1.1\r\n\r\n");
+        stream.push(record::request(PID, u64::from(i) * 10_000, 1, 7, i, 0, path.as_bytes()));
+        stream.push(record::response(PID, u64::from(i) * 10_000 + 5_000, 1, 7, i, b"HTTP/1.1 204 No", ""));
+    }
+    let (spans, _) = run(&stream);
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["GET /n/1", "GET /n/2", "GET /n/3"]);
+    let traces: std::collections::HashSet<_> = spans.iter().map(|s| s.trace_id).collect();
+    assert_eq!(traces.len(), 3, "each request is its own trace");
+}
+
+#[test]
+fn incoming_traceparent_sets_the_parent() {
+    let (spans, _) = run(&[
+        open(1, 7),
+        record::request(PID, 10, 1, 7, 1, 0, b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n"),
+        record::response(PID, 20, 1, 7, 1, b"HTTP/1.1 503 Ser", ""),
+    ]);
+    let sp = &spans[0];
+    assert_eq!(sp.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(sp.parent.unwrap().to_string(), "00f067aa0ba902b7");
+    assert!(sp.parent_is_remote);
+    assert_eq!(sp.status, Status::Error(String::new()), "5xx is an error on a server span");
+}
+
+#[test]
+fn what_cannot_be_matched_is_counted_not_guessed() {
+    let (spans, stats) = run(&[
+        open(1, 7),
+        // A response for a request zerotrace never saw (attached mid-request).
+        record::response(PID, 20, 1, 7, 3, b"HTTP/1.1 200 OK\r", ""),
+        // TLS bytes on a tracked socket.
+        record::request(PID, 30, 1, 7, 4, 0, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"),
+        record::response(PID, 40, 1, 7, 4, b"\x16\x03\x03\x00\x7a", ""),
+        // A request whose connection closes before any response.
+        record::request(PID, 50, 1, 7, 5, 0, b"GET /slow HTTP/1.1\r\n\r\n"),
+        record::conn_close(PID, 60, 1, 7),
+    ]);
+    assert!(spans.is_empty());
+    assert_eq!(stats.unmatched_responses, 1);
+    assert_eq!(stats.not_http, 1);
+    assert_eq!(stats.abandoned, 1);
+}
+
+#[test]
+fn without_a_pattern_the_name_uses_the_path() {
+    let (spans, _) = run(&[
+        open(1, 7),
+        record::request(PID, 10, 1, 7, 1, 0, b"BREW /pot HTTP/1.1\r\n\r\n"),
+        record::response(PID, 20, 1, 7, 1, b"HTTP/1.1 418 I'm", ""),
+        record::request(PID, 30, 1, 7, 2, 0, b"DELETE /cart/9 HTTP/1.0\r\n\r\n"),
+        record::response(PID, 40, 1, 7, 2, b"HTTP/1.0 200 OK\r", ""),
+    ]);
+    assert_eq!(spans[0].name, "HTTP");
+    assert_eq!(s(&spans[0], "http.request.method"), "_OTHER");
+    assert_eq!(s(&spans[0], "http.request.method_original"), "BREW");
+    assert_eq!(spans[1].name, "DELETE /cart/9");
+    assert_eq!(s(&spans[1], "network.protocol.version"), "1.0");
+}
+
+#[test]
+fn route_of_patterns() {
+    assert_eq!(route_of("GET /items/{id}"), Some("/items/{id}"));
+    assert_eq!(route_of("/static/"), Some("/static/"));
+    assert_eq!(route_of("example.com/x"), Some("/x"));
+    assert_eq!(route_of("POST   api.example.com/v1/{rest...}"), Some("/v1/{rest...}"));
+    assert_eq!(route_of(""), None);
+}
+
+fn go_event(fd: i32, pattern: &str, status: i64) -> crate::events::Event {
+    crate::events::Event::GoServerRequest(Box::new(GoServerRequest {
+        pid: PID,
+        tid: PID,
+        goroutine: 0xc000222000,
+        goid: 77,
+        start_ns: 12,
+        end_ns: 18,
+        content_length: 0,
+        status,
+        fd,
+        method: "GET".into(),
+        path: "/users/5".into(),
+        pattern: pattern.into(),
+        host: "localhost:8080".into(),
+        remote_addr: "127.0.0.1:51000".into(),
+        proto: "HTTP/1.1".into(),
+    }))
+}
+
+#[test]
+fn handler_mode_merges_into_the_syscall_span() {
+    let mut c = Correlator::new(Clock::fixed(0));
+    let mut out = Vec::new();
+    c.on_event(decode(&open(1, 7)).unwrap(), &mut out);
+    c.on_event(decode(&record::request(PID, 10, 1, 7, 1, 0, b"GET /users/5 HTTP/1.1\r\nUser-Agent: t\r\n\r\n")).unwrap(), &mut out);
+    c.on_event(go_event(7, "GET /users/{id}", 0), &mut out);
+    assert!(out.is_empty(), "the handler record waits for the response");
+    c.on_event(decode(&record::response(PID, 30, 1, 7, 1, b"HTTP/1.1 200 OK\r", "")).unwrap(), &mut out);
+    assert_eq!(out.len(), 1, "one span, not two");
+    assert_eq!(out[0].name, "GET /users/{id}");
+    assert_eq!(s(&out[0], "go.goroutine.id"), "77");
+    assert_eq!(s(&out[0], "user_agent.original"), "t");
+}
+
+#[test]
+fn handler_mode_alone_still_makes_a_span() {
+    let mut c = Correlator::new(Clock::fixed(0));
+    let mut out = Vec::new();
+    c.on_event(go_event(-1, "", 0), &mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].name, "GET /users/5");
+    assert_eq!(s(&out[0], "http.response.status_code"), "200");
+    assert_eq!((out[0].start_unix_ns, out[0].end_unix_ns), (12, 18));
+}

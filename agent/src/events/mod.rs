@@ -1,0 +1,350 @@
+//! Ring-buffer records decoded into typed events. Records are `#[repr(C)]` structs from
+//! zerotrace_common; a record that is short, of unknown kind or of the wrong size is an
+//! error that is counted, never a panic.
+pub mod reader;
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use zerotrace_common::{
+    ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoServerRequestEvent, GoStr,
+    HttpRequestEvent, HttpResponseEvent, SockAddrs,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: IpAddr,
+    pub port: u16,
+}
+
+/// Local and peer address of a socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Addrs {
+    pub local: Endpoint,
+    pub peer: Endpoint,
+}
+
+impl Addrs {
+    pub fn from_raw(a: &SockAddrs) -> Self {
+        Addrs {
+            local: Endpoint { addr: ip(a.local_addr), port: a.local_port },
+            peer: Endpoint { addr: ip(a.peer_addr), port: a.peer_port },
+        }
+    }
+}
+
+/// IPv4-mapped addresses are shown as IPv4.
+fn ip(raw: [u8; 16]) -> IpAddr {
+    let v6 = Ipv6Addr::from(raw);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    ConnOpen { pid: u32, ts: u64, conn_id: u64, fd: i32, role: u8, addrs: Addrs },
+    ConnClose { pid: u32, ts: u64, conn_id: u64, fd: i32, bytes_in: u64, bytes_out: u64 },
+    HttpRequest(HttpRequest),
+    HttpResponse(HttpResponse),
+    GoServerRequest(Box<GoServerRequest>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpRequest {
+    pub pid: u32,
+    pub tid: u32,
+    pub conn_id: u64,
+    pub fd: i32,
+    pub seq: u32,
+    pub goroutine: u64,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub read_len: u32,
+    pub head: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HttpResponse {
+    pub pid: u32,
+    pub tid: u32,
+    pub conn_id: u64,
+    pub fd: i32,
+    pub seq: u32,
+    pub resp_start_ns: u64,
+    pub end_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub closed: bool,
+    pub status_line: Vec<u8>,
+    pub pattern: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoServerRequest {
+    pub pid: u32,
+    pub tid: u32,
+    pub goroutine: u64,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub content_length: i64,
+    pub status: i64,
+    pub fd: i32,
+    pub method: String,
+    pub path: String,
+    pub pattern: String,
+    pub host: String,
+    pub remote_addr: String,
+    pub proto: String,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    Short(usize),
+    #[error("record kind {0} is unknown")]
+    UnknownKind(u16),
+    #[error("record kind {kind:?}: {got} bytes, expected {want}")]
+    Size { kind: EventKind, got: usize, want: usize },
+}
+
+/// Reads a `T` from the start of `b` (records are not aligned for T in the ring).
+fn read<T: Copy>(b: &[u8]) -> T {
+    debug_assert!(b.len() >= std::mem::size_of::<T>());
+    // SAFETY: length checked by every caller; T is a repr(C) POD from zerotrace_common.
+    unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) }
+}
+
+fn exact<T: Copy>(b: &[u8], kind: EventKind) -> Result<T, DecodeError> {
+    let want = std::mem::size_of::<T>();
+    if b.len() < want {
+        return Err(DecodeError::Size { kind, got: b.len(), want });
+    }
+    Ok(read::<T>(b))
+}
+
+fn go_str(s: &GoStr) -> String {
+    let kept = (s.kept as usize).min(s.buf.len());
+    String::from_utf8_lossy(&s.buf[..kept]).into_owned()
+}
+
+pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
+    if b.len() < std::mem::size_of::<EventHeader>() {
+        return Err(DecodeError::Short(b.len()));
+    }
+    let hdr: EventHeader = read(b);
+    let kind = EventKind::from_u16(hdr.kind).ok_or(DecodeError::UnknownKind(hdr.kind))?;
+    Ok(match kind {
+        EventKind::ConnOpen => {
+            let e: ConnOpenEvent = exact(b, kind)?;
+            Event::ConnOpen {
+                pid: hdr.pid,
+                ts: hdr.ts_ns,
+                conn_id: e.conn_id,
+                fd: e.fd,
+                role: e.role,
+                addrs: Addrs::from_raw(&e.addrs),
+            }
+        }
+        EventKind::ConnClose => {
+            let e: ConnCloseEvent = exact(b, kind)?;
+            Event::ConnClose {
+                pid: hdr.pid,
+                ts: hdr.ts_ns,
+                conn_id: e.conn_id,
+                fd: e.fd,
+                bytes_in: e.bytes_in,
+                bytes_out: e.bytes_out,
+            }
+        }
+        EventKind::HttpRequest => {
+            let e: HttpRequestEvent = exact(b, kind)?;
+            let start = std::mem::size_of::<HttpRequestEvent>();
+            let end = start + e.captured as usize;
+            let head = b.get(start..end).ok_or(DecodeError::Size { kind, got: b.len(), want: end })?;
+            Event::HttpRequest(HttpRequest {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                conn_id: e.conn_id,
+                fd: e.fd,
+                seq: e.seq,
+                goroutine: e.goroutine,
+                goid: e.goid,
+                start_ns: e.start_ns,
+                read_len: e.read_len,
+                head: head.to_vec(),
+            })
+        }
+        EventKind::HttpResponse => {
+            let e: HttpResponseEvent = exact(b, kind)?;
+            let sl = (e.status_len as usize).min(e.status.len());
+            let pl = (e.pattern_len as usize).min(e.pattern.len());
+            Event::HttpResponse(HttpResponse {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                conn_id: e.conn_id,
+                fd: e.fd,
+                seq: e.seq,
+                resp_start_ns: e.resp_start_ns,
+                end_ns: e.end_ns,
+                bytes_in: e.bytes_in,
+                bytes_out: e.bytes_out,
+                closed: e.closed != 0,
+                status_line: e.status[..sl].to_vec(),
+                pattern: String::from_utf8_lossy(&e.pattern[..pl]).into_owned(),
+            })
+        }
+        EventKind::GoServerRequest => {
+            let e: GoServerRequestEvent = exact(b, kind)?;
+            Event::GoServerRequest(Box::new(GoServerRequest {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                goroutine: e.goroutine,
+                goid: e.goid,
+                start_ns: e.start_ns,
+                end_ns: e.end_ns,
+                content_length: e.content_length,
+                status: e.status,
+                fd: e.fd,
+                method: go_str(&e.method),
+                path: go_str(&e.path),
+                pattern: go_str(&e.pattern),
+                host: go_str(&e.host),
+                remote_addr: go_str(&e.remote_addr),
+                proto: go_str(&e.proto),
+            }))
+        }
+    })
+}
+
+/// Encoders for recorded streams in tests: the exact bytes the kernel would send.
+#[cfg(test)]
+pub mod record {
+    use zerotrace_common::*;
+
+    fn bytes_of<T>(v: &T) -> Vec<u8> {
+        // SAFETY: T is a repr(C) POD; we copy its bytes.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }.to_vec()
+    }
+
+    pub fn header(kind: EventKind, size: usize, pid: u32, ts: u64) -> EventHeader {
+        EventHeader { kind: kind as u16, _pad: 0, size: size as u32, pid, tid: pid, ts_ns: ts }
+    }
+
+    pub fn conn_open(pid: u32, ts: u64, conn_id: u64, fd: i32, local: ([u8; 4], u16), peer: ([u8; 4], u16)) -> Vec<u8> {
+        let m = |a: [u8; 4]| [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]];
+        let e = ConnOpenEvent {
+            hdr: header(EventKind::ConnOpen, std::mem::size_of::<ConnOpenEvent>(), pid, ts),
+            conn_id,
+            fd,
+            role: ConnRole::Server as u8,
+            _pad: [0; 3],
+            addrs: SockAddrs { local_addr: m(local.0), peer_addr: m(peer.0), local_port: local.1, peer_port: peer.1, family: 2, _pad: 0 },
+        };
+        bytes_of(&e)
+    }
+
+    pub fn conn_close(pid: u32, ts: u64, conn_id: u64, fd: i32) -> Vec<u8> {
+        bytes_of(&ConnCloseEvent {
+            hdr: header(EventKind::ConnClose, std::mem::size_of::<ConnCloseEvent>(), pid, ts),
+            conn_id,
+            fd,
+            _pad: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+        })
+    }
+
+    pub fn request(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, goroutine: u64, head: &[u8]) -> Vec<u8> {
+        let e = HttpRequestEvent {
+            hdr: header(EventKind::HttpRequest, std::mem::size_of::<HttpRequestEvent>() + head.len(), pid, ts),
+            conn_id,
+            goroutine,
+            goid: goroutine / 8,
+            start_ns: ts,
+            fd,
+            seq,
+            read_len: head.len() as u32,
+            captured: head.len() as u32,
+        };
+        let mut v = bytes_of(&e);
+        v.extend_from_slice(head);
+        v
+    }
+
+    pub fn response(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, status: &[u8], pattern: &str) -> Vec<u8> {
+        let mut e = HttpResponseEvent {
+            hdr: header(EventKind::HttpResponse, std::mem::size_of::<HttpResponseEvent>(), pid, ts),
+            conn_id,
+            resp_start_ns: ts - 1000,
+            end_ns: ts,
+            bytes_in: 0,
+            bytes_out: 0,
+            fd,
+            seq,
+            status_len: status.len().min(16) as u8,
+            closed: 0,
+            pattern_len: pattern.len().min(128) as u16,
+            _pad: 0,
+            status: [0; 16],
+            pattern: [0; 128],
+        };
+        e.status[..status.len().min(16)].copy_from_slice(&status[..status.len().min(16)]);
+        e.pattern[..pattern.len().min(128)].copy_from_slice(&pattern.as_bytes()[..pattern.len().min(128)]);
+        bytes_of(&e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_each_kind() {
+        let open = record::conn_open(7, 10, 99, 5, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 50000));
+        match decode(&open).unwrap() {
+            Event::ConnOpen { pid, conn_id, fd, addrs, .. } => {
+                assert_eq!((pid, conn_id, fd), (7, 99, 5));
+                assert_eq!(addrs.local.addr.to_string(), "127.0.0.1");
+                assert_eq!(addrs.peer.port, 50000);
+            }
+            e => panic!("wrong event {e:?}"),
+        }
+        let req = record::request(7, 20, 99, 5, 1, 0xc000001000, b"GET / HTTP/1.1\r\n\r\n");
+        let Event::HttpRequest(r) = decode(&req).unwrap() else { panic!() };
+        assert_eq!(r.head, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(r.seq, 1);
+        let resp = record::response(7, 30, 99, 5, 1, b"HTTP/1.1 200 OK\r", "GET /");
+        let Event::HttpResponse(r) = decode(&resp).unwrap() else { panic!() };
+        assert_eq!(r.status_line, b"HTTP/1.1 200 OK\r");
+        assert_eq!(r.pattern, "GET /");
+        assert!(matches!(decode(&record::conn_close(7, 40, 99, 5)).unwrap(), Event::ConnClose { .. }));
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        assert_eq!(decode(&[1, 2, 3]), Err(DecodeError::Short(3)));
+        let mut bad = record::conn_close(1, 1, 1, 1);
+        bad[0] = 200;
+        assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(200)));
+        let req = record::request(7, 20, 99, 5, 1, 0, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(matches!(decode(&req[..req.len() - 3]), Err(DecodeError::Size { .. })));
+        let open = record::conn_open(7, 10, 99, 5, ([1, 2, 3, 4], 1), ([1, 2, 3, 4], 2));
+        assert!(matches!(decode(&open[..40]), Err(DecodeError::Size { .. })));
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..20_000 {
+            let len = rng.usize(0..400);
+            let mut b: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+            if b.len() >= 2 && rng.bool() {
+                b[0] = rng.u8(1..6);
+                b[1] = 0;
+            }
+            let _ = decode(&b);
+        }
+    }
+}

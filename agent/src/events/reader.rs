@@ -1,0 +1,56 @@
+//! Drains the kernel's ring buffer. The kernel programs only wake the agent when a lot is
+//! pending (see bounds::WAKEUP_BYTES); otherwise the agent drains on a short timer, so a
+//! busy target costs one wake-up per tick, not one per event.
+use std::{io, time::Duration};
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+
+use super::{Event, decode};
+
+pub struct EventReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Records read, and records that did not decode.
+    pub records: u64,
+    pub decode_errors: u64,
+}
+
+impl EventReader {
+    pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
+        // SAFETY: the ring buffer owns its fd and keeps it open as long as the AsyncFd lives.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }.map_err(io::Error::from)?;
+        Ok(Self { ring, records: 0, decode_errors: 0 })
+    }
+
+    /// Returns when the kernel signals data or after `tick`, whichever is first.
+    pub async fn wait(&mut self, tick: Duration) {
+        tokio::select! {
+            guard = self.ring.readable_mut() => {
+                if let Ok(mut g) = guard {
+                    g.clear_ready();
+                }
+            }
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+
+    /// Decodes every pending record and hands it to `f`; returns how many were read.
+    pub fn drain(&mut self, mut f: impl FnMut(Event)) -> usize {
+        let mut n = 0;
+        let ring = self.ring.get_mut();
+        while let Some(item) = ring.next() {
+            n += 1;
+            match decode(&item) {
+                Ok(ev) => f(ev),
+                Err(e) => {
+                    self.decode_errors += 1;
+                    if self.decode_errors <= 5 {
+                        tracing::warn!(error = %e, "dropped an undecodable kernel record");
+                    }
+                }
+            }
+        }
+        self.records += n as u64;
+        n
+    }
+}

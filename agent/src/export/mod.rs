@@ -1,0 +1,31 @@
+//! The end of the pipeline: finished spans go to OTLP (batched, bounded, retried) and, with
+//! `--print`, to stdout. This is the only module that knows OpenTelemetry types.
+pub mod otlp;
+pub mod print;
+pub mod resource;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Export counters, shared between the pipeline and the exporter task.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    pub queued: AtomicU64,
+    /// Dropped because the queue was full (collector slow or down).
+    pub dropped_queue_full: AtomicU64,
+    /// Dropped after the retries of their batch ran out.
+    pub dropped_failed: AtomicU64,
+    pub exported: AtomicU64,
+    pub export_errors: AtomicU64,
+}
+
+impl ExportStats {
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+        [
+            ("spans_queued", self.queued.load(Relaxed)),
+            ("spans_exported", self.exported.load(Relaxed)),
+            ("spans_dropped_queue_full", self.dropped_queue_full.load(Relaxed)),
+            ("spans_dropped_export_failed", self.dropped_failed.load(Relaxed)),
+            ("export_errors", self.export_errors.load(Relaxed)),
+        ]
+    }
+}

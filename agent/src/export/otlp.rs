@@ -1,0 +1,280 @@
+//! OTLP export with opentelemetry-otlp: a bounded queue (drops counted, the pipeline never
+//! waits), batches by size or delay, one export request per traced process in a batch (each
+//! process is its own resource), and retries with exponential backoff while the collector
+//! is down. When it comes back, export resumes with whatever is queued then.
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    time::{Duration, Instant, SystemTime},
+};
+
+use opentelemetry::{
+    InstrumentationScope, KeyValue,
+    trace::{SpanContext, SpanId as OtelSpanId, SpanKind as OtelKind, Status as OtelStatus, TraceFlags, TraceId as OtelTraceId, TraceState},
+};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+};
+use tokio::sync::mpsc;
+
+use super::{ExportStats, resource::AttrValue};
+use crate::{
+    cli::Protocol,
+    settings::ExportSettings,
+    spans::{Span, SpanKind, Status, Value},
+};
+
+/// Retries of one batch before it is dropped, and the backoff between them.
+const MAX_ATTEMPTS: u32 = 6;
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot set up the OTLP exporter for {endpoint}: {reason}")]
+    Build { endpoint: String, reason: String },
+}
+
+/// Resources of traced processes, by pid, shared with the run loop that discovers them.
+pub type Resources = Arc<Mutex<HashMap<u32, Resource>>>;
+
+pub fn resource(attrs: &[(String, AttrValue)]) -> Resource {
+    Resource::builder_empty()
+        .with_attributes(attrs.iter().map(|(k, v)| match v {
+            AttrValue::Str(s) => KeyValue::new(k.clone(), s.clone()),
+            AttrValue::Int(i) => KeyValue::new(k.clone(), *i),
+        }))
+        .build()
+}
+
+pub struct OtlpExport {
+    tx: Option<mpsc::Sender<Span>>,
+    task: tokio::task::JoinHandle<()>,
+    pub stats: Arc<ExportStats>,
+}
+
+impl OtlpExport {
+    pub fn start(settings: &ExportSettings, resources: Resources, stats: Arc<ExportStats>) -> Result<Self, ExportError> {
+        let exporter = build(settings)?;
+        let (tx, rx) = mpsc::channel(settings.queue);
+        let task = tokio::spawn(run(rx, exporter, settings.clone(), resources, stats.clone()));
+        Ok(Self { tx: Some(tx), task, stats })
+    }
+
+    /// Queues a span; never waits. A full queue drops the span and counts it.
+    pub fn offer(&self, span: Span) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(span) {
+            Ok(()) => {
+                self.stats.queued.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                self.stats.dropped_queue_full.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Sends what is queued, waiting at most `deadline`.
+    pub async fn shutdown(mut self, deadline: Duration) {
+        self.tx = None;
+        if tokio::time::timeout(deadline, &mut self.task).await.is_err() {
+            tracing::warn!(seconds = deadline.as_secs(), "export did not finish in time; remaining spans are dropped");
+            self.task.abort();
+        }
+    }
+}
+
+fn build(s: &ExportSettings) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
+    let err = |e: opentelemetry_otlp::ExporterBuildError| ExportError::Build { endpoint: s.endpoint.clone(), reason: e.to_string() };
+    match s.protocol {
+        Protocol::Grpc => {
+            let mut md = tonic::metadata::MetadataMap::new();
+            for (k, v) in &s.headers {
+                let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                    .map_err(|_| ExportError::Build { endpoint: s.endpoint.clone(), reason: format!("invalid header name {k:?}") })?;
+                let val = v.parse().map_err(|_| ExportError::Build { endpoint: s.endpoint.clone(), reason: format!("invalid header value for {k}") })?;
+                md.insert(key, val);
+            }
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(s.endpoint.clone())
+                .with_timeout(s.timeout)
+                .with_metadata(md)
+                .build()
+                .map_err(err)
+        }
+        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+            .with_endpoint(s.endpoint.clone())
+            .with_timeout(s.timeout)
+            .with_headers(s.headers.iter().cloned().collect())
+            .build()
+            .map_err(err),
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<Span>,
+    mut exporter: opentelemetry_otlp::SpanExporter,
+    s: ExportSettings,
+    resources: Resources,
+    stats: Arc<ExportStats>,
+) {
+    let mut batch: Vec<Span> = Vec::with_capacity(s.batch);
+    let mut failing = Failing::default();
+    let mut open = true;
+    while open {
+        // Wait for a first span, then fill the batch until it is full or the delay is over.
+        match rx.recv().await {
+            Some(span) => batch.push(span),
+            None => break,
+        }
+        let deadline = tokio::time::Instant::now() + s.delay;
+        while batch.len() < s.batch {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(span)) => batch.push(span),
+                Ok(None) => {
+                    open = false;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        send_batch(&mut exporter, &mut batch, &resources, &stats, &mut failing, open).await;
+    }
+    // Closed: everything left in the channel goes out in full batches, one attempt each.
+    while let Ok(span) = rx.try_recv() {
+        batch.push(span);
+        if batch.len() >= s.batch {
+            send_batch(&mut exporter, &mut batch, &resources, &stats, &mut failing, false).await;
+        }
+    }
+    if !batch.is_empty() {
+        send_batch(&mut exporter, &mut batch, &resources, &stats, &mut failing, false).await;
+    }
+    let _ = exporter.shutdown();
+}
+
+#[derive(Default)]
+struct Failing {
+    since: Option<Instant>,
+    errors: u64,
+}
+
+/// Exports `batch` (grouped by process), retrying with backoff when `retry` is set.
+async fn send_batch(
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    batch: &mut Vec<Span>,
+    resources: &Resources,
+    stats: &ExportStats,
+    failing: &mut Failing,
+    retry: bool,
+) {
+    batch.sort_by_key(|s| s.pid);
+    let mut start = 0;
+    while start < batch.len() {
+        let pid = batch[start].pid;
+        let end = start + batch[start..].iter().take_while(|s| s.pid == pid).count();
+        let group = &batch[start..end];
+        let res = resources.lock().ok().and_then(|r| r.get(&pid).cloned());
+        if let Some(r) = &res {
+            exporter.set_resource(r);
+        }
+        let mut backoff = FIRST_BACKOFF;
+        let attempts = if retry { MAX_ATTEMPTS } else { 1 };
+        let mut sent = false;
+        for attempt in 1..=attempts {
+            let data: Vec<SpanData> = group.iter().map(to_span_data).collect();
+            match exporter.export(data).await {
+                Ok(()) => {
+                    stats.exported.fetch_add(group.len() as u64, Relaxed);
+                    if let Some(since) = failing.since.take() {
+                        tracing::info!(
+                            failed_requests = failing.errors,
+                            down_for_s = since.elapsed().as_secs(),
+                            "OTLP export works again"
+                        );
+                        failing.errors = 0;
+                    }
+                    sent = true;
+                    break;
+                }
+                Err(e) => {
+                    stats.export_errors.fetch_add(1, Relaxed);
+                    failing.errors += 1;
+                    if failing.since.is_none() {
+                        failing.since = Some(Instant::now());
+                        tracing::warn!(error = %e, "OTLP export failed; retrying with backoff, spans queue up (bounded) meanwhile");
+                    }
+                    if attempt < attempts {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        }
+        if !sent {
+            stats.dropped_failed.fetch_add(group.len() as u64, Relaxed);
+        }
+        start = end;
+    }
+    batch.clear();
+}
+
+fn to_time(unix_ns: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(unix_ns)
+}
+
+pub fn to_span_data(s: &Span) -> SpanData {
+    let trace_state = s
+        .trace_state
+        .as_deref()
+        .and_then(|t| t.parse::<TraceState>().ok())
+        .unwrap_or_default();
+    SpanData {
+        span_context: SpanContext::new(
+            OtelTraceId::from_bytes(s.trace_id.0),
+            OtelSpanId::from_bytes(s.span_id.0),
+            TraceFlags::SAMPLED,
+            false,
+            trace_state,
+        ),
+        parent_span_id: s.parent.map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
+        parent_span_is_remote: s.parent_is_remote,
+        span_kind: match s.kind {
+            SpanKind::Server => OtelKind::Server,
+            SpanKind::Client => OtelKind::Client,
+            SpanKind::Internal => OtelKind::Internal,
+        },
+        name: Cow::Owned(s.name.clone()),
+        start_time: to_time(s.start_unix_ns),
+        end_time: to_time(s.end_unix_ns),
+        attributes: s
+            .attributes
+            .iter()
+            .map(|(k, v)| match v {
+                Value::Str(x) => KeyValue::new(*k, x.clone()),
+                Value::Int(i) => KeyValue::new(*k, *i),
+            })
+            .collect(),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match &s.status {
+            Status::Unset => OtelStatus::Unset,
+            Status::Error(d) => OtelStatus::error(d.clone()),
+        },
+        instrumentation_scope: scope(),
+    }
+}
+
+fn scope() -> InstrumentationScope {
+    static SCOPE: std::sync::OnceLock<InstrumentationScope> = std::sync::OnceLock::new();
+    SCOPE
+        .get_or_init(|| InstrumentationScope::builder("zerotrace").with_version(env!("CARGO_PKG_VERSION")).build())
+        .clone()
+}

@@ -1,0 +1,43 @@
+//! `--print`: one line per finished span on stdout, for people watching a terminal.
+use std::{fmt::Write as _, io::Write as _};
+
+use crate::spans::{Span, Status};
+
+/// Formats one span as a line (no trailing newline).
+pub fn line(s: &Span, service: &str) -> String {
+    let mut out = String::with_capacity(160);
+    let secs = s.start_unix_ns / 1_000_000_000;
+    let (h, m, sec) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let ms = (s.start_unix_ns / 1_000_000) % 1000;
+    let _ = write!(out, "{h:02}:{m:02}:{sec:02}.{ms:03}Z {service}[{}] {:?} {:?}", s.pid, s.kind, s.name);
+    if let Some(code) = s.attr("http.response.status_code") {
+        let _ = write!(out, " status={code}");
+    }
+    let _ = write!(out, " dur={:.3}ms", s.duration_ns() as f64 / 1e6);
+    if matches!(s.status, Status::Error(_)) {
+        out.push_str(" ERROR");
+    }
+    let _ = write!(out, " trace={} span={}", s.trace_id, s.span_id);
+    if let Some(p) = s.parent {
+        let _ = write!(out, " parent={p}");
+    }
+    for key in ["network.peer.address", "network.peer.port", "go.goroutine.id", "user_agent.original"] {
+        if let Some(v) = s.attr(key) {
+            let short = key.rsplit('.').next().unwrap_or(key);
+            let _ = write!(out, " {short}={v}");
+        }
+    }
+    out
+}
+
+/// Writes lines to stdout; a closed stdout (e.g. `| head`) is not an error.
+pub fn print(lines: &[String]) {
+    let stdout = std::io::stdout();
+    let mut lock = stdout.lock();
+    for l in lines {
+        if writeln!(lock, "{l}").is_err() {
+            return;
+        }
+    }
+    let _ = lock.flush();
+}

@@ -1,0 +1,47 @@
+//! The OpenTelemetry resource of a traced process: who produced the spans.
+use crate::model::Target;
+
+pub const DISTRO_NAME: &str = "zerotrace";
+pub const DISTRO_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Resource attributes of one target, in the order they are exported.
+pub fn attributes(t: &Target, service_name: Option<&str>, extra: &[(String, String)]) -> Vec<(String, AttrValue)> {
+    let service = service_name
+        .map(str::to_owned)
+        .or_else(|| extra.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
+        .unwrap_or_else(|| t.exe_name.clone());
+    let mut out: Vec<(String, AttrValue)> = vec![
+        ("service.name".into(), AttrValue::Str(service)),
+        ("process.pid".into(), AttrValue::Int(i64::from(t.pid))),
+        ("process.executable.name".into(), AttrValue::Str(t.exe_name.clone())),
+        ("process.executable.path".into(), AttrValue::Str(t.exe_path.display().to_string())),
+        ("process.runtime.name".into(), AttrValue::Str("go".into())),
+        ("process.runtime.version".into(), AttrValue::Str(t.build.go_version.clone())),
+        ("host.name".into(), AttrValue::Str(host_name())),
+        ("telemetry.distro.name".into(), AttrValue::Str(DISTRO_NAME.into())),
+        ("telemetry.distro.version".into(), AttrValue::Str(DISTRO_VERSION.into())),
+    ];
+    for (k, v) in extra {
+        if !out.iter().any(|(ok, _)| ok == k) {
+            out.push((k.clone(), AttrValue::Str(v.clone())));
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+}
+
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}

@@ -1,0 +1,15 @@
+//! zerotrace agent library: probes (load/attach) -> events (ring buffer decode) -> model
+//! (targets, /proc) -> protocols (byte parsers) -> correlate (span assembly) -> export
+//! (OTLP, terminal). `main.rs` is a thin CLI over `run` and `doctor`.
+pub mod cli;
+pub mod correlate;
+pub mod doctor;
+pub mod events;
+pub mod export;
+pub mod model;
+pub mod probes;
+pub mod protocols;
+pub mod run;
+pub mod settings;
+pub mod spans;
+pub mod symbols;

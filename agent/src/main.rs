@@ -1,0 +1,46 @@
+//! The `zerotrace` binary: parses the command line, sets up logging, runs a subcommand and
+//! turns errors into one clear message and a non-zero exit status.
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use zerotrace::{cli::{Cli, Command}, doctor, run, settings};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    match cli.command {
+        Command::Doctor => {
+            let lines = doctor::check();
+            print!("{}", doctor::render(&lines));
+            if doctor::baseline_ok(&lines) {
+                println!("baseline ok: zerotrace can trace on this machine");
+                ExitCode::SUCCESS
+            } else {
+                println!("baseline missing: zerotrace needs the ring buffer, tracepoints and uprobes (see above)");
+                ExitCode::FAILURE
+            }
+        }
+        Command::Run(args) => {
+            let env = |k: &str| std::env::var(k).ok();
+            let settings = match settings::resolve(&args, &env) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return fail(&e),
+            };
+            match rt.block_on(run::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("zerotrace: error: {e}");
+    ExitCode::from(2)
+}

@@ -1,0 +1,6 @@
+//! What the agent knows about the world it traces: target processes (from /proc) and the
+//! sockets they had before zerotrace attached.
+pub mod proc;
+pub mod target;
+
+pub use target::Target;

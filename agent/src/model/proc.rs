@@ -1,0 +1,191 @@
+//! Reading /proc: process existence, executable, load bias, and the TCP sockets a process
+//! holds (to recover connections opened before zerotrace started).
+use std::{
+    collections::{HashMap, HashSet},
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use crate::events::{Addrs, Endpoint};
+
+pub fn exists(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Path of the process's executable as the process sees it (inside its mount namespace).
+pub fn exe_link(pid: u32) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+}
+
+/// A path through which the agent can open the process's executable, whatever mount
+/// namespace it lives in.
+pub fn exe_open_path(pid: u32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}/exe"))
+}
+
+/// Process name (comm).
+pub fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())
+}
+
+/// Load bias of a position-independent executable: where its first segment was mapped
+/// minus the address the ELF file asks for.
+pub fn load_bias(pid: u32, exe: &Path, first_vaddr: u64) -> io::Result<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let want = exe.to_string_lossy();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode)) =
+            (f.next(), f.next(), f.next(), f.next(), f.next())
+        else {
+            continue;
+        };
+        let path: String = f.collect::<Vec<_>>().join(" ");
+        let path = path.trim_end_matches(" (deleted)");
+        if path != want || u64::from_str_radix(offset, 16).ok() != Some(0) {
+            continue;
+        }
+        let start = u64::from_str_radix(range.split('-').next().unwrap_or("0"), 16)
+            .map_err(|_| io::Error::other("bad maps line"))?;
+        return Ok(start.wrapping_sub(first_vaddr & !0xfff));
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("{want} is not mapped in process {pid}")))
+}
+
+/// Socket fds of the process: fd -> socket inode.
+pub fn socket_fds(pid: u32) -> io::Result<HashMap<u64, u32>> {
+    let mut out = HashMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let Ok(entry) = entry else { continue };
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let t = target.to_string_lossy();
+        if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+            if let (Ok(inode), Ok(fd)) = (inode.parse::<u64>(), entry.file_name().to_string_lossy().parse::<u32>()) {
+                out.insert(inode, fd);
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub inode: u64,
+    pub addrs: Addrs,
+    /// Kernel TCP state (1 = ESTABLISHED, 10 = LISTEN).
+    pub state: u8,
+}
+
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_LISTEN: u8 = 10;
+
+/// TCP sockets of the process's network namespace (/proc/PID/net/tcp and tcp6).
+pub fn tcp_sockets(pid: u32) -> Vec<TcpSocket> {
+    let mut out = Vec::new();
+    for (file, v6) in [("tcp", false), ("tcp6", true)] {
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/net/{file}")) {
+            out.extend(s.lines().skip(1).filter_map(|l| parse_tcp_line(l, v6)));
+        }
+    }
+    out
+}
+
+fn parse_tcp_line(line: &str, v6: bool) -> Option<TcpSocket> {
+    let f: Vec<&str> = line.split_whitespace().collect();
+    if f.len() < 10 {
+        return None;
+    }
+    let local = parse_endpoint(f[1], v6)?;
+    let peer = parse_endpoint(f[2], v6)?;
+    let state = u8::from_str_radix(f[3], 16).ok()?;
+    let inode = f[9].parse().ok()?;
+    Some(TcpSocket { inode, addrs: Addrs { local, peer }, state })
+}
+
+/// "0100007F:1F90" (v4) or 32 hex digits (v6), each 32-bit word in host order.
+fn parse_endpoint(s: &str, v6: bool) -> Option<Endpoint> {
+    let (addr, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let addr = if v6 {
+        if addr.len() != 32 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        for i in 0..4 {
+            let w = u32::from_str_radix(&addr[8 * i..8 * i + 8], 16).ok()?;
+            b[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        let v6 = Ipv6Addr::from(b);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    } else {
+        let w = u32::from_str_radix(addr, 16).ok()?;
+        IpAddr::V4(Ipv4Addr::from(w.to_le_bytes()))
+    };
+    Some(Endpoint { addr, port })
+}
+
+/// Established TCP connections of `pid` that it accepted (their local port is one it listens
+/// on): (fd, addresses).
+pub fn accepted_connections(pid: u32) -> io::Result<Vec<(u32, Addrs)>> {
+    let fds = socket_fds(pid)?;
+    let sockets = tcp_sockets(pid);
+    let listening: HashSet<u16> = sockets
+        .iter()
+        .filter(|s| s.state == TCP_LISTEN && fds.contains_key(&s.inode))
+        .map(|s| s.addrs.local.port)
+        .collect();
+    Ok(sockets
+        .into_iter()
+        .filter(|s| s.state == TCP_ESTABLISHED && listening.contains(&s.addrs.local.port))
+        .filter_map(|s| fds.get(&s.inode).map(|fd| (*fd, s.addrs)))
+        .collect())
+}
+
+/// Ports the process listens on.
+pub fn listening_ports(pid: u32) -> Vec<u16> {
+    let Ok(fds) = socket_fds(pid) else { return Vec::new() };
+    let mut ports: Vec<u16> = tcp_sockets(pid)
+        .into_iter()
+        .filter(|s| s.state == TCP_LISTEN && fds.contains_key(&s.inode))
+        .map(|s| s.addrs.local.port)
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tcp_lines() {
+        let l = "   1: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 123456 1 0000000000000000 20 4 30 10 -1";
+        let s = parse_tcp_line(l, false).unwrap();
+        assert_eq!(s.addrs.local, Endpoint { addr: "127.0.0.1".parse().unwrap(), port: 8080 });
+        assert_eq!(s.addrs.peer.port, 50000);
+        assert_eq!(s.state, TCP_ESTABLISHED);
+        assert_eq!(s.inode, 123456);
+        let l6 = "   0: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1 0000000000000000 100 0 0 10 0";
+        let s6 = parse_tcp_line(l6, true).unwrap();
+        assert_eq!(s6.addrs.local.addr, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(s6.state, TCP_LISTEN);
+        assert!(parse_tcp_line("garbage", false).is_none());
+    }
+
+    #[test]
+    fn own_process_is_visible() {
+        let me = std::process::id();
+        assert!(exists(me));
+        let exe = exe_link(me).unwrap();
+        assert!(exe.is_absolute());
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (_s, _) = l.accept().unwrap();
+        assert!(listening_ports(me).contains(&port));
+        let accepted = accepted_connections(me).unwrap();
+        assert!(accepted.iter().any(|(_, a)| a.local.port == port), "{accepted:?}");
+    }
+}

@@ -1,0 +1,110 @@
+//! A process chosen for tracing: who it is (executable, Go version) and how it is laid out
+//! (Go struct offsets, load bias). Every way this can fail has a message that says what
+//! to do next.
+use std::path::PathBuf;
+
+use crate::symbols::{
+    Executable, SymbolError,
+    buildinfo::{BuildInfo, BuildInfoError},
+    go::{GoLayout, layout},
+};
+
+use super::proc;
+
+/// Oldest Go release zerotrace supports (register ABI, current net/http layout).
+pub const MIN_GO: (u32, u32) = (1, 21);
+
+#[derive(Debug)]
+pub struct Target {
+    pub pid: u32,
+    /// Executable path as the process sees it.
+    pub exe_path: PathBuf,
+    pub exe_name: String,
+    pub build: BuildInfo,
+    pub layout: GoLayout,
+    /// Load bias (0 unless the executable is position independent).
+    pub bias: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("no process with PID {0}: it may have exited; check with `ps -p {0}`")]
+    NoSuchProcess(u32),
+    #[error("cannot inspect PID {pid}: {source}; zerotrace must run as root (or with CAP_SYS_PTRACE) to read another process's executable")]
+    Access { pid: u32, source: std::io::Error },
+    #[error(
+        "PID {pid} ({path}) is not a Go program: no Go build info in its executable. zerotrace attaches \
+         to Go programs built by Go {}.{} or newer (unstripped); point --pid at the Go service itself \
+         (not a shell or wrapper script that started it)",
+        MIN_GO.0, MIN_GO.1
+    )]
+    NotGo { pid: u32, path: String },
+    #[error("PID {pid} ({path}) was built by {version}; zerotrace supports Go {}.{} and newer: rebuild it with a newer Go", MIN_GO.0, MIN_GO.1)]
+    TooOld { pid: u32, path: String, version: String },
+    #[error("PID {pid} ({path}) is a {arch} program; zerotrace traces linux/amd64 programs")]
+    Arch { pid: u32, path: String, arch: String },
+    #[error("PID {pid}: {source}")]
+    Symbols { pid: u32, #[source] source: SymbolError },
+}
+
+impl Target {
+    /// Reads everything zerotrace needs to know about process `pid`.
+    pub fn inspect(pid: u32) -> Result<(Target, Executable), TargetError> {
+        if pid == 0 || !proc::exists(pid) {
+            return Err(TargetError::NoSuchProcess(pid));
+        }
+        let exe_path = proc::exe_link(pid).map_err(|source| {
+            if proc::exists(pid) { TargetError::Access { pid, source } } else { TargetError::NoSuchProcess(pid) }
+        })?;
+        let shown = exe_path.display().to_string();
+        let exe = Executable::open(&proc::exe_open_path(pid)).map_err(|e| match e {
+            SymbolError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+                TargetError::NoSuchProcess(pid)
+            }
+            SymbolError::Read { source, .. } => TargetError::Access { pid, source },
+            SymbolError::NotElf { .. } => TargetError::NotGo { pid, path: shown.clone() },
+            source => TargetError::Symbols { pid, source },
+        })?;
+        let section = exe.section(".go.buildinfo");
+        let build = match section.as_deref().map(BuildInfo::parse) {
+            Some(Ok(b)) => b,
+            Some(Err(BuildInfoError::PointerFormat)) => {
+                return Err(TargetError::TooOld { pid, path: shown, version: "Go 1.17 or older".into() });
+            }
+            _ => return Err(TargetError::NotGo { pid, path: shown }),
+        };
+        if exe.machine != object::elf::EM_X86_64 {
+            let arch = build.setting("GOARCH").unwrap_or("a non-amd64").to_owned();
+            return Err(TargetError::Arch { pid, path: shown, arch });
+        }
+        match build.version_tuple() {
+            Some((maj, min, _)) if (maj, min) < MIN_GO => {
+                return Err(TargetError::TooOld { pid, path: shown, version: build.go_version.clone() });
+            }
+            _ => {}
+        }
+        if !exe.has_symbols() || exe.symbol("runtime.types").is_none() {
+            return Err(TargetError::Symbols {
+                pid,
+                source: SymbolError::MissingSymbol {
+                    path: exe_path.clone(),
+                    name: "runtime.types".into(),
+                    hint: crate::symbols::STRIPPED_HINT,
+                },
+            });
+        }
+        let layout = layout(&exe, &build).map_err(|source| TargetError::Symbols { pid, source })?;
+        let bias = if exe.is_pie {
+            proc::load_bias(pid, &exe_path, exe.first_load_vaddr())
+                .map_err(|source| TargetError::Access { pid, source })?
+        } else {
+            0
+        };
+        let exe_name = exe_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| proc::comm(pid))
+            .unwrap_or_else(|| format!("pid-{pid}"));
+        Ok((Target { pid, exe_path, exe_name, build, layout, bias }, exe))
+    }
+}

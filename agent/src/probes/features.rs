@@ -1,0 +1,256 @@
+//! Probes what this kernel allows, by trying it: each check loads the smallest possible
+//! program of a type and attaches it the way zerotrace would. Used by `zerotrace doctor`
+//! and before loading (tracefs).
+use std::{ffi::CString, io, os::fd::{AsRawFd, FromRawFd, OwnedFd}, path::Path};
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const PROG_KPROBE: u32 = 2;
+const PROG_TRACEPOINT: u32 = 5;
+const PROG_PERF_EVENT: u32 = 7;
+const PROG_TRACING: u32 = 26;
+const MAP_RINGBUF: u32 = 27;
+const ATTACH_TRACE_FENTRY: u32 = 24;
+const PERF_TYPE_SOFTWARE: u32 = 1;
+const PERF_TYPE_TRACEPOINT: u32 = 2;
+const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
+const PERF_EVENT_IOC_SET_BPF: libc::c_ulong = 0x4004_2408;
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Result of one check: whether it works and, if not, why.
+pub type Probe = Result<(), String>;
+
+fn bpf(cmd: libc::c_long, attr: &mut [u8; 128]) -> io::Result<OwnedFd> {
+    // SAFETY: attr is a zero-padded bpf_attr of the size we pass.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), attr.len() as u32) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn put32(a: &mut [u8], off: usize, v: u32) {
+    a[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+}
+fn put64(a: &mut [u8], off: usize, v: u64) {
+    a[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+}
+
+/// Loads `r0 = 0; exit` as a program of `prog_type`.
+fn load_trivial(prog_type: u32, expected_attach: u32, attach_btf_id: u32) -> io::Result<OwnedFd> {
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = b"GPL\0";
+    let mut attr = [0u8; 128];
+    put32(&mut attr, 0, prog_type);
+    put32(&mut attr, 4, insns.len() as u32);
+    put64(&mut attr, 8, insns.as_ptr() as u64);
+    put64(&mut attr, 16, license.as_ptr() as u64);
+    put32(&mut attr, 68, expected_attach);
+    put32(&mut attr, 108, attach_btf_id);
+    bpf(BPF_PROG_LOAD, &mut attr)
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct PerfEventAttr {
+    kind: u32,
+    size: u32,
+    config: u64,
+    sample_period: u64,
+    sample_type: u64,
+    read_format: u64,
+    flags: u64,
+    wakeup_events: u32,
+    bp_type: u32,
+    config1: u64,
+    config2: u64,
+    _rest: [u64; 8],
+}
+
+fn perf_open(attr: &PerfEventAttr, pid: i32, cpu: i32) -> io::Result<OwnedFd> {
+    // SAFETY: attr is a valid perf_event_attr with its size set.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_perf_event_open, attr as *const PerfEventAttr, pid, cpu, -1, PERF_FLAG_FD_CLOEXEC)
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn set_bpf(perf: &OwnedFd, prog: &OwnedFd) -> io::Result<()> {
+    // SAFETY: both fds are open; the ioctl only reads the int.
+    let rc = unsafe { libc::ioctl(perf.as_raw_fd(), PERF_EVENT_IOC_SET_BPF as _, prog.as_raw_fd()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+fn pmu_type(name: &str) -> io::Result<u32> {
+    let s = std::fs::read_to_string(format!("/sys/bus/event_source/devices/{name}/type"))?;
+    s.trim().parse().map_err(|_| io::Error::other("bad PMU type"))
+}
+
+fn attr(kind: u32, config: u64) -> PerfEventAttr {
+    PerfEventAttr { kind, size: std::mem::size_of::<PerfEventAttr>() as u32, config, ..Default::default() }
+}
+
+/// Mounts tracefs at /sys/kernel/tracing if no tracefs is reachable.
+pub fn ensure_tracefs() -> io::Result<()> {
+    if Path::new(TRACEFS).join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists() {
+        return Ok(());
+    }
+    let src = CString::new("tracefs").expect("no NUL");
+    let dst = CString::new(TRACEFS).expect("no NUL");
+    // SAFETY: plain mount(2) with valid C strings.
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+pub fn tracefs_mounted() -> bool {
+    Path::new(TRACEFS).join("events").exists() || Path::new("/sys/kernel/debug/tracing/events").exists()
+}
+
+fn tracepoint_id(category: &str, name: &str) -> io::Result<u64> {
+    for root in [TRACEFS, "/sys/kernel/debug/tracing"] {
+        if let Ok(s) = std::fs::read_to_string(format!("{root}/events/{category}/{name}/id")) {
+            return s.trim().parse().map_err(|_| io::Error::other("bad tracepoint id"));
+        }
+    }
+    Err(io::Error::new(io::ErrorKind::NotFound, format!("tracepoint {category}:{name} not found")))
+}
+
+pub fn ring_buffer() -> Probe {
+    let mut a = [0u8; 128];
+    put32(&mut a, 0, MAP_RINGBUF);
+    put32(&mut a, 12, 4096);
+    bpf(BPF_MAP_CREATE, &mut a).map(drop).map_err(|e| format!("BPF_MAP_CREATE ringbuf: {e}"))
+}
+
+pub fn tracepoints() -> Probe {
+    let id = tracepoint_id("syscalls", "sys_enter_getppid").map_err(|e| e.to_string())?;
+    let prog = load_trivial(PROG_TRACEPOINT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD tracepoint: {e}"))?;
+    let perf = perf_open(&attr(PERF_TYPE_TRACEPOINT, id), -1, 0).map_err(|e| format!("perf_event_open: {e}"))?;
+    set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))
+}
+
+/// A function in this executable for the uprobe check to attach to.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn zerotrace_doctor_uprobe_target() -> u64 {
+    std::hint::black_box(7)
+}
+
+pub fn uprobes() -> Probe {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let elf = crate::symbols::Executable::open(&exe).map_err(|e| e.to_string())?;
+    let sym = elf.symbol("zerotrace_doctor_uprobe_target").ok_or("own symbol not found")?;
+    let off = elf.file_offset(sym.addr).ok_or("own symbol outside segments")?;
+    let kind = pmu_type("uprobe").map_err(|e| format!("no uprobe PMU: {e}"))?;
+    let prog = load_trivial(PROG_KPROBE, 0, 0).map_err(|e| format!("BPF_PROG_LOAD kprobe-type: {e}"))?;
+    let path = CString::new(exe.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let mut a = attr(kind, 0);
+    a.config1 = path.as_ptr() as u64;
+    a.config2 = off;
+    let perf = perf_open(&a, std::process::id() as i32, -1).map_err(|e| format!("perf_event_open uprobe: {e}"))?;
+    set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))?;
+    zerotrace_doctor_uprobe_target();
+    Ok(())
+}
+
+pub fn kprobes() -> Probe {
+    let kind = pmu_type("kprobe").map_err(|_| "no kprobe PMU (CONFIG_KPROBES off)".to_string())?;
+    let prog = load_trivial(PROG_KPROBE, 0, 0).map_err(|e| format!("BPF_PROG_LOAD kprobe: {e}"))?;
+    let func = CString::new("do_nanosleep").expect("no NUL");
+    let mut a = attr(kind, 0);
+    a.config1 = func.as_ptr() as u64;
+    let perf = perf_open(&a, -1, 0).map_err(|e| format!("perf_event_open kprobe: {e}"))?;
+    set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))
+}
+
+pub fn perf_events() -> Probe {
+    let prog = load_trivial(PROG_PERF_EVENT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD perf_event: {e}"))?;
+    let mut a = attr(PERF_TYPE_SOFTWARE, 0 /* PERF_COUNT_SW_CPU_CLOCK */);
+    a.sample_period = 10_000_000;
+    let perf = perf_open(&a, -1, 0).map_err(|e| format!("perf_event_open cpu-clock: {e}"))?;
+    set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))
+}
+
+pub fn fentry() -> Probe {
+    let id = kernel_func_btf_id("do_nanosleep").ok_or("do_nanosleep not in kernel BTF")?;
+    load_trivial(PROG_TRACING, ATTACH_TRACE_FENTRY, id).map(drop).map_err(|e| format!("BPF_PROG_LOAD fentry: {e}"))
+}
+
+fn kernel_func_btf_id(name: &str) -> Option<u32> {
+    struct Bytes(Vec<u8>);
+    impl btfparse::Readable for Bytes {
+        fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
+            let s = offset as usize;
+            let src = self.0.get(s..s + buffer.len()).ok_or_else(|| {
+                btfparse::Error::new(btfparse::ErrorKind::IOError, "read past the end")
+            })?;
+            buffer.copy_from_slice(src);
+            Ok(())
+        }
+    }
+    let data = std::fs::read(super::btf::VMLINUX_BTF).ok()?;
+    let ti = btfparse::TypeInformation::new(&Bytes(data)).ok()?;
+    ti.id_of(name)
+}
+
+/// Kernel lockdown mode, e.g. "none", "integrity", "confidentiality".
+pub fn lockdown() -> Option<String> {
+    let s = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
+    s.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_owned())
+}
+
+/// Effective capabilities of this process.
+pub fn capabilities() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).ok()))
+        })
+        .flatten()
+        .unwrap_or(0)
+}
+
+pub const CAP_SYS_PTRACE: u32 = 19;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_PERFMON: u32 = 38;
+pub const CAP_BPF: u32 = 39;
+
+pub fn has_cap(caps: u64, cap: u32) -> bool {
+    caps & (1 << cap) != 0
+}
+
+/// What tracing needs: CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), and CAP_SYS_PTRACE to read
+/// other users' executables. Returns the missing ones by name.
+pub fn missing_privileges(caps: u64) -> Vec<&'static str> {
+    let admin = has_cap(caps, CAP_SYS_ADMIN);
+    let mut missing = Vec::new();
+    if !admin && !has_cap(caps, CAP_BPF) {
+        missing.push("CAP_BPF");
+    }
+    if !admin && !has_cap(caps, CAP_PERFMON) {
+        missing.push("CAP_PERFMON");
+    }
+    if !has_cap(caps, CAP_SYS_PTRACE) {
+        missing.push("CAP_SYS_PTRACE");
+    }
+    missing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privileges_from_capability_mask() {
+        assert_eq!(missing_privileges(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
+        let root = (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE);
+        assert!(missing_privileges(root).is_empty());
+        let fine = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE);
+        assert!(missing_privileges(fine).is_empty());
+    }
+}

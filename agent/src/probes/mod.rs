@@ -1,0 +1,200 @@
+//! Loading and attaching the kernel programs. One `Probes` owns the loaded object: the
+//! syscall tracepoints are attached once for the whole machine (they filter on TARGETS in
+//! the kernel), uprobes are attached per traced process. Dropping `Probes` detaches
+//! everything; the kernel also does it if the agent dies, so targets run on unchanged.
+pub mod btf;
+pub mod features;
+pub mod go;
+
+use std::{collections::HashMap, num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::{UProbeLinkId, UProbeScope}},
+};
+use zerotrace_common::{
+    ConnKey, ConnState, Counter, KernelOffsets, Settings, TargetConfig, COUNTER_SLOTS, names,
+};
+
+/// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
+
+/// (category, name) of every tracepoint program; the program is named like the event.
+pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("syscalls", "sys_exit_accept4"),
+    ("syscalls", "sys_exit_accept"),
+    ("syscalls", "sys_enter_close"),
+    ("syscalls", "sys_enter_read"),
+    ("syscalls", "sys_exit_read"),
+    ("syscalls", "sys_enter_write"),
+    ("syscalls", "sys_exit_write"),
+];
+
+/// Uprobe programs (attached per process).
+pub mod uprobes {
+    pub const GO_CONN_SERVE: &str = "go_conn_serve";
+    pub const GO_SERVE_HTTP: &str = "go_serve_http";
+    pub const GO_SERVE_HTTP_RET: &str = "go_serve_http_ret";
+    pub const ALL: &[&str] = &[GO_CONN_SERVE, GO_SERVE_HTTP, GO_SERVE_HTTP_RET];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error(transparent)]
+    Btf(#[from] btf::BtfError),
+    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}; mount it with `mount -t tracefs tracefs /sys/kernel/tracing`")]
+    Tracefs(std::io::Error),
+    #[error("loading the kernel programs failed: {0}; run `zerotrace doctor` to see what this kernel allows")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name}: {source}; run `zerotrace doctor` to see what this kernel allows")]
+    Program { name: String, #[source] source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    #[error("the kernel object has no {0} (agent and kernel programs out of step; rebuild with `cargo xtask build`)")]
+    Missing(String),
+}
+
+/// Load-time knobs of the kernel side.
+#[derive(Clone, Debug)]
+pub struct KernelSettings {
+    pub req_capture: u32,
+    pub max_conns: u32,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    /// Per process: (program, link, temporary). Temporary links are dropped early.
+    uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
+}
+
+impl Probes {
+    pub fn load(ks: &KernelSettings) -> Result<Self, ProbeError> {
+        features::ensure_tracefs().map_err(ProbeError::Tracefs)?;
+        let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+        let settings = Settings { req_capture: ks.req_capture, ..Settings::default() };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("KERNEL", &kernel, true)
+            .override_global("SETTINGS", &settings, true)
+            .map_max_entries(names::CONNS, ks.max_conns)
+            .load(KERNEL_OBJECT)
+            .map_err(ProbeError::Load)?;
+        for (category, name) in TRACEPOINTS {
+            let prog: &mut TracePoint = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
+            prog.attach(category, name)
+                .map_err(|source| ProbeError::Program { name: format!("{category}:{name}"), source })?;
+        }
+        for name in uprobes::ALL {
+            let prog: &mut UProbe = program(&mut ebpf, name)?;
+            prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
+        }
+        Ok(Self { ebpf, uprobe_links: HashMap::new() })
+    }
+
+    /// Starts following process `pid` in the kernel.
+    pub fn add_target(&mut self, pid: u32, cfg: &TargetConfig) -> Result<(), ProbeError> {
+        let mut targets: BpfHashMap<_, u32, TargetConfig> = self.map_mut(names::TARGETS)?;
+        targets.insert(pid, cfg, 0).map_err(|source| ProbeError::Map { name: names::TARGETS, source })
+    }
+
+    /// Registers a socket the process opened before zerotrace attached.
+    pub fn add_conn(&mut self, pid: u32, fd: u32, state: &ConnState) -> Result<(), ProbeError> {
+        let mut conns: BpfHashMap<_, ConnKey, ConnState> = self.map_mut(names::CONNS)?;
+        conns.insert(ConnKey { pid, fd }, state, 0).map_err(|source| ProbeError::Map { name: names::CONNS, source })
+    }
+
+    /// Attaches uprobe program `prog` at file offset `offset` of `exe`, for process `pid` only.
+    pub fn attach_uprobe(&mut self, pid: u32, prog: &'static str, exe: &Path, offset: u64, temporary: bool) -> Result<(), ProbeError> {
+        let p: &mut UProbe = program(&mut self.ebpf, prog)?;
+        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| ProbeError::Missing("pid 0".into()))?);
+        let link = p
+            .attach(offset, exe, scope)
+            .map_err(|source| ProbeError::Program { name: format!("{prog} at {}+{offset:#x}", exe.display()), source })?;
+        self.uprobe_links.entry(pid).or_default().push((prog, link, temporary));
+        Ok(())
+    }
+
+    /// Stops following `pid`: its uprobes are detached and its kernel state dropped.
+    pub fn remove_target(&mut self, pid: u32) {
+        for (prog, link, _) in self.uprobe_links.remove(&pid).unwrap_or_default() {
+            if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog) {
+                let _ = p.detach(link);
+            }
+        }
+        if let Ok(mut targets) = self.map_mut::<BpfHashMap<_, u32, TargetConfig>>(names::TARGETS) {
+            let _ = targets.remove(&pid);
+        }
+        if let Ok(mut conns) = self.map_mut::<BpfHashMap<_, ConnKey, ConnState>>(names::CONNS) {
+            let stale: Vec<ConnKey> = conns.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
+            for k in stale {
+                let _ = conns.remove(&k);
+            }
+        }
+    }
+
+    /// Detaches the temporary uprobes of `pid`; returns how many there were.
+    pub fn detach_temporary(&mut self, pid: u32) -> usize {
+        let Some(links) = self.uprobe_links.remove(&pid) else { return 0 };
+        let (temp, keep): (Vec<_>, Vec<_>) = links.into_iter().partition(|(_, _, t)| *t);
+        let n = temp.len();
+        for (prog, link, _) in temp {
+            if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog) {
+                let _ = p.detach(link);
+            }
+        }
+        self.uprobe_links.insert(pid, keep);
+        n
+    }
+
+    /// The kernel's state of socket `fd` of `pid`, if tracked.
+    pub fn conn(&self, pid: u32, fd: u32) -> Option<ConnState> {
+        let map = self.ebpf.map(names::CONNS)?;
+        let conns = BpfHashMap::<_, ConnKey, ConnState>::try_from(map).ok()?;
+        conns.get(&ConnKey { pid, fd }, 0).ok()
+    }
+
+    /// Number of uprobe attachments held for `pid`.
+    pub fn uprobe_count(&self, pid: u32) -> usize {
+        self.uprobe_links.get(&pid).map_or(0, Vec::len)
+    }
+
+    /// The ring buffer of all events; can be taken once.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
+        let map = self.ebpf.take_map(names::EVENTS).ok_or_else(|| ProbeError::Missing(names::EVENTS.into()))?;
+        RingBuf::try_from(map).map_err(|source| ProbeError::Map { name: names::EVENTS, source })
+    }
+
+    /// Kernel counters summed over CPUs, indexed by `Counter`.
+    pub fn counters(&self) -> [u64; COUNTER_SLOTS as usize] {
+        let mut out = [0u64; COUNTER_SLOTS as usize];
+        let Some(map) = self.ebpf.map(names::COUNTERS) else { return out };
+        let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else { return out };
+        for (i, slot) in out.iter_mut().enumerate() {
+            if let Ok(values) = arr.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        out
+    }
+
+    fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
+    where
+        T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or_else(|| ProbeError::Missing(name.into()))?;
+        T::try_from(map).map_err(|source| ProbeError::Map { name, source })
+    }
+}
+
+pub fn counter(values: &[u64; COUNTER_SLOTS as usize], c: Counter) -> u64 {
+    values[c as usize]
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProbeError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = ebpf.program_mut(name).ok_or_else(|| ProbeError::Missing(format!("program {name}")))?;
+    p.try_into().map_err(|source| ProbeError::Program { name: name.to_string(), source })
+}

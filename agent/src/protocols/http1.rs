@@ -1,0 +1,174 @@
+//! HTTP/1.x request heads and status lines, from the first bytes of a request or response.
+//! A head cut off by the capture size still yields its request line and complete headers.
+
+/// What the span needs from a request head.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    /// Request target as sent (origin form: path and query).
+    pub target: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub minor_version: u8,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+    pub content_length: Option<u64>,
+    /// The capture ended inside the head: some headers may be missing.
+    pub truncated: bool,
+}
+
+impl RequestHead {
+    /// Path part of the target (before '?'), for `url.path`.
+    pub fn path(&self) -> &str {
+        let t = self.target.as_str();
+        let t = t.split(['?', '#']).next().unwrap_or(t);
+        // Absolute form (proxies): keep only the path.
+        if let Some(rest) = t.strip_prefix("http://").or_else(|| t.strip_prefix("https://")) {
+            return rest.find('/').map_or("/", |i| &rest[i..]);
+        }
+        t
+    }
+}
+
+const MAX_HEADERS: usize = 96;
+
+/// Parses a request head from captured bytes; None when the bytes are not an HTTP/1 request.
+pub fn parse_request(buf: &[u8]) -> Option<RequestHead> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => Some(from_parsed(&req, false)),
+        Ok(httparse::Status::Partial) => {
+            // Cut at the last complete line and close the head there.
+            let method = req.method?.to_owned();
+            let target = req.path?.to_owned();
+            let minor = req.version.unwrap_or(1);
+            let cut = last_crlf(buf)?;
+            let mut closed = buf[..cut + 2].to_vec();
+            closed.extend_from_slice(b"\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut again = httparse::Request::new(&mut headers);
+            match again.parse(&closed) {
+                Ok(httparse::Status::Complete(_)) => Some(from_parsed(&again, true)),
+                _ => Some(RequestHead { method, target, minor_version: minor, truncated: true, ..Default::default() }),
+            }
+        }
+        Err(_) => None,
+    }
+}
+
+fn last_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).rposition(|w| w == b"\r\n")
+}
+
+fn from_parsed(req: &httparse::Request<'_, '_>, truncated: bool) -> RequestHead {
+    let mut h = RequestHead {
+        method: req.method.unwrap_or_default().to_owned(),
+        target: req.path.unwrap_or_default().to_owned(),
+        minor_version: req.version.unwrap_or(1),
+        truncated,
+        ..Default::default()
+    };
+    for hdr in req.headers.iter() {
+        let value = || String::from_utf8_lossy(hdr.value).trim().to_owned();
+        let name = hdr.name;
+        if name.eq_ignore_ascii_case("host") {
+            h.host = Some(value());
+        } else if name.eq_ignore_ascii_case("user-agent") {
+            h.user_agent = Some(value());
+        } else if name.eq_ignore_ascii_case("traceparent") {
+            h.traceparent = Some(value());
+        } else if name.eq_ignore_ascii_case("tracestate") {
+            h.tracestate = Some(value());
+        } else if name.eq_ignore_ascii_case("content-length") {
+            h.content_length = std::str::from_utf8(hdr.value).ok().and_then(|v| v.trim().parse().ok());
+        }
+    }
+    h
+}
+
+/// Status code from the start of a response ("HTTP/1.1 503 ..."), None if it is not one.
+pub fn parse_status(buf: &[u8]) -> Option<u16> {
+    let rest = buf.strip_prefix(b"HTTP/1.")?;
+    let rest = rest.get(1..)?;
+    let rest = rest.strip_prefix(b" ")?;
+    let digits = rest.get(..3)?;
+    if !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(digits).ok()?.parse().ok()
+}
+
+/// Method as OpenTelemetry wants it: one of the known methods, else "_OTHER".
+pub fn known_method(m: &str) -> bool {
+    matches!(m, "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH" | "QUERY")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_head() {
+        let h = parse_request(b"GET /users/42?x=1 HTTP/1.1\r\nHost: api:8080\r\nUser-Agent: curl/8.0\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\nbody").unwrap();
+        assert_eq!(h.method, "GET");
+        assert_eq!(h.target, "/users/42?x=1");
+        assert_eq!(h.path(), "/users/42");
+        assert_eq!(h.host.as_deref(), Some("api:8080"));
+        assert_eq!(h.user_agent.as_deref(), Some("curl/8.0"));
+        assert!(h.traceparent.is_some());
+        assert!(!h.truncated);
+    }
+
+    #[test]
+    fn truncated_head_keeps_complete_lines() {
+        let h = parse_request(b"POST /upload HTTP/1.1\r\nUser-Agent: wrk\r\nContent-Length: 12\r\nX-Long: aaaaaaa").unwrap();
+        assert_eq!(h.method, "POST");
+        assert_eq!(h.path(), "/upload");
+        assert_eq!(h.user_agent.as_deref(), Some("wrk"));
+        assert_eq!(h.content_length, Some(12));
+        assert!(h.truncated);
+        // Cut inside the request line: not enough to say anything.
+        assert!(parse_request(b"GET /very/long/pa").is_none());
+    }
+
+    #[test]
+    fn not_http() {
+        assert!(parse_request(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03").is_none());
+        assert!(parse_request(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").is_some_and(|h| h.method == "PRI"));
+    }
+
+    #[test]
+    fn status_lines() {
+        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
+        assert_eq!(parse_status(b"HTTP/1.0 503 Service"), Some(503));
+        assert_eq!(parse_status(b"HTTP/1.1 20"), None);
+        assert_eq!(parse_status(b"garbage"), None);
+    }
+
+    #[test]
+    fn absolute_form_path() {
+        let h = RequestHead { target: "http://example.com/a/b?c".into(), ..Default::default() };
+        assert_eq!(h.path(), "/a/b");
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let seeds: [&[u8]; 3] = [b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"HTTP/1.1 200 OK\r\n", b"POST /x HTTP/1.0\r\n"];
+        for i in 0..50_000 {
+            let mut b = seeds[i % 3].to_vec();
+            for _ in 0..rng.usize(1..6) {
+                let n = b.len();
+                match rng.u8(0..3) {
+                    0 if n > 0 => b[rng.usize(0..n)] = rng.u8(..),
+                    1 => b.truncate(rng.usize(0..=n)),
+                    _ => b.insert(rng.usize(0..=n), rng.u8(..)),
+                }
+            }
+            let _ = parse_request(&b);
+            let _ = parse_status(&b);
+        }
+    }
+}

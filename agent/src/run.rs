@@ -1,0 +1,291 @@
+//! `zerotrace run`: inspect the targets, load and attach the probes, then pump kernel events
+//! through the correlator to the exporters until SIGINT/SIGTERM or until every target has
+//! exited. On the way out: stop the kernel side, drain, flush (at most 10 s), detach.
+use std::{
+    collections::HashMap,
+    os::fd::{FromRawFd, OwnedFd},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}, sync::mpsc};
+use zerotrace_common::{ConnState, Counter};
+
+use crate::{
+    cli::{Exporter, GoHttpProbes},
+    correlate::{Clock, Correlator},
+    events::reader::EventReader,
+    export::{ExportStats, otlp::{OtlpExport, Resources, resource}, print, resource::{AttrValue, attributes}},
+    model::{Target, proc},
+    probes::{self, Probes, features, go},
+    settings::RunSettings,
+    spans::Span,
+};
+
+/// How often the ring buffer is drained when the kernel does not wake the agent.
+const DRAIN_TICK: Duration = Duration::from_millis(20);
+/// Longest time the temporary catch-up probes stay attached.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
+/// Longest flush at shutdown.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "zerotrace needs more privileges: missing {missing}. Run it as root (sudo zerotrace ...) or grant \
+         CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (e.g. setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep $(which zerotrace))"
+    )]
+    Privileges { missing: String },
+    #[error(transparent)]
+    Target(#[from] crate::model::target::TargetError),
+    #[error(transparent)]
+    Probe(#[from] probes::ProbeError),
+    #[error("attaching to PID {pid}: {source}")]
+    Attach { pid: u32, #[source] source: go::AttachError },
+    #[error(transparent)]
+    Export(#[from] crate::export::otlp::ExportError),
+    #[error("reading kernel events: {0}")]
+    Events(std::io::Error),
+}
+
+/// A traced process while it is traced.
+struct Traced {
+    service: String,
+    /// Sockets recovered from /proc whose Go connection is not known yet (catch-up).
+    unresolved: Vec<u32>,
+    catch_up_since: Option<Instant>,
+}
+
+pub async fn run(s: RunSettings) -> Result<(), RunError> {
+    let missing = features::missing_privileges(features::capabilities());
+    if !missing.is_empty() {
+        return Err(RunError::Privileges { missing: missing.join(", ") });
+    }
+    // Look at every target before touching the kernel: a bad --pid changes nothing.
+    let mut targets = Vec::new();
+    for &pid in &s.pids {
+        targets.push(Target::inspect(pid)?);
+    }
+    let mut probes = Probes::load(&s.kernel)?;
+    let mut reader = EventReader::new(probes.take_events()?).map_err(RunError::Events)?;
+    let stats = Arc::new(ExportStats::default());
+    let resources: Resources = Arc::new(Mutex::new(HashMap::new()));
+    let export = match s.export.exporter {
+        Exporter::Otlp => Some(OtlpExport::start(&s.export, resources.clone(), stats.clone())?),
+        Exporter::None => None,
+    };
+    if export.is_some() {
+        tracing::info!(endpoint = %s.export.endpoint, protocol = ?s.export.protocol, "exporting spans over OTLP");
+    }
+    let mut correlator = Correlator::new(Clock::system());
+    let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
+    let mut traced: HashMap<u32, Traced> = HashMap::new();
+    let mut next_recovered_id: u64 = 1 << 63;
+
+    for (target, exe) in &targets {
+        let pid = target.pid;
+        let attrs = attributes(target, s.service_name.as_deref(), &s.resource_attrs);
+        let service = match &attrs[0].1 {
+            AttrValue::Str(v) => v.clone(),
+            AttrValue::Int(_) => target.exe_name.clone(),
+        };
+        resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
+        probes.add_target(pid, &go::target_config(target))?;
+        // Connections accepted before zerotrace started: tracked from their next request.
+        let recovered = proc::accepted_connections(pid).unwrap_or_default();
+        let mut unresolved = Vec::new();
+        for (fd, addrs) in &recovered {
+            let id = next_recovered_id;
+            next_recovered_id += 1;
+            let state = ConnState::new(id, zerotrace_common::ConnRole::Server as u8);
+            if probes.add_conn(pid, *fd, &state).is_ok() {
+                correlator.add_conn(id, pid, *fd as i32, *addrs);
+                unresolved.push(*fd);
+            }
+        }
+        let catch_up = s.go_http_probes == GoHttpProbes::Conn && !unresolved.is_empty();
+        let open_path = proc::exe_open_path(pid);
+        let report = go::attach_http(&mut probes, target, exe, &open_path, s.go_http_probes, catch_up)
+            .map_err(|source| RunError::Attach { pid, source })?;
+        watch_exit(pid, exit_tx.clone());
+        tracing::info!(
+            pid,
+            exe = %target.exe_path.display(),
+            go = %target.build.go_version,
+            offsets = target.layout.source,
+            uprobes = report.uprobes,
+            existing_connections = recovered.len(),
+            mode = ?s.go_http_probes,
+            "tracing"
+        );
+        if !target.layout.absent.is_empty() {
+            tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
+        }
+        traced.insert(pid, Traced { service, unresolved, catch_up_since: catch_up.then(Instant::now) });
+    }
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut last_stats = Instant::now();
+    let mut spans: Vec<Span> = Vec::with_capacity(1024);
+    let started = Instant::now();
+
+    loop {
+        tokio::select! {
+            _ = reader.wait(DRAIN_TICK) => {
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref());
+            }
+            _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            Some(pid) = exit_rx.recv() => {
+                // Finish what the process sent before it went away.
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref());
+                probes.remove_target(pid);
+                correlator.forget_pid(pid);
+                traced.remove(&pid);
+                tracing::info!(pid, remaining = traced.len(), "traced process exited; stopped tracing it");
+                if traced.is_empty() {
+                    tracing::info!("every traced process has exited");
+                    break;
+                }
+            }
+            _ = housekeeping.tick() => {
+                correlator.clock_mut().refresh();
+                catch_up(&mut probes, &mut traced);
+                if !s.stats_interval.is_zero() && last_stats.elapsed() >= s.stats_interval {
+                    last_stats = Instant::now();
+                    log_stats(&probes, &reader, &correlator, &stats);
+                }
+            }
+        }
+    }
+
+    // Stop producing, take what is in flight, detach, flush.
+    for pid in traced.keys().copied().collect::<Vec<_>>() {
+        probes.remove_target(pid);
+    }
+    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref());
+    let kernel = probes.counters();
+    drop(probes);
+    if let Some(e) = export {
+        e.shutdown(FLUSH_DEADLINE).await;
+    }
+    log_stats_values(&kernel, &reader, &correlator, &stats);
+    if let Some(path) = &s.stats_file {
+        let json = stats_json(&kernel, &reader, &correlator, &stats, started.elapsed());
+        if let Err(e) = std::fs::write(path, json) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+        }
+    }
+    Ok(())
+}
+
+/// Drains the ring buffer into the correlator and hands finished spans on.
+fn pump(
+    reader: &mut EventReader,
+    correlator: &mut Correlator,
+    spans: &mut Vec<Span>,
+    s: &RunSettings,
+    traced: &HashMap<u32, Traced>,
+    export: Option<&OtlpExport>,
+) {
+    reader.drain(|ev| correlator.on_event(ev, spans));
+    if spans.is_empty() {
+        return;
+    }
+    if s.print {
+        let lines: Vec<String> = spans
+            .iter()
+            .map(|sp| print::line(sp, traced.get(&sp.pid).map_or("?", |t| t.service.as_str())))
+            .collect();
+        print::print(&lines);
+    }
+    match export {
+        Some(e) => spans.drain(..).for_each(|sp| e.offer(sp)),
+        None => spans.clear(),
+    }
+}
+
+/// Detaches the temporary readRequest probes once every socket that predates the agent has
+/// been tied to its Go connection (or closed), or after CATCH_UP_LIMIT.
+fn catch_up(probes: &mut Probes, traced: &mut HashMap<u32, Traced>) {
+    for (pid, t) in traced.iter_mut() {
+        let Some(since) = t.catch_up_since else { continue };
+        t.unresolved.retain(|fd| probes.conn(*pid, *fd).is_some_and(|c| c.go_conn == 0));
+        if t.unresolved.is_empty() || since.elapsed() > CATCH_UP_LIMIT {
+            let n = probes.detach_temporary(*pid);
+            tracing::debug!(pid, detached = n, left = t.unresolved.len(), "catch-up probes removed");
+            t.catch_up_since = None;
+        }
+    }
+}
+
+/// Tells the run loop when `pid` exits, via a pidfd (no polling).
+fn watch_exit(pid: u32, tx: mpsc::UnboundedSender<u32>) {
+    // SAFETY: pidfd_open with valid arguments; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+    if fd < 0 {
+        tracing::warn!(pid, "cannot watch the process for exit (pidfd_open failed)");
+        return;
+    }
+    // SAFETY: a fresh fd we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    tokio::spawn(async move {
+        // SAFETY: the pidfd is owned by the AsyncFd and stays open with it.
+        if let Ok(afd) = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) } {
+            let _ = afd.readable().await;
+        }
+        let _ = tx.send(pid);
+    });
+}
+
+fn counters_list<'a>(
+    kernel: &[u64; zerotrace_common::COUNTER_SLOTS as usize],
+    reader: &EventReader,
+    c: &Correlator,
+    stats: &'a ExportStats,
+) -> Vec<(&'static str, u64)> {
+    let k = |x: Counter| probes::counter(kernel, x);
+    let mut v = vec![
+        ("events_read", reader.records),
+        ("events_undecodable", reader.decode_errors),
+        ("events_dropped_ring_full", k(Counter::RingFull)),
+        ("connections_dropped_map_full", k(Counter::ConnsFull)),
+        ("syscalls_missed_inflight_full", k(Counter::InflightFull)),
+        ("target_reads_failed", k(Counter::ReadUserFailed)),
+        ("kernel_reads_failed", k(Counter::ReadKernelFailed)),
+        ("socket_syscalls", k(Counter::SocketSyscalls)),
+        ("uprobe_hits", k(Counter::UprobeHits)),
+        ("requests_seen", k(Counter::Requests)),
+        ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
+        ("spans_assembled", c.stats.spans),
+        ("responses_unmatched", c.stats.unmatched_responses),
+        ("requests_not_http", c.stats.not_http),
+        ("responses_lost", c.stats.lost_responses),
+        ("requests_abandoned", c.stats.abandoned),
+        ("requests_dropped_pending_full", c.stats.pending_full),
+    ];
+    v.extend(stats.snapshot());
+    v
+}
+
+fn log_stats(probes: &Probes, reader: &EventReader, c: &Correlator, stats: &ExportStats) {
+    log_stats_values(&probes.counters(), reader, c, stats);
+}
+
+fn log_stats_values(kernel: &[u64; zerotrace_common::COUNTER_SLOTS as usize], reader: &EventReader, c: &Correlator, stats: &ExportStats) {
+    let list = counters_list(kernel, reader, c, stats);
+    let text: Vec<String> = list.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    tracing::info!(target: "zerotrace::stats", "{}", text.join(" "));
+}
+
+fn stats_json(kernel: &[u64; zerotrace_common::COUNTER_SLOTS as usize], reader: &EventReader, c: &Correlator, stats: &ExportStats, uptime: Duration) -> String {
+    let list = counters_list(kernel, reader, c, stats);
+    let mut s = String::from("{");
+    for (k, v) in &list {
+        s.push_str(&format!("\"zerotrace_{k}\":{v},"));
+    }
+    s.push_str(&format!("\"uptime_ms\":{}}}", uptime.as_millis()));
+    s
+}

@@ -1,0 +1,270 @@
+//! Resolved settings: command-line flags over OpenTelemetry's standard environment variables
+//! over defaults. Invalid values are errors that name the key and what is accepted.
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    cli::{Exporter, GoHttpProbes, Protocol, RunArgs},
+    probes::KernelSettings,
+};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportSettings {
+    pub exporter: Exporter,
+    pub protocol: Protocol,
+    /// Full URL requests go to (for http/protobuf including /v1/traces).
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub queue: usize,
+    pub batch: usize,
+    pub delay: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub pids: Vec<u32>,
+    pub print: bool,
+    pub export: ExportSettings,
+    /// service.name for every target; None: each target's executable name.
+    pub service_name: Option<String>,
+    /// OTEL_RESOURCE_ATTRIBUTES.
+    pub resource_attrs: Vec<(String, String)>,
+    pub go_http_probes: GoHttpProbes,
+    pub kernel: KernelSettings,
+    pub stats_interval: Duration,
+    pub stats_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error("invalid {key}={value:?}: {expected}")]
+    Invalid { key: &'static str, value: String, expected: &'static str },
+}
+
+fn invalid(key: &'static str, value: &str, expected: &'static str) -> SettingsError {
+    SettingsError::Invalid { key, value: value.to_owned(), expected }
+}
+
+/// First variable of `keys` that is set (and not empty).
+fn first(env: &dyn Fn(&str) -> Option<String>, keys: &[&'static str]) -> Option<(&'static str, String)> {
+    keys.iter().find_map(|k| env(k).filter(|v| !v.trim().is_empty()).map(|v| (*k, v.trim().to_owned())))
+}
+
+pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<RunSettings, SettingsError> {
+    let exporter = match args.exporter {
+        Some(e) => e,
+        None => match first(env, &["OTEL_TRACES_EXPORTER"]) {
+            None => Exporter::Otlp,
+            Some((_, v)) if v == "otlp" => Exporter::Otlp,
+            Some((_, v)) if v == "none" => Exporter::None,
+            Some((k, v)) => return Err(invalid(k, &v, "otlp or none")),
+        },
+    };
+    let protocol = match args.otlp_protocol {
+        Some(p) => p,
+        None => match first(env, &["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"]) {
+            None => Protocol::Grpc,
+            Some((_, v)) if v == "grpc" => Protocol::Grpc,
+            Some((_, v)) if v == "http/protobuf" => Protocol::HttpProtobuf,
+            Some((k, v)) => return Err(invalid(k, &v, "grpc or http/protobuf")),
+        },
+    };
+    let endpoint = resolve_endpoint(args.otlp_endpoint.as_deref(), protocol, env)?;
+    let headers = match &args.otlp_headers {
+        Some(h) => parse_kv_list("--otlp-headers", h)?,
+        None => match first(env, &["OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"]) {
+            Some((k, v)) => parse_kv_list(k, &v)?,
+            None => Vec::new(),
+        },
+    };
+    let timeout = match args.otlp_timeout {
+        Some(t) => t,
+        None => ms_var(env, &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])?
+            .unwrap_or(Duration::from_secs(10)),
+    };
+    let queue = match args.batch_queue {
+        Some(q) => q,
+        None => num_var(env, "OTEL_BSP_MAX_QUEUE_SIZE")?.unwrap_or(2048),
+    };
+    let batch = match args.batch_size {
+        Some(b) => b,
+        None => num_var(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?.unwrap_or(512),
+    };
+    let delay = match args.batch_delay {
+        Some(d) => d,
+        None => ms_var(env, &["OTEL_BSP_SCHEDULE_DELAY"])?.unwrap_or(Duration::from_secs(5)),
+    };
+    if queue == 0 {
+        return Err(invalid("batch queue size", "0", "at least 1"));
+    }
+    if batch == 0 || batch > queue {
+        return Err(invalid("batch size", &batch.to_string(), "between 1 and the queue size"));
+    }
+    let service_name = args
+        .service_name
+        .clone()
+        .or_else(|| first(env, &["OTEL_SERVICE_NAME"]).map(|(_, v)| v));
+    let resource_attrs = match first(env, &["OTEL_RESOURCE_ATTRIBUTES"]) {
+        Some((k, v)) => parse_kv_list(k, &v)?,
+        None => Vec::new(),
+    };
+    Ok(RunSettings {
+        pids: args.pids.clone(),
+        print: args.print,
+        export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },
+        service_name,
+        resource_attrs,
+        go_http_probes: args.go_http_probes,
+        kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections },
+        stats_interval: args.stats_interval,
+        stats_file: args.stats_file.clone(),
+    })
+}
+
+fn resolve_endpoint(flag: Option<&str>, protocol: Protocol, env: &dyn Fn(&str) -> Option<String>) -> Result<String, SettingsError> {
+    let (key, url, append_path) = if let Some(f) = flag {
+        ("--otlp-endpoint", f.to_owned(), false)
+    } else if let Some((k, v)) = first(env, &["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"]) {
+        (k, v, false)
+    } else if let Some((k, v)) = first(env, &["OTEL_EXPORTER_OTLP_ENDPOINT"]) {
+        (k, v, protocol == Protocol::HttpProtobuf)
+    } else {
+        return Ok(match protocol {
+            Protocol::Grpc => "http://localhost:4317".to_owned(),
+            Protocol::HttpProtobuf => "http://localhost:4318/v1/traces".to_owned(),
+        });
+    };
+    if url.starts_with("https://") {
+        return Err(invalid(key, &url, "an http:// URL (this build has no TLS for export; run a local collector or sidecar)"));
+    }
+    if !url.starts_with("http://") || url.len() <= "http://".len() {
+        return Err(invalid(key, &url, "a URL such as http://collector:4317"));
+    }
+    Ok(if append_path { format!("{}/v1/traces", url.trim_end_matches('/')) } else { url })
+}
+
+fn num_var(env: &dyn Fn(&str) -> Option<String>, key: &'static str) -> Result<Option<usize>, SettingsError> {
+    match first(env, &[key]) {
+        None => Ok(None),
+        Some((k, v)) => v.parse().map(Some).map_err(|_| invalid(k, &v, "a whole number")),
+    }
+}
+
+fn ms_var(env: &dyn Fn(&str) -> Option<String>, keys: &[&'static str]) -> Result<Option<Duration>, SettingsError> {
+    match first(env, keys) {
+        None => Ok(None),
+        Some((k, v)) => v.parse::<u64>().map(|ms| Some(Duration::from_millis(ms))).map_err(|_| invalid(k, &v, "milliseconds, a whole number")),
+    }
+}
+
+/// "k=v,k2=v2" as in OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES; values are
+/// percent-decoded.
+pub fn parse_kv_list(key: &'static str, s: &str) -> Result<Vec<(String, String)>, SettingsError> {
+    let mut out = Vec::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(invalid(key, s, "a list of key=value pairs separated by commas"));
+        };
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(invalid(key, s, "a list of key=value pairs separated by commas"));
+        }
+        out.push((k.to_owned(), percent_decode(v.trim())));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::collections::HashMap;
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let mut v = vec!["zerotrace", "run", "--pid", "1"];
+        v.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(v).command {
+            crate::cli::Command::Run(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn defaults() {
+        let s = resolve(&args(&[]), &env(&[])).unwrap();
+        assert_eq!(s.export.endpoint, "http://localhost:4317");
+        assert_eq!(s.export.protocol, Protocol::Grpc);
+        assert_eq!((s.export.queue, s.export.batch, s.export.delay), (2048, 512, Duration::from_secs(5)));
+        assert_eq!(s.export.exporter, Exporter::Otlp);
+    }
+
+    #[test]
+    fn env_endpoints_follow_the_spec() {
+        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318/"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]);
+        assert_eq!(resolve(&args(&[]), &e).unwrap().export.endpoint, "http://c:4318/v1/traces");
+        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"), ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://t:9/x")]);
+        assert_eq!(resolve(&args(&[]), &e).unwrap().export.endpoint, "http://t:9/x");
+        // A flag beats the environment.
+        let s = resolve(&args(&["--otlp-endpoint", "http://f:1"]), &e).unwrap();
+        assert_eq!(s.export.endpoint, "http://f:1");
+    }
+
+    #[test]
+    fn headers_resource_and_service() {
+        let e = env(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=a%20b, x=1"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=prod,team=core"),
+            ("OTEL_SERVICE_NAME", "shop"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "100"),
+            ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "10"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "250"),
+        ]);
+        let s = resolve(&args(&[]), &e).unwrap();
+        assert_eq!(s.export.headers, vec![("api-key".into(), "a b".into()), ("x".into(), "1".into())]);
+        assert_eq!(s.resource_attrs[0], ("deployment.environment".into(), "prod".into()));
+        assert_eq!(s.service_name.as_deref(), Some("shop"));
+        assert_eq!((s.export.queue, s.export.batch, s.export.delay), (100, 10, Duration::from_millis(250)));
+        let s = resolve(&args(&["--service-name", "flag"]), &e).unwrap();
+        assert_eq!(s.service_name.as_deref(), Some("flag"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_key() {
+        let cases: &[(&str, &str)] = &[
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift"),
+            ("OTEL_TRACES_EXPORTER", "zipkin"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+            ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "novalue"),
+        ];
+        for (k, v) in cases {
+            let err = resolve(&args(&[]), &env(&[(k, v)])).unwrap_err();
+            assert!(err.to_string().contains(k), "{err}");
+        }
+        let err = resolve(&args(&["--batch-size", "5000"]), &env(&[])).unwrap_err();
+        assert!(err.to_string().contains("batch size"), "{err}");
+    }
+}

@@ -1,0 +1,149 @@
+//! ELF facts of an executable: its load segments (for virtual address -> file offset, as
+//! uprobes want), its symbol table, its TLS segment and its sections.
+use std::{borrow::Cow, collections::HashMap, path::{Path, PathBuf}};
+
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, elf, read::elf::ProgramHeader};
+
+use super::SymbolError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionSym {
+    pub addr: u64,
+    pub size: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    vaddr: u64,
+    memsz: u64,
+    offset: u64,
+    filesz: u64,
+}
+
+/// An executable read into memory with the index zerotrace needs.
+pub struct Executable {
+    pub path: PathBuf,
+    data: Vec<u8>,
+    /// ET_DYN (PIE): addresses in the process are the ELF's plus a load bias.
+    pub is_pie: bool,
+    pub machine: u16,
+    segments: Vec<Segment>,
+    symbols: HashMap<String, FunctionSym>,
+    /// PT_TLS (memsz, align) when present.
+    pub tls: Option<(u64, u64)>,
+}
+
+impl Executable {
+    pub fn open(path: &Path) -> Result<Self, SymbolError> {
+        let data = std::fs::read(path)
+            .map_err(|source| SymbolError::Read { path: path.to_owned(), source })?;
+        Self::from_bytes(path.to_owned(), data)
+    }
+
+    pub fn from_bytes(path: PathBuf, data: Vec<u8>) -> Result<Self, SymbolError> {
+        let not_elf = |reason: String| SymbolError::NotElf { path: path.clone(), reason };
+        let file = object::File::parse(&*data).map_err(|e| not_elf(e.to_string()))?;
+        if file.format() != object::BinaryFormat::Elf {
+            return Err(not_elf(format!("format {:?}", file.format())));
+        }
+        let is_pie = file.kind() == object::ObjectKind::Dynamic;
+        let machine = match file.architecture() {
+            object::Architecture::X86_64 => elf::EM_X86_64,
+            object::Architecture::Aarch64 => elf::EM_AARCH64,
+            _ => 0,
+        };
+        let segments = file
+            .segments()
+            .map(|s| {
+                let (offset, filesz) = s.file_range();
+                Segment { vaddr: s.address(), memsz: s.size(), offset, filesz }
+            })
+            .collect();
+        let mut symbols = HashMap::new();
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            if sym.address() == 0 {
+                continue;
+            }
+            if let Ok(name) = sym.name() {
+                symbols
+                    .entry(name.to_owned())
+                    .or_insert(FunctionSym { addr: sym.address(), size: sym.size() });
+            }
+        }
+        let tls = tls_segment(&data);
+        drop(file);
+        Ok(Self { path, data, is_pie, machine, segments, symbols, tls })
+    }
+
+    pub fn symbol(&self, name: &str) -> Option<FunctionSym> {
+        self.symbols.get(name).copied()
+    }
+
+    pub fn has_symbols(&self) -> bool {
+        !self.symbols.is_empty()
+    }
+
+    /// File offset of a virtual address inside a loaded segment.
+    pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
+        self.segments
+            .iter()
+            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz.min(s.memsz))
+            .map(|s| vaddr - s.vaddr + s.offset)
+    }
+
+    /// The bytes of the file mapped at [vaddr, vaddr + len).
+    pub fn bytes_at(&self, vaddr: u64, len: u64) -> Option<&[u8]> {
+        let off = self.file_offset(vaddr)? as usize;
+        self.data.get(off..off.checked_add(len as usize)?)
+    }
+
+    /// Lowest virtual address of a loaded segment (the load bias of a PIE is measured from it).
+    pub fn first_load_vaddr(&self) -> u64 {
+        self.segments.iter().filter(|s| s.memsz > 0).map(|s| s.vaddr).min().unwrap_or(0)
+    }
+
+    /// Contents of a section by name, decompressed if needed.
+    pub fn section(&self, name: &str) -> Option<Cow<'_, [u8]>> {
+        let file = object::File::parse(&*self.data).ok()?;
+        let sec = file.section_by_name(name)?;
+        let bytes = sec.uncompressed_data().ok()?;
+        // Re-borrow from self.data when the section is stored plainly, else own the copy.
+        Some(match bytes {
+            Cow::Borrowed(b) => {
+                let start = b.as_ptr() as usize - self.data.as_ptr() as usize;
+                Cow::Borrowed(&self.data[start..start + b.len()])
+            }
+            Cow::Owned(v) => Cow::Owned(v),
+        })
+    }
+
+    pub fn object(&self) -> Option<object::File<'_>> {
+        object::File::parse(&*self.data).ok()
+    }
+}
+
+fn tls_segment(data: &[u8]) -> Option<(u64, u64)> {
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data).ok()?;
+    let endian = elf.endian();
+    elf.elf_program_headers()
+        .iter()
+        .find(|ph| ph.p_type(endian) == elf::PT_TLS)
+        .map(|ph| (ph.p_memsz(endian), ph.p_align(endian).max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_executable() {
+        let exe = std::env::current_exe().unwrap();
+        let e = Executable::open(&exe).unwrap();
+        assert_eq!(e.machine, elf::EM_X86_64);
+        assert!(e.has_symbols());
+        let main = e.symbol("main").expect("main symbol");
+        let off = e.file_offset(main.addr).expect("main is in a segment");
+        assert!(off > 0);
+        assert!(e.bytes_at(main.addr, 4).is_some());
+    }
+}

@@ -1,0 +1,43 @@
+//! What zerotrace learns from a program's executable: ELF symbols and segments, Go build
+//! info, Go struct offsets (DWARF), and the RET instructions of functions it hooks.
+//! Binaries are read through /proc/PID/exe so that other mount namespaces work too.
+
+pub mod buildinfo;
+pub mod disasm;
+pub mod dwarf;
+pub mod elf;
+pub mod go;
+
+use std::path::{Path, PathBuf};
+
+pub use elf::{Executable, FunctionSym};
+
+/// Errors about a target's executable; each message says what the user can do.
+#[derive(Debug, thiserror::Error)]
+pub enum SymbolError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not an ELF executable zerotrace can read: {reason}")]
+    NotElf { path: PathBuf, reason: String },
+    #[error("{path} is not a Go program (no Go build info): {hint}")]
+    NotGo { path: PathBuf, hint: &'static str },
+    #[error("{path} is a Go program for {arch}; zerotrace supports linux/amd64 only")]
+    WrongArch { path: PathBuf, arch: String },
+    #[error("{path} was built by {version}; zerotrace supports Go 1.21 and newer")]
+    GoTooOld { path: PathBuf, version: String },
+    #[error("symbol {name} not found in {path}: {hint}")]
+    MissingSymbol { path: PathBuf, name: String, hint: &'static str },
+    #[error("DWARF of {path} lacks {what}: {hint}")]
+    MissingDwarf { path: PathBuf, what: String, hint: &'static str },
+    #[error("cannot decode {name} in {path}: {reason}")]
+    Disassembly { path: PathBuf, name: String, reason: String },
+}
+
+/// Hint shown when a Go binary was stripped of its symbol table or DWARF.
+pub const STRIPPED_HINT: &str =
+    "the binary looks stripped (-ldflags='-s -w'); rebuild without -s -w to trace it (support for stripped binaries is planned)";
+
+/// Shortens a path for messages.
+pub fn display(p: &Path) -> String {
+    p.display().to_string()
+}

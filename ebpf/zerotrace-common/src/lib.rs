@@ -1,0 +1,471 @@
+//! Types shared by the kernel programs (`zerotrace-ebpf`) and the agent: map keys and
+//! values, ring-buffer records, bounds and names. Everything is `#[repr(C)]`, has explicit
+//! padding and a compile-time size check, because the agent reads ring-buffer records
+//! zero-copy and both sides must agree byte for byte.
+#![no_std]
+
+/// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
+pub const ABI_VERSION: u32 = 1;
+
+/// Names of maps and programs, shared so that neither side spells them twice.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const TARGETS: &str = "TARGETS";
+    pub const CONNS: &str = "CONNS";
+    pub const INFLIGHT: &str = "INFLIGHT";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const SCRATCH: &str = "SCRATCH";
+    pub const GO_REQUESTS: &str = "GO_REQUESTS";
+    pub const KERNEL: &str = "KERNEL";
+    pub const SETTINGS: &str = "SETTINGS";
+}
+
+/// Bounds of every map and buffer. Each one is documented in ARCHITECTURE.md; the agent
+/// may lower or raise the map sizes at load time, the capture sizes are hard limits.
+pub mod bounds {
+    /// Processes traced at once.
+    pub const MAX_TARGETS: u32 = 4096;
+    /// Sockets tracked at once across all traced processes (default; `--max-connections`).
+    pub const MAX_CONNS: u32 = 16384;
+    /// Threads that are inside a traced syscall at the same moment.
+    pub const MAX_INFLIGHT: u32 = 16384;
+    /// Goroutines inside `serverHandler.ServeHTTP` at once (handler probe mode).
+    pub const MAX_GO_REQUESTS: u32 = 16384;
+    /// Ring buffer for all events (bytes, power of two).
+    pub const RING_BYTES: u32 = 8 << 20;
+    /// Bytes of pending ring-buffer data after which a producer wakes the agent up;
+    /// below it the agent drains on its own timer (no wake-up per event).
+    pub const WAKEUP_BYTES: u64 = 512 << 10;
+    /// Largest request-head prefix captured per request (the setting may lower it).
+    pub const REQ_CAPTURE_MAX: usize = 2048;
+    /// Bytes of a response kept to read its status line.
+    pub const STATUS_CAPTURE: usize = 16;
+    /// Longest Go route pattern kept (`GET /users/{id}`), longer ones are truncated.
+    pub const PATTERN_MAX: usize = 128;
+    /// Longest Go string copied for method, path, host or remote address.
+    pub const GO_STR_MAX: usize = 128;
+}
+
+/// Counters kept per CPU in the `COUNTERS` array; the agent sums and reports them.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A record did not fit in the ring buffer (agent too slow): the event is lost.
+    RingFull = 0,
+    /// `CONNS` was full when a new connection arrived: it is not traced.
+    ConnsFull = 1,
+    /// `INFLIGHT` was full at a syscall entry: that syscall is not seen.
+    InflightFull = 2,
+    /// Reading target memory failed (paged out, freed, bad offset).
+    ReadUserFailed = 3,
+    /// Reading a kernel structure failed.
+    ReadKernelFailed = 4,
+    /// Syscalls of traced processes on tracked sockets (probe hits on tracepoints).
+    SocketSyscalls = 5,
+    /// Uprobe hits, all Go functions together.
+    UprobeHits = 6,
+    /// Requests seen starting.
+    Requests = 7,
+    /// `GO_REQUESTS` was full at a handler entry.
+    GoRequestsFull = 8,
+    /// A handler return with no recorded entry (attached mid-request).
+    GoReturnUnmatched = 9,
+}
+
+pub const COUNTER_SLOTS: u32 = 16;
+
+/// Kinds of ring-buffer records, the first field of every record.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    ConnOpen = 1,
+    ConnClose = 2,
+    HttpRequest = 3,
+    HttpResponse = 4,
+    GoServerRequest = 5,
+}
+
+impl EventKind {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        Some(match v {
+            1 => Self::ConnOpen,
+            2 => Self::ConnClose,
+            3 => Self::HttpRequest,
+            4 => Self::HttpResponse,
+            5 => Self::GoServerRequest,
+            _ => return None,
+        })
+    }
+}
+
+/// First 24 bytes of every ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    pub kind: u16,
+    pub _pad: u16,
+    /// Bytes of the whole record, header included.
+    pub size: u32,
+    /// Process (tgid) and thread (pid in kernel terms) that caused the event.
+    pub pid: u32,
+    pub tid: u32,
+    /// CLOCK_MONOTONIC nanoseconds (bpf_ktime_get_ns).
+    pub ts_ns: u64,
+}
+
+/// How a tracked socket came to be known.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConnRole {
+    /// Accepted by the traced process: it is the server side.
+    Server = 1,
+    /// Connected by the traced process: it is the client side.
+    Client = 2,
+}
+
+/// Key of `CONNS`: a socket file descriptor of a traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub pid: u32,
+    pub fd: u32,
+}
+
+/// Where a server-side connection is in its request/response cycle.
+pub mod phase {
+    pub const IDLE: u8 = 0;
+    pub const REQUEST: u8 = 1;
+    pub const RESPONSE: u8 = 2;
+}
+
+/// Value of `CONNS`: what the kernel knows about one tracked socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnState {
+    /// Unique id of this connection for its lifetime (fd numbers are reused).
+    pub id: u64,
+    /// Go: address of the `net/http.conn` serving this socket, 0 if unknown.
+    pub go_conn: u64,
+    /// Entry time of the read that started the current request.
+    pub req_ts: u64,
+    /// Entry time of the first write of the current response.
+    pub resp_ts: u64,
+    /// Exit time of the latest write of the current response.
+    pub last_write_ts: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Requests started on this connection; the current one's number.
+    pub seq: u32,
+    pub role: u8,
+    pub phase: u8,
+    pub status_len: u8,
+    pub _pad0: u8,
+    pub pattern_len: u16,
+    pub _pad1: [u8; 6],
+    pub status: [u8; bounds::STATUS_CAPTURE],
+    pub pattern: [u8; bounds::PATTERN_MAX],
+}
+
+impl ConnState {
+    pub const fn new(id: u64, role: u8) -> Self {
+        Self {
+            id,
+            go_conn: 0,
+            req_ts: 0,
+            resp_ts: 0,
+            last_write_ts: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            seq: 0,
+            role,
+            phase: phase::IDLE,
+            status_len: 0,
+            _pad0: 0,
+            pattern_len: 0,
+            _pad1: [0; 6],
+            status: [0; bounds::STATUS_CAPTURE],
+            pattern: [0; bounds::PATTERN_MAX],
+        }
+    }
+}
+
+/// Socket addresses, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`), ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockAddrs {
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    pub local_port: u16,
+    pub peer_port: u16,
+    /// AF_INET (2) or AF_INET6 (10); 0 when unknown.
+    pub family: u16,
+    pub _pad: u16,
+}
+
+/// A socket became tracked (accepted or connected by a traced process).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnOpenEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    pub fd: i32,
+    pub role: u8,
+    pub _pad: [u8; 3],
+    pub addrs: SockAddrs,
+}
+
+/// A tracked socket was closed by the traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ConnCloseEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    pub fd: i32,
+    pub _pad: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// First bytes of a request read by a server (variable length: `captured` bytes follow).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HttpRequestEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    /// Go: the goroutine (g pointer) and its goid that read the request, else 0.
+    pub goroutine: u64,
+    pub goid: u64,
+    /// Entry time of the read that returned the first bytes of the request.
+    pub start_ns: u64,
+    pub fd: i32,
+    pub seq: u32,
+    /// Bytes the read returned.
+    pub read_len: u32,
+    /// Bytes copied into `data` (at most the capture size).
+    pub captured: u32,
+}
+
+/// Largest HTTP request record: header plus the maximal capture.
+pub const HTTP_REQUEST_MAX: usize =
+    core::mem::size_of::<HttpRequestEvent>() + bounds::REQ_CAPTURE_MAX;
+
+/// The response to request `seq` is complete (the server read again or closed).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HttpResponseEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    pub resp_start_ns: u64,
+    pub end_ns: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub fd: i32,
+    pub seq: u32,
+    pub status_len: u8,
+    /// 1 when the connection closed right after this response.
+    pub closed: u8,
+    pub pattern_len: u16,
+    pub _pad: u32,
+    pub status: [u8; bounds::STATUS_CAPTURE],
+    pub pattern: [u8; bounds::PATTERN_MAX],
+}
+
+/// A Go string read from the target (truncated to GO_STR_MAX).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoStr {
+    /// Length in the target; may exceed the bytes kept.
+    pub len: u32,
+    /// Bytes kept in `buf`.
+    pub kept: u32,
+    pub buf: [u8; bounds::GO_STR_MAX],
+}
+
+impl GoStr {
+    pub const EMPTY: Self = Self { len: 0, kept: 0, buf: [0; bounds::GO_STR_MAX] };
+}
+
+/// Handler probe mode: one request handled by `net/http.serverHandler.ServeHTTP`,
+/// from its entry to one of its RET instructions.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoServerRequestEvent {
+    pub hdr: EventHeader,
+    pub goroutine: u64,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub content_length: i64,
+    pub status: i64,
+    /// Socket fd serving the request when it is a plain TCP or TLS connection, else -1.
+    pub fd: i32,
+    pub _pad: u32,
+    pub method: GoStr,
+    pub path: GoStr,
+    pub pattern: GoStr,
+    pub host: GoStr,
+    pub remote_addr: GoStr,
+    pub proto: GoStr,
+}
+
+/// Per-request state of the handler probe mode, keyed by (pid, g).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoRequestKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub goroutine: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoRequestState {
+    pub start_ns: u64,
+    pub request: u64,
+    pub response: u64,
+}
+
+/// A syscall in progress on a tracked socket, keyed by thread id (pid_tgid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Inflight {
+    pub ts: u64,
+    pub buf: u64,
+    pub fd: i32,
+    pub op: u32,
+}
+
+pub mod op {
+    pub const READ: u32 = 1;
+    pub const WRITE: u32 = 2;
+    pub const ACCEPT: u32 = 3;
+}
+
+/// Offsets into Go runtime and net/http structures of one executable, from its DWARF (or,
+/// later, a generated table). `u16::MAX`/`NONE` marks a field the version does not have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoOffsets {
+    /// g pointer location relative to the thread pointer (fsbase), usually -8.
+    pub tls_g: i64,
+    /// Addresses of the runtime type descriptors of `*net.TCPConn`, `*crypto/tls.Conn` and
+    /// `*net/http.response` (load bias applied; 0: unknown). An interface value holds one
+    /// of these when its itab's type (itab + 8) equals it.
+    pub type_tcpconn: u64,
+    pub type_tlsconn: u64,
+    pub type_response: u64,
+    pub g_goid: u16,
+    pub conn_rwc: u16,
+    pub conn_curreq: u16,
+    pub response_req: u16,
+    pub response_status: u16,
+    pub response_conn: u16,
+    pub request_method: u16,
+    pub request_url: u16,
+    pub request_proto: u16,
+    pub request_content_length: u16,
+    pub request_host: u16,
+    pub request_remote_addr: u16,
+    /// `Request.Pattern` (Go 1.23+).
+    pub request_pattern: u16,
+    /// `Request.pat` (Go 1.22 and later) and `pattern.str`.
+    pub request_pat: u16,
+    pub pattern_str: u16,
+    pub url_path: u16,
+    /// `net.TCPConn` -> `conn.fd` (*netFD), `netFD.pfd` + `poll.FD.Sysfd`.
+    pub tcpconn_fd: u16,
+    pub netfd_sysfd: u16,
+    /// `tls.Conn.conn` (net.Conn interface).
+    pub tlsconn_conn: u16,
+    pub _pad: [u16; 5],
+}
+
+impl GoOffsets {
+    pub const NONE: u16 = u16::MAX;
+}
+
+/// Value of `TARGETS`: one traced process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetConfig {
+    pub flags: u32,
+    pub _pad: u32,
+    pub go: GoOffsets,
+}
+
+pub mod target_flags {
+    /// The process is a Go program: read the goroutine from TLS.
+    pub const GO: u32 = 1;
+    /// Capture the request head at the socket syscalls.
+    pub const HTTP_SERVER: u32 = 2;
+}
+
+/// Kernel structure offsets from /sys/kernel/btf/vmlinux, set once at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_fsbase: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub _pad: u32,
+}
+
+/// Load-time settings of the kernel programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Bytes of each request head to capture (<= REQ_CAPTURE_MAX).
+    pub req_capture: u32,
+    pub abi_version: u32,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { req_capture: 1024, abi_version: ABI_VERSION }
+    }
+}
+
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+assert_size!(EventHeader, 24);
+assert_size!(ConnKey, 8);
+assert_size!(ConnState, 216);
+assert_size!(SockAddrs, 40);
+assert_size!(ConnOpenEvent, 80);
+assert_size!(ConnCloseEvent, 56);
+assert_size!(HttpRequestEvent, 72);
+assert_size!(HttpResponseEvent, 224);
+assert_size!(GoStr, 136);
+assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
+assert_size!(GoOffsets, 32 + 24 * 2);
+assert_size!(TargetConfig, 8 + 80);
+assert_size!(KernelOffsets, 56);
+assert_size!(Inflight, 24);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)], made of integers and byte arrays with explicit
+    // padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ConnState {}
+    unsafe impl aya::Pod for TargetConfig {}
+    unsafe impl aya::Pod for KernelOffsets {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for GoRequestKey {}
+    unsafe impl aya::Pod for GoRequestState {}
+    unsafe impl aya::Pod for Inflight {}
+}

@@ -1,0 +1,164 @@
+//! Go net/http uprobes. `go_conn_serve` fires once per connection (entry of
+//! `net/http.(*conn).serve`) and ties the socket fd to the Go `conn`, so the syscall
+//! programs can read the route pattern without any per-request uprobe. In handler mode,
+//! `go_serve_http` / `go_serve_http_ret` fire at the entry and at every RET instruction of
+//! `net/http.serverHandler.ServeHTTP` (never a uretprobe: goroutine stacks move).
+use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
+    macros::uprobe,
+    programs::ProbeContext,
+};
+use zerotrace_common::{
+    ConnKey, ConnRole, Counter, EventKind, GoRequestKey, GoRequestState, GoServerRequestEvent,
+    GoOffsets, TargetConfig,
+};
+
+use crate::{
+    maps::{CONNS, EVENTS, GO_REQUESTS, TARGETS},
+    sockets::track_socket,
+    util::{count, go_conn_fd, go_itab_type, go_ptr, header, now, read_go_string, read_user, wake_flags},
+};
+
+#[inline(always)]
+fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
+    // SAFETY: a uprobe context is the user register set.
+    unsafe { &*ctx.regs }
+}
+
+/// Entry of `net/http.(*conn).serve(c *conn, ctx context.Context)`: c arrives in RAX.
+#[uprobe]
+pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let go = unsafe { &(*cfg).go };
+    let c = regs(&ctx).rax;
+    let Some(rwc) = read_user::<[u64; 2]>(c + go.conn_rwc as u64) else {
+        return 0;
+    };
+    let fd = go_conn_fd(go, rwc[0], rwc[1]);
+    if fd < 0 {
+        return 0;
+    }
+    let key = ConnKey { pid, fd: fd as u32 };
+    if CONNS.get_ptr(&key).is_none() && !track_socket(pid_tgid, fd, ConnRole::Server) {
+        return 0;
+    }
+    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer, valid for this program run.
+        unsafe { (*conn).go_conn = c };
+    }
+    0
+}
+
+/// Entry of `serverHandler.ServeHTTP(sh, rw ResponseWriter, req *Request)`:
+/// sh.srv in RAX, rw as (itab RBX, data RCX), req in RDI, the goroutine in R14.
+#[uprobe]
+pub fn go_serve_http(ctx: ProbeContext) -> u32 {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else {
+        return 0;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let go = unsafe { &(*cfg).go };
+    let r = regs(&ctx);
+    let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
+    let response =
+        if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
+    let state = GoRequestState { start_ns: now(), request: r.rdi, response };
+    if GO_REQUESTS.insert(&key, &state, 0).is_err() {
+        count(Counter::GoRequestsFull);
+    }
+    0
+}
+
+/// A RET instruction of `serverHandler.ServeHTTP`: the handler is done.
+#[uprobe]
+pub fn go_serve_http_ret(ctx: ProbeContext) -> u32 {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else {
+        return 0;
+    };
+    let g = regs(&ctx).r14;
+    let key = GoRequestKey { pid, _pad: 0, goroutine: g };
+    // SAFETY: map value pointer, copied before removal.
+    let Some(state) = GO_REQUESTS.get_ptr(&key).map(|p| unsafe { *p }) else {
+        count(Counter::GoReturnUnmatched);
+        return 0;
+    };
+    let _ = GO_REQUESTS.remove(&key);
+    // SAFETY: map value pointer, valid for this program run.
+    send_server_request(unsafe { &*cfg }, pid_tgid, g, &state);
+    0
+}
+
+#[inline(always)]
+fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequestState) {
+    let go = &cfg.go;
+    let Some(mut ev) = EVENTS.reserve::<GoServerRequestEvent>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    let e = ev.as_mut_ptr();
+    let r = st.request;
+    let url = go_ptr(r, go.request_url);
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoServerRequest, core::mem::size_of::<GoServerRequestEvent>(), pid_tgid, now());
+        (*e).goroutine = g;
+        (*e).goid = read_user::<u64>(g + go.g_goid as u64).unwrap_or(0);
+        (*e).start_ns = st.start_ns;
+        (*e).end_ns = (*e).hdr.ts_ns;
+        (*e).content_length = read_user::<i64>(r + go.request_content_length as u64).unwrap_or(-1);
+        (*e).status = if st.response != 0 {
+            read_user::<i64>(st.response + go.response_status as u64).unwrap_or(0)
+        } else {
+            0
+        };
+        (*e).fd = -1;
+        (*e)._pad = 0;
+        for s in [
+            &mut (*e).method,
+            &mut (*e).path,
+            &mut (*e).pattern,
+            &mut (*e).host,
+            &mut (*e).remote_addr,
+            &mut (*e).proto,
+        ] {
+            s.len = 0;
+            s.kept = 0;
+        }
+        read_go_string(r + go.request_method as u64, &mut (*e).method);
+        if url != 0 {
+            read_go_string(url + go.url_path as u64, &mut (*e).path);
+        }
+        if go.request_pattern != GoOffsets::NONE {
+            read_go_string(r + go.request_pattern as u64, &mut (*e).pattern);
+        } else if go.request_pat != GoOffsets::NONE {
+            let p = go_ptr(r, go.request_pat);
+            if p != 0 {
+                read_go_string(p + go.pattern_str as u64, &mut (*e).pattern);
+            }
+        }
+        read_go_string(r + go.request_host as u64, &mut (*e).host);
+        read_go_string(r + go.request_remote_addr as u64, &mut (*e).remote_addr);
+        read_go_string(r + go.request_proto as u64, &mut (*e).proto);
+        if st.response != 0 {
+            let conn = go_ptr(st.response, go.response_conn);
+            if conn != 0 {
+                if let Some(rwc) = read_user::<[u64; 2]>(conn + go.conn_rwc as u64) {
+                    (*e).fd = go_conn_fd(go, rwc[0], rwc[1]);
+                }
+            }
+        }
+    }
+    ev.submit(wake_flags());
+}

@@ -1,0 +1,74 @@
+//! Every map of the kernel programs, with its bound (see zerotrace_common::bounds) and the
+//! load-time globals the agent fills in (kernel struct offsets, settings).
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use zerotrace_common::{
+    ConnKey, ConnState, GoRequestKey, GoRequestState, HTTP_REQUEST_MAX, Inflight, KernelOffsets,
+    Settings, TargetConfig, bounds, COUNTER_SLOTS,
+};
+
+/// All events for the agent, variable-length records each starting with an EventHeader.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(bounds::RING_BYTES, 0);
+
+/// Selected processes (tgid) and what to do for them. Filled by the agent only.
+#[map]
+pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(bounds::MAX_TARGETS, 0);
+
+/// Tracked sockets of selected processes, keyed by (tgid, fd).
+#[map]
+pub static CONNS: HashMap<ConnKey, ConnState> = HashMap::with_max_entries(bounds::MAX_CONNS, 0);
+
+/// Syscalls in progress on tracked sockets, keyed by pid_tgid, from entry to exit.
+#[map]
+pub static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(bounds::MAX_INFLIGHT, 0);
+
+/// Handler probe mode: goroutines inside serverHandler.ServeHTTP.
+#[map]
+pub static GO_REQUESTS: HashMap<GoRequestKey, GoRequestState> =
+    HashMap::with_max_entries(bounds::MAX_GO_REQUESTS, 0);
+
+/// Per-CPU counters, indexed by zerotrace_common::Counter.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Per-CPU space to assemble a variable-length record before it is copied to EVENTS.
+#[map]
+pub static SCRATCH: PerCpuArray<[u8; HTTP_REQUEST_MAX]> = PerCpuArray::with_max_entries(1, 0);
+
+/// Kernel structure offsets, from BTF by the agent (aya emits no CO-RE relocations).
+#[unsafe(no_mangle)]
+pub static KERNEL: KernelOffsets = KernelOffsets {
+    task_fsbase: 0,
+    task_files: 0,
+    files_fdt: 0,
+    fdtable_fd: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    skc_family: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    _pad: 0,
+};
+
+#[unsafe(no_mangle)]
+pub static SETTINGS: Settings = Settings { req_capture: 1024, abi_version: zerotrace_common::ABI_VERSION };
+
+#[inline(always)]
+pub fn kernel() -> KernelOffsets {
+    // SAFETY: a plain read of a global the loader may have rewritten; volatile keeps the
+    // compiler from folding the default values in.
+    unsafe { core::ptr::read_volatile(&KERNEL) }
+}
+
+#[inline(always)]
+pub fn settings() -> Settings {
+    // SAFETY: as for kernel().
+    unsafe { core::ptr::read_volatile(&SETTINGS) }
+}

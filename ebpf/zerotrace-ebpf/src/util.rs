@@ -1,0 +1,176 @@
+//! Small helpers shared by the programs: counters, the ring-buffer wake-up policy, the
+//! current goroutine from thread-local storage, bounded reads of target memory.
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    generated::bpf_probe_read_user as raw_read_user,
+};
+use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, TargetConfig, bounds};
+
+use crate::maps::{COUNTERS, EVENTS, kernel};
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: helper without side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Wake the agent only when enough data is pending; otherwise it drains on its timer.
+#[inline(always)]
+pub fn wake_flags() -> u64 {
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: zerotrace_common::EventKind, size: usize, pid_tgid: u64, ts: u64) -> EventHeader {
+    EventHeader {
+        kind: kind as u16,
+        _pad: 0,
+        size: size as u32,
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        ts_ns: ts,
+    }
+}
+
+#[inline(always)]
+pub fn read_user<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_user copes with any address; failure is reported, not faulted.
+    match unsafe { bpf_probe_read_user(addr as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(Counter::ReadUserFailed);
+            None
+        }
+    }
+}
+
+#[inline(always)]
+pub fn read_kernel<T>(addr: u64) -> Option<T> {
+    // SAFETY: as read_user, for kernel memory.
+    match unsafe { bpf_probe_read_kernel(addr as *const T) } {
+        Ok(v) => Some(v),
+        Err(_) => {
+            count(Counter::ReadKernelFailed);
+            None
+        }
+    }
+}
+
+/// Copies `min(len, CAP)` bytes of target memory at `src` into `dst` (CAP bytes of room).
+/// Returns the number of bytes copied, 0 on failure.
+#[inline(always)]
+pub fn read_user_bytes<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> u32 {
+    let mut n = len;
+    if n > CAP as u64 {
+        n = CAP as u64;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: dst has CAP bytes of room and n <= CAP.
+    let rc = unsafe { raw_read_user(dst.cast(), n as u32, src as *const _) };
+    if rc < 0 {
+        count(Counter::ReadUserFailed);
+        return 0;
+    }
+    n as u32
+}
+
+/// The goroutine running on this thread: g is at fsbase + tls_g (normally -8) and its goid at
+/// g + g_goid. Returns (0, 0) outside Go code that set up TLS (e.g. a cgo thread).
+#[inline(always)]
+pub fn current_goroutine(cfg: &TargetConfig) -> (u64, u64) {
+    let k = kernel();
+    // SAFETY: returns the current task pointer, only used as an address to read from.
+    let task = unsafe { bpf_get_current_task() };
+    let Some(fsbase) = read_kernel::<u64>(task + k.task_fsbase as u64) else {
+        return (0, 0);
+    };
+    if fsbase == 0 {
+        return (0, 0);
+    }
+    let Some(g) = read_user::<u64>(fsbase.wrapping_add(cfg.go.tls_g as u64)) else {
+        return (0, 0);
+    };
+    if g == 0 {
+        return (0, 0);
+    }
+    let goid = read_user::<u64>(g + cfg.go.g_goid as u64).unwrap_or(0);
+    (g, goid)
+}
+
+/// Reads a Go string header (pointer, length) at `addr` and up to GO_STR_MAX of its bytes.
+#[inline(always)]
+pub fn read_go_string(addr: u64, out: &mut GoStr) {
+    let Some(hdr) = read_user::<[u64; 2]>(addr) else {
+        return;
+    };
+    let (ptr, len) = (hdr[0], hdr[1]);
+    if ptr == 0 || len == 0 || len > (1 << 30) {
+        return;
+    }
+    out.len = len as u32;
+    out.kept = read_user_bytes::<{ bounds::GO_STR_MAX }>(out.buf.as_mut_ptr(), ptr, len);
+}
+
+/// Reads a pointer field at `base + off`; 0 for a missing field or a failed read.
+#[inline(always)]
+pub fn go_ptr(base: u64, off: u16) -> u64 {
+    if base == 0 || off == GoOffsets::NONE {
+        return 0;
+    }
+    read_user::<u64>(base + off as u64).unwrap_or(0)
+}
+
+/// The runtime type of the value in a Go interface whose itab is `itab` (itab._type).
+#[inline(always)]
+pub fn go_itab_type(itab: u64) -> u64 {
+    if itab == 0 {
+        return 0;
+    }
+    read_user::<u64>(itab + 8).unwrap_or(0)
+}
+
+/// Socket fd behind a Go `net.Conn` interface value (itab, data): a *net.TCPConn directly, or
+/// a *tls.Conn wrapping one. -1 when it is some other type.
+#[inline(always)]
+pub fn go_conn_fd(go: &GoOffsets, itab: u64, data: u64) -> i32 {
+    if go.type_tcpconn == 0 {
+        return -1;
+    }
+    let ty = go_itab_type(itab);
+    let mut tcp = 0u64;
+    if ty == go.type_tcpconn {
+        tcp = data;
+    } else if ty != 0 && ty == go.type_tlsconn && go.tlsconn_conn != GoOffsets::NONE {
+        if let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64) {
+            if go_itab_type(inner[0]) == go.type_tcpconn {
+                tcp = inner[1];
+            }
+        }
+    }
+    if tcp == 0 {
+        return -1;
+    }
+    let netfd = go_ptr(tcp, go.tcpconn_fd);
+    if netfd == 0 || go.netfd_sysfd == GoOffsets::NONE {
+        return -1;
+    }
+    read_user::<i64>(netfd + go.netfd_sysfd as u64).map_or(-1, |fd| fd as i32)
+}
