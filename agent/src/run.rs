@@ -118,6 +118,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             mode = ?s.go_http_probes,
             "tracing"
         );
+        tracing::debug!(pid, offsets = ?target.layout.offsets, tcpconn = ?target.layout.type_tcpconn, response = ?target.layout.type_response, "Go layout");
         if !target.layout.absent.is_empty() {
             tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
         }

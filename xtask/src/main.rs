@@ -1,2 +1,52 @@
-//! placeholder
-fn main() {}
+//! `cargo xtask`: one entry point for setting up a machine, building, running the demo, the
+//! test suite and the benchmarks. Every task installs what it needs first (idempotently,
+//! saying what it does), so a fresh machine needs nothing but this repository and Rust.
+mod bench;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "zerotrace developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the pinned nightly, bpf-linker, Go toolchains and test dependencies.
+    Setup,
+    /// Build everything; the agent ends up at target/release/zerotrace.
+    Build,
+    /// Run the bundled Go demo services under load, traced live, spans in the terminal.
+    Demo(demo::DemoArgs),
+    /// Set up, then run the whole test suite (unit, kernel, end-to-end).
+    Test(test::TestArgs),
+    /// Benchmarks (with agent vs without, in one run).
+    Bench {
+        #[command(subcommand)]
+        which: bench::Bench,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => {
+            setup::all()?;
+            Ok(())
+        }
+        Task::Build => {
+            setup::kernel_toolchain()?;
+            util::build_release()?;
+            Ok(())
+        }
+        Task::Demo(args) => demo::run(args),
+        Task::Test(args) => test::run(args),
+        Task::Bench { which } => bench::run(which),
+    }
+}

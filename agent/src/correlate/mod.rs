@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use crate::{
     events::{Addrs, Event, GoServerRequest, HttpRequest, HttpResponse},
-    protocols::http1::{self, RequestHead},
+    protocols::http1,
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
 pub use clock::Clock;
@@ -29,7 +29,10 @@ struct Pending {
     tid: u32,
     goid: u64,
     start_ns: u64,
-    head: Option<RequestHead>,
+    /// Request bytes captured so far (possibly from several reads), parsed at the end.
+    bytes: Vec<u8>,
+    /// Size of the largest read so far: its thread and goroutine are the request's.
+    largest_read: u32,
     /// Handler mode: what the Go handler reported for this request.
     go: Option<Box<GoServerRequest>>,
 }
@@ -118,15 +121,31 @@ impl Correlator {
     }
 
     fn on_request(&mut self, r: HttpRequest) {
-        let head = http1::parse_request(&r.head);
-        if head.is_none() {
-            self.stats.not_http += 1;
+        if r.offset > 0 {
+            // More bytes of a request already open: append them where they belong.
+            if let Some(p) = self.pending.get_mut(&r.conn_id) {
+                if p.seq == r.seq && p.bytes.len() == r.offset as usize {
+                    p.bytes.extend_from_slice(&r.head);
+                    if r.read_len > p.largest_read {
+                        (p.largest_read, p.tid, p.goid) = (r.read_len, r.tid, r.goid);
+                    }
+                }
+            }
+            return;
         }
         if !self.pending.contains_key(&r.conn_id) && self.pending.len() >= MAX_PENDING {
             self.stats.pending_full += 1;
             return;
         }
-        let p = Pending { seq: r.seq, tid: r.tid, goid: r.goid, start_ns: r.start_ns, head, go: None };
+        let p = Pending {
+            seq: r.seq,
+            tid: r.tid,
+            goid: r.goid,
+            start_ns: r.start_ns,
+            bytes: r.head,
+            largest_read: r.read_len,
+            go: None,
+        };
         if self.pending.insert(r.conn_id, p).is_some() {
             self.stats.lost_responses += 1;
         }
@@ -141,7 +160,11 @@ impl Correlator {
             self.stats.unmatched_responses += 1;
             return None;
         }
-        let head = p.head?;
+        let Some(head) = http1::parse_request(&p.bytes) else {
+            self.stats.not_http += 1;
+            tracing::debug!(pid = r.pid, fd = r.fd, seq = r.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
+            return None;
+        };
         let conn = self.conns.get(&r.conn_id).copied();
         let mut status = http1::parse_status(&r.status_line).map(i64::from);
         let mut pattern = r.pattern;

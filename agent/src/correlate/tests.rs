@@ -115,6 +115,21 @@ fn without_a_pattern_the_name_uses_the_path() {
 }
 
 #[test]
+fn a_head_read_in_pieces_is_joined() {
+    // Go's background reader takes the first byte, the serving goroutine the rest.
+    let (spans, stats) = run(&[
+        open(1, 7),
+        record::request_part(PID, 10, 1, 7, 1, 0xbbb000, b"G", 0),
+        record::request_part(PID, 11, 1, 7, 1, 0xaaa000, b"ET /joined HTTP/1.1\r\nUser-Agent: split\r\n\r\n", 1),
+        record::response(PID, 20, 1, 7, 1, b"HTTP/1.1 200 OK\r", ""),
+    ]);
+    assert_eq!(stats.not_http, 0, "{stats:?}");
+    assert_eq!(spans[0].name, "GET /joined");
+    assert_eq!(s(&spans[0], "user_agent.original"), "split");
+    assert_eq!(s(&spans[0], "go.goroutine.id"), (0xaaa000u64 / 8).to_string(), "the goroutine that read the head");
+}
+
+#[test]
 fn route_of_patterns() {
     assert_eq!(route_of("GET /items/{id}"), Some("/items/{id}"));
     assert_eq!(route_of("/static/"), Some("/static/"));

@@ -61,6 +61,8 @@ pub struct HttpRequest {
     pub goid: u64,
     pub start_ns: u64,
     pub read_len: u32,
+    /// Bytes of this request captured before these (0: the request's first record).
+    pub offset: u32,
     pub head: Vec<u8>,
 }
 
@@ -173,6 +175,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 goid: e.goid,
                 start_ns: e.start_ns,
                 read_len: e.read_len,
+                offset: e.offset,
                 head: head.to_vec(),
             })
         }
@@ -257,6 +260,12 @@ pub mod record {
     }
 
     pub fn request(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, goroutine: u64, head: &[u8]) -> Vec<u8> {
+        request_part(pid, ts, conn_id, fd, seq, goroutine, head, 0)
+    }
+
+    /// A record carrying bytes of request `seq` after the first `offset` ones.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request_part(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, goroutine: u64, head: &[u8], offset: u32) -> Vec<u8> {
         let e = HttpRequestEvent {
             hdr: header(EventKind::HttpRequest, std::mem::size_of::<HttpRequestEvent>() + head.len(), pid, ts),
             conn_id,
@@ -267,6 +276,8 @@ pub mod record {
             seq,
             read_len: head.len() as u32,
             captured: head.len() as u32,
+            offset,
+            _pad: 0,
         };
         let mut v = bytes_of(&e);
         v.extend_from_slice(head);
@@ -277,7 +288,7 @@ pub mod record {
         let mut e = HttpResponseEvent {
             hdr: header(EventKind::HttpResponse, std::mem::size_of::<HttpResponseEvent>(), pid, ts),
             conn_id,
-            resp_start_ns: ts - 1000,
+            resp_start_ns: ts.saturating_sub(1000),
             end_ns: ts,
             bytes_in: 0,
             bytes_out: 0,

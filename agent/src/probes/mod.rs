@@ -28,7 +28,6 @@ pub const TRACEPOINTS: &[(&str, &str)] = &[
     ("syscalls", "sys_enter_read"),
     ("syscalls", "sys_exit_read"),
     ("syscalls", "sys_enter_write"),
-    ("syscalls", "sys_exit_write"),
 ];
 
 /// Uprobe programs (attached per process).

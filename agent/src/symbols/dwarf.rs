@@ -84,10 +84,13 @@ impl GoDwarf {
                     gimli::DW_TAG_pointer_type => {
                         let Some(name) = name_of(&dwarf, &unit, entry) else { continue };
                         if types.contains(&name.as_str()) {
-                            if let Some(v) = entry.attr_value(DW_AT_GO_RUNTIME_TYPE) {
-                                if let Some(off) = v.udata_value() {
-                                    out.runtime_types.insert(name, off);
-                                }
+                            let off = match entry.attr_value(DW_AT_GO_RUNTIME_TYPE) {
+                                Some(AttributeValue::Addr(a)) => Some(a),
+                                Some(v) => v.udata_value(),
+                                None => None,
+                            };
+                            if let Some(off) = off {
+                                out.runtime_types.insert(name, off);
                             }
                         }
                     }

@@ -146,11 +146,11 @@ pub struct ConnState {
     pub id: u64,
     /// Go: address of the `net/http.conn` serving this socket, 0 if unknown.
     pub go_conn: u64,
-    /// Entry time of the read that started the current request.
+    /// Exit time of the read that returned the first bytes of the current request.
     pub req_ts: u64,
     /// Entry time of the first write of the current response.
     pub resp_ts: u64,
-    /// Exit time of the latest write of the current response.
+    /// Entry time of the latest write of the current response.
     pub last_write_ts: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -161,7 +161,10 @@ pub struct ConnState {
     pub status_len: u8,
     pub _pad0: u8,
     pub pattern_len: u16,
-    pub _pad1: [u8; 6],
+    pub _pad1: [u8; 2],
+    /// Bytes of the current request captured so far (a head split over reads is
+    /// captured until the capture size is reached).
+    pub captured: u32,
     pub status: [u8; bounds::STATUS_CAPTURE],
     pub pattern: [u8; bounds::PATTERN_MAX],
 }
@@ -182,7 +185,8 @@ impl ConnState {
             status_len: 0,
             _pad0: 0,
             pattern_len: 0,
-            _pad1: [0; 6],
+            _pad1: [0; 2],
+            captured: 0,
             status: [0; bounds::STATUS_CAPTURE],
             pattern: [0; bounds::PATTERN_MAX],
         }
@@ -226,7 +230,9 @@ pub struct ConnCloseEvent {
     pub bytes_out: u64,
 }
 
-/// First bytes of a request read by a server (variable length: `captured` bytes follow).
+/// Bytes of a request read by a server (variable length: `captured` bytes follow). The
+/// first record of request `seq` has `offset` 0; when the head arrived in several reads,
+/// further records carry the next bytes at `offset`, up to the capture size.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HttpRequestEvent {
@@ -235,7 +241,7 @@ pub struct HttpRequestEvent {
     /// Go: the goroutine (g pointer) and its goid that read the request, else 0.
     pub goroutine: u64,
     pub goid: u64,
-    /// Entry time of the read that returned the first bytes of the request.
+    /// Exit time of the read that returned the first bytes of the request.
     pub start_ns: u64,
     pub fd: i32,
     pub seq: u32,
@@ -243,6 +249,9 @@ pub struct HttpRequestEvent {
     pub read_len: u32,
     /// Bytes copied into `data` (at most the capture size).
     pub captured: u32,
+    /// Bytes of this request captured in earlier records.
+    pub offset: u32,
+    pub _pad: u32,
 }
 
 /// Largest HTTP request record: header plus the maximal capture.
@@ -446,7 +455,7 @@ assert_size!(ConnState, 216);
 assert_size!(SockAddrs, 40);
 assert_size!(ConnOpenEvent, 80);
 assert_size!(ConnCloseEvent, 56);
-assert_size!(HttpRequestEvent, 72);
+assert_size!(HttpRequestEvent, 80);
 assert_size!(HttpResponseEvent, 224);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);

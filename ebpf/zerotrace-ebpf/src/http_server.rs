@@ -1,7 +1,8 @@
 //! The request/response cycle of server-side connections, seen at read(2) and write(2):
 //! the first read after a response (or the first ever) starts request n and sends its first
 //! bytes; the first write after it starts the response (status line kept, Go route pattern
-//! read); the next read attempt or close ends it. No uprobe is involved per request.
+//! read); the next read attempt or close ends it. No uprobe is involved per request, and
+//! three tracepoint programs suffice: read entry and exit, write entry.
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, generated::bpf_ringbuf_output},
     macros::tracepoint,
@@ -20,31 +21,50 @@ use crate::{
 
 const REQ_HDR: usize = core::mem::size_of::<HttpRequestEvent>();
 
-/// Records a read or write on a tracked socket so that its exit can find the arguments.
+/// Entry of read(2) on a tracked socket: remember the arguments for the exit.
 #[inline(always)]
-fn enter(ctx: &TracePointContext, which: u32) -> Option<()> {
+fn enter_read(ctx: &TracePointContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let pid = (pid_tgid >> 32) as u32;
     TARGETS.get_ptr(pid)?;
     // SAFETY: offsets of the fd and buf arguments in the sys_enter record.
     let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
     let buf = unsafe { ctx.read_at::<u64>(ARG1) }.ok()?;
-    let key = ConnKey { pid, fd };
-    let conn = CONNS.get_ptr_mut(&key)?;
+    CONNS.get_ptr(&ConnKey { pid, fd })?;
     count(Counter::SocketSyscalls);
-    let ts = now();
-    if which == op::WRITE {
-        // SAFETY: map value pointer, valid for this program run.
-        let conn = unsafe { &mut *conn };
-        if conn.role == ConnRole::Server as u8 && conn.phase == phase::REQUEST {
-            // SAFETY: offset of the count argument.
-            let len = unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0);
-            start_response(conn, pid, buf, len, ts);
-        }
-    }
-    let rec = Inflight { ts, buf, fd: fd as i32, op: which };
+    let rec = Inflight { ts: now(), buf, fd: fd as i32, op: op::READ };
     if INFLIGHT.insert(&pid_tgid, &rec, 0).is_err() {
         count(Counter::InflightFull);
+    }
+    Some(())
+}
+
+/// Entry of write(2) on a tracked socket. Everything is known here (buffer, length), so no
+/// exit hook: the response's end is the entry of its last write, the moment the last bytes
+/// are handed to the kernel (the peer can have them before the write returns).
+#[inline(always)]
+fn enter_write(ctx: &TracePointContext) -> Option<()> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    TARGETS.get_ptr(pid)?;
+    // SAFETY: offsets of the fd, buf and count arguments in the sys_enter record.
+    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
+    let conn = CONNS.get_ptr_mut(&ConnKey { pid, fd })?;
+    count(Counter::SocketSyscalls);
+    // SAFETY: map value pointer, valid for this program run.
+    let conn = unsafe { &mut *conn };
+    if conn.role != ConnRole::Server as u8 {
+        return Some(());
+    }
+    let ts = now();
+    let len = unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0);
+    if conn.phase == phase::REQUEST {
+        let buf = unsafe { ctx.read_at::<u64>(ARG1) }.ok()?;
+        start_response(conn, pid, buf, len, ts);
+    }
+    if conn.phase == phase::RESPONSE {
+        conn.last_write_ts = ts;
+        conn.bytes_out += len;
     }
     Some(())
 }
@@ -55,7 +75,6 @@ fn enter(ctx: &TracePointContext, which: u32) -> Option<()> {
 fn start_response(conn: &mut ConnState, pid: u32, buf: u64, len: u64, ts: u64) {
     conn.phase = phase::RESPONSE;
     conn.resp_ts = ts;
-    conn.last_write_ts = ts;
     conn.status_len = read_user_bytes::<{ bounds::STATUS_CAPTURE }>(conn.status.as_mut_ptr(), buf, len) as u8;
     conn.pattern_len = 0;
     if conn.go_conn == 0 {
@@ -143,15 +162,24 @@ fn read_done(ctx: &TracePointContext, pid_tgid: u64, cfg: *const TargetConfig, r
         return Some(());
     }
     conn.bytes_in += ret as u64;
-    if conn.phase != phase::IDLE {
-        return Some(());
+    let cap = capture_size();
+    if conn.phase == phase::REQUEST {
+        // More of the same request: keep capturing until the capture size is reached (a
+        // head can arrive in pieces, e.g. Go's background reader takes its first byte).
+        if conn.captured >= cap {
+            return Some(());
+        }
+    } else {
+        conn.phase = phase::REQUEST;
+        conn.seq += 1;
+        // The request is here once a read returned its first bytes (the read's entry may
+        // precede the peer's write: data can arrive while the syscall runs).
+        conn.req_ts = now();
+        conn.bytes_in = ret as u64;
+        conn.bytes_out = 0;
+        conn.captured = 0;
+        count(Counter::Requests);
     }
-    conn.phase = phase::REQUEST;
-    conn.seq += 1;
-    conn.req_ts = rec.ts;
-    conn.bytes_in = ret as u64;
-    conn.bytes_out = 0;
-    count(Counter::Requests);
     // SAFETY: map value pointer, valid for this program run.
     let cfg = unsafe { &*cfg };
     let (goroutine, goid) = if cfg.flags & zerotrace_common::target_flags::GO != 0 {
@@ -163,18 +191,22 @@ fn read_done(ctx: &TracePointContext, pid_tgid: u64, cfg: *const TargetConfig, r
     Some(())
 }
 
-/// Copies the request header and the first bytes read into a variable-length record.
+/// Request bytes captured per request, from the settings, never above the hard maximum.
 #[inline(always)]
-fn send_request(conn: &ConnState, pid_tgid: u64, rec: &Inflight, len: u64, goroutine: u64, goid: u64) {
+fn capture_size() -> u32 {
+    let cap = settings().req_capture;
+    if cap > bounds::REQ_CAPTURE_MAX as u32 { bounds::REQ_CAPTURE_MAX as u32 } else { cap }
+}
+
+/// Copies the record header and the bytes read into a variable-length record.
+#[inline(always)]
+fn send_request(conn: &mut ConnState, pid_tgid: u64, rec: &Inflight, len: u64, goroutine: u64, goid: u64) {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
     let buf = buf as *mut u8;
-    let mut cap = settings().req_capture as u64;
-    if cap > bounds::REQ_CAPTURE_MAX as u64 {
-        cap = bounds::REQ_CAPTURE_MAX as u64;
-    }
-    let want = if len < cap { len } else { cap };
+    let room = capture_size().saturating_sub(conn.captured) as u64;
+    let want = if len < room { len } else { room };
     // SAFETY: the scratch value holds REQ_HDR + REQ_CAPTURE_MAX bytes.
     let captured = read_user_bytes::<{ bounds::REQ_CAPTURE_MAX }>(unsafe { buf.add(REQ_HDR) }, rec.buf, want);
     let size = REQ_HDR as u64 + captured as u64;
@@ -185,12 +217,15 @@ fn send_request(conn: &ConnState, pid_tgid: u64, rec: &Inflight, len: u64, gorou
         (*ev).conn_id = conn.id;
         (*ev).goroutine = goroutine;
         (*ev).goid = goid;
-        (*ev).start_ns = rec.ts;
+        (*ev).start_ns = conn.req_ts;
         (*ev).fd = rec.fd;
         (*ev).seq = conn.seq;
         (*ev).read_len = len as u32;
         (*ev).captured = captured;
+        (*ev).offset = conn.captured;
+        (*ev)._pad = 0;
     }
+    conn.captured += captured;
     let mut size = size;
     if size > HTTP_REQUEST_MAX as u64 {
         size = HTTP_REQUEST_MAX as u64;
@@ -203,53 +238,32 @@ fn send_request(conn: &ConnState, pid_tgid: u64, rec: &Inflight, len: u64, gorou
 }
 
 #[inline(always)]
-fn exit(ctx: &TracePointContext) -> Option<()> {
+fn exit_read(ctx: &TracePointContext) -> Option<()> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let cfg = TARGETS.get_ptr((pid_tgid >> 32) as u32)?;
     // SAFETY: map value pointer, copied before removal.
     let rec = unsafe { *INFLIGHT.get_ptr(&pid_tgid)? };
     let _ = INFLIGHT.remove(&pid_tgid);
-    match rec.op {
-        op::READ => read_done(ctx, pid_tgid, cfg, &rec),
-        op::WRITE => {
-            // SAFETY: offset of `ret` in the sys_exit record.
-            let ret = unsafe { ctx.read_at::<i64>(RET) }.ok()?;
-            let key = ConnKey { pid: (pid_tgid >> 32) as u32, fd: rec.fd as u32 };
-            let conn = CONNS.get_ptr_mut(&key)?;
-            // SAFETY: map value pointer, valid for this program run.
-            let conn = unsafe { &mut *conn };
-            if ret > 0 {
-                conn.bytes_out += ret as u64;
-                if conn.phase == phase::RESPONSE {
-                    conn.last_write_ts = now();
-                }
-            }
-            Some(())
-        }
-        _ => Some(()),
+    if rec.op != op::READ {
+        return Some(());
     }
+    read_done(ctx, pid_tgid, cfg, &rec)
 }
 
 #[tracepoint]
 pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
-    let _ = enter(&ctx, op::READ);
+    let _ = enter_read(&ctx);
     0
 }
 
 #[tracepoint]
 pub fn sys_exit_read(ctx: TracePointContext) -> u32 {
-    let _ = exit(&ctx);
+    let _ = exit_read(&ctx);
     0
 }
 
 #[tracepoint]
 pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    let _ = enter(&ctx, op::WRITE);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_write(ctx: TracePointContext) -> u32 {
-    let _ = exit(&ctx);
+    let _ = enter_write(&ctx);
     0
 }

@@ -1,0 +1,78 @@
+//! The agent under test: `zerotrace run` as a child process, ready once it says it traces
+//! every PID, stopped with SIGINT like a user would.
+use std::{
+    path::PathBuf,
+    process::{Command, ExitStatus},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Result, bail};
+
+use crate::{proc::Proc, tools};
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+pub struct Agent {
+    pub proc: Proc,
+    pub stats_file: PathBuf,
+}
+
+impl Agent {
+    /// `zerotrace run --pid ...` plus `extra` args and environment; waits until attached.
+    pub fn start(pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+        let mut a = Self::spawn(pids, extra, env)?;
+        for pid in pids {
+            let needle = format!("tracing pid={pid} ");
+            let r = crate::proc::wait_until(&format!("the agent to attach to {pid}"), Duration::from_secs(60), || {
+                a.proc.stderr_text().contains(&needle) || a.proc.child.try_wait().ok().flatten().is_some()
+            });
+            if r.is_err() || !a.proc.stderr_text().contains(&needle) {
+                let _ = a.proc.child.kill();
+                bail!("agent did not attach to {pid}; its stderr:\n{}", a.proc.stderr_text());
+            }
+        }
+        Ok(a)
+    }
+
+    /// Spawns without waiting (for tests of failures).
+    pub fn spawn(pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let stats_file = tools::work_dir().join("logs").join(format!("agent-{}-{n}.stats.json", std::process::id()));
+        let _ = std::fs::remove_file(&stats_file);
+        let mut cmd = Command::new(tools::zerotrace_bin()?);
+        cmd.arg("run");
+        for pid in pids {
+            cmd.arg("--pid").arg(pid.to_string());
+        }
+        cmd.arg("--stats-file").arg(&stats_file).args(extra);
+        for var in ["OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SERVICE_NAME", "OTEL_TRACES_EXPORTER"] {
+            cmd.env_remove(var);
+        }
+        cmd.env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn(&format!("agent-{n}"), cmd)?;
+        Ok(Agent { proc, stats_file })
+    }
+
+    /// SIGINT, then wait (the agent flushes for at most 10 s).
+    pub fn stop(&mut self) -> Result<ExitStatus> {
+        self.proc.signal(libc::SIGINT);
+        match self.proc.wait_timeout(Duration::from_secs(20)) {
+            Some(st) => Ok(st),
+            None => bail!("agent did not exit within 20 s of SIGINT; stderr:\n{}", self.proc.stderr_text()),
+        }
+    }
+
+    /// The counters the agent wrote at exit.
+    pub fn stats(&self) -> Result<serde_json::Value> {
+        let text = std::fs::read_to_string(&self.stats_file)?;
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.stats().ok().and_then(|v| v.get(format!("zerotrace_{name}"))?.as_u64()).unwrap_or(0)
+    }
+}

@@ -1,0 +1,265 @@
+//! OTLP receivers for the tests: gRPC (tonic, opentelemetry-proto's generated service) and
+//! HTTP/protobuf (a minimal HTTP/1.1 server), both decoding what the agent sends into flat
+//! span records the tests assert on. Each runs on its own runtime thread and can be
+//! stopped and restarted on the same port (a collector going down and coming back).
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::{AtomicUsize, Ordering}},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, any_value},
+};
+use prost::Message;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+/// One received span, flattened.
+#[derive(Clone, Debug)]
+pub struct RSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    /// Empty when the span is a root.
+    pub parent_span_id: String,
+    pub name: String,
+    /// OTLP SpanKind: 2 = server, 3 = client.
+    pub kind: i32,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub attrs: BTreeMap<String, String>,
+    /// OTLP status code: 0 unset, 1 ok, 2 error.
+    pub status: i32,
+    pub resource: BTreeMap<String, String>,
+    pub scope: String,
+}
+
+impl RSpan {
+    pub fn attr(&self, k: &str) -> &str {
+        self.attrs.get(k).map_or("", String::as_str)
+    }
+    pub fn res(&self, k: &str) -> &str {
+        self.resource.get(k).map_or("", String::as_str)
+    }
+    pub fn duration(&self) -> Duration {
+        Duration::from_nanos(self.end_ns.saturating_sub(self.start_ns))
+    }
+}
+
+fn value(v: &Option<AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Flattens one export request.
+pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RSpan> {
+    let mut out = Vec::new();
+    for rs in &req.resource_spans {
+        let resource: BTreeMap<String, String> = rs
+            .resource
+            .iter()
+            .flat_map(|r| &r.attributes)
+            .map(|kv| (kv.key.clone(), value(&kv.value)))
+            .collect();
+        for ss in &rs.scope_spans {
+            let scope = ss.scope.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+            for s in &ss.spans {
+                out.push(RSpan {
+                    trace_id: hex(&s.trace_id),
+                    span_id: hex(&s.span_id),
+                    parent_span_id: hex(&s.parent_span_id),
+                    name: s.name.clone(),
+                    kind: s.kind,
+                    start_ns: s.start_time_unix_nano,
+                    end_ns: s.end_time_unix_nano,
+                    attrs: s.attributes.iter().map(|kv| (kv.key.clone(), value(&kv.value))).collect(),
+                    status: s.status.as_ref().map_or(0, |st| st.code),
+                    resource: resource.clone(),
+                    scope: scope.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[derive(Default)]
+struct Store {
+    spans: Mutex<Vec<RSpan>>,
+    requests: AtomicUsize,
+}
+
+impl Store {
+    fn add(&self, req: &ExportTraceServiceRequest) {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        self.spans.lock().unwrap().extend(flatten(req));
+    }
+}
+
+struct Svc(Arc<Store>);
+
+#[tonic::async_trait]
+impl TraceService for Svc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.add(req.get_ref());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Grpc,
+    Http,
+}
+
+pub struct Receiver {
+    pub port: u16,
+    pub kind: Kind,
+    store: Arc<Store>,
+    rt: Option<tokio::runtime::Runtime>,
+}
+
+impl Receiver {
+    /// Starts a receiver on 127.0.0.1:`port` (0: any free port).
+    pub fn start(kind: Kind, port: u16) -> Result<Receiver> {
+        Self::start_with(kind, port, Arc::new(Store::default()))
+    }
+
+    fn start_with(kind: Kind, port: u16, store: Arc<Store>) -> Result<Receiver> {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let listener = rt.block_on(tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))))?;
+        let port = listener.local_addr()?.port();
+        let st = store.clone();
+        match kind {
+            Kind::Grpc => {
+                let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                rt.spawn(async move {
+                    let _ = tonic::transport::Server::builder()
+                        .add_service(TraceServiceServer::new(Svc(st)).max_decoding_message_size(64 << 20))
+                        .serve_with_incoming(incoming)
+                        .await;
+                });
+            }
+            Kind::Http => {
+                rt.spawn(async move {
+                    while let Ok((sock, _)) = listener.accept().await {
+                        let st = st.clone();
+                        tokio::spawn(async move {
+                            let _ = serve_http(sock, st).await;
+                        });
+                    }
+                });
+            }
+        }
+        Ok(Receiver { port, kind, store, rt: Some(rt) })
+    }
+
+    pub fn endpoint(&self) -> String {
+        match self.kind {
+            Kind::Grpc => format!("http://127.0.0.1:{}", self.port),
+            Kind::Http => format!("http://127.0.0.1:{}/v1/traces", self.port),
+        }
+    }
+
+    pub fn spans(&self) -> Vec<RSpan> {
+        self.store.spans.lock().unwrap().clone()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.store.requests.load(Ordering::SeqCst)
+    }
+
+    /// Waits until at least `n` spans arrived; returns all of them.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<RSpan>> {
+        let end = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if spans.len() >= n {
+                return Ok(spans);
+            }
+            if Instant::now() > end {
+                bail!("received {} spans, expected {n}, within {timeout:?}", spans.len());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Stops listening (connections are dropped): the collector is down.
+    pub fn stop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+
+    /// Listens again on the same port, keeping what was received: the collector is back.
+    pub fn restart(&mut self) -> Result<()> {
+        self.stop();
+        let again = Self::start_with(self.kind, self.port, self.store.clone())?;
+        let mut again = again;
+        self.rt = again.rt.take();
+        Ok(())
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// POST /v1/traces with a protobuf body; answers 200 with an empty response message.
+async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()> {
+    let mut r = BufReader::new(sock);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).await?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await?;
+        let ok = line.starts_with("POST /v1/traces ");
+        let status = match ExportTraceServiceRequest::decode(body.as_slice()) {
+            Ok(req) if ok => {
+                store.add(&req);
+                "200 OK"
+            }
+            _ => "400 Bad Request",
+        };
+        let resp = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
+        let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n", resp.len());
+        r.get_mut().write_all(head.as_bytes()).await?;
+        r.get_mut().write_all(&resp).await?;
+    }
+}

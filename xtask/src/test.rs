@@ -1,0 +1,53 @@
+//! `cargo xtask test`: set up, build, then every test tier: unit tests (decoders, parsers,
+//! correlator on recorded streams), and the end-to-end suites that load the real kernel
+//! programs and trace real Go processes (run one at a time: they share the kernel).
+use std::process::Command;
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::{setup, util::{self, build_release, cargo, root, step}};
+
+#[derive(Args)]
+pub struct TestArgs {
+    /// Only run tests whose name contains this (passed to the test harness).
+    pub filter: Option<String>,
+    /// Skip the unit tests.
+    #[arg(long)]
+    pub e2e_only: bool,
+}
+
+pub fn run_tests(args: TestArgs) -> Result<()> {
+    setup::all()?;
+    let bin = build_release()?;
+    let go_old = setup::go(setup::GO_OLDEST)?;
+    let go_new = setup::go(setup::GO_NEWEST)?;
+    let py = setup::python()?;
+    let env = |cmd: &mut Command| {
+        cmd.env("ZEROTRACE_BIN", &bin)
+            .env(format!("ZEROTRACE_GO_{}", setup::GO_OLDEST.replace('.', "_")), &go_old)
+            .env(format!("ZEROTRACE_GO_{}", setup::GO_NEWEST.replace('.', "_")), &go_new)
+            .env("ZEROTRACE_PYTHON", &py);
+    };
+    if !args.e2e_only {
+        step("unit tests (no privileges needed)");
+        let mut cmd = cargo();
+        cmd.current_dir(root()).args(["test", "--release", "--workspace", "--exclude", "zerotrace-e2e", "--exclude", "zerotrace-ebpf"]);
+        if let Some(f) = &args.filter {
+            cmd.args(["--", f]);
+        }
+        util::run(&mut cmd)?;
+    }
+    step("end-to-end tests: real kernel programs, real Go processes, spans read back over OTLP");
+    let mut cmd = cargo();
+    cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e", "--", "--test-threads=1"]);
+    if let Some(f) = &args.filter {
+        cmd.arg(f);
+    }
+    env(&mut cmd);
+    util::run(&mut cmd)
+}
+
+pub fn run(args: TestArgs) -> Result<()> {
+    run_tests(args)
+}

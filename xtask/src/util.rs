@@ -1,0 +1,59 @@
+//! Helpers shared by the tasks: running commands with visible progress, paths, builds.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
+}
+
+/// Clone-independent cache for toolchains and venvs: $XDG_CACHE_HOME/zerotrace or ~/.cache/zerotrace.
+pub fn cache_dir() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
+    base.join("zerotrace")
+}
+
+pub fn step(msg: impl AsRef<str>) {
+    eprintln!("\x1b[1m==>\x1b[0m {}", msg.as_ref());
+}
+
+/// Runs a command with inherited output; fails with the command line in the message.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout (stderr passes through).
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().with_context(|| format!("starting {shown}"))?;
+    if !out.status.success() {
+        bail!("{shown} failed with {}", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// Release build of the agent: target/release/zerotrace.
+pub fn build_release() -> Result<PathBuf> {
+    step("building zerotrace (release; the first build takes a few minutes)");
+    run(cargo().current_dir(root()).args(["build", "--release", "-p", "zerotrace", "--bin", "zerotrace"]))?;
+    let bin = root().join("target/release/zerotrace");
+    if !bin.exists() {
+        bail!("{} missing after the build", bin.display());
+    }
+    Ok(bin)
+}
