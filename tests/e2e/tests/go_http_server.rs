@@ -161,3 +161,77 @@ fn handler_probes_give_the_same_spans() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_keep_alive_connection_opened_before_the_agent() -> Result<()> {
+    let (srv, port) = start_server("httpserver", &tools::httpserver(GO_NEWEST)?)?;
+    let mut client = Client::new(port);
+    let local = client.connect()?;
+    assert_eq!(client.get("/hello")?.status, 200);
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[srv.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+    assert!(agent.proc.stderr_text().contains("existing_connections=1"), "{}", agent.proc.stderr_text());
+    for i in 0..5 {
+        let r = client.get(&format!("/users/{i}"))?;
+        assert_eq!(r.local_port, local, "same connection as before the agent");
+    }
+    let spans = rx.wait_for(5, Duration::from_secs(15))?;
+    // The catch-up probe ties the connection to its Go conn at its first request, then goes.
+    std::thread::sleep(Duration::from_millis(1500));
+    for i in 5..25 {
+        client.get(&format!("/users/{i}"))?;
+    }
+    let spans_later = rx.wait_for(25, Duration::from_secs(15))?;
+    agent.stop()?;
+    assert_eq!(rx.spans().len(), 25, "the request made before the agent is not reported, the rest are");
+    for s in spans.iter().chain(&spans_later) {
+        assert_eq!(s.name, "GET /users/{id}", "route known on a connection that predates the agent");
+        assert_eq!(s.attr("network.peer.port"), local.to_string());
+    }
+    // Without removal the catch-up probe would fire for each of the 25 requests; it may fire
+    // for the first 5 (made before the agent's next housekeeping tick), twice at most each.
+    let hits = agent.stat("uprobe_hits");
+    assert!(hits <= 10, "catch-up probe removed after use: {hits} uprobe hits for 25 requests");
+    Ok(())
+}
+
+#[test]
+fn concurrent_clients_do_not_mix() -> Result<()> {
+    let (srv, port) = start_server("httpserver", &tools::httpserver(GO_NEWEST)?)?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[srv.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+    const THREADS: usize = 8;
+    const EACH: usize = 25;
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || -> Result<(u16, Vec<String>)> {
+                let mut c = Client::new(port);
+                let local = c.connect()?;
+                let mut paths = Vec::new();
+                for i in 0..EACH {
+                    let p = if i % 5 == 4 { format!("/sleep?ms={}", t + 1) } else { format!("/users/t{t}-{i}") };
+                    assert_eq!(c.get(&p)?.status, 200);
+                    paths.push(p);
+                }
+                Ok((local, paths))
+            })
+        })
+        .collect();
+    let sent: Vec<(u16, Vec<String>)> = handles.into_iter().map(|h| h.join().expect("client thread")).collect::<Result<_>>()?;
+    rx.wait_for(THREADS * EACH, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), THREADS * EACH, "exactly one span per request");
+    for (local, paths) in &sent {
+        let mut mine: Vec<_> = spans.iter().filter(|s| s.attr("network.peer.port") == local.to_string()).collect();
+        mine.sort_by_key(|s| s.start_ns);
+        let got: Vec<String> = mine.iter().map(|s| s.attr("url.path").to_owned()).collect();
+        let want: Vec<String> = paths.iter().map(|p| p.split('?').next().unwrap().to_owned()).collect();
+        assert_eq!(got, want, "each connection's spans are its own requests, in order");
+    }
+    let ids: std::collections::HashSet<_> = spans.iter().map(|s| &s.span_id).collect();
+    assert_eq!(ids.len(), spans.len(), "no duplicate spans");
+    Ok(())
+}
