@@ -84,7 +84,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
 
     for (target, exe) in &targets {
         let pid = target.pid;
-        let attrs = attributes(target, s.service_name.as_deref(), &s.resource_attrs);
+        let attrs = attributes(target, s.service_name.as_deref(), s.env_service_name.as_deref(), &s.resource_attrs);
         let service = match &attrs[0].1 {
             AttrValue::Str(v) => v.clone(),
             AttrValue::Int(_) => target.exe_name.clone(),

@@ -25,8 +25,10 @@ pub struct RunSettings {
     pub pids: Vec<u32>,
     pub print: bool,
     pub export: ExportSettings,
-    /// service.name for every target; None: each target's executable name.
+    /// --service-name: service.name of every target, over anything else.
     pub service_name: Option<String>,
+    /// The agent's own OTEL_SERVICE_NAME: used for targets that do not set their own.
+    pub env_service_name: Option<String>,
     /// OTEL_RESOURCE_ATTRIBUTES.
     pub resource_attrs: Vec<(String, String)>,
     pub go_http_probes: GoHttpProbes,
@@ -100,10 +102,8 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     if batch == 0 || batch > queue {
         return Err(invalid("batch size", &batch.to_string(), "between 1 and the queue size"));
     }
-    let service_name = args
-        .service_name
-        .clone()
-        .or_else(|| first(env, &["OTEL_SERVICE_NAME"]).map(|(_, v)| v));
+    let service_name = args.service_name.clone();
+    let env_service_name = first(env, &["OTEL_SERVICE_NAME"]).map(|(_, v)| v);
     let resource_attrs = match first(env, &["OTEL_RESOURCE_ATTRIBUTES"]) {
         Some((k, v)) => parse_kv_list(k, &v)?,
         None => Vec::new(),
@@ -113,6 +113,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         print: args.print,
         export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },
         service_name,
+        env_service_name,
         resource_attrs,
         go_http_probes: args.go_http_probes,
         kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections },
@@ -245,7 +246,8 @@ mod tests {
         let s = resolve(&args(&[]), &e).unwrap();
         assert_eq!(s.export.headers, vec![("api-key".into(), "a b".into()), ("x".into(), "1".into())]);
         assert_eq!(s.resource_attrs[0], ("deployment.environment".into(), "prod".into()));
-        assert_eq!(s.service_name.as_deref(), Some("shop"));
+        assert_eq!(s.env_service_name.as_deref(), Some("shop"));
+        assert_eq!(s.service_name, None);
         assert_eq!((s.export.queue, s.export.batch, s.export.delay), (100, 10, Duration::from_millis(250)));
         let s = resolve(&args(&["--service-name", "flag"]), &e).unwrap();
         assert_eq!(s.service_name.as_deref(), Some("flag"));

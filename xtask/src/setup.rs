@@ -115,6 +115,7 @@ pub fn python() -> Result<PathBuf> {
 }
 
 /// Debian packages (apt-get), installed only when their command is missing.
+#[allow(dead_code)]
 pub fn apt(command: &str, package: &str) -> Result<()> {
     if Command::new("sh").args(["-c", &format!("command -v {command}")]).output().is_ok_and(|o| o.status.success()) {
         return Ok(());

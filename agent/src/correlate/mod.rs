@@ -324,7 +324,8 @@ struct ServerFields<'a> {
     end_ns: u64,
 }
 
-/// The path template of a Go ServeMux pattern: "[METHOD ][HOST]/PATH" -> "/PATH".
+/// The path template of a Go ServeMux pattern: "[METHOD ][HOST]/PATH" -> "/PATH", with
+/// Go's exact-match marker dropped ("/{$}" is the route "/").
 pub fn route_of(pattern: &str) -> Option<&str> {
     let p = pattern.trim();
     if p.is_empty() {
@@ -334,7 +335,8 @@ pub fn route_of(pattern: &str) -> Option<&str> {
         Some((_, rest)) => rest.trim_start(),
         None => p,
     };
-    p.find('/').map(|i| &p[i..])
+    let route = &p[p.find('/')?..];
+    Some(route.strip_suffix("{$}").unwrap_or(route))
 }
 
 /// Host part of a Host header ("api:8080" -> "api", "[::1]:80" -> "::1").

@@ -135,6 +135,8 @@ fn route_of_patterns() {
     assert_eq!(route_of("/static/"), Some("/static/"));
     assert_eq!(route_of("example.com/x"), Some("/x"));
     assert_eq!(route_of("POST   api.example.com/v1/{rest...}"), Some("/v1/{rest...}"));
+    assert_eq!(route_of("GET /{$}"), Some("/"));
+    assert_eq!(route_of("/users/{$}"), Some("/users/"));
     assert_eq!(route_of(""), None);
 }
 

@@ -1,7 +1,7 @@
 //! `--print`: one line per finished span on stdout, for people watching a terminal.
 use std::{fmt::Write as _, io::Write as _};
 
-use crate::spans::{Span, Status};
+use crate::spans::{Span, SpanKind, Status};
 
 /// Formats one span as a line (no trailing newline).
 pub fn line(s: &Span, service: &str) -> String {
@@ -9,7 +9,12 @@ pub fn line(s: &Span, service: &str) -> String {
     let secs = s.start_unix_ns / 1_000_000_000;
     let (h, m, sec) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
     let ms = (s.start_unix_ns / 1_000_000) % 1000;
-    let _ = write!(out, "{h:02}:{m:02}:{sec:02}.{ms:03}Z {service}[{}] {:?} {:?}", s.pid, s.kind, s.name);
+    let kind = match s.kind {
+        SpanKind::Server => "SERVER",
+        SpanKind::Client => "CLIENT",
+        SpanKind::Internal => "INTERNAL",
+    };
+    let _ = write!(out, "{h:02}:{m:02}:{sec:02}.{ms:03}Z {service}[{}] {kind} {:?}", s.pid, s.name);
     if let Some(code) = s.attr("http.response.status_code") {
         let _ = write!(out, " status={code}");
     }
@@ -21,11 +26,14 @@ pub fn line(s: &Span, service: &str) -> String {
     if let Some(p) = s.parent {
         let _ = write!(out, " parent={p}");
     }
-    for key in ["network.peer.address", "network.peer.port", "go.goroutine.id", "user_agent.original"] {
-        if let Some(v) = s.attr(key) {
-            let short = key.rsplit('.').next().unwrap_or(key);
-            let _ = write!(out, " {short}={v}");
-        }
+    if let (Some(a), Some(p)) = (s.attr("network.peer.address"), s.attr("network.peer.port")) {
+        let _ = write!(out, " peer={a}:{p}");
+    }
+    if let Some(g) = s.attr("go.goroutine.id") {
+        let _ = write!(out, " goroutine={g}");
+    }
+    if let Some(ua) = s.attr("user_agent.original") {
+        let _ = write!(out, " ua={:?}", ua.to_string());
     }
     out
 }

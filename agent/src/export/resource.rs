@@ -4,11 +4,19 @@ use crate::model::Target;
 pub const DISTRO_NAME: &str = "zerotrace";
 pub const DISTRO_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Resource attributes of one target, in the order they are exported.
-pub fn attributes(t: &Target, service_name: Option<&str>, extra: &[(String, String)]) -> Vec<(String, AttrValue)> {
-    let service = service_name
+/// Resource attributes of one target, in the order they are exported. service.name comes
+/// from, in order: --service-name, the target's own OTEL_SERVICE_NAME (or service.name in
+/// its OTEL_RESOURCE_ATTRIBUTES), the agent's OTEL_SERVICE_NAME (or its resource
+/// attributes), the executable's name. Other attributes from the target's environment win
+/// over the agent's.
+pub fn attributes(t: &Target, flag: Option<&str>, agent_env_service: Option<&str>, agent_attrs: &[(String, String)]) -> Vec<(String, AttrValue)> {
+    let in_attrs = |attrs: &[(String, String)]| attrs.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone());
+    let service = flag
         .map(str::to_owned)
-        .or_else(|| extra.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone()))
+        .or_else(|| t.env.service_name.clone())
+        .or_else(|| in_attrs(&t.env.resource_attrs))
+        .or_else(|| agent_env_service.map(str::to_owned))
+        .or_else(|| in_attrs(agent_attrs))
         .unwrap_or_else(|| t.exe_name.clone());
     let mut out: Vec<(String, AttrValue)> = vec![
         ("service.name".into(), AttrValue::Str(service)),
@@ -21,7 +29,7 @@ pub fn attributes(t: &Target, service_name: Option<&str>, extra: &[(String, Stri
         ("telemetry.distro.name".into(), AttrValue::Str(DISTRO_NAME.into())),
         ("telemetry.distro.version".into(), AttrValue::Str(DISTRO_VERSION.into())),
     ];
-    for (k, v) in extra {
+    for (k, v) in t.env.resource_attrs.iter().chain(agent_attrs) {
         if !out.iter().any(|(ok, _)| ok == k) {
             out.push((k.clone(), AttrValue::Str(v.clone())));
         }

@@ -3,4 +3,4 @@
 pub mod proc;
 pub mod target;
 
-pub use target::Target;
+pub use target::{Target, TargetEnv};

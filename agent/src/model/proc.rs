@@ -24,6 +24,18 @@ pub fn exe_open_path(pid: u32) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/exe"))
 }
 
+/// The environment the process was started with (what /proc/PID/environ shows).
+pub fn environ(pid: u32) -> Vec<(String, String)> {
+    let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else { return Vec::new() };
+    raw.split(|&b| b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=')?;
+            Some((k.to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
 /// Process name (comm).
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())

@@ -24,6 +24,31 @@ pub struct Target {
     pub layout: GoLayout,
     /// Load bias (0 unless the executable is position independent).
     pub bias: u64,
+    /// OpenTelemetry settings in the process's own environment.
+    pub env: TargetEnv,
+}
+
+/// OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES as the target process was started with.
+#[derive(Debug, Default, Clone)]
+pub struct TargetEnv {
+    pub service_name: Option<String>,
+    pub resource_attrs: Vec<(String, String)>,
+}
+
+impl TargetEnv {
+    pub fn read(pid: u32) -> TargetEnv {
+        let mut env = TargetEnv::default();
+        for (k, v) in proc::environ(pid) {
+            match k.as_str() {
+                "OTEL_SERVICE_NAME" if !v.trim().is_empty() => env.service_name = Some(v.trim().to_owned()),
+                "OTEL_RESOURCE_ATTRIBUTES" => {
+                    env.resource_attrs = crate::settings::parse_kv_list("OTEL_RESOURCE_ATTRIBUTES", &v).unwrap_or_default();
+                }
+                _ => {}
+            }
+        }
+        env
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +79,12 @@ impl Target {
             return Err(TargetError::NoSuchProcess(pid));
         }
         let exe_path = proc::exe_link(pid).map_err(|source| {
-            if proc::exists(pid) { TargetError::Access { pid, source } } else { TargetError::NoSuchProcess(pid) }
+            // A zombie (exited, not yet reaped) still has /proc/PID but no executable.
+            if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) {
+                TargetError::NoSuchProcess(pid)
+            } else {
+                TargetError::Access { pid, source }
+            }
         })?;
         let shown = exe_path.display().to_string();
         let exe = Executable::open(&proc::exe_open_path(pid)).map_err(|e| match e {
@@ -105,6 +135,7 @@ impl Target {
             .map(|n| n.to_string_lossy().into_owned())
             .or_else(|| proc::comm(pid))
             .unwrap_or_else(|| format!("pid-{pid}"));
-        Ok((Target { pid, exe_path, exe_name, build, layout, bias }, exe))
+        let env = TargetEnv::read(pid);
+        Ok((Target { pid, exe_path, exe_name, build, layout, bias, env }, exe))
     }
 }

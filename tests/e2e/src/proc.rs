@@ -97,9 +97,15 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
 
 /// Starts a program that serves HTTP on a fresh port; returns it once it accepts connections.
 pub fn start_server(name: &str, bin: &Path) -> Result<(Proc, u16)> {
+    start_server_env(name, bin, &[])
+}
+
+/// As `start_server`, with extra environment for the server.
+pub fn start_server_env(name: &str, bin: &Path, env: &[(&str, &str)]) -> Result<(Proc, u16)> {
     let port = free_port();
     let mut cmd = Command::new(bin);
     cmd.arg(format!("127.0.0.1:{port}"));
+    cmd.envs(env.iter().copied());
     let p = Proc::spawn(name, cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
     Ok((p, port))

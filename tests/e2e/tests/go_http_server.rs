@@ -8,7 +8,7 @@ use zerotrace_e2e::{
     agent::Agent,
     http::{Client, Response},
     otlp::{Kind, RSpan, Receiver},
-    proc::start_server,
+    proc::{start_server, start_server_env},
     tools::{self, GO_NEWEST, GO_OLDEST},
 };
 
@@ -198,7 +198,9 @@ fn a_keep_alive_connection_opened_before_the_agent() -> Result<()> {
 
 #[test]
 fn concurrent_clients_do_not_mix() -> Result<()> {
-    let (srv, port) = start_server("httpserver", &tools::httpserver(GO_NEWEST)?)?;
+    // The service's own OpenTelemetry environment names it.
+    let env = [("OTEL_SERVICE_NAME", "orders"), ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test,team=shop")];
+    let (srv, port) = start_server_env("httpserver", &tools::httpserver(GO_NEWEST)?, &env)?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
     let mut agent = Agent::start(&[srv.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
@@ -233,5 +235,8 @@ fn concurrent_clients_do_not_mix() -> Result<()> {
     }
     let ids: std::collections::HashSet<_> = spans.iter().map(|s| &s.span_id).collect();
     assert_eq!(ids.len(), spans.len(), "no duplicate spans");
+    assert_eq!(spans[0].res("service.name"), "orders");
+    assert_eq!(spans[0].res("deployment.environment"), "test");
+    assert_eq!(spans[0].res("team"), "shop");
     Ok(())
 }
