@@ -44,7 +44,13 @@ pub fn check() -> Vec<Line> {
         "socket addresses and goroutine ids cannot be read",
     );
     push("ring buffer", features::ring_buffer().map(|()| "BPF_MAP_TYPE_RINGBUF".into()), "events reach the agent", "no event transport: zerotrace cannot run");
-    push("tracepoints", features::tracepoints().map(|()| "syscalls:* attachable".into()), "socket syscalls are traced (the cheap hot path)", "no syscall layer: zerotrace cannot run");
+    push("tracepoints", features::tracepoints().map(|()| "syscalls:* attachable".into()), "tracepoints usable", "no tracepoints: zerotrace cannot run");
+    push(
+        "raw tracepoints",
+        features::raw_tracepoints().map(|()| "raw_syscalls:sys_enter attachable".into()),
+        "socket syscalls are traced (the cheap hot path)",
+        "no syscall layer: zerotrace cannot run",
+    );
     push("uprobes", features::uprobes().map(|()| "uprobe PMU works".into()), "Go functions can be hooked", "no Go probes: zerotrace cannot run");
     push("perf events", features::perf_events().map(|()| "cpu-clock sampling attachable".into()), "CPU profiling possible", "no CPU profiles");
     push("kprobes", features::kprobes().map(|()| "kprobe PMU works".into()), "kernel function probes available (optional fast path)", "not needed: the baseline uses tracepoints");
@@ -65,7 +71,7 @@ pub fn check() -> Vec<Line> {
 
 /// The baseline: ring buffer + tracepoints + uprobes.
 pub fn baseline_ok(lines: &[Line]) -> bool {
-    ["ring buffer", "tracepoints", "uprobes", "tracefs"]
+    ["ring buffer", "tracepoints", "raw tracepoints", "uprobes", "tracefs"]
         .iter()
         .all(|n| lines.iter().any(|l| l.name == *n && l.ok))
 }
@@ -74,7 +80,7 @@ pub fn render(lines: &[Line]) -> String {
     let mut out = String::new();
     for l in lines {
         let state = if l.ok { "ok     " } else { "missing" };
-        let _ = write!(out, "{:<12} {state} {}", l.name, l.detail);
+        let _ = write!(out, "{:<15} {state} {}", l.name, l.detail);
         if !l.consequence.is_empty() {
             let _ = write!(out, " -> {}", l.consequence);
         }

@@ -116,6 +116,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             uprobes = report.uprobes,
             existing_connections = recovered.len(),
             mode = ?s.go_http_probes,
+            hooks = probes.hooks,
             "tracing"
         );
         tracing::debug!(pid, offsets = ?target.layout.offsets, tcpconn = ?target.layout.type_tcpconn, response = ?target.layout.type_response, "Go layout");
@@ -251,9 +252,9 @@ fn counters_list<'a>(
     let mut v = vec![
         ("events_read", reader.records),
         ("events_undecodable", reader.decode_errors),
+        ("ring_wakeups", reader.wakeups),
         ("events_dropped_ring_full", k(Counter::RingFull)),
         ("connections_dropped_map_full", k(Counter::ConnsFull)),
-        ("syscalls_missed_inflight_full", k(Counter::InflightFull)),
         ("target_reads_failed", k(Counter::ReadUserFailed)),
         ("kernel_reads_failed", k(Counter::ReadKernelFailed)),
         ("socket_syscalls", k(Counter::SocketSyscalls)),

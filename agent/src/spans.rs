@@ -91,16 +91,21 @@ pub enum SpanKind {
     Internal,
 }
 
+/// An attribute value. Constant and per-connection strings are not copied per span.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     Str(String),
+    Static(&'static str),
+    Shared(std::sync::Arc<str>),
     Int(i64),
 }
 
 impl fmt::Display for Value {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::Str(s) => write!(f, "{s}"),
+            Value::Str(s) => f.write_str(s),
+            Value::Static(s) => f.write_str(s),
+            Value::Shared(s) => f.write_str(s),
             Value::Int(i) => write!(f, "{i}"),
         }
     }

@@ -1,12 +1,341 @@
-//! Benchmarks: placeholder replaced below.
-use anyhow::Result;
-use clap::Subcommand;
+//! Benchmarks, reported as ratios measured in one run (with the agent vs without, rounds
+//! alternating), never as timed tests.
+//!
+//! `overhead`: the demo shop's frontend under load on loopback. A no-op handler at
+//! saturation (wrk), and a 1 ms handler at a fixed rate (an open-loop generator here that
+//! measures latency from each request's scheduled time). Each "with" round attaches a fresh
+//! agent and reports its CPU, probe hits per request and ring-buffer wake-ups.
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand, ValueEnum};
+use zerotrace_e2e::{
+    agent::Agent,
+    otlp::{Kind, Receiver},
+    proc::{Proc, free_port, wait_for_port},
+    tools,
+};
+
+use crate::{setup, util::{build_release, root, step}};
 
 #[derive(Subcommand)]
 pub enum Bench {
-    Overhead,
+    /// Cost of tracing a Go HTTP service: throughput and latency with vs without zerotrace.
+    Overhead(OverheadArgs),
 }
 
-pub fn run(_b: Bench) -> Result<()> {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Export {
+    /// Spans assembled, not exported (kernel + pipeline cost).
+    None,
+    /// OTLP/gRPC to a local receiver that decodes every request (agent + collector cost).
+    Grpc,
+    /// OTLP http/protobuf to a local sink that discards the bytes (agent-side cost).
+    Http,
+}
+
+#[derive(Args)]
+pub struct OverheadArgs {
+    /// Alternating rounds per case (each round: one run without, one with the agent).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u64,
+    /// Export variants to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "none,grpc")]
+    pub export: Vec<Export>,
+    /// Fixed request rate for the 1 ms handler.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u32,
+    /// How Go HTTP server requests are probed (conn: per connection, handler: per request).
+    #[arg(long, default_value = "conn")]
+    pub go_http_probes: String,
+}
+
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Overhead(a) => overhead(a),
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Load {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct AgentCost {
+    cpu_s: f64,
+    requests: u64,
+    uprobe_hits: u64,
+    socket_syscalls: u64,
+    wakeups: u64,
+    records: u64,
+    spans: u64,
+    dropped: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn overhead(a: OverheadArgs) -> Result<()> {
+    setup::kernel_toolchain()?;
+    setup::apt("wrk", "wrk")?;
+    let go = setup::go(setup::GO_NEWEST)?;
+    build_release()?;
+    let shop = root().join("target/demo/shop");
+    std::fs::create_dir_all(shop.parent().unwrap())?;
+    tools::go_build(&go, &root().join("demo/go/shop"), &shop, &[])?;
+    let port = free_port();
+    let mut cmd = Command::new(&shop);
+    cmd.args(["frontend", &format!("127.0.0.1:{port}"), "127.0.0.1:9"]);
+    let srv = Proc::spawn("bench-frontend", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    step(format!(
+        "bench overhead: Go {} frontend on :{port}, {cpus} CPUs, {} rounds x {} s, exports {:?}, probes {}",
+        setup::GO_NEWEST, a.rounds, a.seconds, a.export, a.go_http_probes
+    ));
+    let mut report = String::new();
+    for export in &a.export {
+        for case in ["noop", "work"] {
+            let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..a.rounds {
+                eprintln!("  {case} / {export:?}: round {} of {}", round + 1, a.rounds);
+                // Warm the service and the caches identically before both runs.
+                drive(case, port, &a, Duration::from_secs(1))?;
+                without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
+                let (load, cost) = with_agent(srv.pid(), *export, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
+                with.push(load);
+                costs.push(cost);
+            }
+            report.push_str(&summarize(case, *export, &a, &without, &with, &costs));
+        }
+    }
+    println!("\n{report}");
+    let out = root().join("target/bench/overhead.txt");
+    std::fs::create_dir_all(out.parent().unwrap())?;
+    std::fs::write(&out, &report)?;
+    eprintln!("(also written to {})", out.display());
     Ok(())
+}
+
+fn summarize(case: &str, export: Export, a: &OverheadArgs, without: &[Load], with: &[Load], costs: &[AgentCost]) -> String {
+    let m = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+    let (r0, r1) = (m(without, |l| l.rps), m(with, |l| l.rps));
+    let (p50_0, p50_1) = (m(without, |l| l.p50_ms), m(with, |l| l.p50_ms));
+    let (p99_0, p99_1) = (m(without, |l| l.p99_ms), m(with, |l| l.p99_ms));
+    let reqs: u64 = costs.iter().map(|c| c.requests).sum::<u64>().max(1);
+    let cpu: f64 = costs.iter().map(|c| c.cpu_s).sum();
+    let run_s = a.seconds as f64 * costs.len() as f64;
+    let per = |x: u64| x as f64 / reqs as f64;
+    let title = match case {
+        "noop" => "no-op handler at saturation (wrk -t1 -c32)".to_owned(),
+        _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
+    };
+    let errors: u64 = with.iter().chain(without).map(|l| l.errors).sum();
+    format!(
+        "{title}, export {export:?}\n\
+         \x20 without agent: {r0:>9.0} req/s  p50 {p50_0:.3} ms  p99 {p99_0:.3} ms\n\
+         \x20 with agent:    {r1:>9.0} req/s  p50 {p50_1:.3} ms  p99 {p99_1:.3} ms\n\
+         \x20 throughput ratio {:.3}   p50 latency ratio {:.3}   p99 latency ratio {:.3}   errors {errors}\n\
+         \x20 agent CPU {:.1}% of one core ({:.2} us/request); per request: {:.3} uprobe hits, {:.2} traced socket syscalls, {:.2} ring records; \
+         ring wake-ups {} for {} records; spans {} (dropped {})\n\n",
+        r1 / r0,
+        p50_0 / p50_1.max(1e-9),
+        p99_0 / p99_1.max(1e-9),
+        100.0 * cpu / run_s,
+        1e6 * cpu / reqs as f64,
+        per(costs.iter().map(|c| c.uprobe_hits).sum()),
+        per(costs.iter().map(|c| c.socket_syscalls).sum()),
+        per(costs.iter().map(|c| c.records).sum()),
+        costs.iter().map(|c| c.wakeups).sum::<u64>(),
+        costs.iter().map(|c| c.records).sum::<u64>(),
+        costs.iter().map(|c| c.spans).sum::<u64>(),
+        costs.iter().map(|c| c.dropped).sum::<u64>(),
+    )
+}
+
+/// CPU seconds (user + system) used so far by `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn with_agent(pid: u32, export: Export, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
+    let mut sink = None;
+    let mut args: Vec<String> = vec!["--go-http-probes".into(), a.go_http_probes.clone()];
+    match export {
+        Export::None => args.extend(["--exporter".into(), "none".into()]),
+        Export::Grpc => {
+            let r = Receiver::start(Kind::Grpc, 0)?;
+            args.extend(["--otlp-endpoint".into(), r.endpoint()]);
+            sink = Some(r);
+        }
+        Export::Http => {
+            let r = Receiver::start_discarding(0)?;
+            args.extend(["--otlp-protocol".into(), "http/protobuf".into(), "--otlp-endpoint".into(), r.endpoint()]);
+            sink = Some(r);
+        }
+    }
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut agent = Agent::start(&[pid], &refs, &[])?;
+    let apid = agent.proc.pid();
+    let cpu0 = cpu_seconds(apid);
+    let result = load()?;
+    let cpu1 = cpu_seconds(apid);
+    agent.stop()?;
+    drop(sink);
+    let cost = AgentCost {
+        cpu_s: cpu1 - cpu0,
+        requests: agent.stat("requests_seen"),
+        uprobe_hits: agent.stat("uprobe_hits"),
+        socket_syscalls: agent.stat("socket_syscalls"),
+        wakeups: agent.stat("ring_wakeups"),
+        records: agent.stat("events_read"),
+        spans: agent.stat("spans_assembled"),
+        dropped: agent.stat("events_dropped_ring_full") + agent.stat("spans_dropped_queue_full") + agent.stat("spans_dropped_export_failed"),
+    };
+    Ok((result, cost))
+}
+
+fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
+    match case {
+        "noop" => wrk(port, "/noop", d),
+        _ => fixed_rate(port, "/work", a.rate, 32, d),
+    }
+}
+
+/// wrk at saturation; parses requests/s and the 50th/99th latency percentiles.
+fn wrk(port: u16, path: &str, d: Duration) -> Result<Load> {
+    let out = Command::new("wrk")
+        .args(["-t1", "-c32", &format!("-d{}s", d.as_secs().max(1)), "--latency", &format!("http://127.0.0.1:{port}{path}")])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut l = Load::default();
+    for line in text.lines() {
+        let t = line.trim();
+        if let Some(v) = t.strip_prefix("Requests/sec:") {
+            l.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = t.strip_prefix("50%") {
+            l.p50_ms = wrk_ms(v.trim());
+        } else if let Some(v) = t.strip_prefix("99%") {
+            l.p99_ms = wrk_ms(v.trim());
+        } else if let Some(v) = t.strip_prefix("Non-2xx or 3xx responses:") {
+            l.errors += v.trim().parse::<u64>().unwrap_or(0);
+        } else if t.starts_with("Socket errors:") {
+            l.errors += t.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum::<u64>();
+        }
+    }
+    if l.rps == 0.0 {
+        bail!("wrk printed no throughput:\n{text}");
+    }
+    Ok(l)
+}
+
+fn wrk_ms(v: &str) -> f64 {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+    let n: f64 = num.parse().unwrap_or(0.0);
+    match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => n,
+    }
+}
+
+/// Open-loop load at `rate` req/s over `conns` keep-alive connections; latency counts from
+/// each request's scheduled time, so a stall is not hidden by sending less.
+fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Result<Load> {
+    let start = Instant::now() + Duration::from_millis(50);
+    let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
+    let handles: Vec<_> = (0..conns)
+        .map(|c| {
+            let path = path.to_owned();
+            std::thread::spawn(move || -> Result<(Vec<f64>, u64)> {
+                let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
+                s.get_ref().set_nodelay(true)?;
+                let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+                let mut lat = Vec::new();
+                let mut errors = 0;
+                let offset = interval.mul_f64(c as f64 / conns as f64);
+                let mut k = 0u32;
+                loop {
+                    let due = start + offset + interval * k;
+                    if due > start + d {
+                        break;
+                    }
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    s.get_mut().write_all(req.as_bytes())?;
+                    if !read_response(&mut s)? {
+                        errors += 1;
+                    }
+                    lat.push(due.elapsed().as_secs_f64() * 1000.0);
+                    k += 1;
+                }
+                Ok((lat, errors))
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for h in handles {
+        let (lat, e) = h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        all.extend(lat);
+        errors += e;
+    }
+    let elapsed = d.as_secs_f64();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    Ok(Load { rps: all.len() as f64 / elapsed, p50_ms: pct(0.5), p99_ms: pct(0.99), errors })
+}
+
+/// Reads one response with a Content-Length body; true for a 2xx status.
+fn read_response(r: &mut BufReader<TcpStream>) -> Result<bool> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let ok = line.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2'));
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    Ok(ok)
 }

@@ -4,7 +4,7 @@
 //! never emitted twice. Timestamps become wall-clock time here.
 pub mod clock;
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     events::{Addrs, Event, GoServerRequest, HttpRequest, HttpResponse},
@@ -16,11 +16,13 @@ pub use clock::Clock;
 /// Requests waiting for their response, at most.
 pub const MAX_PENDING: usize = 65_536;
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Conn {
     pid: u32,
     fd: i32,
     addrs: Addrs,
+    /// The peer address, rendered once per connection.
+    peer: Arc<str>,
 }
 
 #[derive(Debug)]
@@ -72,7 +74,8 @@ impl Correlator {
 
     /// A connection known from /proc rather than from an event (opened before attach).
     pub fn add_conn(&mut self, conn_id: u64, pid: u32, fd: i32, addrs: Addrs) {
-        self.conns.insert(conn_id, Conn { pid, fd, addrs });
+        let peer: Arc<str> = addrs.peer.addr.to_string().into();
+        self.conns.insert(conn_id, Conn { pid, fd, addrs, peer });
         self.by_fd.insert((pid, fd), conn_id);
     }
 
@@ -165,7 +168,7 @@ impl Correlator {
             tracing::debug!(pid = r.pid, fd = r.fd, seq = r.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
             return None;
         };
-        let conn = self.conns.get(&r.conn_id).copied();
+        let conn = self.conns.get(&r.conn_id).map(|c| (c.addrs, c.peer.clone()));
         let mut status = http1::parse_status(&r.status_line).map(i64::from);
         let mut pattern = r.pattern;
         let mut goid = p.goid;
@@ -190,7 +193,7 @@ impl Correlator {
             user_agent: head.user_agent.as_deref(),
             minor_version: Some(head.minor_version),
             parent: head.traceparent.as_deref().and_then(|tp| RemoteParent::parse(tp, head.tracestate.as_deref())),
-            addrs: conn.map(|c| c.addrs),
+            addrs: conn,
             start_ns: p.start_ns,
             end_ns: r.end_ns.max(p.start_ns),
         };
@@ -210,7 +213,7 @@ impl Correlator {
             }
         }
         let addrs = if g.fd >= 0 {
-            self.by_fd.get(&(g.pid, g.fd)).and_then(|id| self.conns.get(id)).map(|c| c.addrs)
+            self.by_fd.get(&(g.pid, g.fd)).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone()))
         } else {
             None
         };
@@ -242,20 +245,20 @@ impl Correlator {
 
     fn server_span(&self, f: ServerFields<'_>) -> Span {
         let route = route_of(f.pattern);
-        let method_ok = http1::known_method(f.method);
-        let method = if method_ok { f.method } else { "_OTHER" };
-        let name = match route {
-            Some(r) => format!("{} {r}", if method_ok { f.method } else { "HTTP" }),
-            None if method_ok => format!("{} {}", f.method, f.path),
-            None => "HTTP".to_owned(),
+        let known = http1::known_method(f.method);
+        let name = match (route, known) {
+            (Some(r), Some(m)) => format!("{m} {r}"),
+            (Some(r), None) => format!("HTTP {r}"),
+            (None, Some(m)) => format!("{m} {}", f.path),
+            (None, None) => "HTTP".to_owned(),
         };
-        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(14);
-        a.push(("http.request.method", Value::Str(method.to_owned())));
-        if !method_ok {
+        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(16);
+        a.push(("http.request.method", Value::Static(known.unwrap_or("_OTHER"))));
+        if known.is_none() {
             a.push(("http.request.method_original", Value::Str(f.method.to_owned())));
         }
         a.push(("url.path", Value::Str(f.path.to_owned())));
-        a.push(("url.scheme", Value::Str("http".to_owned())));
+        a.push(("url.scheme", Value::Static("http")));
         if let Some(r) = route {
             a.push(("http.route", Value::Str(r.to_owned())));
         }
@@ -265,18 +268,18 @@ impl Correlator {
         if let Some(h) = f.host.and_then(host_name) {
             a.push(("server.address", Value::Str(h.to_owned())));
         }
-        if let Some(addrs) = f.addrs {
+        if let Some((addrs, peer)) = f.addrs {
             a.push(("server.port", Value::Int(i64::from(addrs.local.port))));
-            a.push(("network.peer.address", Value::Str(addrs.peer.addr.to_string())));
+            a.push(("network.peer.address", Value::Shared(peer.clone())));
             a.push(("network.peer.port", Value::Int(i64::from(addrs.peer.port))));
-            a.push(("client.address", Value::Str(addrs.peer.addr.to_string())));
+            a.push(("client.address", Value::Shared(peer)));
         }
         if let Some(ua) = f.user_agent {
             a.push(("user_agent.original", Value::Str(ua.to_owned())));
         }
         if let Some(m) = f.minor_version {
-            a.push(("network.protocol.name", Value::Str("http".to_owned())));
-            a.push(("network.protocol.version", Value::Str(if m == 0 { "1.0" } else { "1.1" }.to_owned())));
+            a.push(("network.protocol.name", Value::Static("http")));
+            a.push(("network.protocol.version", Value::Static(if m == 0 { "1.0" } else { "1.1" })));
         }
         a.push(("thread.id", Value::Int(i64::from(f.tid))));
         if f.goid != 0 {
@@ -319,7 +322,7 @@ struct ServerFields<'a> {
     user_agent: Option<&'a str>,
     minor_version: Option<u8>,
     parent: Option<RemoteParent>,
-    addrs: Option<Addrs>,
+    addrs: Option<(Addrs, Arc<str>)>,
     start_ns: u64,
     end_ns: u64,
 }

@@ -13,13 +13,15 @@ pub struct EventReader {
     /// Records read, and records that did not decode.
     pub records: u64,
     pub decode_errors: u64,
+    /// Times the kernel woke the agent (the rest of the drains are timer ticks).
+    pub wakeups: u64,
 }
 
 impl EventReader {
     pub fn new(ring: RingBuf<MapData>) -> io::Result<Self> {
         // SAFETY: the ring buffer owns its fd and keeps it open as long as the AsyncFd lives.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }.map_err(io::Error::from)?;
-        Ok(Self { ring, records: 0, decode_errors: 0 })
+        Ok(Self { ring, records: 0, decode_errors: 0, wakeups: 0 })
     }
 
     /// Returns when the kernel signals data or after `tick`, whichever is first.
@@ -28,6 +30,7 @@ impl EventReader {
             guard = self.ring.readable_mut() => {
                 if let Ok(mut g) = guard {
                     g.clear_ready();
+                    self.wakeups += 1;
                 }
             }
             _ = tokio::time::sleep(tick) => {}

@@ -258,6 +258,8 @@ pub fn to_span_data(s: &Span) -> SpanData {
             .iter()
             .map(|(k, v)| match v {
                 Value::Str(x) => KeyValue::new(*k, x.clone()),
+                Value::Static(x) => KeyValue::new(*k, *x),
+                Value::Shared(x) => KeyValue::new(*k, opentelemetry::StringValue::from(x.clone())),
                 Value::Int(i) => KeyValue::new(*k, *i),
             })
             .collect(),

@@ -7,6 +7,8 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const PROG_KPROBE: u32 = 2;
 const PROG_TRACEPOINT: u32 = 5;
+const PROG_RAW_TRACEPOINT: u32 = 17;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const PROG_PERF_EVENT: u32 = 7;
 const PROG_TRACING: u32 = 26;
 const MAP_RINGBUF: u32 = 27;
@@ -132,6 +134,16 @@ pub fn tracepoints() -> Probe {
     let prog = load_trivial(PROG_TRACEPOINT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD tracepoint: {e}"))?;
     let perf = perf_open(&attr(PERF_TYPE_TRACEPOINT, id), -1, 0).map_err(|e| format!("perf_event_open: {e}"))?;
     set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))
+}
+
+/// Raw tracepoints (what the syscall layer uses): raw_syscalls:sys_enter.
+pub fn raw_tracepoints() -> Probe {
+    let prog = load_trivial(PROG_RAW_TRACEPOINT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD raw_tracepoint: {e}"))?;
+    let name = CString::new("sys_enter").expect("no NUL");
+    let mut a = [0u8; 128];
+    put64(&mut a, 0, name.as_ptr() as u64);
+    put32(&mut a, 8, prog.as_raw_fd() as u32);
+    bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("BPF_RAW_TRACEPOINT_OPEN sys_enter: {e}"))
 }
 
 /// A function in this executable for the uprobe check to attach to.

@@ -1,6 +1,6 @@
 //! Loading and attaching the kernel programs. One `Probes` owns the loaded object: the
-//! syscall tracepoints are attached once for the whole machine (they filter on TARGETS in
-//! the kernel), uprobes are attached per traced process. Dropping `Probes` detaches
+//! raw syscall tracepoints are attached once for the whole machine (they filter on the
+//! SELECTED bitmap in the kernel), uprobes are attached per traced process. Dropping `Probes` detaches
 //! everything; the kernel also does it if the agent dies, so targets run on unchanged.
 pub mod btf;
 pub mod features;
@@ -11,24 +11,31 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::{UProbeLinkId, UProbeScope}},
+    maps::Array,
+    programs::{BtfTracePoint, RawTracePoint, UProbe, uprobe::{UProbeLinkId, UProbeScope}},
 };
 use zerotrace_common::{
-    ConnKey, ConnState, Counter, KernelOffsets, Settings, TargetConfig, COUNTER_SLOTS, names,
+    ConnKey, ConnState, Counter, KernelOffsets, Settings, TargetConfig, COUNTER_SLOTS, bounds, names,
 };
 
 /// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
 
-/// (category, name) of every tracepoint program; the program is named like the event.
-pub const TRACEPOINTS: &[(&str, &str)] = &[
-    ("syscalls", "sys_exit_accept4"),
-    ("syscalls", "sys_exit_accept"),
-    ("syscalls", "sys_enter_close"),
-    ("syscalls", "sys_enter_read"),
-    ("syscalls", "sys_exit_read"),
-    ("syscalls", "sys_enter_write"),
-];
+/// The syscall layer hangs on raw_syscalls sys_enter/sys_exit, attached once for the machine
+/// (the programs filter on the SELECTED bitmap first): as BTF tracepoints when the kernel
+/// allows them (registers read with plain loads), else as raw tracepoints.
+pub const SYSCALL_HOOKS: &[&str] = &["sys_enter", "sys_exit"];
+
+/// Which flavour of syscall hooks to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum HookFlavour {
+    /// BTF tracepoints if the kernel allows them, else raw tracepoints.
+    Auto,
+    /// tp_btf programs only.
+    Btf,
+    /// raw_tracepoint programs only.
+    Raw,
+}
 
 /// Uprobe programs (attached per process).
 pub mod uprobes {
@@ -59,10 +66,13 @@ pub enum ProbeError {
 pub struct KernelSettings {
     pub req_capture: u32,
     pub max_conns: u32,
+    pub hooks: HookFlavour,
 }
 
 pub struct Probes {
     ebpf: Ebpf,
+    /// "btf" or "raw": the syscall hooks in use.
+    pub hooks: &'static str,
     /// Per process: (program, link, temporary). Temporary links are dropped early.
     uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
 }
@@ -78,23 +88,41 @@ impl Probes {
             .map_max_entries(names::CONNS, ks.max_conns)
             .load(KERNEL_OBJECT)
             .map_err(ProbeError::Load)?;
-        for (category, name) in TRACEPOINTS {
-            let prog: &mut TracePoint = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
-            prog.attach(category, name)
-                .map_err(|source| ProbeError::Program { name: format!("{category}:{name}"), source })?;
-        }
+        let hooks = match ks.hooks {
+            HookFlavour::Raw => attach_raw(&mut ebpf).map(|()| "raw")?,
+            HookFlavour::Btf => attach_btf(&mut ebpf).map(|()| "btf")?,
+            HookFlavour::Auto => match attach_btf(&mut ebpf) {
+                Ok(()) => "btf",
+                Err(e) => {
+                    tracing::debug!(error = %e, "BTF tracepoints refused; using raw tracepoints");
+                    attach_raw(&mut ebpf).map(|()| "raw")?
+                }
+            },
+        };
         for name in uprobes::ALL {
             let prog: &mut UProbe = program(&mut ebpf, name)?;
             prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
         }
-        Ok(Self { ebpf, uprobe_links: HashMap::new() })
+        Ok(Self { ebpf, hooks, uprobe_links: HashMap::new() })
     }
 
-    /// Starts following process `pid` in the kernel.
+    /// Starts following process `pid` in the kernel: its configuration first, then its bit.
     pub fn add_target(&mut self, pid: u32, cfg: &TargetConfig) -> Result<(), ProbeError> {
         let mut targets: BpfHashMap<_, u32, TargetConfig> = self.map_mut(names::TARGETS)?;
-        targets.insert(pid, cfg, 0).map_err(|source| ProbeError::Map { name: names::TARGETS, source })
+        targets.insert(pid, cfg, 0).map_err(|source| ProbeError::Map { name: names::TARGETS, source })?;
+        self.select(pid, true)
+    }
+
+    /// Sets or clears `pid`'s bit in the SELECTED bitmap.
+    fn select(&mut self, pid: u32, on: bool) -> Result<(), ProbeError> {
+        if pid >= bounds::MAX_PID {
+            return Err(ProbeError::Missing(format!("room for pid {pid} (above {})", bounds::MAX_PID)));
+        }
+        let mut bits: Array<_, u64> = self.map_mut(names::SELECTED)?;
+        let idx = pid / 64;
+        let word = bits.get(&idx, 0).map_err(|source| ProbeError::Map { name: names::SELECTED, source })?;
+        let word = if on { word | 1 << (pid % 64) } else { word & !(1 << (pid % 64)) };
+        bits.set(idx, word, 0).map_err(|source| ProbeError::Map { name: names::SELECTED, source })
     }
 
     /// Registers a socket the process opened before zerotrace attached.
@@ -121,6 +149,7 @@ impl Probes {
                 let _ = p.detach(link);
             }
         }
+        let _ = self.select(pid, false);
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<_, u32, TargetConfig>>(names::TARGETS) {
             let _ = targets.remove(&pid);
         }
@@ -184,6 +213,26 @@ impl Probes {
         let map = self.ebpf.map_mut(name).ok_or_else(|| ProbeError::Missing(name.into()))?;
         T::try_from(map).map_err(|source| ProbeError::Map { name, source })
     }
+}
+
+fn attach_raw(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    for name in SYSCALL_HOOKS {
+        let prog: &mut RawTracePoint = program(ebpf, name)?;
+        prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
+        prog.attach(name).map_err(|source| ProbeError::Program { name: format!("raw_syscalls:{name}"), source })?;
+    }
+    Ok(())
+}
+
+fn attach_btf(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Missing(format!("kernel BTF ({e})")))?;
+    for name in SYSCALL_HOOKS {
+        let prog_name = format!("{name}_btf");
+        let prog: &mut BtfTracePoint = program(ebpf, &prog_name)?;
+        prog.load(name, &btf).map_err(|source| ProbeError::Program { name: prog_name.clone(), source })?;
+        prog.attach().map_err(|source| ProbeError::Program { name: format!("tp_btf:{name}"), source })?;
+    }
+    Ok(())
 }
 
 pub fn counter(values: &[u64; COUNTER_SLOTS as usize], c: Counter) -> u64 {

@@ -100,9 +100,21 @@ pub fn parse_status(buf: &[u8]) -> Option<u16> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
-/// Method as OpenTelemetry wants it: one of the known methods, else "_OTHER".
-pub fn known_method(m: &str) -> bool {
-    matches!(m, "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH" | "QUERY")
+/// The method if it is one OpenTelemetry knows by name (others are reported as "_OTHER").
+pub fn known_method(m: &str) -> Option<&'static str> {
+    Some(match m {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "CONNECT" => "CONNECT",
+        "OPTIONS" => "OPTIONS",
+        "TRACE" => "TRACE",
+        "PATCH" => "PATCH",
+        "QUERY" => "QUERY",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]

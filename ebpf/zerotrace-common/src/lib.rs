@@ -12,7 +12,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const TARGETS: &str = "TARGETS";
     pub const CONNS: &str = "CONNS";
-    pub const INFLIGHT: &str = "INFLIGHT";
+    pub const SELECTED: &str = "SELECTED";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
     pub const GO_REQUESTS: &str = "GO_REQUESTS";
@@ -27,8 +27,8 @@ pub mod bounds {
     pub const MAX_TARGETS: u32 = 4096;
     /// Sockets tracked at once across all traced processes (default; `--max-connections`).
     pub const MAX_CONNS: u32 = 16384;
-    /// Threads that are inside a traced syscall at the same moment.
-    pub const MAX_INFLIGHT: u32 = 16384;
+    /// Largest pid the selection bitmap covers (the kernel's PID_MAX_LIMIT on 64-bit).
+    pub const MAX_PID: u32 = 4 * 1024 * 1024;
     /// Goroutines inside `serverHandler.ServeHTTP` at once (handler probe mode).
     pub const MAX_GO_REQUESTS: u32 = 16384;
     /// Ring buffer for all events (bytes, power of two).
@@ -54,8 +54,8 @@ pub enum Counter {
     RingFull = 0,
     /// `CONNS` was full when a new connection arrived: it is not traced.
     ConnsFull = 1,
-    /// `INFLIGHT` was full at a syscall entry: that syscall is not seen.
-    InflightFull = 2,
+    /// Unused (was: a per-thread syscall table, no longer needed).
+    Reserved2 = 2,
     /// Reading target memory failed (paged out, freed, bad offset).
     ReadUserFailed = 3,
     /// Reading a kernel structure failed.
@@ -334,22 +334,6 @@ pub struct GoRequestState {
     pub response: u64,
 }
 
-/// A syscall in progress on a tracked socket, keyed by thread id (pid_tgid).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Inflight {
-    pub ts: u64,
-    pub buf: u64,
-    pub fd: i32,
-    pub op: u32,
-}
-
-pub mod op {
-    pub const READ: u32 = 1;
-    pub const WRITE: u32 = 2;
-    pub const ACCEPT: u32 = 3;
-}
-
 /// Offsets into Go runtime and net/http structures of one executable, from its DWARF (or,
 /// later, a generated table). `u16::MAX`/`NONE` marks a field the version does not have.
 #[repr(C)]
@@ -462,7 +446,6 @@ assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 32 + 24 * 2);
 assert_size!(TargetConfig, 8 + 80);
 assert_size!(KernelOffsets, 56);
-assert_size!(Inflight, 24);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -476,5 +459,4 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for GoRequestKey {}
     unsafe impl aya::Pod for GoRequestState {}
-    unsafe impl aya::Pod for Inflight {}
 }

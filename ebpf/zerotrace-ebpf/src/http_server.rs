@@ -1,55 +1,29 @@
 //! The request/response cycle of server-side connections, seen at read(2) and write(2):
 //! the first read after a response (or the first ever) starts request n and sends its first
 //! bytes; the first write after it starts the response (status line kept, Go route pattern
-//! read); the next read attempt or close ends it. No uprobe is involved per request, and
-//! three tracepoint programs suffice: read entry and exit, write entry.
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_ringbuf_output},
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+//! read); the next read attempt or close ends it. No uprobe is involved per request: these
+//! are called from the raw syscall tracepoints in syscalls.rs.
+use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
     ConnKey, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX,
-    HttpRequestEvent, HttpResponseEvent, Inflight, TargetConfig, bounds, op, phase,
+    HttpRequestEvent, HttpResponseEvent, bounds, phase,
 };
 
 use crate::{
-    maps::{CONNS, EVENTS, INFLIGHT, SCRATCH, TARGETS, settings},
-    sockets::{ARG0, ARG1, ARG2, RET},
+    maps::{CONNS, EVENTS, SCRATCH, TARGETS, settings},
     util::{count, current_goroutine, go_ptr, header, now, read_user, read_user_bytes, wake_flags},
 };
 
 const REQ_HDR: usize = core::mem::size_of::<HttpRequestEvent>();
 
-/// Entry of read(2) on a tracked socket: remember the arguments for the exit.
+/// Entry of write(2) on socket `fd` of a selected process. Everything is known here
+/// (buffer, length), so there is no exit hook: the response's end is the entry of its last
+/// write, the moment its last bytes are handed to the kernel (the peer can have them before
+/// the write returns).
 #[inline(always)]
-fn enter_read(ctx: &TracePointContext) -> Option<()> {
-    let pid_tgid = bpf_get_current_pid_tgid();
+pub fn on_write(pid_tgid: u64, fd: u64, buf: u64, len: u64) -> Option<()> {
     let pid = (pid_tgid >> 32) as u32;
-    TARGETS.get_ptr(pid)?;
-    // SAFETY: offsets of the fd and buf arguments in the sys_enter record.
-    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let buf = unsafe { ctx.read_at::<u64>(ARG1) }.ok()?;
-    CONNS.get_ptr(&ConnKey { pid, fd })?;
-    count(Counter::SocketSyscalls);
-    let rec = Inflight { ts: now(), buf, fd: fd as i32, op: op::READ };
-    if INFLIGHT.insert(&pid_tgid, &rec, 0).is_err() {
-        count(Counter::InflightFull);
-    }
-    Some(())
-}
-
-/// Entry of write(2) on a tracked socket. Everything is known here (buffer, length), so no
-/// exit hook: the response's end is the entry of its last write, the moment the last bytes
-/// are handed to the kernel (the peer can have them before the write returns).
-#[inline(always)]
-fn enter_write(ctx: &TracePointContext) -> Option<()> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    TARGETS.get_ptr(pid)?;
-    // SAFETY: offsets of the fd, buf and count arguments in the sys_enter record.
-    let fd = unsafe { ctx.read_at::<u64>(ARG0) }.ok()? as u32;
-    let conn = CONNS.get_ptr_mut(&ConnKey { pid, fd })?;
+    let conn = CONNS.get_ptr_mut(&ConnKey { pid, fd: fd as u32 })?;
     count(Counter::SocketSyscalls);
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
@@ -57,9 +31,7 @@ fn enter_write(ctx: &TracePointContext) -> Option<()> {
         return Some(());
     }
     let ts = now();
-    let len = unsafe { ctx.read_at::<u64>(ARG2) }.unwrap_or(0);
     if conn.phase == phase::REQUEST {
-        let buf = unsafe { ctx.read_at::<u64>(ARG1) }.ok()?;
         start_response(conn, pid, buf, len, ts);
     }
     if conn.phase == phase::RESPONSE {
@@ -143,21 +115,21 @@ pub fn finish_response(conn: &mut ConnState, pid_tgid: u64, fd: i32, ts: u64, cl
     ev.submit(wake_flags());
 }
 
-/// A read returned `ret` bytes on a tracked socket.
+/// Exit of read(2) on `fd` of a selected process, which returned `ret` (bytes or -errno).
 #[inline(always)]
-fn read_done(ctx: &TracePointContext, pid_tgid: u64, cfg: *const TargetConfig, rec: &Inflight) -> Option<()> {
-    // SAFETY: offset of `ret` in the sys_exit record.
-    let ret = unsafe { ctx.read_at::<i64>(RET) }.ok()?;
+pub fn on_read(pid_tgid: u64, fd: u64, buf: u64, ret: i64) -> Option<()> {
     let pid = (pid_tgid >> 32) as u32;
-    let key = ConnKey { pid, fd: rec.fd as u32 };
-    let conn = CONNS.get_ptr_mut(&key)?;
+    let conn = CONNS.get_ptr_mut(&ConnKey { pid, fd: fd as u32 })?;
+    count(Counter::SocketSyscalls);
+    let fd = fd as i32;
+    let ts = now();
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
         return Some(());
     }
     // Any read attempt after a response ends it: the server is waiting for what comes next.
-    finish_response(conn, pid_tgid, rec.fd, rec.ts, 0);
+    finish_response(conn, pid_tgid, fd, ts, 0);
     if ret <= 0 {
         return Some(());
     }
@@ -174,12 +146,13 @@ fn read_done(ctx: &TracePointContext, pid_tgid: u64, cfg: *const TargetConfig, r
         conn.seq += 1;
         // The request is here once a read returned its first bytes (the read's entry may
         // precede the peer's write: data can arrive while the syscall runs).
-        conn.req_ts = now();
+        conn.req_ts = ts;
         conn.bytes_in = ret as u64;
         conn.bytes_out = 0;
         conn.captured = 0;
         count(Counter::Requests);
     }
+    let cfg = TARGETS.get_ptr(pid)?;
     // SAFETY: map value pointer, valid for this program run.
     let cfg = unsafe { &*cfg };
     let (goroutine, goid) = if cfg.flags & zerotrace_common::target_flags::GO != 0 {
@@ -187,7 +160,7 @@ fn read_done(ctx: &TracePointContext, pid_tgid: u64, cfg: *const TargetConfig, r
     } else {
         (0, 0)
     };
-    send_request(conn, pid_tgid, rec, ret as u64, goroutine, goid);
+    send_request(conn, pid_tgid, fd, buf, ret as u64, goroutine, goid);
     Some(())
 }
 
@@ -200,7 +173,7 @@ fn capture_size() -> u32 {
 
 /// Copies the record header and the bytes read into a variable-length record.
 #[inline(always)]
-fn send_request(conn: &mut ConnState, pid_tgid: u64, rec: &Inflight, len: u64, goroutine: u64, goid: u64) {
+fn send_request(conn: &mut ConnState, pid_tgid: u64, fd: i32, src: u64, len: u64, goroutine: u64, goid: u64) {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -208,7 +181,7 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, rec: &Inflight, len: u64, g
     let room = capture_size().saturating_sub(conn.captured) as u64;
     let want = if len < room { len } else { room };
     // SAFETY: the scratch value holds REQ_HDR + REQ_CAPTURE_MAX bytes.
-    let captured = read_user_bytes::<{ bounds::REQ_CAPTURE_MAX }>(unsafe { buf.add(REQ_HDR) }, rec.buf, want);
+    let captured = read_user_bytes::<{ bounds::REQ_CAPTURE_MAX }>(unsafe { buf.add(REQ_HDR) }, src, want);
     let size = REQ_HDR as u64 + captured as u64;
     let ev = buf as *mut HttpRequestEvent;
     // SAFETY: the scratch value starts with room for the header.
@@ -218,7 +191,7 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, rec: &Inflight, len: u64, g
         (*ev).goroutine = goroutine;
         (*ev).goid = goid;
         (*ev).start_ns = conn.req_ts;
-        (*ev).fd = rec.fd;
+        (*ev).fd = fd;
         (*ev).seq = conn.seq;
         (*ev).read_len = len as u32;
         (*ev).captured = captured;
@@ -235,35 +208,4 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, rec: &Inflight, len: u64, g
     if rc < 0 {
         count(Counter::RingFull);
     }
-}
-
-#[inline(always)]
-fn exit_read(ctx: &TracePointContext) -> Option<()> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let cfg = TARGETS.get_ptr((pid_tgid >> 32) as u32)?;
-    // SAFETY: map value pointer, copied before removal.
-    let rec = unsafe { *INFLIGHT.get_ptr(&pid_tgid)? };
-    let _ = INFLIGHT.remove(&pid_tgid);
-    if rec.op != op::READ {
-        return Some(());
-    }
-    read_done(ctx, pid_tgid, cfg, &rec)
-}
-
-#[tracepoint]
-pub fn sys_enter_read(ctx: TracePointContext) -> u32 {
-    let _ = enter_read(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_read(ctx: TracePointContext) -> u32 {
-    let _ = exit_read(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_write(ctx: TracePointContext) -> u32 {
-    let _ = enter_write(&ctx);
-    0
 }

@@ -8,6 +8,7 @@ mod go_http;
 mod http_server;
 mod maps;
 mod sockets;
+mod syscalls;
 mod util;
 
 #[cfg(not(test))]

@@ -2,10 +2,10 @@
 //! load-time globals the agent fills in (kernel struct offsets, settings).
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use zerotrace_common::{
-    ConnKey, ConnState, GoRequestKey, GoRequestState, HTTP_REQUEST_MAX, Inflight, KernelOffsets,
+    ConnKey, ConnState, GoRequestKey, GoRequestState, HTTP_REQUEST_MAX, KernelOffsets,
     Settings, TargetConfig, bounds, COUNTER_SLOTS,
 };
 
@@ -17,13 +17,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(bounds::RING_BYTES, 0);
 #[map]
 pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(bounds::MAX_TARGETS, 0);
 
+/// One bit per pid: set for selected processes (bounds::MAX_PID bits). Checked first by
+/// every syscall program, before any hash lookup.
+#[map]
+pub static SELECTED: Array<u64> = Array::with_max_entries(bounds::MAX_PID / 64, 0);
+
 /// Tracked sockets of selected processes, keyed by (tgid, fd).
 #[map]
 pub static CONNS: HashMap<ConnKey, ConnState> = HashMap::with_max_entries(bounds::MAX_CONNS, 0);
-
-/// Syscalls in progress on tracked sockets, keyed by pid_tgid, from entry to exit.
-#[map]
-pub static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(bounds::MAX_INFLIGHT, 0);
 
 /// Handler probe mode: goroutines inside serverHandler.ServeHTTP.
 #[map]

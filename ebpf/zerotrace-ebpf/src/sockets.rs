@@ -1,27 +1,18 @@
 //! Which sockets of a traced process are followed: accepted ones (server side) become
 //! entries of CONNS with their addresses read from the kernel's socket; close ends them.
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_get_smp_processor_id},
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_smp_processor_id};
 use zerotrace_common::{
     ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, SockAddrs, phase,
 };
 
 use crate::{
     http_server::finish_response,
-    maps::{CONNS, EVENTS, SCRATCH, TARGETS, kernel},
+    maps::{CONNS, EVENTS, SCRATCH, kernel},
     util::{count, header, now, read_kernel, wake_flags},
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-/// Offsets of the syscall tracepoint records: args start at 16, each 8 bytes; ret at 16.
-pub const ARG0: usize = 16;
-pub const ARG1: usize = 24;
-pub const ARG2: usize = 32;
-pub const RET: usize = 16;
 
 /// Addresses of the socket behind `fd` of the current task:
 /// task->files->fdt->fd[fd]->private_data (struct socket) ->sk (struct sock_common first).
@@ -116,45 +107,21 @@ pub fn track_socket(pid_tgid: u64, fd: i32, role: ConnRole) -> bool {
     true
 }
 
+/// Exit of accept/accept4 in a selected process: `ret` is the new socket's fd.
 #[inline(always)]
-fn on_accept_exit(ctx: &TracePointContext) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if TARGETS.get_ptr((pid_tgid >> 32) as u32).is_none() {
-        return;
+pub fn on_accept(pid_tgid: u64, ret: i64) {
+    if ret >= 0 {
+        track_socket(pid_tgid, ret as i32, ConnRole::Server);
     }
-    // SAFETY: offset of `ret` in the sys_exit record.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return;
-    };
-    track_socket(pid_tgid, ret as i32, ConnRole::Server);
 }
 
-#[tracepoint]
-pub fn sys_exit_accept4(ctx: TracePointContext) -> u32 {
-    on_accept_exit(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_exit_accept(ctx: TracePointContext) -> u32 {
-    on_accept_exit(&ctx);
-    0
-}
-
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
+/// Entry of close(2) in a selected process: a tracked socket ends here.
+#[inline(always)]
+pub fn on_close(pid_tgid: u64, fd: u64) {
     let pid = (pid_tgid >> 32) as u32;
-    if TARGETS.get_ptr(pid).is_none() {
-        return 0;
-    }
-    // SAFETY: offset of the fd argument in the sys_enter record.
-    let Ok(fd) = (unsafe { ctx.read_at::<u64>(ARG0) }) else {
-        return 0;
-    };
     let key = ConnKey { pid, fd: fd as u32 };
     let Some(conn) = CONNS.get_ptr_mut(&key) else {
-        return 0;
+        return;
     };
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
@@ -172,5 +139,4 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
         count(Counter::RingFull);
     }
     let _ = CONNS.remove(&key);
-    0
 }

@@ -102,9 +102,25 @@ pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RSpan> {
 struct Store {
     spans: Mutex<Vec<RSpan>>,
     requests: AtomicUsize,
+    /// Benchmark sink: count requests, decode nothing.
+    discard: bool,
 }
 
 impl Store {
+    fn add_raw(&self, body: &[u8]) -> bool {
+        if self.discard {
+            self.requests.fetch_add(1, Ordering::SeqCst);
+            return true;
+        }
+        match ExportTraceServiceRequest::decode(body) {
+            Ok(req) => {
+                self.add(&req);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     fn add(&self, req: &ExportTraceServiceRequest) {
         self.requests.fetch_add(1, Ordering::SeqCst);
         self.spans.lock().unwrap().extend(flatten(req));
@@ -141,6 +157,12 @@ impl Receiver {
     /// Starts a receiver on 127.0.0.1:`port` (0: any free port).
     pub fn start(kind: Kind, port: u16) -> Result<Receiver> {
         Self::start_with(kind, port, Arc::new(Store::default()))
+    }
+
+    /// An OTLP http/protobuf sink that accepts and discards (for benchmarks: it costs the
+    /// machine almost nothing, so what is measured is the agent).
+    pub fn start_discarding(port: u16) -> Result<Receiver> {
+        Self::start_with(Kind::Http, port, Arc::new(Store { discard: true, ..Store::default() }))
     }
 
     fn start_with(kind: Kind, port: u16, store: Arc<Store>) -> Result<Receiver> {
@@ -249,14 +271,8 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         }
         let mut body = vec![0; len];
         r.read_exact(&mut body).await?;
-        let ok = line.starts_with("POST /v1/traces ");
-        let status = match ExportTraceServiceRequest::decode(body.as_slice()) {
-            Ok(req) if ok => {
-                store.add(&req);
-                "200 OK"
-            }
-            _ => "400 Bad Request",
-        };
+        let ok = line.starts_with("POST /v1/traces ") && store.add_raw(&body);
+        let status = if ok { "200 OK" } else { "400 Bad Request" };
         let resp = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
         let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n", resp.len());
         r.get_mut().write_all(head.as_bytes()).await?;
