@@ -1,7 +1,8 @@
 //! OTLP export with opentelemetry-otlp: a bounded queue (drops counted, the pipeline never
-//! waits), batches by size or delay, one export request per traced process in a batch (each
-//! process is its own resource), and retries with exponential backoff while the collector
-//! is down. When it comes back, export resumes with whatever is queued then.
+//! waits), batches per traced process (each process is its own resource and has its own
+//! exporter) by size or delay, up to MAX_IN_FLIGHT export requests at once, and retries with
+//! exponential backoff while the collector is down. When it comes back, export resumes with
+//! whatever is queued then.
 use std::{
     borrow::Cow,
     collections::HashMap,
@@ -50,6 +51,9 @@ pub fn resource(attrs: &[(String, AttrValue)]) -> Resource {
         .build()
 }
 
+/// Export requests in flight at once (each a batch of one process's spans).
+const MAX_IN_FLIGHT: usize = 4;
+
 pub struct OtlpExport {
     tx: Option<mpsc::Sender<Span>>,
     task: tokio::task::JoinHandle<()>,
@@ -58,9 +62,10 @@ pub struct OtlpExport {
 
 impl OtlpExport {
     pub fn start(settings: &ExportSettings, resources: Resources, stats: Arc<ExportStats>) -> Result<Self, ExportError> {
-        let exporter = build(settings)?;
+        // Fail early on a configuration the exporter cannot use.
+        drop(build(settings)?);
         let (tx, rx) = mpsc::channel(settings.queue);
-        let task = tokio::spawn(run(rx, exporter, settings.clone(), resources, stats.clone()));
+        let task = tokio::spawn(run(rx, settings.clone(), resources, stats.clone()));
         Ok(Self { tx: Some(tx), task, stats })
     }
 
@@ -117,26 +122,63 @@ fn build(s: &ExportSettings) -> Result<opentelemetry_otlp::SpanExporter, ExportE
     }
 }
 
-async fn run(
-    mut rx: mpsc::Receiver<Span>,
-    mut exporter: opentelemetry_otlp::SpanExporter,
-    s: ExportSettings,
+/// One exporter per traced process: its resource is fixed, so exports of different
+/// processes can be in flight together.
+struct Exporters {
+    settings: ExportSettings,
     resources: Resources,
-    stats: Arc<ExportStats>,
-) {
-    let mut batch: Vec<Span> = Vec::with_capacity(s.batch);
-    let mut failing = Failing::default();
+    by_pid: HashMap<u32, Arc<opentelemetry_otlp::SpanExporter>>,
+}
+
+impl Exporters {
+    fn get(&mut self, pid: u32) -> Option<Arc<opentelemetry_otlp::SpanExporter>> {
+        if let Some(e) = self.by_pid.get(&pid) {
+            return Some(e.clone());
+        }
+        let mut e = match build(&self.settings) {
+            Ok(e) => e,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot build an OTLP exporter");
+                return None;
+            }
+        };
+        if let Some(r) = self.resources.lock().ok().and_then(|r| r.get(&pid).cloned()) {
+            e.set_resource(&r);
+        }
+        let e = Arc::new(e);
+        self.by_pid.insert(pid, e.clone());
+        Some(e)
+    }
+}
+
+async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resources, stats: Arc<ExportStats>) {
+    let mut exporters = Exporters { settings: s.clone(), resources, by_pid: HashMap::new() };
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    let failing = Arc::new(Mutex::new(Failing::default()));
+    let mut in_flight = tokio::task::JoinSet::new();
+    let mut batches: HashMap<u32, Vec<Span>> = HashMap::new();
     let mut open = true;
     while open {
-        // Wait for a first span, then fill the batch until it is full or the delay is over.
+        // Wait for a first span, then gather until a batch is full or the delay is over.
         match rx.recv().await {
-            Some(span) => batch.push(span),
+            Some(span) => batches.entry(span.pid).or_default().push(span),
             None => break,
         }
         let deadline = tokio::time::Instant::now() + s.delay;
-        while batch.len() < s.batch {
+        loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => batch.push(span),
+                Ok(Some(span)) => {
+                    let pid = span.pid;
+                    let b = batches.entry(pid).or_default();
+                    b.push(span);
+                    if b.len() >= s.batch {
+                        let full = std::mem::take(b);
+                        // Waiting for a free export slot is the backpressure: meanwhile the
+                        // bounded queue fills and further spans are dropped and counted.
+                        let permit = permits.clone().acquire_owned().await.expect("never closed");
+                        spawn_export(&mut in_flight, &mut exporters, pid, full, permit, &stats, &failing, true);
+                    }
+                }
                 Ok(None) => {
                     open = false;
                     break;
@@ -144,19 +186,27 @@ async fn run(
                 Err(_) => break,
             }
         }
-        send_batch(&mut exporter, &mut batch, &resources, &stats, &mut failing, open).await;
+        for (pid, b) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            spawn_export(&mut in_flight, &mut exporters, *pid, std::mem::take(b), permit, &stats, &failing, open);
+        }
+        while in_flight.try_join_next().is_some() {}
     }
-    // Closed: everything left in the channel goes out in full batches, one attempt each.
+    // Closed: what is left goes out in full batches, one attempt each.
+    let mut rest: HashMap<u32, Vec<Span>> = batches;
     while let Ok(span) = rx.try_recv() {
-        batch.push(span);
-        if batch.len() >= s.batch {
-            send_batch(&mut exporter, &mut batch, &resources, &stats, &mut failing, false).await;
+        rest.entry(span.pid).or_default().push(span);
+    }
+    for (pid, spans) in rest {
+        for chunk in spans.chunks(s.batch.max(1)) {
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            spawn_export(&mut in_flight, &mut exporters, pid, chunk.to_vec(), permit, &stats, &failing, false);
         }
     }
-    if !batch.is_empty() {
-        send_batch(&mut exporter, &mut batch, &resources, &stats, &mut failing, false).await;
+    while in_flight.join_next().await.is_some() {}
+    for e in exporters.by_pid.values() {
+        let _ = e.shutdown();
     }
-    let _ = exporter.shutdown();
 }
 
 #[derive(Default)]
@@ -165,64 +215,71 @@ struct Failing {
     errors: u64,
 }
 
-/// Exports `batch` (grouped by process), retrying with backoff when `retry` is set.
-async fn send_batch(
-    exporter: &mut opentelemetry_otlp::SpanExporter,
-    batch: &mut Vec<Span>,
-    resources: &Resources,
-    stats: &ExportStats,
-    failing: &mut Failing,
+#[allow(clippy::too_many_arguments)]
+fn spawn_export(
+    set: &mut tokio::task::JoinSet<()>,
+    exporters: &mut Exporters,
+    pid: u32,
+    batch: Vec<Span>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    stats: &Arc<ExportStats>,
+    failing: &Arc<Mutex<Failing>>,
     retry: bool,
 ) {
-    batch.sort_by_key(|s| s.pid);
-    let mut start = 0;
-    while start < batch.len() {
-        let pid = batch[start].pid;
-        let end = start + batch[start..].iter().take_while(|s| s.pid == pid).count();
-        let group = &batch[start..end];
-        let res = resources.lock().ok().and_then(|r| r.get(&pid).cloned());
-        if let Some(r) = &res {
-            exporter.set_resource(r);
-        }
-        let mut backoff = FIRST_BACKOFF;
-        let attempts = if retry { MAX_ATTEMPTS } else { 1 };
-        let mut sent = false;
-        for attempt in 1..=attempts {
-            let data: Vec<SpanData> = group.iter().map(to_span_data).collect();
-            match exporter.export(data).await {
-                Ok(()) => {
-                    stats.exported.fetch_add(group.len() as u64, Relaxed);
-                    if let Some(since) = failing.since.take() {
-                        tracing::info!(
-                            failed_requests = failing.errors,
-                            down_for_s = since.elapsed().as_secs(),
-                            "OTLP export works again"
-                        );
-                        failing.errors = 0;
-                    }
-                    sent = true;
-                    break;
+    if batch.is_empty() {
+        return;
+    }
+    let Some(exporter) = exporters.get(pid) else {
+        stats.dropped_failed.fetch_add(batch.len() as u64, Relaxed);
+        return;
+    };
+    let (stats, failing) = (stats.clone(), failing.clone());
+    set.spawn(async move {
+        send_batch(&exporter, &batch, &stats, &failing, retry).await;
+        drop(permit);
+    });
+}
+
+/// Exports one process's batch, retrying with backoff when `retry` is set.
+async fn send_batch(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: &[Span],
+    stats: &ExportStats,
+    failing: &Mutex<Failing>,
+    retry: bool,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    let attempts = if retry { MAX_ATTEMPTS } else { 1 };
+    for attempt in 1..=attempts {
+        let data: Vec<SpanData> = batch.iter().map(to_span_data).collect();
+        match exporter.export(data).await {
+            Ok(()) => {
+                stats.exported.fetch_add(batch.len() as u64, Relaxed);
+                let mut f = failing.lock().expect("not poisoned");
+                if let Some(since) = f.since.take() {
+                    tracing::info!(failed_requests = f.errors, down_for_s = since.elapsed().as_secs(), "OTLP export works again");
+                    f.errors = 0;
                 }
-                Err(e) => {
-                    stats.export_errors.fetch_add(1, Relaxed);
-                    failing.errors += 1;
-                    if failing.since.is_none() {
-                        failing.since = Some(Instant::now());
+                return;
+            }
+            Err(e) => {
+                stats.export_errors.fetch_add(1, Relaxed);
+                {
+                    let mut f = failing.lock().expect("not poisoned");
+                    f.errors += 1;
+                    if f.since.is_none() {
+                        f.since = Some(Instant::now());
                         tracing::warn!(error = %e, "OTLP export failed; retrying with backoff, spans queue up (bounded) meanwhile");
                     }
-                    if attempt < attempts {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+                }
+                if attempt < attempts {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
-        if !sent {
-            stats.dropped_failed.fetch_add(group.len() as u64, Relaxed);
-        }
-        start = end;
     }
-    batch.clear();
+    stats.dropped_failed.fetch_add(batch.len() as u64, Relaxed);
 }
 
 fn to_time(unix_ns: u64) -> SystemTime {
