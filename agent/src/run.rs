@@ -2,14 +2,14 @@
 //! through the correlator to the exporters until SIGINT/SIGTERM or until every target has
 //! exited. On the way out: stop the kernel side, drain, flush (at most 10 s), detach.
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     os::fd::{FromRawFd, OwnedFd},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}, sync::mpsc};
-use zerotrace_common::{ConnState, Counter};
+use zerotrace_common::Counter;
 
 use crate::{
     cli::{Exporter, GoHttpProbes},
@@ -51,9 +51,10 @@ pub enum RunError {
 /// A traced process while it is traced.
 struct Traced {
     service: String,
-    /// Sockets recovered from /proc whose Go connection is not known yet (catch-up).
-    unresolved: Vec<u32>,
+    /// When the temporary catch-up probe (for connections older than the agent) went on,
+    /// and the socket inodes of those connections still waiting for it.
     catch_up_since: Option<Instant>,
+    catch_up_inodes: HashSet<u64>,
 }
 
 pub async fn run(s: RunSettings) -> Result<(), RunError> {
@@ -80,7 +81,6 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut correlator = Correlator::new(Clock::system());
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
     let mut traced: HashMap<u32, Traced> = HashMap::new();
-    let mut next_recovered_id: u64 = 1 << 63;
 
     for (target, exe) in &targets {
         let pid = target.pid;
@@ -90,20 +90,13 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             AttrValue::Int(_) => target.exe_name.clone(),
         };
         resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
+        // Server sockets are those on ports the process listens on (kept fresh below).
+        probes.set_listening(pid, &proc::listening_ports(pid))?;
         probes.add_target(pid, &go::target_config(target))?;
-        // Connections accepted before zerotrace started: tracked from their next request.
-        let recovered = proc::accepted_connections(pid).unwrap_or_default();
-        let mut unresolved = Vec::new();
-        for (fd, addrs) in &recovered {
-            let id = next_recovered_id;
-            next_recovered_id += 1;
-            let state = ConnState::new(id, zerotrace_common::ConnRole::Server as u8);
-            if probes.add_conn(pid, *fd, &state).is_ok() {
-                correlator.add_conn(id, pid, *fd as i32, *addrs);
-                unresolved.push(*fd);
-            }
-        }
-        let catch_up = s.go_http_probes == GoHttpProbes::Conn && !unresolved.is_empty();
+        // Connections accepted before zerotrace started are picked up at their next request;
+        // their Go connection is learnt by a temporary probe on (*conn).readRequest.
+        let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
+        let catch_up = s.go_http_probes == GoHttpProbes::Conn && !existing.is_empty();
         let open_path = proc::exe_open_path(pid);
         let report = go::attach_http(&mut probes, target, exe, &open_path, s.go_http_probes, catch_up)
             .map_err(|source| RunError::Attach { pid, source })?;
@@ -114,7 +107,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             go = %target.build.go_version,
             offsets = target.layout.source,
             uprobes = report.uprobes,
-            existing_connections = recovered.len(),
+            existing_connections = existing.len(),
             mode = ?s.go_http_probes,
             hooks = probes.hooks,
             "tracing"
@@ -123,7 +116,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         if !target.layout.absent.is_empty() {
             tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
         }
-        traced.insert(pid, Traced { service, unresolved, catch_up_since: catch_up.then(Instant::now) });
+        traced.insert(pid, Traced { service, catch_up_since: catch_up.then(Instant::now), catch_up_inodes: existing });
     }
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
@@ -154,6 +147,11 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = housekeeping.tick() => {
                 correlator.clock_mut().refresh();
+                for pid in traced.keys() {
+                    if let Err(e) = probes.set_listening(*pid, &proc::listening_ports(*pid)) {
+                        tracing::warn!(pid, error = %e, "cannot update the listening ports");
+                    }
+                }
                 catch_up(&mut probes, &mut traced);
                 if !s.stats_interval.is_zero() && last_stats.elapsed() >= s.stats_interval {
                     last_stats = Instant::now();
@@ -209,15 +207,17 @@ fn pump(
     }
 }
 
-/// Detaches the temporary readRequest probes once every socket that predates the agent has
-/// been tied to its Go connection (or closed), or after CATCH_UP_LIMIT.
+/// Detaches the temporary readRequest probes once every connection older than the agent has
+/// been tied to its Go connection (it had a request) or is gone, or after CATCH_UP_LIMIT.
 fn catch_up(probes: &mut Probes, traced: &mut HashMap<u32, Traced>) {
     for (pid, t) in traced.iter_mut() {
         let Some(since) = t.catch_up_since else { continue };
-        t.unresolved.retain(|fd| probes.conn(*pid, *fd).is_some_and(|c| c.go_conn == 0));
-        if t.unresolved.is_empty() || since.elapsed() > CATCH_UP_LIMIT {
+        let open = proc::socket_fds(*pid).unwrap_or_default();
+        let resolved = probes.go_resolved_inodes(*pid);
+        t.catch_up_inodes.retain(|ino| open.contains_key(ino) && !resolved.contains(ino));
+        if t.catch_up_inodes.is_empty() || since.elapsed() > CATCH_UP_LIMIT {
             let n = probes.detach_temporary(*pid);
-            tracing::debug!(pid, detached = n, left = t.unresolved.len(), "catch-up probes removed");
+            tracing::debug!(pid, detached = n, left = t.catch_up_inodes.len(), "catch-up probes removed");
             t.catch_up_since = None;
         }
     }
@@ -257,7 +257,8 @@ fn counters_list<'a>(
         ("connections_dropped_map_full", k(Counter::ConnsFull)),
         ("target_reads_failed", k(Counter::ReadUserFailed)),
         ("kernel_reads_failed", k(Counter::ReadKernelFailed)),
-        ("socket_syscalls", k(Counter::SocketSyscalls)),
+        ("socket_ops", k(Counter::SocketSyscalls)),
+        ("receives_without_buffer", k(Counter::RecvNoBuffer)),
         ("uprobe_hits", k(Counter::UprobeHits)),
         ("requests_seen", k(Counter::Requests)),
         ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
@@ -267,6 +268,7 @@ fn counters_list<'a>(
         ("responses_lost", c.stats.lost_responses),
         ("requests_abandoned", c.stats.abandoned),
         ("requests_dropped_pending_full", c.stats.pending_full),
+        ("route_pattern_reads_failed", c.stats.pattern_reads_failed),
     ];
     v.extend(stats.snapshot());
     v

@@ -153,7 +153,7 @@ fn summarize(case: &str, export: Export, a: &OverheadArgs, without: &[Load], wit
          \x20 without agent: {r0:>9.0} req/s  p50 {p50_0:.3} ms  p99 {p99_0:.3} ms\n\
          \x20 with agent:    {r1:>9.0} req/s  p50 {p50_1:.3} ms  p99 {p99_1:.3} ms\n\
          \x20 throughput ratio {:.3}   p50 latency ratio {:.3}   p99 latency ratio {:.3}   errors {errors}\n\
-         \x20 agent CPU {:.1}% of one core ({:.2} us/request); per request: {:.3} uprobe hits, {:.2} traced socket syscalls, {:.2} ring records; \
+         \x20 agent CPU {:.1}% of one core ({:.2} us/request); per request: {:.3} uprobe hits, {:.2} traced socket operations, {:.2} ring records; \
          ring wake-ups {} for {} records; spans {} (dropped {})\n\n",
         r1 / r0,
         p50_0 / p50_1.max(1e-9),
@@ -209,7 +209,7 @@ fn with_agent(pid: u32, export: Export, a: &OverheadArgs, load: impl FnOnce() ->
         cpu_s: cpu1 - cpu0,
         requests: agent.stat("requests_seen"),
         uprobe_hits: agent.stat("uprobe_hits"),
-        socket_syscalls: agent.stat("socket_syscalls"),
+        socket_syscalls: agent.stat("socket_ops"),
         wakeups: agent.stat("ring_wakeups"),
         records: agent.stat("events_read"),
         spans: agent.stat("spans_assembled"),

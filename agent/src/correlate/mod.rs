@@ -15,11 +15,14 @@ pub use clock::Clock;
 
 /// Requests waiting for their response, at most.
 pub const MAX_PENDING: usize = 65_536;
+/// Distinct route patterns remembered, at most.
+pub const MAX_PATTERNS: usize = 16_384;
 
 #[derive(Clone, Debug)]
 struct Conn {
     pid: u32,
-    fd: i32,
+    /// The kernel socket (what Go handler records refer to).
+    sk: u64,
     addrs: Addrs,
     /// The peer address, rendered once per connection.
     peer: Arc<str>,
@@ -53,30 +56,79 @@ pub struct Stats {
     pub abandoned: u64,
     /// Requests not tracked because MAX_PENDING were open.
     pub pending_full: u64,
+    /// Route patterns that could not be read from the target.
+    pub pattern_reads_failed: u64,
 }
+
+/// Reads `len` bytes of a target's memory at an address, as a string.
+pub type MemoryReader = Box<dyn Fn(u32, u64, usize) -> Option<String> + Send>;
 
 pub struct Correlator {
     clock: Clock,
+    memory: MemoryReader,
+    /// Route patterns by (pid, address, length): read once, they do not change.
+    patterns: HashMap<(u32, u64, u16), Arc<str>>,
     conns: HashMap<u64, Conn>,
-    by_fd: HashMap<(u32, i32), u64>,
+    by_sk: HashMap<u64, u64>,
     pending: HashMap<u64, Pending>,
     pub stats: Stats,
 }
 
 impl Correlator {
+    /// A correlator that reads route patterns from the traced processes.
     pub fn new(clock: Clock) -> Self {
-        Self { clock, conns: HashMap::new(), by_fd: HashMap::new(), pending: HashMap::new(), stats: Stats::default() }
+        Self::with_memory(
+            clock,
+            Box::new(|pid, addr, len| {
+                crate::model::memory::read(pid, addr, len).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
+            }),
+        )
+    }
+
+    pub fn with_memory(clock: Clock, memory: MemoryReader) -> Self {
+        Self {
+            clock,
+            memory,
+            patterns: HashMap::new(),
+            conns: HashMap::new(),
+            by_sk: HashMap::new(),
+            pending: HashMap::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    /// The route pattern at (addr, len) in `pid`, read once and cached.
+    fn pattern(&mut self, pid: u32, addr: u64, len: u16) -> Option<Arc<str>> {
+        if addr == 0 || len == 0 {
+            return None;
+        }
+        if let Some(p) = self.patterns.get(&(pid, addr, len)) {
+            return Some(p.clone());
+        }
+        match (self.memory)(pid, addr, len as usize) {
+            Some(s) => {
+                let s: Arc<str> = s.into();
+                if self.patterns.len() < MAX_PATTERNS {
+                    self.patterns.insert((pid, addr, len), s.clone());
+                }
+                Some(s)
+            }
+            None => {
+                self.stats.pattern_reads_failed += 1;
+                None
+            }
+        }
     }
 
     pub fn clock_mut(&mut self) -> &mut Clock {
         &mut self.clock
     }
 
-    /// A connection known from /proc rather than from an event (opened before attach).
-    pub fn add_conn(&mut self, conn_id: u64, pid: u32, fd: i32, addrs: Addrs) {
+    /// A server connection the kernel announced.
+    pub fn add_conn(&mut self, conn_id: u64, pid: u32, sk: u64, addrs: Addrs) {
         let peer: Arc<str> = addrs.peer.addr.to_string().into();
-        self.conns.insert(conn_id, Conn { pid, fd, addrs, peer });
-        self.by_fd.insert((pid, fd), conn_id);
+        self.conns.insert(conn_id, Conn { pid, sk, addrs, peer });
+        self.by_sk.insert(sk, conn_id);
     }
 
     /// Forgets everything about a process that is no longer traced.
@@ -93,8 +145,8 @@ impl Correlator {
 
     fn drop_conn(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
-            if self.by_fd.get(&(c.pid, c.fd)) == Some(&id) {
-                self.by_fd.remove(&(c.pid, c.fd));
+            if self.by_sk.get(&c.sk) == Some(&id) {
+                self.by_sk.remove(&c.sk);
             }
         }
         if self.pending.remove(&id).is_some() {
@@ -105,7 +157,7 @@ impl Correlator {
     /// Feeds one event; finished spans are appended to `out`.
     pub fn on_event(&mut self, ev: Event, out: &mut Vec<Span>) {
         match ev {
-            Event::ConnOpen { pid, conn_id, fd, addrs, .. } => self.add_conn(conn_id, pid, fd, addrs),
+            Event::ConnOpen { pid, conn_id, sk, addrs, .. } => self.add_conn(conn_id, pid, sk, addrs),
             Event::ConnClose { conn_id, .. } => self.drop_conn(conn_id),
             Event::HttpRequest(r) => self.on_request(r),
             Event::HttpResponse(r) => {
@@ -165,12 +217,12 @@ impl Correlator {
         }
         let Some(head) = http1::parse_request(&p.bytes) else {
             self.stats.not_http += 1;
-            tracing::debug!(pid = r.pid, fd = r.fd, seq = r.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
+            tracing::debug!(pid = r.pid, conn = r.conn_id, seq = r.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
             return None;
         };
         let conn = self.conns.get(&r.conn_id).map(|c| (c.addrs, c.peer.clone()));
         let mut status = http1::parse_status(&r.status_line).map(i64::from);
-        let mut pattern = r.pattern;
+        let mut pattern = self.pattern(r.pid, r.pattern_ptr, r.pattern_len).map(|p| p.to_string()).unwrap_or_default();
         let mut goid = p.goid;
         if let Some(go) = &p.go {
             if pattern.is_empty() {
@@ -204,16 +256,16 @@ impl Correlator {
     /// open at the syscall level, the Go facts wait for the response there (one span); else
     /// the handler's record is the span.
     fn on_go_request(&mut self, g: Box<GoServerRequest>) -> Option<Span> {
-        if g.fd >= 0 {
-            if let Some(id) = self.by_fd.get(&(g.pid, g.fd)) {
+        if g.sk != 0 {
+            if let Some(id) = self.by_sk.get(&g.sk) {
                 if let Some(p) = self.pending.get_mut(id) {
                     p.go = Some(g);
                     return None;
                 }
             }
         }
-        let addrs = if g.fd >= 0 {
-            self.by_fd.get(&(g.pid, g.fd)).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone()))
+        let addrs = if g.sk != 0 {
+            self.by_sk.get(&g.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone()))
         } else {
             None
         };

@@ -6,7 +6,7 @@ const PID: u32 = 4242;
 const OFFSET: i128 = 1_700_000_000_000_000_000;
 
 fn run(stream: &[Vec<u8>]) -> (Vec<Span>, Stats) {
-    let mut c = Correlator::new(Clock::fixed(OFFSET));
+    let mut c = Correlator::with_memory(Clock::fixed(OFFSET), Box::new(record::fake_memory));
     let mut out = Vec::new();
     for rec in stream {
         c.on_event(decode(rec).expect("recorded records decode"), &mut out);
@@ -14,8 +14,10 @@ fn run(stream: &[Vec<u8>]) -> (Vec<Span>, Stats) {
     (out, c.stats)
 }
 
-fn open(conn: u64, fd: i32) -> Vec<u8> {
-    record::conn_open(PID, 1_000, conn, fd, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 51000))
+const SK: u64 = 0xffff_8880_0a0b_0c00;
+
+fn open(conn: u64, _fd: i32) -> Vec<u8> {
+    record::conn_open(PID, 1_000, conn, SK, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 51000))
 }
 
 fn s(span: &Span, key: &str) -> String {
@@ -26,8 +28,8 @@ fn s(span: &Span, key: &str) -> String {
 fn request_and_response_make_one_server_span() {
     let (spans, stats) = run(&[
         open(1, 7),
-        record::request(PID, 2_000_000, 1, 7, 1, 0xc000123000, b"GET /items/42?debug=1 HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: curl/8.1\r\n\r\n"),
-        record::response(PID, 5_000_000, 1, 7, 1, b"HTTP/1.1 200 OK\r", "GET /items/{id}"),
+        record::request(PID, 2_000_000, 1, 1, 0xc000123000, b"GET /items/42?debug=1 HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: curl/8.1\r\n\r\n"),
+        record::response(PID, 5_000_000, 1, 1, b"HTTP/1.1 200 OK\r", "GET /items/{id}"),
     ]);
     assert_eq!(spans.len(), 1, "{stats:?}");
     let sp = &spans[0];
@@ -55,8 +57,8 @@ fn keep_alive_requests_stay_apart() {
     let mut stream = vec![open(1, 7)];
     for i in 1..=3u32 {
         let path = format!("GET /n/{i} HTTP/1.1\r\n\r\n");
-        stream.push(record::request(PID, u64::from(i) * 10_000, 1, 7, i, 0, path.as_bytes()));
-        stream.push(record::response(PID, u64::from(i) * 10_000 + 5_000, 1, 7, i, b"HTTP/1.1 204 No", ""));
+        stream.push(record::request(PID, u64::from(i) * 10_000, 1, i, 0, path.as_bytes()));
+        stream.push(record::response(PID, u64::from(i) * 10_000 + 5_000, 1, i, b"HTTP/1.1 204 No", ""));
     }
     let (spans, _) = run(&stream);
     let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
@@ -69,8 +71,8 @@ fn keep_alive_requests_stay_apart() {
 fn incoming_traceparent_sets_the_parent() {
     let (spans, _) = run(&[
         open(1, 7),
-        record::request(PID, 10, 1, 7, 1, 0, b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n"),
-        record::response(PID, 20, 1, 7, 1, b"HTTP/1.1 503 Ser", ""),
+        record::request(PID, 10, 1, 1, 0, b"GET / HTTP/1.1\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n"),
+        record::response(PID, 20, 1, 1, b"HTTP/1.1 503 Ser", ""),
     ]);
     let sp = &spans[0];
     assert_eq!(sp.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
@@ -84,13 +86,13 @@ fn what_cannot_be_matched_is_counted_not_guessed() {
     let (spans, stats) = run(&[
         open(1, 7),
         // A response for a request zerotrace never saw (attached mid-request).
-        record::response(PID, 20, 1, 7, 3, b"HTTP/1.1 200 OK\r", ""),
+        record::response(PID, 20, 1, 3, b"HTTP/1.1 200 OK\r", ""),
         // TLS bytes on a tracked socket.
-        record::request(PID, 30, 1, 7, 4, 0, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"),
-        record::response(PID, 40, 1, 7, 4, b"\x16\x03\x03\x00\x7a", ""),
+        record::request(PID, 30, 1, 4, 0, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"),
+        record::response(PID, 40, 1, 4, b"\x16\x03\x03\x00\x7a", ""),
         // A request whose connection closes before any response.
-        record::request(PID, 50, 1, 7, 5, 0, b"GET /slow HTTP/1.1\r\n\r\n"),
-        record::conn_close(PID, 60, 1, 7),
+        record::request(PID, 50, 1, 5, 0, b"GET /slow HTTP/1.1\r\n\r\n"),
+        record::conn_close(PID, 60, 1, SK),
     ]);
     assert!(spans.is_empty());
     assert_eq!(stats.unmatched_responses, 1);
@@ -102,10 +104,10 @@ fn what_cannot_be_matched_is_counted_not_guessed() {
 fn without_a_pattern_the_name_uses_the_path() {
     let (spans, _) = run(&[
         open(1, 7),
-        record::request(PID, 10, 1, 7, 1, 0, b"BREW /pot HTTP/1.1\r\n\r\n"),
-        record::response(PID, 20, 1, 7, 1, b"HTTP/1.1 418 I'm", ""),
-        record::request(PID, 30, 1, 7, 2, 0, b"DELETE /cart/9 HTTP/1.0\r\n\r\n"),
-        record::response(PID, 40, 1, 7, 2, b"HTTP/1.0 200 OK\r", ""),
+        record::request(PID, 10, 1, 1, 0, b"BREW /pot HTTP/1.1\r\n\r\n"),
+        record::response(PID, 20, 1, 1, b"HTTP/1.1 418 I'm", ""),
+        record::request(PID, 30, 1, 2, 0, b"DELETE /cart/9 HTTP/1.0\r\n\r\n"),
+        record::response(PID, 40, 1, 2, b"HTTP/1.0 200 OK\r", ""),
     ]);
     assert_eq!(spans[0].name, "HTTP");
     assert_eq!(s(&spans[0], "http.request.method"), "_OTHER");
@@ -119,9 +121,9 @@ fn a_head_read_in_pieces_is_joined() {
     // Go's background reader takes the first byte, the serving goroutine the rest.
     let (spans, stats) = run(&[
         open(1, 7),
-        record::request_part(PID, 10, 1, 7, 1, 0xbbb000, b"G", 0),
-        record::request_part(PID, 11, 1, 7, 1, 0xaaa000, b"ET /joined HTTP/1.1\r\nUser-Agent: split\r\n\r\n", 1),
-        record::response(PID, 20, 1, 7, 1, b"HTTP/1.1 200 OK\r", ""),
+        record::request_part(PID, 10, 1, 1, 0xbbb000, b"G", 0),
+        record::request_part(PID, 11, 1, 1, 0xaaa000, b"ET /joined HTTP/1.1\r\nUser-Agent: split\r\n\r\n", 1),
+        record::response(PID, 20, 1, 1, b"HTTP/1.1 200 OK\r", ""),
     ]);
     assert_eq!(stats.not_http, 0, "{stats:?}");
     assert_eq!(spans[0].name, "GET /joined");
@@ -140,7 +142,7 @@ fn route_of_patterns() {
     assert_eq!(route_of(""), None);
 }
 
-fn go_event(fd: i32, pattern: &str, status: i64) -> crate::events::Event {
+fn go_event(sk: u64, pattern: &str, status: i64) -> crate::events::Event {
     crate::events::Event::GoServerRequest(Box::new(GoServerRequest {
         pid: PID,
         tid: PID,
@@ -150,7 +152,7 @@ fn go_event(fd: i32, pattern: &str, status: i64) -> crate::events::Event {
         end_ns: 18,
         content_length: 0,
         status,
-        fd,
+        sk,
         method: "GET".into(),
         path: "/users/5".into(),
         pattern: pattern.into(),
@@ -162,13 +164,13 @@ fn go_event(fd: i32, pattern: &str, status: i64) -> crate::events::Event {
 
 #[test]
 fn handler_mode_merges_into_the_syscall_span() {
-    let mut c = Correlator::new(Clock::fixed(0));
+    let mut c = Correlator::with_memory(Clock::fixed(0), Box::new(record::fake_memory));
     let mut out = Vec::new();
     c.on_event(decode(&open(1, 7)).unwrap(), &mut out);
-    c.on_event(decode(&record::request(PID, 10, 1, 7, 1, 0, b"GET /users/5 HTTP/1.1\r\nUser-Agent: t\r\n\r\n")).unwrap(), &mut out);
-    c.on_event(go_event(7, "GET /users/{id}", 0), &mut out);
+    c.on_event(decode(&record::request(PID, 10, 1, 1, 0, b"GET /users/5 HTTP/1.1\r\nUser-Agent: t\r\n\r\n")).unwrap(), &mut out);
+    c.on_event(go_event(SK, "GET /users/{id}", 0), &mut out);
     assert!(out.is_empty(), "the handler record waits for the response");
-    c.on_event(decode(&record::response(PID, 30, 1, 7, 1, b"HTTP/1.1 200 OK\r", "")).unwrap(), &mut out);
+    c.on_event(decode(&record::response(PID, 30, 1, 1, b"HTTP/1.1 200 OK\r", "")).unwrap(), &mut out);
     assert_eq!(out.len(), 1, "one span, not two");
     assert_eq!(out[0].name, "GET /users/{id}");
     assert_eq!(s(&out[0], "go.goroutine.id"), "77");
@@ -177,9 +179,9 @@ fn handler_mode_merges_into_the_syscall_span() {
 
 #[test]
 fn handler_mode_alone_still_makes_a_span() {
-    let mut c = Correlator::new(Clock::fixed(0));
+    let mut c = Correlator::with_memory(Clock::fixed(0), Box::new(record::fake_memory));
     let mut out = Vec::new();
-    c.on_event(go_event(-1, "", 0), &mut out);
+    c.on_event(go_event(0, "", 0), &mut out);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].name, "GET /users/5");
     assert_eq!(s(&out[0], "http.response.status_code"), "200");

@@ -43,8 +43,8 @@ fn ip(raw: [u8; 16]) -> IpAddr {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    ConnOpen { pid: u32, ts: u64, conn_id: u64, fd: i32, role: u8, addrs: Addrs },
-    ConnClose { pid: u32, ts: u64, conn_id: u64, fd: i32, bytes_in: u64, bytes_out: u64 },
+    ConnOpen { pid: u32, ts: u64, conn_id: u64, sk: u64, role: u8, addrs: Addrs },
+    ConnClose { pid: u32, ts: u64, conn_id: u64, sk: u64 },
     HttpRequest(HttpRequest),
     HttpResponse(HttpResponse),
     GoServerRequest(Box<GoServerRequest>),
@@ -55,7 +55,6 @@ pub struct HttpRequest {
     pub pid: u32,
     pub tid: u32,
     pub conn_id: u64,
-    pub fd: i32,
     pub seq: u32,
     pub goroutine: u64,
     pub goid: u64,
@@ -71,15 +70,15 @@ pub struct HttpResponse {
     pub pid: u32,
     pub tid: u32,
     pub conn_id: u64,
-    pub fd: i32,
     pub seq: u32,
     pub resp_start_ns: u64,
     pub end_ns: u64,
     pub bytes_in: u64,
-    pub bytes_out: u64,
     pub closed: bool,
     pub status_line: Vec<u8>,
-    pub pattern: String,
+    /// Go: where the route pattern string is in the target (0: none).
+    pub pattern_ptr: u64,
+    pub pattern_len: u16,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -92,7 +91,8 @@ pub struct GoServerRequest {
     pub end_ns: u64,
     pub content_length: i64,
     pub status: i64,
-    pub fd: i32,
+    /// Kernel socket of the request's connection, 0 if unknown.
+    pub sk: u64,
     pub method: String,
     pub path: String,
     pub pattern: String,
@@ -144,7 +144,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 pid: hdr.pid,
                 ts: hdr.ts_ns,
                 conn_id: e.conn_id,
-                fd: e.fd,
+                sk: e.sk,
                 role: e.role,
                 addrs: Addrs::from_raw(&e.addrs),
             }
@@ -155,9 +155,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 pid: hdr.pid,
                 ts: hdr.ts_ns,
                 conn_id: e.conn_id,
-                fd: e.fd,
-                bytes_in: e.bytes_in,
-                bytes_out: e.bytes_out,
+                sk: e.sk,
             }
         }
         EventKind::HttpRequest => {
@@ -169,7 +167,6 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 pid: hdr.pid,
                 tid: hdr.tid,
                 conn_id: e.conn_id,
-                fd: e.fd,
                 seq: e.seq,
                 goroutine: e.goroutine,
                 goid: e.goid,
@@ -182,20 +179,18 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         EventKind::HttpResponse => {
             let e: HttpResponseEvent = exact(b, kind)?;
             let sl = (e.status_len as usize).min(e.status.len());
-            let pl = (e.pattern_len as usize).min(e.pattern.len());
             Event::HttpResponse(HttpResponse {
                 pid: hdr.pid,
                 tid: hdr.tid,
                 conn_id: e.conn_id,
-                fd: e.fd,
                 seq: e.seq,
                 resp_start_ns: e.resp_start_ns,
                 end_ns: e.end_ns,
                 bytes_in: e.bytes_in,
-                bytes_out: e.bytes_out,
                 closed: e.closed != 0,
                 status_line: e.status[..sl].to_vec(),
-                pattern: String::from_utf8_lossy(&e.pattern[..pl]).into_owned(),
+                pattern_ptr: e.pattern_ptr,
+                pattern_len: e.pattern_len,
             })
         }
         EventKind::GoServerRequest => {
@@ -209,7 +204,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 end_ns: e.end_ns,
                 content_length: e.content_length,
                 status: e.status,
-                fd: e.fd,
+                sk: e.sk,
                 method: go_str(&e.method),
                 path: go_str(&e.path),
                 pattern: go_str(&e.pattern),
@@ -235,75 +230,74 @@ pub mod record {
         EventHeader { kind: kind as u16, _pad: 0, size: size as u32, pid, tid: pid, ts_ns: ts }
     }
 
-    pub fn conn_open(pid: u32, ts: u64, conn_id: u64, fd: i32, local: ([u8; 4], u16), peer: ([u8; 4], u16)) -> Vec<u8> {
+    pub fn conn_open(pid: u32, ts: u64, conn_id: u64, sk: u64, local: ([u8; 4], u16), peer: ([u8; 4], u16)) -> Vec<u8> {
         let m = |a: [u8; 4]| [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]];
         let e = ConnOpenEvent {
             hdr: header(EventKind::ConnOpen, std::mem::size_of::<ConnOpenEvent>(), pid, ts),
             conn_id,
-            fd,
+            sk,
             role: ConnRole::Server as u8,
-            _pad: [0; 3],
+            _pad: [0; 7],
             addrs: SockAddrs { local_addr: m(local.0), peer_addr: m(peer.0), local_port: local.1, peer_port: peer.1, family: 2, _pad: 0 },
         };
         bytes_of(&e)
     }
 
-    pub fn conn_close(pid: u32, ts: u64, conn_id: u64, fd: i32) -> Vec<u8> {
+    pub fn conn_close(pid: u32, ts: u64, conn_id: u64, sk: u64) -> Vec<u8> {
         bytes_of(&ConnCloseEvent {
             hdr: header(EventKind::ConnClose, std::mem::size_of::<ConnCloseEvent>(), pid, ts),
             conn_id,
-            fd,
-            _pad: 0,
-            bytes_in: 0,
-            bytes_out: 0,
+            sk,
         })
     }
 
-    pub fn request(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, goroutine: u64, head: &[u8]) -> Vec<u8> {
-        request_part(pid, ts, conn_id, fd, seq, goroutine, head, 0)
+    pub fn request(pid: u32, ts: u64, conn_id: u64, seq: u32, goroutine: u64, head: &[u8]) -> Vec<u8> {
+        request_part(pid, ts, conn_id, seq, goroutine, head, 0)
     }
 
     /// A record carrying bytes of request `seq` after the first `offset` ones.
-    #[allow(clippy::too_many_arguments)]
-    pub fn request_part(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, goroutine: u64, head: &[u8], offset: u32) -> Vec<u8> {
+    pub fn request_part(pid: u32, ts: u64, conn_id: u64, seq: u32, goroutine: u64, head: &[u8], offset: u32) -> Vec<u8> {
         let e = HttpRequestEvent {
             hdr: header(EventKind::HttpRequest, std::mem::size_of::<HttpRequestEvent>() + head.len(), pid, ts),
             conn_id,
             goroutine,
             goid: goroutine / 8,
             start_ns: ts,
-            fd,
             seq,
             read_len: head.len() as u32,
             captured: head.len() as u32,
             offset,
-            _pad: 0,
         };
         let mut v = bytes_of(&e);
         v.extend_from_slice(head);
         v
     }
 
-    pub fn response(pid: u32, ts: u64, conn_id: u64, fd: i32, seq: u32, status: &[u8], pattern: &str) -> Vec<u8> {
+    /// A response; its route pattern, when not empty, is "at" address `pattern.as_ptr()`:
+    /// tests read it back with `fake_memory`.
+    pub fn response(pid: u32, ts: u64, conn_id: u64, seq: u32, status: &[u8], pattern: &'static str) -> Vec<u8> {
         let mut e = HttpResponseEvent {
             hdr: header(EventKind::HttpResponse, std::mem::size_of::<HttpResponseEvent>(), pid, ts),
             conn_id,
             resp_start_ns: ts.saturating_sub(1000),
             end_ns: ts,
             bytes_in: 0,
-            bytes_out: 0,
-            fd,
             seq,
             status_len: status.len().min(16) as u8,
             closed: 0,
-            pattern_len: pattern.len().min(128) as u16,
-            _pad: 0,
+            pattern_len: pattern.len() as u16,
             status: [0; 16],
-            pattern: [0; 128],
+            pattern_ptr: if pattern.is_empty() { 0 } else { pattern.as_ptr() as u64 },
         };
         e.status[..status.len().min(16)].copy_from_slice(&status[..status.len().min(16)]);
-        e.pattern[..pattern.len().min(128)].copy_from_slice(&pattern.as_bytes()[..pattern.len().min(128)]);
         bytes_of(&e)
+    }
+
+    /// Reads "target memory" from this process, where `response` patterns live.
+    pub fn fake_memory(_pid: u32, addr: u64, len: usize) -> Option<String> {
+        // SAFETY: tests only pass addresses of 'static strs given to `response`.
+        let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+        Some(String::from_utf8_lossy(bytes).into_owned())
     }
 }
 
@@ -313,23 +307,23 @@ mod tests {
 
     #[test]
     fn decodes_each_kind() {
-        let open = record::conn_open(7, 10, 99, 5, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 50000));
+        let open = record::conn_open(7, 10, 99, 0xffff_8000_1234_0000, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 50000));
         match decode(&open).unwrap() {
-            Event::ConnOpen { pid, conn_id, fd, addrs, .. } => {
-                assert_eq!((pid, conn_id, fd), (7, 99, 5));
+            Event::ConnOpen { pid, conn_id, sk, addrs, .. } => {
+                assert_eq!((pid, conn_id, sk), (7, 99, 0xffff_8000_1234_0000));
                 assert_eq!(addrs.local.addr.to_string(), "127.0.0.1");
                 assert_eq!(addrs.peer.port, 50000);
             }
             e => panic!("wrong event {e:?}"),
         }
-        let req = record::request(7, 20, 99, 5, 1, 0xc000001000, b"GET / HTTP/1.1\r\n\r\n");
+        let req = record::request(7, 20, 99, 1, 0xc000001000, b"GET / HTTP/1.1\r\n\r\n");
         let Event::HttpRequest(r) = decode(&req).unwrap() else { panic!() };
         assert_eq!(r.head, b"GET / HTTP/1.1\r\n\r\n");
         assert_eq!(r.seq, 1);
-        let resp = record::response(7, 30, 99, 5, 1, b"HTTP/1.1 200 OK\r", "GET /");
+        let resp = record::response(7, 30, 99, 1, b"HTTP/1.1 200 OK\r", "GET /");
         let Event::HttpResponse(r) = decode(&resp).unwrap() else { panic!() };
         assert_eq!(r.status_line, b"HTTP/1.1 200 OK\r");
-        assert_eq!(r.pattern, "GET /");
+        assert_eq!(record::fake_memory(7, r.pattern_ptr, r.pattern_len as usize).as_deref(), Some("GET /"));
         assert!(matches!(decode(&record::conn_close(7, 40, 99, 5)).unwrap(), Event::ConnClose { .. }));
     }
 
@@ -339,7 +333,7 @@ mod tests {
         let mut bad = record::conn_close(1, 1, 1, 1);
         bad[0] = 200;
         assert_eq!(decode(&bad), Err(DecodeError::UnknownKind(200)));
-        let req = record::request(7, 20, 99, 5, 1, 0, b"GET / HTTP/1.1\r\n\r\n");
+        let req = record::request(7, 20, 99, 1, 0, b"GET / HTTP/1.1\r\n\r\n");
         assert!(matches!(decode(&req[..req.len() - 3]), Err(DecodeError::Size { .. })));
         let open = record::conn_open(7, 10, 99, 5, ([1, 2, 3, 4], 1), ([1, 2, 3, 4], 2));
         assert!(matches!(decode(&open[..40]), Err(DecodeError::Size { .. })));

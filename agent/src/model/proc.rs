@@ -138,8 +138,8 @@ fn parse_endpoint(s: &str, v6: bool) -> Option<Endpoint> {
 }
 
 /// Established TCP connections of `pid` that it accepted (their local port is one it listens
-/// on): (fd, addresses).
-pub fn accepted_connections(pid: u32) -> io::Result<Vec<(u32, Addrs)>> {
+/// on).
+pub fn accepted_connections(pid: u32) -> io::Result<Vec<TcpSocket>> {
     let fds = socket_fds(pid)?;
     let sockets = tcp_sockets(pid);
     let listening: HashSet<u16> = sockets
@@ -149,8 +149,7 @@ pub fn accepted_connections(pid: u32) -> io::Result<Vec<(u32, Addrs)>> {
         .collect();
     Ok(sockets
         .into_iter()
-        .filter(|s| s.state == TCP_ESTABLISHED && listening.contains(&s.addrs.local.port))
-        .filter_map(|s| fds.get(&s.inode).map(|fd| (*fd, s.addrs)))
+        .filter(|s| s.state == TCP_ESTABLISHED && listening.contains(&s.addrs.local.port) && fds.contains_key(&s.inode))
         .collect())
 }
 
@@ -198,6 +197,6 @@ mod tests {
         let (_s, _) = l.accept().unwrap();
         assert!(listening_ports(me).contains(&port));
         let accepted = accepted_connections(me).unwrap();
-        assert!(accepted.iter().any(|(_, a)| a.local.port == port), "{accepted:?}");
+        assert!(accepted.iter().any(|s| s.addrs.local.port == port), "{accepted:?}");
     }
 }

@@ -60,7 +60,9 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         skc_num: off("sock_common", "skc_num")?,
         skc_v6_daddr: off("sock_common", "skc_v6_daddr")?,
         skc_v6_rcv_saddr: off("sock_common", "skc_v6_rcv_saddr")?,
-        _pad: 0,
+        sock_sk_socket: off("sock", "sk_socket")?,
+        socket_alloc_inode: off("socket_alloc", "vfs_inode")?,
+        inode_ino: off("inode", "i_ino")?,
     })
 }
 

@@ -1,5 +1,5 @@
 //! Loading and attaching the kernel programs. One `Probes` owns the loaded object: the
-//! raw syscall tracepoints are attached once for the whole machine (they filter on the
+//! socket-layer tracepoints are attached once for the whole machine (they filter on the
 //! SELECTED bitmap in the kernel), uprobes are attached per traced process. Dropping `Probes` detaches
 //! everything; the kernel also does it if the agent dies, so targets run on unchanged.
 pub mod btf;
@@ -15,18 +15,20 @@ use aya::{
     programs::{BtfTracePoint, RawTracePoint, UProbe, uprobe::{UProbeLinkId, UProbeScope}},
 };
 use zerotrace_common::{
-    ConnKey, ConnState, Counter, KernelOffsets, Settings, TargetConfig, COUNTER_SLOTS, bounds, names,
+    ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, TargetConfig, COUNTER_SLOTS, bounds,
+    names,
 };
 
 /// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
 
-/// The syscall layer hangs on raw_syscalls sys_enter/sys_exit, attached once for the machine
+/// The socket layer's tracepoints the kernel programs hang on, attached once for the machine
 /// (the programs filter on the SELECTED bitmap first): as BTF tracepoints when the kernel
-/// allows them (registers read with plain loads), else as raw tracepoints.
-pub const SYSCALL_HOOKS: &[&str] = &["sys_enter", "sys_exit"];
+/// allows them, else as raw tracepoints. Each program is named like its tracepoint (the BTF
+/// flavour with a `_btf` suffix).
+pub const SOCKET_HOOKS: &[&str] = &["sock_recv_length", "tcp_sendmsg_locked", "inet_sock_set_state"];
 
-/// Which flavour of syscall hooks to load.
+/// Which flavour of socket hooks to load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum HookFlavour {
     /// BTF tracepoints if the kernel allows them, else raw tracepoints.
@@ -71,8 +73,10 @@ pub struct KernelSettings {
 
 pub struct Probes {
     ebpf: Ebpf,
-    /// "btf" or "raw": the syscall hooks in use.
+    /// "btf" or "raw": the socket hooks in use.
     pub hooks: &'static str,
+    /// Ports each target listens on, as last written to LISTEN.
+    listening: HashMap<u32, Vec<u16>>,
     /// Per process: (program, link, temporary). Temporary links are dropped early.
     uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
 }
@@ -103,7 +107,7 @@ impl Probes {
             let prog: &mut UProbe = program(&mut ebpf, name)?;
             prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
         }
-        Ok(Self { ebpf, hooks, uprobe_links: HashMap::new() })
+        Ok(Self { ebpf, hooks, listening: HashMap::new(), uprobe_links: HashMap::new() })
     }
 
     /// Starts following process `pid` in the kernel: its configuration first, then its bit.
@@ -125,10 +129,22 @@ impl Probes {
         bits.set(idx, word, 0).map_err(|source| ProbeError::Map { name: names::SELECTED, source })
     }
 
-    /// Registers a socket the process opened before zerotrace attached.
-    pub fn add_conn(&mut self, pid: u32, fd: u32, state: &ConnState) -> Result<(), ProbeError> {
-        let mut conns: BpfHashMap<_, ConnKey, ConnState> = self.map_mut(names::CONNS)?;
-        conns.insert(ConnKey { pid, fd }, state, 0).map_err(|source| ProbeError::Map { name: names::CONNS, source })
+    /// Tells the kernel which ports `pid` listens on (sockets on them are server sockets).
+    pub fn set_listening(&mut self, pid: u32, ports: &[u16]) -> Result<(), ProbeError> {
+        let old = self.listening.get(&pid).cloned().unwrap_or_default();
+        if old == ports {
+            return Ok(());
+        }
+        let mut map: BpfHashMap<_, ListenKey, u8> = self.map_mut(names::LISTEN)?;
+        for port in old.iter().filter(|p| !ports.contains(p)) {
+            let _ = map.remove(&ListenKey { pid, port: *port, _pad: 0 });
+        }
+        for port in ports.iter().filter(|p| !old.contains(p)) {
+            map.insert(ListenKey { pid, port: *port, _pad: 0 }, 1, 0)
+                .map_err(|source| ProbeError::Map { name: names::LISTEN, source })?;
+        }
+        self.listening.insert(pid, ports.to_vec());
+        Ok(())
     }
 
     /// Attaches uprobe program `prog` at file offset `offset` of `exe`, for process `pid` only.
@@ -150,11 +166,14 @@ impl Probes {
             }
         }
         let _ = self.select(pid, false);
+        let _ = self.set_listening(pid, &[]);
+        self.listening.remove(&pid);
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<_, u32, TargetConfig>>(names::TARGETS) {
             let _ = targets.remove(&pid);
         }
         if let Ok(mut conns) = self.map_mut::<BpfHashMap<_, ConnKey, ConnState>>(names::CONNS) {
-            let stale: Vec<ConnKey> = conns.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
+            let stale: Vec<ConnKey> =
+                conns.iter().filter_map(Result::ok).filter(|(_, v)| v.pid == pid).map(|(k, _)| k).collect();
             for k in stale {
                 let _ = conns.remove(&k);
             }
@@ -175,11 +194,16 @@ impl Probes {
         n
     }
 
-    /// The kernel's state of socket `fd` of `pid`, if tracked.
-    pub fn conn(&self, pid: u32, fd: u32) -> Option<ConnState> {
-        let map = self.ebpf.map(names::CONNS)?;
-        let conns = BpfHashMap::<_, ConnKey, ConnState>::try_from(map).ok()?;
-        conns.get(&ConnKey { pid, fd }, 0).ok()
+    /// Socket inodes of `pid` whose Go connection the kernel knows.
+    pub fn go_resolved_inodes(&self, pid: u32) -> std::collections::HashSet<u64> {
+        let Some(map) = self.ebpf.map(names::CONNS) else { return Default::default() };
+        let Ok(conns) = BpfHashMap::<_, ConnKey, ConnState>::try_from(map) else { return Default::default() };
+        conns
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, c)| c.pid == pid && c.role == ConnRole::Server as u8 && c.go_conn != 0)
+            .map(|(_, c)| c.ino)
+            .collect()
     }
 
     /// Number of uprobe attachments held for `pid`.
@@ -216,17 +240,17 @@ impl Probes {
 }
 
 fn attach_raw(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    for name in SYSCALL_HOOKS {
+    for name in SOCKET_HOOKS {
         let prog: &mut RawTracePoint = program(ebpf, name)?;
         prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
-        prog.attach(name).map_err(|source| ProbeError::Program { name: format!("raw_syscalls:{name}"), source })?;
+        prog.attach(name).map_err(|source| ProbeError::Program { name: format!("raw tracepoint {name}"), source })?;
     }
     Ok(())
 }
 
 fn attach_btf(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
     let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Missing(format!("kernel BTF ({e})")))?;
-    for name in SYSCALL_HOOKS {
+    for name in SOCKET_HOOKS {
         let prog_name = format!("{name}_btf");
         let prog: &mut BtfTracePoint = program(ebpf, &prog_name)?;
         prog.load(name, &btf).map_err(|source| ProbeError::Program { name: prog_name.clone(), source })?;

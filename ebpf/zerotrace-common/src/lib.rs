@@ -13,6 +13,7 @@ pub mod names {
     pub const TARGETS: &str = "TARGETS";
     pub const CONNS: &str = "CONNS";
     pub const SELECTED: &str = "SELECTED";
+    pub const LISTEN: &str = "LISTEN";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
     pub const GO_REQUESTS: &str = "GO_REQUESTS";
@@ -29,6 +30,8 @@ pub mod bounds {
     pub const MAX_CONNS: u32 = 16384;
     /// Largest pid the selection bitmap covers (the kernel's PID_MAX_LIMIT on 64-bit).
     pub const MAX_PID: u32 = 4 * 1024 * 1024;
+    /// (process, port) pairs traced processes listen on.
+    pub const MAX_LISTEN: u32 = 4096;
     /// Goroutines inside `serverHandler.ServeHTTP` at once (handler probe mode).
     pub const MAX_GO_REQUESTS: u32 = 16384;
     /// Ring buffer for all events (bytes, power of two).
@@ -40,8 +43,8 @@ pub mod bounds {
     pub const REQ_CAPTURE_MAX: usize = 2048;
     /// Bytes of a response kept to read its status line.
     pub const STATUS_CAPTURE: usize = 16;
-    /// Longest Go route pattern kept (`GET /users/{id}`), longer ones are truncated.
-    pub const PATTERN_MAX: usize = 128;
+    /// Longest Go route pattern the agent reads (`GET /users/{id}`); longer ones are cut.
+    pub const PATTERN_MAX: usize = 256;
     /// Longest Go string copied for method, path, host or remote address.
     pub const GO_STR_MAX: usize = 128;
 }
@@ -54,8 +57,8 @@ pub enum Counter {
     RingFull = 0,
     /// `CONNS` was full when a new connection arrived: it is not traced.
     ConnsFull = 1,
-    /// Unused (was: a per-thread syscall table, no longer needed).
-    Reserved2 = 2,
+    /// Bytes received through a call zerotrace cannot read the buffer of (readv, recvmsg).
+    RecvNoBuffer = 2,
     /// Reading target memory failed (paged out, freed, bad offset).
     ReadUserFailed = 3,
     /// Reading a kernel structure failed.
@@ -113,22 +116,31 @@ pub struct EventHeader {
     pub ts_ns: u64,
 }
 
-/// How a tracked socket came to be known.
+/// Which side of a connection the traced process is.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnRole {
-    /// Accepted by the traced process: it is the server side.
+    /// The process accepted it (its local port is one the process listens on, or Go's
+    /// `(*conn).serve` runs for it): it is the server side.
     Server = 1,
-    /// Connected by the traced process: it is the client side.
+    /// Any other socket of the process (outbound connections).
     Client = 2,
 }
 
-/// Key of `CONNS`: a socket file descriptor of a traced process.
+/// Key of `CONNS`: the kernel socket (`struct sock *`), unique while the socket lives.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnKey {
+    pub sk: u64,
+}
+
+/// Key of `LISTEN`: a port a traced process listens on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ListenKey {
     pub pid: u32,
-    pub fd: u32,
+    pub port: u16,
+    pub _pad: u16,
 }
 
 /// Where a server-side connection is in its request/response cycle.
@@ -152,8 +164,15 @@ pub struct ConnState {
     pub resp_ts: u64,
     /// Entry time of the latest write of the current response.
     pub last_write_ts: u64,
+    /// Bytes received since the current request started.
     pub bytes_in: u64,
-    pub bytes_out: u64,
+    /// The process that owns the socket.
+    pub pid: u32,
+    /// Local port (to re-check the role of client sockets against LISTEN).
+    pub local_port: u16,
+    pub _pad2: u16,
+    /// Inode number of the socket (what /proc/PID/fd shows as socket:[N]).
+    pub ino: u64,
     /// Requests started on this connection; the current one's number.
     pub seq: u32,
     pub role: u8,
@@ -166,7 +185,12 @@ pub struct ConnState {
     /// captured until the capture size is reached).
     pub captured: u32,
     pub status: [u8; bounds::STATUS_CAPTURE],
-    pub pattern: [u8; bounds::PATTERN_MAX],
+    /// Go: address of the route pattern string of the current request (the agent reads
+    /// the bytes once per distinct pattern: Go's mux keeps them for the process's life).
+    pub pattern_ptr: u64,
+    /// Go: the goroutine serving this connection (conn.serve's) and its goid.
+    pub go_g: u64,
+    pub goid: u64,
 }
 
 impl ConnState {
@@ -178,7 +202,10 @@ impl ConnState {
             resp_ts: 0,
             last_write_ts: 0,
             bytes_in: 0,
-            bytes_out: 0,
+            pid: 0,
+            local_port: 0,
+            _pad2: 0,
+            ino: 0,
             seq: 0,
             role,
             phase: phase::IDLE,
@@ -188,7 +215,9 @@ impl ConnState {
             _pad1: [0; 2],
             captured: 0,
             status: [0; bounds::STATUS_CAPTURE],
-            pattern: [0; bounds::PATTERN_MAX],
+            pattern_ptr: 0,
+            go_g: 0,
+            goid: 0,
         }
     }
 }
@@ -206,28 +235,26 @@ pub struct SockAddrs {
     pub _pad: u16,
 }
 
-/// A socket became tracked (accepted or connected by a traced process).
+/// A socket of a traced process became tracked (at its first I/O, or when Go started
+/// serving it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnOpenEvent {
     pub hdr: EventHeader,
     pub conn_id: u64,
-    pub fd: i32,
+    pub sk: u64,
     pub role: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
     pub addrs: SockAddrs,
 }
 
-/// A tracked socket was closed by the traced process.
+/// A tracked socket reached TCP_CLOSE.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnCloseEvent {
     pub hdr: EventHeader,
     pub conn_id: u64,
-    pub fd: i32,
-    pub _pad: u32,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+    pub sk: u64,
 }
 
 /// Bytes of a request read by a server (variable length: `captured` bytes follow). The
@@ -241,9 +268,8 @@ pub struct HttpRequestEvent {
     /// Go: the goroutine (g pointer) and its goid that read the request, else 0.
     pub goroutine: u64,
     pub goid: u64,
-    /// Exit time of the read that returned the first bytes of the request.
+    /// Time the first bytes of the request were received.
     pub start_ns: u64,
-    pub fd: i32,
     pub seq: u32,
     /// Bytes the read returned.
     pub read_len: u32,
@@ -251,7 +277,6 @@ pub struct HttpRequestEvent {
     pub captured: u32,
     /// Bytes of this request captured in earlier records.
     pub offset: u32,
-    pub _pad: u32,
 }
 
 /// Largest HTTP request record: header plus the maximal capture.
@@ -267,16 +292,14 @@ pub struct HttpResponseEvent {
     pub resp_start_ns: u64,
     pub end_ns: u64,
     pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub fd: i32,
     pub seq: u32,
     pub status_len: u8,
     /// 1 when the connection closed right after this response.
     pub closed: u8,
     pub pattern_len: u16,
-    pub _pad: u32,
     pub status: [u8; bounds::STATUS_CAPTURE],
-    pub pattern: [u8; bounds::PATTERN_MAX],
+    /// Go: address and length of the route pattern string in the target (0: none).
+    pub pattern_ptr: u64,
 }
 
 /// A Go string read from the target (truncated to GO_STR_MAX).
@@ -306,9 +329,8 @@ pub struct GoServerRequestEvent {
     pub end_ns: u64,
     pub content_length: i64,
     pub status: i64,
-    /// Socket fd serving the request when it is a plain TCP or TLS connection, else -1.
-    pub fd: i32,
-    pub _pad: u32,
+    /// Kernel socket serving the request when it is a plain TCP or TLS connection, else 0.
+    pub sk: u64,
     pub method: GoStr,
     pub path: GoStr,
     pub pattern: GoStr,
@@ -410,7 +432,10 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
-    pub _pad: u32,
+    /// sock.sk_socket, socket_alloc.vfs_inode (the inode after the socket), inode.i_ino.
+    pub sock_sk_socket: u32,
+    pub socket_alloc_inode: u32,
+    pub inode_ino: u32,
 }
 
 /// Load-time settings of the kernel programs.
@@ -435,17 +460,18 @@ macro_rules! assert_size {
 }
 assert_size!(EventHeader, 24);
 assert_size!(ConnKey, 8);
-assert_size!(ConnState, 216);
+assert_size!(ListenKey, 8);
+assert_size!(ConnState, 120);
 assert_size!(SockAddrs, 40);
-assert_size!(ConnOpenEvent, 80);
-assert_size!(ConnCloseEvent, 56);
-assert_size!(HttpRequestEvent, 80);
-assert_size!(HttpResponseEvent, 224);
+assert_size!(ConnOpenEvent, 88);
+assert_size!(ConnCloseEvent, 40);
+assert_size!(HttpRequestEvent, 72);
+assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 32 + 24 * 2);
 assert_size!(TargetConfig, 8 + 80);
-assert_size!(KernelOffsets, 56);
+assert_size!(KernelOffsets, 64);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -453,6 +479,7 @@ mod pod {
     // SAFETY: all of these are #[repr(C)], made of integers and byte arrays with explicit
     // padding, so every bit pattern is valid.
     unsafe impl aya::Pod for ConnKey {}
+    unsafe impl aya::Pod for ListenKey {}
     unsafe impl aya::Pod for ConnState {}
     unsafe impl aya::Pod for TargetConfig {}
     unsafe impl aya::Pod for KernelOffsets {}

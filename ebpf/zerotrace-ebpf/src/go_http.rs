@@ -1,5 +1,5 @@
 //! Go net/http uprobes. `go_conn_serve` fires once per connection (entry of
-//! `net/http.(*conn).serve`) and ties the socket fd to the Go `conn`, so the syscall
+//! `net/http.(*conn).serve`) and ties the kernel socket to the Go `conn`, so the socket
 //! programs can read the route pattern without any per-request uprobe. In handler mode,
 //! `go_serve_http` / `go_serve_http_ret` fire at the entry and at every RET instruction of
 //! `net/http.serverHandler.ServeHTTP` (never a uretprobe: goroutine stacks move).
@@ -9,13 +9,13 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use zerotrace_common::{
-    ConnKey, ConnRole, Counter, EventKind, GoRequestKey, GoRequestState, GoServerRequestEvent,
+    Counter, EventKind, GoRequestKey, GoRequestState, GoServerRequestEvent,
     GoOffsets, TargetConfig,
 };
 
 use crate::{
-    maps::{CONNS, EVENTS, GO_REQUESTS, TARGETS},
-    sockets::track_socket,
+    maps::{EVENTS, GO_REQUESTS, TARGETS},
+    sockets::{conn_for, fd_to_sk},
     util::{count, go_conn_fd, go_itab_type, go_ptr, header, now, read_go_string, read_user, wake_flags},
 };
 
@@ -44,13 +44,20 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
     if fd < 0 {
         return 0;
     }
-    let key = ConnKey { pid, fd: fd as u32 };
-    if CONNS.get_ptr(&key).is_none() && !track_socket(pid_tgid, fd, ConnRole::Server) {
+    let Some(sk) = fd_to_sk(fd as u32) else {
         return 0;
-    }
-    if let Some(conn) = CONNS.get_ptr_mut(&key) {
+    };
+    // Go serves this socket: it is a server socket whatever LISTEN says. The goroutine
+    // running conn.serve handles every request of the connection (HTTP/1).
+    if let Some(conn) = conn_for(pid_tgid, sk, true) {
+        let g = regs(&ctx).r14;
+        let goid = read_user::<u64>(g + go.g_goid as u64).unwrap_or(0);
         // SAFETY: map value pointer, valid for this program run.
-        unsafe { (*conn).go_conn = c };
+        unsafe {
+            (*conn).go_conn = c;
+            (*conn).go_g = g;
+            (*conn).goid = goid;
+        }
     }
     0
 }
@@ -112,7 +119,7 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
     let url = go_ptr(r, go.request_url);
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
-        (*e).hdr = header(EventKind::GoServerRequest, core::mem::size_of::<GoServerRequestEvent>(), pid_tgid, now());
+        (*e).hdr = header(EventKind::GoServerRequest, core::mem::size_of::<GoServerRequestEvent>(), (pid_tgid >> 32) as u32, pid_tgid as u32, now());
         (*e).goroutine = g;
         (*e).goid = read_user::<u64>(g + go.g_goid as u64).unwrap_or(0);
         (*e).start_ns = st.start_ns;
@@ -123,8 +130,7 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
         } else {
             0
         };
-        (*e).fd = -1;
-        (*e)._pad = 0;
+        (*e).sk = 0;
         for s in [
             &mut (*e).method,
             &mut (*e).path,
@@ -155,7 +161,10 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
             let conn = go_ptr(st.response, go.response_conn);
             if conn != 0 {
                 if let Some(rwc) = read_user::<[u64; 2]>(conn + go.conn_rwc as u64) {
-                    (*e).fd = go_conn_fd(go, rwc[0], rwc[1]);
+                    let fd = go_conn_fd(go, rwc[0], rwc[1]);
+                    if fd >= 0 {
+                        (*e).sk = fd_to_sk(fd as u32).unwrap_or(0);
+                    }
                 }
             }
         }

@@ -7,8 +7,8 @@
 mod go_http;
 mod http_server;
 mod maps;
+mod socket_hooks;
 mod sockets;
-mod syscalls;
 mod util;
 
 #[cfg(not(test))]

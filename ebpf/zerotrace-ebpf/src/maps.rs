@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use zerotrace_common::{
-    ConnKey, ConnState, GoRequestKey, GoRequestState, HTTP_REQUEST_MAX, KernelOffsets,
+    ConnKey, ConnState, GoRequestKey, GoRequestState, HTTP_REQUEST_MAX, KernelOffsets, ListenKey,
     Settings, TargetConfig, bounds, COUNTER_SLOTS,
 };
 
@@ -22,7 +22,12 @@ pub static TARGETS: HashMap<u32, TargetConfig> = HashMap::with_max_entries(bound
 #[map]
 pub static SELECTED: Array<u64> = Array::with_max_entries(bounds::MAX_PID / 64, 0);
 
-/// Tracked sockets of selected processes, keyed by (tgid, fd).
+/// Ports traced processes listen on, kept by the agent from /proc: a socket whose local
+/// port is one of them is a server socket.
+#[map]
+pub static LISTEN: HashMap<ListenKey, u8> = HashMap::with_max_entries(bounds::MAX_LISTEN, 0);
+
+/// Tracked sockets of selected processes, keyed by kernel socket.
 #[map]
 pub static CONNS: HashMap<ConnKey, ConnState> = HashMap::with_max_entries(bounds::MAX_CONNS, 0);
 
@@ -55,7 +60,9 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
     skc_num: 0,
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
-    _pad: 0,
+    sock_sk_socket: 0,
+    socket_alloc_inode: 0,
+    inode_ino: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -1,23 +1,53 @@
-//! Which sockets of a traced process are followed: accepted ones (server side) become
-//! entries of CONNS with their addresses read from the kernel's socket; close ends them.
+//! Which sockets of a traced process are followed. A socket is known by its kernel
+//! `struct sock` and becomes tracked the first time the process does I/O on it (or when Go
+//! starts serving it), so sockets that existed before zerotrace attached are followed too.
+//! Its role comes from the ports the process listens on (LISTEN, kept by the agent). It
+//! stops being tracked when TCP moves it to CLOSE.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_smp_processor_id};
 use zerotrace_common::{
-    ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, SockAddrs, phase,
+    ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, ListenKey,
+    SockAddrs, phase,
 };
 
 use crate::{
     http_server::finish_response,
-    maps::{CONNS, EVENTS, SCRATCH, kernel},
+    maps::{CONNS, EVENTS, LISTEN, SCRATCH, kernel},
     util::{count, header, now, read_kernel, wake_flags},
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+/// TCP states (include/net/tcp_states.h).
+pub const TCP_CLOSE: i32 = 7;
 
-/// Addresses of the socket behind `fd` of the current task:
-/// task->files->fdt->fd[fd]->private_data (struct socket) ->sk (struct sock_common first).
+/// Addresses of a kernel socket (struct sock starts with struct sock_common); None for
+/// anything but IPv4/IPv6.
 #[inline(always)]
-fn sock_addrs(fd: u32) -> Option<SockAddrs> {
+pub fn sk_addrs(sk: u64) -> Option<SockAddrs> {
+    let k = kernel();
+    let family = read_kernel::<u16>(sk + k.skc_family as u64)?;
+    if family != AF_INET && family != AF_INET6 {
+        return None;
+    }
+    let mut a = SockAddrs { family, ..SockAddrs::default() };
+    a.local_port = read_kernel::<u16>(sk + k.skc_num as u64)?;
+    a.peer_port = u16::from_be(read_kernel::<u16>(sk + k.skc_dport as u64)?);
+    if family == AF_INET {
+        let d = read_kernel::<[u8; 4]>(sk + k.skc_daddr as u64)?;
+        let s = read_kernel::<[u8; 4]>(sk + k.skc_rcv_saddr as u64)?;
+        a.peer_addr = v4_mapped(d);
+        a.local_addr = v4_mapped(s);
+    } else {
+        a.peer_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_daddr as u64)?;
+        a.local_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_rcv_saddr as u64)?;
+    }
+    Some(a)
+}
+
+/// The kernel socket behind file descriptor `fd` of the current task:
+/// task->files->fdt->fd[fd]->private_data (struct socket)->sk.
+#[inline(always)]
+pub fn fd_to_sk(fd: u32) -> Option<u64> {
     let k = kernel();
     // SAFETY: only used as an address to read from.
     let task = unsafe { bpf_get_current_task() };
@@ -27,24 +57,18 @@ fn sock_addrs(fd: u32) -> Option<SockAddrs> {
     let file = read_kernel::<u64>(fds + 8 * fd as u64)?;
     let sock = read_kernel::<u64>(file + k.file_private_data as u64)?;
     let sk = read_kernel::<u64>(sock + k.socket_sk as u64)?;
-    let family = read_kernel::<u16>(sk + k.skc_family as u64)?;
-    let mut a = SockAddrs { family, ..SockAddrs::default() };
-    a.local_port = read_kernel::<u16>(sk + k.skc_num as u64)?;
-    a.peer_port = u16::from_be(read_kernel::<u16>(sk + k.skc_dport as u64)?);
-    match family {
-        AF_INET => {
-            let d = read_kernel::<[u8; 4]>(sk + k.skc_daddr as u64)?;
-            let s = read_kernel::<[u8; 4]>(sk + k.skc_rcv_saddr as u64)?;
-            a.peer_addr = v4_mapped(d);
-            a.local_addr = v4_mapped(s);
-        }
-        AF_INET6 => {
-            a.peer_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_daddr as u64)?;
-            a.local_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_rcv_saddr as u64)?;
-        }
-        _ => return None,
+    (sk != 0).then_some(sk)
+}
+
+/// Inode number of the socket file of `sk` (socket_alloc = struct socket + its inode).
+#[inline(always)]
+fn sk_inode(sk: u64) -> u64 {
+    let k = kernel();
+    let Some(sock) = read_kernel::<u64>(sk + k.sock_sk_socket as u64) else { return 0 };
+    if sock == 0 {
+        return 0;
     }
-    Some(a)
+    read_kernel::<u64>(sock + k.socket_alloc_inode as u64 + k.inode_ino as u64).unwrap_or(0)
 }
 
 #[inline(always)]
@@ -60,83 +84,103 @@ fn new_conn_id() -> u64 {
     (now() << 8) | (cpu & 0xff)
 }
 
-/// Starts tracking TCP socket `fd` of the current process (the caller checked TARGETS).
-/// Returns false for non-TCP sockets and when CONNS is full.
 #[inline(always)]
-pub fn track_socket(pid_tgid: u64, fd: i32, role: ConnRole) -> bool {
-    if fd < 0 {
-        return false;
-    }
-    let Some(addrs) = sock_addrs(fd as u32) else {
-        return false;
-    };
-    let id = new_conn_id();
-    let key = ConnKey { pid: (pid_tgid >> 32) as u32, fd: fd as u32 };
-    // The new state is assembled in per-CPU scratch space: it is too big for the BPF stack.
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
-    let state = scratch as *mut ConnState;
-    // SAFETY: the scratch value is larger than a ConnState and only used by this CPU.
-    unsafe {
-        core::ptr::write_bytes(state, 0, 1);
-        (*state).id = id;
-        (*state).role = role as u8;
-        (*state).phase = phase::IDLE;
-    }
-    // SAFETY: state was fully initialised above.
-    if CONNS.insert(&key, unsafe { &*state }, 0).is_err() {
-        count(Counter::ConnsFull);
-        return false;
-    }
+fn listens(pid: u32, port: u16) -> bool {
+    LISTEN.get_ptr(&ListenKey { pid, port, _pad: 0 }).is_some()
+}
+
+#[inline(always)]
+fn announce(conn: &ConnState, sk: u64, addrs: &SockAddrs, tid: u32) {
     let Some(mut ev) = EVENTS.reserve::<ConnOpenEvent>(0) else {
         count(Counter::RingFull);
-        return true;
+        return;
     };
     let e = ev.as_mut_ptr();
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
-        (*e).hdr = header(EventKind::ConnOpen, core::mem::size_of::<ConnOpenEvent>(), pid_tgid, now());
-        (*e).conn_id = id;
-        (*e).fd = fd;
-        (*e).role = role as u8;
-        (*e)._pad = [0; 3];
-        (*e).addrs = addrs;
+        (*e).hdr = header(EventKind::ConnOpen, core::mem::size_of::<ConnOpenEvent>(), conn.pid, tid, now());
+        (*e).conn_id = conn.id;
+        (*e).sk = sk;
+        (*e).role = conn.role;
+        (*e)._pad = [0; 7];
+        (*e).addrs = *addrs;
     }
     ev.submit(wake_flags());
-    true
 }
 
-/// Exit of accept/accept4 in a selected process: `ret` is the new socket's fd.
+/// The state of socket `sk` of the current (selected) process, created at first sight.
+/// `server`: the caller knows the process serves this socket (Go's conn.serve). Server
+/// sockets are announced to the agent; others are tracked quietly.
 #[inline(always)]
-pub fn on_accept(pid_tgid: u64, ret: i64) {
-    if ret >= 0 {
-        track_socket(pid_tgid, ret as i32, ConnRole::Server);
-    }
-}
-
-/// Entry of close(2) in a selected process: a tracked socket ends here.
-#[inline(always)]
-pub fn on_close(pid_tgid: u64, fd: u64) {
+pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> {
+    let key = ConnKey { sk };
     let pid = (pid_tgid >> 32) as u32;
-    let key = ConnKey { pid, fd: fd as u32 };
+    if let Some(c) = CONNS.get_ptr_mut(&key) {
+        // SAFETY: map value pointer, valid for this program run.
+        let conn = unsafe { &mut *c };
+        if conn.role != ConnRole::Server as u8 && (server || listens(pid, conn.local_port)) {
+            // A listener the agent learnt about later, or Go serving it: it is a server socket.
+            conn.role = ConnRole::Server as u8;
+            if let Some(addrs) = sk_addrs(sk) {
+                announce(conn, sk, &addrs, pid_tgid as u32);
+            }
+        }
+        return Some(c);
+    }
+    let addrs = sk_addrs(sk)?;
+    let role = if server || listens(pid, addrs.local_port) { ConnRole::Server } else { ConnRole::Client };
+    // The new state is assembled in per-CPU scratch space: it is too big for the BPF stack.
+    let scratch = SCRATCH.get_ptr_mut(0)? as *mut ConnState;
+    // SAFETY: the scratch value is larger than a ConnState and only used by this CPU.
+    unsafe {
+        core::ptr::write_bytes(scratch, 0, 1);
+        (*scratch).id = new_conn_id();
+        (*scratch).role = role as u8;
+        (*scratch).phase = phase::IDLE;
+        (*scratch).pid = pid;
+        (*scratch).local_port = addrs.local_port;
+        (*scratch).ino = sk_inode(sk);
+    }
+    // SAFETY: fully initialised above. BPF_NOEXIST: another CPU may have just created it.
+    if let Err(e) = CONNS.insert(&key, unsafe { &*scratch }, 1) {
+        if e != -17 {
+            count(Counter::ConnsFull);
+            return None;
+        }
+        return CONNS.get_ptr_mut(&key);
+    }
+    let c = CONNS.get_ptr_mut(&key)?;
+    if role == ConnRole::Server {
+        // SAFETY: map value pointer, valid for this program run.
+        announce(unsafe { &*c }, sk, &addrs, pid_tgid as u32);
+    }
+    Some(c)
+}
+
+/// TCP moved `sk` to a new state; at CLOSE a tracked socket ends (whatever task this runs
+/// in: state changes also happen in softirq context).
+#[inline(always)]
+pub fn on_state(sk: u64, newstate: i32) {
+    if newstate != TCP_CLOSE {
+        return;
+    }
+    let key = ConnKey { sk };
     let Some(conn) = CONNS.get_ptr_mut(&key) else {
         return;
     };
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     let ts = now();
-    finish_response(conn, pid_tgid, fd as i32, ts, 1);
-    let ev = ConnCloseEvent {
-        hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), pid_tgid, ts),
-        conn_id: conn.id,
-        fd: fd as i32,
-        _pad: 0,
-        bytes_in: conn.bytes_in,
-        bytes_out: conn.bytes_out,
-    };
-    if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::RingFull);
+    finish_response(conn, 0, ts, 1);
+    if conn.role == ConnRole::Server as u8 {
+        let ev = ConnCloseEvent {
+            hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts),
+            conn_id: conn.id,
+            sk,
+        };
+        if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
+            count(Counter::RingFull);
+        }
     }
     let _ = CONNS.remove(&key);
 }

@@ -37,15 +37,8 @@ pub fn wake_flags() -> u64 {
 }
 
 #[inline(always)]
-pub fn header(kind: zerotrace_common::EventKind, size: usize, pid_tgid: u64, ts: u64) -> EventHeader {
-    EventHeader {
-        kind: kind as u16,
-        _pad: 0,
-        size: size as u32,
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        ts_ns: ts,
-    }
+pub fn header(kind: zerotrace_common::EventKind, size: usize, pid: u32, tid: u32, ts: u64) -> EventHeader {
+    EventHeader { kind: kind as u16, _pad: 0, size: size as u32, pid, tid, ts_ns: ts }
 }
 
 #[inline(always)]
