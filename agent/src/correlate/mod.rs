@@ -221,12 +221,13 @@ impl Correlator {
             return None;
         };
         let conn = self.conns.get(&r.conn_id).map(|c| (c.addrs, c.peer.clone()));
-        let mut status = http1::parse_status(&r.status_line).map(i64::from);
-        let mut pattern = self.pattern(r.pid, r.pattern_ptr, r.pattern_len).map(|p| p.to_string()).unwrap_or_default();
+        let mut status = http1::parse_status(&r.status_line[..r.status_len as usize]).map(i64::from);
+        let kernel_pattern = self.pattern(r.pid, r.pattern_ptr, r.pattern_len);
+        let mut pattern: &str = kernel_pattern.as_deref().unwrap_or("");
         let mut goid = p.goid;
         if let Some(go) = &p.go {
             if pattern.is_empty() {
-                pattern = go.pattern.clone();
+                pattern = &go.pattern;
             }
             if status.is_none() && go.status > 0 {
                 status = Some(go.status);
@@ -239,7 +240,7 @@ impl Correlator {
             goid,
             method: &head.method,
             path: head.path(),
-            pattern: &pattern,
+            pattern,
             status,
             host: head.host.as_deref(),
             user_agent: head.user_agent.as_deref(),

@@ -75,7 +75,9 @@ pub struct HttpResponse {
     pub end_ns: u64,
     pub bytes_in: u64,
     pub closed: bool,
-    pub status_line: Vec<u8>,
+    /// The first bytes of the response (status line), `status_len` of them valid.
+    pub status_line: [u8; 16],
+    pub status_len: u8,
     /// Go: where the route pattern string is in the target (0: none).
     pub pattern_ptr: u64,
     pub pattern_len: u16,
@@ -188,7 +190,8 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 end_ns: e.end_ns,
                 bytes_in: e.bytes_in,
                 closed: e.closed != 0,
-                status_line: e.status[..sl].to_vec(),
+                status_line: e.status,
+                status_len: sl as u8,
                 pattern_ptr: e.pattern_ptr,
                 pattern_len: e.pattern_len,
             })
@@ -322,7 +325,7 @@ mod tests {
         assert_eq!(r.seq, 1);
         let resp = record::response(7, 30, 99, 1, b"HTTP/1.1 200 OK\r", "GET /");
         let Event::HttpResponse(r) = decode(&resp).unwrap() else { panic!() };
-        assert_eq!(r.status_line, b"HTTP/1.1 200 OK\r");
+        assert_eq!(&r.status_line[..r.status_len as usize], b"HTTP/1.1 200 OK\r");
         assert_eq!(record::fake_memory(7, r.pattern_ptr, r.pattern_len as usize).as_deref(), Some("GET /"));
         assert!(matches!(decode(&record::conn_close(7, 40, 99, 5)).unwrap(), Event::ConnClose { .. }));
     }

@@ -2,6 +2,7 @@
 //! sockets they had before zerotrace attached.
 pub mod memory;
 pub mod proc;
+pub mod sockdiag;
 pub mod target;
 
 pub use target::{Target, TargetEnv};

@@ -153,14 +153,15 @@ pub fn accepted_connections(pid: u32) -> io::Result<Vec<TcpSocket>> {
         .collect())
 }
 
-/// Ports the process listens on.
+/// Ports the process listens on: its sockets that sock_diag lists as listeners (cheap), or
+/// from /proc/PID/net/tcp when it lives in another network namespace.
 pub fn listening_ports(pid: u32) -> Vec<u16> {
     let Ok(fds) = socket_fds(pid) else { return Vec::new() };
-    let mut ports: Vec<u16> = tcp_sockets(pid)
-        .into_iter()
-        .filter(|s| s.state == TCP_LISTEN && fds.contains_key(&s.inode))
-        .map(|s| s.addrs.local.port)
-        .collect();
+    let listeners: Vec<(u64, u16)> = match super::sockdiag::same_netns(pid).then(super::sockdiag::listening) {
+        Some(Ok(l)) => l,
+        _ => tcp_sockets(pid).into_iter().filter(|s| s.state == TCP_LISTEN).map(|s| (s.inode, s.addrs.local.port)).collect(),
+    };
+    let mut ports: Vec<u16> = listeners.into_iter().filter(|(ino, _)| fds.contains_key(ino)).map(|(_, p)| p).collect();
     ports.sort_unstable();
     ports.dedup();
     ports

@@ -1,27 +1,29 @@
 //! HTTP/1.x request heads and status lines, from the first bytes of a request or response.
 //! A head cut off by the capture size still yields its request line and complete headers.
+//! Fields borrow from the captured bytes (no copies on the hot path).
+use std::borrow::Cow;
 
 /// What the span needs from a request head.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct RequestHead {
-    pub method: String,
+pub struct RequestHead<'a> {
+    pub method: Cow<'a, str>,
     /// Request target as sent (origin form: path and query).
-    pub target: String,
+    pub target: Cow<'a, str>,
     /// 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub minor_version: u8,
-    pub host: Option<String>,
-    pub user_agent: Option<String>,
-    pub traceparent: Option<String>,
-    pub tracestate: Option<String>,
+    pub host: Option<Cow<'a, str>>,
+    pub user_agent: Option<Cow<'a, str>>,
+    pub traceparent: Option<Cow<'a, str>>,
+    pub tracestate: Option<Cow<'a, str>>,
     pub content_length: Option<u64>,
     /// The capture ended inside the head: some headers may be missing.
     pub truncated: bool,
 }
 
-impl RequestHead {
+impl RequestHead<'_> {
     /// Path part of the target (before '?'), for `url.path`.
     pub fn path(&self) -> &str {
-        let t = self.target.as_str();
+        let t: &str = &self.target;
         let t = t.split(['?', '#']).next().unwrap_or(t);
         // Absolute form (proxies): keep only the path.
         if let Some(rest) = t.strip_prefix("http://").or_else(|| t.strip_prefix("https://")) {
@@ -34,13 +36,13 @@ impl RequestHead {
 const MAX_HEADERS: usize = 96;
 
 /// Parses a request head from captured bytes; None when the bytes are not an HTTP/1 request.
-pub fn parse_request(buf: &[u8]) -> Option<RequestHead> {
+pub fn parse_request(buf: &[u8]) -> Option<RequestHead<'_>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Complete(_)) => Some(from_parsed(&req, false)),
         Ok(httparse::Status::Partial) => {
-            // Cut at the last complete line and close the head there.
+            // Cut at the last complete line and close the head there (rare: owned copies).
             let method = req.method?.to_owned();
             let target = req.path?.to_owned();
             let minor = req.version.unwrap_or(1);
@@ -50,11 +52,32 @@ pub fn parse_request(buf: &[u8]) -> Option<RequestHead> {
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
             let mut again = httparse::Request::new(&mut headers);
             match again.parse(&closed) {
-                Ok(httparse::Status::Complete(_)) => Some(from_parsed(&again, true)),
-                _ => Some(RequestHead { method, target, minor_version: minor, truncated: true, ..Default::default() }),
+                Ok(httparse::Status::Complete(_)) => Some(into_owned(from_parsed(&again, true))),
+                _ => Some(RequestHead {
+                    method: Cow::Owned(method),
+                    target: Cow::Owned(target),
+                    minor_version: minor,
+                    truncated: true,
+                    ..Default::default()
+                }),
             }
         }
         Err(_) => None,
+    }
+}
+
+fn into_owned(h: RequestHead<'_>) -> RequestHead<'static> {
+    let own = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+    RequestHead {
+        method: own(h.method),
+        target: own(h.target),
+        minor_version: h.minor_version,
+        host: h.host.map(own),
+        user_agent: h.user_agent.map(own),
+        traceparent: h.traceparent.map(own),
+        tracestate: h.tracestate.map(own),
+        content_length: h.content_length,
+        truncated: h.truncated,
     }
 }
 
@@ -62,16 +85,19 @@ fn last_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).rposition(|w| w == b"\r\n")
 }
 
-fn from_parsed(req: &httparse::Request<'_, '_>, truncated: bool) -> RequestHead {
+fn from_parsed<'b>(req: &httparse::Request<'_, 'b>, truncated: bool) -> RequestHead<'b> {
     let mut h = RequestHead {
-        method: req.method.unwrap_or_default().to_owned(),
-        target: req.path.unwrap_or_default().to_owned(),
+        method: Cow::Borrowed(req.method.unwrap_or_default()),
+        target: Cow::Borrowed(req.path.unwrap_or_default()),
         minor_version: req.version.unwrap_or(1),
         truncated,
         ..Default::default()
     };
     for hdr in req.headers.iter() {
-        let value = || String::from_utf8_lossy(hdr.value).trim().to_owned();
+        let value = || match String::from_utf8_lossy(hdr.value) {
+            Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+            Cow::Owned(s) => Cow::Owned(s.trim().to_owned()),
+        };
         let name = hdr.name;
         if name.eq_ignore_ascii_case("host") {
             h.host = Some(value());
@@ -162,7 +188,7 @@ mod tests {
 
     #[test]
     fn absolute_form_path() {
-        let h = RequestHead { target: "http://example.com/a/b?c".into(), ..Default::default() };
+        let h = RequestHead { target: Cow::Borrowed("http://example.com/a/b?c"), ..Default::default() };
         assert_eq!(h.path(), "/a/b");
     }
 
