@@ -49,6 +49,18 @@ fn function(exe: &Executable, name: &str) -> Result<(u64, u64), SymbolError> {
     Ok((sym.addr, off))
 }
 
+/// File offset of where a uprobe "at the entry" of `name` goes: after its stack-growth
+/// check when it has one (fires once per call), else the entry itself.
+pub fn entry_offset(exe: &Executable, name: &str) -> Result<u64, SymbolError> {
+    let (addr, off) = function(exe, name)?;
+    let size = exe.symbol(name).map_or(0, |s| s.size).min(64);
+    let after = exe.bytes_at(addr, size).and_then(|code| disasm::after_stack_check(code, addr));
+    Ok(match after.and_then(|a| exe.file_offset(a)) {
+        Some(o) => o,
+        None => off,
+    })
+}
+
 /// File offsets of every RET of `name`.
 pub fn ret_offsets(exe: &Executable, name: &str) -> Result<Vec<u64>, SymbolError> {
     let (addr, _) = function(exe, name)?;
@@ -88,18 +100,18 @@ pub fn attach_http(
     let mut report = AttachReport::default();
     match mode {
         GoHttpProbes::Conn => {
-            let (_, off) = function(exe, CONN_SERVE)?;
+            let off = entry_offset(exe, CONN_SERVE)?;
             probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, false)?;
             report.uprobes += 1;
             if catch_up {
-                if let Ok((_, off)) = function(exe, CONN_READ_REQUEST) {
+                if let Ok(off) = entry_offset(exe, CONN_READ_REQUEST) {
                     probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, true)?;
                     report.uprobes += 1;
                 }
             }
         }
         GoHttpProbes::Handler => {
-            let (_, entry) = function(exe, SERVE_HTTP)?;
+            let entry = entry_offset(exe, SERVE_HTTP)?;
             let rets = ret_offsets(exe, SERVE_HTTP)?;
             probes.attach_uprobe(t.pid, uprobes::GO_SERVE_HTTP, path, entry, false)?;
             for off in &rets {

@@ -1,7 +1,40 @@
 //! Finds the RET instructions of a function by decoding it (raw 0xC3 bytes also occur
 //! inside other instructions). Uprobes on these addresses replace uretprobes, which would
 //! corrupt Go programs because goroutine stacks move.
-use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+
+/// Offset of g.stackguard0 (after g.stack.lo and g.stack.hi) on amd64, in every Go version.
+const STACKGUARD0: u64 = 0x10;
+
+/// Address of the first instruction after a Go function's stack-growth check
+/// (`[LEAQ -N(SP), R12;] CMPQ SP|R12, 0x10(R14); JBE morestack`), or None when the function
+/// does not start with one. A uprobe there fires once per call: a probe on the entry fires
+/// twice when the goroutine's stack has to grow (morestack restarts the function), and the
+/// argument registers are still untouched at that point.
+pub fn after_stack_check(code: &[u8], addr: u64) -> Option<u64> {
+    let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut saw_check = false;
+    for _ in 0..3 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let insn = decoder.decode();
+        match insn.mnemonic() {
+            Mnemonic::Lea if insn.op0_register() == Register::R12 => {}
+            Mnemonic::Cmp
+                if insn.op_count() == 2
+                    && insn.op1_kind() == OpKind::Memory
+                    && insn.memory_base() == Register::R14
+                    && insn.memory_displacement64() == STACKGUARD0 =>
+            {
+                saw_check = true;
+            }
+            Mnemonic::Jbe if saw_check => return Some(insn.next_ip()),
+            _ => return None,
+        }
+    }
+    None
+}
 
 /// Addresses of every RET in `code`, which starts at virtual address `addr`.
 /// Fails on bytes that do not decode (the function is then not hooked at all).
@@ -30,6 +63,18 @@ mod tests {
         // mov eax, 0xc3c3c3c3 ; ret ; mov ecx, 1 ; ret ; int3
         let code = [0xb8, 0xc3, 0xc3, 0xc3, 0xc3, 0xc3, 0xb9, 1, 0, 0, 0, 0xc3, 0xcc];
         assert_eq!(ret_addresses(&code, 0x1000).unwrap(), vec![0x1005, 0x100b]);
+    }
+
+    #[test]
+    fn finds_the_end_of_the_stack_check() {
+        // Go 1.27 serverHandler.ServeHTTP: CMPQ SP, 0x10(R14); JBE; PUSHQ BP
+        let small = [0x49, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0x8a, 0, 0, 0, 0x55];
+        assert_eq!(after_stack_check(&small, 0x6262e0), Some(0x6262ea));
+        // (*conn).serve: LEAQ -0x418(SP), R12; CMPQ R12, 0x10(R14); JBE; PUSHQ BP
+        let big = [0x4c, 0x8d, 0xa4, 0x24, 0xe8, 0xfb, 0xff, 0xff, 0x4d, 0x3b, 0x66, 0x10, 0x0f, 0x86, 0xc1, 0x18, 0, 0, 0x55];
+        assert_eq!(after_stack_check(&big, 0x61c460), Some(0x61c472));
+        // No check (a leaf function): probe the entry.
+        assert_eq!(after_stack_check(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0x1000), None);
     }
 
     #[test]
