@@ -112,9 +112,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = zerotrace_common::bounds::MAX_CONNS, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub max_connections: u32,
 
-    /// Which kernel hooks carry the syscall layer (auto: BTF tracepoints when allowed).
+    /// Which flavour of socket hooks to load (auto: BTF tracepoints when allowed).
     #[arg(long, value_enum, default_value = "auto", hide = true)]
-    pub syscall_hooks: crate::probes::HookFlavour,
+    pub socket_hooks: crate::probes::HookFlavour,
 
     /// Print the agent's counters (events, drops, spans) every this often; 0 disables.
     #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DURATION")]

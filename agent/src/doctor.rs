@@ -46,10 +46,16 @@ pub fn check() -> Vec<Line> {
     push("ring buffer", features::ring_buffer().map(|()| "BPF_MAP_TYPE_RINGBUF".into()), "events reach the agent", "no event transport: zerotrace cannot run");
     push("tracepoints", features::tracepoints().map(|()| "syscalls:* attachable".into()), "tracepoints usable", "no tracepoints: zerotrace cannot run");
     push(
-        "raw tracepoints",
-        features::raw_tracepoints().map(|()| "raw_syscalls:sys_enter attachable".into()),
-        "socket syscalls are traced (the cheap hot path)",
-        "no syscall layer: zerotrace cannot run",
+        "socket hooks",
+        features::socket_tracepoints().map(|()| "sock_recv_length, tcp_sendmsg_locked, inet_sock_set_state attachable".into()),
+        "socket traffic of selected processes is seen (the cheap hot path)",
+        "no socket layer: zerotrace cannot run (it needs Linux 6.5 or newer)",
+    );
+    push(
+        "btf tracing",
+        features::btf_tracepoints().map(|()| "tp_btf programs load".into()),
+        "socket hooks load in their faster flavour",
+        "socket hooks fall back to raw tracepoints (slower, same results)",
     );
     push("uprobes", features::uprobes().map(|()| "uprobe PMU works".into()), "Go functions can be hooked", "no Go probes: zerotrace cannot run");
     push("perf events", features::perf_events().map(|()| "cpu-clock sampling attachable".into()), "CPU profiling possible", "no CPU profiles");
@@ -71,7 +77,7 @@ pub fn check() -> Vec<Line> {
 
 /// The baseline: ring buffer + tracepoints + uprobes.
 pub fn baseline_ok(lines: &[Line]) -> bool {
-    ["ring buffer", "tracepoints", "raw tracepoints", "uprobes", "tracefs"]
+    ["ring buffer", "tracepoints", "socket hooks", "uprobes", "tracefs", "btf"]
         .iter()
         .all(|n| lines.iter().any(|l| l.name == *n && l.ok))
 }

@@ -116,7 +116,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         env_service_name,
         resource_attrs,
         go_http_probes: args.go_http_probes,
-        kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections, hooks: args.syscall_hooks },
+        kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections, hooks: args.socket_hooks },
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),
     })

@@ -13,6 +13,7 @@ const PROG_PERF_EVENT: u32 = 7;
 const PROG_TRACING: u32 = 26;
 const MAP_RINGBUF: u32 = 27;
 const ATTACH_TRACE_FENTRY: u32 = 24;
+const ATTACH_TRACE_RAW_TP: u32 = 23;
 const PERF_TYPE_SOFTWARE: u32 = 1;
 const PERF_TYPE_TRACEPOINT: u32 = 2;
 const PERF_FLAG_FD_CLOEXEC: libc::c_ulong = 8;
@@ -136,15 +137,32 @@ pub fn tracepoints() -> Probe {
     set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))
 }
 
-/// Raw tracepoints (what the syscall layer uses): raw_syscalls:sys_enter.
-pub fn raw_tracepoints() -> Probe {
-    let prog = load_trivial(PROG_RAW_TRACEPOINT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD raw_tracepoint: {e}"))?;
-    let name = CString::new("sys_enter").expect("no NUL");
-    let mut a = [0u8; 128];
-    put64(&mut a, 0, name.as_ptr() as u64);
-    put32(&mut a, 8, prog.as_raw_fd() as u32);
-    bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("BPF_RAW_TRACEPOINT_OPEN sys_enter: {e}"))
+/// The socket-layer tracepoints zerotrace hangs on: present in tracefs, and attachable as
+/// raw tracepoints (the fallback flavour).
+pub fn socket_tracepoints() -> Probe {
+    for (cat, name) in SOCKET_TRACEPOINTS {
+        tracepoint_id(cat, name).map_err(|_| format!("tracepoint {cat}:{name} missing (Linux 6.5+ has it)"))?;
+        let prog = load_trivial(PROG_RAW_TRACEPOINT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD raw_tracepoint: {e}"))?;
+        let cname = CString::new(*name).expect("no NUL");
+        let mut a = [0u8; 128];
+        put64(&mut a, 0, cname.as_ptr() as u64);
+        put32(&mut a, 8, prog.as_raw_fd() as u32);
+        bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("attach {name}: {e}"))?;
+    }
+    Ok(())
 }
+
+/// The same tracepoints as BTF tracing programs (the faster flavour).
+pub fn btf_tracepoints() -> Probe {
+    let id = kernel_func_btf_id("btf_trace_sock_recv_length").ok_or("btf_trace_sock_recv_length not in kernel BTF")?;
+    let prog = load_trivial(PROG_TRACING, ATTACH_TRACE_RAW_TP, id).map_err(|e| format!("BPF_PROG_LOAD tp_btf: {e}"))?;
+    let mut a = [0u8; 128];
+    put32(&mut a, 8, prog.as_raw_fd() as u32);
+    bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("attach tp_btf: {e}"))
+}
+
+const SOCKET_TRACEPOINTS: &[(&str, &str)] =
+    &[("sock", "sock_recv_length"), ("tcp", "tcp_sendmsg_locked"), ("sock", "inet_sock_set_state")];
 
 /// A function in this executable for the uprobe check to attach to.
 #[unsafe(no_mangle)]
