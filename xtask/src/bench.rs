@@ -6,8 +6,6 @@
 //! measures latency from each request's scheduled time). Each "with" round attaches a fresh
 //! agent and reports its CPU, probe hits per request and ring-buffer wake-ups.
 use std::{
-    io::{BufRead, BufReader, Read, Write},
-    net::TcpStream,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,6 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use zerotrace_e2e::{
     agent::Agent,
+    http::Client,
     otlp::{Kind, Receiver},
     proc::{Proc, free_port, wait_for_port},
     tools,
@@ -274,9 +273,8 @@ fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Re
         .map(|c| {
             let path = path.to_owned();
             std::thread::spawn(move || -> Result<(Vec<f64>, u64)> {
-                let mut s = BufReader::new(TcpStream::connect(("127.0.0.1", port))?);
-                s.get_ref().set_nodelay(true)?;
-                let req = format!("GET {path} HTTP/1.1\r\nHost: bench\r\n\r\n");
+                let mut client = Client::new(port);
+                client.connect()?;
                 let mut lat = Vec::new();
                 let mut errors = 0;
                 let offset = interval.mul_f64(c as f64 / conns as f64);
@@ -290,8 +288,7 @@ fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Re
                     if due > now {
                         std::thread::sleep(due - now);
                     }
-                    s.get_mut().write_all(req.as_bytes())?;
-                    if !read_response(&mut s)? {
+                    if !(200..300).contains(&client.get(&path)?.status) {
                         errors += 1;
                     }
                     lat.push(due.elapsed().as_secs_f64() * 1000.0);
@@ -312,30 +309,4 @@ fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Re
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
     Ok(Load { rps: all.len() as f64 / elapsed, p50_ms: pct(0.5), p99_ms: pct(0.99), errors })
-}
-
-/// Reads one response with a Content-Length body; true for a 2xx status.
-fn read_response(r: &mut BufReader<TcpStream>) -> Result<bool> {
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let ok = line.split_whitespace().nth(1).is_some_and(|c| c.starts_with('2'));
-    let mut len = 0usize;
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            bail!("connection closed");
-        }
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0; len];
-    r.read_exact(&mut body)?;
-    Ok(ok)
 }

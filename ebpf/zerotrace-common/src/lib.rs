@@ -193,35 +193,6 @@ pub struct ConnState {
     pub goid: u64,
 }
 
-impl ConnState {
-    pub const fn new(id: u64, role: u8) -> Self {
-        Self {
-            id,
-            go_conn: 0,
-            req_ts: 0,
-            resp_ts: 0,
-            last_write_ts: 0,
-            bytes_in: 0,
-            pid: 0,
-            local_port: 0,
-            _pad2: 0,
-            ino: 0,
-            seq: 0,
-            role,
-            phase: phase::IDLE,
-            status_len: 0,
-            _pad0: 0,
-            pattern_len: 0,
-            _pad1: [0; 2],
-            captured: 0,
-            status: [0; bounds::STATUS_CAPTURE],
-            pattern_ptr: 0,
-            go_g: 0,
-            goid: 0,
-        }
-    }
-}
-
 /// Socket addresses, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`), ports in host order.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
