@@ -20,14 +20,14 @@ pub struct TestArgs {
 pub fn run_tests(args: TestArgs) -> Result<()> {
     setup::all()?;
     let bin = build_release()?;
-    let go_old = setup::go(setup::GO_OLDEST)?;
-    let go_new = setup::go(setup::GO_NEWEST)?;
+    let gos: Vec<(String, std::path::PathBuf)> =
+        setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
     let py = setup::python()?;
     let env = |cmd: &mut Command| {
-        cmd.env("ZEROTRACE_BIN", &bin)
-            .env(format!("ZEROTRACE_GO_{}", setup::GO_OLDEST.replace('.', "_")), &go_old)
-            .env(format!("ZEROTRACE_GO_{}", setup::GO_NEWEST.replace('.', "_")), &go_new)
-            .env("ZEROTRACE_PYTHON", &py);
+        cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py);
+        for (var, go) in &gos {
+            cmd.env(var, go);
+        }
     };
     if !args.e2e_only {
         step("unit tests (no privileges needed)");

