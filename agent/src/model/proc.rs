@@ -153,15 +153,24 @@ pub fn accepted_connections(pid: u32) -> io::Result<Vec<TcpSocket>> {
         .collect())
 }
 
-/// Ports the process listens on: its sockets that sock_diag lists as listeners (cheap), or
-/// from /proc/PID/net/tcp when it lives in another network namespace.
-pub fn listening_ports(pid: u32) -> Vec<u16> {
+/// Ports the process listens on: its sockets among `listeners` (the agent's namespace's
+/// listening sockets from sock_diag, fetched once for all targets), or from /proc/PID/net/tcp
+/// when it lives in another network namespace or sock_diag failed.
+pub fn listening_ports(pid: u32, listeners: Option<&[(u64, u16)]>) -> Vec<u16> {
     let Ok(fds) = socket_fds(pid) else { return Vec::new() };
-    let listeners: Vec<(u64, u16)> = match super::sockdiag::same_netns(pid).then(super::sockdiag::listening) {
-        Some(Ok(l)) => l,
-        _ => tcp_sockets(pid).into_iter().filter(|s| s.state == TCP_LISTEN).map(|s| (s.inode, s.addrs.local.port)).collect(),
+    let own;
+    let listeners: &[(u64, u16)] = match listeners {
+        Some(l) if super::sockdiag::same_netns(pid) => l,
+        _ => {
+            own = tcp_sockets(pid)
+                .into_iter()
+                .filter(|s| s.state == TCP_LISTEN)
+                .map(|s| (s.inode, s.addrs.local.port))
+                .collect::<Vec<_>>();
+            &own
+        }
     };
-    let mut ports: Vec<u16> = listeners.into_iter().filter(|(ino, _)| fds.contains_key(ino)).map(|(_, p)| p).collect();
+    let mut ports: Vec<u16> = listeners.iter().filter(|(ino, _)| fds.contains_key(ino)).map(|(_, p)| *p).collect();
     ports.sort_unstable();
     ports.dedup();
     ports
@@ -196,7 +205,9 @@ mod tests {
         let port = l.local_addr().unwrap().port();
         let _c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
         let (_s, _) = l.accept().unwrap();
-        assert!(listening_ports(me).contains(&port));
+        assert!(listening_ports(me, None).contains(&port));
+        let diag = super::super::sockdiag::listening().unwrap();
+        assert!(listening_ports(me, Some(&diag)).contains(&port));
         let accepted = accepted_connections(me).unwrap();
         assert!(accepted.iter().any(|s| s.addrs.local.port == port), "{accepted:?}");
     }

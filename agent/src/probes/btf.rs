@@ -33,11 +33,16 @@ impl Readable for Bytes {
     }
 }
 
-/// Resolves every offset the kernel programs use.
-pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
+/// Parses a BTF file (the kernel's: VMLINUX_BTF).
+pub fn type_information(path: &Path) -> Result<TypeInformation, BtfError> {
     let data = std::fs::read(path)
         .map_err(|source| BtfError::Read { path: path.display().to_string(), source })?;
-    let ti = TypeInformation::new(&Bytes(data)).map_err(|e| BtfError::Parse(format!("{e:?}")))?;
+    TypeInformation::new(&Bytes(data)).map_err(|e| BtfError::Parse(format!("{e:?}")))
+}
+
+/// Resolves every offset the kernel programs use.
+pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
+    let ti = type_information(path)?;
     let off = |ty: &str, field: &str| -> Result<u32, BtfError> {
         let id = ti.id_of(ty).ok_or_else(|| BtfError::Missing(format!("struct {ty}")))?;
         match ti.offset_of(id, field) {

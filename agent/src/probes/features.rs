@@ -212,20 +212,7 @@ pub fn fentry() -> Probe {
 }
 
 fn kernel_func_btf_id(name: &str) -> Option<u32> {
-    struct Bytes(Vec<u8>);
-    impl btfparse::Readable for Bytes {
-        fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-            let s = offset as usize;
-            let src = self.0.get(s..s + buffer.len()).ok_or_else(|| {
-                btfparse::Error::new(btfparse::ErrorKind::IOError, "read past the end")
-            })?;
-            buffer.copy_from_slice(src);
-            Ok(())
-        }
-    }
-    let data = std::fs::read(super::btf::VMLINUX_BTF).ok()?;
-    let ti = btfparse::TypeInformation::new(&Bytes(data)).ok()?;
-    ti.id_of(name)
+    super::btf::type_information(Path::new(super::btf::VMLINUX_BTF)).ok()?.id_of(name)
 }
 
 /// Kernel lockdown mode, e.g. "none", "integrity", "confidentiality".

@@ -32,7 +32,7 @@ pub struct AttachReport {
 
 /// The kernel-side configuration of a Go target.
 pub fn target_config(t: &Target) -> TargetConfig {
-    TargetConfig { flags: target_flags::GO | target_flags::HTTP_SERVER, _pad: 0, go: t.layout.biased(t.bias) }
+    TargetConfig { flags: target_flags::GO, _pad: 0, go: t.layout.biased(t.bias) }
 }
 
 fn function(exe: &Executable, name: &str) -> Result<(u64, u64), SymbolError> {

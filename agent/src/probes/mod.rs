@@ -206,11 +206,6 @@ impl Probes {
             .collect()
     }
 
-    /// Number of uprobe attachments held for `pid`.
-    pub fn uprobe_count(&self, pid: u32) -> usize {
-        self.uprobe_links.get(&pid).map_or(0, Vec::len)
-    }
-
     /// The ring buffer of all events; can be taken once.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, ProbeError> {
         let map = self.ebpf.take_map(names::EVENTS).ok_or_else(|| ProbeError::Missing(names::EVENTS.into()))?;

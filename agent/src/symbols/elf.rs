@@ -116,10 +116,6 @@ impl Executable {
             Cow::Owned(v) => Cow::Owned(v),
         })
     }
-
-    pub fn object(&self) -> Option<object::File<'_>> {
-        object::File::parse(&*self.data).ok()
-    }
 }
 
 fn tls_segment(data: &[u8]) -> Option<(u64, u64)> {

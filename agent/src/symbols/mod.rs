@@ -8,7 +8,7 @@ pub mod dwarf;
 pub mod elf;
 pub mod go;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub use elf::{Executable, FunctionSym};
 
@@ -19,12 +19,6 @@ pub enum SymbolError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("{path} is not an ELF executable zerotrace can read: {reason}")]
     NotElf { path: PathBuf, reason: String },
-    #[error("{path} is not a Go program (no Go build info): {hint}")]
-    NotGo { path: PathBuf, hint: &'static str },
-    #[error("{path} is a Go program for {arch}; zerotrace supports linux/amd64 only")]
-    WrongArch { path: PathBuf, arch: String },
-    #[error("{path} was built by {version}; zerotrace supports Go 1.21 and newer")]
-    GoTooOld { path: PathBuf, version: String },
     #[error("symbol {name} not found in {path}: {hint}")]
     MissingSymbol { path: PathBuf, name: String, hint: &'static str },
     #[error("DWARF of {path} lacks {what}: {hint}")]
@@ -36,8 +30,3 @@ pub enum SymbolError {
 /// Hint shown when a Go binary was stripped of its symbol table or DWARF.
 pub const STRIPPED_HINT: &str =
     "the binary looks stripped (-ldflags='-s -w'); rebuild without -s -w to trace it (support for stripped binaries is planned)";
-
-/// Shortens a path for messages.
-pub fn display(p: &Path) -> String {
-    p.display().to_string()
-}

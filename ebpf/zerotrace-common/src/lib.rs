@@ -284,10 +284,6 @@ pub struct GoStr {
     pub buf: [u8; bounds::GO_STR_MAX],
 }
 
-impl GoStr {
-    pub const EMPTY: Self = Self { len: 0, kept: 0, buf: [0; bounds::GO_STR_MAX] };
-}
-
 /// Handler probe mode: one request handled by `net/http.serverHandler.ServeHTTP`,
 /// from its entry to one of its RET instructions.
 #[repr(C)]
@@ -382,8 +378,6 @@ pub struct TargetConfig {
 pub mod target_flags {
     /// The process is a Go program: read the goroutine from TLS.
     pub const GO: u32 = 1;
-    /// Capture the request head at the socket syscalls.
-    pub const HTTP_SERVER: u32 = 2;
 }
 
 /// Kernel structure offsets from /sys/kernel/btf/vmlinux, set once at load time.

@@ -12,7 +12,9 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
 }
 
-fn cache_dir() -> PathBuf {
+/// Clone-independent cache for toolchains and venvs: $XDG_CACHE_HOME/zerotrace or
+/// ~/.cache/zerotrace (shared with xtask, which installs into it).
+pub fn cache_dir() -> PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
