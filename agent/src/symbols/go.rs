@@ -52,6 +52,9 @@ const STRUCTS: &[&str] = &[
     "net.netFD",
     "internal/poll.FD",
     "crypto/tls.Conn",
+    "runtime.sudog",
+    "runtime.hchan",
+    "net/http.Response",
 ];
 const TYPES: &[&str] = &["*net.TCPConn", "*crypto/tls.Conn", "*net/http.response"];
 
@@ -115,7 +118,13 @@ impl OffsetSource for DwarfSource {
             tcpconn_fd,
             netfd_sysfd,
             tlsconn_conn,
-            _pad: [0; 5],
+            g_parent_goid: opt("runtime.g", "parentGoid", "g.parentGoid"),
+            sudog_g: opt("runtime.sudog", "g", "sudog.g"),
+            hchan_dataqsiz: opt("runtime.hchan", "dataqsiz", "hchan.dataqsiz"),
+            url_scheme: opt("net/url.URL", "Scheme", "URL.Scheme"),
+            url_host: opt("net/url.URL", "Host", "URL.Host"),
+            resp_status_code: opt("net/http.Response", "StatusCode", "Response.StatusCode"),
+            _pad: [0; 3],
         };
         let types_base = exe.symbol("runtime.types").map(|s| s.addr);
         let ty = |name: &str| Some(types_base? + d.runtime_type(name)?);

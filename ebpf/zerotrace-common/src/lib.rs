@@ -359,7 +359,18 @@ pub struct GoOffsets {
     pub netfd_sysfd: u16,
     /// `tls.Conn.conn` (net.Conn interface).
     pub tlsconn_conn: u16,
-    pub _pad: [u16; 5],
+    /// `g.parentGoid`: the goid of the goroutine that spawned g (Go 1.21+).
+    pub g_parent_goid: u16,
+    /// `sudog.g`: the goroutine waiting on a channel with this sudog.
+    pub sudog_g: u16,
+    /// `hchan.dataqsiz`: a channel's buffer capacity (0: unbuffered).
+    pub hchan_dataqsiz: u16,
+    /// `url.URL.Scheme` and `url.URL.Host` (client spans).
+    pub url_scheme: u16,
+    pub url_host: u16,
+    /// `http.Response.StatusCode` (client spans).
+    pub resp_status_code: u16,
+    pub _pad: [u16; 3],
 }
 
 impl GoOffsets {
@@ -434,8 +445,8 @@ assert_size!(HttpRequestEvent, 72);
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
-assert_size!(GoOffsets, 32 + 24 * 2);
-assert_size!(TargetConfig, 8 + 80);
+assert_size!(GoOffsets, 32 + 28 * 2);
+assert_size!(TargetConfig, 8 + 88);
 assert_size!(KernelOffsets, 64);
 
 #[cfg(feature = "user")]
