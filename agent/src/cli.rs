@@ -53,6 +53,12 @@ pub enum GoHttpProbes {
     Handler,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Process to trace (repeat for several). It keeps running; nothing in it changes.
@@ -103,6 +109,16 @@ pub struct RunArgs {
     /// How Go net/http server requests are observed.
     #[arg(long, value_enum, default_value = "conn")]
     pub go_http_probes: GoHttpProbes,
+
+    /// Follow spans into goroutines spawned while they are active (a uprobe on the RETs of
+    /// runtime.newproc1: one hit, ~9 us here, per `go` statement in the target).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub go_spawns: OnOff,
+
+    /// Follow spans over channels (uprobes on runtime.send/recv: one hit per value handed
+    /// to a goroutine that was blocked on the channel).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub go_channels: OnOff,
 
     /// Bytes of each request head captured at the read syscall (64..=2048).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=2048))]

@@ -98,7 +98,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
         let catch_up = s.go_http_probes == GoHttpProbes::Conn && !existing.is_empty();
         let open_path = proc::exe_open_path(pid);
-        let report = go::attach_http(&mut probes, target, exe, &open_path, s.go_http_probes, catch_up)
+        let mut report = go::attach_http(&mut probes, target, exe, &open_path, s.go_http_probes, catch_up)
+            .map_err(|source| RunError::Attach { pid, source })?;
+        go::attach_causality(&mut probes, target, exe, &open_path, &s.go_causality, &mut report)
             .map_err(|source| RunError::Attach { pid, source })?;
         watch_exit(pid, exit_tx.clone());
         tracing::info!(
@@ -107,6 +109,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             go = %target.build.go_version,
             offsets = target.layout.source,
             uprobes = report.uprobes,
+            client_spans = report.client,
+            spawns = report.spawns,
+            channels = report.channels,
             existing_connections = existing.len(),
             mode = ?s.go_http_probes,
             hooks = probes.hooks,
@@ -263,6 +268,15 @@ fn counters_list<'a>(
         ("uprobe_hits", k(Counter::UprobeHits)),
         ("requests_seen", k(Counter::Requests)),
         ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
+        ("goroutines_spawned", k(Counter::GoSpawns)),
+        ("goroutines_inherited_span", k(Counter::GoSpawnsInherited)),
+        ("channel_handoffs", k(Counter::ChanHandoffs)),
+        ("channel_edges", k(Counter::ChanEdges)),
+        ("client_links_offered", k(Counter::ClientLinks)),
+        ("server_requests_linked_kernel", k(Counter::ServerLinked)),
+        ("server_spans_linked", c.stats.linked),
+        ("client_returns_unmatched", c.stats.unmatched_client_returns),
+        ("parents_unknown", c.traces.parents_unknown),
         ("spans_assembled", c.stats.spans),
         ("responses_unmatched", c.stats.unmatched_responses),
         ("requests_not_http", c.stats.not_http),

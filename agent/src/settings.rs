@@ -32,9 +32,17 @@ pub struct RunSettings {
     /// OTEL_RESOURCE_ATTRIBUTES.
     pub resource_attrs: Vec<(String, String)>,
     pub go_http_probes: GoHttpProbes,
+    pub go_causality: GoCausality,
     pub kernel: KernelSettings,
     pub stats_interval: Duration,
     pub stats_file: Option<PathBuf>,
+}
+
+/// Which Go runtime hooks carry span contexts between goroutines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoCausality {
+    pub spawns: bool,
+    pub channels: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -116,6 +124,10 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         env_service_name,
         resource_attrs,
         go_http_probes: args.go_http_probes,
+        go_causality: GoCausality {
+            spawns: args.go_spawns == crate::cli::OnOff::On,
+            channels: args.go_channels == crate::cli::OnOff::On,
+        },
         kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections, hooks: args.socket_hooks },
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),

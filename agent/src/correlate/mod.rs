@@ -3,15 +3,17 @@
 //! mode the Go handler's own record (route, status, goroutine) is merged into that same span,
 //! never emitted twice. Timestamps become wall-clock time here.
 pub mod clock;
+pub mod traces;
 
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    events::{Addrs, Event, GoServerRequest, HttpRequest, HttpResponse},
+    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, HttpRequest, HttpResponse},
     protocols::http1,
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
 pub use clock::Clock;
+use traces::{Traces, span_id};
 
 /// Requests waiting for their response, at most.
 pub const MAX_PENDING: usize = 65_536;
@@ -40,6 +42,28 @@ struct Pending {
     largest_read: u32,
     /// Handler mode: what the Go handler reported for this request.
     go: Option<Box<GoServerRequest>>,
+    /// Kernel span id (0: none) and where the span sits: decided when the request starts,
+    /// because children may need its trace before the response ends it.
+    span_id: u64,
+    ids: Ids,
+}
+
+/// A span's place in its trace.
+#[derive(Clone, Debug)]
+struct Ids {
+    trace_id: TraceId,
+    parent: Option<SpanId>,
+    /// The parent came from an incoming traceparent header.
+    remote: bool,
+    trace_state: Option<String>,
+}
+
+/// A Go client call waiting for its return.
+#[derive(Debug)]
+struct PendingClient {
+    req: Box<GoClientRequest>,
+    trace_id: TraceId,
+    parent: Option<SpanId>,
 }
 
 /// What the correlator saw go wrong; all counted, reported by the agent.
@@ -58,6 +82,10 @@ pub struct Stats {
     pub pending_full: u64,
     /// Route patterns that could not be read from the target.
     pub pattern_reads_failed: u64,
+    /// Server spans linked to a same-host client span (no header needed).
+    pub linked: u64,
+    /// Client call returns whose start was not seen.
+    pub unmatched_client_returns: u64,
 }
 
 /// Reads `len` bytes of a target's memory at an address, as a string.
@@ -71,6 +99,8 @@ pub struct Correlator {
     conns: HashMap<u64, Conn>,
     by_sk: HashMap<u64, u64>,
     pending: HashMap<u64, Pending>,
+    clients: HashMap<u64, PendingClient>,
+    pub traces: Traces,
     pub stats: Stats,
 }
 
@@ -93,6 +123,8 @@ impl Correlator {
             conns: HashMap::new(),
             by_sk: HashMap::new(),
             pending: HashMap::new(),
+            clients: HashMap::new(),
+            traces: Traces::default(),
             stats: Stats::default(),
         }
     }
@@ -137,6 +169,7 @@ impl Correlator {
         for id in ids {
             self.drop_conn(id);
         }
+        self.clients.retain(|_, c| c.req.pid != pid);
     }
 
     fn drop_conn(&mut self, id: u64) {
@@ -168,6 +201,99 @@ impl Correlator {
                     out.push(span);
                 }
             }
+            Event::GoClientRequest(c) => self.on_client_request(c),
+            Event::GoClientResponse(r) => {
+                if let Some(span) = self.on_client_response(r) {
+                    self.stats.spans += 1;
+                    out.push(span);
+                }
+            }
+        }
+    }
+
+    /// Where a server span sits: under the incoming traceparent when the request has one,
+    /// else under the same-host client span that sent it, else at the root of a new trace.
+    fn server_ids(&mut self, head: &[u8], link_span: u64) -> Ids {
+        if let Some(rp) = traceparent_in(head) {
+            return Ids { trace_id: rp.trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
+        }
+        let (trace_id, parent) = self.traces.child_of(link_span);
+        if parent.is_some() {
+            self.stats.linked += 1;
+        }
+        Ids { trace_id, parent, remote: false, trace_state: None }
+    }
+
+    fn on_client_request(&mut self, c: Box<GoClientRequest>) {
+        if self.clients.len() >= MAX_PENDING {
+            self.stats.pending_full += 1;
+            return;
+        }
+        let (trace_id, parent) = self.traces.child_of(c.parent_span);
+        self.traces.remember(c.span_id, trace_id);
+        self.clients.insert(c.span_id, PendingClient { req: c, trace_id, parent });
+    }
+
+    fn on_client_response(&mut self, r: GoClientResponse) -> Option<Span> {
+        let Some(p) = self.clients.remove(&r.span_id) else {
+            self.stats.unmatched_client_returns += 1;
+            return None;
+        };
+        Some(self.client_span(p, &r))
+    }
+
+    fn client_span(&self, p: PendingClient, r: &GoClientResponse) -> Span {
+        let c = &p.req;
+        let known = http1::known_method(&c.method);
+        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(12);
+        a.push(("http.request.method", Value::Static(known.unwrap_or("_OTHER"))));
+        if known.is_none() {
+            a.push(("http.request.method_original", Value::Str(c.method.clone())));
+        }
+        let scheme = if c.scheme.is_empty() { "http" } else { c.scheme.as_str() };
+        // Only scheme, host and path: query values are never exported.
+        a.push(("url.full", Value::Str(format!("{scheme}://{}{}", c.host, c.path))));
+        let (host, port) = split_host_port(&c.host);
+        if !host.is_empty() {
+            a.push(("server.address", Value::Str(host.to_owned())));
+        }
+        let port = port.or(match scheme {
+            "https" => Some(443),
+            "http" => Some(80),
+            _ => None,
+        });
+        if let Some(port) = port {
+            a.push(("server.port", Value::Int(i64::from(port))));
+        }
+        if r.status > 0 {
+            a.push(("http.response.status_code", Value::Int(r.status)));
+        }
+        let status = if r.failed {
+            a.push(("error.type", Value::Static("_OTHER")));
+            Status::Error("the request failed before a response arrived".into())
+        } else if r.status >= 400 {
+            a.push(("error.type", Value::Str(r.status.to_string())));
+            Status::Error(String::new())
+        } else {
+            Status::Unset
+        };
+        a.push(("thread.id", Value::Int(i64::from(c.tid))));
+        if c.goid != 0 {
+            a.push(("go.goroutine.id", Value::Int(c.goid as i64)));
+        }
+        Span {
+            pid: c.pid,
+            trace_id: p.trace_id,
+            span_id: span_id(c.span_id),
+            parent: p.parent,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Client,
+            name: known.unwrap_or("HTTP").to_owned(),
+            start_unix_ns: self.clock.to_unix(c.start_ns),
+            end_unix_ns: self.clock.to_unix(r.end_ns.max(c.start_ns)),
+            attributes: a,
+            status,
         }
     }
 
@@ -180,6 +306,14 @@ impl Correlator {
                     if r.read_len > p.largest_read {
                         (p.largest_read, p.tid, p.goid) = (r.read_len, r.tid, r.goid);
                     }
+                    // A traceparent in a later piece of the head still decides the trace.
+                    if !p.ids.remote {
+                        if let Some(rp) = traceparent_in(&p.bytes) {
+                            p.ids = Ids { trace_id: rp.trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
+                            let (span, trace) = (p.span_id, p.ids.trace_id);
+                            self.traces.remember(span, trace);
+                        }
+                    }
                 }
             }
             return;
@@ -188,6 +322,8 @@ impl Correlator {
             self.stats.pending_full += 1;
             return;
         }
+        let ids = self.server_ids(&r.head, r.link_span);
+        self.traces.remember(r.span_id, ids.trace_id);
         let p = Pending {
             seq: r.seq,
             tid: r.tid,
@@ -196,6 +332,8 @@ impl Correlator {
             bytes: r.head,
             largest_read: r.read_len,
             go: None,
+            span_id: r.span_id,
+            ids,
         };
         if self.pending.insert(r.conn_id, p).is_some() {
             self.stats.lost_responses += 1;
@@ -241,7 +379,8 @@ impl Correlator {
             host: head.host.as_deref(),
             user_agent: head.user_agent.as_deref(),
             minor_version: Some(head.minor_version),
-            parent: head.traceparent.as_deref().and_then(|tp| RemoteParent::parse(tp, head.tracestate.as_deref())),
+            span_id: p.span_id,
+            ids: Some(p.ids.clone()),
             addrs: conn,
             start_ns: p.start_ns,
             end_ns: r.end_ns.max(p.start_ns),
@@ -284,7 +423,8 @@ impl Correlator {
             host,
             user_agent: None,
             minor_version: minor,
-            parent: None,
+            span_id: 0,
+            ids: None,
             addrs,
             start_ns: g.start_ns,
             end_ns: g.end_ns,
@@ -338,14 +478,12 @@ impl Correlator {
             Some(s) if s >= 500 => Status::Error(String::new()),
             _ => Status::Unset,
         };
-        let (trace_id, parent, remote, trace_state) = match f.parent {
-            Some(p) => (p.trace_id, Some(p.span_id), true, p.trace_state),
-            None => (TraceId::random(), None, false, None),
-        };
+        let ids = f.ids.unwrap_or_else(|| Ids { trace_id: TraceId::random(), parent: None, remote: false, trace_state: None });
+        let (trace_id, parent, remote, trace_state) = (ids.trace_id, ids.parent, ids.remote, ids.trace_state);
         Span {
             pid: f.pid,
             trace_id,
-            span_id: SpanId::random(),
+            span_id: if f.span_id != 0 { span_id(f.span_id) } else { SpanId::random() },
             parent,
             parent_is_remote: remote,
             trace_state,
@@ -370,7 +508,9 @@ struct ServerFields<'a> {
     host: Option<&'a str>,
     user_agent: Option<&'a str>,
     minor_version: Option<u8>,
-    parent: Option<RemoteParent>,
+    /// Kernel span id (0: make one) and the span's place in its trace (None: a new root).
+    span_id: u64,
+    ids: Option<Ids>,
     addrs: Option<(Addrs, Arc<str>)>,
     start_ns: u64,
     end_ns: u64,
@@ -389,6 +529,27 @@ pub fn route_of(pattern: &str) -> Option<&str> {
     };
     let route = &p[p.find('/')?..];
     Some(route.strip_suffix("{$}").unwrap_or(route))
+}
+
+/// The W3C trace context of a request head, if it carries one. Most heads do not: a
+/// substring search decides before any parsing.
+fn traceparent_in(head: &[u8]) -> Option<RemoteParent> {
+    let finder = memchr::memmem::find(head, b"raceparent").or_else(|| memchr::memmem::find(head, b"RACEPARENT"));
+    finder?;
+    let h = http1::parse_request(head)?;
+    RemoteParent::parse(h.traceparent.as_deref()?, h.tracestate.as_deref())
+}
+
+/// "host:port" -> (host, port); "[::1]:80" -> ("::1", 80); "host" -> (host, None).
+fn split_host_port(h: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = h.strip_prefix('[') {
+        let (host, tail) = rest.split_once(']').unwrap_or((rest, ""));
+        return (host, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => (host, port.parse().ok()),
+        _ => (h, None),
+    }
 }
 
 /// Host part of a Host header ("api:8080" -> "api", "[::1]:80" -> "::1").

@@ -6,8 +6,8 @@ pub mod reader;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoServerRequestEvent, GoStr,
-    HttpRequestEvent, HttpResponseEvent, SockAddrs,
+    ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
+    GoClientResponseEvent, GoServerRequestEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,6 +48,35 @@ pub enum Event {
     HttpRequest(HttpRequest),
     HttpResponse(HttpResponse),
     GoServerRequest(Box<GoServerRequest>),
+    GoClientRequest(Box<GoClientRequest>),
+    GoClientResponse(GoClientResponse),
+}
+
+/// A Go HTTP client call started (Transport.roundTrip entry).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoClientRequest {
+    pub pid: u32,
+    pub tid: u32,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub span_id: u64,
+    /// The span active in the calling goroutine (0: none).
+    pub parent_span: u64,
+    pub method: String,
+    pub scheme: String,
+    pub host: String,
+    pub path: String,
+}
+
+/// The Go HTTP client call returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoClientResponse {
+    pub pid: u32,
+    pub end_ns: u64,
+    pub span_id: u64,
+    pub status: i64,
+    /// The call returned an error (transport failure).
+    pub failed: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -62,6 +91,10 @@ pub struct HttpRequest {
     pub read_len: u32,
     /// Bytes of this request captured before these (0: the request's first record).
     pub offset: u32,
+    /// The server span's id (kernel-made), and the same-host client span that sent the
+    /// request (0: none).
+    pub span_id: u64,
+    pub link_span: u64,
     pub head: Vec<u8>,
 }
 
@@ -175,6 +208,8 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 start_ns: e.start_ns,
                 read_len: e.read_len,
                 offset: e.offset,
+                span_id: e.span_id,
+                link_span: e.link_span,
                 head: head.to_vec(),
             })
         }
@@ -215,6 +250,31 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 remote_addr: go_str(&e.remote_addr),
                 proto: go_str(&e.proto),
             }))
+        }
+        EventKind::GoClientRequest => {
+            let e: GoClientRequestEvent = exact(b, kind)?;
+            Event::GoClientRequest(Box::new(GoClientRequest {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                goid: e.goid,
+                start_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                parent_span: e.parent_span,
+                method: go_str(&e.method),
+                scheme: go_str(&e.scheme),
+                host: go_str(&e.url_host),
+                path: go_str(&e.path),
+            }))
+        }
+        EventKind::GoClientResponse => {
+            let e: GoClientResponseEvent = exact(b, kind)?;
+            Event::GoClientResponse(GoClientResponse {
+                pid: hdr.pid,
+                end_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                status: e.status,
+                failed: e.err_type != 0,
+            })
         }
     })
 }
@@ -270,10 +330,53 @@ pub mod record {
             read_len: head.len() as u32,
             captured: head.len() as u32,
             offset,
+            span_id: 0,
+            link_span: 0,
         };
         let mut v = bytes_of(&e);
         v.extend_from_slice(head);
         v
+    }
+
+    /// A server request with its kernel span id and the same-host client span that sent it.
+    pub fn request_linked(pid: u32, ts: u64, conn_id: u64, seq: u32, head: &[u8], span_id: u64, link_span: u64) -> Vec<u8> {
+        let mut v = request_part(pid, ts, conn_id, seq, 0, head, 0);
+        let at = std::mem::size_of::<HttpRequestEvent>() - 16;
+        v[at..at + 8].copy_from_slice(&span_id.to_ne_bytes());
+        v[at + 8..at + 16].copy_from_slice(&link_span.to_ne_bytes());
+        v
+    }
+
+    fn go_str(s: &str) -> GoStr {
+        let mut g = GoStr { len: s.len() as u32, kept: s.len().min(128) as u32, buf: [0; 128] };
+        g.buf[..g.kept as usize].copy_from_slice(&s.as_bytes()[..g.kept as usize]);
+        g
+    }
+
+    /// A Go client call's start: `url` is "scheme://host/path".
+    pub fn client_request(pid: u32, ts: u64, goid: u64, span_id: u64, parent_span: u64, method: &str, url: &str) -> Vec<u8> {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        bytes_of(&GoClientRequestEvent {
+            hdr: header(EventKind::GoClientRequest, std::mem::size_of::<GoClientRequestEvent>(), pid, ts),
+            goid,
+            span_id,
+            parent_span,
+            method: go_str(method),
+            scheme: go_str(scheme),
+            url_host: go_str(host),
+            path: go_str(path),
+        })
+    }
+
+    pub fn client_response(pid: u32, ts: u64, goid: u64, span_id: u64, status: i64, err_type: u64) -> Vec<u8> {
+        bytes_of(&GoClientResponseEvent {
+            hdr: header(EventKind::GoClientResponse, std::mem::size_of::<GoClientResponseEvent>(), pid, ts),
+            goid,
+            span_id,
+            status,
+            err_type,
+        })
     }
 
     /// A response; its route pattern, when not empty, is "at" address `pattern.as_ptr()`:
@@ -349,7 +452,7 @@ mod tests {
             let len = rng.usize(0..400);
             let mut b: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
             if b.len() >= 2 && rng.bool() {
-                b[0] = rng.u8(1..6);
+                b[0] = rng.u8(1..8);
                 b[1] = 0;
             }
             let _ = decode(&b);

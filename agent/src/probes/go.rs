@@ -2,11 +2,12 @@
 //! instructions by decoding the function (no uretprobes on Go), file offsets for the kernel.
 use std::path::Path;
 
-use zerotrace_common::{TargetConfig, target_flags};
+use zerotrace_common::{GoOffsets, TargetConfig, target_flags};
 
 use super::{ProbeError, Probes, uprobes};
 use crate::{
     cli::GoHttpProbes,
+    settings::GoCausality,
     model::Target,
     symbols::{Executable, SymbolError, disasm},
 };
@@ -14,6 +15,81 @@ use crate::{
 pub const CONN_SERVE: &str = "net/http.(*conn).serve";
 pub const CONN_READ_REQUEST: &str = "net/http.(*conn).readRequest";
 pub const SERVE_HTTP: &str = "net/http.serverHandler.ServeHTTP";
+pub const ROUND_TRIP: &str = "net/http.(*Transport).roundTrip";
+pub const NEWPROC1: &str = "runtime.newproc1";
+pub const CHAN_SEND: &str = "runtime.send";
+pub const CHAN_RECV: &str = "runtime.recv";
+pub const CHANSEND: &str = "runtime.chansend";
+pub const CHANRECV: &str = "runtime.chanrecv";
+pub const SELECTGO: &str = "runtime.selectgo";
+pub const TYPEDMEMMOVE: &str = "runtime.typedmemmove";
+pub const TYPEDMEMCLR: &str = "runtime.typedmemclr";
+
+/// Where values enter and leave channel buffers, found by decoding the runtime (addresses of
+/// CALL instructions, not yet file offsets).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ChannelSites {
+    /// typedmemmove into a buffer slot: chansend's, and select's send case.
+    pub put: Vec<u64>,
+    /// typedmemclr of a slot after a receive: chanrecv's and select's.
+    pub take: Vec<u64>,
+    /// recv's refill of a full buffer with the blocked sender's value.
+    pub refill: u64,
+}
+
+/// Finds the channel buffer CALL sites from each function's direct calls. The runtime's
+/// source fixes their shape in Go 1.21-1.27 (see ARCHITECTURE.md): chansend calls
+/// typedmemmove once (the buffered enqueue); chanrecv's typedmemclr calls clear either the
+/// slot just taken or, on a closed channel, the receiver's variable; select's bufrecv case
+/// is a typedmemmove directly followed by a typedmemclr of the same slot, its bufsend case
+/// the other typedmemmove; recv moves the old value out, then the sender's value in (its
+/// last typedmemmove). Anything else is refused rather than guessed.
+pub fn channel_sites(
+    calls_of: &dyn Fn(&str) -> Option<Vec<(u64, u64)>>,
+    typedmemmove: u64,
+    typedmemclr: u64,
+) -> Result<ChannelSites, String> {
+    let get = |f: &str| calls_of(f).ok_or_else(|| format!("{f} not found or not decodable"));
+    let to = |calls: &[(u64, u64)], target: u64| calls.iter().filter(|(_, t)| *t == target).map(|(a, _)| *a).collect::<Vec<_>>();
+    let send = get(CHANSEND)?;
+    let mut put = to(&send, typedmemmove);
+    if put.len() != 1 {
+        return Err(format!("{CHANSEND} calls typedmemmove {} times (expected 1)", put.len()));
+    }
+    let recv = get(CHANRECV)?;
+    let mut take = to(&recv, typedmemclr);
+    if take.is_empty() {
+        return Err(format!("{CHANRECV} never calls typedmemclr"));
+    }
+    let sel = get(SELECTGO)?;
+    let sel_moves: Vec<usize> = sel.iter().enumerate().filter(|(_, (_, t))| *t == typedmemmove).map(|(i, _)| i).collect();
+    let sends: Vec<u64> = sel_moves
+        .iter()
+        .filter(|&&i| sel.get(i + 1).is_none_or(|(_, t)| *t != typedmemclr))
+        .map(|&i| sel[i].0)
+        .collect();
+    if sends.len() != 1 {
+        return Err(format!("{SELECTGO}: {} candidate buffered-send sites (expected 1)", sends.len()));
+    }
+    put.extend(sends);
+    let clears = to(&sel, typedmemclr);
+    if clears.is_empty() {
+        return Err(format!("{SELECTGO} never calls typedmemclr"));
+    }
+    take.extend(clears);
+    let r = get(CHAN_RECV)?;
+    let moves = to(&r, typedmemmove);
+    if moves.len() != 2 {
+        return Err(format!("{CHAN_RECV} calls typedmemmove {} times (expected 2)", moves.len()));
+    }
+    Ok(ChannelSites { put, take, refill: moves[1] })
+}
+
+fn direct_calls(exe: &Executable, name: &str) -> Option<Vec<(u64, u64)>> {
+    let sym = exe.symbol(name)?;
+    let code = exe.bytes_at(sym.addr, sym.size)?;
+    disasm::calls(code, sym.addr).ok()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AttachError {
@@ -28,11 +104,89 @@ pub enum AttachError {
 pub struct AttachReport {
     pub uprobes: usize,
     pub ret_sites: usize,
+    /// Client spans (Transport.roundTrip hooked), goroutine spawns and channel handoffs
+    /// followed.
+    pub client: bool,
+    pub spawns: bool,
+    pub channels: bool,
 }
 
 /// The kernel-side configuration of a Go target.
 pub fn target_config(t: &Target) -> TargetConfig {
     TargetConfig { flags: target_flags::GO, _pad: 0, go: t.layout.biased(t.bias) }
+}
+
+/// Attaches the hooks that make span trees: client calls (entry and RETs of
+/// `(*Transport).roundTrip`, when the program has an HTTP client), goroutine spawns (RETs of
+/// `runtime.newproc1`) and channel handoffs (entries of `runtime.send`/`runtime.recv`).
+/// A function a program does not have is skipped (the program cannot make that edge);
+/// runtime layout fields a Go version lacks switch the matching hook off, said in the log.
+pub fn attach_causality(
+    probes: &mut Probes,
+    t: &Target,
+    exe: &Executable,
+    path: &Path,
+    want: &GoCausality,
+    report: &mut AttachReport,
+) -> Result<(), AttachError> {
+    let go = &t.layout.offsets;
+    if exe.symbol(ROUND_TRIP).is_some() {
+        let entry = entry_offset(exe, ROUND_TRIP)?;
+        let rets = ret_offsets(exe, ROUND_TRIP)?;
+        probes.attach_uprobe(t.pid, uprobes::GO_ROUND_TRIP, path, entry, false)?;
+        for off in &rets {
+            probes.attach_uprobe(t.pid, uprobes::GO_ROUND_TRIP_RET, path, *off, false)?;
+        }
+        report.uprobes += 1 + rets.len();
+        report.client = true;
+    }
+    if want.spawns {
+        if go.g_parent_goid == GoOffsets::NONE {
+            tracing::warn!(pid = t.pid, "this Go version has no g.parentGoid: spans are not followed into spawned goroutines");
+        } else {
+            let rets = ret_offsets(exe, NEWPROC1)?;
+            for off in &rets {
+                probes.attach_uprobe(t.pid, uprobes::GO_NEWPROC1_RET, path, *off, false)?;
+            }
+            report.uprobes += rets.len();
+            report.spawns = true;
+        }
+    }
+    if want.channels {
+        let sites = match (exe.symbol(TYPEDMEMMOVE), exe.symbol(TYPEDMEMCLR)) {
+            (Some(m), Some(c)) => channel_sites(&|f| direct_calls(exe, f), m.addr, c.addr),
+            _ => Err("runtime.typedmemmove/typedmemclr not found".into()),
+        };
+        match sites {
+            Err(why) => tracing::warn!(pid = t.pid, %why, "the Go runtime's channel code is not understood: spans are not followed over channels"),
+            Ok(_) if go.sudog_g == GoOffsets::NONE || go.hchan_dataqsiz == GoOffsets::NONE => {
+                tracing::warn!(pid = t.pid, "runtime channel layout unknown: spans are not followed over channels")
+            }
+            Ok(sites) => {
+                let file = |a: u64| {
+                    exe.file_offset(a).ok_or_else(|| SymbolError::Disassembly {
+                        path: exe.path.clone(),
+                        name: "channel buffer call".into(),
+                        reason: format!("{a:#x} outside the segments"),
+                    })
+                };
+                let send = entry_offset(exe, CHAN_SEND)?;
+                let recv = entry_offset(exe, CHAN_RECV)?;
+                probes.attach_uprobe(t.pid, uprobes::GO_CHAN_SEND, path, send, false)?;
+                probes.attach_uprobe(t.pid, uprobes::GO_CHAN_RECV, path, recv, false)?;
+                for a in &sites.put {
+                    probes.attach_uprobe(t.pid, uprobes::GO_CHAN_PUT, path, file(*a)?, false)?;
+                }
+                for a in &sites.take {
+                    probes.attach_uprobe(t.pid, uprobes::GO_CHAN_TAKE, path, file(*a)?, false)?;
+                }
+                probes.attach_uprobe(t.pid, uprobes::GO_CHAN_REFILL, path, file(sites.refill)?, false)?;
+                report.uprobes += 3 + sites.put.len() + sites.take.len();
+                report.channels = true;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn function(exe: &Executable, name: &str) -> Result<(u64, u64), SymbolError> {

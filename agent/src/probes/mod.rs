@@ -44,7 +44,27 @@ pub mod uprobes {
     pub const GO_CONN_SERVE: &str = "go_conn_serve";
     pub const GO_SERVE_HTTP: &str = "go_serve_http";
     pub const GO_SERVE_HTTP_RET: &str = "go_serve_http_ret";
-    pub const ALL: &[&str] = &[GO_CONN_SERVE, GO_SERVE_HTTP, GO_SERVE_HTTP_RET];
+    pub const GO_ROUND_TRIP: &str = "go_round_trip";
+    pub const GO_ROUND_TRIP_RET: &str = "go_round_trip_ret";
+    pub const GO_NEWPROC1_RET: &str = "go_newproc1_ret";
+    pub const GO_CHAN_SEND: &str = "go_chan_send";
+    pub const GO_CHAN_RECV: &str = "go_chan_recv";
+    pub const GO_CHAN_PUT: &str = "go_chan_put";
+    pub const GO_CHAN_TAKE: &str = "go_chan_take";
+    pub const GO_CHAN_REFILL: &str = "go_chan_refill";
+    pub const ALL: &[&str] = &[
+        GO_CHAN_PUT,
+        GO_CHAN_TAKE,
+        GO_CHAN_REFILL,
+        GO_CONN_SERVE,
+        GO_SERVE_HTTP,
+        GO_SERVE_HTTP_RET,
+        GO_ROUND_TRIP,
+        GO_ROUND_TRIP_RET,
+        GO_NEWPROC1_RET,
+        GO_CHAN_SEND,
+        GO_CHAN_RECV,
+    ];
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -54,6 +54,22 @@ pub fn ret_addresses(code: &[u8], addr: u64) -> Result<Vec<u64>, String> {
     Ok(rets)
 }
 
+/// Every direct CALL in `code` (at virtual address `addr`): (address of the CALL, target).
+pub fn calls(code: &[u8], addr: u64) -> Result<Vec<(u64, u64)>, String> {
+    let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return Err(format!("invalid instruction at {:#x}", insn.ip()));
+        }
+        if insn.mnemonic() == Mnemonic::Call && insn.op0_kind() == OpKind::NearBranch64 {
+            out.push((insn.ip(), insn.near_branch_target()));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,6 +91,13 @@ mod tests {
         assert_eq!(after_stack_check(&big, 0x61c460), Some(0x61c472));
         // No check (a leaf function): probe the entry.
         assert_eq!(after_stack_check(&[0x55, 0x48, 0x89, 0xe5, 0xc3], 0x1000), None);
+    }
+
+    #[test]
+    fn finds_direct_calls() {
+        // call +0 (to 0x1005); call rax; nop
+        let code = [0xe8, 0, 0, 0, 0, 0xff, 0xd0, 0x90];
+        assert_eq!(calls(&code, 0x1000).unwrap(), vec![(0x1000, 0x1005)]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -17,6 +17,11 @@ pub mod names {
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
     pub const GO_REQUESTS: &str = "GO_REQUESTS";
+    pub const GO_CTX: &str = "GO_CTX";
+    pub const GO_CLIENTS: &str = "GO_CLIENTS";
+    pub const CLIENT_LINK: &str = "CLIENT_LINK";
+    pub const CHAN_SLOTS: &str = "CHAN_SLOTS";
+    pub const RECV_SENDER: &str = "RECV_SENDER";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
 }
@@ -34,6 +39,14 @@ pub mod bounds {
     pub const MAX_LISTEN: u32 = 4096;
     /// Goroutines inside `serverHandler.ServeHTTP` at once (handler probe mode).
     pub const MAX_GO_REQUESTS: u32 = 16384;
+    /// Goroutines with an active span context at once (LRU: the least recently used go).
+    pub const MAX_GO_CTX: u32 = 65536;
+    /// Goroutines inside `(*http.Transport).roundTrip` at once.
+    pub const MAX_GO_CLIENTS: u32 = 16384;
+    /// Client requests of traced processes whose span a same-host server can still link to.
+    pub const MAX_CLIENT_LINKS: u32 = 16384;
+    /// Channel buffer slots holding a value sent from inside a span, at once (LRU).
+    pub const MAX_CHAN_SLOTS: u32 = 65536;
     /// Ring buffer for all events (bytes, power of two).
     pub const RING_BYTES: u32 = 8 << 20;
     /// Bytes of pending ring-buffer data after which a producer wakes the agent up;
@@ -73,9 +86,21 @@ pub enum Counter {
     GoRequestsFull = 8,
     /// A handler return with no recorded entry (attached mid-request).
     GoReturnUnmatched = 9,
+    /// Goroutines spawned (newproc1 returns seen).
+    GoSpawns = 10,
+    /// Goroutines spawned while a span was active: they inherited it.
+    GoSpawnsInherited = 11,
+    /// Values handed over a channel from one goroutine to another (hooks hit).
+    ChanHandoffs = 12,
+    /// Handoffs that carried a span context to the receiver.
+    ChanEdges = 13,
+    /// Client requests written on a socket with a span context (same-host link offered).
+    ClientLinks = 14,
+    /// Server requests that found the span of the same-host client that sent them.
+    ServerLinked = 15,
 }
 
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 24;
 
 /// Kinds of ring-buffer records, the first field of every record.
 #[repr(u16)]
@@ -86,6 +111,8 @@ pub enum EventKind {
     HttpRequest = 3,
     HttpResponse = 4,
     GoServerRequest = 5,
+    GoClientRequest = 6,
+    GoClientResponse = 7,
 }
 
 impl EventKind {
@@ -96,6 +123,8 @@ impl EventKind {
             3 => Self::HttpRequest,
             4 => Self::HttpResponse,
             5 => Self::GoServerRequest,
+            6 => Self::GoClientRequest,
+            7 => Self::GoClientResponse,
             _ => return None,
         })
     }
@@ -191,6 +220,85 @@ pub struct ConnState {
     /// Go: the goroutine serving this connection (conn.serve's) and its goid.
     pub go_g: u64,
     pub goid: u64,
+    /// Server: span id of the current request (made by the kernel, used by the agent as
+    /// the OpenTelemetry span id, and by children as their parent).
+    pub span_id: u64,
+    /// The connection from its client's side (same-host link key).
+    pub flow: FlowKey,
+}
+
+/// A TCP connection as its client sees it: client address and port, server address and
+/// port. A client's socket and the server's accepted socket on the same host have the same
+/// flow, which links a client span to the server span it caused.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client_addr: [u8; 16],
+    pub server_addr: [u8; 16],
+    pub client_port: u16,
+    pub server_port: u16,
+    pub _pad: u32,
+}
+
+/// Value of `CLIENT_LINK`: the span of the request a client last wrote on a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ClientLink {
+    pub span_id: u64,
+    pub ts_ns: u64,
+}
+
+/// Key of `GO_CTX` and `GO_CLIENTS`: one goroutine of one process. goids are never reused
+/// inside a process (g structs are), so a stale entry can never be mistaken for a new
+/// goroutine.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct GoroutineKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub goid: u64,
+}
+
+/// How a goroutine came by its span context.
+pub mod ctx_origin {
+    /// It serves a connection: its span is the connection's current request (CONNS[sk]).
+    pub const CONN: u8 = 1;
+    /// It is inside a span of its own (a client call): not replaced by what it receives.
+    pub const OWN: u8 = 2;
+    /// Inherited from the goroutine that spawned it.
+    pub const SPAWN: u8 = 3;
+    /// Received with a value over a channel.
+    pub const CHANNEL: u8 = 4;
+}
+
+/// Value of `GO_CTX`: the span a goroutine's work belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoroutineCtx {
+    /// The span (0 with origin CONN: read CONNS[sk] instead).
+    pub span_id: u64,
+    /// Origin CONN: the socket whose current request is the span.
+    pub sk: u64,
+    pub origin: u8,
+    pub _pad: [u8; 7],
+}
+
+/// Key of `CHAN_SLOTS`: a slot of a channel's buffer (its address in the target).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SlotKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub addr: u64,
+}
+
+/// Value of `GO_CLIENTS`: a goroutine inside `(*http.Transport).roundTrip`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoClientState {
+    pub span_id: u64,
+    /// The goroutine's context before the call (restored at its return); origin 0: none.
+    pub prev: GoroutineCtx,
 }
 
 /// Socket addresses, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`), ports in host order.
@@ -248,6 +356,10 @@ pub struct HttpRequestEvent {
     pub captured: u32,
     /// Bytes of this request captured in earlier records.
     pub offset: u32,
+    /// The server span's id (kernel-made) and, when a traced client on this host sent the
+    /// request from inside a span, that client span's id (0: none).
+    pub span_id: u64,
+    pub link_span: u64,
 }
 
 /// Largest HTTP request record: header plus the maximal capture.
@@ -304,6 +416,35 @@ pub struct GoServerRequestEvent {
     pub host: GoStr,
     pub remote_addr: GoStr,
     pub proto: GoStr,
+}
+
+/// A Go HTTP client call started (entry of `(*http.Transport).roundTrip`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoClientRequestEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    /// The client span's id, and the span active in the calling goroutine (0: none).
+    pub span_id: u64,
+    pub parent_span: u64,
+    pub method: GoStr,
+    pub scheme: GoStr,
+    /// URL.Host (host[:port]) and Request.Host (the Host header override, often empty).
+    pub url_host: GoStr,
+    pub path: GoStr,
+}
+
+/// The Go HTTP client call returned (a RET of `(*http.Transport).roundTrip`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoClientResponseEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    /// Response.StatusCode, 0 without a response.
+    pub status: i64,
+    /// Type word of the returned error (0: no error).
+    pub err_type: u64,
 }
 
 /// Per-request state of the handler probe mode, keyed by (pid, g).
@@ -389,6 +530,10 @@ pub struct TargetConfig {
 pub mod target_flags {
     /// The process is a Go program: read the goroutine from TLS.
     pub const GO: u32 = 1;
+    /// Follow spans into goroutines the process spawns (newproc1 hook attached).
+    pub const GO_SPAWN: u32 = 2;
+    /// Follow spans over channels (runtime send/recv hooks attached).
+    pub const GO_CHANNELS: u32 = 4;
 }
 
 /// Kernel structure offsets from /sys/kernel/btf/vmlinux, set once at load time.
@@ -437,11 +582,19 @@ macro_rules! assert_size {
 assert_size!(EventHeader, 24);
 assert_size!(ConnKey, 8);
 assert_size!(ListenKey, 8);
-assert_size!(ConnState, 120);
+assert_size!(ConnState, 168);
+assert_size!(FlowKey, 40);
+assert_size!(ClientLink, 16);
+assert_size!(GoroutineKey, 16);
+assert_size!(SlotKey, 16);
+assert_size!(GoroutineCtx, 24);
+assert_size!(GoClientState, 32);
+assert_size!(GoClientRequestEvent, 48 + 4 * 136);
+assert_size!(GoClientResponseEvent, 56);
 assert_size!(SockAddrs, 40);
 assert_size!(ConnOpenEvent, 88);
 assert_size!(ConnCloseEvent, 40);
-assert_size!(HttpRequestEvent, 72);
+assert_size!(HttpRequestEvent, 88);
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
@@ -462,4 +615,10 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for GoRequestKey {}
     unsafe impl aya::Pod for GoRequestState {}
+    unsafe impl aya::Pod for GoroutineKey {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for GoroutineCtx {}
+    unsafe impl aya::Pod for GoClientState {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ClientLink {}
 }

@@ -14,6 +14,7 @@ use zerotrace_common::{
 };
 
 use crate::{
+    causality::serve_conn,
     maps::{EVENTS, GO_REQUESTS, TARGETS},
     sockets::{conn_for, fd_to_sk},
     util::{count, go_conn_fd, go_itab_type, go_ptr, header, now, read_go_string, read_user, wake_flags},
@@ -58,6 +59,8 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
             (*conn).go_g = g;
             (*conn).goid = goid;
         }
+        // Whatever this goroutine does belongs to the connection's current request.
+        serve_conn(pid, goid, sk);
     }
     0
 }
@@ -81,6 +84,14 @@ pub fn go_serve_http(ctx: ProbeContext) -> u32 {
     let state = GoRequestState { start_ns: now(), request: r.rdi, response };
     if GO_REQUESTS.insert(&key, &state, 0).is_err() {
         count(Counter::GoRequestsFull);
+    }
+    // The handler's goroutine works for the request read on its connection.
+    if response != 0 {
+        let sk = response_sk(go, response);
+        if sk != 0 {
+            let goid = read_user::<u64>(r.r14 + go.g_goid as u64).unwrap_or(0);
+            serve_conn(pid, goid, sk);
+        }
     }
     0
 }
@@ -158,16 +169,23 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
         read_go_string(r + go.request_remote_addr as u64, &mut (*e).remote_addr);
         read_go_string(r + go.request_proto as u64, &mut (*e).proto);
         if st.response != 0 {
-            let conn = go_ptr(st.response, go.response_conn);
-            if conn != 0 {
-                if let Some(rwc) = read_user::<[u64; 2]>(conn + go.conn_rwc as u64) {
-                    let fd = go_conn_fd(go, rwc[0], rwc[1]);
-                    if fd >= 0 {
-                        (*e).sk = fd_to_sk(fd as u32).unwrap_or(0);
-                    }
-                }
-            }
+            (*e).sk = response_sk(go, st.response);
         }
     }
     ev.submit(wake_flags());
+}
+
+/// The kernel socket of the connection a Go `*http.response` writes to, 0 if unknown.
+#[inline(always)]
+fn response_sk(go: &GoOffsets, response: u64) -> u64 {
+    let conn = go_ptr(response, go.response_conn);
+    if conn == 0 {
+        return 0;
+    }
+    let Some(rwc) = read_user::<[u64; 2]>(conn + go.conn_rwc as u64) else { return 0 };
+    let fd = go_conn_fd(go, rwc[0], rwc[1]);
+    if fd < 0 {
+        return 0;
+    }
+    fd_to_sk(fd as u32).unwrap_or(0)
 }

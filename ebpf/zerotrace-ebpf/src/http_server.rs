@@ -6,12 +6,13 @@
 //! socket_hooks.rs.
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
-    ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
+    ClientLink, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
     HttpResponseEvent, bounds, phase,
 };
 
 use crate::{
-    maps::{EVENTS, SCRATCH, TARGETS, settings},
+    causality::{new_span_id, span_of},
+    maps::{CLIENT_LINK, EVENTS, SCRATCH, TARGETS, settings},
     socket_hooks::{SyscallArgs, recv_buffer, send_buffer},
     sockets::conn_for,
     util::{count, current_goroutine, go_ptr, header, now, read_user, read_user_bytes, wake_flags},
@@ -29,6 +30,7 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
+        client_send(conn, pid_tgid);
         return Some(());
     }
     count(Counter::SocketSyscalls);
@@ -41,6 +43,34 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
         conn.last_write_ts = ts;
     }
     Some(())
+}
+
+/// A client socket: the first send after a response (or the first ever) starts a request;
+/// the span of the goroutine writing it is offered to a server on this host that will read
+/// it (CLIENT_LINK by flow). A request written outside any span withdraws the offer.
+#[inline(always)]
+fn client_send(conn: &mut ConnState, pid_tgid: u64) {
+    if conn.phase == phase::REQUEST {
+        return;
+    }
+    conn.phase = phase::REQUEST;
+    let pid = conn.pid;
+    let mut span = 0;
+    if let Some(cfg) = TARGETS.get_ptr(pid) {
+        // SAFETY: map value pointer, valid for this program run.
+        let cfg = unsafe { &*cfg };
+        if cfg.flags & zerotrace_common::target_flags::GO != 0 {
+            let (_, goid) = current_goroutine(cfg);
+            span = span_of(pid, goid);
+        }
+    }
+    let _ = pid_tgid;
+    if span != 0 {
+        let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: span, ts_ns: now() }, 0);
+        count(Counter::ClientLinks);
+    } else {
+        let _ = CLIENT_LINK.remove(&conn.flow);
+    }
 }
 
 /// The first send after a request: keep the status line, and for Go read the route pattern
@@ -128,6 +158,10 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
+        // A client reading its response: its next send is a new request.
+        if ret > 0 {
+            conn.phase = phase::RESPONSE;
+        }
         return Some(());
     }
     count(Counter::SocketSyscalls);
@@ -152,6 +186,7 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
         conn.req_ts = ts;
         conn.bytes_in = ret as u64;
         conn.captured = 0;
+        conn.span_id = new_span_id();
         count(Counter::Requests);
     }
     let buf = recv_buffer::<A>();
@@ -203,6 +238,14 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, gorouti
         (*ev).read_len = len as u32;
         (*ev).captured = captured;
         (*ev).offset = conn.captured;
+        (*ev).span_id = conn.span_id;
+        (*ev).link_span = 0;
+        if conn.captured == 0 {
+            if let Some(l) = CLIENT_LINK.get_ptr(&conn.flow) {
+                (*ev).link_span = (*l).span_id;
+                count(Counter::ServerLinked);
+            }
+        }
     }
     conn.captured += captured;
     let mut size = size;

@@ -4,7 +4,10 @@
 #![no_main]
 #![allow(static_mut_refs)]
 
+mod causality;
+mod go_client;
 mod go_http;
+mod go_runtime;
 mod http_server;
 mod maps;
 mod socket_hooks;

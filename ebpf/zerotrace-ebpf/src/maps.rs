@@ -2,11 +2,12 @@
 //! load-time globals the agent fills in (kernel struct offsets, settings).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use zerotrace_common::{
-    ConnKey, ConnState, GoRequestKey, GoRequestState, HTTP_REQUEST_MAX, KernelOffsets, ListenKey,
-    Settings, TargetConfig, bounds, COUNTER_SLOTS,
+    ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState,
+    GoroutineCtx, GoroutineKey, HTTP_REQUEST_MAX, SlotKey, KernelOffsets, ListenKey, Settings,
+    TargetConfig, bounds, COUNTER_SLOTS,
 };
 
 /// All events for the agent, variable-length records each starting with an EventHeader.
@@ -35,6 +36,33 @@ pub static CONNS: HashMap<ConnKey, ConnState> = HashMap::with_max_entries(bounds
 #[map]
 pub static GO_REQUESTS: HashMap<GoRequestKey, GoRequestState> =
     HashMap::with_max_entries(bounds::MAX_GO_REQUESTS, 0);
+
+/// The span each goroutine's work belongs to (see zerotrace_common::ctx_origin). LRU: when
+/// full, the goroutine touched least recently loses its context (it is most likely gone).
+#[map]
+pub static GO_CTX: LruHashMap<GoroutineKey, GoroutineCtx> = LruHashMap::with_max_entries(bounds::MAX_GO_CTX, 0);
+
+/// Goroutines inside `(*http.Transport).roundTrip`: their client span and the context to
+/// restore when it returns.
+#[map]
+pub static GO_CLIENTS: HashMap<GoroutineKey, GoClientState> =
+    HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+
+/// The span of the request a traced client last wrote on each flow: a server on this host
+/// that reads the request links its span to it.
+#[map]
+pub static CLIENT_LINK: LruHashMap<FlowKey, ClientLink> =
+    LruHashMap::with_max_entries(bounds::MAX_CLIENT_LINKS, 0);
+
+/// The span of the goroutine that put each value in a channel buffer (only values sent from
+/// inside a span; a slot written outside any span is removed).
+#[map]
+pub static CHAN_SLOTS: LruHashMap<SlotKey, u64> = LruHashMap::with_max_entries(bounds::MAX_CHAN_SLOTS, 0);
+
+/// Between `runtime.recv`'s entry and its refill of a full buffer (same thread, channel
+/// lock held): the span of the blocked sender whose value goes into the freed slot.
+#[map]
+pub static RECV_SENDER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
 /// Per-CPU counters, indexed by zerotrace_common::Counter.
 #[map]

@@ -5,8 +5,8 @@
 //! stops being tracked when TCP moves it to CLOSE.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_smp_processor_id};
 use zerotrace_common::{
-    ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, ListenKey,
-    SockAddrs, phase,
+    ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey,
+    ListenKey, SockAddrs, phase,
 };
 
 use crate::{
@@ -20,29 +20,34 @@ const AF_INET6: u16 = 10;
 /// TCP states (include/net/tcp_states.h).
 pub const TCP_CLOSE: i32 = 7;
 
-/// Addresses of a kernel socket (struct sock starts with struct sock_common); None for
-/// anything but IPv4/IPv6.
+/// Addresses of a kernel socket (struct sock starts with struct sock_common), written into
+/// `a` (in per-CPU scratch: the BPF stack has no room for it); false for anything but
+/// IPv4/IPv6.
 #[inline(always)]
-pub fn sk_addrs(sk: u64) -> Option<SockAddrs> {
+pub fn sk_addrs(sk: u64, a: &mut SockAddrs) -> bool {
     let k = kernel();
-    let family = read_kernel::<u16>(sk + k.skc_family as u64)?;
+    let Some(family) = read_kernel::<u16>(sk + k.skc_family as u64) else { return false };
     if family != AF_INET && family != AF_INET6 {
-        return None;
+        return false;
     }
-    let mut a = SockAddrs { family, ..SockAddrs::default() };
-    a.local_port = read_kernel::<u16>(sk + k.skc_num as u64)?;
-    a.peer_port = u16::from_be(read_kernel::<u16>(sk + k.skc_dport as u64)?);
+    a.family = family;
+    a._pad = 0;
+    a.local_port = read_kernel::<u16>(sk + k.skc_num as u64).unwrap_or(0);
+    a.peer_port = u16::from_be(read_kernel::<u16>(sk + k.skc_dport as u64).unwrap_or(0));
     if family == AF_INET {
-        let d = read_kernel::<[u8; 4]>(sk + k.skc_daddr as u64)?;
-        let s = read_kernel::<[u8; 4]>(sk + k.skc_rcv_saddr as u64)?;
+        let d = read_kernel::<[u8; 4]>(sk + k.skc_daddr as u64).unwrap_or([0; 4]);
+        let s = read_kernel::<[u8; 4]>(sk + k.skc_rcv_saddr as u64).unwrap_or([0; 4]);
         a.peer_addr = v4_mapped(d);
         a.local_addr = v4_mapped(s);
     } else {
-        a.peer_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_daddr as u64)?;
-        a.local_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_rcv_saddr as u64)?;
+        a.peer_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_daddr as u64).unwrap_or([0; 16]);
+        a.local_addr = read_kernel::<[u8; 16]>(sk + k.skc_v6_rcv_saddr as u64).unwrap_or([0; 16]);
     }
-    Some(a)
+    true
 }
+
+/// Where conn_for assembles a new socket's state and addresses: per-CPU scratch space.
+const ADDRS_AT: usize = 512;
 
 /// The kernel socket behind file descriptor `fd` of the current task:
 /// task->files->fdt->fd[fd]->private_data (struct socket)->sk.
@@ -69,6 +74,24 @@ fn sk_inode(sk: u64) -> u64 {
         return 0;
     }
     read_kernel::<u64>(sock + k.socket_alloc_inode as u64 + k.inode_ino as u64).unwrap_or(0)
+}
+
+/// The flow of a socket from the client's side: a server's peer is the client.
+/// Written in place: the BPF stack has no room for another copy.
+#[inline(always)]
+fn set_flow(f: &mut FlowKey, a: &SockAddrs, role: ConnRole) {
+    if role == ConnRole::Server {
+        f.client_addr = a.peer_addr;
+        f.server_addr = a.local_addr;
+        f.client_port = a.peer_port;
+        f.server_port = a.local_port;
+    } else {
+        f.client_addr = a.local_addr;
+        f.server_addr = a.peer_addr;
+        f.client_port = a.local_port;
+        f.server_port = a.peer_port;
+    }
+    f._pad = 0;
 }
 
 #[inline(always)]
@@ -121,16 +144,25 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         if conn.role != ConnRole::Server as u8 && (server || listens(pid, conn.local_port)) {
             // A listener the agent learnt about later, or Go serving it: it is a server socket.
             conn.role = ConnRole::Server as u8;
-            if let Some(addrs) = sk_addrs(sk) {
-                announce(conn, sk, &addrs, pid_tgid as u32);
+            let scratch = SCRATCH.get_ptr_mut(0)? as *mut u8;
+            // SAFETY: the scratch value has room for SockAddrs at ADDRS_AT; only this CPU uses it.
+            let addrs = unsafe { &mut *(scratch.add(ADDRS_AT) as *mut SockAddrs) };
+            if sk_addrs(sk, addrs) {
+                set_flow(&mut conn.flow, addrs, ConnRole::Server);
+                announce(conn, sk, addrs, pid_tgid as u32);
             }
         }
         return Some(c);
     }
-    let addrs = sk_addrs(sk)?;
-    let role = if server || listens(pid, addrs.local_port) { ConnRole::Server } else { ConnRole::Client };
     // The new state is assembled in per-CPU scratch space: it is too big for the BPF stack.
-    let scratch = SCRATCH.get_ptr_mut(0)? as *mut ConnState;
+    let raw = SCRATCH.get_ptr_mut(0)? as *mut u8;
+    let scratch = raw as *mut ConnState;
+    // SAFETY: the scratch value has room for SockAddrs at ADDRS_AT; only this CPU uses it.
+    let addrs = unsafe { &mut *(raw.add(ADDRS_AT) as *mut SockAddrs) };
+    if !sk_addrs(sk, addrs) {
+        return None;
+    }
+    let role = if server || listens(pid, addrs.local_port) { ConnRole::Server } else { ConnRole::Client };
     // SAFETY: the scratch value is larger than a ConnState and only used by this CPU.
     unsafe {
         core::ptr::write_bytes(scratch, 0, 1);
@@ -140,6 +172,7 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         (*scratch).pid = pid;
         (*scratch).local_port = addrs.local_port;
         (*scratch).ino = sk_inode(sk);
+        set_flow(&mut (*scratch).flow, addrs, role);
     }
     // SAFETY: fully initialised above. BPF_NOEXIST: another CPU may have just created it.
     if let Err(e) = CONNS.insert(&key, unsafe { &*scratch }, 1) {

@@ -110,3 +110,10 @@ pub fn httpserver(version: &str) -> Result<PathBuf> {
     go_build(&go(version)?, &root().join("tests/e2e/go/httpserver"), &out, &[])?;
     Ok(out)
 }
+
+/// The span-tree test service (tests/e2e/go/causal) built with Go `version`.
+pub fn causal(version: &str) -> Result<PathBuf> {
+    let out = work_dir().join(format!("causal-go{version}"));
+    go_build(&go(version)?, &root().join("tests/e2e/go/causal"), &out, &[])?;
+    Ok(out)
+}

@@ -51,7 +51,12 @@ fn trace(version: &'static str, kind: Kind, extra: &[&str], rounds: usize) -> Re
     let (srv, port) = start_server(&format!("httpserver-{version}"), &bin)?;
     let rx = Receiver::start(kind, 0)?;
     let proto = if kind == Kind::Grpc { "grpc" } else { "http/protobuf" };
-    let mut args = vec!["--otlp-endpoint", &*Box::leak(rx.endpoint().into_boxed_str()), "--otlp-protocol", proto, "--batch-delay", "200ms"];
+    // The goroutine and channel hooks are off: these tests count the HTTP hooks' hits
+    // exactly (go_causality.rs covers the others).
+    let mut args = vec![
+        "--otlp-endpoint", &*Box::leak(rx.endpoint().into_boxed_str()), "--otlp-protocol", proto, "--batch-delay", "200ms",
+        "--go-spawns", "off", "--go-channels", "off",
+    ];
     args.extend_from_slice(extra);
     let mut agent = Agent::start(&[srv.pid()], &args, &[])?;
     let mut sent = Vec::new();
@@ -197,7 +202,11 @@ fn a_keep_alive_connection_opened_before_the_agent() -> Result<()> {
     assert_eq!(client.get("/hello")?.status, 200);
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
-    let mut agent = Agent::start(&[srv.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+    let mut agent = Agent::start(
+        &[srv.pid()],
+        &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--go-spawns", "off", "--go-channels", "off"],
+        &[],
+    )?;
     assert!(agent.proc.stderr_text().contains("existing_connections=1"), "{}", agent.proc.stderr_text());
     for i in 0..5 {
         let r = client.get(&format!("/users/{i}"))?;

@@ -1,0 +1,119 @@
+//! Go net/http client spans: uprobes at the entry and at every RET of
+//! `net/http.(*Transport).roundTrip(t, req *Request) (*Response, error)` (never a
+//! uretprobe). During the call the client span is the calling goroutine's own context, so
+//! the goroutines that write the request (Transport's writeLoop, reached over a channel)
+//! carry it to the socket, where a server on this host can link to it.
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use zerotrace_common::{
+    Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets,
+    GoroutineCtx, ctx_origin,
+};
+
+use crate::{
+    causality::{key, new_span_id, span_of},
+    maps::{EVENTS, GO_CLIENTS, GO_CTX, TARGETS},
+    util::{count, go_ptr, header, now, read_go_string, read_user, wake_flags},
+};
+
+#[inline(always)]
+fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
+    // SAFETY: a uprobe context is the user register set.
+    unsafe { &*ctx.regs }
+}
+
+/// Entry: t in RAX, req in RBX, the calling goroutine in R14.
+#[uprobe]
+pub fn go_round_trip(ctx: ProbeContext) -> u32 {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else { return 0 };
+    // SAFETY: map value pointer, valid for this program run.
+    let go = unsafe { &(*cfg).go };
+    let r = regs(&ctx);
+    let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
+    let k = key(pid, goid);
+    let parent = span_of(pid, goid);
+    let span = new_span_id();
+    // SAFETY: map value pointer, copied at once.
+    let prev = GO_CTX.get_ptr(&k).map(|c| unsafe { *c }).unwrap_or_default();
+    if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev }, 0).is_err() {
+        count(Counter::GoRequestsFull);
+        return 0;
+    }
+    let own = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::OWN, _pad: [0; 7] };
+    let _ = GO_CTX.insert(&k, &own, 0);
+
+    let Some(mut ev) = EVENTS.reserve::<GoClientRequestEvent>(0) else {
+        count(Counter::RingFull);
+        return 0;
+    };
+    let e = ev.as_mut_ptr();
+    let req = r.rbx;
+    let url = go_ptr(req, go.request_url);
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoClientRequest, core::mem::size_of::<GoClientRequestEvent>(), pid, pid_tgid as u32, now());
+        (*e).goid = goid;
+        (*e).span_id = span;
+        (*e).parent_span = parent;
+        for s in [&mut (*e).method, &mut (*e).scheme, &mut (*e).url_host, &mut (*e).path] {
+            s.len = 0;
+            s.kept = 0;
+        }
+        read_go_string(req + go.request_method as u64, &mut (*e).method);
+        if url != 0 {
+            if go.url_scheme != GoOffsets::NONE {
+                read_go_string(url + go.url_scheme as u64, &mut (*e).scheme);
+            }
+            if go.url_host != GoOffsets::NONE {
+                read_go_string(url + go.url_host as u64, &mut (*e).url_host);
+            }
+            read_go_string(url + go.url_path as u64, &mut (*e).path);
+        }
+    }
+    ev.submit(wake_flags());
+    0
+}
+
+/// A RET: *Response in RAX, the error's type word in RBX (0: nil error).
+#[uprobe]
+pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else { return 0 };
+    // SAFETY: map value pointer, valid for this program run.
+    let go = unsafe { &(*cfg).go };
+    let r = regs(&ctx);
+    let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
+    let k = key(pid, goid);
+    // SAFETY: map value pointer, copied before removal.
+    let Some(st) = GO_CLIENTS.get_ptr(&k).map(|p| unsafe { *p }) else {
+        count(Counter::GoReturnUnmatched);
+        return 0;
+    };
+    let _ = GO_CLIENTS.remove(&k);
+    if st.prev.origin != 0 {
+        let _ = GO_CTX.insert(&k, &st.prev, 0);
+    } else {
+        let _ = GO_CTX.remove(&k);
+    }
+    let resp = r.rax;
+    let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE {
+        read_user::<i64>(resp + go.resp_status_code as u64).unwrap_or(0)
+    } else {
+        0
+    };
+    let ev = GoClientResponseEvent {
+        hdr: header(EventKind::GoClientResponse, core::mem::size_of::<GoClientResponseEvent>(), pid, pid_tgid as u32, now()),
+        goid,
+        span_id: st.span_id,
+        status,
+        err_type: r.rbx,
+    };
+    if EVENTS.output::<GoClientResponseEvent>(&ev, wake_flags()).is_err() {
+        count(Counter::RingFull);
+    }
+    0
+}

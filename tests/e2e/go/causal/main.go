@@ -1,0 +1,214 @@
+// Command causal is the Go service of zerotrace's span-tree tests: handlers that hand work
+// to other goroutines in every way Go programs do (spawn, WaitGroup fan-out, worker pools
+// over unbuffered and buffered channels, select with a timeout) and call a downstream
+// service over HTTP from there. Every path ends in an id that the downstream call repeats,
+// so a test can check that each downstream span sits under the request that caused it.
+//
+// Usage: causal ADDR [DOWNSTREAM_BASE_URL]. Without a downstream it serves /leaf/ only
+// (and /status/); with one, the routes below call DOWNSTREAM/leaf/<route>-<id>.
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+var (
+	down   string
+	client = &http.Client{Timeout: 5 * time.Second}
+)
+
+// call GETs the downstream path and returns its status code (0 on a transport error).
+func call(path string) int {
+	resp, err := client.Get(down + path)
+	if err != nil {
+		return 0
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+func idOf(r *http.Request, prefix string) string { return strings.TrimPrefix(r.URL.Path, prefix) }
+
+func answer(w http.ResponseWriter, codes ...int) {
+	for _, c := range codes {
+		if c != 200 {
+			w.WriteHeader(http.StatusBadGateway)
+			fmt.Fprint(w, "downstream failed")
+			return
+		}
+	}
+	fmt.Fprint(w, "ok")
+}
+
+// sync: the handler itself calls downstream.
+func syncCall(w http.ResponseWriter, r *http.Request) {
+	answer(w, call("/leaf/sync-"+idOf(r, "/sync/")))
+}
+
+// fanout: three spawned goroutines call downstream; a WaitGroup joins them.
+func fanout(w http.ResponseWriter, r *http.Request) {
+	id := idOf(r, "/fanout/")
+	codes := make([]int, 3)
+	var wg sync.WaitGroup
+	for i := 0; i < 3; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			codes[i] = call(fmt.Sprintf("/leaf/fanout-%s-%d", id, i))
+		}(i)
+	}
+	wg.Wait()
+	answer(w, codes...)
+}
+
+// nested: a goroutine spawns a goroutine that spawns the one that calls downstream.
+func nested(w http.ResponseWriter, r *http.Request) {
+	id := idOf(r, "/nested/")
+	done := make(chan int)
+	go func() {
+		go func() {
+			go func() { done <- call("/leaf/nested-" + id) }()
+		}()
+	}()
+	answer(w, <-done)
+}
+
+type job struct {
+	path  string
+	reply chan int
+}
+
+// Long-lived worker pools, started before any request: their goroutines inherit nothing.
+var (
+	unbuffered = make(chan job)
+	buffered   = make(chan job, 16)
+	selecting  = make(chan job)
+)
+
+func workers() {
+	for i := 0; i < 2; i++ {
+		go func() {
+			for j := range unbuffered {
+				j.reply <- call(j.path)
+			}
+		}()
+		go func() {
+			for j := range buffered {
+				j.reply <- call(j.path)
+			}
+		}()
+		go func() {
+			idle := time.NewTicker(time.Hour)
+			for {
+				select {
+				case j := <-selecting:
+					j.reply <- call(j.path)
+				case <-idle.C:
+				}
+			}
+		}()
+	}
+}
+
+func worker(pool chan job, prefix string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		j := job{path: "/leaf/" + prefix + "-" + idOf(r, "/"+prefix+"/"), reply: make(chan int, 1)}
+		pool <- j
+		answer(w, <-j.reply)
+	}
+}
+
+// selectTimeout: a select whose slow branch loses to a timeout, then a downstream call;
+// and a select that sends a job to a worker that is itself waiting in a select.
+func selectTimeout(w http.ResponseWriter, r *http.Request) {
+	id := idOf(r, "/select/")
+	slow := make(chan int, 1)
+	go func() {
+		time.Sleep(200 * time.Millisecond)
+		slow <- 1
+	}()
+	timedOut := false
+	select {
+	case <-slow:
+	case <-time.After(20 * time.Millisecond):
+		timedOut = true
+	}
+	if !timedOut {
+		http.Error(w, "no timeout", 500)
+		return
+	}
+	first := call("/leaf/select-timeout-" + id)
+	j := job{path: "/leaf/select-worker-" + id, reply: make(chan int, 1)}
+	select {
+	case selecting <- j:
+	case <-time.After(2 * time.Second):
+		http.Error(w, "no worker", 500)
+		return
+	}
+	answer(w, first, <-j.reply)
+}
+
+// fail: a call to a port nobody listens on (a transport error).
+func fail(w http.ResponseWriter, r *http.Request) {
+	resp, err := client.Get("http://127.0.0.1:1/unreachable")
+	if err == nil {
+		resp.Body.Close()
+	}
+	w.WriteHeader(http.StatusBadGateway)
+	fmt.Fprint(w, "unreachable")
+}
+
+// err5xx: the downstream answers 503; this handler answers 500.
+func err5xx(w http.ResponseWriter, r *http.Request) {
+	call("/status/503")
+	w.WriteHeader(http.StatusInternalServerError)
+	fmt.Fprint(w, "downstream 503")
+}
+
+func leaf(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "leaf") }
+
+func status(w http.ResponseWriter, r *http.Request) {
+	code, err := strconv.Atoi(strings.TrimPrefix(r.URL.Path, "/status/"))
+	if err != nil || code < 100 || code > 599 {
+		code = 400
+	}
+	w.WriteHeader(code)
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: causal ADDR [DOWNSTREAM_BASE_URL]")
+		os.Exit(2)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/leaf/", leaf)
+	mux.HandleFunc("/status/", status)
+	if len(os.Args) > 2 {
+		down = strings.TrimSuffix(os.Args[2], "/")
+		workers()
+		mux.HandleFunc("/sync/", syncCall)
+		mux.HandleFunc("/fanout/", fanout)
+		mux.HandleFunc("/nested/", nested)
+		mux.HandleFunc("/unbuffered/", worker(unbuffered, "unbuffered"))
+		mux.HandleFunc("/buffered/", worker(buffered, "buffered"))
+		mux.HandleFunc("/select/", selectTimeout)
+		mux.HandleFunc("/fail/", fail)
+		mux.HandleFunc("/err5xx/", err5xx)
+	}
+	srv := &http.Server{Addr: os.Args[1], Handler: mux}
+	fmt.Println("listening on", os.Args[1])
+	err := srv.ListenAndServe()
+	if err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
