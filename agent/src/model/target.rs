@@ -59,7 +59,7 @@ pub enum TargetError {
     Access { pid: u32, source: std::io::Error },
     #[error(
         "PID {pid} ({path}) is not a Go program: no Go build info in its executable. zerotrace attaches \
-         to Go programs built by Go {}.{} or newer (unstripped); point --pid at the Go service itself \
+         to Go programs built by Go {}.{} or newer (stripped or not); point --pid at the Go service itself \
          (not a shell or wrapper script that started it)",
         MIN_GO.0, MIN_GO.1
     )]
@@ -113,16 +113,8 @@ impl Target {
             }
             _ => {}
         }
-        if !exe.has_symbols() || exe.symbol("runtime.types").is_none() {
-            return Err(TargetError::Symbols {
-                pid,
-                source: SymbolError::MissingSymbol {
-                    path: exe_path.clone(),
-                    name: "runtime.types".into(),
-                    hint: crate::symbols::STRIPPED_HINT,
-                },
-            });
-        }
+        // Stripped binaries (-ldflags='-s -w') work too: functions come from Go's own function
+        // table, struct offsets from the generated table (GoLayout::source says which).
         let layout = layout(&exe, &build).map_err(|source| TargetError::Symbols { pid, source })?;
         let bias = if exe.is_pie {
             proc::load_bias(pid, &exe_path, exe.first_load_vaddr())

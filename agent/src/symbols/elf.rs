@@ -1,10 +1,11 @@
 //! ELF facts of an executable: its load segments (for virtual address -> file offset, as
-//! uprobes want), its symbol table, its TLS segment and its sections.
-use std::{borrow::Cow, collections::HashMap, path::{Path, PathBuf}};
+//! uprobes want), its symbol table (with Go's own function table as the fallback for
+//! stripped binaries), its TLS segment and its sections.
+use std::{borrow::Cow, collections::HashMap, path::{Path, PathBuf}, sync::OnceLock};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, elf, read::elf::ProgramHeader};
 
-use super::SymbolError;
+use super::{SymbolError, moduledata::GoTables};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FunctionSym {
@@ -18,6 +19,7 @@ struct Segment {
     memsz: u64,
     offset: u64,
     filesz: u64,
+    writable: bool,
 }
 
 /// An executable read into memory with the index zerotrace needs.
@@ -31,6 +33,8 @@ pub struct Executable {
     symbols: HashMap<String, FunctionSym>,
     /// PT_TLS (memsz, align) when present.
     pub tls: Option<(u64, u64)>,
+    /// Go's function table and module data, read on first use.
+    go: OnceLock<Result<GoTables, String>>,
 }
 
 impl Executable {
@@ -56,7 +60,8 @@ impl Executable {
             .segments()
             .map(|s| {
                 let (offset, filesz) = s.file_range();
-                Segment { vaddr: s.address(), memsz: s.size(), offset, filesz }
+                let writable = matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & elf::PF_W != 0);
+                Segment { vaddr: s.address(), memsz: s.size(), offset, filesz, writable }
             })
             .collect();
         let mut symbols = HashMap::new();
@@ -72,15 +77,58 @@ impl Executable {
         }
         let tls = tls_segment(&data);
         drop(file);
-        Ok(Self { path, data, is_pie, machine, segments, symbols, tls })
+        Ok(Self { path, data, is_pie, machine, segments, symbols, tls, go: OnceLock::new() })
     }
 
+    /// A symbol by name: from the ELF symbol table, else (functions of a stripped Go
+    /// binary) from Go's function table, whose sizes run to the next function's entry.
     pub fn symbol(&self, name: &str) -> Option<FunctionSym> {
+        self.symtab_symbol(name).or_else(|| self.go_tables().ok()?.function(name))
+    }
+
+    /// A symbol from the ELF symbol tables only (.symtab, .dynsym).
+    pub fn symtab_symbol(&self, name: &str) -> Option<FunctionSym> {
         self.symbols.get(name).copied()
     }
 
     pub fn has_symbols(&self) -> bool {
         !self.symbols.is_empty()
+    }
+
+    /// Go's function table and module data (located and parsed once); the error says why
+    /// they could not be found.
+    pub fn go_tables(&self) -> Result<&GoTables, &str> {
+        self.go.get_or_init(|| GoTables::load(self)).as_ref().map_err(String::as_str)
+    }
+
+    /// Loaded segments with file contents: (vaddr, bytes, writable).
+    pub fn loaded_segments(&self) -> impl Iterator<Item = (u64, &[u8], bool)> + '_ {
+        self.segments.iter().filter_map(|s| {
+            let len = s.filesz.min(s.memsz) as usize;
+            let start = s.offset as usize;
+            let bytes = self.data.get(start..start.checked_add(len)?)?;
+            (!bytes.is_empty()).then_some((s.vaddr, bytes, s.writable))
+        })
+    }
+
+    /// The file-backed bytes from `vaddr` to the end of its segment.
+    pub fn bytes_from(&self, vaddr: u64) -> Option<&[u8]> {
+        self.loaded_segments()
+            .find(|(va, b, _)| vaddr >= *va && vaddr - va < b.len() as u64)
+            .map(|(va, b, _)| &b[(vaddr - va) as usize..])
+    }
+
+    /// A little-endian 64-bit word at `vaddr` as stored in the file (for a PIE, the value
+    /// before relocation: Go's linker and the system linkers write RELA addends in place).
+    pub fn read_u64(&self, vaddr: u64) -> Option<u64> {
+        Some(u64::from_le_bytes(self.bytes_at(vaddr, 8)?.try_into().ok()?))
+    }
+
+    /// Virtual address and size of a section.
+    pub fn section_range(&self, name: &str) -> Option<(u64, u64)> {
+        let file = object::File::parse(&*self.data).ok()?;
+        let sec = file.section_by_name(name)?;
+        Some((sec.address(), sec.size()))
     }
 
     /// File offset of a virtual address inside a loaded segment.
