@@ -1,7 +1,9 @@
 //! `cargo xtask`: one entry point for setting up a machine, building, running the demo, the
-//! test suite and the benchmarks. Every task installs what it needs first (idempotently,
-//! saying what it does), so a fresh machine needs nothing but this repository and Rust.
+//! test suite, the benchmarks and regenerating generated sources (`codegen`). Every task
+//! installs what it needs first (idempotently, saying what it does), so a fresh machine needs
+//! nothing but this repository and Rust.
 mod bench;
+mod codegen;
 mod demo;
 mod setup;
 mod test;
@@ -32,6 +34,11 @@ enum Task {
         #[command(subcommand)]
         which: bench::Bench,
     },
+    /// Regenerate checked-in generated sources.
+    Codegen {
+        #[command(subcommand)]
+        which: codegen::Codegen,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,5 +65,6 @@ fn dispatch(cli: Cli) -> Result<()> {
         Task::Demo(args) => demo::run(args),
         Task::Test(args) => test::run(args),
         Task::Bench { which } => bench::run(which),
+        Task::Codegen { which } => codegen::run_codegen(which),
     }
 }
