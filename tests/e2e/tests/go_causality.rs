@@ -284,3 +284,38 @@ fn causality_switches_off() -> Result<()> {
     assert_eq!(agent.stat("channel_handoffs"), 0);
     Ok(())
 }
+
+/// The same trees with every supported Go minor version (runtime layouts and channel code
+/// differ between them: g.goid and hchan fields moved in 1.23, sudog in 1.26, timers changed).
+#[test]
+fn span_trees_every_go_version() -> Result<()> {
+    for version in &tools::GO_MATRIX[1..tools::GO_MATRIX.len() - 1] {
+        check_trees(version).map_err(|e| e.context(format!("Go {version}")))?;
+    }
+    Ok(())
+}
+
+/// An incoming traceparent roots the whole tree, across goroutines and processes.
+#[test]
+fn incoming_traceparent_roots_the_tree() -> Result<()> {
+    let s = start(GO_NEWEST)?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let mut agent = agent(&s, &rx, &[])?;
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let tp = format!("00-{trace}-{parent}-01");
+    let mut c = Client::new(s.front_port);
+    let r = c.request("GET", "/fanout/9", &[("traceparent", &tp), ("tracestate", "vendor=x")])?;
+    assert_eq!(r.status, 200);
+    rx.wait_for(7, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 7);
+    let f = Forest::new(&spans);
+    let root = f.server("/fanout/9");
+    assert_eq!(root.parent_span_id, parent);
+    for sp in &spans {
+        assert_eq!(sp.trace_id, trace, "{sp:#?}");
+        assert_eq!(f.root(sp).span_id, root.span_id, "every span under the request's span");
+    }
+    Ok(())
+}
