@@ -55,6 +55,14 @@ pub struct OverheadArgs {
     /// How Go HTTP server requests are probed (conn: per connection, handler: per request).
     #[arg(long, default_value = "conn")]
     pub go_http_probes: String,
+    /// Handlers to load: noop (saturation), work (1 ms, fixed rate), fanout (three
+    /// goroutines answering over a channel, saturation), fanout-rate (the same at the fixed rate).
+    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate")]
+    pub cases: Vec<String>,
+    /// The goroutine and channel hooks (--go-spawns/--go-channels) in the "with" runs:
+    /// on, off, or both (on,off: each case measured twice).
+    #[arg(long, value_delimiter = ',', default_value = "on")]
+    pub causality: Vec<String>,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -111,18 +119,20 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     ));
     let mut report = String::new();
     for export in &a.export {
-        for case in ["noop", "work"] {
+        for causality in &a.causality {
+        for case in a.cases.iter().map(String::as_str) {
             let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..a.rounds {
-                eprintln!("  {case} / {export:?}: round {} of {}", round + 1, a.rounds);
+                eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
                 // Warm the service and the caches identically before both runs.
                 drive(case, port, &a, Duration::from_secs(1))?;
                 without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
-                let (load, cost) = with_agent(srv.pid(), *export, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
+                let (load, cost) = with_agent(srv.pid(), *export, causality, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
                 with.push(load);
                 costs.push(cost);
             }
-            report.push_str(&summarize(case, *export, &a, &without, &with, &costs));
+            report.push_str(&summarize(case, *export, causality, &a, &without, &with, &costs));
+        }
         }
     }
     println!("\n{report}");
@@ -133,7 +143,7 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     Ok(())
 }
 
-fn summarize(case: &str, export: Export, a: &OverheadArgs, without: &[Load], with: &[Load], costs: &[AgentCost]) -> String {
+fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, without: &[Load], with: &[Load], costs: &[AgentCost]) -> String {
     let m = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
     let (r0, r1) = (m(without, |l| l.rps), m(with, |l| l.rps));
     let (p50_0, p50_1) = (m(without, |l| l.p50_ms), m(with, |l| l.p50_ms));
@@ -144,8 +154,11 @@ fn summarize(case: &str, export: Export, a: &OverheadArgs, without: &[Load], wit
     let per = |x: u64| x as f64 / reqs as f64;
     let title = match case {
         "noop" => "no-op handler at saturation (wrk -t1 -c32)".to_owned(),
+        "fanout" => "fan-out handler (3 goroutines + channel) at saturation (wrk -t1 -c32)".to_owned(),
+        "fanout-rate" => format!("fan-out handler (3 goroutines + channel) at {} req/s (32 connections, open loop)", a.rate),
         _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
     };
+    let title = format!("{title}, goroutine+channel hooks {causality}");
     let errors: u64 = with.iter().chain(without).map(|l| l.errors).sum();
     format!(
         "{title}, export {export:?}\n\
@@ -180,9 +193,16 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-fn with_agent(pid: u32, export: Export, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
+fn with_agent(pid: u32, export: Export, causality: &str, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
     let mut sink = None;
-    let mut args: Vec<String> = vec!["--go-http-probes".into(), a.go_http_probes.clone()];
+    let mut args: Vec<String> = vec![
+        "--go-http-probes".into(),
+        a.go_http_probes.clone(),
+        "--go-spawns".into(),
+        causality.into(),
+        "--go-channels".into(),
+        causality.into(),
+    ];
     match export {
         Export::None => args.extend(["--exporter".into(), "none".into()]),
         Export::Grpc => {
@@ -220,7 +240,10 @@ fn with_agent(pid: u32, export: Export, a: &OverheadArgs, load: impl FnOnce() ->
 fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
     match case {
         "noop" => wrk(port, "/noop", d),
-        _ => fixed_rate(port, "/work", a.rate, 32, d),
+        "fanout" => wrk(port, "/fanout", d),
+        "fanout-rate" => fixed_rate(port, "/fanout", a.rate, 32, d),
+        "work" => fixed_rate(port, "/work", a.rate, 32, d),
+        other => bail!("unknown case {other:?} (noop, work, fanout, fanout-rate)"),
     }
 }
 

@@ -5,7 +5,8 @@
 //	shop frontend ADDR CATALOG_ADDR    pages, product pages that ask the catalog, checkout
 //	shop load     FRONTEND_ADDR RPS    a steady mix of requests, keep-alive
 //
-// The frontend also serves /noop and /work (a 1 ms handler) for `cargo xtask bench overhead`.
+// The frontend also serves /noop, /work (a 1 ms handler) and /fanout (three goroutines
+// answering over a channel) for `cargo xtask bench overhead`.
 package main
 
 import (
@@ -63,6 +64,18 @@ func frontend(addr, catalogAddr string) error {
 	mux.HandleFunc("GET /work", func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(time.Millisecond)
 		fmt.Fprint(w, "done")
+	})
+	// Three goroutines compute parts of the answer and hand them back over a channel.
+	mux.HandleFunc("GET /fanout", func(w http.ResponseWriter, r *http.Request) {
+		parts := make(chan int)
+		for i := 1; i <= 3; i++ {
+			go func(i int) { parts <- i * i }(i)
+		}
+		sum := 0
+		for i := 0; i < 3; i++ {
+			sum += <-parts
+		}
+		fmt.Fprint(w, sum)
 	})
 	return http.ListenAndServe(addr, mux)
 }
