@@ -162,11 +162,13 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
     Ok((offsets, absent))
 }
 
-/// Members where two lookups disagree, as "struct.member (a X, b Y)".
+/// Members where DWARF (`a`) and the table (`b`) disagree, as "struct.member (dwarf X,
+/// table Y)". Structs the program does not use (absent from its DWARF) are skipped.
 pub fn disagreements(a: &dyn Members, b: &dyn Members) -> Vec<String> {
     let show = |v: Option<u64>| v.map_or("absent".to_owned(), |v| v.to_string());
     MEMBERS
         .iter()
+        .filter(|(ty, _)| a.has_struct(ty))
         .filter_map(|&(ty, f)| {
             let (x, y) = (a.member(ty, f), b.member(ty, f));
             (x != y).then(|| format!("{ty}.{f} (dwarf {}, table {})", show(x), show(y)))
@@ -514,6 +516,79 @@ mod tests {
             assert_eq!(ts.source, "table");
             assert_eq!(ts.offsets.tls_g, d.offsets.tls_g, "Go {v}");
             assert!(ts.type_tcpconn.is_some() && ts.type_tlsconn.is_some() && ts.type_response.is_some(), "Go {v}: {ts:?}");
+        }
+    }
+
+    /// A member lookup from a list, for tests.
+    struct Fake(Vec<(&'static str, &'static str, u64)>);
+
+    impl Members for Fake {
+        fn member(&self, ty: &str, field: &str) -> Option<u64> {
+            self.0.iter().find(|(t, f, _)| *t == ty && *f == field).map(|m| m.2)
+        }
+
+        fn has_struct(&self, ty: &str) -> bool {
+            self.0.iter().any(|(t, _, _)| *t == ty)
+        }
+    }
+
+    #[test]
+    fn disagreements_name_the_fields() {
+        let entry = &GO_OFFSETS[GO_OFFSETS.len() - 1];
+        let mut members = entry.members.to_vec();
+        for m in &mut members {
+            if (m.0, m.1) == ("runtime.g", "goid") {
+                m.2 += 8;
+            }
+        }
+        members.retain(|m| (m.0, m.1) != ("net/http.Request", "Pattern"));
+        let diff = disagreements(&Fake(members), entry);
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(diff[0].starts_with("runtime.g.goid (dwarf "), "{diff:?}");
+        assert!(diff[1].starts_with("net/http.Request.Pattern (dwarf absent, table "), "{diff:?}");
+        assert!(disagreements(entry, entry).is_empty());
+        // A program that does not use a struct at all is not a disagreement.
+        let no_tls: Vec<_> = entry.members.iter().copied().filter(|m| m.0 != "crypto/tls.Conn").collect();
+        assert!(disagreements(&Fake(no_tls), entry).is_empty());
+        // A required member missing is named.
+        assert_eq!(offsets(&Fake(vec![]), -8).unwrap_err(), "net.netFD.pfd");
+    }
+
+    #[test]
+    fn neither_dwarf_nor_table_is_a_clear_error() {
+        // The test executable itself: DWARF without Go structs, no Go function table.
+        let exe = Executable::open(&std::env::current_exe().unwrap()).unwrap();
+        let info = BuildInfo { go_version: "go1.27.3".into(), ..Default::default() };
+        let err = layout(&exe, &info).unwrap_err().to_string();
+        assert!(err.contains("DWARF: ") && err.contains("offsets table: ") && err.contains("-s -w"), "{err}");
+        assert!(err.contains("no Go function table"), "{err}");
+        let old = BuildInfo { go_version: "go1.19.2".into(), ..Default::default() };
+        let err = layout(&exe, &old).unwrap_err().to_string();
+        assert!(err.contains("no entry for go1.19.2"), "{err}");
+    }
+
+    /// g's TLS slot from PT_TLS (kept by stripping) is runtime.tlsg's place in the block
+    /// (-8 in every build here, including cgo ones linked by the system linker).
+    #[test]
+    fn tls_g_slot_matches_runtime_tlsg() {
+        use object::{Object, ObjectSymbol};
+        let mut variants = vec![Variant::Pie];
+        if testgo::have_c_compiler() {
+            variants.extend([Variant::Cgo, Variant::CgoPie]);
+        }
+        for v in [GO_OFFSETS[0].toolchain, GO_OFFSETS[GO_OFFSETS.len() - 1].toolchain] {
+            for variant in &variants {
+                let path = testgo::build(v, *variant);
+                let exe = Executable::open(&path).unwrap();
+                let data = std::fs::read(&path).unwrap();
+                let file = object::File::parse(&*data).unwrap();
+                let (memsz, align) = exe.tls.expect("PT_TLS");
+                // Go's own linker names no TLS symbol; its block holds g alone.
+                let at = file.symbols().find(|s| s.name() == Ok("runtime.tlsg")).map_or(0, |s| s.address());
+                let want = at as i64 - (memsz.div_ceil(align) * align) as i64;
+                assert_eq!(tls_g_offset(&exe), want, "Go {v} {variant:?}");
+                assert_eq!(want, -8, "Go {v} {variant:?}");
+            }
         }
     }
 
