@@ -110,6 +110,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             offsets = target.layout.source,
             uprobes = report.uprobes,
             client_spans = report.client,
+            sql_spans = report.sql,
             spawns = report.spawns,
             channels = report.channels,
             existing_connections = existing.len(),

@@ -8,7 +8,7 @@ pub mod traces;
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, HttpRequest, HttpResponse},
+    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, GoSqlStart, HttpRequest, HttpResponse},
     protocols::http1,
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
@@ -58,6 +58,15 @@ struct Ids {
     trace_state: Option<String>,
 }
 
+/// A database/sql call waiting for its return.
+#[derive(Debug)]
+struct PendingSql {
+    start: Box<GoSqlStart>,
+    text: Option<String>,
+    trace_id: TraceId,
+    parent: Option<SpanId>,
+}
+
 /// A Go client call waiting for its return.
 #[derive(Debug)]
 struct PendingClient {
@@ -100,6 +109,10 @@ pub struct Correlator {
     by_sk: HashMap<u64, u64>,
     pending: HashMap<u64, Pending>,
     clients: HashMap<u64, PendingClient>,
+    sql: HashMap<u64, PendingSql>,
+    /// Whether (pid, addr, len) is read-only file-backed memory of the target (safe to read
+    /// later: it cannot change).
+    readonly: Box<dyn Fn(u32, u64, u64) -> bool + Send>,
     pub traces: Traces,
     pub stats: Stats,
 }
@@ -107,12 +120,14 @@ pub struct Correlator {
 impl Correlator {
     /// A correlator that reads route patterns from the traced processes.
     pub fn new(clock: Clock) -> Self {
-        Self::with_memory(
+        let mut c = Self::with_memory(
             clock,
             Box::new(|pid, addr, len| {
                 crate::model::memory::read(pid, addr, len).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
             }),
-        )
+        );
+        c.readonly = Box::new(crate::model::proc::in_readonly_file_mapping);
+        c
     }
 
     pub fn with_memory(clock: Clock, memory: MemoryReader) -> Self {
@@ -124,6 +139,8 @@ impl Correlator {
             by_sk: HashMap::new(),
             pending: HashMap::new(),
             clients: HashMap::new(),
+            sql: HashMap::new(),
+            readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
             stats: Stats::default(),
         }
@@ -170,6 +187,7 @@ impl Correlator {
             self.drop_conn(id);
         }
         self.clients.retain(|_, c| c.req.pid != pid);
+        self.sql.retain(|_, c| c.start.pid != pid);
     }
 
     fn drop_conn(&mut self, id: u64) {
@@ -202,6 +220,15 @@ impl Correlator {
                 }
             }
             Event::GoClientRequest(c) => self.on_client_request(c),
+            Event::GoSqlStart(q) => self.on_sql_start(q),
+            Event::GoSqlEnd(r) => {
+                if let Some(p) = self.sql.remove(&r.span_id) {
+                    self.stats.spans += 1;
+                    out.push(self.sql_span(p, &r));
+                } else {
+                    self.stats.unmatched_client_returns += 1;
+                }
+            }
             Event::GoClientResponse(r) => {
                 if let Some(span) = self.on_client_response(r) {
                     self.stats.spans += 1;
@@ -232,6 +259,68 @@ impl Correlator {
         let (trace_id, parent) = self.traces.child_of(c.parent_span);
         self.traces.remember(c.span_id, trace_id);
         self.clients.insert(c.span_id, PendingClient { req: c, trace_id, parent });
+    }
+
+    fn on_sql_start(&mut self, q: Box<GoSqlStart>) {
+        if self.sql.len() >= MAX_PENDING {
+            self.stats.pending_full += 1;
+            return;
+        }
+        let (trace_id, parent) = self.traces.child_of(q.parent_span);
+        self.traces.remember(q.span_id, trace_id);
+        // The kernel could not read the text (page not resident): read it here, but only
+        // from read-only file-backed memory (a constant in the executable), which cannot
+        // have changed since.
+        let len = (q.text_len as usize).min(zerotrace_common::bounds::SQL_TEXT_MAX);
+        let text = q.text.clone().or_else(|| {
+            ((self.readonly)(q.pid, q.text_ptr, len as u64)).then(|| (self.memory)(q.pid, q.text_ptr, len)).flatten()
+        });
+        self.sql.insert(q.span_id, PendingSql { start: q, text, trace_id, parent });
+    }
+
+    fn sql_span(&self, p: PendingSql, r: &GoClientResponse) -> Span {
+        let q = &p.start;
+        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(8);
+        a.push(("db.system.name", Value::Static("other_sql")));
+        let (op, target) = p.text.as_deref().map(sql_summary).unwrap_or((None, None));
+        let name = match (&op, &target) {
+            (Some(o), Some(t)) => format!("{o} {t}"),
+            (Some(o), None) => o.clone(),
+            _ => if q.exec { "EXEC".to_owned() } else { "QUERY".to_owned() },
+        };
+        if let Some(o) = op {
+            a.push(("db.operation.name", Value::Str(o)));
+        }
+        if let Some(t) = target {
+            a.push(("db.collection.name", Value::Str(t)));
+        }
+        if let Some(t) = p.text {
+            a.push(("db.query.text", Value::Str(t)));
+        }
+        let status = if r.failed {
+            a.push(("error.type", Value::Static("_OTHER")));
+            Status::Error("the statement returned an error".into())
+        } else {
+            Status::Unset
+        };
+        a.push(("thread.id", Value::Int(i64::from(q.tid))));
+        if q.goid != 0 {
+            a.push(("go.goroutine.id", Value::Int(q.goid as i64)));
+        }
+        Span {
+            pid: q.pid,
+            trace_id: p.trace_id,
+            span_id: span_id(q.span_id),
+            parent: p.parent,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Client,
+            name,
+            start_unix_ns: self.clock.to_unix(q.start_ns),
+            end_unix_ns: self.clock.to_unix(r.end_ns.max(q.start_ns)),
+            attributes: a,
+            status,
+        }
     }
 
     fn on_client_response(&mut self, r: GoClientResponse) -> Option<Span> {
@@ -538,6 +627,34 @@ fn traceparent_in(head: &[u8]) -> Option<RemoteParent> {
     finder?;
     let h = http1::parse_request(head)?;
     RemoteParent::parse(h.traceparent.as_deref()?, h.tracestate.as_deref())
+}
+
+/// The operation (first keyword) and the table a SQL statement works on, when simple to
+/// tell: `SELECT .. FROM t`, `INSERT INTO t`, `UPDATE t`, `DELETE FROM t`.
+pub fn sql_summary(text: &str) -> (Option<String>, Option<String>) {
+    const OPS: &[&str] = &[
+        "SELECT", "INSERT", "UPDATE", "DELETE", "UPSERT", "REPLACE", "MERGE", "WITH", "CREATE", "DROP", "ALTER",
+        "TRUNCATE", "BEGIN", "COMMIT", "ROLLBACK", "CALL", "EXEC", "EXECUTE", "SHOW", "SET", "PRAGMA",
+    ];
+    let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == ';').filter(|w| !w.is_empty()).take(64).collect();
+    let Some(first) = words.first() else { return (None, None) };
+    let op = first.to_ascii_uppercase();
+    if !OPS.contains(&op.as_str()) {
+        return (None, None);
+    }
+    let after = |kw: &str| {
+        words.iter().position(|w| w.eq_ignore_ascii_case(kw)).and_then(|i| words.get(i + 1)).map(|w| {
+            w.split(['(', ',', ')']).next().unwrap_or("").trim_matches(['`', '"', '[', ']']).to_owned()
+        })
+    };
+    let target = match op.as_str() {
+        "SELECT" | "DELETE" => after("FROM"),
+        "INSERT" | "REPLACE" | "UPSERT" | "MERGE" => after("INTO"),
+        "UPDATE" => words.get(1).map(|w| w.trim_matches(['`', '"', '[', ']']).to_owned()),
+        _ => None,
+    }
+    .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.'));
+    (Some(op), target)
 }
 
 /// "host:port" -> (host, port); "[::1]:80" -> ("::1", 80); "host" -> (host, None).

@@ -187,3 +187,64 @@ fn handler_mode_alone_still_makes_a_span() {
     assert_eq!(s(&out[0], "http.response.status_code"), "200");
     assert_eq!((out[0].start_unix_ns, out[0].end_unix_ns), (12, 18));
 }
+
+#[test]
+fn sql_statements_are_summarised() {
+    assert_eq!(sql_summary("SELECT name FROM items WHERE id = ?"), (Some("SELECT".into()), Some("items".into())));
+    assert_eq!(sql_summary("  insert into orders(id, qty) values (?, ?)"), (Some("INSERT".into()), Some("orders".into())));
+    assert_eq!(sql_summary("UPDATE `stock` SET n = n - 1"), (Some("UPDATE".into()), Some("stock".into())));
+    assert_eq!(sql_summary("DELETE FROM carts"), (Some("DELETE".into()), Some("carts".into())));
+    assert_eq!(sql_summary("BEGIN"), (Some("BEGIN".into()), None));
+    assert_eq!(sql_summary("SELECT 1"), (Some("SELECT".into()), None));
+    assert_eq!(sql_summary("hello world"), (None, None));
+    assert_eq!(sql_summary(""), (None, None));
+    assert_eq!(sql_summary("SELECT * FROM (SELECT 1)"), (Some("SELECT".into()), None));
+}
+
+#[test]
+fn client_and_sql_spans_sit_under_their_parent() {
+    let (spans, stats) = run(&[
+        open(1, 7),
+        record::request_linked(PID, 1_000, 1, 1, b"GET /buy HTTP/1.1\r\n\r\n", 0xaaaa, 0),
+        record::client_request(PID, 2_000, 9, 0xbbbb, 0xaaaa, "GET", "http://stock:8080/items/1"),
+        record::client_response(PID, 3_000, 9, 0xbbbb, 503, 0),
+        record::client_request(PID, 3_500, 9, 0xcccc, 0x1234, "POST", "https://pay/charge"),
+        record::client_response(PID, 3_600, 9, 0xcccc, 0, 0x5555),
+        record::response(PID, 4_000, 1, 1, b"HTTP/1.1 200 OK\r", ""),
+    ]);
+    assert_eq!(spans.len(), 3, "{stats:?}");
+    let server = spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+    assert_eq!(server.span_id, traces::span_id(0xaaaa));
+    let c = spans.iter().find(|s| s.span_id == traces::span_id(0xbbbb)).unwrap();
+    assert_eq!((c.kind, c.parent, c.trace_id), (SpanKind::Client, Some(server.span_id), server.trace_id));
+    assert_eq!(s(c, "url.full"), "http://stock:8080/items/1");
+    assert_eq!(s(c, "server.address"), "stock");
+    assert_eq!(s(c, "server.port"), "8080");
+    assert_eq!(s(c, "http.response.status_code"), "503");
+    assert_eq!(s(c, "error.type"), "503");
+    assert!(matches!(c.status, Status::Error(_)));
+    // A parent the agent never saw: a new trace, no parent, counted; a transport error.
+    let f = spans.iter().find(|s| s.span_id == traces::span_id(0xcccc)).unwrap();
+    assert_eq!(f.parent, None);
+    assert_ne!(f.trace_id, server.trace_id);
+    assert_eq!(s(f, "server.port"), "443");
+    assert_eq!(s(f, "http.response.status_code"), "");
+    assert!(matches!(f.status, Status::Error(_)));
+}
+
+#[test]
+fn a_server_request_links_to_the_same_host_client_that_sent_it() {
+    let (spans, stats) = run(&[
+        record::client_request(PID, 1_000, 9, 0xbbbb, 0, "GET", "http://127.0.0.1:8080/x"),
+        open(1, 7),
+        record::request_linked(PID + 1, 2_000, 1, 1, b"GET /x HTTP/1.1\r\n\r\n", 0xdddd, 0xbbbb),
+        record::response(PID + 1, 3_000, 1, 1, b"HTTP/1.1 200 OK\r", ""),
+        record::client_response(PID, 4_000, 9, 0xbbbb, 200, 0),
+    ]);
+    assert_eq!(spans.len(), 2);
+    assert_eq!(stats.linked, 1);
+    let (server, client) = (&spans[0], &spans[1]);
+    assert_eq!(server.parent, Some(client.span_id));
+    assert_eq!(server.trace_id, client.trace_id);
+    assert!(!server.parent_is_remote);
+}

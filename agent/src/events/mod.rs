@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
     ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
-    GoClientResponseEvent, GoServerRequestEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs,
+    GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +50,25 @@ pub enum Event {
     GoServerRequest(Box<GoServerRequest>),
     GoClientRequest(Box<GoClientRequest>),
     GoClientResponse(GoClientResponse),
+    GoSqlStart(Box<GoSqlStart>),
+    GoSqlEnd(GoClientResponse),
+}
+
+/// A database/sql call started (queryDC/execDC entry).
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoSqlStart {
+    pub pid: u32,
+    pub tid: u32,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub span_id: u64,
+    pub parent_span: u64,
+    pub exec: bool,
+    /// The statement's text as the kernel read it (None: not readable there).
+    pub text: Option<String>,
+    /// Where the text is in the target, and its full length.
+    pub text_ptr: u64,
+    pub text_len: u32,
 }
 
 /// A Go HTTP client call started (Transport.roundTrip entry).
@@ -266,6 +285,32 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 path: go_str(&e.path),
             }))
         }
+        EventKind::GoSqlStart => {
+            let e: GoSqlStartEvent = exact(b, kind)?;
+            let kept = (e.kept as usize).min(e.text.len());
+            Event::GoSqlStart(Box::new(GoSqlStart {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                goid: e.goid,
+                start_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                parent_span: e.parent_span,
+                exec: e.kind == zerotrace_common::sql_kind::EXEC,
+                text: (kept > 0 || e.text_len == 0).then(|| String::from_utf8_lossy(&e.text[..kept]).into_owned()),
+                text_ptr: e.text_ptr,
+                text_len: e.text_len,
+            }))
+        }
+        EventKind::GoSqlEnd => {
+            let e: GoClientResponseEvent = exact(b, kind)?;
+            Event::GoSqlEnd(GoClientResponse {
+                pid: hdr.pid,
+                end_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                status: 0,
+                failed: e.err_type != 0,
+            })
+        }
         EventKind::GoClientResponse => {
             let e: GoClientResponseEvent = exact(b, kind)?;
             Event::GoClientResponse(GoClientResponse {
@@ -452,7 +497,7 @@ mod tests {
             let len = rng.usize(0..400);
             let mut b: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
             if b.len() >= 2 && rng.bool() {
-                b[0] = rng.u8(1..8);
+                b[0] = rng.u8(1..10);
                 b[1] = 0;
             }
             let _ = decode(&b);

@@ -37,6 +37,21 @@ pub fn environ(pid: u32) -> Vec<(String, String)> {
 }
 
 /// Process name (comm).
+/// Whether `[addr, addr + len)` lies in a read-only, file-backed mapping of `pid` (e.g. the
+/// executable's .rodata): bytes there cannot change, so reading them later is safe.
+pub fn in_readonly_file_mapping(pid: u32, addr: u64, len: u64) -> bool {
+    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return false };
+    maps.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
+            return false;
+        };
+        let Some((a, b)) = range.split_once('-') else { return false };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { return false };
+        perms.starts_with("r-") && inode != "0" && addr >= a && addr.saturating_add(len) <= b
+    })
+}
+
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())
 }

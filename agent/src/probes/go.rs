@@ -17,6 +17,8 @@ pub const CONN_READ_REQUEST: &str = "net/http.(*conn).readRequest";
 pub const SERVE_HTTP: &str = "net/http.serverHandler.ServeHTTP";
 pub const ROUND_TRIP: &str = "net/http.(*Transport).roundTrip";
 pub const NEWPROC1: &str = "runtime.newproc1";
+pub const SQL_QUERY: &str = "database/sql.(*DB).queryDC";
+pub const SQL_EXEC: &str = "database/sql.(*DB).execDC";
 pub const CHAN_SEND: &str = "runtime.send";
 pub const CHAN_RECV: &str = "runtime.recv";
 pub const CHANSEND: &str = "runtime.chansend";
@@ -107,6 +109,7 @@ pub struct AttachReport {
     /// Client spans (Transport.roundTrip hooked), goroutine spawns and channel handoffs
     /// followed.
     pub client: bool,
+    pub sql: bool,
     pub spawns: bool,
     pub channels: bool,
 }
@@ -139,6 +142,18 @@ pub fn attach_causality(
         }
         report.uprobes += 1 + rets.len();
         report.client = true;
+    }
+    if exe.symbol(SQL_QUERY).is_some() && exe.symbol(SQL_EXEC).is_some() {
+        for (name, prog) in [(SQL_QUERY, uprobes::GO_SQL_QUERY), (SQL_EXEC, uprobes::GO_SQL_EXEC)] {
+            let entry = entry_offset(exe, name)?;
+            let rets = ret_offsets(exe, name)?;
+            probes.attach_uprobe(t.pid, prog, path, entry, false)?;
+            for off in &rets {
+                probes.attach_uprobe(t.pid, uprobes::GO_SQL_RET, path, *off, false)?;
+            }
+            report.uprobes += 1 + rets.len();
+        }
+        report.sql = true;
     }
     if want.spawns {
         if go.g_parent_goid == GoOffsets::NONE {

@@ -52,7 +52,13 @@ pub mod uprobes {
     pub const GO_CHAN_PUT: &str = "go_chan_put";
     pub const GO_CHAN_TAKE: &str = "go_chan_take";
     pub const GO_CHAN_REFILL: &str = "go_chan_refill";
+    pub const GO_SQL_QUERY: &str = "go_sql_query";
+    pub const GO_SQL_EXEC: &str = "go_sql_exec";
+    pub const GO_SQL_RET: &str = "go_sql_ret";
     pub const ALL: &[&str] = &[
+        GO_SQL_QUERY,
+        GO_SQL_EXEC,
+        GO_SQL_RET,
         GO_CHAN_PUT,
         GO_CHAN_TAKE,
         GO_CHAN_REFILL,

@@ -22,6 +22,7 @@ pub mod names {
     pub const CLIENT_LINK: &str = "CLIENT_LINK";
     pub const CHAN_SLOTS: &str = "CHAN_SLOTS";
     pub const RECV_SENDER: &str = "RECV_SENDER";
+    pub const GO_SQL: &str = "GO_SQL";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
 }
@@ -56,6 +57,8 @@ pub mod bounds {
     pub const REQ_CAPTURE_MAX: usize = 2048;
     /// Bytes of a response kept to read its status line.
     pub const STATUS_CAPTURE: usize = 16;
+    /// Bytes of a SQL statement's text kept per call.
+    pub const SQL_TEXT_MAX: usize = 1024;
     /// Longest Go route pattern the agent reads (`GET /users/{id}`); longer ones are cut.
     pub const PATTERN_MAX: usize = 256;
     /// Longest Go string copied for method, path, host or remote address.
@@ -113,6 +116,8 @@ pub enum EventKind {
     GoServerRequest = 5,
     GoClientRequest = 6,
     GoClientResponse = 7,
+    GoSqlStart = 8,
+    GoSqlEnd = 9,
 }
 
 impl EventKind {
@@ -125,6 +130,8 @@ impl EventKind {
             5 => Self::GoServerRequest,
             6 => Self::GoClientRequest,
             7 => Self::GoClientResponse,
+            8 => Self::GoSqlStart,
+            9 => Self::GoSqlEnd,
             _ => return None,
         })
     }
@@ -447,6 +454,41 @@ pub struct GoClientResponseEvent {
     pub err_type: u64,
 }
 
+/// A database/sql call started (entry of `(*DB).queryDC` or `(*DB).execDC`). The statement's
+/// text is copied when the kernel can read it; else (its page not resident) `text_ptr`
+/// lets the agent read it if it lies in the executable's read-only data.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoSqlStartEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    pub parent_span: u64,
+    pub text_ptr: u64,
+    pub text_len: u32,
+    /// Bytes of the text in `text` (0: not read).
+    pub kept: u32,
+    /// sql_kind::QUERY or EXEC.
+    pub kind: u8,
+    pub _pad: [u8; 7],
+    pub text: [u8; bounds::SQL_TEXT_MAX],
+}
+
+pub mod sql_kind {
+    pub const QUERY: u8 = 1;
+    pub const EXEC: u8 = 2;
+}
+
+/// Value of `GO_SQL`: a goroutine inside queryDC/execDC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoSqlState {
+    pub span_id: u64,
+    pub kind: u8,
+    pub _pad: [u8; 7],
+    pub prev: GoroutineCtx,
+}
+
 /// Per-request state of the handler probe mode, keyed by (pid, g).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -591,6 +633,8 @@ assert_size!(GoroutineCtx, 24);
 assert_size!(GoClientState, 32);
 assert_size!(GoClientRequestEvent, 48 + 4 * 136);
 assert_size!(GoClientResponseEvent, 56);
+assert_size!(GoSqlStartEvent, 24 + 48 + 1024);
+assert_size!(GoSqlState, 40);
 assert_size!(SockAddrs, 40);
 assert_size!(ConnOpenEvent, 88);
 assert_size!(ConnCloseEvent, 40);
@@ -619,6 +663,7 @@ mod pod {
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for GoroutineCtx {}
     unsafe impl aya::Pod for GoClientState {}
+    unsafe impl aya::Pod for GoSqlState {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ClientLink {}
 }

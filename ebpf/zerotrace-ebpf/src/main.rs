@@ -8,6 +8,7 @@ mod causality;
 mod go_client;
 mod go_http;
 mod go_runtime;
+mod go_sql;
 mod http_server;
 mod maps;
 mod socket_hooks;

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use zerotrace_common::{
-    ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState,
+    ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoSqlState, GoRequestKey, GoRequestState,
     GoroutineCtx, GoroutineKey, HTTP_REQUEST_MAX, SlotKey, KernelOffsets, ListenKey, Settings,
     TargetConfig, bounds, COUNTER_SLOTS,
 };
@@ -47,6 +47,10 @@ pub static GO_CTX: LruHashMap<GoroutineKey, GoroutineCtx> = LruHashMap::with_max
 #[map]
 pub static GO_CLIENTS: HashMap<GoroutineKey, GoClientState> =
     HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+
+/// Goroutines inside database/sql's queryDC/execDC.
+#[map]
+pub static GO_SQL: HashMap<GoroutineKey, GoSqlState> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
 
 /// The span of the request a traced client last wrote on each flow: a server on this host
 /// that reads the request links its span to it.

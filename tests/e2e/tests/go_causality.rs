@@ -319,3 +319,47 @@ fn incoming_traceparent_roots_the_tree() -> Result<()> {
     }
     Ok(())
 }
+
+/// database/sql calls inside a handler (and in a goroutine it spawns) are CLIENT spans under
+/// the request's span: statement text (never argument values), operation, table, errors.
+#[test]
+fn sql_inside_a_handler() -> Result<()> {
+    for version in [GO_OLDEST, GO_NEWEST] {
+        let s = start(version)?;
+        let rx = Receiver::start(Kind::Grpc, 0)?;
+        let mut agent = agent(&s, &rx, &[])?;
+        assert!(agent.proc.stderr_text().contains("sql_spans=true"), "{}", agent.proc.stderr_text());
+        let mut c = Client::new(s.front_port);
+        assert_eq!(c.get("/sql/42")?.status, 200);
+        rx.wait_for(5, Duration::from_secs(20))?;
+        agent.stop()?;
+        let spans = rx.spans();
+        assert_eq!(spans.len(), 5, "Go {version}: {spans:#?}");
+        let f = Forest::new(&spans);
+        let root = f.server("/sql/42");
+        let mut kids = f.children(root);
+        kids.sort_by_key(|k| k.start_ns);
+        let got: Vec<(&str, &str, &str, i32)> =
+            kids.iter().map(|k| (k.name.as_str(), k.attr("db.operation.name"), k.attr("db.query.text"), k.status)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("SELECT items", "SELECT", "SELECT name FROM items WHERE id = ?", 0),
+                ("UPDATE stock", "UPDATE", "UPDATE stock SET n = n - 1 WHERE id = ?", 0),
+                ("SELECT broken", "SELECT", "SELECT x FROM broken", 2),
+                ("INSERT audit", "INSERT", "INSERT INTO audit(id) VALUES (?)", 0),
+            ],
+            "Go {version}"
+        );
+        for k in &kids {
+            assert_eq!(k.kind, CLIENT);
+            assert_eq!(k.trace_id, root.trace_id);
+            assert_eq!(k.attr("db.system.name"), "other_sql");
+            assert!(!format!("{:?}", k.attrs).contains("42"), "argument values are never captured: {k:#?}");
+            assert!(root.start_ns <= k.start_ns && k.end_ns <= root.end_ns);
+        }
+        assert_eq!(kids[0].attr("db.collection.name"), "items");
+        assert_eq!(kids[2].attr("error.type"), "_OTHER");
+    }
+    Ok(())
+}

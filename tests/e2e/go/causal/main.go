@@ -9,6 +9,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -174,6 +175,32 @@ func err5xx(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprint(w, "downstream 503")
 }
 
+// sqlCalls: a query, an update and a failing query inside the handler, then a query from a
+// spawned goroutine.
+func sqlCalls(w http.ResponseWriter, r *http.Request) {
+	ctx := r.Context()
+	var name string
+	if err := db.QueryRowContext(ctx, "SELECT name FROM items WHERE id = ?", idOf(r, "/sql/")).Scan(&name); err != nil {
+		http.Error(w, err.Error(), 500)
+		return
+	}
+	if _, err := db.ExecContext(ctx, "UPDATE stock SET n = n - 1 WHERE id = ?", idOf(r, "/sql/")); err != nil {
+		http.Error(w, err.Error(), 500)
+		return
+	}
+	if _, err := db.QueryContext(ctx, "SELECT x FROM broken"); err == nil {
+		http.Error(w, "expected an error", 500)
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		db.ExecContext(context.Background(), "INSERT INTO audit(id) VALUES (?)", 1)
+		close(done)
+	}()
+	<-done
+	fmt.Fprint(w, name)
+}
+
 func leaf(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "leaf") }
 
 func status(w http.ResponseWriter, r *http.Request) {
@@ -203,6 +230,7 @@ func main() {
 		mux.HandleFunc("/select/", selectTimeout)
 		mux.HandleFunc("/fail/", fail)
 		mux.HandleFunc("/err5xx/", err5xx)
+		mux.HandleFunc("/sql/", sqlCalls)
 	}
 	srv := &http.Server{Addr: os.Args[1], Handler: mux}
 	fmt.Println("listening on", os.Args[1])

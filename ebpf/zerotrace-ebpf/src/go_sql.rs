@@ -1,0 +1,121 @@
+//! database/sql client spans: uprobes at the entry and every RET of `(*DB).queryDC` and
+//! `(*DB).execDC`, the two functions every DB/Conn/Tx Query and Exec goes through (prepared
+//! statements do not). Only the statement's text is read, never its arguments. During the
+//! call the span is the goroutine's own, so a driver's own network I/O to a traced database
+//! server on this host is linked under it.
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use zerotrace_common::{
+    Counter, EventKind, GoClientResponseEvent, GoSqlStartEvent, GoSqlState, GoroutineCtx, bounds,
+    ctx_origin, sql_kind,
+};
+
+use crate::{
+    causality::{key, new_span_id, span_of},
+    maps::{EVENTS, GO_CTX, GO_SQL, TARGETS},
+    util::{count, header, now, read_user, read_user_bytes, wake_flags},
+};
+
+#[inline(always)]
+fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
+    // SAFETY: a uprobe context is the user register set.
+    unsafe { &*ctx.regs }
+}
+
+#[inline(always)]
+fn start(ctx: &ProbeContext, kind: u8, text_ptr: u64, text_len: u64) {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else { return };
+    // SAFETY: map value pointer, valid for this program run.
+    let go = unsafe { &(*cfg).go };
+    let Some(goid) = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64) else { return };
+    let k = key(pid, goid);
+    let parent = span_of(pid, goid);
+    let span = new_span_id();
+    // SAFETY: map value pointer, copied at once.
+    let prev = GO_CTX.get_ptr(&k).map(|c| unsafe { *c }).unwrap_or_default();
+    if GO_SQL.insert(&k, &GoSqlState { span_id: span, kind, _pad: [0; 7], prev }, 0).is_err() {
+        count(Counter::GoRequestsFull);
+        return;
+    }
+    let own = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::OWN, _pad: [0; 7] };
+    let _ = GO_CTX.insert(&k, &own, 0);
+    let Some(mut ev) = EVENTS.reserve::<GoSqlStartEvent>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    let e = ev.as_mut_ptr();
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoSqlStart, core::mem::size_of::<GoSqlStartEvent>(), pid, pid_tgid as u32, now());
+        (*e).goid = goid;
+        (*e).span_id = span;
+        (*e).parent_span = parent;
+        (*e).text_ptr = text_ptr;
+        (*e).text_len = if text_len > u32::MAX as u64 { u32::MAX } else { text_len as u32 };
+        (*e).kind = kind;
+        (*e)._pad = [0; 7];
+        (*e).kept = read_user_bytes::<{ bounds::SQL_TEXT_MAX }>((*e).text.as_mut_ptr(), text_ptr, text_len);
+    }
+    ev.submit(wake_flags());
+}
+
+/// `queryDC(db, ctx, txctx, dc, releaseConn, query string, args)`: query in R10 (pointer)
+/// and R11 (length).
+#[uprobe]
+pub fn go_sql_query(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    start(&ctx, sql_kind::QUERY, r.r10, r.r11);
+    0
+}
+
+/// `execDC(db, ctx, dc, release, query string, args)`: query in R8 and R9.
+#[uprobe]
+pub fn go_sql_exec(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    start(&ctx, sql_kind::EXEC, r.r8, r.r9);
+    0
+}
+
+/// A RET of either: queryDC returns (*Rows, error) -> the error's type word in RBX;
+/// execDC returns (Result, error) -> RCX.
+#[uprobe]
+pub fn go_sql_ret(ctx: ProbeContext) -> u32 {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let Some(cfg) = TARGETS.get_ptr(pid) else { return 0 };
+    // SAFETY: map value pointer, valid for this program run.
+    let go = unsafe { &(*cfg).go };
+    let r = regs(&ctx);
+    // Both candidate error registers are loaded before choosing: the verifier refuses a
+    // context access at a computed offset.
+    // SAFETY: plain loads of fields of the register set.
+    let (rbx, rcx) = unsafe { (core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx)) };
+    let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
+    let k = key(pid, goid);
+    // SAFETY: map value pointer, copied before removal.
+    let Some(st) = GO_SQL.get_ptr(&k).map(|p| unsafe { *p }) else {
+        count(Counter::GoReturnUnmatched);
+        return 0;
+    };
+    let _ = GO_SQL.remove(&k);
+    if st.prev.origin != 0 {
+        let _ = GO_CTX.insert(&k, &st.prev, 0);
+    } else {
+        let _ = GO_CTX.remove(&k);
+    }
+    let err_type = if st.kind == sql_kind::QUERY { rbx } else { rcx };
+    let ev = GoClientResponseEvent {
+        hdr: header(EventKind::GoSqlEnd, core::mem::size_of::<GoClientResponseEvent>(), pid, pid_tgid as u32, now()),
+        goid,
+        span_id: st.span_id,
+        status: 0,
+        err_type,
+    };
+    if EVENTS.output::<GoClientResponseEvent>(&ev, wake_flags()).is_err() {
+        count(Counter::RingFull);
+    }
+    0
+}
