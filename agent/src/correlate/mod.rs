@@ -48,6 +48,16 @@ struct Pending {
     ids: Ids,
 }
 
+/// Who made a Go call and when.
+struct Call {
+    pid: u32,
+    tid: u32,
+    goid: u64,
+    span_id: u64,
+    start_ns: u64,
+    end_ns: u64,
+}
+
 /// A span's place in its trace.
 #[derive(Clone, Debug)]
 struct Ids {
@@ -303,22 +313,36 @@ impl Correlator {
         } else {
             Status::Unset
         };
-        a.push(("thread.id", Value::Int(i64::from(q.tid))));
-        if q.goid != 0 {
-            a.push(("go.goroutine.id", Value::Int(q.goid as i64)));
+        let call = Call { pid: q.pid, tid: q.tid, goid: q.goid, span_id: q.span_id, start_ns: q.start_ns, end_ns: r.end_ns };
+        self.call_span(&call, p.trace_id, p.parent, name, a, status)
+    }
+
+    /// A CLIENT span of a Go call (HTTP or SQL) from what both kinds share.
+    fn call_span(
+        &self,
+        c: &Call,
+        trace_id: TraceId,
+        parent: Option<SpanId>,
+        name: String,
+        mut attributes: Vec<(&'static str, Value)>,
+        status: Status,
+    ) -> Span {
+        attributes.push(("thread.id", Value::Int(i64::from(c.tid))));
+        if c.goid != 0 {
+            attributes.push(("go.goroutine.id", Value::Int(c.goid as i64)));
         }
         Span {
-            pid: q.pid,
-            trace_id: p.trace_id,
-            span_id: span_id(q.span_id),
-            parent: p.parent,
+            pid: c.pid,
+            trace_id,
+            span_id: span_id(c.span_id),
+            parent,
             parent_is_remote: false,
             trace_state: None,
             kind: SpanKind::Client,
             name,
-            start_unix_ns: self.clock.to_unix(q.start_ns),
-            end_unix_ns: self.clock.to_unix(r.end_ns.max(q.start_ns)),
-            attributes: a,
+            start_unix_ns: self.clock.to_unix(c.start_ns),
+            end_unix_ns: self.clock.to_unix(c.end_ns.max(c.start_ns)),
+            attributes,
             status,
         }
     }
@@ -366,24 +390,8 @@ impl Correlator {
         } else {
             Status::Unset
         };
-        a.push(("thread.id", Value::Int(i64::from(c.tid))));
-        if c.goid != 0 {
-            a.push(("go.goroutine.id", Value::Int(c.goid as i64)));
-        }
-        Span {
-            pid: c.pid,
-            trace_id: p.trace_id,
-            span_id: span_id(c.span_id),
-            parent: p.parent,
-            parent_is_remote: false,
-            trace_state: None,
-            kind: SpanKind::Client,
-            name: known.unwrap_or("HTTP").to_owned(),
-            start_unix_ns: self.clock.to_unix(c.start_ns),
-            end_unix_ns: self.clock.to_unix(r.end_ns.max(c.start_ns)),
-            attributes: a,
-            status,
-        }
+        let call = Call { pid: c.pid, tid: c.tid, goid: c.goid, span_id: c.span_id, start_ns: c.start_ns, end_ns: r.end_ns };
+        self.call_span(&call, p.trace_id, p.parent, known.unwrap_or("HTTP").to_owned(), a, status)
     }
 
     fn on_request(&mut self, r: HttpRequest) {

@@ -17,6 +17,9 @@ pub const CONN_READ_REQUEST: &str = "net/http.(*conn).readRequest";
 pub const SERVE_HTTP: &str = "net/http.serverHandler.ServeHTTP";
 pub const ROUND_TRIP: &str = "net/http.(*Transport).roundTrip";
 pub const NEWPROC1: &str = "runtime.newproc1";
+/// The closure `newproc` runs on the system stack: newproc1, then runqput(pp, newg, next).
+pub const NEWPROC_FUNC1: &str = "runtime.newproc.func1";
+pub const RUNQPUT: &str = "runtime.runqput";
 pub const SQL_QUERY: &str = "database/sql.(*DB).queryDC";
 pub const SQL_EXEC: &str = "database/sql.(*DB).execDC";
 pub const CHAN_SEND: &str = "runtime.send";
@@ -85,6 +88,15 @@ pub fn channel_sites(
         return Err(format!("{CHAN_RECV} calls typedmemmove {} times (expected 2)", moves.len()));
     }
     Ok(ChannelSites { put, take, refill: moves[1] })
+}
+
+/// The `CALL runtime.runqput` that directly follows `CALL runtime.newproc1` in
+/// `runtime.newproc.func1` (Go 1.21-1.27: `newg := newproc1(..); runqput(pp, newg, true)`).
+fn spawn_call_site(exe: &Executable) -> Option<u64> {
+    let (newproc1, runqput) = (exe.symbol(NEWPROC1)?.addr, exe.symbol(RUNQPUT)?.addr);
+    let calls = direct_calls(exe, NEWPROC_FUNC1)?;
+    let i = calls.iter().position(|(_, t)| *t == newproc1)?;
+    calls.get(i + 1).filter(|(_, t)| *t == runqput).map(|(a, _)| *a)
 }
 
 fn direct_calls(exe: &Executable, name: &str) -> Option<Vec<(u64, u64)>> {
@@ -159,11 +171,22 @@ pub fn attach_causality(
         if go.g_parent_goid == GoOffsets::NONE {
             tracing::warn!(pid = t.pid, "this Go version has no g.parentGoid: spans are not followed into spawned goroutines");
         } else {
-            let rets = ret_offsets(exe, NEWPROC1)?;
-            for off in &rets {
-                probes.attach_uprobe(t.pid, uprobes::GO_NEWPROC1_RET, path, *off, false)?;
+            // Cheapest: the CALL to runqput that follows newproc1 in newproc's closure (an
+            // emulated probe); else every RET of newproc1 (single-stepped).
+            let site = spawn_call_site(exe).and_then(|a| exe.file_offset(a));
+            match site {
+                Some(off) => {
+                    probes.attach_uprobe(t.pid, uprobes::GO_SPAWN_CALL, path, off, false)?;
+                    report.uprobes += 1;
+                }
+                None => {
+                    let rets = ret_offsets(exe, NEWPROC1)?;
+                    for off in &rets {
+                        probes.attach_uprobe(t.pid, uprobes::GO_NEWPROC1_RET, path, *off, false)?;
+                    }
+                    report.uprobes += rets.len();
+                }
             }
-            report.uprobes += rets.len();
             report.spawns = true;
         }
     }

@@ -47,6 +47,7 @@ pub mod uprobes {
     pub const GO_ROUND_TRIP: &str = "go_round_trip";
     pub const GO_ROUND_TRIP_RET: &str = "go_round_trip_ret";
     pub const GO_NEWPROC1_RET: &str = "go_newproc1_ret";
+    pub const GO_SPAWN_CALL: &str = "go_spawn_call";
     pub const GO_CHAN_SEND: &str = "go_chan_send";
     pub const GO_CHAN_RECV: &str = "go_chan_recv";
     pub const GO_CHAN_PUT: &str = "go_chan_put";
@@ -68,6 +69,7 @@ pub mod uprobes {
         GO_ROUND_TRIP,
         GO_ROUND_TRIP_RET,
         GO_NEWPROC1_RET,
+        GO_SPAWN_CALL,
         GO_CHAN_SEND,
         GO_CHAN_RECV,
     ];

@@ -96,3 +96,32 @@ pub fn spawn(pid: u32, child: u64, span: u64) {
     let _ = GO_CTX.insert(&key(pid, child), &ctx, 0);
     count(Counter::GoSpawnsInherited);
 }
+
+/// A goroutine enters a call that is a span of its own (client call, SQL statement): the
+/// span is drawn, becomes the goroutine's context, and the context it had is returned (to
+/// be restored by `leave_own`) with the parent span (0: none).
+#[inline(always)]
+pub fn enter_own(k: &GoroutineKey) -> (u64, u64, GoroutineCtx) {
+    let parent = span_of(k.pid, k.goid);
+    let span = new_span_id();
+    // SAFETY: map value pointer, copied at once.
+    let prev = GO_CTX.get_ptr(k).map(|c| unsafe { *c }).unwrap_or_default();
+    (span, parent, prev)
+}
+
+/// Makes `span` the goroutine's own context (after its call state was stored).
+#[inline(always)]
+pub fn set_own(k: &GoroutineKey, span: u64) {
+    let own = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::OWN, _pad: [0; 7] };
+    let _ = GO_CTX.insert(k, &own, 0);
+}
+
+/// The call returned: the goroutine's context is what it was before.
+#[inline(always)]
+pub fn leave_own(k: &GoroutineKey, prev: &GoroutineCtx) {
+    if prev.origin != 0 {
+        let _ = GO_CTX.insert(k, prev, 0);
+    } else {
+        let _ = GO_CTX.remove(k);
+    }
+}

@@ -6,12 +6,11 @@
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{
     Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets,
-    GoroutineCtx, ctx_origin,
 };
 
 use crate::{
-    causality::{key, new_span_id, span_of},
-    maps::{EVENTS, GO_CLIENTS, GO_CTX, TARGETS},
+    causality::{enter_own, key, leave_own, set_own},
+    maps::{EVENTS, GO_CLIENTS, TARGETS},
     util::{count, go_ptr, header, now, read_go_string, read_user, wake_flags},
 };
 
@@ -33,16 +32,12 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
     let k = key(pid, goid);
-    let parent = span_of(pid, goid);
-    let span = new_span_id();
-    // SAFETY: map value pointer, copied at once.
-    let prev = GO_CTX.get_ptr(&k).map(|c| unsafe { *c }).unwrap_or_default();
+    let (span, parent, prev) = enter_own(&k);
     if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev }, 0).is_err() {
         count(Counter::GoRequestsFull);
         return 0;
     }
-    let own = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::OWN, _pad: [0; 7] };
-    let _ = GO_CTX.insert(&k, &own, 0);
+    set_own(&k, span);
 
     let Some(mut ev) = EVENTS.reserve::<GoClientRequestEvent>(0) else {
         count(Counter::RingFull);
@@ -94,11 +89,7 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let _ = GO_CLIENTS.remove(&k);
-    if st.prev.origin != 0 {
-        let _ = GO_CTX.insert(&k, &st.prev, 0);
-    } else {
-        let _ = GO_CTX.remove(&k);
-    }
+    leave_own(&k, &st.prev);
     let resp = r.rax;
     let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE {
         read_user::<i64>(resp + go.resp_status_code as u64).unwrap_or(0)

@@ -46,22 +46,32 @@ fn goid_of(go: &GoOffsets, g: u64) -> u64 {
 /// parentGoid). Runs on the system stack, so R14 is g0 and not used.
 #[uprobe]
 pub fn go_newproc1_ret(ctx: ProbeContext) -> u32 {
+    spawned(regs(&ctx).rax);
+    0
+}
+
+/// `newproc`'s `CALL runtime.runqput(pp, newg, true)` right after newproc1 returned: the new
+/// g is in RBX. A uprobe on a CALL is emulated by the kernel (no single-step), so this is
+/// the cheaper place when the program has it.
+#[uprobe]
+pub fn go_spawn_call(ctx: ProbeContext) -> u32 {
+    spawned(regs(&ctx).rbx);
+    0
+}
+
+#[inline(always)]
+fn spawned(newg: u64) {
     count(Counter::UprobeHits);
     count(Counter::GoSpawns);
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
+    let Some(cfg) = target(pid) else { return };
     let go = &cfg.go;
-    if go.g_parent_goid == GoOffsets::NONE {
-        return 0;
+    if go.g_parent_goid == GoOffsets::NONE || newg == 0 {
+        return;
     }
-    let newg = regs(&ctx).rax;
-    if newg == 0 {
-        return 0;
-    }
-    let Some(ids) = read_user::<u64>(newg + go.g_goid as u64) else { return 0 };
+    let Some(child) = read_user::<u64>(newg + go.g_goid as u64) else { return };
     let parent = read_user::<u64>(newg + go.g_parent_goid as u64).unwrap_or(0);
-    spawn(pid, ids, span_of(pid, parent));
-    0
+    spawn(pid, child, span_of(pid, parent));
 }
 
 /// Entry of `runtime.send(c *hchan, sg *sudog, ep, unlockf, skip)`: the current goroutine

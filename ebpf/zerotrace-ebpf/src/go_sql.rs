@@ -5,13 +5,12 @@
 //! server on this host is linked under it.
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{
-    Counter, EventKind, GoClientResponseEvent, GoSqlStartEvent, GoSqlState, GoroutineCtx, bounds,
-    ctx_origin, sql_kind,
+    Counter, EventKind, GoClientResponseEvent, GoSqlStartEvent, GoSqlState, bounds, sql_kind,
 };
 
 use crate::{
-    causality::{key, new_span_id, span_of},
-    maps::{EVENTS, GO_CTX, GO_SQL, TARGETS},
+    causality::{enter_own, key, leave_own, set_own},
+    maps::{EVENTS, GO_SQL, TARGETS},
     util::{count, header, now, read_user, read_user_bytes, wake_flags},
 };
 
@@ -31,16 +30,12 @@ fn start(ctx: &ProbeContext, kind: u8, text_ptr: u64, text_len: u64) {
     let go = unsafe { &(*cfg).go };
     let Some(goid) = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64) else { return };
     let k = key(pid, goid);
-    let parent = span_of(pid, goid);
-    let span = new_span_id();
-    // SAFETY: map value pointer, copied at once.
-    let prev = GO_CTX.get_ptr(&k).map(|c| unsafe { *c }).unwrap_or_default();
+    let (span, parent, prev) = enter_own(&k);
     if GO_SQL.insert(&k, &GoSqlState { span_id: span, kind, _pad: [0; 7], prev }, 0).is_err() {
         count(Counter::GoRequestsFull);
         return;
     }
-    let own = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::OWN, _pad: [0; 7] };
-    let _ = GO_CTX.insert(&k, &own, 0);
+    set_own(&k, span);
     let Some(mut ev) = EVENTS.reserve::<GoSqlStartEvent>(0) else {
         count(Counter::RingFull);
         return;
@@ -101,11 +96,7 @@ pub fn go_sql_ret(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let _ = GO_SQL.remove(&k);
-    if st.prev.origin != 0 {
-        let _ = GO_CTX.insert(&k, &st.prev, 0);
-    } else {
-        let _ = GO_CTX.remove(&k);
-    }
+    leave_own(&k, &st.prev);
     let err_type = if st.kind == sql_kind::QUERY { rbx } else { rcx };
     let ev = GoClientResponseEvent {
         hdr: header(EventKind::GoSqlEnd, core::mem::size_of::<GoClientResponseEvent>(), pid, pid_tgid as u32, now()),

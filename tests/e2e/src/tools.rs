@@ -113,7 +113,12 @@ pub fn httpserver(version: &str) -> Result<PathBuf> {
 
 /// The span-tree test service (tests/e2e/go/causal) built with Go `version`.
 pub fn causal(version: &str) -> Result<PathBuf> {
-    let out = work_dir().join(format!("causal-go{version}"));
-    go_build(&go(version)?, &root().join("tests/e2e/go/causal"), &out, &[])?;
+    causal_built(version, "", &[])
+}
+
+/// The same, built with extra `go build` flags (e.g. stripped PIE); `tag` names the build.
+pub fn causal_built(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {
+    let out = work_dir().join(format!("causal-go{version}{tag}"));
+    go_build(&go(version)?, &root().join("tests/e2e/go/causal"), &out, flags)?;
     Ok(out)
 }

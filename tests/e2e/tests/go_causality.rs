@@ -26,7 +26,11 @@ struct Services {
 }
 
 fn start(version: &str) -> Result<Services> {
-    let bin = tools::causal(version)?;
+    start_bin(version, &tools::causal(version)?)
+}
+
+fn start_bin(version: &str, bin: &std::path::Path) -> Result<Services> {
+    let bin = bin.to_path_buf();
     let down_port = free_port();
     let mut cmd = Command::new(&bin);
     cmd.arg(format!("127.0.0.1:{down_port}"));
@@ -115,7 +119,10 @@ fn assert_call(f: &Forest, parent: &RSpan, client: &RSpan, down_port: u16, leaf_
 
 /// Sends one request per case and checks every tree.
 fn check_trees(version: &str) -> Result<()> {
-    let s = start(version)?;
+    check_trees_of(start(version)?)
+}
+
+fn check_trees_of(s: Services) -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let mut agent = agent(&s, &rx, &[])?;
     let mut c = Client::new(s.front_port);
@@ -291,6 +298,17 @@ fn causality_switches_off() -> Result<()> {
 fn span_trees_every_go_version() -> Result<()> {
     for version in &tools::GO_MATRIX[1..tools::GO_MATRIX.len() - 1] {
         check_trees(version).map_err(|e| e.context(format!("Go {version}")))?;
+    }
+    Ok(())
+}
+
+/// A stripped PIE build (functions from the pclntab, offsets from the generated table, the
+/// channel CALL sites decoded from pclntab-sized functions) gives the same trees.
+#[test]
+fn span_trees_stripped_pie() -> Result<()> {
+    for version in [GO_OLDEST, GO_NEWEST] {
+        let bin = tools::causal_built(version, "-stripped-pie", &["-buildmode=pie", "-ldflags=-s -w"])?;
+        check_trees_of(start_bin(version, &bin)?).map_err(|e| e.context(format!("stripped PIE, Go {version}")))?;
     }
     Ok(())
 }
