@@ -1,7 +1,7 @@
 //! Uprobes on the Go runtime that carry span contexts between goroutines:
-//! - every RET of `runtime.newproc1` (one hit per `go` statement): the new goroutine
-//!   inherits its parent's span (parent found by `g.parentGoid`, so the hook needs neither
-//!   an entry probe nor the caller's registers);
+//! - `newproc`'s CALL to runqput right after newproc1 (or, when not found, every RET of
+//!   `runtime.newproc1`): one hit per `go` statement, the new goroutine inherits its
+//!   parent's span (parent found by `g.parentGoid`: no entry probe, no caller registers);
 //! - entry of `runtime.send` (a value handed to a goroutine blocked receiving) and of
 //!   `runtime.recv` (a value taken from a goroutine blocked sending): the receiver takes
 //!   the sender's span. Both also run for `select`. They fire only when a goroutine was
