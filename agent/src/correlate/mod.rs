@@ -261,23 +261,26 @@ impl Correlator {
         Ids { trace_id, parent, remote: false, trace_state: None }
     }
 
-    fn on_client_request(&mut self, c: Box<GoClientRequest>) {
-        if self.clients.len() >= MAX_PENDING {
+    /// A Go call (client or SQL) started while `open` calls of its kind are waiting: its
+    /// trace and parent (its parent's trace, else a new one), remembered for its own
+    /// children. None (counted) when MAX_PENDING are open already.
+    fn call_ids(&mut self, open: usize, span: u64, parent: u64) -> Option<(TraceId, Option<SpanId>)> {
+        if open >= MAX_PENDING {
             self.stats.pending_full += 1;
-            return;
+            return None;
         }
-        let (trace_id, parent) = self.traces.child_of(c.parent_span);
-        self.traces.remember(c.span_id, trace_id);
+        let (trace_id, parent) = self.traces.child_of(parent);
+        self.traces.remember(span, trace_id);
+        Some((trace_id, parent))
+    }
+
+    fn on_client_request(&mut self, c: Box<GoClientRequest>) {
+        let Some((trace_id, parent)) = self.call_ids(self.clients.len(), c.span_id, c.parent_span) else { return };
         self.clients.insert(c.span_id, PendingClient { req: c, trace_id, parent });
     }
 
     fn on_sql_start(&mut self, q: Box<GoSqlStart>) {
-        if self.sql.len() >= MAX_PENDING {
-            self.stats.pending_full += 1;
-            return;
-        }
-        let (trace_id, parent) = self.traces.child_of(q.parent_span);
-        self.traces.remember(q.span_id, trace_id);
+        let Some((trace_id, parent)) = self.call_ids(self.sql.len(), q.span_id, q.parent_span) else { return };
         // The kernel could not read the text (page not resident): read it here, but only
         // from read-only file-backed memory (a constant in the executable), which cannot
         // have changed since.

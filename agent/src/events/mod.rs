@@ -301,27 +301,14 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 text_len: e.text_len,
             }))
         }
-        EventKind::GoSqlEnd => {
-            let e: GoClientResponseEvent = exact(b, kind)?;
-            Event::GoSqlEnd(GoClientResponse {
-                pid: hdr.pid,
-                end_ns: hdr.ts_ns,
-                span_id: e.span_id,
-                status: 0,
-                failed: e.err_type != 0,
-            })
-        }
-        EventKind::GoClientResponse => {
-            let e: GoClientResponseEvent = exact(b, kind)?;
-            Event::GoClientResponse(GoClientResponse {
-                pid: hdr.pid,
-                end_ns: hdr.ts_ns,
-                span_id: e.span_id,
-                status: e.status,
-                failed: e.err_type != 0,
-            })
-        }
+        // Both calls end with the same record (the kernel writes status 0 for SQL).
+        EventKind::GoSqlEnd => Event::GoSqlEnd(call_end(&hdr, &exact(b, kind)?)),
+        EventKind::GoClientResponse => Event::GoClientResponse(call_end(&hdr, &exact(b, kind)?)),
     })
+}
+
+fn call_end(hdr: &EventHeader, e: &GoClientResponseEvent) -> GoClientResponse {
+    GoClientResponse { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, status: e.status, failed: e.err_type != 0 }
 }
 
 /// Encoders for recorded streams in tests: the exact bytes the kernel would send.

@@ -146,24 +146,12 @@ pub fn attach_causality(
 ) -> Result<(), AttachError> {
     let go = &t.layout.offsets;
     if exe.symbol(ROUND_TRIP).is_some() {
-        let entry = entry_offset(exe, ROUND_TRIP)?;
-        let rets = ret_offsets(exe, ROUND_TRIP)?;
-        probes.attach_uprobe(t.pid, uprobes::GO_ROUND_TRIP, path, entry, false)?;
-        for off in &rets {
-            probes.attach_uprobe(t.pid, uprobes::GO_ROUND_TRIP_RET, path, *off, false)?;
-        }
-        report.uprobes += 1 + rets.len();
+        report.uprobes += 1 + attach_call(probes, t.pid, exe, path, ROUND_TRIP, uprobes::GO_ROUND_TRIP, uprobes::GO_ROUND_TRIP_RET)?;
         report.client = true;
     }
     if exe.symbol(SQL_QUERY).is_some() && exe.symbol(SQL_EXEC).is_some() {
         for (name, prog) in [(SQL_QUERY, uprobes::GO_SQL_QUERY), (SQL_EXEC, uprobes::GO_SQL_EXEC)] {
-            let entry = entry_offset(exe, name)?;
-            let rets = ret_offsets(exe, name)?;
-            probes.attach_uprobe(t.pid, prog, path, entry, false)?;
-            for off in &rets {
-                probes.attach_uprobe(t.pid, uprobes::GO_SQL_RET, path, *off, false)?;
-            }
-            report.uprobes += 1 + rets.len();
+            report.uprobes += 1 + attach_call(probes, t.pid, exe, path, name, prog, uprobes::GO_SQL_RET)?;
         }
         report.sql = true;
     }
@@ -179,13 +167,7 @@ pub fn attach_causality(
                     probes.attach_uprobe(t.pid, uprobes::GO_SPAWN_CALL, path, off, false)?;
                     report.uprobes += 1;
                 }
-                None => {
-                    let rets = ret_offsets(exe, NEWPROC1)?;
-                    for off in &rets {
-                        probes.attach_uprobe(t.pid, uprobes::GO_NEWPROC1_RET, path, *off, false)?;
-                    }
-                    report.uprobes += rets.len();
-                }
+                None => report.uprobes += attach_rets(probes, t.pid, exe, path, NEWPROC1, uprobes::GO_NEWPROC1_RET)?,
             }
             report.spawns = true;
         }
@@ -239,6 +221,31 @@ fn function(exe: &Executable, name: &str) -> Result<(u64, u64), SymbolError> {
         hint: "the executable looks damaged",
     })?;
     Ok((sym.addr, off))
+}
+
+/// Hooks a whole call of function `name`: `entry` after its stack check, `ret` at every RET
+/// (never a uretprobe). Returns the number of RET sites.
+fn attach_call(
+    probes: &mut Probes,
+    pid: u32,
+    exe: &Executable,
+    path: &Path,
+    name: &str,
+    entry: &'static str,
+    ret: &'static str,
+) -> Result<usize, AttachError> {
+    let off = entry_offset(exe, name)?;
+    probes.attach_uprobe(pid, entry, path, off, false)?;
+    attach_rets(probes, pid, exe, path, name, ret)
+}
+
+/// Hooks every RET of function `name` with program `ret`; returns how many there are.
+fn attach_rets(probes: &mut Probes, pid: u32, exe: &Executable, path: &Path, name: &str, ret: &'static str) -> Result<usize, AttachError> {
+    let rets = ret_offsets(exe, name)?;
+    for off in &rets {
+        probes.attach_uprobe(pid, ret, path, *off, false)?;
+    }
+    Ok(rets.len())
 }
 
 /// File offset of where a uprobe "at the entry" of `name` goes: after its stack-growth
@@ -303,14 +310,9 @@ pub fn attach_http(
             }
         }
         GoHttpProbes::Handler => {
-            let entry = entry_offset(exe, SERVE_HTTP)?;
-            let rets = ret_offsets(exe, SERVE_HTTP)?;
-            probes.attach_uprobe(t.pid, uprobes::GO_SERVE_HTTP, path, entry, false)?;
-            for off in &rets {
-                probes.attach_uprobe(t.pid, uprobes::GO_SERVE_HTTP_RET, path, *off, false)?;
-            }
-            report.uprobes += 1 + rets.len();
-            report.ret_sites = rets.len();
+            let rets = attach_call(probes, t.pid, exe, path, SERVE_HTTP, uprobes::GO_SERVE_HTTP, uprobes::GO_SERVE_HTTP_RET)?;
+            report.uprobes += 1 + rets;
+            report.ret_sites = rets;
         }
     }
     Ok(report)

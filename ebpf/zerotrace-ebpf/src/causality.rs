@@ -2,7 +2,7 @@
 //! gets one (serving a connection, its own client call, inherited at spawn, received over a
 //! channel) and how a client request written on a socket offers its span to the server on
 //! this host that reads it (CLIENT_LINK). The rules are in ARCHITECTURE.md ("Causality").
-use aya_ebpf::helpers::bpf_get_prandom_u32;
+use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::HashMap};
 use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, ctx_origin, phase};
 
 use crate::{
@@ -21,7 +21,7 @@ pub fn new_span_id() -> u64 {
 }
 
 #[inline(always)]
-pub fn key(pid: u32, goid: u64) -> GoroutineKey {
+fn key(pid: u32, goid: u64) -> GoroutineKey {
     GoroutineKey { pid, _pad: 0, goid }
 }
 
@@ -114,6 +114,19 @@ pub fn enter_own(k: &GoroutineKey) -> (u64, u64, GoroutineCtx) {
 pub fn set_own(k: &GoroutineKey, span: u64) {
     let own = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::OWN, _pad: [0; 7] };
     let _ = GO_CTX.insert(k, &own, 0);
+}
+
+/// The state `enter_own` stored for a call of goroutine `k` in `calls`, removed (None: the
+/// call began before zerotrace attached, counted).
+#[inline(always)]
+pub fn take_call<V: Copy>(calls: &HashMap<GoroutineKey, V>, k: &GoroutineKey) -> Option<V> {
+    // SAFETY: map value pointer, copied before removal.
+    let Some(st) = calls.get_ptr(k).map(|p| unsafe { *p }) else {
+        count(Counter::GoReturnUnmatched);
+        return None;
+    };
+    let _ = calls.remove(k);
+    Some(st)
 }
 
 /// The call returned: the goroutine's context is what it was before.

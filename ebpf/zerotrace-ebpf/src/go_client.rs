@@ -3,35 +3,23 @@
 //! uretprobe). During the call the client span is the calling goroutine's own context, so
 //! the goroutines that write the request (Transport's writeLoop, reached over a channel)
 //! carry it to the socket, where a server on this host can link to it.
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{
     Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets,
 };
 
 use crate::{
-    causality::{enter_own, key, leave_own, set_own},
-    maps::{EVENTS, GO_CLIENTS, TARGETS},
-    util::{count, go_ptr, header, now, read_go_string, read_user, wake_flags},
+    causality::{enter_own, leave_own, set_own, take_call},
+    maps::{EVENTS, GO_CLIENTS},
+    util::{count, go_caller, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
 };
-
-#[inline(always)]
-fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
-    // SAFETY: a uprobe context is the user register set.
-    unsafe { &*ctx.regs }
-}
 
 /// Entry: t in RAX, req in RBX, the calling goroutine in R14.
 #[uprobe]
 pub fn go_round_trip(ctx: ProbeContext) -> u32 {
     count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else { return 0 };
-    // SAFETY: map value pointer, valid for this program run.
-    let go = unsafe { &(*cfg).go };
+    let Some((pid_tgid, go, k)) = go_caller(&ctx) else { return 0 };
     let r = regs(&ctx);
-    let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
-    let k = key(pid, goid);
     let (span, parent, prev) = enter_own(&k);
     if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev }, 0).is_err() {
         count(Counter::GoRequestsFull);
@@ -48,8 +36,8 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
     let url = go_ptr(req, go.request_url);
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
-        (*e).hdr = header(EventKind::GoClientRequest, core::mem::size_of::<GoClientRequestEvent>(), pid, pid_tgid as u32, now());
-        (*e).goid = goid;
+        (*e).hdr = header(EventKind::GoClientRequest, core::mem::size_of::<GoClientRequestEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).goid = k.goid;
         (*e).span_id = span;
         (*e).parent_span = parent;
         for s in [&mut (*e).method, &mut (*e).scheme, &mut (*e).url_host, &mut (*e).path] {
@@ -75,20 +63,9 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
     count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else { return 0 };
-    // SAFETY: map value pointer, valid for this program run.
-    let go = unsafe { &(*cfg).go };
+    let Some((pid_tgid, go, k)) = go_caller(&ctx) else { return 0 };
     let r = regs(&ctx);
-    let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
-    let k = key(pid, goid);
-    // SAFETY: map value pointer, copied before removal.
-    let Some(st) = GO_CLIENTS.get_ptr(&k).map(|p| unsafe { *p }) else {
-        count(Counter::GoReturnUnmatched);
-        return 0;
-    };
-    let _ = GO_CLIENTS.remove(&k);
+    let Some(st) = take_call(&GO_CLIENTS, &k) else { return 0 };
     leave_own(&k, &st.prev);
     let resp = r.rax;
     let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE {
@@ -97,8 +74,8 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
         0
     };
     let ev = GoClientResponseEvent {
-        hdr: header(EventKind::GoClientResponse, core::mem::size_of::<GoClientResponseEvent>(), pid, pid_tgid as u32, now()),
-        goid,
+        hdr: header(EventKind::GoClientResponse, core::mem::size_of::<GoClientResponseEvent>(), k.pid, pid_tgid as u32, now()),
+        goid: k.goid,
         span_id: st.span_id,
         status,
         err_type: r.rbx,

@@ -17,14 +17,8 @@ use crate::{
     causality::serve_conn,
     maps::{EVENTS, GO_REQUESTS, TARGETS},
     sockets::{conn_for, fd_to_sk},
-    util::{count, go_conn_fd, go_itab_type, go_ptr, header, now, read_go_string, read_user, wake_flags},
+    util::{count, go_conn_fd, go_itab_type, go_ptr, goid_of, header, now, read_go_string, read_user, regs, wake_flags},
 };
-
-#[inline(always)]
-fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
-    // SAFETY: a uprobe context is the user register set.
-    unsafe { &*ctx.regs }
-}
 
 /// Entry of `net/http.(*conn).serve(c *conn, ctx context.Context)`: c arrives in RAX.
 #[uprobe]
@@ -52,7 +46,7 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
     // running conn.serve handles every request of the connection (HTTP/1).
     if let Some(conn) = conn_for(pid_tgid, sk, true) {
         let g = regs(&ctx).r14;
-        let goid = read_user::<u64>(g + go.g_goid as u64).unwrap_or(0);
+        let goid = goid_of(go, g);
         // SAFETY: map value pointer, valid for this program run.
         unsafe {
             (*conn).go_conn = c;
@@ -89,7 +83,7 @@ pub fn go_serve_http(ctx: ProbeContext) -> u32 {
     if response != 0 {
         let sk = response_sk(go, response);
         if sk != 0 {
-            let goid = read_user::<u64>(r.r14 + go.g_goid as u64).unwrap_or(0);
+            let goid = goid_of(go, r.r14);
             serve_conn(pid, goid, sk);
         }
     }
@@ -132,7 +126,7 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
     unsafe {
         (*e).hdr = header(EventKind::GoServerRequest, core::mem::size_of::<GoServerRequestEvent>(), (pid_tgid >> 32) as u32, pid_tgid as u32, now());
         (*e).goroutine = g;
-        (*e).goid = read_user::<u64>(g + go.g_goid as u64).unwrap_or(0);
+        (*e).goid = goid_of(go, g);
         (*e).start_ns = st.start_ns;
         (*e).end_ns = (*e).hdr.ts_ns;
         (*e).content_length = read_user::<i64>(r + go.request_content_length as u64).unwrap_or(-1);

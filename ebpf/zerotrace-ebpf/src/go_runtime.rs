@@ -14,33 +14,13 @@
 //!   for `chan struct{}`, whose slots all share one address (no span is carried then).
 //! Every value that crosses a channel between goroutines costs one hit.
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{Counter, GoOffsets, SlotKey, TargetConfig};
+use zerotrace_common::{Counter, GoOffsets, SlotKey};
 
 use crate::{
     causality::{receive, span_of, spawn},
-    maps::{CHAN_SLOTS, RECV_SENDER, TARGETS},
-    util::{count, go_ptr, read_user},
+    maps::{CHAN_SLOTS, RECV_SENDER},
+    util::{count, go_ptr, goid_of, read_user, regs, target},
 };
-
-#[inline(always)]
-fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
-    // SAFETY: a uprobe context is the user register set.
-    unsafe { &*ctx.regs }
-}
-
-#[inline(always)]
-fn target(pid: u32) -> Option<&'static TargetConfig> {
-    // SAFETY: map value pointer, valid for this program run.
-    TARGETS.get_ptr(pid).map(|c| unsafe { &*c })
-}
-
-#[inline(always)]
-fn goid_of(go: &GoOffsets, g: u64) -> u64 {
-    if g == 0 {
-        return 0;
-    }
-    read_user::<u64>(g + go.g_goid as u64).unwrap_or(0)
-}
 
 /// A RET of `runtime.newproc1(...) *g`: the new g is in RAX, fully set up (goid,
 /// parentGoid). Runs on the system stack, so R14 is g0 and not used.
@@ -92,8 +72,8 @@ pub fn go_chan_send(ctx: ProbeContext) -> u32 {
 
 /// Entry of `runtime.recv(c *hchan, sg *sudog, ep, unlockf, skip)`: the current goroutine
 /// takes a value from the sender waiting in `sg`. On an unbuffered channel the value is
-/// the sender's; on a full buffered channel it is the oldest buffered value (whose sender
-/// is not known here), so the receiver's context is cleared rather than guessed.
+/// the sender's; on a full buffered channel it is the oldest buffered value, and the
+/// sender's value refills its slot (both at go_chan_refill).
 #[uprobe]
 pub fn go_chan_recv(ctx: ProbeContext) -> u32 {
     count(Counter::UprobeHits);

@@ -3,33 +3,21 @@
 //! statements do not). Only the statement's text is read, never its arguments. During the
 //! call the span is the goroutine's own, so a driver's own network I/O to a traced database
 //! server on this host is linked under it.
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{
     Counter, EventKind, GoClientResponseEvent, GoSqlStartEvent, GoSqlState, bounds, sql_kind,
 };
 
 use crate::{
-    causality::{enter_own, key, leave_own, set_own},
-    maps::{EVENTS, GO_SQL, TARGETS},
-    util::{count, header, now, read_user, read_user_bytes, wake_flags},
+    causality::{enter_own, leave_own, set_own, take_call},
+    maps::{EVENTS, GO_SQL},
+    util::{count, go_caller, header, now, read_user_bytes, regs, wake_flags},
 };
-
-#[inline(always)]
-fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
-    // SAFETY: a uprobe context is the user register set.
-    unsafe { &*ctx.regs }
-}
 
 #[inline(always)]
 fn start(ctx: &ProbeContext, kind: u8, text_ptr: u64, text_len: u64) {
     count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else { return };
-    // SAFETY: map value pointer, valid for this program run.
-    let go = unsafe { &(*cfg).go };
-    let Some(goid) = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64) else { return };
-    let k = key(pid, goid);
+    let Some((pid_tgid, _, k)) = go_caller(ctx) else { return };
     let (span, parent, prev) = enter_own(&k);
     if GO_SQL.insert(&k, &GoSqlState { span_id: span, kind, _pad: [0; 7], prev }, 0).is_err() {
         count(Counter::GoRequestsFull);
@@ -43,8 +31,8 @@ fn start(ctx: &ProbeContext, kind: u8, text_ptr: u64, text_len: u64) {
     let e = ev.as_mut_ptr();
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
-        (*e).hdr = header(EventKind::GoSqlStart, core::mem::size_of::<GoSqlStartEvent>(), pid, pid_tgid as u32, now());
-        (*e).goid = goid;
+        (*e).hdr = header(EventKind::GoSqlStart, core::mem::size_of::<GoSqlStartEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).goid = k.goid;
         (*e).span_id = span;
         (*e).parent_span = parent;
         (*e).text_ptr = text_ptr;
@@ -78,29 +66,18 @@ pub fn go_sql_exec(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn go_sql_ret(ctx: ProbeContext) -> u32 {
     count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else { return 0 };
-    // SAFETY: map value pointer, valid for this program run.
-    let go = unsafe { &(*cfg).go };
     let r = regs(&ctx);
     // Both candidate error registers are loaded before choosing: the verifier refuses a
     // context access at a computed offset.
     // SAFETY: plain loads of fields of the register set.
     let (rbx, rcx) = unsafe { (core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx)) };
-    let Some(goid) = read_user::<u64>(r.r14 + go.g_goid as u64) else { return 0 };
-    let k = key(pid, goid);
-    // SAFETY: map value pointer, copied before removal.
-    let Some(st) = GO_SQL.get_ptr(&k).map(|p| unsafe { *p }) else {
-        count(Counter::GoReturnUnmatched);
-        return 0;
-    };
-    let _ = GO_SQL.remove(&k);
+    let Some((pid_tgid, _, k)) = go_caller(&ctx) else { return 0 };
+    let Some(st) = take_call(&GO_SQL, &k) else { return 0 };
     leave_own(&k, &st.prev);
     let err_type = if st.kind == sql_kind::QUERY { rbx } else { rcx };
     let ev = GoClientResponseEvent {
-        hdr: header(EventKind::GoSqlEnd, core::mem::size_of::<GoClientResponseEvent>(), pid, pid_tgid as u32, now()),
-        goid,
+        hdr: header(EventKind::GoSqlEnd, core::mem::size_of::<GoClientResponseEvent>(), k.pid, pid_tgid as u32, now()),
+        goid: k.goid,
         span_id: st.span_id,
         status: 0,
         err_type,

@@ -30,7 +30,7 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
-        client_send(conn, pid_tgid);
+        client_send(conn);
         return Some(());
     }
     count(Counter::SocketSyscalls);
@@ -49,7 +49,7 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
 /// the span of the goroutine writing it is offered to a server on this host that will read
 /// it (CLIENT_LINK by flow). A request written outside any span withdraws the offer.
 #[inline(always)]
-fn client_send(conn: &mut ConnState, pid_tgid: u64) {
+fn client_send(conn: &mut ConnState) {
     if conn.phase == phase::REQUEST {
         return;
     }
@@ -64,7 +64,6 @@ fn client_send(conn: &mut ConnState, pid_tgid: u64) {
             span = span_of(pid, goid);
         }
     }
-    let _ = pid_tgid;
     if span != 0 {
         let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: span, ts_ns: now() }, 0);
         count(Counter::ClientLinks);

@@ -4,9 +4,10 @@ use aya_ebpf::helpers::{
     bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
     generated::bpf_probe_read_user as raw_read_user,
 };
-use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, TargetConfig, bounds};
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
+use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, TargetConfig, bounds};
 
-use crate::maps::{COUNTERS, EVENTS, kernel};
+use crate::maps::{COUNTERS, EVENTS, TARGETS, kernel};
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -85,6 +86,41 @@ pub fn read_user_bytes<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> u3
     n as u32
 }
 
+/// The user registers a uprobe fired with.
+#[inline(always)]
+pub fn regs(ctx: &ProbeContext) -> &aya_ebpf::bindings::pt_regs {
+    // SAFETY: a uprobe context is the user register set.
+    unsafe { &*ctx.regs }
+}
+
+/// What zerotrace knows of traced process `pid` (None: not traced).
+#[inline(always)]
+pub fn target(pid: u32) -> Option<&'static TargetConfig> {
+    // SAFETY: map value pointer, valid for this program run.
+    TARGETS.get_ptr(pid).map(|c| unsafe { &*c })
+}
+
+/// The goid of goroutine `g` (0 for a null or unreadable g).
+#[inline(always)]
+pub fn goid_of(go: &GoOffsets, g: u64) -> u64 {
+    if g == 0 {
+        return 0;
+    }
+    read_user::<u64>(g + go.g_goid as u64).unwrap_or(0)
+}
+
+/// For a uprobe in Go code running on a user goroutine (R14 = g): the pid_tgid, the
+/// process's Go layout and the goroutine's key. None outside traced processes or when g
+/// cannot be read.
+#[inline(always)]
+pub fn go_caller(ctx: &ProbeContext) -> Option<(u64, &'static GoOffsets, GoroutineKey)> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let pid = (pid_tgid >> 32) as u32;
+    let go = &target(pid)?.go;
+    let goid = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64)?;
+    Some((pid_tgid, go, GoroutineKey { pid, _pad: 0, goid }))
+}
+
 /// The goroutine running on this thread: g is at fsbase + tls_g (normally -8) and its goid at
 /// g + g_goid. Returns (0, 0) outside Go code that set up TLS (e.g. a cgo thread).
 #[inline(always)]
@@ -104,8 +140,7 @@ pub fn current_goroutine(cfg: &TargetConfig) -> (u64, u64) {
     if g == 0 {
         return (0, 0);
     }
-    let goid = read_user::<u64>(g + cfg.go.g_goid as u64).unwrap_or(0);
-    (g, goid)
+    (g, goid_of(&cfg.go, g))
 }
 
 /// Reads a Go string header (pointer, length) at `addr` and up to GO_STR_MAX of its bytes.
