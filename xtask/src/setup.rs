@@ -28,6 +28,8 @@ pub fn all() -> Result<()> {
         go(v)?;
     }
     python()?;
+    // cgo test builds (tests/e2e go_binaries.rs) need a C compiler; rustc's linker is one too.
+    apt("cc", "gcc")?;
     Ok(())
 }
 
