@@ -59,6 +59,17 @@ pub enum OnOff {
     Off,
 }
 
+/// `--inject-traceparent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Inject {
+    Off,
+    /// Write the header.
+    On,
+    /// Decide and report on each client span (`zerotrace.traceparent*`), write nothing:
+    /// works under kernel lockdown and without CAP_SYS_ADMIN.
+    DryRun,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Process to trace (repeat for several). It keeps running; nothing in it changes.
@@ -110,15 +121,29 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "conn")]
     pub go_http_probes: GoHttpProbes,
 
-    /// Follow spans into goroutines spawned while they are active (a uprobe on the RETs of
-    /// runtime.newproc1: one hit, ~9 us here, per `go` statement in the target).
+    /// Follow spans into goroutines spawned while they are active (a uprobe on newproc's
+    /// CALL of runqput: one hit, ~3.5 us here, per `go` statement in the target).
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     pub go_spawns: OnOff,
 
-    /// Follow spans over channels (uprobes on runtime.send/recv: one hit per value handed
-    /// to a goroutine that was blocked on the channel).
+    /// Follow spans over channels (uprobes on runtime.send/recv and the channel buffer
+    /// CALLs: one hit per value that crosses a channel between goroutines).
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     pub go_channels: OnOff,
+
+    /// HTTPS server spans from crypto/tls plaintext (uprobes on two CALLs inside
+    /// (*tls.Conn).Read and Write: one hit per TLS read or write that carries data).
+    #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
+    pub go_tls: OnOff,
+
+    /// Write a W3C traceparent header into outgoing Go net/http (HTTP/1) requests, so that
+    /// services on other hosts continue the trace. Off by default: this is the only thing
+    /// zerotrace writes into a target's memory (into the request writer's spare buffer
+    /// space, never past it; nothing when the request already has a traceparent). Needs
+    /// CAP_SYS_ADMIN and no kernel lockdown. `dry-run` decides and reports on each client
+    /// span (attributes zerotrace.traceparent*) but writes nothing.
+    #[arg(long, value_enum, num_args = 0..=1, default_value = "off", default_missing_value = "on", value_name = "on|dry-run|off")]
+    pub inject_traceparent: Inject,
 
     /// Bytes of each request head captured at the read syscall (64..=2048).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=2048))]

@@ -69,8 +69,8 @@ pub fn check() -> Vec<Line> {
             Some("none") => Ok("none".into()),
             Some(m) => Err(m.to_owned()),
         },
-        "writing target memory would be possible if ever asked for",
-        "reading is unaffected; writing target memory (opt-in features) is refused",
+        "--inject-traceparent can write into targets (with CAP_SYS_ADMIN)",
+        "reading is unaffected; --inject-traceparent is refused",
     );
     lines
 }

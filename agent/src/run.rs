@@ -36,6 +36,8 @@ pub enum RunError {
          CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (e.g. setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep $(which zerotrace))"
     )]
     Privileges { missing: String },
+    #[error("--inject-traceparent: {0}")]
+    Inject(String),
     #[error(transparent)]
     Target(#[from] crate::model::target::TargetError),
     #[error(transparent)]
@@ -62,6 +64,11 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     if !missing.is_empty() {
         return Err(RunError::Privileges { missing: missing.join(", ") });
     }
+    if s.kernel.inject == crate::cli::Inject::On {
+        if let Some(why) = features::injection_refusal(features::capabilities(), features::lockdown().as_deref()) {
+            return Err(RunError::Inject(why));
+        }
+    }
     // Look at every target before touching the kernel: a bad --pid changes nothing.
     let mut targets = Vec::new();
     for &pid in &s.pids {
@@ -79,6 +86,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         tracing::info!(endpoint = %s.export.endpoint, protocol = ?s.export.protocol, "exporting spans over OTLP");
     }
     let mut correlator = Correlator::new(Clock::system());
+    correlator.traces.record_aliases = s.kernel.inject != crate::cli::Inject::Off;
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
     let mut traced: HashMap<u32, Traced> = HashMap::new();
 
@@ -92,7 +100,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
         // Server sockets are those on ports the process listens on (kept fresh below).
         probes.set_listening(pid, &proc::listening_ports(pid, sockdiag::listening().ok().as_deref()))?;
-        probes.add_target(pid, &go::target_config(target))?;
+        let tls = go::tls_plan(target, exe, s.go_tls);
+        probes.add_target(pid, &go::target_config(target, tls.as_ref()))?;
         // Connections accepted before zerotrace started are picked up at their next request;
         // their Go connection is learnt by a temporary probe on (*conn).readRequest.
         let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
@@ -102,6 +111,12 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             .map_err(|source| RunError::Attach { pid, source })?;
         go::attach_causality(&mut probes, target, exe, &open_path, &s.go_causality, &mut report)
             .map_err(|source| RunError::Attach { pid, source })?;
+        if let Some(sites) = &tls {
+            go::attach_tls(&mut probes, target, exe, &open_path, sites, &mut report).map_err(|source| RunError::Attach { pid, source })?;
+        }
+        if s.kernel.inject != crate::cli::Inject::Off {
+            go::attach_inject(&mut probes, target, exe, &open_path, &mut report).map_err(|source| RunError::Attach { pid, source })?;
+        }
         watch_exit(pid, exit_tx.clone());
         tracing::info!(
             pid,
@@ -113,6 +128,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             sql_spans = report.sql,
             spawns = report.spawns,
             channels = report.channels,
+            https = report.tls,
+            inject_traceparent = report.inject,
             existing_connections = existing.len(),
             mode = ?s.go_http_probes,
             hooks = probes.hooks,
@@ -275,6 +292,10 @@ fn counters_list<'a>(
         ("channel_edges", k(Counter::ChanEdges)),
         ("client_links_offered", k(Counter::ClientLinks)),
         ("server_requests_linked_kernel", k(Counter::ServerLinked)),
+        ("traceparent_injected", k(Counter::Injected)),
+        ("traceparent_skipped", k(Counter::InjectSkipped)),
+        ("traceparent_no_room", k(Counter::InjectNoRoom)),
+        ("traceparent_write_failed", k(Counter::InjectFailed)),
         ("server_spans_linked", c.stats.linked),
         ("client_returns_unmatched", c.stats.unmatched_client_returns),
         ("parents_unknown", c.traces.parents_unknown),

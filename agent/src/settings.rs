@@ -33,6 +33,8 @@ pub struct RunSettings {
     pub resource_attrs: Vec<(String, String)>,
     pub go_http_probes: GoHttpProbes,
     pub go_causality: GoCausality,
+    /// HTTPS server spans from crypto/tls plaintext (--go-tls).
+    pub go_tls: bool,
     pub kernel: KernelSettings,
     pub stats_interval: Duration,
     pub stats_file: Option<PathBuf>,
@@ -128,7 +130,13 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
             spawns: args.go_spawns == crate::cli::OnOff::On,
             channels: args.go_channels == crate::cli::OnOff::On,
         },
-        kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections, hooks: args.socket_hooks },
+        go_tls: args.go_tls == crate::cli::OnOff::On,
+        kernel: KernelSettings {
+            req_capture: args.capture_bytes,
+            max_conns: args.max_connections,
+            hooks: args.socket_hooks,
+            inject: args.inject_traceparent,
+        },
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),
     })

@@ -4,7 +4,9 @@
 //! `overhead`: the demo shop's frontend under load on loopback. A no-op handler at
 //! saturation (wrk), and a 1 ms handler at a fixed rate (an open-loop generator here that
 //! measures latency from each request's scheduled time). Each "with" round attaches a fresh
-//! agent and reports its CPU, probe hits per request and ring-buffer wake-ups.
+//! agent and reports its CPU, probe hits per request and ring-buffer wake-ups. The https
+//! case loads a Go HTTPS server (the e2e test service, with a certificate it makes) at
+//! saturation: the cost of the crypto/tls plaintext hooks.
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -56,8 +58,9 @@ pub struct OverheadArgs {
     #[arg(long, default_value = "conn")]
     pub go_http_probes: String,
     /// Handlers to load: noop (saturation), work (1 ms, fixed rate), fanout (three
-    /// goroutines answering over a channel, saturation), fanout-rate (the same at the fixed rate).
-    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate")]
+    /// goroutines answering over a channel, saturation), fanout-rate (the same at the fixed
+    /// rate), https (a no-op handler over TLS at saturation).
+    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https")]
     pub cases: Vec<String>,
     /// The goroutine and channel hooks (--go-spawns/--go-channels) in the "with" runs:
     /// on, off, or both (on,off: each case measured twice).
@@ -112,6 +115,8 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     cmd.args(["frontend", &format!("127.0.0.1:{port}"), "127.0.0.1:9"]);
     let srv = Proc::spawn("bench-frontend", cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
+    // The HTTPS server, only when a case needs it.
+    let tls = if a.cases.iter().any(|c| c == "https") { Some(https_server(&go)?) } else { None };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(format!(
         "bench overhead: Go {} frontend on :{port}, {cpus} CPUs, {} rounds x {} s, exports {:?}, probes {}",
@@ -121,13 +126,17 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     for export in &a.export {
         for causality in &a.causality {
         for case in a.cases.iter().map(String::as_str) {
+            let (pid, port) = match (&tls, case) {
+                (Some((p, tls_port)), "https") => (p.pid(), *tls_port),
+                _ => (srv.pid(), port),
+            };
             let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
             for round in 0..a.rounds {
                 eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
                 // Warm the service and the caches identically before both runs.
                 drive(case, port, &a, Duration::from_secs(1))?;
                 without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
-                let (load, cost) = with_agent(srv.pid(), *export, causality, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
+                let (load, cost) = with_agent(pid, *export, causality, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
                 with.push(load);
                 costs.push(cost);
             }
@@ -156,6 +165,7 @@ fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, with
         "noop" => "no-op handler at saturation (wrk -t1 -c32)".to_owned(),
         "fanout" => "fan-out handler (3 goroutines + channel) at saturation (wrk -t1 -c32)".to_owned(),
         "fanout-rate" => format!("fan-out handler (3 goroutines + channel) at {} req/s (32 connections, open loop)", a.rate),
+        "https" => "no-op handler over HTTPS (TLS 1.3, keep-alive) at saturation (wrk -t1 -c32)".to_owned(),
         _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
     };
     let title = format!("{title}, goroutine+channel hooks {causality}");
@@ -243,14 +253,39 @@ fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
         "fanout" => wrk(port, "/fanout", d),
         "fanout-rate" => fixed_rate(port, "/fanout", a.rate, 32, d),
         "work" => fixed_rate(port, "/work", a.rate, 32, d),
-        other => bail!("unknown case {other:?} (noop, work, fanout, fanout-rate)"),
+        "https" => wrk_url(&format!("https://127.0.0.1:{port}/leaf/bench"), d),
+        other => bail!("unknown case {other:?} (noop, work, fanout, fanout-rate, https)"),
     }
+}
+
+/// The e2e test service serving HTTPS (HTTP/2 stays on; wrk speaks HTTP/1.1) with a
+/// certificate it makes itself.
+fn https_server(go: &std::path::Path) -> Result<(Proc, u16)> {
+    let bin = root().join("target/bench/causal");
+    std::fs::create_dir_all(bin.parent().unwrap())?;
+    tools::go_build(go, &root().join("tests/e2e/go/causal"), &bin, &[])?;
+    let dir = root().join("target/bench/tls");
+    std::fs::create_dir_all(&dir)?;
+    let st = Command::new(&bin).arg("gencert").arg(&dir).status()?;
+    if !st.success() {
+        bail!("making the benchmark's certificate failed");
+    }
+    let port = free_port();
+    let mut cmd = Command::new(&bin);
+    cmd.arg(format!("127.0.0.1:{port}")).env("CAUSAL_TLS_DIR", &dir);
+    let p = Proc::spawn("bench-https", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((p, port))
 }
 
 /// wrk at saturation; parses requests/s and the 50th/99th latency percentiles.
 fn wrk(port: u16, path: &str, d: Duration) -> Result<Load> {
+    wrk_url(&format!("http://127.0.0.1:{port}{path}"), d)
+}
+
+fn wrk_url(url: &str, d: Duration) -> Result<Load> {
     let out = Command::new("wrk")
-        .args(["-t1", "-c32", &format!("-d{}s", d.as_secs().max(1)), "--latency", &format!("http://127.0.0.1:{port}{path}")])
+        .args(["-t1", "-c32", &format!("-d{}s", d.as_secs().max(1)), "--latency", url])
         .stderr(Stdio::inherit())
         .output()
         .context("running wrk")?;

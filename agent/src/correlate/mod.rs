@@ -46,6 +46,10 @@ struct Pending {
     /// because children may need its trace before the response ends it.
     span_id: u64,
     ids: Ids,
+    /// The request came in plaintext from a TLS connection (https).
+    tls: bool,
+    /// The trace the kernel gave the span (see Traces::alias).
+    kernel_trace: [u8; 16],
 }
 
 /// Who made a Go call and when.
@@ -83,6 +87,8 @@ struct PendingClient {
     req: Box<GoClientRequest>,
     trace_id: TraceId,
     parent: Option<SpanId>,
+    /// `--inject-traceparent`: the kernel's decision for this request and the trace it named.
+    traceparent: Option<(u8, [u8; 16])>,
 }
 
 /// What the correlator saw go wrong; all counted, reported by the agent.
@@ -245,16 +251,23 @@ impl Correlator {
                     out.push(span);
                 }
             }
+            Event::Traceparent(t) => {
+                if let Some(p) = self.clients.get_mut(&t.span_id) {
+                    p.traceparent = Some((t.outcome, t.trace_id));
+                }
+            }
         }
     }
 
     /// Where a server span sits: under the incoming traceparent when the request has one,
     /// else under the same-host client span that sent it, else at the root of a new trace.
-    fn server_ids(&mut self, head: &[u8], link_span: u64) -> Ids {
+    fn server_ids(&mut self, head: &[u8], link_span: u64, kernel_trace: [u8; 16]) -> Ids {
         if let Some(rp) = traceparent_in(head) {
-            return Ids { trace_id: rp.trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
+            let trace_id = self.traces.resolve(rp.trace_id);
+            self.traces.alias(kernel_trace, trace_id);
+            return Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
         }
-        let (trace_id, parent) = self.traces.child_of(link_span);
+        let (trace_id, parent) = self.traces.child_of(link_span, kernel_trace);
         if parent.is_some() {
             self.stats.linked += 1;
         }
@@ -264,23 +277,23 @@ impl Correlator {
     /// A Go call (client or SQL) started while `open` calls of its kind are waiting: its
     /// trace and parent (its parent's trace, else a new one), remembered for its own
     /// children. None (counted) when MAX_PENDING are open already.
-    fn call_ids(&mut self, open: usize, span: u64, parent: u64) -> Option<(TraceId, Option<SpanId>)> {
+    fn call_ids(&mut self, open: usize, span: u64, parent: u64, kernel_trace: [u8; 16]) -> Option<(TraceId, Option<SpanId>)> {
         if open >= MAX_PENDING {
             self.stats.pending_full += 1;
             return None;
         }
-        let (trace_id, parent) = self.traces.child_of(parent);
+        let (trace_id, parent) = self.traces.child_of(parent, kernel_trace);
         self.traces.remember(span, trace_id);
         Some((trace_id, parent))
     }
 
     fn on_client_request(&mut self, c: Box<GoClientRequest>) {
-        let Some((trace_id, parent)) = self.call_ids(self.clients.len(), c.span_id, c.parent_span) else { return };
-        self.clients.insert(c.span_id, PendingClient { req: c, trace_id, parent });
+        let Some((trace_id, parent)) = self.call_ids(self.clients.len(), c.span_id, c.parent_span, c.trace_id) else { return };
+        self.clients.insert(c.span_id, PendingClient { req: c, trace_id, parent, traceparent: None });
     }
 
     fn on_sql_start(&mut self, q: Box<GoSqlStart>) {
-        let Some((trace_id, parent)) = self.call_ids(self.sql.len(), q.span_id, q.parent_span) else { return };
+        let Some((trace_id, parent)) = self.call_ids(self.sql.len(), q.span_id, q.parent_span, [0; 16]) else { return };
         // The kernel could not read the text (page not resident): read it here, but only
         // from read-only file-backed memory (a constant in the executable), which cannot
         // have changed since.
@@ -393,6 +406,22 @@ impl Correlator {
         } else {
             Status::Unset
         };
+        if let Some((outcome, trace)) = p.traceparent {
+            use zerotrace_common::inject_outcome as o;
+            let said = match outcome {
+                o::WRITTEN => "written",
+                o::DRY_RUN => "dry-run",
+                o::OWN_HEADER => "request has its own",
+                o::NO_ROOM => "no room in the write buffer",
+                o::FAILED => "write failed",
+                _ => "not checkable",
+            };
+            a.push(("zerotrace.traceparent.outcome", Value::Static(said)));
+            if matches!(outcome, o::WRITTEN | o::DRY_RUN) {
+                let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                a.push(("zerotrace.traceparent", Value::Str(format!("00-{}-{:016x}-01", hex(&trace), c.span_id))));
+            }
+        }
         let call = Call { pid: c.pid, tid: c.tid, goid: c.goid, span_id: c.span_id, start_ns: c.start_ns, end_ns: r.end_ns };
         self.call_span(&call, p.trace_id, p.parent, known.unwrap_or("HTTP").to_owned(), a, status)
     }
@@ -409,7 +438,9 @@ impl Correlator {
                     // A traceparent in a later piece of the head still decides the trace.
                     if !p.ids.remote {
                         if let Some(rp) = traceparent_in(&p.bytes) {
-                            p.ids = Ids { trace_id: rp.trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
+                            let trace_id = self.traces.resolve(rp.trace_id);
+                            self.traces.alias(p.kernel_trace, trace_id);
+                            p.ids = Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
                             let (span, trace) = (p.span_id, p.ids.trace_id);
                             self.traces.remember(span, trace);
                         }
@@ -422,7 +453,7 @@ impl Correlator {
             self.stats.pending_full += 1;
             return;
         }
-        let ids = self.server_ids(&r.head, r.link_span);
+        let ids = self.server_ids(&r.head, r.link_span, r.trace_id);
         self.traces.remember(r.span_id, ids.trace_id);
         let p = Pending {
             seq: r.seq,
@@ -434,6 +465,8 @@ impl Correlator {
             go: None,
             span_id: r.span_id,
             ids,
+            tls: r.tls,
+            kernel_trace: r.trace_id,
         };
         if self.pending.insert(r.conn_id, p).is_some() {
             self.stats.lost_responses += 1;
@@ -479,6 +512,7 @@ impl Correlator {
             host: head.host.as_deref(),
             user_agent: head.user_agent.as_deref(),
             minor_version: Some(head.minor_version),
+            scheme: if p.tls { "https" } else { "http" },
             span_id: p.span_id,
             ids: Some(p.ids.clone()),
             addrs: conn,
@@ -523,6 +557,7 @@ impl Correlator {
             host,
             user_agent: None,
             minor_version: minor,
+            scheme: "http",
             span_id: 0,
             ids: None,
             addrs,
@@ -547,7 +582,7 @@ impl Correlator {
             a.push(("http.request.method_original", Value::Str(f.method.to_owned())));
         }
         a.push(("url.path", Value::Str(f.path.to_owned())));
-        a.push(("url.scheme", Value::Static("http")));
+        a.push(("url.scheme", Value::Static(f.scheme)));
         if let Some(r) = route {
             a.push(("http.route", Value::Str(r.to_owned())));
         }
@@ -608,6 +643,7 @@ struct ServerFields<'a> {
     host: Option<&'a str>,
     user_agent: Option<&'a str>,
     minor_version: Option<u8>,
+    scheme: &'static str,
     /// Kernel span id (0: make one) and the span's place in its trace (None: a new root).
     span_id: u64,
     ids: Option<Ids>,

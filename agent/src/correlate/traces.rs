@@ -11,6 +11,8 @@ use crate::spans::{SpanId, TraceId};
 
 /// Span ids remembered, at most (about 40 bytes each).
 pub const MAX_REMEMBERED: usize = 262_144;
+/// Trace aliases remembered, at most.
+pub const MAX_ALIASES: usize = 65_536;
 
 #[derive(Default)]
 pub struct Traces {
@@ -18,6 +20,13 @@ pub struct Traces {
     order: VecDeque<u64>,
     /// Children whose parent span was not (or no longer) known.
     pub parents_unknown: u64,
+    /// `--inject-traceparent`: the kernel names a trace in the headers it writes before
+    /// the agent has seen the request's own incoming traceparent (the kernel does not parse
+    /// headers). Such a kernel trace id is an alias of the incoming one; a request arriving
+    /// with the alias joins the real trace.
+    pub record_aliases: bool,
+    aliases: HashMap<TraceId, TraceId>,
+    alias_order: VecDeque<TraceId>,
 }
 
 impl Traces {
@@ -37,15 +46,39 @@ impl Traces {
     }
 
     /// The trace and parent of a span whose kernel-reported parent is `parent` (0: none):
-    /// the parent's trace when it is known, else a new trace without parent.
-    pub fn child_of(&mut self, parent: u64) -> (TraceId, Option<SpanId>) {
+    /// the parent's trace when it is known, else a new trace without parent: the one the
+    /// kernel drew for it (`kernel`, all zero: none), which is also the trace id any
+    /// traceparent the kernel writes for it names.
+    pub fn child_of(&mut self, parent: u64, kernel: [u8; 16]) -> (TraceId, Option<SpanId>) {
         if parent != 0 {
             if let Some(t) = self.by_span.get(&parent) {
                 return (*t, Some(span_id(parent)));
             }
             self.parents_unknown += 1;
         }
-        (TraceId::random(), None)
+        (if kernel == [0; 16] { TraceId::random() } else { TraceId(kernel) }, None)
+    }
+
+    /// The kernel gave a span trace `kernel`; the agent put it in trace `real` (from an
+    /// incoming traceparent).
+    pub fn alias(&mut self, kernel: [u8; 16], real: TraceId) {
+        let k = TraceId(kernel);
+        if !self.record_aliases || kernel == [0; 16] || k == real {
+            return;
+        }
+        if self.aliases.insert(k, real).is_none() {
+            self.alias_order.push_back(k);
+            while self.alias_order.len() > MAX_ALIASES {
+                if let Some(old) = self.alias_order.pop_front() {
+                    self.aliases.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// The trace an incoming traceparent's trace id stands for.
+    pub fn resolve(&self, t: TraceId) -> TraceId {
+        self.aliases.get(&t).copied().unwrap_or(t)
     }
 
     pub fn len(&self) -> usize {
@@ -67,9 +100,10 @@ mod tests {
         let mut t = Traces::default();
         let root = TraceId::random();
         t.remember(7, root);
-        assert_eq!(t.child_of(7), (root, Some(span_id(7))));
-        assert_eq!(t.child_of(0).1, None);
-        let (other, parent) = t.child_of(8);
+        assert_eq!(t.child_of(7, [0; 16]), (root, Some(span_id(7))));
+        assert_eq!(t.child_of(0, [0; 16]).1, None);
+        assert_eq!(t.child_of(0, [9; 16]), (TraceId([9; 16]), None), "a new trace is the kernel's when it drew one");
+        let (other, parent) = t.child_of(8, [0; 16]);
         assert_ne!(other, root);
         assert_eq!(parent, None);
         assert_eq!(t.parents_unknown, 1);
@@ -77,6 +111,25 @@ mod tests {
             t.remember(i, root);
         }
         assert_eq!(t.len(), MAX_REMEMBERED);
-        assert_eq!(t.child_of(7).1, None, "oldest entries are forgotten first");
+        assert_eq!(t.child_of(7, [0; 16]).1, None, "oldest entries are forgotten first");
+    }
+
+    #[test]
+    fn kernel_trace_ids_alias_incoming_ones_only_when_injecting() {
+        let mut t = Traces::default();
+        let real = TraceId([1; 16]);
+        t.alias([2; 16], real);
+        assert_eq!(t.resolve(TraceId([2; 16])), TraceId([2; 16]), "no aliases without injection");
+        t.record_aliases = true;
+        t.alias([2; 16], real);
+        t.alias([0; 16], real);
+        assert_eq!(t.resolve(TraceId([2; 16])), real);
+        assert_eq!(t.resolve(TraceId([3; 16])), TraceId([3; 16]));
+        for i in 0..MAX_ALIASES as u32 {
+            let mut k = [9u8; 16];
+            k[..4].copy_from_slice(&i.to_be_bytes());
+            t.alias(k, real);
+        }
+        assert_eq!(t.resolve(TraceId([2; 16])), TraceId([2; 16]), "oldest aliases are forgotten first");
     }
 }

@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use zerotrace_common::{
     ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
     GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs,
+    TraceparentEvent,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,6 +53,18 @@ pub enum Event {
     GoClientResponse(GoClientResponse),
     GoSqlStart(Box<GoSqlStart>),
     GoSqlEnd(GoClientResponse),
+    Traceparent(Traceparent),
+}
+
+/// `--inject-traceparent`: what the kernel decided for a client span's request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Traceparent {
+    pub pid: u32,
+    pub span_id: u64,
+    /// The trace the header names (the kernel's; zero when it did not know one).
+    pub trace_id: [u8; 16],
+    /// zerotrace_common::inject_outcome.
+    pub outcome: u8,
 }
 
 /// A database/sql call started (queryDC/execDC entry).
@@ -81,6 +94,8 @@ pub struct GoClientRequest {
     pub span_id: u64,
     /// The span active in the calling goroutine (0: none).
     pub parent_span: u64,
+    /// The kernel's trace id for the call (used when it starts a trace).
+    pub trace_id: [u8; 16],
     pub method: String,
     pub scheme: String,
     pub host: String,
@@ -114,6 +129,10 @@ pub struct HttpRequest {
     /// request (0: none).
     pub span_id: u64,
     pub link_span: u64,
+    /// The kernel's trace id for the span (used when it starts a trace; zero: none).
+    pub trace_id: [u8; 16],
+    /// Read in plaintext from a TLS connection.
+    pub tls: bool,
     pub head: Vec<u8>,
 }
 
@@ -229,6 +248,8 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 offset: e.offset,
                 span_id: e.span_id,
                 link_span: e.link_span,
+                trace_id: e.trace_id,
+                tls: e.tls != 0,
                 head: head.to_vec(),
             })
         }
@@ -279,6 +300,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 start_ns: hdr.ts_ns,
                 span_id: e.span_id,
                 parent_span: e.parent_span,
+                trace_id: e.trace_id,
                 method: go_str(&e.method),
                 scheme: go_str(&e.scheme),
                 host: go_str(&e.url_host),
@@ -303,6 +325,10 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         }
         // Both calls end with the same record (the kernel writes status 0 for SQL).
         EventKind::GoSqlEnd => Event::GoSqlEnd(call_end(&hdr, &exact(b, kind)?)),
+        EventKind::Traceparent => {
+            let e: TraceparentEvent = exact(b, kind)?;
+            Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome })
+        }
         EventKind::GoClientResponse => Event::GoClientResponse(call_end(&hdr, &exact(b, kind)?)),
     })
 }
@@ -364,6 +390,9 @@ pub mod record {
             offset,
             span_id: 0,
             link_span: 0,
+            trace_id: [0; 16],
+            tls: 0,
+            _pad: [0; 7],
         };
         let mut v = bytes_of(&e);
         v.extend_from_slice(head);
@@ -373,7 +402,7 @@ pub mod record {
     /// A server request with its kernel span id and the same-host client span that sent it.
     pub fn request_linked(pid: u32, ts: u64, conn_id: u64, seq: u32, head: &[u8], span_id: u64, link_span: u64) -> Vec<u8> {
         let mut v = request_part(pid, ts, conn_id, seq, 0, head, 0);
-        let at = std::mem::size_of::<HttpRequestEvent>() - 16;
+        let at = std::mem::offset_of!(HttpRequestEvent, span_id);
         v[at..at + 8].copy_from_slice(&span_id.to_ne_bytes());
         v[at + 8..at + 16].copy_from_slice(&link_span.to_ne_bytes());
         v
@@ -394,6 +423,7 @@ pub mod record {
             goid,
             span_id,
             parent_span,
+            trace_id: [0; 16],
             method: go_str(method),
             scheme: go_str(scheme),
             url_host: go_str(host),

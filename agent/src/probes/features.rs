@@ -215,12 +215,6 @@ fn kernel_func_btf_id(name: &str) -> Option<u32> {
     super::btf::type_information(Path::new(super::btf::VMLINUX_BTF)).ok()?.id_of(name)
 }
 
-/// Kernel lockdown mode, e.g. "none", "integrity", "confidentiality".
-pub fn lockdown() -> Option<String> {
-    let s = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
-    s.split_whitespace().find(|w| w.starts_with('[')).map(|w| w.trim_matches(['[', ']']).to_owned())
-}
-
 /// Effective capabilities of this process.
 pub fn capabilities() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -239,6 +233,50 @@ pub const CAP_BPF: u32 = 39;
 
 pub fn has_cap(caps: u64, cap: u32) -> bool {
     caps & (1 << cap) != 0
+}
+
+const SECURITYFS: &str = "/sys/kernel/security";
+
+/// The kernel lockdown mode selected in /sys/kernel/security/lockdown ("none",
+/// "integrity", "confidentiality"); None when the kernel has no lockdown LSM, which means
+/// none. securityfs is mounted first if it is not (as tracefs is): an unmounted securityfs
+/// must not pass for "no lockdown".
+pub fn lockdown() -> Option<String> {
+    let file = Path::new(SECURITYFS).join("lockdown");
+    if !file.exists() && Path::new(SECURITYFS).is_dir() {
+        let src = CString::new("securityfs").expect("no NUL");
+        let dst = CString::new(SECURITYFS).expect("no NUL");
+        // SAFETY: plain mount(2) with valid C strings; failure leaves things as they were.
+        let _ = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    }
+    lockdown_mode(&std::fs::read_to_string(file).ok()?)
+}
+
+/// The bracketed entry of a lockdown file: "none [integrity] confidentiality" -> integrity.
+pub fn lockdown_mode(text: &str) -> Option<String> {
+    let start = text.find('[')? + 1;
+    let end = start + text[start..].find(']')?;
+    Some(text[start..end].to_owned())
+}
+
+/// Why `--inject-traceparent` cannot work here (None: it can). Writing into a process's
+/// memory from the kernel (bpf_probe_write_user) needs CAP_SYS_ADMIN and is refused under
+/// any kernel lockdown.
+pub fn injection_refusal(caps: u64, lockdown: Option<&str>) -> Option<String> {
+    if let Some(mode) = lockdown.filter(|m| *m != "none") {
+        return Some(format!(
+            "the kernel is locked down ({mode}), which forbids eBPF programs from writing into process memory; \
+             run without --inject-traceparent (same-host services are still linked without headers)"
+        ));
+    }
+    if !has_cap(caps, CAP_SYS_ADMIN) {
+        return Some(
+            "writing a traceparent into requests needs CAP_SYS_ADMIN (bpf_probe_write_user), which this agent \
+             does not have; run it as root, or run without --inject-traceparent"
+                .to_owned(),
+        );
+    }
+    None
 }
 
 /// What tracing needs: CAP_BPF + CAP_PERFMON (or CAP_SYS_ADMIN), and CAP_SYS_PTRACE to read
@@ -267,6 +305,14 @@ mod tests {
         assert_eq!(missing_privileges(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_SYS_PTRACE"]);
         let root = (1 << CAP_SYS_ADMIN) | (1 << CAP_SYS_PTRACE);
         assert!(missing_privileges(root).is_empty());
+        assert_eq!(injection_refusal(root, None), None);
+        assert_eq!(injection_refusal(root, Some("none")), None);
+        assert!(injection_refusal(root, Some("integrity")).unwrap().contains("locked down (integrity)"));
+        let no_admin = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE);
+        assert!(injection_refusal(no_admin, None).unwrap().contains("CAP_SYS_ADMIN"));
+        assert_eq!(lockdown_mode("none [integrity] confidentiality\n").as_deref(), Some("integrity"));
+        assert_eq!(lockdown_mode("[none] integrity confidentiality").as_deref(), Some("none"));
+        assert_eq!(lockdown_mode("garbage"), None);
         let fine = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_SYS_PTRACE);
         assert!(missing_privileges(fine).is_empty());
     }

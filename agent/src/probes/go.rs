@@ -29,6 +29,57 @@ pub const CHANRECV: &str = "runtime.chanrecv";
 pub const SELECTGO: &str = "runtime.selectgo";
 pub const TYPEDMEMMOVE: &str = "runtime.typedmemmove";
 pub const TYPEDMEMCLR: &str = "runtime.typedmemclr";
+pub const TLS_READ: &str = "crypto/tls.(*Conn).Read";
+pub const TLS_WRITE: &str = "crypto/tls.(*Conn).Write";
+pub const TLS_WRITE_RECORD: &str = "crypto/tls.(*Conn).writeRecordLocked";
+pub const MEMMOVE: &str = "runtime.memmove";
+pub const REQUEST_WRITE: &str = "net/http.(*Request).write";
+pub const WRITE_SUBSET: &str = "net/http.Header.writeSubset";
+/// Size of bytes.Reader (s []byte, i int64, prevRune int): accesses to `c.input` fall in
+/// [input, input + 40).
+const BYTES_READER_SIZE: u64 = 40;
+
+/// Where the crypto/tls plaintext hooks go (addresses of CALL instructions).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct TlsSites {
+    /// The copy out of the decrypted record in `(*Conn).Read` (`c.input.Read(b)`, inlined
+    /// to a `runtime.memmove`), and the register holding c there.
+    pub read: u64,
+    pub read_c_reg: u32,
+    /// `c.writeRecordLocked(recordTypeApplicationData, ..)` in `(*Conn).Write`.
+    pub write: Vec<u64>,
+}
+
+/// Finds the TLS plaintext CALL sites. In `(*Conn).Read` exactly one memmove must copy out
+/// of `c.input` (proven by decoding: c's register was just used to reach `c.input`, see
+/// `disasm::call_base_register`); a CALL of `(*bytes.Reader).Read` would do too, but Go
+/// 1.21-1.27 inline it. Anything else is refused rather than guessed.
+pub fn tls_sites(exe: &Executable, input_off: u16) -> Result<TlsSites, String> {
+    if input_off == GoOffsets::NONE {
+        return Err("tls.Conn.input offset unknown".into());
+    }
+    let memmove = exe.symbol(MEMMOVE).ok_or("runtime.memmove not found")?.addr;
+    let read = exe.symbol(TLS_READ).ok_or("crypto/tls.(*Conn).Read not found")?;
+    let code = exe.bytes_at(read.addr, read.size).ok_or("crypto/tls.(*Conn).Read not in the file")?;
+    let input = input_off as u64;
+    let copies = disasm::call_base_register(code, read.addr, memmove, input..input + BYTES_READER_SIZE)?;
+    let proven: Vec<_> = copies.iter().filter_map(|(a, r)| r.map(|r| (*a, r))).collect();
+    let [(read_at, reg)] = proven[..] else {
+        return Err(format!("{TLS_READ}: {} memmove calls, {} of them out of c.input (expected 1)", copies.len(), proven.len()));
+    };
+    let read_c_reg = disasm::GPR_ORDER.iter().position(|g| *g == reg).ok_or("unexpected register")? as u32;
+    let record = exe.symbol(TLS_WRITE_RECORD).ok_or("crypto/tls.(*Conn).writeRecordLocked not found")?.addr;
+    let write: Vec<u64> = direct_calls(exe, TLS_WRITE)
+        .ok_or("crypto/tls.(*Conn).Write not found or not decodable")?
+        .into_iter()
+        .filter(|(_, t)| *t == record)
+        .map(|(a, _)| a)
+        .collect();
+    if write.is_empty() {
+        return Err(format!("{TLS_WRITE} never calls writeRecordLocked"));
+    }
+    Ok(TlsSites { read: read_at, read_c_reg, write })
+}
 
 /// Where values enter and leave channel buffers, found by decoding the runtime (addresses of
 /// CALL instructions, not yet file offsets).
@@ -124,11 +175,93 @@ pub struct AttachReport {
     pub sql: bool,
     pub spawns: bool,
     pub channels: bool,
+    /// HTTPS server requests (crypto/tls plaintext hooks).
+    pub tls: bool,
+    /// traceparent written into outgoing requests.
+    pub inject: bool,
 }
 
-/// The kernel-side configuration of a Go target.
-pub fn target_config(t: &Target) -> TargetConfig {
-    TargetConfig { flags: target_flags::GO, _pad: 0, go: t.layout.biased(t.bias) }
+/// The kernel-side configuration of a Go target. `tls`: the TLS sites when they will be
+/// hooked.
+pub fn target_config(t: &Target, tls: Option<&TlsSites>) -> TargetConfig {
+    TargetConfig {
+        flags: target_flags::GO,
+        tls_c_reg: tls.map_or(TargetConfig::NO_REG, |s| s.read_c_reg),
+        go: t.layout.biased(t.bias),
+    }
+}
+
+/// The TLS plaintext sites of a program that has crypto/tls, if wanted and understood
+/// (otherwise said in the log: HTTPS servers then get no spans).
+pub fn tls_plan(t: &Target, exe: &Executable, want: bool) -> Option<TlsSites> {
+    if !want || exe.symbol(TLS_READ).is_none() {
+        return None;
+    }
+    match tls_sites(exe, t.layout.offsets.tlsconn_input) {
+        Ok(s) => Some(s),
+        Err(why) => {
+            tracing::warn!(pid = t.pid, %why, "crypto/tls code not understood: HTTPS requests of this program are not traced");
+            None
+        }
+    }
+}
+
+/// The CALL of `Header.writeSubset` in `(*Request).write` where --inject-traceparent
+/// writes: `r.Header.writeSubset(w, ..)`, the first in the code (Go 1.21-1.27; the second,
+/// when there is one, is the Transport's extra headers through the inlined `Header.write`,
+/// which comes later in the source and the code).
+pub fn inject_site(exe: &Executable) -> Result<u64, String> {
+    let target = exe.symbol(WRITE_SUBSET).ok_or("net/http.Header.writeSubset not found")?.addr;
+    let calls = direct_calls(exe, REQUEST_WRITE).ok_or("net/http.(*Request).write not found or not decodable")?;
+    let sites: Vec<u64> = calls.iter().filter(|(_, t)| *t == target).map(|(a, _)| *a).collect();
+    match sites[..] {
+        [first] | [first, _] => Ok(first),
+        _ => Err(format!("{REQUEST_WRITE} calls writeSubset {} times (expected 1 or 2)", sites.len())),
+    }
+}
+
+/// Attaches the traceparent writer (`--inject-traceparent`) when the program makes client
+/// spans and its layout has what the writer checks; otherwise says why in the log.
+pub fn attach_inject(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path, report: &mut AttachReport) -> Result<(), AttachError> {
+    let go = &t.layout.offsets;
+    let why = if !report.client {
+        Some("the program has no net/http client".to_owned())
+    } else if t.layout.type_bufio_writer.is_none() || go.request_header == GoOffsets::NONE {
+        Some("bufio.Writer type or Request.Header offset unknown".to_owned())
+    } else {
+        inject_site(exe).err()
+    };
+    if let Some(why) = why {
+        tracing::warn!(pid = t.pid, %why, "no traceparent is written into this program's requests");
+        return Ok(());
+    }
+    let site = inject_site(exe).ok().and_then(|a| exe.file_offset(a)).ok_or_else(|| SymbolError::Disassembly {
+        path: exe.path.clone(),
+        name: WRITE_SUBSET.into(),
+        reason: "call site outside the segments".into(),
+    })?;
+    probes.attach_uprobe(t.pid, uprobes::GO_INJECT, path, site, false)?;
+    report.uprobes += 1;
+    report.inject = true;
+    Ok(())
+}
+
+/// Attaches the crypto/tls plaintext hooks at `sites`.
+pub fn attach_tls(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path, sites: &TlsSites, report: &mut AttachReport) -> Result<(), AttachError> {
+    let file = |a: u64| {
+        exe.file_offset(a).ok_or_else(|| SymbolError::Disassembly {
+            path: exe.path.clone(),
+            name: "crypto/tls call".into(),
+            reason: format!("{a:#x} outside the segments"),
+        })
+    };
+    probes.attach_uprobe(t.pid, uprobes::GO_TLS_READ, path, file(sites.read)?, false)?;
+    for a in &sites.write {
+        probes.attach_uprobe(t.pid, uprobes::GO_TLS_WRITE, path, file(*a)?, false)?;
+    }
+    report.uprobes += 1 + sites.write.len();
+    report.tls = true;
+    Ok(())
 }
 
 /// Attaches the hooks that make span trees: client calls (entry and RETs of
@@ -316,4 +449,33 @@ pub fn attach_http(
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::symbols::{
+        buildinfo::BuildInfo,
+        go::layout,
+        go_offsets_table::GO_OFFSETS,
+        testgo::{self, Variant},
+    };
+
+    /// The crypto/tls plaintext sites are found, and proven, in every Go of the matrix, plain,
+    /// PIE and stripped: c's register at the read copy, and the application-data writes.
+    #[test]
+    fn tls_sites_for_every_version() {
+        for entry in GO_OFFSETS {
+            let v = entry.toolchain;
+            for variant in [Variant::Plain, Variant::Pie, Variant::PieStripped] {
+                let exe = Executable::open(&testgo::build(v, variant)).unwrap();
+                let info = BuildInfo::parse(&exe.section(".go.buildinfo").expect("buildinfo")).expect("parses");
+                let l = layout(&exe, &info).unwrap();
+                let s = tls_sites(&exe, l.offsets.tlsconn_input).unwrap_or_else(|e| panic!("Go {v} {variant:?}: {e}"));
+                assert!((s.read_c_reg as usize) < disasm::GPR_ORDER.len(), "Go {v} {variant:?}");
+                assert!(!s.write.is_empty() && s.write.len() <= 2, "Go {v} {variant:?}: {s:?}");
+                inject_site(&exe).unwrap_or_else(|e| panic!("Go {v} {variant:?}: {e}"));
+            }
+        }
+    }
 }

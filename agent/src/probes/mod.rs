@@ -56,7 +56,13 @@ pub mod uprobes {
     pub const GO_SQL_QUERY: &str = "go_sql_query";
     pub const GO_SQL_EXEC: &str = "go_sql_exec";
     pub const GO_SQL_RET: &str = "go_sql_ret";
+    pub const GO_TLS_READ: &str = "go_tls_read";
+    pub const GO_TLS_WRITE: &str = "go_tls_write";
+    /// Loaded only with --inject-traceparent (not in ALL).
+    pub const GO_INJECT: &str = "go_inject";
     pub const ALL: &[&str] = &[
+        GO_TLS_READ,
+        GO_TLS_WRITE,
         GO_SQL_QUERY,
         GO_SQL_EXEC,
         GO_SQL_RET,
@@ -85,6 +91,8 @@ pub enum ProbeError {
     Load(#[source] aya::EbpfError),
     #[error("program {name}: {source}; run `zerotrace doctor` to see what this kernel allows")]
     Program { name: String, #[source] source: aya::programs::ProgramError },
+    #[error("the kernel refused the traceparent writer ({source}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent")]
+    Inject { #[source] source: aya::programs::ProgramError },
     #[error("map {name}: {source}")]
     Map { name: &'static str, #[source] source: aya::maps::MapError },
     #[error("the kernel object has no {0} (agent and kernel programs out of step; rebuild with `cargo xtask build`)")]
@@ -97,6 +105,9 @@ pub struct KernelSettings {
     pub req_capture: u32,
     pub max_conns: u32,
     pub hooks: HookFlavour,
+    /// `--inject-traceparent`: keep trace ids per span and load the program that decides
+    /// (and, when On, writes).
+    pub inject: crate::cli::Inject,
 }
 
 pub struct Probes {
@@ -113,7 +124,13 @@ impl Probes {
     pub fn load(ks: &KernelSettings) -> Result<Self, ProbeError> {
         features::ensure_tracefs().map_err(ProbeError::Tracefs)?;
         let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
-        let settings = Settings { req_capture: ks.req_capture, ..Settings::default() };
+        use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
+        let flags = match ks.inject {
+            crate::cli::Inject::Off => 0,
+            crate::cli::Inject::DryRun => INJECT,
+            crate::cli::Inject::On => INJECT | INJECT_WRITE,
+        };
+        let settings = Settings { req_capture: ks.req_capture, flags, ..Settings::default() };
         let mut ebpf = EbpfLoader::new()
             .override_global("KERNEL", &kernel, true)
             .override_global("SETTINGS", &settings, true)
@@ -134,6 +151,11 @@ impl Probes {
         for name in uprobes::ALL {
             let prog: &mut UProbe = program(&mut ebpf, name)?;
             prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
+        }
+        // The one program that writes into targets exists in the kernel only when asked for.
+        if ks.inject != crate::cli::Inject::Off {
+            let prog: &mut UProbe = program(&mut ebpf, uprobes::GO_INJECT)?;
+            prog.load().map_err(|source| ProbeError::Inject { source })?;
         }
         Ok(Self { ebpf, hooks, listening: HashMap::new(), uprobe_links: HashMap::new() })
     }

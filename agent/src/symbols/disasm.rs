@@ -1,7 +1,9 @@
 //! Finds the RET instructions of a function by decoding it (raw 0xC3 bytes also occur
 //! inside other instructions). Uprobes on these addresses replace uretprobes, which would
 //! corrupt Go programs because goroutine stacks move.
-use iced_x86::{Decoder, DecoderOptions, Mnemonic, OpKind, Register};
+use std::{collections::HashSet, ops::Range};
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 
 /// Offset of g.stackguard0 (after g.stack.lo and g.stack.hi) on amd64, in every Go version.
 const STACKGUARD0: u64 = 0x10;
@@ -52,6 +54,78 @@ pub fn ret_addresses(code: &[u8], addr: u64) -> Result<Vec<u64>, String> {
         }
     }
     Ok(rets)
+}
+
+/// General-purpose registers a uprobe program can read by index (`TargetConfig::tls_c_reg`
+/// and the kernel's `reg_by_index`): the order matters to both.
+pub const GPR_ORDER: [Register; 13] = [
+    Register::RAX,
+    Register::RBX,
+    Register::RCX,
+    Register::RDX,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+    Register::R12,
+    Register::R13,
+    Register::R15,
+];
+
+/// For every direct CALL to `target` in `code` (at `addr`): the register that holds the
+/// address of a struct at that CALL, proven by an earlier access `[R + disp]` with `disp` in
+/// `fields` (a member of that struct), with no write to R in between and no branch landing
+/// between the access and the CALL. None for a CALL where that cannot be shown.
+pub fn call_base_register(code: &[u8], addr: u64, target: u64, fields: Range<u64>) -> Result<Vec<(u64, Option<Register>)>, String> {
+    let mut decoder = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut insns: Vec<Instruction> = Vec::new();
+    let mut landings = HashSet::new();
+    while decoder.can_decode() {
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return Err(format!("invalid instruction at {:#x}", insn.ip()));
+        }
+        if matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch)
+            && insn.op0_kind() == OpKind::NearBranch64
+        {
+            landings.insert(insn.near_branch_target());
+        }
+        insns.push(insn);
+    }
+    let mut info = InstructionInfoFactory::new();
+    let mut writes = |insn: &Instruction, reg: Register| {
+        info.info(insn).used_registers().iter().any(|u| {
+            u.register().full_register() == reg
+                && matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
+        })
+    };
+    let mut out = Vec::new();
+    for (k, call) in insns.iter().enumerate() {
+        if !(call.mnemonic() == Mnemonic::Call && call.op0_kind() == OpKind::NearBranch64 && call.near_branch_target() == target) {
+            continue;
+        }
+        let mut found = None;
+        // Walk back from the CALL over at most 32 straight-line instructions.
+        for j in (k.saturating_sub(32)..k).rev() {
+            if landings.contains(&insns[j + 1].ip()) {
+                break;
+            }
+            let insn = &insns[j];
+            let base = insn.memory_base();
+            let is_access = (0..insn.op_count()).any(|o| insn.op_kind(o) == OpKind::Memory)
+                && GPR_ORDER.contains(&base)
+                && insn.memory_index() == Register::None
+                && fields.contains(&insn.memory_displacement64());
+            if is_access && !writes(insn, base) && !insns[j + 1..k].iter().any(|i| writes(i, base)) {
+                found = Some(base);
+                break;
+            }
+        }
+        out.push((call.ip(), found));
+    }
+    Ok(out)
 }
 
 /// Every direct CALL in `code` (at virtual address `addr`): (address of the CALL, target).

@@ -22,6 +22,7 @@ pub struct GoLayout {
     pub type_tcpconn: Option<u64>,
     pub type_tlsconn: Option<u64>,
     pub type_response: Option<u64>,
+    pub type_bufio_writer: Option<u64>,
     /// "dwarf" or "table".
     pub source: &'static str,
     /// Fields this Go version does not have (e.g. Request.Pattern before 1.23), and type
@@ -36,6 +37,7 @@ impl GoLayout {
         o.type_tcpconn = self.type_tcpconn.map_or(0, |a| a.wrapping_add(bias));
         o.type_tlsconn = self.type_tlsconn.map_or(0, |a| a.wrapping_add(bias));
         o.type_response = self.type_response.map_or(0, |a| a.wrapping_add(bias));
+        o.type_bufio_writer = self.type_bufio_writer.map_or(0, |a| a.wrapping_add(bias));
         o
     }
 }
@@ -88,10 +90,19 @@ pub const MEMBERS: &[(&str, &str)] = &[
     ("net.netFD", "pfd"),
     ("internal/poll.FD", "Sysfd"),
     ("crypto/tls.Conn", "conn"),
+    ("crypto/tls.Conn", "input"),
+    ("bufio.Writer", "buf"),
+    ("bufio.Writer", "n"),
+    ("net/http.Request", "Header"),
+    ("internal/runtime/maps.Map", "dirPtr"),
+    ("internal/runtime/maps.Map", "dirLen"),
+    ("runtime.hmap", "B"),
+    ("runtime.hmap", "buckets"),
 ];
 
 /// Runtime type descriptors the kernel compares interface values against (DWARF names).
-pub const TYPES: &[&str] = &["*net.TCPConn", "*crypto/tls.Conn", "*net/http.response"];
+pub const TYPES: [&str; N_TYPES] = ["*net.TCPConn", "*crypto/tls.Conn", "*net/http.response", "*bufio.Writer"];
+pub const N_TYPES: usize = 4;
 
 /// The structs of `MEMBERS`, each once.
 pub fn structs() -> Vec<&'static str> {
@@ -132,6 +143,7 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
         type_tcpconn: 0,
         type_tlsconn: 0,
         type_response: 0,
+        type_bufio_writer: 0,
         g_goid: need("runtime.g", "goid")?,
         conn_rwc: need("net/http.conn", "rwc")?,
         conn_curreq: need("net/http.conn", "curReq")? + curreq_inner,
@@ -157,6 +169,14 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
         url_scheme: opt("net/url.URL", "Scheme", "URL.Scheme"),
         url_host: opt("net/url.URL", "Host", "URL.Host"),
         resp_status_code: opt("net/http.Response", "StatusCode", "Response.StatusCode"),
+        tlsconn_input: opt("crypto/tls.Conn", "input", "tls.Conn.input"),
+        bufw_buf: opt("bufio.Writer", "buf", "bufio.Writer.buf"),
+        bufw_n: opt("bufio.Writer", "n", "bufio.Writer.n"),
+        request_header: opt("net/http.Request", "Header", "Request.Header"),
+        map_dirptr: opt("internal/runtime/maps.Map", "dirPtr", "maps.Map.dirPtr"),
+        map_dirlen: opt("internal/runtime/maps.Map", "dirLen", "maps.Map.dirLen"),
+        hmap_b: opt("runtime.hmap", "B", "hmap.B"),
+        hmap_buckets: opt("runtime.hmap", "buckets", "hmap.buckets"),
         _pad: [0; 3],
     };
     Ok((offsets, absent))
@@ -233,13 +253,13 @@ fn minor_of(info: &BuildInfo) -> u32 {
 
 /// Runtime type descriptors through the module data; labels of those not found go to
 /// `absent`.
-fn types_from_moduledata(exe: &Executable, info: &BuildInfo, absent: &mut Vec<&'static str>) -> [Option<u64>; 3] {
+fn types_from_moduledata(exe: &Executable, info: &BuildInfo, absent: &mut Vec<&'static str>) -> [Option<u64>; N_TYPES] {
     let minor = minor_of(info);
     let find = |name: &str| -> Result<Option<u64>, String> {
         let tables = exe.go_tables().map_err(str::to_owned)?;
         tables.runtime_type(exe, minor, name)
     };
-    let mut out = [None; 3];
+    let mut out = [None; N_TYPES];
     for (i, name) in TYPES.iter().enumerate() {
         match find(name) {
             Ok(Some(a)) => out[i] = Some(a),
@@ -254,11 +274,11 @@ fn types_from_moduledata(exe: &Executable, info: &BuildInfo, absent: &mut Vec<&'
 }
 
 fn type_label(i: usize) -> &'static str {
-    ["type *net.TCPConn", "type *crypto/tls.Conn", "type *net/http.response"][i]
+    ["type *net.TCPConn", "type *crypto/tls.Conn", "type *net/http.response", "type *bufio.Writer"][i]
 }
 
-fn make_layout(offsets: GoOffsets, types: [Option<u64>; 3], source: &'static str, absent: Vec<&'static str>) -> GoLayout {
-    GoLayout { offsets, type_tcpconn: types[0], type_tlsconn: types[1], type_response: types[2], source, absent }
+fn make_layout(offsets: GoOffsets, types: [Option<u64>; N_TYPES], source: &'static str, absent: Vec<&'static str>) -> GoLayout {
+    GoLayout { offsets, type_tcpconn: types[0], type_tlsconn: types[1], type_response: types[2], type_bufio_writer: types[3], source, absent }
 }
 
 /// Where Go struct offsets come from.
@@ -280,7 +300,7 @@ impl DwarfSource {
         let types = match exe.symtab_symbol("runtime.types").map(|s| s.addr) {
             Some(base) => {
                 let t = |i: usize| d.runtime_type(TYPES[i]).map(|off| base + off);
-                let found = [t(0), t(1), t(2)];
+                let found: [Option<u64>; N_TYPES] = std::array::from_fn(t);
                 for (i, f) in found.iter().enumerate() {
                     if f.is_none() {
                         absent.push(type_label(i));
@@ -301,7 +321,7 @@ impl OffsetSource for DwarfSource {
     }
 
     fn layout(&self, exe: &Executable, info: &BuildInfo) -> Result<GoLayout, SymbolError> {
-        let d = GoDwarf::load(exe, &structs(), TYPES)?;
+        let d = GoDwarf::load(exe, &structs(), &TYPES)?;
         self.layout_from(exe, info, &d)
     }
 }
@@ -349,7 +369,7 @@ pub fn layout(exe: &Executable, info: &BuildInfo) -> Result<GoLayout, SymbolErro
     if !has_dwarf {
         return TableSource.layout(exe, info);
     }
-    let dwarf = GoDwarf::load(exe, &structs(), TYPES).and_then(|d| {
+    let dwarf = GoDwarf::load(exe, &structs(), &TYPES).and_then(|d| {
         let l = DwarfSource.layout_from(exe, info, &d)?;
         Ok((d, l))
     });
@@ -435,7 +455,7 @@ mod tests {
         let mut dwarfs = Vec::new();
         for v in &versions {
             let exe = Executable::open(&testgo::build(v, Variant::Plain)).unwrap();
-            dwarfs.push((v.clone(), GoDwarf::load(&exe, &structs(), TYPES).unwrap()));
+            dwarfs.push((v.clone(), GoDwarf::load(&exe, &structs(), &TYPES).unwrap()));
         }
         let entries: Vec<(&str, &dyn Members)> = dwarfs.iter().map(|(v, d)| (v.as_str(), d as &dyn Members)).collect();
         let text = render_table(&entries);

@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -21,6 +21,8 @@ pub mod names {
     pub const GO_CLIENTS: &str = "GO_CLIENTS";
     pub const CLIENT_LINK: &str = "CLIENT_LINK";
     pub const CHAN_SLOTS: &str = "CHAN_SLOTS";
+    pub const SPAN_TRACE: &str = "SPAN_TRACE";
+    pub const CLIENT_HDR: &str = "CLIENT_HDR";
     pub const RECV_SENDER: &str = "RECV_SENDER";
     pub const GO_SQL: &str = "GO_SQL";
     pub const KERNEL: &str = "KERNEL";
@@ -48,6 +50,8 @@ pub mod bounds {
     pub const MAX_CLIENT_LINKS: u32 = 16384;
     /// Channel buffer slots holding a value sent from inside a span, at once (LRU).
     pub const MAX_CHAN_SLOTS: u32 = 65536;
+    /// Spans whose trace id the kernel remembers for traceparent injection (LRU).
+    pub const MAX_SPAN_TRACES: u32 = 65536;
     /// Ring buffer for all events (bytes, power of two).
     pub const RING_BYTES: u32 = 8 << 20;
     /// Bytes of pending ring-buffer data after which a producer wakes the agent up;
@@ -101,6 +105,15 @@ pub enum Counter {
     ClientLinks = 14,
     /// Server requests that found the span of the same-host client that sent them.
     ServerLinked = 15,
+    /// `--inject-traceparent`: headers written into outgoing requests.
+    Injected = 16,
+    /// Not injected: the request already has a traceparent, its Header map is too big to
+    /// check, its writer is not a bufio.Writer, or its span's trace is unknown.
+    InjectSkipped = 17,
+    /// Not injected: the writer's buffer has no room for the line.
+    InjectNoRoom = 18,
+    /// Writing into the target failed (nothing was changed).
+    InjectFailed = 19,
 }
 
 pub const COUNTER_SLOTS: u32 = 24;
@@ -118,6 +131,7 @@ pub enum EventKind {
     GoClientResponse = 7,
     GoSqlStart = 8,
     GoSqlEnd = 9,
+    Traceparent = 10,
 }
 
 impl EventKind {
@@ -132,6 +146,7 @@ impl EventKind {
             7 => Self::GoClientResponse,
             8 => Self::GoSqlStart,
             9 => Self::GoSqlEnd,
+            10 => Self::Traceparent,
             _ => return None,
         })
     }
@@ -214,9 +229,14 @@ pub struct ConnState {
     pub role: u8,
     pub phase: u8,
     pub status_len: u8,
-    pub _pad0: u8,
+    /// 1: the bytes on this socket are TLS records. Its requests and responses are seen in
+    /// plaintext by the Go crypto/tls hooks; the socket hooks keep only timing.
+    pub tls: u8,
     pub pattern_len: u16,
-    pub _pad1: [u8; 2],
+    /// 1: the connection speaks HTTP/2 (its first bytes were the client preface): not
+    /// followed (HTTP/2 has no request/response phases on the wire).
+    pub h2: u8,
+    pub _pad1: u8,
     /// Bytes of the current request captured so far (a head split over reads is
     /// captured until the capture size is reached).
     pub captured: u32,
@@ -306,6 +326,8 @@ pub struct GoClientState {
     pub span_id: u64,
     /// The goroutine's context before the call (restored at its return); origin 0: none.
     pub prev: GoroutineCtx,
+    /// `--inject-traceparent`: the request's Header map (its CLIENT_HDR key), 0: none.
+    pub header: u64,
 }
 
 /// Socket addresses, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`), ports in host order.
@@ -367,6 +389,12 @@ pub struct HttpRequestEvent {
     /// request from inside a span, that client span's id (0: none).
     pub span_id: u64,
     pub link_span: u64,
+    /// The trace the kernel gave the span (random for a new trace; the linked client's
+    /// trace when the kernel knows it). The agent uses it for spans that start a trace.
+    pub trace_id: [u8; 16],
+    /// 1: read in plaintext from a TLS connection.
+    pub tls: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Largest HTTP request record: header plus the maximal capture.
@@ -434,6 +462,8 @@ pub struct GoClientRequestEvent {
     /// The client span's id, and the span active in the calling goroutine (0: none).
     pub span_id: u64,
     pub parent_span: u64,
+    /// The trace the kernel gave the call (its parent's when known, else new).
+    pub trace_id: [u8; 16],
     pub method: GoStr,
     pub scheme: GoStr,
     /// URL.Host (host[:port]) and Request.Host (the Host header override, often empty).
@@ -519,6 +549,8 @@ pub struct GoOffsets {
     pub type_tcpconn: u64,
     pub type_tlsconn: u64,
     pub type_response: u64,
+    /// `*bufio.Writer` (traceparent injection writes only into one of these).
+    pub type_bufio_writer: u64,
     pub g_goid: u16,
     pub conn_rwc: u16,
     pub conn_curreq: u16,
@@ -553,6 +585,19 @@ pub struct GoOffsets {
     pub url_host: u16,
     /// `http.Response.StatusCode` (client spans).
     pub resp_status_code: u16,
+    /// `tls.Conn.input` (a bytes.Reader over the decrypted record): the agent finds the
+    /// register holding c at the plaintext copy by it.
+    pub tlsconn_input: u16,
+    /// `bufio.Writer.buf` / `.n` and `http.Request.Header` (traceparent injection).
+    pub bufw_buf: u16,
+    pub bufw_n: u16,
+    pub request_header: u16,
+    /// Go maps, to see whether a request's Header already has a traceparent: Swiss-table
+    /// maps (Go 1.24+) `maps.Map.dirPtr` / `.dirLen`; older ones `hmap.B` / `.buckets`.
+    pub map_dirptr: u16,
+    pub map_dirlen: u16,
+    pub hmap_b: u16,
+    pub hmap_buckets: u16,
     pub _pad: [u16; 3],
 }
 
@@ -565,8 +610,14 @@ impl GoOffsets {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TargetConfig {
     pub flags: u32,
-    pub _pad: u32,
+    /// Which register holds the `*tls.Conn` at the plaintext CALL in `(*tls.Conn).Read`
+    /// (an index into the agent's `disasm::GPR_ORDER`), found by decoding; NO_REG: none.
+    pub tls_c_reg: u32,
     pub go: GoOffsets,
+}
+
+impl TargetConfig {
+    pub const NO_REG: u32 = u32::MAX;
 }
 
 pub mod target_flags {
@@ -608,11 +659,50 @@ pub struct Settings {
     /// Bytes of each request head to capture (<= REQ_CAPTURE_MAX).
     pub req_capture: u32,
     pub abi_version: u32,
+    /// `settings_flags` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+pub mod settings_flags {
+    /// `--inject-traceparent` (on or dry-run): the kernel keeps each span's trace id
+    /// (SPAN_TRACE) and decides, per outgoing Go request, the traceparent it carries.
+    pub const INJECT: u32 = 1;
+    /// ... and writes it (not in dry-run). Read from frozen .rodata: when clear, the
+    /// verifier drops the write as dead code, so dry-run loads even under kernel lockdown.
+    pub const INJECT_WRITE: u32 = 2;
+}
+
+/// What `--inject-traceparent` did for one outgoing request (`TraceparentEvent::outcome`).
+pub mod inject_outcome {
+    pub const WRITTEN: u8 = 1;
+    /// Decided and checked, not written (`--inject-traceparent=dry-run`).
+    pub const DRY_RUN: u8 = 2;
+    /// The request has its own traceparent header.
+    pub const OWN_HEADER: u8 = 3;
+    /// The writer's buffer has no room for the line.
+    pub const NO_ROOM: u8 = 4;
+    /// Not checkable: Header map too big to read here, writer not a bufio.Writer, or the
+    /// span's trace unknown.
+    pub const UNCHECKED: u8 = 5;
+    /// Writing into the target failed (nothing changed).
+    pub const FAILED: u8 = 6;
+}
+
+/// `--inject-traceparent`: the decision for a client span's request.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct TraceparentEvent {
+    pub hdr: EventHeader,
+    pub span_id: u64,
+    pub trace_id: [u8; 16],
+    pub outcome: u8,
+    pub _pad: [u8; 7],
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { req_capture: 1024, abi_version: ABI_VERSION }
+        Self { req_capture: 1024, abi_version: ABI_VERSION, flags: 0, _pad: 0 }
     }
 }
 
@@ -630,20 +720,21 @@ assert_size!(ClientLink, 16);
 assert_size!(GoroutineKey, 16);
 assert_size!(SlotKey, 16);
 assert_size!(GoroutineCtx, 24);
-assert_size!(GoClientState, 32);
-assert_size!(GoClientRequestEvent, 48 + 4 * 136);
+assert_size!(GoClientState, 40);
+assert_size!(GoClientRequestEvent, 64 + 4 * 136);
 assert_size!(GoClientResponseEvent, 56);
 assert_size!(GoSqlStartEvent, 24 + 48 + 1024);
 assert_size!(GoSqlState, 40);
 assert_size!(SockAddrs, 40);
+assert_size!(TraceparentEvent, 56);
 assert_size!(ConnOpenEvent, 88);
 assert_size!(ConnCloseEvent, 40);
-assert_size!(HttpRequestEvent, 88);
+assert_size!(HttpRequestEvent, 112);
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
-assert_size!(GoOffsets, 32 + 28 * 2);
-assert_size!(TargetConfig, 8 + 88);
+assert_size!(GoOffsets, 40 + 36 * 2);
+assert_size!(TargetConfig, 8 + 112);
 assert_size!(KernelOffsets, 64);
 
 #[cfg(feature = "user")]

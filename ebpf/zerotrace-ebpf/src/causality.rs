@@ -2,11 +2,15 @@
 //! gets one (serving a connection, its own client call, inherited at spawn, received over a
 //! channel) and how a client request written on a socket offers its span to the server on
 //! this host that reads it (CLIENT_LINK). The rules are in ARCHITECTURE.md ("Causality").
-use aya_ebpf::{helpers::bpf_get_prandom_u32, maps::HashMap};
+use aya_ebpf::{
+    cty::c_void,
+    helpers::{bpf_get_prandom_u32, generated::bpf_loop},
+    maps::HashMap,
+};
 use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, ctx_origin, phase};
 
 use crate::{
-    maps::{CONNS, GO_CTX},
+    maps::{CONNS, GO_CTX, SPAN_TRACE, settings},
     util::count,
 };
 use zerotrace_common::Counter;
@@ -18,6 +22,150 @@ pub fn new_span_id() -> u64 {
     let (hi, lo) = unsafe { (bpf_get_prandom_u32(), bpf_get_prandom_u32()) };
     let id = ((hi as u64) << 32) | lo as u64;
     if id == 0 { 1 } else { id }
+}
+
+/// A new trace id: 128 random bits.
+#[inline(always)]
+pub fn new_trace_id() -> [u8; 16] {
+    let mut t = [0u8; 16];
+    for i in 0..4 {
+        // SAFETY: helper without side effects.
+        let r = unsafe { bpf_get_prandom_u32() };
+        t[i * 4..i * 4 + 4].copy_from_slice(&r.to_ne_bytes());
+    }
+    t
+}
+
+/// Whether `--inject-traceparent` is on (the kernel then keeps trace ids per span).
+#[inline(always)]
+pub fn injecting() -> bool {
+    settings().flags & zerotrace_common::settings_flags::INJECT != 0
+}
+
+/// With injection on, span `span` belongs to `trace` (an incoming traceparent's).
+#[inline(always)]
+pub fn remember_trace(span: u64, trace: &[u8; 16]) {
+    if injecting() {
+        let _ = SPAN_TRACE.insert(&span, trace, 0);
+    }
+}
+
+/// How far into a request head an incoming `traceparent` is looked for.
+const TRACEPARENT_SCAN: u32 = 1024;
+/// "\ntraceparent:" lower-cased; every byte has bit 0x20 set, so `b | 0x20` compares
+/// letters without case.
+const TP_NAME: &[u8; 13] = b"\ntraceparent:";
+
+/// The trace id of a `traceparent` header in the `len` captured head bytes at `head`
+/// (version 00, lower- or upper-case hex), if there is one. Only used with injection on:
+/// the header a request carries names the trace its outgoing requests must name.
+/// `head` must have at least TRACEPARENT_SCAN + 64 readable bytes. The scan runs in
+/// bpf_loop (verified once, not once per byte: inline, it made the socket program too
+/// complex for the verifier).
+#[inline(always)]
+pub fn incoming_trace(head: *const u8, len: u32) -> Option<[u8; 16]> {
+    let mut scan = Scan { head, len, at: 0 };
+    // SAFETY: the callback only reads `scan`, which lives across the call.
+    unsafe {
+        bpf_loop(TRACEPARENT_SCAN, scan_step as *mut c_void, &mut scan as *mut Scan as *mut c_void, 0);
+    }
+    let at = scan.at as u64;
+    if at == 0 || at > TRACEPARENT_SCAN as u64 {
+        return None;
+    }
+    // The mask repeats the bound in a form the verifier keeps (TRACEPARENT_SCAN is a
+    // power of two).
+    let i = (at - 1) & (TRACEPARENT_SCAN as u64 - 1);
+    // SAFETY: i < TRACEPARENT_SCAN; trace_after reads at most 50 bytes past it.
+    trace_after(unsafe { head.add(i as usize + 13) })
+}
+
+#[repr(C)]
+struct Scan {
+    head: *const u8,
+    len: u32,
+    /// 1 + the offset of the "\ntraceparent:" found, 0: none yet.
+    at: u32,
+}
+
+/// One position of the scan: 1 stops the loop.
+extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
+    // SAFETY: ctx is the Scan incoming_trace passed.
+    let s = unsafe { &mut *(ctx as *mut Scan) };
+    // Bounds in 64 bits, on the value used for the address: the verifier must see them.
+    if i >= TRACEPARENT_SCAN as u64 {
+        return 1;
+    }
+    // Name, up to two blanks, "00-" and 32 hex digits must fit.
+    if i + 13 + 2 + 3 + 32 > s.len as u64 {
+        return 1;
+    }
+    // SAFETY: i < TRACEPARENT_SCAN; name_at reads 13 bytes.
+    let p = unsafe { s.head.add(i as usize) };
+    if unsafe { *p } == b'\n' && name_at(p) {
+        s.at = i as u32 + 1;
+        return 1;
+    }
+    0
+}
+
+#[inline(always)]
+fn name_at(p: *const u8) -> bool {
+    for k in 1..13 {
+        // SAFETY: see incoming_trace.
+        if unsafe { *p.add(k) } | 0x20 != TP_NAME[k] {
+            return false;
+        }
+    }
+    true
+}
+
+#[inline(always)]
+fn trace_after(mut q: *const u8) -> Option<[u8; 16]> {
+    for _ in 0..2 {
+        // SAFETY: see incoming_trace.
+        let c = unsafe { *q };
+        if c == b' ' || c == b'\t' {
+            q = unsafe { q.add(1) };
+        }
+    }
+    // SAFETY: see incoming_trace.
+    if unsafe { (*q, *q.add(1), *q.add(2)) } != (b'0', b'0', b'-') {
+        return None;
+    }
+    let mut t = [0u8; 16];
+    for k in 0..16 {
+        // SAFETY: see incoming_trace.
+        let (hi, lo) = unsafe { (hex(*q.add(3 + 2 * k))?, hex(*q.add(4 + 2 * k))?) };
+        t[k] = hi << 4 | lo;
+    }
+    (t != [0; 16]).then_some(t)
+}
+
+#[inline(always)]
+fn hex(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// The trace of a new span whose parent is `parent` (0: none): the parent's trace when the
+/// kernel knows it, else a new one. With injection on, remembered for the span's children.
+#[inline(always)]
+pub fn trace_for(span: u64, parent: u64) -> [u8; 16] {
+    let known = if parent != 0 { SPAN_TRACE.get_ptr(&parent) } else { None };
+    // SAFETY: map value pointer, copied at once.
+    let trace = match known {
+        Some(t) => unsafe { *t },
+        None => new_trace_id(),
+    };
+    if injecting() {
+        let _ = SPAN_TRACE.insert(&span, &trace, 0);
+    }
+    trace
 }
 
 #[inline(always)]

@@ -5,12 +5,12 @@
 //! carry it to the socket, where a server on this host can link to it.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{
-    Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets,
+    Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets, SlotKey,
 };
 
 use crate::{
-    causality::{enter_own, leave_own, set_own, take_call},
-    maps::{EVENTS, GO_CLIENTS},
+    causality::{enter_own, injecting, leave_own, set_own, take_call, trace_for},
+    maps::{CLIENT_HDR, EVENTS, GO_CLIENTS},
     util::{count, go_caller, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
 };
 
@@ -21,7 +21,9 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
     let Some((pid_tgid, go, k)) = go_caller(&ctx) else { return 0 };
     let r = regs(&ctx);
     let (span, parent, prev) = enter_own(&k);
-    if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev }, 0).is_err() {
+    let req = r.rbx;
+    let hdr_map = if injecting() { offer_header(k.pid, go, req, span) } else { 0 };
+    if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev, header: hdr_map }, 0).is_err() {
         count(Counter::GoRequestsFull);
         return 0;
     }
@@ -32,7 +34,6 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
         return 0;
     };
     let e = ev.as_mut_ptr();
-    let req = r.rbx;
     let url = go_ptr(req, go.request_url);
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
@@ -40,6 +41,7 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
         (*e).goid = k.goid;
         (*e).span_id = span;
         (*e).parent_span = parent;
+        (*e).trace_id = trace_for(span, parent);
         for s in [&mut (*e).method, &mut (*e).scheme, &mut (*e).url_host, &mut (*e).path] {
             s.len = 0;
             s.kept = 0;
@@ -67,6 +69,9 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let Some(st) = take_call(&GO_CLIENTS, &k) else { return 0 };
     leave_own(&k, &st.prev);
+    if st.header != 0 {
+        withdraw_header(k.pid, st.header, st.span_id);
+    }
     let resp = r.rax;
     let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE {
         read_user::<i64>(resp + go.resp_status_code as u64).unwrap_or(0)
@@ -84,4 +89,32 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
         count(Counter::RingFull);
     }
     0
+}
+
+/// `--inject-traceparent`: the call's request Header map now names its span (for
+/// go_inject at `(*Request).write`). Two calls in flight with the same map name none.
+/// Returns the map's address (0: the request has no Header map).
+#[inline(always)]
+fn offer_header(pid: u32, go: &GoOffsets, req: u64, span: u64) -> u64 {
+    let h = go_ptr(req, go.request_header);
+    if h == 0 {
+        return 0;
+    }
+    let key = SlotKey { pid, _pad: 0, addr: h };
+    if CLIENT_HDR.insert(&key, &span, 1).is_err() {
+        let _ = CLIENT_HDR.insert(&key, &0, 0);
+    }
+    h
+}
+
+/// The call returned: its Header map no longer names it.
+#[inline(always)]
+fn withdraw_header(pid: u32, h: u64, span: u64) {
+    let key = SlotKey { pid, _pad: 0, addr: h };
+    // SAFETY: map value pointer, copied at once.
+    if let Some(v) = CLIENT_HDR.get_ptr(&key).map(|p| unsafe { *p }) {
+        if v == span || v == 0 {
+            let _ = CLIENT_HDR.remove(&key);
+        }
+    }
 }

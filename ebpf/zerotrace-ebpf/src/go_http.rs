@@ -52,6 +52,10 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
             (*conn).go_conn = c;
             (*conn).go_g = g;
             (*conn).goid = goid;
+            // HTTPS: the socket carries TLS records; go_tls.rs brings the plaintext.
+            if go.type_tlsconn != 0 && go_itab_type(rwc[0]) == go.type_tlsconn {
+                (*conn).tls = 1;
+            }
         }
         // Whatever this goroutine does belongs to the connection's current request.
         serve_conn(pid, goid, sk);

@@ -3,7 +3,8 @@
 //! request n and sends its first bytes; the first send after it starts the response (status
 //! line kept, Go route pattern read); the next receive attempt or TCP close ends it. No
 //! uprobe is involved per request: these are called from the socket hooks in
-//! socket_hooks.rs.
+//! socket_hooks.rs. On TLS connections the request and response bytes come in plaintext
+//! from the crypto/tls hooks (go_tls.rs) instead; the socket hooks keep their timing.
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
     ClientLink, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
@@ -11,7 +12,7 @@ use zerotrace_common::{
 };
 
 use crate::{
-    causality::{new_span_id, span_of},
+    causality::{incoming_trace, injecting, new_span_id, remember_trace, span_of, trace_for},
     maps::{CLIENT_LINK, EVENTS, SCRATCH, TARGETS, settings},
     socket_hooks::{SyscallArgs, recv_buffer, send_buffer},
     sockets::conn_for,
@@ -30,12 +31,15 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
-        client_send(conn);
+        // TLS clients are followed in plaintext (go_tls.rs): a handshake record is no request.
+        if conn.tls == 0 {
+            client_send(conn);
+        }
         return Some(());
     }
     count(Counter::SocketSyscalls);
     let ts = now();
-    if conn.phase == phase::REQUEST {
+    if conn.phase == phase::REQUEST && conn.tls == 0 {
         let (buf, len) = send_buffer::<A>();
         start_response(conn, buf, len, ts);
     }
@@ -45,11 +49,27 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
     Some(())
 }
 
+/// A TLS server connection hands `len` plaintext bytes at `buf` to crypto/tls (before they
+/// are encrypted and sent): the first of a response starts it.
+#[inline(always)]
+pub fn send_plain(conn: &mut ConnState, buf: u64, len: u64) {
+    if conn.h2 != 0 {
+        return;
+    }
+    let ts = now();
+    if conn.phase == phase::REQUEST {
+        start_response(conn, buf, len, ts);
+    }
+    if conn.phase == phase::RESPONSE {
+        conn.last_write_ts = ts;
+    }
+}
+
 /// A client socket: the first send after a response (or the first ever) starts a request;
 /// the span of the goroutine writing it is offered to a server on this host that will read
 /// it (CLIENT_LINK by flow). A request written outside any span withdraws the offer.
 #[inline(always)]
-fn client_send(conn: &mut ConnState) {
+pub fn client_send(conn: &mut ConnState) {
     if conn.phase == phase::REQUEST {
         return;
     }
@@ -158,19 +178,55 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
         // A client reading its response: its next send is a new request.
-        if ret > 0 {
+        if ret > 0 && conn.tls == 0 {
             conn.phase = phase::RESPONSE;
         }
         return Some(());
     }
     count(Counter::SocketSyscalls);
-    let ts = now();
     // Any receive attempt after a response ends it: the server waits for what comes next.
-    finish_response(conn, pid_tgid as u32, ts, 0);
-    if ret <= 0 {
+    finish_response(conn, pid_tgid as u32, now(), 0);
+    // TLS records carry no request bytes we can read: the crypto/tls hooks bring them.
+    if ret <= 0 || conn.tls != 0 {
         return Some(());
     }
-    conn.bytes_in += ret as u64;
+    let buf = recv_buffer::<A>();
+    if buf == 0 {
+        count(Counter::RecvNoBuffer);
+    } else if conn.phase != phase::REQUEST && is_tls_record(buf) {
+        // A TLS handshake or record where a request would start (a TLS server that is not
+        // Go's, or a Go connection older than the agent): never parsed as HTTP.
+        conn.tls = 1;
+        return Some(());
+    }
+    recv_bytes(conn, pid_tgid, buf, ret as u64);
+    Some(())
+}
+
+/// Whether the bytes at `buf` start a TLS record (content type 20-23, version 3.x): no
+/// HTTP/1 request starts like that.
+#[inline(always)]
+fn is_tls_record(buf: u64) -> bool {
+    match read_user::<[u8; 3]>(buf) {
+        Some(b) => (0x14..=0x17).contains(&b[0]) && b[1] == 3 && b[2] <= 4,
+        None => false,
+    }
+}
+
+/// `len` request bytes at `buf` arrived on server connection `conn` (from a socket read,
+/// or in plaintext from crypto/tls): the first after a response start request n.
+#[inline(always)]
+pub fn recv_bytes(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Option<()> {
+    if conn.h2 != 0 {
+        return Some(());
+    }
+    if conn.phase != phase::REQUEST && conn.seq == 0 && buf != 0 && read_user::<[u8; 4]>(buf) == Some(*b"PRI ") {
+        // The HTTP/2 client preface ("PRI * HTTP/2.0"): a Go HTTPS server that negotiated h2.
+        conn.h2 = 1;
+        return Some(());
+    }
+    let ts = now();
+    conn.bytes_in += len;
     let cap = capture_size();
     if conn.phase == phase::REQUEST {
         // More of the same request: keep capturing until the capture size is reached (a
@@ -183,14 +239,10 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
         conn.seq += 1;
         // The request is here once a receive returned its first bytes.
         conn.req_ts = ts;
-        conn.bytes_in = ret as u64;
+        conn.bytes_in = len;
         conn.captured = 0;
         conn.span_id = new_span_id();
         count(Counter::Requests);
-    }
-    let buf = recv_buffer::<A>();
-    if buf == 0 {
-        count(Counter::RecvNoBuffer);
     }
     // The goroutine serving the connection, as Go's conn.serve told us; else (other
     // runtimes, connections older than the agent) whatever runs on this thread.
@@ -202,7 +254,7 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
         let cfg = unsafe { &*cfg };
         if cfg.flags & zerotrace_common::target_flags::GO != 0 { current_goroutine(cfg) } else { (0, 0) }
     };
-    send_request(conn, pid_tgid, buf, ret as u64, goroutine, goid);
+    send_request(conn, pid_tgid, buf, len, goroutine, goid);
     Some(())
 }
 
@@ -239,11 +291,24 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, gorouti
         (*ev).offset = conn.captured;
         (*ev).span_id = conn.span_id;
         (*ev).link_span = 0;
+        (*ev).trace_id = [0; 16];
+        (*ev).tls = conn.tls;
+        (*ev)._pad = [0; 7];
         if conn.captured == 0 {
             if let Some(l) = CLIENT_LINK.get_ptr(&conn.flow) {
                 (*ev).link_span = (*l).span_id;
                 count(Counter::ServerLinked);
             }
+            // With injection on, an incoming traceparent decides the trace here already (the
+            // agent decides it too, but only later): outgoing requests must name it.
+            let incoming = if injecting() { incoming_trace(buf.add(REQ_HDR), captured) } else { None };
+            (*ev).trace_id = match incoming {
+                Some(t) => {
+                    remember_trace(conn.span_id, &t);
+                    t
+                }
+                None => trace_for(conn.span_id, (*ev).link_span),
+            };
         }
     }
     conn.captured += captured;

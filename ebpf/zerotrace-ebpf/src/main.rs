@@ -7,8 +7,10 @@
 mod causality;
 mod go_client;
 mod go_http;
+mod go_inject;
 mod go_runtime;
 mod go_sql;
+mod go_tls;
 mod http_server;
 mod maps;
 mod socket_hooks;

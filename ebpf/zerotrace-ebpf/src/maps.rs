@@ -68,6 +68,18 @@ pub static CHAN_SLOTS: LruHashMap<SlotKey, u64> = LruHashMap::with_max_entries(b
 #[map]
 pub static RECV_SENDER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096, 0);
 
+/// With `--inject-traceparent` only: the trace id of each span the kernel made (server
+/// requests, client calls), so that a client call can name its trace in the header it
+/// writes. LRU: a span forgotten this way is not propagated (its request is long done).
+#[map]
+pub static SPAN_TRACE: LruHashMap<u64, [u8; 16]> = LruHashMap::with_max_entries(bounds::MAX_SPAN_TRACES, 0);
+
+/// With `--inject-traceparent` only: client calls in flight by their request's Header map
+/// (the one `(*Request).write` hands to `Header.writeSubset`) -> the client span. A Header
+/// map shared by two calls in flight maps to 0: neither gets a header.
+#[map]
+pub static CLIENT_HDR: HashMap<SlotKey, u64> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+
 /// Per-CPU counters, indexed by zerotrace_common::Counter.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
@@ -98,7 +110,7 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
 };
 
 #[unsafe(no_mangle)]
-pub static SETTINGS: Settings = Settings { req_capture: 1024, abi_version: zerotrace_common::ABI_VERSION };
+pub static SETTINGS: Settings = Settings { req_capture: 1024, abi_version: zerotrace_common::ABI_VERSION, flags: 0, _pad: 0 };
 
 #[inline(always)]
 pub fn kernel() -> KernelOffsets {

@@ -97,11 +97,15 @@ impl<'a> Forest<'a> {
 /// A client span under `parent` that called `leaf_path` downstream, and the downstream
 /// server span under it; both in the parent's trace.
 fn assert_call(f: &Forest, parent: &RSpan, client: &RSpan, down_port: u16, leaf_path: &str) {
+    assert_call_over(f, parent, client, "http", down_port, leaf_path)
+}
+
+fn assert_call_over(f: &Forest, parent: &RSpan, client: &RSpan, scheme: &str, down_port: u16, leaf_path: &str) {
     assert_eq!(client.kind, CLIENT, "{client:#?}");
     assert_eq!(client.name, "GET");
     assert_eq!(client.trace_id, parent.trace_id, "client span in its parent's trace");
     assert_eq!(client.parent_span_id, parent.span_id);
-    assert_eq!(client.attr("url.full"), format!("http://127.0.0.1:{down_port}{leaf_path}"));
+    assert_eq!(client.attr("url.full"), format!("{scheme}://127.0.0.1:{down_port}{leaf_path}"));
     assert_eq!(client.attr("server.address"), "127.0.0.1");
     assert_eq!(client.attr("server.port"), down_port.to_string());
     assert_eq!(client.attr("http.request.method"), "GET");
@@ -111,6 +115,7 @@ fn assert_call(f: &Forest, parent: &RSpan, client: &RSpan, down_port: u16, leaf_
     let leaf = leaf[0];
     assert_eq!(leaf.kind, SERVER);
     assert_eq!(leaf.attr("url.path"), leaf_path);
+    assert_eq!(leaf.attr("url.scheme"), scheme);
     assert_eq!(leaf.trace_id, parent.trace_id, "linked across processes without any header");
     assert_ne!(leaf.res("process.pid"), parent.res("process.pid"));
     assert_eq!(client.attr("http.response.status_code"), leaf.attr("http.response.status_code"));
@@ -314,6 +319,234 @@ fn span_trees_stripped_pie() -> Result<()> {
 }
 
 /// An incoming traceparent roots the whole tree, across goroutines and processes.
+/// HTTPS end to end: a front and a downstream Go service that both serve TLS (a
+/// self-signed certificate made for the test; HTTP/2 left enabled on the servers), requests
+/// from a client process of their own over one keep-alive TLS connection, and the front's
+/// HTTPS calls downstream (keep-alive too). The server spans come from crypto/tls plaintext,
+/// the trees are the same as over plain HTTP.
+#[test]
+fn https_servers_and_clients() -> Result<()> {
+    for version in [GO_OLDEST, GO_NEWEST] {
+        check_https(version)?;
+    }
+    Ok(())
+}
+
+fn check_https(version: &str) -> Result<()> {
+    let bin = tools::causal(version)?;
+    let dir = tools::work_dir().join(format!("tls-{version}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let st = Command::new(&bin).arg("gencert").arg(&dir).status()?;
+    assert!(st.success(), "gencert");
+    let tls = |cmd: &mut Command| {
+        cmd.env("CAUSAL_TLS_DIR", &dir);
+    };
+    let down_port = free_port();
+    let mut cmd = Command::new(&bin);
+    cmd.arg(format!("127.0.0.1:{down_port}"));
+    tls(&mut cmd);
+    let down = Proc::spawn(&format!("causal-tls-down-{version}"), cmd)?;
+    wait_for_port(down_port, Duration::from_secs(10))?;
+    let front_port = free_port();
+    let mut cmd = Command::new(&bin);
+    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("https://127.0.0.1:{down_port}"));
+    tls(&mut cmd);
+    let front = Proc::spawn(&format!("causal-tls-front-{version}"), cmd)?;
+    wait_for_port(front_port, Duration::from_secs(10))?;
+    let s = Services { front, down, front_port, down_port };
+
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let mut agent = agent(&s, &rx, &[])?;
+    let paths = ["/sync/1", "/sync/2", "/fanout/3", "/err5xx/4"];
+    let mut get = Command::new(&bin);
+    get.arg("get").args(paths.iter().map(|p| format!("https://127.0.0.1:{front_port}{p}")));
+    tls(&mut get);
+    let out = get.output()?;
+    assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n200\n500\n");
+    // Front server spans 4, client spans 1+1+3+1, downstream server spans 6.
+    let want = 4 + 6 + 6;
+    rx.wait_for(want, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), want, "Go {version}: {:#?}", spans.iter().map(|s| (&s.name, s.attr("url.path"), s.attr("url.full"))).collect::<Vec<_>>());
+    let f = Forest::new(&spans);
+    let dp = s.down_port;
+    for (path, leaves) in [
+        ("/sync/1", &["/leaf/sync-1"][..]),
+        ("/sync/2", &["/leaf/sync-2"]),
+        ("/fanout/3", &["/leaf/fanout-3-0", "/leaf/fanout-3-1", "/leaf/fanout-3-2"]),
+        ("/err5xx/4", &["/status/503"]),
+    ] {
+        let root = f.server(path);
+        assert!(root.parent_span_id.is_empty(), "{path} is a root");
+        assert_eq!(root.attr("url.scheme"), "https", "{root:#?}");
+        // Go 1.21's ServeMux keeps no pattern on the request: no route there.
+        let route = if version == GO_OLDEST { String::new() } else { format!("/{}/", path.split('/').nth(1).unwrap()) };
+        assert_eq!(root.attr("http.route"), route, "{root:#?}");
+        assert_eq!(root.attr("network.protocol.version"), "1.1");
+        let kids = f.children(root);
+        assert_eq!(kids.len(), leaves.len(), "Go {version} {path}: {kids:#?}");
+        for (k, leaf) in kids.iter().zip(leaves) {
+            assert_call_over(&f, root, k, "https", dp, leaf);
+        }
+    }
+    assert_eq!(f.server("/sync/1").attr("http.response.status_code"), "200");
+    assert_eq!(f.server("/err5xx/4").attr("http.response.status_code"), "500");
+    assert_eq!(agent.stat("server_spans_linked"), 6, "every downstream request linked to its client span");
+    // A client that negotiates HTTP/2 with the same server: not traced yet, and never
+    // mistaken for HTTP/1 (no span, nothing unparsable).
+    let mut h2 = Command::new(&bin);
+    h2.arg("get").arg(format!("https://127.0.0.1:{down_port}/leaf/h2")).env("CAUSAL_H2", "1");
+    tls(&mut h2);
+    let rx2 = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx2.endpoint();
+    let mut agent2 = Agent::start(&[s.down.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"], &[])?;
+    let out = h2.output()?;
+    assert!(out.status.success(), "h2 client: {}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(800));
+    agent2.stop()?;
+    assert_eq!(rx2.spans().len(), 0, "{:#?}", rx2.spans());
+    assert_eq!(agent2.stat("requests_not_http"), 0);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// Whether this kernel lets eBPF write into process memory: no lockdown (securityfs is
+/// mounted first if needed, as the agent does).
+fn kernel_allows_writes() -> bool {
+    let file = std::path::Path::new("/sys/kernel/security/lockdown");
+    if !file.exists() {
+        let _ = Command::new("mount").args(["-t", "securityfs", "securityfs", "/sys/kernel/security"]).status();
+    }
+    match std::fs::read_to_string(file) {
+        Ok(s) => s.contains("[none]"),
+        Err(_) => true,
+    }
+}
+
+/// `--inject-traceparent` across three traced Go processes A -> B -> C on this host. Where
+/// the kernel allows writing (no lockdown): one trace, and the header C received names B's
+/// client span (so a service zerotrace does not see would continue the trace too). Under
+/// lockdown: `on` is refused with a message that says why, and `dry-run` runs the same
+/// kernel decisions without the write, reported on the client spans. Either way: a request
+/// that carries the application's own traceparent gets no second one, and a request whose
+/// writer has no room for the line is left as it is.
+#[test]
+fn injected_traceparent_chains_three_processes() -> Result<()> {
+    // Oldest and newest: Header maps are hash maps in one and Swiss tables in the other.
+    for version in [GO_OLDEST, GO_NEWEST] {
+        check_injection(version)?;
+    }
+    Ok(())
+}
+
+fn check_injection(version: &str) -> Result<()> {
+    let bin = tools::causal(version)?;
+    let serve = |name: &str, down: Option<u16>| -> Result<(Proc, u16)> {
+        let port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("127.0.0.1:{port}"));
+        if let Some(d) = down {
+            cmd.arg(format!("http://127.0.0.1:{d}"));
+        }
+        let p = Proc::spawn(name, cmd)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((p, port))
+    };
+    let (c_proc, c_port) = serve("inject-c", None)?;
+    let (b_proc, b_port) = serve("inject-b", Some(c_port))?;
+    let (a_proc, a_port) = serve("inject-a", Some(b_port))?;
+    let pids = [a_proc.pid(), b_proc.pid(), c_proc.pid()];
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let writes = kernel_allows_writes();
+    let base = ["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"];
+    if !writes {
+        let refused = Agent::start(&pids, &[&base[..], &["--inject-traceparent"]].concat(), &[]);
+        let err = format!("{:#}", refused.err().expect("--inject-traceparent is refused under lockdown"));
+        assert!(err.contains("--inject-traceparent: the kernel is locked down (integrity)") || err.contains("locked down"), "{err}");
+    }
+    let mode = if writes { "--inject-traceparent=on" } else { "--inject-traceparent=dry-run" };
+    let mut agent = Agent::start(&pids, &[&base[..], &[mode]].concat(), &[])?;
+    let mut client = Client::new(a_port);
+    let chained = client.get("/chain/1")?;
+    assert_eq!(chained.status, 200);
+    let own = client.get("/ownctx/2")?;
+    let full = client.get("/full/3")?;
+    let (t_in, p_in) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let joined = client.request("GET", "/chain/4", &[("traceparent", &format!("00-{t_in}-{p_in}-01"))])?;
+    // chains: 3 server + 2 client spans each; ownctx and full: A server, A client, B server.
+    let want = 5 + 3 + 3 + 5;
+    rx.wait_for(want, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), want, "{:#?}", spans.iter().map(|s| (&s.name, s.attr("url.path"), s.attr("url.full"))).collect::<Vec<_>>());
+    let f = Forest::new(&spans);
+
+    // Every hop serves /chain/1: A's span is the root.
+    let a = spans.iter().find(|s| s.kind == SERVER && s.attr("url.path") == "/chain/1" && s.parent_span_id.is_empty()).expect("A's span");
+    let chain: Vec<&RSpan> = spans.iter().filter(|s| s.trace_id == a.trace_id).collect();
+    assert_eq!(chain.len(), 5, "A -> B -> C is one trace: {chain:#?}");
+    let a_client = &f.children(a)[..];
+    assert_eq!(a_client.len(), 1);
+    let b = &f.children(a_client[0])[..];
+    assert_eq!((b.len(), b[0].kind, b[0].attr("url.path")), (1, SERVER, "/chain/1"));
+    let b_client = &f.children(b[0])[..];
+    assert_eq!(b_client.len(), 1);
+    let c = &f.children(b_client[0])[..];
+    assert_eq!((c.len(), c[0].attr("url.path")), (1, "/chain/1"));
+    assert_ne!(c[0].res("process.pid"), b[0].res("process.pid"));
+    // The header each hop carries (or would carry): the exported trace, the client span.
+    let outcome = if writes { "written" } else { "dry-run" };
+    for cs in [a_client[0], b_client[0]] {
+        assert_eq!(cs.attr("zerotrace.traceparent.outcome"), outcome, "{cs:#?}");
+        assert_eq!(cs.attr("zerotrace.traceparent"), format!("00-{}-{}-01", a.trace_id, cs.span_id), "{cs:#?}");
+    }
+    // What C received on the wire.
+    let header = String::from_utf8_lossy(&chained.body).into_owned();
+    if writes {
+        assert_eq!(header, format!("00-{}-{}-01", a.trace_id, b_client[0].span_id), "traceparent C received");
+    } else {
+        assert_eq!(header, "", "dry-run writes nothing");
+    }
+
+    // The application's own traceparent is sent alone, and B joins that trace.
+    assert_eq!(String::from_utf8_lossy(&own.body), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    let own_client = spans.iter().find(|s| s.kind == CLIENT && s.attr("url.full").ends_with("/echo/2")).expect("ownctx client span");
+    assert_eq!(own_client.attr("zerotrace.traceparent.outcome"), "request has its own");
+    let own_b = spans.iter().find(|s| s.kind == SERVER && s.attr("url.path") == "/echo/2").expect("B span of ownctx");
+    assert_eq!((own_b.trace_id.as_str(), own_b.parent_span_id.as_str()), ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"));
+
+    // No room in the writer's buffer: nothing written, the request is intact.
+    assert_eq!(full.status, 200);
+    assert_eq!(String::from_utf8_lossy(&full.body), "", "no header when the buffer has no room");
+    let full_client = spans.iter().find(|s| s.kind == CLIENT && s.attr("url.full").ends_with("/echo/3")).expect("full client span");
+    assert_eq!(full_client.attr("zerotrace.traceparent.outcome"), "no room in the write buffer");
+    let full_b = spans.iter().find(|s| s.kind == SERVER && s.attr("url.path") == "/echo/3").expect("B span of full");
+    assert_eq!(full_b.trace_id, f.server("/full/3").trace_id, "still linked through the TCP connection");
+
+    // A chain whose request came with a traceparent: the kernel parsed it, so the headers
+    // A and B write name the caller's trace too.
+    let a4 = spans.iter().find(|s| s.kind == SERVER && s.attr("url.path") == "/chain/4" && s.parent_span_id == p_in).expect("A's span of /chain/4");
+    let chain4: Vec<&RSpan> = spans.iter().filter(|s| s.trace_id == t_in).collect();
+    assert_eq!(chain4.len(), 5, "{chain4:#?}");
+    let a4_client = f.children(a4)[0];
+    let b4_client = f.children(f.children(a4_client)[0])[0];
+    for cs in [a4_client, b4_client] {
+        assert_eq!(cs.attr("zerotrace.traceparent"), format!("00-{t_in}-{}-01", cs.span_id), "{cs:#?}");
+    }
+    if writes {
+        assert_eq!(String::from_utf8_lossy(&joined.body), format!("00-{t_in}-{}-01", b4_client.span_id));
+    }
+
+    assert_eq!(agent.stat("traceparent_injected"), 4, "A->B and B->C of both chains");
+    assert_eq!(agent.stat("traceparent_no_room"), 1);
+    assert_eq!(agent.stat("traceparent_skipped"), 1, "the request with its own header");
+    assert_eq!(agent.stat("traceparent_write_failed"), 0);
+    Ok(())
+}
+
 #[test]
 fn incoming_traceparent_roots_the_tree() -> Result<()> {
     let s = start(GO_NEWEST)?;

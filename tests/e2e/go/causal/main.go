@@ -5,7 +5,9 @@
 // so a test can check that each downstream span sits under the request that caused it.
 //
 // Usage: causal ADDR [DOWNSTREAM_BASE_URL]. Without a downstream it serves /leaf/ only
-// (and /status/); with one, the routes below call DOWNSTREAM/leaf/<route>-<id>.
+// (and /status/); with one, the routes below call DOWNSTREAM/leaf/<route>-<id>. With
+// CAUSAL_TLS_DIR set it serves HTTPS and trusts that certificate as a client (tlsmode.go).
+// Also: causal gencert DIR; causal get URL... (a client of its own).
 package main
 
 import (
@@ -23,7 +25,7 @@ import (
 
 var (
 	down   string
-	client = &http.Client{Timeout: 5 * time.Second}
+	client = httpClient()
 )
 
 // call GETs the downstream path and returns its status code (0 on a transport error).
@@ -203,6 +205,50 @@ func sqlCalls(w http.ResponseWriter, r *http.Request) {
 
 func leaf(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "leaf") }
 
+// echo answers with the traceparent headers the request carried, comma-separated.
+func echo(w http.ResponseWriter, r *http.Request) {
+	fmt.Fprint(w, strings.Join(r.Header.Values("Traceparent"), ","))
+}
+
+// fetch sends req and returns the body (or the error's text).
+func fetch(req *http.Request) string {
+	resp, err := client.Do(req)
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return string(b)
+}
+
+// chain: with a downstream, forward /chain/ID there and answer with what it answered;
+// at the end of the chain, echo.
+func chain(w http.ResponseWriter, r *http.Request) {
+	if down == "" {
+		echo(w, r)
+		return
+	}
+	req, _ := http.NewRequest("GET", down+r.URL.Path, nil)
+	fmt.Fprint(w, fetch(req))
+}
+
+// ownCtx: a request that carries the application's own traceparent.
+func ownCtx(w http.ResponseWriter, r *http.Request) {
+	req, _ := http.NewRequest("GET", down+"/echo/"+idOf(r, "/ownctx/"), nil)
+	req.Header.Set("Traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")
+	fmt.Fprint(w, fetch(req))
+}
+
+// full: a request whose head fills the client's 4096-byte write buffer to 16 bytes short
+// before its headers are written (request line, Host and a long User-Agent).
+func full(w http.ResponseWriter, r *http.Request) {
+	u := down + "/echo/" + idOf(r, "/full/")
+	req, _ := http.NewRequest("GET", u, nil)
+	used := len("GET "+req.URL.RequestURI()+" HTTP/1.1\r\n") + len("Host: "+req.URL.Host+"\r\n") + len("User-Agent: \r\n")
+	req.Header.Set("User-Agent", strings.Repeat("x", 4096-16-used))
+	fmt.Fprint(w, fetch(req))
+}
+
 func status(w http.ResponseWriter, r *http.Request) {
 	code, err := strconv.Atoi(strings.TrimPrefix(r.URL.Path, "/status/"))
 	if err != nil || code < 100 || code > 599 {
@@ -213,13 +259,28 @@ func status(w http.ResponseWriter, r *http.Request) {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: causal ADDR [DOWNSTREAM_BASE_URL]")
+		fmt.Fprintln(os.Stderr, "usage: causal ADDR [DOWNSTREAM_BASE_URL] | gencert DIR | get URL...")
 		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "gencert":
+		if err := genCert(os.Args[2]); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+		return
+	case "get":
+		getAll(os.Args[2:])
+		return
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/leaf/", leaf)
 	mux.HandleFunc("/status/", status)
+	mux.HandleFunc("/echo/", echo)
+	mux.HandleFunc("/chain/", chain)
 	if len(os.Args) > 2 {
+		mux.HandleFunc("/ownctx/", ownCtx)
+		mux.HandleFunc("/full/", full)
 		down = strings.TrimSuffix(os.Args[2], "/")
 		workers()
 		mux.HandleFunc("/sync/", syncCall)
@@ -234,7 +295,7 @@ func main() {
 	}
 	srv := &http.Server{Addr: os.Args[1], Handler: mux}
 	fmt.Println("listening on", os.Args[1])
-	err := srv.ListenAndServe()
+	err := serve(srv)
 	if err != nil && !errors.Is(err, http.ErrServerClosed) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
