@@ -48,8 +48,9 @@ struct Pending {
     ids: Ids,
     /// The request came in plaintext from a TLS connection (https).
     tls: bool,
-    /// The trace the kernel gave the span (see Traces::alias).
+    /// The trace the kernel gave the span and where it came from (see Traces::alias).
     kernel_trace: [u8; 16],
+    kernel_trace_origin: u8,
 }
 
 /// Who made a Go call and when.
@@ -261,10 +262,14 @@ impl Correlator {
 
     /// Where a server span sits: under the incoming traceparent when the request has one,
     /// else under the same-host client span that sent it, else at the root of a new trace.
-    fn server_ids(&mut self, head: &[u8], link_span: u64, kernel_trace: [u8; 16]) -> Ids {
+    fn server_ids(&mut self, head: &[u8], link_span: u64, kernel_trace: [u8; 16], origin: u8) -> Ids {
         if let Some(rp) = traceparent_in(head) {
             let trace_id = self.traces.resolve(rp.trace_id);
-            self.traces.alias(kernel_trace, trace_id);
+            // Only an id the kernel drew for this span alone stands for the incoming trace;
+            // an inherited one is shared with other spans.
+            if origin == zerotrace_common::trace_origin::DRAWN {
+                self.traces.alias(kernel_trace, trace_id);
+            }
             return Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
         }
         let (trace_id, parent) = self.traces.child_of(link_span, kernel_trace);
@@ -439,7 +444,9 @@ impl Correlator {
                     if !p.ids.remote {
                         if let Some(rp) = traceparent_in(&p.bytes) {
                             let trace_id = self.traces.resolve(rp.trace_id);
-                            self.traces.alias(p.kernel_trace, trace_id);
+                            if p.kernel_trace_origin == zerotrace_common::trace_origin::DRAWN {
+                                self.traces.alias(p.kernel_trace, trace_id);
+                            }
                             p.ids = Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
                             let (span, trace) = (p.span_id, p.ids.trace_id);
                             self.traces.remember(span, trace);
@@ -453,7 +460,7 @@ impl Correlator {
             self.stats.pending_full += 1;
             return;
         }
-        let ids = self.server_ids(&r.head, r.link_span, r.trace_id);
+        let ids = self.server_ids(&r.head, r.link_span, r.trace_id, r.trace_origin);
         self.traces.remember(r.span_id, ids.trace_id);
         let p = Pending {
             seq: r.seq,
@@ -467,6 +474,7 @@ impl Correlator {
             ids,
             tls: r.tls,
             kernel_trace: r.trace_id,
+            kernel_trace_origin: r.trace_origin,
         };
         if self.pending.insert(r.conn_id, p).is_some() {
             self.stats.lost_responses += 1;

@@ -133,6 +133,8 @@ pub struct HttpRequest {
     pub trace_id: [u8; 16],
     /// Read in plaintext from a TLS connection.
     pub tls: bool,
+    /// zerotrace_common::trace_origin of `trace_id`.
+    pub trace_origin: u8,
     pub head: Vec<u8>,
 }
 
@@ -250,6 +252,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 link_span: e.link_span,
                 trace_id: e.trace_id,
                 tls: e.tls != 0,
+                trace_origin: e.trace_origin,
                 head: head.to_vec(),
             })
         }
@@ -392,7 +395,8 @@ pub mod record {
             link_span: 0,
             trace_id: [0; 16],
             tls: 0,
-            _pad: [0; 7],
+            trace_origin: 0,
+            _pad: [0; 6],
         };
         let mut v = bytes_of(&e);
         v.extend_from_slice(head);

@@ -15,7 +15,7 @@ use aya::{
     programs::{BtfTracePoint, RawTracePoint, UProbe, uprobe::{UProbeLinkId, UProbeScope}},
 };
 use zerotrace_common::{
-    ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, TargetConfig, COUNTER_SLOTS, bounds,
+    ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, SlotKey, TargetConfig, COUNTER_SLOTS, bounds,
     names,
 };
 
@@ -226,6 +226,13 @@ impl Probes {
                 conns.iter().filter_map(Result::ok).filter(|(_, v)| v.pid == pid).map(|(k, _)| k).collect();
             for k in stale {
                 let _ = conns.remove(&k);
+            }
+        }
+        // Client calls that were in flight when the process went (--inject-traceparent).
+        if let Ok(mut hdrs) = self.map_mut::<BpfHashMap<_, SlotKey, [u64; 2]>>(names::CLIENT_HDR) {
+            let stale: Vec<SlotKey> = hdrs.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
+            for k in stale {
+                let _ = hdrs.remove(&k);
             }
         }
     }

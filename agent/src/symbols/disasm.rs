@@ -95,8 +95,10 @@ pub fn call_base_register(code: &[u8], addr: u64, target: u64, fields: Range<u64
         insns.push(insn);
     }
     let mut info = InstructionInfoFactory::new();
+    // A CALL clobbers every register (Go's ABI has no callee-saved ones).
     let mut writes = |insn: &Instruction, reg: Register| {
-        info.info(insn).used_registers().iter().any(|u| {
+        insn.mnemonic() == Mnemonic::Call
+            || info.info(insn).used_registers().iter().any(|u| {
             u.register().full_register() == reg
                 && matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
         })

@@ -114,6 +114,8 @@ pub enum Counter {
     InjectNoRoom = 18,
     /// Writing into the target failed (nothing was changed).
     InjectFailed = 19,
+    /// `--inject-traceparent=dry-run`: headers that would have been written.
+    InjectDryRun = 20,
 }
 
 pub const COUNTER_SLOTS: u32 = 24;
@@ -236,7 +238,8 @@ pub struct ConnState {
     /// 1: the connection speaks HTTP/2 (its first bytes were the client preface): not
     /// followed (HTTP/2 has no request/response phases on the wire).
     pub h2: u8,
-    pub _pad1: u8,
+    /// Injection on: the current request's traceparent was found (SPAN_TRACE has its trace).
+    pub trace_in: u8,
     /// Bytes of the current request captured so far (a head split over reads is
     /// captured until the capture size is reached).
     pub captured: u32,
@@ -394,7 +397,19 @@ pub struct HttpRequestEvent {
     pub trace_id: [u8; 16],
     /// 1: read in plaintext from a TLS connection.
     pub tls: u8,
-    pub _pad: [u8; 7],
+    /// Where `trace_id` comes from (`trace_origin`; 0 in later pieces of a head).
+    pub trace_origin: u8,
+    pub _pad: [u8; 6],
+}
+
+/// Where the kernel's trace id of a span comes from.
+pub mod trace_origin {
+    /// Drawn at random: the span starts a trace, as far as the kernel knows.
+    pub const DRAWN: u8 = 1;
+    /// The parent's (a same-host client's) trace.
+    pub const INHERITED: u8 = 2;
+    /// An incoming traceparent the kernel read (injection on).
+    pub const INCOMING: u8 = 3;
 }
 
 /// Largest HTTP request record: header plus the maximal capture.

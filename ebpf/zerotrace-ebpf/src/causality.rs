@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, generated::bpf_loop},
     maps::HashMap,
 };
-use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, ctx_origin, phase};
+use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, ctx_origin, phase, trace_origin};
 
 use crate::{
     maps::{CONNS, GO_CTX, SPAN_TRACE, settings},
@@ -59,7 +59,7 @@ const TP_NAME: &[u8; 13] = b"\ntraceparent:";
 /// The trace id of a `traceparent` header in the `len` captured head bytes at `head`
 /// (version 00, lower- or upper-case hex), if there is one. Only used with injection on:
 /// the header a request carries names the trace its outgoing requests must name.
-/// `head` must have at least TRACEPARENT_SCAN + 64 readable bytes. The scan runs in
+/// `head` must have at least TRACEPARENT_SCAN + 72 readable bytes. The scan runs in
 /// bpf_loop (verified once, not once per byte: inline, it made the socket program too
 /// complex for the verifier).
 #[inline(always)]
@@ -76,7 +76,7 @@ pub fn incoming_trace(head: *const u8, len: u32) -> Option<[u8; 16]> {
     // The mask repeats the bound in a form the verifier keeps (TRACEPARENT_SCAN is a
     // power of two).
     let i = (at - 1) & (TRACEPARENT_SCAN as u64 - 1);
-    // SAFETY: i < TRACEPARENT_SCAN; trace_after reads at most 50 bytes past it.
+    // SAFETY: i < TRACEPARENT_SCAN; trace_after reads at most 72 bytes past it.
     trace_after(unsafe { head.add(i as usize + 13) })
 }
 
@@ -96,8 +96,8 @@ extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
     if i >= TRACEPARENT_SCAN as u64 {
         return 1;
     }
-    // Name, up to two blanks, "00-" and 32 hex digits must fit.
-    if i + 13 + 2 + 3 + 32 > s.len as u64 {
+    // The name and a whole value ("00-" 32 "-" 16 "-" 2) must fit.
+    if i + 13 + 55 > s.len as u64 {
         return 1;
     }
     // SAFETY: i < TRACEPARENT_SCAN; name_at reads 13 bytes.
@@ -120,6 +120,9 @@ fn name_at(p: *const u8) -> bool {
     true
 }
 
+/// Parses the value after "traceparent:" as the agent's `RemoteParent::parse` does:
+/// version (two lower-case hex digits, not ff), trace id (32, not all zero), parent id (16,
+/// not all zero), flags (2).
 #[inline(always)]
 fn trace_after(mut q: *const u8) -> Option<[u8; 16]> {
     for _ in 0..2 {
@@ -129,25 +132,31 @@ fn trace_after(mut q: *const u8) -> Option<[u8; 16]> {
             q = unsafe { q.add(1) };
         }
     }
-    // SAFETY: see incoming_trace.
-    if unsafe { (*q, *q.add(1), *q.add(2)) } != (b'0', b'0', b'-') {
+    // SAFETY (all reads below): see incoming_trace; at most 70 bytes past the name's start.
+    let at = |k: usize| unsafe { *q.add(k) };
+    let version = (hex(at(0))?, hex(at(1))?);
+    if version == (15, 15) || at(2) != b'-' || at(35) != b'-' || at(52) != b'-' {
         return None;
     }
     let mut t = [0u8; 16];
     for k in 0..16 {
-        // SAFETY: see incoming_trace.
-        let (hi, lo) = unsafe { (hex(*q.add(3 + 2 * k))?, hex(*q.add(4 + 2 * k))?) };
-        t[k] = hi << 4 | lo;
+        t[k] = hex(at(3 + 2 * k))? << 4 | hex(at(4 + 2 * k))?;
     }
-    (t != [0; 16]).then_some(t)
+    let mut span = 0u64;
+    for k in 0..16 {
+        span = span << 4 | hex(at(36 + k))? as u64;
+    }
+    hex(at(53))?;
+    hex(at(54))?;
+    (t != [0; 16] && span != 0).then_some(t)
 }
 
+/// A lower-case hex digit (W3C trace context allows no upper case).
 #[inline(always)]
 fn hex(c: u8) -> Option<u8> {
     match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
         _ => None,
     }
 }
@@ -155,17 +164,17 @@ fn hex(c: u8) -> Option<u8> {
 /// The trace of a new span whose parent is `parent` (0: none): the parent's trace when the
 /// kernel knows it, else a new one. With injection on, remembered for the span's children.
 #[inline(always)]
-pub fn trace_for(span: u64, parent: u64) -> [u8; 16] {
+pub fn trace_for(span: u64, parent: u64) -> ([u8; 16], u8) {
     let known = if parent != 0 { SPAN_TRACE.get_ptr(&parent) } else { None };
     // SAFETY: map value pointer, copied at once.
-    let trace = match known {
-        Some(t) => unsafe { *t },
-        None => new_trace_id(),
+    let (trace, origin) = match known {
+        Some(t) => (unsafe { *t }, trace_origin::INHERITED),
+        None => (new_trace_id(), trace_origin::DRAWN),
     };
     if injecting() {
         let _ = SPAN_TRACE.insert(&span, &trace, 0);
     }
-    trace
+    (trace, origin)
 }
 
 #[inline(always)]

@@ -3,6 +3,8 @@
 //! uretprobe). During the call the client span is the calling goroutine's own context, so
 //! the goroutines that write the request (Transport's writeLoop, reached over a channel)
 //! carry it to the socket, where a server on this host can link to it.
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
+
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{
     Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets, SlotKey,
@@ -22,10 +24,13 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let (span, parent, prev) = enter_own(&k);
     let req = r.rbx;
-    let hdr_map = if injecting() { offer_header(k.pid, go, req, span) } else { 0 };
+    let hdr_map = if injecting() { go_ptr(req, go.request_header) } else { 0 };
     if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev, header: hdr_map }, 0).is_err() {
         count(Counter::GoRequestsFull);
         return 0;
+    }
+    if hdr_map != 0 {
+        offer_header(k.pid, hdr_map, span);
     }
     set_own(&k, span);
 
@@ -41,7 +46,7 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
         (*e).goid = k.goid;
         (*e).span_id = span;
         (*e).parent_span = parent;
-        (*e).trace_id = trace_for(span, parent);
+        (*e).trace_id = trace_for(span, parent).0;
         for s in [&mut (*e).method, &mut (*e).scheme, &mut (*e).url_host, &mut (*e).path] {
             s.len = 0;
             s.kept = 0;
@@ -70,7 +75,7 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
     let Some(st) = take_call(&GO_CLIENTS, &k) else { return 0 };
     leave_own(&k, &st.prev);
     if st.header != 0 {
-        withdraw_header(k.pid, st.header, st.span_id);
+        withdraw_header(k.pid, st.header);
     }
     let resp = r.rax;
     let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE {
@@ -91,30 +96,38 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
     0
 }
 
-/// `--inject-traceparent`: the call's request Header map now names its span (for
-/// go_inject at `(*Request).write`). Two calls in flight with the same map name none.
-/// Returns the map's address (0: the request has no Header map).
+/// `--inject-traceparent`: the call's request Header map `h` now names its span (for
+/// go_inject at `(*Request).write`), unless another call in flight uses the same map: then
+/// it names none until every such call returned.
 #[inline(always)]
-fn offer_header(pid: u32, go: &GoOffsets, req: u64, span: u64) -> u64 {
-    let h = go_ptr(req, go.request_header);
-    if h == 0 {
-        return 0;
-    }
+fn offer_header(pid: u32, h: u64, span: u64) {
     let key = SlotKey { pid, _pad: 0, addr: h };
-    if CLIENT_HDR.insert(&key, &span, 1).is_err() {
-        let _ = CLIENT_HDR.insert(&key, &0, 0);
+    if CLIENT_HDR.get_ptr_mut(&key).is_none() && CLIENT_HDR.insert(&key, &[span, 1], 1).is_ok() {
+        return;
     }
-    h
+    if let Some(v) = CLIENT_HDR.get_ptr_mut(&key) {
+        // SAFETY: map value pointer; the count is updated atomically (other CPUs may race).
+        unsafe {
+            (*v)[0] = 0;
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut (*v)[1], 1);
+        }
+    }
 }
 
-/// The call returned: its Header map no longer names it.
+/// The call returned: one call fewer uses its Header map; the last one removes the entry.
 #[inline(always)]
-fn withdraw_header(pid: u32, h: u64, span: u64) {
+fn withdraw_header(pid: u32, h: u64) {
     let key = SlotKey { pid, _pad: 0, addr: h };
-    // SAFETY: map value pointer, copied at once.
-    if let Some(v) = CLIENT_HDR.get_ptr(&key).map(|p| unsafe { *p }) {
-        if v == span || v == 0 {
-            let _ = CLIENT_HDR.remove(&key);
-        }
+    let Some(v) = CLIENT_HDR.get_ptr_mut(&key) else { return };
+    // SAFETY: map value pointer, counted atomically (core's AtomicU64 has no
+    // read-modify-write on the BPF target; the intrinsic is BPF's atomic add, whose result
+    // cannot be used on the instruction set we build for: the count is read after it).
+    // Whoever sees 0 removes the entry; a call entering meanwhile just gets no header.
+    let left = unsafe {
+        atomic_xsub::<u64, u64, { AtomicOrdering::Relaxed }>(&mut (*v)[1], 1);
+        core::ptr::read_volatile(&(*v)[1])
+    };
+    if left == 0 || left > u32::MAX as u64 {
+        let _ = CLIENT_HDR.remove(&key);
     }
 }

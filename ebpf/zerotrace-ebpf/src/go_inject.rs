@@ -47,7 +47,7 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
     let Some(cfg) = target(pid) else { return 0 };
     let r = regs(&ctx);
     // SAFETY: map value pointer, copied at once.
-    let Some(span) = CLIENT_HDR.get_ptr(&SlotKey { pid, _pad: 0, addr: r.rax }).map(|p| unsafe { *p }) else { return 0 };
+    let Some(span) = CLIENT_HDR.get_ptr(&SlotKey { pid, _pad: 0, addr: r.rax }).map(|p| unsafe { (*p)[0] }) else { return 0 };
     if span == 0 {
         // One Header map, two calls in flight: neither is named.
         count(Counter::InjectSkipped);
@@ -60,7 +60,8 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
         None => inject_outcome::UNCHECKED,
     };
     count(match outcome {
-        inject_outcome::WRITTEN | inject_outcome::DRY_RUN => Counter::Injected,
+        inject_outcome::WRITTEN => Counter::Injected,
+        inject_outcome::DRY_RUN => Counter::InjectDryRun,
         inject_outcome::NO_ROOM => Counter::InjectNoRoom,
         inject_outcome::FAILED => Counter::InjectFailed,
         _ => Counter::InjectSkipped,

@@ -8,7 +8,7 @@
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
     ClientLink, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
-    HttpResponseEvent, bounds, phase,
+    HttpResponseEvent, bounds, phase, trace_origin,
 };
 
 use crate::{
@@ -31,7 +31,17 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role != ConnRole::Server as u8 {
-        // TLS clients are followed in plaintext (go_tls.rs): a handshake record is no request.
+        // TLS clients are followed in plaintext (go_tls.rs): a handshake or other record is
+        // no request, and without plaintext hooks a TLS client makes no offers at all
+        // (its handshake is sent by whichever goroutine dialled).
+        if conn.tls == 0 && conn.phase != phase::REQUEST {
+            let (buf, _) = send_buffer::<A>();
+            if buf != 0 && is_tls_record(buf) {
+                conn.tls = 1;
+                conn.phase = phase::IDLE;
+                return Some(());
+            }
+        }
         if conn.tls == 0 {
             client_send(conn);
         }
@@ -293,7 +303,8 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, gorouti
         (*ev).link_span = 0;
         (*ev).trace_id = [0; 16];
         (*ev).tls = conn.tls;
-        (*ev)._pad = [0; 7];
+        (*ev).trace_origin = 0;
+        (*ev)._pad = [0; 6];
         if conn.captured == 0 {
             if let Some(l) = CLIENT_LINK.get_ptr(&conn.flow) {
                 (*ev).link_span = (*l).span_id;
@@ -302,13 +313,26 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, gorouti
             // With injection on, an incoming traceparent decides the trace here already (the
             // agent decides it too, but only later): outgoing requests must name it.
             let incoming = if injecting() { incoming_trace(buf.add(REQ_HDR), captured) } else { None };
+            conn.trace_in = incoming.is_some() as u8;
             (*ev).trace_id = match incoming {
                 Some(t) => {
                     remember_trace(conn.span_id, &t);
+                    (*ev).trace_origin = trace_origin::INCOMING;
                     t
                 }
-                None => trace_for(conn.span_id, (*ev).link_span),
+                None => {
+                    let (t, origin) = trace_for(conn.span_id, (*ev).link_span);
+                    (*ev).trace_origin = origin;
+                    t
+                }
             };
+        } else if conn.trace_in == 0 && injecting() {
+            // A head that came in pieces: its traceparent may be in this one (the handler, and
+            // so any outgoing request, starts only once the head is complete).
+            if let Some(t) = incoming_trace(buf.add(REQ_HDR), captured) {
+                remember_trace(conn.span_id, &t);
+                conn.trace_in = 1;
+            }
         }
     }
     conn.captured += captured;

@@ -3,6 +3,8 @@
 #![no_std]
 #![no_main]
 #![allow(static_mut_refs)]
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod causality;
 mod go_client;

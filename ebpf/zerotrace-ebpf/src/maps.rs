@@ -75,10 +75,11 @@ pub static RECV_SENDER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096
 pub static SPAN_TRACE: LruHashMap<u64, [u8; 16]> = LruHashMap::with_max_entries(bounds::MAX_SPAN_TRACES, 0);
 
 /// With `--inject-traceparent` only: client calls in flight by their request's Header map
-/// (the one `(*Request).write` hands to `Header.writeSubset`) -> the client span. A Header
-/// map shared by two calls in flight maps to 0: neither gets a header.
+/// (the one `(*Request).write` hands to `Header.writeSubset`) -> [client span, calls in
+/// flight with this map]. A map shared by calls in flight has span 0 until all of them
+/// returned: none of them gets a header.
 #[map]
-pub static CLIENT_HDR: HashMap<SlotKey, u64> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+pub static CLIENT_HDR: HashMap<SlotKey, [u64; 2]> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
 
 /// Per-CPU counters, indexed by zerotrace_common::Counter.
 #[map]

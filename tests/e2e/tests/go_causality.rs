@@ -540,7 +540,8 @@ fn check_injection(version: &str) -> Result<()> {
         assert_eq!(String::from_utf8_lossy(&joined.body), format!("00-{t_in}-{}-01", b4_client.span_id));
     }
 
-    assert_eq!(agent.stat("traceparent_injected"), 4, "A->B and B->C of both chains");
+    let decided = if writes { "traceparent_injected" } else { "traceparent_dry_run" };
+    assert_eq!(agent.stat(decided), 4, "A->B and B->C of both chains");
     assert_eq!(agent.stat("traceparent_no_room"), 1);
     assert_eq!(agent.stat("traceparent_skipped"), 1, "the request with its own header");
     assert_eq!(agent.stat("traceparent_write_failed"), 0);
