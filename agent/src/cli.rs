@@ -25,6 +25,40 @@ pub enum Command {
     Doctor,
     /// Attach to running processes and trace them until SIGINT/SIGTERM.
     Run(RunArgs),
+    /// Trace processes and watch their traces live in the terminal, as trees (or JSON, one
+    /// span per line). Takes every `run` option; exports over OTLP only when an endpoint
+    /// or exporter is given.
+    Tail(TailArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TailArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Only traces with a span of this service (repeat for several).
+    #[arg(long, value_name = "NAME")]
+    pub service: Vec<String>,
+    /// Only traces with a span whose name matches this glob (e.g. 'GET /users/*').
+    #[arg(long, value_name = "GLOB")]
+    pub name: Option<String>,
+    /// Only traces with a span at least this long (e.g. 50ms).
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    pub min_duration: Option<std::time::Duration>,
+    /// Only traces with an error span.
+    #[arg(long)]
+    pub errors: bool,
+    /// Only the trace whose id starts with this (hex).
+    #[arg(long, value_name = "HEX")]
+    pub trace_id: Option<String>,
+    /// Only traces with a span that has attribute K equal to V (repeat: all must hold).
+    #[arg(long, value_name = "K=V")]
+    pub attr: Vec<String>,
+    /// One JSON object per span instead of trees (fields: see README).
+    #[arg(long)]
+    pub json: bool,
+    /// Longest wait for a trace's root span before the trace is printed anyway.
+    #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
+    pub wait: std::time::Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -30,19 +30,30 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let env = |k: &str| std::env::var(k).ok();
-            let settings = match settings::resolve(&args, &env) {
-                Ok(s) => s,
-                Err(e) => return fail(&e),
-            };
-            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => return fail(&e),
-            };
-            match rt.block_on(run::run(settings)) {
-                Ok(()) => ExitCode::SUCCESS,
+            match settings::resolve(&args, &env) {
+                Ok(s) => run_agent(s),
                 Err(e) => fail(&e),
             }
         }
+        Command::Tail(args) => {
+            let env = |k: &str| std::env::var(k).ok();
+            let color = std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none();
+            match settings::resolve_tail(&args, &env, color) {
+                Ok(s) => run_agent(s),
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn run_agent(settings: settings::RunSettings) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match rt.block_on(run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
     }
 }
 

@@ -15,7 +15,7 @@ use crate::{
     cli::{Exporter, GoHttpProbes},
     correlate::{Clock, Correlator},
     events::reader::EventReader,
-    export::{ExportStats, otlp::{OtlpExport, Resources, resource}, print, resource::{AttrValue, attributes}},
+    export::{ExportStats, otlp::{OtlpExport, Resources, resource}, print, resource::{AttrValue, attributes}, tail::Tail},
     model::{Target, proc, sockdiag},
     probes::{self, Probes, features, go},
     settings::RunSettings,
@@ -53,6 +53,8 @@ pub enum RunError {
 /// A traced process while it is traced.
 struct Traced {
     service: String,
+    /// The same, shared with the tail's spans.
+    service_name: Arc<str>,
     /// When the temporary catch-up probe (for connections older than the agent) went on,
     /// and the socket inodes of those connections still waiting for it.
     catch_up_since: Option<Instant>,
@@ -139,7 +141,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         if !target.layout.absent.is_empty() {
             tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
         }
-        traced.insert(pid, Traced { service, catch_up_since: catch_up.then(Instant::now), catch_up_inodes: existing });
+        traced.insert(pid, Traced { service_name: Arc::from(service.as_str()), service, catch_up_since: catch_up.then(Instant::now), catch_up_inodes: existing });
     }
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
@@ -148,17 +150,18 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut last_stats = Instant::now();
     let mut spans: Vec<Span> = Vec::with_capacity(1024);
     let started = Instant::now();
+    let mut tail = s.tail.clone().map(Tail::new);
 
     loop {
         tokio::select! {
             _ = reader.wait(DRAIN_TICK) => {
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut());
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             Some(pid) = exit_rx.recv() => {
                 // Finish what the process sent before it went away.
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut());
                 probes.remove_target(pid);
                 correlator.forget_pid(pid);
                 traced.remove(&pid);
@@ -189,7 +192,10 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     for pid in traced.keys().copied().collect::<Vec<_>>() {
         probes.remove_target(pid);
     }
-    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref());
+    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut());
+    if let Some(t) = tail.as_mut() {
+        print::print(&t.flush());
+    }
     let kernel = probes.counters();
     drop(probes);
     if let Some(e) = export {
@@ -213,8 +219,19 @@ fn pump(
     s: &RunSettings,
     traced: &HashMap<u32, Traced>,
     export: Option<&OtlpExport>,
+    tail: Option<&mut Tail>,
 ) {
     reader.drain(|ev| correlator.on_event(ev, spans));
+    if let Some(t) = tail {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for sp in spans.iter() {
+            let service = traced.get(&sp.pid).map_or_else(|| Arc::<str>::from("?"), |t| t.service_name.clone());
+            out.extend(t.offer(sp, &service, now));
+        }
+        out.extend(t.due(now));
+        print::print(&out);
+    }
     if spans.is_empty() {
         return;
     }
@@ -293,6 +310,7 @@ fn counters_list<'a>(
         ("client_links_offered", k(Counter::ClientLinks)),
         ("server_requests_linked_kernel", k(Counter::ServerLinked)),
         ("traceparent_injected", k(Counter::Injected)),
+        ("traceparent_dry_run", k(Counter::InjectDryRun)),
         ("traceparent_skipped", k(Counter::InjectSkipped)),
         ("traceparent_no_room", k(Counter::InjectNoRoom)),
         ("traceparent_write_failed", k(Counter::InjectFailed)),

@@ -24,6 +24,8 @@ pub struct ExportSettings {
 pub struct RunSettings {
     pub pids: Vec<u32>,
     pub print: bool,
+    /// `zerotrace tail`: traces as trees (or JSON) on stdout.
+    pub tail: Option<crate::export::tail::TailSettings>,
     pub export: ExportSettings,
     /// --service-name: service.name of every target, over anything else.
     pub service_name: Option<String>,
@@ -60,6 +62,47 @@ fn invalid(key: &'static str, value: &str, expected: &'static str) -> SettingsEr
 /// First variable of `keys` that is set (and not empty).
 fn first(env: &dyn Fn(&str) -> Option<String>, keys: &[&'static str]) -> Option<(&'static str, String)> {
     keys.iter().find_map(|k| env(k).filter(|v| !v.trim().is_empty()).map(|v| (*k, v.trim().to_owned())))
+}
+
+/// `zerotrace tail`: the run settings (exporting only when an exporter or an OTLP endpoint
+/// is given, by flag or environment) plus what to show and how.
+pub fn resolve_tail(args: &crate::cli::TailArgs, env: &dyn Fn(&str) -> Option<String>, color: bool) -> Result<RunSettings, SettingsError> {
+    let mut run = args.run.clone();
+    let endpoint_env = first(env, &["OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]).is_some();
+    if run.exporter.is_none() && run.otlp_endpoint.is_none() && !endpoint_env {
+        run.exporter = Some(Exporter::None);
+    }
+    run.print = false;
+    let mut s = resolve(&run, env)?;
+    let name = match &args.name {
+        Some(g) => Some(glob::Pattern::new(g).map_err(|e| invalid("--name", g, leak(format!("a glob ({e})"))))?),
+        None => None,
+    };
+    let mut attrs = Vec::new();
+    for a in &args.attr {
+        let (k, v) = a.split_once('=').filter(|(k, _)| !k.is_empty()).ok_or_else(|| invalid("--attr", a, "K=V"))?;
+        attrs.push((k.to_owned(), v.to_owned()));
+    }
+    let trace_id = match &args.trace_id {
+        Some(t) if !t.is_empty() && t.len() <= 32 && t.bytes().all(|c| c.is_ascii_hexdigit()) => Some(t.to_ascii_lowercase()),
+        Some(t) => return Err(invalid("--trace-id", t, "up to 32 hex digits")),
+        None => None,
+    };
+    let filter = crate::export::tail::Filter {
+        services: args.service.clone(),
+        name,
+        min_duration: args.min_duration,
+        errors: args.errors,
+        trace_id,
+        attrs,
+    };
+    s.tail = Some(crate::export::tail::TailSettings { filter, wait: args.wait, json: args.json, color: color && !args.json });
+    Ok(s)
+}
+
+/// A message built at run time where a static one is expected (settings errors, once).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<RunSettings, SettingsError> {
@@ -121,6 +164,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     Ok(RunSettings {
         pids: args.pids.clone(),
         print: args.print,
+        tail: None,
         export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },
         service_name,
         env_service_name,

@@ -1,8 +1,10 @@
 //! The end of the pipeline: finished spans go to OTLP (batched, bounded, retried) and, with
-//! `--print`, to stdout. This is the only module that knows OpenTelemetry types.
+//! `--print`, to stdout, or as trace trees with `zerotrace tail`. This is the only module
+//! that knows OpenTelemetry types.
 pub mod otlp;
 pub mod print;
 pub mod resource;
+pub mod tail;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

@@ -1,5 +1,5 @@
-//! The agent under test: `zerotrace run` as a child process, ready once it says it traces
-//! every PID, stopped with SIGINT like a user would.
+//! The agent under test: `zerotrace run` (or `tail`) as a child process, ready once it says
+//! it traces every PID, stopped with SIGINT like a user would.
 use std::{
     path::PathBuf,
     process::{Command, ExitStatus},
@@ -21,7 +21,12 @@ pub struct Agent {
 impl Agent {
     /// `zerotrace run --pid ...` plus `extra` args and environment; waits until attached.
     pub fn start(pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
-        let mut a = Self::spawn(pids, extra, env)?;
+        Self::start_as("run", pids, extra, env)
+    }
+
+    /// `zerotrace SUBCOMMAND --pid ...` (run or tail); waits until attached.
+    pub fn start_as(subcommand: &str, pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+        let mut a = Self::spawn_as(subcommand, pids, extra, env)?;
         for pid in pids {
             let needle = format!("tracing pid={pid} ");
             let r = crate::proc::wait_until(&format!("the agent to attach to {pid}"), Duration::from_secs(60), || {
@@ -37,11 +42,15 @@ impl Agent {
 
     /// Spawns without waiting (for tests of failures).
     pub fn spawn(pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+        Self::spawn_as("run", pids, extra, env)
+    }
+
+    fn spawn_as(subcommand: &str, pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
         let n = SEQ.fetch_add(1, Ordering::SeqCst);
         let stats_file = tools::work_dir().join("logs").join(format!("agent-{}-{n}.stats.json", std::process::id()));
         let _ = std::fs::remove_file(&stats_file);
         let mut cmd = Command::new(tools::zerotrace_bin()?);
-        cmd.arg("run");
+        cmd.arg(subcommand);
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }
@@ -57,12 +66,14 @@ impl Agent {
         Ok(Agent { proc, stats_file })
     }
 
-    /// SIGINT, then wait (the agent flushes for at most 10 s).
+    /// SIGINT, then wait: the agent flushes for at most 10 s, and the kernel removes uprobes
+    /// one at a time, each after a grace period (~0.1 s here, more on a loaded machine:
+    /// about 45 per Go process), so two or three targets take several seconds.
     pub fn stop(&mut self) -> Result<ExitStatus> {
         self.proc.signal(libc::SIGINT);
-        match self.proc.wait_timeout(Duration::from_secs(20)) {
+        match self.proc.wait_timeout(Duration::from_secs(45)) {
             Some(st) => Ok(st),
-            None => bail!("agent did not exit within 20 s of SIGINT; stderr:\n{}", self.proc.stderr_text()),
+            None => bail!("agent did not exit within 45 s of SIGINT; stderr:\n{}", self.proc.stderr_text()),
         }
     }
 
