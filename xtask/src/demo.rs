@@ -1,6 +1,6 @@
 //! `cargo xtask demo`: builds the agent and the demo shop (two Go services and a load
-//! generator), starts them, attaches zerotrace to both services by PID and prints every
-//! span live. OTLP export is optional (--otlp URL, or OTEL_EXPORTER_OTLP_ENDPOINT). Ctrl-C
+//! generator), starts them, attaches `zerotrace tail` to both services by PID and prints
+//! every request's trace tree live. OTLP export is optional (--otlp URL, or OTEL_EXPORTER_OTLP_ENDPOINT). Ctrl-C
 //! stops everything: load first, then the agent (which flushes and detaches), then the
 //! services.
 use std::{
@@ -93,14 +93,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     let otlp = a.otlp.clone().or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
     let mut cmd = Command::new(&agent_bin);
-    cmd.args(["run", "--print", "--pid", &catalog.id().to_string(), "--pid", &frontend.id().to_string()]);
+    // `tail`: each request as a trace tree (frontend -> catalog), as a user would watch it.
+    cmd.args(["tail", "--pid", &catalog.id().to_string(), "--pid", &frontend.id().to_string()]);
     match &otlp {
         Some(url) => {
-            step(format!("attaching zerotrace to both services; spans below and to OTLP at {url}"));
+            step(format!("attaching zerotrace to both services; trace trees below and spans to OTLP at {url}"));
             cmd.args(["--otlp-endpoint", url]);
         }
         None => {
-            step("attaching zerotrace to both services; spans below (add --otlp URL to also export them)");
+            step("attaching zerotrace to both services; trace trees below (add --otlp URL to also export them)");
             cmd.args(["--exporter", "none"]);
         }
     }
