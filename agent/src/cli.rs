@@ -107,8 +107,14 @@ pub enum Inject {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Process to trace (repeat for several). It keeps running; nothing in it changes.
-    #[arg(long = "pid", required = true, value_name = "PID")]
+    #[arg(long = "pid", required_unless_present = "exe", value_name = "PID")]
     pub pids: Vec<u32>,
+
+    /// Trace every Go process whose executable (full path or file name) matches this glob:
+    /// those running now and those started later (attached at their exec; a restarted
+    /// process is picked up again). Repeat for several.
+    #[arg(long = "exe", value_name = "GLOB")]
+    pub exe: Vec<String>,
 
     /// Also print each finished span as one line on stdout.
     #[arg(long)]

@@ -92,57 +92,20 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
     let mut traced: HashMap<u32, Traced> = HashMap::new();
 
+    let mut ctx = AttachCtx { s: &s, resources: &resources, exit_tx: exit_tx.clone() };
     for (target, exe) in &targets {
-        let pid = target.pid;
-        let attrs = attributes(target, s.service_name.as_deref(), s.env_service_name.as_deref(), &s.resource_attrs);
-        let service = match &attrs[0].1 {
-            AttrValue::Str(v) => v.clone(),
-            AttrValue::Int(_) => target.exe_name.clone(),
-        };
-        resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
-        // Server sockets are those on ports the process listens on (kept fresh below).
-        probes.set_listening(pid, &proc::listening_ports(pid, sockdiag::listening().ok().as_deref()))?;
-        let tls = go::tls_plan(target, exe, s.go_tls);
-        probes.add_target(pid, &go::target_config(target, tls.as_ref()))?;
-        // Connections accepted before zerotrace started are picked up at their next request;
-        // their Go connection is learnt by a temporary probe on (*conn).readRequest.
-        let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
-        let catch_up = s.go_http_probes == GoHttpProbes::Conn && !existing.is_empty();
-        let open_path = proc::exe_open_path(pid);
-        let mut report = go::attach_http(&mut probes, target, exe, &open_path, s.go_http_probes, catch_up)
-            .map_err(|source| RunError::Attach { pid, source })?;
-        go::attach_causality(&mut probes, target, exe, &open_path, &s.go_causality, &mut report)
-            .map_err(|source| RunError::Attach { pid, source })?;
-        if let Some(sites) = &tls {
-            go::attach_tls(&mut probes, target, exe, &open_path, sites, &mut report).map_err(|source| RunError::Attach { pid, source })?;
-        }
-        if s.kernel.inject != crate::cli::Inject::Off {
-            go::attach_inject(&mut probes, target, exe, &open_path, &mut report).map_err(|source| RunError::Attach { pid, source })?;
-        }
-        watch_exit(pid, exit_tx.clone());
-        tracing::info!(
-            pid,
-            exe = %target.exe_path.display(),
-            go = %target.build.go_version,
-            offsets = target.layout.source,
-            uprobes = report.uprobes,
-            client_spans = report.client,
-            sql_spans = report.sql,
-            spawns = report.spawns,
-            channels = report.channels,
-            https = report.tls,
-            inject_traceparent = report.inject,
-            existing_connections = existing.len(),
-            mode = ?s.go_http_probes,
-            hooks = probes.hooks,
-            "tracing"
-        );
-        tracing::debug!(pid, offsets = ?target.layout.offsets, tcpconn = ?target.layout.type_tcpconn, response = ?target.layout.type_response, "Go layout");
-        if !target.layout.absent.is_empty() {
-            tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
-        }
-        traced.insert(pid, Traced { service_name: Arc::from(service.as_str()), service, catch_up_since: catch_up.then(Instant::now), catch_up_inodes: existing });
+        let t = attach_target(&mut probes, &mut ctx, target, exe)?;
+        traced.insert(target.pid, t);
     }
+    let discover = Discover::new(&s.exe_globs);
+    if let Some(d) = &discover {
+        probes.watch_execs()?;
+        for pid in d.running(&traced) {
+            try_discovered(&mut probes, &mut ctx, &mut traced, d, pid);
+        }
+        tracing::info!(exe = ?s.exe_globs.iter().map(|g| g.as_str()).collect::<Vec<_>>(), traced = traced.len(), "discovering processes whose executable matches");
+    }
+    let mut execs: Vec<u32> = Vec::new();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
@@ -155,18 +118,32 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     loop {
         tokio::select! {
             _ = reader.wait(DRAIN_TICK) => {
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs);
+                if let Some(d) = &discover {
+                    for pid in execs.drain(..) {
+                        // A traced process that exec'd runs another program now.
+                        if traced.remove(&pid).is_some() {
+                            probes.remove_target(pid);
+                            correlator.forget_pid(pid);
+                            tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
+                        }
+                        try_discovered(&mut probes, &mut ctx, &mut traced, d, pid);
+                    }
+                }
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             Some(pid) = exit_rx.recv() => {
+                if !traced.contains_key(&pid) {
+                    continue;
+                }
                 // Finish what the process sent before it went away.
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs);
                 probes.remove_target(pid);
                 correlator.forget_pid(pid);
                 traced.remove(&pid);
                 tracing::info!(pid, remaining = traced.len(), "traced process exited; stopped tracing it");
-                if traced.is_empty() {
+                if traced.is_empty() && discover.is_none() {
                     tracing::info!("every traced process has exited");
                     break;
                 }
@@ -192,7 +169,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     for pid in traced.keys().copied().collect::<Vec<_>>() {
         probes.remove_target(pid);
     }
-    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut());
+    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs);
     if let Some(t) = tail.as_mut() {
         print::print(&t.flush());
     }
@@ -220,8 +197,12 @@ fn pump(
     traced: &HashMap<u32, Traced>,
     export: Option<&OtlpExport>,
     tail: Option<&mut Tail>,
+    execs: &mut Vec<u32>,
 ) {
-    reader.drain(|ev| correlator.on_event(ev, spans));
+    reader.drain(|ev| match ev {
+        crate::events::Event::ProcExec { pid } => execs.push(pid),
+        other => correlator.on_event(other, spans),
+    });
     if let Some(t) = tail {
         let now = Instant::now();
         let mut out = Vec::new();
@@ -347,4 +328,129 @@ fn stats_json(kernel: &[u64; zerotrace_common::COUNTER_SLOTS as usize], reader: 
     }
     s.push_str(&format!("\"uptime_ms\":{}}}", uptime.as_millis()));
     s
+}
+
+/// What attaching a target needs besides the probes.
+struct AttachCtx<'a> {
+    s: &'a RunSettings,
+    resources: &'a Resources,
+    exit_tx: mpsc::UnboundedSender<u32>,
+}
+
+/// Starts tracing one inspected process: its resource, its kernel configuration, its
+/// uprobes, a watch on its exit.
+fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, exe: &crate::symbols::Executable) -> Result<Traced, RunError> {
+    let s = ctx.s;
+    let pid = target.pid;
+    let attrs = attributes(target, s.service_name.as_deref(), s.env_service_name.as_deref(), &s.resource_attrs);
+    let service = match &attrs[0].1 {
+        AttrValue::Str(v) => v.clone(),
+        AttrValue::Int(_) => target.exe_name.clone(),
+    };
+    ctx.resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
+    // Server sockets are those on ports the process listens on (kept fresh below).
+    probes.set_listening(pid, &proc::listening_ports(pid, sockdiag::listening().ok().as_deref()))?;
+    let tls = go::tls_plan(target, exe, s.go_tls);
+    probes.add_target(pid, &go::target_config(target, tls.as_ref()))?;
+    // Connections accepted before zerotrace started are picked up at their next request;
+    // their Go connection is learnt by a temporary probe on (*conn).readRequest.
+    let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
+    let catch_up = s.go_http_probes == GoHttpProbes::Conn && !existing.is_empty();
+    let open_path = proc::exe_open_path(pid);
+    let attach = |probes: &mut Probes| -> Result<go::AttachReport, go::AttachError> {
+        let mut report = go::attach_http(probes, target, exe, &open_path, s.go_http_probes, catch_up)?;
+        go::attach_causality(probes, target, exe, &open_path, &s.go_causality, &mut report)?;
+        if let Some(sites) = &tls {
+            go::attach_tls(probes, target, exe, &open_path, sites, &mut report)?;
+        }
+        if s.kernel.inject != crate::cli::Inject::Off {
+            go::attach_inject(probes, target, exe, &open_path, &mut report)?;
+        }
+        Ok(report)
+    };
+    let report = match attach(probes) {
+        Ok(r) => r,
+        Err(source) => {
+            probes.remove_target(pid);
+            return Err(RunError::Attach { pid, source });
+        }
+    };
+    watch_exit(pid, ctx.exit_tx.clone());
+    tracing::info!(
+        pid,
+        exe = %target.exe_path.display(),
+        go = %target.build.go_version,
+        offsets = target.layout.source,
+        uprobes = report.uprobes,
+        client_spans = report.client,
+        sql_spans = report.sql,
+        spawns = report.spawns,
+        channels = report.channels,
+        https = report.tls,
+        inject_traceparent = report.inject,
+        existing_connections = existing.len(),
+        mode = ?s.go_http_probes,
+        hooks = probes.hooks,
+        "tracing"
+    );
+    tracing::debug!(pid, offsets = ?target.layout.offsets, tcpconn = ?target.layout.type_tcpconn, response = ?target.layout.type_response, "Go layout");
+    if !target.layout.absent.is_empty() {
+        tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
+    }
+    Ok(Traced {
+        service_name: Arc::from(service.as_str()),
+        service,
+        catch_up_since: catch_up.then(Instant::now),
+        catch_up_inodes: existing,
+    })
+}
+
+/// `--exe` discovery: which processes to trace by their executable.
+struct Discover {
+    globs: Vec<glob::Pattern>,
+}
+
+impl Discover {
+    fn new(globs: &[glob::Pattern]) -> Option<Self> {
+        (!globs.is_empty()).then(|| Self { globs: globs.to_vec() })
+    }
+
+    /// Whether process `pid` runs a matching executable (full path or file name).
+    fn matches(&self, pid: u32) -> bool {
+        let Ok(path) = proc::exe_link(pid) else { return false };
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let full = path.to_string_lossy();
+        self.globs.iter().any(|g| g.matches(&full) || g.matches(&name))
+    }
+
+    /// Matching processes running now, not traced yet (and not this agent).
+    fn running(&self, traced: &HashMap<u32, Traced>) -> Vec<u32> {
+        let me = std::process::id();
+        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+        let mut pids: Vec<u32> = dir
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|p| *p != me && !traced.contains_key(p) && self.matches(*p))
+            .collect();
+        pids.sort_unstable();
+        pids
+    }
+}
+
+/// Traces a discovered process if its executable matches and it is a Go program zerotrace
+/// can trace; anything else is said in the log and skipped (never fatal: it is not a --pid).
+fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut HashMap<u32, Traced>, d: &Discover, pid: u32) {
+    if traced.contains_key(&pid) || !d.matches(pid) {
+        return;
+    }
+    match Target::inspect(pid) {
+        Ok((target, exe)) => match attach_target(probes, ctx, &target, &exe) {
+            Ok(t) => {
+                traced.insert(pid, t);
+            }
+            Err(e) => tracing::warn!(pid, error = %e, "discovered process not traced"),
+        },
+        Err(crate::model::target::TargetError::NotGo { .. }) => tracing::debug!(pid, "discovered process is not a Go program"),
+        Err(crate::model::target::TargetError::NoSuchProcess(_)) => {}
+        Err(e) => tracing::warn!(pid, error = %e, "discovered process not traced"),
+    }
 }

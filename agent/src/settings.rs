@@ -23,6 +23,8 @@ pub struct ExportSettings {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub pids: Vec<u32>,
+    /// `--exe`: executables to discover (now and later).
+    pub exe_globs: Vec<glob::Pattern>,
     pub print: bool,
     /// `zerotrace tail`: traces as trees (or JSON) on stdout.
     pub tail: Option<crate::export::tail::TailSettings>,
@@ -161,8 +163,14 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         Some((k, v)) => parse_kv_list(k, &v)?,
         None => Vec::new(),
     };
+    let exe_globs = args
+        .exe
+        .iter()
+        .map(|g| glob::Pattern::new(g).map_err(|e| invalid("--exe", g, leak(format!("a glob ({e})")))))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(RunSettings {
         pids: args.pids.clone(),
+        exe_globs,
         print: args.print,
         tail: None,
         export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },

@@ -252,6 +252,8 @@ impl Correlator {
                     out.push(span);
                 }
             }
+            // Handled by the run loop (discovery), never routed here.
+            Event::ProcExec { .. } => {}
             Event::Traceparent(t) => {
                 if let Some(p) = self.clients.get_mut(&t.span_id) {
                     p.traceparent = Some((t.outcome, t.trace_id));

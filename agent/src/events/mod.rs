@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use zerotrace_common::{
     ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
     GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs,
-    TraceparentEvent,
+    TraceparentEvent, ProcExecEvent,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +54,8 @@ pub enum Event {
     GoSqlStart(Box<GoSqlStart>),
     GoSqlEnd(GoClientResponse),
     Traceparent(Traceparent),
+    /// A process exec'd (discovery): the agent decides whether to trace it.
+    ProcExec { pid: u32 },
 }
 
 /// `--inject-traceparent`: what the kernel decided for a client span's request.
@@ -328,6 +330,10 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         }
         // Both calls end with the same record (the kernel writes status 0 for SQL).
         EventKind::GoSqlEnd => Event::GoSqlEnd(call_end(&hdr, &exact(b, kind)?)),
+        EventKind::ProcExec => {
+            let _: ProcExecEvent = exact(b, kind)?;
+            Event::ProcExec { pid: hdr.pid }
+        }
         EventKind::Traceparent => {
             let e: TraceparentEvent = exact(b, kind)?;
             Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome })

@@ -160,6 +160,15 @@ impl Probes {
         Ok(Self { ebpf, hooks, listening: HashMap::new(), uprobe_links: HashMap::new() })
     }
 
+    /// Reports every exec to the agent (`--exe` discovery).
+    pub fn watch_execs(&mut self) -> Result<(), ProbeError> {
+        const EXEC: &str = "sched_process_exec";
+        let prog: &mut RawTracePoint = program(&mut self.ebpf, EXEC)?;
+        prog.load().map_err(|source| ProbeError::Program { name: EXEC.into(), source })?;
+        prog.attach(EXEC).map_err(|source| ProbeError::Program { name: format!("raw tracepoint {EXEC}"), source })?;
+        Ok(())
+    }
+
     /// Starts following process `pid` in the kernel: its configuration first, then its bit.
     pub fn add_target(&mut self, pid: u32, cfg: &TargetConfig) -> Result<(), ProbeError> {
         let mut targets: BpfHashMap<_, u32, TargetConfig> = self.map_mut(names::TARGETS)?;

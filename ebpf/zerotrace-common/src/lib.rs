@@ -134,6 +134,7 @@ pub enum EventKind {
     GoSqlStart = 8,
     GoSqlEnd = 9,
     Traceparent = 10,
+    ProcExec = 11,
 }
 
 impl EventKind {
@@ -149,6 +150,7 @@ impl EventKind {
             8 => Self::GoSqlStart,
             9 => Self::GoSqlEnd,
             10 => Self::Traceparent,
+            11 => Self::ProcExec,
             _ => return None,
         })
     }
@@ -357,6 +359,13 @@ pub struct ConnOpenEvent {
     pub role: u8,
     pub _pad: [u8; 7],
     pub addrs: SockAddrs,
+}
+
+/// A process called exec (`--exe` discovery only): the header's pid runs a new program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcExecEvent {
+    pub hdr: EventHeader,
 }
 
 /// A tracked socket reached TCP_CLOSE.
@@ -742,6 +751,7 @@ assert_size!(GoSqlStartEvent, 24 + 48 + 1024);
 assert_size!(GoSqlState, 40);
 assert_size!(SockAddrs, 40);
 assert_size!(TraceparentEvent, 56);
+assert_size!(ProcExecEvent, 24);
 assert_size!(ConnOpenEvent, 88);
 assert_size!(ConnCloseEvent, 40);
 assert_size!(HttpRequestEvent, 112);

@@ -15,6 +15,7 @@ mod go_sql;
 mod go_tls;
 mod http_server;
 mod maps;
+mod processes;
 mod socket_hooks;
 mod sockets;
 mod util;

@@ -40,6 +40,20 @@ impl Agent {
         Ok(a)
     }
 
+    /// `zerotrace SUBCOMMAND` with `--exe` discovery in `extra` and no --pid; waits until it
+    /// watches for processes (it has attached to matching ones running already by then).
+    pub fn start_discovering(subcommand: &str, extra: &[&str]) -> Result<Agent> {
+        let mut a = Self::spawn_as(subcommand, &[], extra, &[])?;
+        let r = crate::proc::wait_until("the agent to start discovering", Duration::from_secs(60), || {
+            a.proc.stderr_text().contains("discovering processes") || a.proc.child.try_wait().ok().flatten().is_some()
+        });
+        if r.is_err() || !a.proc.stderr_text().contains("discovering processes") {
+            let _ = a.proc.child.kill();
+            bail!("agent did not start discovering; its stderr:\n{}", a.proc.stderr_text());
+        }
+        Ok(a)
+    }
+
     /// Spawns without waiting (for tests of failures).
     pub fn spawn(pids: &[u32], extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
         Self::spawn_as("run", pids, extra, env)

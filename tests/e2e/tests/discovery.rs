@@ -1,0 +1,79 @@
+//! `--exe` discovery, end to end: a Go service running before the agent and one started
+//! after it are both traced, a restarted service is traced again under its new pid, and a
+//! process whose executable does not match is left alone.
+use std::{process::Command, time::{Duration, Instant}};
+
+use anyhow::Result;
+use zerotrace_e2e::{
+    agent::Agent,
+    http::Client,
+    otlp::{Kind, Receiver},
+    proc::{Proc, free_port, wait_for_port, wait_until},
+    tools::{self, GO_NEWEST},
+};
+
+fn serve(bin: &std::path::Path, name: &str, port: u16) -> Result<Proc> {
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("127.0.0.1:{port}"));
+    let p = Proc::spawn(name, cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok(p)
+}
+
+/// Waits until the agent says it traces `pid`; returns how long that took.
+fn traced_within(agent: &Agent, pid: u32, limit: Duration) -> Result<Duration> {
+    let t0 = Instant::now();
+    let needle = format!("tracing pid={pid} ");
+    wait_until(&format!("the agent to trace {pid}"), limit, || agent.proc.stderr_text().contains(&needle))?;
+    Ok(t0.elapsed())
+}
+
+#[test]
+fn processes_are_found_by_executable_now_and_later() -> Result<()> {
+    let bin = tools::causal(GO_NEWEST)?;
+    let exe_name = bin.file_name().unwrap().to_string_lossy().into_owned();
+    let other = tools::httpserver(GO_NEWEST)?;
+    let before_port = free_port();
+    let before = serve(&bin, "disc-before", before_port)?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start_discovering("run", &["--exe", &exe_name, "--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"])?;
+    traced_within(&agent, before.pid(), Duration::from_secs(1))?;
+
+    // Started after the agent: attached at its exec, before it serves (the port is
+    // accepting only once main runs).
+    let after_port = free_port();
+    let t0 = Instant::now();
+    let after = serve(&bin, "disc-after", after_port)?;
+    traced_within(&agent, after.pid(), Duration::from_secs(5))?;
+    eprintln!("process started and traced within {:?}", t0.elapsed());
+    // A Go program with another executable name: never traced.
+    let unrelated_port = free_port();
+    let mut cmd = Command::new(&other);
+    cmd.arg(format!("127.0.0.1:{unrelated_port}"));
+    let unrelated = Proc::spawn("disc-unrelated", cmd)?;
+    std::thread::sleep(Duration::from_millis(1500));
+
+    for port in [before_port, after_port] {
+        assert_eq!(Client::new(port).get("/leaf/x")?.status, 200);
+    }
+    // Restarted: a new process under a new pid, traced again.
+    let after_pid = after.pid();
+    drop(after);
+    let again = serve(&bin, "disc-again", after_port)?;
+    assert_ne!(again.pid(), after_pid);
+    traced_within(&agent, again.pid(), Duration::from_secs(5))?;
+    assert_eq!(Client::new(after_port).get("/leaf/y")?.status, 200);
+
+    rx.wait_for(3, Duration::from_secs(20))?;
+    agent.stop()?;
+    let log = agent.proc.stderr_text();
+    let spans = rx.spans();
+    let pids: Vec<String> = spans.iter().map(|s| s.res("process.pid").to_string()).collect();
+    for p in [before.pid(), after_pid, again.pid()] {
+        assert!(pids.contains(&p.to_string()), "a span from pid {p}: {pids:?}\n{log}");
+    }
+    assert!(!log.contains(&format!("tracing pid={} ", unrelated.pid())), "{log}");
+    assert!(log.contains(&format!("pid={after_pid}")) && log.contains("traced process exited"), "{log}");
+    Ok(())
+}
