@@ -239,6 +239,15 @@ func ownCtx(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprint(w, fetch(req))
 }
 
+// secrets: a downstream call that carries credentials in its query and headers (none of
+// which may reach exported spans).
+func secrets(w http.ResponseWriter, r *http.Request) {
+	req, _ := http.NewRequest("GET", down+"/leaf/q-"+idOf(r, "/creds/")+"?token=secret-client-query", nil)
+	req.Header.Set("Authorization", "Bearer secret-client-auth")
+	req.Header.Set("Cookie", "session=secret-client-cookie")
+	fmt.Fprint(w, fetch(req))
+}
+
 // full: a request whose head fills the client's 4096-byte write buffer to 16 bytes short
 // before its headers are written (request line, Host and a long User-Agent).
 func full(w http.ResponseWriter, r *http.Request) {
@@ -281,6 +290,7 @@ func main() {
 	if len(os.Args) > 2 {
 		mux.HandleFunc("/ownctx/", ownCtx)
 		mux.HandleFunc("/full/", full)
+		mux.HandleFunc("/creds/", secrets)
 		down = strings.TrimSuffix(os.Args[2], "/")
 		workers()
 		mux.HandleFunc("/sync/", syncCall)
