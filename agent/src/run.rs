@@ -89,6 +89,10 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     }
     let mut correlator = Correlator::new(Clock::system());
     correlator.traces.record_aliases = s.kernel.inject != crate::cli::Inject::Off;
+    correlator.sampling = crate::correlate::sampling::Sampling::new(s.sampler);
+    if s.sampler != crate::correlate::sampling::Sampler::AlwaysOn {
+        tracing::info!(sampler = ?s.sampler, "sampling traces");
+    }
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
     let mut traced: HashMap<u32, Traced> = HashMap::new();
 
@@ -203,6 +207,9 @@ fn pump(
         crate::events::Event::ProcExec { pid } => execs.push(pid),
         other => correlator.on_event(other, spans),
     });
+    let before = spans.len();
+    spans.retain(|sp| correlator.sampling.keeps(&sp.trace_id));
+    correlator.sampling.dropped += (before - spans.len()) as u64;
     if let Some(t) = tail {
         let now = Instant::now();
         let mut out = Vec::new();
@@ -299,6 +306,7 @@ fn counters_list<'a>(
         ("client_returns_unmatched", c.stats.unmatched_client_returns),
         ("parents_unknown", c.traces.parents_unknown),
         ("spans_assembled", c.stats.spans),
+        ("spans_not_sampled", c.sampling.dropped),
         ("responses_unmatched", c.stats.unmatched_responses),
         ("requests_not_http", c.stats.not_http),
         ("responses_lost", c.stats.lost_responses),

@@ -23,6 +23,8 @@ pub struct ExportSettings {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub pids: Vec<u32>,
+    /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
+    pub sampler: crate::correlate::sampling::Sampler,
     /// `--exe`: executables to discover (now and later).
     pub exe_globs: Vec<glob::Pattern>,
     pub print: bool,
@@ -163,6 +165,16 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         Some((k, v)) => parse_kv_list(k, &v)?,
         None => Vec::new(),
     };
+    let sampler = match first(env, &["OTEL_TRACES_SAMPLER"]) {
+        None => crate::correlate::sampling::Sampler::AlwaysOn,
+        Some((_, name)) => {
+            let arg = first(env, &["OTEL_TRACES_SAMPLER_ARG"]).map(|(_, v)| v);
+            crate::correlate::sampling::Sampler::parse(&name, arg.as_deref()).map_err(|(key, expected)| {
+                let value = if key == "OTEL_TRACES_SAMPLER" { name.clone() } else { arg.clone().unwrap_or_default() };
+                invalid(key, &value, expected)
+            })?
+        }
+    };
     let exe_globs = args
         .exe
         .iter()
@@ -171,6 +183,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     Ok(RunSettings {
         pids: args.pids.clone(),
         exe_globs,
+        sampler,
         print: args.print,
         tail: None,
         export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },

@@ -3,6 +3,7 @@
 //! mode the Go handler's own record (route, status, goroutine) is merged into that same span,
 //! never emitted twice. Timestamps become wall-clock time here.
 pub mod clock;
+pub mod sampling;
 pub mod traces;
 
 use std::{collections::HashMap, sync::Arc};
@@ -131,6 +132,8 @@ pub struct Correlator {
     /// later: it cannot change).
     readonly: Box<dyn Fn(u32, u64, u64) -> bool + Send>,
     pub traces: Traces,
+    /// Which traces are kept (applied by the run loop to finished spans).
+    pub sampling: sampling::Sampling,
     pub stats: Stats,
 }
 
@@ -159,6 +162,7 @@ impl Correlator {
             sql: HashMap::new(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
+            sampling: sampling::Sampling::new(sampling::Sampler::AlwaysOn),
             stats: Stats::default(),
         }
     }
@@ -272,6 +276,7 @@ impl Correlator {
             if origin == zerotrace_common::trace_origin::DRAWN {
                 self.traces.alias(kernel_trace, trace_id);
             }
+            self.sampling.remote_decision(trace_id, rp.sampled);
             return Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
         }
         let (trace_id, parent) = self.traces.child_of(link_span, kernel_trace);
@@ -449,6 +454,7 @@ impl Correlator {
                             if p.kernel_trace_origin == zerotrace_common::trace_origin::DRAWN {
                                 self.traces.alias(p.kernel_trace, trace_id);
                             }
+                            self.sampling.remote_decision(trace_id, rp.sampled);
                             p.ids = Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
                             let (span, trace) = (p.span_id, p.ids.trace_id);
                             self.traces.remember(span, trace);
