@@ -30,6 +30,8 @@ pub fn all() -> Result<()> {
     python()?;
     // cgo test builds (tests/e2e go_binaries.rs) need a C compiler; rustc's linker is one too.
     apt("cc", "gcc")?;
+    // `zerotrace tail` is tested in a real terminal (tests/e2e tail.rs).
+    apt("tmux", "tmux")?;
     Ok(())
 }
 

@@ -105,3 +105,52 @@ fn tail_filters_and_json() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--attr"), "{}", String::from_utf8_lossy(&out.stderr));
     Ok(())
 }
+
+/// In a real terminal (tmux): trees drawn, error spans in red, and Ctrl-C stops the tail
+/// cleanly.
+#[test]
+fn tail_in_a_terminal() -> Result<()> {
+    let p = start()?;
+    let session = format!("zerotrace-tail-{}", std::process::id());
+    let bin = tools::zerotrace_bin()?;
+    let line = format!("{} tail --pid {} --pid {}; echo TAIL-EXITED $?; sleep 30", bin.display(), p.front.pid(), p.down.pid());
+    let st = Command::new("tmux").args(["new-session", "-d", "-s", &session, "-x", "220", "-y", "60", &line]).status()?;
+    assert!(st.success(), "tmux starts");
+    struct Kill(String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = Command::new("tmux").args(["kill-session", "-t", &self.0]).status();
+        }
+    }
+    let _kill = Kill(session.clone());
+    let pane = |escapes: bool| -> String {
+        let mut cmd = Command::new("tmux");
+        cmd.args(["capture-pane", "-p", "-J", "-t", &session]);
+        if escapes {
+            cmd.arg("-e");
+        }
+        cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    zerotrace_e2e::proc::wait_until("the tail to attach", Duration::from_secs(60), || pane(false).contains("tracing pid="))?;
+    // Twice: the log lines of the second attach scroll by before the first request.
+    zerotrace_e2e::proc::wait_until("both attached", Duration::from_secs(60), || pane(false).matches("tracing pid=").count() >= 2)?;
+    let mut c = Client::new(p.front_port);
+    assert_eq!(c.get("/sync/1")?.status, 200);
+    assert_eq!(c.get("/err5xx/2")?.status, 500);
+    zerotrace_e2e::proc::wait_until("two trees", Duration::from_secs(15), || pane(false).contains("GET /err5xx/") && pane(false).contains("GET /sync/"))?;
+    let plain = pane(false);
+    let svc = format!("causal-go{GO_NEWEST}");
+    assert!(plain.contains(&format!("{svc} SERVER GET /sync/ 200 ")), "{plain}");
+    assert!(plain.contains(&format!("└─ {svc} CLIENT GET 200 ")), "{plain}");
+    assert!(plain.contains(&format!("   └─ {svc} SERVER GET /leaf/ 200 ")), "{plain}");
+    let colored = pane(true);
+    // The failed request: the error spans are red (SGR 31), the trace header bold red.
+    let red = colored.lines().filter(|l| l.contains("\x1b[31m") && l.contains("ERROR")).count();
+    assert!(red >= 3, "error spans in red:\n{colored:?}");
+    assert!(colored.contains("\x1b[1;31mtrace ") || colored.contains("\x1b[1m\x1b[31mtrace "), "{colored:?}");
+    // Ctrl-C: detaches and exits 0.
+    Command::new("tmux").args(["send-keys", "-t", &session, "C-c"]).status()?;
+    zerotrace_e2e::proc::wait_until("the tail to exit", Duration::from_secs(45), || pane(false).contains("TAIL-EXITED"))?;
+    assert!(pane(false).contains("TAIL-EXITED 0"), "{}", pane(false));
+    Ok(())
+}
