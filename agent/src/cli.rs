@@ -15,6 +15,10 @@ pub struct Cli {
     /// Log filter for the agent's own diagnostics (e.g. info, debug, zerotrace=trace).
     #[arg(long, global = true, env = "ZEROTRACE_LOG", default_value = "info")]
     pub log: String,
+    /// A TOML file of run/tail options, keyed by their long names (see README: flags win,
+    /// then environment variables, then this file).
+    #[arg(long, global = true, env = "ZEROTRACE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -29,6 +33,15 @@ pub enum Command {
     /// span per line). Takes every `run` option; exports over OTLP only when an endpoint
     /// or exporter is given.
     Tail(TailArgs),
+    /// Show what the configuration file sets, and which settings the environment overrides.
+    Config(ConfigArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    /// Print the options the file sets (the default and only action for now).
+    #[arg(long)]
+    pub print: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -184,6 +197,15 @@ pub struct RunArgs {
     /// span (attributes zerotrace.traceparent*) but writes nothing.
     #[arg(long, value_enum, num_args = 0..=1, default_value = "off", default_missing_value = "on", value_name = "on|dry-run|off")]
     pub inject_traceparent: Inject,
+
+    /// Trace sampler: always_on, always_off, traceidratio, parentbased_always_on,
+    /// parentbased_always_off, parentbased_traceidratio [env: OTEL_TRACES_SAMPLER] [default: always_on].
+    #[arg(long, value_name = "NAME")]
+    pub sampler: Option<String>,
+
+    /// The ratio of a ratio sampler, 0 to 1 [env: OTEL_TRACES_SAMPLER_ARG] [default: 1].
+    #[arg(long, value_name = "RATIO")]
+    pub sampler_arg: Option<String>,
 
     /// Bytes of each request head captured at the read syscall (64..=2048).
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(64..=2048))]

@@ -2,6 +2,7 @@
 //! (targets, /proc) -> protocols (byte parsers) -> correlate (span assembly) -> export
 //! (OTLP, terminal). `main.rs` is a thin CLI over `run` and `doctor`.
 pub mod cli;
+pub mod config;
 pub mod correlate;
 pub mod doctor;
 pub mod events;

@@ -2,9 +2,9 @@
 //! turns errors into one clear message and a non-zero exit status.
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use tracing_subscriber::EnvFilter;
-use zerotrace::{cli::{Cli, Command}, doctor, run, settings};
+use zerotrace::{cli::{Cli, Command}, config, doctor, run, settings};
 
 /// mimalloc: the pipeline allocates small strings per span; glibc malloc showed up as a
 /// third of the agent's CPU under load.
@@ -12,7 +12,10 @@ use zerotrace::{cli::{Cli, Command}, doctor, run, settings};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_with_config() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     let filter = EnvFilter::try_new(&cli.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi).init();
@@ -33,6 +36,22 @@ fn main() -> ExitCode {
             match settings::resolve(&args, &env) {
                 Ok(s) => run_agent(s),
                 Err(e) => fail(&e),
+            }
+        }
+        Command::Config(_) => {
+            let env = |k: &str| std::env::var(k).ok();
+            match &cli.config {
+                None => {
+                    println!("# no configuration file (--config FILE or ZEROTRACE_CONFIG); flags, OTEL_* variables and defaults apply");
+                    ExitCode::SUCCESS
+                }
+                Some(path) => match config::FileConfig::load(path) {
+                    Ok(c) => {
+                        print!("{}", c.render(&env));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e),
+                },
             }
         }
         Command::Tail(args) => {
@@ -60,4 +79,48 @@ fn run_agent(settings: settings::RunSettings) -> ExitCode {
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("zerotrace: error: {e}");
     ExitCode::from(2)
+}
+
+/// The command line, with what the configuration file sets for options that neither the
+/// command line nor the environment set (inserted as flags right after the subcommand, so
+/// their own parsers check them). Err: the exit code after the message.
+fn parse_with_config() -> Result<Cli, ExitCode> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // First pass, lenient: where the file is and which options the command line set (a
+    // required --pid may come from the file as `exe`).
+    let lenient = Cli::command().ignore_errors(true).try_get_matches_from(&argv).ok();
+    let path = lenient
+        .as_ref()
+        .and_then(|m| m.get_one::<std::path::PathBuf>("config").cloned())
+        .or_else(|| std::env::var_os("ZEROTRACE_CONFIG").filter(|v| !v.is_empty()).map(Into::into));
+    let strict = || Cli::from_arg_matches(&Cli::command().get_matches_from(&argv)).unwrap_or_else(|e| e.exit());
+    let (Some(path), Some(matches)) = (path, lenient) else { return Ok(strict()) };
+    let Some((sub, sub_m)) = matches.subcommand() else { return Ok(strict()) };
+    if sub != "run" && sub != "tail" {
+        return Ok(strict());
+    }
+    let file = config::FileConfig::load(&path).map_err(|e| fail(&e))?;
+    let cmd = Cli::command();
+    let sub_cmd = cmd.find_subcommand(sub).expect("parsed subcommand exists");
+    let on_cli = |long: &str| {
+        sub_cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .is_some_and(|a| sub_m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
+    };
+    let env = |k: &str| std::env::var(k).ok();
+    let extra = file.args(sub, &on_cli, &env);
+    if extra.is_empty() {
+        return Ok(strict());
+    }
+    let at = argv.iter().position(|a| a == sub).map_or(argv.len(), |i| i + 1);
+    let mut merged = argv[..at].to_vec();
+    merged.extend(extra.iter().map(std::ffi::OsString::from));
+    merged.extend_from_slice(&argv[at..]);
+    let matches = Cli::command().try_get_matches_from(&merged).map_err(|e| {
+        eprintln!("zerotrace: error: in config file {}: {}", path.display(), e.kind());
+        eprintln!("{}", e.render());
+        ExitCode::from(2)
+    })?;
+    Ok(Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
 }

@@ -165,13 +165,18 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         Some((k, v)) => parse_kv_list(k, &v)?,
         None => Vec::new(),
     };
-    let sampler = match first(env, &["OTEL_TRACES_SAMPLER"]) {
+    let name = args.sampler.clone().map(|v| ("--sampler", v)).or_else(|| first(env, &["OTEL_TRACES_SAMPLER"]));
+    let sampler = match name {
         None => crate::correlate::sampling::Sampler::AlwaysOn,
-        Some((_, name)) => {
-            let arg = first(env, &["OTEL_TRACES_SAMPLER_ARG"]).map(|(_, v)| v);
-            crate::correlate::sampling::Sampler::parse(&name, arg.as_deref()).map_err(|(key, expected)| {
-                let value = if key == "OTEL_TRACES_SAMPLER" { name.clone() } else { arg.clone().unwrap_or_default() };
-                invalid(key, &value, expected)
+        Some((name_key, name)) => {
+            let arg = args.sampler_arg.clone().map(|v| ("--sampler-arg", v)).or_else(|| first(env, &["OTEL_TRACES_SAMPLER_ARG"]));
+            crate::correlate::sampling::Sampler::parse(&name, arg.as_ref().map(|(_, v)| v.as_str())).map_err(|(which, expected)| {
+                if which == "OTEL_TRACES_SAMPLER" {
+                    invalid(name_key, &name, expected)
+                } else {
+                    let (k, v) = arg.clone().unwrap_or(("OTEL_TRACES_SAMPLER_ARG", String::new()));
+                    invalid(k, &v, expected)
+                }
             })?
         }
     };

@@ -43,7 +43,12 @@ impl Agent {
     /// `zerotrace SUBCOMMAND` with `--exe` discovery in `extra` and no --pid; waits until it
     /// watches for processes (it has attached to matching ones running already by then).
     pub fn start_discovering(subcommand: &str, extra: &[&str]) -> Result<Agent> {
-        let mut a = Self::spawn_as(subcommand, &[], extra, &[])?;
+        Self::start_discovering_env(subcommand, extra, &[])
+    }
+
+    /// The same, with environment variables for the agent.
+    pub fn start_discovering_env(subcommand: &str, extra: &[&str], env: &[(&str, &str)]) -> Result<Agent> {
+        let mut a = Self::spawn_as(subcommand, &[], extra, env)?;
         let r = crate::proc::wait_until("the agent to start discovering", Duration::from_secs(60), || {
             a.proc.stderr_text().contains("discovering processes") || a.proc.child.try_wait().ok().flatten().is_some()
         });
