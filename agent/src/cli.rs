@@ -120,7 +120,7 @@ pub enum Inject {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Process to trace (repeat for several). It keeps running; nothing in it changes.
-    #[arg(long = "pid", required_unless_present = "exe", value_name = "PID")]
+    #[arg(long = "pid", required_unless_present_any = ["exe", "port", "all"], value_name = "PID")]
     pub pids: Vec<u32>,
 
     /// Trace every Go process whose executable (full path or file name) matches this glob:
@@ -128,6 +128,15 @@ pub struct RunArgs {
     /// process is picked up again). Repeat for several.
     #[arg(long = "exe", value_name = "GLOB")]
     pub exe: Vec<String>,
+
+    /// Trace the Go processes listening on this TCP port, now and later (checked every
+    /// second). Repeat for several.
+    #[arg(long = "port", value_name = "PORT")]
+    pub port: Vec<u16>,
+
+    /// Trace every Go process on the machine, now and later (other programs are skipped).
+    #[arg(long)]
+    pub all: bool,
 
     /// Also print each finished span as one line on stdout.
     #[arg(long)]

@@ -101,13 +101,21 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         let t = attach_target(&mut probes, &mut ctx, target, exe)?;
         traced.insert(target.pid, t);
     }
-    let discover = Discover::new(&s.exe_globs);
+    let discover = Discover::new(&s.exe_globs, &s.ports, s.all);
     if let Some(d) = &discover {
-        probes.watch_execs()?;
-        for pid in d.running(&traced) {
-            try_discovered(&mut probes, &mut ctx, &mut traced, d, pid);
+        if d.by_exe() {
+            probes.watch_execs()?;
         }
-        tracing::info!(exe = ?s.exe_globs.iter().map(|g| g.as_str()).collect::<Vec<_>>(), traced = traced.len(), "discovering processes whose executable matches");
+        for pid in d.running(&traced) {
+            try_discovered(&mut probes, &mut ctx, &mut traced, pid);
+        }
+        tracing::info!(
+            exe = ?s.exe_globs.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
+            ports = ?s.ports,
+            all = s.all,
+            traced = traced.len(),
+            "discovering processes (by executable at exec, by port every second)"
+        );
     }
     let mut execs: Vec<u32> = Vec::new();
 
@@ -131,7 +139,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                             correlator.forget_pid(pid);
                             tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
                         }
-                        try_discovered(&mut probes, &mut ctx, &mut traced, d, pid);
+                        if d.matches(pid) {
+                            try_discovered(&mut probes, &mut ctx, &mut traced, pid);
+                        }
                     }
                 }
             }
@@ -161,6 +171,12 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     }
                 }
                 catch_up(&mut probes, &mut traced);
+                // --port: processes that started listening since.
+                if let Some(d) = &discover {
+                    for pid in d.listening(&traced, listeners.as_deref()) {
+                        try_discovered(&mut probes, &mut ctx, &mut traced, pid);
+                    }
+                }
                 if !s.stats_interval.is_zero() && last_stats.elapsed() >= s.stats_interval {
                     last_stats = Instant::now();
                     log_stats(&probes, &reader, &correlator, &stats);
@@ -413,41 +429,73 @@ fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, 
     })
 }
 
-/// `--exe` discovery: which processes to trace by their executable.
+/// Discovery: which processes to trace besides --pid: by executable (`--exe`, `--all`;
+/// checked at start and at every exec) and by listening port (`--port`; checked at start and
+/// every second).
 struct Discover {
     globs: Vec<glob::Pattern>,
+    ports: Vec<u16>,
+    all: bool,
 }
 
 impl Discover {
-    fn new(globs: &[glob::Pattern]) -> Option<Self> {
-        (!globs.is_empty()).then(|| Self { globs: globs.to_vec() })
+    fn new(globs: &[glob::Pattern], ports: &[u16], all: bool) -> Option<Self> {
+        (!globs.is_empty() || !ports.is_empty() || all).then(|| Self { globs: globs.to_vec(), ports: ports.to_vec(), all })
     }
 
-    /// Whether process `pid` runs a matching executable (full path or file name).
+    /// Whether execs are worth watching (selection by executable).
+    fn by_exe(&self) -> bool {
+        self.all || !self.globs.is_empty()
+    }
+
+    /// Whether process `pid` is selected by its executable (full path or file name).
     fn matches(&self, pid: u32) -> bool {
+        if self.all {
+            return true;
+        }
         let Ok(path) = proc::exe_link(pid) else { return false };
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let full = path.to_string_lossy();
         self.globs.iter().any(|g| g.matches(&full) || g.matches(&name))
     }
 
-    /// Matching processes running now, not traced yet (and not this agent).
+    /// Selected processes running now, not traced yet (and not this agent).
     fn running(&self, traced: &HashMap<u32, Traced>) -> Vec<u32> {
         let me = std::process::id();
-        let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-        let mut pids: Vec<u32> = dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|p| *p != me && !traced.contains_key(p) && self.matches(*p))
-            .collect();
+        let mut pids = Vec::new();
+        if self.by_exe() {
+            if let Ok(dir) = std::fs::read_dir("/proc") {
+                pids.extend(
+                    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                        .filter(|p| *p != me && !traced.contains_key(p) && self.matches(*p)),
+                );
+            }
+        }
+        let listeners = crate::model::sockdiag::listening().ok();
+        pids.extend(self.listening(traced, listeners.as_deref()));
         pids.sort_unstable();
+        pids.dedup();
         pids
+    }
+
+    /// Processes listening on a selected port, not traced yet.
+    fn listening(&self, traced: &HashMap<u32, Traced>, listeners: Option<&[(u64, u16)]>) -> Vec<u32> {
+        if self.ports.is_empty() {
+            return Vec::new();
+        }
+        let inodes: HashSet<u64> = listeners.unwrap_or_default().iter().filter(|(_, p)| self.ports.contains(p)).map(|(i, _)| *i).collect();
+        if inodes.is_empty() {
+            return Vec::new();
+        }
+        let me = std::process::id();
+        proc::pids_with_sockets(&inodes, &|p| p == me || traced.contains_key(&p))
     }
 }
 
-/// Traces a discovered process if its executable matches and it is a Go program zerotrace
-/// can trace; anything else is said in the log and skipped (never fatal: it is not a --pid).
-fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut HashMap<u32, Traced>, d: &Discover, pid: u32) {
-    if traced.contains_key(&pid) || !d.matches(pid) {
+/// Traces a selected process if it is a Go program zerotrace can trace; anything else is
+/// said in the log and skipped (never fatal: it is not a --pid).
+fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut HashMap<u32, Traced>, pid: u32) {
+    if traced.contains_key(&pid) {
         return;
     }
     match Target::inspect(pid) {

@@ -27,6 +27,10 @@ pub struct RunSettings {
     pub sampler: crate::correlate::sampling::Sampler,
     /// `--exe`: executables to discover (now and later).
     pub exe_globs: Vec<glob::Pattern>,
+    /// `--port`: listening ports whose processes are traced (now and later).
+    pub ports: Vec<u16>,
+    /// `--all`: every Go process.
+    pub all: bool,
     pub print: bool,
     /// `zerotrace tail`: traces as trees (or JSON) on stdout.
     pub tail: Option<crate::export::tail::TailSettings>,
@@ -188,6 +192,8 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     Ok(RunSettings {
         pids: args.pids.clone(),
         exe_globs,
+        ports: args.port.clone(),
+        all: args.all,
         sampler,
         print: args.print,
         tail: None,

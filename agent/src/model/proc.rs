@@ -96,6 +96,19 @@ pub fn socket_fds(pid: u32) -> io::Result<HashMap<u64, u32>> {
     Ok(out)
 }
 
+/// Processes with a socket whose inode is in `inodes` (listening sockets of the ports asked
+/// for), except `skip`.
+pub fn pids_with_sockets(inodes: &std::collections::HashSet<u64>, skip: &dyn Fn(u32) -> bool) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut out: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| !skip(*p))
+        .filter(|p| socket_fds(*p).is_ok_and(|s| s.keys().any(|i| inodes.contains(i))))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
     pub inode: u64,

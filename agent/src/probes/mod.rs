@@ -118,6 +118,8 @@ pub struct Probes {
     listening: HashMap<u32, Vec<u16>>,
     /// Per process: (program, link, temporary). Temporary links are dropped early.
     uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
+    /// Threads removing the uprobes of processes no longer traced.
+    detaching: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Probes {
@@ -157,7 +159,7 @@ impl Probes {
             let prog: &mut UProbe = program(&mut ebpf, uprobes::GO_INJECT)?;
             prog.load().map_err(|source| ProbeError::Inject { source })?;
         }
-        Ok(Self { ebpf, hooks, listening: HashMap::new(), uprobe_links: HashMap::new() })
+        Ok(Self { ebpf, hooks, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new() })
     }
 
     /// Reports every exec to the agent (`--exe` discovery).
@@ -219,9 +221,22 @@ impl Probes {
 
     /// Stops following `pid`: its uprobes are detached and its kernel state dropped.
     pub fn remove_target(&mut self, pid: u32) {
+        // Removing a uprobe waits for a kernel grace period, one uprobe at a time (~0.1 s
+        // each here, ~45 per Go process): done on a thread of its own, so that the run loop
+        // keeps draining events and attaching new processes meanwhile.
+        let mut owned = Vec::new();
         for (prog, link, _) in self.uprobe_links.remove(&pid).unwrap_or_default() {
             if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog) {
-                let _ = p.detach(link);
+                if let Ok(l) = p.take_link(link) {
+                    owned.push(l);
+                }
+            }
+        }
+        self.detaching.retain(|t| !t.is_finished());
+        if !owned.is_empty() {
+            let t = std::thread::Builder::new().name(format!("detach-{pid}")).spawn(move || drop(owned));
+            if let Ok(t) = t {
+                self.detaching.push(t);
             }
         }
         let _ = self.select(pid, false);
@@ -330,4 +345,14 @@ where
 {
     let p = ebpf.program_mut(name).ok_or_else(|| ProbeError::Missing(format!("program {name}")))?;
     p.try_into().map_err(|source| ProbeError::Program { name: name.to_string(), source })
+}
+
+impl Drop for Probes {
+    /// The kernel objects go with the last reference: wait for the detaching threads first,
+    /// so that nothing of ours is left attached when the agent is gone.
+    fn drop(&mut self) {
+        for t in self.detaching.drain(..) {
+            let _ = t.join();
+        }
+    }
 }

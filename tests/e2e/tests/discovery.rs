@@ -77,3 +77,34 @@ fn processes_are_found_by_executable_now_and_later() -> Result<()> {
     assert!(log.contains(&format!("pid={after_pid}")) && log.contains("traced process exited"), "{log}");
     Ok(())
 }
+
+/// `--port`: the process listening on the port is traced, also when it starts after the
+/// agent; one on another port is not. `--all`: every Go process, and nothing else.
+#[test]
+fn processes_are_found_by_port_and_all() -> Result<()> {
+    let bin = tools::causal(GO_NEWEST)?;
+    let (port, other_port) = (free_port(), free_port());
+    let mut agent = Agent::start_discovering("run", &["--port", &port.to_string(), "--exporter", "none"])?;
+    let svc = serve(&bin, "port-svc", port)?;
+    let other = serve(&bin, "port-other", other_port)?;
+    // Ports are looked at every second.
+    traced_within(&agent, svc.pid(), Duration::from_secs(5))?;
+    std::thread::sleep(Duration::from_millis(2500));
+    agent.stop()?;
+    let log = agent.proc.stderr_text();
+    assert!(!log.contains(&format!("tracing pid={} ", other.pid())), "{log}");
+
+    let sleeper = Proc::spawn("not-go", { let mut c = Command::new("sleep"); c.arg("60"); c })?;
+    let mut agent = Agent::start_discovering("run", &["--all", "--exporter", "none"])?;
+    traced_within(&agent, svc.pid(), Duration::from_secs(2))?;
+    traced_within(&agent, other.pid(), Duration::from_secs(2))?;
+    let late_port = free_port();
+    let late = serve(&bin, "all-late", late_port)?;
+    traced_within(&agent, late.pid(), Duration::from_secs(5))?;
+    agent.stop()?;
+    let log = agent.proc.stderr_text();
+    assert!(!log.contains(&format!("tracing pid={} ", sleeper.pid())), "{log}");
+    assert!(!log.contains(&format!("tracing pid={} ", agent.proc.pid())), "never itself: {log}");
+    assert!(!log.contains("ERROR"), "{log}");
+    Ok(())
+}
