@@ -207,6 +207,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, num_args = 0..=1, default_value = "off", default_missing_value = "on", value_name = "on|dry-run|off")]
     pub inject_traceparent: Inject,
 
+    /// RED metrics (request durations per route) and the agent's own counters over OTLP
+    /// metrics, to the traces' collector, every OTEL_METRIC_EXPORT_INTERVAL ms (default
+    /// 60000) [env: OTEL_METRICS_EXPORTER=otlp|none] [default: on when exporting].
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub metrics: Option<OnOff>,
+
     /// Trace sampler: always_on, always_off, traceidratio, parentbased_always_on,
     /// parentbased_always_off, parentbased_traceidratio [env: OTEL_TRACES_SAMPLER] [default: always_on].
     #[arg(long, value_name = "NAME")]

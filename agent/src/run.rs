@@ -15,7 +15,14 @@ use crate::{
     cli::{Exporter, GoHttpProbes},
     correlate::{Clock, Correlator},
     events::reader::EventReader,
-    export::{ExportStats, otlp::{OtlpExport, Resources, resource}, print, resource::{AttrValue, attributes}, tail::Tail},
+    export::{
+        ExportStats,
+        metrics::{MetricsSink, Red, SharedRed},
+        otlp::{OtlpExport, Resources, resource},
+        print,
+        resource::{AttrValue, attributes},
+        tail::Tail,
+    },
     model::{Target, proc, sockdiag},
     probes::{self, Probes, features, go},
     settings::RunSettings,
@@ -126,11 +133,32 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut spans: Vec<Span> = Vec::with_capacity(1024);
     let started = Instant::now();
     let mut tail = s.tail.clone().map(Tail::new);
+    // RED metrics and the agent's counters over OTLP (with span export).
+    let red: Option<SharedRed> = s.metrics_interval.map(|_| Arc::new(Mutex::new(Red::default())));
+    let snapshot: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::new(Mutex::new(Vec::new()));
+    let metrics_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let metrics_start = wall_ns();
+    let metrics_task = match (s.metrics_interval, &red) {
+        (Some(every), Some(red)) => {
+            let (red, res, snap, errors, settings) = (red.clone(), resources.clone(), snapshot.clone(), metrics_errors.clone(), s.export.clone());
+            tracing::info!(every = ?every, "exporting RED metrics and the agent's counters over OTLP");
+            Some(tokio::spawn(async move {
+                let mut sink = MetricsSink::new(&settings);
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    export_metrics(&mut sink, &red, &res, &snap, metrics_start, &errors).await;
+                }
+            }))
+        }
+        _ => None,
+    };
 
     loop {
         tokio::select! {
             _ = reader.wait(DRAIN_TICK) => {
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs);
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref());
                 if let Some(d) = &discover {
                     for pid in execs.drain(..) {
                         // A traced process that exec'd runs another program now.
@@ -152,10 +180,13 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     continue;
                 }
                 // Finish what the process sent before it went away.
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs);
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref());
                 probes.remove_target(pid);
                 correlator.forget_pid(pid);
                 traced.remove(&pid);
+                if let Some(r) = &red {
+                    r.lock().expect("not poisoned").forget_pid(pid);
+                }
                 tracing::info!(pid, remaining = traced.len(), "traced process exited; stopped tracing it");
                 if traced.is_empty() && discover.is_none() {
                     tracing::info!("every traced process has exited");
@@ -171,6 +202,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     }
                 }
                 catch_up(&mut probes, &mut traced);
+                if red.is_some() {
+                    *snapshot.lock().expect("not poisoned") = counters_list(&probes.counters(), &reader, &correlator, &stats);
+                }
                 // --port: processes that started listening since.
                 if let Some(d) = &discover {
                     for pid in d.listening(&traced, listeners.as_deref()) {
@@ -189,11 +223,18 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     for pid in traced.keys().copied().collect::<Vec<_>>() {
         probes.remove_target(pid);
     }
-    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs);
+    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref());
     if let Some(t) = tail.as_mut() {
         print::print(&t.flush());
     }
     let kernel = probes.counters();
+    // Last metrics: the totals up to now.
+    if let (Some(task), Some(r)) = (metrics_task, &red) {
+        task.abort();
+        *snapshot.lock().expect("not poisoned") = counters_list(&kernel, &reader, &correlator, &stats);
+        let mut sink = MetricsSink::new(&s.export);
+        let _ = tokio::time::timeout(FLUSH_DEADLINE, export_metrics(&mut sink, r, &resources, &snapshot, metrics_start, &metrics_errors)).await;
+    }
     drop(probes);
     if let Some(e) = export {
         e.shutdown(FLUSH_DEADLINE).await;
@@ -218,6 +259,7 @@ fn pump(
     export: Option<&OtlpExport>,
     tail: Option<&mut Tail>,
     execs: &mut Vec<u32>,
+    red: Option<&SharedRed>,
 ) {
     reader.drain(|ev| match ev {
         crate::events::Event::ProcExec { pid } => execs.push(pid),
@@ -226,6 +268,12 @@ fn pump(
     let before = spans.len();
     spans.retain(|sp| correlator.sampling.keeps(&sp.trace_id));
     correlator.sampling.dropped += (before - spans.len()) as u64;
+    if let Some(r) = red {
+        if !spans.is_empty() {
+            let mut r = r.lock().expect("not poisoned");
+            spans.iter().for_each(|sp| r.record(sp));
+        }
+    }
     if let Some(t) = tail {
         let now = Instant::now();
         let mut out = Vec::new();
@@ -508,5 +556,31 @@ fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut Has
         Err(crate::model::target::TargetError::NotGo { .. }) => tracing::debug!(pid, "discovered process is not a Go program"),
         Err(crate::model::target::TargetError::NoSuchProcess(_)) => {}
         Err(e) => tracing::warn!(pid, error = %e, "discovered process not traced"),
+    }
+}
+
+fn wall_ns() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// One OTLP metrics export of the RED histograms and the last counters snapshot; a failure
+/// is counted and logged once (cumulative totals: the next export makes up for it).
+async fn export_metrics(
+    sink: &mut MetricsSink,
+    red: &SharedRed,
+    resources: &Resources,
+    snapshot: &Mutex<Vec<(&'static str, u64)>>,
+    start_ns: u64,
+    errors: &std::sync::atomic::AtomicU64,
+) {
+    let req = {
+        let r = red.lock().expect("not poisoned");
+        let snap = snapshot.lock().expect("not poisoned");
+        crate::export::metrics::request(&r, resources, &snap, start_ns)
+    };
+    if let Err(why) = sink.send(req).await {
+        if errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+            tracing::warn!(error = %why, "OTLP metrics export failed (counted; the next export carries the totals)");
+        }
     }
 }

@@ -23,6 +23,8 @@ pub struct ExportSettings {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub pids: Vec<u32>,
+    /// OTLP metrics every this often (None: no metrics).
+    pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
     pub sampler: crate::correlate::sampling::Sampler,
     /// `--exe`: executables to discover (now and later).
@@ -184,6 +186,20 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
             })?
         }
     };
+    let metrics_on = match args.metrics {
+        Some(m) => m == crate::cli::OnOff::On,
+        None => match first(env, &["OTEL_METRICS_EXPORTER"]) {
+            None => true,
+            Some((_, v)) if v == "otlp" => true,
+            Some((_, v)) if v == "none" => false,
+            Some((k, v)) => return Err(invalid(k, &v, "otlp or none")),
+        },
+    };
+    let metrics_interval = if metrics_on && exporter == Exporter::Otlp {
+        Some(crate::export::metrics::interval(env).map_err(|v| invalid("OTEL_METRIC_EXPORT_INTERVAL", &v, "milliseconds, at least 100"))?)
+    } else {
+        None
+    };
     let exe_globs = args
         .exe
         .iter()
@@ -191,6 +207,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RunSettings {
         pids: args.pids.clone(),
+        metrics_interval,
         exe_globs,
         ports: args.port.clone(),
         all: args.all,

@@ -11,6 +11,11 @@ use std::{
 
 use anyhow::{Result, bail};
 use opentelemetry_proto::tonic::{
+    collector::metrics::v1::{
+        ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+        metrics_service_server::{MetricsService, MetricsServiceServer},
+    },
+    metrics::v1::metric,
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
@@ -101,6 +106,7 @@ pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RSpan> {
 #[derive(Default)]
 struct Store {
     spans: Mutex<Vec<RSpan>>,
+    metrics: Mutex<Vec<RMetric>>,
     requests: AtomicUsize,
     /// Benchmark sink: count requests, decode nothing.
     discard: bool,
@@ -128,6 +134,71 @@ impl Store {
 }
 
 struct Svc(Arc<Store>);
+
+/// One received metric data point, flattened: histograms give count and sum, sums a value.
+#[derive(Clone, Debug)]
+pub struct RMetric {
+    pub name: String,
+    pub unit: String,
+    pub resource: BTreeMap<String, String>,
+    pub attrs: BTreeMap<String, String>,
+    pub count: u64,
+    pub sum: f64,
+    pub value: i64,
+    pub time_ns: u64,
+}
+
+fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
+    let mut out = Vec::new();
+    for rm in &req.resource_metrics {
+        let resource: BTreeMap<String, String> =
+            rm.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
+        for sm in &rm.scope_metrics {
+            for m in &sm.metrics {
+                let base = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], time_ns| RMetric {
+                    name: m.name.clone(),
+                    unit: m.unit.clone(),
+                    resource: resource.clone(),
+                    attrs: attrs.iter().map(|kv| (kv.key.clone(), value(&kv.value))).collect(),
+                    count: 0,
+                    sum: 0.0,
+                    value: 0,
+                    time_ns,
+                };
+                match &m.data {
+                    Some(metric::Data::Histogram(h)) => {
+                        for p in &h.data_points {
+                            out.push(RMetric { count: p.count, sum: p.sum.unwrap_or(0.0), ..base(&p.attributes, p.time_unix_nano) });
+                        }
+                    }
+                    Some(metric::Data::Sum(s)) => {
+                        for p in &s.data_points {
+                            let v = match p.value {
+                                Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsInt(i)) => i,
+                                Some(opentelemetry_proto::tonic::metrics::v1::number_data_point::Value::AsDouble(d)) => d as i64,
+                                None => 0,
+                            };
+                            out.push(RMetric { value: v, ..base(&p.attributes, p.time_unix_nano) });
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tonic::async_trait]
+impl MetricsService for Svc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.metrics.lock().unwrap().extend(flatten_metrics(req.get_ref()));
+        Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
+    }
+}
 
 #[tonic::async_trait]
 impl TraceService for Svc {
@@ -175,7 +246,8 @@ impl Receiver {
                 let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
                 rt.spawn(async move {
                     let _ = tonic::transport::Server::builder()
-                        .add_service(TraceServiceServer::new(Svc(st)).max_decoding_message_size(64 << 20))
+                        .add_service(TraceServiceServer::new(Svc(st.clone())).max_decoding_message_size(64 << 20))
+                        .add_service(MetricsServiceServer::new(Svc(st)).max_decoding_message_size(64 << 20))
                         .serve_with_incoming(incoming)
                         .await;
                 });
@@ -199,6 +271,11 @@ impl Receiver {
             Kind::Grpc => format!("http://127.0.0.1:{}", self.port),
             Kind::Http => format!("http://127.0.0.1:{}/v1/traces", self.port),
         }
+    }
+
+    /// Every metric data point received (cumulative: later points carry the totals).
+    pub fn metrics(&self) -> Vec<RMetric> {
+        self.store.metrics.lock().unwrap().clone()
     }
 
     pub fn spans(&self) -> Vec<RSpan> {
@@ -247,7 +324,8 @@ impl Drop for Receiver {
     }
 }
 
-/// POST /v1/traces with a protobuf body; answers 200 with an empty response message.
+/// POST /v1/traces (or /v1/metrics) with a protobuf body; answers 200 with an empty
+/// response message.
 async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()> {
     let mut r = BufReader::new(sock);
     loop {
@@ -271,7 +349,17 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         }
         let mut body = vec![0; len];
         r.read_exact(&mut body).await?;
-        let ok = line.starts_with("POST /v1/traces ") && store.add_raw(&body);
+        let ok = if line.starts_with("POST /v1/metrics ") {
+            match ExportMetricsServiceRequest::decode(body.as_slice()) {
+                Ok(req) => {
+                    store.metrics.lock().unwrap().extend(flatten_metrics(&req));
+                    true
+                }
+                Err(_) => false,
+            }
+        } else {
+            line.starts_with("POST /v1/traces ") && store.add_raw(&body)
+        };
         let status = if ok { "200 OK" } else { "400 Bad Request" };
         let resp = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
         let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n", resp.len());
