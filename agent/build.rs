@@ -1,12 +1,14 @@
 //! Builds the kernel programs (ebpf/zerotrace-ebpf) with the pinned nightly and bpf-linker,
 //! so that the agent embeds the exact object it was built with. `cargo xtask build` installs
-//! both; a bare `cargo build` on a machine without them stops here with what to run.
+//! both; a bare `cargo build` on a machine without them stops here with what to run. It also
+//! generates the local control service from proto/zerotrace/v1/agent.proto.
 use anyhow::{Context as _, anyhow};
 
 /// Must match ebpf/rust-toolchain.toml.
 const NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
+    control_service()?;
     if std::process::Command::new("bpf-linker").arg("--version").output().is_err() {
         return Err(anyhow!(
             "bpf-linker is not installed: run `cargo xtask build` (it installs bpf-linker and the {NIGHTLY} toolchain)"
@@ -30,4 +32,18 @@ fn main() -> anyhow::Result<()> {
         aya_build::Toolchain::Custom(NIGHTLY),
     )
     .with_context(|| format!("building the kernel programs with {NIGHTLY}; `cargo xtask build` installs what is missing"))
+}
+
+/// The local control service (proto/zerotrace/v1/agent.proto), compiled with protox (no
+/// protoc needed) and tonic's generator.
+fn control_service() -> anyhow::Result<()> {
+    let proto = "../proto/zerotrace/v1/agent.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["../proto"]).map_err(|e| anyhow!("compiling {proto}: {e}"))?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .context("generating the control service")?;
+    Ok(())
 }

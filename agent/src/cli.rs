@@ -35,6 +35,15 @@ pub enum Command {
     Tail(TailArgs),
     /// Show what the configuration file sets, and which settings the environment overrides.
     Config(ConfigArgs),
+    /// What a running agent traces, and its counters (through its control socket).
+    Status(StatusArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// The agent's control socket.
+    #[arg(long, value_name = "SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
+    pub connect: PathBuf,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -120,7 +129,7 @@ pub enum Inject {
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Process to trace (repeat for several). It keeps running; nothing in it changes.
-    #[arg(long = "pid", required_unless_present_any = ["exe", "port", "all"], value_name = "PID")]
+    #[arg(long = "pid", required_unless_present_any = ["exe", "port", "all", "connect"], value_name = "PID")]
     pub pids: Vec<u32>,
 
     /// Trace every Go process whose executable (full path or file name) matches this glob:
@@ -137,6 +146,14 @@ pub struct RunArgs {
     /// Trace every Go process on the machine, now and later (other programs are skipped).
     #[arg(long)]
     pub all: bool,
+
+    /// The local control socket this agent serves (`tail --connect`, `status`); off: none.
+    #[arg(long, value_name = "PATH|off", default_value = crate::control::DEFAULT_SOCKET)]
+    pub control_socket: String,
+
+    /// tail only: watch a running agent through its control socket instead of tracing.
+    #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::control::DEFAULT_SOCKET)]
+    pub connect: Option<PathBuf>,
 
     /// Also print each finished span as one line on stdout.
     #[arg(long)]

@@ -3,6 +3,7 @@
 //! (OTLP, terminal). `main.rs` is a thin CLI over `run` and `doctor`.
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod correlate;
 pub mod doctor;
 pub mod events;

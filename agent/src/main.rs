@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use tracing_subscriber::EnvFilter;
-use zerotrace::{cli::{Cli, Command}, config, doctor, run, settings};
+use zerotrace::{cli::{Cli, Command}, config, control, doctor, run, settings};
 
 /// mimalloc: the pipeline allocates small strings per span; glibc malloc showed up as a
 /// third of the agent's CPU under load.
@@ -33,6 +33,9 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let env = |k: &str| std::env::var(k).ok();
+            if args.connect.is_some() {
+                return fail(&"--connect is for `zerotrace tail` (and `zerotrace status`): `run` traces by itself");
+            }
             match settings::resolve(&args, &env) {
                 Ok(s) => run_agent(s),
                 Err(e) => fail(&e),
@@ -54,6 +57,16 @@ fn main() -> ExitCode {
                 },
             }
         }
+        Command::Status(args) => block_on(async move { control::status(&args.connect).await.map(|t| print!("{t}")) }),
+        Command::Tail(args) if args.run.connect.is_some() => {
+            let env = |k: &str| std::env::var(k).ok();
+            let color = std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none();
+            let socket = args.run.connect.clone().expect("checked");
+            match settings::resolve_tail(&args, &env, color) {
+                Ok(s) => block_on(async move { run::tail_remote(&socket, s.tail.expect("tail settings")).await }),
+                Err(e) => fail(&e),
+            }
+        }
         Command::Tail(args) => {
             let env = |k: &str| std::env::var(k).ok();
             let color = std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none();
@@ -71,6 +84,18 @@ fn run_agent(settings: settings::RunSettings) -> ExitCode {
         Err(e) => return fail(&e),
     };
     match rt.block_on(run::run(settings)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&e),
+    }
+}
+
+/// Runs a client future (tail --connect, status) on a small runtime.
+fn block_on<E: std::fmt::Display>(f: impl std::future::Future<Output = Result<(), E>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match rt.block_on(f) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(&e),
     }

@@ -133,6 +133,10 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut spans: Vec<Span> = Vec::with_capacity(1024);
     let started = Instant::now();
     let mut tail = s.tail.clone().map(Tail::new);
+    let control = match &s.control_socket {
+        Some(path) => crate::control::serve(path).await,
+        None => None,
+    };
     // RED metrics and the agent's counters over OTLP (with span export).
     let red: Option<SharedRed> = s.metrics_interval.map(|_| Arc::new(Mutex::new(Red::default())));
     let snapshot: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::new(Mutex::new(Vec::new()));
@@ -158,7 +162,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     loop {
         tokio::select! {
             _ = reader.wait(DRAIN_TICK) => {
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref());
                 if let Some(d) = &discover {
                     for pid in execs.drain(..) {
                         // A traced process that exec'd runs another program now.
@@ -180,7 +184,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     continue;
                 }
                 // Finish what the process sent before it went away.
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref());
                 probes.remove_target(pid);
                 correlator.forget_pid(pid);
                 traced.remove(&pid);
@@ -202,8 +206,12 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     }
                 }
                 catch_up(&mut probes, &mut traced);
-                if red.is_some() {
-                    *snapshot.lock().expect("not poisoned") = counters_list(&probes.counters(), &reader, &correlator, &stats);
+                if red.is_some() || control.is_some() {
+                    let list = counters_list(&probes.counters(), &reader, &correlator, &stats);
+                    if let Some(c) = &control {
+                        c.set_status(status_reply(&traced, &list, started));
+                    }
+                    *snapshot.lock().expect("not poisoned") = list;
                 }
                 // --port: processes that started listening since.
                 if let Some(d) = &discover {
@@ -223,7 +231,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     for pid in traced.keys().copied().collect::<Vec<_>>() {
         probes.remove_target(pid);
     }
-    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref());
+    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref());
     if let Some(t) = tail.as_mut() {
         print::print(&t.flush());
     }
@@ -238,6 +246,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     drop(probes);
     if let Some(e) = export {
         e.shutdown(FLUSH_DEADLINE).await;
+    }
+    if let (Some(path), Some(_)) = (&s.control_socket, &control) {
+        crate::control::unlink(path);
     }
     log_stats_values(&kernel, &reader, &correlator, &stats);
     if let Some(path) = &s.stats_file {
@@ -260,6 +271,7 @@ fn pump(
     tail: Option<&mut Tail>,
     execs: &mut Vec<u32>,
     red: Option<&SharedRed>,
+    control: Option<&crate::control::Control>,
 ) {
     reader.drain(|ev| match ev {
         crate::events::Event::ProcExec { pid } => execs.push(pid),
@@ -268,6 +280,11 @@ fn pump(
     let before = spans.len();
     spans.retain(|sp| correlator.sampling.keeps(&sp.trace_id));
     correlator.sampling.dropped += (before - spans.len()) as u64;
+    if let Some(c) = control.filter(|c| c.watched()) {
+        for sp in spans.iter() {
+            c.publish(sp, traced.get(&sp.pid).map_or("?", |t| t.service.as_str()));
+        }
+    }
     if let Some(r) = red {
         if !spans.is_empty() {
             let mut r = r.lock().expect("not poisoned");
@@ -583,4 +600,57 @@ async fn export_metrics(
             tracing::warn!(error = %why, "OTLP metrics export failed (counted; the next export carries the totals)");
         }
     }
+}
+
+/// What `zerotrace status` shows.
+fn status_reply(traced: &HashMap<u32, Traced>, counters: &[(&'static str, u64)], started: Instant) -> crate::control::proto::StatusReply {
+    use crate::control::proto::{Counter as C, StatusReply, Target as T};
+    let mut targets: Vec<T> = traced.iter().map(|(pid, t)| T { pid: *pid, service: t.service.clone() }).collect();
+    targets.sort_by_key(|t| t.pid);
+    StatusReply {
+        agent_pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: started.elapsed().as_secs(),
+        targets,
+        counters: counters.iter().map(|(n, v)| C { name: format!("zerotrace_{n}"), value: *v }).collect(),
+    }
+}
+
+/// `zerotrace tail --connect`: the spans of a running agent, through its control socket,
+/// drawn as by a tail that traces by itself. Ends at SIGINT/SIGTERM or when the agent goes.
+pub async fn tail_remote(socket: &std::path::Path, settings: crate::export::tail::TailSettings) -> Result<(), crate::control::ConnectError> {
+    let mut client = crate::control::connect(socket).await?;
+    let lost = |reason: String| crate::control::ConnectError::Lost { path: socket.display().to_string(), reason };
+    let mut stream = client.spans(crate::control::proto::SpansRequest {}).await.map_err(|e| lost(e.message().to_owned()))?.into_inner();
+    tracing::info!(socket = %socket.display(), "watching the agent's spans");
+    let mut tail = Tail::new(settings);
+    let mut services: HashMap<String, Arc<str>> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| lost(e.to_string()))?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| lost(e.to_string()))?;
+    let mut missed = 0u64;
+    let end = loop {
+        tokio::select! {
+            msg = stream.message() => match msg {
+                Ok(Some(rec)) => {
+                    if rec.dropped > missed {
+                        tracing::warn!(missed = rec.dropped - missed, "this tail was too slow: spans were dropped for it");
+                        missed = rec.dropped;
+                    }
+                    if let Some((span, service)) = crate::control::span_of(&rec) {
+                        let svc = services.entry(service.clone()).or_insert_with(|| Arc::from(service.as_str())).clone();
+                        let late = tail.offer(&span, &svc, Instant::now());
+                        print::print(&late.into_iter().collect::<Vec<_>>());
+                    }
+                }
+                Ok(None) => break Err(lost("the agent stopped".into())),
+                Err(e) => break Err(lost(e.message().to_owned())),
+            },
+            _ = tick.tick() => print::print(&tail.due(Instant::now())),
+            _ = sigint.recv() => break Ok(()),
+            _ = sigterm.recv() => break Ok(()),
+        }
+    };
+    print::print(&tail.flush());
+    end
 }

@@ -23,6 +23,8 @@ pub struct ExportSettings {
 #[derive(Clone, Debug)]
 pub struct RunSettings {
     pub pids: Vec<u32>,
+    /// The control socket to serve (None: off).
+    pub control_socket: Option<std::path::PathBuf>,
     /// OTLP metrics every this often (None: no metrics).
     pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
@@ -207,6 +209,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         .collect::<Result<Vec<_>, _>>()?;
     Ok(RunSettings {
         pids: args.pids.clone(),
+        control_socket: (args.control_socket != "off").then(|| args.control_socket.clone().into()),
         metrics_interval,
         exe_globs,
         ports: args.port.clone(),

@@ -1,0 +1,279 @@
+//! The local control service of `zerotrace run` (proto/zerotrace/v1/agent.proto) on a unix
+//! socket, mode 0600: `zerotrace tail --connect` streams the spans a running agent finishes,
+//! `zerotrace status` asks what it traces and its counters. Several clients may watch; a
+//! slow one loses spans (counted in its records), the agent never waits for it.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::broadcast;
+use tokio_stream::{StreamExt, wrappers::{BroadcastStream, UnixListenerStream, errors::BroadcastStreamRecvError}};
+
+use crate::spans::{Span, SpanId, SpanKind, Status, TraceId, Value};
+
+pub mod proto {
+    tonic::include_proto!("zerotrace.v1");
+}
+
+use proto::{
+    Attribute, SpanRecord, SpansRequest, StatusReply, StatusRequest, attribute,
+    agent_client::AgentClient,
+    agent_server::{Agent, AgentServer},
+};
+
+/// Where `zerotrace run` listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/zerotrace/agent.sock";
+/// Spans buffered per watching client.
+const PER_CLIENT: usize = 4096;
+
+/// The agent's side: what clients see.
+#[derive(Clone)]
+pub struct Control {
+    spans: broadcast::Sender<SpanRecord>,
+    status: Arc<Mutex<StatusReply>>,
+}
+
+impl Control {
+    /// Whether anyone watches (spans are converted only then).
+    pub fn watched(&self) -> bool {
+        self.spans.receiver_count() > 0
+    }
+
+    pub fn publish(&self, s: &Span, service: &str) {
+        let _ = self.spans.send(record(s, service));
+    }
+
+    pub fn set_status(&self, reply: StatusReply) {
+        *self.status.lock().expect("not poisoned") = reply;
+    }
+}
+
+struct Svc(Control);
+
+#[tonic::async_trait]
+impl Agent for Svc {
+    type SpansStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<SpanRecord, tonic::Status>> + Send>>;
+
+    async fn spans(&self, _: tonic::Request<SpansRequest>) -> Result<tonic::Response<Self::SpansStream>, tonic::Status> {
+        let mut missed = 0u64;
+        let stream = BroadcastStream::new(self.0.spans.subscribe()).filter_map(move |r| match r {
+            Ok(mut rec) => {
+                rec.dropped = missed;
+                Some(Ok(rec))
+            }
+            Err(BroadcastStreamRecvError::Lagged(n)) => {
+                missed += n;
+                None
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+
+    async fn status(&self, _: tonic::Request<StatusRequest>) -> Result<tonic::Response<StatusReply>, tonic::Status> {
+        Ok(tonic::Response::new(self.0.status.lock().expect("not poisoned").clone()))
+    }
+}
+
+/// Starts serving on `path`. A live socket of another agent there is left alone (None, said
+/// in the log); a stale one is replaced.
+pub async fn serve(path: &Path) -> Option<Control> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            tracing::warn!(path = %path.display(), "another zerotrace agent serves this control socket; this one serves none (use --control-socket PATH)");
+            return None;
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    if let Some(dir) = path.parent() {
+        if std::fs::create_dir_all(dir).is_ok() {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+        }
+    }
+    let listener = match tokio::net::UnixListener::bind(path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot serve the control socket: tail --connect and status will not reach this agent");
+            return None;
+        }
+    };
+    // Only this user (root, normally) may watch: spans can hold what requests carried.
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+    let (tx, _) = broadcast::channel(PER_CLIENT);
+    let control = Control { spans: tx, status: Arc::new(Mutex::new(StatusReply::default())) };
+    let svc = AgentServer::new(Svc(control.clone()));
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(UnixListenerStream::new(listener)).await;
+    });
+    tracing::info!(path = %path.display(), "control socket: zerotrace tail --connect / zerotrace status");
+    Some(control)
+}
+
+/// Removes the socket file (at exit).
+pub fn unlink(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+fn record(s: &Span, service: &str) -> SpanRecord {
+    SpanRecord {
+        trace_id: s.trace_id.0.to_vec(),
+        span_id: s.span_id.0.to_vec(),
+        parent_span_id: s.parent.map(|p| p.0.to_vec()).unwrap_or_default(),
+        parent_is_remote: s.parent_is_remote,
+        pid: s.pid,
+        service: service.to_owned(),
+        kind: match s.kind {
+            SpanKind::Server => 1,
+            SpanKind::Client => 2,
+            SpanKind::Internal => 3,
+        },
+        name: s.name.clone(),
+        start_unix_nano: s.start_unix_ns,
+        end_unix_nano: s.end_unix_ns,
+        error: matches!(s.status, Status::Error(_)),
+        status_message: match &s.status {
+            Status::Error(m) => m.clone(),
+            Status::Unset => String::new(),
+        },
+        attributes: s
+            .attributes
+            .iter()
+            .map(|(k, v)| Attribute {
+                key: (*k).to_owned(),
+                value: Some(match v {
+                    Value::Int(i) => attribute::Value::Int(*i),
+                    other => attribute::Value::Str(other.to_string()),
+                }),
+            })
+            .collect(),
+        dropped: 0,
+    }
+}
+
+/// A received record as a span again (attribute keys leaked once per distinct key, a
+/// bounded set in practice: the agent's own attribute names).
+pub fn span_of(r: &SpanRecord) -> Option<(Span, String)> {
+    let id16 = <[u8; 16]>::try_from(r.trace_id.as_slice()).ok()?;
+    let id8 = <[u8; 8]>::try_from(r.span_id.as_slice()).ok()?;
+    let parent = <[u8; 8]>::try_from(r.parent_span_id.as_slice()).ok().map(SpanId);
+    let attributes = r
+        .attributes
+        .iter()
+        .filter_map(|a| {
+            let key = intern(&a.key);
+            Some((key, match a.value.as_ref()? {
+                attribute::Value::Int(i) => Value::Int(*i),
+                attribute::Value::Str(s) => Value::Str(s.clone()),
+            }))
+        })
+        .collect();
+    let span = Span {
+        pid: r.pid,
+        trace_id: TraceId(id16),
+        span_id: SpanId(id8),
+        parent,
+        parent_is_remote: r.parent_is_remote,
+        trace_state: None,
+        kind: match r.kind {
+            1 => SpanKind::Server,
+            2 => SpanKind::Client,
+            _ => SpanKind::Internal,
+        },
+        name: r.name.clone(),
+        start_unix_ns: r.start_unix_nano,
+        end_unix_ns: r.end_unix_nano,
+        attributes,
+        status: if r.error { Status::Error(r.status_message.clone()) } else { Status::Unset },
+    };
+    Some((span, r.service.clone()))
+}
+
+/// Attribute names as the `&'static str` spans use; each distinct name is stored once.
+fn intern(key: &str) -> &'static str {
+    static KEYS: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut keys = KEYS.lock().expect("not poisoned");
+    if let Some(k) = keys.iter().find(|k| **k == key) {
+        return k;
+    }
+    if keys.len() >= 1024 {
+        return "zerotrace.attribute";
+    }
+    let k: &'static str = Box::leak(key.to_owned().into_boxed_str());
+    keys.push(k);
+    k
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("no zerotrace agent serves {path} ({reason}); start one with `zerotrace run ...` (it serves {DEFAULT_SOCKET} unless told otherwise) or give its --control-socket path")]
+    Unreachable { path: String, reason: String },
+    #[error("the agent at {path} went away: {reason}")]
+    Lost { path: String, reason: String },
+}
+
+/// A client of the agent at `path`.
+pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channel>, ConnectError> {
+    let p: PathBuf = path.to_owned();
+    let unreachable = |reason: String| ConnectError::Unreachable { path: path.display().to_string(), reason };
+    let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")
+        .connect_timeout(Duration::from_secs(3))
+        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+            let p = p.clone();
+            async move { tokio::net::UnixStream::connect(p).await.map(hyper_util::rt::TokioIo::new) }
+        }))
+        .await
+        .map_err(|e| unreachable(format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default())))?;
+    Ok(AgentClient::new(channel))
+}
+
+/// `zerotrace status`: one text block.
+pub async fn status(path: &Path) -> Result<String, ConnectError> {
+    let mut c = connect(path).await?;
+    let r = c
+        .status(StatusRequest {})
+        .await
+        .map_err(|e| ConnectError::Lost { path: path.display().to_string(), reason: e.message().to_owned() })?
+        .into_inner();
+    let mut out = format!("zerotrace {} (pid {}), up {} s, tracing {} process(es)\n", r.version, r.agent_pid, r.uptime_seconds, r.targets.len());
+    for t in &r.targets {
+        out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));
+    }
+    out.push_str("counters (non-zero):\n");
+    for c in r.counters.iter().filter(|c| c.value > 0) {
+        out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_to_spans() {
+        let s = Span {
+            pid: 9,
+            trace_id: TraceId([3; 16]),
+            span_id: SpanId([4; 8]),
+            parent: Some(SpanId([5; 8])),
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Client,
+            name: "GET".into(),
+            start_unix_ns: 10,
+            end_unix_ns: 20,
+            attributes: vec![("http.response.status_code", Value::Int(503)), ("url.full", Value::Static("http://x/y"))],
+            status: Status::Error("bad".into()),
+        };
+        let (back, service) = span_of(&record(&s, "front")).unwrap();
+        assert_eq!(service, "front");
+        assert_eq!(back.attributes[0], ("http.response.status_code", Value::Int(503)));
+        assert_eq!(back.attributes[1], ("url.full", Value::Str("http://x/y".into())));
+        assert_eq!((back.trace_id, back.span_id, back.parent, back.kind, back.status), (s.trace_id, s.span_id, s.parent, s.kind, s.status));
+        let mut bad = record(&s, "x");
+        bad.trace_id.truncate(3);
+        assert!(span_of(&bad).is_none(), "malformed records are skipped, never a panic");
+    }
+}
