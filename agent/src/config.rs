@@ -33,6 +33,7 @@ const ENV_OF: &[(&str, &[&str])] = &[
     ("batch-delay", &["OTEL_BSP_SCHEDULE_DELAY"]),
     ("sampler", &["OTEL_TRACES_SAMPLER"]),
     ("sampler-arg", &["OTEL_TRACES_SAMPLER_ARG"]),
+    ("metrics", &["OTEL_METRICS_EXPORTER"]),
 ];
 
 /// The environment variables of `key`, if OpenTelemetry defines some.

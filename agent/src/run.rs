@@ -103,7 +103,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
     let mut traced: HashMap<u32, Traced> = HashMap::new();
 
-    let mut ctx = AttachCtx { s: &s, resources: &resources, exit_tx: exit_tx.clone() };
+    let mut ctx = AttachCtx { s: &s, resources: &resources, exit_tx: exit_tx.clone(), rejected: HashMap::new() };
     for (target, exe) in &targets {
         let t = attach_target(&mut probes, &mut ctx, target, exe)?;
         traced.insert(target.pid, t);
@@ -169,6 +169,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                         if traced.remove(&pid).is_some() {
                             probes.remove_target(pid);
                             correlator.forget_pid(pid);
+                            if let Some(r) = &red {
+                                r.lock().expect("not poisoned").forget_pid(pid);
+                            }
                             tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
                         }
                         if d.matches(pid) {
@@ -178,6 +181,10 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                 }
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = tokio::time::sleep(Duration::from_millis(200)), if s.tail.is_some() && print::stdout_closed() => {
+                tracing::info!("stdout closed: detaching");
+                break;
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             Some(pid) = exit_rx.recv() => {
                 if !traced.contains_key(&pid) {
@@ -243,10 +250,12 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         let mut sink = MetricsSink::new(&s.export);
         let _ = tokio::time::timeout(FLUSH_DEADLINE, export_metrics(&mut sink, r, &resources, &snapshot, metrics_start, &metrics_errors)).await;
     }
-    drop(probes);
+    // Spans first; then wait for the uprobes to be gone (the kernel removes them one at a
+    // time: seconds per process).
     if let Some(e) = export {
         e.shutdown(FLUSH_DEADLINE).await;
     }
+    drop(probes);
     if let (Some(path), Some(_)) = (&s.control_socket, &control) {
         crate::control::unlink(path);
     }
@@ -277,18 +286,20 @@ fn pump(
         crate::events::Event::ProcExec { pid } => execs.push(pid),
         other => correlator.on_event(other, spans),
     });
+    // Metrics count every request, sampled or not (a 10% sampler must not make rates 10x
+    // lower).
+    if let Some(r) = red {
+        if !spans.is_empty() {
+            let mut r = r.lock().expect("not poisoned");
+            spans.iter().for_each(|sp| r.record(sp));
+        }
+    }
     let before = spans.len();
     spans.retain(|sp| correlator.sampling.keeps(&sp.trace_id));
     correlator.sampling.dropped += (before - spans.len()) as u64;
     if let Some(c) = control.filter(|c| c.watched()) {
         for sp in spans.iter() {
             c.publish(sp, traced.get(&sp.pid).map_or("?", |t| t.service.as_str()));
-        }
-    }
-    if let Some(r) = red {
-        if !spans.is_empty() {
-            let mut r = r.lock().expect("not poisoned");
-            spans.iter().for_each(|sp| r.record(sp));
         }
     }
     if let Some(t) = tail {
@@ -334,12 +345,14 @@ fn catch_up(probes: &mut Probes, traced: &mut HashMap<u32, Traced>) {
 }
 
 /// Tells the run loop when `pid` exits, via a pidfd (no polling).
-fn watch_exit(pid: u32, tx: mpsc::UnboundedSender<u32>) {
+/// Reports `pid` on `tx` when that process exits. False: it is gone already (or cannot be
+/// watched).
+fn watch_exit(pid: u32, tx: mpsc::UnboundedSender<u32>) -> bool {
     // SAFETY: pidfd_open with valid arguments; the result is checked.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
     if fd < 0 {
-        tracing::warn!(pid, "cannot watch the process for exit (pidfd_open failed)");
-        return;
+        tracing::warn!(pid, "cannot watch the process for exit (pidfd_open failed): not traced");
+        return false;
     }
     // SAFETY: a fresh fd we own.
     let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
@@ -350,6 +363,7 @@ fn watch_exit(pid: u32, tx: mpsc::UnboundedSender<u32>) {
         }
         let _ = tx.send(pid);
     });
+    true
 }
 
 fn counters_list<'a>(
@@ -424,6 +438,8 @@ struct AttachCtx<'a> {
     s: &'a RunSettings,
     resources: &'a Resources,
     exit_tx: mpsc::UnboundedSender<u32>,
+    /// Discovered processes that could not be traced, with their start time.
+    rejected: HashMap<u32, u64>,
 }
 
 /// Starts tracing one inspected process: its resource, its kernel configuration, its
@@ -431,6 +447,11 @@ struct AttachCtx<'a> {
 fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, exe: &crate::symbols::Executable) -> Result<Traced, RunError> {
     let s = ctx.s;
     let pid = target.pid;
+    // The exit watch first: a process that exits while it is being attached must not stay
+    // "traced" forever (its pid then blocks a later process with the same pid).
+    if !watch_exit(pid, ctx.exit_tx.clone()) {
+        return Err(RunError::Target(crate::model::target::TargetError::NoSuchProcess(pid)));
+    }
     let attrs = attributes(target, s.service_name.as_deref(), s.env_service_name.as_deref(), &s.resource_attrs);
     let service = match &attrs[0].1 {
         AttrValue::Str(v) => v.clone(),
@@ -464,7 +485,6 @@ fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, 
             return Err(RunError::Attach { pid, source });
         }
     };
-    watch_exit(pid, ctx.exit_tx.clone());
     tracing::info!(
         pid,
         exe = %target.exe_path.display(),
@@ -563,16 +583,38 @@ fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut Has
     if traced.contains_key(&pid) {
         return;
     }
-    match Target::inspect(pid) {
+    // A process that was refused once is not inspected again (--port looks every second)
+    // until its pid names another process (an exec, or a new process).
+    let started = proc::start_ticks(pid);
+    if started.is_some() && ctx.rejected.get(&pid) == started.as_ref() {
+        return;
+    }
+    let refused = match Target::inspect(pid) {
         Ok((target, exe)) => match attach_target(probes, ctx, &target, &exe) {
             Ok(t) => {
                 traced.insert(pid, t);
+                false
             }
-            Err(e) => tracing::warn!(pid, error = %e, "discovered process not traced"),
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "discovered process not traced");
+                true
+            }
         },
-        Err(crate::model::target::TargetError::NotGo { .. }) => tracing::debug!(pid, "discovered process is not a Go program"),
-        Err(crate::model::target::TargetError::NoSuchProcess(_)) => {}
-        Err(e) => tracing::warn!(pid, error = %e, "discovered process not traced"),
+        Err(crate::model::target::TargetError::NotGo { .. }) => {
+            tracing::debug!(pid, "discovered process is not a Go program");
+            true
+        }
+        Err(crate::model::target::TargetError::NoSuchProcess(_)) => false,
+        Err(e) => {
+            tracing::warn!(pid, error = %e, "discovered process not traced");
+            true
+        }
+    };
+    if let (true, Some(t)) = (refused, started) {
+        if ctx.rejected.len() >= 65_536 {
+            ctx.rejected.retain(|p, _| proc::exists(*p));
+        }
+        ctx.rejected.insert(pid, t);
     }
 }
 

@@ -35,6 +35,12 @@ use crate::{
 /// Bucket boundaries of duration histograms (seconds), as the HTTP semantic conventions
 /// recommend.
 pub const BOUNDS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0];
+/// Database operations: the database semantic conventions' boundaries (as many buckets).
+pub const DB_BOUNDS: [f64; 14] = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 7.5, 10.0];
+
+fn bounds_of(metric: &str) -> &'static [f64; 14] {
+    if metric == "db.client.operation.duration" { &DB_BOUNDS } else { &BOUNDS }
+}
 /// Series (process, metric, attribute set) kept at most; more are dropped and counted.
 pub const MAX_SERIES: usize = 16_384;
 
@@ -108,7 +114,8 @@ impl Red {
         }
         let secs = s.duration_ns() as f64 / 1e9;
         let h = self.series.entry(key).or_default();
-        let bucket = BOUNDS.iter().position(|b| secs <= *b).unwrap_or(BOUNDS.len());
+        let bounds = bounds_of(metric);
+        let bucket = bounds.iter().position(|b| secs <= *b).unwrap_or(bounds.len());
         h.counts[bucket] += 1;
         if h.count == 0 || secs < h.min {
             h.min = secs;
@@ -158,7 +165,7 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
             count: h.count,
             sum: Some(h.sum),
             bucket_counts: h.counts.to_vec(),
-            explicit_bounds: BOUNDS.to_vec(),
+            explicit_bounds: bounds_of(k.metric).to_vec(),
             min: Some(h.min),
             max: Some(h.max),
             ..Default::default()
@@ -170,7 +177,17 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
     for (pid, metrics) in by_pid {
         let attributes = res
             .get(&pid)
-            .map(|r| r.iter().map(|(k, v)| kv(k.as_str(), any_value::Value::StringValue(v.to_string()))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(k, v)| {
+                        let v = match v {
+                            opentelemetry::Value::I64(i) => any_value::Value::IntValue(*i),
+                            other => any_value::Value::StringValue(other.to_string()),
+                        };
+                        kv(k.as_str(), v)
+                    })
+                    .collect()
+            })
             .unwrap_or_default();
         let metrics = metrics
             .into_iter()

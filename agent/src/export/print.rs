@@ -38,14 +38,32 @@ pub fn line(s: &Span, service: &str) -> String {
     out
 }
 
-/// Writes lines to stdout; a closed stdout (e.g. `| head`) is not an error.
+static CLOSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes lines to stdout; a closed stdout (e.g. `| head`) is not an error, it is noted
+/// (`stdout_closed`): a tail whose reader went away stops.
 pub fn print(lines: &[String]) {
+    if lines.is_empty() {
+        return;
+    }
     let stdout = std::io::stdout();
     let mut lock = stdout.lock();
     for l in lines {
-        if writeln!(lock, "{l}").is_err() {
+        if let Err(e) = writeln!(lock, "{l}") {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             return;
         }
     }
-    let _ = lock.flush();
+    if let Err(e) = lock.flush() {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether whoever read stdout has gone (a broken pipe).
+pub fn stdout_closed() -> bool {
+    CLOSED.load(std::sync::atomic::Ordering::Relaxed)
 }

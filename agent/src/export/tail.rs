@@ -69,7 +69,9 @@ pub struct Tail {
     s: TailSettings,
     waiting: HashMap<TraceId, Waiting>,
     order: VecDeque<TraceId>,
-    printed: HashSet<TraceId>,
+    /// Printed traces, and whether they were shown (passed the filters): a late span is
+    /// printed only with a shown trace.
+    printed: HashMap<TraceId, bool>,
     printed_order: VecDeque<TraceId>,
     /// Spans dropped because their trace had MAX_SPANS_PER_TRACE already.
     pub dropped: u64,
@@ -77,14 +79,14 @@ pub struct Tail {
 
 impl Tail {
     pub fn new(s: TailSettings) -> Self {
-        Self { s, waiting: HashMap::new(), order: VecDeque::new(), printed: HashSet::new(), printed_order: VecDeque::new(), dropped: 0 }
+        Self { s, waiting: HashMap::new(), order: VecDeque::new(), printed: HashMap::new(), printed_order: VecDeque::new(), dropped: 0 }
     }
 
     /// A finished span of process `service`. Returns output for a span whose trace was
     /// printed already (late), else nothing yet.
     pub fn offer(&mut self, span: &Span, service: &Arc<str>, now: Instant) -> Option<String> {
-        if self.printed.contains(&span.trace_id) {
-            if !self.s.filter.matches(span, service) && !self.s.json {
+        if let Some(shown) = self.printed.get(&span.trace_id) {
+            if !shown {
                 return None;
             }
             return Some(if self.s.json { json_line(span, service) } else { self.late_line(span, service) });
@@ -97,7 +99,7 @@ impl Tail {
             self.dropped += 1;
             return None;
         }
-        if span.parent.is_none() || span.parent_is_remote {
+        if span.parent.is_none_or(|p| p == span.span_id) || span.parent_is_remote {
             w.root_at = Some(now);
         }
         w.spans.push((span.clone(), service.clone()));
@@ -136,14 +138,15 @@ impl Tail {
     fn emit(&mut self, t: TraceId, out: &mut Vec<String>) {
         let Some(w) = self.waiting.remove(&t) else { return };
         self.order.retain(|x| *x != t);
-        self.printed.insert(t);
+        let shown = w.spans.iter().any(|(s, svc)| self.s.filter.matches(s, svc));
+        self.printed.insert(t, shown);
         self.printed_order.push_back(t);
         while self.printed_order.len() > MAX_PRINTED {
             if let Some(old) = self.printed_order.pop_front() {
                 self.printed.remove(&old);
             }
         }
-        if !w.spans.iter().any(|(s, svc)| self.s.filter.matches(s, svc)) {
+        if !shown {
             return;
         }
         if self.s.json {
@@ -160,7 +163,7 @@ impl Tail {
         let mut children: HashMap<SpanId, Vec<usize>> = HashMap::new();
         let mut roots = Vec::new();
         for (i, (s, _)) in spans.iter().enumerate() {
-            match s.parent.filter(|p| ids.contains(p)) {
+            match s.parent.filter(|p| ids.contains(p) && *p != s.span_id) {
                 Some(p) => children.entry(p).or_default().push(i),
                 None => roots.push(i),
             }
@@ -187,7 +190,17 @@ impl Tail {
         // from its one parent, and roots have none in the trace).
         let mut stack: Vec<(usize, String, bool, bool)> = roots.iter().rev().map(|&i| (i, String::new(), true, true)).collect();
         let mut seen = HashSet::new();
-        while let Some((i, prefix, last, root)) = stack.pop() {
+        loop {
+            let Some((i, prefix, last, root)) = stack.pop() else {
+                // Spans in a parent cycle are reached from no root: each starts a tree.
+                match (0..spans.len()).find(|i| !seen.contains(i)) {
+                    Some(i) => {
+                        stack.push((i, String::new(), true, true));
+                        continue;
+                    }
+                    None => break,
+                }
+            };
             if !seen.insert(i) {
                 continue;
             }
@@ -376,5 +389,27 @@ mod tests {
         let out = t.flush();
         assert_eq!(out.len(), 1);
         assert!(out[0].contains("1 error") && out[0].contains("GET /fail/ 200 0.000ms ERROR"), "{}", out[0]);
+    }
+
+    #[test]
+    fn odd_parents_are_drawn_and_late_spans_follow_their_trees_filter() {
+        let mut t = Tail::new(settings(Filter { errors: true, ..Filter::default() }, false));
+        let svc: Arc<str> = "s".into();
+        let now = Instant::now();
+        // A span that names itself as parent is a root; two spans that name each other are
+        // still drawn.
+        let mut bad = span(8, 1, Some(1), "self", 0, 10, SpanKind::Server);
+        bad.status = Status::Error(String::new());
+        t.offer(&bad, &svc, now);
+        t.offer(&span(8, 2, Some(3), "a", 0, 5, SpanKind::Client), &svc, now);
+        t.offer(&span(8, 3, Some(2), "b", 0, 5, SpanKind::Client), &svc, now);
+        let out = t.due(now + Duration::from_millis(200));
+        assert_eq!(out.len(), 1, "the root arrived: printed after the grace");
+        assert!(out[0].contains("s SERVER self") && out[0].contains(" a ") && out[0].contains(" b "), "{}", out[0]);
+        // A trace filtered out: its late spans are not printed either.
+        t.offer(&span(9, 1, None, "ok", 0, 10, SpanKind::Server), &svc, now);
+        assert!(t.flush().is_empty());
+        assert!(t.offer(&span(9, 2, Some(1), "late", 0, 5, SpanKind::Client), &svc, now).is_none());
+        assert!(t.offer(&span(8, 4, Some(1), "late", 0, 5, SpanKind::Client), &svc, now).is_some(), "a shown trace's late span is");
     }
 }

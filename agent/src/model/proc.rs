@@ -96,6 +96,14 @@ pub fn socket_fds(pid: u32) -> io::Result<HashMap<u64, u32>> {
     Ok(out)
 }
 
+/// When process `pid` started (clock ticks after boot, /proc/PID/stat field 22): with the
+/// pid, it names one process (pids are reused).
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = stat.rsplit_once(')')?.1;
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Processes with a socket whose inode is in `inodes` (listening sockets of the ports asked
 /// for), except `skip`.
 pub fn pids_with_sockets(inodes: &std::collections::HashSet<u64>, skip: &dyn Fn(u32) -> bool) -> Vec<u32> {
