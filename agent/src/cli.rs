@@ -41,9 +41,12 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
-    /// The agent's control socket.
+    /// The agent's control socket (a path, or tcp://HOST:PORT with --token).
     #[arg(long, value_name = "SOCKET", default_value = crate::control::DEFAULT_SOCKET)]
     pub connect: PathBuf,
+    /// The token of a TCP control service.
+    #[arg(long, env = "ZEROTRACE_CONTROL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -151,7 +154,18 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH|off", default_value = crate::control::DEFAULT_SOCKET)]
     pub control_socket: String,
 
-    /// tail only: watch a running agent through its control socket instead of tracing.
+    /// Also serve the control service on TCP at this address (e.g. 127.0.0.1:7171); clients
+    /// must present --control-token.
+    #[arg(long, value_name = "ADDR", requires = "control_token")]
+    pub control_tcp: Option<std::net::SocketAddr>,
+
+    /// The token TCP clients of the control service present (and `tail --connect
+    /// tcp://...` sends).
+    #[arg(long, env = "ZEROTRACE_CONTROL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
+    pub control_token: Option<String>,
+
+    /// tail only: watch a running agent through its control socket instead of tracing
+    /// (a path, or tcp://HOST:PORT with --control-token).
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::control::DEFAULT_SOCKET)]
     pub connect: Option<PathBuf>,
 

@@ -77,6 +77,51 @@ impl Agent for Svc {
     }
 }
 
+impl Control {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(PER_CLIENT);
+        Control { spans: tx, status: Arc::new(Mutex::new(StatusReply::default())) }
+    }
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Checks `authorization: Bearer <token>` on TCP (constant time).
+#[derive(Clone)]
+struct TokenCheck(Arc<str>);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let got = req.metadata().get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+        let want = format!("Bearer {}", self.0);
+        let same = got.len() == want.len() && got.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same { Ok(req) } else { Err(tonic::Status::unauthenticated("a valid token is needed (--control-token / ZEROTRACE_CONTROL_TOKEN)")) }
+    }
+}
+
+/// Also serves `control` on TCP at `addr` (only when asked), for clients that present
+/// `token`.
+pub async fn serve_tcp(addr: std::net::SocketAddr, token: &str, control: &Control) -> bool {
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%addr, error = %e, "cannot serve the control service on TCP");
+            return false;
+        }
+    };
+    let svc = AgentServer::with_interceptor(Svc(control.clone()), TokenCheck(Arc::from(token)));
+    tokio::spawn(async move {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await;
+    });
+    tracing::info!(%addr, "control service on TCP (token required)");
+    true
+}
+
 /// Starts serving on `path`. A live socket of another agent there is left alone (None, said
 /// in the log); a stale one is replaced.
 pub async fn serve(path: &Path) -> Option<Control> {
@@ -101,8 +146,7 @@ pub async fn serve(path: &Path) -> Option<Control> {
     };
     // Only this user (root, normally) may watch: spans can hold what requests carried.
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
-    let (tx, _) = broadcast::channel(PER_CLIENT);
-    let control = Control { spans: tx, status: Arc::new(Mutex::new(StatusReply::default())) };
+    let control = Control::new();
     let svc = AgentServer::new(Svc(control.clone()));
     tokio::spawn(async move {
         let _ = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(UnixListenerStream::new(listener)).await;
@@ -213,24 +257,53 @@ pub enum ConnectError {
     Lost { path: String, reason: String },
 }
 
-/// A client of the agent at `path`.
-pub async fn connect(path: &Path) -> Result<AgentClient<tonic::transport::Channel>, ConnectError> {
+/// Adds the token to a TCP client's requests.
+#[derive(Clone)]
+pub struct WithToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Client = AgentClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithToken>>;
+
+/// A client of the agent at `path`: a unix socket, or `tcp://HOST:PORT` with `token`.
+pub async fn connect(path: &Path, token: Option<&str>) -> Result<Client, ConnectError> {
     let p: PathBuf = path.to_owned();
     let unreachable = |reason: String| ConnectError::Unreachable { path: path.display().to_string(), reason };
-    let channel = tonic::transport::Endpoint::from_static("http://[::1]:50051")
-        .connect_timeout(Duration::from_secs(3))
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let p = p.clone();
-            async move { tokio::net::UnixStream::connect(p).await.map(hyper_util::rt::TokioIo::new) }
-        }))
-        .await
-        .map_err(|e| unreachable(format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default())))?;
-    Ok(AgentClient::new(channel))
+    let why = |e: tonic::transport::Error| format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+    let text = path.to_string_lossy();
+    let channel = match text.strip_prefix("tcp://") {
+        Some(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| unreachable(why(e)))?,
+        None => tonic::transport::Endpoint::from_static("http://[::1]:50051")
+            .connect_timeout(Duration::from_secs(3))
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let p = p.clone();
+                async move { tokio::net::UnixStream::connect(p).await.map(hyper_util::rt::TokioIo::new) }
+            }))
+            .await
+            .map_err(|e| unreachable(why(e)))?,
+    };
+    let token = match token {
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| unreachable("the token is not valid header text".into()))?),
+        None => None,
+    };
+    Ok(AgentClient::with_interceptor(channel, WithToken(token)))
 }
 
 /// `zerotrace status`: one text block.
-pub async fn status(path: &Path) -> Result<String, ConnectError> {
-    let mut c = connect(path).await?;
+pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectError> {
+    let mut c = connect(path, token).await?;
     let r = c
         .status(StatusRequest {})
         .await

@@ -57,13 +57,16 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Command::Status(args) => block_on(async move { control::status(&args.connect).await.map(|t| print!("{t}")) }),
+        Command::Status(args) => block_on(async move { control::status(&args.connect, args.token.as_deref()).await.map(|t| print!("{t}")) }),
         Command::Tail(args) if args.run.connect.is_some() => {
             let env = |k: &str| std::env::var(k).ok();
             let color = std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none();
             let socket = args.run.connect.clone().expect("checked");
             match settings::resolve_tail(&args, &env, color) {
-                Ok(s) => block_on(async move { run::tail_remote(&socket, s.tail.expect("tail settings")).await }),
+                Ok(s) => {
+                    let token = args.run.control_token.clone();
+                    block_on(async move { run::tail_remote(&socket, token.as_deref(), s.tail.expect("tail settings")).await })
+                }
                 Err(e) => fail(&e),
             }
         }

@@ -133,10 +133,16 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut spans: Vec<Span> = Vec::with_capacity(1024);
     let started = Instant::now();
     let mut tail = s.tail.clone().map(Tail::new);
-    let control = match &s.control_socket {
+    let mut control = match &s.control_socket {
         Some(path) => crate::control::serve(path).await,
         None => None,
     };
+    // Only a socket this agent made is removed at exit.
+    let own_socket = control.is_some();
+    if let (Some(addr), Some(token)) = (s.control_tcp, s.control_token.as_deref()) {
+        let c = control.get_or_insert_with(crate::control::Control::new);
+        crate::control::serve_tcp(addr, token, c).await;
+    }
     // RED metrics and the agent's counters over OTLP (with span export).
     let red: Option<SharedRed> = s.metrics_interval.map(|_| Arc::new(Mutex::new(Red::default())));
     let snapshot: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::new(Mutex::new(Vec::new()));
@@ -256,7 +262,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         e.shutdown(FLUSH_DEADLINE).await;
     }
     drop(probes);
-    if let (Some(path), Some(_)) = (&s.control_socket, &control) {
+    if let (Some(path), true) = (&s.control_socket, own_socket) {
         crate::control::unlink(path);
     }
     log_stats_values(&kernel, &reader, &correlator, &stats);
@@ -660,8 +666,8 @@ fn status_reply(traced: &HashMap<u32, Traced>, counters: &[(&'static str, u64)],
 
 /// `zerotrace tail --connect`: the spans of a running agent, through its control socket,
 /// drawn as by a tail that traces by itself. Ends at SIGINT/SIGTERM or when the agent goes.
-pub async fn tail_remote(socket: &std::path::Path, settings: crate::export::tail::TailSettings) -> Result<(), crate::control::ConnectError> {
-    let mut client = crate::control::connect(socket).await?;
+pub async fn tail_remote(socket: &std::path::Path, token: Option<&str>, settings: crate::export::tail::TailSettings) -> Result<(), crate::control::ConnectError> {
+    let mut client = crate::control::connect(socket, token).await?;
     let lost = |reason: String| crate::control::ConnectError::Lost { path: socket.display().to_string(), reason };
     let mut stream = client.spans(crate::control::proto::SpansRequest {}).await.map_err(|e| lost(e.message().to_owned()))?.into_inner();
     tracing::info!(socket = %socket.display(), "watching the agent's spans");

@@ -25,6 +25,9 @@ pub struct RunSettings {
     pub pids: Vec<u32>,
     /// The control socket to serve (None: off).
     pub control_socket: Option<std::path::PathBuf>,
+    /// `--control-tcp` and its token.
+    pub control_tcp: Option<std::net::SocketAddr>,
+    pub control_token: Option<String>,
     /// OTLP metrics every this often (None: no metrics).
     pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
@@ -210,6 +213,8 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     Ok(RunSettings {
         pids: args.pids.clone(),
         control_socket: (args.control_socket != "off").then(|| args.control_socket.clone().into()),
+        control_tcp: args.control_tcp,
+        control_token: args.control_token.clone(),
         metrics_interval,
         exe_globs,
         ports: args.port.clone(),

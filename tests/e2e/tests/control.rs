@@ -28,7 +28,13 @@ fn tails_and_status_through_the_control_socket() -> Result<()> {
 
     let socket = tools::work_dir().join(format!("control-{}.sock", std::process::id()));
     let sock = socket.to_string_lossy().into_owned();
-    let mut agent = Agent::start(&[front.pid(), down.pid()], &["--exporter", "none", "--control-socket", &sock], &[])?;
+    let tcp_port = free_port();
+    let tcp = format!("127.0.0.1:{tcp_port}");
+    let mut agent = Agent::start(
+        &[front.pid(), down.pid()],
+        &["--exporter", "none", "--control-socket", &sock, "--control-tcp", &tcp, "--control-token", "s3cret-token"],
+        &[],
+    )?;
     assert_eq!(std::fs::metadata(&socket)?.permissions().mode() & 0o777, 0o600, "only root may watch");
     let zt = tools::zerotrace_bin()?;
     let tail = |name: &str| -> Result<Proc> {
@@ -56,6 +62,16 @@ fn tails_and_status_through_the_control_socket() -> Result<()> {
     assert!(text.contains(&format!("(pid {})", agent.proc.pid())) && text.contains("tracing 2 process(es)"), "{text}");
     assert!(text.contains(&format!("pid {:<8} {svc}", front.pid())), "{text}");
     assert!(text.lines().any(|l| l.trim_start().starts_with("zerotrace_spans_assembled") && l.trim_end().ends_with(" 3")), "{text}");
+    // Over TCP (only when asked): with the token only.
+    let url = format!("tcp://{tcp}");
+    let ok = Command::new(&zt).args(["status", "--connect", &url, "--token", "s3cret-token"]).output()?;
+    assert!(ok.status.success() && String::from_utf8_lossy(&ok.stdout).contains("tracing 2 process(es)"), "{}", String::from_utf8_lossy(&ok.stderr));
+    for bad in [&["--token", "guess"][..], &[][..]] {
+        let out = Command::new(&zt).args(["status", "--connect", &url]).args(bad).env_remove("ZEROTRACE_CONTROL_TOKEN").output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("token"), "{err}");
+    }
     agent.stop()?;
     assert!(!socket.exists(), "the socket goes with the agent");
     // The tails notice.
