@@ -125,6 +125,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         );
     }
     let mut execs: Vec<u32> = Vec::new();
+    // Processes no longer traced, and since when: their resource is forgotten a minute later
+    // (their last spans have been exported by then).
+    let mut gone: std::collections::VecDeque<(u32, Instant)> = std::collections::VecDeque::new();
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
@@ -178,6 +181,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                             if let Some(r) = &red {
                                 r.lock().expect("not poisoned").forget_pid(pid);
                             }
+                            gone.push_back((pid, Instant::now()));
                             tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
                         }
                         if d.matches(pid) {
@@ -204,6 +208,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                 if let Some(r) = &red {
                     r.lock().expect("not poisoned").forget_pid(pid);
                 }
+                gone.push_back((pid, Instant::now()));
                 tracing::info!(pid, remaining = traced.len(), "traced process exited; stopped tracing it");
                 if traced.is_empty() && discover.is_none() {
                     tracing::info!("every traced process has exited");
@@ -219,8 +224,15 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     }
                 }
                 catch_up(&mut probes, &mut traced);
+                while gone.front().is_some_and(|(_, t)| t.elapsed() > Duration::from_secs(60)) {
+                    let (pid, _) = gone.pop_front().expect("checked");
+                    if !traced.contains_key(&pid) {
+                        resources.lock().expect("not poisoned").remove(&pid);
+                    }
+                }
                 if red.is_some() || control.is_some() {
-                    let list = counters_list(&probes.counters(), &reader, &correlator, &stats);
+                    let mut list = counters_list(&probes.counters(), &reader, &correlator, &stats);
+                    list.push(("processes_traced", traced.len() as u64));
                     if let Some(c) = &control {
                         c.set_status(status_reply(&traced, &list, started));
                     }

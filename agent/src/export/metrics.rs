@@ -223,7 +223,8 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
                     ..Default::default()
                 }],
                 aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                is_monotonic: true,
+                // A count that goes down as well as up.
+                is_monotonic: *name != "processes_traced",
             })),
             ..Default::default()
         })

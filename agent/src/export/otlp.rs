@@ -123,17 +123,26 @@ fn build(s: &ExportSettings) -> Result<opentelemetry_otlp::SpanExporter, ExportE
 }
 
 /// One exporter per traced process: its resource is fixed, so exports of different
-/// processes can be in flight together.
+/// processes can be in flight together. An exporter is rebuilt when its process's resource
+/// changed (a pid that now runs another program) and dropped after IDLE without spans (a
+/// process long gone), so the set follows the processes traced.
 struct Exporters {
     settings: ExportSettings,
     resources: Resources,
-    by_pid: HashMap<u32, Arc<opentelemetry_otlp::SpanExporter>>,
+    by_pid: HashMap<u32, (Arc<opentelemetry_otlp::SpanExporter>, Option<Resource>, Instant)>,
 }
+
+/// An exporter unused this long is dropped (rebuilt if its process sends spans again).
+const IDLE: Duration = Duration::from_secs(300);
 
 impl Exporters {
     fn get(&mut self, pid: u32) -> Option<Arc<opentelemetry_otlp::SpanExporter>> {
-        if let Some(e) = self.by_pid.get(&pid) {
-            return Some(e.clone());
+        let current = self.resources.lock().ok().and_then(|r| r.get(&pid).cloned());
+        if let Some((e, res, used)) = self.by_pid.get_mut(&pid) {
+            if *res == current || current.is_none() {
+                *used = Instant::now();
+                return Some(e.clone());
+            }
         }
         let mut e = match build(&self.settings) {
             Ok(e) => e,
@@ -142,12 +151,17 @@ impl Exporters {
                 return None;
             }
         };
-        if let Some(r) = self.resources.lock().ok().and_then(|r| r.get(&pid).cloned()) {
-            e.set_resource(&r);
+        if let Some(r) = &current {
+            e.set_resource(r);
         }
         let e = Arc::new(e);
-        self.by_pid.insert(pid, e.clone());
+        self.by_pid.insert(pid, (e.clone(), current, Instant::now()));
         Some(e)
+    }
+
+    /// Drops exporters idle for IDLE that no export uses.
+    fn evict_idle(&mut self) {
+        self.by_pid.retain(|_, (e, _, used)| used.elapsed() < IDLE || Arc::strong_count(e) > 1);
     }
 }
 
@@ -191,6 +205,8 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resourc
             spawn_export(&mut in_flight, &mut exporters, *pid, std::mem::take(b), permit, &stats, &failing, open);
         }
         while in_flight.try_join_next().is_some() {}
+        exporters.evict_idle();
+        batches.retain(|_, b| !b.is_empty());
     }
     // Closed: what is left goes out in full batches, one attempt each.
     let mut rest: HashMap<u32, Vec<Span>> = batches;
@@ -204,7 +220,7 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resourc
         }
     }
     while in_flight.join_next().await.is_some() {}
-    for e in exporters.by_pid.values() {
+    for (e, _, _) in exporters.by_pid.values() {
         let _ = e.shutdown();
     }
 }

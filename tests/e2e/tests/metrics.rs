@@ -76,5 +76,7 @@ fn red_metrics_and_own_counters() -> Result<()> {
     let own = latest(&ms, "zerotrace_spans_assembled", &[]).expect("self-telemetry");
     assert_eq!(own.resource.get("service.name").map(String::as_str), Some("zerotrace"));
     assert!(own.value >= 13 * 3, "{own:?}");
+    let procs = latest(&ms, "zerotrace_processes_traced", &[]).expect("processes traced");
+    assert_eq!(procs.value, 2, "{procs:?}");
     Ok(())
 }
