@@ -150,7 +150,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let red: Option<SharedRed> = s.metrics_interval.map(|_| Arc::new(Mutex::new(Red::default())));
     let snapshot: Arc<Mutex<Vec<(&'static str, u64)>>> = Arc::new(Mutex::new(Vec::new()));
     let metrics_errors = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let metrics_start = wall_ns();
+    let metrics_start = crate::export::metrics::now_ns();
     let metrics_task = match (s.metrics_interval, &red) {
         (Some(every), Some(red)) => {
             let (red, res, snap, errors, settings) = (red.clone(), resources.clone(), snapshot.clone(), metrics_errors.clone(), s.export.clone());
@@ -634,10 +634,6 @@ fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut Has
         }
         ctx.rejected.insert(pid, t);
     }
-}
-
-fn wall_ns() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
 /// One OTLP metrics export of the RED histograms and the last counters snapshot; a failure

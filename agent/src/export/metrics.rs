@@ -148,7 +148,8 @@ fn scope() -> Option<InstrumentationScope> {
     Some(InstrumentationScope { name: "zerotrace".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() })
 }
 
-fn now_ns() -> u64 {
+/// Wall-clock nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 

@@ -16,7 +16,7 @@ use zerotrace_common::{
 use crate::{
     causality::serve_conn,
     maps::{EVENTS, GO_REQUESTS, TARGETS},
-    sockets::{conn_for, fd_to_sk},
+    sockets::{conn_for, fd_to_sk, go_iface_sk},
     util::{count, go_conn_fd, go_itab_type, go_ptr, goid_of, header, now, read_go_string, read_user, regs, wake_flags},
 };
 
@@ -180,10 +180,5 @@ fn response_sk(go: &GoOffsets, response: u64) -> u64 {
     if conn == 0 {
         return 0;
     }
-    let Some(rwc) = read_user::<[u64; 2]>(conn + go.conn_rwc as u64) else { return 0 };
-    let fd = go_conn_fd(go, rwc[0], rwc[1]);
-    if fd < 0 {
-        return 0;
-    }
-    fd_to_sk(fd as u32).unwrap_or(0)
+    go_iface_sk(go, conn + go.conn_rwc as u64).unwrap_or(0)
 }

@@ -15,8 +15,8 @@ use zerotrace_common::{ConnRole, ConnState, Counter, GoOffsets, phase};
 
 use crate::{
     http_server::{client_send, finish_response, recv_bytes, send_plain},
-    sockets::{conn_for, fd_to_sk},
-    util::{count, go_conn_fd, now, read_user, regs, target},
+    sockets::{conn_for, go_iface_sk},
+    util::{count, now, regs, target},
 };
 
 /// TLS record type of application data.
@@ -29,12 +29,7 @@ fn tls_conn(pid_tgid: u64, go: &GoOffsets, c: u64) -> Option<&'static mut ConnSt
     if go.tlsconn_conn == GoOffsets::NONE {
         return None;
     }
-    let inner = read_user::<[u64; 2]>(c + go.tlsconn_conn as u64)?;
-    let fd = go_conn_fd(go, inner[0], inner[1]);
-    if fd < 0 {
-        return None;
-    }
-    let sk = fd_to_sk(fd as u32)?;
+    let sk = go_iface_sk(go, c + go.tlsconn_conn as u64)?;
     let conn = conn_for(pid_tgid, sk, false)?;
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };

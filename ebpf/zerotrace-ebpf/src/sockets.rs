@@ -65,6 +65,18 @@ pub fn fd_to_sk(fd: u32) -> Option<u64> {
     (sk != 0).then_some(sk)
 }
 
+/// The kernel socket behind the Go `net.Conn` interface value stored at `at` (a
+/// *net.TCPConn, or a *tls.Conn wrapping one) of the current task.
+#[inline(always)]
+pub fn go_iface_sk(go: &zerotrace_common::GoOffsets, at: u64) -> Option<u64> {
+    let iface = crate::util::read_user::<[u64; 2]>(at)?;
+    let fd = crate::util::go_conn_fd(go, iface[0], iface[1]);
+    if fd < 0 {
+        return None;
+    }
+    fd_to_sk(fd as u32)
+}
+
 /// Inode number of the socket file of `sk` (socket_alloc = struct socket + its inode).
 #[inline(always)]
 fn sk_inode(sk: u64) -> u64 {

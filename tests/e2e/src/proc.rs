@@ -110,3 +110,30 @@ pub fn start_server_env(name: &str, bin: &Path, env: &[(&str, &str)]) -> Result<
     wait_for_port(port, Duration::from_secs(10))?;
     Ok((p, port))
 }
+
+/// Two instances of the e2e test service (tests/e2e/go/causal): a downstream and a front
+/// that calls it, both accepting connections.
+pub struct CausalPair {
+    pub front: Proc,
+    pub down: Proc,
+    pub front_port: u16,
+    pub down_port: u16,
+}
+
+/// Starts a downstream, then a front calling it over `scheme` (http or https); `label` names
+/// the processes' logs, `prepare` adjusts both commands (e.g. the TLS environment).
+pub fn causal_pair(bin: &Path, label: &str, scheme: &str, prepare: &dyn Fn(&mut Command)) -> Result<CausalPair> {
+    let down_port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("127.0.0.1:{down_port}"));
+    prepare(&mut cmd);
+    let down = Proc::spawn(&format!("{label}-down"), cmd)?;
+    wait_for_port(down_port, Duration::from_secs(10))?;
+    let front_port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("{scheme}://127.0.0.1:{down_port}"));
+    prepare(&mut cmd);
+    let front = Proc::spawn(&format!("{label}-front"), cmd)?;
+    wait_for_port(front_port, Duration::from_secs(10))?;
+    Ok(CausalPair { front, down, front_port, down_port })
+}

@@ -8,23 +8,14 @@ use anyhow::Result;
 use zerotrace_e2e::{
     agent::Agent,
     http::Client,
-    proc::{Proc, free_port, wait_for_port, wait_until},
+    proc::{CausalPair, Proc, causal_pair, free_port, wait_until},
     tools::{self, GO_NEWEST},
 };
 
 #[test]
 fn tails_and_status_through_the_control_socket() -> Result<()> {
     let bin = tools::causal(GO_NEWEST)?;
-    let down_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{down_port}"));
-    let down = Proc::spawn("control-down", cmd)?;
-    wait_for_port(down_port, Duration::from_secs(10))?;
-    let front_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("http://127.0.0.1:{down_port}"));
-    let front = Proc::spawn("control-front", cmd)?;
-    wait_for_port(front_port, Duration::from_secs(10))?;
+    let CausalPair { front, down, front_port, .. } = causal_pair(&bin, "control", "http", &|_| {})?;
 
     let socket = tools::work_dir().join(format!("control-{}.sock", std::process::id()));
     let sock = socket.to_string_lossy().into_owned();

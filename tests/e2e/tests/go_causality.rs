@@ -11,37 +11,21 @@ use zerotrace_e2e::{
     agent::Agent,
     http::Client,
     otlp::{Kind, RSpan, Receiver},
-    proc::{Proc, free_port, wait_for_port},
+    proc::{CausalPair, Proc, causal_pair, free_port, wait_for_port},
     tools::{self, GO_NEWEST, GO_OLDEST},
 };
 
 const SERVER: i32 = 2;
 const CLIENT: i32 = 3;
 
-struct Services {
-    front: Proc,
-    down: Proc,
-    front_port: u16,
-    down_port: u16,
-}
+type Services = CausalPair;
 
 fn start(version: &str) -> Result<Services> {
     start_bin(version, &tools::causal(version)?)
 }
 
 fn start_bin(version: &str, bin: &std::path::Path) -> Result<Services> {
-    let bin = bin.to_path_buf();
-    let down_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{down_port}"));
-    let down = Proc::spawn(&format!("causal-down-{version}"), cmd)?;
-    wait_for_port(down_port, Duration::from_secs(10))?;
-    let front_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("http://127.0.0.1:{down_port}"));
-    let front = Proc::spawn(&format!("causal-front-{version}"), cmd)?;
-    wait_for_port(front_port, Duration::from_secs(10))?;
-    Ok(Services { front, down, front_port, down_port })
+    causal_pair(bin, &format!("causal-{version}"), "http", &|_| {})
 }
 
 fn agent(s: &Services, rx: &Receiver, extra: &[&str]) -> Result<Agent> {
@@ -341,19 +325,8 @@ fn check_https(version: &str) -> Result<()> {
     let tls = |cmd: &mut Command| {
         cmd.env("CAUSAL_TLS_DIR", &dir);
     };
-    let down_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{down_port}"));
-    tls(&mut cmd);
-    let down = Proc::spawn(&format!("causal-tls-down-{version}"), cmd)?;
-    wait_for_port(down_port, Duration::from_secs(10))?;
-    let front_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("https://127.0.0.1:{down_port}"));
-    tls(&mut cmd);
-    let front = Proc::spawn(&format!("causal-tls-front-{version}"), cmd)?;
-    wait_for_port(front_port, Duration::from_secs(10))?;
-    let s = Services { front, down, front_port, down_port };
+    let s = causal_pair(&bin, &format!("causal-tls-{version}"), "https", &tls)?;
+    let (front_port, down_port) = (s.front_port, s.down_port);
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let mut agent = agent(&s, &rx, &[])?;

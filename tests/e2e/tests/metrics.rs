@@ -1,14 +1,14 @@
 //! RED metrics and self-telemetry over OTLP, end to end: two traced Go services, requests
 //! through them, and the histograms a real OTLP receiver got: per process (its resource),
 //! per route (never the raw path), with errors typed; plus the agent's own counters.
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use anyhow::Result;
 use zerotrace_e2e::{
     agent::Agent,
     http::Client,
     otlp::{Kind, RMetric, Receiver},
-    proc::{Proc, free_port, wait_for_port, wait_until},
+    proc::{CausalPair, causal_pair, wait_until},
     tools::{self, GO_NEWEST},
 };
 
@@ -22,16 +22,7 @@ fn latest<'a>(ms: &'a [RMetric], name: &str, attrs: &[(&str, &str)]) -> Option<&
 #[test]
 fn red_metrics_and_own_counters() -> Result<()> {
     let bin = tools::causal(GO_NEWEST)?;
-    let down_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{down_port}"));
-    let down = Proc::spawn("metrics-down", cmd)?;
-    wait_for_port(down_port, Duration::from_secs(10))?;
-    let front_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("http://127.0.0.1:{down_port}"));
-    let front = Proc::spawn("metrics-front", cmd)?;
-    wait_for_port(front_port, Duration::from_secs(10))?;
+    let CausalPair { front, down, front_port, down_port } = causal_pair(&bin, "metrics", "http", &|_| {})?;
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();

@@ -1,30 +1,21 @@
 //! Credentials never leave the agent: query values, Authorization, Cookie and Set-Cookie
 //! of server requests and of client calls appear in no exported span (OTLP) and in no line
 //! `zerotrace tail --json` prints, while the spans themselves are complete.
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use anyhow::Result;
 use zerotrace_e2e::{
     agent::Agent,
     http::Client,
     otlp::{Kind, Receiver},
-    proc::{Proc, free_port, wait_for_port},
+    proc::{CausalPair, causal_pair},
     tools::{self, GO_NEWEST},
 };
 
 #[test]
 fn credentials_are_never_exported() -> Result<()> {
     let bin = tools::causal(GO_NEWEST)?;
-    let down_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{down_port}"));
-    let down = Proc::spawn("redact-down", cmd)?;
-    wait_for_port(down_port, Duration::from_secs(10))?;
-    let front_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("http://127.0.0.1:{down_port}"));
-    let front = Proc::spawn("redact-front", cmd)?;
-    wait_for_port(front_port, Duration::from_secs(10))?;
+    let CausalPair { front, down, front_port, down_port } = causal_pair(&bin, "redact", "http", &|_| {})?;
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();

@@ -9,29 +9,12 @@ use zerotrace_e2e::{
     agent::Agent,
     http::Client,
     otlp::{Kind, Receiver},
-    proc::{Proc, free_port, wait_for_port},
+    proc::{CausalPair, causal_pair},
     tools::{self, GO_NEWEST},
 };
 
-struct Pair {
-    front: Proc,
-    down: Proc,
-    front_port: u16,
-}
-
-fn start() -> Result<Pair> {
-    let bin = tools::causal(GO_NEWEST)?;
-    let down_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{down_port}"));
-    let down = Proc::spawn("sample-down", cmd)?;
-    wait_for_port(down_port, Duration::from_secs(10))?;
-    let front_port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{front_port}")).arg(format!("http://127.0.0.1:{down_port}"));
-    let front = Proc::spawn("sample-front", cmd)?;
-    wait_for_port(front_port, Duration::from_secs(10))?;
-    Ok(Pair { front, down, front_port })
+fn start() -> Result<CausalPair> {
+    causal_pair(&tools::causal(GO_NEWEST)?, "sample", "http", &|_| {})
 }
 
 /// The TraceIdRatioBased rule: last 8 bytes of the id, big-endian, >> 1, below ratio x 2^63.
