@@ -14,7 +14,7 @@ use aya_ebpf::{bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::upr
 use zerotrace_common::{ConnRole, ConnState, Counter, GoOffsets, phase};
 
 use crate::{
-    http_server::{client_send, finish_response, recv_bytes, send_plain},
+    http_server::{client_send, finish_response, recv_bytes, send_bytes},
     sockets::{conn_for, go_iface_sk},
     util::{count, now, regs, target},
 };
@@ -105,7 +105,7 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     }
     let Some(conn) = tls_conn(pid_tgid, &cfg.go, r.rax) else { return 0 };
     if conn.role == ConnRole::Server as u8 {
-        send_plain(conn, r.rcx, r.rdi);
+        send_bytes(conn, r.rcx, r.rdi);
     } else {
         // A client writing a request: its span is offered to the server that reads it.
         // (At the socket, TLS handshake records would make the wrong goroutine's offer.)

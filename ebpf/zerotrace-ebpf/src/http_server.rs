@@ -48,21 +48,23 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
         return Some(());
     }
     count(Counter::SocketSyscalls);
-    let ts = now();
-    if conn.phase == phase::REQUEST && conn.tls == 0 {
-        let (buf, len) = send_buffer::<A>();
-        start_response(conn, buf, len, ts);
+    if conn.tls != 0 {
+        // The response's bytes came through crypto/tls (send_bytes); this is its timing.
+        if conn.phase == phase::RESPONSE {
+            conn.last_write_ts = now();
+        }
+        return Some(());
     }
-    if conn.phase == phase::RESPONSE {
-        conn.last_write_ts = ts;
-    }
+    // The user buffer is read only at the first send of a response.
+    let (buf, len) = if conn.phase == phase::REQUEST { send_buffer::<A>() } else { (0, 0) };
+    send_bytes(conn, buf, len);
     Some(())
 }
 
-/// A TLS server connection hands `len` plaintext bytes at `buf` to crypto/tls (before they
-/// are encrypted and sent): the first of a response starts it.
+/// A server connection hands `len` bytes at `buf` to be sent (a socket send, or plaintext
+/// to crypto/tls before it is encrypted): the first of a response starts it.
 #[inline(always)]
-pub fn send_plain(conn: &mut ConnState, buf: u64, len: u64) {
+pub fn send_bytes(conn: &mut ConnState, buf: u64, len: u64) {
     if conn.h2 != 0 {
         return;
     }
