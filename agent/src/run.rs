@@ -20,10 +20,10 @@ use crate::{
         metrics::{MetricsSink, Red, SharedRed},
         otlp::{OtlpExport, Resources, resource},
         print,
-        resource::{AttrValue, attributes},
+        resource::{AttrValue, Process, attributes},
         tail::Tail,
     },
-    model::{Target, proc, sockdiag},
+    model::{Target, proc, sockdiag, target::Inspected},
     probes::{self, Probes, features, go},
     settings::RunSettings,
     spans::Span,
@@ -81,7 +81,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     // Look at every target before touching the kernel: a bad --pid changes nothing.
     let mut targets = Vec::new();
     for &pid in &s.pids {
-        targets.push(Target::inspect(pid)?);
+        targets.push(crate::model::target::inspect(pid)?);
     }
     let mut probes = Probes::load(&s.kernel)?;
     let mut reader = EventReader::new(probes.take_events()?).map_err(RunError::Events)?;
@@ -104,9 +104,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut traced: HashMap<u32, Traced> = HashMap::new();
 
     let mut ctx = AttachCtx { s: &s, resources: &resources, exit_tx: exit_tx.clone(), rejected: HashMap::new() };
-    for (target, exe) in &targets {
-        let t = attach_target(&mut probes, &mut ctx, target, exe)?;
-        traced.insert(target.pid, t);
+    for target in &targets {
+        let t = attach_any(&mut probes, &mut ctx, target)?;
+        traced.insert(target.pid(), t);
     }
     let discover = Discover::new(&s.exe_globs, &s.ports, s.all);
     if let Some(d) = &discover {
@@ -403,6 +403,7 @@ fn counters_list<'a>(
         ("receives_without_buffer", k(Counter::RecvNoBuffer)),
         ("uprobe_hits", k(Counter::UprobeHits)),
         ("requests_seen", k(Counter::Requests)),
+        ("socket_client_requests_seen", k(Counter::SockClientRequests)),
         ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
         ("goroutines_spawned", k(Counter::GoSpawns)),
         ("goroutines_inherited_span", k(Counter::GoSpawnsInherited)),
@@ -460,24 +461,53 @@ struct AttachCtx<'a> {
     rejected: HashMap<u32, u64>,
 }
 
-/// Starts tracing one inspected process: its resource, its kernel configuration, its
-/// uprobes, a watch on its exit.
-fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, exe: &crate::symbols::Executable) -> Result<Traced, RunError> {
+/// Starts tracing a selected process: a Go program with its uprobes, anything else at the
+/// socket level.
+fn attach_any(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Inspected) -> Result<Traced, RunError> {
+    match target {
+        Inspected::Go(b) => attach_target(probes, ctx, &b.0, &b.1),
+        Inspected::Native(n) => {
+            let service = begin_tracing(probes, ctx, n.pid, &Process::from(n))?;
+            probes.add_target(n.pid, &zerotrace_common::TargetConfig::native())?;
+            tracing::info!(
+                pid = n.pid,
+                exe = %n.exe_path.display(),
+                runtime = n.runtime.as_ref().map_or("unknown", |r| r.0.as_str()),
+                layer = "socket",
+                note = "not a Go program: HTTP/1 server and client spans from its sockets, no goroutines",
+                "tracing"
+            );
+            Ok(Traced { service_name: Arc::from(service.as_str()), service, catch_up_since: None, catch_up_inodes: HashSet::new() })
+        }
+    }
+}
+
+/// What every traced process gets first: a watch on its exit, its resource, its listening
+/// ports. Returns its service name.
+fn begin_tracing(probes: &mut Probes, ctx: &mut AttachCtx<'_>, pid: u32, who: &Process<'_>) -> Result<String, RunError> {
     let s = ctx.s;
-    let pid = target.pid;
     // The exit watch first: a process that exits while it is being attached must not stay
     // "traced" forever (its pid then blocks a later process with the same pid).
     if !watch_exit(pid, ctx.exit_tx.clone()) {
         return Err(RunError::Target(crate::model::target::TargetError::NoSuchProcess(pid)));
     }
-    let attrs = attributes(target, s.service_name.as_deref(), s.env_service_name.as_deref(), &s.resource_attrs);
+    let attrs = attributes(who, s.service_name.as_deref(), s.env_service_name.as_deref(), &s.resource_attrs);
     let service = match &attrs[0].1 {
         AttrValue::Str(v) => v.clone(),
-        AttrValue::Int(_) => target.exe_name.clone(),
+        AttrValue::Int(_) => who.exe_name.to_owned(),
     };
     ctx.resources.lock().expect("not poisoned").insert(pid, resource(&attrs));
-    // Server sockets are those on ports the process listens on (kept fresh below).
+    // Server sockets are those on ports the process listens on (kept fresh by the run loop).
     probes.set_listening(pid, &proc::listening_ports(pid, sockdiag::listening().ok().as_deref()))?;
+    Ok(service)
+}
+
+/// Starts tracing one inspected Go process: its resource, its kernel configuration, its
+/// uprobes, a watch on its exit.
+fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, exe: &crate::symbols::Executable) -> Result<Traced, RunError> {
+    let s = ctx.s;
+    let pid = target.pid;
+    let service = begin_tracing(probes, ctx, pid, &Process::from(target))?;
     let tls = go::tls_plan(target, exe, s.go_tls);
     probes.add_target(pid, &go::target_config(target, tls.as_ref()))?;
     // Connections accepted before zerotrace started are picked up at their next request;
@@ -607,8 +637,8 @@ fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut Has
     if started.is_some() && ctx.rejected.get(&pid) == started.as_ref() {
         return;
     }
-    let refused = match Target::inspect(pid) {
-        Ok((target, exe)) => match attach_target(probes, ctx, &target, &exe) {
+    let refused = match crate::model::target::inspect(pid) {
+        Ok(target) => match attach_any(probes, ctx, &target) {
             Ok(t) => {
                 traced.insert(pid, t);
                 false
@@ -618,10 +648,6 @@ fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut Has
                 true
             }
         },
-        Err(crate::model::target::TargetError::NotGo { .. }) => {
-            tracing::debug!(pid, "discovered process is not a Go program");
-            true
-        }
         Err(crate::model::target::TargetError::NoSuchProcess(_)) => false,
         Err(e) => {
             tracing::warn!(pid, error = %e, "discovered process not traced");

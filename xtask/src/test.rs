@@ -1,12 +1,12 @@
 //! `cargo xtask test`: set up, build, then every test tier: unit tests (decoders, parsers,
 //! correlator on recorded streams), and the end-to-end suites that load the real kernel
-//! programs and trace real Go processes (run one at a time: they share the kernel).
+//! programs and trace real Go and Rust processes (run one at a time: they share the kernel).
 use std::process::Command;
 
 use anyhow::Result;
 use clap::Args;
 
-use crate::{setup, util::{self, build_release, cargo, root, step}};
+use crate::{setup, util::{self, build_release, build_rust_services, cargo, root, step}};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -20,11 +20,12 @@ pub struct TestArgs {
 pub fn run_tests(args: TestArgs) -> Result<()> {
     setup::all()?;
     let bin = build_release()?;
+    let rsvc = build_rust_services()?;
     let gos: Vec<(String, std::path::PathBuf)> =
         setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
     let py = setup::python()?;
     let env = |cmd: &mut Command| {
-        cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py);
+        cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_RSVC", &rsvc);
         for (var, go) in &gos {
             cmd.env(var, go);
         }
@@ -32,7 +33,7 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
     if !args.e2e_only {
         step("unit tests (no privileges needed)");
         let mut cmd = cargo();
-        cmd.current_dir(root()).args(["test", "--release", "--workspace", "--exclude", "zerotrace-e2e", "--exclude", "zerotrace-ebpf"]);
+        cmd.current_dir(root()).args(["test", "--release", "--workspace", "--exclude", "zerotrace-e2e", "--exclude", "zerotrace-ebpf", "--exclude", "zerotrace-testsvc"]);
         if let Some(f) = &args.filter {
             cmd.args(["--", f]);
         }

@@ -40,6 +40,13 @@ pub fn cargo() -> Command {
 }
 
 /// Release build of the agent: target/release/zerotrace.
+/// The Rust services the end-to-end tests trace (tests/rust-svc), release build.
+pub fn build_rust_services() -> Result<PathBuf> {
+    step("building the Rust test services (release)");
+    run(cargo().current_dir(root()).args(["build", "--release", "-p", "zerotrace-testsvc"]))?;
+    Ok(root().join("target/release/rsvc"))
+}
+
 pub fn build_release() -> Result<PathBuf> {
     step("building zerotrace (release; the first build takes a few minutes)");
     run(cargo().current_dir(root()).args(["build", "--release", "-p", "zerotrace", "--bin", "zerotrace"]))?;

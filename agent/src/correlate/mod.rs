@@ -3,6 +3,7 @@
 //! mode the Go handler's own record (route, status, goroutine) is merged into that same span,
 //! never emitted twice. Timestamps become wall-clock time here.
 pub mod clock;
+mod native;
 pub mod sampling;
 pub mod traces;
 
@@ -33,6 +34,7 @@ struct Conn {
 
 #[derive(Debug)]
 struct Pending {
+    pid: u32,
     seq: u32,
     tid: u32,
     goid: u64,
@@ -52,6 +54,8 @@ struct Pending {
     /// The trace the kernel gave the span and where it came from (see Traces::alias).
     kernel_trace: [u8; 16],
     kernel_trace_origin: u8,
+    /// A native server's response so far (where it ends), once it started.
+    framing: Option<native::Progress>,
 }
 
 /// Who made a Go call and when.
@@ -128,6 +132,13 @@ pub struct Correlator {
     pending: HashMap<u64, Pending>,
     clients: HashMap<u64, PendingClient>,
     sql: HashMap<u64, PendingSql>,
+    /// Native (not Go) client requests waiting for their response's end, by connection.
+    native: HashMap<u64, native::NativeCall>,
+    /// Open server requests per process: connection -> kernel span id.
+    open: HashMap<u32, HashMap<u64, u64>>,
+    /// Native server requests already ended by their response's framing, by connection:
+    /// the kernel's end record for them (at the next read) is expected and dropped.
+    finished: HashMap<u64, u32>,
     /// Whether (pid, addr, len) is read-only file-backed memory of the target (safe to read
     /// later: it cannot change).
     readonly: Box<dyn Fn(u32, u64, u64) -> bool + Send>,
@@ -160,6 +171,9 @@ impl Correlator {
             pending: HashMap::new(),
             clients: HashMap::new(),
             sql: HashMap::new(),
+            native: HashMap::new(),
+            open: HashMap::new(),
+            finished: HashMap::new(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
             sampling: sampling::Sampling::new(sampling::Sampler::AlwaysOn),
@@ -209,6 +223,7 @@ impl Correlator {
         }
         self.clients.retain(|_, c| c.req.pid != pid);
         self.sql.retain(|_, c| c.start.pid != pid);
+        self.open.remove(&pid);
     }
 
     fn drop_conn(&mut self, id: u64) {
@@ -217,17 +232,39 @@ impl Correlator {
                 self.by_sk.remove(&c.sk);
             }
         }
-        if self.pending.remove(&id).is_some() {
+        if self.take_pending(id).is_some() {
             self.stats.abandoned += 1;
         }
+        self.native.remove(&id);
+        self.finished.remove(&id);
+    }
+
+    /// Removes the open server request of connection `id` (and from its process's open set).
+    fn take_pending(&mut self, id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(m) = self.open.get_mut(&p.pid) {
+            m.remove(&id);
+            if m.is_empty() {
+                self.open.remove(&p.pid);
+            }
+        }
+        Some(p)
     }
 
     /// Feeds one event; finished spans are appended to `out`.
     pub fn on_event(&mut self, ev: Event, out: &mut Vec<Span>) {
         match ev {
             Event::ConnOpen { pid, conn_id, sk, addrs, .. } => self.add_conn(conn_id, pid, sk, addrs),
-            Event::ConnClose { conn_id, .. } => self.drop_conn(conn_id),
+            Event::ConnClose { conn_id, .. } => {
+                self.close_native(conn_id, out);
+                self.drop_conn(conn_id);
+            }
             Event::HttpRequest(r) => self.on_request(r),
+            Event::SockClientRequest(r) => self.on_native_request(r, out),
+            Event::SockClientResponse(r) => self.on_native_response(r),
+            Event::SockClientRecv(r) => self.on_native_recv(r, out),
+            Event::SockServerResponse(r) => self.on_server_response(r),
+            Event::SockServerSend(b) => self.on_server_send(b, out),
             Event::HttpResponse(r) => {
                 if let Some(span) = self.on_response(r) {
                     self.stats.spans += 1;
@@ -470,7 +507,9 @@ impl Correlator {
         }
         let ids = self.server_ids(&r.head, r.link_span, r.trace_id, r.trace_origin);
         self.traces.remember(r.span_id, ids.trace_id);
+        self.open.entry(r.pid).or_default().insert(r.conn_id, r.span_id);
         let p = Pending {
+            pid: r.pid,
             seq: r.seq,
             tid: r.tid,
             goid: r.goid,
@@ -483,14 +522,21 @@ impl Correlator {
             tls: r.tls,
             kernel_trace: r.trace_id,
             kernel_trace_origin: r.trace_origin,
+            framing: None,
         };
+        self.finished.remove(&r.conn_id);
         if self.pending.insert(r.conn_id, p).is_some() {
             self.stats.lost_responses += 1;
         }
     }
 
     fn on_response(&mut self, r: HttpResponse) -> Option<Span> {
-        let Some(p) = self.pending.remove(&r.conn_id) else {
+        if self.finished.get(&r.conn_id) == Some(&r.seq) {
+            // Ended by its framing already (a native server).
+            self.finished.remove(&r.conn_id);
+            return None;
+        }
+        let Some(p) = self.take_pending(r.conn_id) else {
             self.stats.unmatched_responses += 1;
             return None;
         };
@@ -498,14 +544,21 @@ impl Correlator {
             self.stats.unmatched_responses += 1;
             return None;
         }
+        let status = http1::parse_status(&r.status_line[..r.status_len as usize]).map(i64::from);
+        let pattern = self.pattern(r.pid, r.pattern_ptr, r.pattern_len);
+        self.server_done(p, r.pid, r.conn_id, status, pattern, r.end_ns)
+    }
+
+    /// The server span of request `p` on connection `conn_id`, whose response ended at
+    /// `end_ns` (status from its first bytes; Go: route pattern from the process).
+    fn server_done(&mut self, p: Pending, pid: u32, conn_id: u64, status: Option<i64>, kernel_pattern: Option<Arc<str>>, end_ns: u64) -> Option<Span> {
         let Some(head) = http1::parse_request(&p.bytes) else {
             self.stats.not_http += 1;
-            tracing::debug!(pid = r.pid, conn = r.conn_id, seq = r.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
+            tracing::debug!(pid, conn = conn_id, seq = p.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
             return None;
         };
-        let conn = self.conns.get(&r.conn_id).map(|c| (c.addrs, c.peer.clone()));
-        let mut status = http1::parse_status(&r.status_line[..r.status_len as usize]).map(i64::from);
-        let kernel_pattern = self.pattern(r.pid, r.pattern_ptr, r.pattern_len);
+        let mut status = status;
+        let conn = self.conns.get(&conn_id).map(|c| (c.addrs, c.peer.clone()));
         let mut pattern: &str = kernel_pattern.as_deref().unwrap_or("");
         let mut goid = p.goid;
         if let Some(go) = &p.go {
@@ -518,7 +571,7 @@ impl Correlator {
             goid = go.goid;
         }
         let fields = ServerFields {
-            pid: r.pid,
+            pid,
             tid: p.tid,
             goid,
             method: &head.method,
@@ -533,7 +586,7 @@ impl Correlator {
             ids: Some(p.ids.clone()),
             addrs: conn,
             start_ns: p.start_ns,
-            end_ns: r.end_ns.max(p.start_ns),
+            end_ns: end_ns.max(p.start_ns),
         };
         Some(self.server_span(fields))
     }

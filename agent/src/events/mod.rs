@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
     ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
-    GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs,
+    GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs, SockBytesEvent,
     TraceparentEvent, ProcExecEvent,
 };
 
@@ -56,6 +56,29 @@ pub enum Event {
     Traceparent(Traceparent),
     /// A process exec'd (discovery): the agent decides whether to trace it.
     ProcExec { pid: u32 },
+    /// A native (not Go) client's request bytes (`offset` 0: a new request) and the first
+    /// bytes of its response (`start_ns`: the read), as HttpRequest.
+    SockClientRequest(HttpRequest),
+    SockClientResponse(HttpRequest),
+    /// A read of a native client's response (the first included).
+    SockClientRecv(SockBytes),
+    /// A native server's response: its first bytes (`start_ns`: the send), as HttpRequest.
+    SockServerResponse(HttpRequest),
+    /// A send of a native server's response (the first included).
+    SockServerSend(SockBytes),
+}
+
+/// Bytes of a response moved (a native client's read, a native server's send): how many,
+/// and the last of them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SockBytes {
+    pub pid: u32,
+    pub ts: u64,
+    pub conn_id: u64,
+    pub seq: u32,
+    pub len: u32,
+    /// The read's last bytes (at most 8).
+    pub tail: Vec<u8>,
 }
 
 /// `--inject-traceparent`: what the kernel decided for a client span's request.
@@ -235,12 +258,12 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 sk: e.sk,
             }
         }
-        EventKind::HttpRequest => {
+        EventKind::HttpRequest | EventKind::SockClientRequest | EventKind::SockClientResponse | EventKind::SockServerResponse => {
             let e: HttpRequestEvent = exact(b, kind)?;
             let start = std::mem::size_of::<HttpRequestEvent>();
             let end = start + e.captured as usize;
             let head = b.get(start..end).ok_or(DecodeError::Size { kind, got: b.len(), want: end })?;
-            Event::HttpRequest(HttpRequest {
+            let r = HttpRequest {
                 pid: hdr.pid,
                 tid: hdr.tid,
                 conn_id: e.conn_id,
@@ -256,7 +279,26 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 tls: e.tls != 0,
                 trace_origin: e.trace_origin,
                 head: head.to_vec(),
-            })
+            };
+            match kind {
+                EventKind::SockClientRequest => Event::SockClientRequest(r),
+                EventKind::SockClientResponse => Event::SockClientResponse(r),
+                EventKind::SockServerResponse => Event::SockServerResponse(r),
+                _ => Event::HttpRequest(r),
+            }
+        }
+        EventKind::SockClientRecv | EventKind::SockServerSend => {
+            let e: SockBytesEvent = exact(b, kind)?;
+            let n = (e.tail_len as usize).min(e.tail.len());
+            let bytes = SockBytes {
+                pid: hdr.pid,
+                ts: hdr.ts_ns,
+                conn_id: e.conn_id,
+                seq: e.seq,
+                len: e.len,
+                tail: e.tail[..n].to_vec(),
+            };
+            if kind == EventKind::SockServerSend { Event::SockServerSend(bytes) } else { Event::SockClientRecv(bytes) }
         }
         EventKind::HttpResponse => {
             let e: HttpResponseEvent = exact(b, kind)?;

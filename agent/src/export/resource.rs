@@ -1,5 +1,5 @@
 //! The OpenTelemetry resource of a traced process: who produced the spans.
-use crate::model::Target;
+use crate::model::{Target, TargetEnv, target::NativeTarget};
 
 pub const DISTRO_NAME: &str = "zerotrace";
 pub const DISTRO_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -9,7 +9,30 @@ pub const DISTRO_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// its OTEL_RESOURCE_ATTRIBUTES), the agent's OTEL_SERVICE_NAME (or its resource
 /// attributes), the executable's name. Other attributes from the target's environment win
 /// over the agent's.
-pub fn attributes(t: &Target, flag: Option<&str>, agent_env_service: Option<&str>, agent_attrs: &[(String, String)]) -> Vec<(String, AttrValue)> {
+/// Who a traced process is, for its resource.
+pub struct Process<'a> {
+    pub pid: u32,
+    pub exe_name: &'a str,
+    pub exe_path: &'a std::path::Path,
+    pub env: &'a TargetEnv,
+    /// Language runtime name and version, when known.
+    pub runtime: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> From<&'a Target> for Process<'a> {
+    fn from(t: &'a Target) -> Self {
+        Process { pid: t.pid, exe_name: &t.exe_name, exe_path: &t.exe_path, env: &t.env, runtime: Some(("go", &t.build.go_version)) }
+    }
+}
+
+impl<'a> From<&'a NativeTarget> for Process<'a> {
+    fn from(t: &'a NativeTarget) -> Self {
+        let runtime = t.runtime.as_ref().map(|(n, v)| (n.as_str(), v.as_str()));
+        Process { pid: t.pid, exe_name: &t.exe_name, exe_path: &t.exe_path, env: &t.env, runtime }
+    }
+}
+
+pub fn attributes(t: &Process<'_>, flag: Option<&str>, agent_env_service: Option<&str>, agent_attrs: &[(String, String)]) -> Vec<(String, AttrValue)> {
     let in_attrs = |attrs: &[(String, String)]| attrs.iter().find(|(k, _)| k == "service.name").map(|(_, v)| v.clone());
     let service = flag
         .map(str::to_owned)
@@ -17,18 +40,20 @@ pub fn attributes(t: &Target, flag: Option<&str>, agent_env_service: Option<&str
         .or_else(|| in_attrs(&t.env.resource_attrs))
         .or_else(|| agent_env_service.map(str::to_owned))
         .or_else(|| in_attrs(agent_attrs))
-        .unwrap_or_else(|| t.exe_name.clone());
+        .unwrap_or_else(|| t.exe_name.to_owned());
     let mut out: Vec<(String, AttrValue)> = vec![
         ("service.name".into(), AttrValue::Str(service)),
         ("process.pid".into(), AttrValue::Int(i64::from(t.pid))),
-        ("process.executable.name".into(), AttrValue::Str(t.exe_name.clone())),
+        ("process.executable.name".into(), AttrValue::Str(t.exe_name.to_owned())),
         ("process.executable.path".into(), AttrValue::Str(t.exe_path.display().to_string())),
-        ("process.runtime.name".into(), AttrValue::Str("go".into())),
-        ("process.runtime.version".into(), AttrValue::Str(t.build.go_version.clone())),
         ("host.name".into(), AttrValue::Str(host_name())),
         ("telemetry.distro.name".into(), AttrValue::Str(DISTRO_NAME.into())),
         ("telemetry.distro.version".into(), AttrValue::Str(DISTRO_VERSION.into())),
     ];
+    if let Some((name, version)) = t.runtime {
+        out.push(("process.runtime.name".into(), AttrValue::Str(name.into())));
+        out.push(("process.runtime.version".into(), AttrValue::Str(version.into())));
+    }
     for (k, v) in t.env.resource_attrs.iter().chain(agent_attrs) {
         if !out.iter().any(|(ok, _)| ok == k) {
             out.push((k.clone(), AttrValue::Str(v.clone())));

@@ -72,6 +72,71 @@ pub enum TargetError {
     Symbols { pid: u32, #[source] source: SymbolError },
 }
 
+/// A process that is not a Go program: traced at the socket level (HTTP/1 server and
+/// client spans; no goroutines, no uprobes).
+#[derive(Debug)]
+pub struct NativeTarget {
+    pub pid: u32,
+    pub exe_path: PathBuf,
+    pub exe_name: String,
+    /// The language runtime, when the executable says (rustc's `.comment` note):
+    /// (name, version).
+    pub runtime: Option<(String, String)>,
+    pub env: TargetEnv,
+}
+
+/// What a selected process turned out to be.
+pub enum Inspected {
+    Go(Box<(Target, Executable)>),
+    Native(NativeTarget),
+}
+
+impl Inspected {
+    pub fn pid(&self) -> u32 {
+        match self {
+            Inspected::Go(b) => b.0.pid,
+            Inspected::Native(n) => n.pid,
+        }
+    }
+}
+
+/// Inspects process `pid`: a Go program (supported version), else any other program,
+/// which is traced at the socket level.
+pub fn inspect(pid: u32) -> Result<Inspected, TargetError> {
+    match Target::inspect(pid) {
+        Ok(t) => Ok(Inspected::Go(Box::new(t))),
+        Err(TargetError::NotGo { .. }) => NativeTarget::inspect(pid).map(Inspected::Native),
+        Err(e) => Err(e),
+    }
+}
+
+impl NativeTarget {
+    pub fn inspect(pid: u32) -> Result<NativeTarget, TargetError> {
+        let exe_path = proc::exe_link(pid).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) {
+                TargetError::NoSuchProcess(pid)
+            } else {
+                TargetError::Access { pid, source }
+            }
+        })?;
+        let runtime = Executable::open(&proc::exe_open_path(pid)).ok().and_then(|exe| rust_version(&exe.section(".comment")?));
+        let exe_name = exe_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .or_else(|| proc::comm(pid))
+            .unwrap_or_else(|| format!("pid-{pid}"));
+        Ok(NativeTarget { pid, exe_path, exe_name, runtime: runtime.map(|v| ("rust".to_owned(), v)), env: TargetEnv::read(pid) })
+    }
+}
+
+/// The rustc version in an ELF `.comment` section ("rustc version 1.95.0 (hash date)").
+fn rust_version(comment: &[u8]) -> Option<String> {
+    let at = memchr::memmem::find(comment, b"rustc version ")? + "rustc version ".len();
+    let rest = &comment[at..];
+    let end = rest.iter().position(|&b| b == b' ' || b == 0).unwrap_or(rest.len()).min(32);
+    std::str::from_utf8(&rest[..end]).ok().filter(|v| !v.is_empty()).map(str::to_owned)
+}
+
 impl Target {
     /// Reads everything zerotrace needs to know about process `pid`.
     pub fn inspect(pid: u32) -> Result<(Target, Executable), TargetError> {

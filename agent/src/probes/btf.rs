@@ -68,6 +68,8 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         sock_sk_socket: off("sock", "sk_socket")?,
         socket_alloc_inode: off("socket_alloc", "vfs_inode")?,
         inode_ino: off("inode", "i_ino")?,
+        msghdr_iter_count: off("msghdr", "msg_iter.count")?,
+        _pad: 0,
     })
 }
 
@@ -83,5 +85,7 @@ mod tests {
         // sock_common starts with the address pair: daddr then rcv_saddr.
         assert_eq!(k.skc_rcv_saddr, k.skc_daddr + 4);
         assert_eq!(k.skc_num, k.skc_dport + 2);
+        // msg_iter follows msg_name and msg_namelen; count follows its type, flags and offset.
+        assert!(k.msghdr_iter_count >= 24 && k.msghdr_iter_count % 8 == 0, "msghdr.msg_iter.count at {}", k.msghdr_iter_count);
     }
 }

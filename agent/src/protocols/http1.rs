@@ -126,6 +126,76 @@ pub fn parse_status(buf: &[u8]) -> Option<u16> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
+/// Where a response's body ends (RFC 9112 section 6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// No body: a response to HEAD, or 1xx/204/304.
+    Empty,
+    /// `Content-Length` bytes after the head.
+    Length(u64),
+    /// Chunked: ends with the last chunk ("0\r\n\r\n", trailers aside).
+    Chunked,
+    /// Neither: the body ends when the connection closes.
+    UntilClose,
+}
+
+/// What a client needs from the first bytes of a response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub minor_version: u8,
+    /// Bytes of the head (status line, headers, blank line); None when the captured bytes
+    /// end inside it (then `body` is unknown).
+    pub head_len: Option<usize>,
+    pub body: Option<Body>,
+}
+
+/// Parses the start of a response to a request with method `method`. An interim 1xx
+/// response (100 Continue) followed by the final one in the same bytes is skipped.
+pub fn parse_response(buf: &[u8], method: &str) -> Option<ResponseHead> {
+    let mut at = 0;
+    // A few interim responses at most: each is at least 18 bytes.
+    for _ in 0..4 {
+        let bytes = &buf[at..];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(bytes) {
+            Ok(httparse::Status::Complete(n)) => {
+                let status = resp.code?;
+                if (100..200).contains(&status) && status != 101 && n < bytes.len() {
+                    at += n;
+                    continue;
+                }
+                let mut length = None;
+                let mut chunked = false;
+                for h in resp.headers.iter() {
+                    if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                        chunked = h.value.split(|&c| c == b',').next_back().is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                    } else if h.name.eq_ignore_ascii_case("content-length") {
+                        length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                    }
+                }
+                let body = if method.eq_ignore_ascii_case("HEAD") || (100..200).contains(&status) || status == 204 || status == 304 {
+                    Body::Empty
+                } else if chunked {
+                    Body::Chunked
+                } else if let Some(l) = length {
+                    Body::Length(l)
+                } else {
+                    Body::UntilClose
+                };
+                return Some(ResponseHead { status, minor_version: resp.version.unwrap_or(1), head_len: Some(at + n), body: Some(body) });
+            }
+            Ok(httparse::Status::Partial) => {
+                let status = parse_status(bytes)?;
+                return Some(ResponseHead { status, minor_version: u8::from(bytes.get(7) != Some(&b'0')), head_len: None, body: None });
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// The method if it is one OpenTelemetry knows by name (others are reported as "_OTHER").
 pub fn known_method(m: &str) -> Option<&'static str> {
     Some(match m {
@@ -146,6 +216,26 @@ pub fn known_method(m: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn response_framing() {
+        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", "GET").unwrap();
+        assert_eq!((r.status, r.head_len, r.body), (200, Some(38), Some(Body::Length(5))));
+        let r = parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n", "GET").unwrap();
+        assert_eq!(r.body, Some(Body::Chunked));
+        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", "HEAD").unwrap();
+        assert_eq!(r.body, Some(Body::Empty));
+        let r = parse_response(b"HTTP/1.0 404 Not Found\r\n\r\n", "GET").unwrap();
+        assert_eq!((r.status, r.minor_version, r.body), (404, 0, Some(Body::UntilClose)));
+        let r = parse_response(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 0\r\n\r\n", "POST").unwrap();
+        assert_eq!((r.status, r.head_len, r.body), (201, Some(25 + 43), Some(Body::Length(0))));
+        let r = parse_response(b"HTTP/1.1 503 Service Unavailable\r\ncontent-le", "GET").unwrap();
+        assert_eq!((r.status, r.head_len, r.body), (503, None, None));
+        assert_eq!(parse_response(b"SSH-2.0-OpenSSH\r\n", "GET"), None);
+        // A header block that claims a huge body is only a number.
+        let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n", "GET").unwrap();
+        assert_eq!(r.body, Some(Body::Length(u64::MAX)));
+    }
 
     #[test]
     fn complete_head() {

@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 3;
+pub const ABI_VERSION: u32 = 4;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -77,7 +77,7 @@ pub enum Counter {
     RingFull = 0,
     /// `CONNS` was full when a new connection arrived: it is not traced.
     ConnsFull = 1,
-    /// Bytes received through a call zerotrace cannot read the buffer of (readv, recvmsg).
+    /// Bytes received through a call zerotrace cannot read the buffer of.
     RecvNoBuffer = 2,
     /// Reading target memory failed (paged out, freed, bad offset).
     ReadUserFailed = 3,
@@ -116,6 +116,8 @@ pub enum Counter {
     InjectFailed = 19,
     /// `--inject-traceparent=dry-run`: headers that would have been written.
     InjectDryRun = 20,
+    /// Client requests of processes that are not Go, seen starting at the socket.
+    SockClientRequests = 21,
 }
 
 pub const COUNTER_SLOTS: u32 = 24;
@@ -135,6 +137,18 @@ pub enum EventKind {
     GoSqlEnd = 9,
     Traceparent = 10,
     ProcExec = 11,
+    /// A process that is not Go sends a request on a client socket (HttpRequestEvent layout:
+    /// the request's first bytes; `link_span` 0).
+    SockClientRequest = 12,
+    /// The first bytes of the response to it (HttpRequestEvent layout, `start_ns` the read).
+    SockClientResponse = 13,
+    /// A read of that response, the first included (SockBytesEvent: length, last bytes).
+    SockClientRecv = 14,
+    /// A native server's response: its first bytes (HttpRequestEvent layout, `start_ns`
+    /// the send).
+    SockServerResponse = 15,
+    /// A send of that response, the first included (SockBytesEvent).
+    SockServerSend = 16,
 }
 
 impl EventKind {
@@ -151,6 +165,11 @@ impl EventKind {
             9 => Self::GoSqlEnd,
             10 => Self::Traceparent,
             11 => Self::ProcExec,
+            12 => Self::SockClientRequest,
+            13 => Self::SockClientResponse,
+            14 => Self::SockClientRecv,
+            15 => Self::SockServerResponse,
+            16 => Self::SockServerSend,
             _ => return None,
         })
     }
@@ -225,7 +244,12 @@ pub struct ConnState {
     pub pid: u32,
     /// Local port (to re-check the role of client sockets against LISTEN).
     pub local_port: u16,
-    pub _pad2: u16,
+    /// 1: the process is not Go: its client requests are followed at the socket (no
+    /// uprobes make client spans for it).
+    pub native: u8,
+    /// 1: a native client's connection whose first bytes were not an HTTP/1 request (another
+    /// protocol, or HTTP/2): not followed.
+    pub other: u8,
     /// Inode number of the socket (what /proc/PID/fd shows as socket:[N]).
     pub ino: u64,
     /// Requests started on this connection; the current one's number.
@@ -375,6 +399,23 @@ pub struct ConnCloseEvent {
     pub hdr: EventHeader,
     pub conn_id: u64,
     pub sk: u64,
+}
+
+/// Bytes of a response moved on a socket of a process that is not Go (a client's read, a
+/// server's send): enough for the agent to tell where the response ends (its length, and
+/// its last bytes for chunked bodies).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SockBytesEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    pub seq: u32,
+    /// Bytes the read returned, or the send handed to TCP.
+    pub len: u32,
+    /// The last `tail_len` bytes of them (at most 8), in `tail[..tail_len]` (0: not seen).
+    pub tail: [u8; 8],
+    pub tail_len: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Bytes of a request read by a server (variable length: `captured` bytes follow). The
@@ -563,7 +604,7 @@ pub struct GoRequestState {
 /// Offsets into Go runtime and net/http structures of one executable, from its DWARF (or,
 /// later, a generated table). `u16::MAX`/`NONE` marks a field the version does not have.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GoOffsets {
     /// g pointer location relative to the thread pointer (fsbase), usually -8.
     pub tls_g: i64,
@@ -642,9 +683,15 @@ pub struct TargetConfig {
 
 impl TargetConfig {
     pub const NO_REG: u32 = u32::MAX;
+
+    /// A process that is not Go: sockets only.
+    pub fn native() -> Self {
+        TargetConfig { flags: 0, tls_c_reg: Self::NO_REG, go: GoOffsets::default() }
+    }
 }
 
 pub mod target_flags {
+    /// (no flag) A process that is not Go: sockets only, client requests followed there.
     /// The process is a Go program: read the goroutine from TLS.
     pub const GO: u32 = 1;
     /// Follow spans into goroutines the process spawns (newproc1 hook attached).
@@ -674,6 +721,9 @@ pub struct KernelOffsets {
     pub sock_sk_socket: u32,
     pub socket_alloc_inode: u32,
     pub inode_ino: u32,
+    /// msghdr.msg_iter.count: the bytes a sendmsg hands to TCP (all iovecs together).
+    pub msghdr_iter_count: u32,
+    pub _pad: u32,
 }
 
 /// Load-time settings of the kernel programs.
@@ -754,13 +804,14 @@ assert_size!(TraceparentEvent, 56);
 assert_size!(ProcExecEvent, 24);
 assert_size!(ConnOpenEvent, 88);
 assert_size!(ConnCloseEvent, 40);
+assert_size!(SockBytesEvent, 56);
 assert_size!(HttpRequestEvent, 112);
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
 assert_size!(TargetConfig, 8 + 112);
-assert_size!(KernelOffsets, 64);
+assert_size!(KernelOffsets, 72);
 
 #[cfg(feature = "user")]
 mod pod {

@@ -26,7 +26,7 @@ const REQ_HDR: usize = core::mem::size_of::<HttpRequestEvent>();
 /// return, is the response's end candidate). The user buffer (write/sendto) is read only at
 /// the first send of a response.
 #[inline(always)]
-pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
+pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     let conn = conn_for(pid_tgid, sk, false)?;
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
@@ -43,7 +43,11 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
             }
         }
         if conn.tls == 0 {
-            client_send(conn);
+            if conn.native != 0 {
+                crate::sock_client::on_send::<A>(conn, pid_tgid);
+            } else {
+                client_send(conn);
+            }
         }
         return Some(());
     }
@@ -55,9 +59,22 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64) -> Option<()> {
         }
         return Some(());
     }
-    // The user buffer is read only at the first send of a response.
-    let (buf, len) = if conn.phase == phase::REQUEST { send_buffer::<A>() } else { (0, 0) };
+    // A native server's sends are all reported (where its response ends is told by its
+    // framing: hyper, for one, reads nothing after a response until the next request).
+    let native = conn.native != 0 && conn.h2 == 0;
+    // Otherwise the user buffer is read only at the first send of a response.
+    let starting = conn.phase == phase::REQUEST;
+    let (buf, len) = if starting || native { send_buffer::<A>() } else { (0, 0) };
     send_bytes(conn, buf, len);
+    if native && conn.phase == phase::RESPONSE {
+        if starting {
+            conn.captured = 0;
+            send_capture(conn, pid_tgid, EventKind::SockServerResponse, buf, len, conn.resp_ts, 0, 0);
+        }
+        let total = crate::sock_client::send_total(msg, len);
+        let (last, last_len) = crate::socket_hooks::last_send_buffer::<A>();
+        crate::sock_client::bytes_event(conn, pid_tgid, EventKind::SockServerSend, total, last, last_len);
+    }
     Some(())
 }
 
@@ -191,7 +208,11 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
     if conn.role != ConnRole::Server as u8 {
         // A client reading its response: its next send is a new request.
         if ret > 0 && conn.tls == 0 {
-            conn.phase = phase::RESPONSE;
+            if conn.native != 0 {
+                crate::sock_client::on_recv::<A>(conn, pid_tgid, ret as u64);
+            } else {
+                conn.phase = phase::RESPONSE;
+            }
         }
         return Some(());
     }
@@ -202,7 +223,9 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
     if ret <= 0 || conn.tls != 0 {
         return Some(());
     }
-    let buf = recv_buffer::<A>();
+    let (buf, room) = recv_buffer::<A>();
+    // A vectored read: only its first buffer is looked at.
+    let len = if (ret as u64) < room { ret as u64 } else { room };
     if buf == 0 {
         count(Counter::RecvNoBuffer);
     } else if conn.phase != phase::REQUEST && is_tls_record(buf) {
@@ -211,14 +234,14 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
         conn.tls = 1;
         return Some(());
     }
-    recv_bytes(conn, pid_tgid, buf, ret as u64);
+    recv_bytes(conn, pid_tgid, buf, len);
     Some(())
 }
 
 /// Whether the bytes at `buf` start a TLS record (content type 20-23, version 3.x): no
 /// HTTP/1 request starts like that.
 #[inline(always)]
-fn is_tls_record(buf: u64) -> bool {
+pub fn is_tls_record(buf: u64) -> bool {
     match read_user::<[u8; 3]>(buf) {
         Some(b) => (0x14..=0x17).contains(&b[0]) && b[1] == 3 && b[2] <= 4,
         None => false,
@@ -266,20 +289,23 @@ pub fn recv_bytes(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Op
         let cfg = unsafe { &*cfg };
         if cfg.flags & zerotrace_common::target_flags::GO != 0 { current_goroutine(cfg) } else { (0, 0) }
     };
-    send_request(conn, pid_tgid, buf, len, goroutine, goid);
+    send_capture(conn, pid_tgid, EventKind::HttpRequest, buf, len, conn.req_ts, goroutine, goid);
     Some(())
 }
 
 /// Request bytes captured per request, from the settings, never above the hard maximum.
 #[inline(always)]
-fn capture_size() -> u32 {
+pub fn capture_size() -> u32 {
     let cap = settings().req_capture;
     if cap > bounds::REQ_CAPTURE_MAX as u32 { bounds::REQ_CAPTURE_MAX as u32 } else { cap }
 }
 
-/// Copies the record header and the bytes received into a variable-length record.
+/// Copies the record header and `len` bytes at `src` (received by a server, or sent or
+/// received by a native client: `kind`) into a variable-length record; bytes already
+/// captured for this request count against the capture size.
 #[inline(always)]
-fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, goroutine: u64, goid: u64) {
+#[allow(clippy::too_many_arguments)]
+pub fn send_capture(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, src: u64, len: u64, start_ns: u64, goroutine: u64, goid: u64) {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -292,11 +318,11 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, gorouti
     let ev = buf as *mut HttpRequestEvent;
     // SAFETY: the scratch value starts with room for the header.
     unsafe {
-        (*ev).hdr = header(EventKind::HttpRequest, size as usize, conn.pid, pid_tgid as u32, now());
+        (*ev).hdr = header(kind, size as usize, conn.pid, pid_tgid as u32, now());
         (*ev).conn_id = conn.id;
         (*ev).goroutine = goroutine;
         (*ev).goid = goid;
-        (*ev).start_ns = conn.req_ts;
+        (*ev).start_ns = start_ns;
         (*ev).seq = conn.seq;
         (*ev).read_len = len as u32;
         (*ev).captured = captured;
@@ -307,7 +333,9 @@ fn send_request(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, gorouti
         (*ev).tls = conn.tls;
         (*ev).trace_origin = 0;
         (*ev)._pad = [0; 6];
-        if conn.captured == 0 {
+        if kind != EventKind::HttpRequest {
+            // A native client's bytes: the span's place is decided by the agent.
+        } else if conn.captured == 0 {
             if let Some(l) = CLIENT_LINK.get_ptr(&conn.flow) {
                 (*ev).link_span = (*l).span_id;
                 count(Counter::ServerLinked);

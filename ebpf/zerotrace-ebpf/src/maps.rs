@@ -108,6 +108,8 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
     sock_sk_socket: 0,
     socket_alloc_inode: 0,
     inode_ino: 0,
+    msghdr_iter_count: 0,
+    _pad: 0,
 };
 
 #[unsafe(no_mangle)]

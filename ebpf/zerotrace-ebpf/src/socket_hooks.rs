@@ -5,7 +5,8 @@
 //! - `tcp:tcp_sendmsg_locked` as TCP takes bytes to send (before copying them),
 //! - `sock:inet_sock_set_state` at TCP state changes (CLOSE ends a tracked socket).
 //! A bit test in SELECTED comes first. The user buffer of a receive or send is found in the
-//! syscall's saved registers (read/recvfrom, write/sendto). Each hook exists twice: as a BTF
+//! syscall's saved registers (read/recvfrom, write/sendto; the first iovec of readv/writev
+//! and recvmsg/sendmsg, which tokio/mio and many C libraries use). Each hook exists twice: as a BTF
 //! tracepoint (tp_btf, typed arguments) and as a raw tracepoint for kernels that refuse BTF
 //! tracing programs. The agent loads one flavour.
 use aya_ebpf::{
@@ -19,7 +20,7 @@ use crate::{
     http_server::{on_recv, on_send},
     maps::SELECTED,
     sockets::on_state,
-    util::read_kernel,
+    util::{read_kernel, read_user},
 };
 
 /// x86-64 syscall numbers whose second argument is the data buffer (third: its length).
@@ -27,6 +28,13 @@ const SYS_READ: u64 = 0;
 const SYS_WRITE: u64 = 1;
 const SYS_SENDTO: u64 = 44;
 const SYS_RECVFROM: u64 = 45;
+/// Syscalls whose data is described by an iovec array: second argument (the array, or a
+/// `struct msghdr` whose `msg_iov`/`msg_iovlen` are at 16/24), third the count.
+const SYS_READV: u64 = 19;
+const SYS_WRITEV: u64 = 20;
+const SYS_SENDMSG: u64 = 46;
+const SYS_RECVMSG: u64 = 47;
+const MSGHDR_IOV: u64 = 16;
 /// Offsets in x86-64 `struct pt_regs` (a stable user ABI).
 const REGS_DX: u64 = 96;
 const REGS_ORIG_AX: u64 = 120;
@@ -80,18 +88,56 @@ impl SyscallArgs for RawArgs {
     }
 }
 
-/// The receive buffer, when the syscall is read/recvfrom.
+/// Most iovecs zerotrace looks through for a vectored send's last buffer.
+const IOV_MAX: u64 = 1024;
+
+/// The first (or, `last`, the last) data buffer of the current syscall and its size: named
+/// directly by read/recvfrom (`recv`) or write/sendto, else an iovec of readv/recvmsg or
+/// writev/sendmsg. (0, 0) for anything else: no bytes are read then.
 #[inline(always)]
-pub fn recv_buffer<A: SyscallArgs>() -> u64 {
-    let (nr, buf, _) = A::read();
-    if nr == SYS_READ || nr == SYS_RECVFROM { buf } else { 0 }
+fn data_buffer<A: SyscallArgs>(recv: bool, last: bool) -> (u64, u64) {
+    let (nr, a1, a2) = A::read();
+    let (direct, vector, msg) = if recv {
+        (nr == SYS_READ || nr == SYS_RECVFROM, nr == SYS_READV, nr == SYS_RECVMSG)
+    } else {
+        (nr == SYS_WRITE || nr == SYS_SENDTO, nr == SYS_WRITEV, nr == SYS_SENDMSG)
+    };
+    if direct {
+        return (a1, a2);
+    }
+    let (iov, n) = if vector && a2 != 0 {
+        (a1, a2)
+    } else if msg {
+        match read_user::<[u64; 2]>(a1 + MSGHDR_IOV) {
+            Some([iov, n]) if n != 0 => (iov, n),
+            _ => return (0, 0),
+        }
+    } else {
+        return (0, 0);
+    };
+    let at = if last && n <= IOV_MAX { iov + 16 * (n - 1) } else { iov };
+    match read_user::<[u64; 2]>(at) {
+        Some([base, len]) => (base, len),
+        None => (0, 0),
+    }
 }
 
-/// The send buffer and length, when the syscall is write/sendto.
+/// The receive buffer and its size, when the syscall names one.
+#[inline(always)]
+pub fn recv_buffer<A: SyscallArgs>() -> (u64, u64) {
+    data_buffer::<A>(true, false)
+}
+
+/// The send buffer and its length, when the syscall names one.
 #[inline(always)]
 pub fn send_buffer<A: SyscallArgs>() -> (u64, u64) {
-    let (nr, buf, len) = A::read();
-    if nr == SYS_WRITE || nr == SYS_SENDTO { (buf, len) } else { (0, 0) }
+    data_buffer::<A>(false, false)
+}
+
+/// The last send buffer and its length (where a vectored send ends).
+#[inline(always)]
+pub fn last_send_buffer<A: SyscallArgs>() -> (u64, u64) {
+    data_buffer::<A>(false, true)
 }
 
 #[inline(always)]
@@ -103,13 +149,14 @@ fn recv<A: SyscallArgs>(sk: u64, ret: i64, flags: i64) {
     let _ = on_recv::<A>(pid_tgid, sk, ret);
 }
 
+/// `msg`: the kernel's `struct msghdr` of the send (its iterator counts the bytes).
 #[inline(always)]
-fn send<A: SyscallArgs>(sk: u64) {
+fn send<A: SyscallArgs>(sk: u64, msg: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     if !selected((pid_tgid >> 32) as u32) {
         return;
     }
-    let _ = on_send::<A>(pid_tgid, sk);
+    let _ = on_send::<A>(pid_tgid, sk, msg);
 }
 
 #[btf_tracepoint(function = "sock_recv_length")]
@@ -123,7 +170,7 @@ pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> u32 {
 
 #[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn tcp_sendmsg_locked_btf(ctx: BtfTracePointContext) -> u32 {
-    send::<BtfArgs>(ctx.arg(0));
+    send::<BtfArgs>(ctx.arg(0), ctx.arg(1));
     0
 }
 
@@ -145,7 +192,7 @@ pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "tcp_sendmsg_locked")]
 pub fn tcp_sendmsg_locked(ctx: RawTracePointContext) -> u32 {
-    send::<RawArgs>(ctx.arg(0));
+    send::<RawArgs>(ctx.arg(0), ctx.arg(1));
     0
 }
 

