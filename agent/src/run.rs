@@ -418,6 +418,7 @@ fn counters_list<'a>(
         ("traceparent_write_failed", k(Counter::InjectFailed)),
         ("server_spans_linked", c.stats.linked),
         ("client_returns_unmatched", c.stats.unmatched_client_returns),
+        ("http2_directions_unreadable", c.stats.h2_unreadable),
         ("parents_unknown", c.traces.parents_unknown),
         ("spans_assembled", c.stats.spans),
         ("spans_not_sampled", c.sampling.dropped),

@@ -3,6 +3,7 @@
 //! mode the Go handler's own record (route, status, goroutine) is merged into that same span,
 //! never emitted twice. Timestamps become wall-clock time here.
 pub mod clock;
+mod h2;
 mod native;
 pub mod sampling;
 pub mod traces;
@@ -25,6 +26,8 @@ pub const MAX_PATTERNS: usize = 16_384;
 #[derive(Clone, Debug)]
 struct Conn {
     pid: u32,
+    /// zerotrace_common::ConnRole.
+    role: u8,
     /// The kernel socket (what Go handler records refer to).
     sk: u64,
     addrs: Addrs,
@@ -117,6 +120,9 @@ pub struct Stats {
     pub linked: u64,
     /// Client call returns whose start was not seen.
     pub unmatched_client_returns: u64,
+    /// HTTP/2 connection directions that became unreadable (no preface, or bytes not
+    /// captured where a frame header was).
+    pub h2_unreadable: u64,
 }
 
 /// Reads `len` bytes of a target's memory at an address, as a string.
@@ -134,8 +140,11 @@ pub struct Correlator {
     sql: HashMap<u64, PendingSql>,
     /// Native (not Go) client requests waiting for their response's end, by connection.
     native: HashMap<u64, native::NativeCall>,
-    /// Open server requests per process: connection -> kernel span id.
-    open: HashMap<u32, HashMap<u64, u64>>,
+    /// Open server requests per process: (connection, HTTP/2 stream or 0) -> span id.
+    open: HashMap<u32, HashMap<(u64, u32), u64>>,
+    /// HTTP/2 connections of native processes, and client streams offered for links.
+    h2: HashMap<u64, h2::H2Conn>,
+    h2_links: HashMap<h2::LinkKey, u64>,
     /// Native server requests already ended by their response's framing, by connection:
     /// the kernel's end record for them (at the next read) is expected and dropped.
     finished: HashMap<u64, u32>,
@@ -173,6 +182,8 @@ impl Correlator {
             sql: HashMap::new(),
             native: HashMap::new(),
             open: HashMap::new(),
+            h2: HashMap::new(),
+            h2_links: HashMap::new(),
             finished: HashMap::new(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
@@ -209,9 +220,9 @@ impl Correlator {
     }
 
     /// A server connection the kernel announced.
-    pub fn add_conn(&mut self, conn_id: u64, pid: u32, sk: u64, addrs: Addrs) {
+    pub fn add_conn(&mut self, conn_id: u64, pid: u32, sk: u64, role: u8, addrs: Addrs) {
         let peer: Arc<str> = addrs.peer.addr.to_string().into();
-        self.conns.insert(conn_id, Conn { pid, sk, addrs, peer });
+        self.conns.insert(conn_id, Conn { pid, role, sk, addrs, peer });
         self.by_sk.insert(sk, conn_id);
     }
 
@@ -237,13 +248,14 @@ impl Correlator {
         }
         self.native.remove(&id);
         self.finished.remove(&id);
+        self.h2.remove(&id);
     }
 
     /// Removes the open server request of connection `id` (and from its process's open set).
     fn take_pending(&mut self, id: u64) -> Option<Pending> {
         let p = self.pending.remove(&id)?;
         if let Some(m) = self.open.get_mut(&p.pid) {
-            m.remove(&id);
+            m.remove(&(id, 0));
             if m.is_empty() {
                 self.open.remove(&p.pid);
             }
@@ -254,9 +266,10 @@ impl Correlator {
     /// Feeds one event; finished spans are appended to `out`.
     pub fn on_event(&mut self, ev: Event, out: &mut Vec<Span>) {
         match ev {
-            Event::ConnOpen { pid, conn_id, sk, addrs, .. } => self.add_conn(conn_id, pid, sk, addrs),
+            Event::ConnOpen { pid, conn_id, sk, role, addrs, .. } => self.add_conn(conn_id, pid, sk, role, addrs),
             Event::ConnClose { conn_id, .. } => {
                 self.close_native(conn_id, out);
+                self.close_h2(conn_id, out);
                 self.drop_conn(conn_id);
             }
             Event::HttpRequest(r) => self.on_request(r),
@@ -265,6 +278,7 @@ impl Correlator {
             Event::SockClientRecv(r) => self.on_native_recv(r, out),
             Event::SockServerResponse(r) => self.on_server_response(r),
             Event::SockServerSend(b) => self.on_server_send(b, out),
+            Event::SockH2(b) => self.on_h2(b, out),
             Event::HttpResponse(r) => {
                 if let Some(span) = self.on_response(r) {
                     self.stats.spans += 1;
@@ -507,7 +521,7 @@ impl Correlator {
         }
         let ids = self.server_ids(&r.head, r.link_span, r.trace_id, r.trace_origin);
         self.traces.remember(r.span_id, ids.trace_id);
-        self.open.entry(r.pid).or_default().insert(r.conn_id, r.span_id);
+        self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
         let p = Pending {
             pid: r.pid,
             seq: r.seq,

@@ -196,7 +196,7 @@ impl Correlator {
     }
 
     /// The one server request open in `pid` (its kernel span id), 0 when none or several.
-    fn single_open_request(&self, pid: u32) -> u64 {
+    pub(super) fn single_open_request(&self, pid: u32) -> u64 {
         match self.open.get(&pid) {
             Some(m) if m.len() == 1 => m.values().next().copied().unwrap_or(0),
             _ => 0,

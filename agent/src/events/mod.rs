@@ -66,6 +66,26 @@ pub enum Event {
     SockServerResponse(HttpRequest),
     /// A send of a native server's response (the first included).
     SockServerSend(SockBytes),
+    /// HTTP/2 bytes read or sent on a native process's connection.
+    SockH2(H2Bytes),
+}
+
+/// One read or send on an HTTP/2 connection of a native process: its first bytes and how
+/// many there were (the rest were not captured).
+#[derive(Clone, Debug, PartialEq)]
+pub struct H2Bytes {
+    pub pid: u32,
+    pub tid: u32,
+    pub ts: u64,
+    pub conn_id: u64,
+    /// The process sent them (else it read them).
+    pub sent: bool,
+    pub total: u32,
+    /// Where `bytes` start among them (a syscall's bytes come in pieces), and whether this
+    /// is the syscall's last piece (the rest of `total` was not captured).
+    pub offset: u32,
+    pub last: bool,
+    pub bytes: Vec<u8>,
 }
 
 /// Bytes of a response moved (a native client's read, a native server's send): how many,
@@ -258,7 +278,12 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 sk: e.sk,
             }
         }
-        EventKind::HttpRequest | EventKind::SockClientRequest | EventKind::SockClientResponse | EventKind::SockServerResponse => {
+        EventKind::HttpRequest
+        | EventKind::SockClientRequest
+        | EventKind::SockClientResponse
+        | EventKind::SockServerResponse
+        | EventKind::SockH2Recv
+        | EventKind::SockH2Send => {
             let e: HttpRequestEvent = exact(b, kind)?;
             let start = std::mem::size_of::<HttpRequestEvent>();
             let end = start + e.captured as usize;
@@ -284,6 +309,17 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 EventKind::SockClientRequest => Event::SockClientRequest(r),
                 EventKind::SockClientResponse => Event::SockClientResponse(r),
                 EventKind::SockServerResponse => Event::SockServerResponse(r),
+                EventKind::SockH2Recv | EventKind::SockH2Send => Event::SockH2(H2Bytes {
+                    pid: r.pid,
+                    tid: r.tid,
+                    ts: r.start_ns,
+                    conn_id: r.conn_id,
+                    sent: kind == EventKind::SockH2Send,
+                    total: r.read_len,
+                    offset: r.offset,
+                    last: r.tls,
+                    bytes: r.head,
+                }),
                 _ => Event::HttpRequest(r),
             }
         }

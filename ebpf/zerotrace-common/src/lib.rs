@@ -59,6 +59,9 @@ pub mod bounds {
     pub const WAKEUP_BYTES: u64 = 512 << 10;
     /// Largest request-head prefix captured per request (the setting may lower it).
     pub const REQ_CAPTURE_MAX: usize = 2048;
+    /// HTTP/2: bytes of one read or send captured (in records of REQ_CAPTURE_MAX), so that
+    /// many streams' frames coalesced into one syscall are all seen.
+    pub const H2_CHUNKS: usize = 8;
     /// Bytes of a response kept to read its status line.
     pub const STATUS_CAPTURE: usize = 16;
     /// Bytes of a SQL statement's text kept per call.
@@ -149,6 +152,12 @@ pub enum EventKind {
     SockServerResponse = 15,
     /// A send of that response, the first included (SockBytesEvent).
     SockServerSend = 16,
+    /// HTTP/2 on a native process's connection: the first bytes of every read, in pieces of
+    /// at most REQ_CAPTURE_MAX (HttpRequestEvent layout: `read_len` the bytes read,
+    /// `offset` where this piece starts, `captured` its bytes, `tls` 1 on the last piece).
+    SockH2Recv = 17,
+    /// ... and of every send (`read_len`: the bytes handed to TCP).
+    SockH2Send = 18,
 }
 
 impl EventKind {
@@ -170,6 +179,8 @@ impl EventKind {
             14 => Self::SockClientRecv,
             15 => Self::SockServerResponse,
             16 => Self::SockServerSend,
+            17 => Self::SockH2Recv,
+            18 => Self::SockH2Send,
             _ => return None,
         })
     }
@@ -261,8 +272,9 @@ pub struct ConnState {
     /// plaintext by the Go crypto/tls hooks; the socket hooks keep only timing.
     pub tls: u8,
     pub pattern_len: u16,
-    /// 1: the connection speaks HTTP/2 (its first bytes were the client preface): not
-    /// followed (HTTP/2 has no request/response phases on the wire).
+    /// 1: the connection speaks HTTP/2 (its first bytes were the client preface). Go's
+    /// are not followed; a native process's bytes all go to the agent, which reads the
+    /// frames (HTTP/2 has no request/response phases on the wire).
     pub h2: u8,
     /// Injection on: the current request's traceparent was found (SPAN_TRACE has its trace).
     pub trace_in: u8,

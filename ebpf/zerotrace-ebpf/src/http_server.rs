@@ -44,7 +44,7 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
         }
         if conn.tls == 0 {
             if conn.native != 0 {
-                crate::sock_client::on_send::<A>(conn, pid_tgid);
+                crate::sock_client::on_send::<A>(conn, pid_tgid, msg);
             } else {
                 client_send(conn);
             }
@@ -59,6 +59,11 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
         }
         return Some(());
     }
+    if conn.native != 0 && conn.h2 != 0 {
+        let (buf, len) = send_buffer::<A>();
+        crate::sock_client::h2_bytes(conn, pid_tgid, EventKind::SockH2Send, buf, len, crate::sock_client::send_total(msg, len));
+        return Some(());
+    }
     // A native server's sends are all reported (where its response ends is told by its
     // framing: hyper, for one, reads nothing after a response until the next request).
     let native = conn.native != 0 && conn.h2 == 0;
@@ -69,7 +74,7 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     if native && conn.phase == phase::RESPONSE {
         if starting {
             conn.captured = 0;
-            send_capture(conn, pid_tgid, EventKind::SockServerResponse, buf, len, conn.resp_ts, 0, 0);
+            send_capture(conn, pid_tgid, EventKind::SockServerResponse, buf, len, len, conn.resp_ts, 0, 0);
         }
         let total = crate::sock_client::send_total(msg, len);
         let (last, last_len) = crate::socket_hooks::last_send_buffer::<A>();
@@ -234,6 +239,12 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
         conn.tls = 1;
         return Some(());
     }
+    if conn.native != 0 && (conn.h2 != 0 || (conn.seq == 0 && conn.phase != phase::REQUEST && crate::sock_client::h2_preface(buf))) {
+        // HTTP/2 (h2c, prior knowledge): every read goes to the agent, which reads frames.
+        conn.h2 = 1;
+        crate::sock_client::h2_bytes(conn, pid_tgid, EventKind::SockH2Recv, buf, len, ret as u64);
+        return Some(());
+    }
     recv_bytes(conn, pid_tgid, buf, len);
     Some(())
 }
@@ -289,7 +300,7 @@ pub fn recv_bytes(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Op
         let cfg = unsafe { &*cfg };
         if cfg.flags & zerotrace_common::target_flags::GO != 0 { current_goroutine(cfg) } else { (0, 0) }
     };
-    send_capture(conn, pid_tgid, EventKind::HttpRequest, buf, len, conn.req_ts, goroutine, goid);
+    send_capture(conn, pid_tgid, EventKind::HttpRequest, buf, len, len, conn.req_ts, goroutine, goid);
     Some(())
 }
 
@@ -301,11 +312,12 @@ pub fn capture_size() -> u32 {
 }
 
 /// Copies the record header and `len` bytes at `src` (received by a server, or sent or
-/// received by a native client: `kind`) into a variable-length record; bytes already
-/// captured for this request count against the capture size.
+/// received by a native process: `kind`; `read_len` of them moved in all) into a
+/// variable-length record; bytes already captured for this request count against the
+/// capture size.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn send_capture(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, src: u64, len: u64, start_ns: u64, goroutine: u64, goid: u64) {
+pub fn send_capture(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, src: u64, len: u64, read_len: u64, start_ns: u64, goroutine: u64, goid: u64) {
     let Some(buf) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -324,7 +336,7 @@ pub fn send_capture(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, src: u
         (*ev).goid = goid;
         (*ev).start_ns = start_ns;
         (*ev).seq = conn.seq;
-        (*ev).read_len = len as u32;
+        (*ev).read_len = if read_len > u32::MAX as u64 { u32::MAX } else { read_len as u32 };
         (*ev).captured = captured;
         (*ev).offset = conn.captured;
         (*ev).span_id = conn.span_id;

@@ -6,24 +6,87 @@
 //! bytes; every receive its length and last bytes, from which the agent tells where the
 //! response ends (Content-Length, chunked end, or the next request / close). Go
 //! processes never come here: their client spans come from `(*Transport).roundTrip`.
-use zerotrace_common::{ClientLink, ConnState, Counter, EventKind, SockBytesEvent, phase};
+use aya_ebpf::helpers::generated::bpf_ringbuf_output;
+use zerotrace_common::{ClientLink, ConnState, Counter, EventKind, HTTP_REQUEST_MAX, HttpRequestEvent, SockBytesEvent, bounds, phase};
 
 use crate::{
     causality::new_span_id,
     http_server::{capture_size, is_tls_record, send_capture},
-    maps::{CLIENT_LINK, EVENTS, kernel},
+    maps::{CLIENT_LINK, EVENTS, SCRATCH, kernel},
     socket_hooks::{SyscallArgs, recv_buffer, send_buffer},
-    util::{count, header, now, read_kernel, read_user, wake_flags},
+    util::{count, header, now, read_kernel, read_user, read_user_bytes, wake_flags},
 };
 
+/// Whether the bytes at `buf` start HTTP/2's client preface ("PRI * HTTP/2.0").
+#[inline(always)]
+pub fn h2_preface(buf: u64) -> bool {
+    buf != 0 && read_user::<[u8; 4]>(buf) == Some(*b"PRI ")
+}
+
+/// HTTP/2 bytes moved on a native process's connection (`kind` SockH2Recv or SockH2Send):
+/// up to H2_CHUNKS records of the first `len` of them at `buf`, and how many there were.
+#[inline(always)]
+pub fn h2_bytes(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, buf: u64, len: u64, total: u64) {
+    const CHUNK: u64 = bounds::REQ_CAPTURE_MAX as u64;
+    let take = if len < total { len } else { total };
+    let ts = now();
+    let mut i = 0;
+    while i < bounds::H2_CHUNKS as u64 {
+        let at = i * CHUNK;
+        let last = at + CHUNK >= take || i + 1 == bounds::H2_CHUNKS as u64;
+        let n = if take - at < CHUNK { take - at } else { CHUNK };
+        h2_chunk(conn, pid_tgid, kind, buf, at, n, total, ts, last);
+        if last {
+            break;
+        }
+        i += 1;
+    }
+}
+
+/// One record of `h2_bytes`: `n` bytes at `buf + at`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn h2_chunk(conn: &ConnState, pid_tgid: u64, kind: EventKind, buf: u64, at: u64, n: u64, total: u64, ts: u64, last: bool) {
+    const HDR: usize = core::mem::size_of::<HttpRequestEvent>();
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else { return };
+    let scratch = scratch as *mut u8;
+    // SAFETY: the scratch value holds HDR + REQ_CAPTURE_MAX bytes.
+    let captured = if buf == 0 { 0 } else { read_user_bytes::<{ bounds::REQ_CAPTURE_MAX }>(unsafe { scratch.add(HDR) }, buf + at, n) };
+    let ev = scratch as *mut HttpRequestEvent;
+    // SAFETY: the scratch value starts with room for the header.
+    unsafe {
+        (*ev).hdr = header(kind, HDR + captured as usize, conn.pid, pid_tgid as u32, ts);
+        (*ev).conn_id = conn.id;
+        (*ev).goroutine = 0;
+        (*ev).goid = 0;
+        (*ev).start_ns = ts;
+        (*ev).seq = 0;
+        (*ev).read_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
+        (*ev).captured = captured;
+        (*ev).offset = at as u32;
+        (*ev).span_id = 0;
+        (*ev).link_span = 0;
+        (*ev).trace_id = [0; 16];
+        (*ev).tls = last as u8;
+        (*ev).trace_origin = 0;
+        (*ev)._pad = [0; 6];
+    }
+    let mut size = HDR as u64 + captured as u64;
+    if size > HTTP_REQUEST_MAX as u64 {
+        size = HTTP_REQUEST_MAX as u64;
+    }
+    // SAFETY: scratch holds HTTP_REQUEST_MAX bytes and size is bounded by it.
+    let rc = unsafe { bpf_ringbuf_output(core::ptr::addr_of!(EVENTS) as *mut _, scratch.cast(), size, wake_flags()) };
+    if rc < 0 {
+        count(Counter::RingFull);
+    }
+}
+
 /// Whether the bytes at `buf` can start an HTTP/1 request: an upper-case method of 3 to 7
-/// letters and a space ("PRI " is HTTP/2's preface: not HTTP/1).
+/// letters and a space.
 #[inline(always)]
 fn starts_request(buf: u64) -> bool {
     let Some(b) = read_user::<[u8; 8]>(buf) else { return false };
-    if b[..4] == *b"PRI " {
-        return false;
-    }
     let mut i = 0;
     while i < 8 {
         let c = b[i];
@@ -40,15 +103,20 @@ fn starts_request(buf: u64) -> bool {
 
 /// The process hands bytes to TCP on client socket `conn`.
 #[inline(always)]
-pub fn on_send<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64) {
+pub fn on_send<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, msg: u64) {
     if conn.other != 0 {
         return;
     }
     let (buf, len) = send_buffer::<A>();
+    if conn.h2 != 0 || (conn.seq == 0 && conn.phase == phase::IDLE && h2_preface(buf)) {
+        conn.h2 = 1;
+        h2_bytes(conn, pid_tgid, EventKind::SockH2Send, buf, len, send_total(msg, len));
+        return;
+    }
     if conn.phase == phase::REQUEST {
         // More of the same request (a head written in pieces).
         if buf != 0 && conn.captured < capture_size() {
-            send_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, conn.req_ts, 0, 0);
+            send_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, len, conn.req_ts, 0, 0);
         }
         return;
     }
@@ -71,22 +139,26 @@ pub fn on_send<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64) {
     count(Counter::SockClientRequests);
     let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: conn.span_id, ts_ns: ts }, 0);
     count(Counter::ClientLinks);
-    send_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, ts, 0, 0);
+    send_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, len, ts, 0, 0);
 }
 
 /// A receive on client socket `conn` returned `ret` > 0 bytes.
 #[inline(always)]
 pub fn on_recv<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, ret: u64) {
-    if conn.other != 0 || conn.phase == phase::IDLE {
+    if conn.other != 0 || (conn.phase == phase::IDLE && conn.h2 == 0) {
         return;
     }
     let (buf, room) = recv_buffer::<A>();
     let n = if ret < room { ret } else { room };
+    if conn.h2 != 0 {
+        h2_bytes(conn, pid_tgid, EventKind::SockH2Recv, buf, n, ret);
+        return;
+    }
     if conn.phase == phase::REQUEST {
         // The response's first bytes: its head (status, framing).
         conn.phase = phase::RESPONSE;
         conn.captured = 0;
-        send_capture(conn, pid_tgid, EventKind::SockClientResponse, buf, n, now(), 0, 0);
+        send_capture(conn, pid_tgid, EventKind::SockClientResponse, buf, n, ret, now(), 0, 0);
     }
     // Where a vectored read's bytes end is not looked for: its tail is then unknown.
     let tail_len = if ret <= room { ret } else { 0 };

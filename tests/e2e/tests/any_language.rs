@@ -195,3 +195,153 @@ fn a_process_that_is_not_selected_is_not_captured() -> Result<()> {
     assert_eq!(agent.stat("socket_client_requests_seen"), 0, "nor any client request of the other");
     Ok(())
 }
+
+/// A gRPC server (tonic) on a fresh port.
+fn grpc_service(name: &str) -> Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.args(["grpc", &format!("127.0.0.1:{port}")]).env("OTEL_SERVICE_NAME", name);
+    let p = Proc::spawn(name, cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    Ok((p, port))
+}
+
+/// A gRPC client (tonic) that makes `n` calls of `kind` over one HTTP/2 connection,
+/// `concurrency` at a time, once the returned file exists.
+fn grpc_client(name: &str, port: u16, kind: &str, n: u32, concurrency: u32) -> Result<(Proc, std::path::PathBuf)> {
+    let start = tools::work_dir().join("logs").join(format!("{name}-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start);
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.args(["grpc-call", &format!("http://127.0.0.1:{port}"), kind, &n.to_string(), &concurrency.to_string()])
+        .arg(&start)
+        .env("OTEL_SERVICE_NAME", name);
+    Ok((Proc::spawn(name, cmd)?, start))
+}
+
+/// Client and server spans of gRPC calls between two traced Rust processes, paired by the
+/// server span's parent (the kernel saw both ends of each HTTP/2 stream).
+fn grpc_pairs<'a>(spans: &'a [RSpan], client: &str, server: &str) -> Vec<(&'a RSpan, &'a RSpan)> {
+    let mut clients: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == client).collect();
+    clients.sort_by_key(|s| s.start_ns);
+    clients
+        .into_iter()
+        .map(|c| (c, one(spans, "server span of a call", |s| s.kind == SERVER && s.res("service.name") == server && s.parent_span_id == c.span_id)))
+        .collect()
+}
+
+/// Unary and server-streaming gRPC calls with status codes: names, rpc.* attributes, status
+/// codes on both sides, errors as the semantic conventions say (server: only codes that
+/// mean the server failed; client: any code but OK), client and server linked.
+#[test]
+fn grpc_unary_and_streaming_calls_with_status_codes() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = grpc_service("grpc-server")?;
+    let (mut unary, go_unary) = grpc_client("grpc-unary", port, "unary", 6, 1)?;
+    let (mut stream, go_stream) = grpc_client("grpc-stream", port, "stream", 2, 1)?;
+    let mut agent = agent(&[server.pid(), unary.pid(), stream.pid()], &rx)?;
+    std::fs::write(&go_unary, b"go")?;
+    ensure!(unary.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "unary client: {}", unary.stderr_text());
+    std::fs::write(&go_stream, b"go")?;
+    ensure!(stream.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "stream client: {}", stream.stderr_text());
+    rx.wait_for(16, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    let unary_pairs = grpc_pairs(&spans, "grpc-unary", "grpc-server");
+    assert_eq!(unary_pairs.len(), 6);
+    for (i, (c, s)) in unary_pairs.iter().enumerate() {
+        let code = [0, 5, 13][i % 3];
+        for x in [c, s] {
+            assert_eq!(x.name, "zerotrace.test.v1.Echo/Unary");
+            assert_eq!((x.attr("rpc.system"), x.attr("rpc.service"), x.attr("rpc.method")), ("grpc", "zerotrace.test.v1.Echo", "Unary"));
+            assert_eq!(x.attr("rpc.grpc.status_code"), code.to_string(), "call {i}: {x:#?}");
+            assert_eq!(x.attr("network.protocol.version"), "2");
+            assert_eq!(x.trace_id, c.trace_id);
+        }
+        assert_eq!(c.status == 2, code != 0, "client error iff not OK: {c:#?}");
+        assert_eq!(s.status == 2, code == 13, "server error only for INTERNAL: {s:#?}");
+        assert_eq!(c.parent_span_id, "");
+        assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns, "{c:#?} {s:#?}");
+    }
+    let stream_pairs = grpc_pairs(&spans, "grpc-stream", "grpc-server");
+    assert_eq!(stream_pairs.len(), 2);
+    for (i, (c, s)) in stream_pairs.iter().enumerate() {
+        let code = [0, 14][i % 2];
+        for x in [c, s] {
+            assert_eq!(x.name, "zerotrace.test.v1.Echo/Stream");
+            assert_eq!(x.attr("rpc.grpc.status_code"), code.to_string(), "stream {i}: {x:#?}");
+        }
+        assert_eq!((c.status == 2, s.status == 2), (code != 0, code == 14), "UNAVAILABLE is a server error: {c:#?} {s:#?}");
+        // Three replies 2 ms apart: the stream lasts until the last one and the trailers.
+        assert!(s.duration() >= Duration::from_millis(4), "{s:#?}");
+    }
+    assert_eq!(spans.len(), 16, "one span per call and side: {spans:#?}");
+    Ok(())
+}
+
+/// 50 calls at once over one HTTP/2 connection: 50 streams interleaved in the same reads
+/// and writes, each its own pair of spans.
+#[test]
+fn http2_with_50_concurrent_streams() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = grpc_service("h2-server")?;
+    let (mut client, go) = grpc_client("h2-client", port, "unary", 50, 50)?;
+    let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
+    std::fs::write(&go, b"go")?;
+    ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "client: {}", client.stderr_text());
+    rx.wait_for(100, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    let pairs = grpc_pairs(&spans, "h2-client", "h2-server");
+    assert_eq!(pairs.len(), 50);
+    let mut codes = [0usize; 3];
+    let mut peer_ports: Vec<&str> = Vec::new();
+    for (c, s) in &pairs {
+        assert_eq!(c.attr("rpc.grpc.status_code"), s.attr("rpc.grpc.status_code"), "{c:#?} {s:#?}");
+        assert_eq!(s.attr("zerotrace.http2.headers"), "", "headers read: {s:#?}");
+        codes[match s.attr("rpc.grpc.status_code") {
+            "0" => 0,
+            "5" => 1,
+            "13" => 2,
+            other => panic!("unexpected code {other}"),
+        }] += 1;
+        peer_ports.push(s.attr("network.peer.port"));
+    }
+    assert_eq!(codes, [17, 17, 16], "each call's own status");
+    peer_ports.sort_unstable();
+    peer_ports.dedup();
+    assert_eq!(peer_ports.len(), 1, "one connection");
+    assert_eq!(spans.len(), 100);
+    Ok(())
+}
+
+/// HTTP/1 into a Rust service that calls a gRPC service: the gRPC client span sits under
+/// the HTTP server span, the gRPC server span under the client span.
+#[test]
+fn http_request_that_makes_a_grpc_call() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (grpc, grpc_port) = grpc_service("echo-grpc")?;
+    let port = free_port();
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.arg(format!("127.0.0.1:{port}")).env("OTEL_SERVICE_NAME", "web").env("RSVC_GRPC", format!("http://127.0.0.1:{grpc_port}"));
+    let web = Proc::spawn("web", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let mut agent = agent(&[web.pid(), grpc.pid()], &rx)?;
+    let mut c = Client::new(port);
+    for i in 0..3 {
+        let r = c.get(&format!("/grpc/g{i}"))?;
+        assert_eq!((r.status, String::from_utf8_lossy(&r.body).into_owned()), (200, format!("g{i}")));
+    }
+    rx.wait_for(9, Duration::from_secs(20))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    for i in 0..3 {
+        let http = one(&spans, "HTTP server span", |s| s.kind == SERVER && s.attr("url.path") == format!("/grpc/g{i}"));
+        let call = one(&spans, "gRPC client span", |s| s.kind == CLIENT && s.parent_span_id == http.span_id);
+        assert_eq!((call.name.as_str(), call.res("service.name")), ("zerotrace.test.v1.Echo/Unary", "web"));
+        let served = one(&spans, "gRPC server span", |s| s.kind == SERVER && s.parent_span_id == call.span_id);
+        assert_eq!((served.res("service.name"), served.attr("rpc.grpc.status_code")), ("echo-grpc", "0"));
+        assert!(call.trace_id == http.trace_id && served.trace_id == http.trace_id);
+    }
+    assert_eq!(spans.len(), 9, "{spans:#?}");
+    Ok(())
+}

@@ -2,13 +2,19 @@
 //! (tokio, axum, reqwest, hyper) and knowing nothing about tracing: no headers are propagated.
 //!
 //! Usage:
-//!   rsvc ADDR [DOWNSTREAM_BASE_URL]   serve HTTP/1.1 on ADDR
+//!   rsvc ADDR [DOWNSTREAM_BASE_URL]   serve HTTP/1.1 on ADDR (RSVC_GRPC=URL: the gRPC
+//!                                      service that `/grpc/ID` calls)
+//!   rsvc grpc ADDR                     serve the gRPC Echo service (h2c) on ADDR
+//!   rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]
+//!                                      N calls over one HTTP/2 connection, CONCURRENCY at
+//!                                      a time: unary call i asks for status [0, 5, 13][i % 3],
+//!                                      stream call i for 3 replies then [0, 14][i % 2]
 //!   rsvc get URL COUNT [START_FILE]    COUNT GETs of URL followed by the request's number, on
 //!                                      one keep-alive connection (once START_FILE exists)
 //!
 //! Routes: `/hello` answers "hello"; `/status/CODE` answers that status; `/chain/ID` calls
 //! DOWNSTREAM/chain/ID and answers with its body (at the end of a chain: "leaf ID");
-//! `/slow/MS` sleeps MS milliseconds.
+//! `/slow/MS` sleeps MS milliseconds; `/grpc/ID` makes a unary gRPC call (RSVC_GRPC).
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{
@@ -18,10 +24,129 @@ use axum::{
     routing::get,
 };
 
+mod echo {
+    tonic::include_proto!("zerotrace.test.v1");
+}
+
+use echo::{EchoReply, EchoRequest, echo_client::EchoClient, echo_server::{Echo, EchoServer}};
+
 #[derive(Clone)]
 struct App {
     down: Option<String>,
     client: reqwest::Client,
+    grpc: Option<EchoClient<tonic::transport::Channel>>,
+}
+
+/// The Echo service: answers, or fails with the status the caller asked for.
+struct EchoService;
+
+#[tonic::async_trait]
+impl Echo for EchoService {
+    async fn unary(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<EchoReply>, tonic::Status> {
+        let r = req.into_inner();
+        if r.code != 0 {
+            return Err(tonic::Status::new(tonic::Code::from_i32(r.code), format!("asked for {}", r.code)));
+        }
+        Ok(tonic::Response::new(EchoReply { text: r.text }))
+    }
+
+    type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<EchoReply, tonic::Status>>;
+
+    async fn stream(&self, req: tonic::Request<EchoRequest>) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+        let r = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for i in 0..r.count {
+                let _ = tx.send(Ok(EchoReply { text: format!("{} {i}", r.text) })).await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if r.code != 0 {
+                let _ = tx.send(Err(tonic::Status::new(tonic::Code::from_i32(r.code), "asked"))).await;
+            }
+        });
+        Ok(tonic::Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+async fn grpc_call(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, String) {
+    let Some(mut c) = app.grpc.clone() else {
+        return (StatusCode::NOT_FOUND, "no RSVC_GRPC".into());
+    };
+    match c.unary(EchoRequest { text: id, code: 0, count: 0 }).await {
+        Ok(r) => (StatusCode::OK, r.into_inner().text),
+        Err(e) => (StatusCode::BAD_GATEWAY, format!("gRPC: {e}")),
+    }
+}
+
+async fn serve_grpc(addr: SocketAddr) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder().add_service(EchoServer::new(EchoService)).serve(addr).await
+}
+
+/// N calls on one channel (one HTTP/2 connection), `concurrency` at a time.
+async fn grpc_calls(url: &str, stream: bool, n: u32, concurrency: u32) -> Result<(), Box<dyn std::error::Error>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
+    let client = EchoClient::new(channel);
+    let mut i = 0;
+    while i < n {
+        let batch: Vec<u32> = (i..(i + concurrency.max(1)).min(n)).collect();
+        i += batch.len() as u32;
+        let calls = batch.into_iter().map(|i| {
+            let mut c = client.clone();
+            async move {
+                if stream {
+                    let code = [0, 14][i as usize % 2];
+                    match c.stream(EchoRequest { text: format!("s{i}"), code, count: 3 }).await {
+                        Ok(r) => {
+                            let mut s = r.into_inner();
+                            let mut got = 0;
+                            let end = loop {
+                                match s.message().await {
+                                    Ok(Some(_)) => got += 1,
+                                    Ok(None) => break 0,
+                                    Err(e) => break e.code() as i32,
+                                }
+                            };
+                            (i, end, got)
+                        }
+                        Err(e) => (i, e.code() as i32, 0),
+                    }
+                } else {
+                    let code = [0, 5, 13][i as usize % 3];
+                    match c.unary(EchoRequest { text: format!("u{i}"), code, count: 0 }).await {
+                        Ok(_) => (i, 0, 1),
+                        Err(e) => (i, e.code() as i32, 0),
+                    }
+                }
+            }
+        });
+        for (i, code, got) in futures_join(calls).await {
+            println!("{i}: status {code} replies {got}");
+        }
+    }
+    Ok(())
+}
+
+/// Runs futures concurrently on this task and returns their results in order.
+async fn futures_join<F: std::future::Future>(fs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut set = Vec::new();
+    for f in fs {
+        set.push(Box::pin(f));
+    }
+    let mut out: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (k, f) in set.iter_mut().enumerate() {
+            if out[k].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[k] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+    })
+    .await;
+    out.into_iter().map(|v| v.expect("every future finished")).collect()
 }
 
 async fn hello() -> &'static str {
@@ -53,12 +178,16 @@ async fn chain(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, S
 }
 
 async fn serve(addr: SocketAddr, down: Option<String>) -> std::io::Result<()> {
-    let app = App { down, client: reqwest::Client::new() };
+    let grpc = std::env::var("RSVC_GRPC").ok().map(|u| {
+        EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RSVC_GRPC is a URL").connect_lazy())
+    });
+    let app = App { down, client: reqwest::Client::new(), grpc };
     let router = Router::new()
         .route("/hello", get(hello))
         .route("/status/{code}", get(status))
         .route("/slow/{ms}", get(slow))
         .route("/chain/{id}", get(chain))
+        .route("/grpc/{id}", get(grpc_call))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, router).await
@@ -107,6 +236,34 @@ fn main() {
                 }
             }
         }
+        ["grpc", addr] => {
+            let Ok(addr) = addr.parse::<SocketAddr>() else {
+                eprintln!("rsvc: {addr} is not an address (ip:port)");
+                std::process::exit(2);
+            };
+            match rt.block_on(serve_grpc(addr)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("rsvc grpc: {e}");
+                    1
+                }
+            }
+        }
+        ["grpc-call", url, kind @ ("unary" | "stream"), n, concurrency, ref start @ ..] if start.len() <= 1 => {
+            if let Some(file) = start.first() {
+                while !std::path::Path::new(file).exists() {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let (n, c) = (n.parse().unwrap_or(1), concurrency.parse().unwrap_or(1));
+            match rt.block_on(grpc_calls(url, kind == "stream", n, c)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("rsvc grpc-call: {e}");
+                    1
+                }
+            }
+        }
         [addr, ref rest @ ..] if rest.len() <= 1 => {
             let Ok(addr) = addr.parse::<SocketAddr>() else {
                 eprintln!("rsvc: {addr} is not an address (ip:port)");
@@ -122,7 +279,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT");
+            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]");
             2
         }
     };

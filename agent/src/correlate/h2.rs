@@ -1,0 +1,383 @@
+//! HTTP/2 and gRPC spans of native processes, from the frames of their h2c connections
+//! (every read and send arrives with its first bytes: protocols/http2.rs). One span per
+//! stream: SERVER on a connection the process accepted, CLIENT on one it opened. A stream
+//! starts at the request's HEADERS and ends at the response's END_STREAM (or a
+//! RST_STREAM, or the connection's close: then it says it is incomplete).
+//!
+//! Links: a client stream is offered under (connection flow, stream id); the server
+//! stream with the same flow and id, seen later in the same ring buffer, takes it as its
+//! parent; that is how two traced processes on one host link over HTTP/2 with no header.
+//! Inside a process, a client stream's parent is the process's one open server request
+//! (HTTP/1 or HTTP/2), as for HTTP/1 clients (native.rs). An incoming `traceparent` wins.
+//!
+//! When bytes that carried a header block were not captured, the direction's HPACK table
+//! can no longer be trusted: streams are still timed and closed from frame flags, and
+//! their spans say that their headers were not read (`zerotrace.http2.headers`).
+use std::{collections::HashMap, net::SocketAddr};
+
+use crate::{
+    events::H2Bytes,
+    protocols::http2::{self, CONTINUATION, DATA, END_HEADERS, END_STREAM, FrameHeader, FrameReader, HEADERS, HeaderDecoder, Headers, RST_STREAM},
+    spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
+};
+
+use super::{Correlator, split_host_port, traces::span_id};
+
+/// Streams open at once on one connection that are followed, at most.
+const MAX_STREAMS: usize = 1024;
+/// Client streams offered for same-host links, at most.
+const MAX_LINKS: usize = 65_536;
+const REQUEST: usize = 0;
+const RESPONSE: usize = 1;
+
+/// A flow (client, server) and a stream id.
+pub(super) type LinkKey = (SocketAddr, SocketAddr, u32);
+
+pub(super) struct H2Conn {
+    pid: u32,
+    server: bool,
+    flow: (SocketAddr, SocketAddr),
+    /// Request side (client to server) and response side.
+    readers: [FrameReader; 2],
+    decoders: [HeaderDecoder; 2],
+    /// A header block in progress per side: stream, HEADERS flags, bytes so far.
+    blocks: [Option<(u32, u8, Vec<u8>)>; 2],
+    streams: HashMap<u32, Stream>,
+    last_ns: u64,
+}
+
+struct Stream {
+    span: u64,
+    trace_id: TraceId,
+    parent: Option<SpanId>,
+    remote: bool,
+    trace_state: Option<String>,
+    tid: u32,
+    start_ns: u64,
+    request: Option<Headers>,
+    response: Option<Headers>,
+    grpc_status: Option<i64>,
+    reset: Option<u32>,
+    /// A header block of this stream was not read (not captured, or HPACK lost).
+    headers_lost: bool,
+}
+
+/// What a frame does to its stream.
+enum Effect {
+    None,
+    Finish,
+}
+
+impl Correlator {
+    /// Bytes read or sent on an HTTP/2 connection of a native process.
+    pub(super) fn on_h2(&mut self, b: H2Bytes, out: &mut Vec<Span>) {
+        if !self.h2.contains_key(&b.conn_id) {
+            let Some(c) = self.conns.get(&b.conn_id) else {
+                self.stats.not_http += 1;
+                return;
+            };
+            let server = c.role == zerotrace_common::ConnRole::Server as u8;
+            let local = SocketAddr::new(c.addrs.local.addr, c.addrs.local.port);
+            let peer = SocketAddr::new(c.addrs.peer.addr, c.addrs.peer.port);
+            let conn = H2Conn {
+                pid: b.pid,
+                server,
+                flow: if server { (peer, local) } else { (local, peer) },
+                readers: [FrameReader::new(true), FrameReader::new(false)],
+                decoders: [HeaderDecoder::default(), HeaderDecoder::default()],
+                blocks: [None, None],
+                streams: HashMap::new(),
+                last_ns: b.ts,
+            };
+            self.h2.insert(b.conn_id, conn);
+        }
+        let Some(conn) = self.h2.get_mut(&b.conn_id) else { return };
+        conn.last_ns = b.ts;
+        let side = if conn.server != b.sent { REQUEST } else { RESPONSE };
+        let mut frames: Vec<(FrameHeader, Option<Vec<u8>>)> = Vec::new();
+        // After a syscall's last piece: the bytes that were not captured.
+        let seen = u64::from(b.offset) + b.bytes.len() as u64;
+        let missing = if b.last { u64::from(b.total).saturating_sub(seen) } else { 0 };
+        let was_broken = conn.readers[side].broken.is_some();
+        conn.readers[side].feed(&b.bytes, missing, &mut |f| {
+            let keep = matches!(f.header.kind, HEADERS | CONTINUATION | RST_STREAM);
+            frames.push((f.header, if keep { f.payload.map(<[u8]>::to_vec) } else { None }));
+        });
+        if !was_broken && conn.readers[side].broken.is_some() {
+            // From here on this direction is not read: open streams end at close.
+            self.stats.h2_unreadable += 1;
+            tracing::debug!(pid = b.pid, conn = b.conn_id, why = ?conn.readers[side].broken, "HTTP/2 direction no longer readable");
+        }
+        for (h, payload) in frames {
+            self.on_frame(b.conn_id, side, h, payload.as_deref(), b.ts, b.tid, out);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_frame(&mut self, conn_id: u64, side: usize, h: FrameHeader, payload: Option<&[u8]>, ts: u64, tid: u32, out: &mut Vec<Span>) {
+        if h.stream == 0 {
+            return;
+        }
+        let effect = match h.kind {
+            HEADERS => {
+                let block = payload.and_then(|p| http2::headers_fragment(h.flags, p));
+                let conn = self.h2.get_mut(&conn_id).expect("present");
+                conn.blocks[side] = None;
+                match block {
+                    Some(b) if h.flags & END_HEADERS != 0 => {
+                        let headers = conn.decoders[side].decode(b);
+                        self.on_headers(conn_id, side, h.stream, h.flags, headers, ts, tid)
+                    }
+                    Some(b) => {
+                        conn.blocks[side] = Some((h.stream, h.flags, b.to_vec()));
+                        // The stream starts now; its headers follow in CONTINUATION frames.
+                        self.on_headers(conn_id, side, h.stream, h.flags & !END_STREAM, Some(Headers::default()), ts, tid);
+                        Effect::None
+                    }
+                    None => {
+                        conn.decoders[side].lost = true;
+                        self.on_headers(conn_id, side, h.stream, h.flags, None, ts, tid)
+                    }
+                }
+            }
+            CONTINUATION => {
+                let conn = self.h2.get_mut(&conn_id).expect("present");
+                let Some((stream, flags, mut block)) = conn.blocks[side].take() else { return };
+                match payload {
+                    Some(p) if stream == h.stream && block.len() + p.len() <= http2::MAX_HEADER_BLOCK => block.extend_from_slice(p),
+                    _ => {
+                        conn.decoders[side].lost = true;
+                        return;
+                    }
+                }
+                if h.flags & END_HEADERS == 0 {
+                    conn.blocks[side] = Some((stream, flags, block));
+                    return;
+                }
+                let headers = conn.decoders[side].decode(&block);
+                self.on_headers(conn_id, side, stream, flags, headers, ts, tid)
+            }
+            DATA if side == RESPONSE && h.flags & END_STREAM != 0 => Effect::Finish,
+            RST_STREAM => {
+                let code = payload.and_then(|p| p.get(..4)).map_or(0, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
+                if let Some(s) = self.h2.get_mut(&conn_id).and_then(|c| c.streams.get_mut(&h.stream)) {
+                    s.reset = Some(code);
+                }
+                Effect::Finish
+            }
+            _ => Effect::None,
+        };
+        if let Effect::Finish = effect {
+            self.finish_stream(conn_id, h.stream, ts, false, out);
+        }
+    }
+
+    /// A complete header block (None: not readable) of `stream` on `side`.
+    #[allow(clippy::too_many_arguments)]
+    fn on_headers(&mut self, conn_id: u64, side: usize, stream: u32, flags: u8, headers: Option<Headers>, ts: u64, tid: u32) -> Effect {
+        let conn = self.h2.get_mut(&conn_id).expect("present");
+        if side == RESPONSE {
+            let Some(s) = conn.streams.get_mut(&stream) else { return Effect::None };
+            match headers {
+                Some(h) => {
+                    if h.grpc_status.is_some() {
+                        s.grpc_status = h.grpc_status;
+                    }
+                    if s.response.is_none() {
+                        s.response = Some(h);
+                    }
+                }
+                None => s.headers_lost = true,
+            }
+            return if flags & END_STREAM != 0 { Effect::Finish } else { Effect::None };
+        }
+        if let Some(s) = conn.streams.get_mut(&stream) {
+            // The rest of a request's header block (after CONTINUATION), or its trailers.
+            match headers {
+                Some(h) if s.request.as_ref().is_some_and(|r| r.method.is_none()) => s.request = Some(h),
+                None => s.headers_lost = true,
+                _ => {}
+            }
+            return Effect::None;
+        }
+        if conn.streams.len() >= MAX_STREAMS {
+            self.stats.pending_full += 1;
+            return Effect::None;
+        }
+        let (pid, server, flow) = (conn.pid, conn.server, conn.flow);
+        let span = loop {
+            let v = fastrand::u64(..);
+            if v != 0 {
+                break v;
+            }
+        };
+        let incoming = headers.as_ref().and_then(|h| RemoteParent::parse(h.traceparent.as_deref()?, h.tracestate.as_deref()));
+        let (trace_id, parent, remote, trace_state) = if let Some(rp) = incoming {
+            let trace_id = self.traces.resolve(rp.trace_id);
+            self.sampling.remote_decision(trace_id, rp.sampled);
+            (trace_id, Some(rp.span_id), true, rp.trace_state)
+        } else {
+            let parent = if server {
+                self.h2_links.remove(&(flow.0, flow.1, stream)).unwrap_or(0)
+            } else {
+                self.single_open_request(pid)
+            };
+            let (trace_id, parent) = self.traces.child_of(parent, [0; 16]);
+            if server && parent.is_some() {
+                self.stats.linked += 1;
+            }
+            (trace_id, parent, false, None)
+        };
+        self.traces.remember(span, trace_id);
+        if server {
+            self.open.entry(pid).or_default().insert((conn_id, stream), span);
+        } else {
+            if self.h2_links.len() >= MAX_LINKS {
+                self.h2_links.clear();
+            }
+            self.h2_links.insert((flow.0, flow.1, stream), span);
+        }
+        let headers_lost = headers.is_none();
+        let s = Stream {
+            span,
+            trace_id,
+            parent,
+            remote,
+            trace_state,
+            tid,
+            start_ns: ts,
+            request: headers,
+            response: None,
+            grpc_status: None,
+            reset: None,
+            headers_lost,
+        };
+        self.h2.get_mut(&conn_id).expect("present").streams.insert(stream, s);
+        Effect::None
+    }
+
+    fn finish_stream(&mut self, conn_id: u64, stream: u32, ts: u64, cut: bool, out: &mut Vec<Span>) {
+        let Some(conn) = self.h2.get_mut(&conn_id) else { return };
+        let Some(s) = conn.streams.remove(&stream) else { return };
+        let (pid, server, flow) = (conn.pid, conn.server, conn.flow);
+        if server {
+            if let Some(m) = self.open.get_mut(&pid) {
+                m.remove(&(conn_id, stream));
+                if m.is_empty() {
+                    self.open.remove(&pid);
+                }
+            }
+        } else {
+            self.h2_links.remove(&(flow.0, flow.1, stream));
+        }
+        self.stats.spans += 1;
+        out.push(self.stream_span(pid, server, flow, s, ts, cut));
+    }
+
+    /// The connection closed: its open streams end (incomplete).
+    pub(super) fn close_h2(&mut self, conn_id: u64, out: &mut Vec<Span>) {
+        let Some(conn) = self.h2.get(&conn_id) else { return };
+        let (last, ids): (u64, Vec<u32>) = (conn.last_ns, conn.streams.keys().copied().collect());
+        for id in ids {
+            self.finish_stream(conn_id, id, last, true, out);
+        }
+        self.h2.remove(&conn_id);
+    }
+
+    fn stream_span(&self, pid: u32, server: bool, flow: (SocketAddr, SocketAddr), s: Stream, end_ns: u64, cut: bool) -> Span {
+        let req = s.request.clone().unwrap_or_default();
+        let grpc = req.content_type.as_deref().is_some_and(|c| c.starts_with("application/grpc"));
+        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(16);
+        let path = req.path.as_deref().unwrap_or("");
+        let path_only = path.split(['?', '#']).next().unwrap_or("");
+        let status;
+        let name;
+        if grpc {
+            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
+            name = if method.is_empty() { service.to_owned() } else { format!("{service}/{method}") };
+            a.push(("rpc.system", Value::Static("grpc")));
+            a.push(("rpc.service", Value::Str(service.to_owned())));
+            a.push(("rpc.method", Value::Str(method.to_owned())));
+            let code = s.grpc_status.or(s.response.as_ref().and_then(|r| r.grpc_status));
+            if let Some(c) = code {
+                a.push(("rpc.grpc.status_code", Value::Int(c)));
+            }
+            // Server errors are the codes that mean the server failed; for a client every
+            // code but OK is one.
+            let failed = match code {
+                Some(c) if server => matches!(c, 2 | 4 | 12 | 13 | 14 | 15),
+                Some(c) => c != 0,
+                None => false,
+            };
+            status = if failed { Status::Error(format!("gRPC status {}", code.unwrap_or(0))) } else { Status::Unset };
+        } else {
+            let method = req.method.as_deref().unwrap_or("");
+            let known = crate::protocols::http1::known_method(method);
+            name = known.unwrap_or("HTTP").to_owned();
+            a.push(("http.request.method", Value::Static(known.unwrap_or("_OTHER"))));
+            if server {
+                a.push(("url.path", Value::Str(path_only.to_owned())));
+                a.push(("url.scheme", Value::Str(req.scheme.clone().unwrap_or_else(|| "http".into()))));
+            } else if let Some(auth) = &req.authority {
+                // Only scheme, host and path: query values are never exported.
+                a.push(("url.full", Value::Str(format!("{}://{auth}{path_only}", req.scheme.as_deref().unwrap_or("http")))));
+            }
+            let code = s.response.as_ref().and_then(|r| r.status);
+            if let Some(c) = code {
+                a.push(("http.response.status_code", Value::Int(i64::from(c))));
+            }
+            let failed = code.is_some_and(|c| if server { c >= 500 } else { c >= 400 });
+            if failed {
+                a.push(("error.type", Value::Str(code.unwrap_or(0).to_string())));
+            }
+            status = if failed { Status::Error(String::new()) } else { Status::Unset };
+        }
+        let status = match s.reset {
+            Some(code) => {
+                a.push(("error.type", Value::Static("_OTHER")));
+                a.push(("zerotrace.http2.rst_stream", Value::Int(i64::from(code))));
+                Status::Error(format!("stream reset (HTTP/2 error code {code})"))
+            }
+            None if cut => {
+                a.push(("zerotrace.http2.incomplete", Value::Static("connection closed before the stream ended")));
+                status
+            }
+            None => status,
+        };
+        if let Some(auth) = &req.authority {
+            let (host, port) = split_host_port(auth);
+            if !host.is_empty() {
+                a.push(("server.address", Value::Str(host.to_owned())));
+            }
+            if let Some(p) = port.or(Some(flow.1.port())) {
+                a.push(("server.port", Value::Int(i64::from(p))));
+            }
+        }
+        let peer = if server { flow.0 } else { flow.1 };
+        a.push(("network.peer.address", Value::Str(peer.ip().to_string())));
+        a.push(("network.peer.port", Value::Int(i64::from(peer.port()))));
+        if server {
+            a.push(("client.address", Value::Str(peer.ip().to_string())));
+        }
+        a.push(("network.protocol.name", Value::Static("http")));
+        a.push(("network.protocol.version", Value::Static("2")));
+        if s.headers_lost || s.request.is_none() {
+            a.push(("zerotrace.http2.headers", Value::Static("not captured (joined mid-connection or bytes beyond the capture size)")));
+        }
+        a.push(("thread.id", Value::Int(i64::from(s.tid))));
+        Span {
+            pid,
+            trace_id: s.trace_id,
+            span_id: span_id(s.span),
+            parent: s.parent,
+            parent_is_remote: s.remote,
+            trace_state: s.trace_state,
+            kind: if server { SpanKind::Server } else { SpanKind::Client },
+            name: if name.is_empty() { "HTTP/2".to_owned() } else { name },
+            start_unix_ns: self.clock.to_unix(s.start_ns),
+            end_unix_ns: self.clock.to_unix(end_ns.max(s.start_ns)),
+            attributes: a,
+            status,
+        }
+    }
+}
