@@ -9,6 +9,14 @@ const NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     control_service()?;
+    println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
+    if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
+        // Builds that never load the kernel programs (fuzzing, docs): an empty object, which
+        // Probes::load refuses with a message.
+        let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+        std::fs::write(out.join("zerotrace"), b"").context("writing the empty kernel object")?;
+        return Ok(());
+    }
     if std::process::Command::new("bpf-linker").arg("--version").output().is_err() {
         return Err(anyhow!(
             "bpf-linker is not installed: run `cargo xtask build` (it installs bpf-linker and the {NIGHTLY} toolchain)"

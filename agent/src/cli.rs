@@ -37,6 +37,19 @@ pub enum Command {
     Config(ConfigArgs),
     /// What a running agent traces, and its counters (through its control socket).
     Status(StatusArgs),
+    /// Replays a `--record` recording through decode, correlate and OTLP encoding in this
+    /// process and prints the throughput as JSON (`cargo xtask bench pipeline`).
+    #[command(hide = true)]
+    Replay(ReplayArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// The recording (`zerotrace run --record FILE`).
+    pub file: PathBuf,
+    /// Times the recording is replayed (each with a fresh correlator).
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -272,6 +285,11 @@ pub struct RunArgs {
     /// Where to write the agent's counters as JSON at exit (for benchmarks and tests).
     #[arg(long, value_name = "FILE")]
     pub stats_file: Option<PathBuf>,
+
+    /// Write every kernel record to FILE as read (at most 256 MiB): for bug reports,
+    /// `cargo xtask bench pipeline` and fuzzing corpora.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
 }
 
 /// "500ms", "5s", "2m", or a bare number of seconds.

@@ -11,6 +11,7 @@ pub mod export;
 pub mod model;
 pub mod probes;
 pub mod protocols;
+pub mod replay;
 pub mod run;
 pub mod settings;
 pub mod spans;

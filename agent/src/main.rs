@@ -57,6 +57,13 @@ fn main() -> ExitCode {
                 },
             }
         }
+        Command::Replay(args) => match zerotrace::replay::run(&args.file, args.rounds) {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Status(args) => block_on(async move { control::status(&args.connect, args.token.as_deref()).await.map(|t| print!("{t}")) }),
         Command::Tail(args) if args.run.connect.is_some() => {
             let env = |k: &str| std::env::var(k).ok();

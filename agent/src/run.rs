@@ -85,6 +85,10 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     }
     let mut probes = Probes::load(&s.kernel)?;
     let mut reader = EventReader::new(probes.take_events()?).map_err(RunError::Events)?;
+    if let Some(path) = &s.record {
+        reader.record_to(path).map_err(RunError::Events)?;
+        tracing::info!(path = %path.display(), "recording every kernel record");
+    }
     let stats = Arc::new(ExportStats::default());
     let resources: Resources = Arc::new(Mutex::new(HashMap::new()));
     let export = match s.export.exporter {
@@ -278,6 +282,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         crate::control::unlink(path);
     }
     log_stats_values(&kernel, &reader, &correlator, &stats);
+    reader.flush_recording();
     if let Some(path) = &s.stats_file {
         let json = stats_json(&kernel, &reader, &correlator, &stats, started.elapsed());
         if let Err(e) = std::fs::write(path, json) {

@@ -55,6 +55,8 @@ pub struct RunSettings {
     pub kernel: KernelSettings,
     pub stats_interval: Duration,
     pub stats_file: Option<PathBuf>,
+    /// `--record`: where every kernel record is written.
+    pub record: Option<PathBuf>,
 }
 
 /// Which Go runtime hooks carry span contexts between goroutines.
@@ -240,6 +242,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         },
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),
+        record: args.record.clone(),
     })
 }
 

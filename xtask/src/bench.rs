@@ -6,7 +6,12 @@
 //! measures latency from each request's scheduled time). Each "with" round attaches a fresh
 //! agent and reports its CPU, probe hits per request and ring-buffer wake-ups. The https
 //! case loads a Go HTTPS server (the e2e test service, with a certificate it makes) at
-//! saturation: the cost of the crypto/tls plaintext hooks.
+//! saturation: the cost of the crypto/tls plaintext hooks. The rust-* cases load the Rust
+//! test service (axum), traced at the socket level (no uprobes).
+//!
+//! `pipeline`: live traffic (Rust -> Go -> Rust over HTTP/1, gRPC) recorded by the agent
+//! (`--record`), then replayed through decode -> correlate -> OTLP encoding in one thread
+//! (`zerotrace replay`): events and spans per second per core, peak memory.
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -26,8 +31,20 @@ use crate::{setup, util::{build_release, root, step}};
 
 #[derive(Subcommand)]
 pub enum Bench {
-    /// Cost of tracing a Go HTTP service: throughput and latency with vs without zerotrace.
+    /// Cost of tracing a Go or Rust HTTP service: throughput and latency with vs without zerotrace.
     Overhead(OverheadArgs),
+    /// Throughput of the agent's pipeline after the kernel, on recorded live traffic.
+    Pipeline(PipelineArgs),
+}
+
+#[derive(Args)]
+pub struct PipelineArgs {
+    /// HTTP requests through the Rust -> Go -> Rust chain while recording (gRPC calls: a fifth of it).
+    #[arg(long, default_value_t = 5000)]
+    pub requests: u32,
+    /// Replays of the recording (the best is reported).
+    #[arg(long, default_value_t = 5)]
+    pub rounds: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -59,8 +76,9 @@ pub struct OverheadArgs {
     pub go_http_probes: String,
     /// Handlers to load: noop (saturation), work (1 ms, fixed rate), fanout (three
     /// goroutines answering over a channel, saturation), fanout-rate (the same at the fixed
-    /// rate), https (a no-op handler over TLS at saturation).
-    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https")]
+    /// rate), https (a no-op handler over TLS at saturation), rust-noop and rust-work (the
+    /// Rust service: no-op at saturation, 1 ms at the fixed rate).
+    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https,rust-noop,rust-work")]
     pub cases: Vec<String>,
     /// The goroutine and channel hooks (--go-spawns/--go-channels) in the "with" runs:
     /// on, off, or both (on,off: each case measured twice).
@@ -71,7 +89,72 @@ pub struct OverheadArgs {
 pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Overhead(a) => overhead(a),
+        Bench::Pipeline(a) => pipeline(a),
     }
+}
+
+fn pipeline(a: PipelineArgs) -> Result<()> {
+    setup::kernel_toolchain()?;
+    let go = setup::go(setup::GO_NEWEST)?;
+    let agent_bin = build_release()?;
+    let rsvc = crate::util::build_rust_services()?;
+    let causal = root().join("target/bench/causal");
+    std::fs::create_dir_all(causal.parent().unwrap())?;
+    tools::go_build(&go, &root().join("tests/e2e/go/causal"), &causal, &[])?;
+    let serve = |name: &str, bin: &std::path::Path, args: &[String]| -> Result<(Proc, u16)> {
+        let port = free_port();
+        let mut cmd = Command::new(bin);
+        cmd.args(args.iter().map(|a| a.replace("PORT", &port.to_string())));
+        let p = Proc::spawn(name, cmd)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((p, port))
+    };
+    let (leaf, leaf_port) = serve("pipe-leaf", &rsvc, &["127.0.0.1:PORT".into()])?;
+    let (mid, mid_port) = serve("pipe-mid", &causal, &["127.0.0.1:PORT".into(), format!("http://127.0.0.1:{leaf_port}")])?;
+    let (front, front_port) = serve("pipe-front", &rsvc, &["127.0.0.1:PORT".into(), format!("http://127.0.0.1:{mid_port}")])?;
+    let (grpc, grpc_port) = serve("pipe-grpc", &rsvc, &["grpc".into(), "127.0.0.1:PORT".into()])?;
+    let rec = root().join("target/bench/pipeline.zrec");
+    let rec_s = rec.display().to_string();
+    step(format!("bench pipeline: recording {} requests (Rust -> Go -> Rust) and {} gRPC calls", a.requests, a.requests / 5));
+    let mut agent = Agent::start(&[front.pid(), mid.pid(), leaf.pid(), grpc.pid()], &["--exporter", "none", "--record", &rec_s], &[])?;
+    let st = Command::new(&rsvc).args(["get", &format!("http://127.0.0.1:{front_port}/chain/p"), &a.requests.to_string()]).stdout(Stdio::null()).status()?;
+    let st2 = Command::new(&rsvc)
+        .args(["grpc-call", &format!("http://127.0.0.1:{grpc_port}"), "unary", &(a.requests / 5).to_string(), "10"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !st.success() || !st2.success() {
+        bail!("the load generators failed");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    let dropped = agent.stat("events_dropped_ring_full");
+    step(format!("replaying {} ({} KiB) {} times", rec.display(), std::fs::metadata(&rec)?.len() / 1024, a.rounds));
+    let out = Command::new(&agent_bin).args(["replay", &rec_s, "--rounds", &a.rounds.to_string()]).output()?;
+    if !out.status.success() {
+        bail!("zerotrace replay failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let f = |k: &str| json.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let report = format!(
+        "pipeline (decode -> correlate -> OTLP encode, one thread, recorded live traffic)\n\
+         \x20 recording: {} events ({} lost to a full ring while recording), {} spans\n\
+         \x20 events/s per core {:.0} (goal >= 1,000,000)   spans/s per core {:.0} (goal >= 200,000)\n\
+         \x20 OTLP bytes {:.0}   best round {:.3} s   peak RSS {:.1} MiB\n",
+        f("events"),
+        dropped,
+        f("spans"),
+        f("events_per_s"),
+        f("spans_per_s"),
+        f("otlp_bytes"),
+        f("best_seconds"),
+        f("peak_rss_kib") / 1024.0
+    );
+    println!("\n{report}");
+    let path = root().join("target/bench/pipeline.txt");
+    std::fs::write(&path, &report)?;
+    eprintln!("(also written to {})", path.display());
+    drop((front, mid, leaf, grpc));
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -115,8 +198,19 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     cmd.args(["frontend", &format!("127.0.0.1:{port}"), "127.0.0.1:9"]);
     let srv = Proc::spawn("bench-frontend", cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
-    // The HTTPS server, only when a case needs it.
+    // The HTTPS server and the Rust service, only when a case needs them.
     let tls = if a.cases.iter().any(|c| c == "https") { Some(https_server(&go)?) } else { None };
+    let rust = if a.cases.iter().any(|c| c.starts_with("rust-")) {
+        let rsvc = crate::util::build_rust_services()?;
+        let port = free_port();
+        let mut cmd = Command::new(rsvc);
+        cmd.arg(format!("127.0.0.1:{port}"));
+        let p = Proc::spawn("bench-rust", cmd)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Some((p, port))
+    } else {
+        None
+    };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(format!(
         "bench overhead: Go {} frontend on :{port}, {cpus} CPUs, {} rounds x {} s, exports {:?}, probes {}",
@@ -126,8 +220,9 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     for export in &a.export {
         for causality in &a.causality {
         for case in a.cases.iter().map(String::as_str) {
-            let (pid, port) = match (&tls, case) {
-                (Some((p, tls_port)), "https") => (p.pid(), *tls_port),
+            let (pid, port) = match (&tls, &rust, case) {
+                (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
+                (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
                 _ => (srv.pid(), port),
             };
             let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
@@ -166,6 +261,8 @@ fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, with
         "fanout" => "fan-out handler (3 goroutines + channel) at saturation (wrk -t1 -c32)".to_owned(),
         "fanout-rate" => format!("fan-out handler (3 goroutines + channel) at {} req/s (32 connections, open loop)", a.rate),
         "https" => "no-op handler over HTTPS (TLS 1.3, keep-alive) at saturation (wrk -t1 -c32)".to_owned(),
+        "rust-noop" => "Rust (axum) no-op handler at saturation (wrk -t1 -c32), socket level".to_owned(),
+        "rust-work" => format!("Rust (axum) 1 ms handler at {} req/s (32 connections, open loop), socket level", a.rate),
         _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
     };
     let title = format!("{title}, goroutine+channel hooks {causality}");
@@ -254,7 +351,9 @@ fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
         "fanout-rate" => fixed_rate(port, "/fanout", a.rate, 32, d),
         "work" => fixed_rate(port, "/work", a.rate, 32, d),
         "https" => wrk_url(&format!("https://127.0.0.1:{port}/leaf/bench"), d),
-        other => bail!("unknown case {other:?} (noop, work, fanout, fanout-rate, https)"),
+        "rust-noop" => wrk(port, "/hello", d),
+        "rust-work" => fixed_rate(port, "/slow/1", a.rate, 32, d),
+        other => bail!("unknown case {other:?} (noop, work, fanout, fanout-rate, https, rust-noop, rust-work)"),
     }
 }
 

@@ -5,6 +5,7 @@
 mod bench;
 mod codegen;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -29,6 +30,8 @@ enum Task {
     Demo(demo::DemoArgs),
     /// Set up, then run the whole test suite (unit, kernel, end-to-end).
     Test(test::TestArgs),
+    /// Fuzz every parser of captured bytes for a bounded time (cargo-fuzz).
+    Fuzz(fuzz::FuzzArgs),
     /// Benchmarks (with agent vs without, in one run).
     Bench {
         #[command(subcommand)]
@@ -64,6 +67,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         }
         Task::Demo(args) => demo::run(args),
         Task::Test(args) => test::run(args),
+        Task::Fuzz(args) => fuzz::run_fuzz(args),
         Task::Bench { which } => bench::run(which),
         Task::Codegen { which } => codegen::run_codegen(which),
     }

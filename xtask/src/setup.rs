@@ -15,6 +15,7 @@ use crate::util::{output, run, step};
 /// Must match ebpf/rust-toolchain.toml and agent/build.rs.
 pub const NIGHTLY: &str = "nightly-2026-05-20";
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const CARGO_FUZZ_VERSION: &str = "0.13.2";
 /// LLVM major version of NIGHTLY (bpf-linker's llvm-NN feature).
 pub const LLVM_MAJOR: &str = "22";
 /// Go toolchains the end-to-end tests build with: the harness's list.
@@ -32,7 +33,19 @@ pub fn all() -> Result<()> {
     apt("cc", "gcc")?;
     // `zerotrace tail` is tested in a real terminal (tests/e2e tail.rs).
     apt("tmux", "tmux")?;
+    cargo_fuzz()?;
     Ok(())
+}
+
+/// cargo-fuzz (the parsers' fuzz targets, `cargo xtask fuzz`; libFuzzer needs a C++ compiler).
+pub fn cargo_fuzz() -> Result<()> {
+    nightly()?;
+    apt("c++", "g++")?;
+    if output(Command::new("cargo").args(["fuzz", "--version"])).is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        return Ok(());
+    }
+    step(format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 30 s)"));
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--version", CARGO_FUZZ_VERSION, "--locked"]))
 }
 
 /// The pinned nightly with rust-src, and bpf-linker built against that nightly's LLVM.

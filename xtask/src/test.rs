@@ -1,6 +1,7 @@
 //! `cargo xtask test`: set up, build, then every test tier: unit tests (decoders, parsers,
-//! correlator on recorded streams), and the end-to-end suites that load the real kernel
-//! programs and trace real Go and Rust processes (run one at a time: they share the kernel).
+//! correlator on recorded streams), the end-to-end suites that load the real kernel
+//! programs and trace real Go and Rust processes (run one at a time: they share the
+//! kernel), and a bounded fuzzing run of every parser of captured bytes.
 use std::process::Command;
 
 use anyhow::Result;
@@ -15,6 +16,9 @@ pub struct TestArgs {
     /// Skip the unit tests.
     #[arg(long)]
     pub e2e_only: bool,
+    /// Seconds each fuzz target runs after the tests (0: no fuzzing).
+    #[arg(long, default_value_t = 20)]
+    pub fuzz_seconds: u64,
 }
 
 pub fn run_tests(args: TestArgs) -> Result<()> {
@@ -46,7 +50,12 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
         cmd.arg(f);
     }
     env(&mut cmd);
-    util::run(&mut cmd)
+    util::run(&mut cmd)?;
+    if args.fuzz_seconds > 0 && args.filter.is_none() {
+        step("fuzzing every parser of captured bytes (bounded time per target)");
+        crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })?;
+    }
+    Ok(())
 }
 
 pub fn run(args: TestArgs) -> Result<()> {

@@ -13,7 +13,9 @@
 //! When bytes that carried a header block were not captured, the direction's HPACK table
 //! can no longer be trusted: streams are still timed and closed from frame flags, and
 //! their spans say that their headers were not read (`zerotrace.http2.headers`).
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     events::H2Bytes,
@@ -86,7 +88,7 @@ impl Correlator {
                 readers: [FrameReader::new(true), FrameReader::new(false)],
                 decoders: [HeaderDecoder::default(), HeaderDecoder::default()],
                 blocks: [None, None],
-                streams: HashMap::new(),
+                streams: HashMap::default(),
                 last_ns: b.ts,
             };
             self.h2.insert(b.conn_id, conn);

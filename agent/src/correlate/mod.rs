@@ -8,7 +8,9 @@ mod native;
 pub mod sampling;
 pub mod traces;
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, GoSqlStart, HttpRequest, HttpResponse},
@@ -174,17 +176,17 @@ impl Correlator {
         Self {
             clock,
             memory,
-            patterns: HashMap::new(),
-            conns: HashMap::new(),
-            by_sk: HashMap::new(),
-            pending: HashMap::new(),
-            clients: HashMap::new(),
-            sql: HashMap::new(),
-            native: HashMap::new(),
-            open: HashMap::new(),
-            h2: HashMap::new(),
-            h2_links: HashMap::new(),
-            finished: HashMap::new(),
+            patterns: HashMap::default(),
+            conns: HashMap::default(),
+            by_sk: HashMap::default(),
+            pending: HashMap::default(),
+            clients: HashMap::default(),
+            sql: HashMap::default(),
+            native: HashMap::default(),
+            open: HashMap::default(),
+            h2: HashMap::default(),
+            h2_links: HashMap::default(),
+            finished: HashMap::default(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
             sampling: sampling::Sampling::new(sampling::Sampler::AlwaysOn),

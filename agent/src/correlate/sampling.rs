@@ -4,7 +4,9 @@
 //! same one, in every process and in every agent that uses the same rule. Parent-based
 //! samplers follow the sampled flag of an incoming traceparent instead, remembered per
 //! trace when the request starts (its children end, and are decided, before it).
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::spans::TraceId;
 
@@ -83,7 +85,7 @@ pub struct Sampling {
 
 impl Sampling {
     pub fn new(sampler: Sampler) -> Self {
-        Self { sampler, remote: HashMap::new(), order: VecDeque::new(), dropped: 0 }
+        Self { sampler, remote: HashMap::default(), order: VecDeque::new(), dropped: 0 }
     }
 
     /// An incoming traceparent put a request in trace `t` with this sampled flag.

@@ -5,7 +5,9 @@
 //! ring buffer, so the parent's trace is known when the child needs it, as long as it is
 //! still remembered: entries are kept for a bounded number of spans (oldest forgotten
 //! first); a child whose parent was forgotten starts a new trace (counted).
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::spans::{SpanId, TraceId};
 

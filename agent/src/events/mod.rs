@@ -2,6 +2,7 @@
 //! zerotrace_common; a record that is short, of unknown kind or of the wrong size is an
 //! error that is counted, never a panic.
 pub mod reader;
+pub mod recording;
 
 use std::net::{IpAddr, Ipv6Addr};
 

@@ -124,6 +124,11 @@ pub struct Probes {
 
 impl Probes {
     pub fn load(ks: &KernelSettings) -> Result<Self, ProbeError> {
+        if KERNEL_OBJECT.is_empty() {
+            return Err(ProbeError::Missing(
+                "the kernel programs in this binary: it was built with AYA_BUILD_SKIP=1 (for fuzzing); build it with `cargo xtask build`".into(),
+            ));
+        }
         features::ensure_tracefs().map_err(ProbeError::Tracefs)?;
         let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
