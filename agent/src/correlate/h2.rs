@@ -81,12 +81,19 @@ impl Correlator {
             let server = c.role == zerotrace_common::ConnRole::Server as u8;
             let local = SocketAddr::new(c.addrs.local.addr, c.addrs.local.port);
             let peer = SocketAddr::new(c.addrs.peer.addr, c.addrs.peer.port);
+            // A connection joined mid-way starts at a frame boundary (as far as the kernel
+            // could tell) and its HPACK tables are unknown: headers are never decoded.
+            let readers = if b.joined { [FrameReader::joined(), FrameReader::joined()] } else { [FrameReader::new(true), FrameReader::new(false)] };
+            let mut decoders = [HeaderDecoder::default(), HeaderDecoder::default()];
+            if b.joined {
+                decoders.iter_mut().for_each(|d| d.lost = true);
+            }
             let conn = H2Conn {
                 pid: b.pid,
                 server,
                 flow: if server { (peer, local) } else { (local, peer) },
-                readers: [FrameReader::new(true), FrameReader::new(false)],
-                decoders: [HeaderDecoder::default(), HeaderDecoder::default()],
+                readers,
+                decoders,
                 blocks: [None, None],
                 streams: HashMap::default(),
                 last_ns: b.ts,
@@ -364,7 +371,7 @@ impl Correlator {
         a.push(("network.protocol.name", Value::Static("http")));
         a.push(("network.protocol.version", Value::Static("2")));
         if s.headers_lost || s.request.is_none() {
-            a.push(("zerotrace.http2.headers", Value::Static("not captured (joined mid-connection or bytes beyond the capture size)")));
+            a.push(("zerotrace.http2.headers", Value::Static("not captured (joined mid-connection, or beyond the capture size)")));
         }
         a.push(("thread.id", Value::Int(i64::from(s.tid))));
         Span {

@@ -276,9 +276,9 @@ impl Correlator {
             }
             Event::HttpRequest(r) => self.on_request(r),
             Event::SockClientRequest(r) => self.on_native_request(r, out),
-            Event::SockClientResponse(r) => self.on_native_response(r),
+            Event::SockClientResponse(r) => self.on_native_response(r, out),
             Event::SockClientRecv(r) => self.on_native_recv(r, out),
-            Event::SockServerResponse(r) => self.on_server_response(r),
+            Event::SockServerResponse(r) => self.on_server_response(r, out),
             Event::SockServerSend(b) => self.on_server_send(b, out),
             Event::SockH2(b) => self.on_h2(b, out),
             Event::HttpResponse(r) => {

@@ -74,6 +74,14 @@ impl Progress {
         p
     }
 
+    /// The bytes of the record that brought the response's first bytes: `read_len` moved,
+    /// the first of them captured (their tail is known only when all were).
+    pub(super) fn add_first(&mut self, r: &HttpRequest) {
+        let all = r.head.len() as u32 >= r.read_len;
+        let tail: &[u8] = if all { &r.head[r.head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
+        self.add(u64::from(r.read_len), tail, r.start_ns);
+    }
+
     /// `len` more bytes of the response moved at `ts`, ending with `tail`.
     pub(super) fn add(&mut self, len: u64, tail: &[u8], ts: u64) {
         self.received = self.received.saturating_add(len);
@@ -130,7 +138,7 @@ impl Correlator {
     }
 
     /// The first bytes of the response to a native client's request.
-    pub(super) fn on_native_response(&mut self, r: HttpRequest) {
+    pub(super) fn on_native_response(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
         let Some(c) = self.native.get_mut(&r.conn_id) else {
             self.stats.unmatched_client_returns += 1;
             return;
@@ -139,17 +147,31 @@ impl Correlator {
             return;
         }
         let method = http1::parse_request(&c.request).map(|h| h.method.into_owned()).unwrap_or_default();
-        c.response = Some(Progress::new(&r.head, &method, r.start_ns));
+        let mut p = Progress::new(&r.head, &method, r.start_ns);
+        p.add_first(&r);
+        let done = p.done;
+        c.response = Some(p);
+        if done {
+            if let Some(c) = self.native.remove(&r.conn_id) {
+                self.finish_native(c, r.conn_id, out);
+            }
+        }
     }
 
     /// A native server started its response (its first bytes).
-    pub(super) fn on_server_response(&mut self, r: HttpRequest) {
+    pub(super) fn on_server_response(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
         let Some(p) = self.pending.get_mut(&r.conn_id) else { return };
         if p.seq != r.seq || p.framing.is_some() {
             return;
         }
         let method = http1::parse_request(&p.bytes).map(|h| h.method.into_owned()).unwrap_or_default();
-        p.framing = Some(Progress::new(&r.head, &method, r.start_ns));
+        let mut f = Progress::new(&r.head, &method, r.start_ns);
+        f.add_first(&r);
+        let (done, status) = (f.done, f.status.map(i64::from));
+        p.framing = Some(f);
+        if done {
+            self.server_framed(r.pid, r.conn_id, r.seq, status, r.start_ns, out);
+        }
     }
 
     /// A native server sent bytes of its response: once its framing says it is complete,
@@ -165,15 +187,20 @@ impl Correlator {
             return;
         }
         let status = f.status.map(i64::from);
-        let Some(p) = self.take_pending(b.conn_id) else { return };
-        self.finished.insert(b.conn_id, b.seq);
-        if let Some(span) = self.server_done(p, b.pid, b.conn_id, status, None, b.ts) {
+        self.server_framed(b.pid, b.conn_id, b.seq, status, b.ts, out);
+    }
+
+    /// A native server's response is complete by its framing at `ts`: its span ends there.
+    fn server_framed(&mut self, pid: u32, conn_id: u64, seq: u32, status: Option<i64>, ts: u64, out: &mut Vec<Span>) {
+        let Some(p) = self.take_pending(conn_id) else { return };
+        self.finished.insert(conn_id, seq);
+        if let Some(span) = self.server_done(p, pid, conn_id, status, None, ts) {
             self.stats.spans += 1;
             out.push(span);
         }
     }
 
-    /// A read of a native client's response (its first included).
+    /// A later read of a native client's response.
     pub(super) fn on_native_recv(&mut self, r: SockBytes, out: &mut Vec<Span>) {
         let Some(c) = self.native.get_mut(&r.conn_id) else { return };
         if c.seq != r.seq {

@@ -248,3 +248,63 @@ fn a_server_request_links_to_the_same_host_client_that_sent_it() {
     assert_eq!(server.trace_id, client.trace_id);
     assert!(!server.parent_is_remote);
 }
+
+/// A native (hyper-like) server: the span ends at the send that completes the response by
+/// its Content-Length, not at the next read (which may never come); the kernel's own end
+/// record, when it comes later, adds nothing.
+#[test]
+fn native_server_span_ends_at_its_framing() {
+    use zerotrace_common::EventKind as K;
+    let head = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+    let (spans, stats) = run(&[
+        open(1, 7),
+        record::request_linked(PID, 2_000_000, 1, 1, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n", 0x51, 0),
+        // First send: the head (39 bytes) and 4 body bytes, then the last 6.
+        record::bytes_record(K::SockServerResponse, PID, 3_000_000, 1, 1, head, head.len() as u32 + 4, 0),
+        record::sock_bytes(K::SockServerSend, PID, 4_000_000, 1, 1, 6, b"efghij"),
+        record::response(PID, 9_000_000, 1, 1, b"HTTP/1.1 200 OK\r", ""),
+    ]);
+    assert_eq!(spans.len(), 1, "{stats:?}");
+    assert_eq!(spans[0].end_unix_ns - spans[0].start_unix_ns, 2_000_000, "ends at the completing send");
+    assert_eq!(s(&spans[0], "http.response.status_code"), "200");
+    assert_eq!(stats.unmatched_responses, 0, "the later end record is expected");
+}
+
+/// A native client: request, chunked response over three reads; the span ends at the read
+/// with the last chunk; the server it called (another traced process) is its child; a
+/// client request made while exactly one server request is open in its process is that
+/// request's child.
+#[test]
+fn native_client_spans_and_their_parents() {
+    use zerotrace_common::EventKind as K;
+    const FRONT: u32 = 77;
+    let open_front = record::conn_open(FRONT, 1_000, 10, SK + 1, ([127, 0, 0, 1], 9000), ([127, 0, 0, 1], 40000));
+    let mut client_conn = record::conn_open(FRONT, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
+    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
+    client_conn[at] = zerotrace_common::ConnRole::Client as u8;
+    let (spans, stats) = run(&[
+        open_front,
+        client_conn,
+        open(1, 7),
+        // The front process serves a request (its only open one) ...
+        record::request_linked(FRONT, 1_000_000, 10, 1, b"GET /front HTTP/1.1\r\n\r\n", 0xf0, 0),
+        // ... and calls the downstream meanwhile.
+        record::bytes_record(K::SockClientRequest, FRONT, 2_000_000, 11, 1, b"GET /down?secret=1 HTTP/1.1\r\nHost: down:8080\r\n\r\n", 47, 0xc1),
+        // The downstream (another process) reads it: linked through the flow.
+        record::request_linked(PID, 2_100_000, 1, 1, b"GET /down HTTP/1.1\r\n\r\n", 0xd1, 0xc1),
+        record::response(PID, 2_500_000, 1, 1, b"HTTP/1.1 200 OK\r", ""),
+        record::bytes_record(K::SockClientResponse, FRONT, 3_000_000, 11, 1, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", 60, 0),
+        record::sock_bytes(K::SockClientRecv, FRONT, 4_000_000, 11, 1, 20, b"abc\r\n"),
+        record::sock_bytes(K::SockClientRecv, FRONT, 5_000_000, 11, 1, 5, b"0\r\n\r\n"),
+        record::response(FRONT, 6_000_000, 10, 1, b"HTTP/1.1 200 OK\r", ""),
+    ]);
+    assert_eq!(spans.len(), 3, "{stats:?} {spans:#?}");
+    let by = |k: SpanKind, pid: u32| spans.iter().find(|x| x.kind == k && x.pid == pid).expect("span");
+    let (front, call, down) = (by(SpanKind::Server, FRONT), by(SpanKind::Client, FRONT), by(SpanKind::Server, PID));
+    assert_eq!(call.parent, Some(front.span_id), "the one open request is the parent");
+    assert_eq!(down.parent, Some(call.span_id), "the flow link");
+    assert!(call.trace_id == front.trace_id && down.trace_id == front.trace_id);
+    assert_eq!(call.end_unix_ns - call.start_unix_ns, 3_000_000, "ends at the read with the last chunk");
+    assert_eq!(s(call, "url.full"), "http://down:8080/down", "no query values");
+    assert_eq!(s(call, "http.response.status_code"), "200");
+}

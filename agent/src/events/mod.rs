@@ -61,11 +61,12 @@ pub enum Event {
     /// bytes of its response (`start_ns`: the read), as HttpRequest.
     SockClientRequest(HttpRequest),
     SockClientResponse(HttpRequest),
-    /// A read of a native client's response (the first included).
+    /// A later read of a native client's response.
     SockClientRecv(SockBytes),
-    /// A native server's response: its first bytes (`start_ns`: the send), as HttpRequest.
+    /// A native server's response: its first bytes (`start_ns`: the send; `read_len`: the
+    /// bytes of that send), as HttpRequest.
     SockServerResponse(HttpRequest),
-    /// A send of a native server's response (the first included).
+    /// A later send of a native server's response.
     SockServerSend(SockBytes),
     /// HTTP/2 bytes read or sent on a native process's connection.
     SockH2(H2Bytes),
@@ -86,6 +87,8 @@ pub struct H2Bytes {
     /// is the syscall's last piece (the rest of `total` was not captured).
     pub offset: u32,
     pub last: bool,
+    /// The connection was open before the agent: its first bytes seen were not the preface.
+    pub joined: bool,
     pub bytes: Vec<u8>,
 }
 
@@ -319,6 +322,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                     total: r.read_len,
                     offset: r.offset,
                     last: r.tls,
+                    joined: r.seq == 2,
                     bytes: r.head,
                 }),
                 _ => Event::HttpRequest(r),
@@ -486,6 +490,35 @@ pub mod record {
         let mut v = bytes_of(&e);
         v.extend_from_slice(head);
         v
+    }
+
+    /// A record of the HttpRequestEvent layout of any `kind` (native client/server bytes):
+    /// `head` captured of `read_len` moved, kernel span id `span_id`.
+    pub fn bytes_record(kind: EventKind, pid: u32, ts: u64, conn_id: u64, seq: u32, head: &[u8], read_len: u32, span_id: u64) -> Vec<u8> {
+        let mut v = request_part(pid, ts, conn_id, seq, 0, head, 0);
+        v[..2].copy_from_slice(&(kind as u16).to_ne_bytes());
+        let at = std::mem::offset_of!(HttpRequestEvent, read_len);
+        v[at..at + 4].copy_from_slice(&read_len.to_ne_bytes());
+        let at = std::mem::offset_of!(HttpRequestEvent, span_id);
+        v[at..at + 8].copy_from_slice(&span_id.to_ne_bytes());
+        let at = std::mem::offset_of!(HttpRequestEvent, goroutine);
+        v[at..at + 16].fill(0);
+        v
+    }
+
+    /// A later read (SockClientRecv) or send (SockServerSend) of `len` bytes ending in `tail`.
+    pub fn sock_bytes(kind: EventKind, pid: u32, ts: u64, conn_id: u64, seq: u32, len: u32, tail: &[u8]) -> Vec<u8> {
+        let mut t = [0u8; 8];
+        t[..tail.len()].copy_from_slice(tail);
+        bytes_of(&SockBytesEvent {
+            hdr: header(kind, std::mem::size_of::<SockBytesEvent>(), pid, ts),
+            conn_id,
+            seq,
+            len,
+            tail: t,
+            tail_len: tail.len() as u8,
+            _pad: [0; 7],
+        })
     }
 
     /// A server request with its kernel span id and the same-host client span that sent it.

@@ -58,6 +58,9 @@ pub enum Broken {
     /// Bytes were not captured where a frame header was (its length is unknown, so
     /// nothing after it can be placed).
     LostFrameBoundary,
+    /// Joined mid-connection: a frame header that no peer would send (unknown type, or a
+    /// length beyond 1 MiB): the bytes were not at a frame boundary.
+    Implausible,
 }
 
 /// Frames of one direction of a connection.
@@ -66,13 +69,21 @@ pub struct FrameReader {
     state: State,
     buf: Vec<u8>,
     pub broken: Option<Broken>,
+    /// Joined mid-connection: frame headers are checked for plausibility.
+    strict: bool,
 }
 
 impl FrameReader {
     /// A reader for the client's side (starts with the preface) or the server's.
     pub fn new(client_side: bool) -> Self {
         let state = if client_side { State::Preface(PREFACE.len()) } else { State::Header { head: [0; 9], have: 0 } };
-        FrameReader { state, buf: Vec::new(), broken: None }
+        FrameReader { state, buf: Vec::new(), broken: None, strict: false }
+    }
+
+    /// A reader for a direction of a connection that was open before the agent: it starts
+    /// at a frame header, and a frame header that no peer would send breaks it.
+    pub fn joined() -> Self {
+        FrameReader { state: State::Header { head: [0; 9], have: 0 }, buf: Vec::new(), broken: None, strict: true }
     }
 
     /// Feeds `data`, followed by `missing` bytes that were not captured; calls `f` for
@@ -149,6 +160,10 @@ impl FrameReader {
     }
 
     fn begin(&mut self, h: FrameHeader, f: &mut dyn FnMut(Frame<'_>)) {
+        if self.strict && (h.kind > CONTINUATION || h.len > 1 << 20) {
+            self.broken = Some(Broken::Implausible);
+            return;
+        }
         let keep = matches!(h.kind, HEADERS | CONTINUATION | RST_STREAM | GOAWAY) && (h.len as usize) <= MAX_HEADER_BLOCK;
         self.buf.clear();
         if h.len == 0 {

@@ -143,14 +143,15 @@ pub enum EventKind {
     /// A process that is not Go sends a request on a client socket (HttpRequestEvent layout:
     /// the request's first bytes; `link_span` 0).
     SockClientRequest = 12,
-    /// The first bytes of the response to it (HttpRequestEvent layout, `start_ns` the read).
+    /// The first bytes of the response to it (HttpRequestEvent layout, `start_ns` the read,
+    /// `read_len` the bytes it returned).
     SockClientResponse = 13,
-    /// A read of that response, the first included (SockBytesEvent: length, last bytes).
+    /// A later read of that response (SockBytesEvent: length, last bytes).
     SockClientRecv = 14,
     /// A native server's response: its first bytes (HttpRequestEvent layout, `start_ns`
-    /// the send).
+    /// the send, `read_len` the bytes of that send).
     SockServerResponse = 15,
-    /// A send of that response, the first included (SockBytesEvent).
+    /// A later send of that response (SockBytesEvent).
     SockServerSend = 16,
     /// HTTP/2 on a native process's connection: the first bytes of every read, in pieces of
     /// at most REQ_CAPTURE_MAX (HttpRequestEvent layout: `read_len` the bytes read,

@@ -72,13 +72,15 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     let (buf, len) = if starting || native { send_buffer::<A>() } else { (0, 0) };
     send_bytes(conn, buf, len);
     if native && conn.phase == phase::RESPONSE {
-        if starting {
-            conn.captured = 0;
-            send_capture(conn, pid_tgid, EventKind::SockServerResponse, buf, len, len, conn.resp_ts, 0, 0);
-        }
         let total = crate::sock_client::send_total(msg, len);
-        let (last, last_len) = crate::socket_hooks::last_send_buffer::<A>();
-        crate::sock_client::bytes_event(conn, pid_tgid, EventKind::SockServerSend, total, last, last_len);
+        if starting {
+            // The head, and the count of this first send: one record.
+            conn.captured = 0;
+            send_capture(conn, pid_tgid, EventKind::SockServerResponse, buf, len, total, conn.resp_ts, 0, 0);
+        } else {
+            let (last, last_len) = crate::socket_hooks::last_send_buffer::<A>();
+            crate::sock_client::bytes_event(conn, pid_tgid, EventKind::SockServerSend, total, last, last_len);
+        }
     }
     Some(())
 }
@@ -239,9 +241,16 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
         conn.tls = 1;
         return Some(());
     }
-    if conn.native != 0 && (conn.h2 != 0 || (conn.seq == 0 && conn.phase != phase::REQUEST && crate::sock_client::h2_preface(buf))) {
+    if conn.native != 0 && conn.h2 == 0 && conn.seq == 0 && conn.phase == phase::IDLE {
+        if crate::sock_client::h2_preface(buf) {
+            conn.h2 = 1;
+        } else if crate::sock_client::h2_frame_start(buf) {
+            // Joined an HTTP/2 connection that was open before the agent.
+            conn.h2 = 2;
+        }
+    }
+    if conn.native != 0 && conn.h2 != 0 {
         // HTTP/2 (h2c, prior knowledge): every read goes to the agent, which reads frames.
-        conn.h2 = 1;
         crate::sock_client::h2_bytes(conn, pid_tgid, EventKind::SockH2Recv, buf, len, ret as u64);
         return Some(());
     }

@@ -23,6 +23,25 @@ pub fn h2_preface(buf: u64) -> bool {
     buf != 0 && read_user::<[u8; 4]>(buf) == Some(*b"PRI ")
 }
 
+/// Whether the bytes at `buf` can start an HTTP/2 frame (a connection that was open before
+/// the agent, seen from its first read or send after attaching): a length within the
+/// default maximum frame size, a known type, the reserved bit clear, and a stream id of 0
+/// exactly for connection-level frames. No HTTP/1 or TLS bytes pass (their first three
+/// bytes make a length above 16 KiB).
+#[inline(always)]
+pub fn h2_frame_start(buf: u64) -> bool {
+    if buf == 0 {
+        return false;
+    }
+    let Some(b) = read_user::<[u8; 9]>(buf) else { return false };
+    let len = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+    let (kind, stream_hi) = (b[3], b[5]);
+    let stream_zero = b[5] | b[6] | b[7] | b[8] == 0;
+    let conn_level = kind == 4 || kind == 6 || kind == 7;
+    let stream_level = kind <= 3 || kind == 5 || kind == 9;
+    len <= 16_384 && kind <= 9 && stream_hi & 0x80 == 0 && (!conn_level || stream_zero) && (!stream_level || !stream_zero)
+}
+
 /// HTTP/2 bytes moved on a native process's connection (`kind` SockH2Recv or SockH2Send):
 /// up to H2_CHUNKS records of the first `len` of them at `buf`, and how many there were.
 #[inline(always)]
@@ -60,7 +79,8 @@ fn h2_chunk(conn: &ConnState, pid_tgid: u64, kind: EventKind, buf: u64, at: u64,
         (*ev).goroutine = 0;
         (*ev).goid = 0;
         (*ev).start_ns = ts;
-        (*ev).seq = 0;
+        // 1: the connection started with the preface; 2: joined mid-connection.
+        (*ev).seq = conn.h2 as u32;
         (*ev).read_len = if total > u32::MAX as u64 { u32::MAX } else { total as u32 };
         (*ev).captured = captured;
         (*ev).offset = at as u32;
@@ -108,8 +128,14 @@ pub fn on_send<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, msg: u64) {
         return;
     }
     let (buf, len) = send_buffer::<A>();
-    if conn.h2 != 0 || (conn.seq == 0 && conn.phase == phase::IDLE && h2_preface(buf)) {
-        conn.h2 = 1;
+    if conn.h2 == 0 && conn.seq == 0 && conn.phase == phase::IDLE {
+        if h2_preface(buf) {
+            conn.h2 = 1;
+        } else if h2_frame_start(buf) {
+            conn.h2 = 2;
+        }
+    }
+    if conn.h2 != 0 {
         h2_bytes(conn, pid_tgid, EventKind::SockH2Send, buf, len, send_total(msg, len));
         return;
     }
@@ -145,11 +171,18 @@ pub fn on_send<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, msg: u64) {
 /// A receive on client socket `conn` returned `ret` > 0 bytes.
 #[inline(always)]
 pub fn on_recv<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, ret: u64) {
-    if conn.other != 0 || (conn.phase == phase::IDLE && conn.h2 == 0) {
+    if conn.other != 0 {
         return;
     }
     let (buf, room) = recv_buffer::<A>();
     let n = if ret < room { ret } else { room };
+    if conn.phase == phase::IDLE && conn.h2 == 0 {
+        // A connection older than the agent whose first bytes seen are HTTP/2 frames.
+        if conn.seq != 0 || !h2_frame_start(buf) {
+            return;
+        }
+        conn.h2 = 2;
+    }
     if conn.h2 != 0 {
         h2_bytes(conn, pid_tgid, EventKind::SockH2Recv, buf, n, ret);
         return;
@@ -158,7 +191,9 @@ pub fn on_recv<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, ret: u64) {
         // The response's first bytes: its head (status, framing).
         conn.phase = phase::RESPONSE;
         conn.captured = 0;
+        // The head, and the count of this first read: one record.
         send_capture(conn, pid_tgid, EventKind::SockClientResponse, buf, n, ret, now(), 0, 0);
+        return;
     }
     // Where a vectored read's bytes end is not looked for: its tail is then unknown.
     let tail_len = if ret <= room { ret } else { 0 };

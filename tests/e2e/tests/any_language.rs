@@ -345,3 +345,38 @@ fn http_request_that_makes_a_grpc_call() -> Result<()> {
     assert_eq!(spans.len(), 9, "{spans:#?}");
     Ok(())
 }
+
+/// An HTTP/2 connection that was open (and used) before the agent started: its later
+/// streams still become spans, linked client to server, and say that their headers could
+/// not be read (the HPACK tables were built before the agent saw anything) instead of
+/// showing garbage.
+#[test]
+fn an_http2_connection_joined_mid_way_degrades_gracefully() -> Result<()> {
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = grpc_service("joined-server")?;
+    let start = tools::work_dir().join("logs").join(format!("joined-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start);
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.args(["grpc-call", &format!("http://127.0.0.1:{port}"), "unary", "6", "1"]).arg(&start).env("RSVC_WARM", "1").env("OTEL_SERVICE_NAME", "joined-client");
+    let mut client = Proc::spawn("joined-client", cmd)?;
+    zerotrace_e2e::proc::wait_until("the warm-up call", Duration::from_secs(10), || client.stdout_text().contains("warm: done"))?;
+    let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
+    std::fs::write(&start, b"go")?;
+    ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "client: {}", client.stderr_text());
+    rx.wait_for(12, Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    let spans = rx.spans();
+    let pairs = grpc_pairs(&spans, "joined-client", "joined-server");
+    assert_eq!(pairs.len(), 6, "{spans:#?}");
+    for (c, s) in pairs {
+        for x in [c, s] {
+            assert!(x.attr("zerotrace.http2.headers").starts_with("not captured"), "says what is missing: {x:#?}");
+            assert_eq!((x.name.as_str(), x.attr("network.protocol.version")), ("HTTP", "2"));
+            assert_eq!(x.attr("rpc.grpc.status_code"), "", "nothing made up: {x:#?}");
+        }
+        assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns);
+    }
+    assert_eq!(spans.len(), 12, "{spans:#?}");
+    Ok(())
+}

@@ -8,7 +8,9 @@
 //!   rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]
 //!                                      N calls over one HTTP/2 connection, CONCURRENCY at
 //!                                      a time: unary call i asks for status [0, 5, 13][i % 3],
-//!                                      stream call i for 3 replies then [0, 14][i % 2]
+//!                                      stream call i for 3 replies then [0, 14][i % 2];
+//!                                      with RSVC_WARM=1 one call is made on the connection
+//!                                      before waiting for START_FILE
 //!   rsvc get URL COUNT [START_FILE]    COUNT GETs of URL followed by the request's number, on
 //!                                      one keep-alive connection (once START_FILE exists)
 //!
@@ -82,10 +84,26 @@ async fn serve_grpc(addr: SocketAddr) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder().add_service(EchoServer::new(EchoService)).serve(addr).await
 }
 
-/// N calls on one channel (one HTTP/2 connection), `concurrency` at a time.
-async fn grpc_calls(url: &str, stream: bool, n: u32, concurrency: u32) -> Result<(), Box<dyn std::error::Error>> {
+/// N calls on one channel (one HTTP/2 connection), `concurrency` at a time, once `start`
+/// exists (after one call when `warm`).
+async fn grpc_calls(url: &str, stream: bool, n: u32, concurrency: u32, start: Option<&str>, warm: bool) -> Result<(), Box<dyn std::error::Error>> {
+    let wait = || async {
+        if let Some(file) = start {
+            while !std::path::Path::new(file).exists() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    if !warm {
+        wait().await;
+    }
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
     let client = EchoClient::new(channel);
+    if warm {
+        client.clone().unary(EchoRequest { text: "warm".into(), code: 0, count: 0 }).await?;
+        println!("warm: done");
+        wait().await;
+    }
     let mut i = 0;
     while i < n {
         let batch: Vec<u32> = (i..(i + concurrency.max(1)).min(n)).collect();
@@ -250,13 +268,9 @@ fn main() {
             }
         }
         ["grpc-call", url, kind @ ("unary" | "stream"), n, concurrency, ref start @ ..] if start.len() <= 1 => {
-            if let Some(file) = start.first() {
-                while !std::path::Path::new(file).exists() {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
             let (n, c) = (n.parse().unwrap_or(1), concurrency.parse().unwrap_or(1));
-            match rt.block_on(grpc_calls(url, kind == "stream", n, c)) {
+            let warm = std::env::var_os("RSVC_WARM").is_some();
+            match rt.block_on(grpc_calls(url, kind == "stream", n, c, start.first().copied(), warm)) {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("rsvc grpc-call: {e}");
