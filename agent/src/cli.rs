@@ -50,6 +50,9 @@ pub struct ReplayArgs {
     /// Times the recording is replayed (each with a fresh correlator).
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    /// Stop after the correlator (no OTLP encoding): the cost of decode + correlate alone.
+    #[arg(long)]
+    pub no_encode: bool,
 }
 
 #[derive(Args, Debug, Clone)]

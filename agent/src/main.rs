@@ -57,7 +57,7 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Command::Replay(args) => match zerotrace::replay::run(&args.file, args.rounds) {
+        Command::Replay(args) => match zerotrace::replay::run(&args.file, args.rounds, !args.no_encode) {
             Ok(json) => {
                 println!("{json}");
                 ExitCode::SUCCESS

@@ -25,8 +25,9 @@ pub enum ReplayError {
     Empty(String),
 }
 
-/// Replays `path` `rounds` times; returns the measurements as one JSON object.
-pub fn run(path: &Path, rounds: u32) -> Result<String, ReplayError> {
+/// Replays `path` `rounds` times (with OTLP encoding when `encode`); returns the
+/// measurements as one JSON object.
+pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError> {
     let bytes = std::fs::read(path).map_err(|source| ReplayError::Read { path: path.display().to_string(), source })?;
     let records: Vec<&[u8]> = recording::records(&bytes).collect();
     if records.is_empty() {
@@ -44,6 +45,10 @@ pub fn run(path: &Path, rounds: u32) -> Result<String, ReplayError> {
         let mut bytes_out = 0u64;
         let start = Instant::now();
         let flush = |batch: &mut Vec<Span>| {
+            if !encode {
+                batch.clear();
+                return 0;
+            }
             let data = batch.drain(..).map(|s| to_span_data(&s)).collect();
             let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
                 resource_spans: group_spans_by_resource_and_scope(data, &resource),

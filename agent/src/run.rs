@@ -129,6 +129,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         );
     }
     let mut execs: Vec<u32> = Vec::new();
+    let (inspect_tx, mut inspect_rx) = mpsc::unbounded_channel::<Inspection>();
+    let mut inspecting: HashSet<u32> = HashSet::new();
     // Processes no longer traced, and since when: their resource is forgotten a minute later
     // (their last spans have been exported by then).
     let mut gone: std::collections::VecDeque<(u32, Instant)> = std::collections::VecDeque::new();
@@ -189,10 +191,23 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                             tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
                         }
                         if d.matches(pid) {
-                            try_discovered(&mut probes, &mut ctx, &mut traced, pid);
+                            inspect_later(&ctx, &traced, &mut inspecting, &inspect_tx, pid);
                         }
                     }
                 }
+            }
+            Some((pid, started, exe, result)) = inspect_rx.recv() => {
+                inspecting.remove(&pid);
+                // It ran another program by now (an exec during the inspection): what was
+                // read is not what runs; its exec event brings it back.
+                if exe.is_some() && proc::exe_identity(pid) != exe {
+                    tracing::debug!(pid, "process exec'd while it was inspected; inspecting again");
+                    if discover.as_ref().is_some_and(|d| d.matches(pid)) {
+                        inspect_later(&ctx, &traced, &mut inspecting, &inspect_tx, pid);
+                    }
+                    continue;
+                }
+                attach_inspected(&mut probes, &mut ctx, &mut traced, pid, started, result);
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = tokio::time::sleep(Duration::from_millis(200)), if s.tail.is_some() && print::stdout_closed() => {
@@ -245,7 +260,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                 // --port: processes that started listening since.
                 if let Some(d) = &discover {
                     for pid in d.listening(&traced, listeners.as_deref()) {
-                        try_discovered(&mut probes, &mut ctx, &mut traced, pid);
+                        inspect_later(&ctx, &traced, &mut inspecting, &inspect_tx, pid);
                     }
                 }
                 if !s.stats_interval.is_zero() && last_stats.elapsed() >= s.stats_interval {
@@ -631,19 +646,57 @@ impl Discover {
     }
 }
 
-/// Traces a selected process if it is a Go program zerotrace can trace; anything else is
-/// said in the log and skipped (never fatal: it is not a --pid).
+/// Traces a selected process if zerotrace can; anything else is said in the log and
+/// skipped (never fatal: it is not a --pid). Inspects it on the calling thread (at start).
 fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut HashMap<u32, Traced>, pid: u32) {
+    if traced.contains_key(&pid) || ctx.refused_before(pid) {
+        return;
+    }
+    let started = proc::start_ticks(pid);
+    attach_inspected(probes, ctx, traced, pid, started, crate::model::target::inspect(pid));
+}
+
+/// Where the run loop gets back the processes it had inspected off the loop: pid, start
+/// time, executable identity before the inspection, the result.
+type Inspection = (u32, Option<u64>, Option<(u64, u64)>, Result<Inspected, crate::model::target::TargetError>);
+
+/// The same for processes found while running (exec, --port): reading a big executable
+/// takes a while, so it happens on a blocking thread and the result comes back through
+/// `tx` (the loop attaches it with `attach_inspected`).
+fn inspect_later(ctx: &AttachCtx<'_>, traced: &HashMap<u32, Traced>, inspecting: &mut HashSet<u32>, tx: &mpsc::UnboundedSender<Inspection>, pid: u32) {
+    if traced.contains_key(&pid) || ctx.refused_before(pid) || !inspecting.insert(pid) {
+        return;
+    }
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || {
+        let started = proc::start_ticks(pid);
+        let exe = proc::exe_identity(pid);
+        let _ = tx.send((pid, started, exe, crate::model::target::inspect(pid)));
+    });
+}
+
+impl AttachCtx<'_> {
+    /// A process that was refused once is not inspected again (--port looks every second)
+    /// until its pid names another process (an exec, or a new process).
+    fn refused_before(&self, pid: u32) -> bool {
+        let started = proc::start_ticks(pid);
+        started.is_some() && self.rejected.get(&pid) == started.as_ref()
+    }
+}
+
+/// Attaches an inspected process, or remembers that it was refused.
+fn attach_inspected(
+    probes: &mut Probes,
+    ctx: &mut AttachCtx<'_>,
+    traced: &mut HashMap<u32, Traced>,
+    pid: u32,
+    started: Option<u64>,
+    inspected: Result<Inspected, crate::model::target::TargetError>,
+) {
     if traced.contains_key(&pid) {
         return;
     }
-    // A process that was refused once is not inspected again (--port looks every second)
-    // until its pid names another process (an exec, or a new process).
-    let started = proc::start_ticks(pid);
-    if started.is_some() && ctx.rejected.get(&pid) == started.as_ref() {
-        return;
-    }
-    let refused = match crate::model::target::inspect(pid) {
+    let refused = match inspected {
         Ok(target) => match attach_any(probes, ctx, &target) {
             Ok(t) => {
                 traced.insert(pid, t);

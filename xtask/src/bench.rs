@@ -135,11 +135,15 @@ fn pipeline(a: PipelineArgs) -> Result<()> {
     }
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let f = |k: &str| json.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+    let out = Command::new(&agent_bin).args(["replay", &rec_s, "--rounds", &a.rounds.to_string(), "--no-encode"]).output()?;
+    let json2: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let g = |k: &str| json2.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
     let report = format!(
         "pipeline (decode -> correlate -> OTLP encode, one thread, recorded live traffic)\n\
          \x20 recording: {} events ({} lost to a full ring while recording), {} spans\n\
          \x20 events/s per core {:.0} (goal >= 1,000,000)   spans/s per core {:.0} (goal >= 200,000)\n\
-         \x20 OTLP bytes {:.0}   best round {:.3} s   peak RSS {:.1} MiB\n",
+         \x20 OTLP bytes {:.0}   best round {:.3} s   peak RSS {:.1} MiB\n\
+         \x20 without OTLP encoding (decode -> correlate): events/s per core {:.0}   spans/s per core {:.0}\n",
         f("events"),
         dropped,
         f("spans"),
@@ -147,7 +151,9 @@ fn pipeline(a: PipelineArgs) -> Result<()> {
         f("spans_per_s"),
         f("otlp_bytes"),
         f("best_seconds"),
-        f("peak_rss_kib") / 1024.0
+        f("peak_rss_kib") / 1024.0,
+        g("events_per_s"),
+        g("spans_per_s"),
     );
     println!("\n{report}");
     let path = root().join("target/bench/pipeline.txt");

@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: builds the agent and the demo shop (two Go services and a load
-//! generator), starts them, attaches `zerotrace tail` to both services by PID and prints
-//! every request's trace tree live. OTLP export is optional (--otlp URL, or OTEL_EXPORTER_OTLP_ENDPOINT). Ctrl-C
+//! `cargo xtask demo`: builds the agent, the demo shop (two Go services and a load
+//! generator) and the Rust test services (a "reviews" HTTP service that calls a "ratings"
+//! gRPC service), starts them, attaches `zerotrace tail` to all four by PID and prints
+//! every request's trace tree live (Go -> Go, Go -> Rust -> Rust over gRPC). OTLP export is optional (--otlp URL, or OTEL_EXPORTER_OTLP_ENDPOINT). Ctrl-C
 //! stops everything: load first, then the agent (which flushes and detaches), then the
 //! services.
 use std::{
@@ -27,7 +28,7 @@ pub struct DemoArgs {
     /// Stop by itself after this many seconds (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0)]
     pub seconds: u64,
-    /// Port of the frontend; the catalog uses the next one.
+    /// Port of the frontend; the catalog, reviews and ratings use the next three.
     #[arg(long, default_value_t = 18080)]
     pub port: u16,
 }
@@ -67,22 +68,32 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(shop.parent().unwrap())?;
     tools::go_build(&go, &root().join("demo/go/shop"), &shop, &[])?;
 
-    let (front, cat) = (a.port, a.port + 1);
-    step(format!("starting catalog on :{cat} and frontend on :{front}"));
+    let rsvc = crate::util::build_rust_services()?;
+
+    let (front, cat, rev, rat) = (a.port, a.port + 1, a.port + 2, a.port + 3);
+    step(format!("starting catalog (Go) on :{cat}, ratings (Rust, gRPC) on :{rat}, reviews (Rust) on :{rev}, frontend (Go) on :{front}"));
     let mut catalog = spawn("catalog", Command::new(&shop).args(["catalog", &format!("127.0.0.1:{cat}")]).env("OTEL_SERVICE_NAME", "catalog"), true)?;
+    let mut ratings = spawn("ratings", Command::new(&rsvc).args(["grpc", &format!("127.0.0.1:{rat}")]).env("OTEL_SERVICE_NAME", "ratings"), true)?;
+    let mut reviews = spawn(
+        "reviews",
+        Command::new(&rsvc).arg(format!("127.0.0.1:{rev}")).env("OTEL_SERVICE_NAME", "reviews").env("RSVC_GRPC", format!("http://127.0.0.1:{rat}")),
+        true,
+    )?;
     let mut frontend = spawn(
         "frontend",
         Command::new(&shop)
-            .args(["frontend", &format!("127.0.0.1:{front}"), &format!("127.0.0.1:{cat}")])
+            .args(["frontend", &format!("127.0.0.1:{front}"), &format!("127.0.0.1:{cat}"), &format!("127.0.0.1:{rev}")])
             .env("OTEL_SERVICE_NAME", "frontend"),
         true,
     )?;
     wait_port(cat)?;
+    wait_port(rat)?;
+    wait_port(rev)?;
     wait_port(front)?;
     std::thread::sleep(Duration::from_millis(200));
-    for (name, c) in [("catalog", &mut catalog), ("frontend", &mut frontend)] {
+    for (name, c) in [("catalog", &mut catalog), ("frontend", &mut frontend), ("reviews", &mut reviews), ("ratings", &mut ratings)] {
         if let Some(st) = c.try_wait()? {
-            bail!("the demo {name} exited ({st}): is port {front} or {cat} in use? pick others with --port");
+            bail!("the demo {name} exited ({st}): is one of ports {front}-{rat} in use? pick others with --port");
         }
     }
 
@@ -93,15 +104,19 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     let otlp = a.otlp.clone().or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok());
     let mut cmd = Command::new(&agent_bin);
-    // `tail`: each request as a trace tree (frontend -> catalog), as a user would watch it.
-    cmd.args(["tail", "--pid", &catalog.id().to_string(), "--pid", &frontend.id().to_string()]);
+    // `tail`: each request as a trace tree (frontend -> catalog, frontend -> reviews ->
+    // ratings), as a user would watch it.
+    cmd.arg("tail");
+    for c in [&catalog, &frontend, &reviews, &ratings] {
+        cmd.args(["--pid", &c.id().to_string()]);
+    }
     match &otlp {
         Some(url) => {
-            step(format!("attaching zerotrace to both services; trace trees below and spans to OTLP at {url}"));
+            step(format!("attaching zerotrace to the four services; trace trees below and spans to OTLP at {url}"));
             cmd.args(["--otlp-endpoint", url]);
         }
         None => {
-            step("attaching zerotrace to both services; trace trees below (add --otlp URL to also export them)");
+            step("attaching zerotrace to the four services; trace trees below (add --otlp URL to also export them)");
             cmd.args(["--exporter", "none"]);
         }
     }
@@ -109,8 +124,9 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let mut agent = spawn("zerotrace", &mut cmd, false)?;
     std::thread::sleep(Duration::from_secs(2));
     if let Some(st) = agent.try_wait()? {
-        let _ = catalog.kill();
-        let _ = frontend.kill();
+        for c in [&mut catalog, &mut frontend, &mut reviews, &mut ratings] {
+            let _ = c.kill();
+        }
         bail!("zerotrace exited early ({st}); run `{} doctor` to check this machine", agent_bin.display());
     }
     step(format!("load: {} requests/s against the frontend; Ctrl-C stops the demo", a.rps));
@@ -138,7 +154,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     }
     let _ = agent.kill();
     let _ = agent.wait();
-    for mut c in [catalog, frontend] {
+    for mut c in [catalog, frontend, reviews, ratings] {
         let _ = c.kill();
         let _ = c.wait();
     }

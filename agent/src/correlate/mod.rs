@@ -270,7 +270,7 @@ impl Correlator {
         match ev {
             Event::ConnOpen { pid, conn_id, sk, role, addrs, .. } => self.add_conn(conn_id, pid, sk, role, addrs),
             Event::ConnClose { conn_id, .. } => {
-                self.close_native(conn_id, out);
+                self.end_native(conn_id, out);
                 self.close_h2(conn_id, out);
                 self.drop_conn(conn_id);
             }

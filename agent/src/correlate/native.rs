@@ -105,17 +105,13 @@ impl Correlator {
     /// A native client started a request (offset 0) or wrote more of its head.
     pub(super) fn on_native_request(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
         if r.offset > 0 {
-            if let Some(c) = self.native.get_mut(&r.conn_id) {
-                if c.seq == r.seq && c.request.len() == r.offset as usize {
-                    c.request.extend_from_slice(&r.head);
-                }
+            if let Some(c) = self.native.get_mut(&r.conn_id).filter(|c| c.seq == r.seq && c.request.len() == r.offset as usize) {
+                c.request.extend_from_slice(&r.head);
             }
             return;
         }
         // The connection's previous request ends here, at its last read.
-        if let Some(prev) = self.native.remove(&r.conn_id) {
-            self.finish_native(prev, r.conn_id, out);
-        }
+        self.end_native(r.conn_id, out);
         if self.native.len() >= MAX_PENDING {
             self.stats.pending_full += 1;
             return;
@@ -152,9 +148,7 @@ impl Correlator {
         let done = p.done;
         c.response = Some(p);
         if done {
-            if let Some(c) = self.native.remove(&r.conn_id) {
-                self.finish_native(c, r.conn_id, out);
-            }
+            self.end_native(r.conn_id, out);
         }
     }
 
@@ -209,14 +203,13 @@ impl Correlator {
         let Some(p) = c.response.as_mut() else { return };
         p.add(u64::from(r.len), &r.tail, r.ts);
         if p.done {
-            if let Some(c) = self.native.remove(&r.conn_id) {
-                self.finish_native(c, r.conn_id, out);
-            }
+            self.end_native(r.conn_id, out);
         }
     }
 
-    /// The connection of a native client closed: its open request ends.
-    pub(super) fn close_native(&mut self, conn_id: u64, out: &mut Vec<Span>) {
+    /// The native client call waiting on `conn_id` ends (complete, the next request, or
+    /// the connection's close).
+    pub(super) fn end_native(&mut self, conn_id: u64, out: &mut Vec<Span>) {
         if let Some(c) = self.native.remove(&conn_id) {
             self.finish_native(c, conn_id, out);
         }

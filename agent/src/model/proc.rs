@@ -212,6 +212,14 @@ pub fn listening_ports(pid: u32, listeners: Option<&[(u64, u16)]>) -> Vec<u16> {
     ports
 }
 
+/// Identity of the file process `pid` runs (device, inode of /proc/PID/exe): it changes at
+/// an exec even when the path does not.
+pub fn exe_identity(pid: u32) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,8 +1,10 @@
 // Command shop is zerotrace's demo: a small Go web shop of two services and a load
-// generator, each its own process.
+// generator, each its own process (`cargo xtask demo` adds Rust services next to it).
 //
 //	shop catalog  ADDR                 item lookups (1-3 ms, 404 for unknown items)
-//	shop frontend ADDR CATALOG_ADDR    pages, product pages that ask the catalog, checkout
+//	shop frontend ADDR CATALOG_ADDR [REVIEWS_ADDR]
+//	                                   pages, product pages that ask the catalog (and the
+//	                                   reviews service, when given), checkout
 //	shop load     FRONTEND_ADDR RPS    a steady mix of requests, keep-alive
 //
 // The frontend also serves /noop, /work (a 1 ms handler) and /fanout (three goroutines
@@ -34,7 +36,7 @@ func catalog(addr string) error {
 	return http.ListenAndServe(addr, mux)
 }
 
-func frontend(addr, catalogAddr string) error {
+func frontend(addr, catalogAddr, reviewsAddr string) error {
 	client := &http.Client{Timeout: 2 * time.Second}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "welcome to the shop") })
@@ -45,6 +47,13 @@ func frontend(addr, catalogAddr string) error {
 			return
 		}
 		defer resp.Body.Close()
+		if reviewsAddr != "" {
+			// The reviews service (Rust) asks the ratings service (Rust, gRPC) in turn.
+			if rv, err := client.Get("http://" + reviewsAddr + "/grpc/" + r.PathValue("id")); err == nil {
+				io.Copy(io.Discard, rv.Body)
+				rv.Body.Close()
+			}
+		}
 		w.WriteHeader(resp.StatusCode)
 		io.Copy(w, resp.Body)
 	})
@@ -114,12 +123,14 @@ func main() {
 	case len(os.Args) == 3 && os.Args[1] == "catalog":
 		err = catalog(os.Args[2])
 	case len(os.Args) == 4 && os.Args[1] == "frontend":
-		err = frontend(os.Args[2], os.Args[3])
+		err = frontend(os.Args[2], os.Args[3], "")
+	case len(os.Args) == 5 && os.Args[1] == "frontend":
+		err = frontend(os.Args[2], os.Args[3], os.Args[4])
 	case len(os.Args) == 4 && os.Args[1] == "load":
 		rps, _ := strconv.Atoi(os.Args[3])
 		err = load(os.Args[2], max(rps, 1))
 	default:
-		fmt.Fprintln(os.Stderr, "usage: shop catalog ADDR | shop frontend ADDR CATALOG_ADDR | shop load FRONTEND_ADDR RPS")
+		fmt.Fprintln(os.Stderr, "usage: shop catalog ADDR | shop frontend ADDR CATALOG_ADDR [REVIEWS_ADDR] | shop load FRONTEND_ADDR RPS")
 		os.Exit(2)
 	}
 	if err != nil {

@@ -79,7 +79,8 @@ fn processes_are_found_by_executable_now_and_later() -> Result<()> {
 }
 
 /// `--port`: the process listening on the port is traced, also when it starts after the
-/// agent; one on another port is not. `--all`: every Go process, and nothing else.
+/// agent; one on another port is not. `--all`: every Go process with its uprobes, every
+/// other process at the socket level (also one started later), never the agent itself.
 #[test]
 fn processes_are_found_by_port_and_all() -> Result<()> {
     let bin = tools::causal(GO_NEWEST)?;
@@ -98,12 +99,19 @@ fn processes_are_found_by_port_and_all() -> Result<()> {
     let mut agent = Agent::start_discovering("run", &["--all", "--exporter", "none"])?;
     traced_within(&agent, svc.pid(), Duration::from_secs(2))?;
     traced_within(&agent, other.pid(), Duration::from_secs(2))?;
+    traced_within(&agent, sleeper.pid(), Duration::from_secs(2))?;
     let late_port = free_port();
     let late = serve(&bin, "all-late", late_port)?;
     traced_within(&agent, late.pid(), Duration::from_secs(5))?;
+    let rust_port = free_port();
+    let rust = Proc::spawn("all-rust", { let mut c = Command::new(tools::rsvc()?); c.arg(format!("127.0.0.1:{rust_port}")); c })?;
+    traced_within(&agent, rust.pid(), Duration::from_secs(5))?;
     agent.stop()?;
     let log = agent.proc.stderr_text();
-    assert!(!log.contains(&format!("tracing pid={} ", sleeper.pid())), "{log}");
+    let line = |pid: u32| log.lines().find(|l| l.contains(&format!("tracing pid={pid} "))).unwrap_or("").to_owned();
+    assert!(line(sleeper.pid()).contains("layer=\"socket\""), "{log}");
+    assert!(line(rust.pid()).contains("layer=\"socket\"") && line(rust.pid()).contains("runtime=\"rust\""), "{log}");
+    assert!(line(late.pid()).contains("go=go"), "Go with uprobes: {log}");
     assert!(!log.contains(&format!("tracing pid={} ", agent.proc.pid())), "never itself: {log}");
     assert!(!log.contains("ERROR"), "{log}");
     Ok(())
