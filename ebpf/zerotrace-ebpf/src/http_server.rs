@@ -85,15 +85,46 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     Some(())
 }
 
+/// What a status line at `buf` says about the response it starts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Interim {
+    /// A final response (or bytes zerotrace cannot read).
+    No,
+    /// 1xx other than 101 (100 Continue, 103 Early Hints): the final response follows.
+    Yes,
+    /// 101 Switching Protocols: after it the connection carries another protocol.
+    Upgrade,
+}
+
+#[inline(always)]
+pub fn interim_status(buf: u64) -> Interim {
+    if buf == 0 {
+        return Interim::No;
+    }
+    let Some(b) = read_user::<[u8; 13]>(buf) else { return Interim::No };
+    if b[..7] != *b"HTTP/1." || b[8] != b' ' || b[9] != b'1' || b[12] != b' ' {
+        return Interim::No;
+    }
+    if b[10] == b'0' && b[11] == b'1' { Interim::Upgrade } else { Interim::Yes }
+}
+
 /// A server connection hands `len` bytes at `buf` to be sent (a socket send, or plaintext
-/// to crypto/tls before it is encrypted): the first of a response starts it.
+/// to crypto/tls before it is encrypted): the first of a response starts it. An interim
+/// response (100 Continue) does not: the request goes on (its body may follow).
 #[inline(always)]
 pub fn send_bytes(conn: &mut ConnState, buf: u64, len: u64) {
-    if conn.h2 != 0 {
+    if conn.h2 != 0 || conn.other != 0 && conn.phase != phase::RESPONSE {
         return;
     }
     let ts = now();
     if conn.phase == phase::REQUEST {
+        match interim_status(buf) {
+            Interim::Yes => return,
+            // The span of the upgrade request ends with this response; nothing after it on
+            // this connection is HTTP/1.
+            Interim::Upgrade => conn.other = 1,
+            Interim::No => {}
+        }
         start_response(conn, buf, len, ts);
     }
     if conn.phase == phase::RESPONSE {
@@ -226,8 +257,9 @@ pub fn on_recv<A: SyscallArgs>(pid_tgid: u64, sk: u64, ret: i64) -> Option<()> {
     count(Counter::SocketSyscalls);
     // Any receive attempt after a response ends it: the server waits for what comes next.
     finish_response(conn, pid_tgid as u32, now(), 0);
-    // TLS records carry no request bytes we can read: the crypto/tls hooks bring them.
-    if ret <= 0 || conn.tls != 0 {
+    // TLS records carry no request bytes we can read: the crypto/tls hooks bring them. An
+    // upgraded connection carries another protocol.
+    if ret <= 0 || conn.tls != 0 || conn.other != 0 {
         return Some(());
     }
     let (buf, room) = recv_buffer::<A>();

@@ -188,6 +188,14 @@ pub fn on_recv<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, ret: u64) {
         return;
     }
     if conn.phase == phase::REQUEST {
+        match crate::http_server::interim_status(buf) {
+            // 100 Continue: the request goes on (its body follows); the final response is
+            // the next read's.
+            crate::http_server::Interim::Yes => return,
+            // After 101 the connection carries another protocol: this is its last response.
+            crate::http_server::Interim::Upgrade => conn.other = 1,
+            crate::http_server::Interim::No => {}
+        }
         // The response's first bytes: its head (status, framing).
         conn.phase = phase::RESPONSE;
         conn.captured = 0;

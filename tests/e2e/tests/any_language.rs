@@ -380,3 +380,69 @@ fn an_http2_connection_joined_mid_way_degrades_gracefully() -> Result<()> {
     assert_eq!(spans.len(), 12, "{spans:#?}");
     Ok(())
 }
+
+/// Reads a response head (status line and headers) from `r`; returns the status and the
+/// Content-Length.
+fn read_head(r: &mut impl std::io::BufRead) -> Result<(u16, usize)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut len = 0;
+    loop {
+        line.clear();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            return Ok((status, len));
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+}
+
+/// HTTP/1 edge cases on a Rust server: a request whose body waits for `100 Continue` is one
+/// span with the final status (the interim response is not the response), and after `101
+/// Switching Protocols` the connection's bytes are never taken for requests, even bytes
+/// that look like one.
+#[test]
+fn expect_continue_and_upgrade() -> Result<()> {
+    use std::io::{BufReader, Read, Write};
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = rust_service("edge", None)?;
+    let mut agent = agent(&[server.pid()], &rx)?;
+    let connect = || -> Result<(BufReader<std::net::TcpStream>, std::net::TcpStream)> {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok((BufReader::new(s.try_clone()?), s))
+    };
+    let (mut r, mut w) = connect()?;
+    w.write_all(b"POST /echo HTTP/1.1\r\nHost: edge\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")?;
+    assert_eq!(read_head(&mut r)?.0, 100, "the server asks for the body");
+    w.write_all(b"hello")?;
+    let (status, len) = read_head(&mut r)?;
+    let mut body = vec![0; len];
+    r.read_exact(&mut body)?;
+    assert_eq!((status, body.as_slice()), (200, &b"hello"[..]));
+
+    let (mut r, mut w) = connect()?;
+    w.write_all(b"GET /upgrade HTTP/1.1\r\nHost: edge\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")?;
+    assert_eq!(read_head(&mut r)?.0, 101);
+    for msg in [&b"GET /not-a-request HTTP/1.1\r\n\r\n"[..], b"PING\r\n"] {
+        w.write_all(msg)?;
+        let mut back = vec![0; msg.len()];
+        r.read_exact(&mut back)?;
+        assert_eq!(back, msg, "the upgraded protocol echoes");
+    }
+    drop((r, w));
+    rx.wait_for(2, Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(700));
+    agent.stop()?;
+    let spans = rx.spans();
+    let post = one(&spans, "POST span", |s| s.attr("url.path") == "/echo");
+    assert_eq!(post.attr("http.response.status_code"), "200", "the final status, not 100: {post:#?}");
+    let up = one(&spans, "upgrade span", |s| s.attr("url.path") == "/upgrade");
+    assert_eq!(up.attr("http.response.status_code"), "101");
+    assert_eq!(spans.len(), 2, "nothing from the upgraded connection's bytes: {spans:#?}");
+    Ok(())
+}

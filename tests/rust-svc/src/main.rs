@@ -16,7 +16,9 @@
 //!
 //! Routes: `/hello` answers "hello"; `/status/CODE` answers that status; `/chain/ID` calls
 //! DOWNSTREAM/chain/ID and answers with its body (at the end of a chain: "leaf ID");
-//! `/slow/MS` sleeps MS milliseconds; `/grpc/ID` makes a unary gRPC call (RSVC_GRPC).
+//! `/slow/MS` sleeps MS milliseconds; `/grpc/ID` makes a unary gRPC call (RSVC_GRPC);
+//! `POST /echo` answers its body (reading it makes hyper send 100 Continue when asked);
+//! `GET /upgrade` switches the connection to a raw echo protocol (101).
 use std::{net::SocketAddr, time::Duration};
 
 use axum::{
@@ -176,6 +178,33 @@ async fn status(Path(code): Path<u16>) -> (StatusCode, String) {
     (s, format!("status {}", s.as_u16()))
 }
 
+async fn echo_body(body: axum::body::Bytes) -> axum::body::Bytes {
+    body
+}
+
+/// 101 Switching Protocols, then every byte received is sent back.
+async fn upgrade(mut req: axum::extract::Request) -> axum::response::Response {
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let mut io = hyper_util::rt::TokioIo::new(up);
+            let mut buf = [0u8; 1024];
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    axum::response::Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(axum::body::Body::empty())
+        .expect("a valid response")
+}
+
 async fn slow(Path(ms): Path<u64>) -> String {
     tokio::time::sleep(Duration::from_millis(ms.min(10_000))).await;
     format!("slept {ms}")
@@ -206,6 +235,8 @@ async fn serve(addr: SocketAddr, down: Option<String>) -> std::io::Result<()> {
         .route("/slow/{ms}", get(slow))
         .route("/chain/{id}", get(chain))
         .route("/grpc/{id}", get(grpc_call))
+        .route("/echo", axum::routing::post(echo_body))
+        .route("/upgrade", get(upgrade))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, router).await
