@@ -55,6 +55,14 @@ pub struct ReplayArgs {
     pub no_encode: bool,
 }
 
+/// How a native process's client requests find their parent (see `--native-parents`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeParents {
+    #[default]
+    OneOpen,
+    Thread,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct StatusArgs {
     /// The agent's control socket (a path, or tcp://HOST:PORT with --token).
@@ -239,6 +247,14 @@ pub struct RunArgs {
     /// CALLs: one hit per value that crosses a channel between goroutines).
     #[arg(long, value_enum, default_value = "on", value_name = "on|off")]
     pub go_channels: OnOff,
+
+    /// Parent of a client request inside a process that is not Go: `one-open` (the
+    /// process's server request, when exactly one is open: right for async runtimes such
+    /// as tokio, which give no other safe clue) or `thread` (the server request the
+    /// calling thread is serving: right for thread-per-request servers, wrong for async
+    /// runtimes).
+    #[arg(long, value_enum, default_value = "one-open", value_name = "one-open|thread")]
+    pub native_parents: NativeParents,
 
     /// HTTPS server spans from crypto/tls plaintext (uprobes on two CALLs inside
     /// (*tls.Conn).Read and Write: one hit per TLS read or write that carries data).

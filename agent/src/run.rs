@@ -101,6 +101,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut correlator = Correlator::new(Clock::system());
     correlator.traces.record_aliases = s.kernel.inject != crate::cli::Inject::Off;
     correlator.sampling = crate::correlate::sampling::Sampling::new(s.sampler);
+    correlator.native_parents = s.native_parents;
     if s.sampler != crate::correlate::sampling::Sampler::AlwaysOn {
         tracing::info!(sampler = ?s.sampler, "sampling traces");
     }

@@ -52,6 +52,7 @@ pub struct RunSettings {
     pub go_causality: GoCausality,
     /// HTTPS server spans from crypto/tls plaintext (--go-tls).
     pub go_tls: bool,
+    pub native_parents: crate::cli::NativeParents,
     pub kernel: KernelSettings,
     pub stats_interval: Duration,
     pub stats_file: Option<PathBuf>,
@@ -234,6 +235,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
             channels: args.go_channels == crate::cli::OnOff::On,
         },
         go_tls: args.go_tls == crate::cli::OnOff::On,
+        native_parents: args.native_parents,
         kernel: KernelSettings {
             req_capture: args.capture_bytes,
             max_conns: args.max_connections,

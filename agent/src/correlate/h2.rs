@@ -229,7 +229,7 @@ impl Correlator {
             let parent = if server {
                 self.h2_links.remove(&(flow.0, flow.1, stream)).unwrap_or(0)
             } else {
-                self.single_open_request(pid)
+                self.native_parent(pid, tid)
             };
             let (trace_id, parent) = self.traces.child_of(parent, [0; 16]);
             if server && parent.is_some() {

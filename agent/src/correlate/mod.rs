@@ -40,6 +40,8 @@ struct Conn {
 #[derive(Debug)]
 struct Pending {
     pid: u32,
+    /// The thread that read the request's first bytes (`--native-parents thread`).
+    first_tid: u32,
     seq: u32,
     tid: u32,
     goid: u64,
@@ -144,6 +146,11 @@ pub struct Correlator {
     native: HashMap<u64, native::NativeCall>,
     /// Open server requests per process: (connection, HTTP/2 stream or 0) -> span id.
     open: HashMap<u32, HashMap<(u64, u32), u64>>,
+    /// `--native-parents thread`: the open HTTP/1 server request each thread read, by
+    /// (pid, tid): (connection, span id).
+    threads: HashMap<(u32, u32), (u64, u64)>,
+    /// How native client requests find their parent inside their process.
+    pub native_parents: crate::cli::NativeParents,
     /// HTTP/2 connections of native processes, and client streams offered for links.
     h2: HashMap<u64, h2::H2Conn>,
     h2_links: HashMap<h2::LinkKey, u64>,
@@ -184,6 +191,8 @@ impl Correlator {
             sql: HashMap::default(),
             native: HashMap::default(),
             open: HashMap::default(),
+            threads: HashMap::default(),
+            native_parents: crate::cli::NativeParents::OneOpen,
             h2: HashMap::default(),
             h2_links: HashMap::default(),
             finished: HashMap::default(),
@@ -237,6 +246,7 @@ impl Correlator {
         self.clients.retain(|_, c| c.req.pid != pid);
         self.sql.retain(|_, c| c.start.pid != pid);
         self.open.remove(&pid);
+        self.threads.retain(|(p, _), _| *p != pid);
     }
 
     fn drop_conn(&mut self, id: u64) {
@@ -261,6 +271,9 @@ impl Correlator {
             if m.is_empty() {
                 self.open.remove(&p.pid);
             }
+        }
+        if self.threads.get(&(p.pid, p.first_tid)).is_some_and(|(c, _)| *c == id) {
+            self.threads.remove(&(p.pid, p.first_tid));
         }
         Some(p)
     }
@@ -524,8 +537,12 @@ impl Correlator {
         let ids = self.server_ids(&r.head, r.link_span, r.trace_id, r.trace_origin);
         self.traces.remember(r.span_id, ids.trace_id);
         self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
+        if self.native_parents == crate::cli::NativeParents::Thread {
+            self.threads.insert((r.pid, r.tid), (r.conn_id, r.span_id));
+        }
         let p = Pending {
             pid: r.pid,
+            first_tid: r.tid,
             seq: r.seq,
             tid: r.tid,
             goid: r.goid,

@@ -116,7 +116,7 @@ impl Correlator {
             self.stats.pending_full += 1;
             return;
         }
-        let parent = self.single_open_request(r.pid);
+        let parent = self.native_parent(r.pid, r.tid);
         let (trace_id, parent) = self.traces.child_of(parent, r.trace_id);
         self.traces.remember(r.span_id, trace_id);
         let call = NativeCall {
@@ -212,6 +212,15 @@ impl Correlator {
     pub(super) fn end_native(&mut self, conn_id: u64, out: &mut Vec<Span>) {
         if let Some(c) = self.native.remove(&conn_id) {
             self.finish_native(c, conn_id, out);
+        }
+    }
+
+    /// The parent (kernel span id, 0: none) of a client request that thread `tid` of native
+    /// process `pid` starts, by `--native-parents`.
+    pub(super) fn native_parent(&self, pid: u32, tid: u32) -> u64 {
+        match self.native_parents {
+            crate::cli::NativeParents::OneOpen => self.single_open_request(pid),
+            crate::cli::NativeParents::Thread => self.threads.get(&(pid, tid)).map_or(0, |(_, span)| *span),
         }
     }
 

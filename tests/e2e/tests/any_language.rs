@@ -446,3 +446,50 @@ fn expect_continue_and_upgrade() -> Result<()> {
     assert_eq!(spans.len(), 2, "nothing from the upgraded connection's bytes: {spans:#?}");
     Ok(())
 }
+
+/// Eight concurrent requests into a thread-per-connection server (std only) that calls a
+/// downstream while each request is open. With `--native-parents thread` each downstream
+/// call sits under the request its thread serves; with the default (`one-open`) they are
+/// roots, because eight requests are open at once: unlinked, never linked to a wrong one.
+#[test]
+fn thread_per_request_server_parents() -> Result<()> {
+    let (leaf, leaf_port) = rust_service("tpr-leaf", None)?;
+    let port = free_port();
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.args(["threads", &format!("127.0.0.1:{port}"), &format!("127.0.0.1:{leaf_port}")]).env("OTEL_SERVICE_NAME", "tpr");
+    let tpr = Proc::spawn("tpr", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    for mode in ["thread", "one-open"] {
+        let rx = Receiver::start(Kind::Grpc, 0)?;
+        let endpoint = rx.endpoint();
+        let mut agent = Agent::start(&[tpr.pid(), leaf.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--native-parents", mode], &[])?;
+        let calls: Vec<_> = (0..8)
+            .map(|i| std::thread::spawn(move || Client::new(port).get(&format!("/chain/{mode}{i}")).map(|r| r.status)))
+            .collect();
+        for c in calls {
+            assert_eq!(c.join().expect("client thread")?, 200);
+        }
+        rx.wait_for(24, Duration::from_secs(20))?;
+        agent.stop()?;
+        let spans = rx.spans();
+        let mut roots = 0;
+        for i in 0..8 {
+            let path = format!("/chain/{mode}{i}");
+            let srv = one(&spans, "tpr server span", |s| s.kind == SERVER && s.res("service.name") == "tpr" && s.attr("url.path") == path);
+            let call = one(&spans, "tpr client span", |s| s.kind == CLIENT && s.attr("url.full").ends_with(&path));
+            let down = one(&spans, "leaf span", |s| s.kind == SERVER && s.res("service.name") == "tpr-leaf" && s.attr("url.path") == path);
+            assert_eq!(down.parent_span_id, call.span_id, "the flow link");
+            if mode == "thread" {
+                assert_eq!(call.parent_span_id, srv.span_id, "{path}: the request its thread serves");
+            } else {
+                // A request that ran alone (a late client thread) is linked, rightly.
+                assert!(call.parent_span_id.is_empty() || call.parent_span_id == srv.span_id, "{path}: never a wrong parent");
+                roots += usize::from(call.parent_span_id.is_empty());
+            }
+        }
+        if mode == "one-open" {
+            assert!(roots >= 4, "with eight requests open at once, no guesses: {roots} roots");
+        }
+    }
+    Ok(())
+}

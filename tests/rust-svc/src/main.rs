@@ -5,6 +5,8 @@
 //!   rsvc ADDR [DOWNSTREAM_BASE_URL]   serve HTTP/1.1 on ADDR (RSVC_GRPC=URL: the gRPC
 //!                                      service that `/grpc/ID` calls)
 //!   rsvc grpc ADDR                     serve the gRPC Echo service (h2c) on ADDR
+//!   rsvc threads ADDR DOWN_ADDR        a thread-per-connection HTTP/1.1 server (std only):
+//!                                      `/chain/ID` waits 30 ms, then GETs DOWN_ADDR/chain/ID
 //!   rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]
 //!                                      N calls over one HTTP/2 connection, CONCURRENCY at
 //!                                      a time: unary call i asks for status [0, 5, 13][i % 3],
@@ -266,6 +268,51 @@ async fn get_many(url: &str, count: u32) -> Result<(), Box<dyn std::error::Error
     Ok(())
 }
 
+/// The thread-per-connection server: one OS thread per connection, blocking I/O, the way
+/// std-only or servlet-style servers work.
+fn serve_threads(addr: &str, down: &str) -> std::io::Result<()> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    for conn in listener.incoming() {
+        let (Ok(conn), down) = (conn, down.to_owned()) else { continue };
+        std::thread::spawn(move || {
+            let _ = serve_thread_conn(conn, &down);
+        });
+    }
+    Ok(())
+}
+
+fn serve_thread_conn(conn: std::net::TcpStream, down: &str) -> std::io::Result<()> {
+    use std::io::{BufRead, Read, Write};
+    let mut r = std::io::BufReader::new(conn.try_clone()?);
+    let mut w = conn;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 || h.trim_end().is_empty() {
+                break;
+            }
+        }
+        let body = match path.strip_prefix("/chain/") {
+            Some(id) => {
+                std::thread::sleep(Duration::from_millis(30));
+                let mut d = std::net::TcpStream::connect(down)?;
+                write!(d, "GET /chain/{id} HTTP/1.1\r\nHost: {down}\r\nConnection: close\r\n\r\n")?;
+                let mut all = Vec::new();
+                d.read_to_end(&mut all)?;
+                let text = String::from_utf8_lossy(&all).into_owned();
+                text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default()
+            }
+            None => "hello".to_owned(),
+        };
+        write!(w, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len())?;
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
@@ -285,6 +332,13 @@ fn main() {
                 }
             }
         }
+        ["threads", addr, down] => match serve_threads(addr, down) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("rsvc threads: {e}");
+                1
+            }
+        },
         ["grpc", addr] => {
             let Ok(addr) = addr.parse::<SocketAddr>() else {
                 eprintln!("rsvc: {addr} is not an address (ip:port)");
@@ -324,7 +378,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]");
+            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]");
             2
         }
     };
