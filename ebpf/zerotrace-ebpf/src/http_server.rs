@@ -125,7 +125,17 @@ pub fn send_bytes(conn: &mut ConnState, buf: u64, len: u64) {
             Interim::Upgrade => conn.other = 1,
             Interim::No => {}
         }
-        start_response(conn, buf, len, ts);
+        fill_response(conn, buf, len, ts);
+        // Published last: another CPU (a receive attempt on this socket, e.g. Go's
+        // background read while the handler writes) ends a response as soon as it sees
+        // RESPONSE, and must then see its fields, not the previous response's.
+        // Volatile stores keep their order (fill_response's are volatile too).
+        // SAFETY: plain field stores through a valid reference.
+        unsafe {
+            core::ptr::write_volatile(&mut conn.last_write_ts, ts);
+            core::ptr::write_volatile(&mut conn.phase, phase::RESPONSE);
+        }
+        return;
     }
     if conn.phase == phase::RESPONSE {
         conn.last_write_ts = ts;
@@ -160,30 +170,42 @@ pub fn client_send(conn: &mut ConnState) {
 }
 
 /// The first send after a request: keep the status line, and for Go read the route pattern
-/// of the request being answered (conn.curReq -> response.req -> Pattern / pat.str).
+/// of the request being answered (conn.curReq -> response.req -> Pattern / pat.str). The
+/// caller then moves the connection to RESPONSE.
 #[inline(always)]
-fn start_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
-    conn.phase = phase::RESPONSE;
-    conn.resp_ts = ts;
-    conn.status_len = if buf != 0 {
+fn fill_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
+    let status_len = if buf != 0 {
         read_user_bytes::<{ bounds::STATUS_CAPTURE }>(conn.status.as_mut_ptr(), buf, len) as u8
     } else {
         0
     };
-    conn.pattern_len = 0;
-    conn.pattern_ptr = 0;
+    let (pattern_ptr, pattern_len) = route_pattern(conn);
+    // SAFETY: plain field stores through a valid reference; volatile so that they stay
+    // before the caller's (volatile) move to RESPONSE.
+    unsafe {
+        core::ptr::write_volatile(&mut conn.resp_ts, ts);
+        core::ptr::write_volatile(&mut conn.status_len, status_len);
+        core::ptr::write_volatile(&mut conn.pattern_ptr, pattern_ptr);
+        core::ptr::write_volatile(&mut conn.pattern_len, pattern_len);
+    }
+}
+
+/// Go: the address and length of the route pattern of the request `conn` is answering
+/// (0, 0: none or not Go).
+#[inline(always)]
+fn route_pattern(conn: &ConnState) -> (u64, u16) {
     if conn.go_conn == 0 {
-        return;
+        return (0, 0);
     }
     let Some(cfg) = TARGETS.get_ptr(conn.pid) else {
-        return;
+        return (0, 0);
     };
     // SAFETY: map value pointer, valid for this program run.
     let go = unsafe { &(*cfg).go };
     let w = go_ptr(conn.go_conn, go.conn_curreq);
     let r = go_ptr(w, go.response_req);
     if r == 0 {
-        return;
+        return (0, 0);
     }
     let mut str_at = 0u64;
     if go.request_pattern != GoOffsets::NONE {
@@ -195,14 +217,15 @@ fn start_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
         }
     }
     if str_at == 0 {
-        return;
+        return (0, 0);
     }
     let Some(s) = read_user::<[u64; 2]>(str_at) else {
-        return;
+        return (0, 0);
     };
     if s[0] != 0 && s[1] != 0 {
-        conn.pattern_ptr = s[0];
-        conn.pattern_len = if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 };
+        (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 })
+    } else {
+        (0, 0)
     }
 }
 
