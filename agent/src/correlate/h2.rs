@@ -19,7 +19,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     events::H2Bytes,
-    protocols::http2::{self, CONTINUATION, DATA, END_HEADERS, END_STREAM, FrameHeader, FrameReader, HEADERS, HeaderDecoder, Headers, RST_STREAM},
+    protocols::http2::{self, CONTINUATION, DATA, END_HEADERS, END_STREAM, FrameHeader, FrameReader, HEADERS, HeaderDecoder, Headers, PUSH_PROMISE, RST_STREAM},
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
 
@@ -46,6 +46,11 @@ pub(super) struct H2Conn {
     blocks: [Option<(u32, u8, Vec<u8>)>; 2],
     streams: HashMap<u32, Stream>,
     last_ns: u64,
+    /// Per side: where the next piece of the current syscall starts (None: a new syscall).
+    next_offset: [Option<u32>; 2],
+    /// A direction became unreadable: its open streams were ended (incomplete) and the
+    /// connection is not followed any more.
+    dead: bool,
 }
 
 struct Stream {
@@ -97,28 +102,47 @@ impl Correlator {
                 blocks: [None, None],
                 streams: HashMap::default(),
                 last_ns: b.ts,
+                next_offset: [None, None],
+                dead: false,
             };
             self.h2.insert(b.conn_id, conn);
         }
         let Some(conn) = self.h2.get_mut(&b.conn_id) else { return };
+        if conn.dead {
+            return;
+        }
         conn.last_ns = b.ts;
         let side = if conn.server != b.sent { REQUEST } else { RESPONSE };
+        let was_broken = conn.readers[side].broken.is_some();
+        // The pieces of one syscall come in order; a missing piece (a record lost to a full
+        // ring) is a hole of unknown size.
+        if b.offset != conn.next_offset[side].unwrap_or(0) {
+            conn.readers[side].broken.get_or_insert(http2::Broken::LostFrameBoundary);
+        }
+        conn.next_offset[side] = (!b.last).then(|| b.offset + b.bytes.len() as u32);
         let mut frames: Vec<(FrameHeader, Option<Vec<u8>>)> = Vec::new();
         // After a syscall's last piece: the bytes that were not captured.
         let seen = u64::from(b.offset) + b.bytes.len() as u64;
         let missing = if b.last { u64::from(b.total).saturating_sub(seen) } else { 0 };
-        let was_broken = conn.readers[side].broken.is_some();
         conn.readers[side].feed(&b.bytes, missing, &mut |f| {
             let keep = matches!(f.header.kind, HEADERS | CONTINUATION | RST_STREAM);
             frames.push((f.header, if keep { f.payload.map(<[u8]>::to_vec) } else { None }));
         });
-        if !was_broken && conn.readers[side].broken.is_some() {
-            // From here on this direction is not read: open streams end at close.
-            self.stats.h2_unreadable += 1;
-            tracing::debug!(pid = b.pid, conn = b.conn_id, why = ?conn.readers[side].broken, "HTTP/2 direction no longer readable");
-        }
+        let broke = !was_broken && conn.readers[side].broken.is_some();
         for (h, payload) in frames {
             self.on_frame(b.conn_id, side, h, payload.as_deref(), b.ts, b.tid, out);
+        }
+        if broke {
+            // Nothing after this point of the direction can be placed: the open streams end
+            // here (incomplete) rather than stay open, and the connection is left alone.
+            self.stats.h2_unreadable += 1;
+            let conn = self.h2.get_mut(&b.conn_id).expect("present");
+            tracing::debug!(pid = b.pid, conn = b.conn_id, why = ?conn.readers[side].broken, "HTTP/2 direction no longer readable");
+            conn.dead = true;
+            let ids: Vec<u32> = conn.streams.keys().copied().collect();
+            for id in ids {
+                self.finish_stream(b.conn_id, id, b.ts, true, out);
+            }
         }
     }
 
@@ -167,6 +191,14 @@ impl Correlator {
                 self.on_headers(conn_id, side, stream, flags, headers, ts, tid)
             }
             DATA if side == RESPONSE && h.flags & END_STREAM != 0 => Effect::Finish,
+            // Its header block changes the HPACK table of this direction, which is not
+            // followed for pushed streams: later header blocks cannot be trusted.
+            PUSH_PROMISE => {
+                if let Some(c) = self.h2.get_mut(&conn_id) {
+                    c.decoders[side].lost = true;
+                }
+                Effect::None
+            }
             RST_STREAM => {
                 let code = payload.and_then(|p| p.get(..4)).map_or(0, |c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]));
                 if let Some(s) = self.h2.get_mut(&conn_id).and_then(|c| c.streams.get_mut(&h.stream)) {

@@ -47,7 +47,9 @@ pub(super) struct Progress {
 }
 
 const TAIL_KEPT: usize = 8;
-const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+/// The end of a chunked body (no trailers): the CRLF that ends the last data chunk, then the
+/// zero-size chunk. Without the leading CRLF, data that ends in "0" would match.
+const LAST_CHUNK: &[u8] = b"\r\n0\r\n\r\n";
 
 impl Progress {
     /// A response to a `method` request that starts with `head` (its first bytes), at `ts`.
@@ -295,5 +297,28 @@ impl Correlator {
             attributes: a,
             status,
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Progress;
+
+    #[test]
+    fn chunked_end_needs_the_zero_chunk_after_a_crlf() {
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let mut p = Progress::new(head, "GET", 0);
+        // A data chunk whose bytes end in "0" followed by its CRLF is not the end.
+        p.add(12, b"\r\nn=10\r\n", 1);
+        assert!(!p.done);
+        p.add(10, b"a\r\n0\r\n\r\n", 2);
+        assert!(p.done);
+        // Content-Length: done exactly when head + body bytes moved.
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\n";
+        let mut p = Progress::new(head, "GET", 0);
+        p.add(head.len() as u64 + 2, b"", 1);
+        assert!(!p.done);
+        p.add(1, b"c", 2);
+        assert!(p.done);
     }
 }

@@ -308,3 +308,40 @@ fn native_client_spans_and_their_parents() {
     assert_eq!(s(call, "url.full"), "http://down:8080/down", "no query values");
     assert_eq!(s(call, "http.response.status_code"), "200");
 }
+
+/// HTTP/2 pieces of one syscall must come in order: a lost piece (a record dropped by a
+/// full ring) makes the direction unreadable, and the open streams end there (incomplete),
+/// instead of frames being read from the wrong place.
+#[test]
+fn http2_lost_piece_ends_open_streams() {
+    use zerotrace_common::EventKind as K;
+    let mut enc = loona_hpack::Encoder::new();
+    let block = enc.encode([(&b":method"[..], &b"GET"[..]), (b":path", b"/a"), (b":scheme", b"http"), (b":authority", b"x")]);
+    let frame = |kind: u8, flags: u8, stream: u32, p: &[u8]| {
+        let mut v = vec![(p.len() >> 16) as u8, (p.len() >> 8) as u8, p.len() as u8, kind, flags];
+        v.extend_from_slice(&stream.to_be_bytes());
+        v.extend_from_slice(p);
+        v
+    };
+    let mut first = crate::protocols::http2::PREFACE.to_vec();
+    first.extend(frame(1, 0x4 | 0x1, 1, &block));
+    // A server connection: the client's HEADERS arrive in one read (one piece, last).
+    let piece = |bytes: &[u8], offset: u32, last: bool, total: u32| {
+        let mut v = record::bytes_record(K::SockH2Recv, PID, 2_000_000 + u64::from(offset), 1, 1, bytes, total, 0);
+        let at = std::mem::offset_of!(zerotrace_common::HttpRequestEvent, offset);
+        v[at..at + 4].copy_from_slice(&offset.to_ne_bytes());
+        let at = std::mem::offset_of!(zerotrace_common::HttpRequestEvent, tls);
+        v[at] = u8::from(last);
+        v
+    };
+    let (spans, stats) = run(&[
+        open(1, 7),
+        piece(&first, 0, true, first.len() as u32),
+        // The next read came in two pieces; the first piece was lost: offset 2048 first.
+        piece(&[0; 16], 2048, true, 2064),
+    ]);
+    assert_eq!(stats.h2_unreadable, 1);
+    assert_eq!(spans.len(), 1, "the open stream ended: {spans:#?}");
+    assert_eq!(spans[0].kind, SpanKind::Server);
+    assert_eq!(s(&spans[0], "zerotrace.http2.incomplete"), "connection closed before the stream ended");
+}

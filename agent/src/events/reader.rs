@@ -35,7 +35,10 @@ impl EventReader {
 
     /// Writes every record from now on to `path` (format: `recording::write`).
     pub fn record_to(&mut self, path: &Path) -> io::Result<()> {
-        self.record = Some((io::BufWriter::new(std::fs::File::create(path)?), 0));
+        // The records hold captured bytes (headers included): only root may read them.
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        self.record = Some((io::BufWriter::new(f), 0));
         Ok(())
     }
 

@@ -17,6 +17,7 @@ pub const MAX_TABLE: usize = 64 * 1024;
 pub const DATA: u8 = 0;
 pub const HEADERS: u8 = 1;
 pub const RST_STREAM: u8 = 3;
+pub const PUSH_PROMISE: u8 = 5;
 pub const GOAWAY: u8 = 7;
 pub const CONTINUATION: u8 = 9;
 pub const END_STREAM: u8 = 0x1;
@@ -164,7 +165,7 @@ impl FrameReader {
             self.broken = Some(Broken::Implausible);
             return;
         }
-        let keep = matches!(h.kind, HEADERS | CONTINUATION | RST_STREAM | GOAWAY) && (h.len as usize) <= MAX_HEADER_BLOCK;
+        let keep = matches!(h.kind, HEADERS | CONTINUATION | RST_STREAM | GOAWAY | PUSH_PROMISE) && (h.len as usize) <= MAX_HEADER_BLOCK;
         self.buf.clear();
         if h.len == 0 {
             self.finish(h, keep, f);

@@ -44,7 +44,11 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
         }
         if conn.tls == 0 {
             if conn.native != 0 {
-                crate::sock_client::on_send::<A>(conn, pid_tgid, msg);
+                // Once per syscall: a later pass of TCP's copy loop would count (and
+                // capture) the same bytes again.
+                if crate::socket_hooks::first_pass::<A>(msg) {
+                    crate::sock_client::on_send::<A>(conn, pid_tgid, msg);
+                }
             } else {
                 client_send(conn);
             }
@@ -54,6 +58,13 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     count(Counter::SocketSyscalls);
     if conn.tls != 0 {
         // The response's bytes came through crypto/tls (send_bytes); this is its timing.
+        if conn.phase == phase::RESPONSE {
+            conn.last_write_ts = now();
+        }
+        return Some(());
+    }
+    // Native processes' byte counts and HTTP/2 capture: once per syscall (see first_pass).
+    if conn.native != 0 && !crate::socket_hooks::first_pass::<A>(msg) {
         if conn.phase == phase::RESPONSE {
             conn.last_write_ts = now();
         }
@@ -327,12 +338,19 @@ pub fn is_tls_record(buf: u64) -> bool {
 /// or in plaintext from crypto/tls): the first after a response start request n.
 #[inline(always)]
 pub fn recv_bytes(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Option<()> {
-    if conn.h2 != 0 {
+    // HTTP/2 has no phases; an upgraded connection (101) carries another protocol.
+    if conn.h2 != 0 || conn.other != 0 {
         return Some(());
     }
     if conn.phase != phase::REQUEST && conn.seq == 0 && buf != 0 && read_user::<[u8; 4]>(buf) == Some(*b"PRI ") {
         // The HTTP/2 client preface ("PRI * HTTP/2.0"): a Go HTTPS server that negotiated h2.
         conn.h2 = 1;
+        return Some(());
+    }
+    if conn.native != 0 && conn.phase != phase::REQUEST && len >= 4 && !crate::sock_client::starts_request(buf) {
+        // A native server speaking another protocol (a database, a cache): its bytes are
+        // never HTTP/1, so the connection is left alone from here on.
+        conn.other = 1;
         return Some(());
     }
     let ts = now();

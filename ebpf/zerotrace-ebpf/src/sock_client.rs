@@ -105,7 +105,7 @@ fn h2_chunk(conn: &ConnState, pid_tgid: u64, kind: EventKind, buf: u64, at: u64,
 /// Whether the bytes at `buf` can start an HTTP/1 request: an upper-case method of 3 to 7
 /// letters and a space.
 #[inline(always)]
-fn starts_request(buf: u64) -> bool {
+pub fn starts_request(buf: u64) -> bool {
     let Some(b) = read_user::<[u8; 8]>(buf) else { return false };
     let mut i = 0;
     while i < 8 {

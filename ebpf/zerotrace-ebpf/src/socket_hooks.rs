@@ -122,6 +122,50 @@ fn data_buffer<A: SyscallArgs>(recv: bool, last: bool) -> (u64, u64) {
     }
 }
 
+/// Whether this `tcp_sendmsg_locked` hit is the first of its syscall. The tracepoint fires
+/// once per pass of TCP's copy loop (a send larger than the segment goal, or one that
+/// waited for buffer space, makes several); later passes see fewer bytes left in `msg`
+/// than the syscall asked to send. Unknown (more than 16 iovecs, unreadable): first.
+#[inline(always)]
+pub fn first_pass<A: SyscallArgs>(msg: u64) -> bool {
+    let left = crate::sock_client::send_total(msg, u64::MAX);
+    match requested::<A>() {
+        Some(asked) => left >= asked,
+        None => true,
+    }
+}
+
+/// Bytes the current send syscall asked to send (all its iovecs), when it can be told.
+#[inline(always)]
+fn requested<A: SyscallArgs>() -> Option<u64> {
+    let (nr, a1, a2) = A::read();
+    if nr == SYS_WRITE || nr == SYS_SENDTO {
+        return Some(a2);
+    }
+    let (iov, n) = if nr == SYS_WRITEV {
+        (a1, a2)
+    } else if nr == SYS_SENDMSG {
+        let m = read_user::<[u64; 2]>(a1 + MSGHDR_IOV)?;
+        (m[0], m[1])
+    } else {
+        return None;
+    };
+    if n == 0 || n > 16 {
+        return None;
+    }
+    let mut sum = 0u64;
+    let mut i = 0u64;
+    while i < 16 {
+        if i >= n {
+            break;
+        }
+        let v = read_user::<[u64; 2]>(iov + 16 * i)?;
+        sum += v[1];
+        i += 1;
+    }
+    Some(sum)
+}
+
 /// The receive buffer and its size, when the syscall names one.
 #[inline(always)]
 pub fn recv_buffer<A: SyscallArgs>() -> (u64, u64) {

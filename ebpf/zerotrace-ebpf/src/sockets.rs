@@ -155,8 +155,14 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         // SAFETY: map value pointer, valid for this program run.
         let conn = unsafe { &mut *c };
         if conn.role != ConnRole::Server as u8 && (server || listens(pid, conn.local_port)) {
-            // A listener the agent learnt about later, or Go serving it: it is a server socket.
+            // A listener the agent learnt about later, or Go serving it: it is a server socket,
+            // and what was made of it as a client (a response taken for a request) is undone.
             conn.role = ConnRole::Server as u8;
+            conn.phase = phase::IDLE;
+            conn.seq = 0;
+            conn.other = 0;
+            conn.h2 = 0;
+            conn.captured = 0;
             let scratch = SCRATCH.get_ptr_mut(0)? as *mut u8;
             // SAFETY: the scratch value has room for SockAddrs at ADDRS_AT; only this CPU uses it.
             let addrs = unsafe { &mut *(scratch.add(ADDRS_AT) as *mut SockAddrs) };
@@ -225,6 +231,11 @@ pub fn on_state(sk: u64, newstate: i32) {
     let conn = unsafe { &mut *conn };
     let ts = now();
     finish_response(conn, 0, ts, 1);
+    if conn.role != ConnRole::Server as u8 {
+        // A client's offer dies with its connection: a later connection on the same four
+        // addresses and ports (an untraced client) must not find it.
+        let _ = crate::maps::CLIENT_LINK.remove(&conn.flow);
+    }
     if conn.role == ConnRole::Server as u8 || conn.native != 0 {
         let ev = ConnCloseEvent {
             hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts),

@@ -12,7 +12,8 @@
 //!                                      a time: unary call i asks for status [0, 5, 13][i % 3],
 //!                                      stream call i for 3 replies then [0, 14][i % 2];
 //!                                      with RSVC_WARM=1 one call is made on the connection
-//!                                      before waiting for START_FILE
+//!                                      before waiting for START_FILE; RSVC_PAYLOAD=N adds N
+//!                                      bytes to each unary request (echoed back)
 //!   rsvc get URL COUNT [START_FILE]    COUNT GETs of URL followed by the request's number, on
 //!                                      one keep-alive connection (once START_FILE exists)
 //!
@@ -53,6 +54,7 @@ impl Echo for EchoService {
         if r.code != 0 {
             return Err(tonic::Status::new(tonic::Code::from_i32(r.code), format!("asked for {}", r.code)));
         }
+        // A failed call answers without the (possibly big) payload.
         Ok(tonic::Response::new(EchoReply { text: r.text }))
     }
 
@@ -85,7 +87,7 @@ async fn grpc_call(State(app): State<App>, Path(id): Path<String>) -> (StatusCod
 }
 
 async fn serve_grpc(addr: SocketAddr) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder().add_service(EchoServer::new(EchoService)).serve(addr).await
+    tonic::transport::Server::builder().add_service(EchoServer::new(EchoService).max_decoding_message_size(64 << 20)).serve(addr).await
 }
 
 /// N calls on one channel (one HTTP/2 connection), `concurrency` at a time, once `start`
@@ -101,8 +103,10 @@ async fn grpc_calls(url: &str, stream: bool, n: u32, concurrency: u32, start: Op
     if !warm {
         wait().await;
     }
+    // RSVC_PAYLOAD=N: unary requests (and their echoes) carry N more bytes.
+    let pad: usize = std::env::var("RSVC_PAYLOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
-    let client = EchoClient::new(channel);
+    let client = EchoClient::new(channel).max_decoding_message_size(64 << 20);
     if warm {
         client.clone().unary(EchoRequest { text: "warm".into(), code: 0, count: 0 }).await?;
         println!("warm: done");
@@ -134,7 +138,8 @@ async fn grpc_calls(url: &str, stream: bool, n: u32, concurrency: u32, start: Op
                     }
                 } else {
                     let code = [0, 5, 13][i as usize % 3];
-                    match c.unary(EchoRequest { text: format!("u{i}"), code, count: 0 }).await {
+                    let text = format!("u{i}{}", "x".repeat(pad));
+                    match c.unary(EchoRequest { text, code, count: 0 }).await {
                         Ok(_) => (i, 0, 1),
                         Err(e) => (i, e.code() as i32, 0),
                     }
