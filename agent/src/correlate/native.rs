@@ -76,12 +76,16 @@ impl Progress {
         p
     }
 
-    /// The bytes of the record that brought the response's first bytes: `read_len` moved,
-    /// the first of them captured (their tail is known only when all were).
-    pub(super) fn add_first(&mut self, r: &HttpRequest) {
+    /// A response to the request whose captured bytes are `request`, from the record that
+    /// brought its first bytes (`read_len` moved, the first of them captured: their tail is
+    /// known only when all were).
+    pub(super) fn first(request: &[u8], r: &HttpRequest) -> Progress {
+        let method = http1::parse_request(request).map(|h| h.method.into_owned()).unwrap_or_default();
+        let mut p = Progress::new(&r.head, &method, r.start_ns);
         let all = r.head.len() as u32 >= r.read_len;
         let tail: &[u8] = if all { &r.head[r.head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
-        self.add(u64::from(r.read_len), tail, r.start_ns);
+        p.add(u64::from(r.read_len), tail, r.start_ns);
+        p
     }
 
     /// `len` more bytes of the response moved at `ts`, ending with `tail`.
@@ -144,9 +148,7 @@ impl Correlator {
         if c.seq != r.seq || c.response.is_some() {
             return;
         }
-        let method = http1::parse_request(&c.request).map(|h| h.method.into_owned()).unwrap_or_default();
-        let mut p = Progress::new(&r.head, &method, r.start_ns);
-        p.add_first(&r);
+        let p = Progress::first(&c.request, &r);
         let done = p.done;
         c.response = Some(p);
         if done {
@@ -160,9 +162,7 @@ impl Correlator {
         if p.seq != r.seq || p.framing.is_some() {
             return;
         }
-        let method = http1::parse_request(&p.bytes).map(|h| h.method.into_owned()).unwrap_or_default();
-        let mut f = Progress::new(&r.head, &method, r.start_ns);
-        f.add_first(&r);
+        let f = Progress::first(&p.bytes, &r);
         let (done, status) = (f.done, f.status.map(i64::from));
         p.framing = Some(f);
         if done {

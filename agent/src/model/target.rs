@@ -112,21 +112,32 @@ pub fn inspect(pid: u32) -> Result<Inspected, TargetError> {
 
 impl NativeTarget {
     pub fn inspect(pid: u32) -> Result<NativeTarget, TargetError> {
-        let exe_path = proc::exe_link(pid).map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) {
-                TargetError::NoSuchProcess(pid)
-            } else {
-                TargetError::Access { pid, source }
-            }
-        })?;
+        let exe_path = exe_path(pid)?;
         let runtime = Executable::open(&proc::exe_open_path(pid)).ok().and_then(|exe| rust_version(&exe.section(".comment")?));
-        let exe_name = exe_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .or_else(|| proc::comm(pid))
-            .unwrap_or_else(|| format!("pid-{pid}"));
+        let exe_name = exe_name(pid, &exe_path);
         Ok(NativeTarget { pid, exe_path, exe_name, runtime: runtime.map(|v| ("rust".to_owned(), v)), env: TargetEnv::read(pid) })
     }
+}
+
+/// The executable process `pid` runs, as it sees it.
+fn exe_path(pid: u32) -> Result<PathBuf, TargetError> {
+    proc::exe_link(pid).map_err(|source| {
+        // A zombie (exited, not yet reaped) still has /proc/PID but no executable.
+        if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) {
+            TargetError::NoSuchProcess(pid)
+        } else {
+            TargetError::Access { pid, source }
+        }
+    })
+}
+
+/// The executable's file name, else the process's comm, else "pid-N".
+fn exe_name(pid: u32, exe_path: &std::path::Path) -> String {
+    exe_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .or_else(|| proc::comm(pid))
+        .unwrap_or_else(|| format!("pid-{pid}"))
 }
 
 /// The rustc version in an ELF `.comment` section ("rustc version 1.95.0 (hash date)").
@@ -143,14 +154,7 @@ impl Target {
         if pid == 0 || !proc::exists(pid) {
             return Err(TargetError::NoSuchProcess(pid));
         }
-        let exe_path = proc::exe_link(pid).map_err(|source| {
-            // A zombie (exited, not yet reaped) still has /proc/PID but no executable.
-            if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) {
-                TargetError::NoSuchProcess(pid)
-            } else {
-                TargetError::Access { pid, source }
-            }
-        })?;
+        let exe_path = exe_path(pid)?;
         let shown = exe_path.display().to_string();
         let exe = Executable::open(&proc::exe_open_path(pid)).map_err(|e| match e {
             SymbolError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
@@ -187,11 +191,7 @@ impl Target {
         } else {
             0
         };
-        let exe_name = exe_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .or_else(|| proc::comm(pid))
-            .unwrap_or_else(|| format!("pid-{pid}"));
+        let exe_name = exe_name(pid, &exe_path);
         let env = TargetEnv::read(pid);
         Ok((Target { pid, exe_path, exe_name, build, layout, bias, env }, exe))
     }

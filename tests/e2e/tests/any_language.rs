@@ -105,8 +105,7 @@ fn keep_alive_reuse_across_1000_requests() -> Result<()> {
     const N: usize = 1000;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = rust_service("ka-server", None)?;
-    let start = tools::work_dir().join("logs").join(format!("ka-start-{}", std::process::id()));
-    let _ = std::fs::remove_file(&start);
+    let start = start_file("ka");
     let mut cmd = Command::new(tools::rsvc()?);
     cmd.args(["get", &format!("http://127.0.0.1:{port}/chain/k"), &N.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "ka-client");
     let mut client = Proc::spawn("ka-client", cmd)?;
@@ -206,15 +205,22 @@ fn grpc_service(name: &str) -> Result<(Proc, u16)> {
     Ok((p, port))
 }
 
-/// A gRPC client (tonic) that makes `n` calls of `kind` over one HTTP/2 connection,
-/// `concurrency` at a time, once the returned file exists.
-fn grpc_client(name: &str, port: u16, kind: &str, n: u32, concurrency: u32) -> Result<(Proc, std::path::PathBuf)> {
+/// A file that does not exist yet, which a client started by the test waits for.
+fn start_file(name: &str) -> std::path::PathBuf {
     let start = tools::work_dir().join("logs").join(format!("{name}-start-{}", std::process::id()));
     let _ = std::fs::remove_file(&start);
+    start
+}
+
+/// A gRPC client (tonic) that makes `n` calls of `kind` over one HTTP/2 connection,
+/// `concurrency` at a time, once the returned file exists; `env` adds to its environment.
+fn grpc_client(name: &str, port: u16, kind: &str, n: u32, concurrency: u32, env: &[(&str, &str)]) -> Result<(Proc, std::path::PathBuf)> {
+    let start = start_file(name);
     let mut cmd = Command::new(tools::rsvc()?);
     cmd.args(["grpc-call", &format!("http://127.0.0.1:{port}"), kind, &n.to_string(), &concurrency.to_string()])
         .arg(&start)
-        .env("OTEL_SERVICE_NAME", name);
+        .env("OTEL_SERVICE_NAME", name)
+        .envs(env.iter().copied());
     Ok((Proc::spawn(name, cmd)?, start))
 }
 
@@ -236,8 +242,8 @@ fn grpc_pairs<'a>(spans: &'a [RSpan], client: &str, server: &str) -> Vec<(&'a RS
 fn grpc_unary_and_streaming_calls_with_status_codes() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = grpc_service("grpc-server")?;
-    let (mut unary, go_unary) = grpc_client("grpc-unary", port, "unary", 6, 1)?;
-    let (mut stream, go_stream) = grpc_client("grpc-stream", port, "stream", 2, 1)?;
+    let (mut unary, go_unary) = grpc_client("grpc-unary", port, "unary", 6, 1, &[])?;
+    let (mut stream, go_stream) = grpc_client("grpc-stream", port, "stream", 2, 1, &[])?;
     let mut agent = agent(&[server.pid(), unary.pid(), stream.pid()], &rx)?;
     std::fs::write(&go_unary, b"go")?;
     ensure!(unary.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "unary client: {}", unary.stderr_text());
@@ -285,11 +291,7 @@ fn grpc_unary_and_streaming_calls_with_status_codes() -> Result<()> {
 fn grpc_large_messages() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = grpc_service("big-server")?;
-    let start = tools::work_dir().join("logs").join(format!("big-start-{}", std::process::id()));
-    let _ = std::fs::remove_file(&start);
-    let mut cmd = Command::new(tools::rsvc()?);
-    cmd.args(["grpc-call", &format!("http://127.0.0.1:{port}"), "unary", "6", "1"]).arg(&start).env("RSVC_PAYLOAD", "262144").env("OTEL_SERVICE_NAME", "big-client");
-    let mut client = Proc::spawn("big-client", cmd)?;
+    let (mut client, start) = grpc_client("big-client", port, "unary", 6, 1, &[("RSVC_PAYLOAD", "262144")])?;
     let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
     std::fs::write(&start, b"go")?;
     ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "client: {}", client.stderr_text());
@@ -316,7 +318,7 @@ fn grpc_large_messages() -> Result<()> {
 fn http2_with_50_concurrent_streams() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = grpc_service("h2-server")?;
-    let (mut client, go) = grpc_client("h2-client", port, "unary", 50, 50)?;
+    let (mut client, go) = grpc_client("h2-client", port, "unary", 50, 50, &[])?;
     let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
     std::fs::write(&go, b"go")?;
     ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "client: {}", client.stderr_text());
@@ -386,11 +388,7 @@ fn http_request_that_makes_a_grpc_call() -> Result<()> {
 fn an_http2_connection_joined_mid_way_degrades_gracefully() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = grpc_service("joined-server")?;
-    let start = tools::work_dir().join("logs").join(format!("joined-start-{}", std::process::id()));
-    let _ = std::fs::remove_file(&start);
-    let mut cmd = Command::new(tools::rsvc()?);
-    cmd.args(["grpc-call", &format!("http://127.0.0.1:{port}"), "unary", "6", "1"]).arg(&start).env("RSVC_WARM", "1").env("OTEL_SERVICE_NAME", "joined-client");
-    let mut client = Proc::spawn("joined-client", cmd)?;
+    let (mut client, start) = grpc_client("joined-client", port, "unary", 6, 1, &[("RSVC_WARM", "1")])?;
     zerotrace_e2e::proc::wait_until("the warm-up call", Duration::from_secs(10), || client.stdout_text().contains("warm: done"))?;
     let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
     std::fs::write(&start, b"go")?;
