@@ -33,6 +33,11 @@ pub enum Command {
     /// span per line). Takes every `run` option; exports over OTLP only when an endpoint
     /// or exporter is given.
     Tail(TailArgs),
+    /// Profile the CPU of running processes for a while and write a pprof profile (and/or
+    /// an SVG flame graph): which functions burned the CPU, and in which span. Takes every
+    /// `run` option; exports spans and profiles over OTLP only when an endpoint or exporter
+    /// is given.
+    Profile(ProfileArgs),
     /// Show what the configuration file sets, and which settings the environment overrides.
     Config(ConfigArgs),
     /// What a running agent traces, and its counters (through its control socket).
@@ -108,6 +113,25 @@ pub struct TailArgs {
     /// Longest wait for a trace's root span before the trace is printed anyway.
     #[arg(long, value_parser = parse_duration, default_value = "2s", value_name = "DURATION")]
     pub wait: std::time::Duration,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProfileArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// How long to profile (SIGINT ends it earlier; the profile is written either way).
+    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    pub duration: std::time::Duration,
+    /// Samples per second per CPU (19 is cheap; 99 for short runs).
+    #[arg(long, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub frequency: Option<u64>,
+    /// Where to write the pprof profile (gzipped protobuf, as `go tool pprof` reads)
+    /// [default: cpu.pb.gz unless only --flamegraph is given].
+    #[arg(short = 'o', long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Also (or only) write an SVG flame graph.
+    #[arg(long, value_name = "FILE")]
+    pub flamegraph: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -276,6 +300,14 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_name = "on|off")]
     pub metrics: Option<OnOff>,
 
+    /// CPU profiles of the traced processes over OTLP (the profiles signal), each sample
+    /// labelled with its span, and `zerotrace.cpu.samples` on every span that got samples
+    /// [env: ZEROTRACE_PROFILES=on|off] [default: on when exporting].
+    #[arg(long, value_enum, value_name = "on|off")]
+    pub profiles: Option<OnOff>,
+    /// CPU samples per second per CPU for profiles.
+    #[arg(long, default_value_t = 19, value_name = "HZ", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub profile_frequency: u64,
     /// Trace sampler: always_on, always_off, traceidratio, parentbased_always_on,
     /// parentbased_always_off, parentbased_traceidratio [env: OTEL_TRACES_SAMPLER] [default: always_on].
     #[arg(long, value_name = "NAME")]

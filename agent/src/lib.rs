@@ -10,6 +10,7 @@ pub mod events;
 pub mod export;
 pub mod model;
 pub mod probes;
+pub mod profile;
 pub mod protocols;
 pub mod replay;
 pub mod run;

@@ -41,6 +41,16 @@ fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Profile(args) => {
+            let env = |k: &str| std::env::var(k).ok();
+            if args.run.connect.is_some() {
+                return fail(&"--connect is for `zerotrace tail` (and `zerotrace status`): `profile` samples by itself");
+            }
+            match settings::resolve_profile(&args, &env) {
+                Ok(s) => run_agent(s),
+                Err(e) => fail(&e),
+            }
+        }
         Command::Config(_) => {
             let env = |k: &str| std::env::var(k).ok();
             match &cli.config {
@@ -131,7 +141,7 @@ fn parse_with_config() -> Result<Cli, ExitCode> {
     let strict = || Cli::from_arg_matches(&Cli::command().get_matches_from(&argv)).unwrap_or_else(|e| e.exit());
     let (Some(path), Some(matches)) = (path, lenient) else { return Ok(strict()) };
     let Some((sub, sub_m)) = matches.subcommand() else { return Ok(strict()) };
-    if sub != "run" && sub != "tail" {
+    if sub != "run" && sub != "tail" && sub != "profile" {
         return Ok(strict());
     }
     let file = config::FileConfig::load(&path).map_err(|e| fail(&e))?;

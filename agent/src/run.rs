@@ -35,6 +35,8 @@ const DRAIN_TICK: Duration = Duration::from_millis(20);
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
 /// Longest flush at shutdown.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+/// How much CPU time one OTLP profile covers.
+const PROFILE_WINDOW: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -98,6 +100,25 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     if export.is_some() {
         tracing::info!(endpoint = %s.export.endpoint, protocol = ?s.export.protocol, "exporting spans over OTLP");
     }
+    // CPU profiles: the perf_event program on every CPU, a thread that unwinds and
+    // symbolizes, and (OTLP) a task that sends each window.
+    let mut profile_task = None;
+    let mut profiler = match &s.profile {
+        Some(p) => {
+            let every = if p.otlp {
+                let (tx, rx) = mpsc::channel(4);
+                let task = crate::profile::export::export_task(s.export.clone(), resources.clone(), rx, stats.clone());
+                profile_task = Some(tokio::spawn(task));
+                Some((PROFILE_WINDOW, tx))
+            } else {
+                None
+            };
+            let cpus = probes.start_profiling(p.frequency)?;
+            tracing::info!(frequency_hz = p.frequency, cpus, otlp = p.otlp, "profiling CPU");
+            Some(crate::profile::collect::Profiler::start(p.frequency, every, stats.clone()).map_err(RunError::Events)?)
+        }
+        None => None,
+    };
     let mut correlator = Correlator::new(Clock::system());
     correlator.traces.record_aliases = s.kernel.inject != crate::cli::Inject::Off;
     correlator.sampling = crate::correlate::sampling::Sampling::new(s.sampler);
@@ -130,12 +151,19 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         );
     }
     let mut execs: Vec<u32> = Vec::new();
+    // Processes the profiler knows by name.
+    let mut announced: HashSet<u32> = HashSet::new();
+    if let Some(p) = &profiler {
+        announce(p, &traced, &mut announced);
+    }
     let (inspect_tx, mut inspect_rx) = mpsc::unbounded_channel::<Inspection>();
     let mut inspecting: HashSet<u32> = HashSet::new();
     // Processes no longer traced, and since when: their resource is forgotten a minute later
     // (their last spans have been exported by then).
     let mut gone: std::collections::VecDeque<(u32, Instant)> = std::collections::VecDeque::new();
 
+    let profile_until = s.profile.as_ref().and_then(|p| p.duration);
+    let profile_end = tokio::time::Instant::now() + profile_until.unwrap_or(Duration::from_secs(86400 * 365));
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
@@ -178,13 +206,16 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     loop {
         tokio::select! {
             _ = reader.wait(DRAIN_TICK) => {
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref(), profiler.as_mut());
                 if let Some(d) = &discover {
                     for pid in execs.drain(..) {
                         // A traced process that exec'd runs another program now.
                         if traced.remove(&pid).is_some() {
                             probes.remove_target(pid);
                             correlator.forget_pid(pid);
+                            if let Some(p) = &profiler {
+                                p.forget(pid);
+                            }
                             if let Some(r) = &red {
                                 r.lock().expect("not poisoned").forget_pid(pid);
                             }
@@ -211,6 +242,10 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                 attach_inspected(&mut probes, &mut ctx, &mut traced, pid, started, result);
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = tokio::time::sleep_until(profile_end), if profile_until.is_some() => {
+                tracing::info!("profile duration reached: detaching");
+                break;
+            }
             _ = tokio::time::sleep(Duration::from_millis(200)), if s.tail.is_some() && print::stdout_closed() => {
                 tracing::info!("stdout closed: detaching");
                 break;
@@ -221,10 +256,13 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                     continue;
                 }
                 // Finish what the process sent before it went away.
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref());
+                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref(), profiler.as_mut());
                 probes.remove_target(pid);
                 correlator.forget_pid(pid);
                 traced.remove(&pid);
+                if let Some(p) = &profiler {
+                    p.forget(pid);
+                }
                 if let Some(r) = &red {
                     r.lock().expect("not poisoned").forget_pid(pid);
                 }
@@ -237,6 +275,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = housekeeping.tick() => {
                 correlator.clock_mut().refresh();
+                if let Some(p) = &profiler {
+                    announce(p, &traced, &mut announced);
+                }
                 let listeners = sockdiag::listening().ok();
                 for pid in traced.keys() {
                     if let Err(e) = probes.set_listening(*pid, &proc::listening_ports(*pid, listeners.as_deref())) {
@@ -276,9 +317,36 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     for pid in traced.keys().copied().collect::<Vec<_>>() {
         probes.remove_target(pid);
     }
-    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref());
+    pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref(), profiler.as_mut());
     if let Some(t) = tail.as_mut() {
         print::print(&t.flush());
+    }
+    if let Some(p) = profiler.take() {
+        announce(&p, &traced, &mut announced);
+        let profile = tokio::task::spawn_blocking(move || p.finish()).await.unwrap_or_default();
+        if let Some(ps) = &s.profile {
+            write_profile(ps, &profile);
+            if ps.otlp && !profile.samples.is_empty() {
+                let req = crate::profile::otlp::to_request(&profile, &|pid| crate::profile::export::resource_of(&resources, pid));
+                let mut sink = crate::profile::export::ProfilesSink::new(&s.export);
+                match tokio::time::timeout(FLUSH_DEADLINE, sink.send(req)).await {
+                    Ok(Ok(())) => {
+                        stats.profiles.exported.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Ok(Err(e)) => {
+                        stats.profiles.export_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(error = %e, "OTLP profiles export failed");
+                    }
+                    Err(_) => {
+                        stats.profiles.export_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!("OTLP profiles export timed out");
+                    }
+                }
+            }
+        }
+        if let Some(t) = profile_task.take() {
+            let _ = tokio::time::timeout(FLUSH_DEADLINE, t).await;
+        }
     }
     let kernel = probes.counters();
     // Last metrics: the totals up to now.
@@ -309,6 +377,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
 }
 
 /// Drains the ring buffer into the correlator and hands finished spans on.
+#[allow(clippy::too_many_arguments)]
 fn pump(
     reader: &mut EventReader,
     correlator: &mut Correlator,
@@ -320,11 +389,21 @@ fn pump(
     execs: &mut Vec<u32>,
     red: Option<&SharedRed>,
     control: Option<&crate::control::Control>,
+    mut profiler: Option<&mut crate::profile::collect::Profiler>,
 ) {
     reader.drain(|ev| match ev {
         crate::events::Event::ProcExec { pid } => execs.push(pid),
+        crate::events::Event::CpuSample(smp) => {
+            if let Some(p) = profiler.as_deref_mut() {
+                let span = correlator.sample_span(smp.pid, smp.tid, smp.span_id, smp.native);
+                p.offer(smp, span);
+            }
+        }
         other => correlator.on_event(other, spans),
     });
+    if let Some(p) = profiler {
+        p.annotate(spans);
+    }
     // Metrics count every request, sampled or not (a 10% sampler must not make rates 10x
     // lower).
     if let Some(r) = red {
@@ -472,6 +551,44 @@ fn stats_json(kernel: &[u64; zerotrace_common::COUNTER_SLOTS as usize], reader: 
     }
     s.push_str(&format!("\"uptime_ms\":{}}}", uptime.as_millis()));
     s
+}
+
+/// Tells the profiler the names of traced processes it has not heard of.
+fn announce(p: &crate::profile::collect::Profiler, traced: &HashMap<u32, Traced>, announced: &mut HashSet<u32>) {
+    for (pid, t) in traced {
+        if announced.insert(*pid) {
+            let executable = proc::exe_link(*pid)
+                .ok()
+                .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| t.service.clone());
+            p.process(crate::profile::model::ProcessInfo { pid: *pid, service_name: t.service.clone(), executable });
+        }
+    }
+    announced.retain(|pid| traced.contains_key(pid));
+}
+
+/// `zerotrace profile`: the pprof file and flame graph at the end.
+fn write_profile(ps: &crate::settings::ProfileSettings, profile: &crate::profile::model::Profile) {
+    let samples: u64 = profile.samples.iter().map(|s| s.count).sum();
+    if ps.pprof.is_none() && ps.flamegraph.is_none() {
+        return;
+    }
+    if samples == 0 {
+        tracing::warn!("no CPU samples were taken: the processes were idle (or exited at once); writing an empty profile");
+    }
+    if let Some(path) = &ps.pprof {
+        match crate::profile::pprof::write(profile, path) {
+            Ok(()) => tracing::info!(path = %path.display(), samples, "wrote the pprof profile (go tool pprof reads it)"),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot write the pprof profile"),
+        }
+    }
+    if let Some(path) = &ps.flamegraph {
+        let title = format!("CPU: {} samples at {} Hz", samples, ps.frequency);
+        match crate::profile::flame::write_svg(profile, &title, path) {
+            Ok(()) => tracing::info!(path = %path.display(), samples, "wrote the flame graph"),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot write the flame graph"),
+        }
+    }
 }
 
 /// What attaching a target needs besides the probes.

@@ -58,6 +58,50 @@ pub struct RunSettings {
     pub stats_file: Option<PathBuf>,
     /// `--record`: where every kernel record is written.
     pub record: Option<PathBuf>,
+    /// CPU profiling (None: off).
+    pub profile: Option<ProfileSettings>,
+}
+
+/// CPU profiling: how often to sample and where profiles go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileSettings {
+    pub frequency: u64,
+    /// Send each window's profile over OTLP (with the traces' endpoint).
+    pub otlp: bool,
+    /// `zerotrace profile`: stop after this long, then write the files.
+    pub duration: Option<Duration>,
+    pub pprof: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+}
+
+/// `zerotrace profile`: the run settings of `tail` (export only when asked for), profiling
+/// on, ending after `--duration` with the files written.
+pub fn resolve_profile(args: &crate::cli::ProfileArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<RunSettings, SettingsError> {
+    let mut run = args.run.clone();
+    let endpoint_env = first(env, &["OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]).is_some();
+    if run.exporter.is_none() && run.otlp_endpoint.is_none() && !endpoint_env {
+        run.exporter = Some(Exporter::None);
+    }
+    if run.control_socket == crate::control::DEFAULT_SOCKET {
+        run.control_socket = "off".into();
+    }
+    let mut s = resolve(&run, env)?;
+    if args.duration.is_zero() {
+        return Err(invalid("--duration", "0", "a positive duration, e.g. 30s"));
+    }
+    let pprof = match (&args.output, &args.flamegraph) {
+        (None, None) => Some(PathBuf::from("cpu.pb.gz")),
+        (o, _) => o.clone(),
+    };
+    let frequency = args.frequency.unwrap_or(args.run.profile_frequency);
+    s.profile = Some(ProfileSettings {
+        frequency,
+        otlp: s.export.exporter == Exporter::Otlp && s.profile.is_some(),
+        duration: Some(args.duration),
+        pprof,
+        flamegraph: args.flamegraph.clone(),
+    });
+    Ok(s)
 }
 
 /// Which Go runtime hooks carry span contexts between goroutines.
@@ -208,6 +252,22 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     } else {
         None
     };
+    let profiles_on = match args.profiles {
+        Some(p) => p == crate::cli::OnOff::On,
+        None => match first(env, &["ZEROTRACE_PROFILES"]) {
+            None => true,
+            Some((_, v)) if v == "on" => true,
+            Some((_, v)) if v == "off" => false,
+            Some((k, v)) => return Err(invalid(k, &v, "on or off")),
+        },
+    };
+    let profile = (profiles_on && exporter == Exporter::Otlp).then_some(ProfileSettings {
+        frequency: args.profile_frequency,
+        otlp: true,
+        duration: None,
+        pprof: None,
+        flamegraph: None,
+    });
     let exe_globs = args
         .exe
         .iter()
@@ -245,6 +305,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),
         record: args.record.clone(),
+        profile,
     })
 }
 

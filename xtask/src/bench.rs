@@ -35,6 +35,18 @@ pub enum Bench {
     Overhead(OverheadArgs),
     /// Throughput of the agent's pipeline after the kernel, on recorded live traffic.
     Pipeline(PipelineArgs),
+    /// The agent's CPU and memory while it profiles a busy machine (19 Hz and 99 Hz).
+    Profile(ProfileArgs),
+}
+
+#[derive(Args)]
+pub struct ProfileArgs {
+    /// Seconds measured per frequency (after a few seconds of warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Sampling frequencies to measure.
+    #[arg(long, value_delimiter = ',', default_value = "19,99")]
+    pub frequencies: Vec<u64>,
 }
 
 #[derive(Args)]
@@ -90,7 +102,93 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Overhead(a) => overhead(a),
         Bench::Pipeline(a) => pipeline(a),
+        Bench::Profile(a) => profile(a),
     }
+}
+
+/// Peak resident memory (VmHWM) of `pid`, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `bench profile`: both cores kept busy by profiled processes (a Rust release binary
+/// without frame pointers spinning, unwound from .eh_frame by the agent; a Go service
+/// burning CPU in request handlers, frame pointers), `zerotrace profile` on both; the
+/// agent's CPU over the measured window (after warm-up: first symbolization) and its peak
+/// RSS.
+fn profile(a: ProfileArgs) -> Result<()> {
+    setup::kernel_toolchain()?;
+    let go = setup::go(setup::GO_NEWEST)?;
+    let agent_bin = build_release()?;
+    let rsvc = crate::util::build_rust_services()?;
+    let http = root().join("target/bench/httpserver");
+    std::fs::create_dir_all(http.parent().unwrap())?;
+    tools::go_build(&go, &root().join("tests/e2e/go/httpserver"), &http, &[])?;
+    let _ = agent_bin;
+    let warm = 5u64;
+    let mut report = String::from("profile (agent cost while profiling a busy 2-core machine; `zerotrace profile`, one run per frequency)\n");
+    for &hz in &a.frequencies {
+        let total = warm + a.seconds + 3;
+        let mut burner = Command::new(&rsvc);
+        burner.args(["burn", &(total + 10).to_string()]);
+        let rust = Proc::spawn("bench-burn", burner)?;
+        let port = free_port();
+        let mut srv = Command::new(&http);
+        srv.arg(format!("127.0.0.1:{port}"));
+        let gosrv = Proc::spawn("bench-http", srv)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        // The Go service burns in its handlers, one request at a time, all along.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        let load = std::thread::spawn(move || {
+            let mut c = Client::new(port);
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.get("/burn?ms=200");
+            }
+        });
+        step(format!("bench profile: {hz} Hz, {} s measured", a.seconds));
+        let out = root().join(format!("target/bench/profile-{hz}.pb.gz"));
+        let mut agent = Agent::start_as(
+            "profile",
+            &[rust.pid(), gosrv.pid()],
+            &["--duration", &format!("{total}s"), "--frequency", &hz.to_string(), "-o", &out.display().to_string()],
+            &[],
+        )?;
+        let apid = agent.proc.pid();
+        std::thread::sleep(Duration::from_secs(warm));
+        let (c0, t0) = (cpu_seconds(apid), Instant::now());
+        std::thread::sleep(Duration::from_secs(a.seconds));
+        let (c1, dt) = (cpu_seconds(apid), t0.elapsed().as_secs_f64());
+        let rss = peak_rss_kib(apid);
+        let machine_busy = (cpu_seconds(rust.pid()) + cpu_seconds(gosrv.pid())) / (t0.elapsed().as_secs_f64() + warm as f64);
+        let status = agent.proc.wait_timeout(Duration::from_secs(60));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = load.join();
+        if !status.is_some_and(|s| s.success()) {
+            bail!("zerotrace profile failed: {}", agent.proc.stderr_text());
+        }
+        let samples = agent.stat("cpu_samples");
+        let dropped = agent.stat("cpu_samples_dropped") + agent.stat("events_dropped_ring_full");
+        let line = format!(
+            "  {hz:>3} Hz: agent CPU {:.2}% of one core, peak RSS {:.1} MiB; {samples} samples ({dropped} dropped), targets busy {:.2} cores{}\n",
+            100.0 * (c1 - c0) / dt,
+            rss as f64 / 1024.0,
+            machine_busy,
+            if hz == 19 { " (goal <= 0.5% and <= 100 MiB)" } else { "" },
+        );
+        eprint!("{line}");
+        report.push_str(&line);
+        drop((rust, gosrv));
+    }
+    println!("\n{report}");
+    let path = root().join("target/bench/profile.txt");
+    std::fs::write(&path, &report)?;
+    eprintln!("(also written to {})", path.display());
+    Ok(())
 }
 
 fn pipeline(a: PipelineArgs) -> Result<()> {

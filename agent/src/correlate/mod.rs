@@ -294,6 +294,8 @@ impl Correlator {
             Event::SockServerResponse(r) => self.on_server_response(r, out),
             Event::SockServerSend(b) => self.on_server_send(b, out),
             Event::SockH2(b) => self.on_h2(b, out),
+            // CPU samples go to the profiler (run loop); a replay has no use for them here.
+            Event::CpuSample(_) => {}
             Event::HttpResponse(r) => {
                 if let Some(span) = self.on_response(r) {
                     self.stats.spans += 1;

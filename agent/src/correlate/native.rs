@@ -226,6 +226,17 @@ impl Correlator {
         }
     }
 
+    /// The span a CPU sample of thread `tid` of `pid` belongs to: the kernel's (a Go
+    /// goroutine's span), else for a native process the server request the same rule as
+    /// client parents names (`--native-parents`). Returns (trace, kernel span id).
+    pub fn sample_span(&self, pid: u32, tid: u32, kernel_span: u64, native: bool) -> Option<(crate::spans::TraceId, u64)> {
+        let span = if kernel_span != 0 || !native { kernel_span } else { self.native_parent(pid, tid) };
+        if span == 0 {
+            return None;
+        }
+        Some((self.traces.trace_of(span)?, span))
+    }
+
     /// The one server request open in `pid` (its kernel span id), 0 when none or several.
     pub(super) fn single_open_request(&self, pid: u32) -> u64 {
         match self.open.get(&pid) {

@@ -83,6 +83,11 @@ impl Traces {
         self.aliases.get(&t).copied().unwrap_or(t)
     }
 
+    /// The trace of a span the kernel made, when still remembered.
+    pub fn trace_of(&self, span: u64) -> Option<TraceId> {
+        self.by_span.get(&span).copied()
+    }
+
     pub fn len(&self) -> usize {
         self.by_span.len()
     }

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use zerotrace_common::{
     ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
     GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs, SockBytesEvent,
-    TraceparentEvent, ProcExecEvent,
+    TraceparentEvent, ProcExecEvent, CpuSampleEvent, bounds,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +70,29 @@ pub enum Event {
     SockServerSend(SockBytes),
     /// HTTP/2 bytes read or sent on a native process's connection.
     SockH2(H2Bytes),
+    /// A CPU sample of a selected process.
+    CpuSample(Box<CpuSample>),
+}
+
+/// One CPU sample: Go samples carry frame-pointer user frames (`ustack`), others a copy of
+/// the user stack (`stack`, from `stack_base`) to unwind.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuSample {
+    /// A program that is not Go (its stack is in `stack`, not `ustack`).
+    pub native: bool,
+    pub pid: u32,
+    pub tid: u32,
+    pub ts_ns: u64,
+    pub cpu: u32,
+    pub goid: u64,
+    pub span_id: u64,
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub kstack: Vec<u64>,
+    pub ustack: Vec<u64>,
+    pub stack_base: u64,
+    pub stack: Vec<u8>,
 }
 
 /// One read or send on an HTTP/2 connection of a native process: its first bytes and how
@@ -422,6 +445,36 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome })
         }
         EventKind::GoClientResponse => Event::GoClientResponse(call_end(&hdr, &exact(b, kind)?)),
+        EventKind::CpuSample | EventKind::CpuSampleNative => {
+            let e: CpuSampleEvent = exact(b, kind)?;
+            let frames = |v: &[u64], bytes: u32| v[..((bytes / 8) as usize).min(v.len())].to_vec();
+            let stack = if kind == EventKind::CpuSampleNative {
+                let start = std::mem::size_of::<CpuSampleEvent>();
+                let want = start + std::mem::size_of::<[u8; bounds::STACK_PAGES * bounds::PAGE]>();
+                if b.len() < want {
+                    return Err(DecodeError::Size { kind, got: b.len(), want });
+                }
+                b[start..start + (e.stack_len as usize).min(bounds::STACK_PAGES * bounds::PAGE)].to_vec()
+            } else {
+                Vec::new()
+            };
+            Event::CpuSample(Box::new(CpuSample {
+                native: kind == EventKind::CpuSampleNative,
+                pid: hdr.pid,
+                tid: hdr.tid,
+                ts_ns: hdr.ts_ns,
+                cpu: e.cpu,
+                goid: e.goid,
+                span_id: e.span_id,
+                ip: e.ip,
+                sp: e.sp,
+                bp: e.bp,
+                kstack: frames(&e.kstack, e.kstack_len),
+                ustack: frames(&e.ustack, e.ustack_len),
+                stack_base: e.stack_base,
+                stack,
+            }))
+        }
     })
 }
 

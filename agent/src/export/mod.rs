@@ -19,11 +19,20 @@ pub struct ExportStats {
     pub dropped_failed: AtomicU64,
     pub exported: AtomicU64,
     pub export_errors: AtomicU64,
+    /// The CPU profiler's counters.
+    pub profiles: crate::profile::collect::ProfilerStats,
 }
 
 impl ExportStats {
-    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
+        let p = &self.profiles;
         [
+            ("cpu_samples", p.samples.load(Relaxed)),
+            ("cpu_samples_dropped", p.dropped.load(Relaxed)),
+            ("cpu_samples_without_user_stack", p.empty_stacks.load(Relaxed)),
+            ("profiles_exported", p.exported.load(Relaxed)),
+            ("profiles_dropped", p.profiles_dropped.load(Relaxed)),
+            ("profile_export_errors", p.export_errors.load(Relaxed)),
             ("spans_queued", self.queued.load(Relaxed)),
             ("spans_exported", self.exported.load(Relaxed)),
             ("spans_dropped_queue_full", self.dropped_queue_full.load(Relaxed)),

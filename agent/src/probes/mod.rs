@@ -176,6 +176,27 @@ impl Probes {
         Ok(())
     }
 
+    /// Starts CPU sampling: the perf_event program on every online CPU's cpu-clock at
+    /// `frequency` Hz (it keeps samples of selected processes only). Returns the number of
+    /// CPUs sampled.
+    pub fn start_profiling(&mut self, frequency: u64) -> Result<usize, ProbeError> {
+        use aya::programs::perf_event::{PerfEvent, PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent};
+        const NAME: &str = "cpu_sample";
+        let cpus = aya::util::online_cpus().map_err(|(_, e)| ProbeError::Missing(format!("the list of online CPUs ({e})")))?;
+        let prog: &mut PerfEvent = program(&mut self.ebpf, NAME)?;
+        prog.load().map_err(|source| ProbeError::Program { name: NAME.into(), source })?;
+        for cpu in &cpus {
+            prog.attach(
+                PerfEventConfig::Software(SoftwareEvent::CpuClock),
+                PerfEventScope::AllProcessesOneCpu { cpu: *cpu },
+                SamplePolicy::Frequency(frequency),
+                false,
+            )
+            .map_err(|source| ProbeError::Program { name: format!("{NAME} on CPU {cpu} (perf_event cpu-clock)"), source })?;
+        }
+        Ok(cpus.len())
+    }
+
     /// Starts following process `pid` in the kernel: its configuration first, then its bit.
     pub fn add_target(&mut self, pid: u32, cfg: &TargetConfig) -> Result<(), ProbeError> {
         let mut targets: BpfHashMap<_, u32, TargetConfig> = self.map_mut(names::TARGETS)?;

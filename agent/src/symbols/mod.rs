@@ -10,6 +10,7 @@ pub mod dwarf;
 pub mod elf;
 pub mod go;
 pub mod go_offsets_table;
+pub mod gosym;
 pub mod moduledata;
 pub mod pclntab;
 

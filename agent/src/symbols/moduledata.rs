@@ -134,6 +134,40 @@ impl Moduledata {
         self.word(20)
     }
 
+    /// moduledata.gofunc (`go:func.*`), the base of every `_func.funcdata` offset, by the
+    /// layout of Go `minor` (Go 1.21-1.26: rodata at word 39, gofunc at 40; 1.27+: 42, 43).
+    /// An unknown version takes the first layout whose gofunc lies at or after its rodata.
+    /// None when the words are implausible (zero, or before rodata).
+    pub fn gofunc(&self, minor: Option<u32>) -> Option<u64> {
+        let layouts: &[(usize, usize)] = match minor {
+            Some(..=26) => &[(39, 40)],
+            Some(_) => &[(42, 43)],
+            None => &[(39, 40), (42, 43)],
+        };
+        layouts.iter().find_map(|&(rodata, gofunc)| {
+            let (r, g) = (self.word(rodata), self.word(gofunc));
+            (r != 0 && g >= r).then_some(g)
+        })
+    }
+
+    /// Bytes from the pcHeader to the end of the furthest table slice (funcnametab, cutab,
+    /// filetab, pctab, pclntable, ftab) this module data describes; None when a slice
+    /// starts before the header or its end overflows.
+    pub fn pclntab_len(&self) -> Option<u64> {
+        let start = self.word(0);
+        // (pointer word, element size); the length follows the pointer.
+        let slices = [(1, 1), (4, 4), (7, 1), (10, 1), (13, 1), (16, 8)];
+        let mut end = start;
+        for (i, elem) in slices {
+            let len = self.word(i + 1).checked_mul(elem)?;
+            end = end.max(self.word(i).checked_add(len)?);
+            if self.word(i) < start {
+                return None;
+            }
+        }
+        Some(end - start)
+    }
+
     /// Whether this is the module data of the table at `pclntab`: its slices point into
     /// the table at the header's offsets, and its pc range lies inside its text.
     fn matches(&self, pclntab: u64, h: &PcHeader) -> bool {

@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 4;
+pub const ABI_VERSION: u32 = 5;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -70,6 +70,15 @@ pub mod bounds {
     pub const PATTERN_MAX: usize = 256;
     /// Longest Go string copied for method, path, host or remote address.
     pub const GO_STR_MAX: usize = 128;
+    /// Kernel frames kept per CPU sample.
+    pub const KSTACK_MAX: usize = 64;
+    /// User frames kept per CPU sample of a Go program (frame-pointer walk in the kernel;
+    /// the kernel's own limit, kernel.perf_event_max_stack, is 127 by default).
+    pub const USTACK_MAX: usize = 128;
+    /// Pages of user stack copied per CPU sample of a program that is not Go (unwound in
+    /// the agent from .eh_frame): 32 KiB from the page holding the stack pointer.
+    pub const STACK_PAGES: usize = 8;
+    pub const PAGE: usize = 4096;
 }
 
 /// Counters kept per CPU in the `COUNTERS` array; the agent sums and reports them.
@@ -121,6 +130,8 @@ pub enum Counter {
     InjectDryRun = 20,
     /// Client requests of processes that are not Go, seen starting at the socket.
     SockClientRequests = 21,
+    /// CPU samples of selected processes sent to the agent.
+    CpuSamples = 22,
 }
 
 pub const COUNTER_SLOTS: u32 = 24;
@@ -159,6 +170,10 @@ pub enum EventKind {
     SockH2Recv = 17,
     /// ... and of every send (`read_len`: the bytes handed to TCP).
     SockH2Send = 18,
+    /// A CPU sample of a Go program (CpuSampleEvent: frame-pointer user stack).
+    CpuSample = 19,
+    /// A CPU sample of another program (CpuSampleEvent + a copy of its user stack).
+    CpuSampleNative = 20,
 }
 
 impl EventKind {
@@ -182,6 +197,8 @@ impl EventKind {
             16 => Self::SockServerSend,
             17 => Self::SockH2Recv,
             18 => Self::SockH2Send,
+            19 => Self::CpuSample,
+            20 => Self::CpuSampleNative,
             _ => return None,
         })
     }
@@ -429,6 +446,42 @@ pub struct SockBytesEvent {
     pub tail: [u8; 8],
     pub tail_len: u8,
     pub _pad: [u8; 7],
+}
+
+/// One CPU sample (perf_event cpu-clock) of a selected process: the thread that ran, its
+/// goroutine and span (Go), its user registers, kernel frames, and either user frames
+/// walked by frame pointers (Go) or, in CpuSampleNativeEvent, a copy of the stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSampleEvent {
+    pub hdr: EventHeader,
+    /// Go: the goroutine that ran (0: none, e.g. the scheduler's own stack).
+    pub goid: u64,
+    /// Go: the span active on that goroutine (GO_CTX), 0 when none.
+    pub span_id: u64,
+    /// User registers at the sample (the task's saved registers when the sample hit
+    /// kernel code).
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    /// Native: user address of the first copied stack byte (sp rounded down to a page).
+    pub stack_base: u64,
+    pub cpu: u32,
+    /// Bytes of `kstack` / `ustack` filled (bpf_get_stack's result, 8 per frame).
+    pub kstack_len: u32,
+    pub ustack_len: u32,
+    /// Native: bytes of stack copied after this struct (whole pages).
+    pub stack_len: u32,
+    pub kstack: [u64; bounds::KSTACK_MAX],
+    pub ustack: [u64; bounds::USTACK_MAX],
+}
+
+/// A CPU sample of a program that is not Go, with its stack copied for unwinding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSampleNativeEvent {
+    pub sample: CpuSampleEvent,
+    pub stack: [u8; bounds::STACK_PAGES * bounds::PAGE],
 }
 
 /// Bytes of a request read by a server (variable length: `captured` bytes follow). The
@@ -799,6 +852,7 @@ macro_rules! assert_size {
     };
 }
 assert_size!(EventHeader, 24);
+assert_size!(CpuSampleEvent, 24 + 6 * 8 + 16 + 8 * (bounds::KSTACK_MAX + bounds::USTACK_MAX));
 assert_size!(ConnKey, 8);
 assert_size!(ListenKey, 8);
 assert_size!(ConnState, 168);

@@ -16,6 +16,7 @@ mod go_tls;
 mod http_server;
 mod maps;
 mod processes;
+mod profiler;
 mod sock_client;
 mod socket_hooks;
 mod sockets;

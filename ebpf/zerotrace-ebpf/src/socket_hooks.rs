@@ -43,7 +43,7 @@ const MSG_PEEK: i64 = 2;
 /// Whether process `pid` is selected: one bit per pid in an array (an inlined lookup), so
 /// that the cost for every other process on the machine is a few instructions.
 #[inline(always)]
-fn selected(pid: u32) -> bool {
+pub fn selected(pid: u32) -> bool {
     match SELECTED.get(pid >> 6) {
         Some(word) => word & (1u64 << (pid & 63)) != 0,
         None => false,

@@ -11,6 +11,10 @@ use std::{
 
 use anyhow::{Result, bail};
 use opentelemetry_proto::tonic::{
+    collector::profiles::v1development::{
+        ExportProfilesServiceRequest, ExportProfilesServiceResponse,
+        profiles_service_server::{ProfilesService, ProfilesServiceServer},
+    },
     collector::metrics::v1::{
         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
         metrics_service_server::{MetricsService, MetricsServiceServer},
@@ -103,9 +107,65 @@ pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RSpan> {
     out
 }
 
+/// One received CPU sample (OTLP profiles), flattened through the request's dictionary.
+#[derive(Clone, Debug)]
+pub struct RSample {
+    pub resource: BTreeMap<String, String>,
+    /// Function names, leaf first (inlined functions first within a location).
+    pub frames: Vec<String>,
+    /// Hex ids of the linked span, empty when none.
+    pub trace_id: String,
+    pub span_id: String,
+    pub attrs: BTreeMap<String, String>,
+    pub values: Vec<i64>,
+    pub timestamps: usize,
+}
+
+/// Flattens a profiles request. Indices out of range are errors (the dictionary's rules).
+pub fn flatten_profiles(req: &ExportProfilesServiceRequest) -> Result<Vec<RSample>> {
+    let Some(d) = &req.dictionary else { bail!("profiles request without a dictionary") };
+    let st = |i: i32| -> Result<String> {
+        d.string_table.get(usize::try_from(i)?).cloned().ok_or_else(|| anyhow::anyhow!("string index {i} out of range"))
+    };
+    let mut out = Vec::new();
+    for rp in &req.resource_profiles {
+        let resource: BTreeMap<String, String> =
+            rp.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
+        for sp in &rp.scope_profiles {
+            for p in &sp.profiles {
+                for s in &p.samples {
+                    let stack = d.stack_table.get(usize::try_from(s.stack_index)?).ok_or_else(|| anyhow::anyhow!("stack index"))?;
+                    let mut frames = Vec::new();
+                    for &li in &stack.location_indices {
+                        let loc = d.location_table.get(usize::try_from(li)?).ok_or_else(|| anyhow::anyhow!("location index {li}"))?;
+                        for line in &loc.lines {
+                            let f = d.function_table.get(usize::try_from(line.function_index)?).ok_or_else(|| anyhow::anyhow!("function index"))?;
+                            frames.push(st(f.name_strindex)?);
+                        }
+                    }
+                    let (mut trace_id, mut span_id) = (String::new(), String::new());
+                    if s.link_index > 0 {
+                        let l = d.link_table.get(usize::try_from(s.link_index)?).ok_or_else(|| anyhow::anyhow!("link index"))?;
+                        trace_id = hex(&l.trace_id);
+                        span_id = hex(&l.span_id);
+                    }
+                    let mut attrs = BTreeMap::new();
+                    for &ai in &s.attribute_indices {
+                        let a = d.attribute_table.get(usize::try_from(ai)?).ok_or_else(|| anyhow::anyhow!("attribute index"))?;
+                        attrs.insert(st(a.key_strindex)?, value(&a.value));
+                    }
+                    out.push(RSample { resource: resource.clone(), frames, trace_id, span_id, attrs, values: s.values.clone(), timestamps: s.timestamps_unix_nano.len() });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 #[derive(Default)]
 struct Store {
     spans: Mutex<Vec<RSpan>>,
+    profiles: Mutex<Vec<ExportProfilesServiceRequest>>,
     metrics: Mutex<Vec<RMetric>>,
     requests: AtomicUsize,
     /// Benchmark sink: count requests, decode nothing.
@@ -201,6 +261,17 @@ impl MetricsService for Svc {
 }
 
 #[tonic::async_trait]
+impl ProfilesService for Svc {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportProfilesServiceRequest>,
+    ) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
+        self.0.profiles.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportProfilesServiceResponse { partial_success: None }))
+    }
+}
+
+#[tonic::async_trait]
 impl TraceService for Svc {
     async fn export(
         &self,
@@ -247,7 +318,8 @@ impl Receiver {
                 rt.spawn(async move {
                     let _ = tonic::transport::Server::builder()
                         .add_service(TraceServiceServer::new(Svc(st.clone())).max_decoding_message_size(64 << 20))
-                        .add_service(MetricsServiceServer::new(Svc(st)).max_decoding_message_size(64 << 20))
+                        .add_service(MetricsServiceServer::new(Svc(st.clone())).max_decoding_message_size(64 << 20))
+                        .add_service(ProfilesServiceServer::new(Svc(st)).max_decoding_message_size(64 << 20))
                         .serve_with_incoming(incoming)
                         .await;
                 });
@@ -276,6 +348,21 @@ impl Receiver {
     /// Every metric data point received (cumulative: later points carry the totals).
     pub fn metrics(&self) -> Vec<RMetric> {
         self.store.metrics.lock().unwrap().clone()
+    }
+
+    /// Every profiles request received.
+    pub fn profile_requests(&self) -> Vec<ExportProfilesServiceRequest> {
+        self.store.profiles.lock().unwrap().clone()
+    }
+
+    /// Every CPU sample received, flattened (an error when a request breaks the
+    /// dictionary's index rules).
+    pub fn samples(&self) -> Result<Vec<RSample>> {
+        let mut out = Vec::new();
+        for r in self.profile_requests() {
+            out.extend(flatten_profiles(&r)?);
+        }
+        Ok(out)
     }
 
     pub fn spans(&self) -> Vec<RSpan> {
@@ -349,7 +436,15 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         }
         let mut body = vec![0; len];
         r.read_exact(&mut body).await?;
-        let ok = if line.starts_with("POST /v1/metrics ") {
+        let ok = if line.starts_with("POST /v1development/profiles ") {
+            match ExportProfilesServiceRequest::decode(body.as_slice()) {
+                Ok(req) => {
+                    store.profiles.lock().unwrap().push(req);
+                    true
+                }
+                Err(_) => false,
+            }
+        } else if line.starts_with("POST /v1/metrics ") {
             match ExportMetricsServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {
                     store.metrics.lock().unwrap().extend(flatten_metrics(&req));

@@ -217,6 +217,38 @@ async fn slow(Path(ms): Path<u64>) -> String {
     format!("slept {ms}")
 }
 
+/// CPU burn with a known call chain for the profiler tests: burn_outer -> burn_middle ->
+/// burn_inner (the hot one), never inlined; the release build has no frame pointers.
+#[inline(never)]
+fn burn_inner(until: std::time::Instant) -> u64 {
+    // Plain operators only (xorshift): no inlined helper becomes the hottest frame.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    while std::time::Instant::now() < until {
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+        }
+    }
+    x
+}
+
+#[inline(never)]
+fn burn_middle(until: std::time::Instant) -> u64 {
+    std::hint::black_box(burn_inner(until)).wrapping_add(1)
+}
+
+#[inline(never)]
+fn burn_outer(ms: u64) -> u64 {
+    let until = std::time::Instant::now() + Duration::from_millis(ms);
+    std::hint::black_box(burn_middle(until)).wrapping_add(2)
+}
+
+/// Burns ms of CPU in the handler (on a tokio worker).
+async fn burn(Path(ms): Path<u64>) -> String {
+    format!("burned {}", burn_outer(ms.min(10_000)) & 1)
+}
+
 async fn chain(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, String) {
     let Some(down) = &app.down else {
         return (StatusCode::OK, format!("leaf {id}"));
@@ -240,6 +272,7 @@ async fn serve(addr: SocketAddr, down: Option<String>) -> std::io::Result<()> {
         .route("/hello", get(hello))
         .route("/status/{code}", get(status))
         .route("/slow/{ms}", get(slow))
+        .route("/burn/{ms}", get(burn))
         .route("/chain/{id}", get(chain))
         .route("/grpc/{id}", get(grpc_call))
         .route("/echo", axum::routing::post(echo_body))
@@ -337,6 +370,12 @@ fn main() {
                 }
             }
         }
+        ["burn", secs] => {
+            println!("burning pid={}", std::process::id());
+            let secs: u64 = secs.parse().unwrap_or(10);
+            burn_outer(secs * 1000);
+            0
+        }
         ["threads", addr, down] => match serve_threads(addr, down) {
             Ok(()) => 0,
             Err(e) => {
@@ -383,7 +422,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]");
+            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc burn SECS | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]");
             2
         }
     };

@@ -31,6 +31,37 @@ func status(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprint(w, "status")
 }
 
+// burnHot spins until the deadline: the hot function of the profiler tests, called
+// through burnOuter -> burnMiddle -> burnHot (never inlined).
+//
+//go:noinline
+func burnHot(until time.Time) uint64 {
+	x := uint64(0x9e3779b97f4a7c15)
+	for time.Now().Before(until) {
+		for i := 0; i < 10000; i++ {
+			x = (x<<5 | x>>59) ^ (x * 0x2545f4914f6cdd1d)
+		}
+	}
+	return x
+}
+
+//go:noinline
+func burnMiddle(until time.Time) uint64 { return burnHot(until) + 1 }
+
+//go:noinline
+func burnOuter(ms int) uint64 {
+	return burnMiddle(time.Now().Add(time.Duration(ms)*time.Millisecond)) + 2
+}
+
+// burn spends ?ms=N milliseconds of CPU in the handler.
+func burn(w http.ResponseWriter, r *http.Request) {
+	ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+	if ms > 10000 {
+		ms = 10000
+	}
+	fmt.Fprintf(w, "burned %d", burnOuter(ms)&1)
+}
+
 func main() {
 	if len(os.Args) != 2 {
 		fmt.Fprintln(os.Stderr, "usage: httpserver ADDR")

@@ -9,5 +9,6 @@ func routes(mux *http.ServeMux) {
 	mux.HandleFunc("GET /hello", hello)
 	mux.HandleFunc("GET /users/{id}", user)
 	mux.HandleFunc("/sleep", sleep)
+	mux.HandleFunc("/burn", burn)
 	mux.HandleFunc("/status/", status)
 }

@@ -9,5 +9,6 @@ func routes(mux *http.ServeMux) {
 	mux.HandleFunc("/hello", hello)
 	mux.HandleFunc("/users/", user)
 	mux.HandleFunc("/sleep", sleep)
+	mux.HandleFunc("/burn", burn)
 	mux.HandleFunc("/status/", status)
 }

@@ -1,0 +1,335 @@
+//! The profiler's own thread: CPU samples from the run loop (with the span each belongs to,
+//! resolved there) are unwound, symbolized and aggregated here, away from the loop that
+//! assembles spans. The loop keeps only what it needs at once: samples per span, added to
+//! each span as it finishes. Bounded: a full queue drops samples (counted), the aggregate
+//! holds at most MAX_STACKS distinct stacks per window.
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+        mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use rustc_hash::FxHashMap as HashMap;
+
+use super::{
+    model::{Labels, Location, ProcessInfo, Profile, StackSample},
+    native::{NativeProfiler, UserStack},
+};
+use crate::{
+    correlate::Clock,
+    events::CpuSample,
+    export::ExportStats,
+    spans::{Span, TraceId, Value},
+    symbols::{Executable, gosym::GoSymbolizer},
+};
+
+/// Samples waiting for the profiler thread, at most.
+const QUEUE: usize = 4096;
+/// Distinct (stack, labels) entries per window; more samples are dropped (counted).
+const MAX_STACKS: usize = 100_000;
+/// Spans whose sample counts are kept while they run.
+const MAX_SPANS: usize = 65_536;
+/// User frames unwound per sample, at most.
+const MAX_FRAMES: usize = 128;
+
+/// Counters of the profiler (read by the run loop's stats).
+#[derive(Default, Debug)]
+pub struct ProfilerStats {
+    /// Samples taken in (from the kernel).
+    pub samples: AtomicU64,
+    /// Samples dropped: the queue to the profiler thread was full, or too many stacks.
+    pub dropped: AtomicU64,
+    /// Samples whose user stack gave no frame at all.
+    pub empty_stacks: AtomicU64,
+    /// Profiles handed to the exporter, and those it could not take (queue full).
+    pub profiles: AtomicU64,
+    pub profiles_dropped: AtomicU64,
+    /// Profiles the collector accepted, and failed exports.
+    pub exported: AtomicU64,
+    pub export_errors: AtomicU64,
+}
+
+/// What the run loop tells the profiler thread.
+enum Msg {
+    Sample(Box<CpuSample>, Option<(TraceId, u64)>),
+    Process(ProcessInfo),
+    Forget(u32),
+    Flush(std::sync::mpsc::Sender<Profile>),
+}
+
+/// The run loop's end of the profiler.
+pub struct Profiler {
+    tx: SyncSender<Msg>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<ExportStats>,
+    /// Samples per kernel span id while its span runs.
+    per_span: HashMap<u64, u32>,
+    pub period_ns: u64,
+}
+
+impl Profiler {
+    /// Starts the profiler thread. `every`: a window's profile is handed to `sink` this
+    /// often (OTLP export); None: only at the end (`finish`).
+    pub fn start(frequency: u64, every: Option<(Duration, tokio::sync::mpsc::Sender<Profile>)>, stats: Arc<ExportStats>) -> std::io::Result<Self> {
+        let period_ns = 1_000_000_000 / frequency.max(1);
+        let (tx, rx) = sync_channel(QUEUE);
+        let st = stats.clone();
+        let thread = std::thread::Builder::new().name("profiler".into()).spawn(move || worker(rx, period_ns, every, st))?;
+        Ok(Self { tx, thread: Some(thread), stats, per_span: HashMap::default(), period_ns })
+    }
+
+    /// A sample from the kernel and the span it belongs to (trace, kernel span id).
+    pub fn offer(&mut self, s: Box<CpuSample>, span: Option<(TraceId, u64)>) {
+        self.stats.profiles.samples.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, id)) = span {
+            if self.per_span.len() >= MAX_SPANS && !self.per_span.contains_key(&id) {
+                self.per_span.clear();
+            }
+            *self.per_span.entry(id).or_default() += 1;
+        }
+        match self.tx.try_send(Msg::Sample(s, span)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.stats.profiles.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Adds to each finished span the CPU samples taken while it was active on a
+    /// goroutine or thread: `zerotrace.cpu.samples` and `zerotrace.cpu.time_ns`.
+    pub fn annotate(&mut self, spans: &mut [Span]) {
+        if self.per_span.is_empty() {
+            return;
+        }
+        for sp in spans {
+            let id = u64::from_be_bytes(sp.span_id.0);
+            if let Some(n) = self.per_span.remove(&id) {
+                sp.attributes.push(("zerotrace.cpu.samples", Value::Int(i64::from(n))));
+                sp.attributes.push(("zerotrace.cpu.time_ns", Value::Int((u64::from(n) * self.period_ns) as i64)));
+            }
+        }
+    }
+
+    /// A process to profile (its name in the profile's resource).
+    pub fn process(&self, info: ProcessInfo) {
+        let _ = self.tx.send(Msg::Process(info));
+    }
+
+    /// The process is gone: what it left is kept, its maps are dropped.
+    pub fn forget(&self, pid: u32) {
+        let _ = self.tx.send(Msg::Forget(pid));
+    }
+
+    /// The last window's profile; stops the thread.
+    pub fn finish(mut self) -> Profile {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let profile = if self.tx.send(Msg::Flush(tx)).is_ok() { rx.recv().unwrap_or_default() } else { Profile::default() };
+        drop(self.tx);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        profile
+    }
+}
+
+fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::sync::mpsc::Sender<Profile>)>, stats: Arc<ExportStats>) {
+    let mut w = Worker::new(period_ns, stats);
+    let mut last = Instant::now();
+    loop {
+        let wait = every.as_ref().map_or(Duration::from_secs(3600), |(d, _)| d.saturating_sub(last.elapsed()));
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Sample(s, span)) => w.add(&s, span),
+            Ok(Msg::Process(p)) => {
+                w.processes.insert(p.pid, p);
+            }
+            Ok(Msg::Forget(pid)) => w.forget(pid),
+            Ok(Msg::Flush(reply)) => {
+                let _ = reply.send(w.take());
+                return;
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if let Some((d, sink)) = &every
+            && last.elapsed() >= *d
+        {
+            last = Instant::now();
+            let p = w.take();
+            if !p.samples.is_empty() {
+                match sink.try_send(p) {
+                    Ok(()) => w.stats.profiles.profiles.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => w.stats.profiles.profiles_dropped.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }
+    }
+}
+
+/// Go's tables of one executable, by (device, inode).
+type GoTables = HashMap<(u64, u64), Option<Arc<GoSymbolizer>>>;
+
+struct Worker {
+    period_ns: u64,
+    stats: Arc<ExportStats>,
+    clock: Clock,
+    native: NativeProfiler,
+    go: GoTables,
+    /// Per Go process: the executable's identity (its tables are in `go`).
+    go_pids: HashMap<u32, Option<(u64, u64)>>,
+    /// Symbolized user locations per (pid, address) of Go processes and kernel locations
+    /// per address (native processes are cached inside NativeProfiler).
+    kernel: HashMap<u64, Arc<Location>>,
+    /// Aggregated samples of this window: index by (labels, addresses).
+    index: HashMap<(Labels, Vec<u64>), usize>,
+    samples: Vec<StackSample>,
+    processes: BTreeMap<u32, ProcessInfo>,
+    window_start: u64,
+}
+
+impl Worker {
+    fn new(period_ns: u64, stats: Arc<ExportStats>) -> Self {
+        let clock = Clock::system();
+        let window_start = clock.to_unix(Clock::monotonic_now());
+        Self {
+            period_ns,
+            stats,
+            clock,
+            native: NativeProfiler::new(),
+            go: HashMap::default(),
+            go_pids: HashMap::default(),
+            kernel: HashMap::default(),
+            index: HashMap::default(),
+            samples: Vec::new(),
+            processes: BTreeMap::new(),
+            window_start,
+        }
+    }
+
+    fn forget(&mut self, pid: u32) {
+        self.native.forget(pid);
+        self.go_pids.remove(&pid);
+    }
+
+    /// Go's tables for process `pid` (read once per executable).
+    fn go_tables(&mut self, pid: u32) -> Option<Arc<GoSymbolizer>> {
+        let id = *self.go_pids.entry(pid).or_insert_with(|| crate::model::proc::exe_identity(pid));
+        let id = id?;
+        self.go
+            .entry(id)
+            .or_insert_with(|| {
+                let exe = Executable::open(&crate::model::proc::exe_open_path(pid)).ok()?;
+                match GoSymbolizer::new(&exe) {
+                    Ok(g) => Some(Arc::new(g)),
+                    Err(e) => {
+                        tracing::warn!(pid, error = %e, "cannot read Go's function table for profiles; Go frames stay unsymbolized");
+                        None
+                    }
+                }
+            })
+            .clone()
+    }
+
+    fn add(&mut self, s: &CpuSample, span: Option<(TraceId, u64)>) {
+        let go = !s.native;
+        let user: Vec<u64> = if go {
+            s.ustack.clone()
+        } else {
+            let st = UserStack { ip: s.ip, sp: s.sp, bp: s.bp, base: s.stack_base, stack: &s.stack };
+            self.native.unwind(s.pid, &st, MAX_FRAMES)
+        };
+        if user.is_empty() {
+            self.stats.profiles.empty_stacks.fetch_add(1, Ordering::Relaxed);
+        }
+        let labels = Labels {
+            pid: s.pid,
+            tid: s.tid,
+            goroutine: s.goid,
+            trace_id: span.map(|(t, _)| t.0),
+            span_id: span.map(|(_, id)| id),
+        };
+        let mut addrs = Vec::with_capacity(s.kstack.len() + user.len() + 1);
+        addrs.extend_from_slice(&s.kstack);
+        // A marker between kernel and user frames keeps (k=[a], u=[b]) apart from (k=[], u=[a, b]).
+        addrs.push(0);
+        addrs.extend_from_slice(&user);
+        let ts = self.clock.to_unix(s.ts_ns);
+        if let Some(&i) = self.index.get(&(labels.clone(), addrs.clone())) {
+            let e = &mut self.samples[i];
+            e.count += 1;
+            e.timestamps_unix_ns.push(ts);
+            return;
+        }
+        if self.samples.len() >= MAX_STACKS {
+            self.stats.profiles.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut locations = Vec::with_capacity(addrs.len());
+        for &a in &s.kstack {
+            let loc = match self.kernel.get(&a) {
+                Some(l) => l.clone(),
+                None => {
+                    let l = self.native.symbolize_kernel(&[a]).pop().unwrap_or_else(|| Arc::new(unknown(a, true)));
+                    if self.kernel.len() < 1 << 16 {
+                        self.kernel.insert(a, l.clone());
+                    }
+                    l
+                }
+            };
+            locations.push(loc);
+        }
+        if !user.is_empty() {
+            let tables = if go { self.go_tables(s.pid) } else { None };
+            let lines = tables.as_ref().map(|t| move |vaddr: u64| t.lines(vaddr));
+            let user_locs = match &lines {
+                Some(f) => self.native.symbolize(s.pid, &user, Some(f)),
+                None => self.native.symbolize(s.pid, &user, None),
+            };
+            locations.extend(user_locs);
+        }
+        self.index.insert((labels.clone(), addrs), self.samples.len());
+        self.samples.push(StackSample { locations, labels, count: 1, timestamps_unix_ns: vec![ts] });
+    }
+
+    /// This window's profile; a new window starts.
+    fn take(&mut self) -> Profile {
+        self.clock.refresh();
+        let now = self.clock.to_unix(Clock::monotonic_now());
+        self.index.clear();
+        let samples = std::mem::take(&mut self.samples);
+        let mut processes: Vec<ProcessInfo> = Vec::new();
+        let mut seen: Vec<u32> = samples.iter().map(|s| s.labels.pid).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        for pid in seen {
+            processes.push(self.processes.get(&pid).cloned().unwrap_or_else(|| ProcessInfo {
+                pid,
+                service_name: crate::model::proc::comm(pid).unwrap_or_else(|| format!("pid-{pid}")),
+                executable: crate::model::proc::comm(pid).unwrap_or_default(),
+            }));
+        }
+        let p = Profile {
+            period_ns: self.period_ns,
+            start_unix_ns: self.window_start,
+            duration_ns: now.saturating_sub(self.window_start),
+            samples,
+            processes,
+        };
+        self.window_start = now;
+        p
+    }
+}
+
+fn unknown(address: u64, kernel: bool) -> Location {
+    Location {
+        address,
+        module: Arc::from(if kernel { "[kernel]" } else { "" }),
+        build_id: Arc::from(""),
+        lines: Vec::new(),
+        kernel,
+    }
+}

@@ -1,0 +1,440 @@
+//! pprof output: a [`Profile`] as google/pprof's `profile.proto`, gzipped on disk for `go tool pprof`.
+use std::{collections::HashMap, io::Write, path::Path};
+
+use prost::Message;
+
+use super::model::{Labels, Location, Profile};
+
+/// google/pprof's `proto/profile.proto` (package `perftools.profiles`), field numbers as upstream.
+pub mod proto {
+    /// The whole profile; every `i64` naming a string is an index into `string_table`.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Profile {
+        #[prost(message, repeated, tag = "1")]
+        pub sample_type: Vec<ValueType>,
+        #[prost(message, repeated, tag = "2")]
+        pub sample: Vec<Sample>,
+        #[prost(message, repeated, tag = "3")]
+        pub mapping: Vec<Mapping>,
+        #[prost(message, repeated, tag = "4")]
+        pub location: Vec<Location>,
+        #[prost(message, repeated, tag = "5")]
+        pub function: Vec<Function>,
+        #[prost(string, repeated, tag = "6")]
+        pub string_table: Vec<String>,
+        #[prost(int64, tag = "7")]
+        pub drop_frames: i64,
+        #[prost(int64, tag = "8")]
+        pub keep_frames: i64,
+        #[prost(int64, tag = "9")]
+        pub time_nanos: i64,
+        #[prost(int64, tag = "10")]
+        pub duration_nanos: i64,
+        #[prost(message, optional, tag = "11")]
+        pub period_type: Option<ValueType>,
+        #[prost(int64, tag = "12")]
+        pub period: i64,
+        #[prost(int64, repeated, tag = "13")]
+        pub comment: Vec<i64>,
+        #[prost(int64, tag = "14")]
+        pub default_sample_type: i64,
+        #[prost(string, tag = "15")]
+        pub doc_url: String,
+    }
+
+    /// Type and unit of a value (string indices).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ValueType {
+        #[prost(int64, tag = "1")]
+        pub r#type: i64,
+        #[prost(int64, tag = "2")]
+        pub unit: i64,
+    }
+
+    /// A stack (leaf first) with one value per sample type and its labels.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Sample {
+        #[prost(uint64, repeated, tag = "1")]
+        pub location_id: Vec<u64>,
+        #[prost(int64, repeated, tag = "2")]
+        pub value: Vec<i64>,
+        #[prost(message, repeated, tag = "3")]
+        pub label: Vec<Label>,
+    }
+
+    /// A label: `str` (string index) or `num` (with optional `num_unit`).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Label {
+        #[prost(int64, tag = "1")]
+        pub key: i64,
+        #[prost(int64, tag = "2")]
+        pub str: i64,
+        #[prost(int64, tag = "3")]
+        pub num: i64,
+        #[prost(int64, tag = "4")]
+        pub num_unit: i64,
+    }
+
+    /// A binary mapped into the address space.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Mapping {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(uint64, tag = "2")]
+        pub memory_start: u64,
+        #[prost(uint64, tag = "3")]
+        pub memory_limit: u64,
+        #[prost(uint64, tag = "4")]
+        pub file_offset: u64,
+        #[prost(int64, tag = "5")]
+        pub filename: i64,
+        #[prost(int64, tag = "6")]
+        pub build_id: i64,
+        #[prost(bool, tag = "7")]
+        pub has_functions: bool,
+        #[prost(bool, tag = "8")]
+        pub has_filenames: bool,
+        #[prost(bool, tag = "9")]
+        pub has_line_numbers: bool,
+        #[prost(bool, tag = "10")]
+        pub has_inline_frames: bool,
+    }
+
+    /// An address with its lines, innermost inlined function first.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Location {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(uint64, tag = "2")]
+        pub mapping_id: u64,
+        #[prost(uint64, tag = "3")]
+        pub address: u64,
+        #[prost(message, repeated, tag = "4")]
+        pub line: Vec<Line>,
+        #[prost(bool, tag = "5")]
+        pub is_folded: bool,
+    }
+
+    /// One source line of a location.
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Line {
+        #[prost(uint64, tag = "1")]
+        pub function_id: u64,
+        #[prost(int64, tag = "2")]
+        pub line: i64,
+        #[prost(int64, tag = "3")]
+        pub column: i64,
+    }
+
+    /// A function (string indices).
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Function {
+        #[prost(uint64, tag = "1")]
+        pub id: u64,
+        #[prost(int64, tag = "2")]
+        pub name: i64,
+        #[prost(int64, tag = "3")]
+        pub system_name: i64,
+        #[prost(int64, tag = "4")]
+        pub filename: i64,
+        #[prost(int64, tag = "5")]
+        pub start_line: i64,
+    }
+}
+
+/// The profile as uncompressed `profile.proto` bytes.
+pub fn encode(p: &Profile) -> Vec<u8> {
+    build(p).encode_to_vec()
+}
+
+/// Writes the profile gzipped, the form `go tool pprof` reads.
+pub fn write(p: &Profile, path: &Path) -> std::io::Result<()> {
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(path)?, flate2::Compression::default());
+    gz.write_all(&encode(p))?;
+    gz.finish()?.sync_all()
+}
+
+fn sat(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Interned tables; ids are 1-based (index + 1), strings 0-based with "" at 0.
+#[derive(Default)]
+struct Builder<'a> {
+    out: proto::Profile,
+    strings: HashMap<String, i64>,
+    functions: HashMap<(&'a str, Option<&'a str>), u64>,
+    mappings: HashMap<(bool, &'a str, &'a str), u64>,
+    locations: HashMap<&'a Location, u64>,
+}
+
+impl<'a> Builder<'a> {
+    fn str(&mut self, s: &str) -> i64 {
+        if let Some(&i) = self.strings.get(s) {
+            return i;
+        }
+        let i = self.out.string_table.len() as i64;
+        self.out.string_table.push(s.to_owned());
+        self.strings.insert(s.to_owned(), i);
+        i
+    }
+
+    fn function(&mut self, name: &'a str, file: Option<&'a str>) -> u64 {
+        if let Some(&id) = self.functions.get(&(name, file)) {
+            return id;
+        }
+        let id = self.out.function.len() as u64 + 1;
+        let name_ix = self.str(name);
+        let filename = file.map_or(0, |f| self.str(f));
+        self.out.function.push(proto::Function { id, name: name_ix, system_name: name_ix, filename, start_line: 0 });
+        self.functions.insert((name, file), id);
+        id
+    }
+
+    fn mapping(&mut self, loc: &'a Location) -> u64 {
+        let key = (loc.kernel, &*loc.module, &*loc.build_id);
+        let id = match self.mappings.get(&key) {
+            Some(&id) => id,
+            None => {
+                let id = self.out.mapping.len() as u64 + 1;
+                let filename = self.str(&loc.module);
+                let build_id = self.str(&loc.build_id);
+                self.out.mapping.push(proto::Mapping {
+                    id,
+                    memory_start: loc.address,
+                    memory_limit: loc.address.saturating_add(1),
+                    filename,
+                    build_id,
+                    ..Default::default()
+                });
+                self.mappings.insert(key, id);
+                id
+            }
+        };
+        if let Some(m) = self.out.mapping.get_mut(id as usize - 1) {
+            m.memory_start = m.memory_start.min(loc.address);
+            m.memory_limit = m.memory_limit.max(loc.address.saturating_add(1));
+            m.has_functions |= !loc.lines.is_empty();
+            m.has_filenames |= loc.lines.iter().any(|l| l.file.is_some());
+            m.has_line_numbers |= loc.lines.iter().any(|l| l.line != 0);
+            m.has_inline_frames |= loc.lines.len() > 1;
+        }
+        id
+    }
+
+    fn location(&mut self, loc: &'a Location) -> u64 {
+        if let Some(&id) = self.locations.get(loc) {
+            return id;
+        }
+        let mapping_id = self.mapping(loc);
+        let line = loc
+            .lines
+            .iter()
+            .map(|l| proto::Line { function_id: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 })
+            .collect();
+        let id = self.out.location.len() as u64 + 1;
+        self.out.location.push(proto::Location { id, mapping_id, address: loc.address, line, is_folded: false });
+        self.locations.insert(loc, id);
+        id
+    }
+
+    fn labels(&mut self, l: &Labels) -> Vec<proto::Label> {
+        let mut out = Vec::new();
+        if let Some(t) = l.trace_id {
+            let key = self.str("trace_id");
+            let str = self.str(&t.iter().map(|b| format!("{b:02x}")).collect::<String>());
+            out.push(proto::Label { key, str, ..Default::default() });
+        }
+        if let Some(s) = l.span_id {
+            let key = self.str("span_id");
+            let str = self.str(&format!("{s:016x}"));
+            out.push(proto::Label { key, str, ..Default::default() });
+        }
+        if l.goroutine != 0 {
+            out.push(proto::Label { key: self.str("goroutine"), num: sat(l.goroutine), ..Default::default() });
+        }
+        out.push(proto::Label { key: self.str("thread"), num: l.tid.into(), ..Default::default() });
+        out.push(proto::Label { key: self.str("pid"), num: l.pid.into(), ..Default::default() });
+        out
+    }
+}
+
+fn build(p: &Profile) -> proto::Profile {
+    let mut b = Builder::default();
+    b.str("");
+    let samples = b.str("samples");
+    let count = b.str("count");
+    let cpu = b.str("cpu");
+    let nanoseconds = b.str("nanoseconds");
+    b.out.sample_type = vec![
+        proto::ValueType { r#type: samples, unit: count },
+        proto::ValueType { r#type: cpu, unit: nanoseconds },
+    ];
+    b.out.period_type = Some(proto::ValueType { r#type: cpu, unit: nanoseconds });
+    b.out.period = sat(p.period_ns);
+    b.out.time_nanos = sat(p.start_unix_ns);
+    b.out.duration_nanos = sat(p.duration_ns);
+    for s in &p.samples {
+        let location_id = s.locations.iter().map(|l| b.location(l)).collect();
+        let label = b.labels(&s.labels);
+        let value = vec![sat(s.count), sat(s.count.saturating_mul(p.period_ns))];
+        b.out.sample.push(proto::Sample { location_id, value, label });
+    }
+    b.out
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::{process::Command, sync::Arc};
+
+    use super::*;
+    use crate::profile::model::{Line, ProcessInfo, StackSample};
+
+    fn loc(address: u64, module: &str, kernel: bool, lines: &[(&str, u32)]) -> Arc<Location> {
+        Arc::new(Location {
+            address,
+            module: module.into(),
+            build_id: if kernel { "".into() } else { format!("{module}-build").into() },
+            lines: lines
+                .iter()
+                .map(|&(f, line)| Line {
+                    function: f.into(),
+                    file: (!kernel).then(|| format!("src/{module}.rs").into()),
+                    line,
+                })
+                .collect(),
+            kernel,
+        })
+    }
+
+    pub const TRACE: [u8; 16] = [0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47, 0x36];
+    pub const SPAN: u64 = 0x00f0_67aa_0ba9_02b7;
+
+    /// Rust process 100 (inlined hot loop under a span, a read syscall through libc, an
+    /// unsymbolized frame) and Go process 200 (inlined `main.add`, goroutine 17).
+    pub fn synthetic() -> Profile {
+        let hot = loc(0x1010, "rsvc", false, &[("rsvc::inner_hot", 12), ("rsvc::hot", 30)]);
+        let handler = loc(0x2020, "rsvc", false, &[("rsvc::handler", 40)]);
+        let main = loc(0x3030, "rsvc", false, &[("rsvc::main", 50)]);
+        let copy = loc(0xffff_ffff_8100_1000, "[kernel]", true, &[("_copy_to_user", 0)]);
+        let sys = loc(0xffff_ffff_8100_2000, "[kernel]", true, &[("do_syscall_64", 0)]);
+        let read = loc(0x7f00_0000_1000, "libc.so.6", false, &[("read", 0)]);
+        let unknown = loc(0x5555, "rsvc", false, &[]);
+        let ghot = loc(0x40_1000, "gsvc", false, &[("main.add", 7), ("main.(*T).hot", 20)]);
+        let gmain = loc(0x40_2000, "gsvc", false, &[("main.main", 30)]);
+        let rmain = loc(0x40_3000, "gsvc", false, &[("runtime.main", 283)]);
+        let labels = |pid, tid, goroutine| Labels { pid, tid, goroutine, trace_id: None, span_id: None };
+        let start = 1_700_000_000_000_000_000;
+        Profile {
+            period_ns: 10_000_000,
+            start_unix_ns: start,
+            duration_ns: 1_000_000_000,
+            samples: vec![
+                StackSample {
+                    locations: vec![hot, handler.clone(), main.clone()],
+                    labels: Labels { trace_id: Some(TRACE), span_id: Some(SPAN), ..labels(100, 101, 0) },
+                    count: 7,
+                    timestamps_unix_ns: (0..7).map(|i| start + i * 10_000_000).collect(),
+                },
+                StackSample {
+                    locations: vec![copy, sys, read, handler, main.clone()],
+                    labels: labels(100, 102, 0),
+                    count: 2,
+                    timestamps_unix_ns: vec![start + 1, start + 2],
+                },
+                StackSample {
+                    locations: vec![ghot, gmain, rmain],
+                    labels: labels(200, 201, 17),
+                    count: 3,
+                    timestamps_unix_ns: vec![],
+                },
+                StackSample { locations: vec![unknown, main], labels: labels(100, 101, 0), count: 1, timestamps_unix_ns: vec![] },
+            ],
+            processes: vec![
+                ProcessInfo { pid: 100, service_name: "checkout".into(), executable: "rsvc".into() },
+                ProcessInfo { pid: 200, service_name: String::new(), executable: "gsvc".into() },
+            ],
+        }
+    }
+
+    #[test]
+    fn encode_dedups_and_round_trips() {
+        let p = synthetic();
+        let d = proto::Profile::decode(encode(&p).as_slice()).unwrap();
+        let s = |i: i64| d.string_table[i as usize].as_str();
+        assert_eq!(s(0), "");
+        assert_eq!(d.string_table.len(), d.string_table.iter().collect::<std::collections::HashSet<_>>().len());
+        assert_eq!(d.sample.len(), 4);
+        assert_eq!(d.location.len(), 10);
+        assert_eq!(d.function.len(), 11);
+        // rsvc, [kernel], libc.so.6, gsvc.
+        assert_eq!(d.mapping.len(), 4);
+        let kernel = d.mapping.iter().find(|m| s(m.filename) == "[kernel]").unwrap();
+        assert_eq!(kernel.memory_start, 0xffff_ffff_8100_1000);
+        assert_eq!(kernel.memory_limit, 0xffff_ffff_8100_2001);
+        assert_eq!((s(d.sample_type[0].r#type), s(d.sample_type[1].unit)), ("samples", "nanoseconds"));
+        assert_eq!(d.period, 10_000_000);
+        assert_eq!(d.sample[0].value, vec![7, 70_000_000]);
+        let hot = &d.location[d.sample[0].location_id[0] as usize - 1];
+        let names: Vec<_> = hot.line.iter().map(|l| s(d.function[l.function_id as usize - 1].name)).collect();
+        assert_eq!(names, ["rsvc::inner_hot", "rsvc::hot"]);
+        let labels: Vec<_> = d.sample[0]
+            .label
+            .iter()
+            .map(|l| (s(l.key), if l.str != 0 { s(l.str).to_owned() } else { l.num.to_string() }))
+            .collect();
+        let want =
+            [("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"), ("span_id", "00f067aa0ba902b7"), ("thread", "101"), ("pid", "100")];
+        assert_eq!(labels, want.map(|(k, v)| (k, v.to_owned())));
+        assert!(d.sample[2].label.iter().any(|l| s(l.key) == "goroutine" && l.num == 17));
+        assert!(encode(&Profile::default()).len() < 100);
+    }
+
+    #[test]
+    fn go_tool_pprof_reads_it() {
+        let go = crate::symbols::testgo::go("1.25.5");
+        let dir = std::env::temp_dir().join(format!("zerotrace-pprof-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cpu.pb.gz");
+        write(&synthetic(), &file).unwrap();
+        let pprof = |args: &[&str]| {
+            let out = Command::new(&go).arg("tool").arg("pprof").args(args).arg(&file).env("PPROF_TMPDIR", &dir).output().unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "pprof {args:?}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+            eprintln!("--- pprof {args:?}\n{stdout}");
+            stdout
+        };
+
+        let top = pprof(&["-top", "-nodecount=50"]);
+        let rows: Vec<&str> = top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).skip(1).collect();
+        // Inlined functions are marked "(inline)"; pprof trims leading underscores of C names.
+        assert!(rows[0].contains(" rsvc::inner_hot"), "{top}");
+        assert!(rows[0].trim_start().starts_with("70ms"), "{top}");
+        for f in ["main.add (inline)", "copy_to_user", "[rsvc]", "rsvc::hot", "rsvc::main", "runtime.main"] {
+            assert!(top.contains(f), "{f} missing:\n{top}");
+        }
+        assert!(top.contains("Total samples = 130ms"), "{top}");
+
+        let tags = pprof(&["-tags"]);
+        let tag = |key: &str, value: &str| {
+            let block = tags.split("\n\n").find(|b| b.trim_start().starts_with(&format!("{key}:")));
+            block.is_some_and(|b| b.lines().any(|l| l.trim_end().ends_with(&format!(": {value}"))))
+        };
+        for (k, v) in [("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"), ("span_id", "00f067aa0ba902b7"), ("goroutine", "17")] {
+            assert!(tag(k, v), "{k}={v} missing:\n{tags}");
+        }
+        for (k, v) in [("thread", "101"), ("thread", "102"), ("thread", "201"), ("pid", "100"), ("pid", "200")] {
+            assert!(tag(k, v), "{k}={v} missing:\n{tags}");
+        }
+
+        let traces = pprof(&["-traces"]);
+        let names = |chain: &[&str]| {
+            let lines: Vec<&str> = traces.lines().map(|l| l.trim().trim_end_matches(" (inline)")).collect();
+            lines.windows(chain.len()).any(|w| w.iter().zip(chain).all(|(l, f)| l.ends_with(f)))
+        };
+        assert!(names(&["rsvc::inner_hot", "rsvc::hot", "rsvc::handler", "rsvc::main"]), "{traces}");
+        assert!(names(&["copy_to_user", "do_syscall_64", "read", "rsvc::handler", "rsvc::main"]), "{traces}");
+        assert!(names(&["main.add", "main.(*T).hot", "main.main", "runtime.main"]), "{traces}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
