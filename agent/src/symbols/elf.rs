@@ -22,15 +22,33 @@ struct Segment {
     writable: bool,
 }
 
-/// An executable read into memory with the index zerotrace needs.
+/// The bytes of an executable: mapped from its file (only the pages read become
+/// resident; a running executable cannot be truncated, ETXTBSY), or owned.
+enum Data {
+    Mapped(memmap2::Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for Data {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Data::Mapped(m) => m,
+            Data::Owned(v) => v,
+        }
+    }
+}
+
+/// An executable with the index zerotrace needs.
 pub struct Executable {
     pub path: PathBuf,
-    data: Vec<u8>,
+    data: Data,
     /// ET_DYN (PIE): addresses in the process are the ELF's plus a load bias.
     pub is_pie: bool,
     pub machine: u16,
     segments: Vec<Segment>,
-    symbols: HashMap<String, FunctionSym>,
+    /// Symbol table by name, built on first use (a Rust binary has tens of thousands).
+    symbols: OnceLock<HashMap<String, FunctionSym>>,
     /// PT_TLS (memsz, align) when present.
     pub tls: Option<(u64, u64)>,
     /// Go's function table and module data, read on first use.
@@ -39,12 +57,22 @@ pub struct Executable {
 
 impl Executable {
     pub fn open(path: &Path) -> Result<Self, SymbolError> {
-        let data = std::fs::read(path)
-            .map_err(|source| SymbolError::Read { path: path.to_owned(), source })?;
-        Self::from_bytes(path.to_owned(), data)
+        let read = |source| SymbolError::Read { path: path.to_owned(), source };
+        let f = std::fs::File::open(path).map_err(read)?;
+        // SAFETY: the mapping is read-only and private; executables are not truncated while
+        // they run (the kernel refuses writes to a running executable's file).
+        let data = match unsafe { memmap2::Mmap::map(&f) } {
+            Ok(m) => Data::Mapped(m),
+            Err(_) => Data::Owned(std::fs::read(path).map_err(read)?),
+        };
+        Self::parse(path.to_owned(), data)
     }
 
     pub fn from_bytes(path: PathBuf, data: Vec<u8>) -> Result<Self, SymbolError> {
+        Self::parse(path, Data::Owned(data))
+    }
+
+    fn parse(path: PathBuf, data: Data) -> Result<Self, SymbolError> {
         let not_elf = |reason: String| SymbolError::NotElf { path: path.clone(), reason };
         let file = object::File::parse(&*data).map_err(|e| not_elf(e.to_string()))?;
         if file.format() != object::BinaryFormat::Elf {
@@ -64,20 +92,9 @@ impl Executable {
                 Segment { vaddr: s.address(), memsz: s.size(), offset, filesz, writable }
             })
             .collect();
-        let mut symbols = HashMap::new();
-        for sym in file.symbols().chain(file.dynamic_symbols()) {
-            if sym.address() == 0 {
-                continue;
-            }
-            if let Ok(name) = sym.name() {
-                symbols
-                    .entry(name.to_owned())
-                    .or_insert(FunctionSym { addr: sym.address(), size: sym.size() });
-            }
-        }
         let tls = tls_segment(&data);
         drop(file);
-        Ok(Self { path, data, is_pie, machine, segments, symbols, tls, go: OnceLock::new() })
+        Ok(Self { path, data, is_pie, machine, segments, symbols: OnceLock::new(), tls, go: OnceLock::new() })
     }
 
     /// A symbol by name: from the ELF symbol table, else (functions of a stripped Go
@@ -88,11 +105,27 @@ impl Executable {
 
     /// A symbol from the ELF symbol tables only (.symtab, .dynsym).
     pub fn symtab_symbol(&self, name: &str) -> Option<FunctionSym> {
-        self.symbols.get(name).copied()
+        self.symbol_map().get(name).copied()
     }
 
     pub fn has_symbols(&self) -> bool {
-        !self.symbols.is_empty()
+        !self.symbol_map().is_empty()
+    }
+
+    fn symbol_map(&self) -> &HashMap<String, FunctionSym> {
+        self.symbols.get_or_init(|| {
+            let mut symbols = HashMap::new();
+            let Ok(file) = object::File::parse(&*self.data) else { return symbols };
+            for sym in file.symbols().chain(file.dynamic_symbols()) {
+                if sym.address() == 0 {
+                    continue;
+                }
+                if let Ok(name) = sym.name() {
+                    symbols.entry(name.to_owned()).or_insert(FunctionSym { addr: sym.address(), size: sym.size() });
+                }
+            }
+            symbols
+        })
     }
 
     /// Go's function table and module data (located and parsed once); the error says why
