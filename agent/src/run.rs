@@ -103,8 +103,23 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     // CPU profiles: the perf_event program on every CPU, a thread that unwinds and
     // symbolizes, and (OTLP) a task that sends each window.
     let mut profile_task = None;
+    let sampling = match &s.profile {
+        Some(p) => match probes.start_profiling(p.frequency) {
+            Ok(cpus) => {
+                tracing::info!(frequency_hz = p.frequency, cpus, otlp = p.otlp, "profiling CPU");
+                true
+            }
+            // `run`: tracing goes on without profiles; `zerotrace profile` has nothing to do.
+            Err(e) if p.duration.is_none() => {
+                tracing::warn!(error = %e, "CPU profiles are off: the kernel refused the sampling program (tracing goes on; --profiles off silences this)");
+                false
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => false,
+    };
     let mut profiler = match &s.profile {
-        Some(p) => {
+        Some(p) if sampling => {
             let every = if p.otlp {
                 let (tx, rx) = mpsc::channel(4);
                 let task = crate::profile::export::export_task(s.export.clone(), resources.clone(), rx, stats.clone());
@@ -113,11 +128,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             } else {
                 None
             };
-            let cpus = probes.start_profiling(p.frequency)?;
-            tracing::info!(frequency_hz = p.frequency, cpus, otlp = p.otlp, "profiling CPU");
             Some(crate::profile::collect::Profiler::start(p.frequency, every, stats.clone()).map_err(RunError::Events)?)
         }
-        None => None,
+        _ => None,
     };
     let mut correlator = Correlator::new(Clock::system());
     correlator.traces.record_aliases = s.kernel.inject != crate::cli::Inject::Off;

@@ -131,7 +131,11 @@ fn profile(a: ProfileArgs) -> Result<()> {
     let _ = agent_bin;
     let warm = 5u64;
     let mut report = String::from("profile (agent cost while profiling a busy 2-core machine; `zerotrace profile`, one run per frequency)\n");
-    for &hz in &a.frequencies {
+    // 0 Hz: the same targets traced without sampling (`run --exporter none`): the
+    // tracer's own share of the figures below.
+    let mut freqs = vec![0u64];
+    freqs.extend(a.frequencies.iter().copied());
+    for &hz in &freqs {
         let total = warm + a.seconds + 3;
         let mut burner = Command::new(&rsvc);
         burner.args(["burn", &(total + 10).to_string()]);
@@ -152,12 +156,12 @@ fn profile(a: ProfileArgs) -> Result<()> {
         });
         step(format!("bench profile: {hz} Hz, {} s measured", a.seconds));
         let out = root().join(format!("target/bench/profile-{hz}.pb.gz"));
-        let mut agent = Agent::start_as(
-            "profile",
-            &[rust.pid(), gosrv.pid()],
-            &["--duration", &format!("{total}s"), "--frequency", &hz.to_string(), "-o", &out.display().to_string()],
-            &[],
-        )?;
+        let (duration, freq, path) = (format!("{total}s"), hz.to_string(), out.display().to_string());
+        let mut agent = if hz == 0 {
+            Agent::start(&[rust.pid(), gosrv.pid()], &["--exporter", "none"], &[])?
+        } else {
+            Agent::start_as("profile", &[rust.pid(), gosrv.pid()], &["--duration", &duration, "--frequency", &freq, "-o", &path], &[])?
+        };
         let apid = agent.proc.pid();
         std::thread::sleep(Duration::from_secs(warm));
         let (c0, t0) = (cpu_seconds(apid), Instant::now());
@@ -165,6 +169,9 @@ fn profile(a: ProfileArgs) -> Result<()> {
         let (c1, dt) = (cpu_seconds(apid), t0.elapsed().as_secs_f64());
         let rss = peak_rss_kib(apid);
         let machine_busy = (cpu_seconds(rust.pid()) + cpu_seconds(gosrv.pid())) / (t0.elapsed().as_secs_f64() + warm as f64);
+        if hz == 0 {
+            agent.proc.signal(libc::SIGINT);
+        }
         let status = agent.proc.wait_timeout(Duration::from_secs(60));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = load.join();
@@ -173,8 +180,9 @@ fn profile(a: ProfileArgs) -> Result<()> {
         }
         let samples = agent.stat("cpu_samples");
         let dropped = agent.stat("cpu_samples_dropped") + agent.stat("events_dropped_ring_full");
+        let what = if hz == 0 { "tracing only, no sampling".to_owned() } else { format!("{hz} Hz") };
         let line = format!(
-            "  {hz:>3} Hz: agent CPU {:.2}% of one core, peak RSS {:.1} MiB; {samples} samples ({dropped} dropped), targets busy {:.2} cores{}\n",
+            "  {what:>25}: agent CPU {:.2}% of one core, peak RSS {:.1} MiB; {samples} samples ({dropped} dropped), targets busy {:.2} cores{}\n",
             100.0 * (c1 - c0) / dt,
             rss as f64 / 1024.0,
             machine_busy,

@@ -238,3 +238,39 @@ fn request_samples_carry_their_span() -> Result<()> {
     }
     Ok(())
 }
+
+/// A target that exits while profiled: the profile of what ran is written at once (the
+/// agent ends with its last target), and go tool pprof reads it.
+#[test]
+fn a_target_that_exits_keeps_its_samples() -> Result<()> {
+    let mut cmd = Command::new(tools::rsvc()?);
+    cmd.args(["burn", "3"]);
+    let p = Proc::spawn("rsvc-burn-exit", cmd)?;
+    zerotrace_e2e::proc::wait_until("rsvc to start burning", Duration::from_secs(10), || p.stdout_text().contains("burning"))?;
+    let pb = out_path("exit.pb.gz");
+    let pb_s = pb.to_string_lossy().into_owned();
+    let started = Instant::now();
+    let log = profile(p.pid(), &["--duration", "60s", "--frequency", "99", "-o", &pb_s], || Ok(()))?;
+    ensure!(started.elapsed() < Duration::from_secs(30), "the agent did not end with its target:\n{log}");
+    ensure!(log.contains("every traced process has exited"), "{log}");
+    let top = pprof(&["-top", "-nodecount=5"], &pb)?;
+    assert_eq!(top_function(&top).as_deref(), Some("rsvc::burn_inner"), "{top}");
+    Ok(())
+}
+
+/// Bad input: a PID that does not exist, a zero duration: a clear message, exit 2, no file.
+#[test]
+fn profile_bad_input_says_what_to_do() -> Result<()> {
+    let pb = out_path("bad.pb.gz");
+    for (args, needle) in [
+        (vec!["--pid", "999999", "--duration", "2s"], "999999"),
+        (vec!["--pid", "1", "--duration", "0s"], "--duration"),
+    ] {
+        let out = Command::new(tools::zerotrace_bin()?).arg("profile").args(&args).arg("-o").arg(&pb).output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle) && err.contains("error"), "{args:?}: {err}");
+        assert!(!pb.exists(), "{args:?} wrote a profile");
+    }
+    Ok(())
+}
