@@ -1,16 +1,14 @@
 //! `zerotrace replay FILE`: the agent's pipeline after the kernel, in one thread and without
 //! a network: a `--record` recording is decoded, correlated into spans and encoded as OTLP
-//! export requests (the exporter's own conversion, then protobuf), and the throughput is
-//! printed as JSON. `cargo xtask bench pipeline` records live traffic and runs this.
+//! export requests (per batch, with the exporter's own `export::encode::request`), and the
+//! throughput is printed as JSON. `cargo xtask bench pipeline` records live traffic and runs
+//! this.
 use std::{path::Path, time::Instant};
-
-use opentelemetry_proto::transform::{common::tonic::ResourceAttributesWithSchema, trace::tonic::group_spans_by_resource_and_scope};
-use prost::Message;
 
 use crate::{
     correlate::{Clock, Correlator},
     events::{decode, recording},
-    export::otlp::to_span_data,
+    export::encode::{EncodedResource, request as encode_request},
     spans::Span,
 };
 
@@ -33,10 +31,10 @@ pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError
     if records.is_empty() {
         return Err(ReplayError::Empty(path.display().to_string()));
     }
-    let resource = ResourceAttributesWithSchema::from(&crate::export::otlp::resource(&[(
+    let resource = EncodedResource::new(Some(&crate::export::otlp::resource(&[(
         "service.name".to_owned(),
         crate::export::resource::AttrValue::Str("replay".into()),
-    )]));
+    )])));
     let mut best = f64::INFINITY;
     let (mut events, mut spans_total, mut encoded, mut undecodable) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..rounds.max(1) {
@@ -49,11 +47,10 @@ pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError
                 batch.clear();
                 return 0;
             }
-            let data = batch.drain(..).map(|s| to_span_data(&s)).collect();
-            let req = opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
-                resource_spans: group_spans_by_resource_and_scope(data, &resource),
-            };
-            req.encode_to_vec().len() as u64
+            // As the exporter: encode the batch, then free its spans.
+            let n = encode_request(&resource, batch).len() as u64;
+            batch.clear();
+            n
         };
         let mut bad = 0;
         for r in &records {

@@ -31,6 +31,11 @@ use crate::{
 
 /// How often the ring buffer is drained when the kernel does not wake the agent.
 const DRAIN_TICK: Duration = Duration::from_millis(20);
+/// ... and at most this long when little is happening: the tick doubles after each drain
+/// that found fewer than QUIET_RECORDS records (an idle agent wakes 10 times a second, not
+/// 50) and is back to DRAIN_TICK at the first busy drain.
+const QUIET_TICK: Duration = Duration::from_millis(100);
+const QUIET_RECORDS: usize = 64;
 /// Longest time the temporary catch-up probes stay attached.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(30);
 /// Longest flush at shutdown.
@@ -180,6 +185,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = DRAIN_TICK;
     let mut last_stats = Instant::now();
     let mut spans: Vec<Span> = Vec::with_capacity(1024);
     let started = Instant::now();
@@ -218,8 +224,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
 
     loop {
         tokio::select! {
-            _ = reader.wait(DRAIN_TICK) => {
-                pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref(), profiler.as_mut());
+            _ = reader.wait(tick) => {
+                let n = pump(&mut reader, &mut correlator, &mut spans, &s, &traced, export.as_ref(), tail.as_mut(), &mut execs, red.as_ref(), control.as_ref(), profiler.as_mut());
+                tick = if n >= QUIET_RECORDS { DRAIN_TICK } else { (tick * 2).min(QUIET_TICK) };
                 if let Some(d) = &discover {
                     for pid in execs.drain(..) {
                         // A traced process that exec'd runs another program now.
@@ -403,8 +410,8 @@ fn pump(
     red: Option<&SharedRed>,
     control: Option<&crate::control::Control>,
     mut profiler: Option<&mut crate::profile::collect::Profiler>,
-) {
-    reader.drain(|ev| match ev {
+) -> usize {
+    let n = reader.drain(|ev| match ev {
         crate::events::Event::ProcExec { pid } => execs.push(pid),
         crate::events::Event::CpuSample(smp) => {
             if let Some(p) = profiler.as_deref_mut() {
@@ -444,7 +451,7 @@ fn pump(
         print::print(&out);
     }
     if spans.is_empty() {
-        return;
+        return n;
     }
     if s.print {
         let lines: Vec<String> = spans
@@ -457,6 +464,7 @@ fn pump(
         Some(e) => spans.drain(..).for_each(|sp| e.offer(sp)),
         None => spans.clear(),
     }
+    n
 }
 
 /// Detaches the temporary readRequest probes once every connection older than the agent has
@@ -926,3 +934,4 @@ pub async fn tail_remote(socket: &std::path::Path, token: Option<&str>, settings
     print::print(&tail.flush());
     end
 }
+

@@ -1,6 +1,7 @@
 //! The end of the pipeline: finished spans go to OTLP (batched, bounded, retried) and, with
 //! `--print`, to stdout, or as trace trees with `zerotrace tail`. This is the only module
 //! that knows OpenTelemetry types.
+pub mod encode;
 pub mod metrics;
 pub mod otlp;
 pub mod print;

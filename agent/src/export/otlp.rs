@@ -1,32 +1,33 @@
-//! OTLP export with opentelemetry-otlp: a bounded queue (drops counted, the pipeline never
-//! waits), batches per traced process (each process is its own resource and has its own
-//! exporter) by size or delay, up to MAX_IN_FLIGHT export requests at once, and retries with
+//! OTLP trace export: a bounded queue (drops counted, the pipeline never waits), batches per
+//! traced process (each process is its own resource, encoded once) by size or delay, each
+//! batch encoded straight to an `ExportTraceServiceRequest` (`encode`) and sent over gRPC
+//! (tonic) or HTTP (reqwest), up to MAX_IN_FLIGHT export requests at once, with retries and
 //! exponential backoff while the collector is down. When it comes back, export resumes with
 //! whatever is queued then.
 use std::{
-    borrow::Cow,
     collections::HashMap,
-    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
-    time::{Duration, Instant, SystemTime},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
 };
 
-use opentelemetry::{
-    InstrumentationScope, KeyValue,
-    trace::{SpanContext, SpanId as OtelSpanId, SpanKind as OtelKind, Status as OtelStatus, TraceFlags, TraceId as OtelTraceId, TraceState},
-};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::{
-    Resource,
-    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+use opentelemetry::KeyValue;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+use opentelemetry_sdk::Resource;
+use prost::{
+    Message as _,
+    bytes::{BufMut as _, Bytes},
 };
 use tokio::sync::mpsc;
 
-use super::{ExportStats, resource::AttrValue};
-use crate::{
-    cli::Protocol,
-    settings::ExportSettings,
-    spans::{Span, SpanKind, Status, Value},
+use super::{
+    ExportStats,
+    encode::{self, EncodedResource},
+    resource::AttrValue,
 };
+use crate::{cli::Protocol, settings::ExportSettings, spans::Span};
 
 /// Retries of one batch before it is dropped, and the backoff between them.
 const MAX_ATTEMPTS: u32 = 6;
@@ -61,11 +62,12 @@ pub struct OtlpExport {
 }
 
 impl OtlpExport {
+    /// Starts the exporting task (in the current tokio runtime); fails on a configuration
+    /// the exporter cannot use.
     pub fn start(settings: &ExportSettings, resources: Resources, stats: Arc<ExportStats>) -> Result<Self, ExportError> {
-        // Fail early on a configuration the exporter cannot use.
-        drop(build(settings)?);
+        let transport = Transport::new(settings)?;
         let (tx, rx) = mpsc::channel(settings.queue);
-        let task = tokio::spawn(run(rx, settings.clone(), resources, stats.clone()));
+        let task = tokio::spawn(run(rx, settings.clone(), transport, resources, stats.clone()));
         Ok(Self { tx: Some(tx), task, stats })
     }
 
@@ -92,86 +94,202 @@ impl OtlpExport {
     }
 }
 
-fn build(s: &ExportSettings) -> Result<opentelemetry_otlp::SpanExporter, ExportError> {
-    let err = |e: opentelemetry_otlp::ExporterBuildError| ExportError::Build { endpoint: s.endpoint.clone(), reason: e.to_string() };
-    match s.protocol {
-        Protocol::Grpc => {
-            let mut md = tonic::metadata::MetadataMap::new();
-            for (k, v) in &s.headers {
-                let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                    .map_err(|_| ExportError::Build { endpoint: s.endpoint.clone(), reason: format!("invalid header name {k:?}") })?;
-                let val = v.parse().map_err(|_| ExportError::Build { endpoint: s.endpoint.clone(), reason: format!("invalid header value for {k}") })?;
-                md.insert(key, val);
+/// The gRPC method export requests go to.
+const GRPC_SERVICE: &str = "opentelemetry.proto.collector.trace.v1.TraceService";
+const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+/// Where export requests go: one connection (gRPC: one HTTP/2 channel, lazily connected
+/// and reconnected; HTTP: reqwest's pool) shared by all processes, since each request
+/// carries its own resource. Cloned into each export task.
+#[derive(Clone)]
+enum Transport {
+    Grpc { grpc: tonic::client::Grpc<tonic::transport::Channel>, metadata: tonic::metadata::MetadataMap, timeout: Duration },
+    Http { client: reqwest::Client, url: reqwest::Url, headers: reqwest::header::HeaderMap, timeout: Duration },
+}
+
+impl Transport {
+    /// Needs a tokio runtime (the gRPC channel's worker is spawned on it).
+    fn new(s: &ExportSettings) -> Result<Self, ExportError> {
+        let err = |reason: String| ExportError::Build { endpoint: s.endpoint.clone(), reason };
+        match s.protocol {
+            Protocol::Grpc => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &s.headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                        .map_err(|_| err(format!("invalid header name {k:?}")))?;
+                    let val = v.parse().map_err(|_| err(format!("invalid header value for {k}")))?;
+                    metadata.insert(key, val);
+                }
+                let channel = tonic::transport::Endpoint::from_shared(s.endpoint.clone())
+                    .map_err(|e| err(format!("invalid endpoint: {e}")))?
+                    .timeout(s.timeout)
+                    .connect_lazy();
+                Ok(Transport::Grpc { grpc: tonic::client::Grpc::new(channel), metadata, timeout: s.timeout })
             }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(s.endpoint.clone())
-                .with_timeout(s.timeout)
-                .with_metadata(md)
-                .build()
-                .map_err(err)
+            Protocol::HttpProtobuf => {
+                let url = reqwest::Url::parse(&s.endpoint).map_err(|e| err(format!("invalid endpoint: {e}")))?;
+                // As opentelemetry-otlp did: a header that is not a valid HTTP header is left out.
+                let mut headers = reqwest::header::HeaderMap::new();
+                for (k, v) in &s.headers {
+                    match (reqwest::header::HeaderName::from_bytes(k.as_bytes()), reqwest::header::HeaderValue::from_str(v)) {
+                        (Ok(k), Ok(v)) => {
+                            headers.insert(k, v);
+                        }
+                        _ => tracing::warn!(header = %k, "not a valid HTTP header; not sent"),
+                    }
+                }
+                let client = reqwest::Client::builder()
+                    .timeout(s.timeout)
+                    .user_agent(concat!("zerotrace/", env!("CARGO_PKG_VERSION")))
+                    .build()
+                    .map_err(|e| err(format!("cannot build the HTTP client: {e}")))?;
+                Ok(Transport::Http { client, url, headers, timeout: s.timeout })
+            }
         }
-        Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(s.endpoint.clone())
-            .with_timeout(s.timeout)
-            .with_headers(s.headers.iter().cloned().collect())
-            .build()
-            .map_err(err),
+    }
+
+    /// Sends one encoded `ExportTraceServiceRequest`; Err: why it failed.
+    async fn send(&mut self, body: Bytes) -> Result<(), String> {
+        let timeout = match self {
+            Transport::Grpc { timeout, .. } | Transport::Http { timeout, .. } => *timeout,
+        };
+        let response = match tokio::time::timeout(timeout, self.send_once(body)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
+        };
+        if let Some(p) = response.partial_success.filter(|p| p.rejected_spans > 0 || !p.error_message.is_empty()) {
+            static WARNED: AtomicBool = AtomicBool::new(false);
+            if WARNED.swap(true, Relaxed) {
+                tracing::debug!(rejected_spans = p.rejected_spans, message = %p.error_message, "the collector rejected spans");
+            } else {
+                tracing::warn!(rejected_spans = p.rejected_spans, message = %p.error_message, "the collector rejected spans (further rejections are logged at debug level)");
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_once(&mut self, body: Bytes) -> Result<ExportTraceServiceResponse, String> {
+        match self {
+            Transport::Grpc { grpc, metadata, .. } => {
+                grpc.ready().await.map_err(|e| format!("gRPC channel not ready: {}", chain(&e)))?;
+                let mut ext = tonic::Extensions::new();
+                ext.insert(tonic::GrpcMethod::new(GRPC_SERVICE, "Export"));
+                let req = tonic::Request::from_parts(metadata.clone(), ext, body);
+                let path = tonic::codegen::http::uri::PathAndQuery::from_static(GRPC_PATH);
+                grpc.unary(req, path, RawCodec).await.map(tonic::Response::into_inner).map_err(|st| {
+                    // The collector's message can echo secrets (auth headers): the code
+                    // only, and the cause when the error is local (connecting, timing out).
+                    match std::error::Error::source(&st) {
+                        Some(src) => format!("gRPC status {:?}: {}", st.code(), chain(src)),
+                        None => format!("gRPC status {:?}", st.code()),
+                    }
+                })
+            }
+            Transport::Http { client, url, headers, .. } => {
+                let resp = client
+                    .post(url.clone())
+                    .headers(headers.clone())
+                    .header(reqwest::header::CONTENT_TYPE, "application/x-protobuf")
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("HTTP request failed: {}", chain(&e)))?;
+                let status = resp.status();
+                if !status.is_success() {
+                    return Err(format!("HTTP status {status}"));
+                }
+                let bytes = resp.bytes().await.map_err(|e| format!("HTTP response failed: {}", chain(&e)))?;
+                Ok(ExportTraceServiceResponse::decode(bytes).unwrap_or_default())
+            }
+        }
     }
 }
 
-/// One exporter per traced process: its resource is fixed, so exports of different
-/// processes can be in flight together. An exporter is rebuilt when its process's resource
-/// changed (a pid that now runs another program) and dropped after IDLE without spans (a
-/// process long gone), so the set follows the processes traced.
-struct Exporters {
-    settings: ExportSettings,
-    resources: Resources,
-    by_pid: HashMap<u32, (Arc<opentelemetry_otlp::SpanExporter>, Option<Resource>, Instant)>,
+/// An error and its causes, "a: b: c".
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut next = e.source();
+    while let Some(c) = next {
+        let c_text = c.to_string();
+        if !s.ends_with(&c_text) {
+            s.push_str(": ");
+            s.push_str(&c_text);
+        }
+        next = c.source();
+    }
+    s
 }
 
-/// An exporter unused this long is dropped (rebuilt if its process sends spans again).
+/// A gRPC codec whose requests are already encoded (`encode::request`'s bytes).
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+
+struct RawEncoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Bytes;
+    type Error = tonic::Status;
+
+    fn encode(&mut self, item: Bytes, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Bytes;
+    type Decode = ExportTraceServiceResponse;
+    type Encoder = RawEncoder;
+    type Decoder = tonic_prost::ProstDecoder<ExportTraceServiceResponse>;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// Each traced process's resource, encoded once. An entry is rebuilt when its process's
+/// resource changed (a pid that now runs another program) and dropped after IDLE without
+/// spans (a process long gone), so the set follows the processes traced.
+struct EncodedResources {
+    resources: Resources,
+    by_pid: HashMap<u32, (Arc<EncodedResource>, Option<Resource>, Instant)>,
+}
+
+/// A resource unused this long is dropped (encoded again if its process sends spans again).
 const IDLE: Duration = Duration::from_secs(300);
 
-impl Exporters {
-    fn get(&mut self, pid: u32) -> Option<Arc<opentelemetry_otlp::SpanExporter>> {
+impl EncodedResources {
+    fn get(&mut self, pid: u32) -> Arc<EncodedResource> {
         let current = self.resources.lock().ok().and_then(|r| r.get(&pid).cloned());
-        if let Some((e, res, used)) = self.by_pid.get_mut(&pid) {
-            if *res == current || current.is_none() {
-                *used = Instant::now();
-                return Some(e.clone());
-            }
+        if let Some((e, res, used)) = self.by_pid.get_mut(&pid)
+            && (*res == current || current.is_none())
+        {
+            *used = Instant::now();
+            return e.clone();
         }
-        let mut e = match build(&self.settings) {
-            Ok(e) => e,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot build an OTLP exporter");
-                return None;
-            }
-        };
-        if let Some(r) = &current {
-            e.set_resource(r);
-        }
-        let e = Arc::new(e);
+        let e = Arc::new(EncodedResource::new(current.as_ref()));
         self.by_pid.insert(pid, (e.clone(), current, Instant::now()));
-        Some(e)
+        e
     }
 
-    /// Drops exporters idle for IDLE that no export uses.
+    /// Drops resources idle for IDLE that no export uses.
     fn evict_idle(&mut self) {
         self.by_pid.retain(|_, (e, _, used)| used.elapsed() < IDLE || Arc::strong_count(e) > 1);
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resources, stats: Arc<ExportStats>) {
-    let mut exporters = Exporters { settings: s.clone(), resources, by_pid: HashMap::new() };
+async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transport, resources: Resources, stats: Arc<ExportStats>) {
+    let mut resources = EncodedResources { resources, by_pid: HashMap::new() };
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let failing = Arc::new(Mutex::new(Failing::default()));
     let mut in_flight = tokio::task::JoinSet::new();
     let mut batches: HashMap<u32, Vec<Span>> = HashMap::new();
     let mut open = true;
+    let ctx = Ctx { transport, stats, failing };
     while open {
         // Wait for a first span, then gather until a batch is full or the delay is over.
         match rx.recv().await {
@@ -190,7 +308,7 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resourc
                         // Waiting for a free export slot is the backpressure: meanwhile the
                         // bounded queue fills and further spans are dropped and counted.
                         let permit = permits.clone().acquire_owned().await.expect("never closed");
-                        spawn_export(&mut in_flight, &mut exporters, pid, full, permit, &stats, &failing, true);
+                        spawn_export(&mut in_flight, &ctx, resources.get(pid), full, permit, true);
                     }
                 }
                 Ok(None) => {
@@ -202,10 +320,10 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resourc
         }
         for (pid, b) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
             let permit = permits.clone().acquire_owned().await.expect("never closed");
-            spawn_export(&mut in_flight, &mut exporters, *pid, std::mem::take(b), permit, &stats, &failing, open);
+            spawn_export(&mut in_flight, &ctx, resources.get(*pid), std::mem::take(b), permit, open);
         }
         while in_flight.try_join_next().is_some() {}
-        exporters.evict_idle();
+        resources.evict_idle();
         batches.retain(|_, b| !b.is_empty());
     }
     // Closed: what is left goes out in full batches, one attempt each.
@@ -213,16 +331,21 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, resources: Resourc
     while let Ok(span) = rx.try_recv() {
         rest.entry(span.pid).or_default().push(span);
     }
-    for (pid, spans) in rest {
-        for chunk in spans.chunks(s.batch.max(1)) {
+    for (pid, mut spans) in rest {
+        while !spans.is_empty() {
+            let chunk: Vec<Span> = spans.drain(..s.batch.max(1).min(spans.len())).collect();
             let permit = permits.clone().acquire_owned().await.expect("never closed");
-            spawn_export(&mut in_flight, &mut exporters, pid, chunk.to_vec(), permit, &stats, &failing, false);
+            spawn_export(&mut in_flight, &ctx, resources.get(pid), chunk, permit, false);
         }
     }
     while in_flight.join_next().await.is_some() {}
-    for (e, _, _) in exporters.by_pid.values() {
-        let _ = e.shutdown();
-    }
+}
+
+/// What every export task shares.
+struct Ctx {
+    transport: Transport,
+    stats: Arc<ExportStats>,
+    failing: Arc<Mutex<Failing>>,
 }
 
 #[derive(Default)]
@@ -231,46 +354,38 @@ struct Failing {
     errors: u64,
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Encodes one process's batch and sends it in a task of its own, holding `permit` until
+/// done.
 fn spawn_export(
     set: &mut tokio::task::JoinSet<()>,
-    exporters: &mut Exporters,
-    pid: u32,
+    ctx: &Ctx,
+    resource: Arc<EncodedResource>,
     batch: Vec<Span>,
     permit: tokio::sync::OwnedSemaphorePermit,
-    stats: &Arc<ExportStats>,
-    failing: &Arc<Mutex<Failing>>,
     retry: bool,
 ) {
     if batch.is_empty() {
         return;
     }
-    let Some(exporter) = exporters.get(pid) else {
-        stats.dropped_failed.fetch_add(batch.len() as u64, Relaxed);
-        return;
-    };
-    let (stats, failing) = (stats.clone(), failing.clone());
+    let (mut transport, stats, failing) = (ctx.transport.clone(), ctx.stats.clone(), ctx.failing.clone());
     set.spawn(async move {
-        send_batch(&exporter, &batch, &stats, &failing, retry).await;
+        // Encoded once: retries send the same bytes, and the spans are freed now.
+        let body = Bytes::from(encode::request(&resource, &batch));
+        let n = batch.len() as u64;
+        drop((batch, resource));
+        send_batch(&mut transport, body, n, &stats, &failing, retry).await;
         drop(permit);
     });
 }
 
-/// Exports one process's batch, retrying with backoff when `retry` is set.
-async fn send_batch(
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: &[Span],
-    stats: &ExportStats,
-    failing: &Mutex<Failing>,
-    retry: bool,
-) {
+/// Exports one encoded batch of `n` spans, retrying with backoff when `retry` is set.
+async fn send_batch(transport: &mut Transport, body: Bytes, n: u64, stats: &ExportStats, failing: &Mutex<Failing>, retry: bool) {
     let mut backoff = FIRST_BACKOFF;
     let attempts = if retry { MAX_ATTEMPTS } else { 1 };
     for attempt in 1..=attempts {
-        let data: Vec<SpanData> = batch.iter().map(to_span_data).collect();
-        match exporter.export(data).await {
+        match transport.send(body.clone()).await {
             Ok(()) => {
-                stats.exported.fetch_add(batch.len() as u64, Relaxed);
+                stats.exported.fetch_add(n, Relaxed);
                 let mut f = failing.lock().expect("not poisoned");
                 if let Some(since) = f.since.take() {
                     tracing::info!(failed_requests = f.errors, down_for_s = since.elapsed().as_secs(), "OTLP export works again");
@@ -295,61 +410,5 @@ async fn send_batch(
             }
         }
     }
-    stats.dropped_failed.fetch_add(batch.len() as u64, Relaxed);
-}
-
-fn to_time(unix_ns: u64) -> SystemTime {
-    SystemTime::UNIX_EPOCH + Duration::from_nanos(unix_ns)
-}
-
-pub fn to_span_data(s: &Span) -> SpanData {
-    let trace_state = s
-        .trace_state
-        .as_deref()
-        .and_then(|t| t.parse::<TraceState>().ok())
-        .unwrap_or_default();
-    SpanData {
-        span_context: SpanContext::new(
-            OtelTraceId::from_bytes(s.trace_id.0),
-            OtelSpanId::from_bytes(s.span_id.0),
-            TraceFlags::SAMPLED,
-            false,
-            trace_state,
-        ),
-        parent_span_id: s.parent.map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
-        parent_span_is_remote: s.parent_is_remote,
-        span_kind: match s.kind {
-            SpanKind::Server => OtelKind::Server,
-            SpanKind::Client => OtelKind::Client,
-            SpanKind::Internal => OtelKind::Internal,
-        },
-        name: Cow::Owned(s.name.clone()),
-        start_time: to_time(s.start_unix_ns),
-        end_time: to_time(s.end_unix_ns),
-        attributes: s
-            .attributes
-            .iter()
-            .map(|(k, v)| match v {
-                Value::Str(x) => KeyValue::new(*k, x.clone()),
-                Value::Static(x) => KeyValue::new(*k, *x),
-                Value::Shared(x) => KeyValue::new(*k, opentelemetry::StringValue::from(x.clone())),
-                Value::Int(i) => KeyValue::new(*k, *i),
-            })
-            .collect(),
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: SpanLinks::default(),
-        status: match &s.status {
-            Status::Unset => OtelStatus::Unset,
-            Status::Error(d) => OtelStatus::error(d.clone()),
-        },
-        instrumentation_scope: scope(),
-    }
-}
-
-fn scope() -> InstrumentationScope {
-    static SCOPE: std::sync::OnceLock<InstrumentationScope> = std::sync::OnceLock::new();
-    SCOPE
-        .get_or_init(|| InstrumentationScope::builder("zerotrace").with_version(env!("CARGO_PKG_VERSION")).build())
-        .clone()
+    stats.dropped_failed.fetch_add(n, Relaxed);
 }
