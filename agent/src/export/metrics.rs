@@ -15,7 +15,7 @@ use std::{
 };
 
 use opentelemetry_proto::tonic::{
-    collector::metrics::v1::{ExportMetricsServiceRequest, metrics_service_client::MetricsServiceClient},
+    collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
         AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric,
@@ -23,11 +23,9 @@ use opentelemetry_proto::tonic::{
     },
     resource::v1::Resource as ProtoResource,
 };
-use prost::Message as _;
 
 use super::otlp::Resources;
 use crate::{
-    cli::Protocol,
     settings::ExportSettings,
     spans::{Span, SpanKind, Status, Value},
 };
@@ -248,55 +246,17 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
 
 /// Where metrics go: the traces' collector (gRPC: the same endpoint; http/protobuf: the
 /// `/v1/metrics` path beside `/v1/traces`).
-pub struct MetricsSink {
-    settings: ExportSettings,
-    grpc: Option<MetricsServiceClient<tonic::transport::Channel>>,
-    http: Option<reqwest::Client>,
-    url: String,
-}
+/// Where metrics go: the traces' collector, `/v1/metrics` for http/protobuf.
+pub struct MetricsSink(super::sink::Sink);
 
 impl MetricsSink {
     pub fn new(settings: &ExportSettings) -> Self {
-        let url = match settings.protocol {
-            Protocol::Grpc => settings.endpoint.clone(),
-            Protocol::HttpProtobuf => match settings.endpoint.strip_suffix("/v1/traces") {
-                Some(base) => format!("{base}/v1/metrics"),
-                None => format!("{}/v1/metrics", settings.endpoint.trim_end_matches('/')),
-            },
-        };
-        Self { settings: settings.clone(), grpc: None, http: None, url }
+        Self(super::sink::Sink::new(settings, "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", "/v1/metrics"))
     }
 
     /// Sends one request; Err: why (the caller counts it; the next export has the totals).
     pub async fn send(&mut self, req: ExportMetricsServiceRequest) -> Result<(), String> {
-        let timeout = self.settings.timeout;
-        match self.settings.protocol {
-            Protocol::Grpc => {
-                if self.grpc.is_none() {
-                    let ch = tonic::transport::Endpoint::from_shared(self.url.clone())
-                        .map_err(|e| e.to_string())?
-                        .timeout(timeout)
-                        .connect_lazy();
-                    self.grpc = Some(MetricsServiceClient::new(ch));
-                }
-                let mut r = tonic::Request::new(req);
-                for (k, v) in &self.settings.headers {
-                    if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
-                        r.metadata_mut().insert(k, v);
-                    }
-                }
-                self.grpc.as_mut().expect("set above").export(r).await.map(drop).map_err(|e| e.message().to_owned())
-            }
-            Protocol::HttpProtobuf => {
-                let client = self.http.get_or_insert_with(reqwest::Client::new);
-                let mut b = client.post(&self.url).timeout(timeout).header("content-type", "application/x-protobuf").body(req.encode_to_vec());
-                for (k, v) in &self.settings.headers {
-                    b = b.header(k.as_str(), v.as_str());
-                }
-                let resp = b.send().await.map_err(|e| e.to_string())?;
-                if resp.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", resp.status())) }
-            }
-        }
+        self.0.send::<_, ExportMetricsServiceResponse>(req).await
     }
 }
 

@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod otlp;
 pub mod print;
 pub mod resource;
+pub mod sink;
 pub mod tail;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};

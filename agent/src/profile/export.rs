@@ -4,68 +4,28 @@
 use std::sync::{Arc, atomic::Ordering};
 
 use opentelemetry_proto::tonic::{
-    collector::profiles::v1development::{ExportProfilesServiceRequest, profiles_service_client::ProfilesServiceClient},
+    collector::profiles::v1development::{ExportProfilesServiceRequest, ExportProfilesServiceResponse},
     common::v1::{AnyValue, KeyValue, any_value},
 };
-use prost::Message as _;
 
 use super::model::Profile;
-use crate::{cli::Protocol, export::otlp::Resources, settings::ExportSettings};
+use crate::{export::otlp::Resources, settings::ExportSettings};
 
-pub struct ProfilesSink {
-    settings: ExportSettings,
-    grpc: Option<ProfilesServiceClient<tonic::transport::Channel>>,
-    http: Option<reqwest::Client>,
-    url: String,
-}
+/// Where profiles go: the traces' collector, `/v1development/profiles` for http/protobuf.
+pub struct ProfilesSink(crate::export::sink::Sink);
 
 impl ProfilesSink {
     pub fn new(settings: &ExportSettings) -> Self {
-        let url = match settings.protocol {
-            Protocol::Grpc => settings.endpoint.clone(),
-            Protocol::HttpProtobuf => match settings.endpoint.strip_suffix("/v1/traces") {
-                Some(base) => format!("{base}/v1development/profiles"),
-                None => format!("{}/v1development/profiles", settings.endpoint.trim_end_matches('/')),
-            },
-        };
-        Self { settings: settings.clone(), grpc: None, http: None, url }
+        Self(crate::export::sink::Sink::new(
+            settings,
+            "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export",
+            "/v1development/profiles",
+        ))
     }
 
     /// Sends one request; Err: why.
     pub async fn send(&mut self, req: ExportProfilesServiceRequest) -> Result<(), String> {
-        let timeout = self.settings.timeout;
-        match self.settings.protocol {
-            Protocol::Grpc => {
-                if self.grpc.is_none() {
-                    let ch = tonic::transport::Endpoint::from_shared(self.url.clone())
-                        .map_err(|e| e.to_string())?
-                        .timeout(timeout)
-                        .connect_lazy();
-                    self.grpc = Some(ProfilesServiceClient::new(ch));
-                }
-                let mut r = tonic::Request::new(req);
-                for (k, v) in &self.settings.headers {
-                    if let (Ok(k), Ok(v)) = (k.parse::<tonic::metadata::MetadataKey<_>>(), v.parse()) {
-                        r.metadata_mut().insert(k, v);
-                    }
-                }
-                let Some(client) = self.grpc.as_mut() else { return Err("no client".into()) };
-                client.export(r).await.map(drop).map_err(|e| e.message().to_owned())
-            }
-            Protocol::HttpProtobuf => {
-                let client = self.http.get_or_insert_with(reqwest::Client::new);
-                let mut b = client
-                    .post(&self.url)
-                    .timeout(timeout)
-                    .header("content-type", "application/x-protobuf")
-                    .body(req.encode_to_vec());
-                for (k, v) in &self.settings.headers {
-                    b = b.header(k.as_str(), v.as_str());
-                }
-                let resp = b.send().await.map_err(|e| e.to_string())?;
-                if resp.status().is_success() { Ok(()) } else { Err(format!("HTTP {}", resp.status())) }
-            }
-        }
+        self.0.send::<_, ExportProfilesServiceResponse>(req).await
     }
 }
 
