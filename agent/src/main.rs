@@ -11,7 +11,19 @@ use zerotrace::{cli::{Cli, Command}, config, control, doctor, run, settings};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc options (`mi_option_e`, the same in its v2 and v3): return freed memory to the
+/// OS after 20 ms (default 10 ms x 10 for arenas kept the start-up peak of loading the
+/// kernel object resident: 84 -> 38 MiB peak RSS; the pipeline benchmark is unchanged) and
+/// commit arena memory as it is used.
+const MI_OPTION_ARENA_EAGER_COMMIT: i32 = 4;
+const MI_OPTION_PURGE_DELAY: i32 = 15;
+
 fn main() -> ExitCode {
+    // SAFETY: option setters of the allocator; no other thread exists yet.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 20);
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 0);
+    }
     let cli = match parse_with_config() {
         Ok(c) => c,
         Err(code) => return code,
