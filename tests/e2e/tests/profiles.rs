@@ -274,3 +274,25 @@ fn profile_bad_input_says_what_to_do() -> Result<()> {
     }
     Ok(())
 }
+
+/// Profiles over OTLP http/protobuf (POST /v1development/profiles next to /v1/traces).
+#[test]
+fn profiles_over_http_protobuf() -> Result<()> {
+    let rx = Receiver::start(Kind::Http, 0)?;
+    let endpoint = rx.endpoint();
+    let (go, port) = start_server("httpserver-prof-http", &tools::httpserver(GO_NEWEST)?)?;
+    let mut agent = Agent::start(
+        &[go.pid()],
+        &["--otlp-protocol", "http/protobuf", "--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profile-frequency", "99"],
+        &[],
+    )?;
+    burn_go(port, 300, Duration::from_secs(1))?;
+    agent.stop()?;
+    let samples = rx.samples()?;
+    let spans = rx.spans();
+    let burn = spans.iter().find(|s| s.attr("url.path") == "/burn").context("no /burn span")?;
+    assert!(samples.iter().any(|s| s.span_id == burn.span_id && s.frames.first().is_some_and(|f| f == "main.burnHot")), "no sample of main.burnHot linked to the /burn span over HTTP: {} samples", samples.len());
+    assert_eq!(agent.stat("profile_export_errors"), 0);
+    assert!(agent.stat("profiles_exported") >= 1, "profiles_exported = {}", agent.stat("profiles_exported"));
+    Ok(())
+}
