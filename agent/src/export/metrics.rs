@@ -131,6 +131,20 @@ impl Red {
     }
 }
 
+/// A resource's attributes as OTLP key-values (integers stay integers, the rest strings):
+/// the resource of a process in metrics and profiles.
+pub fn proto_attributes(r: &opentelemetry_sdk::Resource) -> Vec<KeyValue> {
+    r.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                opentelemetry::Value::I64(i) => any_value::Value::IntValue(*i),
+                other => any_value::Value::StringValue(other.to_string()),
+            };
+            kv(k.as_str(), v)
+        })
+        .collect()
+}
+
 fn kv(key: &str, v: any_value::Value) -> KeyValue {
     KeyValue { key: key.to_owned(), value: Some(AnyValue { value: Some(v) }), ..Default::default() }
 }
@@ -174,20 +188,7 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
     let res = resources.lock().expect("not poisoned");
     let mut out = Vec::new();
     for (pid, metrics) in by_pid {
-        let attributes = res
-            .get(&pid)
-            .map(|r| {
-                r.iter()
-                    .map(|(k, v)| {
-                        let v = match v {
-                            opentelemetry::Value::I64(i) => any_value::Value::IntValue(*i),
-                            other => any_value::Value::StringValue(other.to_string()),
-                        };
-                        kv(k.as_str(), v)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let attributes = res.get(&pid).map(proto_attributes).unwrap_or_default();
         let metrics = metrics
             .into_iter()
             .map(|(name, points)| Metric {

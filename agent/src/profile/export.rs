@@ -5,7 +5,7 @@ use std::sync::{Arc, atomic::Ordering};
 
 use opentelemetry_proto::tonic::{
     collector::profiles::v1development::{ExportProfilesServiceRequest, ExportProfilesServiceResponse},
-    common::v1::{AnyValue, KeyValue, any_value},
+    common::v1::KeyValue,
 };
 
 use super::model::Profile;
@@ -32,19 +32,7 @@ impl ProfilesSink {
 /// The resource attributes of process `pid` as the traces carry them.
 pub fn resource_of(resources: &Resources, pid: u32) -> Vec<KeyValue> {
     let res = resources.lock().unwrap_or_else(|e| e.into_inner());
-    res.get(&pid)
-        .map(|r| {
-            r.iter()
-                .map(|(k, v)| {
-                    let value = match v {
-                        opentelemetry::Value::I64(i) => any_value::Value::IntValue(*i),
-                        other => any_value::Value::StringValue(other.to_string()),
-                    };
-                    KeyValue { key: k.as_str().to_owned(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    res.get(&pid).map(crate::export::metrics::proto_attributes).unwrap_or_default()
 }
 
 /// The task that sends each window's profile; returns when the profiler is gone.
