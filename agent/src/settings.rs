@@ -78,10 +78,7 @@ pub struct ProfileSettings {
 /// on, ending after `--duration` with the files written.
 pub fn resolve_profile(args: &crate::cli::ProfileArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<RunSettings, SettingsError> {
     let mut run = args.run.clone();
-    let endpoint_env = first(env, &["OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]).is_some();
-    if run.exporter.is_none() && run.otlp_endpoint.is_none() && !endpoint_env {
-        run.exporter = Some(Exporter::None);
-    }
+    export_only_when_asked(&mut run, env);
     if run.control_socket == crate::control::DEFAULT_SOCKET {
         run.control_socket = "off".into();
     }
@@ -102,6 +99,15 @@ pub fn resolve_profile(args: &crate::cli::ProfileArgs, env: &dyn Fn(&str) -> Opt
         flamegraph: args.flamegraph.clone(),
     });
     Ok(s)
+}
+
+/// `tail` and `profile` export only when an exporter or an OTLP endpoint is given, by flag
+/// or environment (`run` exports by default).
+fn export_only_when_asked(run: &mut RunArgs, env: &dyn Fn(&str) -> Option<String>) {
+    let endpoint_env = first(env, &["OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]).is_some();
+    if run.exporter.is_none() && run.otlp_endpoint.is_none() && !endpoint_env {
+        run.exporter = Some(Exporter::None);
+    }
 }
 
 /// Which Go runtime hooks carry span contexts between goroutines.
@@ -130,10 +136,7 @@ fn first(env: &dyn Fn(&str) -> Option<String>, keys: &[&'static str]) -> Option<
 /// is given, by flag or environment) plus what to show and how.
 pub fn resolve_tail(args: &crate::cli::TailArgs, env: &dyn Fn(&str) -> Option<String>, color: bool) -> Result<RunSettings, SettingsError> {
     let mut run = args.run.clone();
-    let endpoint_env = first(env, &["OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"]).is_some();
-    if run.exporter.is_none() && run.otlp_endpoint.is_none() && !endpoint_env {
-        run.exporter = Some(Exporter::None);
-    }
+    export_only_when_asked(&mut run, env);
     run.print = false;
     let mut s = resolve(&run, env)?;
     let name = match &args.name {

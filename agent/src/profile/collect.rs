@@ -17,7 +17,7 @@ use std::{
 use rustc_hash::FxHashMap as HashMap;
 
 use super::{
-    model::{Labels, Location, ProcessInfo, Profile, StackSample},
+    model::{Labels, ProcessInfo, Profile, StackSample},
     native::{NativeProfiler, UserStack},
 };
 use crate::{
@@ -46,8 +46,7 @@ pub struct ProfilerStats {
     pub dropped: AtomicU64,
     /// Samples whose user stack gave no frame at all.
     pub empty_stacks: AtomicU64,
-    /// Profiles handed to the exporter, and those it could not take (queue full).
-    pub profiles: AtomicU64,
+    /// Profiles the exporter could not take (its queue full).
     pub profiles_dropped: AtomicU64,
     /// Profiles the collector accepted, and failed exports.
     pub exported: AtomicU64,
@@ -161,10 +160,9 @@ fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::syn
             last = Instant::now();
             let p = w.take();
             if !p.samples.is_empty() {
-                match sink.try_send(p) {
-                    Ok(()) => w.stats.profiles.profiles.fetch_add(1, Ordering::Relaxed),
-                    Err(_) => w.stats.profiles.profiles_dropped.fetch_add(1, Ordering::Relaxed),
-                };
+                if sink.try_send(p).is_err() {
+                    w.stats.profiles.profiles_dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
     }
@@ -181,9 +179,6 @@ struct Worker {
     go: GoTables,
     /// Per Go process: the executable's identity (its tables are in `go`).
     go_pids: HashMap<u32, Option<(u64, u64)>>,
-    /// Symbolized user locations per (pid, address) of Go processes and kernel locations
-    /// per address (native processes are cached inside NativeProfiler).
-    kernel: HashMap<u64, Arc<Location>>,
     /// Aggregated samples of this window: index by (labels, addresses).
     index: HashMap<(Labels, Vec<u64>), usize>,
     samples: Vec<StackSample>,
@@ -202,7 +197,6 @@ impl Worker {
             native: NativeProfiler::new(),
             go: HashMap::default(),
             go_pids: HashMap::default(),
-            kernel: HashMap::default(),
             index: HashMap::default(),
             samples: Vec::new(),
             processes: BTreeMap::new(),
@@ -258,30 +252,23 @@ impl Worker {
         addrs.push(0);
         addrs.extend_from_slice(&user);
         let ts = self.clock.to_unix(s.ts_ns);
-        if let Some(&i) = self.index.get(&(labels.clone(), addrs.clone())) {
-            let e = &mut self.samples[i];
-            e.count += 1;
-            e.timestamps_unix_ns.push(ts);
-            return;
-        }
+        let slot = match self.index.entry((labels, addrs)) {
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let e = &mut self.samples[*o.get()];
+                e.count += 1;
+                e.timestamps_unix_ns.push(ts);
+                return;
+            }
+            std::collections::hash_map::Entry::Vacant(v) => v,
+        };
         if self.samples.len() >= MAX_STACKS {
             self.stats.profiles.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let mut locations = Vec::with_capacity(addrs.len());
-        for &a in &s.kstack {
-            let loc = match self.kernel.get(&a) {
-                Some(l) => l.clone(),
-                None => {
-                    let l = self.native.symbolize_kernel(&[a]).pop().unwrap_or_else(|| Arc::new(unknown(a, true)));
-                    if self.kernel.len() < 1 << 16 {
-                        self.kernel.insert(a, l.clone());
-                    }
-                    l
-                }
-            };
-            locations.push(loc);
-        }
+        let labels = slot.key().0.clone();
+        slot.insert(self.samples.len());
+        // Kernel callers are looked up at their return address - 1 (NativeProfiler caches).
+        let mut locations = self.native.symbolize_kernel(&s.kstack);
         if !user.is_empty() {
             let tables = if go { self.go_tables(s.pid) } else { None };
             let lines = tables.as_ref().map(|t| move |vaddr: u64| t.lines(vaddr));
@@ -291,7 +278,6 @@ impl Worker {
             };
             locations.extend(user_locs);
         }
-        self.index.insert((labels.clone(), addrs), self.samples.len());
         self.samples.push(StackSample { locations, labels, count: 1, timestamps_unix_ns: vec![ts] });
     }
 
@@ -306,10 +292,9 @@ impl Worker {
         seen.sort_unstable();
         seen.dedup();
         for pid in seen {
-            processes.push(self.processes.get(&pid).cloned().unwrap_or_else(|| ProcessInfo {
-                pid,
-                service_name: crate::model::proc::comm(pid).unwrap_or_else(|| format!("pid-{pid}")),
-                executable: crate::model::proc::comm(pid).unwrap_or_default(),
+            processes.push(self.processes.get(&pid).cloned().unwrap_or_else(|| {
+                let comm = crate::model::proc::comm(pid);
+                ProcessInfo { pid, service_name: comm.clone().unwrap_or_else(|| format!("pid-{pid}")), executable: comm.unwrap_or_default() }
             }));
         }
         let p = Profile {
@@ -324,12 +309,3 @@ impl Worker {
     }
 }
 
-fn unknown(address: u64, kernel: bool) -> Location {
-    Location {
-        address,
-        module: Arc::from(if kernel { "[kernel]" } else { "" }),
-        build_id: Arc::from(""),
-        lines: Vec::new(),
-        kernel,
-    }
-}
