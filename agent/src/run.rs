@@ -525,6 +525,8 @@ fn counters_list<'a>(
         ("uprobe_hits", k(Counter::UprobeHits)),
         ("requests_seen", k(Counter::Requests)),
         ("socket_client_requests_seen", k(Counter::SockClientRequests)),
+        ("pipelined_requests_seen", k(Counter::PipelinedRequests)),
+        ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
         ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
         ("goroutines_spawned", k(Counter::GoSpawns)),
         ("goroutines_inherited_span", k(Counter::GoSpawnsInherited)),

@@ -1,4 +1,5 @@
-//! Captured HTTP/1 bytes: request heads, response heads and status lines.
+//! Captured HTTP/1 bytes: request heads, response heads and status lines, pipelined
+//! requests and chunked bodies.
 #![no_main]
 use zerotrace::protocols::http1;
 
@@ -9,4 +10,10 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = http1::parse_response(data, "GET");
     let _ = http1::parse_response(data, "HEAD");
     let _ = http1::parse_status(data);
+    if let Some(at) = http1::next_request(data) {
+        assert!(at < data.len());
+    }
+    if let Some(n) = http1::chunked_len(data) {
+        assert!(n <= data.len());
+    }
 });

@@ -5,6 +5,7 @@
 pub mod clock;
 mod h2;
 mod native;
+mod pipeline;
 pub mod sampling;
 pub mod traces;
 
@@ -63,6 +64,12 @@ struct Pending {
     kernel_trace_origin: u8,
     /// A native server's response so far (where it ends), once it started.
     framing: Option<native::Progress>,
+    /// A pipelined request's Go route pattern, read when its response started.
+    route: Option<Arc<str>>,
+    /// Handler mode: records of Go handlers that ran for requests pipelined behind this one
+    /// (the handler of request n + 1 returns before its response, so before this one ends).
+    #[allow(clippy::vec_box)]
+    queued_go: Vec<Box<GoServerRequest>>,
 }
 
 /// Who made a Go call and when.
@@ -127,6 +134,9 @@ pub struct Stats {
     /// HTTP/2 connection directions that became unreadable (no preface, or bytes not
     /// captured where a frame header was).
     pub h2_unreadable: u64,
+    /// Responses to pipelined requests whose bytes were not captured (beyond the capture
+    /// size, or a body the capture cut): no span.
+    pub pipelined_uncaptured: u64,
 }
 
 /// Reads `len` bytes of a target's memory at an address, as a string.
@@ -157,6 +167,8 @@ pub struct Correlator {
     /// Native server requests already ended by their response's framing, by connection:
     /// the kernel's end record for them (at the next read) is expected and dropped.
     finished: HashMap<u64, u32>,
+    /// Server requests that came pipelined behind one already answered, by connection.
+    leftovers: HashMap<u64, pipeline::Leftover>,
     /// Whether (pid, addr, len) is read-only file-backed memory of the target (safe to read
     /// later: it cannot change).
     readonly: Box<dyn Fn(u32, u64, u64) -> bool + Send>,
@@ -196,6 +208,7 @@ impl Correlator {
             h2: HashMap::default(),
             h2_links: HashMap::default(),
             finished: HashMap::default(),
+            leftovers: HashMap::default(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
             sampling: sampling::Sampling::new(sampling::Sampler::AlwaysOn),
@@ -260,6 +273,7 @@ impl Correlator {
         }
         self.native.remove(&id);
         self.finished.remove(&id);
+        self.leftovers.remove(&id);
         self.h2.remove(&id);
     }
 
@@ -285,29 +299,21 @@ impl Correlator {
             Event::ConnClose { conn_id, .. } => {
                 self.end_native(conn_id, out);
                 self.close_h2(conn_id, out);
+                self.drop_leftover(conn_id, out);
                 self.drop_conn(conn_id);
             }
-            Event::HttpRequest(r) => self.on_request(r),
+            Event::HttpRequest(r) => self.on_request(r, out),
             Event::SockClientRequest(r) => self.on_native_request(r, out),
             Event::SockClientResponse(r) => self.on_native_response(r, out),
             Event::SockClientRecv(r) => self.on_native_recv(r, out),
             Event::SockServerResponse(r) => self.on_server_response(r, out),
             Event::SockServerSend(b) => self.on_server_send(b, out),
+            Event::SockServerPipelined(r) => self.on_server_pipelined(r, out),
             Event::SockH2(b) => self.on_h2(b, out),
             // CPU samples go to the profiler (run loop); a replay has no use for them here.
             Event::CpuSample(_) => {}
-            Event::HttpResponse(r) => {
-                if let Some(span) = self.on_response(r) {
-                    self.stats.spans += 1;
-                    out.push(span);
-                }
-            }
-            Event::GoServerRequest(g) => {
-                if let Some(span) = self.on_go_request(g) {
-                    self.stats.spans += 1;
-                    out.push(span);
-                }
-            }
+            Event::HttpResponse(r) => self.on_response(r, out),
+            Event::GoServerRequest(g) => self.on_go_request(g, out),
             Event::GoClientRequest(c) => self.on_client_request(c),
             Event::GoSqlStart(q) => self.on_sql_start(q),
             Event::GoSqlEnd(r) => {
@@ -506,7 +512,7 @@ impl Correlator {
         self.call_span(&call, p.trace_id, p.parent, known.unwrap_or("HTTP").to_owned(), a, status)
     }
 
-    fn on_request(&mut self, r: HttpRequest) {
+    fn on_request(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
         if r.offset > 0 {
             // More bytes of a request already open: append them where they belong.
             if let Some(p) = self.pending.get_mut(&r.conn_id) {
@@ -532,6 +538,9 @@ impl Correlator {
             }
             return;
         }
+        // A new read: requests pipelined behind the last one that were never answered are
+        // not coming.
+        self.drop_leftover(r.conn_id, out);
         if !self.pending.contains_key(&r.conn_id) && self.pending.len() >= MAX_PENDING {
             self.stats.pending_full += 1;
             return;
@@ -558,40 +567,53 @@ impl Correlator {
             kernel_trace: r.trace_id,
             kernel_trace_origin: r.trace_origin,
             framing: None,
+            route: None,
+            queued_go: Vec::new(),
         };
-        self.finished.remove(&r.conn_id);
-        if self.pending.insert(r.conn_id, p).is_some() {
+        self.open_pending(r.conn_id, p);
+    }
+
+    /// Server request `p` is open on connection `conn_id` (its response not ended yet).
+    fn open_pending(&mut self, conn_id: u64, p: Pending) {
+        self.finished.remove(&conn_id);
+        if let Some(old) = self.pending.insert(conn_id, p) {
             self.stats.lost_responses += 1;
+            if let Some(m) = self.open.get_mut(&old.pid) {
+                if m.get(&(conn_id, 0)) == Some(&old.span_id) {
+                    m.remove(&(conn_id, 0));
+                }
+            }
         }
     }
 
-    fn on_response(&mut self, r: HttpResponse) -> Option<Span> {
+    fn on_response(&mut self, r: HttpResponse, out: &mut Vec<Span>) {
         if self.finished.get(&r.conn_id) == Some(&r.seq) {
             // Ended by its framing already (a native server).
             self.finished.remove(&r.conn_id);
-            return None;
+            return;
         }
-        let Some(p) = self.take_pending(r.conn_id) else {
+        if self.pending.get(&r.conn_id).is_none_or(|p| p.seq != r.seq) {
             self.stats.unmatched_responses += 1;
-            return None;
-        };
-        if p.seq != r.seq {
-            self.stats.unmatched_responses += 1;
-            return None;
+            return;
         }
+        let Some(p) = self.take_pending(r.conn_id) else { return };
         let status = http1::parse_status(&r.status_line[..r.status_len as usize]).map(i64::from);
         let pattern = self.pattern(r.pid, r.pattern_ptr, r.pattern_len);
-        self.server_done(p, r.pid, r.conn_id, status, pattern, r.end_ns)
+        self.server_done(p, r.pid, r.conn_id, status, pattern, r.end_ns, out);
     }
 
     /// The server span of request `p` on connection `conn_id`, whose response ended at
-    /// `end_ns` (status from its first bytes; Go: route pattern from the process).
-    fn server_done(&mut self, p: Pending, pid: u32, conn_id: u64, status: Option<i64>, kernel_pattern: Option<Arc<str>>, end_ns: u64) -> Option<Span> {
+    /// `end_ns` (status from its first bytes; Go: route pattern from the process). Requests
+    /// that came pipelined behind it wait for their responses (`leftovers`).
+    #[allow(clippy::too_many_arguments)]
+    fn server_done(&mut self, mut p: Pending, pid: u32, conn_id: u64, status: Option<i64>, kernel_pattern: Option<Arc<str>>, end_ns: u64, out: &mut Vec<Span>) {
+        self.keep_pipelined(conn_id, &mut p, out);
         let Some(head) = http1::parse_request(&p.bytes) else {
             self.stats.not_http += 1;
             tracing::debug!(pid, conn = conn_id, seq = p.seq, head = %String::from_utf8_lossy(&p.bytes[..p.bytes.len().min(48)]).escape_debug(), "request bytes are not HTTP/1");
-            return None;
+            return;
         };
+        let kernel_pattern = kernel_pattern.or(p.route.take());
         let mut status = status;
         let conn = self.conns.get(&conn_id).map(|c| (c.addrs, c.peer.clone()));
         let mut pattern: &str = kernel_pattern.as_deref().unwrap_or("");
@@ -623,21 +645,43 @@ impl Correlator {
             start_ns: p.start_ns,
             end_ns: end_ns.max(p.start_ns),
         };
-        Some(self.server_span(fields))
+        let span = self.server_span(fields);
+        self.stats.spans += 1;
+        out.push(span);
     }
 
     /// Handler mode: a serverHandler.ServeHTTP call finished. If the connection's request is
-    /// open at the syscall level, the Go facts wait for the response there (one span); else
-    /// the handler's record is the span.
-    fn on_go_request(&mut self, g: Box<GoServerRequest>) -> Option<Span> {
+    /// open at the syscall level, the Go facts wait for the response there (one span); a
+    /// second record while it is open, or one while pipelined requests wait for their
+    /// responses, belongs to a pipelined request and waits for it. Else the handler's record
+    /// is the span.
+    fn on_go_request(&mut self, g: Box<GoServerRequest>, out: &mut Vec<Span>) {
         if g.sk != 0 {
-            if let Some(id) = self.by_sk.get(&g.sk) {
-                if let Some(p) = self.pending.get_mut(id) {
-                    p.go = Some(g);
-                    return None;
+            if let Some(&id) = self.by_sk.get(&g.sk) {
+                if let Some(p) = self.pending.get_mut(&id) {
+                    if p.go.is_none() {
+                        p.go = Some(g);
+                        return;
+                    }
+                    if p.queued_go.len() < pipeline::MAX_QUEUED_GO {
+                        p.queued_go.push(g);
+                        return;
+                    }
+                } else if let Some(l) = self.leftovers.get_mut(&id) {
+                    if l.go.len() < pipeline::MAX_QUEUED_GO {
+                        l.go.push(g);
+                        return;
+                    }
                 }
             }
         }
+        let span = self.go_alone(&g);
+        self.stats.spans += 1;
+        out.push(span);
+    }
+
+    /// The span of a Go handler's record alone (no request seen at the socket for it).
+    fn go_alone(&self, g: &GoServerRequest) -> Span {
         let addrs = if g.sk != 0 {
             self.by_sk.get(&g.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone()))
         } else {
@@ -668,7 +712,7 @@ impl Correlator {
             start_ns: g.start_ns,
             end_ns: g.end_ns,
         };
-        Some(self.server_span(fields))
+        self.server_span(fields)
     }
 
     fn server_span(&self, f: ServerFields<'_>) -> Span {

@@ -69,7 +69,12 @@ impl Progress {
             match (h.head_len, h.body) {
                 (Some(n), Some(Body::Empty)) => p.total = Some(n as u64),
                 (Some(n), Some(Body::Length(l))) => p.total = Some((n as u64).saturating_add(l)),
-                (Some(_), Some(Body::Chunked)) => p.chunked = true,
+                // A chunked body seen whole (a small response) is measured; else its end
+                // is told by the last chunk.
+                (Some(n), Some(Body::Chunked)) => match http1::chunked_len(&head[n..]) {
+                    Some(c) => p.total = Some((n + c) as u64),
+                    None => p.chunked = true,
+                },
                 _ => {}
             }
         }
@@ -80,12 +85,27 @@ impl Progress {
     /// brought its first bytes (`read_len` moved, the first of them captured: their tail is
     /// known only when all were).
     pub(super) fn first(request: &[u8], r: &HttpRequest) -> Progress {
+        Progress::starting(request, &r.head, u64::from(r.read_len), r.start_ns)
+    }
+
+    /// A response to the request whose captured bytes are `request`, starting with `head`
+    /// (captured) of `len` bytes moved at `ts`.
+    pub(super) fn starting(request: &[u8], head: &[u8], len: u64, ts: u64) -> Progress {
         let method = http1::parse_request(request).map(|h| h.method.into_owned()).unwrap_or_default();
-        let mut p = Progress::new(&r.head, &method, r.start_ns);
-        let all = r.head.len() as u32 >= r.read_len;
-        let tail: &[u8] = if all { &r.head[r.head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
-        p.add(u64::from(r.read_len), tail, r.start_ns);
+        let mut p = Progress::new(head, &method, ts);
+        let all = head.len() as u64 >= len;
+        let tail: &[u8] = if all { &head[head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
+        p.add(len, tail, ts);
         p
+    }
+
+    /// Bytes moved past the response's end (by Content-Length or a measured chunked body):
+    /// the start of the next response, when the requests were pipelined.
+    pub(super) fn excess(&self) -> u64 {
+        match self.total {
+            Some(t) if self.done => self.received.saturating_sub(t),
+            _ => 0,
+        }
     }
 
     /// `len` more bytes of the response moved at `ts`, ending with `tail`.
@@ -139,20 +159,84 @@ impl Correlator {
         self.native.insert(r.conn_id, call);
     }
 
-    /// The first bytes of the response to a native client's request.
+    /// The first bytes of the response to a native client's request, or a later read that
+    /// starts like a response head: the answer to the next pipelined request once the one
+    /// before is complete, else more of the current response.
     pub(super) fn on_native_response(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
         let Some(c) = self.native.get_mut(&r.conn_id) else {
             self.stats.unmatched_client_returns += 1;
             return;
         };
-        if c.seq != r.seq || c.response.is_some() {
+        if c.seq != r.seq {
             return;
         }
-        let p = Progress::first(&c.request, &r);
-        let done = p.done;
-        c.response = Some(p);
-        if done {
-            self.end_native(r.conn_id, out);
+        match c.response.as_mut() {
+            None => c.response = Some(Progress::first(&c.request, &r)),
+            Some(p) => {
+                let all = r.head.len() as u32 >= r.read_len;
+                let tail: &[u8] = if all { &r.head[r.head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
+                p.add(u64::from(r.read_len), tail, r.start_ns);
+            }
+        }
+        self.native_answered(r.conn_id, Some((&r.head, u64::from(r.read_len))), out);
+    }
+
+    /// Ends the native client call on `conn_id` if its response is complete; when the bytes
+    /// it wrote hold another request after its own (pipelined), that one is the connection's
+    /// call from now on. The read that completed it (`rec`: its captured bytes and length)
+    /// may hold the next responses' starts too.
+    fn native_answered(&mut self, conn_id: u64, mut rec: Option<(&[u8], u64)>, out: &mut Vec<Span>) {
+        loop {
+            let Some(c) = self.native.get(&conn_id) else { return };
+            let Some(p) = c.response.as_ref().filter(|p| p.done) else { return };
+            let (excess, last_ns) = (p.excess(), p.last_ns);
+            let next = http1::next_request(&c.request);
+            let Some(mut c) = self.native.remove(&conn_id) else { return };
+            let Some(at) = next else {
+                self.finish_native(c, conn_id, out);
+                return;
+            };
+            let request = c.request.split_off(at);
+            let call = NativeCall {
+                pid: c.pid,
+                tid: c.tid,
+                seq: c.seq,
+                span_id: loop {
+                    let v = fastrand::u64(..);
+                    if v != 0 {
+                        break v;
+                    }
+                },
+                start_ns: c.start_ns,
+                // Written together: under the same parent, else each a trace of its own.
+                trace_id: if c.parent.is_some() { c.trace_id } else { TraceId::random() },
+                parent: c.parent,
+                request,
+                response: None,
+            };
+            self.finish_native(c, conn_id, out);
+            self.traces.remember(call.span_id, call.trace_id);
+            let mut call = call;
+            if excess > 0 {
+                // The next response started in the same read.
+                match rec {
+                    Some((head, len)) if len >= excess && ((len - excess) as usize) < head.len() => {
+                        let rest = &head[(len - excess) as usize..];
+                        call.response = Some(Progress::starting(&call.request, rest, excess, last_ns));
+                        rec = Some((rest, excess));
+                    }
+                    _ => {
+                        // Its start was not captured: the requests after it are not followed.
+                        self.stats.pipelined_uncaptured += 1;
+                        return;
+                    }
+                }
+            }
+            if self.native.len() >= MAX_PENDING {
+                self.stats.pending_full += 1;
+                return;
+            }
+            self.native.insert(conn_id, call);
         }
     }
 
@@ -187,13 +271,10 @@ impl Correlator {
     }
 
     /// A native server's response is complete by its framing at `ts`: its span ends there.
-    fn server_framed(&mut self, pid: u32, conn_id: u64, seq: u32, status: Option<i64>, ts: u64, out: &mut Vec<Span>) {
+    pub(super) fn server_framed(&mut self, pid: u32, conn_id: u64, seq: u32, status: Option<i64>, ts: u64, out: &mut Vec<Span>) {
         let Some(p) = self.take_pending(conn_id) else { return };
         self.finished.insert(conn_id, seq);
-        if let Some(span) = self.server_done(p, pid, conn_id, status, None, ts) {
-            self.stats.spans += 1;
-            out.push(span);
-        }
+        self.server_done(p, pid, conn_id, status, None, ts, out);
     }
 
     /// A later read of a native client's response.
@@ -204,9 +285,7 @@ impl Correlator {
         }
         let Some(p) = c.response.as_mut() else { return };
         p.add(u64::from(r.len), &r.tail, r.ts);
-        if p.done {
-            self.end_native(r.conn_id, out);
-        }
+        self.native_answered(r.conn_id, None, out);
     }
 
     /// The native client call waiting on `conn_id` ends (complete, the next request, or

@@ -345,3 +345,75 @@ fn http2_lost_piece_ends_open_streams() {
     assert_eq!(spans[0].kind, SpanKind::Server);
     assert_eq!(s(&spans[0], "zerotrace.http2.incomplete"), "connection closed before the stream ended");
 }
+
+/// HTTP/1 pipelining on a server: three requests in one read (the second's body looks like
+/// a request, and is skipped by its Content-Length). The kernel starts the first; each later
+/// response head that no read started comes as SockServerPipelined with its own sequence
+/// number and span id, and the request it answers is the next one in the first's capture.
+#[test]
+fn pipelined_server_requests_each_get_a_span() {
+    use zerotrace_common::EventKind as K;
+    let batch = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 17\r\n\r\nGET /z HTTP/1.1\r\nGET /c?q=1 HTTP/1.1\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+    let small = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+    let big = b"HTTP/1.1 200 OK\r\ncontent-length: 5000\r\n\r\n";
+    let (spans, stats) = run(&[
+        open(1, 7),
+        record::request_linked(PID, 1_000_000, 1, 1, batch, 0xa1, 0),
+        record::response(PID, 2_000_000, 1, 1, b"HTTP/1.1 200 OK\r", ""),
+        // The whole response in its head's send: ended by its framing ...
+        record::bytes_record(K::SockServerPipelined, PID, 3_000_000, 1, 2, small, small.len() as u32, 0xa2),
+        // ... so the kernel's end record for it adds nothing.
+        record::response(PID, 3_500_000, 1, 2, b"HTTP/1.1 404 Not", ""),
+        // A response written in several sends ends with the kernel's record.
+        record::bytes_record(K::SockServerPipelined, PID, 4_000_000, 1, 3, big, big.len() as u32, 0xa3),
+        record::response(PID, 6_000_000, 1, 3, b"HTTP/1.1 200 OK\r", ""),
+        // A fourth response, whose request was never captured: no span, counted.
+        record::bytes_record(K::SockServerPipelined, PID, 7_000_000, 1, 4, small, small.len() as u32, 0xa4),
+    ]);
+    assert_eq!(spans.len(), 3, "{stats:?} {spans:#?}");
+    let got: Vec<(String, String, u64)> =
+        spans.iter().map(|x| (s(x, "url.path"), s(x, "http.response.status_code"), (x.end_unix_ns - OFFSET as u64) / 1_000_000)).collect();
+    assert_eq!(got, [("/a".into(), "200".into(), 2), ("/b".into(), "404".into(), 3), ("/c".into(), "200".into(), 6)]);
+    assert!(spans.iter().all(|x| x.start_unix_ns == (1_000_000 + OFFSET) as u64), "all were read at once");
+    assert_eq!(spans[1].span_id, span_id(0xa2));
+    assert_eq!(spans[2].parent.map(|p| p.to_string()), Some("b7ad6b7169203331".into()), "its own traceparent");
+    assert_ne!(spans[0].trace_id, spans[1].trace_id, "no client linked the later ones: traces of their own");
+    assert_eq!((stats.pipelined_uncaptured, stats.unmatched_responses), (1, 0));
+}
+
+/// HTTP/1 pipelining on a native client: three requests in one write, and the three
+/// responses read at once (their heads all in the capture), then a fourth request's
+/// response in a read of its own.
+#[test]
+fn pipelined_client_responses_read_together_are_split() {
+    use zerotrace_common::EventKind as K;
+    let mut client = record::conn_open(PID, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
+    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
+    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let reqs = b"GET /1 HTTP/1.1\r\nHost: d\r\n\r\nHEAD /2 HTTP/1.1\r\nHost: d\r\n\r\nGET /3 HTTP/1.1\r\nHost: d\r\n\r\nGET /4 HTTP/1.1\r\nHost: d\r\n\r\n";
+    let three = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\nHTTP/1.1 500 Oops\r\ntransfer-encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n";
+    let fourth = b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\n";
+    let (spans, stats) = run(&[
+        client,
+        record::bytes_record(K::SockClientRequest, PID, 1_000_000, 11, 1, reqs, reqs.len() as u32, 0xc1),
+        record::bytes_record(K::SockClientResponse, PID, 2_000_000, 11, 1, three, three.len() as u32, 0),
+        record::bytes_record(K::SockClientResponse, PID, 3_000_000, 11, 1, fourth, fourth.len() as u32 + 1, 0),
+        record::sock_bytes(K::SockClientRecv, PID, 4_000_000, 11, 1, 2, b"ne"),
+    ]);
+    let got: Vec<(String, String, u64)> =
+        spans.iter().map(|x| (s(x, "url.full"), s(x, "http.response.status_code"), (x.end_unix_ns - OFFSET as u64) / 1_000_000)).collect();
+    assert_eq!(
+        got,
+        [
+            ("http://d/1".into(), "200".into(), 2),
+            ("http://d/2".into(), "200".into(), 2),
+            ("http://d/3".into(), "500".into(), 2),
+            ("http://d/4".into(), "404".into(), 4)
+        ],
+        "{stats:?}"
+    );
+    assert_eq!(spans[0].span_id, span_id(0xc1));
+    let ids: std::collections::HashSet<_> = spans.iter().map(|x| x.span_id).collect();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(stats.pipelined_uncaptured, 0);
+}

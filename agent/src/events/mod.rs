@@ -68,6 +68,10 @@ pub enum Event {
     SockServerResponse(HttpRequest),
     /// A later send of a native server's response.
     SockServerSend(SockBytes),
+    /// A server's response head that answers a pipelined request (no read started it):
+    /// `seq`, `span_id` and the trace are the new request's, `head` the response's first
+    /// bytes; `goroutine` and `goid` carry the address and length of a Go route pattern.
+    SockServerPipelined(HttpRequest),
     /// HTTP/2 bytes read or sent on a native process's connection.
     SockH2(H2Bytes),
     /// A CPU sample of a selected process.
@@ -309,6 +313,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         | EventKind::SockClientRequest
         | EventKind::SockClientResponse
         | EventKind::SockServerResponse
+        | EventKind::SockServerPipelined
         | EventKind::SockH2Recv
         | EventKind::SockH2Send => {
             let e: HttpRequestEvent = exact(b, kind)?;
@@ -336,6 +341,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 EventKind::SockClientRequest => Event::SockClientRequest(r),
                 EventKind::SockClientResponse => Event::SockClientResponse(r),
                 EventKind::SockServerResponse => Event::SockServerResponse(r),
+                EventKind::SockServerPipelined => Event::SockServerPipelined(r),
                 EventKind::SockH2Recv | EventKind::SockH2Send => Event::SockH2(H2Bytes {
                     pid: r.pid,
                     tid: r.tid,

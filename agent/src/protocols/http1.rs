@@ -196,6 +196,60 @@ pub fn parse_response(buf: &[u8], method: &str) -> Option<ResponseHead> {
     None
 }
 
+/// Where the request after the first one in `buf` starts, when `buf` holds all of the
+/// first (head, and a Content-Length or chunked body) and the start of another: requests
+/// that came pipelined, several in one read or write. None otherwise.
+pub fn next_request(buf: &[u8]) -> Option<usize> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let httparse::Status::Complete(n) = req.parse(buf).ok()? else { return None };
+    let mut length = 0u64;
+    let mut chunked = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = h.value.split(|&c| c == b',').next_back().is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            length = std::str::from_utf8(h.value).ok()?.trim().parse().ok()?;
+        }
+    }
+    let body = if chunked { chunked_len(&buf[n..])? } else { usize::try_from(length).ok()? };
+    let end = n.checked_add(body)?;
+    starts_request(buf.get(end..)?).then_some(end)
+}
+
+/// Whether `b` starts like a request line: an upper-case method of 3 to 16 letters (or '-')
+/// and a space.
+fn starts_request(b: &[u8]) -> bool {
+    let n = b.iter().take(17).position(|&c| c == b' ');
+    n.is_some_and(|n| n >= 3 && b[..n].iter().all(|&c| c.is_ascii_uppercase() || c == b'-'))
+}
+
+/// Bytes of the chunked body at the start of `body` (through the last chunk and the
+/// trailer section), when all of it is there.
+pub fn chunked_len(body: &[u8]) -> Option<usize> {
+    let mut at = 0usize;
+    loop {
+        let httparse::Status::Complete((n, size)) = httparse::parse_chunk_size(body.get(at..)?).ok()? else { return None };
+        at = at.checked_add(n)?;
+        if size == 0 {
+            // Trailer fields, then an empty line.
+            loop {
+                let rest = body.get(at..)?;
+                let line = rest.windows(2).position(|w| w == b"\r\n")?;
+                at += line + 2;
+                if line == 0 {
+                    return Some(at);
+                }
+            }
+        }
+        at = at.checked_add(usize::try_from(size).ok()?)?;
+        if body.get(at..at.checked_add(2)?)? != b"\r\n" {
+            return None;
+        }
+        at += 2;
+    }
+}
+
 /// The method if it is one OpenTelemetry knows by name (others are reported as "_OTHER").
 pub fn known_method(m: &str) -> Option<&'static str> {
     Some(match m {
@@ -235,6 +289,29 @@ mod tests {
         // A header block that claims a huge body is only a number.
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 18446744073709551615\r\n\r\n", "GET").unwrap();
         assert_eq!(r.body, Some(Body::Length(u64::MAX)));
+    }
+
+    #[test]
+    fn pipelined_requests_are_found_after_the_first() {
+        let two = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n\r\n";
+        assert_eq!(next_request(two), Some(28));
+        let body = b"POST /a HTTP/1.1\r\nContent-Length: 6\r\n\r\nGET /xGET /b HTTP/1.1\r\n\r\n";
+        assert_eq!(&body[next_request(body).unwrap()..][..6], b"GET /b", "the body is skipped, even when it looks like a request");
+        let chunked = b"POST /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\nDELETE /b HTTP/1.1\r\n\r\n";
+        assert_eq!(&chunked[next_request(chunked).unwrap()..][..9], b"DELETE /b");
+        // Only one request, the body cut by the capture, or garbage after it: none.
+        assert_eq!(next_request(b"GET /a HTTP/1.1\r\n\r\n"), None);
+        assert_eq!(next_request(b"POST /a HTTP/1.1\r\nContent-Length: 50\r\n\r\nGET / HTTP/1.1\r\n\r\n"), None);
+        assert_eq!(next_request(b"GET /a HTTP/1.1\r\n\r\n\x16\x03\x01"), None);
+        assert_eq!(next_request(b"GET /a HTTP/1.1\r\nContent-Length: 18446744073709551615\r\n\r\nGET"), None);
+    }
+
+    #[test]
+    fn chunked_bodies_are_measured_when_all_there() {
+        assert_eq!(chunked_len(b"5\r\nhello\r\n0\r\n\r\nHTTP/1.1"), Some(15));
+        assert_eq!(chunked_len(b"5\r\nhello\r\n"), None);
+        assert_eq!(chunked_len(b"ffffffffffffffff\r\nab"), None);
+        assert_eq!(chunked_len(b"5\r\nhelloXX0\r\n\r\n"), None);
     }
 
     #[test]
@@ -298,6 +375,8 @@ mod tests {
             }
             let _ = parse_request(&b);
             let _ = parse_status(&b);
+            let _ = next_request(&b);
+            let _ = chunked_len(&b);
         }
     }
 }

@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 5;
+pub const ABI_VERSION: u32 = 6;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -132,6 +132,9 @@ pub enum Counter {
     SockClientRequests = 21,
     /// CPU samples of selected processes sent to the agent.
     CpuSamples = 22,
+    /// Requests that came pipelined behind another (no read started them): seen at their
+    /// response head, or in handler mode at their handler's entry.
+    PipelinedRequests = 23,
 }
 
 pub const COUNTER_SLOTS: u32 = 24;
@@ -174,6 +177,14 @@ pub enum EventKind {
     CpuSample = 19,
     /// A CPU sample of another program (CpuSampleEvent + a copy of its user stack).
     CpuSampleNative = 20,
+    /// A server connection sends the head of a response while no request was read for it:
+    /// the answer to a request that came pipelined, in the same read as an earlier one
+    /// (HttpRequestEvent layout: `seq` and `span_id` the new request's, `trace_id` and
+    /// `trace_origin` its trace, `start_ns` the send, `read_len` its bytes, the head
+    /// captured; `goroutine` and `goid` the address and length of its Go route pattern).
+    /// In Go handler mode it comes at the handler's entry instead, with no head (`read_len`
+    /// 0): the response then ends with an HttpResponse as usual.
+    SockServerPipelined = 21,
 }
 
 impl EventKind {
@@ -199,6 +210,7 @@ impl EventKind {
             18 => Self::SockH2Send,
             19 => Self::CpuSample,
             20 => Self::CpuSampleNative,
+            21 => Self::SockServerPipelined,
             _ => return None,
         })
     }

@@ -88,6 +88,7 @@ pub fn go_serve_http(ctx: ProbeContext) -> u32 {
         let sk = response_sk(go, response);
         if sk != 0 {
             let goid = goid_of(go, r.r14);
+            crate::http_server::handler_entry(pid_tgid, sk);
             serve_conn(pid, goid, sk);
         }
     }

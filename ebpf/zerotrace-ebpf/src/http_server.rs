@@ -7,13 +7,13 @@
 //! from the crypto/tls hooks (go_tls.rs) instead; the socket hooks keep their timing.
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
-    ClientLink, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
+    ClientLink, ConnKey, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
     HttpResponseEvent, bounds, phase, trace_origin,
 };
 
 use crate::{
     causality::{incoming_trace, injecting, new_span_id, remember_trace, span_of, trace_for},
-    maps::{CLIENT_LINK, EVENTS, SCRATCH, TARGETS, settings},
+    maps::{CLIENT_LINK, CONNS, EVENTS, SCRATCH, TARGETS, settings},
     socket_hooks::{SyscallArgs, recv_buffer, send_buffer},
     sockets::conn_for,
     util::{count, current_goroutine, go_ptr, header, now, read_user, read_user_bytes, wake_flags},
@@ -78,9 +78,16 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     // A native server's sends are all reported (where its response ends is told by its
     // framing: hyper, for one, reads nothing after a response until the next request).
     let native = conn.native != 0 && conn.h2 == 0;
-    // Otherwise the user buffer is read only at the first send of a response.
     let starting = conn.phase == phase::REQUEST;
-    let (buf, len) = if starting || native { send_buffer::<A>() } else { (0, 0) };
+    let (buf, len) = send_buffer::<A>();
+    // A response head sent with no request read since the last one answers a request that
+    // came pipelined (Go and hyper answer them one by one from their read buffer). Go's
+    // sends are seen once per pass of TCP's copy loop: only a syscall's first counts.
+    if !starting && conn.seq != 0 && conn.other == 0 && is_final_head(buf) && (native || crate::socket_hooks::first_pass::<A>(msg)) {
+        let total = crate::sock_client::send_total(msg, len);
+        pipelined_response(conn, pid_tgid, buf, len, total);
+        return Some(());
+    }
     send_bytes(conn, buf, len);
     if native && conn.phase == phase::RESPONSE {
         let total = crate::sock_client::send_total(msg, len);
@@ -94,6 +101,79 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// Whether the bytes at `buf` start the head of a final response ("HTTP/1.x NNN ", not
+/// 1xx).
+#[inline(always)]
+pub fn is_final_head(buf: u64) -> bool {
+    if buf == 0 {
+        return false;
+    }
+    let Some(b) = read_user::<[u8; 13]>(buf) else { return false };
+    b[..7] == *b"HTTP/1."
+        && b[8] == b' '
+        && (b'2'..=b'5').contains(&b[9])
+        && b[10].is_ascii_digit()
+        && b[11].is_ascii_digit()
+        && b[12] == b' '
+}
+
+/// Server connection `conn` sends the head of a response (`len` bytes at `buf`, `total` in
+/// the send) with no request read for it: the request came pipelined behind an earlier one.
+/// The response being written (if any) ends, and request n + 1 starts here with a span id
+/// of its own; the agent finds its bytes in the capture of the read that brought them all.
+#[inline(always)]
+fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64, total: u64) {
+    let ts = now();
+    finish_response(conn, pid_tgid as u32, ts, 0);
+    conn.seq += 1;
+    conn.span_id = new_span_id();
+    conn.req_ts = ts;
+    conn.bytes_in = 0;
+    conn.captured = 0;
+    conn.trace_in = 0;
+    count(Counter::PipelinedRequests);
+    fill_response(conn, buf, len, ts);
+    // SAFETY: plain field stores through a valid reference (ordered as in send_bytes).
+    unsafe {
+        core::ptr::write_volatile(&mut conn.last_write_ts, ts);
+        core::ptr::write_volatile(&mut conn.phase, phase::RESPONSE);
+    }
+    let (pattern, pattern_len) = (conn.pattern_ptr, conn.pattern_len as u64);
+    send_capture(conn, pid_tgid, EventKind::SockServerPipelined, buf, len, total, ts, pattern, pattern_len);
+}
+
+/// Handler mode: a Go handler starts on server socket `sk`. When no read started its
+/// request (it came pipelined, and Go took it from its read buffer), it starts here, so
+/// that the handler's work belongs to it from its first instruction: the previous response
+/// is complete (Go flushes it before reading the next request) and ends now.
+#[inline(always)]
+pub fn handler_entry(pid_tgid: u64, sk: u64) {
+    let Some(conn) = CONNS.get_ptr_mut(&ConnKey { sk }) else { return };
+    // SAFETY: map value pointer, valid for this program run.
+    let conn = unsafe { &mut *conn };
+    if conn.pid != (pid_tgid >> 32) as u32
+        || conn.role != ConnRole::Server as u8
+        || conn.seq == 0
+        || conn.h2 != 0
+        || conn.other != 0
+        || conn.phase == phase::REQUEST
+    {
+        return;
+    }
+    let ts = now();
+    finish_response(conn, pid_tgid as u32, ts, 0);
+    conn.seq += 1;
+    conn.span_id = new_span_id();
+    conn.req_ts = ts;
+    conn.bytes_in = 0;
+    conn.trace_in = 0;
+    count(Counter::PipelinedRequests);
+    // Its bytes came with the first request's capture; reads until its response add none.
+    conn.captured = capture_size();
+    send_capture(conn, pid_tgid, EventKind::SockServerPipelined, 0, 0, 0, ts, 0, 0);
+    conn.phase = phase::REQUEST;
 }
 
 /// What a status line at `buf` says about the response it starts.
@@ -427,7 +507,12 @@ pub fn send_capture(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, src: u
         (*ev).tls = conn.tls;
         (*ev).trace_origin = 0;
         (*ev)._pad = [0; 6];
-        if kind != EventKind::HttpRequest {
+        if kind == EventKind::SockServerPipelined {
+            // No client offered it (the offer on the flow was the first request's).
+            let (t, origin) = trace_for(conn.span_id, 0);
+            (*ev).trace_id = t;
+            (*ev).trace_origin = origin;
+        } else if kind != EventKind::HttpRequest {
             // A native client's bytes: the span's place is decided by the agent.
         } else if conn.captured == 0 {
             if let Some(l) = CLIENT_LINK.get_ptr(&conn.flow) {

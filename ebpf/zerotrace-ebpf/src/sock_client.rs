@@ -203,6 +203,13 @@ pub fn on_recv<A: SyscallArgs>(conn: &mut ConnState, pid_tgid: u64, ret: u64) {
         send_capture(conn, pid_tgid, EventKind::SockClientResponse, buf, n, ret, now(), 0, 0);
         return;
     }
+    if crate::http_server::is_final_head(buf) {
+        // A read that starts with another response head: the answer to a pipelined request
+        // (or body bytes that look like one: the agent tells by the framing so far).
+        conn.captured = 0;
+        send_capture(conn, pid_tgid, EventKind::SockClientResponse, buf, n, ret, now(), 0, 0);
+        return;
+    }
     // Where a vectored read's bytes end is not looked for: its tail is then unknown.
     let tail_len = if ret <= room { ret } else { 0 };
     bytes_event(conn, pid_tgid, EventKind::SockClientRecv, ret, buf, tail_len);

@@ -523,3 +523,100 @@ fn thread_per_request_server_parents() -> Result<()> {
     }
     Ok(())
 }
+
+/// HTTP/1 pipelining: a client (rsvc, Rust) writes four requests in one write before it
+/// reads any response, to a Rust server (hyper) and to a Go server (net/http), both of which
+/// answer them one by one from their read buffer. Every request gets its own server span
+/// (its path, status and route, ending in order) and its own client span, in conn mode and
+/// with Go handler probes alike (no request twice); the first request of each batch is
+/// linked across the processes (the later ones are not: the documented limit). With handler
+/// probes a pipelined request starts at its handler's entry, so the downstream call each
+/// handler makes (Go -> Rust) is that request's child.
+#[test]
+fn pipelined_requests_each_get_their_spans() -> Result<()> {
+    let (rust, rust_port) = rust_service("pipe-rust", None)?;
+    let go_port = free_port();
+    let mut cmd = Command::new(tools::httpserver(GO_NEWEST)?);
+    cmd.arg(format!("127.0.0.1:{go_port}")).env("OTEL_SERVICE_NAME", "pipe-go");
+    let go = Proc::spawn("pipe-go", cmd)?;
+    wait_for_port(go_port, Duration::from_secs(10))?;
+    let rust_reqs = ["GET:/hello", "GET:/status/404", "POST:/echo:GET /x HTTP/1.1", "GET:/slow/30"];
+    let go_reqs = ["GET:/hello", "GET:/status/404", "POST:/users/7:hi", "GET:/sleep?ms=30"];
+    // (path, status, route) per request, in order.
+    let (chain, chain_port) = go_service("pipe-chain", &format!("http://127.0.0.1:{rust_port}"))?;
+    let rust_want = [("/hello", "200", ""), ("/status/404", "404", ""), ("/echo", "200", ""), ("/slow/30", "200", "")];
+    let go_want = [("/hello", "200", "/hello"), ("/status/404", "404", "/status/"), ("/users/7", "405", ""), ("/sleep", "200", "/sleep")];
+    for mode in ["conn", "handler"] {
+        let rx = Receiver::start(Kind::Grpc, 0)?;
+        let clients: Vec<(Proc, std::path::PathBuf, &str)> = [(rust_port, &rust_reqs, "rust"), (go_port, &go_reqs, "go")]
+            .into_iter()
+            .map(|(port, reqs, to)| -> Result<_> {
+                let name = format!("pipe-client-{to}-{mode}");
+                let start = start_file(&name);
+                let mut cmd = Command::new(tools::rsvc()?);
+                cmd.args(["pipeline", &format!("127.0.0.1:{port}")]).arg(&start).args(reqs.iter()).env("OTEL_SERVICE_NAME", &name);
+                Ok((Proc::spawn(&name, cmd)?, start, to))
+            })
+            .collect::<Result<_>>()?;
+        let chain_start = start_file(&format!("pipe-chain-client-{mode}"));
+        let mut cmd = Command::new(tools::rsvc()?);
+        cmd.args(["pipeline", &format!("127.0.0.1:{chain_port}")]).arg(&chain_start).args(["GET:/chain/p1", "GET:/chain/p2", "GET:/chain/p3"]);
+        let mut chain_client = Proc::spawn("pipe-chain-client", cmd)?;
+        let mut pids = vec![rust.pid(), go.pid(), chain.pid()];
+        pids.extend(clients.iter().map(|c| c.0.pid()));
+        let endpoint = rx.endpoint();
+        let mut agent = Agent::start(&pids, &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--go-http-probes", mode], &[])?;
+        for (mut p, start, to) in clients {
+            std::fs::write(&start, b"")?;
+            let status = p.wait_timeout(Duration::from_secs(20));
+            ensure!(status.is_some_and(|s| s.success()), "the {to} pipelining client failed: {}", p.stderr_text());
+            let statuses: Vec<String> = p.stdout_text().lines().map(|l| l.split(' ').next().unwrap_or("").to_owned()).collect();
+            let want: Vec<&str> = if to == "rust" { rust_want.iter().map(|w| w.1).collect() } else { go_want.iter().map(|w| w.1).collect() };
+            assert_eq!(statuses, want, "the {to} server answered each request");
+        }
+        std::fs::write(&chain_start, b"")?;
+        ensure!(chain_client.wait_timeout(Duration::from_secs(20)).is_some_and(|s| s.success()), "chain client: {}", chain_client.stderr_text());
+        rx.wait_for(16 + 9, Duration::from_secs(20))?;
+        std::thread::sleep(Duration::from_millis(700));
+        agent.stop()?;
+        let spans = rx.spans();
+        for (service, want) in [("pipe-rust", &rust_want), ("pipe-go", &go_want)] {
+            let client_name = format!("pipe-client-{}-{mode}", &service[5..]);
+            let mut servers: Vec<&RSpan> =
+                spans.iter().filter(|s| s.kind == SERVER && s.res("service.name") == service && !s.attr("url.path").starts_with("/chain/")).collect();
+            servers.sort_by_key(|s| s.end_ns);
+            let got: Vec<(&str, &str, &str)> = servers.iter().map(|s| (s.attr("url.path"), s.attr("http.response.status_code"), s.attr("http.route"))).collect();
+            assert_eq!(got, want.to_vec(), "{mode}: one server span per pipelined request of {service}, in order: {servers:#?}");
+            let mut clients: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == client_name).collect();
+            clients.sort_by_key(|s| s.end_ns);
+            let got: Vec<(&str, &str)> = clients.iter().map(|s| (s.attr("url.full"), s.attr("http.response.status_code"))).collect();
+            assert_eq!(clients.len(), 4, "{mode}: one client span per pipelined request to {service}: {got:?}");
+            for (c, w) in clients.iter().zip(want.iter()) {
+                assert!(c.attr("url.full").contains(w.0), "{mode}: client spans in order: {clients:#?}");
+                assert_eq!(c.attr("http.response.status_code"), w.1, "{c:#?}");
+            }
+            let ids: std::collections::HashSet<&str> = servers.iter().chain(clients.iter()).map(|s| s.span_id.as_str()).collect();
+            assert_eq!(ids.len(), 8, "every span its own id");
+            assert_eq!(servers[0].parent_span_id, clients[0].span_id, "{mode}: the first request is linked across the processes");
+            for (s, c) in servers.iter().zip(clients.iter()) {
+                assert!(s.start_ns <= s.end_ns && c.start_ns <= s.start_ns + 1_000_000 && s.end_ns <= c.end_ns + 1_000_000, "{mode}: server within client: {s:#?} {c:#?}");
+            }
+            let slow = servers[3];
+            assert!(slow.duration() >= Duration::from_millis(30), "{mode}: the slow request lasts its 30 ms: {slow:#?}");
+        }
+        let chained: Vec<&RSpan> = spans.iter().filter(|s| s.kind == SERVER && s.res("service.name") == "pipe-chain").collect();
+        assert_eq!(chained.len(), 3, "{mode}: one span per pipelined chain request: {chained:#?}");
+        if mode == "handler" {
+            for i in 1..=3 {
+                let path = format!("/chain/p{i}");
+                let srv = one(&spans, "chain server span", |s| s.kind == SERVER && s.res("service.name") == "pipe-chain" && s.attr("url.path") == path);
+                let call = one(&spans, "chain call", |s| s.kind == CLIENT && s.res("service.name") == "pipe-chain" && s.attr("url.full").ends_with(&path));
+                assert_eq!(call.parent_span_id, srv.span_id, "{path}: the handler's call is its request's child");
+                let down = one(&spans, "downstream span", |s| s.kind == SERVER && s.res("service.name") == "pipe-rust" && s.attr("url.path") == path);
+                assert_eq!(down.parent_span_id, call.span_id, "{path}: and the Rust service's span the call's");
+            }
+        }
+        assert_eq!(agent.stat("pipelined_requests_not_captured"), 0);
+    }
+    Ok(())
+}

@@ -16,6 +16,10 @@
 //!                                      bytes to each unary request (echoed back)
 //!   rsvc get URL COUNT [START_FILE]    COUNT GETs of URL followed by the request's number, on
 //!                                      one keep-alive connection (once START_FILE exists)
+//!   rsvc pipeline ADDR START_FILE REQ... once START_FILE exists, writes every REQ
+//!                                      (`METHOD:PATH[:BODY]`) in one write on one
+//!                                      connection (HTTP/1 pipelining), then reads the
+//!                                      responses in order and prints "STATUS BODY" each
 //!
 //! Routes: `/hello` answers "hello"; `/status/CODE` answers that status; `/chain/ID` calls
 //! DOWNSTREAM/chain/ID and answers with its body (at the end of a chain: "leaf ID");
@@ -351,6 +355,48 @@ fn serve_thread_conn(conn: std::net::TcpStream, down: &str) -> std::io::Result<(
     }
 }
 
+/// HTTP/1 pipelining by hand (no common client does it): all requests in one write, then
+/// the responses (Content-Length framed) read back in order.
+fn pipeline(addr: &str, reqs: &[&str]) -> std::io::Result<()> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut batch = Vec::new();
+    for r in reqs {
+        let mut parts = r.splitn(3, ':');
+        let (method, path, body) = (parts.next().unwrap_or("GET"), parts.next().unwrap_or("/"), parts.next());
+        write!(batch, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n")?;
+        if let Some(b) = body {
+            write!(batch, "Content-Length: {}\r\n", b.len())?;
+        }
+        batch.extend_from_slice(b"\r\n");
+        batch.extend_from_slice(body.unwrap_or("").as_bytes());
+    }
+    s.write_all(&batch)?;
+    let mut r = BufReader::new(s);
+    for _ in reqs {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let status = line.split_whitespace().nth(1).unwrap_or("?").to_owned();
+        let mut len = 0;
+        loop {
+            line.clear();
+            r.read_line(&mut line)?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body)?;
+        println!("{status} {}", String::from_utf8_lossy(&body).trim_end());
+    }
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
@@ -366,6 +412,18 @@ fn main() {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("rsvc get: {e}");
+                    1
+                }
+            }
+        }
+        ["pipeline", addr, start, ref reqs @ ..] if !reqs.is_empty() => {
+            while !std::path::Path::new(start).exists() {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            match pipeline(addr, reqs) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("rsvc pipeline: {e}");
                     1
                 }
             }
@@ -422,7 +480,7 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc burn SECS | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]");
+            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc burn SECS | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE] | rsvc pipeline ADDR START_FILE METHOD:PATH[:BODY]...");
             2
         }
     };

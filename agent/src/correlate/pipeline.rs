@@ -1,0 +1,126 @@
+//! HTTP/1 pipelining on the server side: a client that writes requests n + 1, n + 2, ...
+//! before reading the response to n. They arrive in one read (or in the reads of request
+//! n), so the kernel starts only request n; Go's net/http and hyper then answer them one
+//! by one from their read buffer, and the kernel reports each later response head with a
+//! sequence number and span id of its own (`SockServerPipelined`). Their request bytes are
+//! in the capture of request n: what follows request n's head and body there is kept when
+//! its span ends (`Leftover`) and becomes the request the next such head answers.
+//!
+//! Handler mode: the Go handler of request n + 1 returns before its response is written,
+//! so while request n is still open; its record waits with the leftover bytes instead of
+//! being merged into request n (or emitted alone beside the request's own span).
+use crate::{
+    events::{GoServerRequest, HttpRequest},
+    protocols::http1,
+    spans::Span,
+};
+
+use super::{Correlator, MAX_PENDING, Pending, native::Progress};
+
+/// Go handler records waiting for the pipelined requests they belong to, per connection.
+pub(super) const MAX_QUEUED_GO: usize = 16;
+
+/// Requests that came pipelined behind one whose span ended: their captured bytes and
+/// where they were read.
+#[derive(Debug)]
+pub(super) struct Leftover {
+    pub(super) bytes: Vec<u8>,
+    start_ns: u64,
+    tid: u32,
+    first_tid: u32,
+    goid: u64,
+    tls: bool,
+    /// Handler mode: records of handlers that ran for these requests, oldest first (boxed as
+    /// they come and as `Pending::go` keeps them).
+    #[allow(clippy::vec_box)]
+    pub(super) go: Vec<Box<GoServerRequest>>,
+}
+
+impl Correlator {
+    /// Request `p` on `conn_id` ends: when its captured bytes hold another request after
+    /// it, that one (and any after it) waits for the response head that answers it.
+    pub(super) fn keep_pipelined(&mut self, conn_id: u64, p: &mut Pending, out: &mut Vec<Span>) {
+        let queued = std::mem::take(&mut p.queued_go);
+        let at = match http1::next_request(&p.bytes) {
+            Some(at) if self.leftovers.len() < MAX_PENDING || self.leftovers.contains_key(&conn_id) => at,
+            _ => return self.flush_go(queued, out),
+        };
+        let l = Leftover { bytes: p.bytes[at..].to_vec(), start_ns: p.start_ns, tid: p.tid, first_tid: p.first_tid, goid: p.goid, tls: p.tls, go: queued };
+        p.bytes.truncate(at);
+        if let Some(old) = self.leftovers.insert(conn_id, l) {
+            self.flush_go(old.go, out);
+        }
+    }
+
+    /// Pipelined requests on `conn_id` that were never answered (the connection closed, or
+    /// a new read started requests again): forgotten; their handlers' records become spans
+    /// of their own.
+    pub(super) fn drop_leftover(&mut self, conn_id: u64, out: &mut Vec<Span>) {
+        if let Some(l) = self.leftovers.remove(&conn_id) {
+            self.flush_go(l.go, out);
+        }
+    }
+
+    #[allow(clippy::vec_box)]
+    fn flush_go(&mut self, gs: Vec<Box<GoServerRequest>>, out: &mut Vec<Span>) {
+        for g in gs {
+            let span = self.go_alone(&g);
+            self.stats.spans += 1;
+            out.push(span);
+        }
+    }
+
+    /// A server sent the head of a response no read started: the answer to the next
+    /// pipelined request of its connection.
+    pub(super) fn on_server_pipelined(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
+        // The request before it, if still open (its end record lost), ends here.
+        if self.pending.get(&r.conn_id).is_some_and(|p| p.seq != r.seq)
+            && let Some(p) = self.take_pending(r.conn_id)
+        {
+            let status = p.framing.as_ref().and_then(|f| f.status).map(i64::from);
+            self.server_done(p, r.pid, r.conn_id, status, None, r.start_ns, out);
+        }
+        let Some(l) = self.leftovers.remove(&r.conn_id) else {
+            // Its request was not captured (past the capture size), or the connection is
+            // older than the agent: no span rather than one without a request.
+            self.stats.pipelined_uncaptured += 1;
+            return;
+        };
+        if self.pending.len() >= MAX_PENDING {
+            self.stats.pending_full += 1;
+            return self.flush_go(l.go, out);
+        }
+        let ids = self.server_ids(&l.bytes, 0, r.trace_id, r.trace_origin);
+        self.traces.remember(r.span_id, ids.trace_id);
+        self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
+        let route = self.pattern(r.pid, r.goroutine, r.goid.min(u64::from(u16::MAX)) as u16);
+        let framing = Progress::first(&l.bytes, &r);
+        let (done, status) = (framing.done, framing.status.map(i64::from));
+        let mut go = l.go;
+        let first_go = (!go.is_empty()).then(|| go.remove(0));
+        let p = Pending {
+            pid: r.pid,
+            first_tid: l.first_tid,
+            seq: r.seq,
+            tid: l.tid,
+            goid: l.goid,
+            start_ns: l.start_ns,
+            bytes: l.bytes,
+            largest_read: 0,
+            go: first_go,
+            span_id: r.span_id,
+            ids,
+            tls: l.tls,
+            kernel_trace: r.trace_id,
+            kernel_trace_origin: r.trace_origin,
+            framing: Some(framing),
+            route,
+            queued_go: go,
+        };
+        self.open_pending(r.conn_id, p);
+        if done {
+            // The whole response in this one send (Go writes small ones so).
+            self.server_framed(r.pid, r.conn_id, r.seq, status, r.start_ns, out);
+        }
+    }
+}
