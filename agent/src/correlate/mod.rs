@@ -51,6 +51,10 @@ struct Pending {
     bytes: Vec<u8>,
     /// Size of the largest read so far: its thread and goroutine are the request's.
     largest_read: u32,
+    /// The same-host client span the kernel linked the read to (0: none), and the place of
+    /// this request among those that came pipelined in that read (1: the first).
+    link_span: u64,
+    index: u32,
     /// Handler mode: what the Go handler reported for this request.
     go: Option<Box<GoServerRequest>>,
     /// Kernel span id (0: none) and where the span sits: decided when the request starts,
@@ -169,6 +173,8 @@ pub struct Correlator {
     finished: HashMap<u64, u32>,
     /// Server requests that came pipelined behind one already answered, by connection.
     leftovers: HashMap<u64, pipeline::Leftover>,
+    /// Native clients' batches of pipelined requests, by the first request's span id.
+    batches: HashMap<u64, pipeline::Batch>,
     /// Whether (pid, addr, len) is read-only file-backed memory of the target (safe to read
     /// later: it cannot change).
     readonly: Box<dyn Fn(u32, u64, u64) -> bool + Send>,
@@ -209,6 +215,7 @@ impl Correlator {
             h2_links: HashMap::default(),
             finished: HashMap::default(),
             leftovers: HashMap::default(),
+            batches: HashMap::default(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
             sampling: sampling::Sampling::new(sampling::Sampler::AlwaysOn),
@@ -271,7 +278,9 @@ impl Correlator {
         if self.take_pending(id).is_some() {
             self.stats.abandoned += 1;
         }
-        self.native.remove(&id);
+        if let Some(c) = self.native.remove(&id) {
+            self.batches.remove(&c.first);
+        }
         self.finished.remove(&id);
         self.leftovers.remove(&id);
         self.h2.remove(&id);
@@ -560,6 +569,8 @@ impl Correlator {
             start_ns: r.start_ns,
             bytes: r.head,
             largest_read: r.read_len,
+            link_span: r.link_span,
+            index: 1,
             go: None,
             span_id: r.span_id,
             ids,

@@ -29,6 +29,9 @@ pub(super) struct NativeCall {
     parent: Option<crate::spans::SpanId>,
     request: Vec<u8>,
     response: Option<Progress>,
+    /// Pipelining: the span id of the batch's first request, and this one's place in it.
+    pub(super) first: u64,
+    index: u32,
 }
 
 /// How far a response has come (a native client's, or a native server's).
@@ -133,6 +136,10 @@ impl Correlator {
         if r.offset > 0 {
             if let Some(c) = self.native.get_mut(&r.conn_id).filter(|c| c.seq == r.seq && c.request.len() == r.offset as usize) {
                 c.request.extend_from_slice(&r.head);
+                let (first, trace_id, parented) = (c.first, c.trace_id, c.parent.is_some());
+                if c.index == 1 && http1::next_request(&c.request).is_some() {
+                    self.register_batch(first, trace_id, parented);
+                }
             }
             return;
         }
@@ -155,8 +162,21 @@ impl Correlator {
             parent,
             request: r.head,
             response: None,
+            first: r.span_id,
+            index: 1,
         };
+        if http1::next_request(&call.request).is_some() {
+            // Pipelined requests: the server that reads them derives their ids alike.
+            self.register_batch(call.first, call.trace_id, call.parent.is_some());
+        }
         self.native.insert(r.conn_id, call);
+    }
+
+    /// A native client wrote several requests at once, the first with span id `first`.
+    fn register_batch(&mut self, first: u64, trace_id: TraceId, parented: bool) {
+        if self.batches.len() < MAX_PENDING {
+            self.batches.insert(first, super::pipeline::Batch { trace_id, parented });
+        }
     }
 
     /// The first bytes of the response to a native client's request, or a later read that
@@ -193,26 +213,27 @@ impl Correlator {
             let next = http1::next_request(&c.request);
             let Some(mut c) = self.native.remove(&conn_id) else { return };
             let Some(at) = next else {
+                self.batches.remove(&c.first);
                 self.finish_native(c, conn_id, out);
                 return;
             };
             let request = c.request.split_off(at);
+            let index = c.index + 1;
+            // Written together: under the same parent, else each a trace of its own; ids
+            // derived as the server reading them derives them.
+            let batch = self.batches.get(&c.first).copied().unwrap_or(super::pipeline::Batch { trace_id: c.trace_id, parented: c.parent.is_some() });
             let call = NativeCall {
                 pid: c.pid,
                 tid: c.tid,
                 seq: c.seq,
-                span_id: loop {
-                    let v = fastrand::u64(..);
-                    if v != 0 {
-                        break v;
-                    }
-                },
+                span_id: super::pipeline::batch_span(c.first, index),
                 start_ns: c.start_ns,
-                // Written together: under the same parent, else each a trace of its own.
-                trace_id: if c.parent.is_some() { c.trace_id } else { TraceId::random() },
+                trace_id: super::pipeline::batch_trace(&batch, c.first, index),
                 parent: c.parent,
                 request,
                 response: None,
+                first: c.first,
+                index,
             };
             self.finish_native(c, conn_id, out);
             self.traces.remember(call.span_id, call.trace_id);
@@ -228,12 +249,14 @@ impl Correlator {
                     _ => {
                         // Its start was not captured: the requests after it are not followed.
                         self.stats.pipelined_uncaptured += 1;
+                        self.batches.remove(&call.first);
                         return;
                     }
                 }
             }
             if self.native.len() >= MAX_PENDING {
                 self.stats.pending_full += 1;
+                self.batches.remove(&call.first);
                 return;
             }
             self.native.insert(conn_id, call);
@@ -292,6 +315,7 @@ impl Correlator {
     /// the connection's close).
     pub(super) fn end_native(&mut self, conn_id: u64, out: &mut Vec<Span>) {
         if let Some(c) = self.native.remove(&conn_id) {
+            self.batches.remove(&c.first);
             self.finish_native(c, conn_id, out);
         }
     }

@@ -6,6 +6,12 @@
 //! in the capture of request n: what follows request n's head and body there is kept when
 //! its span ends (`Leftover`) and becomes the request the next such head answers.
 //!
+//! Across processes: the kernel offers only a batch's first request on its flow (one send,
+//! one offer), so the n-th request of a batch has ids both ends derive alike: span id and
+//! trace from the first request's span id and n (`batch_span`, `batch_trace`). The client
+//! side registers the batch (`Batch`) when it writes it; the server side, reading request
+//! n of a batch whose first request was linked, takes the derived span as parent.
+//!
 //! Handler mode: the Go handler of request n + 1 returns before its response is written,
 //! so while request n is still open; its record waits with the leftover bytes instead of
 //! being merged into request n (or emitted alone beside the request's own span).
@@ -15,16 +21,53 @@ use crate::{
     spans::Span,
 };
 
-use super::{Correlator, MAX_PENDING, Pending, native::Progress};
+use super::{Correlator, Ids, MAX_PENDING, Pending, native::Progress, traces::span_id};
+use crate::spans::TraceId;
 
 /// Go handler records waiting for the pipelined requests they belong to, per connection.
 pub(super) const MAX_QUEUED_GO: usize = 16;
+
+/// A native client's batch of pipelined requests, by its first request's span id: that
+/// request's trace, and whether it had a parent in its process (then the batch shares it).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Batch {
+    pub(super) trace_id: TraceId,
+    pub(super) parented: bool,
+}
+
+/// The span id of the `n`-th request (n >= 2) of a batch whose first request is `first`:
+/// both ends of a same-host connection derive it alike (splitmix64 of the two).
+pub(super) fn batch_span(first: u64, n: u32) -> u64 {
+    let mut z = first ^ u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    if z == 0 { 1 } else { z }
+}
+
+/// The trace of the `n`-th request of `batch` (first request's span id `first`): the
+/// batch's own when it was written inside a request, else a trace of its own, derived.
+pub(super) fn batch_trace(batch: &Batch, first: u64, n: u32) -> TraceId {
+    if batch.parented {
+        return batch.trace_id;
+    }
+    let mut b = batch.trace_id.0;
+    let hi = batch_span(first ^ u64::from_be_bytes(b[..8].try_into().unwrap_or_default()), n);
+    let lo = batch_span(hi, n);
+    b[..8].copy_from_slice(&hi.to_be_bytes());
+    b[8..].copy_from_slice(&lo.to_be_bytes());
+    TraceId(b)
+}
 
 /// Requests that came pipelined behind one whose span ended: their captured bytes and
 /// where they were read.
 #[derive(Debug)]
 pub(super) struct Leftover {
     pub(super) bytes: Vec<u8>,
+    /// The same-host client span the batch's first request was linked to (0: none), and
+    /// the place of the first request waiting here in the batch.
+    link_span: u64,
+    index: u32,
     start_ns: u64,
     tid: u32,
     first_tid: u32,
@@ -45,7 +88,17 @@ impl Correlator {
             Some(at) if self.leftovers.len() < MAX_PENDING || self.leftovers.contains_key(&conn_id) => at,
             _ => return self.flush_go(queued, out),
         };
-        let l = Leftover { bytes: p.bytes[at..].to_vec(), start_ns: p.start_ns, tid: p.tid, first_tid: p.first_tid, goid: p.goid, tls: p.tls, go: queued };
+        let l = Leftover {
+            bytes: p.bytes[at..].to_vec(),
+            link_span: p.link_span,
+            index: p.index + 1,
+            start_ns: p.start_ns,
+            tid: p.tid,
+            first_tid: p.first_tid,
+            goid: p.goid,
+            tls: p.tls,
+            go: queued,
+        };
         p.bytes.truncate(at);
         if let Some(old) = self.leftovers.insert(conn_id, l) {
             self.flush_go(old.go, out);
@@ -90,7 +143,7 @@ impl Correlator {
             self.stats.pending_full += 1;
             return self.flush_go(l.go, out);
         }
-        let ids = self.server_ids(&l.bytes, 0, r.trace_id, r.trace_origin);
+        let ids = self.pipelined_ids(&l, &r);
         self.traces.remember(r.span_id, ids.trace_id);
         self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
         let route = self.pattern(r.pid, r.goroutine, r.goid.min(u64::from(u16::MAX)) as u16);
@@ -107,6 +160,8 @@ impl Correlator {
             start_ns: l.start_ns,
             bytes: l.bytes,
             largest_read: 0,
+            link_span: l.link_span,
+            index: l.index,
             go: first_go,
             span_id: r.span_id,
             ids,
@@ -122,5 +177,23 @@ impl Correlator {
             // The whole response in this one send (Go writes small ones so).
             self.server_framed(r.pid, r.conn_id, r.seq, status, r.start_ns, out);
         }
+    }
+}
+
+impl Correlator {
+    /// Where the server span of pipelined request `l` sits: under its own traceparent, else
+    /// under the same-host client request of the same place in the same batch (when the
+    /// batch's first request was linked and its client registered the batch), else a root.
+    fn pipelined_ids(&mut self, l: &Leftover, r: &HttpRequest) -> Ids {
+        let batch = if l.link_span != 0 { self.batches.get(&l.link_span).copied() } else { None };
+        let Some(batch) = batch.filter(|_| super::traceparent_in(&l.bytes).is_none()) else {
+            return self.server_ids(&l.bytes, 0, r.trace_id, r.trace_origin);
+        };
+        let trace_id = batch_trace(&batch, l.link_span, l.index);
+        if r.trace_origin == zerotrace_common::trace_origin::DRAWN {
+            self.traces.alias(r.trace_id, trace_id);
+        }
+        self.stats.linked += 1;
+        Ids { trace_id, parent: Some(span_id(batch_span(l.link_span, l.index))), remote: false, trace_state: None }
     }
 }

@@ -417,3 +417,38 @@ fn pipelined_client_responses_read_together_are_split() {
     assert_eq!(ids.len(), 4);
     assert_eq!(stats.pipelined_uncaptured, 0);
 }
+
+/// Pipelined requests between two traced processes on one host: the kernel offers only the
+/// batch's first request on the flow, and both ends derive the later ones' ids alike, so
+/// every server span is its client span's child (each pair a trace of its own).
+#[test]
+fn pipelined_requests_link_across_processes() {
+    use zerotrace_common::EventKind as K;
+    const FRONT: u32 = 77;
+    let mut client = record::conn_open(FRONT, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
+    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
+    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let reqs = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let (spans, stats) = run(&[
+        client,
+        open(1, 7),
+        record::bytes_record(K::SockClientRequest, FRONT, 1_000_000, 11, 1, reqs, reqs.len() as u32, 0xc1),
+        record::request_linked(PID, 1_100_000, 1, 1, reqs, 0xd1, 0xc1),
+        record::bytes_record(K::SockServerResponse, PID, 1_200_000, 1, 1, ok, ok.len() as u32, 0),
+        record::bytes_record(K::SockServerPipelined, PID, 1_300_000, 1, 2, ok, ok.len() as u32, 0xd2),
+        record::bytes_record(K::SockServerPipelined, PID, 1_400_000, 1, 3, ok, ok.len() as u32, 0xd3),
+        record::bytes_record(K::SockClientResponse, FRONT, 1_500_000, 11, 1, &ok.repeat(3), 3 * ok.len() as u32, 0),
+    ]);
+    assert_eq!(spans.len(), 6, "{stats:?} {spans:#?}");
+    let path = |x: &Span| s(x, "url.path").chars().chain(s(x, "url.full").chars().skip(7)).collect::<String>();
+    for n in 1..=3 {
+        let server = spans.iter().find(|x| x.kind == SpanKind::Server && path(x) == format!("/{n}")).expect("server span");
+        let client = spans.iter().find(|x| x.kind == SpanKind::Client && path(x).ends_with(&format!("/{n}"))).expect("client span");
+        assert_eq!(server.parent, Some(client.span_id), "request {n}");
+        assert_eq!(server.trace_id, client.trace_id, "request {n}");
+    }
+    let traces: std::collections::HashSet<_> = spans.iter().map(|x| x.trace_id).collect();
+    assert_eq!(traces.len(), 3, "roots written together are traces of their own");
+    assert_eq!(stats.linked, 3);
+}
