@@ -525,8 +525,8 @@ fn thread_per_request_server_parents() -> Result<()> {
 }
 
 /// HTTP/1 pipelining: a client (rsvc, Rust) writes four requests in one write before it
-/// reads any response, to a Rust server (hyper) and to a Go server (net/http), both of which
-/// answer them one by one from their read buffer. Every request gets its own server span
+/// reads any response, to a Rust server (hyper) and to Go servers (net/http, oldest and
+/// newest Go), all of which answer them one by one from their read buffer. Every request gets its own server span
 /// (its path, status and route, ending in order) and its own client span, in conn mode and
 /// with Go handler probes alike (no request twice); each server span is the child of its
 /// client span in the other process, without headers. With handler
@@ -534,54 +534,86 @@ fn thread_per_request_server_parents() -> Result<()> {
 /// handler makes (Go -> Rust) is that request's child.
 #[test]
 fn pipelined_requests_each_get_their_spans() -> Result<()> {
+    /// A server, the requests a client pipelines to it, and (path, status, route) of each.
+    struct Target {
+        service: &'static str,
+        proc: Proc,
+        port: u16,
+        reqs: [&'static str; 4],
+        want: [(&'static str, &'static str, &'static str); 4],
+    }
+    let go_server = |service: &'static str, version: &str| -> Result<(Proc, u16)> {
+        let port = free_port();
+        let mut cmd = Command::new(tools::httpserver(version)?);
+        cmd.arg(format!("127.0.0.1:{port}")).env("OTEL_SERVICE_NAME", service);
+        let p = Proc::spawn(service, cmd)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((p, port))
+    };
     let (rust, rust_port) = rust_service("pipe-rust", None)?;
-    let go_port = free_port();
-    let mut cmd = Command::new(tools::httpserver(GO_NEWEST)?);
-    cmd.arg(format!("127.0.0.1:{go_port}")).env("OTEL_SERVICE_NAME", "pipe-go");
-    let go = Proc::spawn("pipe-go", cmd)?;
-    wait_for_port(go_port, Duration::from_secs(10))?;
-    let rust_reqs = ["GET:/hello", "GET:/status/404", "POST:/echo:GET /x HTTP/1.1", "GET:/slow/30"];
-    let go_reqs = ["GET:/hello", "GET:/status/404", "POST:/users/7:hi", "GET:/sleep?ms=30"];
-    // (path, status, route) per request, in order.
+    let (new_go, new_port) = go_server("pipe-go-new", GO_NEWEST)?;
+    let (old_go, old_port) = go_server("pipe-go-old", tools::GO_OLDEST)?;
+    let targets = [
+        Target {
+            service: "pipe-rust",
+            proc: rust,
+            port: rust_port,
+            reqs: ["GET:/hello", "GET:/status/404", "POST:/echo:GET /x HTTP/1.1", "GET:/slow/30"],
+            want: [("/hello", "200", ""), ("/status/404", "404", ""), ("/echo", "200", ""), ("/slow/30", "200", "")],
+        },
+        // Go 1.22+ patterns: GET-only routes answer POST with 405 (no route).
+        Target {
+            service: "pipe-go-new",
+            proc: new_go,
+            port: new_port,
+            reqs: ["GET:/hello", "GET:/status/404", "POST:/users/7:hi", "GET:/sleep?ms=30"],
+            want: [("/hello", "200", "/hello"), ("/status/404", "404", "/status/"), ("/users/7", "405", ""), ("/sleep", "200", "/sleep")],
+        },
+        Target {
+            service: "pipe-go-old",
+            proc: old_go,
+            port: old_port,
+            reqs: ["GET:/hello", "GET:/status/503", "POST:/users/7:hi", "GET:/sleep?ms=30"],
+            // Go 1.21's ServeMux keeps no pattern on the request: no route.
+            want: [("/hello", "200", ""), ("/status/503", "503", ""), ("/users/7", "200", ""), ("/sleep", "200", "")],
+        },
+    ];
     let (chain, chain_port) = go_service("pipe-chain", &format!("http://127.0.0.1:{rust_port}"))?;
-    let rust_want = [("/hello", "200", ""), ("/status/404", "404", ""), ("/echo", "200", ""), ("/slow/30", "200", "")];
-    let go_want = [("/hello", "200", "/hello"), ("/status/404", "404", "/status/"), ("/users/7", "405", ""), ("/sleep", "200", "/sleep")];
     for mode in ["conn", "handler"] {
         let rx = Receiver::start(Kind::Grpc, 0)?;
-        let clients: Vec<(Proc, std::path::PathBuf, &str)> = [(rust_port, &rust_reqs, "rust"), (go_port, &go_reqs, "go")]
-            .into_iter()
-            .map(|(port, reqs, to)| -> Result<_> {
-                let name = format!("pipe-client-{to}-{mode}");
-                let start = start_file(&name);
-                let mut cmd = Command::new(tools::rsvc()?);
-                cmd.args(["pipeline", &format!("127.0.0.1:{port}")]).arg(&start).args(reqs.iter()).env("OTEL_SERVICE_NAME", &name);
-                Ok((Proc::spawn(&name, cmd)?, start, to))
-            })
-            .collect::<Result<_>>()?;
+        let mut clients = Vec::new();
+        for t in &targets {
+            let name = format!("{}-client-{mode}", t.service);
+            let start = start_file(&name);
+            let mut cmd = Command::new(tools::rsvc()?);
+            cmd.args(["pipeline", &format!("127.0.0.1:{}", t.port)]).arg(&start).args(t.reqs).env("OTEL_SERVICE_NAME", &name);
+            clients.push((Proc::spawn(&name, cmd)?, start));
+        }
         let chain_start = start_file(&format!("pipe-chain-client-{mode}"));
         let mut cmd = Command::new(tools::rsvc()?);
         cmd.args(["pipeline", &format!("127.0.0.1:{chain_port}")]).arg(&chain_start).args(["GET:/chain/p1", "GET:/chain/p2", "GET:/chain/p3"]);
         let mut chain_client = Proc::spawn("pipe-chain-client", cmd)?;
-        let mut pids = vec![rust.pid(), go.pid(), chain.pid()];
+        let mut pids: Vec<u32> = targets.iter().map(|t| t.proc.pid()).collect();
+        pids.push(chain.pid());
         pids.extend(clients.iter().map(|c| c.0.pid()));
         let endpoint = rx.endpoint();
         let mut agent = Agent::start(&pids, &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--go-http-probes", mode], &[])?;
-        for (mut p, start, to) in clients {
-            std::fs::write(&start, b"")?;
+        for ((p, start), t) in clients.iter_mut().zip(&targets) {
+            std::fs::write(&*start, b"")?;
             let status = p.wait_timeout(Duration::from_secs(20));
-            ensure!(status.is_some_and(|s| s.success()), "the {to} pipelining client failed: {}", p.stderr_text());
+            ensure!(status.is_some_and(|s| s.success()), "the client of {} failed: {}", t.service, p.stderr_text());
             let statuses: Vec<String> = p.stdout_text().lines().map(|l| l.split(' ').next().unwrap_or("").to_owned()).collect();
-            let want: Vec<&str> = if to == "rust" { rust_want.iter().map(|w| w.1).collect() } else { go_want.iter().map(|w| w.1).collect() };
-            assert_eq!(statuses, want, "the {to} server answered each request");
+            assert_eq!(statuses, t.want.map(|w| w.1), "{} answered each request", t.service);
         }
         std::fs::write(&chain_start, b"")?;
         ensure!(chain_client.wait_timeout(Duration::from_secs(20)).is_some_and(|s| s.success()), "chain client: {}", chain_client.stderr_text());
-        rx.wait_for(16 + 9, Duration::from_secs(20))?;
+        rx.wait_for(3 * 8 + 9, Duration::from_secs(20))?;
         std::thread::sleep(Duration::from_millis(700));
         agent.stop()?;
         let spans = rx.spans();
-        for (service, want) in [("pipe-rust", &rust_want), ("pipe-go", &go_want)] {
-            let client_name = format!("pipe-client-{}-{mode}", &service[5..]);
+        for t in &targets {
+            let (service, want) = (t.service, &t.want);
+            let client_name = format!("{service}-client-{mode}");
             let mut servers: Vec<&RSpan> =
                 spans.iter().filter(|s| s.kind == SERVER && s.res("service.name") == service && !s.attr("url.path").starts_with("/chain/")).collect();
             servers.sort_by_key(|s| s.end_ns);
