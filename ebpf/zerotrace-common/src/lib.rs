@@ -321,6 +321,10 @@ pub struct ConnState {
     /// Server: span id of the current request (made by the kernel, used by the agent as
     /// the OpenTelemetry span id, and by children as their parent).
     pub span_id: u64,
+    /// Go: the `*response` serving the current request when its response started
+    /// (conn.curReq then): while the serving goroutine's curReq is another, it works for
+    /// a request that came pipelined, not for this one.
+    pub resp_w: u64,
     /// The connection from its client's side (same-host link key).
     pub flow: FlowKey,
 }
@@ -867,7 +871,7 @@ assert_size!(EventHeader, 24);
 assert_size!(CpuSampleEvent, 24 + 6 * 8 + 16 + 8 * (bounds::KSTACK_MAX + bounds::USTACK_MAX));
 assert_size!(ConnKey, 8);
 assert_size!(ListenKey, 8);
-assert_size!(ConnState, 168);
+assert_size!(ConnState, 176);
 assert_size!(FlowKey, 40);
 assert_size!(ClientLink, 16);
 assert_size!(GoroutineKey, 16);

@@ -201,7 +201,32 @@ pub fn span_of(pid: u32, goid: u64) -> u64 {
     };
     // SAFETY: map value pointer, valid for this program run.
     let s = unsafe { &*s };
-    if s.pid == pid && s.phase != phase::IDLE { s.span_id } else { 0 }
+    if s.pid != pid || s.phase == phase::IDLE || s.phase == phase::RESPONSE && serves_later_request(pid, s) {
+        return 0;
+    }
+    s.span_id
+}
+
+/// Go: whether the goroutine serving connection `s` (whose response has started) has moved
+/// on to a later request: one that came pipelined, which no read started, so the kernel
+/// does not know it yet. Its work then belongs to no span rather than to the previous one.
+#[inline(always)]
+fn serves_later_request(pid: u32, s: &zerotrace_common::ConnState) -> bool {
+    if s.go_conn == 0 || s.resp_w == 0 {
+        return false;
+    }
+    let Some(cfg) = crate::maps::TARGETS.get_ptr(pid) else {
+        return false;
+    };
+    // SAFETY: map value pointer, valid for this program run.
+    let off = unsafe { (*cfg).go.conn_curreq };
+    if off == zerotrace_common::GoOffsets::NONE {
+        return false;
+    }
+    match crate::util::read_user::<u64>(s.go_conn + off as u64) {
+        Some(cur) => cur != s.resp_w,
+        None => false,
+    }
 }
 
 /// The goroutine serving socket `sk` takes that socket's current request as its span.

@@ -270,10 +270,11 @@ fn fill_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
     } else {
         0
     };
-    let (pattern_ptr, pattern_len) = route_pattern(conn);
+    let (pattern_ptr, pattern_len, w) = route_pattern(conn);
     // SAFETY: plain field stores through a valid reference; volatile so that they stay
     // before the caller's (volatile) move to RESPONSE.
     unsafe {
+        core::ptr::write_volatile(&mut conn.resp_w, w);
         core::ptr::write_volatile(&mut conn.resp_ts, ts);
         core::ptr::write_volatile(&mut conn.status_len, status_len);
         core::ptr::write_volatile(&mut conn.pattern_ptr, pattern_ptr);
@@ -282,21 +283,21 @@ fn fill_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
 }
 
 /// Go: the address and length of the route pattern of the request `conn` is answering
-/// (0, 0: none or not Go).
+/// (0, 0: none or not Go), and its `*response` (conn.curReq; 0: unknown).
 #[inline(always)]
-fn route_pattern(conn: &ConnState) -> (u64, u16) {
+fn route_pattern(conn: &ConnState) -> (u64, u16, u64) {
     if conn.go_conn == 0 {
-        return (0, 0);
+        return (0, 0, 0);
     }
     let Some(cfg) = TARGETS.get_ptr(conn.pid) else {
-        return (0, 0);
+        return (0, 0, 0);
     };
     // SAFETY: map value pointer, valid for this program run.
     let go = unsafe { &(*cfg).go };
     let w = go_ptr(conn.go_conn, go.conn_curreq);
     let r = go_ptr(w, go.response_req);
     if r == 0 {
-        return (0, 0);
+        return (0, 0, w);
     }
     let mut str_at = 0u64;
     if go.request_pattern != GoOffsets::NONE {
@@ -308,15 +309,15 @@ fn route_pattern(conn: &ConnState) -> (u64, u16) {
         }
     }
     if str_at == 0 {
-        return (0, 0);
+        return (0, 0, w);
     }
     let Some(s) = read_user::<[u64; 2]>(str_at) else {
-        return (0, 0);
+        return (0, 0, w);
     };
     if s[0] != 0 && s[1] != 0 {
-        (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 })
+        (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 }, w)
     } else {
-        (0, 0)
+        (0, 0, w)
     }
 }
 
