@@ -14,7 +14,7 @@ use aya_ebpf::{bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::upr
 use zerotrace_common::{ConnRole, ConnState, Counter, GoOffsets, phase};
 
 use crate::{
-    http_server::{client_send, finish_response, recv_bytes, send_bytes},
+    http_server::{client_send, finish_response, is_final_head, pipelined_response, recv_bytes, send_bytes},
     sockets::{conn_for, go_iface_sk},
     util::{count, now, regs, target},
 };
@@ -105,7 +105,12 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     }
     let Some(conn) = tls_conn(pid_tgid, &cfg.go, r.rax) else { return 0 };
     if conn.role == ConnRole::Server as u8 {
-        send_bytes(conn, r.rcx, r.rdi);
+        // A response head with no request read since: a pipelined request's (see on_send).
+        if conn.phase != phase::REQUEST && conn.seq != 0 && conn.other == 0 && conn.h2 == 0 && is_final_head(r.rcx) {
+            pipelined_response(conn, pid_tgid, r.rcx, r.rdi, r.rdi);
+        } else {
+            send_bytes(conn, r.rcx, r.rdi);
+        }
     } else {
         // A client writing a request: its span is offered to the server that reads it.
         // (At the socket, TLS handshake records would make the wrong goroutine's offer.)

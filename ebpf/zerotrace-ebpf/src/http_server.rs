@@ -124,7 +124,7 @@ pub fn is_final_head(buf: u64) -> bool {
 /// The response being written (if any) ends, and request n + 1 starts here with a span id
 /// of its own; the agent finds its bytes in the capture of the read that brought them all.
 #[inline(always)]
-fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64, total: u64) {
+pub fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64, total: u64) {
     let ts = now();
     finish_response(conn, pid_tgid as u32, ts, 0);
     conn.seq += 1;

@@ -590,3 +590,53 @@ fn sql_inside_a_handler() -> Result<()> {
     }
     Ok(())
 }
+
+/// HTTP/1 pipelining over TLS (Go crypto/tls, conn mode): a client (Python's ssl, not
+/// traced) writes three requests in one TLS write; the server answers them one by one, and
+/// each gets its own server span from the plaintext (path, status, in order).
+#[test]
+fn https_pipelined_requests() -> Result<()> {
+    let bin = tools::causal(GO_NEWEST)?;
+    let dir = tools::work_dir().join(format!("tls-pipe-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    assert!(Command::new(&bin).arg("gencert").arg(&dir).status()?.success(), "gencert");
+    let port = zerotrace_e2e::proc::free_port();
+    let mut cmd = Command::new(&bin);
+    cmd.arg(format!("127.0.0.1:{port}")).env("CAUSAL_TLS_DIR", &dir).env("OTEL_SERVICE_NAME", "tls-pipe");
+    let server = zerotrace_e2e::proc::Proc::spawn("tls-pipe", cmd)?;
+    zerotrace_e2e::proc::wait_for_port(port, Duration::from_secs(10))?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[server.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+    let script = r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[1]))), server_hostname="127.0.0.1")
+paths = ["/leaf/a", "/status/404", "/leaf/b"]
+s.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in paths))
+f = s.makefile("rb")
+for _ in paths:
+    status = f.readline().split()[1].decode()
+    n = 0
+    while True:
+        line = f.readline().strip()
+        if not line:
+            break
+        k, _, v = line.partition(b":")
+        if k.lower() == b"content-length":
+            n = int(v)
+    f.read(n)
+    print(status)
+"#;
+    let out = Command::new(tools::python()?).arg("-c").arg(script).arg(port.to_string()).arg(dir.join("cert.pem")).output()?;
+    assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n404\n200\n");
+    rx.wait_for(3, Duration::from_secs(20))?;
+    std::thread::sleep(Duration::from_millis(700));
+    agent.stop()?;
+    let mut spans = rx.spans();
+    spans.sort_by_key(|s| s.end_ns);
+    let got: Vec<(&str, &str, &str)> = spans.iter().map(|s| (s.attr("url.path"), s.attr("http.response.status_code"), s.attr("url.scheme"))).collect();
+    assert_eq!(got, [("/leaf/a", "200", "https"), ("/status/404", "404", "https"), ("/leaf/b", "200", "https")], "{spans:#?}");
+    Ok(())
+}
