@@ -175,6 +175,9 @@ pub struct Correlator {
     leftovers: HashMap<u64, pipeline::Leftover>,
     /// Native clients' batches of pipelined requests, by the first request's span id.
     batches: HashMap<u64, pipeline::Batch>,
+    /// Per server connection: the same-host client offer its last request was read with,
+    /// and that request's place among those the offer covers.
+    last_link: HashMap<u64, (u64, u32)>,
     /// Whether (pid, addr, len) is read-only file-backed memory of the target (safe to read
     /// later: it cannot change).
     readonly: Box<dyn Fn(u32, u64, u64) -> bool + Send>,
@@ -216,6 +219,7 @@ impl Correlator {
             finished: HashMap::default(),
             leftovers: HashMap::default(),
             batches: HashMap::default(),
+            last_link: HashMap::default(),
             readonly: Box::new(|_, _, _| true),
             traces: Traces::default(),
             sampling: sampling::Sampling::new(sampling::Sampler::AlwaysOn),
@@ -283,6 +287,7 @@ impl Correlator {
         }
         self.finished.remove(&id);
         self.leftovers.remove(&id);
+        self.last_link.remove(&id);
         self.h2.remove(&id);
     }
 
@@ -309,6 +314,10 @@ impl Correlator {
                 self.end_native(conn_id, out);
                 self.close_h2(conn_id, out);
                 self.drop_leftover(conn_id, out);
+                if let Some(p) = self.pending.get_mut(&conn_id) {
+                    let queued = std::mem::take(&mut p.queued_go);
+                    self.flush_go(queued, out);
+                }
                 self.drop_conn(conn_id);
             }
             Event::HttpRequest(r) => self.on_request(r, out),
@@ -554,7 +563,15 @@ impl Correlator {
             self.stats.pending_full += 1;
             return;
         }
-        let ids = self.server_ids(&r.head, r.link_span, r.trace_id, r.trace_origin);
+        // A client that wrote several requests before reading (pipelining, in separate
+        // writes) offered only the first on the flow: a later read with the same offer is
+        // its next request, never a child of the first.
+        let (link_span, index) = self.batch_place(r.conn_id, r.link_span);
+        let ids = if index > 1 {
+            self.batch_ids(&r.head, link_span, index, r.trace_id, r.trace_origin)
+        } else {
+            self.server_ids(&r.head, r.link_span, r.trace_id, r.trace_origin)
+        };
         self.traces.remember(r.span_id, ids.trace_id);
         self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
         if self.native_parents == crate::cli::NativeParents::Thread {
@@ -569,8 +586,8 @@ impl Correlator {
             start_ns: r.start_ns,
             bytes: r.head,
             largest_read: r.read_len,
-            link_span: r.link_span,
-            index: 1,
+            link_span,
+            index,
             go: None,
             span_id: r.span_id,
             ids,

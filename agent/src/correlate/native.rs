@@ -192,6 +192,16 @@ impl Correlator {
         }
         match c.response.as_mut() {
             None => c.response = Some(Progress::first(&c.request, &r)),
+            // A chunked response too big to be measured, whose end came in a read with other
+            // bytes (the next response's start): a read that starts with a head while more
+            // requests wait means it ended before this read.
+            Some(p) if !p.done && p.chunked && http1::next_request(&c.request).is_some() => {
+                p.done = true;
+                self.native_answered(r.conn_id, None, out);
+                if let Some(next) = self.native.get_mut(&r.conn_id).filter(|n| n.seq == r.seq && n.response.is_none()) {
+                    next.response = Some(Progress::first(&next.request, &r));
+                }
+            }
             Some(p) => {
                 let all = r.head.len() as u32 >= r.read_len;
                 let tail: &[u8] = if all { &r.head[r.head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };

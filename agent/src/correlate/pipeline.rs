@@ -84,6 +84,14 @@ impl Correlator {
     /// it, that one (and any after it) waits for the response head that answers it.
     pub(super) fn keep_pipelined(&mut self, conn_id: u64, p: &mut Pending, out: &mut Vec<Span>) {
         let queued = std::mem::take(&mut p.queued_go);
+        if p.framing.as_ref().is_some_and(|f| f.excess() > 0) {
+            // Its response was sent together with the next ones (one send): which request
+            // the next head answers is not known, so none is guessed.
+            if http1::next_request(&p.bytes).is_some() {
+                self.stats.pipelined_uncaptured += 1;
+            }
+            return self.flush_go(queued, out);
+        }
         let at = match http1::next_request(&p.bytes) {
             Some(at) if self.leftovers.len() < MAX_PENDING || self.leftovers.contains_key(&conn_id) => at,
             _ => return self.flush_go(queued, out),
@@ -115,7 +123,7 @@ impl Correlator {
     }
 
     #[allow(clippy::vec_box)]
-    fn flush_go(&mut self, gs: Vec<Box<GoServerRequest>>, out: &mut Vec<Span>) {
+    pub(super) fn flush_go(&mut self, gs: Vec<Box<GoServerRequest>>, out: &mut Vec<Span>) {
         for g in gs {
             let span = self.go_alone(&g);
             self.stats.spans += 1;
@@ -143,7 +151,8 @@ impl Correlator {
             self.stats.pending_full += 1;
             return self.flush_go(l.go, out);
         }
-        let ids = self.pipelined_ids(&l, &r);
+        let ids = self.batch_ids(&l.bytes, l.link_span, l.index, r.trace_id, r.trace_origin);
+        self.last_link.insert(r.conn_id, (l.link_span, l.index));
         self.traces.remember(r.span_id, ids.trace_id);
         self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
         let route = self.pattern(r.pid, r.goroutine, r.goid.min(u64::from(u16::MAX)) as u16);
@@ -181,19 +190,34 @@ impl Correlator {
 }
 
 impl Correlator {
-    /// Where the server span of pipelined request `l` sits: under its own traceparent, else
-    /// under the same-host client request of the same place in the same batch (when the
-    /// batch's first request was linked and its client registered the batch), else a root.
-    fn pipelined_ids(&mut self, l: &Leftover, r: &HttpRequest) -> Ids {
-        let batch = if l.link_span != 0 { self.batches.get(&l.link_span).copied() } else { None };
-        let Some(batch) = batch.filter(|_| super::traceparent_in(&l.bytes).is_none()) else {
-            return self.server_ids(&l.bytes, 0, r.trace_id, r.trace_origin);
+    /// Where the server span of the `index`-th request (>= 2) read under same-host client
+    /// offer `link` sits: under its own traceparent, else under the client request of the
+    /// same place in that client's batch (when the client registered it), else a root: never
+    /// under the first request, which the offer names.
+    pub(super) fn batch_ids(&mut self, head: &[u8], link: u64, index: u32, kernel_trace: [u8; 16], origin: u8) -> Ids {
+        let batch = if link != 0 { self.batches.get(&link).copied() } else { None };
+        let Some(batch) = batch.filter(|_| super::traceparent_in(head).is_none()) else {
+            return self.server_ids(head, 0, kernel_trace, origin);
         };
-        let trace_id = batch_trace(&batch, l.link_span, l.index);
-        if r.trace_origin == zerotrace_common::trace_origin::DRAWN {
-            self.traces.alias(r.trace_id, trace_id);
+        let trace_id = batch_trace(&batch, link, index);
+        if origin == zerotrace_common::trace_origin::DRAWN {
+            self.traces.alias(kernel_trace, trace_id);
         }
         self.stats.linked += 1;
-        Ids { trace_id, parent: Some(span_id(batch_span(l.link_span, l.index))), remote: false, trace_state: None }
+        Ids { trace_id, parent: Some(span_id(batch_span(link, index))), remote: false, trace_state: None }
+    }
+
+    /// A request is read on server connection `conn_id` under client offer `link`: the
+    /// offer and this request's place among those it covers (1 unless the connection's last
+    /// request was read under the same offer).
+    pub(super) fn batch_place(&mut self, conn_id: u64, link: u64) -> (u64, u32) {
+        let index = match self.last_link.get(&conn_id) {
+            Some(&(l, i)) if link != 0 && l == link => i + 1,
+            _ => 1,
+        };
+        if link != 0 || self.last_link.contains_key(&conn_id) {
+            self.last_link.insert(conn_id, (link, index));
+        }
+        (link, index)
     }
 }

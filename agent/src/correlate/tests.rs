@@ -452,3 +452,87 @@ fn pipelined_requests_link_across_processes() {
     assert_eq!(traces.len(), 3, "roots written together are traces of their own");
     assert_eq!(stats.linked, 3);
 }
+
+/// A native client writes two requests in two writes before reading: its kernel offers
+/// only the first on the flow. The server reads and answers them one at a time, so the
+/// second is a read of its own with the same offer: it is the client's second request's
+/// child, never the first's.
+#[test]
+fn a_second_read_under_the_same_offer_is_the_next_request() {
+    use zerotrace_common::EventKind as K;
+    const FRONT: u32 = 77;
+    let mut client = record::conn_open(FRONT, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
+    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
+    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let (r1, r2) = (&b"GET /1 HTTP/1.1\r\n\r\n"[..], &b"GET /2 HTTP/1.1\r\n\r\n"[..]);
+    let mut second = record::bytes_record(K::SockClientRequest, FRONT, 1_050_000, 11, 1, r2, r2.len() as u32, 0xc1);
+    let off = std::mem::offset_of!(zerotrace_common::HttpRequestEvent, offset);
+    second[off..off + 4].copy_from_slice(&(r1.len() as u32).to_ne_bytes());
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let (spans, stats) = run(&[
+        client,
+        open(1, 7),
+        record::bytes_record(K::SockClientRequest, FRONT, 1_000_000, 11, 1, r1, r1.len() as u32, 0xc1),
+        second,
+        record::request_linked(PID, 1_100_000, 1, 1, r1, 0xd1, 0xc1),
+        record::bytes_record(K::SockServerResponse, PID, 1_200_000, 1, 1, ok, ok.len() as u32, 0),
+        record::request_linked(PID, 1_300_000, 1, 2, r2, 0xd2, 0xc1),
+        record::bytes_record(K::SockServerResponse, PID, 1_400_000, 1, 2, ok, ok.len() as u32, 0),
+        record::bytes_record(K::SockClientResponse, FRONT, 1_500_000, 11, 1, &ok.repeat(2), 2 * ok.len() as u32, 0),
+    ]);
+    assert_eq!(spans.len(), 4, "{stats:?} {spans:#?}");
+    let find = |k: SpanKind, n: u32| {
+        spans.iter().find(|x| x.kind == k && (s(x, "url.path") == format!("/{n}") || s(x, "url.full").ends_with(&format!("/{n}")))).expect("span")
+    };
+    for n in 1..=2 {
+        assert_eq!(find(SpanKind::Server, n).parent, Some(find(SpanKind::Client, n).span_id), "request {n}");
+    }
+}
+
+/// A native server that sends two pipelined responses in one send: which request the next
+/// head answers is unknown, so the requests after it get no span rather than shifted ones.
+#[test]
+fn responses_sent_together_do_not_shift_the_pairing() {
+    use zerotrace_common::EventKind as K;
+    let batch = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+    let (spans, stats) = run(&[
+        open(1, 7),
+        record::request_linked(PID, 1_000_000, 1, 1, batch, 0xd1, 0),
+        // Responses 1 and 2 in one send (only the first head captured) ...
+        record::bytes_record(K::SockServerResponse, PID, 1_100_000, 1, 1, ok, 2 * ok.len() as u32, 0),
+        // ... then response 3's head.
+        record::bytes_record(K::SockServerPipelined, PID, 1_200_000, 1, 2, ok, ok.len() as u32, 0xd3),
+    ]);
+    let paths: Vec<String> = spans.iter().map(|x| s(x, "url.path")).collect();
+    assert_eq!(paths, ["/1"], "{stats:?}");
+    assert_eq!(stats.pipelined_uncaptured, 2, "the batch's rest, and the head that found no request");
+}
+
+/// A native client's chunked response too big to be measured whose last chunk came in one
+/// read with the next response's first bytes: the next read that starts with a head ends it
+/// (the requests after it are followed).
+#[test]
+fn a_head_read_ends_an_unmeasured_chunked_response() {
+    use zerotrace_common::EventKind as K;
+    let mut client = record::conn_open(PID, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
+    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
+    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let reqs = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
+    let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1000\r\n";
+    let ok = b"HTTP/1.1 204 No Content\r\n\r\n";
+    let (spans, stats) = run(&[
+        client,
+        record::bytes_record(K::SockClientRequest, PID, 1_000_000, 11, 1, reqs, reqs.len() as u32, 0xc1),
+        record::bytes_record(K::SockClientResponse, PID, 2_000_000, 11, 1, chunked, 3000, 0),
+        // The chunk's end, the last chunk and response 2's head: the tail is response 2's.
+        record::sock_bytes(K::SockClientRecv, PID, 3_000_000, 11, 1, 1200, b"ntent\r\n\r"),
+        record::bytes_record(K::SockClientResponse, PID, 4_000_000, 11, 1, ok, ok.len() as u32, 0),
+    ]);
+    let got: Vec<(String, String)> = spans.iter().map(|x| (s(x, "url.full"), s(x, "http.response.status_code"))).collect();
+    assert_eq!(got.len(), 2, "{stats:?} {got:?}");
+    assert_eq!(got[0].1, "200");
+    assert!(got[0].0.ends_with("/1"));
+    assert_eq!(spans[0].end_unix_ns - OFFSET as u64, 3_000_000, "ended at its last read");
+    assert!(got[1].0.ends_with("/2") && got[1].1 == "204", "{got:?}");
+}

@@ -200,7 +200,8 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         socket_alloc_inode: off("socket_alloc", "vfs_inode")?,
         inode_ino: off("inode", "i_ino")?,
         msghdr_iter_count: off("msghdr", "msg_iter.count")?,
-        _pad: 0,
+        // Only for telling a retried send from a new one: optional.
+        tcp_write_seq: off("tcp_sock", "write_seq").unwrap_or(0),
     })
 }
 
@@ -218,6 +219,8 @@ mod tests {
         assert_eq!(k.skc_num, k.skc_dport + 2);
         // msg_iter follows msg_name and msg_namelen; count follows its type, flags and offset.
         assert!(k.msghdr_iter_count >= 24 && k.msghdr_iter_count % 8 == 0, "msghdr.msg_iter.count at {}", k.msghdr_iter_count);
+        // tcp_sock starts with inet_connection_sock (sock and more): write_seq is far in.
+        assert!(k.tcp_write_seq > 1000, "tcp_sock.write_seq at {}", k.tcp_write_seq);
     }
 }
 
@@ -263,6 +266,7 @@ mod oracle {
             ("socket_alloc", "vfs_inode"),
             ("inode", "i_ino"),
             ("msghdr", "msg_iter.count"),
+            ("tcp_sock", "write_seq"),
             ("task_struct", "pid"),
             ("sk_buff", "len"),
         ];

@@ -325,6 +325,11 @@ pub struct ConnState {
     /// (conn.curReq then): while the serving goroutine's curReq is another, it works for
     /// a request that came pipelined, not for this one.
     pub resp_w: u64,
+    /// tcp_sock.write_seq when the current response started: a later send that starts
+    /// like a response head while it has not moved is the same send tried again (the
+    /// socket's buffer was full), not the next response.
+    pub resp_wseq: u32,
+    pub _pad2: u32,
     /// The connection from its client's side (same-host link key).
     pub flow: FlowKey,
 }
@@ -805,7 +810,9 @@ pub struct KernelOffsets {
     pub inode_ino: u32,
     /// msghdr.msg_iter.count: the bytes a sendmsg hands to TCP (all iovecs together).
     pub msghdr_iter_count: u32,
-    pub _pad: u32,
+    /// tcp_sock.write_seq: the sequence number after the last byte queued to send (0: not
+    /// known; then a send's retry cannot be told from a new send).
+    pub tcp_write_seq: u32,
 }
 
 /// Load-time settings of the kernel programs.
@@ -871,7 +878,7 @@ assert_size!(EventHeader, 24);
 assert_size!(CpuSampleEvent, 24 + 6 * 8 + 16 + 8 * (bounds::KSTACK_MAX + bounds::USTACK_MAX));
 assert_size!(ConnKey, 8);
 assert_size!(ListenKey, 8);
-assert_size!(ConnState, 176);
+assert_size!(ConnState, 184);
 assert_size!(FlowKey, 40);
 assert_size!(ClientLink, 16);
 assert_size!(GoroutineKey, 16);

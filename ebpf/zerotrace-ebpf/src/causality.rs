@@ -102,9 +102,17 @@ extern "C" fn scan_step(i: u64, ctx: *mut c_void) -> i64 {
     }
     // SAFETY: i < TRACEPARENT_SCAN; name_at reads 13 bytes.
     let p = unsafe { s.head.add(i as usize) };
-    if unsafe { *p } == b'\n' && name_at(p) {
-        s.at = i as u32 + 1;
-        return 1;
+    if unsafe { *p } == b'\n' {
+        if name_at(p) {
+            s.at = i as u32 + 1;
+            return 1;
+        }
+        // The blank line that ends the head: what follows (a body, or requests that came
+        // pipelined behind this one) is not this request's.
+        // SAFETY: i + 68 <= len (checked above).
+        if unsafe { *p.add(1) == b'\r' && *p.add(2) == b'\n' } {
+            return 1;
+        }
     }
     0
 }

@@ -107,7 +107,7 @@ pub fn go_tls_write(ctx: ProbeContext) -> u32 {
     if conn.role == ConnRole::Server as u8 {
         // A response head with no request read since: a pipelined request's (see on_send).
         if conn.phase != phase::REQUEST && conn.seq != 0 && conn.other == 0 && conn.h2 == 0 && is_final_head(r.rcx) {
-            pipelined_response(conn, pid_tgid, r.rcx, r.rdi, r.rdi);
+            pipelined_response(conn, pid_tgid, r.rcx, r.rdi, r.rdi, 0);
         } else {
             send_bytes(conn, r.rcx, r.rdi);
         }

@@ -82,13 +82,23 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     let (buf, len) = send_buffer::<A>();
     // A response head sent with no request read since the last one answers a request that
     // came pipelined (Go and hyper answer them one by one from their read buffer). Go's
-    // sends are seen once per pass of TCP's copy loop: only a syscall's first counts.
-    if !starting && conn.seq != 0 && conn.other == 0 && is_final_head(buf) && (native || crate::socket_hooks::first_pass::<A>(msg)) {
+    // sends are seen once per pass of TCP's copy loop: only a syscall's first counts; and
+    // a send tried again (nothing was queued since the response started) is no new one.
+    if !starting
+        && conn.seq != 0
+        && conn.other == 0
+        && is_final_head(buf)
+        && (native || crate::socket_hooks::first_pass::<A>(msg))
+        && (conn.phase == phase::IDLE || write_seq(sk).is_none_or(|w| w != conn.resp_wseq))
+    {
         let total = crate::sock_client::send_total(msg, len);
-        pipelined_response(conn, pid_tgid, buf, len, total);
+        pipelined_response(conn, pid_tgid, buf, len, total, write_seq(sk).unwrap_or(0));
         return Some(());
     }
     send_bytes(conn, buf, len);
+    if starting && conn.phase == phase::RESPONSE {
+        conn.resp_wseq = write_seq(sk).unwrap_or(0);
+    }
     if native && conn.phase == phase::RESPONSE {
         let total = crate::sock_client::send_total(msg, len);
         if starting {
@@ -101,6 +111,16 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
         }
     }
     Some(())
+}
+
+/// tcp_sock.write_seq of socket `sk`: moves as bytes are queued to send.
+#[inline(always)]
+fn write_seq(sk: u64) -> Option<u32> {
+    let off = crate::maps::kernel().tcp_write_seq;
+    if off == 0 {
+        return None;
+    }
+    crate::util::read_kernel::<u32>(sk + off as u64)
 }
 
 /// Whether the bytes at `buf` start the head of a final response ("HTTP/1.x NNN ", not
@@ -123,12 +143,18 @@ pub fn is_final_head(buf: u64) -> bool {
 /// the send) with no request read for it: the request came pipelined behind an earlier one.
 /// The response being written (if any) ends, and request n + 1 starts here with a span id
 /// of its own; the agent finds its bytes in the capture of the read that brought them all.
+/// `wseq`: the socket's write_seq now (0: not known).
 #[inline(always)]
-pub fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64, total: u64) {
+pub fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64, total: u64, wseq: u32) {
     let ts = now();
     finish_response(conn, pid_tgid as u32, ts, 0);
-    conn.seq += 1;
-    conn.span_id = new_span_id();
+    // Volatile, as fill_response's: another CPU that sees RESPONSE must see these too.
+    // SAFETY: plain field stores through a valid reference.
+    unsafe {
+        core::ptr::write_volatile(&mut conn.seq, conn.seq + 1);
+        core::ptr::write_volatile(&mut conn.span_id, new_span_id());
+    }
+    conn.resp_wseq = wseq;
     conn.req_ts = ts;
     conn.bytes_in = 0;
     conn.captured = 0;

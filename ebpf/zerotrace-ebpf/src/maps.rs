@@ -109,7 +109,7 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
     socket_alloc_inode: 0,
     inode_ino: 0,
     msghdr_iter_count: 0,
-    _pad: 0,
+    tcp_write_seq: 0,
 };
 
 #[unsafe(no_mangle)]

@@ -542,6 +542,8 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
         port: u16,
         reqs: [&'static str; 4],
         want: [(&'static str, &'static str, &'static str); 4],
+        /// Each request in a write of its own, 30 ms apart (still all before reading).
+        apart: bool,
     }
     let go_server = |service: &'static str, version: &str| -> Result<(Proc, u16)> {
         let port = free_port();
@@ -552,6 +554,7 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
         Ok((p, port))
     };
     let (rust, rust_port) = rust_service("pipe-rust", None)?;
+    let (apart, apart_port) = rust_service("pipe-rust-apart", None)?;
     let (new_go, new_port) = go_server("pipe-go-new", GO_NEWEST)?;
     let (old_go, old_port) = go_server("pipe-go-old", tools::GO_OLDEST)?;
     let targets = [
@@ -561,6 +564,17 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
             port: rust_port,
             reqs: ["GET:/hello", "GET:/status/404", "POST:/echo:GET /x HTTP/1.1", "GET:/slow/30"],
             want: [("/hello", "200", ""), ("/status/404", "404", ""), ("/echo", "200", ""), ("/slow/30", "200", "")],
+            apart: false,
+        },
+        // The server reads (and answers) each request alone: the client's kernel offered
+        // only the first on the flow, yet each is linked to its own client span.
+        Target {
+            service: "pipe-rust-apart",
+            proc: apart,
+            port: apart_port,
+            reqs: ["GET:/hello", "GET:/status/404", "POST:/echo:GET /x HTTP/1.1", "GET:/slow/30"],
+            want: [("/hello", "200", ""), ("/status/404", "404", ""), ("/echo", "200", ""), ("/slow/30", "200", "")],
+            apart: true,
         },
         // Go 1.22+ patterns: GET-only routes answer POST with 405 (no route).
         Target {
@@ -569,6 +583,7 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
             port: new_port,
             reqs: ["GET:/hello", "GET:/status/404", "POST:/users/7:hi", "GET:/sleep?ms=30"],
             want: [("/hello", "200", "/hello"), ("/status/404", "404", "/status/"), ("/users/7", "405", ""), ("/sleep", "200", "/sleep")],
+            apart: false,
         },
         Target {
             service: "pipe-go-old",
@@ -577,6 +592,7 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
             reqs: ["GET:/hello", "GET:/status/503", "POST:/users/7:hi", "GET:/sleep?ms=30"],
             // Go 1.21's ServeMux keeps no pattern on the request: no route.
             want: [("/hello", "200", ""), ("/status/503", "503", ""), ("/users/7", "200", ""), ("/sleep", "200", "")],
+            apart: false,
         },
     ];
     let (chain, chain_port) = go_service("pipe-chain", &format!("http://127.0.0.1:{rust_port}"))?;
@@ -588,6 +604,9 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
             let start = start_file(&name);
             let mut cmd = Command::new(tools::rsvc()?);
             cmd.args(["pipeline", &format!("127.0.0.1:{}", t.port)]).arg(&start).args(t.reqs).env("OTEL_SERVICE_NAME", &name);
+            if t.apart {
+                cmd.env("RSVC_APART_MS", "30");
+            }
             clients.push((Proc::spawn(&name, cmd)?, start));
         }
         let chain_start = start_file(&format!("pipe-chain-client-{mode}"));
@@ -608,7 +627,7 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
         }
         std::fs::write(&chain_start, b"")?;
         ensure!(chain_client.wait_timeout(Duration::from_secs(20)).is_some_and(|s| s.success()), "chain client: {}", chain_client.stderr_text());
-        rx.wait_for(3 * 8 + 9, Duration::from_secs(20))?;
+        rx.wait_for(targets.len() * 8 + 9, Duration::from_secs(20))?;
         std::thread::sleep(Duration::from_millis(700));
         agent.stop()?;
         let spans = rx.spans();

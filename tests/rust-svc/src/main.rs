@@ -20,6 +20,8 @@
 //!                                      (`METHOD:PATH[:BODY]`) in one write on one
 //!                                      connection (HTTP/1 pipelining), then reads the
 //!                                      responses in order and prints "STATUS BODY" each
+//!                                      (RSVC_APART_MS=N: one write per request, N ms
+//!                                      apart, still before reading any response)
 //!
 //! Routes: `/hello` answers "hello"; `/status/CODE` answers that status; `/chain/ID` calls
 //! DOWNSTREAM/chain/ID and answers with its body (at the end of a chain: "leaf ID");
@@ -361,8 +363,14 @@ fn pipeline(addr: &str, reqs: &[&str]) -> std::io::Result<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let apart = std::env::var("RSVC_APART_MS").ok().and_then(|v| v.parse::<u64>().ok());
     let mut batch = Vec::new();
-    for r in reqs {
+    for (i, r) in reqs.iter().enumerate() {
+        if let (Some(ms), true) = (apart, i > 0) {
+            s.write_all(&batch)?;
+            batch.clear();
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         let mut parts = r.splitn(3, ':');
         let (method, path, body) = (parts.next().unwrap_or("GET"), parts.next().unwrap_or("/"), parts.next());
         write!(batch, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n")?;
