@@ -200,6 +200,11 @@ pub fn parse_response(buf: &[u8], method: &str) -> Option<ResponseHead> {
 /// first (head, and a Content-Length or chunked body) and the start of another: requests
 /// that came pipelined, several in one read or write. None otherwise.
 pub fn next_request(buf: &[u8]) -> Option<usize> {
+    // Most captures end with their head (no body, nothing after): found without parsing.
+    let end = memchr::memmem::find(buf, b"\r\n\r\n")?;
+    if end + 4 >= buf.len() {
+        return None;
+    }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(n) = req.parse(buf).ok()? else { return None };
