@@ -1,7 +1,9 @@
 //! The request/response cycle of server-side connections, seen where bytes cross the
 //! socket layer: the first receive with data after a response (or the first ever) starts
 //! request n and sends its first bytes; the first send after it starts the response (status
-//! line kept, Go route pattern read); the next receive attempt or TCP close ends it. No
+//! line kept, Go route pattern read); the next receive attempt or TCP close ends it. A
+//! response head sent with no request read for it answers a pipelined request, which
+//! starts there (or, in Go handler mode, at its handler's entry). No
 //! uprobe is involved per request: these are called from the socket hooks in
 //! socket_hooks.rs. On TLS connections the request and response bytes come in plaintext
 //! from the crypto/tls hooks (go_tls.rs) instead; the socket hooks keep their timing.
