@@ -604,13 +604,8 @@ impl Correlator {
     /// Server request `p` is open on connection `conn_id` (its response not ended yet).
     fn open_pending(&mut self, conn_id: u64, p: Pending) {
         self.finished.remove(&conn_id);
-        if let Some(old) = self.pending.insert(conn_id, p) {
+        if self.pending.insert(conn_id, p).is_some() {
             self.stats.lost_responses += 1;
-            if let Some(m) = self.open.get_mut(&old.pid) {
-                if m.get(&(conn_id, 0)) == Some(&old.span_id) {
-                    m.remove(&(conn_id, 0));
-                }
-            }
         }
     }
 

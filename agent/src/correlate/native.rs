@@ -96,10 +96,15 @@ impl Progress {
     pub(super) fn starting(request: &[u8], head: &[u8], len: u64, ts: u64) -> Progress {
         let method = http1::parse_request(request).map(|h| h.method.into_owned()).unwrap_or_default();
         let mut p = Progress::new(head, &method, ts);
-        let all = head.len() as u64 >= len;
-        let tail: &[u8] = if all { &head[head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
-        p.add(len, tail, ts);
+        p.add_read(head, len, ts);
         p
+    }
+
+    /// `len` more bytes moved at `ts`, whose start `head` was captured: their last bytes
+    /// are known only when all of them were.
+    pub(super) fn add_read(&mut self, head: &[u8], len: u64, ts: u64) {
+        let tail: &[u8] = if head.len() as u64 >= len { &head[head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
+        self.add(len, tail, ts);
     }
 
     /// Bytes moved past the response's end (by Content-Length or a measured chunked body):
@@ -203,9 +208,7 @@ impl Correlator {
                 }
             }
             Some(p) => {
-                let all = r.head.len() as u32 >= r.read_len;
-                let tail: &[u8] = if all { &r.head[r.head.len().saturating_sub(TAIL_KEPT)..] } else { &[] };
-                p.add(u64::from(r.read_len), tail, r.start_ns);
+                p.add_read(&r.head, u64::from(r.read_len), r.start_ns);
             }
         }
         self.native_answered(r.conn_id, Some((&r.head, u64::from(r.read_len))), out);

@@ -20,6 +20,14 @@ fn open(conn: u64, _fd: i32) -> Vec<u8> {
     record::conn_open(PID, 1_000, conn, SK, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 51000))
 }
 
+/// A native client connection of `pid` (ConnOpen with the client role).
+fn client_open(pid: u32, conn: u64, sk: u64, local_port: u16) -> Vec<u8> {
+    let mut v = record::conn_open(pid, 1_000, conn, sk, ([127, 0, 0, 1], local_port), ([127, 0, 0, 1], 8080));
+    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
+    v[at] = zerotrace_common::ConnRole::Client as u8;
+    v
+}
+
 fn s(span: &Span, key: &str) -> String {
     span.attr(key).map(ToString::to_string).unwrap_or_default()
 }
@@ -279,9 +287,7 @@ fn native_client_spans_and_their_parents() {
     use zerotrace_common::EventKind as K;
     const FRONT: u32 = 77;
     let open_front = record::conn_open(FRONT, 1_000, 10, SK + 1, ([127, 0, 0, 1], 9000), ([127, 0, 0, 1], 40000));
-    let mut client_conn = record::conn_open(FRONT, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
-    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
-    client_conn[at] = zerotrace_common::ConnRole::Client as u8;
+    let client_conn = client_open(FRONT, 11, SK + 2, 40001);
     let (spans, stats) = run(&[
         open_front,
         client_conn,
@@ -387,9 +393,7 @@ fn pipelined_server_requests_each_get_a_span() {
 #[test]
 fn pipelined_client_responses_read_together_are_split() {
     use zerotrace_common::EventKind as K;
-    let mut client = record::conn_open(PID, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
-    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
-    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let client = client_open(PID, 11, SK + 2, 40001);
     let reqs = b"GET /1 HTTP/1.1\r\nHost: d\r\n\r\nHEAD /2 HTTP/1.1\r\nHost: d\r\n\r\nGET /3 HTTP/1.1\r\nHost: d\r\n\r\nGET /4 HTTP/1.1\r\nHost: d\r\n\r\n";
     let three = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 200 OK\r\ncontent-length: 99\r\n\r\nHTTP/1.1 500 Oops\r\ntransfer-encoding: chunked\r\n\r\n2\r\nno\r\n0\r\n\r\n";
     let fourth = b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\n";
@@ -425,9 +429,7 @@ fn pipelined_client_responses_read_together_are_split() {
 fn pipelined_requests_link_across_processes() {
     use zerotrace_common::EventKind as K;
     const FRONT: u32 = 77;
-    let mut client = record::conn_open(FRONT, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
-    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
-    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let client = client_open(FRONT, 11, SK + 2, 40001);
     let reqs = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
     let (spans, stats) = run(&[
@@ -461,9 +463,7 @@ fn pipelined_requests_link_across_processes() {
 fn a_second_read_under_the_same_offer_is_the_next_request() {
     use zerotrace_common::EventKind as K;
     const FRONT: u32 = 77;
-    let mut client = record::conn_open(FRONT, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
-    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
-    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let client = client_open(FRONT, 11, SK + 2, 40001);
     let (r1, r2) = (&b"GET /1 HTTP/1.1\r\n\r\n"[..], &b"GET /2 HTTP/1.1\r\n\r\n"[..]);
     let mut second = record::bytes_record(K::SockClientRequest, FRONT, 1_050_000, 11, 1, r2, r2.len() as u32, 0xc1);
     let off = std::mem::offset_of!(zerotrace_common::HttpRequestEvent, offset);
@@ -515,9 +515,7 @@ fn responses_sent_together_do_not_shift_the_pairing() {
 #[test]
 fn a_head_read_ends_an_unmeasured_chunked_response() {
     use zerotrace_common::EventKind as K;
-    let mut client = record::conn_open(PID, 1_000, 11, SK + 2, ([127, 0, 0, 1], 40001), ([127, 0, 0, 1], 8080));
-    let at = std::mem::offset_of!(zerotrace_common::ConnOpenEvent, role);
-    client[at] = zerotrace_common::ConnRole::Client as u8;
+    let client = client_open(PID, 11, SK + 2, 40001);
     let reqs = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n";
     let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n1000\r\n";
     let ok = b"HTTP/1.1 204 No Content\r\n\r\n";

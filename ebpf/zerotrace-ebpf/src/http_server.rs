@@ -86,16 +86,13 @@ pub fn on_send<A: SyscallArgs>(pid_tgid: u64, sk: u64, msg: u64) -> Option<()> {
     // came pipelined (Go and hyper answer them one by one from their read buffer). Go's
     // sends are seen once per pass of TCP's copy loop: only a syscall's first counts; and
     // a send tried again (nothing was queued since the response started) is no new one.
-    if !starting
-        && conn.seq != 0
-        && conn.other == 0
-        && is_final_head(buf)
-        && (native || crate::socket_hooks::first_pass::<A>(msg))
-        && (conn.phase == phase::IDLE || write_seq(sk).is_none_or(|w| w != conn.resp_wseq))
-    {
-        let total = crate::sock_client::send_total(msg, len);
-        pipelined_response(conn, pid_tgid, buf, len, total, write_seq(sk).unwrap_or(0));
-        return Some(());
+    if !starting && conn.seq != 0 && conn.other == 0 && is_final_head(buf) && (native || crate::socket_hooks::first_pass::<A>(msg)) {
+        let wseq = write_seq(sk);
+        if conn.phase == phase::IDLE || wseq.is_none_or(|w| w != conn.resp_wseq) {
+            let total = crate::sock_client::send_total(msg, len);
+            pipelined_response(conn, pid_tgid, buf, len, total, wseq.unwrap_or(0));
+            return Some(());
+        }
     }
     send_bytes(conn, buf, len);
     if starting && conn.phase == phase::RESPONSE {
@@ -149,19 +146,9 @@ pub fn is_final_head(buf: u64) -> bool {
 #[inline(always)]
 pub fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64, total: u64, wseq: u32) {
     let ts = now();
-    finish_response(conn, pid_tgid as u32, ts, 0);
-    // Volatile, as fill_response's: another CPU that sees RESPONSE must see these too.
-    // SAFETY: plain field stores through a valid reference.
-    unsafe {
-        core::ptr::write_volatile(&mut conn.seq, conn.seq + 1);
-        core::ptr::write_volatile(&mut conn.span_id, new_span_id());
-    }
+    start_unread_request(conn, pid_tgid, ts);
     conn.resp_wseq = wseq;
-    conn.req_ts = ts;
-    conn.bytes_in = 0;
     conn.captured = 0;
-    conn.trace_in = 0;
-    count(Counter::PipelinedRequests);
     fill_response(conn, buf, len, ts);
     // SAFETY: plain field stores through a valid reference (ordered as in send_bytes).
     unsafe {
@@ -170,6 +157,23 @@ pub fn pipelined_response(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u6
     }
     let (pattern, pattern_len) = (conn.pattern_ptr, conn.pattern_len as u64);
     send_capture(conn, pid_tgid, EventKind::SockServerPipelined, buf, len, total, ts, pattern, pattern_len);
+}
+
+/// A request that no read started (pipelined) starts on `conn` at `ts`: the response being
+/// written, if any, ends, and the request gets the next sequence number and a span id.
+#[inline(always)]
+fn start_unread_request(conn: &mut ConnState, pid_tgid: u64, ts: u64) {
+    finish_response(conn, pid_tgid as u32, ts, 0);
+    // Volatile, as fill_response's: another CPU that sees RESPONSE must see these too.
+    // SAFETY: plain field stores through a valid reference.
+    unsafe {
+        core::ptr::write_volatile(&mut conn.seq, conn.seq + 1);
+        core::ptr::write_volatile(&mut conn.span_id, new_span_id());
+    }
+    conn.req_ts = ts;
+    conn.bytes_in = 0;
+    conn.trace_in = 0;
+    count(Counter::PipelinedRequests);
 }
 
 /// Handler mode: a Go handler starts on server socket `sk`. When no read started its
@@ -191,13 +195,7 @@ pub fn handler_entry(pid_tgid: u64, sk: u64) {
         return;
     }
     let ts = now();
-    finish_response(conn, pid_tgid as u32, ts, 0);
-    conn.seq += 1;
-    conn.span_id = new_span_id();
-    conn.req_ts = ts;
-    conn.bytes_in = 0;
-    conn.trace_in = 0;
-    count(Counter::PipelinedRequests);
+    start_unread_request(conn, pid_tgid, ts);
     // Its bytes came with the first request's capture; reads until its response add none.
     conn.captured = capture_size();
     send_capture(conn, pid_tgid, EventKind::SockServerPipelined, 0, 0, 0, ts, 0, 0);
