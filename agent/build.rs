@@ -18,28 +18,17 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if std::process::Command::new("bpf-linker").arg("--version").output().is_err() {
-        return Err(anyhow!(
-            "bpf-linker is not installed: run `cargo xtask build` (it installs bpf-linker and the {NIGHTLY} toolchain)"
-        ));
+        return Err(anyhow!("bpf-linker is not installed: run `cargo xtask build` (it installs bpf-linker and the {NIGHTLY} toolchain)"));
     }
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
     let pkg = metadata
         .packages
         .into_iter()
         .find(|p| p.name.as_str() == "zerotrace-ebpf")
         .ok_or_else(|| anyhow!("zerotrace-ebpf package not found in the workspace"))?;
-    let root = pkg
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
-    aya_build::build_ebpf(
-        [aya_build::Package { name: "zerotrace-ebpf", root_dir: root.as_str(), ..Default::default() }],
-        aya_build::Toolchain::Custom(NIGHTLY),
-    )
-    .with_context(|| format!("building the kernel programs with {NIGHTLY}; `cargo xtask build` installs what is missing"))
+    let root = pkg.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
+    aya_build::build_ebpf([aya_build::Package { name: "zerotrace-ebpf", root_dir: root.as_str(), ..Default::default() }], aya_build::Toolchain::Custom(NIGHTLY))
+        .with_context(|| format!("building the kernel programs with {NIGHTLY}; `cargo xtask build` installs what is missing"))
 }
 
 /// The local control service (proto/zerotrace/v1/agent.proto), compiled with protox (no
@@ -48,10 +37,6 @@ fn control_service() -> anyhow::Result<()> {
     let proto = "../proto/zerotrace/v1/agent.proto";
     println!("cargo:rerun-if-changed={proto}");
     let fds = protox::compile([proto], ["../proto"]).map_err(|e| anyhow!("compiling {proto}: {e}"))?;
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_fds(fds)
-        .context("generating the control service")?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds).context("generating the control service")?;
     Ok(())
 }

@@ -71,8 +71,7 @@ fn known(subcommand: &str) -> Vec<(String, bool)> {
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read { path: path.display().to_string(), reason: e.to_string() })?;
         Self::parse(path, &text)
     }
 
@@ -99,9 +98,7 @@ impl FileConfig {
             let entry = match (&value, switch) {
                 (toml::Value::Boolean(b), true) => Entry { key: key.clone(), values: Vec::new(), switch: *b },
                 (_, true) => return Err(bad(format!("{key}: expected true or false, found {}", value.type_str()))),
-                (toml::Value::Array(items), false) => {
-                    Entry { key: key.clone(), values: items.iter().map(scalar).collect::<Result<_, _>>()?, switch: false }
-                }
+                (toml::Value::Array(items), false) => Entry { key: key.clone(), values: items.iter().map(scalar).collect::<Result<_, _>>()?, switch: false },
                 (v, false) => Entry { key: key.clone(), values: vec![scalar(v)?], switch: false },
             };
             entries.push(entry);
@@ -158,10 +155,9 @@ mod tests {
 
     #[test]
     fn keys_become_flags_below_the_command_line_and_the_environment() {
-        let c = parse(
-            "exe = [\"*/shop\", \"catalog\"]\notlp-endpoint = \"http://c:4317\"\nbatch-delay = \"1s\"\ngo-spawns = false\nprint = true\nerrors = true\n",
-        )
-        .unwrap();
+        let c =
+            parse("exe = [\"*/shop\", \"catalog\"]\notlp-endpoint = \"http://c:4317\"\nbatch-delay = \"1s\"\ngo-spawns = false\nprint = true\nerrors = true\n")
+                .unwrap();
         let none = |_: &str| None;
         assert_eq!(
             c.args("run", &|_| false, &none),

@@ -10,7 +10,10 @@ use std::{
 };
 
 use tokio::sync::broadcast;
-use tokio_stream::{StreamExt, wrappers::{BroadcastStream, UnixListenerStream, errors::BroadcastStreamRecvError}};
+use tokio_stream::{
+    StreamExt,
+    wrappers::{BroadcastStream, UnixListenerStream, errors::BroadcastStreamRecvError},
+};
 
 use crate::spans::{Span, SpanId, SpanKind, Status, TraceId, Value};
 
@@ -19,9 +22,10 @@ pub mod proto {
 }
 
 use proto::{
-    Attribute, SpanRecord, SpansRequest, StatusReply, StatusRequest, attribute,
+    Attribute, SpanRecord, SpansRequest, StatusReply, StatusRequest,
     agent_client::AgentClient,
     agent_server::{Agent, AgentServer},
+    attribute,
 };
 
 /// Where `zerotrace run` listens unless told otherwise.
@@ -207,10 +211,13 @@ pub fn span_of(r: &SpanRecord) -> Option<(Span, String)> {
         .iter()
         .filter_map(|a| {
             let key = intern(&a.key);
-            Some((key, match a.value.as_ref()? {
-                attribute::Value::Int(i) => Value::Int(*i),
-                attribute::Value::Str(s) => Value::Str(s.clone()),
-            }))
+            Some((
+                key,
+                match a.value.as_ref()? {
+                    attribute::Value::Int(i) => Value::Int(*i),
+                    attribute::Value::Str(s) => Value::Str(s.clone()),
+                },
+            ))
         })
         .collect();
     let span = Span {
@@ -251,7 +258,9 @@ fn intern(key: &str) -> &'static str {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("no zerotrace agent serves {path} ({reason}); start one with `zerotrace run ...` (it serves {DEFAULT_SOCKET} unless told otherwise) or give its --control-socket path")]
+    #[error(
+        "no zerotrace agent serves {path} ({reason}); start one with `zerotrace run ...` (it serves {DEFAULT_SOCKET} unless told otherwise) or give its --control-socket path"
+    )]
     Unreachable { path: String, reason: String },
     #[error("the agent at {path} went away: {reason}")]
     Lost { path: String, reason: String },
@@ -304,11 +313,7 @@ pub async fn connect(path: &Path, token: Option<&str>) -> Result<Client, Connect
 /// `zerotrace status`: one text block.
 pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectError> {
     let mut c = connect(path, token).await?;
-    let r = c
-        .status(StatusRequest {})
-        .await
-        .map_err(|e| ConnectError::Lost { path: path.display().to_string(), reason: e.message().to_owned() })?
-        .into_inner();
+    let r = c.status(StatusRequest {}).await.map_err(|e| ConnectError::Lost { path: path.display().to_string(), reason: e.message().to_owned() })?.into_inner();
     let mut out = format!("zerotrace {} (pid {}), up {} s, tracing {} process(es)\n", r.version, r.agent_pid, r.uptime_seconds, r.targets.len());
     for t in &r.targets {
         out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));

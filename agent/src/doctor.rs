@@ -59,8 +59,18 @@ pub fn check() -> Vec<Line> {
     );
     push("uprobes", features::uprobes().map(|()| "uprobe PMU works".into()), "Go functions can be hooked", "no Go probes: zerotrace cannot run");
     push("perf events", features::perf_events().map(|()| "cpu-clock sampling attachable".into()), "CPU profiling possible", "no CPU profiles");
-    push("kprobes", features::kprobes().map(|()| "kprobe PMU works".into()), "kernel function probes available (optional fast path)", "not needed: the baseline uses tracepoints");
-    push("fentry", features::fentry().map(|()| "BPF_TRACE_FENTRY loads".into()), "fentry available (optional fast path)", "not needed: the baseline uses tracepoints");
+    push(
+        "kprobes",
+        features::kprobes().map(|()| "kprobe PMU works".into()),
+        "kernel function probes available (optional fast path)",
+        "not needed: the baseline uses tracepoints",
+    );
+    push(
+        "fentry",
+        features::fentry().map(|()| "BPF_TRACE_FENTRY loads".into()),
+        "fentry available (optional fast path)",
+        "not needed: the baseline uses tracepoints",
+    );
     let lockdown = features::lockdown();
     push(
         "lockdown",
@@ -77,9 +87,7 @@ pub fn check() -> Vec<Line> {
 
 /// The baseline: ring buffer + tracepoints + uprobes.
 pub fn baseline_ok(lines: &[Line]) -> bool {
-    ["ring buffer", "tracepoints", "socket hooks", "uprobes", "tracefs", "btf"]
-        .iter()
-        .all(|n| lines.iter().any(|l| l.name == *n && l.ok))
+    ["ring buffer", "tracepoints", "socket hooks", "uprobes", "tracefs", "btf"].iter().all(|n| lines.iter().any(|l| l.name == *n && l.ok))
 }
 
 pub fn render(lines: &[Line]) -> String {

@@ -4,7 +4,10 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, parser::ValueSource};
 use tracing_subscriber::EnvFilter;
-use zerotrace::{cli::{Cli, Command}, config, control, doctor, run, settings};
+use zerotrace::{
+    cli::{Cli, Command},
+    config, control, doctor, run, settings,
+};
 
 /// mimalloc: the pipeline allocates small strings per span; glibc malloc showed up as a
 /// third of the agent's CPU under load.
@@ -160,10 +163,7 @@ fn parse_with_config() -> Result<Cli, ExitCode> {
     let cmd = Cli::command();
     let sub_cmd = cmd.find_subcommand(sub).expect("parsed subcommand exists");
     let on_cli = |long: &str| {
-        sub_cmd
-            .get_arguments()
-            .find(|a| a.get_long() == Some(long))
-            .is_some_and(|a| sub_m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
+        sub_cmd.get_arguments().find(|a| a.get_long() == Some(long)).is_some_and(|a| sub_m.value_source(a.get_id().as_str()) == Some(ValueSource::CommandLine))
     };
     let env = |k: &str| std::env::var(k).ok();
     let extra = file.args(sub, &on_cli, &env);

@@ -8,7 +8,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::{io::unix::AsyncFd, signal::unix::{SignalKind, signal}, sync::mpsc};
+use tokio::{
+    io::unix::AsyncFd,
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+};
 use zerotrace_common::Counter;
 
 use crate::{
@@ -57,7 +61,11 @@ pub enum RunError {
     #[error(transparent)]
     Probe(#[from] probes::ProbeError),
     #[error("attaching to PID {pid}: {source}")]
-    Attach { pid: u32, #[source] source: go::AttachError },
+    Attach {
+        pid: u32,
+        #[source]
+        source: go::AttachError,
+    },
     #[error(transparent)]
     Export(#[from] crate::export::otlp::ExportError),
     #[error("reading kernel events: {0}")]
@@ -454,10 +462,7 @@ fn pump(
         return n;
     }
     if s.print {
-        let lines: Vec<String> = spans
-            .iter()
-            .map(|sp| print::line(sp, traced.get(&sp.pid).map_or("?", |t| t.service.as_str())))
-            .collect();
+        let lines: Vec<String> = spans.iter().map(|sp| print::line(sp, traced.get(&sp.pid).map_or("?", |t| t.service.as_str()))).collect();
         print::print(&lines);
     }
     match export {
@@ -580,10 +585,8 @@ fn stats_json(kernel: &[u64; zerotrace_common::COUNTER_SLOTS as usize], reader: 
 fn announce(p: &crate::profile::collect::Profiler, traced: &HashMap<u32, Traced>, announced: &mut HashSet<u32>) {
     for (pid, t) in traced {
         if announced.insert(*pid) {
-            let executable = proc::exe_link(*pid)
-                .ok()
-                .and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
-                .unwrap_or_else(|| t.service.clone());
+            let executable =
+                proc::exe_link(*pid).ok().and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_else(|| t.service.clone());
             p.process(crate::profile::model::ProcessInfo { pid: *pid, service_name: t.service.clone(), executable });
         }
     }
@@ -716,12 +719,7 @@ fn attach_target(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Target, 
     if !target.layout.absent.is_empty() {
         tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
     }
-    Ok(Traced {
-        service_name: Arc::from(service.as_str()),
-        service,
-        catch_up_since: catch_up.then(Instant::now),
-        catch_up_inodes: existing,
-    })
+    Ok(Traced { service_name: Arc::from(service.as_str()), service, catch_up_since: catch_up.then(Instant::now), catch_up_inodes: existing })
 }
 
 /// Discovery: which processes to trace besides --pid: by executable (`--exe`, `--all`;
@@ -761,8 +759,7 @@ impl Discover {
         if self.by_exe() {
             if let Ok(dir) = std::fs::read_dir("/proc") {
                 pids.extend(
-                    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-                        .filter(|p| *p != me && !traced.contains_key(p) && self.matches(*p)),
+                    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok()).filter(|p| *p != me && !traced.contains_key(p) && self.matches(*p)),
                 );
             }
         }
@@ -900,7 +897,11 @@ fn status_reply(traced: &HashMap<u32, Traced>, counters: &[(&'static str, u64)],
 
 /// `zerotrace tail --connect`: the spans of a running agent, through its control socket,
 /// drawn as by a tail that traces by itself. Ends at SIGINT/SIGTERM or when the agent goes.
-pub async fn tail_remote(socket: &std::path::Path, token: Option<&str>, settings: crate::export::tail::TailSettings) -> Result<(), crate::control::ConnectError> {
+pub async fn tail_remote(
+    socket: &std::path::Path,
+    token: Option<&str>,
+    settings: crate::export::tail::TailSettings,
+) -> Result<(), crate::control::ConnectError> {
     let mut client = crate::control::connect(socket, token).await?;
     let lost = |reason: String| crate::control::ConnectError::Lost { path: socket.display().to_string(), reason };
     let mut stream = client.spans(crate::control::proto::SpansRequest {}).await.map_err(|e| lost(e.message().to_owned()))?.into_inner();
@@ -936,4 +937,3 @@ pub async fn tail_remote(socket: &std::path::Path, token: Option<&str>, settings
     print::print(&tail.flush());
     end
 }
-

@@ -153,14 +153,7 @@ pub fn resolve_tail(args: &crate::cli::TailArgs, env: &dyn Fn(&str) -> Option<St
         Some(t) => return Err(invalid("--trace-id", t, "up to 32 hex digits")),
         None => None,
     };
-    let filter = crate::export::tail::Filter {
-        services: args.service.clone(),
-        name,
-        min_duration: args.min_duration,
-        errors: args.errors,
-        trace_id,
-        attrs,
-    };
+    let filter = crate::export::tail::Filter { services: args.service.clone(), name, min_duration: args.min_duration, errors: args.errors, trace_id, attrs };
     s.tail = Some(crate::export::tail::TailSettings { filter, wait: args.wait, json: args.json, color: color && !args.json });
     Ok(s)
 }
@@ -199,8 +192,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     };
     let timeout = match args.otlp_timeout {
         Some(t) => t,
-        None => ms_var(env, &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])?
-            .unwrap_or(Duration::from_secs(10)),
+        None => ms_var(env, &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])?.unwrap_or(Duration::from_secs(10)),
     };
     let queue = match args.batch_queue {
         Some(q) => q,
@@ -271,11 +263,8 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         pprof: None,
         flamegraph: None,
     });
-    let exe_globs = args
-        .exe
-        .iter()
-        .map(|g| glob::Pattern::new(g).map_err(|e| invalid("--exe", g, leak(format!("a glob ({e})")))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let exe_globs =
+        args.exe.iter().map(|g| glob::Pattern::new(g).map_err(|e| invalid("--exe", g, leak(format!("a glob ({e})"))))).collect::<Result<Vec<_>, _>>()?;
     Ok(RunSettings {
         pids: args.pids.clone(),
         control_socket: (args.control_socket != "off").then(|| args.control_socket.clone().into()),
@@ -293,18 +282,10 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         env_service_name,
         resource_attrs,
         go_http_probes: args.go_http_probes,
-        go_causality: GoCausality {
-            spawns: args.go_spawns == crate::cli::OnOff::On,
-            channels: args.go_channels == crate::cli::OnOff::On,
-        },
+        go_causality: GoCausality { spawns: args.go_spawns == crate::cli::OnOff::On, channels: args.go_channels == crate::cli::OnOff::On },
         go_tls: args.go_tls == crate::cli::OnOff::On,
         native_parents: args.native_parents,
-        kernel: KernelSettings {
-            req_capture: args.capture_bytes,
-            max_conns: args.max_connections,
-            hooks: args.socket_hooks,
-            inject: args.inject_traceparent,
-        },
+        kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections, hooks: args.socket_hooks, inject: args.inject_traceparent },
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),
         record: args.record.clone(),

@@ -27,7 +27,10 @@ use zerotrace_e2e::{
     tools,
 };
 
-use crate::{setup, util::{build_release, root, step}};
+use crate::{
+    setup,
+    util::{build_release, root, step},
+};
 
 #[derive(Subcommand)]
 pub enum Bench {
@@ -109,10 +112,7 @@ pub fn run(b: Bench) -> Result<()> {
 /// Peak resident memory (VmHWM) of `pid`, KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return 0 };
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    s.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
 }
 
 /// `bench profile`: both cores kept busy by profiled processes (a Rust release binary
@@ -326,29 +326,33 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(format!(
         "bench overhead: Go {} frontend on :{port}, {cpus} CPUs, {} rounds x {} s, exports {:?}, probes {}",
-        setup::GO_NEWEST, a.rounds, a.seconds, a.export, a.go_http_probes
+        setup::GO_NEWEST,
+        a.rounds,
+        a.seconds,
+        a.export,
+        a.go_http_probes
     ));
     let mut report = String::new();
     for export in &a.export {
         for causality in &a.causality {
-        for case in a.cases.iter().map(String::as_str) {
-            let (pid, port) = match (&tls, &rust, case) {
-                (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
-                (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
-                _ => (srv.pid(), port),
-            };
-            let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
-            for round in 0..a.rounds {
-                eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
-                // Warm the service and the caches identically before both runs.
-                drive(case, port, &a, Duration::from_secs(1))?;
-                without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
-                let (load, cost) = with_agent(pid, *export, causality, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
-                with.push(load);
-                costs.push(cost);
+            for case in a.cases.iter().map(String::as_str) {
+                let (pid, port) = match (&tls, &rust, case) {
+                    (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
+                    (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
+                    _ => (srv.pid(), port),
+                };
+                let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+                for round in 0..a.rounds {
+                    eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
+                    // Warm the service and the caches identically before both runs.
+                    drive(case, port, &a, Duration::from_secs(1))?;
+                    without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
+                    let (load, cost) = with_agent(pid, *export, causality, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
+                    with.push(load);
+                    costs.push(cost);
+                }
+                report.push_str(&summarize(case, *export, causality, &a, &without, &with, &costs));
             }
-            report.push_str(&summarize(case, *export, causality, &a, &without, &with, &costs));
-        }
         }
     }
     println!("\n{report}");
@@ -414,14 +418,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn with_agent(pid: u32, export: Export, causality: &str, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
     let mut sink = None;
-    let mut args: Vec<String> = vec![
-        "--go-http-probes".into(),
-        a.go_http_probes.clone(),
-        "--go-spawns".into(),
-        causality.into(),
-        "--go-channels".into(),
-        causality.into(),
-    ];
+    let mut args: Vec<String> =
+        vec!["--go-http-probes".into(), a.go_http_probes.clone(), "--go-spawns".into(), causality.into(), "--go-channels".into(), causality.into()];
     match export {
         Export::None => args.extend(["--exporter".into(), "none".into()]),
         Export::Grpc => {

@@ -15,7 +15,10 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use zerotrace_e2e::tools;
 
-use crate::{setup, util::{build_release, root, step}};
+use crate::{
+    setup,
+    util::{build_release, root, step},
+};
 
 #[derive(Args)]
 pub struct DemoArgs {

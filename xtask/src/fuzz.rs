@@ -8,7 +8,10 @@ use std::{path::Path, process::Command};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-use crate::{setup, util::{root, run, step}};
+use crate::{
+    setup,
+    util::{root, run, step},
+};
 
 pub const TARGETS: &[&str] = &["events", "http1", "http2", "correlate"];
 

@@ -55,8 +55,7 @@ pub fn kernel_toolchain() -> Result<()> {
 }
 
 fn nightly() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY]))
-        .unwrap_or_default();
+    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY])).unwrap_or_default();
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
@@ -116,10 +115,7 @@ pub fn python() -> Result<PathBuf> {
     let venv = cache_dir().join("py");
     let py = venv.join("bin/python");
     let check = || {
-        Command::new(&py)
-            .args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"])
-            .output()
-            .is_ok_and(|o| o.status.success())
+        Command::new(&py).args(["-c", "import grpc, opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"]).output().is_ok_and(|o| o.status.success())
     };
     if py.exists() && check() {
         return Ok(py);

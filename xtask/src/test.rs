@@ -7,7 +7,10 @@ use std::process::Command;
 use anyhow::Result;
 use clap::Args;
 
-use crate::{setup, util::{self, build_release, build_rust_services, cargo, root, step}};
+use crate::{
+    setup,
+    util::{self, build_release, build_rust_services, cargo, root, step},
+};
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -37,7 +40,17 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
     if !args.e2e_only {
         step("unit tests (no privileges needed)");
         let mut cmd = cargo();
-        cmd.current_dir(root()).args(["test", "--release", "--workspace", "--exclude", "zerotrace-e2e", "--exclude", "zerotrace-ebpf", "--exclude", "zerotrace-testsvc"]);
+        cmd.current_dir(root()).args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "zerotrace-e2e",
+            "--exclude",
+            "zerotrace-ebpf",
+            "--exclude",
+            "zerotrace-testsvc",
+        ]);
         if let Some(f) = &args.filter {
             cmd.args(["--", f]);
         }

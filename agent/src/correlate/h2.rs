@@ -19,7 +19,9 @@ use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     events::H2Bytes,
-    protocols::http2::{self, CONTINUATION, DATA, END_HEADERS, END_STREAM, FrameHeader, FrameReader, HEADERS, HeaderDecoder, Headers, PUSH_PROMISE, RST_STREAM},
+    protocols::http2::{
+        self, CONTINUATION, DATA, END_HEADERS, END_STREAM, FrameHeader, FrameReader, HEADERS, HeaderDecoder, Headers, PUSH_PROMISE, RST_STREAM,
+    },
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
 
@@ -258,11 +260,7 @@ impl Correlator {
             self.sampling.remote_decision(trace_id, rp.sampled);
             (trace_id, Some(rp.span_id), true, rp.trace_state)
         } else {
-            let parent = if server {
-                self.h2_links.remove(&(flow.0, flow.1, stream)).unwrap_or(0)
-            } else {
-                self.native_parent(pid, tid)
-            };
+            let parent = if server { self.h2_links.remove(&(flow.0, flow.1, stream)).unwrap_or(0) } else { self.native_parent(pid, tid) };
             let (trace_id, parent) = self.traces.child_of(parent, [0; 16]);
             if server && parent.is_some() {
                 self.stats.linked += 1;

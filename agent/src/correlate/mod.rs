@@ -192,9 +192,7 @@ impl Correlator {
     pub fn new(clock: Clock) -> Self {
         let mut c = Self::with_memory(
             clock,
-            Box::new(|pid, addr, len| {
-                crate::model::memory::read(pid, addr, len).ok().map(|b| String::from_utf8_lossy(&b).into_owned())
-            }),
+            Box::new(|pid, addr, len| crate::model::memory::read(pid, addr, len).ok().map(|b| String::from_utf8_lossy(&b).into_owned())),
         );
         c.readonly = Box::new(crate::model::proc::in_readonly_file_mapping);
         c
@@ -402,9 +400,7 @@ impl Correlator {
         // from read-only file-backed memory (a constant in the executable), which cannot
         // have changed since.
         let len = (q.text_len as usize).min(zerotrace_common::bounds::SQL_TEXT_MAX);
-        let text = q.text.clone().or_else(|| {
-            ((self.readonly)(q.pid, q.text_ptr, len as u64)).then(|| (self.memory)(q.pid, q.text_ptr, len)).flatten()
-        });
+        let text = q.text.clone().or_else(|| ((self.readonly)(q.pid, q.text_ptr, len as u64)).then(|| (self.memory)(q.pid, q.text_ptr, len)).flatten());
         self.sql.insert(q.span_id, PendingSql { start: q, text, trace_id, parent });
     }
 
@@ -416,7 +412,13 @@ impl Correlator {
         let name = match (&op, &target) {
             (Some(o), Some(t)) => format!("{o} {t}"),
             (Some(o), None) => o.clone(),
-            _ => if q.exec { "EXEC".to_owned() } else { "QUERY".to_owned() },
+            _ => {
+                if q.exec {
+                    "EXEC".to_owned()
+                } else {
+                    "QUERY".to_owned()
+                }
+            }
         };
         if let Some(o) = op {
             a.push(("db.operation.name", Value::Str(o)));
@@ -438,15 +440,7 @@ impl Correlator {
     }
 
     /// A CLIENT span of a Go call (HTTP or SQL) from what both kinds share.
-    fn call_span(
-        &self,
-        c: &Call,
-        trace_id: TraceId,
-        parent: Option<SpanId>,
-        name: String,
-        mut attributes: Vec<(&'static str, Value)>,
-        status: Status,
-    ) -> Span {
+    fn call_span(&self, c: &Call, trace_id: TraceId, parent: Option<SpanId>, name: String, mut attributes: Vec<(&'static str, Value)>, status: Status) -> Span {
         attributes.push(("thread.id", Value::Int(i64::from(c.tid))));
         if c.goid != 0 {
             attributes.push(("go.goroutine.id", Value::Int(c.goid as i64)));
@@ -705,11 +699,7 @@ impl Correlator {
 
     /// The span of a Go handler's record alone (no request seen at the socket for it).
     fn go_alone(&self, g: &GoServerRequest) -> Span {
-        let addrs = if g.sk != 0 {
-            self.by_sk.get(&g.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone()))
-        } else {
-            None
-        };
+        let addrs = if g.sk != 0 { self.by_sk.get(&g.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone())) } else { None };
         let minor = match g.proto.as_str() {
             "HTTP/1.0" => Some(0),
             "HTTP/1.1" => Some(1),
@@ -851,8 +841,8 @@ fn traceparent_in(head: &[u8]) -> Option<RemoteParent> {
 /// tell: `SELECT .. FROM t`, `INSERT INTO t`, `UPDATE t`, `DELETE FROM t`.
 pub fn sql_summary(text: &str) -> (Option<String>, Option<String>) {
     const OPS: &[&str] = &[
-        "SELECT", "INSERT", "UPDATE", "DELETE", "UPSERT", "REPLACE", "MERGE", "WITH", "CREATE", "DROP", "ALTER",
-        "TRUNCATE", "BEGIN", "COMMIT", "ROLLBACK", "CALL", "EXEC", "EXECUTE", "SHOW", "SET", "PRAGMA",
+        "SELECT", "INSERT", "UPDATE", "DELETE", "UPSERT", "REPLACE", "MERGE", "WITH", "CREATE", "DROP", "ALTER", "TRUNCATE", "BEGIN", "COMMIT", "ROLLBACK",
+        "CALL", "EXEC", "EXECUTE", "SHOW", "SET", "PRAGMA",
     ];
     let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == ';').filter(|w| !w.is_empty()).take(64).collect();
     let Some(first) = words.first() else { return (None, None) };
@@ -861,9 +851,11 @@ pub fn sql_summary(text: &str) -> (Option<String>, Option<String>) {
         return (None, None);
     }
     let after = |kw: &str| {
-        words.iter().position(|w| w.eq_ignore_ascii_case(kw)).and_then(|i| words.get(i + 1)).map(|w| {
-            w.split(['(', ',', ')']).next().unwrap_or("").trim_matches(['`', '"', '[', ']']).to_owned()
-        })
+        words
+            .iter()
+            .position(|w| w.eq_ignore_ascii_case(kw))
+            .and_then(|i| words.get(i + 1))
+            .map(|w| w.split(['(', ',', ')']).next().unwrap_or("").trim_matches(['`', '"', '[', ']']).to_owned())
     };
     let target = match op.as_str() {
         "SELECT" | "DELETE" => after("FROM"),

@@ -373,7 +373,8 @@ impl Correlator {
             a.push(("http.request.method_original", Value::Str(head.method.clone().into_owned())));
         }
         let conn = self.conns.get(&conn_id);
-        let host = head.host.as_deref().map(str::to_owned).or_else(|| conn.map(|c| std::net::SocketAddr::new(c.addrs.peer.addr, c.addrs.peer.port).to_string()));
+        let host =
+            head.host.as_deref().map(str::to_owned).or_else(|| conn.map(|c| std::net::SocketAddr::new(c.addrs.peer.addr, c.addrs.peer.port).to_string()));
         // Only scheme, host and path: query values are never exported.
         if let Some(h) = &host {
             a.push(("url.full", Value::Str(format!("http://{h}{}", head.path()))));

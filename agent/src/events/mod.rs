@@ -7,9 +7,8 @@ pub mod recording;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, EventHeader, EventKind, GoClientRequestEvent,
-    GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent, GoStr, HttpRequestEvent, HttpResponseEvent, SockAddrs, SockBytesEvent,
-    TraceparentEvent, ProcExecEvent, CpuSampleEvent, bounds,
+    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent,
+    GoStr, HttpRequestEvent, HttpResponseEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,10 +26,7 @@ pub struct Addrs {
 
 impl Addrs {
     pub fn from_raw(a: &SockAddrs) -> Self {
-        Addrs {
-            local: Endpoint { addr: ip(a.local_addr), port: a.local_port },
-            peer: Endpoint { addr: ip(a.peer_addr), port: a.peer_port },
-        }
+        Addrs { local: Endpoint { addr: ip(a.local_addr), port: a.local_port }, peer: Endpoint { addr: ip(a.peer_addr), port: a.peer_port } }
     }
 }
 
@@ -45,8 +41,20 @@ fn ip(raw: [u8; 16]) -> IpAddr {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    ConnOpen { pid: u32, ts: u64, conn_id: u64, sk: u64, role: u8, addrs: Addrs },
-    ConnClose { pid: u32, ts: u64, conn_id: u64, sk: u64 },
+    ConnOpen {
+        pid: u32,
+        ts: u64,
+        conn_id: u64,
+        sk: u64,
+        role: u8,
+        addrs: Addrs,
+    },
+    ConnClose {
+        pid: u32,
+        ts: u64,
+        conn_id: u64,
+        sk: u64,
+    },
     HttpRequest(HttpRequest),
     HttpResponse(HttpResponse),
     GoServerRequest(Box<GoServerRequest>),
@@ -56,7 +64,9 @@ pub enum Event {
     GoSqlEnd(GoClientResponse),
     Traceparent(Traceparent),
     /// A process exec'd (discovery): the agent decides whether to trace it.
-    ProcExec { pid: u32 },
+    ProcExec {
+        pid: u32,
+    },
     /// A native (not Go) client's request bytes (`offset` 0: a new request) and the first
     /// bytes of its response (`start_ns`: the read), as HttpRequest.
     SockClientRequest(HttpRequest),
@@ -291,23 +301,11 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
     Ok(match kind {
         EventKind::ConnOpen => {
             let e: ConnOpenEvent = exact(b, kind)?;
-            Event::ConnOpen {
-                pid: hdr.pid,
-                ts: hdr.ts_ns,
-                conn_id: e.conn_id,
-                sk: e.sk,
-                role: e.role,
-                addrs: Addrs::from_raw(&e.addrs),
-            }
+            Event::ConnOpen { pid: hdr.pid, ts: hdr.ts_ns, conn_id: e.conn_id, sk: e.sk, role: e.role, addrs: Addrs::from_raw(&e.addrs) }
         }
         EventKind::ConnClose => {
             let e: ConnCloseEvent = exact(b, kind)?;
-            Event::ConnClose {
-                pid: hdr.pid,
-                ts: hdr.ts_ns,
-                conn_id: e.conn_id,
-                sk: e.sk,
-            }
+            Event::ConnClose { pid: hdr.pid, ts: hdr.ts_ns, conn_id: e.conn_id, sk: e.sk }
         }
         EventKind::HttpRequest
         | EventKind::SockClientRequest
@@ -360,14 +358,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         EventKind::SockClientRecv | EventKind::SockServerSend => {
             let e: SockBytesEvent = exact(b, kind)?;
             let n = (e.tail_len as usize).min(e.tail.len());
-            let bytes = SockBytes {
-                pid: hdr.pid,
-                ts: hdr.ts_ns,
-                conn_id: e.conn_id,
-                seq: e.seq,
-                len: e.len,
-                tail: e.tail[..n].to_vec(),
-            };
+            let bytes = SockBytes { pid: hdr.pid, ts: hdr.ts_ns, conn_id: e.conn_id, seq: e.seq, len: e.len, tail: e.tail[..n].to_vec() };
             if kind == EventKind::SockServerSend { Event::SockServerSend(bytes) } else { Event::SockClientRecv(bytes) }
         }
         EventKind::HttpResponse => {
@@ -516,11 +507,7 @@ pub mod record {
     }
 
     pub fn conn_close(pid: u32, ts: u64, conn_id: u64, sk: u64) -> Vec<u8> {
-        bytes_of(&ConnCloseEvent {
-            hdr: header(EventKind::ConnClose, std::mem::size_of::<ConnCloseEvent>(), pid, ts),
-            conn_id,
-            sk,
-        })
+        bytes_of(&ConnCloseEvent { hdr: header(EventKind::ConnClose, std::mem::size_of::<ConnCloseEvent>(), pid, ts), conn_id, sk })
     }
 
     pub fn request(pid: u32, ts: u64, conn_id: u64, seq: u32, goroutine: u64, head: &[u8]) -> Vec<u8> {

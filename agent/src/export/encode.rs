@@ -247,8 +247,7 @@ pub fn request(resource: &EncodedResource, spans: &[Span]) -> Vec<u8> {
         scope_spans += delimited_len(n);
         lens.push(n);
     }
-    let resource_spans =
-        resource.resource.len() + if spans.is_empty() { 0 } else { delimited_len(scope_spans) } + resource.schema_url.len();
+    let resource_spans = resource.resource.len() + if spans.is_empty() { 0 } else { delimited_len(scope_spans) } + resource.schema_url.len();
     let total = delimited_len(resource_spans);
     let mut out = Vec::with_capacity(total);
     put_header(&mut out, REQUEST_RESOURCE_SPANS, resource_spans);
@@ -280,9 +279,7 @@ mod tests {
         InstrumentationScope, KeyValue,
         trace::{SpanContext, SpanId as OtelSpanId, SpanKind as OtelKind, Status as OtelStatus, TraceFlags, TraceId as OtelTraceId},
     };
-    use opentelemetry_proto::{
-        tonic::collector::trace::v1::ExportTraceServiceRequest, transform::trace::tonic::group_spans_by_resource_and_scope,
-    };
+    use opentelemetry_proto::{tonic::collector::trace::v1::ExportTraceServiceRequest, transform::trace::tonic::group_spans_by_resource_and_scope};
     use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
     use prost::Message;
 
@@ -296,13 +293,7 @@ mod tests {
     fn to_span_data(s: &Span) -> SpanData {
         let trace_state = s.trace_state.as_deref().and_then(|t| t.parse::<TraceState>().ok()).unwrap_or_default();
         SpanData {
-            span_context: SpanContext::new(
-                OtelTraceId::from_bytes(s.trace_id.0),
-                OtelSpanId::from_bytes(s.span_id.0),
-                TraceFlags::SAMPLED,
-                false,
-                trace_state,
-            ),
+            span_context: SpanContext::new(OtelTraceId::from_bytes(s.trace_id.0), OtelSpanId::from_bytes(s.span_id.0), TraceFlags::SAMPLED, false, trace_state),
             parent_span_id: s.parent.map_or(OtelSpanId::INVALID, |p| OtelSpanId::from_bytes(p.0)),
             parent_span_is_remote: s.parent_is_remote,
             span_kind: match s.kind {
@@ -430,12 +421,12 @@ mod tests {
         // A batch over 16 KiB (three-byte lengths) of many spans.
         let many: Vec<Span> = (0..600).map(|i| all[i % all.len()].clone()).collect();
         assert_same(Some(&res), &many);
-        let flags: Vec<u32> = ExportTraceServiceRequest::decode(request(&EncodedResource::new(None), &all).as_slice()).unwrap().resource_spans[0]
-            .scope_spans[0]
-            .spans
-            .iter()
-            .map(|s| s.flags)
-            .collect();
+        let flags: Vec<u32> = ExportTraceServiceRequest::decode(request(&EncodedResource::new(None), &all).as_slice()).unwrap().resource_spans[0].scope_spans
+            [0]
+        .spans
+        .iter()
+        .map(|s| s.flags)
+        .collect();
         assert_eq!(flags[..3], [0x101, 0x101, 0x301], "sampled, has-is-remote, is-remote for a remote parent");
     }
 

@@ -18,8 +18,7 @@ use opentelemetry_proto::tonic::{
     collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse},
     common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value},
     metrics::v1::{
-        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric,
-        number_data_point,
+        AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum, metric, number_data_point,
     },
     resource::v1::Resource as ProtoResource,
 };
@@ -73,10 +72,13 @@ pub struct Red {
 
 fn attr(s: &Span, key: &'static str) -> Option<(&'static str, Attr)> {
     s.attr(key).map(|v| {
-        (key, match v {
-            Value::Int(i) => Attr::Int(*i),
-            other => Attr::Str(other.to_string()),
-        })
+        (
+            key,
+            match v {
+                Value::Int(i) => Attr::Int(*i),
+                other => Attr::Str(other.to_string()),
+            },
+        )
     })
 }
 
@@ -92,10 +94,9 @@ impl Red {
             SpanKind::Client if s.attr("db.system.name").is_some() => {
                 ("db.client.operation.duration", &["db.system.name", "db.operation.name", "db.collection.name", "error.type"])
             }
-            SpanKind::Client if s.attr("http.request.method").is_some() => (
-                "http.client.request.duration",
-                &["http.request.method", "server.address", "server.port", "http.response.status_code", "error.type"],
-            ),
+            SpanKind::Client if s.attr("http.request.method").is_some() => {
+                ("http.client.request.duration", &["http.request.method", "server.address", "server.port", "http.response.status_code", "error.type"])
+            }
             _ => return,
         };
         let mut attrs: Vec<(&'static str, Attr)> = keys.iter().filter_map(|k| attr(s, k)).collect();
@@ -195,10 +196,7 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
                 name: name.to_owned(),
                 description: String::new(),
                 unit: "s".into(),
-                data: Some(metric::Data::Histogram(Histogram {
-                    data_points: points,
-                    aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                })),
+                data: Some(metric::Data::Histogram(Histogram { data_points: points, aggregation_temporality: AggregationTemporality::Cumulative as i32 })),
                 ..Default::default()
             })
             .collect();
@@ -319,7 +317,12 @@ mod tests {
         red.record(&span(SpanKind::Client, vec![("http.request.method", Value::Static("GET")), ("server.address", Value::Static("db"))], 1, Status::Unset));
         red.record(&span(SpanKind::Internal, vec![], 1, Status::Unset));
         assert_eq!(red.series.len(), 3, "two server series (200, 503+error.type) and one client: {:?}", red.series.keys());
-        let ok = red.series.iter().find(|(k, _)| k.metric == "http.server.request.duration" && k.attrs.contains(&("http.response.status_code", Attr::Int(200)))).unwrap().1;
+        let ok = red
+            .series
+            .iter()
+            .find(|(k, _)| k.metric == "http.server.request.duration" && k.attrs.contains(&("http.response.status_code", Attr::Int(200))))
+            .unwrap()
+            .1;
         assert_eq!(ok.count, 2);
         assert!((ok.sum - 0.033).abs() < 1e-9);
         assert_eq!(ok.counts[0], 1, "3 ms <= 5 ms");

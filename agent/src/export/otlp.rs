@@ -115,8 +115,8 @@ impl Transport {
             Protocol::Grpc => {
                 let mut metadata = tonic::metadata::MetadataMap::new();
                 for (k, v) in &s.headers {
-                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| err(format!("invalid header name {k:?}")))?;
+                    let key =
+                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes()).map_err(|_| err(format!("invalid header name {k:?}")))?;
                     let val = v.parse().map_err(|_| err(format!("invalid header value for {k}")))?;
                     metadata.insert(key, val);
                 }

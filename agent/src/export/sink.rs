@@ -35,10 +35,7 @@ impl Sink {
         match self.settings.protocol {
             Protocol::Grpc => {
                 if self.grpc.is_none() {
-                    let ch = tonic::transport::Endpoint::from_shared(self.url.clone())
-                        .map_err(|e| e.to_string())?
-                        .timeout(timeout)
-                        .connect_lazy();
+                    let ch = tonic::transport::Endpoint::from_shared(self.url.clone()).map_err(|e| e.to_string())?.timeout(timeout).connect_lazy();
                     self.grpc = Some(tonic::client::Grpc::new(ch));
                 }
                 let Some(grpc) = self.grpc.as_mut() else { return Err("no gRPC channel".into()) };
@@ -55,11 +52,7 @@ impl Sink {
             }
             Protocol::HttpProtobuf => {
                 let client = self.http.get_or_insert_with(reqwest::Client::new);
-                let mut b = client
-                    .post(&self.url)
-                    .timeout(timeout)
-                    .header("content-type", "application/x-protobuf")
-                    .body(req.encode_to_vec());
+                let mut b = client.post(&self.url).timeout(timeout).header("content-type", "application/x-protobuf").body(req.encode_to_vec());
                 for (k, v) in &self.settings.headers {
                     b = b.header(k.as_str(), v.as_str());
                 }

@@ -109,12 +109,8 @@ impl Tail {
     /// Output for every trace that is ready at `now` (and for the oldest ones when too many
     /// wait).
     pub fn due(&mut self, now: Instant) -> Vec<String> {
-        let ready: Vec<TraceId> = self
-            .waiting
-            .iter()
-            .filter(|(_, w)| w.root_at.is_some_and(|t| now >= t + GRACE) || now >= w.first + self.s.wait)
-            .map(|(t, _)| *t)
-            .collect();
+        let ready: Vec<TraceId> =
+            self.waiting.iter().filter(|(_, w)| w.root_at.is_some_and(|t| now >= t + GRACE) || now >= w.first + self.s.wait).map(|(t, _)| *t).collect();
         let mut out = Vec::new();
         for t in ready {
             self.emit(t, &mut out);
@@ -205,7 +201,13 @@ impl Tail {
                 continue;
             }
             let (s, svc) = &spans[i];
-            let branch = if root { "" } else if last { "└─ " } else { "├─ " };
+            let branch = if root {
+                ""
+            } else if last {
+                "└─ "
+            } else {
+                "├─ "
+            };
             let _ = writeln!(out, "{prefix}{branch}{}", self.span_text(s, svc));
             let kids = children.get(&s.span_id).cloned().unwrap_or_default();
             let child_prefix = if root { prefix.clone() } else { format!("{prefix}{}", if last { "   " } else { "│  " }) };

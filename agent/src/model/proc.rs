@@ -63,9 +63,7 @@ pub fn load_bias(pid: u32, exe: &Path, first_vaddr: u64) -> io::Result<u64> {
     let want = exe.to_string_lossy();
     for line in maps.lines() {
         let mut f = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode)) =
-            (f.next(), f.next(), f.next(), f.next(), f.next())
-        else {
+        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
             continue;
         };
         let path: String = f.collect::<Vec<_>>().join(" ");
@@ -73,8 +71,7 @@ pub fn load_bias(pid: u32, exe: &Path, first_vaddr: u64) -> io::Result<u64> {
         if path != want || u64::from_str_radix(offset, 16).ok() != Some(0) {
             continue;
         }
-        let start = u64::from_str_radix(range.split('-').next().unwrap_or("0"), 16)
-            .map_err(|_| io::Error::other("bad maps line"))?;
+        let start = u64::from_str_radix(range.split('-').next().unwrap_or("0"), 16).map_err(|_| io::Error::other("bad maps line"))?;
         return Ok(start.wrapping_sub(first_vaddr & !0xfff));
     }
     Err(io::Error::new(io::ErrorKind::NotFound, format!("{want} is not mapped in process {pid}")))
@@ -178,15 +175,8 @@ fn parse_endpoint(s: &str, v6: bool) -> Option<Endpoint> {
 pub fn accepted_connections(pid: u32) -> io::Result<Vec<TcpSocket>> {
     let fds = socket_fds(pid)?;
     let sockets = tcp_sockets(pid);
-    let listening: HashSet<u16> = sockets
-        .iter()
-        .filter(|s| s.state == TCP_LISTEN && fds.contains_key(&s.inode))
-        .map(|s| s.addrs.local.port)
-        .collect();
-    Ok(sockets
-        .into_iter()
-        .filter(|s| s.state == TCP_ESTABLISHED && listening.contains(&s.addrs.local.port) && fds.contains_key(&s.inode))
-        .collect())
+    let listening: HashSet<u16> = sockets.iter().filter(|s| s.state == TCP_LISTEN && fds.contains_key(&s.inode)).map(|s| s.addrs.local.port).collect();
+    Ok(sockets.into_iter().filter(|s| s.state == TCP_ESTABLISHED && listening.contains(&s.addrs.local.port) && fds.contains_key(&s.inode)).collect())
 }
 
 /// Ports the process listens on: its sockets among `listeners` (the agent's namespace's
@@ -198,11 +188,7 @@ pub fn listening_ports(pid: u32, listeners: Option<&[(u64, u16)]>) -> Vec<u16> {
     let listeners: &[(u64, u16)] = match listeners {
         Some(l) if super::sockdiag::same_netns(pid) => l,
         _ => {
-            own = tcp_sockets(pid)
-                .into_iter()
-                .filter(|s| s.state == TCP_LISTEN)
-                .map(|s| (s.inode, s.addrs.local.port))
-                .collect::<Vec<_>>();
+            own = tcp_sockets(pid).into_iter().filter(|s| s.state == TCP_LISTEN).map(|s| (s.inode, s.addrs.local.port)).collect::<Vec<_>>();
             &own
         }
     };

@@ -2,7 +2,11 @@
 //! unlike /proc/PID/net/tcp, which makes the kernel walk every socket of the namespace, this
 //! visits only listeners, so the agent can refresh the listening ports of its targets often.
 //! It answers for the agent's own network namespace.
-use std::{io, mem::size_of, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
+use std::{
+    io,
+    mem::size_of,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
 
 const NETLINK_SOCK_DIAG: libc::c_int = 4;
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -82,13 +86,7 @@ fn dump(family: u8, out: &mut Vec<(u64, u16)>) -> io::Result<()> {
         req: DiagReq,
     }
     let req = Request {
-        hdr: NlMsgHdr {
-            len: size_of::<Request>() as u32,
-            kind: SOCK_DIAG_BY_FAMILY,
-            flags: NLM_F_REQUEST | NLM_F_DUMP,
-            seq: 1,
-            pid: 0,
-        },
+        hdr: NlMsgHdr { len: size_of::<Request>() as u32, kind: SOCK_DIAG_BY_FAMILY, flags: NLM_F_REQUEST | NLM_F_DUMP, seq: 1, pid: 0 },
         req: DiagReq { family, protocol: libc::IPPROTO_TCP as u8, states: 1 << TCP_LISTEN, ..Default::default() },
     };
     // SAFETY: sending a fully initialised repr(C) struct of the stated size.

@@ -69,7 +69,11 @@ pub enum TargetError {
     #[error("PID {pid} ({path}) is a {arch} program; zerotrace traces linux/amd64 programs")]
     Arch { pid: u32, path: String, arch: String },
     #[error("PID {pid}: {source}")]
-    Symbols { pid: u32, #[source] source: SymbolError },
+    Symbols {
+        pid: u32,
+        #[source]
+        source: SymbolError,
+    },
 }
 
 /// A process that is not a Go program: traced at the socket level (HTTP/1 server and
@@ -123,21 +127,13 @@ impl NativeTarget {
 fn exe_path(pid: u32) -> Result<PathBuf, TargetError> {
     proc::exe_link(pid).map_err(|source| {
         // A zombie (exited, not yet reaped) still has /proc/PID but no executable.
-        if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) {
-            TargetError::NoSuchProcess(pid)
-        } else {
-            TargetError::Access { pid, source }
-        }
+        if source.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) { TargetError::NoSuchProcess(pid) } else { TargetError::Access { pid, source } }
     })
 }
 
 /// The executable's file name, else the process's comm, else "pid-N".
 fn exe_name(pid: u32, exe_path: &std::path::Path) -> String {
-    exe_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .or_else(|| proc::comm(pid))
-        .unwrap_or_else(|| format!("pid-{pid}"))
+    exe_path.file_name().map(|n| n.to_string_lossy().into_owned()).or_else(|| proc::comm(pid)).unwrap_or_else(|| format!("pid-{pid}"))
 }
 
 /// The rustc version in an ELF `.comment` section ("rustc version 1.95.0 (hash date)").
@@ -157,9 +153,7 @@ impl Target {
         let exe_path = exe_path(pid)?;
         let shown = exe_path.display().to_string();
         let exe = Executable::open(&proc::exe_open_path(pid)).map_err(|e| match e {
-            SymbolError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                TargetError::NoSuchProcess(pid)
-            }
+            SymbolError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => TargetError::NoSuchProcess(pid),
             SymbolError::Read { source, .. } => TargetError::Access { pid, source },
             SymbolError::NotElf { .. } => TargetError::NotGo { pid, path: shown.clone() },
             source => TargetError::Symbols { pid, source },
@@ -185,12 +179,7 @@ impl Target {
         // Stripped binaries (-ldflags='-s -w') work too: functions come from Go's own function
         // table, struct offsets from the generated table (GoLayout::source says which).
         let layout = layout(&exe, &build).map_err(|source| TargetError::Symbols { pid, source })?;
-        let bias = if exe.is_pie {
-            proc::load_bias(pid, &exe_path, exe.first_load_vaddr())
-                .map_err(|source| TargetError::Access { pid, source })?
-        } else {
-            0
-        };
+        let bias = if exe.is_pie { proc::load_bias(pid, &exe_path, exe.first_load_vaddr()).map_err(|source| TargetError::Access { pid, source })? } else { 0 };
         let exe_name = exe_name(pid, &exe_path);
         let env = TargetEnv::read(pid);
         Ok((Target { pid, exe_path, exe_name, build, layout, bias, env }, exe))

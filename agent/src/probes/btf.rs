@@ -3,7 +3,6 @@
 //! read and hands them over as a load-time global.
 use std::path::Path;
 
-
 use zerotrace_common::KernelOffsets;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";

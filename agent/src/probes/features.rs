@@ -1,7 +1,12 @@
 //! Probes what this kernel allows, by trying it: each check loads the smallest possible
 //! program of a type and attaches it the way zerotrace would. Used by `zerotrace doctor`
 //! and before loading (tracefs).
-use std::{ffi::CString, io, os::fd::{AsRawFd, FromRawFd, OwnedFd}, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -73,9 +78,7 @@ struct PerfEventAttr {
 
 fn perf_open(attr: &PerfEventAttr, pid: i32, cpu: i32) -> io::Result<OwnedFd> {
     // SAFETY: attr is a valid perf_event_attr with its size set.
-    let fd = unsafe {
-        libc::syscall(libc::SYS_perf_event_open, attr as *const PerfEventAttr, pid, cpu, -1, PERF_FLAG_FD_CLOEXEC)
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_perf_event_open, attr as *const PerfEventAttr, pid, cpu, -1, PERF_FLAG_FD_CLOEXEC) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -161,8 +164,7 @@ pub fn btf_tracepoints() -> Probe {
     bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("attach tp_btf: {e}"))
 }
 
-const SOCKET_TRACEPOINTS: &[(&str, &str)] =
-    &[("sock", "sock_recv_length"), ("tcp", "tcp_sendmsg_locked"), ("sock", "inet_sock_set_state")];
+const SOCKET_TRACEPOINTS: &[(&str, &str)] = &[("sock", "sock_recv_length"), ("tcp", "tcp_sendmsg_locked"), ("sock", "inet_sock_set_state")];
 
 /// A function in this executable for the uprobe check to attach to.
 #[unsafe(no_mangle)]
@@ -219,9 +221,7 @@ fn kernel_func_btf_id(name: &str) -> Option<u32> {
 pub fn capabilities() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).ok()))
-        })
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).ok())))
         .flatten()
         .unwrap_or(0)
 }

@@ -7,8 +7,8 @@ use zerotrace_common::{GoOffsets, TargetConfig, target_flags};
 use super::{ProbeError, Probes, uprobes};
 use crate::{
     cli::GoHttpProbes,
-    settings::GoCausality,
     model::Target,
+    settings::GoCausality,
     symbols::{Executable, SymbolError, disasm},
 };
 
@@ -100,11 +100,7 @@ pub struct ChannelSites {
 /// is a typedmemmove directly followed by a typedmemclr of the same slot, its bufsend case
 /// the other typedmemmove; recv moves the old value out, then the sender's value in (its
 /// last typedmemmove). Anything else is refused rather than guessed.
-pub fn channel_sites(
-    calls_of: &dyn Fn(&str) -> Option<Vec<(u64, u64)>>,
-    typedmemmove: u64,
-    typedmemclr: u64,
-) -> Result<ChannelSites, String> {
+pub fn channel_sites(calls_of: &dyn Fn(&str) -> Option<Vec<(u64, u64)>>, typedmemmove: u64, typedmemclr: u64) -> Result<ChannelSites, String> {
     let get = |f: &str| calls_of(f).ok_or_else(|| format!("{f} not found or not decodable"));
     let to = |calls: &[(u64, u64)], target: u64| calls.iter().filter(|(_, t)| *t == target).map(|(a, _)| *a).collect::<Vec<_>>();
     let send = get(CHANSEND)?;
@@ -119,11 +115,7 @@ pub fn channel_sites(
     }
     let sel = get(SELECTGO)?;
     let sel_moves: Vec<usize> = sel.iter().enumerate().filter(|(_, (_, t))| *t == typedmemmove).map(|(i, _)| i).collect();
-    let sends: Vec<u64> = sel_moves
-        .iter()
-        .filter(|&&i| sel.get(i + 1).is_none_or(|(_, t)| *t != typedmemclr))
-        .map(|&i| sel[i].0)
-        .collect();
+    let sends: Vec<u64> = sel_moves.iter().filter(|&&i| sel.get(i + 1).is_none_or(|(_, t)| *t != typedmemclr)).map(|&i| sel[i].0).collect();
     if sends.len() != 1 {
         return Err(format!("{SELECTGO}: {} candidate buffered-send sites (expected 1)", sends.len()));
     }
@@ -184,11 +176,7 @@ pub struct AttachReport {
 /// The kernel-side configuration of a Go target. `tls`: the TLS sites when they will be
 /// hooked.
 pub fn target_config(t: &Target, tls: Option<&TlsSites>) -> TargetConfig {
-    TargetConfig {
-        flags: target_flags::GO,
-        tls_c_reg: tls.map_or(TargetConfig::NO_REG, |s| s.read_c_reg),
-        go: t.layout.biased(t.bias),
-    }
+    TargetConfig { flags: target_flags::GO, tls_c_reg: tls.map_or(TargetConfig::NO_REG, |s| s.read_c_reg), go: t.layout.biased(t.bias) }
 }
 
 /// The TLS plaintext sites of a program that has crypto/tls, if wanted and understood
@@ -358,15 +346,7 @@ fn function(exe: &Executable, name: &str) -> Result<(u64, u64), SymbolError> {
 
 /// Hooks a whole call of function `name`: `entry` after its stack check, `ret` at every RET
 /// (never a uretprobe). Returns the number of RET sites.
-fn attach_call(
-    probes: &mut Probes,
-    pid: u32,
-    exe: &Executable,
-    path: &Path,
-    name: &str,
-    entry: &'static str,
-    ret: &'static str,
-) -> Result<usize, AttachError> {
+fn attach_call(probes: &mut Probes, pid: u32, exe: &Executable, path: &Path, name: &str, entry: &'static str, ret: &'static str) -> Result<usize, AttachError> {
     let off = entry_offset(exe, name)?;
     probes.attach_uprobe(pid, entry, path, off, false)?;
     attach_rets(probes, pid, exe, path, name, ret)
@@ -402,8 +382,7 @@ pub fn ret_offsets(exe: &Executable, name: &str) -> Result<Vec<u64>, SymbolError
         name: name.to_owned(),
         reason: "function bytes not in the file".into(),
     })?;
-    let rets = disasm::ret_addresses(code, addr)
-        .map_err(|reason| SymbolError::Disassembly { path: exe.path.clone(), name: name.to_owned(), reason })?;
+    let rets = disasm::ret_addresses(code, addr).map_err(|reason| SymbolError::Disassembly { path: exe.path.clone(), name: name.to_owned(), reason })?;
     if rets.is_empty() {
         return Err(SymbolError::Disassembly { path: exe.path.clone(), name: name.to_owned(), reason: "no RET found".into() });
     }
@@ -421,14 +400,7 @@ pub fn ret_offsets(exe: &Executable, name: &str) -> Result<Vec<u64>, SymbolError
 /// Attaches the Go net/http probes of `t` (whose executable is `exe`, opened at `path`).
 /// `catch_up`: also hook `(*conn).readRequest` (temporarily) to learn the Go connection of
 /// sockets that were open before zerotrace attached.
-pub fn attach_http(
-    probes: &mut Probes,
-    t: &Target,
-    exe: &Executable,
-    path: &Path,
-    mode: GoHttpProbes,
-    catch_up: bool,
-) -> Result<AttachReport, AttachError> {
+pub fn attach_http(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path, mode: GoHttpProbes, catch_up: bool) -> Result<AttachReport, AttachError> {
     let mut report = AttachReport::default();
     match mode {
         GoHttpProbes::Conn => {

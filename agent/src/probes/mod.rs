@@ -10,14 +10,14 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     maps::Array,
-    programs::{BtfTracePoint, RawTracePoint, UProbe, uprobe::{UProbeLinkId, UProbeScope}},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{
+        BtfTracePoint, RawTracePoint, UProbe,
+        uprobe::{UProbeLinkId, UProbeScope},
+    },
 };
-use zerotrace_common::{
-    ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, SlotKey, TargetConfig, COUNTER_SLOTS, bounds,
-    names,
-};
+use zerotrace_common::{COUNTER_SLOTS, ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, SlotKey, TargetConfig, bounds, names};
 
 /// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
@@ -90,11 +90,24 @@ pub enum ProbeError {
     #[error("loading the kernel programs failed: {0}; run `zerotrace doctor` to see what this kernel allows")]
     Load(#[source] aya::EbpfError),
     #[error("program {name}: {source}; run `zerotrace doctor` to see what this kernel allows")]
-    Program { name: String, #[source] source: aya::programs::ProgramError },
-    #[error("the kernel refused the traceparent writer ({source}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent")]
-    Inject { #[source] source: aya::programs::ProgramError },
+    Program {
+        name: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error(
+        "the kernel refused the traceparent writer ({source}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent"
+    )]
+    Inject {
+        #[source]
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, #[source] source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
     #[error("the kernel object has no {0} (agent and kernel programs out of step; rebuild with `cargo xtask build`)")]
     Missing(String),
 }
@@ -227,8 +240,7 @@ impl Probes {
             let _ = map.remove(&ListenKey { pid, port: *port, _pad: 0 });
         }
         for port in ports.iter().filter(|p| !old.contains(p)) {
-            map.insert(ListenKey { pid, port: *port, _pad: 0 }, 1, 0)
-                .map_err(|source| ProbeError::Map { name: names::LISTEN, source })?;
+            map.insert(ListenKey { pid, port: *port, _pad: 0 }, 1, 0).map_err(|source| ProbeError::Map { name: names::LISTEN, source })?;
         }
         self.listening.insert(pid, ports.to_vec());
         Ok(())
@@ -238,9 +250,7 @@ impl Probes {
     pub fn attach_uprobe(&mut self, pid: u32, prog: &'static str, exe: &Path, offset: u64, temporary: bool) -> Result<(), ProbeError> {
         let p: &mut UProbe = program(&mut self.ebpf, prog)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| ProbeError::Missing("pid 0".into()))?);
-        let link = p
-            .attach(offset, exe, scope)
-            .map_err(|source| ProbeError::Program { name: format!("{prog} at {}+{offset:#x}", exe.display()), source })?;
+        let link = p.attach(offset, exe, scope).map_err(|source| ProbeError::Program { name: format!("{prog} at {}+{offset:#x}", exe.display()), source })?;
         self.uprobe_links.entry(pid).or_default().push((prog, link, temporary));
         Ok(())
     }
@@ -272,8 +282,7 @@ impl Probes {
             let _ = targets.remove(&pid);
         }
         if let Ok(mut conns) = self.map_mut::<BpfHashMap<_, ConnKey, ConnState>>(names::CONNS) {
-            let stale: Vec<ConnKey> =
-                conns.iter().filter_map(Result::ok).filter(|(_, v)| v.pid == pid).map(|(k, _)| k).collect();
+            let stale: Vec<ConnKey> = conns.iter().filter_map(Result::ok).filter(|(_, v)| v.pid == pid).map(|(k, _)| k).collect();
             for k in stale {
                 let _ = conns.remove(&k);
             }
@@ -305,12 +314,7 @@ impl Probes {
     pub fn go_resolved_inodes(&self, pid: u32) -> std::collections::HashSet<u64> {
         let Some(map) = self.ebpf.map(names::CONNS) else { return Default::default() };
         let Ok(conns) = BpfHashMap::<_, ConnKey, ConnState>::try_from(map) else { return Default::default() };
-        conns
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, c)| c.pid == pid && c.role == ConnRole::Server as u8 && c.go_conn != 0)
-            .map(|(_, c)| c.ino)
-            .collect()
+        conns.iter().filter_map(Result::ok).filter(|(_, c)| c.pid == pid && c.role == ConnRole::Server as u8 && c.go_conn != 0).map(|(_, c)| c.ino).collect()
     }
 
     /// The ring buffer of all events; can be taken once.

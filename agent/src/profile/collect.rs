@@ -239,13 +239,7 @@ impl Worker {
         if user.is_empty() {
             self.stats.profiles.empty_stacks.fetch_add(1, Ordering::Relaxed);
         }
-        let labels = Labels {
-            pid: s.pid,
-            tid: s.tid,
-            goroutine: s.goid,
-            trace_id: span.map(|(t, _)| t.0),
-            span_id: span.map(|(_, id)| id),
-        };
+        let labels = Labels { pid: s.pid, tid: s.tid, goroutine: s.goid, trace_id: span.map(|(t, _)| t.0), span_id: span.map(|(_, id)| id) };
         let mut addrs = Vec::with_capacity(s.kstack.len() + user.len() + 1);
         addrs.extend_from_slice(&s.kstack);
         // A marker between kernel and user frames keeps (k=[a], u=[b]) apart from (k=[], u=[a, b]).
@@ -297,15 +291,8 @@ impl Worker {
                 ProcessInfo { pid, service_name: comm.clone().unwrap_or_else(|| format!("pid-{pid}")), executable: comm.unwrap_or_default() }
             }));
         }
-        let p = Profile {
-            period_ns: self.period_ns,
-            start_unix_ns: self.window_start,
-            duration_ns: now.saturating_sub(self.window_start),
-            samples,
-            processes,
-        };
+        let p = Profile { period_ns: self.period_ns, start_unix_ns: self.window_start, duration_ns: now.saturating_sub(self.window_start), samples, processes };
         self.window_start = now;
         p
     }
 }
-

@@ -36,12 +36,7 @@ pub fn resource_of(resources: &Resources, pid: u32) -> Vec<KeyValue> {
 }
 
 /// The task that sends each window's profile; returns when the profiler is gone.
-pub async fn export_task(
-    settings: ExportSettings,
-    resources: Resources,
-    mut rx: tokio::sync::mpsc::Receiver<Profile>,
-    stats: Arc<crate::export::ExportStats>,
-) {
+pub async fn export_task(settings: ExportSettings, resources: Resources, mut rx: tokio::sync::mpsc::Receiver<Profile>, stats: Arc<crate::export::ExportStats>) {
     let mut sink = ProfilesSink::new(&settings);
     while let Some(p) = rx.recv().await {
         let req = super::otlp::to_request(&p, &|pid| resource_of(&resources, pid));

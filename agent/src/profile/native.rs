@@ -74,13 +74,7 @@ struct FileId {
 
 impl FileId {
     fn of(m: &std::fs::Metadata) -> Self {
-        FileId {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.size(),
-            mtime: m.mtime(),
-            mtime_nsec: m.mtime_nsec(),
-        }
+        FileId { dev: m.dev(), ino: m.ino(), size: m.size(), mtime: m.mtime(), mtime_nsec: m.mtime_nsec() }
     }
 }
 
@@ -112,11 +106,7 @@ impl Binary {
     /// The PT_LOAD segment holding file offset `off` (its page-aligned start counts).
     fn segment(&self, off: u64) -> Option<&Segment> {
         let hit = |s: &&Segment| s.offset & !0xfff <= off && off < s.offset.saturating_add(s.filesz);
-        self.segments
-            .iter()
-            .filter(hit)
-            .find(|s| s.exec)
-            .or_else(|| self.segments.iter().find(hit))
+        self.segments.iter().filter(hit).find(|s| s.exec).or_else(|| self.segments.iter().find(hit))
     }
 
     /// ELF virtual address of file offset `off`.
@@ -134,12 +124,7 @@ impl Binary {
     /// Approximate heap bytes held.
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
-        let u = self.unwind.as_ref().map_or(0, |u| {
-            [&u.eh_frame, &u.eh_frame_hdr, &u.debug_frame]
-                .iter()
-                .map(|d| d.as_ref().map_or(0, |d| d.len()))
-                .sum()
-        });
+        let u = self.unwind.as_ref().map_or(0, |u| [&u.eh_frame, &u.eh_frame_hdr, &u.debug_frame].iter().map(|d| d.as_ref().map_or(0, |d| d.len())).sum());
         u + self.segments.len() * size_of::<Segment>() + self.dynsyms.len() * 40 + self.name.len() + self.build_id.len()
     }
 }
@@ -157,8 +142,7 @@ struct Mapping {
 
 impl Mapping {
     fn same(&self, r: &RawMap) -> bool {
-        (self.start, self.end, self.offset, self.dev, self.inode) == (r.start, r.end, r.offset, r.dev, r.inode)
-            && *self.path == *r.path
+        (self.start, self.end, self.offset, self.dev, self.inode) == (r.start, r.end, r.offset, r.dev, r.inode) && *self.path == *r.path
     }
 
     fn module(&self) -> Arc<str> {
@@ -199,8 +183,7 @@ impl Proc {
 
     fn is_main(&self, m: &Mapping) -> bool {
         let by_file = m.bin.as_ref().and_then(|b| b.file_id).map(|f| (f.dev, f.ino));
-        (self.exe.is_some() && (by_file == self.exe || Some((m.dev, m.inode)) == self.exe))
-            || self.exe_path.as_deref() == Some(&*m.path)
+        (self.exe.is_some() && (by_file == self.exe || Some((m.dev, m.inode)) == self.exe)) || self.exe_path.as_deref() == Some(&*m.path)
     }
 }
 
@@ -234,11 +217,7 @@ impl Kallsyms {
     }
 
     fn parse(text: &str) -> Self {
-        let mut k = Kallsyms {
-            syms: Vec::new(),
-            names: String::new(),
-            modules: vec!["[kernel]".into()],
-        };
+        let mut k = Kallsyms { syms: Vec::new(), names: String::new(), modules: vec!["[kernel]".into()] };
         let mut module_ids: HashMap<&str, u16> = HashMap::new();
         for line in text.lines() {
             let mut f = line.split_ascii_whitespace();
@@ -273,12 +252,7 @@ impl Kallsyms {
                 _ => 0,
             };
             k.names.push_str(name);
-            k.syms.push(KSym {
-                addr,
-                name: off,
-                len: name.len() as u16,
-                module,
-            });
+            k.syms.push(KSym { addr, name: off, len: name.len() as u16, module });
         }
         k.syms.sort_by_key(|s| s.addr);
         k.syms.dedup_by_key(|s| s.addr);
@@ -370,10 +344,7 @@ impl NativeProfiler {
             self.refresh(pid);
         }
         let mut out = walk(self.procs.get(&pid), &mut self.cache, stack, max);
-        let unknown = self
-            .procs
-            .get(&pid)
-            .is_some_and(|p| out.iter().skip(1).any(|&a| p.find(a - 1).is_none()));
+        let unknown = self.procs.get(&pid).is_some_and(|p| out.iter().skip(1).any(|&a| p.find(a - 1).is_none()));
         if unknown && self.refresh(pid) {
             out = walk(self.procs.get(&pid), &mut self.cache, stack, max);
         }
@@ -388,10 +359,7 @@ impl NativeProfiler {
     pub fn symbolize(&mut self, pid: u32, addrs: &[u64], go: Option<&dyn Fn(u64) -> Vec<Line>>) -> Vec<Arc<Location>> {
         let lookup = |i: usize, a: u64| if i == 0 { a } else { a.saturating_sub(1) };
         self.touch(pid);
-        let missing = self
-            .procs
-            .get(&pid)
-            .is_some_and(|p| addrs.iter().enumerate().any(|(i, &a)| p.find(lookup(i, a)).is_none()));
+        let missing = self.procs.get(&pid).is_some_and(|p| addrs.iter().enumerate().any(|(i, &a)| p.find(lookup(i, a)).is_none()));
         if missing {
             self.refresh(pid);
         }
@@ -417,11 +385,7 @@ impl NativeProfiler {
             let go = go.filter(|_| proc.is_some_and(|p| p.is_main(m)));
             let key = (bin.id, off, go.is_some());
             if let Some(l) = self.sym_cache.get(&key) {
-                out[i] = Some(if l.address == addr {
-                    l.clone()
-                } else {
-                    location(addr, l.module.clone(), l.build_id.clone(), l.lines.clone())
-                });
+                out[i] = Some(if l.address == addr { l.clone() } else { location(addr, l.module.clone(), l.build_id.clone(), l.lines.clone()) });
                 continue;
             }
             let Some(vaddr) = bin.vaddr(off) else {
@@ -447,10 +411,7 @@ impl NativeProfiler {
                 out[*i] = Some(l);
             }
         }
-        out.into_iter()
-            .zip(addrs)
-            .map(|(l, &a)| l.unwrap_or_else(|| location(a, "[unknown]".into(), "".into(), Vec::new())))
-            .collect()
+        out.into_iter().zip(addrs).map(|(l, &a)| l.unwrap_or_else(|| location(a, "[unknown]".into(), "".into(), Vec::new()))).collect()
     }
 
     /// Kernel addresses from /proc/kallsyms (module "[kernel]" or "[module_name]").
@@ -464,23 +425,10 @@ impl NativeProfiler {
             let l = self.kernel_cache.entry((addr, i == 0)).or_insert_with(|| {
                 let at = if i == 0 { addr } else { addr.saturating_sub(1) };
                 let (module, lines) = match ks.find(at) {
-                    Some((f, m)) => (
-                        m.clone(),
-                        vec![Line {
-                            function: f.into(),
-                            file: None,
-                            line: 0,
-                        }],
-                    ),
+                    Some((f, m)) => (m.clone(), vec![Line { function: f.into(), file: None, line: 0 }]),
                     None => ("[kernel]".into(), Vec::new()),
                 };
-                Arc::new(Location {
-                    address: addr,
-                    module,
-                    build_id: "".into(),
-                    lines,
-                    kernel: true,
-                })
+                Arc::new(Location { address: addr, module, build_id: "".into(), lines, kernel: true })
             });
             out.push(l.clone());
         }
@@ -505,14 +453,7 @@ impl NativeProfiler {
         {
             self.procs.remove(&old);
         }
-        let p = Proc {
-            maps: Vec::new(),
-            unwinder: self.new_unwinder(),
-            read_at: None,
-            exe: None,
-            exe_path: None,
-            used: tick,
-        };
+        let p = Proc { maps: Vec::new(), unwinder: self.new_unwinder(), read_at: None, exe: None, exe_path: None, used: tick };
         self.procs.insert(pid, p);
         self.refresh(pid);
     }
@@ -540,15 +481,7 @@ impl NativeProfiler {
                 Ok(i) if old[i].same(&r) => old[i].bin.clone(),
                 _ => self.load_binary(pid, &r),
             };
-            maps.push(Mapping {
-                start: r.start,
-                end: r.end,
-                offset: r.offset,
-                dev: r.dev,
-                inode: r.inode,
-                path: r.path.into(),
-                bin,
-            });
+            maps.push(Mapping { start: r.start, end: r.end, offset: r.offset, dev: r.dev, inode: r.inode, path: r.path.into(), bin });
         }
         let mut unwinder = self.new_unwinder();
         for m in &maps {
@@ -558,12 +491,8 @@ impl NativeProfiler {
             };
             unwinder.add_module(Module::new(b.name.to_string(), m.start..m.end, bias, info.clone()));
         }
-        let exe = std::fs::metadata(format!("/proc/{pid}/exe"))
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        let exe_path = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .ok()
-            .and_then(|p| p.into_os_string().into_string().ok());
+        let exe = std::fs::metadata(format!("/proc/{pid}/exe")).ok().map(|m| (m.dev(), m.ino()));
+        let exe_path = std::fs::read_link(format!("/proc/{pid}/exe")).ok().and_then(|p| p.into_os_string().into_string().ok());
         if let Some(p) = self.procs.get_mut(&pid) {
             p.maps = maps;
             p.unwinder = unwinder;
@@ -629,20 +558,9 @@ impl NativeProfiler {
         Some(b.clone())
     }
 
-    fn insert_binary(
-        &mut self,
-        name: &str,
-        build_id: String,
-        file_id: Option<FileId>,
-        file: Option<File>,
-        info: Option<ElfInfo>,
-    ) -> Arc<Binary> {
+    fn insert_binary(&mut self, name: &str, build_id: String, file_id: Option<FileId>, file: Option<File>, info: Option<ElfInfo>) -> Arc<Binary> {
         if self.binaries.len() >= MAX_BINARIES
-            && let Some(old) = self
-                .binaries
-                .iter()
-                .min_by_key(|(_, (b, used))| (Arc::strong_count(b) > 1, *used))
-                .map(|(&k, _)| k)
+            && let Some(old) = self.binaries.iter().min_by_key(|(_, (b, used))| (Arc::strong_count(b) > 1, *used)).map(|(&k, _)| k)
         {
             self.binaries.remove(&old);
             self.by_file.retain(|_, id| *id != old);
@@ -652,16 +570,7 @@ impl NativeProfiler {
         self.next_id += 1;
         let build_id: Arc<str> = build_id.into();
         let (segments, unwind, dynsyms) = info.map_or_else(Default::default, |i| (i.segments, i.unwind, i.dynsyms));
-        let b = Arc::new(Binary {
-            id,
-            name: name.into(),
-            build_id: build_id.clone(),
-            file_id,
-            segments,
-            unwind,
-            file,
-            dynsyms,
-        });
+        let b = Arc::new(Binary { id, name: name.into(), build_id: build_id.clone(), file_id, segments, unwind, file, dynsyms });
         self.binaries.insert(id, (b.clone(), self.tick));
         if let Some(f) = file_id {
             self.by_file.insert(f, id);
@@ -684,19 +593,12 @@ impl NativeProfiler {
             e.1 = tick;
         } else {
             if self.sym_files.len() >= MAX_SYM_FILES
-                && let Some((_, (old, _))) = self
-                    .sym_files
-                    .iter()
-                    .min_by_key(|(_, (_, used))| *used)
-                    .map(|(&k, _)| k)
-                    .and_then(|k| self.sym_files.remove_entry(&k))
+                && let Some((_, (old, _))) =
+                    self.sym_files.iter().min_by_key(|(_, (_, used))| *used).map(|(&k, _)| k).and_then(|k| self.sym_files.remove_entry(&k))
                 && let Some(f) = &old.file
             {
                 // Evict before `old` (and its descriptor) may be dropped.
-                let _ = self
-                    .blaze
-                    .0
-                    .evict(&Evict::Elf(EvictElf::new(format!("/proc/self/fd/{}", f.as_raw_fd()))));
+                let _ = self.blaze.0.evict(&Evict::Elf(EvictElf::new(format!("/proc/self/fd/{}", f.as_raw_fd()))));
             }
             self.sym_files.insert(bin.id, (bin.clone(), tick));
         }
@@ -733,10 +635,7 @@ impl NativeProfiler {
     /// Binaries cached (for tests and stats): count and approximate heap bytes.
     #[cfg(test)]
     fn binaries_heap(&self) -> (usize, usize) {
-        (
-            self.binaries.len(),
-            self.binaries.values().map(|(b, _)| b.heap_bytes()).sum(),
-        )
+        (self.binaries.len(), self.binaries.values().map(|(b, _)| b.heap_bytes()).sum())
     }
 }
 
@@ -769,13 +668,7 @@ fn walk(proc: Option<&Proc>, cache: &mut CacheX86_64, stack: &UserStack<'_>, max
 }
 
 fn location(address: u64, module: Arc<str>, build_id: Arc<str>, lines: Vec<Line>) -> Arc<Location> {
-    Arc::new(Location {
-        address,
-        module,
-        build_id,
-        lines,
-        kernel: false,
-    })
+    Arc::new(Location { address, module, build_id, lines, kernel: false })
 }
 
 fn intern(set: &mut HashSet<Arc<str>>, s: &str) -> Arc<str> {
@@ -799,12 +692,7 @@ fn sym_lines(sym: &Sym<'_>, strings: &mut HashSet<Arc<str>>) -> Vec<Line> {
         file: ci.map(|c| intern(strings, &c.to_path().to_string_lossy())),
         line: ci.and_then(|c| c.line).unwrap_or(0),
     };
-    let mut v: Vec<Line> = sym
-        .inlined
-        .iter()
-        .rev()
-        .map(|f| line(&f.name, f.code_info.as_ref()))
-        .collect();
+    let mut v: Vec<Line> = sym.inlined.iter().rev().map(|f| line(&f.name, f.code_info.as_ref())).collect();
     v.push(line(&sym.name, sym.code_info.as_deref()));
     v
 }
@@ -813,11 +701,7 @@ fn dynsym_lines(bin: &Binary, vaddr: u64, strings: &mut HashSet<Arc<str>>) -> Ve
     let i = bin.dynsyms.partition_point(|s| s.0 <= vaddr);
     match i.checked_sub(1).map(|i| &bin.dynsyms[i]) {
         Some((_, end, name)) if vaddr < *end => {
-            vec![Line {
-                function: intern(strings, name),
-                file: None,
-                line: 0,
-            }]
+            vec![Line { function: intern(strings, name), file: None, line: 0 }]
         }
         _ => Vec::new(),
     }
@@ -858,10 +742,7 @@ fn parse_maps_line(line: &str) -> Option<RawMap> {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
         offset: u64::from_str_radix(offset, 16).ok()?,
-        dev: libc::makedev(
-            u32::from_str_radix(major, 16).ok()?,
-            u32::from_str_radix(minor, 16).ok()?,
-        ),
+        dev: libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
         inode: inode.parse().ok()?,
         path: rest.trim_start().to_string(),
     })
@@ -903,12 +784,7 @@ fn parse_elf<'d, R: ReadRef<'d>>(data: R, syms: bool) -> Option<ElfInfo> {
         .ok()?
         .iter()
         .filter(|p| p.p_type(e) == PT_LOAD)
-        .map(|p| Segment {
-            offset: p.p_offset(e),
-            vaddr: p.p_vaddr(e),
-            filesz: p.p_filesz(e),
-            exec: p.p_flags(e) & PF_X != 0,
-        })
+        .map(|p| Segment { offset: p.p_offset(e), vaddr: p.p_vaddr(e), filesz: p.p_filesz(e), exec: p.p_flags(e) & PF_X != 0 })
         .collect();
     let sections = hdr.sections(e, data).ok()?;
     let (mut gnu, mut go) = (None, None);
@@ -928,16 +804,11 @@ fn parse_elf<'d, R: ReadRef<'d>>(data: R, syms: bool) -> Option<ElfInfo> {
     let range = |name: &[u8]| section(name).map(|s| s.sh_addr(e)..s.sh_addr(e).saturating_add(s.sh_size(e)));
     let bytes = |name: &[u8]| {
         let s = section(name)?;
-        let ok =
-            s.sh_type(e) != SHT_NOBITS && s.sh_flags(e) & u64::from(SHF_COMPRESSED) == 0 && s.sh_size(e) <= MAX_SECTION;
+        let ok = s.sh_type(e) != SHT_NOBITS && s.sh_flags(e) & u64::from(SHF_COMPRESSED) == 0 && s.sh_size(e) <= MAX_SECTION;
         ok.then(|| s.data(e, data).ok()).flatten().map(Data::from)
     };
     let eh_frame = bytes(b".eh_frame");
-    let debug_frame = if eh_frame.is_none() {
-        bytes(b".debug_frame")
-    } else {
-        None
-    };
+    let debug_frame = if eh_frame.is_none() { bytes(b".debug_frame") } else { None };
     let unwind = (eh_frame.is_some() || debug_frame.is_some()).then(|| ExplicitModuleSectionInfo {
         base_svma: 0,
         text_svma: range(b".text"),
@@ -955,21 +826,12 @@ fn parse_elf<'d, R: ReadRef<'d>>(data: R, syms: bool) -> Option<ElfInfo> {
             if s.kind() == SymbolKind::Text
                 && let Ok(name) = s.name()
             {
-                dynsyms.push((
-                    s.address(),
-                    s.address().saturating_add(s.size().max(1)),
-                    Arc::from(name),
-                ));
+                dynsyms.push((s.address(), s.address().saturating_add(s.size().max(1)), Arc::from(name)));
             }
         }
         dynsyms.sort_by_key(|s| s.0);
     }
-    Some(ElfInfo {
-        build_id: gnu.or(go).unwrap_or_default(),
-        segments,
-        unwind,
-        dynsyms,
-    })
+    Some(ElfInfo { build_id: gnu.or(go).unwrap_or_default(), segments, unwind, dynsyms })
 }
 
 const _: () = {
@@ -993,13 +855,7 @@ mod tests {
 
     impl Snapshot {
         fn user_stack(&self) -> UserStack<'_> {
-            UserStack {
-                ip: self.ip,
-                sp: self.sp,
-                bp: self.bp,
-                base: self.base,
-                stack: &self.stack,
-            }
+            UserStack { ip: self.ip, sp: self.sp, bp: self.bp, base: self.base, stack: &self.stack }
         }
     }
 
@@ -1020,13 +876,7 @@ mod tests {
         let mut stack = vec![0u8; len as usize];
         let mem = File::open(format!("/proc/{pid}/mem")).expect("mem");
         mem.read_exact_at(&mut stack, base).expect("read stack");
-        Snapshot {
-            ip,
-            sp,
-            bp,
-            base,
-            stack,
-        }
+        Snapshot { ip, sp, bp, base, stack }
     }
 
     #[inline(never)]
@@ -1058,19 +908,14 @@ mod tests {
     }
 
     fn functions(locs: &[Arc<Location>]) -> Vec<String> {
-        locs.iter()
-            .flat_map(|l| l.lines.iter().map(|x| x.function.to_string()))
-            .collect()
+        locs.iter().flat_map(|l| l.lines.iter().map(|x| x.function.to_string())).collect()
     }
 
     /// Positions of `names` in `funcs` (the first function ending with each), in order.
     fn assert_chain(funcs: &[String], names: &[&str]) {
         let mut at = 0;
         for n in names {
-            let i = funcs[at..]
-                .iter()
-                .position(|f| f.ends_with(n))
-                .unwrap_or_else(|| panic!("{n} missing after #{at} in {funcs:#?}"));
+            let i = funcs[at..].iter().position(|f| f.ends_with(n)).unwrap_or_else(|| panic!("{n} missing after #{at} in {funcs:#?}"));
             at += i + 1;
         }
     }
@@ -1078,12 +923,7 @@ mod tests {
     /// (anonymous, file-backed) resident KiB.
     fn rss_kib() -> (u64, u64) {
         let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let get = |k: &str| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(k))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        };
+        let get = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
         (get("RssAnon:"), get("RssFile:"))
     }
 
@@ -1106,12 +946,7 @@ mod tests {
         assert!(funcs.iter().any(|f| f.contains("test::run_test")), "{funcs:#?}");
         assert!(locs[0].module.starts_with("zerotrace"), "{}", locs[0].module);
         assert!(!locs[0].build_id.is_empty());
-        assert!(
-            locs[0]
-                .lines
-                .iter()
-                .any(|l| l.file.as_deref().is_some_and(|f| f.ends_with("native.rs")))
-        );
+        assert!(locs[0].lines.iter().any(|l| l.file.as_deref().is_some_and(|f| f.ends_with("native.rs"))));
 
         let n = 2000u32;
         let t = Instant::now();
@@ -1142,23 +977,13 @@ mod tests {
         // address), others (libc) to ELF/DWARF.
         // SAFETY: dlsym with a NUL-terminated name.
         let getpid = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
-        let go = |v: u64| {
-            vec![Line {
-                function: format!("go@{v:x}").into(),
-                file: None,
-                line: 0,
-            }]
-        };
+        let go = |v: u64| vec![Line { function: format!("go@{v:x}").into(), file: None, line: 0 }];
         let locs = np.symbolize(pid, &[getpid, snap.ip + 1], Some(&go));
         let m = np.procs[&pid].find(snap.ip).expect("mapping");
         let b = m.bin.as_ref().expect("binary");
         let vaddr = snap.ip - b.bias(m.start, m.offset).expect("bias");
         assert_eq!(&*locs[1].lines[0].function, format!("go@{vaddr:x}"));
-        assert!(
-            locs[0].lines.iter().any(|l| l.function.contains("getpid")),
-            "{:?}",
-            locs[0]
-        );
+        assert!(locs[0].lines.iter().any(|l| l.function.contains("getpid")), "{:?}", locs[0]);
     }
 
     #[test]
@@ -1166,29 +991,13 @@ mod tests {
         let mut np = NativeProfiler::new();
         let pid = std::process::id();
         let junk: Vec<u8> = (0..8192u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-        for (ip, sp, base) in [
-            (0x1234, 0x7fff_0000, 0x7fff_0000),
-            (u64::MAX, 0, 0),
-            (0x40_0000, u64::MAX - 4, u64::MAX - 4096),
-        ] {
-            let s = UserStack {
-                ip,
-                sp,
-                bp: sp,
-                base,
-                stack: &junk,
-            };
+        for (ip, sp, base) in [(0x1234, 0x7fff_0000, 0x7fff_0000), (u64::MAX, 0, 0), (0x40_0000, u64::MAX - 4, u64::MAX - 4096)] {
+            let s = UserStack { ip, sp, bp: sp, base, stack: &junk };
             let a = np.unwind(pid, &s, 128);
             np.symbolize(pid, &a, None);
         }
         let f = level1();
-        let s = UserStack {
-            ip: f.ip,
-            sp: f.sp,
-            bp: 0xdead,
-            base: f.base,
-            stack: &junk,
-        };
+        let s = UserStack { ip: f.ip, sp: f.sp, bp: 0xdead, base: f.base, stack: &junk };
         let a = np.unwind(pid, &s, 128);
         assert!(a.len() <= 128);
         np.symbolize(pid, &a, None);
@@ -1219,10 +1028,7 @@ mod tests {
 
         let text = std::fs::read_to_string("/proc/kallsyms").expect("kallsyms");
         let ks = Kallsyms::parse(&text);
-        let sym = ks
-            .syms
-            .iter()
-            .find(|s| ks.find(s.addr + 1).is_some_and(|(n, _)| n == "schedule"));
+        let sym = ks.syms.iter().find(|s| ks.find(s.addr + 1).is_some_and(|(n, _)| n == "schedule"));
         let Some(sym) = sym else {
             eprintln!("kallsyms without addresses (kptr_restrict?): kernel check skipped");
             return;
@@ -1256,11 +1062,7 @@ mod tests {
         };
         let b = m.bin.as_ref().expect("vdso parsed");
         assert!(b.unwind.is_some());
-        let (v, _, _) = b
-            .dynsyms
-            .iter()
-            .find(|s| s.2.contains("clock_gettime"))
-            .expect("clock_gettime");
+        let (v, _, _) = b.dynsyms.iter().find(|s| s.2.contains("clock_gettime")).expect("clock_gettime");
         let addr = b.bias(m.start, m.offset).expect("bias") + v + 1;
         let l = np.symbolize(pid, &[addr], None);
         assert_eq!(&*l[0].module, "[vdso]");
@@ -1269,19 +1071,12 @@ mod tests {
 
     #[test]
     fn maps_line() {
-        let m = parse_maps_line("7f0000000000-7f0000021000 r-xp 00002000 fd:01 123456   /usr/lib/a b.so (deleted)")
-            .expect("parsed");
-        assert_eq!(
-            (m.start, m.end, m.offset, m.inode),
-            (0x7f00_0000_0000, 0x7f00_0002_1000, 0x2000, 123456)
-        );
+        let m = parse_maps_line("7f0000000000-7f0000021000 r-xp 00002000 fd:01 123456   /usr/lib/a b.so (deleted)").expect("parsed");
+        assert_eq!((m.start, m.end, m.offset, m.inode), (0x7f00_0000_0000, 0x7f00_0002_1000, 0x2000, 123456));
         assert_eq!(m.dev, libc::makedev(0xfd, 1));
         assert_eq!(m.path, "/usr/lib/a b.so (deleted)");
         assert!(parse_maps_line("7f00-7f01 r--p 0 00:00 0").is_none());
-        assert_eq!(
-            parse_maps_line("7f00-7f01 r-xp 0 00:00 0").map(|m| m.path),
-            Some(String::new())
-        );
+        assert_eq!(parse_maps_line("7f00-7f01 r-xp 0 00:00 0").map(|m| m.path), Some(String::new()));
     }
 
     const SPIN: &str = r#"
@@ -1331,12 +1126,7 @@ fn main() {
             let mut status = 0;
             assert_eq!(libc::waitpid(pid, &mut status, libc::__WALL), pid);
             let mut regs: libc::user_regs_struct = std::mem::zeroed();
-            let r = libc::ptrace(
-                libc::PTRACE_GETREGS,
-                pid,
-                null,
-                &mut regs as *mut _ as *mut libc::c_void,
-            );
+            let r = libc::ptrace(libc::PTRACE_GETREGS, pid, null, &mut regs as *mut _ as *mut libc::c_void);
             assert_eq!(r, 0, "getregs");
             regs
         };
@@ -1355,26 +1145,13 @@ fn main() {
         std::fs::write(&src, SPIN).expect("write src");
         let bin = dir.join("spin");
         let st = std::process::Command::new(rustc())
-            .args([
-                "-C",
-                "opt-level=3",
-                "-C",
-                "force-frame-pointers=no",
-                "-C",
-                "debuginfo=1",
-                "--crate-name",
-                "spin",
-                "-o",
-            ])
+            .args(["-C", "opt-level=3", "-C", "force-frame-pointers=no", "-C", "debuginfo=1", "--crate-name", "spin", "-o"])
             .arg(&bin)
             .arg(&src)
             .status()
             .expect("rustc");
         assert!(st.success());
-        let mut child = std::process::Command::new(&bin)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn");
+        let mut child = std::process::Command::new(&bin).stdout(std::process::Stdio::piped()).spawn().expect("spawn");
         let mut line = String::new();
         let out = child.stdout.take().expect("stdout");
         std::io::BufReader::new(out).read_line(&mut line).expect("pid line");
@@ -1406,13 +1183,8 @@ fn main() {
         let _ = child.wait();
         let _ = std::fs::remove_dir_all(&dir);
         if let Some((n, unwind, sym, funcs, fp)) = result {
-            eprintln!(
-                "spin: {n} frames, first unwind {unwind:?}, first symbolize {sym:?}\n  cfi: {funcs:?}\n  fp only: {fp:?}"
-            );
-            assert!(
-                !fp.iter().any(|f| f.ends_with("::level1")),
-                "frame pointers alone found the chain: {fp:?}"
-            );
+            eprintln!("spin: {n} frames, first unwind {unwind:?}, first symbolize {sym:?}\n  cfi: {funcs:?}\n  fp only: {fp:?}");
+            assert!(!fp.iter().any(|f| f.ends_with("::level1")), "frame pointers alone found the chain: {fp:?}");
         }
     }
 }

@@ -58,11 +58,7 @@ pub fn to_request(p: &Profile, resource: &dyn Fn(u32) -> Vec<KeyValue>) -> Expor
             pb::ResourceProfiles {
                 resource: Some(Resource { attributes, ..Default::default() }),
                 scope_profiles: vec![pb::ScopeProfiles {
-                    scope: Some(InstrumentationScope {
-                        name: "zerotrace".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        ..Default::default()
-                    }),
+                    scope: Some(InstrumentationScope { name: "zerotrace".into(), version: env!("CARGO_PKG_VERSION").into(), ..Default::default() }),
                     profiles: vec![profile],
                     schema_url: String::new(),
                 }],
@@ -201,11 +197,8 @@ impl<'a> Dict<'a> {
             return i;
         }
         let mapping_index = self.mapping(loc);
-        let lines = loc
-            .lines
-            .iter()
-            .map(|l| pb::Line { function_index: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 })
-            .collect();
+        let lines =
+            loc.lines.iter().map(|l| pb::Line { function_index: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 }).collect();
         let frame_type = self.attribute(FRAME_TYPE, AttrValue::Str(if loc.kernel { "kernel" } else { "native" }.into()));
         let i = ix(self.d.location_table.len());
         self.d.location_table.push(pb::Location { mapping_index, address: loc.address, lines, attribute_indices: vec![frame_type] });

@@ -227,11 +227,8 @@ impl<'a> Builder<'a> {
             return id;
         }
         let mapping_id = self.mapping(loc);
-        let line = loc
-            .lines
-            .iter()
-            .map(|l| proto::Line { function_id: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 })
-            .collect();
+        let line =
+            loc.lines.iter().map(|l| proto::Line { function_id: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 }).collect();
         let id = self.out.location.len() as u64 + 1;
         self.out.location.push(proto::Location { id, mapping_id, address: loc.address, line, is_folded: false });
         self.locations.insert(loc, id);
@@ -266,10 +263,7 @@ fn build(p: &Profile) -> proto::Profile {
     let count = b.str("count");
     let cpu = b.str("cpu");
     let nanoseconds = b.str("nanoseconds");
-    b.out.sample_type = vec![
-        proto::ValueType { r#type: samples, unit: count },
-        proto::ValueType { r#type: cpu, unit: nanoseconds },
-    ];
+    b.out.sample_type = vec![proto::ValueType { r#type: samples, unit: count }, proto::ValueType { r#type: cpu, unit: nanoseconds }];
     b.out.period_type = Some(proto::ValueType { r#type: cpu, unit: nanoseconds });
     b.out.period = sat(p.period_ns);
     b.out.time_nanos = sat(p.start_unix_ns);
@@ -295,14 +289,7 @@ pub(crate) mod tests {
             address,
             module: module.into(),
             build_id: if kernel { "".into() } else { format!("{module}-build").into() },
-            lines: lines
-                .iter()
-                .map(|&(f, line)| Line {
-                    function: f.into(),
-                    file: (!kernel).then(|| format!("src/{module}.rs").into()),
-                    line,
-                })
-                .collect(),
+            lines: lines.iter().map(|&(f, line)| Line { function: f.into(), file: (!kernel).then(|| format!("src/{module}.rs").into()), line }).collect(),
             kernel,
         })
     }
@@ -342,12 +329,7 @@ pub(crate) mod tests {
                     count: 2,
                     timestamps_unix_ns: vec![start + 1, start + 2],
                 },
-                StackSample {
-                    locations: vec![ghot, gmain, rmain],
-                    labels: labels(200, 201, 17),
-                    count: 3,
-                    timestamps_unix_ns: vec![],
-                },
+                StackSample { locations: vec![ghot, gmain, rmain], labels: labels(200, 201, 17), count: 3, timestamps_unix_ns: vec![] },
                 StackSample { locations: vec![unknown, main], labels: labels(100, 101, 0), count: 1, timestamps_unix_ns: vec![] },
             ],
             processes: vec![
@@ -378,13 +360,8 @@ pub(crate) mod tests {
         let hot = &d.location[d.sample[0].location_id[0] as usize - 1];
         let names: Vec<_> = hot.line.iter().map(|l| s(d.function[l.function_id as usize - 1].name)).collect();
         assert_eq!(names, ["rsvc::inner_hot", "rsvc::hot"]);
-        let labels: Vec<_> = d.sample[0]
-            .label
-            .iter()
-            .map(|l| (s(l.key), if l.str != 0 { s(l.str).to_owned() } else { l.num.to_string() }))
-            .collect();
-        let want =
-            [("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"), ("span_id", "00f067aa0ba902b7"), ("thread", "101"), ("pid", "100")];
+        let labels: Vec<_> = d.sample[0].label.iter().map(|l| (s(l.key), if l.str != 0 { s(l.str).to_owned() } else { l.num.to_string() })).collect();
+        let want = [("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"), ("span_id", "00f067aa0ba902b7"), ("thread", "101"), ("pid", "100")];
         assert_eq!(labels, want.map(|(k, v)| (k, v.to_owned())));
         assert!(d.sample[2].label.iter().any(|l| s(l.key) == "goroutine" && l.num == 17));
         assert!(encode(&Profile::default()).len() < 100);

@@ -53,13 +53,7 @@ pub fn parse_request(buf: &[u8]) -> Option<RequestHead<'_>> {
             let mut again = httparse::Request::new(&mut headers);
             match again.parse(&closed) {
                 Ok(httparse::Status::Complete(_)) => Some(into_owned(from_parsed(&again, true))),
-                _ => Some(RequestHead {
-                    method: Cow::Owned(method),
-                    target: Cow::Owned(target),
-                    minor_version: minor,
-                    truncated: true,
-                    ..Default::default()
-                }),
+                _ => Some(RequestHead { method: Cow::Owned(method), target: Cow::Owned(target), minor_version: minor, truncated: true, ..Default::default() }),
             }
         }
         Err(_) => None,

@@ -183,12 +183,7 @@ impl FrameReader {
 }
 
 fn parse_header(b: &[u8; 9]) -> FrameHeader {
-    FrameHeader {
-        len: u32::from_be_bytes([0, b[0], b[1], b[2]]),
-        kind: b[3],
-        flags: b[4],
-        stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff,
-    }
+    FrameHeader { len: u32::from_be_bytes([0, b[0], b[1], b[2]]), kind: b[3], flags: b[4], stream: u32::from_be_bytes([b[5], b[6], b[7], b[8]]) & 0x7fff_ffff }
 }
 
 /// The header block fragment of a HEADERS frame's payload (padding and priority removed).

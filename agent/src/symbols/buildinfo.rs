@@ -73,11 +73,7 @@ pub fn parse_go_version(v: &str) -> Option<(u32, u32, u32)> {
     let minor_raw = it.next()?;
     let minor_digits: String = minor_raw.chars().take_while(|c| c.is_ascii_digit()).collect();
     let minor = minor_digits.parse().ok()?;
-    let patch = it
-        .next()
-        .map(|p| p.chars().take_while(|c| c.is_ascii_digit()).collect::<String>())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or(0);
+    let patch = it.next().map(|p| p.chars().take_while(|c| c.is_ascii_digit()).collect::<String>()).and_then(|p| p.parse().ok()).unwrap_or(0);
     Some((major, minor, patch))
 }
 

@@ -87,9 +87,7 @@ pub fn call_base_register(code: &[u8], addr: u64, target: u64, fields: Range<u64
         if insn.is_invalid() {
             return Err(format!("invalid instruction at {:#x}", insn.ip()));
         }
-        if matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch)
-            && insn.op0_kind() == OpKind::NearBranch64
-        {
+        if matches!(insn.flow_control(), FlowControl::UnconditionalBranch | FlowControl::ConditionalBranch) && insn.op0_kind() == OpKind::NearBranch64 {
             landings.insert(insn.near_branch_target());
         }
         insns.push(insn);
@@ -99,9 +97,9 @@ pub fn call_base_register(code: &[u8], addr: u64, target: u64, fields: Range<u64
     let mut writes = |insn: &Instruction, reg: Register| {
         insn.mnemonic() == Mnemonic::Call
             || info.info(insn).used_registers().iter().any(|u| {
-            u.register().full_register() == reg
-                && matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
-        })
+                u.register().full_register() == reg
+                    && matches!(u.access(), OpAccess::Write | OpAccess::ReadWrite | OpAccess::CondWrite | OpAccess::ReadCondWrite)
+            })
     };
     let mut out = Vec::new();
     for (k, call) in insns.iter().enumerate() {

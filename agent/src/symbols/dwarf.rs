@@ -34,18 +34,12 @@ impl GoDwarf {
 
     /// Reads the DWARF of `exe`, keeping only the structs and types asked for.
     pub fn load(exe: &Executable, structs: &[&str], types: &[&str]) -> Result<Self, SymbolError> {
-        let missing = |what: &str| SymbolError::MissingDwarf {
-            path: exe.path.clone(),
-            what: what.to_owned(),
-            hint: super::STRIPPED_HINT,
-        };
+        let missing = |what: &str| SymbolError::MissingDwarf { path: exe.path.clone(), what: what.to_owned(), hint: super::STRIPPED_HINT };
         if exe.section(".debug_info").is_none_or(|s| s.is_empty()) {
             return Err(missing("a .debug_info section"));
         }
-        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> {
-            Ok(exe.section(id.name()).unwrap_or(Cow::Borrowed(&[])))
-        })
-        .map_err(|e| missing(&format!("readable DWARF ({e})")))?;
+        let sections = gimli::DwarfSections::load(|id| -> Result<Cow<'_, [u8]>, gimli::Error> { Ok(exe.section(id.name()).unwrap_or(Cow::Borrowed(&[]))) })
+            .map_err(|e| missing(&format!("readable DWARF ({e})")))?;
         let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
         let mut out = GoDwarf::default();
         let mut units = dwarf.units();
@@ -102,11 +96,7 @@ impl GoDwarf {
     }
 }
 
-fn name_of<R: gimli::Reader<Offset = usize>>(
-    dwarf: &gimli::Dwarf<R>,
-    unit: &gimli::Unit<R>,
-    entry: &gimli::DebuggingInformationEntry<R>,
-) -> Option<String> {
+fn name_of<R: gimli::Reader<Offset = usize>>(dwarf: &gimli::Dwarf<R>, unit: &gimli::Unit<R>, entry: &gimli::DebuggingInformationEntry<R>) -> Option<String> {
     let attr = entry.attr_value(gimli::DW_AT_name)?;
     let s = dwarf.attr_string(unit, attr).ok()?;
     Some(s.to_string_lossy().ok()?.into_owned())

@@ -1,7 +1,12 @@
 //! ELF facts of an executable: its load segments (for virtual address -> file offset, as
 //! uprobes want), its symbol table (with Go's own function table as the fallback for
 //! stripped binaries), its TLS segment and its sections.
-use std::{borrow::Cow, collections::HashMap, path::{Path, PathBuf}, sync::OnceLock};
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, elf, read::elf::ProgramHeader};
 
@@ -146,9 +151,7 @@ impl Executable {
 
     /// The file-backed bytes from `vaddr` to the end of its segment.
     pub fn bytes_from(&self, vaddr: u64) -> Option<&[u8]> {
-        self.loaded_segments()
-            .find(|(va, b, _)| vaddr >= *va && vaddr - va < b.len() as u64)
-            .map(|(va, b, _)| &b[(vaddr - va) as usize..])
+        self.loaded_segments().find(|(va, b, _)| vaddr >= *va && vaddr - va < b.len() as u64).map(|(va, b, _)| &b[(vaddr - va) as usize..])
     }
 
     /// A little-endian 64-bit word at `vaddr` as stored in the file (for a PIE, the value
@@ -166,10 +169,7 @@ impl Executable {
 
     /// File offset of a virtual address inside a loaded segment.
     pub fn file_offset(&self, vaddr: u64) -> Option<u64> {
-        self.segments
-            .iter()
-            .find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz.min(s.memsz))
-            .map(|s| vaddr - s.vaddr + s.offset)
+        self.segments.iter().find(|s| vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz.min(s.memsz)).map(|s| vaddr - s.vaddr + s.offset)
     }
 
     /// The bytes of the file mapped at [vaddr, vaddr + len).
@@ -202,10 +202,7 @@ impl Executable {
 fn tls_segment(data: &[u8]) -> Option<(u64, u64)> {
     let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data).ok()?;
     let endian = elf.endian();
-    elf.elf_program_headers()
-        .iter()
-        .find(|ph| ph.p_type(endian) == elf::PT_TLS)
-        .map(|ph| (ph.p_memsz(endian), ph.p_align(endian).max(1)))
+    elf.elf_program_headers().iter().find(|ph| ph.p_type(endian) == elf::PT_TLS).map(|ph| (ph.p_memsz(endian), ph.p_align(endian).max(1)))
 }
 
 #[cfg(test)]

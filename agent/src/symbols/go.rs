@@ -132,11 +132,7 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
     let tcpconn_fd = need("net.TCPConn", "conn")? + need("net.conn", "fd")?;
     let request_pattern = opt("net/http.Request", "Pattern", "Request.Pattern");
     let request_pat = opt("net/http.Request", "pat", "Request.pat");
-    let pattern_str = if m.has_struct("net/http.pattern") {
-        opt("net/http.pattern", "str", "pattern.str")
-    } else {
-        GoOffsets::NONE
-    };
+    let pattern_str = if m.has_struct("net/http.pattern") { opt("net/http.pattern", "str", "pattern.str") } else { GoOffsets::NONE };
     let tlsconn_conn = opt("crypto/tls.Conn", "conn", "tls.Conn.conn");
     let offsets = GoOffsets {
         tls_g,
@@ -336,15 +332,16 @@ impl OffsetSource for TableSource {
     }
 
     fn layout(&self, exe: &Executable, info: &BuildInfo) -> Result<GoLayout, SymbolError> {
-        let no_layout = |table: String| SymbolError::NoLayout {
-            path: exe.path.clone(),
-            version: info.go_version.clone(),
-            dwarf: "none (stripped)".into(),
-            table,
-        };
+        let no_layout =
+            |table: String| SymbolError::NoLayout { path: exe.path.clone(), version: info.go_version.clone(), dwarf: "none (stripped)".into(), table };
         let newest = GO_OFFSETS.iter().map(|e| e.go).max_by_key(|g| parse_go_version(&format!("go{g}")));
         let Some((entry, exact)) = table_entry(&info.go_version) else {
-            return Err(no_layout(format!("no entry for {} (the table covers Go {} to {})", info.go_version, GO_OFFSETS.first().map_or("?", |e| e.go), newest.unwrap_or("?"))));
+            return Err(no_layout(format!(
+                "no entry for {} (the table covers Go {} to {})",
+                info.go_version,
+                GO_OFFSETS.first().map_or("?", |e| e.go),
+                newest.unwrap_or("?")
+            )));
         };
         if !exact {
             tracing::warn!(

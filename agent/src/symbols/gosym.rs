@@ -88,10 +88,7 @@ impl GoSymbolizer {
         let t = exe.go_tables().map_err(str::to_owned)?;
         let h = t.header;
         if h.magic != MAGIC_120 {
-            return Err(format!(
-                "Go function table magic {:#010x}: symbolization needs Go 1.20 or later (magic {MAGIC_120:#010x})",
-                h.magic
-            ));
+            return Err(format!("Go function table magic {:#010x}: symbolization needs Go 1.20 or later (magic {MAGIC_120:#010x})", h.magic));
         }
         let all = exe.bytes_from(t.pclntab).ok_or("the Go function table is not in the file")?;
         let functab = h.pcln_offset as usize;
@@ -120,11 +117,7 @@ impl GoSymbolizer {
             funcdata: Vec::new(),
             names: Mutex::new(Names::default()),
         };
-        let minor = exe
-            .section(".go.buildinfo")
-            .and_then(|b| BuildInfo::parse(&b).ok())
-            .and_then(|b| b.version_tuple())
-            .map(|(_, minor, _)| minor);
+        let minor = exe.section(".go.buildinfo").and_then(|b| BuildInfo::parse(&b).ok()).and_then(|b| b.version_tuple()).map(|(_, minor, _)| minor);
         if let Some(gofunc) = t.moduledata.as_ref().and_then(|m| m.gofunc(minor)) {
             let want = s.funcdata_len();
             if let Some(b) = exe.bytes_from(gofunc) {
@@ -315,9 +308,7 @@ impl GoSymbolizer {
         let Some(last) = funcs().map(|(_, off)| off).max() else { return 0 };
         let mut entries = 0u64;
         for (f, _) in funcs().filter(|&(_, off)| off == last) {
-            let Some(table) = read_u32(&self.tab, f.rec + FUNC_SIZE + 4 * PCDATA_INL_TREE_INDEX as usize)
-                .filter(|_| f.npcdata > PCDATA_INL_TREE_INDEX)
-            else {
+            let Some(table) = read_u32(&self.tab, f.rec + FUNC_SIZE + 4 * PCDATA_INL_TREE_INDEX as usize).filter(|_| f.npcdata > PCDATA_INL_TREE_INDEX) else {
                 continue;
             };
             self.walk_pcvalue(&f, table, |val, _, _| {
@@ -552,7 +543,9 @@ mod tests {
                         let entry = ref_names.get(&name).and_then(|e| e.get(nth)).unwrap_or_else(|| panic!("{ctx}: {name} not in {refv:?}"));
                         kept.push(*pc);
                         mapped.push(entry + off);
-                        kept_lines.push(got.iter().map(|l| Line { file: l.file.as_deref().map(|f| f.replace(&src(&bin), &src(&ref_bin)).into()), ..l.clone() }).collect());
+                        kept_lines.push(
+                            got.iter().map(|l| Line { file: l.file.as_deref().map(|f| f.replace(&src(&bin), &src(&ref_bin)).into()), ..l.clone() }).collect(),
+                        );
                     }
                     // Whole chains (inlined frames too) equal the unstripped build's.
                     for ((pc, got), r) in kept.iter().zip(&kept_lines).zip(&mapped) {
@@ -572,10 +565,8 @@ mod tests {
     /// (function, call line) per level.
     fn dwarf_inlined(exe: &Executable, pcs: &[u64]) -> Vec<Vec<(String, u64)>> {
         use gimli::{AttributeValue, EndianSlice, LittleEndian};
-        let sections = gimli::DwarfSections::load(|id| -> Result<std::borrow::Cow<'_, [u8]>, gimli::Error> {
-            Ok(exe.section(id.name()).unwrap_or_default())
-        })
-        .unwrap();
+        let sections =
+            gimli::DwarfSections::load(|id| -> Result<std::borrow::Cow<'_, [u8]>, gimli::Error> { Ok(exe.section(id.name()).unwrap_or_default()) }).unwrap();
         let dwarf = sections.borrow(|s| EndianSlice::new(s, LittleEndian));
         let mut sorted: Vec<(u64, usize)> = pcs.iter().enumerate().map(|(i, &pc)| (pc, i)).collect();
         sorted.sort();
@@ -635,8 +626,7 @@ mod tests {
                 if got.is_empty() {
                     continue;
                 }
-                let chain: Vec<(String, u64)> =
-                    got.windows(2).map(|w| (w[0].function.to_string(), u64::from(w[1].line))).collect();
+                let chain: Vec<(String, u64)> = got.windows(2).map(|w| (w[0].function.to_string(), u64::from(w[1].line))).collect();
                 let want: Vec<(String, u64)> = want.iter().map(|(f, l)| (print_name(f), *l)).collect();
                 inlined += usize::from(!chain.is_empty());
                 if chain == want {

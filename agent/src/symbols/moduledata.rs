@@ -188,11 +188,7 @@ impl Moduledata {
     /// table has it, else found by scanning the writable segments for a word pointing at
     /// the table, validated against the table's header.
     pub fn find(exe: &Executable, pclntab: u64, h: &PcHeader) -> Result<Self, String> {
-        if let Some(md) = exe
-            .symtab_symbol("runtime.firstmoduledata")
-            .and_then(|s| Self::read(exe, s.addr))
-            .filter(|m| m.matches(pclntab, h))
-        {
+        if let Some(md) = exe.symtab_symbol("runtime.firstmoduledata").and_then(|s| Self::read(exe, s.addr)).filter(|m| m.matches(pclntab, h)) {
             return Ok(md);
         }
         for (va, bytes, writable) in exe.loaded_segments() {
@@ -222,10 +218,7 @@ impl Moduledata {
         };
         let in_file = |a: u64| exe.bytes_at(a, 1).is_some();
         if types == 0 || etypes <= types || desc_end > etypes || !in_file(types) {
-            return Err(format!(
-                "module data at {:#x} has no plausible types range ({types:#x}..{etypes:#x}) for the Go 1.{minor} layout",
-                self.vaddr
-            ));
+            return Err(format!("module data at {:#x} has no plausible types range ({types:#x}..{etypes:#x}) for the Go 1.{minor} layout", self.vaddr));
         }
         let typelinks = typelinks.filter(|&(p, n)| n > 0 && n < (1 << 24) && exe.bytes_at(p, n * 4).is_some());
         Ok(TypesRegion { types, etypes, typelinks, desc_end })

@@ -66,9 +66,7 @@ impl PcHeader {
         }
         let (pad1, pad2, min_lc, ptr_size) = (data[4], data[5], data[6], data[7]);
         if pad1 != 0 || pad2 != 0 || min_lc != 1 || ptr_size != 8 {
-            return Err(PclntabError::BadHeader(format!(
-                "pad {pad1},{pad2}, minLC {min_lc}, ptrSize {ptr_size} (want 0,0, 1, 8: amd64)"
-            )));
+            return Err(PclntabError::BadHeader(format!("pad {pad1},{pad2}, minLC {min_lc}, ptrSize {ptr_size} (want 0,0, 1, 8: amd64)")));
         }
         let word = |i: usize| read_u64(data, 8 + 8 * i).ok_or(PclntabError::Truncated("header"));
         let old = magic == MAGIC_116;
@@ -91,13 +89,9 @@ impl PcHeader {
         }
         let len = data.len() as u64;
         let size = h.size() as u64;
-        for (what, off) in [
-            ("funcnametab", h.funcname_offset),
-            ("cutab", h.cu_offset),
-            ("filetab", h.filetab_offset),
-            ("pctab", h.pctab_offset),
-            ("functab", h.pcln_offset),
-        ] {
+        for (what, off) in
+            [("funcnametab", h.funcname_offset), ("cutab", h.cu_offset), ("filetab", h.filetab_offset), ("pctab", h.pctab_offset), ("functab", h.pcln_offset)]
+        {
             if off < size || off >= len {
                 return Err(PclntabError::BadHeader(format!("{what} offset {off:#x} outside the table ({len:#x} bytes)")));
             }
@@ -131,26 +125,18 @@ pub fn functions(data: &[u8], h: &PcHeader, text_start: u64) -> Result<Vec<Func>
     if functab.len() < need {
         return Err(PclntabError::Truncated("functab"));
     }
-    let get = |i: usize| -> u64 {
-        if field == 4 {
-            u64::from(read_u32(functab, i * 4).unwrap_or(0))
-        } else {
-            read_u64(functab, i * 8).unwrap_or(0)
-        }
-    };
+    let get = |i: usize| -> u64 { if field == 4 { u64::from(read_u32(functab, i * 4).unwrap_or(0)) } else { read_u64(functab, i * 8).unwrap_or(0) } };
     let entry_at = |i: usize| -> Result<u64, PclntabError> {
         let e = get(2 * i);
-        if h.relative_entries() {
-            text_start.checked_add(e).ok_or_else(|| PclntabError::BadHeader("entry overflows".into()))
-        } else {
-            Ok(e)
-        }
+        if h.relative_entries() { text_start.checked_add(e).ok_or_else(|| PclntabError::BadHeader("entry overflows".into())) } else { Ok(e) }
     };
     let mut out = Vec::with_capacity(n);
     let mut prev = 0u64;
     for i in 0..n {
         let entry = entry_at(i)?;
-        let end = if i + 1 < n { entry_at(i + 1)? } else {
+        let end = if i + 1 < n {
+            entry_at(i + 1)?
+        } else {
             let e = get(2 * n);
             if h.relative_entries() { text_start.saturating_add(e) } else { e }
         };
@@ -161,10 +147,7 @@ pub fn functions(data: &[u8], h: &PcHeader, text_start: u64) -> Result<Vec<Func>
         // _func: entryOff u32, nameOff i32 (1.18+); entry uintptr, nameOff i32 (1.16).
         let funcoff = get(2 * i + 1) as usize;
         let name_field = if h.relative_entries() { 4 } else { 8 };
-        let name_off = funcoff
-            .checked_add(name_field)
-            .and_then(|o| read_u32(functab, o))
-            .ok_or(PclntabError::Truncated("_func"))? as i32;
+        let name_off = funcoff.checked_add(name_field).and_then(|o| read_u32(functab, o)).ok_or(PclntabError::Truncated("_func"))? as i32;
         if name_off < 0 {
             return Err(PclntabError::BadHeader(format!("function {i} has a negative name offset")));
         }
@@ -189,16 +172,12 @@ fn valid_at(exe: &Executable, va: u64) -> Option<(u64, &[u8])> {
 }
 
 fn locate_by_section(exe: &Executable) -> Option<(u64, &[u8])> {
-    [".gopclntab", ".data.rel.ro.gopclntab"]
-        .iter()
-        .find_map(|name| exe.section_range(name).and_then(|(va, _)| valid_at(exe, va)))
+    [".gopclntab", ".data.rel.ro.gopclntab"].iter().find_map(|name| exe.section_range(name).and_then(|(va, _)| valid_at(exe, va)))
 }
 
 fn locate_by_symbol(exe: &Executable) -> Option<(u64, &[u8])> {
-    let va = exe
-        .symtab_symbol("runtime.pclntab")
-        .map(|s| s.addr)
-        .or_else(|| exe.symtab_symbol("runtime.firstmoduledata").and_then(|s| exe.read_u64(s.addr)))?;
+    let va =
+        exe.symtab_symbol("runtime.pclntab").map(|s| s.addr).or_else(|| exe.symtab_symbol("runtime.firstmoduledata").and_then(|s| exe.read_u64(s.addr)))?;
     valid_at(exe, va)
 }
 
@@ -278,10 +257,7 @@ mod tests {
         assert_eq!(h.nfunc, 2);
         assert_eq!(h.text_start, 0x1000);
         let f = functions(&t, &h, 0x40_0000).unwrap();
-        assert_eq!(f, vec![
-            Func { name: "a.f".into(), entry: 0x40_0010, end: 0x40_0040 },
-            Func { name: "b.g".into(), entry: 0x40_0040, end: 0x40_0080 },
-        ]);
+        assert_eq!(f, vec![Func { name: "a.f".into(), entry: 0x40_0010, end: 0x40_0040 }, Func { name: "b.g".into(), entry: 0x40_0040, end: 0x40_0080 },]);
         assert_eq!(scan_for_header(&[vec![0u8; 24], t.clone()].concat()).collect::<Vec<_>>(), vec![24]);
     }
 
@@ -321,7 +297,10 @@ mod tests {
 
     #[test]
     fn pclntab_matches_the_symbol_table_for_every_version_and_build() {
-        use crate::symbols::{go_offsets_table::GO_OFFSETS, testgo::{self, Variant}};
+        use crate::symbols::{
+            go_offsets_table::GO_OFFSETS,
+            testgo::{self, Variant},
+        };
         let cc = testgo::have_c_compiler();
         if !cc {
             eprintln!("SKIPPED (cgo builds only): no C compiler (gcc/cc) installed");
@@ -329,7 +308,8 @@ mod tests {
         for entry in GO_OFFSETS {
             let v = entry.toolchain;
             let open = |variant| Executable::open(&testgo::build(v, variant)).unwrap();
-            let mut pairs = vec![(Variant::Plain, Variant::Plain), (Variant::Stripped, Variant::Plain), (Variant::Pie, Variant::Pie), (Variant::PieStripped, Variant::Pie)];
+            let mut pairs =
+                vec![(Variant::Plain, Variant::Plain), (Variant::Stripped, Variant::Plain), (Variant::Pie, Variant::Pie), (Variant::PieStripped, Variant::Pie)];
             if cc {
                 pairs.extend([(Variant::Cgo, Variant::Cgo), (Variant::CgoPieStripped, Variant::CgoPie)]);
             }

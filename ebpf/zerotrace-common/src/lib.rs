@@ -550,8 +550,7 @@ pub mod trace_origin {
 }
 
 /// Largest HTTP request record: header plus the maximal capture.
-pub const HTTP_REQUEST_MAX: usize =
-    core::mem::size_of::<HttpRequestEvent>() + bounds::REQ_CAPTURE_MAX;
+pub const HTTP_REQUEST_MAX: usize = core::mem::size_of::<HttpRequestEvent>() + bounds::REQ_CAPTURE_MAX;
 
 /// The response to request `seq` is complete (the server read again or closed).
 #[repr(C)]

@@ -6,9 +6,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
 
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{
-    Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets, SlotKey,
-};
+use zerotrace_common::{Counter, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoClientState, GoOffsets, SlotKey};
 
 use crate::{
     causality::{enter_own, injecting, leave_own, set_own, take_call, trace_for},
@@ -78,11 +76,7 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
         withdraw_header(k.pid, st.header);
     }
     let resp = r.rax;
-    let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE {
-        read_user::<i64>(resp + go.resp_status_code as u64).unwrap_or(0)
-    } else {
-        0
-    };
+    let status = if resp != 0 && go.resp_status_code != GoOffsets::NONE { read_user::<i64>(resp + go.resp_status_code as u64).unwrap_or(0) } else { 0 };
     let ev = GoClientResponseEvent {
         hdr: header(EventKind::GoClientResponse, core::mem::size_of::<GoClientResponseEvent>(), k.pid, pid_tgid as u32, now()),
         goid: k.goid,

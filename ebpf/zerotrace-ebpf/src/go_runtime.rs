@@ -83,8 +83,7 @@ pub fn go_chan_recv(ctx: ProbeContext) -> u32 {
     let go = &cfg.go;
     let r = regs(&ctx);
     let sender = span_of(pid, goid_of(go, go_ptr(r.rbx, go.sudog_g)));
-    let buffered = go.hchan_dataqsiz != GoOffsets::NONE
-        && read_user::<u64>(r.rax + go.hchan_dataqsiz as u64).unwrap_or(1) != 0;
+    let buffered = go.hchan_dataqsiz != GoOffsets::NONE && read_user::<u64>(r.rax + go.hchan_dataqsiz as u64).unwrap_or(1) != 0;
     if buffered {
         // The receiver takes the oldest buffered value and the sender's value takes its
         // slot: both happen at go_chan_refill, which needs the sender's span.

@@ -4,9 +4,7 @@
 //! call the span is the goroutine's own, so a driver's own network I/O to a traced database
 //! server on this host is linked under it.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{
-    Counter, EventKind, GoClientResponseEvent, GoSqlStartEvent, GoSqlState, bounds, sql_kind,
-};
+use zerotrace_common::{Counter, EventKind, GoClientResponseEvent, GoSqlStartEvent, GoSqlState, bounds, sql_kind};
 
 use crate::{
     causality::{enter_own, leave_own, set_own, take_call},

@@ -9,8 +9,7 @@
 //! from the crypto/tls hooks (go_tls.rs) instead; the socket hooks keep their timing.
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
-    ClientLink, ConnKey, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent,
-    HttpResponseEvent, bounds, phase, trace_origin,
+    ClientLink, ConnKey, ConnRole, ConnState, Counter, EventKind, GoOffsets, HTTP_REQUEST_MAX, HttpRequestEvent, HttpResponseEvent, bounds, phase, trace_origin,
 };
 
 use crate::{
@@ -130,12 +129,7 @@ pub fn is_final_head(buf: u64) -> bool {
         return false;
     }
     let Some(b) = read_user::<[u8; 13]>(buf) else { return false };
-    b[..7] == *b"HTTP/1."
-        && b[8] == b' '
-        && (b'2'..=b'5').contains(&b[9])
-        && b[10].is_ascii_digit()
-        && b[11].is_ascii_digit()
-        && b[12] == b' '
+    b[..7] == *b"HTTP/1." && b[8] == b' ' && (b'2'..=b'5').contains(&b[9]) && b[10].is_ascii_digit() && b[11].is_ascii_digit() && b[12] == b' '
 }
 
 /// Server connection `conn` sends the head of a response (`len` bytes at `buf`, `total` in
@@ -291,11 +285,7 @@ pub fn client_send(conn: &mut ConnState) {
 /// caller then moves the connection to RESPONSE.
 #[inline(always)]
 fn fill_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
-    let status_len = if buf != 0 {
-        read_user_bytes::<{ bounds::STATUS_CAPTURE }>(conn.status.as_mut_ptr(), buf, len) as u8
-    } else {
-        0
-    };
+    let status_len = if buf != 0 { read_user_bytes::<{ bounds::STATUS_CAPTURE }>(conn.status.as_mut_ptr(), buf, len) as u8 } else { 0 };
     let (pattern_ptr, pattern_len, w) = route_pattern(conn);
     // SAFETY: plain field stores through a valid reference; volatile so that they stay
     // before the caller's (volatile) move to RESPONSE.
@@ -340,11 +330,7 @@ fn route_pattern(conn: &ConnState) -> (u64, u16, u64) {
     let Some(s) = read_user::<[u64; 2]>(str_at) else {
         return (0, 0, w);
     };
-    if s[0] != 0 && s[1] != 0 {
-        (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 }, w)
-    } else {
-        (0, 0, w)
-    }
+    if s[0] != 0 && s[1] != 0 { (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 }, w) } else { (0, 0, w) }
 }
 
 /// Sends the record that ends the current response, if one is being written. `tid`: the
@@ -512,7 +498,13 @@ pub fn send_capture(conn: &mut ConnState, pid_tgid: u64, kind: EventKind, src: u
     };
     let buf = buf as *mut u8;
     let room = capture_size().saturating_sub(conn.captured) as u64;
-    let want = if src == 0 { 0 } else if len < room { len } else { room };
+    let want = if src == 0 {
+        0
+    } else if len < room {
+        len
+    } else {
+        room
+    };
     // SAFETY: the scratch value holds REQ_HDR + REQ_CAPTURE_MAX bytes.
     let captured = read_user_bytes::<{ bounds::REQ_CAPTURE_MAX }>(unsafe { buf.add(REQ_HDR) }, src, want);
     let size = REQ_HDR as u64 + captured as u64;

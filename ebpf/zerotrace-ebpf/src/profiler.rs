@@ -5,19 +5,17 @@
 //! (whole pages from the one holding the stack pointer) and the registers, unwound by the
 //! agent from `.eh_frame`. Kernel frames in both cases.
 use aya_ebpf::{
+    EbpfContext,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_pid_tgid,
-        generated::{bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_task_pt_regs},
         generated::bpf_probe_read_user as raw_read_user,
+        generated::{bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_task_pt_regs},
     },
     macros::perf_event,
     programs::PerfEventContext,
-    EbpfContext,
 };
-use zerotrace_common::{
-    Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind, bounds, target_flags,
-};
+use zerotrace_common::{Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind, bounds, target_flags};
 
 use crate::{
     causality::span_of,

@@ -4,10 +4,7 @@
 //! Its role comes from the ports the process listens on (LISTEN, kept by the agent). It
 //! stops being tracked when TCP moves it to CLOSE.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_smp_processor_id};
-use zerotrace_common::{
-    ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey,
-    ListenKey, SockAddrs, phase,
-};
+use zerotrace_common::{ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey, ListenKey, SockAddrs, phase};
 
 use crate::{
     http_server::finish_response,
@@ -237,11 +234,7 @@ pub fn on_state(sk: u64, newstate: i32) {
         let _ = crate::maps::CLIENT_LINK.remove(&conn.flow);
     }
     if conn.role == ConnRole::Server as u8 || conn.native != 0 {
-        let ev = ConnCloseEvent {
-            hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts),
-            conn_id: conn.id,
-            sk,
-        };
+        let ev = ConnCloseEvent { hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts), conn_id: conn.id, sk };
         if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
             count(Counter::RingFull);
         }

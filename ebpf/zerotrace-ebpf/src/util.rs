@@ -1,9 +1,6 @@
 //! Small helpers shared by the programs: counters, the ring-buffer wake-up policy, the
 //! current goroutine from thread-local storage, bounded reads of target memory.
-use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-    generated::bpf_probe_read_user as raw_read_user,
-};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_probe_read_user as raw_read_user};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, TargetConfig, bounds};
 
@@ -30,11 +27,7 @@ pub fn now() -> u64 {
 /// Wake the agent only when enough data is pending; otherwise it drains on its timer.
 #[inline(always)]
 pub fn wake_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
 }
 
 #[inline(always)]

@@ -68,11 +68,7 @@ impl Client {
 fn read_response(r: &mut BufReader<TcpStream>) -> Result<(u16, Vec<u8>, bool)> {
     let mut line = String::new();
     r.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad status line {line:?}"))?;
+    let status: u16 = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).with_context(|| format!("bad status line {line:?}"))?;
     let mut len = None;
     let mut chunked = false;
     let mut close = false;

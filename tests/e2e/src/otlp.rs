@@ -5,26 +5,29 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::{AtomicUsize, Ordering}},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
 use opentelemetry_proto::tonic::{
-    collector::profiles::v1development::{
-        ExportProfilesServiceRequest, ExportProfilesServiceResponse,
-        profiles_service_server::{ProfilesService, ProfilesServiceServer},
-    },
     collector::metrics::v1::{
         ExportMetricsServiceRequest, ExportMetricsServiceResponse,
         metrics_service_server::{MetricsService, MetricsServiceServer},
     },
-    metrics::v1::metric,
+    collector::profiles::v1development::{
+        ExportProfilesServiceRequest, ExportProfilesServiceResponse,
+        profiles_service_server::{ProfilesService, ProfilesServiceServer},
+    },
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
     },
     common::v1::{AnyValue, any_value},
+    metrics::v1::metric,
 };
 use prost::Message;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -79,12 +82,7 @@ fn hex(b: &[u8]) -> String {
 pub fn flatten(req: &ExportTraceServiceRequest) -> Vec<RSpan> {
     let mut out = Vec::new();
     for rs in &req.resource_spans {
-        let resource: BTreeMap<String, String> = rs
-            .resource
-            .iter()
-            .flat_map(|r| &r.attributes)
-            .map(|kv| (kv.key.clone(), value(&kv.value)))
-            .collect();
+        let resource: BTreeMap<String, String> = rs.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
         for ss in &rs.scope_spans {
             let scope = ss.scope.as_ref().map(|s| s.name.clone()).unwrap_or_default();
             for s in &ss.spans {
@@ -124,13 +122,10 @@ pub struct RSample {
 /// Flattens a profiles request. Indices out of range are errors (the dictionary's rules).
 pub fn flatten_profiles(req: &ExportProfilesServiceRequest) -> Result<Vec<RSample>> {
     let Some(d) = &req.dictionary else { bail!("profiles request without a dictionary") };
-    let st = |i: i32| -> Result<String> {
-        d.string_table.get(usize::try_from(i)?).cloned().ok_or_else(|| anyhow::anyhow!("string index {i} out of range"))
-    };
+    let st = |i: i32| -> Result<String> { d.string_table.get(usize::try_from(i)?).cloned().ok_or_else(|| anyhow::anyhow!("string index {i} out of range")) };
     let mut out = Vec::new();
     for rp in &req.resource_profiles {
-        let resource: BTreeMap<String, String> =
-            rp.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
+        let resource: BTreeMap<String, String> = rp.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
         for sp in &rp.scope_profiles {
             for p in &sp.profiles {
                 for s in &p.samples {
@@ -154,7 +149,15 @@ pub fn flatten_profiles(req: &ExportProfilesServiceRequest) -> Result<Vec<RSampl
                         let a = d.attribute_table.get(usize::try_from(ai)?).ok_or_else(|| anyhow::anyhow!("attribute index"))?;
                         attrs.insert(st(a.key_strindex)?, value(&a.value));
                     }
-                    out.push(RSample { resource: resource.clone(), frames, trace_id, span_id, attrs, values: s.values.clone(), timestamps: s.timestamps_unix_nano.len() });
+                    out.push(RSample {
+                        resource: resource.clone(),
+                        frames,
+                        trace_id,
+                        span_id,
+                        attrs,
+                        values: s.values.clone(),
+                        timestamps: s.timestamps_unix_nano.len(),
+                    });
                 }
             }
         }
@@ -211,8 +214,7 @@ pub struct RMetric {
 fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
     let mut out = Vec::new();
     for rm in &req.resource_metrics {
-        let resource: BTreeMap<String, String> =
-            rm.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
+        let resource: BTreeMap<String, String> = rm.resource.iter().flat_map(|r| &r.attributes).map(|kv| (kv.key.clone(), value(&kv.value))).collect();
         for sm in &rm.scope_metrics {
             for m in &sm.metrics {
                 let base = |attrs: &[opentelemetry_proto::tonic::common::v1::KeyValue], time_ns| RMetric {
@@ -251,10 +253,7 @@ fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
 
 #[tonic::async_trait]
 impl MetricsService for Svc {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+    async fn export(&self, req: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.0.metrics.lock().unwrap().extend(flatten_metrics(req.get_ref()));
         Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
@@ -262,10 +261,7 @@ impl MetricsService for Svc {
 
 #[tonic::async_trait]
 impl ProfilesService for Svc {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportProfilesServiceRequest>,
-    ) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
+    async fn export(&self, req: tonic::Request<ExportProfilesServiceRequest>) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
         self.0.profiles.lock().unwrap().push(req.into_inner());
         Ok(tonic::Response::new(ExportProfilesServiceResponse { partial_success: None }))
     }
@@ -273,10 +269,7 @@ impl ProfilesService for Svc {
 
 #[tonic::async_trait]
 impl TraceService for Svc {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(&self, req: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.0.add(req.get_ref());
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }

@@ -25,9 +25,7 @@ impl Proc {
         let tag = format!("{name}-{}", std::process::id());
         let stdout = dir.join(format!("{tag}.out"));
         let stderr = dir.join(format!("{tag}.err"));
-        cmd.stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout)?)
-            .stderr(std::fs::File::create(&stderr)?);
+        cmd.stdin(Stdio::null()).stdout(std::fs::File::create(&stdout)?).stderr(std::fs::File::create(&stderr)?);
         let child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
         Ok(Proc { child, name: name.to_owned(), stdout, stderr })
     }
@@ -90,9 +88,7 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) ->
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) -> Result<()> {
-    wait_until(&format!("127.0.0.1:{port} to accept connections"), timeout, || {
-        TcpStream::connect(("127.0.0.1", port)).is_ok()
-    })
+    wait_until(&format!("127.0.0.1:{port} to accept connections"), timeout, || TcpStream::connect(("127.0.0.1", port)).is_ok())
 }
 
 /// Starts a program that serves HTTP on a fresh port; returns it once it accepts connections.

@@ -69,9 +69,7 @@ static BUILD_LOCK: Mutex<()> = Mutex::new(());
 /// build when the sources are older than it.
 pub fn go_build(go: &Path, src: &Path, out: &Path, extra_flags: &[&str]) -> Result<()> {
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let newest_src = std::fs::read_dir(src)?
-        .filter_map(|e| e.ok()?.metadata().ok()?.modified().ok())
-        .max();
+    let newest_src = std::fs::read_dir(src)?.filter_map(|e| e.ok()?.metadata().ok()?.modified().ok()).max();
     if let (Ok(built), Some(src_time)) = (out.metadata().and_then(|m| m.modified()), newest_src) {
         if built > src_time {
             return Ok(());

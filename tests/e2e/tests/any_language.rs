@@ -493,9 +493,7 @@ fn thread_per_request_server_parents() -> Result<()> {
         let rx = Receiver::start(Kind::Grpc, 0)?;
         let endpoint = rx.endpoint();
         let mut agent = Agent::start(&[tpr.pid(), leaf.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--native-parents", mode], &[])?;
-        let calls: Vec<_> = (0..8)
-            .map(|i| std::thread::spawn(move || Client::new(port).get(&format!("/chain/{mode}{i}")).map(|r| r.status)))
-            .collect();
+        let calls: Vec<_> = (0..8).map(|i| std::thread::spawn(move || Client::new(port).get(&format!("/chain/{mode}{i}")).map(|r| r.status))).collect();
         for c in calls {
             assert_eq!(c.join().expect("client thread")?, 200);
         }
@@ -637,7 +635,8 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
             let mut servers: Vec<&RSpan> =
                 spans.iter().filter(|s| s.kind == SERVER && s.res("service.name") == service && !s.attr("url.path").starts_with("/chain/")).collect();
             servers.sort_by_key(|s| s.end_ns);
-            let got: Vec<(&str, &str, &str)> = servers.iter().map(|s| (s.attr("url.path"), s.attr("http.response.status_code"), s.attr("http.route"))).collect();
+            let got: Vec<(&str, &str, &str)> =
+                servers.iter().map(|s| (s.attr("url.path"), s.attr("http.response.status_code"), s.attr("http.route"))).collect();
             assert_eq!(got, want.to_vec(), "{mode}: one server span per pipelined request of {service}, in order: {servers:#?}");
             let mut clients: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == client_name).collect();
             clients.sort_by_key(|s| s.end_ns);
@@ -651,7 +650,10 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
             assert_eq!(ids.len(), 8, "every span its own id");
             for (s, c) in servers.iter().zip(clients.iter()) {
                 assert_eq!((&s.parent_span_id, &s.trace_id), (&c.span_id, &c.trace_id), "{mode}: each request linked across the processes");
-                assert!(s.start_ns <= s.end_ns && c.start_ns <= s.start_ns + 1_000_000 && s.end_ns <= c.end_ns + 1_000_000, "{mode}: server within client: {s:#?} {c:#?}");
+                assert!(
+                    s.start_ns <= s.end_ns && c.start_ns <= s.start_ns + 1_000_000 && s.end_ns <= c.end_ns + 1_000_000,
+                    "{mode}: server within client: {s:#?} {c:#?}"
+                );
             }
             let slow = servers[3];
             assert!(slow.duration() >= Duration::from_millis(30), "{mode}: the slow request lasts its 30 ms: {slow:#?}");

@@ -31,7 +31,11 @@ fn a_pid_that_does_not_exist() -> Result<()> {
 /// the agent says so; detaching leaves it running.
 #[test]
 fn a_pid_that_is_not_a_go_program_is_traced_at_the_socket_level() -> Result<()> {
-    let sleeper = Proc::spawn("sleep", { let mut c = Command::new("sleep"); c.arg("60"); c })?;
+    let sleeper = Proc::spawn("sleep", {
+        let mut c = Command::new("sleep");
+        c.arg("60");
+        c
+    })?;
     let mut agent = Agent::start(&[sleeper.pid()], &["--exporter", "none"], &[])?;
     let err = agent.proc.stderr_text();
     assert!(err.contains("layer=\"socket\""), "{err}");

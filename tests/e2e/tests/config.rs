@@ -27,7 +27,10 @@ fn file_then_environment_then_flags() -> Result<()> {
     let exe = bin.file_name().unwrap().to_string_lossy().into_owned();
     std::fs::write(
         &path,
-        format!("# selected by executable, named and exported as the file says\nexe = [{exe:?}]\notlp-endpoint = {:?}\nservice-name = \"from-file\"\nbatch-delay = \"200ms\"\n", file_rx.endpoint()),
+        format!(
+            "# selected by executable, named and exported as the file says\nexe = [{exe:?}]\notlp-endpoint = {:?}\nservice-name = \"from-file\"\nbatch-delay = \"200ms\"\n",
+            file_rx.endpoint()
+        ),
     )?;
     let config = path.to_string_lossy().into_owned();
     let round = |extra: &[&str], env: &[(&str, &str)], rx: &Receiver, path: &str| -> Result<String> {

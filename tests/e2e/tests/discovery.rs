@@ -1,7 +1,10 @@
 //! `--exe` discovery, end to end: a Go service running before the agent and one started
 //! after it are both traced, a restarted service is traced again under its new pid, and a
 //! process whose executable does not match is left alone.
-use std::{process::Command, time::{Duration, Instant}};
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
 use zerotrace_e2e::{
@@ -95,7 +98,11 @@ fn processes_are_found_by_port_and_all() -> Result<()> {
     let log = agent.proc.stderr_text();
     assert!(!log.contains(&format!("tracing pid={} ", other.pid())), "{log}");
 
-    let sleeper = Proc::spawn("not-go", { let mut c = Command::new("sleep"); c.arg("60"); c })?;
+    let sleeper = Proc::spawn("not-go", {
+        let mut c = Command::new("sleep");
+        c.arg("60");
+        c
+    })?;
     let mut agent = Agent::start_discovering("run", &["--all", "--exporter", "none"])?;
     traced_within(&agent, svc.pid(), Duration::from_secs(2))?;
     traced_within(&agent, other.pid(), Duration::from_secs(2))?;
@@ -104,7 +111,11 @@ fn processes_are_found_by_port_and_all() -> Result<()> {
     let late = serve(&bin, "all-late", late_port)?;
     traced_within(&agent, late.pid(), Duration::from_secs(5))?;
     let rust_port = free_port();
-    let rust = Proc::spawn("all-rust", { let mut c = Command::new(tools::rsvc()?); c.arg(format!("127.0.0.1:{rust_port}")); c })?;
+    let rust = Proc::spawn("all-rust", {
+        let mut c = Command::new(tools::rsvc()?);
+        c.arg(format!("127.0.0.1:{rust_port}"));
+        c
+    })?;
     traced_within(&agent, rust.pid(), Duration::from_secs(5))?;
     agent.stop()?;
     let log = agent.proc.stderr_text();

@@ -27,7 +27,14 @@ const CASES: &[Case] = &[
     Case { path: "/hello", status: 200, name_with_pattern: "GET /hello", route: "/hello", name_without: "GET /hello", url_path: "/hello" },
     Case { path: "/users/42", status: 200, name_with_pattern: "GET /users/{id}", route: "/users/{id}", name_without: "GET /users/42", url_path: "/users/42" },
     Case { path: "/status/503", status: 503, name_with_pattern: "GET /status/", route: "/status/", name_without: "GET /status/503", url_path: "/status/503" },
-    Case { path: "/nothing/here", status: 404, name_with_pattern: "GET /nothing/here", route: "", name_without: "GET /nothing/here", url_path: "/nothing/here" },
+    Case {
+        path: "/nothing/here",
+        status: 404,
+        name_with_pattern: "GET /nothing/here",
+        route: "",
+        name_without: "GET /nothing/here",
+        url_path: "/nothing/here",
+    },
 ];
 
 /// One way of building tests/e2e/go/httpserver.
@@ -164,11 +171,5 @@ fn cgo_external_link_newest_go() -> Result<()> {
 /// and there are no symbols, so the function table is found by scanning for its header.
 #[test]
 fn cgo_stripped_pie_oldest_go() -> Result<()> {
-    run(&Build {
-        label: "cgo stripped pie",
-        version: GO_OLDEST,
-        flags: &["-buildmode=pie", "-ldflags=-linkmode=external -s -w"],
-        cgo: true,
-        source: "table",
-    })
+    run(&Build { label: "cgo stripped pie", version: GO_OLDEST, flags: &["-buildmode=pie", "-ldflags=-linkmode=external -s -w"], cgo: true, source: "table" })
 }

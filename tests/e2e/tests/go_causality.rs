@@ -133,7 +133,12 @@ fn check_trees_of(s: Services) -> Result<()> {
     rx.wait_for(want, Duration::from_secs(20))?;
     agent.stop()?;
     let spans = rx.spans();
-    assert_eq!(spans.len(), want, "no more, no fewer spans: {:#?}", spans.iter().map(|s| (&s.name, s.attr("url.path"), s.attr("url.full"))).collect::<Vec<_>>());
+    assert_eq!(
+        spans.len(),
+        want,
+        "no more, no fewer spans: {:#?}",
+        spans.iter().map(|s| (&s.name, s.attr("url.path"), s.attr("url.full"))).collect::<Vec<_>>()
+    );
     let f = Forest::new(&spans);
     let dp = s.down_port;
 

@@ -27,11 +27,51 @@ struct Case {
 
 const CASES: &[Case] = &[
     Case { path: "/hello", status: 200, name_with_pattern: "GET /hello", route: "/hello", name_without: "GET /hello", url_path: "/hello", min: Duration::ZERO },
-    Case { path: "/users/42", status: 200, name_with_pattern: "GET /users/{id}", route: "/users/{id}", name_without: "GET /users/42", url_path: "/users/42", min: Duration::ZERO },
-    Case { path: "/sleep?ms=30", status: 200, name_with_pattern: "GET /sleep", route: "/sleep", name_without: "GET /sleep", url_path: "/sleep", min: Duration::from_millis(30) },
-    Case { path: "/status/503", status: 503, name_with_pattern: "GET /status/", route: "/status/", name_without: "GET /status/503", url_path: "/status/503", min: Duration::ZERO },
-    Case { path: "/status/404", status: 404, name_with_pattern: "GET /status/", route: "/status/", name_without: "GET /status/404", url_path: "/status/404", min: Duration::ZERO },
-    Case { path: "/nothing/here", status: 404, name_with_pattern: "GET /nothing/here", route: "", name_without: "GET /nothing/here", url_path: "/nothing/here", min: Duration::ZERO },
+    Case {
+        path: "/users/42",
+        status: 200,
+        name_with_pattern: "GET /users/{id}",
+        route: "/users/{id}",
+        name_without: "GET /users/42",
+        url_path: "/users/42",
+        min: Duration::ZERO,
+    },
+    Case {
+        path: "/sleep?ms=30",
+        status: 200,
+        name_with_pattern: "GET /sleep",
+        route: "/sleep",
+        name_without: "GET /sleep",
+        url_path: "/sleep",
+        min: Duration::from_millis(30),
+    },
+    Case {
+        path: "/status/503",
+        status: 503,
+        name_with_pattern: "GET /status/",
+        route: "/status/",
+        name_without: "GET /status/503",
+        url_path: "/status/503",
+        min: Duration::ZERO,
+    },
+    Case {
+        path: "/status/404",
+        status: 404,
+        name_with_pattern: "GET /status/",
+        route: "/status/",
+        name_without: "GET /status/404",
+        url_path: "/status/404",
+        min: Duration::ZERO,
+    },
+    Case {
+        path: "/nothing/here",
+        status: 404,
+        name_with_pattern: "GET /nothing/here",
+        route: "",
+        name_without: "GET /nothing/here",
+        url_path: "/nothing/here",
+        min: Duration::ZERO,
+    },
 ];
 
 struct Run {
@@ -54,8 +94,16 @@ fn trace(version: &'static str, kind: Kind, extra: &[&str], rounds: usize) -> Re
     // The goroutine and channel hooks are off: these tests count the HTTP hooks' hits
     // exactly (go_causality.rs covers the others).
     let mut args = vec![
-        "--otlp-endpoint", &*Box::leak(rx.endpoint().into_boxed_str()), "--otlp-protocol", proto, "--batch-delay", "200ms",
-        "--go-spawns", "off", "--go-channels", "off",
+        "--otlp-endpoint",
+        &*Box::leak(rx.endpoint().into_boxed_str()),
+        "--otlp-protocol",
+        proto,
+        "--batch-delay",
+        "200ms",
+        "--go-spawns",
+        "off",
+        "--go-channels",
+        "off",
     ];
     args.extend_from_slice(extra);
     let mut agent = Agent::start(&[srv.pid()], &args, &[])?;
@@ -81,11 +129,10 @@ fn trace(version: &'static str, kind: Kind, extra: &[&str], rounds: usize) -> Re
     let _ = spans;
     let exe = bin.display().to_string();
     drop(srv);
-    Ok(Run { version, pid: 0, port, exe, sent, spans: spans_after, agent })
-        .map(|mut r| {
-            r.pid = r.spans.first().and_then(|s| s.res("process.pid").parse().ok()).unwrap_or(0);
-            r
-        })
+    Ok(Run { version, pid: 0, port, exe, sent, spans: spans_after, agent }).map(|mut r| {
+        r.pid = r.spans.first().and_then(|s| s.res("process.pid").parse().ok()).unwrap_or(0);
+        r
+    })
 }
 
 fn names(spans: &[RSpan]) -> Vec<&str> {
@@ -202,11 +249,7 @@ fn a_keep_alive_connection_opened_before_the_agent() -> Result<()> {
     assert_eq!(client.get("/hello")?.status, 200);
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
-    let mut agent = Agent::start(
-        &[srv.pid()],
-        &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--go-spawns", "off", "--go-channels", "off"],
-        &[],
-    )?;
+    let mut agent = Agent::start(&[srv.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--go-spawns", "off", "--go-channels", "off"], &[])?;
     assert!(agent.proc.stderr_text().contains("existing_connections=1"), "{}", agent.proc.stderr_text());
     for i in 0..5 {
         let r = client.get(&format!("/users/{i}"))?;

@@ -3,7 +3,12 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context, Result};
-use zerotrace_e2e::{agent::Agent, http::Client, proc::{Proc, start_server, wait_until}, tools};
+use zerotrace_e2e::{
+    agent::Agent,
+    http::Client,
+    proc::{Proc, start_server, wait_until},
+    tools,
+};
 
 #[test]
 fn python_opentelemetry_proto_decodes_our_spans() -> Result<()> {
@@ -29,11 +34,7 @@ fn python_opentelemetry_proto_decodes_our_spans() -> Result<()> {
     }
     let mut lines: Vec<serde_json::Value> = Vec::new();
     wait_until("4 spans at the Python receiver", Duration::from_secs(20), || {
-        lines = std::fs::read_to_string(&out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
+        lines = std::fs::read_to_string(&out).unwrap_or_default().lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
         lines.len() >= paths.len()
     })?;
     agent.stop()?;

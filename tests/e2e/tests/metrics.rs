@@ -14,9 +14,7 @@ use zerotrace_e2e::{
 
 /// The newest point of `name` whose attributes include all of `attrs`.
 fn latest<'a>(ms: &'a [RMetric], name: &str, attrs: &[(&str, &str)]) -> Option<&'a RMetric> {
-    ms.iter()
-        .filter(|m| m.name == name && attrs.iter().all(|(k, v)| m.attrs.get(*k).map(String::as_str) == Some(*v)))
-        .max_by_key(|m| m.time_ns)
+    ms.iter().filter(|m| m.name == name && attrs.iter().all(|(k, v)| m.attrs.get(*k).map(String::as_str) == Some(*v))).max_by_key(|m| m.time_ns)
 }
 
 #[test]
@@ -26,11 +24,8 @@ fn red_metrics_and_own_counters() -> Result<()> {
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
-    let mut agent = Agent::start(
-        &[front.pid(), down.pid()],
-        &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"],
-        &[("OTEL_METRIC_EXPORT_INTERVAL", "500")],
-    )?;
+    let mut agent =
+        Agent::start(&[front.pid(), down.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"], &[("OTEL_METRIC_EXPORT_INTERVAL", "500")])?;
     let mut c = Client::new(front_port);
     for i in 0..10 {
         assert_eq!(c.get(&format!("/sync/{i}"))?.status, 200);

@@ -36,10 +36,7 @@ fn pprof(args: &[&str], file: &Path) -> Result<String> {
 /// The function with the most self time in `go tool pprof -top` output.
 fn top_function(top: &str) -> Option<String> {
     // Rows: "flat flat% sum% cum cum% name"; the first row after the header is the top.
-    top.lines()
-        .skip_while(|l| !l.trim_start().starts_with("flat"))
-        .nth(1)
-        .and_then(|l| l.split_whitespace().nth(5).map(str::to_owned))
+    top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).nth(1).and_then(|l| l.split_whitespace().nth(5).map(str::to_owned))
 }
 
 /// Whether some sample's stack in `go tool pprof -traces` output holds `chain` (leaf
@@ -51,7 +48,13 @@ fn has_chain(traces: &str, chain: &[&str]) -> bool {
             .filter_map(|l| {
                 // A sample's first line has "  <value>  <frame>", the others just the frame.
                 let l = l.trim();
-                if l.is_empty() || l.starts_with("File:") || l.starts_with("Type:") || l.starts_with("Time:") || l.starts_with("Duration:") || l.contains(": ") && !l.contains("::") {
+                if l.is_empty()
+                    || l.starts_with("File:")
+                    || l.starts_with("Type:")
+                    || l.starts_with("Time:")
+                    || l.starts_with("Duration:")
+                    || l.contains(": ") && !l.contains("::")
+                {
                     return None;
                 }
                 l.split_whitespace().last().map(str::to_owned)
@@ -198,11 +201,7 @@ fn request_samples_carry_their_span() -> Result<()> {
     cmd.arg(format!("127.0.0.1:{rs_port}")).env("OTEL_SERVICE_NAME", "rust-burn");
     let rs = Proc::spawn("rsvc-prof", cmd)?;
     wait_for_port(rs_port, Duration::from_secs(10))?;
-    let mut agent = Agent::start(
-        &[go.pid(), rs.pid()],
-        &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profile-frequency", "99"],
-        &[],
-    )?;
+    let mut agent = Agent::start(&[go.pid(), rs.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profile-frequency", "99"], &[])?;
     let mut gc = Client::new(go_port);
     let mut rc = Client::new(rs_port);
     for _ in 0..3 {
@@ -262,10 +261,7 @@ fn a_target_that_exits_keeps_its_samples() -> Result<()> {
 #[test]
 fn profile_bad_input_says_what_to_do() -> Result<()> {
     let pb = out_path("bad.pb.gz");
-    for (args, needle) in [
-        (vec!["--pid", "999999", "--duration", "2s"], "999999"),
-        (vec!["--pid", "1", "--duration", "0s"], "--duration"),
-    ] {
+    for (args, needle) in [(vec!["--pid", "999999", "--duration", "2s"], "999999"), (vec!["--pid", "1", "--duration", "0s"], "--duration")] {
         let out = Command::new(tools::zerotrace_bin()?).arg("profile").args(&args).arg("-o").arg(&pb).output()?;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
@@ -291,7 +287,11 @@ fn profiles_over_http_protobuf() -> Result<()> {
     let samples = rx.samples()?;
     let spans = rx.spans();
     let burn = spans.iter().find(|s| s.attr("url.path") == "/burn").context("no /burn span")?;
-    assert!(samples.iter().any(|s| s.span_id == burn.span_id && s.frames.first().is_some_and(|f| f == "main.burnHot")), "no sample of main.burnHot linked to the /burn span over HTTP: {} samples", samples.len());
+    assert!(
+        samples.iter().any(|s| s.span_id == burn.span_id && s.frames.first().is_some_and(|f| f == "main.burnHot")),
+        "no sample of main.burnHot linked to the /burn span over HTTP: {} samples",
+        samples.len()
+    );
     assert_eq!(agent.stat("profile_export_errors"), 0);
     assert!(agent.stat("profiles_exported") >= 1, "profiles_exported = {}", agent.stat("profiles_exported"));
     Ok(())

@@ -41,7 +41,11 @@ mod echo {
     tonic::include_proto!("zerotrace.test.v1");
 }
 
-use echo::{EchoReply, EchoRequest, echo_client::EchoClient, echo_server::{Echo, EchoServer}};
+use echo::{
+    EchoReply, EchoRequest,
+    echo_client::EchoClient,
+    echo_server::{Echo, EchoServer},
+};
 
 #[derive(Clone)]
 struct App {
@@ -270,9 +274,7 @@ async fn chain(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, S
 }
 
 async fn serve(addr: SocketAddr, down: Option<String>) -> std::io::Result<()> {
-    let grpc = std::env::var("RSVC_GRPC").ok().map(|u| {
-        EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RSVC_GRPC is a URL").connect_lazy())
-    });
+    let grpc = std::env::var("RSVC_GRPC").ok().map(|u| EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RSVC_GRPC is a URL").connect_lazy()));
     let app = App { down, client: reqwest::Client::new(), grpc };
     let router = Router::new()
         .route("/hello", get(hello))
@@ -298,9 +300,7 @@ async fn get_many(url: &str, count: u32) -> Result<(), Box<dyn std::error::Error
     let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     for i in 0..count {
-        let req = hyper::Request::get(format!("{path}{i}"))
-            .header(hyper::header::HOST, authority)
-            .body(Empty::<hyper::body::Bytes>::new())?;
+        let req = hyper::Request::get(format!("{path}{i}")).header(hyper::header::HOST, authority).body(Empty::<hyper::body::Bytes>::new())?;
         sender.ready().await?;
         let r = sender.send_request(req).await?;
         let code = r.status();
@@ -488,7 +488,9 @@ fn main() {
             }
         }
         _ => {
-            eprintln!("usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc burn SECS | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE] | rsvc pipeline ADDR START_FILE METHOD:PATH[:BODY]...");
+            eprintln!(
+                "usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc burn SECS | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE] | rsvc pipeline ADDR START_FILE METHOD:PATH[:BODY]..."
+            );
             2
         }
     };
