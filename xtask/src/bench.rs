@@ -124,7 +124,7 @@ fn profile(a: ProfileArgs) -> Result<()> {
     setup::kernel_toolchain()?;
     let go = setup::go(setup::GO_NEWEST)?;
     let agent_bin = build_release()?;
-    let rsvc = crate::util::build_rust_services()?;
+    let rust_svc = crate::util::build_rust_services()?;
     let http = root().join("target/bench/httpserver");
     std::fs::create_dir_all(http.parent().unwrap())?;
     tools::go_build(&go, &root().join("tests/e2e/go/httpserver"), &http, &[])?;
@@ -137,7 +137,7 @@ fn profile(a: ProfileArgs) -> Result<()> {
     freqs.extend(a.frequencies.iter().copied());
     for &hz in &freqs {
         let total = warm + a.seconds + 3;
-        let mut burner = Command::new(&rsvc);
+        let mut burner = Command::new(&rust_svc);
         burner.args(["burn", &(total + 10).to_string()]);
         let rust = Proc::spawn("bench-burn", burner)?;
         let port = free_port();
@@ -203,7 +203,7 @@ fn pipeline(a: PipelineArgs) -> Result<()> {
     setup::kernel_toolchain()?;
     let go = setup::go(setup::GO_NEWEST)?;
     let agent_bin = build_release()?;
-    let rsvc = crate::util::build_rust_services()?;
+    let rust_svc = crate::util::build_rust_services()?;
     let causal = root().join("target/bench/causal");
     std::fs::create_dir_all(causal.parent().unwrap())?;
     tools::go_build(&go, &root().join("tests/e2e/go/causal"), &causal, &[])?;
@@ -215,16 +215,16 @@ fn pipeline(a: PipelineArgs) -> Result<()> {
         wait_for_port(port, Duration::from_secs(10))?;
         Ok((p, port))
     };
-    let (leaf, leaf_port) = serve("pipe-leaf", &rsvc, &["127.0.0.1:PORT".into()])?;
+    let (leaf, leaf_port) = serve("pipe-leaf", &rust_svc, &["127.0.0.1:PORT".into()])?;
     let (mid, mid_port) = serve("pipe-mid", &causal, &["127.0.0.1:PORT".into(), format!("http://127.0.0.1:{leaf_port}")])?;
-    let (front, front_port) = serve("pipe-front", &rsvc, &["127.0.0.1:PORT".into(), format!("http://127.0.0.1:{mid_port}")])?;
-    let (grpc, grpc_port) = serve("pipe-grpc", &rsvc, &["grpc".into(), "127.0.0.1:PORT".into()])?;
+    let (front, front_port) = serve("pipe-front", &rust_svc, &["127.0.0.1:PORT".into(), format!("http://127.0.0.1:{mid_port}")])?;
+    let (grpc, grpc_port) = serve("pipe-grpc", &rust_svc, &["grpc".into(), "127.0.0.1:PORT".into()])?;
     let rec = root().join("target/bench/pipeline.zrec");
     let rec_s = rec.display().to_string();
     step(format!("bench pipeline: recording {} requests (Rust -> Go -> Rust) and {} gRPC calls", a.requests, a.requests / 5));
     let mut agent = Agent::start(&[front.pid(), mid.pid(), leaf.pid(), grpc.pid()], &["--exporter", "none", "--record", &rec_s], &[])?;
-    let st = Command::new(&rsvc).args(["get", &format!("http://127.0.0.1:{front_port}/chain/p"), &a.requests.to_string()]).stdout(Stdio::null()).status()?;
-    let st2 = Command::new(&rsvc)
+    let st = Command::new(&rust_svc).args(["get", &format!("http://127.0.0.1:{front_port}/chain/p"), &a.requests.to_string()]).stdout(Stdio::null()).status()?;
+    let st2 = Command::new(&rust_svc)
         .args(["grpc-call", &format!("http://127.0.0.1:{grpc_port}"), "unary", &(a.requests / 5).to_string(), "10"])
         .stdout(Stdio::null())
         .status()?;
@@ -313,9 +313,9 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     // The HTTPS server and the Rust service, only when a case needs them.
     let tls = if a.cases.iter().any(|c| c == "https") { Some(https_server(&go)?) } else { None };
     let rust = if a.cases.iter().any(|c| c.starts_with("rust-")) {
-        let rsvc = crate::util::build_rust_services()?;
+        let rust_svc = crate::util::build_rust_services()?;
         let port = free_port();
-        let mut cmd = Command::new(rsvc);
+        let mut cmd = Command::new(rust_svc);
         cmd.arg(format!("127.0.0.1:{port}"));
         let p = Proc::spawn("bench-rust", cmd)?;
         wait_for_port(port, Duration::from_secs(10))?;

@@ -71,15 +71,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
     std::fs::create_dir_all(shop.parent().unwrap())?;
     tools::go_build(&go, &root().join("demo/go/shop"), &shop, &[])?;
 
-    let rsvc = crate::util::build_rust_services()?;
+    let rust_svc = crate::util::build_rust_services()?;
 
     let (front, cat, rev, rat) = (a.port, a.port + 1, a.port + 2, a.port + 3);
     step(format!("starting catalog (Go) on :{cat}, ratings (Rust, gRPC) on :{rat}, reviews (Rust) on :{rev}, frontend (Go) on :{front}"));
     let mut catalog = spawn("catalog", Command::new(&shop).args(["catalog", &format!("127.0.0.1:{cat}")]).env("OTEL_SERVICE_NAME", "catalog"), true)?;
-    let mut ratings = spawn("ratings", Command::new(&rsvc).args(["grpc", &format!("127.0.0.1:{rat}")]).env("OTEL_SERVICE_NAME", "ratings"), true)?;
+    let mut ratings = spawn("ratings", Command::new(&rust_svc).args(["grpc", &format!("127.0.0.1:{rat}")]).env("OTEL_SERVICE_NAME", "ratings"), true)?;
     let mut reviews = spawn(
         "reviews",
-        Command::new(&rsvc).arg(format!("127.0.0.1:{rev}")).env("OTEL_SERVICE_NAME", "reviews").env("RSVC_GRPC", format!("http://127.0.0.1:{rat}")),
+        Command::new(&rust_svc).arg(format!("127.0.0.1:{rev}")).env("OTEL_SERVICE_NAME", "reviews").env("RUST_SVC_GRPC", format!("http://127.0.0.1:{rat}")),
         true,
     )?;
     let mut frontend = spawn(

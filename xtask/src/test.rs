@@ -27,12 +27,12 @@ pub struct TestArgs {
 pub fn run_tests(args: TestArgs) -> Result<()> {
     setup::all()?;
     let bin = build_release()?;
-    let rsvc = build_rust_services()?;
+    let rust_svc = build_rust_services()?;
     let gos: Vec<(String, std::path::PathBuf)> =
         setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
     let py = setup::python()?;
     let env = |cmd: &mut Command| {
-        cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_RSVC", &rsvc);
+        cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_RUST_SVC", &rust_svc);
         for (var, go) in &gos {
             cmd.env(var, go);
         }
@@ -49,7 +49,7 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
             "--exclude",
             "zerotrace-ebpf",
             "--exclude",
-            "zerotrace-testsvc",
+            "rust-svc",
         ]);
         if let Some(f) = &args.filter {
             cmd.args(["--", f]);

@@ -43,8 +43,8 @@ pub fn cargo() -> Command {
 /// The Rust services the end-to-end tests trace (tests/rust-svc), release build.
 pub fn build_rust_services() -> Result<PathBuf> {
     step("building the Rust test services (release)");
-    run(cargo().current_dir(root()).args(["build", "--release", "-p", "zerotrace-testsvc"]))?;
-    Ok(root().join("target/release/rsvc"))
+    run(cargo().current_dir(root()).args(["build", "--release", "-p", "rust-svc"]))?;
+    Ok(root().join("target/release/rust-svc"))
 }
 
 pub fn build_release() -> Result<PathBuf> {

@@ -84,9 +84,9 @@ mod tests {
         assert_eq!(
             got,
             [
-                "checkout (pid 100);rsvc::main;[rsvc] 1",
-                "checkout (pid 100);rsvc::main;rsvc::handler;read;do_syscall_64_[k];_copy_to_user_[k] 2",
-                "checkout (pid 100);rsvc::main;rsvc::handler;rsvc::hot;rsvc::inner_hot_[i] 12",
+                "checkout (pid 100);rust_svc::main;[rust-svc] 1",
+                "checkout (pid 100);rust_svc::main;rust_svc::handler;read;do_syscall_64_[k];_copy_to_user_[k] 2",
+                "checkout (pid 100);rust_svc::main;rust_svc::handler;rust_svc::hot;rust_svc::inner_hot_[i] 12",
                 "gsvc (pid 200);runtime.main;main.main;main.(*T).hot;main.add_[i] 3",
             ]
         );
@@ -102,7 +102,7 @@ mod tests {
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<?xml") && svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("zerotrace CPU"));
-        for f in ["checkout (pid 100)", "gsvc (pid 200)", "rsvc::inner_hot", "rsvc::handler", "_copy_to_user", "main.(*T).hot"] {
+        for f in ["checkout (pid 100)", "gsvc (pid 200)", "rust_svc::inner_hot", "rust_svc::handler", "_copy_to_user", "main.(*T).hot"] {
             assert!(svg.contains(f), "{f} missing");
         }
         // Annotations are stripped from the labels.

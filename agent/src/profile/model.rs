@@ -6,7 +6,7 @@ use std::sync::Arc;
 /// (the inlined callee) first, its physical function last.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Line {
-    /// Demangled function name (Go: `main.(*T).hot`; Rust: `rsvc::hot` without hash).
+    /// Demangled function name (Go: `main.(*T).hot`; Rust: `rust_svc::hot` without hash).
     pub function: Arc<str>,
     /// Source file when known.
     pub file: Option<Arc<str>>,
@@ -20,7 +20,7 @@ pub struct Location {
     /// The address in the process (kernel address for kernel frames). For callers it is
     /// the return address.
     pub address: u64,
-    /// File name of the binary (`rsvc`, `libc.so.6`, `[kernel]`).
+    /// File name of the binary (`rust-svc`, `libc.so.6`, `[kernel]`).
     pub module: Arc<str>,
     /// Build id of the binary in hex (GNU or Go build id), empty when unknown.
     pub build_id: Arc<str>,

@@ -615,7 +615,7 @@ impl NativeProfiler {
         };
         // DWARF of line-tables-only builds (cargo's `debug = "line-tables-only"`) names
         // functions without their module path (`burn_inner`); the symbol table has the
-        // whole demangled name (`rsvc::burn_inner`): it names the physical function.
+        // whole demangled name (`rust_svc::burn_inner`): it names the physical function.
         if out.iter().any(|l| l.last().is_some_and(|f| !f.function.contains("::"))) {
             let mut symtab = ElfSource::new(path);
             symtab.debug_syms = false;

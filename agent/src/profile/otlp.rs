@@ -358,7 +358,7 @@ mod tests {
         // The span's sample: leaf first, inlined callee first, linked, thread attribute.
         let (_, hot) = &samples[0];
         let chain = [func(hot, 0, 0), func(hot, 0, 1), func(hot, 1, 0), func(hot, 2, 0)];
-        assert_eq!(chain, ["rsvc::inner_hot", "rsvc::hot", "rsvc::handler", "rsvc::main"]);
+        assert_eq!(chain, ["rust_svc::inner_hot", "rust_svc::hot", "rust_svc::handler", "rust_svc::main"]);
         let link = &d.link_table[hot.link_index as usize];
         assert_eq!(link.trace_id, TRACE.to_vec());
         assert_eq!(link.span_id, SPAN.to_be_bytes().to_vec());

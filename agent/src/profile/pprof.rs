@@ -300,13 +300,13 @@ pub(crate) mod tests {
     /// Rust process 100 (inlined hot loop under a span, a read syscall through libc, an
     /// unsymbolized frame) and Go process 200 (inlined `main.add`, goroutine 17).
     pub fn synthetic() -> Profile {
-        let hot = loc(0x1010, "rsvc", false, &[("rsvc::inner_hot", 12), ("rsvc::hot", 30)]);
-        let handler = loc(0x2020, "rsvc", false, &[("rsvc::handler", 40)]);
-        let main = loc(0x3030, "rsvc", false, &[("rsvc::main", 50)]);
+        let hot = loc(0x1010, "rust-svc", false, &[("rust_svc::inner_hot", 12), ("rust_svc::hot", 30)]);
+        let handler = loc(0x2020, "rust-svc", false, &[("rust_svc::handler", 40)]);
+        let main = loc(0x3030, "rust-svc", false, &[("rust_svc::main", 50)]);
         let copy = loc(0xffff_ffff_8100_1000, "[kernel]", true, &[("_copy_to_user", 0)]);
         let sys = loc(0xffff_ffff_8100_2000, "[kernel]", true, &[("do_syscall_64", 0)]);
         let read = loc(0x7f00_0000_1000, "libc.so.6", false, &[("read", 0)]);
-        let unknown = loc(0x5555, "rsvc", false, &[]);
+        let unknown = loc(0x5555, "rust-svc", false, &[]);
         let ghot = loc(0x40_1000, "gsvc", false, &[("main.add", 7), ("main.(*T).hot", 20)]);
         let gmain = loc(0x40_2000, "gsvc", false, &[("main.main", 30)]);
         let rmain = loc(0x40_3000, "gsvc", false, &[("runtime.main", 283)]);
@@ -333,7 +333,7 @@ pub(crate) mod tests {
                 StackSample { locations: vec![unknown, main], labels: labels(100, 101, 0), count: 1, timestamps_unix_ns: vec![] },
             ],
             processes: vec![
-                ProcessInfo { pid: 100, service_name: "checkout".into(), executable: "rsvc".into() },
+                ProcessInfo { pid: 100, service_name: "checkout".into(), executable: "rust-svc".into() },
                 ProcessInfo { pid: 200, service_name: String::new(), executable: "gsvc".into() },
             ],
         }
@@ -349,7 +349,7 @@ pub(crate) mod tests {
         assert_eq!(d.sample.len(), 4);
         assert_eq!(d.location.len(), 10);
         assert_eq!(d.function.len(), 11);
-        // rsvc, [kernel], libc.so.6, gsvc.
+        // rust-svc, [kernel], libc.so.6, gsvc.
         assert_eq!(d.mapping.len(), 4);
         let kernel = d.mapping.iter().find(|m| s(m.filename) == "[kernel]").unwrap();
         assert_eq!(kernel.memory_start, 0xffff_ffff_8100_1000);
@@ -359,7 +359,7 @@ pub(crate) mod tests {
         assert_eq!(d.sample[0].value, vec![7, 70_000_000]);
         let hot = &d.location[d.sample[0].location_id[0] as usize - 1];
         let names: Vec<_> = hot.line.iter().map(|l| s(d.function[l.function_id as usize - 1].name)).collect();
-        assert_eq!(names, ["rsvc::inner_hot", "rsvc::hot"]);
+        assert_eq!(names, ["rust_svc::inner_hot", "rust_svc::hot"]);
         let labels: Vec<_> = d.sample[0].label.iter().map(|l| (s(l.key), if l.str != 0 { s(l.str).to_owned() } else { l.num.to_string() })).collect();
         let want = [("trace_id", "4bf92f3577b34da6a3ce929d0e0e4736"), ("span_id", "00f067aa0ba902b7"), ("thread", "101"), ("pid", "100")];
         assert_eq!(labels, want.map(|(k, v)| (k, v.to_owned())));
@@ -385,9 +385,9 @@ pub(crate) mod tests {
         let top = pprof(&["-top", "-nodecount=50"]);
         let rows: Vec<&str> = top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).skip(1).collect();
         // Inlined functions are marked "(inline)"; pprof trims leading underscores of C names.
-        assert!(rows[0].contains(" rsvc::inner_hot"), "{top}");
+        assert!(rows[0].contains(" rust_svc::inner_hot"), "{top}");
         assert!(rows[0].trim_start().starts_with("70ms"), "{top}");
-        for f in ["main.add (inline)", "copy_to_user", "[rsvc]", "rsvc::hot", "rsvc::main", "runtime.main"] {
+        for f in ["main.add (inline)", "copy_to_user", "[rust-svc]", "rust_svc::hot", "rust_svc::main", "runtime.main"] {
             assert!(top.contains(f), "{f} missing:\n{top}");
         }
         assert!(top.contains("Total samples = 130ms"), "{top}");
@@ -409,8 +409,8 @@ pub(crate) mod tests {
             let lines: Vec<&str> = traces.lines().map(|l| l.trim().trim_end_matches(" (inline)")).collect();
             lines.windows(chain.len()).any(|w| w.iter().zip(chain).all(|(l, f)| l.ends_with(f)))
         };
-        assert!(names(&["rsvc::inner_hot", "rsvc::hot", "rsvc::handler", "rsvc::main"]), "{traces}");
-        assert!(names(&["copy_to_user", "do_syscall_64", "read", "rsvc::handler", "rsvc::main"]), "{traces}");
+        assert!(names(&["rust_svc::inner_hot", "rust_svc::hot", "rust_svc::handler", "rust_svc::main"]), "{traces}");
+        assert!(names(&["copy_to_user", "do_syscall_64", "read", "rust_svc::handler", "rust_svc::main"]), "{traces}");
         assert!(names(&["main.add", "main.(*T).hot", "main.main", "runtime.main"]), "{traces}");
         let _ = std::fs::remove_dir_all(&dir);
     }

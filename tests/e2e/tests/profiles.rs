@@ -160,29 +160,29 @@ fn sets_frame_pointer(bin: &Path, func: &str) -> Result<bool> {
 /// frames comes out whole (unwound from .eh_frame in the agent).
 #[test]
 fn rust_without_frame_pointers_unwinds() -> Result<()> {
-    let bin = tools::rsvc()?;
+    let bin = tools::rust_svc()?;
     if Command::new("objdump").arg("--version").output().is_ok() {
-        ensure!(!sets_frame_pointer(&bin, "rsvc::burn_inner")?, "rsvc was built with frame pointers: the test would prove nothing");
+        ensure!(!sets_frame_pointer(&bin, "rust_svc::burn_inner")?, "rust-svc was built with frame pointers: the test would prove nothing");
     }
     let mut cmd = Command::new(&bin);
     cmd.args(["burn", "20"]);
-    let p = Proc::spawn("rsvc-burn", cmd)?;
-    zerotrace_e2e::proc::wait_until("rsvc to start burning", Duration::from_secs(10), || p.stdout_text().contains("burning"))?;
+    let p = Proc::spawn("rust-svc-burn", cmd)?;
+    zerotrace_e2e::proc::wait_until("rust-svc to start burning", Duration::from_secs(10), || p.stdout_text().contains("burning"))?;
     let pb = out_path("rust.pb.gz");
     let pb_s = pb.to_string_lossy().into_owned();
     let log = profile(p.pid(), &["--duration", "4s", "--frequency", "99", "-o", &pb_s], || Ok(()))?;
     p.signal(libc::SIGKILL);
-    ensure!(log.contains("layer=\"socket\""), "rsvc should be traced as a native process:\n{log}");
+    ensure!(log.contains("layer=\"socket\""), "rust-svc should be traced as a native process:\n{log}");
     let top = pprof(&["-top", "-nodecount=10"], &pb)?;
-    assert_eq!(top_function(&top).as_deref(), Some("rsvc::burn_inner"), "top self-time function\n{top}");
+    assert_eq!(top_function(&top).as_deref(), Some("rust_svc::burn_inner"), "top self-time function\n{top}");
     let traces = pprof(&["-traces"], &pb)?;
     assert!(
-        has_chain(&traces, &["rsvc::burn_inner", "rsvc::burn_middle", "rsvc::burn_outer", "rsvc::main"]),
+        has_chain(&traces, &["rust_svc::burn_inner", "rust_svc::burn_middle", "rust_svc::burn_outer", "rust_svc::main"]),
         "no sample with burn_inner <- burn_middle <- burn_outer <- main:\n{}",
         &traces[..traces.len().min(6000)]
     );
     // Nearly every sample unwinds to main: a broken unwinder stops early.
-    let full = traces.matches("rsvc::main").count();
+    let full = traces.matches("rust_svc::main").count();
     let samples = traces.matches("-----------+").count();
     assert!(full * 10 >= samples * 8, "only {full} of {samples} samples unwound to main:\n{}", &traces[..traces.len().min(6000)]);
     Ok(())
@@ -197,9 +197,9 @@ fn request_samples_carry_their_span() -> Result<()> {
     let endpoint = rx.endpoint();
     let (go, go_port) = start_server("httpserver-prof", &tools::httpserver(GO_NEWEST)?)?;
     let rs_port = free_port();
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.arg(format!("127.0.0.1:{rs_port}")).env("OTEL_SERVICE_NAME", "rust-burn");
-    let rs = Proc::spawn("rsvc-prof", cmd)?;
+    let rs = Proc::spawn("rust-svc-prof", cmd)?;
     wait_for_port(rs_port, Duration::from_secs(10))?;
     let mut agent = Agent::start(&[go.pid(), rs.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profile-frequency", "99"], &[])?;
     let mut gc = Client::new(go_port);
@@ -213,7 +213,7 @@ fn request_samples_carry_their_span() -> Result<()> {
     let spans = rx.spans();
     let samples = rx.samples()?;
     ensure!(!samples.is_empty(), "no profile samples received; agent stderr:\n{}", agent.proc.stderr_text());
-    for (route, hot) in [("/burn", "main.burnHot"), ("/burn/400", "rsvc::burn_inner")] {
+    for (route, hot) in [("/burn", "main.burnHot"), ("/burn/400", "rust_svc::burn_inner")] {
         let burns: Vec<_> = spans.iter().filter(|s| s.attr("url.path") == route && s.kind == 2).collect();
         assert_eq!(burns.len(), 3, "{route}: server spans: {spans:#?}");
         for sp in &burns {
@@ -242,10 +242,10 @@ fn request_samples_carry_their_span() -> Result<()> {
 /// agent ends with its last target), and go tool pprof reads it.
 #[test]
 fn a_target_that_exits_keeps_its_samples() -> Result<()> {
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.args(["burn", "3"]);
-    let p = Proc::spawn("rsvc-burn-exit", cmd)?;
-    zerotrace_e2e::proc::wait_until("rsvc to start burning", Duration::from_secs(10), || p.stdout_text().contains("burning"))?;
+    let p = Proc::spawn("rust-svc-burn-exit", cmd)?;
+    zerotrace_e2e::proc::wait_until("rust-svc to start burning", Duration::from_secs(10), || p.stdout_text().contains("burning"))?;
     let pb = out_path("exit.pb.gz");
     let pb_s = pb.to_string_lossy().into_owned();
     let started = Instant::now();
@@ -253,7 +253,7 @@ fn a_target_that_exits_keeps_its_samples() -> Result<()> {
     ensure!(started.elapsed() < Duration::from_secs(30), "the agent did not end with its target:\n{log}");
     ensure!(log.contains("every traced process has exited"), "{log}");
     let top = pprof(&["-top", "-nodecount=5"], &pb)?;
-    assert_eq!(top_function(&top).as_deref(), Some("rsvc::burn_inner"), "{top}");
+    assert_eq!(top_function(&top).as_deref(), Some("rust_svc::burn_inner"), "{top}");
     Ok(())
 }
 

@@ -1,31 +1,31 @@
-//! `rsvc`: a Rust service for the end-to-end tests, written the way people write them
+//! `rust-svc`: a Rust service for the end-to-end tests, written the way people write them
 //! (tokio, axum, reqwest, hyper) and knowing nothing about tracing: no headers are propagated.
 //!
 //! Usage:
-//!   rsvc ADDR [DOWNSTREAM_BASE_URL]   serve HTTP/1.1 on ADDR (RSVC_GRPC=URL: the gRPC
+//!   rust-svc ADDR [DOWNSTREAM_BASE_URL]   serve HTTP/1.1 on ADDR (RUST_SVC_GRPC=URL: the gRPC
 //!                                      service that `/grpc/ID` calls)
-//!   rsvc grpc ADDR                     serve the gRPC Echo service (h2c) on ADDR
-//!   rsvc threads ADDR DOWN_ADDR        a thread-per-connection HTTP/1.1 server (std only):
+//!   rust-svc grpc ADDR                     serve the gRPC Echo service (h2c) on ADDR
+//!   rust-svc threads ADDR DOWN_ADDR        a thread-per-connection HTTP/1.1 server (std only):
 //!                                      `/chain/ID` waits 30 ms, then GETs DOWN_ADDR/chain/ID
-//!   rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE]
+//!   rust-svc grpc-call URL unary|stream N CONCURRENCY [START_FILE]
 //!                                      N calls over one HTTP/2 connection, CONCURRENCY at
 //!                                      a time: unary call i asks for status [0, 5, 13][i % 3],
 //!                                      stream call i for 3 replies then [0, 14][i % 2];
-//!                                      with RSVC_WARM=1 one call is made on the connection
-//!                                      before waiting for START_FILE; RSVC_PAYLOAD=N adds N
+//!                                      with RUST_SVC_WARM=1 one call is made on the connection
+//!                                      before waiting for START_FILE; RUST_SVC_PAYLOAD=N adds N
 //!                                      bytes to each unary request (echoed back)
-//!   rsvc get URL COUNT [START_FILE]    COUNT GETs of URL followed by the request's number, on
+//!   rust-svc get URL COUNT [START_FILE]    COUNT GETs of URL followed by the request's number, on
 //!                                      one keep-alive connection (once START_FILE exists)
-//!   rsvc pipeline ADDR START_FILE REQ... once START_FILE exists, writes every REQ
+//!   rust-svc pipeline ADDR START_FILE REQ... once START_FILE exists, writes every REQ
 //!                                      (`METHOD:PATH[:BODY]`) in one write on one
 //!                                      connection (HTTP/1 pipelining), then reads the
 //!                                      responses in order and prints "STATUS BODY" each
-//!                                      (RSVC_APART_MS=N: one write per request, N ms
+//!                                      (RUST_SVC_APART_MS=N: one write per request, N ms
 //!                                      apart, still before reading any response)
 //!
 //! Routes: `/hello` answers "hello"; `/status/CODE` answers that status; `/chain/ID` calls
 //! DOWNSTREAM/chain/ID and answers with its body (at the end of a chain: "leaf ID");
-//! `/slow/MS` sleeps MS milliseconds; `/grpc/ID` makes a unary gRPC call (RSVC_GRPC);
+//! `/slow/MS` sleeps MS milliseconds; `/grpc/ID` makes a unary gRPC call (RUST_SVC_GRPC);
 //! `POST /echo` answers its body (reading it makes hyper send 100 Continue when asked);
 //! `GET /upgrade` switches the connection to a raw echo protocol (101).
 use std::{net::SocketAddr, time::Duration};
@@ -88,7 +88,7 @@ impl Echo for EchoService {
 
 async fn grpc_call(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, String) {
     let Some(mut c) = app.grpc.clone() else {
-        return (StatusCode::NOT_FOUND, "no RSVC_GRPC".into());
+        return (StatusCode::NOT_FOUND, "no RUST_SVC_GRPC".into());
     };
     match c.unary(EchoRequest { text: id, code: 0, count: 0 }).await {
         Ok(r) => (StatusCode::OK, r.into_inner().text),
@@ -113,8 +113,8 @@ async fn grpc_calls(url: &str, stream: bool, n: u32, concurrency: u32, start: Op
     if !warm {
         wait().await;
     }
-    // RSVC_PAYLOAD=N: unary requests (and their echoes) carry N more bytes.
-    let pad: usize = std::env::var("RSVC_PAYLOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    // RUST_SVC_PAYLOAD=N: unary requests (and their echoes) carry N more bytes.
+    let pad: usize = std::env::var("RUST_SVC_PAYLOAD").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
     let client = EchoClient::new(channel).max_decoding_message_size(64 << 20);
     if warm {
@@ -274,7 +274,7 @@ async fn chain(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, S
 }
 
 async fn serve(addr: SocketAddr, down: Option<String>) -> std::io::Result<()> {
-    let grpc = std::env::var("RSVC_GRPC").ok().map(|u| EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RSVC_GRPC is a URL").connect_lazy()));
+    let grpc = std::env::var("RUST_SVC_GRPC").ok().map(|u| EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RUST_SVC_GRPC is a URL").connect_lazy()));
     let app = App { down, client: reqwest::Client::new(), grpc };
     let router = Router::new()
         .route("/hello", get(hello))
@@ -363,7 +363,7 @@ fn pipeline(addr: &str, reqs: &[&str]) -> std::io::Result<()> {
     use std::io::{BufRead, BufReader, Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let apart = std::env::var("RSVC_APART_MS").ok().and_then(|v| v.parse::<u64>().ok());
+    let apart = std::env::var("RUST_SVC_APART_MS").ok().and_then(|v| v.parse::<u64>().ok());
     let mut batch = Vec::new();
     for (i, r) in reqs.iter().enumerate() {
         if let (Some(ms), true) = (apart, i > 0) {
@@ -419,7 +419,7 @@ fn main() {
             match rt.block_on(get_many(url, count)) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("rsvc get: {e}");
+                    eprintln!("rust-svc get: {e}");
                     1
                 }
             }
@@ -431,7 +431,7 @@ fn main() {
             match pipeline(addr, reqs) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("rsvc pipeline: {e}");
+                    eprintln!("rust-svc pipeline: {e}");
                     1
                 }
             }
@@ -445,51 +445,51 @@ fn main() {
         ["threads", addr, down] => match serve_threads(addr, down) {
             Ok(()) => 0,
             Err(e) => {
-                eprintln!("rsvc threads: {e}");
+                eprintln!("rust-svc threads: {e}");
                 1
             }
         },
         ["grpc", addr] => {
             let Ok(addr) = addr.parse::<SocketAddr>() else {
-                eprintln!("rsvc: {addr} is not an address (ip:port)");
+                eprintln!("rust-svc: {addr} is not an address (ip:port)");
                 std::process::exit(2);
             };
             match rt.block_on(serve_grpc(addr)) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("rsvc grpc: {e}");
+                    eprintln!("rust-svc grpc: {e}");
                     1
                 }
             }
         }
         ["grpc-call", url, kind @ ("unary" | "stream"), n, concurrency, ref start @ ..] if start.len() <= 1 => {
             let (n, c) = (n.parse().unwrap_or(1), concurrency.parse().unwrap_or(1));
-            let warm = std::env::var_os("RSVC_WARM").is_some();
+            let warm = std::env::var_os("RUST_SVC_WARM").is_some();
             match rt.block_on(grpc_calls(url, kind == "stream", n, c, start.first().copied(), warm)) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("rsvc grpc-call: {e}");
+                    eprintln!("rust-svc grpc-call: {e}");
                     1
                 }
             }
         }
         [addr, ref rest @ ..] if rest.len() <= 1 => {
             let Ok(addr) = addr.parse::<SocketAddr>() else {
-                eprintln!("rsvc: {addr} is not an address (ip:port)");
+                eprintln!("rust-svc: {addr} is not an address (ip:port)");
                 std::process::exit(2);
             };
             let down = rest.first().map(|d| d.trim_end_matches('/').to_owned());
             match rt.block_on(serve(addr, down)) {
                 Ok(()) => 0,
                 Err(e) => {
-                    eprintln!("rsvc: {e}");
+                    eprintln!("rust-svc: {e}");
                     1
                 }
             }
         }
         _ => {
             eprintln!(
-                "usage: rsvc ADDR [DOWNSTREAM_BASE_URL] | rsvc get URL COUNT [START_FILE] | rsvc grpc ADDR | rsvc threads ADDR DOWN_ADDR | rsvc burn SECS | rsvc grpc-call URL unary|stream N CONCURRENCY [START_FILE] | rsvc pipeline ADDR START_FILE METHOD:PATH[:BODY]..."
+                "usage: rust-svc ADDR [DOWNSTREAM_BASE_URL] | rust-svc get URL COUNT [START_FILE] | rust-svc grpc ADDR | rust-svc threads ADDR DOWN_ADDR | rust-svc burn SECS | rust-svc grpc-call URL unary|stream N CONCURRENCY [START_FILE] | rust-svc pipeline ADDR START_FILE METHOD:PATH[:BODY]..."
             );
             2
         }

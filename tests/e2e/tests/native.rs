@@ -1,4 +1,4 @@
-//! Any language on the wire: Rust services (tokio, axum, reqwest; tests/rust-svc) traced
+//! Native processes (not Go) traced from their sockets: Rust services (tokio, axum, reqwest; tests/rust-svc) traced
 //! with zero code changes at the socket level, next to Go services traced by uprobes. No
 //! service propagates headers: every parent/child link below comes from the agent (the
 //! kernel's same-host flow links across processes, "one open server request" inside a
@@ -21,7 +21,7 @@ const CLIENT: i32 = 3;
 /// the agent reads), calling `down` if given.
 fn rust_service(name: &str, down: Option<&str>) -> Result<(Proc, u16)> {
     let port = free_port();
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.arg(format!("127.0.0.1:{port}")).args(down).env("OTEL_SERVICE_NAME", name);
     let p = Proc::spawn(name, cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
@@ -106,7 +106,7 @@ fn keep_alive_reuse_across_1000_requests() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = rust_service("ka-server", None)?;
     let start = start_file("ka");
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.args(["get", &format!("http://127.0.0.1:{port}/chain/k"), &N.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "ka-client");
     let mut client = Proc::spawn("ka-client", cmd)?;
     let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
@@ -198,7 +198,7 @@ fn a_process_that_is_not_selected_is_not_captured() -> Result<()> {
 /// A gRPC server (tonic) on a fresh port.
 fn grpc_service(name: &str) -> Result<(Proc, u16)> {
     let port = free_port();
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.args(["grpc", &format!("127.0.0.1:{port}")]).env("OTEL_SERVICE_NAME", name);
     let p = Proc::spawn(name, cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
@@ -216,7 +216,7 @@ fn start_file(name: &str) -> std::path::PathBuf {
 /// `concurrency` at a time, once the returned file exists; `env` adds to its environment.
 fn grpc_client(name: &str, port: u16, kind: &str, n: u32, concurrency: u32, env: &[(&str, &str)]) -> Result<(Proc, std::path::PathBuf)> {
     let start = start_file(name);
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.args(["grpc-call", &format!("http://127.0.0.1:{port}"), kind, &n.to_string(), &concurrency.to_string()])
         .arg(&start)
         .env("OTEL_SERVICE_NAME", name)
@@ -291,7 +291,7 @@ fn grpc_unary_and_streaming_calls_with_status_codes() -> Result<()> {
 fn grpc_large_messages() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = grpc_service("big-server")?;
-    let (mut client, start) = grpc_client("big-client", port, "unary", 6, 1, &[("RSVC_PAYLOAD", "262144")])?;
+    let (mut client, start) = grpc_client("big-client", port, "unary", 6, 1, &[("RUST_SVC_PAYLOAD", "262144")])?;
     let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
     std::fs::write(&start, b"go")?;
     ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "client: {}", client.stderr_text());
@@ -355,8 +355,8 @@ fn http_request_that_makes_a_grpc_call() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (grpc, grpc_port) = grpc_service("echo-grpc")?;
     let port = free_port();
-    let mut cmd = Command::new(tools::rsvc()?);
-    cmd.arg(format!("127.0.0.1:{port}")).env("OTEL_SERVICE_NAME", "web").env("RSVC_GRPC", format!("http://127.0.0.1:{grpc_port}"));
+    let mut cmd = Command::new(tools::rust_svc()?);
+    cmd.arg(format!("127.0.0.1:{port}")).env("OTEL_SERVICE_NAME", "web").env("RUST_SVC_GRPC", format!("http://127.0.0.1:{grpc_port}"));
     let web = Proc::spawn("web", cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
     let mut agent = agent(&[web.pid(), grpc.pid()], &rx)?;
@@ -388,7 +388,7 @@ fn http_request_that_makes_a_grpc_call() -> Result<()> {
 fn an_http2_connection_joined_mid_way_degrades_gracefully() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = grpc_service("joined-server")?;
-    let (mut client, start) = grpc_client("joined-client", port, "unary", 6, 1, &[("RSVC_WARM", "1")])?;
+    let (mut client, start) = grpc_client("joined-client", port, "unary", 6, 1, &[("RUST_SVC_WARM", "1")])?;
     zerotrace_e2e::proc::wait_until("the warm-up call", Duration::from_secs(10), || client.stdout_text().contains("warm: done"))?;
     let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
     std::fs::write(&start, b"go")?;
@@ -485,7 +485,7 @@ fn expect_continue_and_upgrade() -> Result<()> {
 fn thread_per_request_server_parents() -> Result<()> {
     let (leaf, leaf_port) = rust_service("tpr-leaf", None)?;
     let port = free_port();
-    let mut cmd = Command::new(tools::rsvc()?);
+    let mut cmd = Command::new(tools::rust_svc()?);
     cmd.args(["threads", &format!("127.0.0.1:{port}"), &format!("127.0.0.1:{leaf_port}")]).env("OTEL_SERVICE_NAME", "tpr");
     let tpr = Proc::spawn("tpr", cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
@@ -522,7 +522,7 @@ fn thread_per_request_server_parents() -> Result<()> {
     Ok(())
 }
 
-/// HTTP/1 pipelining: a client (rsvc, Rust) writes four requests in one write before it
+/// HTTP/1 pipelining: a client (rust-svc, Rust) writes four requests in one write before it
 /// reads any response, to a Rust server (hyper) and to Go servers (net/http, oldest and
 /// newest Go), all of which answer them one by one from their read buffer. Every request gets its own server span
 /// (its path, status and route, ending in order) and its own client span, in conn mode and
@@ -600,15 +600,15 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
         for t in &targets {
             let name = format!("{}-client-{mode}", t.service);
             let start = start_file(&name);
-            let mut cmd = Command::new(tools::rsvc()?);
+            let mut cmd = Command::new(tools::rust_svc()?);
             cmd.args(["pipeline", &format!("127.0.0.1:{}", t.port)]).arg(&start).args(t.reqs).env("OTEL_SERVICE_NAME", &name);
             if t.apart {
-                cmd.env("RSVC_APART_MS", "30");
+                cmd.env("RUST_SVC_APART_MS", "30");
             }
             clients.push((Proc::spawn(&name, cmd)?, start));
         }
         let chain_start = start_file(&format!("pipe-chain-client-{mode}"));
-        let mut cmd = Command::new(tools::rsvc()?);
+        let mut cmd = Command::new(tools::rust_svc()?);
         cmd.args(["pipeline", &format!("127.0.0.1:{chain_port}")]).arg(&chain_start).args(["GET:/chain/p1", "GET:/chain/p2", "GET:/chain/p3"]);
         let mut chain_client = Proc::spawn("pipe-chain-client", cmd)?;
         let mut pids: Vec<u32> = targets.iter().map(|t| t.proc.pid()).collect();
