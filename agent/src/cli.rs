@@ -1,14 +1,21 @@
-//! Command-line interface (raw arguments). Everything here is resolved and validated into
-//! `settings::RunSettings` before anything starts.
+//! Command-line interface (raw arguments only): clap parses them, `settings` resolves and
+//! validates them into `run::RunSettings` before anything starts. The option types belong to
+//! the stages that read them; this module only names them on the command line.
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::{
+    correlate::NativeParents,
+    export::{Exporter, Protocol},
+    probes::{HookFlavour, Inject, go::GoHttpProbes},
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "zerotrace",
     version,
-    about = "Traces running Go programs with zero code changes: eBPF probes -> span trees -> OTLP",
+    about = "Traces running Go and Rust programs with zero code changes: eBPF probes -> span trees and CPU profiles -> OTLP",
     long_about = None,
 )]
 pub struct Cli {
@@ -58,14 +65,6 @@ pub struct ReplayArgs {
     /// Stop after the correlator (no OTLP encoding): the cost of decode + correlate alone.
     #[arg(long)]
     pub no_encode: bool,
-}
-
-/// How a native process's client requests find their parent (see `--native-parents`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum NativeParents {
-    #[default]
-    OneOpen,
-    Thread,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -135,46 +134,9 @@ pub struct ProfileArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Protocol {
-    #[value(name = "grpc")]
-    Grpc,
-    #[value(name = "http/protobuf")]
-    HttpProtobuf,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Exporter {
-    /// OTLP to a collector (OTEL_EXPORTER_OTLP_* apply).
-    Otlp,
-    /// No export (e.g. with --print only).
-    None,
-}
-
-/// How Go net/http server requests are observed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum GoHttpProbes {
-    /// Socket syscalls per request, one uprobe per connection (`(*conn).serve`): cheapest.
-    Conn,
-    /// Uprobes at the entry and every RET of `serverHandler.ServeHTTP`: two uprobe hits per
-    /// request (~9 us each on this VM), exact handler window, works for any transport.
-    Handler,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnOff {
     On,
     Off,
-}
-
-/// `--inject-traceparent`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Inject {
-    Off,
-    /// Write the header.
-    On,
-    /// Decide and report on each client span (`zerotrace.traceparent*`), write nothing:
-    /// works under kernel lockdown and without CAP_SYS_ADMIN.
-    DryRun,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -183,18 +145,19 @@ pub struct RunArgs {
     #[arg(long = "pid", required_unless_present_any = ["exe", "port", "all", "connect"], value_name = "PID")]
     pub pids: Vec<u32>,
 
-    /// Trace every Go process whose executable (full path or file name) matches this glob:
+    /// Trace every process whose executable (full path or file name) matches this glob:
     /// those running now and those started later (attached at their exec; a restarted
     /// process is picked up again). Repeat for several.
     #[arg(long = "exe", value_name = "GLOB")]
     pub exe: Vec<String>,
 
-    /// Trace the Go processes listening on this TCP port, now and later (checked every
+    /// Trace the processes listening on this TCP port, now and later (checked every
     /// second). Repeat for several.
     #[arg(long = "port", value_name = "PORT")]
     pub port: Vec<u16>,
 
-    /// Trace every Go process on the machine, now and later (other programs are skipped).
+    /// Trace every process on the machine, now and later (Go programs in depth, native
+    /// programs from their sockets).
     #[arg(long)]
     pub all: bool,
 
@@ -327,7 +290,7 @@ pub struct RunArgs {
 
     /// Which flavour of socket hooks to load (auto: BTF tracepoints when allowed).
     #[arg(long, value_enum, default_value = "auto", hide = true)]
-    pub socket_hooks: crate::probes::HookFlavour,
+    pub socket_hooks: HookFlavour,
 
     /// Print the agent's counters (events, drops, spans) every this often; 0 disables.
     #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DURATION")]

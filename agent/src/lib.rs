@@ -9,6 +9,7 @@ pub mod doctor;
 pub mod events;
 pub mod export;
 pub mod model;
+pub mod otel_env;
 pub mod probes;
 pub mod profile;
 pub mod protocols;

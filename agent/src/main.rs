@@ -97,7 +97,7 @@ fn main() -> ExitCode {
             match settings::resolve_tail(&args, &env, color) {
                 Ok(s) => {
                     let token = args.run.control_token.clone();
-                    block_on(async move { run::tail_remote(&socket, token.as_deref(), s.tail.expect("tail settings")).await })
+                    block_on(async move { control::client::tail(&socket, token.as_deref(), s.tail.expect("tail settings")).await })
                 }
                 Err(e) => fail(&e),
             }

@@ -31,8 +31,10 @@ pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError
     if records.is_empty() {
         return Err(ReplayError::Empty(path.display().to_string()));
     }
-    let resource =
-        EncodedResource::new(Some(&crate::export::otlp::resource(&[("service.name".to_owned(), crate::export::resource::AttrValue::Str("replay".into()))])));
+    let resource = EncodedResource::new(Some(&crate::export::resource::resource(&[(
+        "service.name".to_owned(),
+        crate::export::resource::AttrValue::Str("replay".into()),
+    )])));
     let mut best = f64::INFINITY;
     let (mut events, mut spans_total, mut encoded, mut undecodable) = (0u64, 0u64, 0u64, 0u64);
     for _ in 0..rounds.max(1) {

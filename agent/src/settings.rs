@@ -2,81 +2,18 @@
 //! over defaults. Invalid values are errors that name the key and what is accepted.
 use std::{path::PathBuf, time::Duration};
 
+pub use crate::run::RunSettings;
 use crate::{
-    cli::{Exporter, GoHttpProbes, Protocol, RunArgs},
-    probes::KernelSettings,
+    cli::{OnOff, ProfileArgs, RunArgs, TailArgs},
+    correlate::sampling::Sampler,
+    export::{ExportSettings, Exporter, Protocol, tail},
+    probes::{KernelSettings, go::GoCausality},
+    profile::ProfileSettings,
 };
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct ExportSettings {
-    pub exporter: Exporter,
-    pub protocol: Protocol,
-    /// Full URL requests go to (for http/protobuf including /v1/traces).
-    pub endpoint: String,
-    pub headers: Vec<(String, String)>,
-    pub timeout: Duration,
-    pub queue: usize,
-    pub batch: usize,
-    pub delay: Duration,
-}
-
-#[derive(Clone, Debug)]
-pub struct RunSettings {
-    pub pids: Vec<u32>,
-    /// The control socket to serve (None: off).
-    pub control_socket: Option<std::path::PathBuf>,
-    /// `--control-tcp` and its token.
-    pub control_tcp: Option<std::net::SocketAddr>,
-    pub control_token: Option<String>,
-    /// OTLP metrics every this often (None: no metrics).
-    pub metrics_interval: Option<Duration>,
-    /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
-    pub sampler: crate::correlate::sampling::Sampler,
-    /// `--exe`: executables to discover (now and later).
-    pub exe_globs: Vec<glob::Pattern>,
-    /// `--port`: listening ports whose processes are traced (now and later).
-    pub ports: Vec<u16>,
-    /// `--all`: every Go process.
-    pub all: bool,
-    pub print: bool,
-    /// `zerotrace tail`: traces as trees (or JSON) on stdout.
-    pub tail: Option<crate::export::tail::TailSettings>,
-    pub export: ExportSettings,
-    /// --service-name: service.name of every target, over anything else.
-    pub service_name: Option<String>,
-    /// The agent's own OTEL_SERVICE_NAME: used for targets that do not set their own.
-    pub env_service_name: Option<String>,
-    /// OTEL_RESOURCE_ATTRIBUTES.
-    pub resource_attrs: Vec<(String, String)>,
-    pub go_http_probes: GoHttpProbes,
-    pub go_causality: GoCausality,
-    /// HTTPS server spans from crypto/tls plaintext (--go-tls).
-    pub go_tls: bool,
-    pub native_parents: crate::cli::NativeParents,
-    pub kernel: KernelSettings,
-    pub stats_interval: Duration,
-    pub stats_file: Option<PathBuf>,
-    /// `--record`: where every kernel record is written.
-    pub record: Option<PathBuf>,
-    /// CPU profiling (None: off).
-    pub profile: Option<ProfileSettings>,
-}
-
-/// CPU profiling: how often to sample and where profiles go.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProfileSettings {
-    pub frequency: u64,
-    /// Send each window's profile over OTLP (with the traces' endpoint).
-    pub otlp: bool,
-    /// `zerotrace profile`: stop after this long, then write the files.
-    pub duration: Option<Duration>,
-    pub pprof: Option<PathBuf>,
-    pub flamegraph: Option<PathBuf>,
-}
 
 /// `zerotrace profile`: the run settings of `tail` (export only when asked for), profiling
 /// on, ending after `--duration` with the files written.
-pub fn resolve_profile(args: &crate::cli::ProfileArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<RunSettings, SettingsError> {
+pub fn resolve_profile(args: &ProfileArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<RunSettings, SettingsError> {
     let mut run = args.run.clone();
     export_only_when_asked(&mut run, env);
     if run.control_socket == crate::control::DEFAULT_SOCKET {
@@ -110,13 +47,6 @@ fn export_only_when_asked(run: &mut RunArgs, env: &dyn Fn(&str) -> Option<String
     }
 }
 
-/// Which Go runtime hooks carry span contexts between goroutines.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GoCausality {
-    pub spawns: bool,
-    pub channels: bool,
-}
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SettingsError {
     #[error("invalid {key}={value:?}: {expected}")]
@@ -134,7 +64,7 @@ fn first(env: &dyn Fn(&str) -> Option<String>, keys: &[&'static str]) -> Option<
 
 /// `zerotrace tail`: the run settings (exporting only when an exporter or an OTLP endpoint
 /// is given, by flag or environment) plus what to show and how.
-pub fn resolve_tail(args: &crate::cli::TailArgs, env: &dyn Fn(&str) -> Option<String>, color: bool) -> Result<RunSettings, SettingsError> {
+pub fn resolve_tail(args: &TailArgs, env: &dyn Fn(&str) -> Option<String>, color: bool) -> Result<RunSettings, SettingsError> {
     let mut run = args.run.clone();
     export_only_when_asked(&mut run, env);
     run.print = false;
@@ -153,8 +83,8 @@ pub fn resolve_tail(args: &crate::cli::TailArgs, env: &dyn Fn(&str) -> Option<St
         Some(t) => return Err(invalid("--trace-id", t, "up to 32 hex digits")),
         None => None,
     };
-    let filter = crate::export::tail::Filter { services: args.service.clone(), name, min_duration: args.min_duration, errors: args.errors, trace_id, attrs };
-    s.tail = Some(crate::export::tail::TailSettings { filter, wait: args.wait, json: args.json, color: color && !args.json });
+    let filter = tail::Filter { services: args.service.clone(), name, min_duration: args.min_duration, errors: args.errors, trace_id, attrs };
+    s.tail = Some(tail::TailSettings { filter, wait: args.wait, json: args.json, color: color && !args.json });
     Ok(s)
 }
 
@@ -220,10 +150,10 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     };
     let name = args.sampler.clone().map(|v| ("--sampler", v)).or_else(|| first(env, &["OTEL_TRACES_SAMPLER"]));
     let sampler = match name {
-        None => crate::correlate::sampling::Sampler::AlwaysOn,
+        None => Sampler::AlwaysOn,
         Some((name_key, name)) => {
             let arg = args.sampler_arg.clone().map(|v| ("--sampler-arg", v)).or_else(|| first(env, &["OTEL_TRACES_SAMPLER_ARG"]));
-            crate::correlate::sampling::Sampler::parse(&name, arg.as_ref().map(|(_, v)| v.as_str())).map_err(|(which, expected)| {
+            Sampler::parse(&name, arg.as_ref().map(|(_, v)| v.as_str())).map_err(|(which, expected)| {
                 if which == "OTEL_TRACES_SAMPLER" {
                     invalid(name_key, &name, expected)
                 } else {
@@ -234,7 +164,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         }
     };
     let metrics_on = match args.metrics {
-        Some(m) => m == crate::cli::OnOff::On,
+        Some(m) => m == OnOff::On,
         None => match first(env, &["OTEL_METRICS_EXPORTER"]) {
             None => true,
             Some((_, v)) if v == "otlp" => true,
@@ -248,7 +178,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         None
     };
     let profiles_on = match args.profiles {
-        Some(p) => p == crate::cli::OnOff::On,
+        Some(p) => p == OnOff::On,
         None => match first(env, &["ZEROTRACE_PROFILES"]) {
             None => true,
             Some((_, v)) if v == "on" => true,
@@ -282,8 +212,8 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         env_service_name,
         resource_attrs,
         go_http_probes: args.go_http_probes,
-        go_causality: GoCausality { spawns: args.go_spawns == crate::cli::OnOff::On, channels: args.go_channels == crate::cli::OnOff::On },
-        go_tls: args.go_tls == crate::cli::OnOff::On,
+        go_causality: GoCausality { spawns: args.go_spawns == OnOff::On, channels: args.go_channels == OnOff::On },
+        go_tls: args.go_tls == OnOff::On,
         native_parents: args.native_parents,
         kernel: KernelSettings { req_capture: args.capture_bytes, max_conns: args.max_connections, hooks: args.socket_hooks, inject: args.inject_traceparent },
         stats_interval: args.stats_interval,
@@ -329,39 +259,9 @@ fn ms_var(env: &dyn Fn(&str) -> Option<String>, keys: &[&'static str]) -> Result
     }
 }
 
-/// "k=v,k2=v2" as in OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES; values are
-/// percent-decoded.
+/// "k=v,k2=v2" as in OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES.
 pub fn parse_kv_list(key: &'static str, s: &str) -> Result<Vec<(String, String)>, SettingsError> {
-    let mut out = Vec::new();
-    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
-        let Some((k, v)) = item.split_once('=') else {
-            return Err(invalid(key, s, "a list of key=value pairs separated by commas"));
-        };
-        let k = k.trim();
-        if k.is_empty() {
-            return Err(invalid(key, s, "a list of key=value pairs separated by commas"));
-        }
-        out.push((k.to_owned(), percent_decode(v.trim())));
-    }
-    Ok(out)
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::otel_env::kv_list(s).ok_or_else(|| invalid(key, s, "a list of key=value pairs separated by commas"))
 }
 
 #[cfg(test)]

@@ -223,7 +223,8 @@ fn pipeline(a: PipelineArgs) -> Result<()> {
     let rec_s = rec.display().to_string();
     step(format!("bench pipeline: recording {} requests (Rust -> Go -> Rust) and {} gRPC calls", a.requests, a.requests / 5));
     let mut agent = Agent::start(&[front.pid(), mid.pid(), leaf.pid(), grpc.pid()], &["--exporter", "none", "--record", &rec_s], &[])?;
-    let st = Command::new(&rust_svc).args(["get", &format!("http://127.0.0.1:{front_port}/chain/p"), &a.requests.to_string()]).stdout(Stdio::null()).status()?;
+    let st =
+        Command::new(&rust_svc).args(["get", &format!("http://127.0.0.1:{front_port}/chain/p"), &a.requests.to_string()]).stdout(Stdio::null()).status()?;
     let st2 = Command::new(&rust_svc)
         .args(["grpc-call", &format!("http://127.0.0.1:{grpc_port}"), "unary", &(a.requests / 5).to_string(), "10"])
         .stdout(Stdio::null())

@@ -3,6 +3,7 @@
 //! mode the Go handler's own record (route, status, goroutine) is merged into that same span,
 //! never emitted twice. Timestamps become wall-clock time here.
 pub mod clock;
+mod framing;
 mod h2;
 mod native;
 mod pipeline;
@@ -19,6 +20,17 @@ use crate::{
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
 pub use clock::Clock;
+
+/// How a native process's client requests find their parent (`--native-parents`): the
+/// process's one open server request (async runtimes), or the request the calling thread
+/// serves (thread-per-request servers).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeParents {
+    #[default]
+    OneOpen,
+    Thread,
+}
+
 use traces::{Traces, span_id};
 
 /// Requests waiting for their response, at most.
@@ -67,7 +79,7 @@ struct Pending {
     kernel_trace: [u8; 16],
     kernel_trace_origin: u8,
     /// A native server's response so far (where it ends), once it started.
-    framing: Option<native::Progress>,
+    framing: Option<framing::Progress>,
     /// A pipelined request's Go route pattern, read when its response started.
     route: Option<Arc<str>>,
     /// Handler mode: records of Go handlers that ran for requests pipelined behind this one
@@ -164,7 +176,7 @@ pub struct Correlator {
     /// (pid, tid): (connection, span id).
     threads: HashMap<(u32, u32), (u64, u64)>,
     /// How native client requests find their parent inside their process.
-    pub native_parents: crate::cli::NativeParents,
+    pub native_parents: NativeParents,
     /// HTTP/2 connections of native processes, and client streams offered for links.
     h2: HashMap<u64, h2::H2Conn>,
     h2_links: HashMap<h2::LinkKey, u64>,
@@ -211,7 +223,7 @@ impl Correlator {
             native: HashMap::default(),
             open: HashMap::default(),
             threads: HashMap::default(),
-            native_parents: crate::cli::NativeParents::OneOpen,
+            native_parents: NativeParents::OneOpen,
             h2: HashMap::default(),
             h2_links: HashMap::default(),
             finished: HashMap::default(),
@@ -568,7 +580,7 @@ impl Correlator {
         };
         self.traces.remember(r.span_id, ids.trace_id);
         self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
-        if self.native_parents == crate::cli::NativeParents::Thread {
+        if self.native_parents == NativeParents::Thread {
             self.threads.insert((r.pid, r.tid), (r.conn_id, r.span_id));
         }
         let p = Pending {

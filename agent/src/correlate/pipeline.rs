@@ -21,7 +21,7 @@ use crate::{
     spans::Span,
 };
 
-use super::{Correlator, Ids, MAX_PENDING, Pending, native::Progress, traces::span_id};
+use super::{Correlator, Ids, MAX_PENDING, Pending, framing::Progress, traces::span_id};
 use crate::spans::TraceId;
 
 /// Go handler records waiting for the pipelined requests they belong to, per connection.

@@ -285,7 +285,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        export::{otlp::resource, resource::AttrValue},
+        export::resource::{AttrValue, resource},
         spans::{SpanId, TraceId},
     };
 

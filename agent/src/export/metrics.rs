@@ -23,11 +23,8 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource as ProtoResource,
 };
 
-use super::otlp::Resources;
-use crate::{
-    settings::ExportSettings,
-    spans::{Span, SpanKind, Status, Value},
-};
+use super::{ExportSettings, resource::Resources};
+use crate::spans::{Span, SpanKind, Status, Value};
 
 /// Bucket boundaries of duration histograms (seconds), as the HTTP semantic conventions
 /// recommend.

@@ -5,11 +5,47 @@ pub mod encode;
 pub mod metrics;
 pub mod otlp;
 pub mod print;
+pub mod profiles;
 pub mod resource;
 pub mod sink;
 pub mod tail;
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::{
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+/// Where spans (and metrics and profiles, to the same collector) go.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExportSettings {
+    pub exporter: Exporter,
+    pub protocol: Protocol,
+    /// Full URL requests go to (for http/protobuf including /v1/traces).
+    pub endpoint: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+    pub queue: usize,
+    pub batch: usize,
+    pub delay: Duration,
+}
+
+/// OTLP's transports (OTEL_EXPORTER_OTLP_PROTOCOL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Protocol {
+    #[value(name = "grpc")]
+    Grpc,
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// Where spans go (OTEL_TRACES_EXPORTER).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Exporter {
+    /// OTLP to a collector (OTEL_EXPORTER_OTLP_* apply).
+    Otlp,
+    /// No export (e.g. with --print only).
+    None,
+}
 
 /// Export counters, shared between the pipeline and the exporter task.
 #[derive(Debug, Default)]
@@ -21,20 +57,11 @@ pub struct ExportStats {
     pub dropped_failed: AtomicU64,
     pub exported: AtomicU64,
     pub export_errors: AtomicU64,
-    /// The CPU profiler's counters.
-    pub profiles: crate::profile::collect::ProfilerStats,
 }
 
 impl ExportStats {
-    pub fn snapshot(&self) -> [(&'static str, u64); 11] {
-        let p = &self.profiles;
+    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
         [
-            ("cpu_samples", p.samples.load(Relaxed)),
-            ("cpu_samples_dropped", p.dropped.load(Relaxed)),
-            ("cpu_samples_without_user_stack", p.empty_stacks.load(Relaxed)),
-            ("profiles_exported", p.exported.load(Relaxed)),
-            ("profiles_dropped", p.profiles_dropped.load(Relaxed)),
-            ("profile_export_errors", p.export_errors.load(Relaxed)),
             ("spans_queued", self.queued.load(Relaxed)),
             ("spans_exported", self.exported.load(Relaxed)),
             ("spans_dropped_queue_full", self.dropped_queue_full.load(Relaxed)),

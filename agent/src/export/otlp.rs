@@ -13,7 +13,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use opentelemetry::KeyValue;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
 use opentelemetry_sdk::Resource;
 use prost::{
@@ -23,11 +22,11 @@ use prost::{
 use tokio::sync::mpsc;
 
 use super::{
-    ExportStats,
+    ExportSettings, ExportStats, Protocol,
     encode::{self, EncodedResource},
-    resource::AttrValue,
+    resource::Resources,
 };
-use crate::{cli::Protocol, settings::ExportSettings, spans::Span};
+use crate::spans::Span;
 
 /// Retries of one batch before it is dropped, and the backoff between them.
 const MAX_ATTEMPTS: u32 = 6;
@@ -38,18 +37,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub enum ExportError {
     #[error("cannot set up the OTLP exporter for {endpoint}: {reason}")]
     Build { endpoint: String, reason: String },
-}
-
-/// Resources of traced processes, by pid, shared with the run loop that discovers them.
-pub type Resources = Arc<Mutex<HashMap<u32, Resource>>>;
-
-pub fn resource(attrs: &[(String, AttrValue)]) -> Resource {
-    Resource::builder_empty()
-        .with_attributes(attrs.iter().map(|(k, v)| match v {
-            AttrValue::Str(s) => KeyValue::new(k.clone(), s.clone()),
-            AttrValue::Int(i) => KeyValue::new(k.clone(), *i),
-        }))
-        .build()
 }
 
 /// Export requests in flight at once (each a batch of one process's spans).

@@ -1,4 +1,12 @@
 //! The OpenTelemetry resource of a traced process: who produced the spans.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::Resource;
+
 use crate::model::{Target, TargetEnv, target::NativeTarget};
 
 pub const DISTRO_NAME: &str = "zerotrace";
@@ -77,4 +85,16 @@ pub fn host_name() -> String {
     }
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Resources of traced processes, by pid, shared with the run loop that discovers them.
+pub type Resources = Arc<Mutex<HashMap<u32, Resource>>>;
+
+pub fn resource(attrs: &[(String, AttrValue)]) -> Resource {
+    Resource::builder_empty()
+        .with_attributes(attrs.iter().map(|(k, v)| match v {
+            AttrValue::Str(s) => KeyValue::new(k.clone(), s.clone()),
+            AttrValue::Int(i) => KeyValue::new(k.clone(), *i),
+        }))
+        .build()
 }

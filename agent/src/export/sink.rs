@@ -3,7 +3,7 @@
 //! channel connected lazily) or http/protobuf (POST to the traces endpoint with its
 //! `/v1/traces` replaced by `http_path`). Spans have their own pipelined transport
 //! (`otlp.rs`).
-use crate::{cli::Protocol, settings::ExportSettings};
+use super::{ExportSettings, Protocol};
 
 pub struct Sink {
     settings: ExportSettings,

@@ -37,19 +37,67 @@ pub fn environ(pid: u32) -> Vec<(String, String)> {
 }
 
 /// Process name (comm).
+/// One line of /proc/PID/maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// The permissions as written (`r-xp`).
+    pub perms: [u8; 4],
+    pub offset: u64,
+    pub dev: u64,
+    /// 0 for anonymous mappings.
+    pub inode: u64,
+    /// The file (with ` (deleted)` when it was), `[vdso]`-like names, or empty.
+    pub path: String,
+}
+
+impl Mapping {
+    pub fn readable(&self) -> bool {
+        self.perms[0] == b'r'
+    }
+    pub fn writable(&self) -> bool {
+        self.perms[1] == b'w'
+    }
+    pub fn executable(&self) -> bool {
+        self.perms[2] == b'x'
+    }
+}
+
+/// The mappings of process `pid`, in the kernel's (ascending address) order.
+pub fn maps(pid: u32) -> io::Result<Vec<Mapping>> {
+    Ok(std::fs::read_to_string(format!("/proc/{pid}/maps"))?.lines().filter_map(parse_maps_line).collect())
+}
+
+/// One maps line: `start-end perms offset major:minor inode   path` (the path may contain
+/// spaces).
+pub fn parse_maps_line(line: &str) -> Option<Mapping> {
+    let mut rest = line;
+    let mut field = || {
+        let s = rest.trim_start();
+        let end = s.find(' ').unwrap_or(s.len());
+        rest = &s[end..];
+        &s[..end]
+    };
+    let (range, perms, offset, dev, inode) = (field(), field(), field(), field(), field());
+    let (start, end) = range.split_once('-')?;
+    let (major, minor) = dev.split_once(':')?;
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        perms: perms.as_bytes().try_into().ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        dev: libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
+        inode: inode.parse().ok()?,
+        path: rest.trim_start().to_string(),
+    })
+}
+
 /// Whether `[addr, addr + len)` lies in a read-only, file-backed mapping of `pid` (e.g. the
 /// executable's .rodata): bytes there cannot change, so reading them later is safe.
 pub fn in_readonly_file_mapping(pid: u32, addr: u64, len: u64) -> bool {
-    let Ok(maps) = std::fs::read_to_string(format!("/proc/{pid}/maps")) else { return false };
-    maps.lines().any(|l| {
-        let mut f = l.split_whitespace();
-        let (Some(range), Some(perms), Some(_off), Some(_dev), Some(inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
-            return false;
-        };
-        let Some((a, b)) = range.split_once('-') else { return false };
-        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else { return false };
-        perms.starts_with("r-") && inode != "0" && addr >= a && addr.saturating_add(len) <= b
-    })
+    let Ok(maps) = maps(pid) else { return false };
+    maps.iter().any(|m| m.readable() && !m.writable() && m.inode != 0 && addr >= m.start && addr.saturating_add(len) <= m.end)
 }
 
 pub fn comm(pid: u32) -> Option<String> {
@@ -59,22 +107,12 @@ pub fn comm(pid: u32) -> Option<String> {
 /// Load bias of a position-independent executable: where its first segment was mapped
 /// minus the address the ELF file asks for.
 pub fn load_bias(pid: u32, exe: &Path, first_vaddr: u64) -> io::Result<u64> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let want = exe.to_string_lossy();
-    for line in maps.lines() {
-        let mut f = line.split_whitespace();
-        let (Some(range), Some(_perms), Some(offset), Some(_dev), Some(_inode)) = (f.next(), f.next(), f.next(), f.next(), f.next()) else {
-            continue;
-        };
-        let path: String = f.collect::<Vec<_>>().join(" ");
-        let path = path.trim_end_matches(" (deleted)");
-        if path != want || u64::from_str_radix(offset, 16).ok() != Some(0) {
-            continue;
-        }
-        let start = u64::from_str_radix(range.split('-').next().unwrap_or("0"), 16).map_err(|_| io::Error::other("bad maps line"))?;
-        return Ok(start.wrapping_sub(first_vaddr & !0xfff));
-    }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("{want} is not mapped in process {pid}")))
+    maps(pid)?
+        .iter()
+        .find(|m| m.offset == 0 && m.path.trim_end_matches(" (deleted)") == want)
+        .map(|m| m.start.wrapping_sub(first_vaddr & !0xfff))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{want} is not mapped in process {pid}")))
 }
 
 /// Socket fds of the process: fd -> socket inode.
@@ -209,6 +247,16 @@ pub fn exe_identity(pid: u32) -> Option<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_line() {
+        let m = parse_maps_line("7f0000000000-7f0000021000 r-xp 00002000 fd:01 123456   /usr/lib/a b.so (deleted)").expect("parsed");
+        assert_eq!((m.start, m.end, m.offset, m.inode), (0x7f00_0000_0000, 0x7f00_0002_1000, 0x2000, 123456));
+        assert_eq!(m.dev, libc::makedev(0xfd, 1));
+        assert_eq!(m.path, "/usr/lib/a b.so (deleted)");
+        assert!(!parse_maps_line("7f00-7f01 r--p 0 00:00 0").expect("parsed").executable());
+        assert_eq!(parse_maps_line("7f00-7f01 r-xp 0 00:00 0").map(|m| m.path), Some(String::new()));
+    }
 
     #[test]
     fn parses_proc_net_tcp_lines() {

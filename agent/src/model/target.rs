@@ -42,7 +42,7 @@ impl TargetEnv {
             match k.as_str() {
                 "OTEL_SERVICE_NAME" if !v.trim().is_empty() => env.service_name = Some(v.trim().to_owned()),
                 "OTEL_RESOURCE_ATTRIBUTES" => {
-                    env.resource_attrs = crate::settings::parse_kv_list("OTEL_RESOURCE_ATTRIBUTES", &v).unwrap_or_default();
+                    env.resource_attrs = crate::otel_env::kv_list(&v).unwrap_or_default();
                 }
                 _ => {}
             }

@@ -6,11 +6,26 @@ use zerotrace_common::{GoOffsets, TargetConfig, target_flags};
 
 use super::{ProbeError, Probes, uprobes};
 use crate::{
-    cli::GoHttpProbes,
     model::Target,
-    settings::GoCausality,
     symbols::{Executable, SymbolError, disasm},
 };
+
+/// How Go net/http server requests are observed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GoHttpProbes {
+    /// Socket syscalls per request, one uprobe per connection (`(*conn).serve`): cheapest.
+    Conn,
+    /// Uprobes at the entry and every RET of `serverHandler.ServeHTTP`: two uprobe hits per
+    /// request (~9 us each on this VM), exact handler window, works for any transport.
+    Handler,
+}
+
+/// Which Go runtime hooks carry span contexts between goroutines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoCausality {
+    pub spawns: bool,
+    pub channels: bool,
+}
 
 pub const CONN_SERVE: &str = "net/http.(*conn).serve";
 pub const CONN_READ_REQUEST: &str = "net/http.(*conn).readRequest";

@@ -120,7 +120,18 @@ pub struct KernelSettings {
     pub hooks: HookFlavour,
     /// `--inject-traceparent`: keep trace ids per span and load the program that decides
     /// (and, when On, writes).
-    pub inject: crate::cli::Inject,
+    pub inject: Inject,
+}
+
+/// `--inject-traceparent`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Inject {
+    Off,
+    /// Write the header.
+    On,
+    /// Decide and report on each client span (`zerotrace.traceparent*`), write nothing:
+    /// works under kernel lockdown and without CAP_SYS_ADMIN.
+    DryRun,
 }
 
 pub struct Probes {
@@ -146,9 +157,9 @@ impl Probes {
         let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
         let flags = match ks.inject {
-            crate::cli::Inject::Off => 0,
-            crate::cli::Inject::DryRun => INJECT,
-            crate::cli::Inject::On => INJECT | INJECT_WRITE,
+            Inject::Off => 0,
+            Inject::DryRun => INJECT,
+            Inject::On => INJECT | INJECT_WRITE,
         };
         let settings = Settings { req_capture: ks.req_capture, flags, ..Settings::default() };
         let mut ebpf = EbpfLoader::new()
@@ -173,7 +184,7 @@ impl Probes {
             prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
         }
         // The one program that writes into targets exists in the kernel only when asked for.
-        if ks.inject != crate::cli::Inject::Off {
+        if ks.inject != Inject::Off {
             let prog: &mut UProbe = program(&mut ebpf, uprobes::GO_INJECT)?;
             prog.load().map_err(|source| ProbeError::Inject { source })?;
         }

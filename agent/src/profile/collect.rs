@@ -23,7 +23,6 @@ use super::{
 use crate::{
     correlate::Clock,
     events::CpuSample,
-    export::ExportStats,
     spans::{Span, TraceId, Value},
     symbols::{Executable, gosym::GoSymbolizer},
 };
@@ -53,6 +52,20 @@ pub struct ProfilerStats {
     pub export_errors: AtomicU64,
 }
 
+impl ProfilerStats {
+    /// The counters as the agent's stats name them.
+    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+        [
+            ("cpu_samples", self.samples.load(Ordering::Relaxed)),
+            ("cpu_samples_dropped", self.dropped.load(Ordering::Relaxed)),
+            ("cpu_samples_without_user_stack", self.empty_stacks.load(Ordering::Relaxed)),
+            ("profiles_exported", self.exported.load(Ordering::Relaxed)),
+            ("profiles_dropped", self.profiles_dropped.load(Ordering::Relaxed)),
+            ("profile_export_errors", self.export_errors.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
 /// What the run loop tells the profiler thread.
 enum Msg {
     Sample(Box<CpuSample>, Option<(TraceId, u64)>),
@@ -65,7 +78,7 @@ enum Msg {
 pub struct Profiler {
     tx: SyncSender<Msg>,
     thread: Option<JoinHandle<()>>,
-    pub stats: Arc<ExportStats>,
+    pub stats: Arc<ProfilerStats>,
     /// Samples per kernel span id while its span runs.
     per_span: HashMap<u64, u32>,
     pub period_ns: u64,
@@ -74,7 +87,7 @@ pub struct Profiler {
 impl Profiler {
     /// Starts the profiler thread. `every`: a window's profile is handed to `sink` this
     /// often (OTLP export); None: only at the end (`finish`).
-    pub fn start(frequency: u64, every: Option<(Duration, tokio::sync::mpsc::Sender<Profile>)>, stats: Arc<ExportStats>) -> std::io::Result<Self> {
+    pub fn start(frequency: u64, every: Option<(Duration, tokio::sync::mpsc::Sender<Profile>)>, stats: Arc<ProfilerStats>) -> std::io::Result<Self> {
         let period_ns = 1_000_000_000 / frequency.max(1);
         let (tx, rx) = sync_channel(QUEUE);
         let st = stats.clone();
@@ -84,7 +97,7 @@ impl Profiler {
 
     /// A sample from the kernel and the span it belongs to (trace, kernel span id).
     pub fn offer(&mut self, s: Box<CpuSample>, span: Option<(TraceId, u64)>) {
-        self.stats.profiles.samples.fetch_add(1, Ordering::Relaxed);
+        self.stats.samples.fetch_add(1, Ordering::Relaxed);
         if let Some((_, id)) = span {
             if self.per_span.len() >= MAX_SPANS && !self.per_span.contains_key(&id) {
                 self.per_span.clear();
@@ -94,7 +107,7 @@ impl Profiler {
         match self.tx.try_send(Msg::Sample(s, span)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.stats.profiles.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -136,7 +149,7 @@ impl Profiler {
     }
 }
 
-fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::sync::mpsc::Sender<Profile>)>, stats: Arc<ExportStats>) {
+fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::sync::mpsc::Sender<Profile>)>, stats: Arc<ProfilerStats>) {
     let mut w = Worker::new(period_ns, stats);
     let mut last = Instant::now();
     loop {
@@ -161,7 +174,7 @@ fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::syn
             let p = w.take();
             if !p.samples.is_empty() {
                 if sink.try_send(p).is_err() {
-                    w.stats.profiles.profiles_dropped.fetch_add(1, Ordering::Relaxed);
+                    w.stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
         }
@@ -173,7 +186,7 @@ type GoTables = HashMap<(u64, u64), Option<Arc<GoSymbolizer>>>;
 
 struct Worker {
     period_ns: u64,
-    stats: Arc<ExportStats>,
+    stats: Arc<ProfilerStats>,
     clock: Clock,
     native: NativeProfiler,
     go: GoTables,
@@ -187,7 +200,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(period_ns: u64, stats: Arc<ExportStats>) -> Self {
+    fn new(period_ns: u64, stats: Arc<ProfilerStats>) -> Self {
         let clock = Clock::system();
         let window_start = clock.to_unix(Clock::monotonic_now());
         Self {
@@ -237,7 +250,7 @@ impl Worker {
             self.native.unwind(s.pid, &st, MAX_FRAMES)
         };
         if user.is_empty() {
-            self.stats.profiles.empty_stacks.fetch_add(1, Ordering::Relaxed);
+            self.stats.empty_stacks.fetch_add(1, Ordering::Relaxed);
         }
         let labels = Labels { pid: s.pid, tid: s.tid, goroutine: s.goid, trace_id: span.map(|(t, _)| t.0), span_id: span.map(|(_, id)| id) };
         let mut addrs = Vec::with_capacity(s.kstack.len() + user.len() + 1);
@@ -256,7 +269,7 @@ impl Worker {
             std::collections::hash_map::Entry::Vacant(v) => v,
         };
         if self.samples.len() >= MAX_STACKS {
-            self.stats.profiles.dropped.fetch_add(1, Ordering::Relaxed);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let labels = slot.key().0.clone();

@@ -3,9 +3,46 @@
 //! of the stack unwound here from `.eh_frame`), symbolized per binary, labelled with the
 //! goroutine and the span that ran, and written as pprof, flame graph or OTLP profiles.
 pub mod collect;
-pub mod export;
 pub mod flame;
 pub mod model;
 pub mod native;
-pub mod otlp;
 pub mod pprof;
+pub mod tables;
+
+use std::{path::PathBuf, time::Duration};
+
+/// CPU profiling: how often to sample and where profiles go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileSettings {
+    pub frequency: u64,
+    /// Send each window's profile over OTLP (with the traces' endpoint).
+    pub otlp: bool,
+    /// `zerotrace profile`: stop after this long, then write the files.
+    pub duration: Option<Duration>,
+    pub pprof: Option<PathBuf>,
+    pub flamegraph: Option<PathBuf>,
+}
+
+/// `zerotrace profile`: the pprof file and flame graph at the end.
+pub fn write_files(ps: &ProfileSettings, profile: &model::Profile) {
+    let samples: u64 = profile.samples.iter().map(|s| s.count).sum();
+    if ps.pprof.is_none() && ps.flamegraph.is_none() {
+        return;
+    }
+    if samples == 0 {
+        tracing::warn!("no CPU samples were taken: the processes were idle (or exited at once); writing an empty profile");
+    }
+    if let Some(path) = &ps.pprof {
+        match pprof::write(profile, path) {
+            Ok(()) => tracing::info!(path = %path.display(), samples, "wrote the pprof profile (go tool pprof reads it)"),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot write the pprof profile"),
+        }
+    }
+    if let Some(path) = &ps.flamegraph {
+        let title = format!("CPU: {} samples at {} Hz", samples, ps.frequency);
+        match flame::write_svg(profile, &title, path) {
+            Ok(()) => tracing::info!(path = %path.display(), samples, "wrote the flame graph"),
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot write the flame graph"),
+        }
+    }
+}

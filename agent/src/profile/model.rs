@@ -2,17 +2,7 @@
 //! symbolized locations with per-sample labels, independent of how they were collected.
 use std::sync::Arc;
 
-/// One source line of a location; a location with inlined calls has several, innermost
-/// (the inlined callee) first, its physical function last.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Line {
-    /// Demangled function name (Go: `main.(*T).hot`; Rust: `rust_svc::hot` without hash).
-    pub function: Arc<str>,
-    /// Source file when known.
-    pub file: Option<Arc<str>>,
-    /// Line number, 0 when unknown.
-    pub line: u32,
-}
+pub use crate::symbols::Line;
 
 /// One frame's address, symbolized.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -17,11 +17,13 @@ use blazesym::symbolize::source::{Elf as ElfSource, Source};
 use blazesym::symbolize::{CodeInfo, Input, Sym, Symbolized, Symbolizer};
 use framehop::x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64};
 use framehop::{ExplicitModuleSectionInfo, Module, Unwinder};
-use object::elf::{FileHeader64, NT_GNU_BUILD_ID, PF_X, PT_LOAD, SHF_COMPRESSED, SHT_NOBITS};
-use object::read::elf::{FileHeader, ProgramHeader, SectionHeader};
-use object::{Endianness, Object, ObjectSymbol, ReadCache, ReadRef, SymbolKind};
+use object::{ReadCache, ReadRef};
 
-use crate::profile::model::{Line, Location};
+use crate::{
+    model::proc::{self, Mapping as MapsLine},
+    profile::model::{Line, Location},
+    symbols::elf,
+};
 
 /// Minimum time between two reads of one process's maps.
 const MAPS_REFRESH: Duration = Duration::from_millis(200);
@@ -41,8 +43,6 @@ const MAX_SYM_CACHE: usize = 1 << 16;
 const MAX_VDSO: u64 = 1 << 20;
 /// Above this, an address is not a user address.
 const USER_END: u64 = 1 << 56;
-/// Go's build id note type in `.note.go.buildid`.
-const NT_GO_BUILD_ID: u32 = 4;
 /// Largest distance from a kernel symbol to an address it covers.
 const MAX_KSYM_SIZE: u64 = 1 << 20;
 
@@ -141,7 +141,7 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn same(&self, r: &RawMap) -> bool {
+    fn same(&self, r: &MapsLine) -> bool {
         (self.start, self.end, self.offset, self.dev, self.inode) == (r.start, r.end, r.offset, r.dev, r.inode) && *self.path == *r.path
     }
 
@@ -152,16 +152,6 @@ impl Mapping {
             None => file_name(&self.path).into(),
         }
     }
-}
-
-/// A line of /proc/PID/maps.
-struct RawMap {
-    start: u64,
-    end: u64,
-    offset: u64,
-    dev: u64,
-    inode: u64,
-    path: String,
 }
 
 /// A process: its executable mappings and the unwinder built from them.
@@ -514,7 +504,7 @@ impl NativeProfiler {
     }
 
     /// The binary of an executable mapping, from the caches or read now.
-    fn load_binary(&mut self, pid: u32, r: &RawMap) -> Option<Arc<Binary>> {
+    fn load_binary(&mut self, pid: u32, r: &MapsLine) -> Option<Arc<Binary>> {
         if r.path == "[vdso]" {
             return self.load_vdso(pid, r);
         }
@@ -539,7 +529,7 @@ impl NativeProfiler {
     }
 
     /// The vDSO, read from the process's memory, cached by build id.
-    fn load_vdso(&mut self, pid: u32, r: &RawMap) -> Option<Arc<Binary>> {
+    fn load_vdso(&mut self, pid: u32, r: &MapsLine) -> Option<Arc<Binary>> {
         let len = r.end.checked_sub(r.start).filter(|&l| l <= MAX_VDSO)?;
         let mem = File::open(format!("/proc/{pid}/mem")).ok()?;
         let mut buf = vec![0u8; usize::try_from(len).ok()?];
@@ -716,41 +706,15 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// Executable mappings of pid, sorted by address (None when the process is gone).
-fn read_maps(pid: u32) -> Option<Vec<RawMap>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
-    let mut out: Vec<RawMap> = text.lines().filter_map(parse_maps_line).take(MAX_MAPPINGS).collect();
+fn read_maps(pid: u32) -> Option<Vec<MapsLine>> {
+    let mut out: Vec<MapsLine> = proc::maps(pid).ok()?.into_iter().filter(MapsLine::executable).take(MAX_MAPPINGS).collect();
     out.sort_by_key(|m| m.start);
     Some(out)
 }
 
-/// One executable mapping of a maps line.
-fn parse_maps_line(line: &str) -> Option<RawMap> {
-    let mut rest = line;
-    let mut field = || {
-        let s = rest.trim_start();
-        let end = s.find(' ').unwrap_or(s.len());
-        rest = &s[end..];
-        &s[..end]
-    };
-    let (range, perms, offset, dev, inode) = (field(), field(), field(), field(), field());
-    if perms.as_bytes().get(2) != Some(&b'x') {
-        return None;
-    }
-    let (start, end) = range.split_once('-')?;
-    let (major, minor) = dev.split_once(':')?;
-    Some(RawMap {
-        start: u64::from_str_radix(start, 16).ok()?,
-        end: u64::from_str_radix(end, 16).ok()?,
-        offset: u64::from_str_radix(offset, 16).ok()?,
-        dev: libc::makedev(u32::from_str_radix(major, 16).ok()?, u32::from_str_radix(minor, 16).ok()?),
-        inode: inode.parse().ok()?,
-        path: rest.trim_start().to_string(),
-    })
-}
-
 /// Opens the file of a mapping: through the process's root (other mount namespaces), else
 /// `/proc/PID/map_files` (deleted or replaced files).
-fn open_mapped(pid: u32, r: &RawMap) -> Option<(File, std::fs::Metadata)> {
+fn open_mapped(pid: u32, r: &MapsLine) -> Option<(File, std::fs::Metadata)> {
     let open = |p: &str| {
         let f = File::open(p).ok()?;
         let m = f.metadata().ok()?;
@@ -766,7 +730,8 @@ fn open_mapped(pid: u32, r: &RawMap) -> Option<(File, std::fs::Metadata)> {
     open(&format!("/proc/{pid}/map_files/{:x}-{:x}", r.start, r.end)).or(fallback)
 }
 
-/// What is read from an ELF file.
+/// What is read from an ELF file: the facts `symbols::elf::mapped` gives, with its unwind
+/// sections as framehop takes them.
 struct ElfInfo {
     build_id: Vec<u8>,
     segments: Vec<Segment>,
@@ -774,64 +739,22 @@ struct ElfInfo {
     dynsyms: Vec<(u64, u64, Arc<str>)>,
 }
 
-/// Build id, PT_LOAD segments and unwind sections of a 64-bit ELF file (and its dynamic text
-/// symbols when `syms`), reading only the headers and those sections.
 fn parse_elf<'d, R: ReadRef<'d>>(data: R, syms: bool) -> Option<ElfInfo> {
-    let hdr = FileHeader64::<Endianness>::parse(data).ok()?;
-    let e = hdr.endian().ok()?;
-    let segments = hdr
-        .program_headers(e, data)
-        .ok()?
-        .iter()
-        .filter(|p| p.p_type(e) == PT_LOAD)
-        .map(|p| Segment { offset: p.p_offset(e), vaddr: p.p_vaddr(e), filesz: p.p_filesz(e), exec: p.p_flags(e) & PF_X != 0 })
-        .collect();
-    let sections = hdr.sections(e, data).ok()?;
-    let (mut gnu, mut go) = (None, None);
-    for s in sections.iter() {
-        let Ok(Some(mut notes)) = s.notes(e, data) else {
-            continue;
-        };
-        while let Ok(Some(n)) = notes.next() {
-            match (n.name(), n.n_type(e)) {
-                (b"GNU", NT_GNU_BUILD_ID) => gnu = Some(n.desc().to_vec()),
-                (b"Go", NT_GO_BUILD_ID) => go = Some(n.desc().to_vec()),
-                _ => {}
-            }
-        }
-    }
-    let section = |name: &[u8]| sections.section_by_name(e, name).map(|(_, s)| s);
-    let range = |name: &[u8]| section(name).map(|s| s.sh_addr(e)..s.sh_addr(e).saturating_add(s.sh_size(e)));
-    let bytes = |name: &[u8]| {
-        let s = section(name)?;
-        let ok = s.sh_type(e) != SHT_NOBITS && s.sh_flags(e) & u64::from(SHF_COMPRESSED) == 0 && s.sh_size(e) <= MAX_SECTION;
-        ok.then(|| s.data(e, data).ok()).flatten().map(Data::from)
-    };
-    let eh_frame = bytes(b".eh_frame");
-    let debug_frame = if eh_frame.is_none() { bytes(b".debug_frame") } else { None };
-    let unwind = (eh_frame.is_some() || debug_frame.is_some()).then(|| ExplicitModuleSectionInfo {
+    let m = elf::mapped(data, syms, MAX_SECTION)?;
+    let u = m.unwind;
+    let unwind = (u.eh_frame.is_some() || u.debug_frame.is_some()).then(|| ExplicitModuleSectionInfo {
         base_svma: 0,
-        text_svma: range(b".text"),
-        got_svma: range(b".got"),
-        eh_frame_svma: range(b".eh_frame"),
-        eh_frame_hdr_svma: range(b".eh_frame_hdr"),
-        eh_frame_hdr: bytes(b".eh_frame_hdr"),
-        eh_frame,
-        debug_frame,
+        text_svma: u.text,
+        got_svma: u.got,
+        eh_frame_svma: u.eh_frame_range,
+        eh_frame_hdr_svma: u.eh_frame_hdr_range,
+        eh_frame_hdr: u.eh_frame_hdr,
+        eh_frame: u.eh_frame,
+        debug_frame: u.debug_frame,
         ..Default::default()
     });
-    let mut dynsyms = Vec::new();
-    if syms && let Ok(f) = object::read::elf::ElfFile64::<Endianness, R>::parse(data) {
-        for s in f.dynamic_symbols() {
-            if s.kind() == SymbolKind::Text
-                && let Ok(name) = s.name()
-            {
-                dynsyms.push((s.address(), s.address().saturating_add(s.size().max(1)), Arc::from(name)));
-            }
-        }
-        dynsyms.sort_by_key(|s| s.0);
-    }
-    Some(ElfInfo { build_id: gnu.or(go).unwrap_or_default(), segments, unwind, dynsyms })
+    let segments = m.segments.iter().map(|g| Segment { offset: g.offset, vaddr: g.vaddr, filesz: g.filesz, exec: g.exec }).collect();
+    Some(ElfInfo { build_id: m.build_id, segments, unwind, dynsyms: m.dynsyms })
 }
 
 const _: () = {
@@ -1029,10 +952,7 @@ mod tests {
         let text = std::fs::read_to_string("/proc/kallsyms").expect("kallsyms");
         let ks = Kallsyms::parse(&text);
         let sym = ks.syms.iter().find(|s| ks.find(s.addr + 1).is_some_and(|(n, _)| n == "schedule"));
-        let Some(sym) = sym else {
-            eprintln!("kallsyms without addresses (kptr_restrict?): kernel check skipped");
-            return;
-        };
+        let sym = sym.expect("/proc/kallsyms shows no addresses (kptr_restrict): run the tests as root, as `cargo xtask test` does");
         let t = Instant::now();
         let l = np.symbolize_kernel(&[sym.addr + 1, sym.addr + 8, 1]);
         eprintln!("kallsyms load + symbolize {:?}, {} symbols", t.elapsed(), ks.syms.len());
@@ -1067,16 +987,6 @@ mod tests {
         let l = np.symbolize(pid, &[addr], None);
         assert_eq!(&*l[0].module, "[vdso]");
         assert!(l[0].lines[0].function.contains("clock_gettime"), "{:?}", l[0]);
-    }
-
-    #[test]
-    fn maps_line() {
-        let m = parse_maps_line("7f0000000000-7f0000021000 r-xp 00002000 fd:01 123456   /usr/lib/a b.so (deleted)").expect("parsed");
-        assert_eq!((m.start, m.end, m.offset, m.inode), (0x7f00_0000_0000, 0x7f00_0002_1000, 0x2000, 123456));
-        assert_eq!(m.dev, libc::makedev(0xfd, 1));
-        assert_eq!(m.path, "/usr/lib/a b.so (deleted)");
-        assert!(parse_maps_line("7f00-7f01 r--p 0 00:00 0").is_none());
-        assert_eq!(parse_maps_line("7f00-7f01 r-xp 0 00:00 0").map(|m| m.path), Some(String::new()));
     }
 
     const SPIN: &str = r#"

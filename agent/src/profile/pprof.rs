@@ -1,9 +1,12 @@
 //! pprof output: a [`Profile`] as google/pprof's `profile.proto`, gzipped on disk for `go tool pprof`.
-use std::{collections::HashMap, io::Write, path::Path};
+use std::{io::Write, path::Path};
 
 use prost::Message;
 
-use super::model::{Labels, Location, Profile};
+use super::{
+    model::{Labels, Profile},
+    tables::Tables,
+};
 
 /// google/pprof's `proto/profile.proto` (package `perftools.profiles`), field numbers as upstream.
 pub mod proto {
@@ -158,81 +161,16 @@ fn sat(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
-/// Interned tables; ids are 1-based (index + 1), strings 0-based with "" at 0.
+/// A profile being built: the shared tables, and the samples.
 #[derive(Default)]
 struct Builder<'a> {
+    t: Tables<'a>,
     out: proto::Profile,
-    strings: HashMap<String, i64>,
-    functions: HashMap<(&'a str, Option<&'a str>), u64>,
-    mappings: HashMap<(bool, &'a str, &'a str), u64>,
-    locations: HashMap<&'a Location, u64>,
 }
 
-impl<'a> Builder<'a> {
+impl Builder<'_> {
     fn str(&mut self, s: &str) -> i64 {
-        if let Some(&i) = self.strings.get(s) {
-            return i;
-        }
-        let i = self.out.string_table.len() as i64;
-        self.out.string_table.push(s.to_owned());
-        self.strings.insert(s.to_owned(), i);
-        i
-    }
-
-    fn function(&mut self, name: &'a str, file: Option<&'a str>) -> u64 {
-        if let Some(&id) = self.functions.get(&(name, file)) {
-            return id;
-        }
-        let id = self.out.function.len() as u64 + 1;
-        let name_ix = self.str(name);
-        let filename = file.map_or(0, |f| self.str(f));
-        self.out.function.push(proto::Function { id, name: name_ix, system_name: name_ix, filename, start_line: 0 });
-        self.functions.insert((name, file), id);
-        id
-    }
-
-    fn mapping(&mut self, loc: &'a Location) -> u64 {
-        let key = (loc.kernel, &*loc.module, &*loc.build_id);
-        let id = match self.mappings.get(&key) {
-            Some(&id) => id,
-            None => {
-                let id = self.out.mapping.len() as u64 + 1;
-                let filename = self.str(&loc.module);
-                let build_id = self.str(&loc.build_id);
-                self.out.mapping.push(proto::Mapping {
-                    id,
-                    memory_start: loc.address,
-                    memory_limit: loc.address.saturating_add(1),
-                    filename,
-                    build_id,
-                    ..Default::default()
-                });
-                self.mappings.insert(key, id);
-                id
-            }
-        };
-        if let Some(m) = self.out.mapping.get_mut(id as usize - 1) {
-            m.memory_start = m.memory_start.min(loc.address);
-            m.memory_limit = m.memory_limit.max(loc.address.saturating_add(1));
-            m.has_functions |= !loc.lines.is_empty();
-            m.has_filenames |= loc.lines.iter().any(|l| l.file.is_some());
-            m.has_line_numbers |= loc.lines.iter().any(|l| l.line != 0);
-            m.has_inline_frames |= loc.lines.len() > 1;
-        }
-        id
-    }
-
-    fn location(&mut self, loc: &'a Location) -> u64 {
-        if let Some(&id) = self.locations.get(loc) {
-            return id;
-        }
-        let mapping_id = self.mapping(loc);
-        let line =
-            loc.lines.iter().map(|l| proto::Line { function_id: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 }).collect();
-        let id = self.out.location.len() as u64 + 1;
-        self.out.location.push(proto::Location { id, mapping_id, address: loc.address, line, is_folded: false });
-        self.locations.insert(loc, id);
-        id
+        self.t.str(s) as i64
     }
 
     fn labels(&mut self, l: &Labels) -> Vec<proto::Label> {
@@ -258,7 +196,6 @@ impl<'a> Builder<'a> {
 
 fn build(p: &Profile) -> proto::Profile {
     let mut b = Builder::default();
-    b.str("");
     let samples = b.str("samples");
     let count = b.str("count");
     let cpu = b.str("cpu");
@@ -269,12 +206,51 @@ fn build(p: &Profile) -> proto::Profile {
     b.out.time_nanos = sat(p.start_unix_ns);
     b.out.duration_nanos = sat(p.duration_ns);
     for s in &p.samples {
-        let location_id = s.locations.iter().map(|l| b.location(l)).collect();
+        let location_id = s.locations.iter().map(|l| b.t.location(l) as u64).collect();
         let label = b.labels(&s.labels);
         let value = vec![sat(s.count), sat(s.count.saturating_mul(p.period_ns))];
         b.out.sample.push(proto::Sample { location_id, value, label });
     }
-    b.out
+    let Builder { mut t, mut out } = b;
+    let build_ids: Vec<i64> = t.mappings.iter().map(|m| m.build_id).collect::<Vec<_>>().into_iter().map(|id| t.str(id) as i64).collect();
+    out.mapping = t
+        .mappings
+        .iter()
+        .zip(build_ids)
+        .enumerate()
+        .map(|(i, (m, build_id))| proto::Mapping {
+            id: i as u64 + 1,
+            memory_start: m.memory_start,
+            memory_limit: m.memory_limit,
+            filename: m.file as i64,
+            build_id,
+            has_functions: m.has_functions,
+            has_filenames: m.has_filenames,
+            has_line_numbers: m.has_line_numbers,
+            has_inline_frames: m.has_inline_frames,
+            ..Default::default()
+        })
+        .collect();
+    out.location = t
+        .locations
+        .iter()
+        .enumerate()
+        .map(|(i, l)| proto::Location {
+            id: i as u64 + 1,
+            mapping_id: l.mapping as u64,
+            address: l.address,
+            line: l.lines.iter().map(|&(f, line)| proto::Line { function_id: f as u64, line: line.into(), column: 0 }).collect(),
+            is_folded: false,
+        })
+        .collect();
+    out.function = t
+        .functions
+        .iter()
+        .enumerate()
+        .map(|(i, f)| proto::Function { id: i as u64 + 1, name: f.name as i64, system_name: f.name as i64, filename: f.file as i64, start_line: 0 })
+        .collect();
+    out.string_table = t.strings;
+    out
 }
 
 #[cfg(test)]
@@ -282,7 +258,7 @@ pub(crate) mod tests {
     use std::{process::Command, sync::Arc};
 
     use super::*;
-    use crate::profile::model::{Line, ProcessInfo, StackSample};
+    use crate::profile::model::{Line, Location, ProcessInfo, StackSample};
 
     fn loc(address: u64, module: &str, kernel: bool, lines: &[(&str, u32)]) -> Arc<Location> {
         Arc::new(Location {

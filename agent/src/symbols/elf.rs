@@ -1,11 +1,13 @@
 //! ELF facts of an executable: its load segments (for virtual address -> file offset, as
 //! uprobes want), its symbol table (with Go's own function table as the fallback for
-//! stripped binaries), its TLS segment and its sections.
+//! stripped binaries), its TLS segment and its sections; and, for the profiler's binaries
+//! (shared libraries and the vDSO too), what unwinding and symbolizing a mapping needs
+//! (`mapped`).
 use std::{
     borrow::Cow,
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::OnceLock,
+    sync::{Arc, OnceLock},
 };
 
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, elf, read::elf::ProgramHeader};
@@ -203,6 +205,105 @@ fn tls_segment(data: &[u8]) -> Option<(u64, u64)> {
     let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(data).ok()?;
     let endian = elf.endian();
     elf.elf_program_headers().iter().find(|ph| ph.p_type(endian) == elf::PT_TLS).map(|ph| (ph.p_memsz(endian), ph.p_align(endian).max(1)))
+}
+
+/// Go's build id note type (NT_GNU_BUILD_ID is 3).
+const NT_GO_BUILD_ID: u32 = 4;
+
+/// A PT_LOAD segment of a mapped binary.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadSegment {
+    pub offset: u64,
+    pub vaddr: u64,
+    pub filesz: u64,
+    pub exec: bool,
+}
+
+/// The sections unwinding needs, as addresses and (when present) their bytes.
+#[derive(Default)]
+pub struct UnwindSections {
+    pub text: Option<std::ops::Range<u64>>,
+    pub got: Option<std::ops::Range<u64>>,
+    pub eh_frame_range: Option<std::ops::Range<u64>>,
+    pub eh_frame_hdr_range: Option<std::ops::Range<u64>>,
+    pub eh_frame: Option<Arc<[u8]>>,
+    pub eh_frame_hdr: Option<Arc<[u8]>>,
+    /// Only read when there is no .eh_frame.
+    pub debug_frame: Option<Arc<[u8]>>,
+}
+
+/// What the profiler reads from a mapped binary.
+pub struct Mapped {
+    /// GNU build id, else Go's; empty when neither.
+    pub build_id: Vec<u8>,
+    pub segments: Vec<LoadSegment>,
+    pub unwind: UnwindSections,
+    /// Dynamic text symbols (start, end, name), sorted, when asked for.
+    pub dynsyms: Vec<(u64, u64, Arc<str>)>,
+}
+
+/// Build id, PT_LOAD segments and unwind sections of a 64-bit ELF file (and its dynamic text
+/// symbols when `syms`), reading only the headers and those sections; sections larger than
+/// `max_section` bytes, compressed or without file bytes are left out.
+pub fn mapped<'d, R: object::ReadRef<'d>>(data: R, syms: bool, max_section: u64) -> Option<Mapped> {
+    use object::{
+        Endianness,
+        elf::{FileHeader64, NT_GNU_BUILD_ID, PF_X, PT_LOAD, SHF_COMPRESSED, SHT_NOBITS},
+        read::elf::{FileHeader, SectionHeader},
+    };
+    let hdr = FileHeader64::<Endianness>::parse(data).ok()?;
+    let e = hdr.endian().ok()?;
+    let segments = hdr
+        .program_headers(e, data)
+        .ok()?
+        .iter()
+        .filter(|p| p.p_type(e) == PT_LOAD)
+        .map(|p| LoadSegment { offset: p.p_offset(e), vaddr: p.p_vaddr(e), filesz: p.p_filesz(e), exec: p.p_flags(e) & PF_X != 0 })
+        .collect();
+    let sections = hdr.sections(e, data).ok()?;
+    let (mut gnu, mut go) = (None, None);
+    for s in sections.iter() {
+        let Ok(Some(mut notes)) = s.notes(e, data) else {
+            continue;
+        };
+        while let Ok(Some(n)) = notes.next() {
+            match (n.name(), n.n_type(e)) {
+                (b"GNU", NT_GNU_BUILD_ID) => gnu = Some(n.desc().to_vec()),
+                (b"Go", NT_GO_BUILD_ID) => go = Some(n.desc().to_vec()),
+                _ => {}
+            }
+        }
+    }
+    let section = |name: &[u8]| sections.section_by_name(e, name).map(|(_, s)| s);
+    let range = |name: &[u8]| section(name).map(|s| s.sh_addr(e)..s.sh_addr(e).saturating_add(s.sh_size(e)));
+    let bytes = |name: &[u8]| {
+        let s = section(name)?;
+        let ok = s.sh_type(e) != SHT_NOBITS && s.sh_flags(e) & u64::from(SHF_COMPRESSED) == 0 && s.sh_size(e) <= max_section;
+        ok.then(|| s.data(e, data).ok()).flatten().map(Arc::<[u8]>::from)
+    };
+    let eh_frame = bytes(b".eh_frame");
+    let debug_frame = if eh_frame.is_none() { bytes(b".debug_frame") } else { None };
+    let unwind = UnwindSections {
+        text: range(b".text"),
+        got: range(b".got"),
+        eh_frame_range: range(b".eh_frame"),
+        eh_frame_hdr_range: range(b".eh_frame_hdr"),
+        eh_frame_hdr: bytes(b".eh_frame_hdr"),
+        eh_frame,
+        debug_frame,
+    };
+    let mut dynsyms = Vec::new();
+    if syms && let Ok(f) = object::read::elf::ElfFile64::<Endianness, R>::parse(data) {
+        for s in f.dynamic_symbols() {
+            if s.kind() == object::SymbolKind::Text
+                && let Ok(name) = s.name()
+            {
+                dynsyms.push((s.address(), s.address().saturating_add(s.size().max(1)), Arc::from(name)));
+            }
+        }
+        dynsyms.sort_by_key(|s| s.0);
+    }
+    Some(Mapped { build_id: gnu.or(go).unwrap_or_default(), segments, unwind, dynsyms })
 }
 
 #[cfg(test)]

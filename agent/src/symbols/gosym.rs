@@ -15,12 +15,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use super::Line;
 use super::{
     Executable,
     buildinfo::BuildInfo,
     pclntab::{MAGIC_120, read_u32},
 };
-use crate::profile::model::Line;
 
 /// abi.PCDATA_InlTreeIndex.
 const PCDATA_INL_TREE_INDEX: u32 = 2;
@@ -451,12 +451,8 @@ mod tests {
     /// Go toolchains of the test matrix with the builds to check (cgo ones when a C compiler
     /// is installed).
     fn matrix() -> Vec<(&'static str, Vec<Variant>)> {
-        let mut variants = vec![Variant::Plain, Variant::Stripped, Variant::Pie, Variant::PieStripped];
-        if testgo::have_c_compiler() {
-            variants.extend([Variant::Cgo, Variant::CgoPieStripped]);
-        } else {
-            eprintln!("SKIPPED (cgo builds only): no C compiler (gcc/cc) installed");
-        }
+        assert!(testgo::have_c_compiler(), "no C compiler (gcc/cc) for the cgo builds: install gcc (`cargo xtask setup` does)");
+        let variants = vec![Variant::Plain, Variant::Stripped, Variant::Pie, Variant::PieStripped, Variant::Cgo, Variant::CgoPieStripped];
         crate::symbols::go_offsets_table::GO_OFFSETS.iter().map(|e| (e.toolchain, variants.clone())).collect()
     }
 

@@ -1,7 +1,8 @@
 //! What zerotrace learns from a program's executable: ELF symbols and segments (Go's own
 //! function table for stripped binaries), Go build info, Go struct offsets (DWARF, else a
 //! generated per-version table), runtime type descriptors (DWARF, else the module data), and
-//! the RET instructions of functions it hooks. Binaries are read through /proc/PID/exe so
+//! the RET instructions of functions it hooks, and source lines of code addresses (Go's
+//! pclntab) for profiles. Binaries are read through /proc/PID/exe so
 //! that other mount namespaces work too.
 
 pub mod buildinfo;
@@ -14,9 +15,21 @@ pub mod gosym;
 pub mod moduledata;
 pub mod pclntab;
 
-use std::path::PathBuf;
+use std::{path::PathBuf, sync::Arc};
 
 pub use elf::{Executable, FunctionSym};
+
+/// One source line of a location; a location with inlined calls has several, innermost
+/// (the inlined callee) first, its physical function last.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Line {
+    /// Demangled function name (Go: `main.(*T).hot`; Rust: `rust_svc::hot` without hash).
+    pub function: Arc<str>,
+    /// Source file when known.
+    pub file: Option<Arc<str>>,
+    /// Line number, 0 when unknown.
+    pub line: u32,
+}
 
 /// Errors about a target's executable; each message says what the user can do.
 #[derive(Debug, thiserror::Error)]

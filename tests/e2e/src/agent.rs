@@ -102,7 +102,17 @@ impl Agent {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// One counter from the stats file; a name the agent does not write fails the test (a
+    /// renamed counter must not read as zero).
     pub fn stat(&self, name: &str) -> u64 {
-        self.stats().ok().and_then(|v| v.get(format!("zerotrace_{name}"))?.as_u64()).unwrap_or(0)
+        let stats = self.stats().unwrap_or_else(|e| panic!("the agent's stats file {}: {e}", self.stats_file.display()));
+        let key = format!("zerotrace_{name}");
+        match stats.get(&key).and_then(|v| v.as_u64()) {
+            Some(v) => v,
+            None => {
+                let known: Vec<&String> = stats.as_object().map(|o| o.keys().collect()).unwrap_or_default();
+                panic!("the agent writes no counter {key}; it writes {known:?}")
+            }
+        }
     }
 }

@@ -51,12 +51,11 @@ fn have_c_compiler() -> bool {
     ["gcc", "cc"].iter().any(|c| std::process::Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
-/// Builds the service; None (with the reason printed) when a cgo build is impossible here.
-fn build(b: &Build) -> Result<Option<std::path::PathBuf>> {
+/// Builds the service (a cgo build without a C compiler is a failure that says what to install).
+fn build(b: &Build) -> Result<std::path::PathBuf> {
     if b.cgo {
         if !have_c_compiler() {
-            eprintln!("SKIPPED {}: no C compiler (gcc or cc) is installed, so cgo builds cannot be made", b.label);
-            return Ok(None);
+            bail!("{}: no C compiler (gcc or cc) is installed, so cgo builds cannot be made: install gcc (`cargo xtask setup` does)", b.label);
         }
         if std::env::var("CGO_ENABLED").is_ok_and(|v| v == "0") {
             bail!("CGO_ENABLED=0 in the environment: unset it to run the cgo case");
@@ -73,7 +72,7 @@ fn build(b: &Build) -> Result<Option<std::path::PathBuf>> {
     if b.flags.iter().any(|f| f.contains("-s -w")) {
         assert!(!has(b".debug_info") && !has(b"runtime.types\0"), "{}: not stripped", b.label);
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// Traces the service in one probe mode and checks every span; returns the agent's log.
@@ -129,7 +128,7 @@ fn trace_and_check(b: &Build, bin: &std::path::Path, extra: &[&str]) -> Result<S
 }
 
 fn run(b: &Build) -> Result<()> {
-    let Some(bin) = build(b)? else { return Ok(()) };
+    let bin = build(b)?;
     // Default probes (conn mode, goroutine and channel hooks on: every hook is found).
     let log = trace_and_check(b, &bin, &[])?;
     for warning in ["disagree", "UNVERIFIED", "not found"] {

@@ -274,7 +274,9 @@ async fn chain(State(app): State<App>, Path(id): Path<String>) -> (StatusCode, S
 }
 
 async fn serve(addr: SocketAddr, down: Option<String>) -> std::io::Result<()> {
-    let grpc = std::env::var("RUST_SVC_GRPC").ok().map(|u| EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RUST_SVC_GRPC is a URL").connect_lazy()));
+    let grpc = std::env::var("RUST_SVC_GRPC")
+        .ok()
+        .map(|u| EchoClient::new(tonic::transport::Endpoint::from_shared(u).expect("RUST_SVC_GRPC is a URL").connect_lazy()));
     let app = App { down, client: reqwest::Client::new(), grpc };
     let router = Router::new()
         .route("/hello", get(hello))

@@ -1,5 +1,8 @@
 //! OTLP profiles (v1development): a [`Profile`] as an `ExportProfilesServiceRequest`, one
-//! resource per process, all tables in the request's shared `ProfilesDictionary`.
+//! resource per process, all tables in the request's shared `ProfilesDictionary`; and the
+//! task that sends each window to the traces' collector (gRPC `ProfilesService/Export`, or
+//! HTTP POST to `/v1development/profiles`). A failed export is counted and dropped (the next
+//! window has its own samples).
 use std::collections::{BTreeMap, HashMap};
 
 use opentelemetry_proto::tonic::{
@@ -9,7 +12,16 @@ use opentelemetry_proto::tonic::{
     resource::v1::Resource,
 };
 
-use super::model::{Location, Profile, StackSample};
+use crate::profile::{
+    model::{Profile, StackSample},
+    tables::Tables,
+};
+use std::sync::{Arc, atomic::Ordering};
+
+use opentelemetry_proto::tonic::collector::profiles::v1development::ExportProfilesServiceResponse;
+
+use super::{ExportSettings, resource::Resources, sink::Sink};
+use crate::profile::collect::ProfilerStats;
 
 /// Sample attribute: the thread (OS tid) that ran (semantic conventions `thread.id`).
 pub const THREAD_ID: &str = "thread.id";
@@ -66,7 +78,7 @@ pub fn to_request(p: &Profile, resource: &dyn Fn(u32) -> Vec<KeyValue>) -> Expor
             }
         })
         .collect();
-    ExportProfilesServiceRequest { resource_profiles, dictionary: Some(d.d) }
+    ExportProfilesServiceRequest { resource_profiles, dictionary: Some(d.finish()) }
 }
 
 fn int(v: i64) -> AnyValue {
@@ -83,16 +95,17 @@ enum AttrValue {
     Str(String),
 }
 
-/// The dictionary being built: every table starts with its zero element, entries deduplicated.
+/// The dictionary being built: the tables every profile format shares (strings, functions,
+/// mappings, locations), and OTLP's own (attributes, stacks, links); every table starts
+/// with its zero element, entries deduplicated.
 struct Dict<'a> {
-    d: pb::ProfilesDictionary,
-    strings: HashMap<String, i32>,
-    functions: HashMap<(i32, i32), i32>,
-    mappings: HashMap<(bool, &'a str, &'a str), i32>,
-    locations: HashMap<&'a Location, i32>,
-    links: HashMap<([u8; 16], u64), i32>,
+    t: Tables<'a>,
+    attribute_table: Vec<pb::KeyValueAndUnit>,
     attributes: HashMap<(i32, AttrValue), i32>,
+    stack_table: Vec<pb::Stack>,
     stacks: HashMap<Vec<i32>, i32>,
+    link_table: Vec<pb::Link>,
+    links: HashMap<([u8; 16], u64), i32>,
 }
 
 /// A sample being merged with others of the same stack, attributes and link.
@@ -108,39 +121,24 @@ struct Acc {
 impl<'a> Dict<'a> {
     fn new() -> Self {
         Dict {
-            d: pb::ProfilesDictionary {
-                mapping_table: vec![pb::Mapping::default()],
-                location_table: vec![pb::Location::default()],
-                function_table: vec![pb::Function::default()],
-                link_table: vec![pb::Link::default()],
-                string_table: vec![String::new()],
-                attribute_table: vec![pb::KeyValueAndUnit::default()],
-                stack_table: vec![pb::Stack::default()],
-            },
-            strings: HashMap::from([(String::new(), 0)]),
-            functions: HashMap::from([((0, 0), 0)]),
-            mappings: HashMap::new(),
-            locations: HashMap::new(),
-            links: HashMap::new(),
+            t: Tables::default(),
+            attribute_table: vec![pb::KeyValueAndUnit::default()],
             attributes: HashMap::new(),
+            stack_table: vec![pb::Stack::default()],
             stacks: HashMap::from([(Vec::new(), 0)]),
+            link_table: vec![pb::Link::default()],
+            links: HashMap::new(),
         }
     }
 
     fn str(&mut self, s: &str) -> i32 {
-        if let Some(&i) = self.strings.get(s) {
-            return i;
-        }
-        let i = ix(self.d.string_table.len());
-        self.d.string_table.push(s.to_owned());
-        self.strings.insert(s.to_owned(), i);
-        i
+        ix(self.t.str(s))
     }
 
     fn attribute(&mut self, key: &str, value: AttrValue) -> i32 {
         let key_strindex = self.str(key);
-        let next = ix(self.d.attribute_table.len());
-        let table = &mut self.d.attribute_table;
+        let next = ix(self.attribute_table.len());
+        let table = &mut self.attribute_table;
         *self.attributes.entry((key_strindex, value)).or_insert_with_key(|(_, v)| {
             let value = match v {
                 AttrValue::Int(i) => int(*i),
@@ -151,65 +149,10 @@ impl<'a> Dict<'a> {
         })
     }
 
-    fn function(&mut self, name: &str, file: Option<&str>) -> i32 {
-        let key = (self.str(name), file.map_or(0, |f| self.str(f)));
-        let next = ix(self.d.function_table.len());
-        let table = &mut self.d.function_table;
-        *self.functions.entry(key).or_insert_with(|| {
-            table.push(pb::Function { name_strindex: key.0, system_name_strindex: key.0, filename_strindex: key.1, start_line: 0 });
-            next
-        })
-    }
-
-    fn mapping(&mut self, loc: &'a Location) -> i32 {
-        let key = (loc.kernel, &*loc.module, &*loc.build_id);
-        let i = match self.mappings.get(&key) {
-            Some(&i) => i,
-            None => {
-                let filename_strindex = self.str(&loc.module);
-                let mut attribute_indices = Vec::new();
-                if !loc.build_id.is_empty() {
-                    let hex = loc.build_id.bytes().all(|b| b.is_ascii_hexdigit());
-                    let key = if hex { BUILD_ID_GNU } else { BUILD_ID_GO };
-                    attribute_indices.push(self.attribute(key, AttrValue::Str(loc.build_id.to_string())));
-                }
-                let i = ix(self.d.mapping_table.len());
-                self.d.mapping_table.push(pb::Mapping {
-                    memory_start: loc.address,
-                    memory_limit: loc.address.saturating_add(1),
-                    file_offset: 0,
-                    filename_strindex,
-                    attribute_indices,
-                });
-                self.mappings.insert(key, i);
-                i
-            }
-        };
-        if let Some(m) = usize::try_from(i).ok().and_then(|i| self.d.mapping_table.get_mut(i)) {
-            m.memory_start = m.memory_start.min(loc.address);
-            m.memory_limit = m.memory_limit.max(loc.address.saturating_add(1));
-        }
-        i
-    }
-
-    fn location(&mut self, loc: &'a Location) -> i32 {
-        if let Some(&i) = self.locations.get(loc) {
-            return i;
-        }
-        let mapping_index = self.mapping(loc);
-        let lines =
-            loc.lines.iter().map(|l| pb::Line { function_index: self.function(&l.function, l.file.as_deref()), line: l.line.into(), column: 0 }).collect();
-        let frame_type = self.attribute(FRAME_TYPE, AttrValue::Str(if loc.kernel { "kernel" } else { "native" }.into()));
-        let i = ix(self.d.location_table.len());
-        self.d.location_table.push(pb::Location { mapping_index, address: loc.address, lines, attribute_indices: vec![frame_type] });
-        self.locations.insert(loc, i);
-        i
-    }
-
     fn stack(&mut self, s: &'a StackSample) -> i32 {
-        let indices: Vec<i32> = s.locations.iter().map(|l| self.location(l)).collect();
-        let next = ix(self.d.stack_table.len());
-        let table = &mut self.d.stack_table;
+        let indices: Vec<i32> = s.locations.iter().map(|l| ix(self.t.location(l))).collect();
+        let next = ix(self.stack_table.len());
+        let table = &mut self.stack_table;
         *self.stacks.entry(indices).or_insert_with_key(|k| {
             table.push(pb::Stack { location_indices: k.clone() });
             next
@@ -217,15 +160,64 @@ impl<'a> Dict<'a> {
     }
 
     fn link(&mut self, trace_id: [u8; 16], span_id: u64) -> i32 {
-        let next = ix(self.d.link_table.len());
-        let table = &mut self.d.link_table;
+        let next = ix(self.link_table.len());
+        let table = &mut self.link_table;
         *self.links.entry((trace_id, span_id)).or_insert_with(|| {
             table.push(pb::Link { trace_id: trace_id.to_vec(), span_id: span_id.to_be_bytes().to_vec() });
             next
         })
     }
 
-    /// One process's samples, merged by (stack, attributes, link).
+    /// The request's dictionary: the shared tables in OTLP's form (a mapping's build id and
+    /// a location's frame type are attributes).
+    fn finish(mut self) -> pb::ProfilesDictionary {
+        let mappings = std::mem::take(&mut self.t.mappings);
+        let mut mapping_table = vec![pb::Mapping::default()];
+        for m in &mappings {
+            let mut attribute_indices = Vec::new();
+            if !m.build_id.is_empty() {
+                let hex = m.build_id.bytes().all(|b| b.is_ascii_hexdigit());
+                let key = if hex { BUILD_ID_GNU } else { BUILD_ID_GO };
+                attribute_indices.push(self.attribute(key, AttrValue::Str(m.build_id.to_owned())));
+            }
+            mapping_table.push(pb::Mapping {
+                memory_start: m.memory_start,
+                memory_limit: m.memory_limit,
+                file_offset: 0,
+                filename_strindex: ix(m.file),
+                attribute_indices,
+            });
+        }
+        let locations = std::mem::take(&mut self.t.locations);
+        let mut location_table = vec![pb::Location::default()];
+        for l in &locations {
+            let frame_type = self.attribute(FRAME_TYPE, AttrValue::Str(if l.kernel { "kernel" } else { "native" }.into()));
+            location_table.push(pb::Location {
+                mapping_index: ix(l.mapping),
+                address: l.address,
+                lines: l.lines.iter().map(|&(f, line)| pb::Line { function_index: ix(f), line: line.into(), column: 0 }).collect(),
+                attribute_indices: vec![frame_type],
+            });
+        }
+        let function_table = std::iter::once(pb::Function::default())
+            .chain(self.t.functions.iter().map(|f| pb::Function {
+                name_strindex: ix(f.name),
+                system_name_strindex: ix(f.name),
+                filename_strindex: ix(f.file),
+                start_line: 0,
+            }))
+            .collect();
+        pb::ProfilesDictionary {
+            mapping_table,
+            location_table,
+            function_table,
+            link_table: self.link_table,
+            string_table: self.t.strings,
+            attribute_table: self.attribute_table,
+            stack_table: self.stack_table,
+        }
+    }
+
     fn samples(&mut self, samples: &[&'a StackSample]) -> Vec<pb::Sample> {
         let mut accs: Vec<Acc> = Vec::new();
         let mut pos: HashMap<(i32, Vec<i32>, i32), usize> = HashMap::new();
@@ -268,6 +260,44 @@ impl<'a> Dict<'a> {
                 pb::Sample { stack_index: a.stack, attribute_indices: a.attributes, link_index: a.link, values, timestamps_unix_nano }
             })
             .collect()
+    }
+}
+
+/// Where profiles go: the traces' collector, `/v1development/profiles` for http/protobuf.
+pub struct ProfilesSink(Sink);
+
+impl ProfilesSink {
+    pub fn new(settings: &ExportSettings) -> Self {
+        Self(Sink::new(settings, "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export", "/v1development/profiles"))
+    }
+
+    /// Sends one request; Err: why.
+    pub async fn send(&mut self, req: ExportProfilesServiceRequest) -> Result<(), String> {
+        self.0.send::<_, ExportProfilesServiceResponse>(req).await
+    }
+}
+
+/// The resource attributes of process `pid` as the traces carry them.
+pub fn resource_of(resources: &Resources, pid: u32) -> Vec<KeyValue> {
+    let res = resources.lock().unwrap_or_else(|e| e.into_inner());
+    res.get(&pid).map(super::metrics::proto_attributes).unwrap_or_default()
+}
+
+/// The task that sends each window's profile; returns when the profiler is gone.
+pub async fn export_task(settings: ExportSettings, resources: Resources, mut rx: tokio::sync::mpsc::Receiver<Profile>, stats: Arc<ProfilerStats>) {
+    let mut sink = ProfilesSink::new(&settings);
+    while let Some(p) = rx.recv().await {
+        let req = to_request(&p, &|pid| resource_of(&resources, pid));
+        match sink.send(req).await {
+            Ok(()) => {
+                stats.exported.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(why) => {
+                if stats.export_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %why, "OTLP profiles export failed (counted; later windows are still sent)");
+                }
+            }
+        }
     }
 }
 

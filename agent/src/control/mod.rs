@@ -1,12 +1,12 @@
 //! The local control service of `zerotrace run` (proto/zerotrace/v1/agent.proto) on a unix
 //! socket, mode 0600: `zerotrace tail --connect` streams the spans a running agent finishes,
 //! `zerotrace status` asks what it traces and its counters. Several clients may watch; a
-//! slow one loses spans (counted in its records), the agent never waits for it.
+//! slow one loses spans (counted in its records), the agent never waits for it. The
+//! clients' side (`status`, `tail --connect`) is in `client`.
 use std::{
     os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, Mutex},
-    time::Duration,
 };
 
 use tokio::sync::broadcast;
@@ -17,13 +17,15 @@ use tokio_stream::{
 
 use crate::spans::{Span, SpanId, SpanKind, Status, TraceId, Value};
 
+pub mod client;
 pub mod proto {
     tonic::include_proto!("zerotrace.v1");
 }
 
+pub use client::{ConnectError, connect, status};
+
 use proto::{
     Attribute, SpanRecord, SpansRequest, StatusReply, StatusRequest,
-    agent_client::AgentClient,
     agent_server::{Agent, AgentServer},
     attribute,
 };
@@ -254,75 +256,6 @@ fn intern(key: &str) -> &'static str {
     let k: &'static str = Box::leak(key.to_owned().into_boxed_str());
     keys.push(k);
     k
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error(
-        "no zerotrace agent serves {path} ({reason}); start one with `zerotrace run ...` (it serves {DEFAULT_SOCKET} unless told otherwise) or give its --control-socket path"
-    )]
-    Unreachable { path: String, reason: String },
-    #[error("the agent at {path} went away: {reason}")]
-    Lost { path: String, reason: String },
-}
-
-/// Adds the token to a TCP client's requests.
-#[derive(Clone)]
-pub struct WithToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
-
-impl tonic::service::Interceptor for WithToken {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(v) = &self.0 {
-            req.metadata_mut().insert("authorization", v.clone());
-        }
-        Ok(req)
-    }
-}
-
-pub type Client = AgentClient<tonic::service::interceptor::InterceptedService<tonic::transport::Channel, WithToken>>;
-
-/// A client of the agent at `path`: a unix socket, or `tcp://HOST:PORT` with `token`.
-pub async fn connect(path: &Path, token: Option<&str>) -> Result<Client, ConnectError> {
-    let p: PathBuf = path.to_owned();
-    let unreachable = |reason: String| ConnectError::Unreachable { path: path.display().to_string(), reason };
-    let why = |e: tonic::transport::Error| format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
-    let text = path.to_string_lossy();
-    let channel = match text.strip_prefix("tcp://") {
-        Some(addr) => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| unreachable(e.to_string()))?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .map_err(|e| unreachable(why(e)))?,
-        None => tonic::transport::Endpoint::from_static("http://[::1]:50051")
-            .connect_timeout(Duration::from_secs(3))
-            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-                let p = p.clone();
-                async move { tokio::net::UnixStream::connect(p).await.map(hyper_util::rt::TokioIo::new) }
-            }))
-            .await
-            .map_err(|e| unreachable(why(e)))?,
-    };
-    let token = match token {
-        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| unreachable("the token is not valid header text".into()))?),
-        None => None,
-    };
-    Ok(AgentClient::with_interceptor(channel, WithToken(token)))
-}
-
-/// `zerotrace status`: one text block.
-pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectError> {
-    let mut c = connect(path, token).await?;
-    let r = c.status(StatusRequest {}).await.map_err(|e| ConnectError::Lost { path: path.display().to_string(), reason: e.message().to_owned() })?.into_inner();
-    let mut out = format!("zerotrace {} (pid {}), up {} s, tracing {} process(es)\n", r.version, r.agent_pid, r.uptime_seconds, r.targets.len());
-    for t in &r.targets {
-        out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));
-    }
-    out.push_str("counters (non-zero):\n");
-    for c in r.counters.iter().filter(|c| c.value > 0) {
-        out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -1,0 +1,299 @@
+//! `zerotrace run` (and `tail`, `profile`): inspect the targets, load and attach the probes,
+//! then pump kernel records through the correlator to the outputs until SIGINT/SIGTERM or
+//! until every target has exited. On the way out: stop the kernel side, drain, flush (at
+//! most 10 s), detach. Which processes are traced lives in `targets`, where spans and
+//! profiles go in `outputs`, the agent's counters in `stats`.
+mod outputs;
+mod stats;
+mod targets;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    correlate::{Clock, Correlator, NativeParents, sampling::Sampler},
+    events::{Event, reader::EventReader},
+    export::{ExportSettings, print, tail::TailSettings},
+    model::sockdiag,
+    probes::{self, Inject, KernelSettings, Probes, features, go},
+    profile::ProfileSettings,
+    spans::Span,
+};
+use outputs::Outputs;
+use targets::{Discover, Targets};
+
+/// How often the ring buffer is drained when the kernel does not wake the agent.
+const DRAIN_TICK: Duration = Duration::from_millis(20);
+/// ... and at most this long when little is happening: the tick doubles after each drain
+/// that found fewer than QUIET_RECORDS records (an idle agent wakes 10 times a second, not
+/// 50) and is back to DRAIN_TICK at the first busy drain.
+const QUIET_TICK: Duration = Duration::from_millis(100);
+const QUIET_RECORDS: usize = 64;
+/// Longest flush at shutdown.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Everything `run` needs, resolved and validated (see `crate::settings`) before anything
+/// starts. Each stage's part is that stage's own type.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub pids: Vec<u32>,
+    /// The control socket to serve (None: off).
+    pub control_socket: Option<PathBuf>,
+    /// `--control-tcp` and its token.
+    pub control_tcp: Option<std::net::SocketAddr>,
+    pub control_token: Option<String>,
+    /// OTLP metrics every this often (None: no metrics).
+    pub metrics_interval: Option<Duration>,
+    /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
+    pub sampler: Sampler,
+    /// `--exe`: executables to discover (now and later).
+    pub exe_globs: Vec<glob::Pattern>,
+    /// `--port`: listening ports whose processes are traced (now and later).
+    pub ports: Vec<u16>,
+    /// `--all`: every process (Go in depth, native ones from their sockets).
+    pub all: bool,
+    pub print: bool,
+    /// `zerotrace tail`: traces as trees (or JSON) on stdout.
+    pub tail: Option<TailSettings>,
+    pub export: ExportSettings,
+    /// --service-name: service.name of every target, over anything else.
+    pub service_name: Option<String>,
+    /// The agent's own OTEL_SERVICE_NAME: used for targets that do not set their own.
+    pub env_service_name: Option<String>,
+    /// OTEL_RESOURCE_ATTRIBUTES.
+    pub resource_attrs: Vec<(String, String)>,
+    pub go_http_probes: go::GoHttpProbes,
+    pub go_causality: go::GoCausality,
+    /// HTTPS server spans from crypto/tls plaintext (--go-tls).
+    pub go_tls: bool,
+    pub native_parents: NativeParents,
+    pub kernel: KernelSettings,
+    pub stats_interval: Duration,
+    pub stats_file: Option<PathBuf>,
+    /// `--record`: where every kernel record is written.
+    pub record: Option<PathBuf>,
+    /// CPU profiling (None: off).
+    pub profile: Option<ProfileSettings>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "zerotrace needs more privileges: missing {missing}. Run it as root (sudo zerotrace ...) or grant \
+         CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE (e.g. setcap cap_bpf,cap_perfmon,cap_sys_ptrace+ep $(which zerotrace))"
+    )]
+    Privileges { missing: String },
+    #[error("--inject-traceparent: {0}")]
+    Inject(String),
+    #[error(transparent)]
+    Target(#[from] crate::model::target::TargetError),
+    #[error(transparent)]
+    Probe(#[from] probes::ProbeError),
+    #[error("attaching to PID {pid}: {source}")]
+    Attach {
+        pid: u32,
+        #[source]
+        source: go::AttachError,
+    },
+    #[error(transparent)]
+    Export(#[from] crate::export::otlp::ExportError),
+    #[error("reading kernel events: {0}")]
+    Events(std::io::Error),
+}
+
+/// The pipeline while it runs: kernel side, decoder, correlator, who is traced, where
+/// spans go.
+struct Agent<'s> {
+    s: &'s RunSettings,
+    probes: Probes,
+    reader: EventReader,
+    correlator: Correlator,
+    targets: Targets<'s>,
+    outputs: Outputs,
+    /// Finished spans between the correlator and the outputs (reused).
+    spans: Vec<Span>,
+    /// Processes that exec'd since the last drain.
+    execs: Vec<u32>,
+    started: Instant,
+}
+
+pub async fn run(s: RunSettings) -> Result<(), RunError> {
+    let missing = features::missing_privileges(features::capabilities());
+    if !missing.is_empty() {
+        return Err(RunError::Privileges { missing: missing.join(", ") });
+    }
+    if s.kernel.inject == Inject::On
+        && let Some(why) = features::injection_refusal(features::capabilities(), features::lockdown().as_deref())
+    {
+        return Err(RunError::Inject(why));
+    }
+    // Look at every target before touching the kernel: a bad --pid changes nothing.
+    let mut inspected = Vec::new();
+    for &pid in &s.pids {
+        inspected.push(crate::model::target::inspect(pid)?);
+    }
+    let mut probes = Probes::load(&s.kernel)?;
+    let mut reader = EventReader::new(probes.take_events()?).map_err(RunError::Events)?;
+    if let Some(path) = &s.record {
+        reader.record_to(path).map_err(RunError::Events)?;
+        tracing::info!(path = %path.display(), "recording every kernel record");
+    }
+    let outputs = Outputs::start(&s, &mut probes).await?;
+    let mut correlator = Correlator::new(Clock::system());
+    correlator.traces.record_aliases = s.kernel.inject != Inject::Off;
+    correlator.sampling = crate::correlate::sampling::Sampling::new(s.sampler);
+    correlator.native_parents = s.native_parents;
+    if s.sampler != Sampler::AlwaysOn {
+        tracing::info!(sampler = ?s.sampler, "sampling traces");
+    }
+    let (mut targets, mut exits, mut inspections) = Targets::new(&s, outputs.resources.clone());
+    for target in &inspected {
+        targets.attach_given(&mut probes, target)?;
+    }
+    if let Some(d) = Discover::new(&s.exe_globs, &s.ports, s.all) {
+        if d.by_exe() {
+            probes.watch_execs()?;
+        }
+        targets.discover(d, &mut probes);
+    }
+    let mut agent = Agent { s: &s, probes, reader, correlator, targets, outputs, spans: Vec::with_capacity(1024), execs: Vec::new(), started: Instant::now() };
+    agent.outputs.announce(&agent.targets);
+
+    let profile_until = s.profile.as_ref().and_then(|p| p.duration);
+    let profile_end = tokio::time::Instant::now() + profile_until.unwrap_or(Duration::from_secs(86400 * 365));
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = DRAIN_TICK;
+    let mut last_stats = Instant::now();
+    loop {
+        tokio::select! {
+            _ = agent.reader.wait(tick) => {
+                let n = agent.pump();
+                tick = if n >= QUIET_RECORDS { DRAIN_TICK } else { (tick * 2).min(QUIET_TICK) };
+                agent.after_execs();
+            }
+            Some(done) = inspections.recv() => {
+                let a = &mut agent;
+                a.targets.inspected(&mut a.probes, done);
+            }
+            _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
+            _ = tokio::time::sleep_until(profile_end), if profile_until.is_some() => {
+                tracing::info!("profile duration reached: detaching");
+                break;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)), if s.tail.is_some() && print::stdout_closed() => {
+                tracing::info!("stdout closed: detaching");
+                break;
+            }
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            Some(pid) = exits.recv() => {
+                if !agent.targets.contains(pid) {
+                    continue;
+                }
+                // Finish what the process sent before it went away.
+                agent.pump();
+                agent.forget(pid);
+                tracing::info!(pid, remaining = agent.targets.len(), "traced process exited; stopped tracing it");
+                if agent.targets.is_empty() && !agent.targets.discovering() {
+                    tracing::info!("every traced process has exited");
+                    break;
+                }
+            }
+            _ = housekeeping.tick() => {
+                agent.housekeeping();
+                if !s.stats_interval.is_zero() && last_stats.elapsed() >= s.stats_interval {
+                    last_stats = Instant::now();
+                    stats::log(&agent.counters());
+                }
+            }
+        }
+    }
+    agent.finish().await;
+    Ok(())
+}
+
+impl Agent<'_> {
+    /// Drains the ring buffer into the correlator and hands finished spans and samples on.
+    fn pump(&mut self) -> usize {
+        let Self { reader, correlator, outputs, spans, execs, .. } = self;
+        let n = reader.drain(|ev| match ev {
+            Event::ProcExec { pid } => execs.push(pid),
+            Event::CpuSample(smp) => outputs.sample(smp, correlator),
+            other => correlator.on_event(other, spans),
+        });
+        self.outputs.deliver(&mut self.spans, &mut self.correlator, &self.targets);
+        n
+    }
+
+    /// A traced process that exec'd runs another program now: its old one is forgotten;
+    /// any process that exec'd is inspected again when discovery selects it.
+    fn after_execs(&mut self) {
+        if !self.targets.discovering() {
+            self.execs.clear();
+            return;
+        }
+        for pid in std::mem::take(&mut self.execs) {
+            if self.targets.contains(pid) {
+                self.forget(pid);
+                tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
+            }
+            self.targets.exec_seen(pid);
+        }
+    }
+
+    /// Stops tracing `pid` everywhere: kernel, correlator, targets, outputs.
+    fn forget(&mut self, pid: u32) {
+        self.probes.remove_target(pid);
+        self.correlator.forget_pid(pid);
+        self.targets.remove(pid);
+        self.outputs.forget(pid);
+    }
+
+    /// Once a second: clock, listening ports, catch-up probes, discovery by port, resources
+    /// of gone processes, counters for status and metrics.
+    fn housekeeping(&mut self) {
+        self.correlator.clock_mut().refresh();
+        self.outputs.announce(&self.targets);
+        let listeners = sockdiag::listening().ok();
+        self.targets.refresh(&mut self.probes, listeners.as_deref());
+        self.outputs.housekeeping(&self.targets);
+        if self.outputs.wants_counters() {
+            let counters = self.counters();
+            self.outputs.publish_counters(counters, &self.targets, self.started);
+        }
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let mut list = stats::counters(&self.probes.counters(), &self.reader, &self.correlator);
+        list.extend(self.outputs.counters());
+        list.push(("processes_traced", self.targets.len() as u64));
+        list
+    }
+
+    /// Stop producing, take what is in flight, flush the outputs, detach.
+    async fn finish(mut self) {
+        for pid in self.targets.pids() {
+            self.probes.remove_target(pid);
+        }
+        self.pump();
+        let Agent { s, probes, mut reader, correlator, targets, outputs, started, .. } = self;
+        let mut counters = stats::counters(&probes.counters(), &reader, &correlator);
+        let more = outputs.finish(&targets, &counters, FLUSH_DEADLINE).await;
+        counters.extend(more);
+        // Spans are out; now wait for the uprobes to be gone (the kernel removes them one at
+        // a time: seconds per process).
+        drop(probes);
+        stats::log(&counters);
+        reader.flush_recording();
+        if let Some(path) = &s.stats_file
+            && let Err(e) = std::fs::write(path, stats::json(&counters, started.elapsed()))
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
+        }
+    }
+}

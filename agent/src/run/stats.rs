@@ -1,0 +1,84 @@
+//! The agent's counters under the names users see (log line, `--stats-file` keys with a
+//! `zerotrace_` prefix, `zerotrace status`, OTLP self-telemetry): the kernel's per-CPU
+//! counters, the reader's and the correlator's; the outputs add their own.
+use std::time::{Duration, Instant};
+
+use zerotrace_common::{COUNTER_SLOTS, Counter};
+
+use super::targets::Targets;
+use crate::{control::proto::StatusReply, correlate::Correlator, events::reader::EventReader, probes};
+
+/// The pipeline's counters: kernel, reader, correlator.
+pub fn counters(kernel: &[u64; COUNTER_SLOTS as usize], reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
+    let k = |x: Counter| probes::counter(kernel, x);
+    vec![
+        ("events_read", reader.records),
+        ("events_undecodable", reader.decode_errors),
+        ("ring_wakeups", reader.wakeups),
+        ("events_dropped_ring_full", k(Counter::RingFull)),
+        ("connections_dropped_map_full", k(Counter::ConnsFull)),
+        ("target_reads_failed", k(Counter::ReadUserFailed)),
+        ("kernel_reads_failed", k(Counter::ReadKernelFailed)),
+        ("socket_ops", k(Counter::SocketSyscalls)),
+        ("receives_without_buffer", k(Counter::RecvNoBuffer)),
+        ("uprobe_hits", k(Counter::UprobeHits)),
+        ("requests_seen", k(Counter::Requests)),
+        ("socket_client_requests_seen", k(Counter::SockClientRequests)),
+        ("pipelined_requests_seen", k(Counter::PipelinedRequests)),
+        ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
+        ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
+        ("goroutines_spawned", k(Counter::GoSpawns)),
+        ("goroutines_inherited_span", k(Counter::GoSpawnsInherited)),
+        ("channel_handoffs", k(Counter::ChanHandoffs)),
+        ("channel_edges", k(Counter::ChanEdges)),
+        ("client_links_offered", k(Counter::ClientLinks)),
+        ("server_requests_linked_kernel", k(Counter::ServerLinked)),
+        ("traceparent_injected", k(Counter::Injected)),
+        ("traceparent_dry_run", k(Counter::InjectDryRun)),
+        ("traceparent_skipped", k(Counter::InjectSkipped)),
+        ("traceparent_no_room", k(Counter::InjectNoRoom)),
+        ("traceparent_write_failed", k(Counter::InjectFailed)),
+        ("server_spans_linked", c.stats.linked),
+        ("client_returns_unmatched", c.stats.unmatched_client_returns),
+        ("http2_directions_unreadable", c.stats.h2_unreadable),
+        ("parents_unknown", c.traces.parents_unknown),
+        ("spans_assembled", c.stats.spans),
+        ("spans_not_sampled", c.sampling.dropped),
+        ("responses_unmatched", c.stats.unmatched_responses),
+        ("requests_not_http", c.stats.not_http),
+        ("responses_lost", c.stats.lost_responses),
+        ("requests_abandoned", c.stats.abandoned),
+        ("requests_dropped_pending_full", c.stats.pending_full),
+        ("route_pattern_reads_failed", c.stats.pattern_reads_failed),
+    ]
+}
+
+/// One log line with every counter that is not zero.
+pub fn log(counters: &[(&'static str, u64)]) {
+    let text: Vec<String> = counters.iter().filter(|(_, v)| *v > 0).map(|(k, v)| format!("{k}={v}")).collect();
+    tracing::info!(target: "zerotrace::stats", "{}", text.join(" "));
+}
+
+/// `--stats-file`: every counter as `zerotrace_<name>`, and the uptime.
+pub fn json(counters: &[(&'static str, u64)], uptime: Duration) -> String {
+    let mut s = String::from("{");
+    for (k, v) in counters {
+        s.push_str(&format!("\"zerotrace_{k}\":{v},"));
+    }
+    s.push_str(&format!("\"uptime_ms\":{}}}", uptime.as_millis()));
+    s
+}
+
+/// What `zerotrace status` shows.
+pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: Instant) -> StatusReply {
+    use crate::control::proto::{Counter as C, Target as T};
+    let mut list: Vec<T> = targets.services().map(|(pid, service)| T { pid, service: service.to_string() }).collect();
+    list.sort_by_key(|t| t.pid);
+    StatusReply {
+        agent_pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: started.elapsed().as_secs(),
+        targets: list,
+        counters: counters.iter().map(|(n, v)| C { name: format!("zerotrace_{n}"), value: *v }).collect(),
+    }
+}
