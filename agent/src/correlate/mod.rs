@@ -284,10 +284,10 @@ impl Correlator {
     }
 
     fn drop_conn(&mut self, id: u64) {
-        if let Some(c) = self.conns.remove(&id) {
-            if self.by_sk.get(&c.sk) == Some(&id) {
-                self.by_sk.remove(&c.sk);
-            }
+        if let Some(c) = self.conns.remove(&id)
+            && self.by_sk.get(&c.sk) == Some(&id)
+        {
+            self.by_sk.remove(&c.sk);
         }
         if self.take_pending(id).is_some() {
             self.stats.abandoned += 1;
@@ -539,25 +539,26 @@ impl Correlator {
     fn on_request(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
         if r.offset > 0 {
             // More bytes of a request already open: append them where they belong.
-            if let Some(p) = self.pending.get_mut(&r.conn_id) {
-                if p.seq == r.seq && p.bytes.len() == r.offset as usize {
-                    p.bytes.extend_from_slice(&r.head);
-                    if r.read_len > p.largest_read {
-                        (p.largest_read, p.tid, p.goid) = (r.read_len, r.tid, r.goid);
+            if let Some(p) = self.pending.get_mut(&r.conn_id)
+                && p.seq == r.seq
+                && p.bytes.len() == r.offset as usize
+            {
+                p.bytes.extend_from_slice(&r.head);
+                if r.read_len > p.largest_read {
+                    (p.largest_read, p.tid, p.goid) = (r.read_len, r.tid, r.goid);
+                }
+                // A traceparent in a later piece of the head still decides the trace.
+                if !p.ids.remote
+                    && let Some(rp) = traceparent_in(&p.bytes)
+                {
+                    let trace_id = self.traces.resolve(rp.trace_id);
+                    if p.kernel_trace_origin == zerotrace_common::trace_origin::DRAWN {
+                        self.traces.alias(p.kernel_trace, trace_id);
                     }
-                    // A traceparent in a later piece of the head still decides the trace.
-                    if !p.ids.remote {
-                        if let Some(rp) = traceparent_in(&p.bytes) {
-                            let trace_id = self.traces.resolve(rp.trace_id);
-                            if p.kernel_trace_origin == zerotrace_common::trace_origin::DRAWN {
-                                self.traces.alias(p.kernel_trace, trace_id);
-                            }
-                            self.sampling.remote_decision(trace_id, rp.sampled);
-                            p.ids = Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
-                            let (span, trace) = (p.span_id, p.ids.trace_id);
-                            self.traces.remember(span, trace);
-                        }
-                    }
+                    self.sampling.remote_decision(trace_id, rp.sampled);
+                    p.ids = Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: rp.trace_state };
+                    let (span, trace) = (p.span_id, p.ids.trace_id);
+                    self.traces.remember(span, trace);
                 }
             }
             return;
@@ -685,23 +686,23 @@ impl Correlator {
     /// responses, belongs to a pipelined request and waits for it. Else the handler's record
     /// is the span.
     fn on_go_request(&mut self, g: Box<GoServerRequest>, out: &mut Vec<Span>) {
-        if g.sk != 0 {
-            if let Some(&id) = self.by_sk.get(&g.sk) {
-                if let Some(p) = self.pending.get_mut(&id) {
-                    if p.go.is_none() {
-                        p.go = Some(g);
-                        return;
-                    }
-                    if p.queued_go.len() < pipeline::MAX_QUEUED_GO {
-                        p.queued_go.push(g);
-                        return;
-                    }
-                } else if let Some(l) = self.leftovers.get_mut(&id) {
-                    if l.go.len() < pipeline::MAX_QUEUED_GO {
-                        l.go.push(g);
-                        return;
-                    }
+        if g.sk != 0
+            && let Some(&id) = self.by_sk.get(&g.sk)
+        {
+            if let Some(p) = self.pending.get_mut(&id) {
+                if p.go.is_none() {
+                    p.go = Some(g);
+                    return;
                 }
+                if p.queued_go.len() < pipeline::MAX_QUEUED_GO {
+                    p.queued_go.push(g);
+                    return;
+                }
+            } else if let Some(l) = self.leftovers.get_mut(&id)
+                && l.go.len() < pipeline::MAX_QUEUED_GO
+            {
+                l.go.push(g);
+                return;
             }
         }
         let span = self.go_alone(&g);

@@ -91,6 +91,10 @@ impl Traces {
     pub fn len(&self) -> usize {
         self.by_span.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_span.is_empty()
+    }
 }
 
 /// The OpenTelemetry span id of a kernel-made span id.

@@ -540,6 +540,7 @@ pub mod record {
 
     /// A record of the HttpRequestEvent layout of any `kind` (native client/server bytes):
     /// `head` captured of `read_len` moved, kernel span id `span_id`.
+    #[allow(clippy::too_many_arguments)]
     pub fn bytes_record(kind: EventKind, pid: u32, ts: u64, conn_id: u64, seq: u32, head: &[u8], read_len: u32, span_id: u64) -> Vec<u8> {
         let mut v = request_part(pid, ts, conn_id, seq, 0, head, 0);
         v[..2].copy_from_slice(&(kind as u16).to_ne_bytes());

@@ -68,15 +68,15 @@ impl EventReader {
         let ring = self.ring.get_mut();
         while let Some(item) = ring.next() {
             n += 1;
-            if let Some((w, written)) = &mut self.record {
-                if *written < RECORD_MAX_BYTES {
-                    if super::recording::write(w, &item).is_err() {
-                        *written = RECORD_MAX_BYTES;
-                    }
-                    *written += 4 + item.len() as u64;
-                    if *written >= RECORD_MAX_BYTES {
-                        tracing::warn!(max = RECORD_MAX_BYTES, "--record: the recording is full (or failed); later records are not written");
-                    }
+            if let Some((w, written)) = &mut self.record
+                && *written < RECORD_MAX_BYTES
+            {
+                if super::recording::write(w, &item).is_err() {
+                    *written = RECORD_MAX_BYTES;
+                }
+                *written += 4 + item.len() as u64;
+                if *written >= RECORD_MAX_BYTES {
+                    tracing::warn!(max = RECORD_MAX_BYTES, "--record: the recording is full (or failed); later records are not written");
                 }
             }
             match decode(&item) {

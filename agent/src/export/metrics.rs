@@ -98,10 +98,11 @@ impl Red {
         };
         let mut attrs: Vec<(&'static str, Attr)> = keys.iter().filter_map(|k| attr(s, k)).collect();
         // A server error without an error.type (a 5xx): the status code is the type.
-        if matches!(s.status, Status::Error(_)) && !attrs.iter().any(|(k, _)| *k == "error.type") {
-            if let Some(code) = s.attr("http.response.status_code") {
-                attrs.push(("error.type", Attr::Str(code.to_string())));
-            }
+        if matches!(s.status, Status::Error(_))
+            && !attrs.iter().any(|(k, _)| *k == "error.type")
+            && let Some(code) = s.attr("http.response.status_code")
+        {
+            attrs.push(("error.type", Attr::Str(code.to_string())));
         }
         let key = SeriesKey { pid: s.pid, metric, attrs };
         if !self.series.contains_key(&key) && self.series.len() >= MAX_SERIES {

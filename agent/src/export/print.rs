@@ -56,10 +56,10 @@ pub fn print(lines: &[String]) {
             return;
         }
     }
-    if let Err(e) = lock.flush() {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
+    if let Err(e) = lock.flush()
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        CLOSED.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -122,10 +122,10 @@ pub fn socket_fds(pid: u32) -> io::Result<HashMap<u64, u32>> {
         let Ok(entry) = entry else { continue };
         let Ok(target) = std::fs::read_link(entry.path()) else { continue };
         let t = target.to_string_lossy();
-        if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
-            if let (Ok(inode), Ok(fd)) = (inode.parse::<u64>(), entry.file_name().to_string_lossy().parse::<u32>()) {
-                out.insert(inode, fd);
-            }
+        if let Some(inode) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']'))
+            && let (Ok(inode), Ok(fd)) = (inode.parse::<u64>(), entry.file_name().to_string_lossy().parse::<u32>())
+        {
+            out.insert(inode, fd);
         }
     }
     Ok(out)

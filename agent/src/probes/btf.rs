@@ -217,7 +217,7 @@ mod tests {
         assert_eq!(k.skc_rcv_saddr, k.skc_daddr + 4);
         assert_eq!(k.skc_num, k.skc_dport + 2);
         // msg_iter follows msg_name and msg_namelen; count follows its type, flags and offset.
-        assert!(k.msghdr_iter_count >= 24 && k.msghdr_iter_count % 8 == 0, "msghdr.msg_iter.count at {}", k.msghdr_iter_count);
+        assert!(k.msghdr_iter_count >= 24 && k.msghdr_iter_count.is_multiple_of(8), "msghdr.msg_iter.count at {}", k.msghdr_iter_count);
         // tcp_sock starts with inet_connection_sock (sock and more): write_seq is far in.
         assert!(k.tcp_write_seq > 1000, "tcp_sock.write_seq at {}", k.tcp_write_seq);
     }

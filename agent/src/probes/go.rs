@@ -108,6 +108,10 @@ pub struct ChannelSites {
     pub refill: u64,
 }
 
+/// A function's direct calls, (CALL address, target), by its name; None when it cannot be
+/// found or decoded.
+pub type CallsOf<'a> = dyn Fn(&str) -> Option<Vec<(u64, u64)>> + 'a;
+
 /// Finds the channel buffer CALL sites from each function's direct calls. The runtime's
 /// source fixes their shape in Go 1.21-1.27 (see ARCHITECTURE.md): chansend calls
 /// typedmemmove once (the buffered enqueue); chanrecv's typedmemclr calls clear either the
@@ -115,7 +119,7 @@ pub struct ChannelSites {
 /// is a typedmemmove directly followed by a typedmemclr of the same slot, its bufsend case
 /// the other typedmemmove; recv moves the old value out, then the sender's value in (its
 /// last typedmemmove). Anything else is refused rather than guessed.
-pub fn channel_sites(calls_of: &dyn Fn(&str) -> Option<Vec<(u64, u64)>>, typedmemmove: u64, typedmemclr: u64) -> Result<ChannelSites, String> {
+pub fn channel_sites(calls_of: &CallsOf<'_>, typedmemmove: u64, typedmemclr: u64) -> Result<ChannelSites, String> {
     let get = |f: &str| calls_of(f).ok_or_else(|| format!("{f} not found or not decodable"));
     let to = |calls: &[(u64, u64)], target: u64| calls.iter().filter(|(_, t)| *t == target).map(|(a, _)| *a).collect::<Vec<_>>();
     let send = get(CHANSEND)?;
@@ -422,11 +426,9 @@ pub fn attach_http(probes: &mut Probes, t: &Target, exe: &Executable, path: &Pat
             let off = entry_offset(exe, CONN_SERVE)?;
             probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, false)?;
             report.uprobes += 1;
-            if catch_up {
-                if let Ok(off) = entry_offset(exe, CONN_READ_REQUEST) {
-                    probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, true)?;
-                    report.uprobes += 1;
-                }
+            if catch_up && let Ok(off) = entry_offset(exe, CONN_READ_REQUEST) {
+                probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, true)?;
+                report.uprobes += 1;
             }
         }
         GoHttpProbes::Handler => {

@@ -273,10 +273,10 @@ impl Probes {
         // keeps draining events and attaching new processes meanwhile.
         let mut owned = Vec::new();
         for (prog, link, _) in self.uprobe_links.remove(&pid).unwrap_or_default() {
-            if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog) {
-                if let Ok(l) = p.take_link(link) {
-                    owned.push(l);
-                }
+            if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog)
+                && let Ok(l) = p.take_link(link)
+            {
+                owned.push(l);
             }
         }
         self.detaching.retain(|t| !t.is_finished());

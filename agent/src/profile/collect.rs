@@ -172,10 +172,8 @@ fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::syn
         {
             last = Instant::now();
             let p = w.take();
-            if !p.samples.is_empty() {
-                if sink.try_send(p).is_err() {
-                    w.stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            if !p.samples.is_empty() && sink.try_send(p).is_err() {
+                w.stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

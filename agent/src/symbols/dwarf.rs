@@ -50,10 +50,10 @@ impl GoDwarf {
             let mut current: Option<(String, isize)> = None;
             while let Ok(Some(entry)) = entries.next_dfs() {
                 let depth = entry.depth();
-                if let Some((_, d)) = &current {
-                    if depth <= *d {
-                        current = None;
-                    }
+                if let Some((_, d)) = &current
+                    && depth <= *d
+                {
+                    current = None;
                 }
                 match entry.tag() {
                     gimli::DW_TAG_structure_type => {

@@ -12,6 +12,7 @@
 //!   buffer slot remembers the sender's span until a receiver takes the value. The slot's
 //!   address is the call's RBX; RAX is the element type, whose size (its first word) is 0
 //!   for `chan struct{}`, whose slots all share one address (no span is carried then).
+//!
 //! Every value that crosses a channel between goroutines costs one hit.
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{Counter, GoOffsets, SlotKey};

@@ -6,6 +6,7 @@
 //!   the agent proved by decoding;
 //! - in `(*Conn).Write`, each CALL `c.writeRecordLocked(recordTypeApplicationData, b)`:
 //!   the plaintext before it is encrypted.
+//!
 //! The socket comes from `c.conn` (a *net.TCPConn) -> fd -> struct sock. On client
 //! connections the plaintext only marks requests and responses (the span itself comes from
 //! Transport.roundTrip): the first write after a response offers the writer's span to a

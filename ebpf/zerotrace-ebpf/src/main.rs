@@ -5,6 +5,11 @@
 #![allow(static_mut_refs)]
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// aya's map methods take `impl Borrow<K>`: a key passed by reference stays where it is on the
+// 512-byte BPF stack instead of being copied.
+#![allow(clippy::needless_borrows_for_generic_args)]
+// Indexed loops with constant bounds are the shape the verifier proves bounded.
+#![allow(clippy::needless_range_loop)]
 
 mod causality;
 mod go_client;

@@ -4,6 +4,7 @@
 //! - `sock:sock_recv_length` after every receive (bytes or -errno),
 //! - `tcp:tcp_sendmsg_locked` as TCP takes bytes to send (before copying them),
 //! - `sock:inet_sock_set_state` at TCP state changes (CLOSE ends a tracked socket).
+//!
 //! A bit test in SELECTED comes first. The user buffer of a receive or send is found in the
 //! syscall's saved registers (read/recvfrom, write/sendto; the first iovec of readv/writev
 //! and recvmsg/sendmsg, which tokio/mio and many C libraries use). Each hook exists twice: as a BTF

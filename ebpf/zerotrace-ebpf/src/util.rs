@@ -179,12 +179,13 @@ pub fn go_conn_fd(go: &GoOffsets, itab: u64, data: u64) -> i32 {
     let mut tcp = 0u64;
     if ty == go.type_tcpconn {
         tcp = data;
-    } else if ty != 0 && ty == go.type_tlsconn && go.tlsconn_conn != GoOffsets::NONE {
-        if let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64) {
-            if go_itab_type(inner[0]) == go.type_tcpconn {
-                tcp = inner[1];
-            }
-        }
+    } else if ty != 0
+        && ty == go.type_tlsconn
+        && go.tlsconn_conn != GoOffsets::NONE
+        && let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64)
+        && go_itab_type(inner[0]) == go.type_tcpconn
+    {
+        tcp = inner[1];
     }
     if tcp == 0 {
         return -1;

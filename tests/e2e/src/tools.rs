@@ -70,10 +70,10 @@ static BUILD_LOCK: Mutex<()> = Mutex::new(());
 pub fn go_build(go: &Path, src: &Path, out: &Path, extra_flags: &[&str]) -> Result<()> {
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let newest_src = std::fs::read_dir(src)?.filter_map(|e| e.ok()?.metadata().ok()?.modified().ok()).max();
-    if let (Ok(built), Some(src_time)) = (out.metadata().and_then(|m| m.modified()), newest_src) {
-        if built > src_time {
-            return Ok(());
-        }
+    if let (Ok(built), Some(src_time)) = (out.metadata().and_then(|m| m.modified()), newest_src)
+        && built > src_time
+    {
+        return Ok(());
     }
     let work = out.with_extension("src");
     let _ = std::fs::remove_dir_all(&work);
