@@ -113,7 +113,7 @@ pub struct ChannelSites {
 pub type CallsOf<'a> = dyn Fn(&str) -> Option<Vec<(u64, u64)>> + 'a;
 
 /// Finds the channel buffer CALL sites from each function's direct calls. The runtime's
-/// source fixes their shape in Go 1.21-1.27 (see ARCHITECTURE.md): chansend calls
+/// source fixes their shape in Go 1.21-1.27 (see docs/causality.md): chansend calls
 /// typedmemmove once (the buffered enqueue); chanrecv's typedmemclr calls clear either the
 /// slot just taken or, on a closed channel, the receiver's variable; select's bufrecv case
 /// is a typedmemmove directly followed by a typedmemclr of the same slot, its bufsend case

@@ -29,7 +29,7 @@ pub mod names {
     pub const SETTINGS: &str = "SETTINGS";
 }
 
-/// Bounds of every map and buffer. Each one is documented in ARCHITECTURE.md; the agent
+/// Bounds of every map and buffer. Each one is documented in docs/limits.md; the agent
 /// may lower or raise the map sizes at load time, the capture sizes are hard limits.
 pub mod bounds {
     /// Processes traced at once.

@@ -1,7 +1,7 @@
 //! Span contexts of goroutines: which span a goroutine's work belongs to (GO_CTX), how it
 //! gets one (serving a connection, its own client call, inherited at spawn, received over a
 //! channel) and how a client request written on a socket offers its span to the server on
-//! this host that reads it (CLIENT_LINK). The rules are in ARCHITECTURE.md ("Causality").
+//! this host that reads it (CLIENT_LINK). The rules are in docs/causality.md.
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_prandom_u32, generated::bpf_loop},
