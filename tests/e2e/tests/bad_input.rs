@@ -39,7 +39,7 @@ fn a_pid_that_is_not_a_go_program_is_traced_at_the_socket_level() -> Result<()> 
     let mut agent = Agent::start(&[sleeper.pid()], &["--exporter", "none"], &[])?;
     let err = agent.proc.stderr_text();
     assert!(err.contains("layer=\"socket\""), "{err}");
-    assert!(err.contains("not a Go program"), "says what it does instead: {err}");
+    assert!(err.contains("native program (not Go)"), "says what it does instead: {err}");
     let st = agent.stop()?;
     assert!(st.success(), "{st:?}");
     assert!(std::path::Path::new(&format!("/proc/{}", sleeper.pid())).exists());
