@@ -1,7 +1,8 @@
 //! `cargo xtask test`: set up, build, then every test tier: unit tests (decoders, parsers,
 //! correlator on recorded streams), the end-to-end suites that load the real kernel
 //! programs and trace real Go and Rust processes (run one at a time: they share the
-//! kernel), and a bounded fuzzing run of every parser of captured bytes.
+//! kernel), the VM tests on the oldest and newest Debian kernels (`vmtest`), and a bounded
+//! fuzzing run of every parser of captured bytes.
 use std::process::Command;
 
 use anyhow::Result;
@@ -19,6 +20,10 @@ pub struct TestArgs {
     /// Seconds each fuzz target runs after the tests (0: no fuzzing).
     #[arg(long, default_value_t = 20)]
     pub fuzz_seconds: u64,
+    /// Kernel series the VM tier boots (`cargo xtask vmtest --kernel`), comma-separated;
+    /// `none` leaves the tier out (said so in the output).
+    #[arg(long, value_delimiter = ',', default_values_t = crate::vmtest::DEFAULT_KERNELS.iter().map(|s| s.to_string()))]
+    pub vm_kernels: Vec<String>,
 }
 
 pub fn run_tests(args: TestArgs) -> Result<()> {
@@ -51,6 +56,17 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
     }
     env(&mut cmd);
     util::run(&mut cmd)?;
+    if args.filter.is_none() {
+        if args.vm_kernels.iter().any(|k| k == "none") {
+            step("VM tests left out (--vm-kernels none)");
+        } else {
+            step(format!("VM tests: Linux {} under qemu (TCG), end-to-end subset in each", args.vm_kernels.join(", ")));
+            let t = std::time::Instant::now();
+            let r = crate::vmtest::run_with(&crate::vmtest::VmtestArgs::kernels(args.vm_kernels.clone()), &bin, &rsvc);
+            eprintln!("VM tests took {:.0} s", t.elapsed().as_secs_f64());
+            r?;
+        }
+    }
     if args.fuzz_seconds > 0 && args.filter.is_none() {
         step("fuzzing every parser of captured bytes (bounded time per target)");
         crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })?;
