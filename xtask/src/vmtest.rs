@@ -52,9 +52,16 @@ pub struct VmtestArgs {
     /// Seconds a guest may run before it is killed and its kernel marked FAIL.
     #[arg(long, default_value_t = 420)]
     pub timeout: u64,
-    /// Guests at once (each emulated CPU keeps one host core busy).
-    #[arg(long, default_value_t = 1)]
+    /// Guests at once (each emulated CPU keeps one host core busy). Default: one per core.
+    #[arg(long, default_value_t = cores())]
     pub jobs: usize,
+    /// The agent's log filter in the guests (ZEROTRACE_LOG, e.g. debug).
+    #[arg(long, default_value = "info")]
+    pub agent_log: String,
+    /// Record every kernel record of the guests' agent runs (`zerotrace --record`), kept as
+    /// target/vmtest/SERIES/RUN.rec (for `zerotrace replay` and bug reports).
+    #[arg(long)]
+    pub record: bool,
     /// Look for newer kernel packages than the cached ones.
     #[arg(long)]
     pub refresh_kernels: bool,
@@ -63,8 +70,12 @@ pub struct VmtestArgs {
 impl VmtestArgs {
     /// The defaults with these kernels (for `cargo xtask test`).
     pub fn kernels(kernel: Vec<String>) -> VmtestArgs {
-        VmtestArgs { kernel, all: false, socket_hooks: "auto".into(), timeout: 420, jobs: 1, refresh_kernels: false }
+        VmtestArgs { kernel, all: false, socket_hooks: "auto".into(), timeout: 420, jobs: cores(), agent_log: "info".into(), record: false, refresh_kernels: false }
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 pub fn run(args: VmtestArgs) -> Result<()> {
@@ -115,8 +126,10 @@ pub fn run_with(args: &VmtestArgs, agent: &Path, rsvc: &Path) -> Result<()> {
     img.executable(&format!("/zt/causal-go{GO_OLDEST}"), &causal_old)?;
     img.executable(&format!("/zt/causal-go{GO_NEWEST}"), &causal_new)?;
     let env = format!(
-        "HOOKS='{}'\nGO_OLD={GO_OLDEST}\nGO_NEW={GO_NEWEST}\nTRACE_SPANS={TRACE_SPANS}\nINJECT_SPANS={INJECT_SPANS}\n",
-        args.socket_hooks.replace('\'', "")
+        "HOOKS='{}'\nRECORD={}\nexport ZEROTRACE_LOG='{}'\nGO_OLD={GO_OLDEST}\nGO_NEW={GO_NEWEST}\nTRACE_SPANS={TRACE_SPANS}\nINJECT_SPANS={INJECT_SPANS}\n",
+        args.socket_hooks.replace('\'', ""),
+        if args.record { "1" } else { "" },
+        args.agent_log.replace('\'', "")
     );
     img.bytes("/vmtest/env", env, 0o644);
     let initrd = out.join("initramfs.cpio");
@@ -261,7 +274,13 @@ fn run_kernel(k: &kernels::Kernel, ctx: &Ctx, out: &Path) -> Report {
     let console = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
     for (name, s) in &data.sections {
         let file = dir.join(name.replace(':', "-").replace('/', "_"));
-        let _ = std::fs::write(file, &s.text);
+        if name.ends_with(".rec") {
+            use base64::Engine as _;
+            let b64: String = s.text.split_whitespace().collect();
+            let _ = std::fs::write(file, base64::engine::general_purpose::STANDARD.decode(b64).unwrap_or_default());
+        } else if name != "profile.pb.gz" {
+            let _ = std::fs::write(file, &s.text);
+        }
     }
     let mut r = evaluate(k, ctx, &data, &console, &end, &dir);
     r.cycle = Some(cycle);
@@ -377,8 +396,8 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
     row(
         "agent ready <= 10 s",
         match (started, ready) {
-            (_, Some(t)) if t <= READY_WITHIN_S => Ok(format!("{t:.1} s from start to tracing all 9 processes")),
-            (_, Some(t)) => Err(anyhow::anyhow!("{t:.1} s from start to tracing all 9 processes")),
+            (_, Some(t)) if t <= READY_WITHIN_S => Ok(format!("{t:.1} s from start to tracing all 9 processes{}", also_ready(d))),
+            (_, Some(t)) => Err(anyhow::anyhow!("{t:.1} s from start to tracing all 9 processes{}", also_ready(d))),
             (Some(_), None) => Err(agent_failed()),
             (None, None) => Err(anyhow::anyhow!("{}", missing())),
         },
@@ -427,6 +446,14 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
         row("guest finished", Err(anyhow::anyhow!("{}", missing())));
     }
     Report { series: k.series.clone(), release: k.release.clone(), hooks: hooks.unwrap_or_else(|| "-".into()), cycle: None, ready, rows }
+}
+
+/// The injection run's start, for the record (it loads one more program).
+fn also_ready(d: &checks::GuestData) -> String {
+    match d.ready("inject") {
+        Some((t, true)) => format!(" (the injection run's 6: {t:.1} s)"),
+        _ => String::new(),
+    }
 }
 
 fn render(reports: &[Report], args: &VmtestArgs, took: Duration) -> String {

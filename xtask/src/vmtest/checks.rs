@@ -371,20 +371,21 @@ pub fn profile(d: &GuestData, go: &Path, out_dir: &Path) -> Result<String> {
     let pb = out_dir.join("cpu.pb.gz");
     std::fs::write(&pb, &bytes)?;
     let top = pprof(go, &["-top", "-nodecount=10"], &pb)?;
-    let top_fn = top.lines().skip_while(|l| !l.trim_start().starts_with("flat")).nth(1).and_then(|l| l.split_whitespace().nth(5)).unwrap_or("");
+    let rows = |t: &str| -> Vec<Vec<String>> {
+        t.lines().skip_while(|l| !l.trim_start().starts_with("flat")).skip(1).map(|l| l.split_whitespace().map(str::to_owned).collect()).collect()
+    };
+    let top_fn = rows(&top).first().and_then(|r| r.get(5).cloned()).unwrap_or_default();
     ensure!(top_fn == "rsvc::burn_inner", "top function {top_fn:?} (want rsvc::burn_inner)");
-    let traces = pprof(go, &["-traces"], &pb)?;
-    let samples = traces.matches("-----------+").count();
-    let chain = ["rsvc::burn_inner", "rsvc::burn_middle", "rsvc::burn_outer"];
-    let whole = traces
-        .split("-----------+")
-        .filter(|s| {
-            let frames: Vec<&str> = s.lines().filter_map(|l| l.split_whitespace().last()).collect();
-            frames.windows(3).any(|w| w == chain)
-        })
-        .count();
-    ensure!(whole > 0, "no sample unwound burn_inner <- burn_middle <- burn_outer ({samples} samples)");
-    Ok(format!("{samples} samples, top rsvc::burn_inner, {whole} unwound through burn_middle <- burn_outer"))
+    // Share of samples whose stack reaches main through the callers (a broken unwinder
+    // stops early): the cumulative percentage of rsvc::main.
+    let cum = pprof(go, &["-top", "-cum", "-nodecount=40"], &pb)?;
+    let share = |name: &str| -> f64 {
+        rows(&cum).iter().find(|r| r.get(5).is_some_and(|n| n == name)).and_then(|r| r.get(4)?.trim_end_matches('%').parse().ok()).unwrap_or(0.0)
+    };
+    let (outer, main) = (share("rsvc::burn_outer"), share("rsvc::main"));
+    ensure!(main >= 80.0, "only {main}% of the samples unwound to rsvc::main (burn_outer: {outer}%)");
+    let samples = log.text.split_whitespace().find_map(|w| w.strip_prefix("samples=")).unwrap_or("?");
+    Ok(format!("{samples} samples, top rsvc::burn_inner, {main}% unwound through burn_middle <- burn_outer <- main"))
 }
 
 #[cfg(test)]

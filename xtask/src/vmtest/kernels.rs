@@ -121,8 +121,10 @@ impl Apt {
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             if let Some(n) = l.strip_prefix("Package: ") {
                 name = Some(n.to_owned());
-            } else if let (Some(v), Some(n)) = (l.strip_prefix("Version: "), name.take()) {
-                found.insert(n, v.to_owned());
+            } else if let Some(v) = l.strip_prefix("Version: ") {
+                if let Some(n) = name.take() {
+                    found.insert(n, v.to_owned());
+                }
             }
         }
         Ok(found)
@@ -140,6 +142,10 @@ impl Apt {
             .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")) && n.to_string_lossy().ends_with(".deb")))
             .with_context(|| format!("apt-get download {pkg} left no .deb in {}", into.display()))
     }
+}
+
+fn checks_cut(s: &str) -> String {
+    super::checks::cut(s.lines().last().unwrap_or(s), 200)
 }
 
 /// Debian version order (`dpkg --compare-versions`).
@@ -239,18 +245,22 @@ pub fn kernel(series: &str, refresh: bool) -> Result<Kernel> {
             let deb = match apt.download(&pkg, &debs) {
                 Ok(d) => d,
                 Err(e) => {
+                    eprintln!("    {}: trying the next", checks_cut(&format!("{e:#}")));
                     tried.push(format!("{e:#}"));
                     continue;
                 }
             };
             let vmlinuz = home.join(format!("vmlinuz-{release}"));
-            let ok = extract(&deb, &format!("./boot/vmlinuz-{release}"), &vmlinuz)?;
+            // /boot until Linux 7.1, /usr/lib/modules/R/ from 7.2 on.
+            let ok = extract(&deb, &format!("./boot/vmlinuz-{release}"), &vmlinuz)?
+                || extract(&deb, &format!("./usr/lib/modules/{release}/vmlinuz"), &vmlinuz)?;
             let _ = std::fs::remove_file(&deb);
             if ok {
                 std::fs::write(&marker, &release)?;
                 return Ok(Kernel { series: series.to_owned(), release, vmlinuz });
             }
-            tried.push(format!("{pkg} has no boot/vmlinuz-{release}"));
+            eprintln!("    {pkg} holds no vmlinuz (boot/ nor usr/lib/modules/): trying the next");
+            tried.push(format!("{pkg} has no vmlinuz"));
         }
     }
     bail!("no kernel of series {series} could be downloaded: {}", tried.join("; "))
