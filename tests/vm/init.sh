@@ -189,10 +189,11 @@ fi
 kill -KILL $PIDS 2>/dev/null
 
 # Run 3: a CPU profile of a Rust release binary without frame pointers. The burner runs
-# niced so that it does not slow the agent's start on the one CPU; once the agent idles, it
+# reniced so that it does not slow the agent's start on the one CPU; once the agent idles, it
 # has the CPU to itself.
-nice -n 19 rsvc burn 60 > /tmp/burn.log 2>&1 &
+rsvc burn 60 > /tmp/burn.log 2>&1 &
 BURN=$!
+renice -n 19 -p $BURN > /dev/null
 n=0
 while ! grep -q burning /tmp/burn.log && [ $n -lt 100 ]; do n=$((n + 1)); sleep 0.1; done
 PIDS=$BURN
