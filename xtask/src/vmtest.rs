@@ -445,7 +445,13 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
     if !matches!(end, End::Done) {
         row("guest finished", Err(anyhow::anyhow!("{}", missing())));
     }
-    Report { series: k.series.clone(), release: k.release.clone(), hooks: hooks.unwrap_or_else(|| "-".into()), cycle: None, ready, rows }
+    // The hook set the agent logged; when it never got that far, what doctor says.
+    let doctor_hooks = d.section("doctor").and_then(|s| {
+        let line = s.text.lines().find(|l| l.starts_with("socket hooks"))?;
+        Some(if line.contains("missing") { "none (doctor)".to_owned() } else { "ok (doctor)".to_owned() })
+    });
+    let hooks = hooks.or(doctor_hooks).unwrap_or_else(|| "-".into());
+    Report { series: k.series.clone(), release: k.release.clone(), hooks, cycle: None, ready, rows }
 }
 
 /// The injection run's start, for the record (it loads one more program).
@@ -462,11 +468,11 @@ fn render(reports: &[Report], args: &VmtestArgs, took: Duration) -> String {
     let _ = writeln!(t, "zerotrace vmtest at {commit}: --socket-hooks {}, {} kernel(s), {:.0} s in all", args.socket_hooks, reports.len(), took.as_secs_f64());
     let _ = writeln!(t, "cycle = boot + tests + power-off under software emulation (qemu TCG, 1 vCPU): a cost of this test run, not a measure of zerotrace.");
     let _ = writeln!(t, "ready = from the agent's start to its `tracing` line for every process of the first run (guest clock).\n");
-    let _ = writeln!(t, "{:<34} {:<8} {:>7} {:>7}  result", "kernel", "hooks", "cycle", "ready");
+    let _ = writeln!(t, "{:<34} {:<14} {:>7} {:>7}  result", "kernel", "socket hooks", "cycle", "ready");
     for r in reports {
         let _ = writeln!(
             t,
-            "{:<34} {:<8} {:>7} {:>7}  {} PASS, {} FAIL",
+            "{:<34} {:<14} {:>7} {:>7}  {} PASS, {} FAIL",
             checks::cut(&r.name(), 34),
             r.hooks,
             r.cycle.map(|c| format!("{:.0} s", c.as_secs_f64())).unwrap_or_else(|| "-".into()),

@@ -97,6 +97,15 @@ pub fn first_error(text: &str) -> String {
         .copied()
         .unwrap_or("(no output)");
     let pick = pick.split_once(" ERROR ").map_or(pick, |(_, m)| m);
+    // A verifier log says what it refused at its end, before its statistics (its first
+    // lines are the program's start, or warnings).
+    if let Some((head, _)) = pick.split_once("Verifier output:") {
+        let after = &clean[clean.find("Verifier output:").map_or(0, |i| i + "Verifier output:".len())..];
+        let stats = ["verification time", "stack depth", "processed ", "; run `zerotrace doctor`"];
+        if let Some(last) = after.lines().map(str::trim).filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s))).last() {
+            return cut(&format!("{}verifier: {last}", head.trim_end().trim_end_matches('.').to_owned() + ", "), 400);
+        }
+    }
     cut(pick, 400)
 }
 
@@ -105,7 +114,7 @@ fn strip_ansi(s: &str) -> String {
     let mut it = s.chars().peekable();
     while let Some(c) = it.next() {
         if c == '\x1b' {
-            while let Some(n) = it.next() {
+            for n in it.by_ref() {
                 if n.is_ascii_alphabetic() {
                     break;
                 }
@@ -384,7 +393,9 @@ pub fn profile(d: &GuestData, go: &Path, out_dir: &Path) -> Result<String> {
     };
     let (outer, main) = (share("rsvc::burn_outer"), share("rsvc::main"));
     ensure!(main >= 80.0, "only {main}% of the samples unwound to rsvc::main (burn_outer: {outer}%)");
-    let samples = log.text.split_whitespace().find_map(|w| w.strip_prefix("samples=")).unwrap_or("?");
+    let samples: u64 = log.text.split_whitespace().find_map(|w| w.strip_prefix("samples=")?.parse().ok()).unwrap_or(0);
+    // 4 s at 99 Hz of a process that burns the guest's one CPU: ~400 possible.
+    ensure!(samples >= 100, "only {samples} samples in 4 s at 99 Hz of a busy process");
     Ok(format!("{samples} samples, top rsvc::burn_inner, {main}% unwound through burn_middle <- burn_outer <- main"))
 }
 
@@ -406,7 +417,14 @@ mod tests {
     #[test]
     fn first_error_prefers_the_fatal_line() {
         let log = "2026-12-06T08:00:00Z  INFO starting\n\x1b[31mzerotrace: error: loading the kernel programs failed: the BPF_PROG_LOAD syscall failed. Verifier output: 0: R1=ctx\n1: ...\n";
-        assert_eq!(first_error(log), "zerotrace: error: loading the kernel programs failed: the BPF_PROG_LOAD syscall failed. Verifier output: 0: R1=ctx");
+        assert_eq!(first_error(log), "zerotrace: error: loading the kernel programs failed: the BPF_PROG_LOAD syscall failed, verifier: 1: ...");
+        let v = "zerotrace: error: program p: the BPF_PROG_LOAD syscall returned Permission denied (os error 13). Verifier output: reg type unsupported for arg#0\n0: R1=ctx()\n2988: (85) call bpf_probe_read_user#112\nR2 min value is negative, either use unsigned or 'var &= const'\nverification time 5311319 usec\nstack depth 152+0+0+0\nprocessed 28901 insns\n; run `zerotrace doctor` to see what this kernel allows\n";
+        assert_eq!(
+            first_error(v),
+            "zerotrace: error: program p: the BPF_PROG_LOAD syscall returned Permission denied (os error 13), verifier: R2 min value is negative, either use unsigned or 'var &= const'"
+        );
+        let one = "zerotrace: error: program p: failed (os error 22). Verifier output: number of funcs in func_info doesn't match number of subprogs\nverification time 878 usec\n";
+        assert_eq!(first_error(one), "zerotrace: error: program p: failed (os error 22), verifier: number of funcs in func_info doesn't match number of subprogs");
         assert_eq!(first_error("2026-12-06T08:00:00Z ERROR cannot attach\n"), "cannot attach");
         assert_eq!(first_error("error: invalid value 'syscalls' for '--socket-hooks <HOOKS>'\n\n  [possible values: auto]"), "error: invalid value 'syscalls' for '--socket-hooks <HOOKS>'");
     }

@@ -121,10 +121,10 @@ impl Apt {
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             if let Some(n) = l.strip_prefix("Package: ") {
                 name = Some(n.to_owned());
-            } else if let Some(v) = l.strip_prefix("Version: ") {
-                if let Some(n) = name.take() {
-                    found.insert(n, v.to_owned());
-                }
+            } else if let Some(v) = l.strip_prefix("Version: ")
+                && let Some(n) = name.take()
+            {
+                found.insert(n, v.to_owned());
             }
         }
         Ok(found)
@@ -174,6 +174,18 @@ fn extract(deb: &Path, member: &str, to: &Path) -> Result<bool> {
     Ok(found)
 }
 
+/// Whether kernel release `release` (e.g. "6.1.0-50-cloud-amd64") is a cloud kernel of
+/// `series` ("6.1"; "newest": any).
+fn in_series(series: &str, release: &str) -> bool {
+    // "6.1" must not match 6.12: the series is followed by "." or "-".
+    let series_ok = if series == "newest" {
+        release.starts_with(|c: char| c.is_ascii_digit())
+    } else {
+        release.strip_prefix(series).is_some_and(|rest| rest.starts_with(['.', '-']))
+    };
+    series_ok && release.ends_with("-cloud-amd64") && !release.contains("unsigned")
+}
+
 /// Kernel releases of `series` ("5.10", "6.19", ...; "newest": every series) with cloud
 /// images, newest first, as (release, package version).
 fn releases(apt: &Apt, series: &str) -> Result<Vec<(String, String)>> {
@@ -181,16 +193,7 @@ fn releases(apt: &Apt, series: &str) -> Result<Vec<(String, String)>> {
     let names: Vec<String> = apt
         .pkgnames(&prefix)?
         .into_iter()
-        .filter(|name| {
-            let release = &name["linux-image-".len()..];
-            // "6.1" must not match 6.12: the series is followed by "." or "-".
-            let series_ok = if series == "newest" {
-                release.starts_with(|c: char| c.is_ascii_digit())
-            } else {
-                release[series.len()..].starts_with(['.', '-'])
-            };
-            series_ok && release.ends_with("-cloud-amd64") && !release.contains("unsigned")
-        })
+        .filter(|name| in_series(series, &name["linux-image-".len()..]))
         .collect();
     let versions = apt.versions(&names)?;
     let mut found: Vec<(String, String)> =
@@ -213,13 +216,11 @@ fn releases(apt: &Apt, series: &str) -> Result<Vec<(String, String)>> {
 pub fn kernel(series: &str, refresh: bool) -> Result<Kernel> {
     let home = dir().join(series);
     let marker = home.join("release");
-    if !refresh {
-        if let Ok(release) = std::fs::read_to_string(&marker) {
-            let release = release.trim().to_owned();
-            let vmlinuz = home.join(format!("vmlinuz-{release}"));
-            if vmlinuz.is_file() {
-                return Ok(Kernel { series: series.to_owned(), release, vmlinuz });
-            }
+    if !refresh && let Ok(release) = std::fs::read_to_string(&marker) {
+        let release = release.trim().to_owned();
+        let vmlinuz = home.join(format!("vmlinuz-{release}"));
+        if vmlinuz.is_file() {
+            return Ok(Kernel { series: series.to_owned(), release, vmlinuz });
         }
     }
     let mut apt = Apt::new()?;
@@ -285,4 +286,21 @@ pub fn busybox(refresh: bool) -> Result<PathBuf> {
         bail!("{} holds no usr/bin/busybox nor bin/busybox", deb.display());
     }
     Ok(bin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_series;
+
+    #[test]
+    fn series_names_do_not_overlap() {
+        assert!(in_series("6.1", "6.1.0-50-cloud-amd64"));
+        assert!(!in_series("6.1", "6.12.95+deb12-cloud-amd64"));
+        assert!(in_series("6.12", "6.12.95+deb12-cloud-amd64"));
+        assert!(in_series("5.10", "5.10.0-32-cloud-amd64"));
+        assert!(!in_series("5.10", "5.10.0-32-cloud-amd64-dbg"));
+        assert!(!in_series("6.19", "6.19.14+deb13-amd64"));
+        assert!(in_series("newest", "7.3.4+deb13-cloud-amd64"));
+        assert!(!in_series("newest", "cloud-amd64"));
+    }
 }
