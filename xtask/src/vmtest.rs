@@ -447,8 +447,16 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
     }
     // The hook set the agent logged; when it never got that far, what doctor says.
     let doctor_hooks = d.section("doctor").and_then(|s| {
-        let line = s.text.lines().find(|l| l.starts_with("socket hooks"))?;
-        Some(if line.contains("missing") { "none (doctor)".to_owned() } else { "ok (doctor)".to_owned() })
+        let line = |name: &str| s.text.lines().find(|l| l.starts_with(name));
+        if let Some(h) = s.text.split_whitespace().find_map(|w| w.strip_prefix("hooks=")) {
+            return Some(format!("{} (doctor)", h.trim_matches('"')));
+        }
+        let set = match (line("socket hooks")?.contains("missing"), line("btf tracing").is_some_and(|l| !l.contains("missing"))) {
+            (true, _) => "none",
+            (false, true) => "btf",
+            (false, false) => "raw",
+        };
+        Some(format!("{set} (doctor)"))
     });
     let hooks = hooks.or(doctor_hooks).unwrap_or_else(|| "-".into());
     Report { series: k.series.clone(), release: k.release.clone(), hooks, cycle: None, ready, rows }

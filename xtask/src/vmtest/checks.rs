@@ -394,8 +394,9 @@ pub fn profile(d: &GuestData, go: &Path, out_dir: &Path) -> Result<String> {
     let (outer, main) = (share("rsvc::burn_outer"), share("rsvc::main"));
     ensure!(main >= 80.0, "only {main}% of the samples unwound to rsvc::main (burn_outer: {outer}%)");
     let samples: u64 = log.text.split_whitespace().find_map(|w| w.strip_prefix("samples=")?.parse().ok()).unwrap_or(0);
-    // 4 s at 99 Hz of a process that burns the guest's one CPU: ~400 possible.
-    ensure!(samples >= 100, "only {samples} samples in 4 s at 99 Hz of a busy process");
+    // 4 s at 99 Hz of a process that burns the guest's one CPU: ~400 possible, fewer as the
+    // agent takes its share of that CPU under emulation (130-420 seen); a tenth at least.
+    ensure!(samples >= 40, "only {samples} samples in 4 s at 99 Hz of a busy process");
     Ok(format!("{samples} samples, top rsvc::burn_inner, {main}% unwound through burn_middle <- burn_outer <- main"))
 }
 
