@@ -323,19 +323,20 @@ fn boot(k: &kernels::Kernel, ctx: &Ctx, dir: &Path) -> Result<(Duration, End)> {
 }
 
 /// Why data is missing: how the guest ended, with the console's panic line if any.
-fn end_reason(end: &End, console: &str) -> String {
+fn end_reason(end: &End, console: &str, d: &checks::GuestData) -> String {
+    let step = d.events.last().map(|e| format!("; the guest's last step: {}", e.join(" "))).unwrap_or_default();
     let panic = console.lines().find(|l| l.contains("Kernel panic") || l.contains("BUG:") || l.contains("Oops:")).map(|l| checks::cut(l.trim(), 200));
     let last = console.lines().rev().map(str::trim).find(|l| !l.is_empty()).map(|l| checks::cut(l, 160)).unwrap_or_default();
     match (end, panic) {
         (_, Some(p)) => format!("guest kernel: {p}"),
-        (End::TimedOut(t), None) => format!("guest hung: killed after {} s (console's last line: {last})", t.as_secs()),
-        (End::Exited(why), None) => format!("{why} (console's last line: {last})"),
+        (End::TimedOut(t), None) => format!("guest hung: killed after {} s (console's last line: {last}{step})", t.as_secs()),
+        (End::Exited(why), None) => format!("{why} (console's last line: {last}{step})"),
         (End::Done, None) => "the guest sent nothing for this".into(),
     }
 }
 
 fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str, end: &End, dir: &Path) -> Report {
-    let missing = || end_reason(end, console);
+    let missing = || end_reason(end, console, d);
     let mut rows: Vec<CheckRow> = Vec::new();
     let mut row = |name: &str, r: Result<String>| {
         let (pass, detail) = match r {
