@@ -1,8 +1,8 @@
 //! `cargo xtask test`: set up, build, then every test tier: unit tests (decoders, parsers,
 //! correlator on recorded streams), the end-to-end suites that load the real kernel
 //! programs and trace real Go and Rust processes (run one at a time: they share the
-//! kernel), the VM tests on the oldest and newest Debian kernels (`vmtest`), and a bounded
-//! fuzzing run of every parser of captured bytes.
+//! kernel), a bounded fuzzing run of every parser of captured bytes, and the VM tests on the
+//! oldest and newest Debian kernels (`vmtest`).
 use std::process::Command;
 
 use anyhow::Result;
@@ -56,6 +56,11 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
     }
     env(&mut cmd);
     util::run(&mut cmd)?;
+    if args.fuzz_seconds > 0 && args.filter.is_none() {
+        step("fuzzing every parser of captured bytes (bounded time per target)");
+        crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })?;
+    }
+    // Last: the slowest tier, and a failure in a VM keeps no other tier from running.
     if args.filter.is_none() {
         if args.vm_kernels.iter().any(|k| k == "none") {
             step("VM tests left out (--vm-kernels none)");
@@ -66,10 +71,6 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
             eprintln!("VM tests took {:.0} s", t.elapsed().as_secs_f64());
             r?;
         }
-    }
-    if args.fuzz_seconds > 0 && args.filter.is_none() {
-        step("fuzzing every parser of captured bytes (bounded time per target)");
-        crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })?;
     }
     Ok(())
 }

@@ -84,7 +84,7 @@ impl Apt {
         if self.updated {
             return Ok(());
         }
-        let stamp = self.root.join("lists/updated");
+        let stamp = self.root.join("updated");
         let fresh = std::fs::metadata(&stamp)
             .and_then(|m| m.modified())
             .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() < Duration::from_secs(86_400));
