@@ -102,7 +102,7 @@ pub fn first_error(text: &str) -> String {
     if let Some((head, _)) = pick.split_once("Verifier output:") {
         let after = &clean[clean.find("Verifier output:").map_or(0, |i| i + "Verifier output:".len())..];
         let stats = ["verification time", "stack depth", "processed ", "; run `zerotrace doctor`"];
-        if let Some(last) = after.lines().map(str::trim).filter(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s))).last() {
+        if let Some(last) = after.lines().map(str::trim).rfind(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s))) {
             return cut(&format!("{}verifier: {last}", head.trim_end().trim_end_matches('.').to_owned() + ", "), 400);
         }
     }
