@@ -200,7 +200,11 @@ impl<'a> Forest<'a> {
 }
 
 fn brief(s: &RSpan) -> String {
-    format!("{} {} {} {}", s.res("service.name"), if s.kind == SERVER { "SERVER" } else { "CLIENT" }, s.name, s.attr("url.full").to_owned() + s.attr("url.path"))
+    let headers = match s.attr("zerotrace.http2.headers") {
+        "" => String::new(),
+        h => format!(" (headers {h})"),
+    };
+    format!("{} {} {} {}{headers}", s.res("service.name"), if s.kind == SERVER { "SERVER" } else { "CLIENT" }, s.name, s.attr("url.full").to_owned() + s.attr("url.path"))
 }
 
 /// A client span under `parent` that called `leaf` on the downstream, and the downstream's
