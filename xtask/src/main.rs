@@ -1,5 +1,6 @@
 //! `cargo xtask`: one entry point for setting up a machine, building, running the demo, the
-//! test suite, the benchmarks and regenerating generated sources (`codegen`). Every task
+//! test suite, the VM tests on Debian kernels (`vmtest`), the benchmarks and regenerating
+//! generated sources (`codegen`). Every task
 //! installs what it needs first (idempotently, saying what it does), so a fresh machine needs
 //! nothing but this repository and Rust.
 mod bench;
@@ -9,6 +10,7 @@ mod fuzz;
 mod setup;
 mod test;
 mod util;
+mod vmtest;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -37,6 +39,9 @@ enum Task {
         #[command(subcommand)]
         which: bench::Bench,
     },
+    /// Boot Debian kernels under qemu and run an end-to-end subset in each (results in
+    /// target/vmtest/results.txt).
+    Vmtest(vmtest::VmtestArgs),
     /// Regenerate checked-in generated sources.
     Codegen {
         #[command(subcommand)]
@@ -69,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Task::Test(args) => test::run(args),
         Task::Fuzz(args) => fuzz::run_fuzz(args),
         Task::Bench { which } => bench::run(which),
+        Task::Vmtest(args) => vmtest::run(args),
         Task::Codegen { which } => codegen::run_codegen(which),
     }
 }

@@ -2,8 +2,9 @@
 //! clippy over every crate), unit tests (decoders, parsers, correlator on recorded streams,
 //! the layering rule), the end-to-end suites that load the real kernel programs and trace
 //! real Go and Rust processes (run one at a time: they share the kernel), and a bounded
-//! fuzzing run of every parser of captured bytes. The tiers' times are printed at the end,
-//! also when one failed.
+//! fuzzing run of every parser of captured bytes, and last the VM tests on the oldest and
+//! newest Debian kernels (`vmtest`). The tiers' times are printed at the end, also when one
+//! failed.
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -27,6 +28,10 @@ pub struct TestArgs {
     /// Seconds each fuzz target runs after the tests (0: no fuzzing).
     #[arg(long, default_value_t = 20)]
     pub fuzz_seconds: u64,
+    /// Kernel series the VM tier boots (`cargo xtask vmtest --kernel`), comma-separated;
+    /// `none` leaves the tier out (said so in the output).
+    #[arg(long, value_delimiter = ',', default_values_t = crate::vmtest::DEFAULT_KERNELS.iter().map(|s| s.to_string()))]
+    pub vm_kernels: Vec<String>,
 }
 
 /// The tiers run so far, with their times.
@@ -117,6 +122,17 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
             step("fuzzing every parser of captured bytes (bounded time per target)");
             crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })
         })?;
+    }
+    // Last: the slowest tier, and a failure in a VM keeps no other tier from running.
+    if args.filter.is_none() {
+        if args.vm_kernels.iter().any(|k| k == "none") {
+            step("VM tests left out (--vm-kernels none)");
+        } else {
+            tiers.run("VMs (e2e subset on the oldest and newest kernels)", || {
+                step(format!("VM tests: Linux {} under qemu (TCG), end-to-end subset in each", args.vm_kernels.join(", ")));
+                crate::vmtest::run_with(&crate::vmtest::VmtestArgs::kernels(args.vm_kernels.clone()), &bin, &rust_svc)
+            })?;
+        }
     }
     Ok(())
 }

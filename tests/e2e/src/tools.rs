@@ -68,6 +68,11 @@ static BUILD_LOCK: Mutex<()> = Mutex::new(());
 /// the toolchain's own language version so its GODEBUG defaults apply. Reuses an existing
 /// build when the sources are older than it.
 pub fn go_build(go: &Path, src: &Path, out: &Path, extra_flags: &[&str]) -> Result<()> {
+    go_build_env(go, src, out, extra_flags, &[])
+}
+
+/// `go_build` with extra environment for the go command (e.g. CGO_ENABLED=0).
+pub fn go_build_env(go: &Path, src: &Path, out: &Path, extra_flags: &[&str], env: &[(&str, &str)]) -> Result<()> {
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let newest_src = std::fs::read_dir(src)?.filter_map(|e| e.ok()?.metadata().ok()?.modified().ok()).max();
     if let (Ok(built), Some(src_time)) = (out.metadata().and_then(|m| m.modified()), newest_src)
@@ -99,6 +104,7 @@ pub fn go_build(go: &Path, src: &Path, out: &Path, extra_flags: &[&str]) -> Resu
         .env("GOFLAGS", "-mod=mod")
         .env("GOPROXY", "off")
         .env("GOTELEMETRY", "off")
+        .envs(env.iter().copied())
         .status()
         .with_context(|| format!("running {}", go.display()))?;
     if !status.success() {
@@ -123,5 +129,13 @@ pub fn causal(version: &str) -> Result<PathBuf> {
 pub fn causal_built(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {
     let out = work_dir().join(format!("causal-go{version}{tag}"));
     go_build(&go(version)?, &root().join("tests/e2e/go/causal"), &out, flags)?;
+    Ok(out)
+}
+
+/// The span-tree test service built with `CGO_ENABLED=0` (a static executable, as the VM
+/// tests copy it into their guests), cached under target/e2e.
+pub fn causal_static(version: &str) -> Result<PathBuf> {
+    let out = work_dir().join(format!("causal-go{version}-static"));
+    go_build_env(&go(version)?, &root().join("tests/e2e/go/causal"), &out, &[], &[("CGO_ENABLED", "0")])?;
     Ok(out)
 }
