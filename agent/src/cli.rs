@@ -212,6 +212,11 @@ pub struct RunArgs {
     #[arg(long, env = "ZEROTRACE_CONTROL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub control_token: Option<String>,
 
+    /// Serve the health endpoints on this address (e.g. 0.0.0.0:8686): GET /healthz (the
+    /// agent is alive), GET /readyz (probes attached and exporter healthy); JSON bodies.
+    #[arg(long, env = "ZEROTRACE_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<std::net::SocketAddr>,
+
     /// tail only: watch a running agent through its control socket instead of tracing
     /// (a path, or tcp://HOST:PORT with --control-token).
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::control::DEFAULT_SOCKET)]

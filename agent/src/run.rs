@@ -62,6 +62,8 @@ pub enum RunError {
     Export(#[from] crate::export::otlp::ExportError),
     #[error("reading kernel events: {0}")]
     Events(std::io::Error),
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
 }
 
 /// A traced process while it is traced.
@@ -105,6 +107,11 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     if export.is_some() {
         tracing::info!(endpoint = %s.export.endpoint, protocol = ?s.export.protocol, "exporting spans over OTLP");
     }
+    let health = crate::health::Health::new(stats.clone(), export.is_some());
+    let _health_task = match s.health_listen {
+        Some(addr) => Some(crate::health::serve(addr, health.clone()).await?),
+        None => None,
+    };
     // CPU profiles: the perf_event program on every CPU, a thread that unwinds and
     // symbolizes, and (OTLP) a task that sends each window.
     let mut profile_task = None;
@@ -147,7 +154,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let (exit_tx, mut exit_rx) = mpsc::unbounded_channel::<u32>();
     let mut traced: HashMap<u32, Traced> = HashMap::new();
 
-    let mut ctx = AttachCtx { s: &s, resources: &resources, exit_tx: exit_tx.clone(), rejected: HashMap::new() };
+    let mut ctx = AttachCtx { s: &s, resources: &resources, exit_tx: exit_tx.clone(), rejected: HashMap::new(), uprobes: uprobes_allowed() };
     for target in &targets {
         let t = attach_any(&mut probes, &mut ctx, target)?;
         traced.insert(target.pid(), t);
@@ -168,6 +175,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             "discovering processes (by executable at exec, by port every second)"
         );
     }
+    health.set_attached();
+    health.tick(traced.len());
     let mut execs: Vec<u32> = Vec::new();
     // Processes the profiler knows by name.
     let mut announced: HashSet<u32> = HashSet::new();
@@ -295,6 +304,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = housekeeping.tick() => {
                 correlator.clock_mut().refresh();
+                health.tick(traced.len());
                 if let Some(p) = &profiler {
                     announce(p, &traced, &mut announced);
                 }
@@ -621,27 +631,63 @@ struct AttachCtx<'a> {
     exit_tx: mpsc::UnboundedSender<u32>,
     /// Discovered processes that could not be traced, with their start time.
     rejected: HashMap<u32, u64>,
+    /// The kernel lets this agent create uprobes (else Go programs are traced at the socket
+    /// level).
+    uprobes: bool,
+}
+
+/// Whether uprobes can be created with the capabilities the agent has. Linux requires
+/// CAP_SYS_ADMIN for them since 2025 (CAP_PERFMON no longer suffices; stable kernels got the
+/// change too), and a pod is often given less: then Go programs are traced at the socket
+/// level, said once, instead of failing.
+fn uprobes_allowed() -> bool {
+    match features::uprobes() {
+        Ok(()) => true,
+        Err(e) if !features::has_cap(features::capabilities(), features::CAP_SYS_ADMIN) => {
+            tracing::warn!(
+                error = %e,
+                "this kernel refuses uprobes without CAP_SYS_ADMIN: Go programs are traced at the socket level like any other program \
+                 (no goroutine context, no Go client, SQL or HTTPS spans); grant CAP_SYS_ADMIN for Go depth"
+            );
+            false
+        }
+        // Another reason: attaching says what it is.
+        Err(_) => true,
+    }
 }
 
 /// Starts tracing a selected process: a Go program with its uprobes, anything else at the
 /// socket level.
 fn attach_any(probes: &mut Probes, ctx: &mut AttachCtx<'_>, target: &Inspected) -> Result<Traced, RunError> {
     match target {
-        Inspected::Go(b) => attach_target(probes, ctx, &b.0, &b.1),
-        Inspected::Native(n) => {
-            let service = begin_tracing(probes, ctx, n.pid, &Process::from(n))?;
-            probes.add_target(n.pid, &zerotrace_common::TargetConfig::native())?;
-            tracing::info!(
-                pid = n.pid,
-                exe = %n.exe_path.display(),
-                runtime = n.runtime.as_ref().map_or("unknown", |r| r.0.as_str()),
-                layer = "socket",
-                note = "not a Go program: HTTP/1 server and client spans from its sockets, no goroutines",
-                "tracing"
-            );
-            Ok(Traced { service_name: Arc::from(service.as_str()), service, catch_up_since: None, catch_up_inodes: HashSet::new() })
+        Inspected::Go(b) if !ctx.uprobes => {
+            let t = &b.0;
+            let n = crate::model::target::NativeTarget {
+                pid: t.pid,
+                exe_path: t.exe_path.clone(),
+                exe_name: t.exe_name.clone(),
+                runtime: Some(("go".into(), t.build.go_version.clone())),
+                env: t.env.clone(),
+            };
+            attach_socket_level(probes, ctx, &n, "a Go program, at the socket level: no uprobes without CAP_SYS_ADMIN")
         }
+        Inspected::Go(b) => attach_target(probes, ctx, &b.0, &b.1),
+        Inspected::Native(n) => attach_socket_level(probes, ctx, n, "not a Go program: HTTP/1 server and client spans from its sockets, no goroutines"),
     }
+}
+
+fn attach_socket_level(probes: &mut Probes, ctx: &mut AttachCtx<'_>, n: &crate::model::target::NativeTarget, note: &str) -> Result<Traced, RunError> {
+    let service = begin_tracing(probes, ctx, n.pid, &Process::from(n))?;
+    probes.add_target(n.pid, &zerotrace_common::TargetConfig::native())?;
+    tracing::info!(
+        pid = n.pid,
+        exe = %n.exe_path.display(),
+        runtime = n.runtime.as_ref().map_or("unknown", |r| r.0.as_str()),
+        layer = "socket",
+        note,
+        "tracing"
+    );
+    Ok(Traced { service_name: Arc::from(service.as_str()), service, catch_up_since: None, catch_up_inodes: HashSet::new() })
 }
 
 /// What every traced process gets first: a watch on its exit, its resource, its listening

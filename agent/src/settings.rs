@@ -28,6 +28,8 @@ pub struct RunSettings {
     /// `--control-tcp` and its token.
     pub control_tcp: Option<std::net::SocketAddr>,
     pub control_token: Option<String>,
+    /// `--health-listen`: where /healthz and /readyz are served.
+    pub health_listen: Option<std::net::SocketAddr>,
     /// OTLP metrics every this often (None: no metrics).
     pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
@@ -281,6 +283,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         control_socket: (args.control_socket != "off").then(|| args.control_socket.clone().into()),
         control_tcp: args.control_tcp,
         control_token: args.control_token.clone(),
+        health_listen: args.health_listen,
         metrics_interval,
         exe_globs,
         ports: args.port.clone(),

@@ -28,8 +28,12 @@ pub fn run_tests(args: TestArgs) -> Result<()> {
     let gos: Vec<(String, std::path::PathBuf)> =
         setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
     let py = setup::python()?;
+    let manifests = crate::manifests::check()?;
+    let image = crate::image::build(&bin)?;
+    println!("  image {} ({:.1} MiB)", image.archive.display(), image.archive_bytes as f64 / 1048576.0);
     let env = |cmd: &mut Command| {
         cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_RSVC", &rsvc);
+        cmd.env("ZEROTRACE_MANIFESTS", &manifests).env("ZEROTRACE_IMAGE", &image.archive);
         for (var, go) in &gos {
             cmd.env(var, go);
         }

@@ -46,13 +46,23 @@ pub fn attributes(t: &Process<'_>, flag: Option<&str>, agent_env_service: Option
         ("process.pid".into(), AttrValue::Int(i64::from(t.pid))),
         ("process.executable.name".into(), AttrValue::Str(t.exe_name.to_owned())),
         ("process.executable.path".into(), AttrValue::Str(t.exe_path.display().to_string())),
-        ("host.name".into(), AttrValue::Str(host_name())),
+        ("host.name".into(), AttrValue::Str(node_name().unwrap_or_else(host_name))),
         ("telemetry.distro.name".into(), AttrValue::Str(DISTRO_NAME.into())),
         ("telemetry.distro.version".into(), AttrValue::Str(DISTRO_VERSION.into())),
     ];
     if let Some((name, version)) = t.runtime {
         out.push(("process.runtime.name".into(), AttrValue::Str(name.into())));
         out.push(("process.runtime.version".into(), AttrValue::Str(version.into())));
+    }
+    // The container it runs in (and its pod), from its cgroup.
+    if let Some(c) = crate::model::container::of_pid(std::path::Path::new("/proc"), t.pid) {
+        out.push(("container.id".into(), AttrValue::Str(c.id)));
+        if let Some(uid) = c.pod_uid {
+            out.push(("k8s.pod.uid".into(), AttrValue::Str(uid)));
+        }
+    }
+    if let Some(node) = node_name() {
+        out.push(("k8s.node.name".into(), AttrValue::Str(node)));
     }
     for (k, v) in t.env.resource_attrs.iter().chain(agent_attrs) {
         if !out.iter().any(|(ok, _)| ok == k) {
@@ -66,6 +76,12 @@ pub fn attributes(t: &Process<'_>, flag: Option<&str>, agent_env_service: Option
 pub enum AttrValue {
     Str(String),
     Int(i64),
+}
+
+/// The Kubernetes node the agent runs on (`K8S_NODE_NAME`, from the downward API): in a pod
+/// the host name is the pod's, so this names the host.
+pub fn node_name() -> Option<String> {
+    std::env::var("K8S_NODE_NAME").ok().filter(|n| !n.is_empty())
 }
 
 pub fn host_name() -> String {
