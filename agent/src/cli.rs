@@ -217,6 +217,16 @@ pub struct RunArgs {
     #[arg(long, env = "ZEROTRACE_HEALTH_LISTEN", value_name = "ADDR")]
     pub health_listen: Option<std::net::SocketAddr>,
 
+    /// The container runtime's CRI socket, for pod, namespace and container names: a path,
+    /// auto (containerd's, k3s's, CRI-O's, the first that exists) or off.
+    #[arg(long, env = "ZEROTRACE_CRI_SOCKET", value_name = "PATH|auto|off", default_value = "auto")]
+    pub cri_socket: String,
+
+    /// Let the well-known `app.kubernetes.io/instance`, `/name` and `/version` pod labels set
+    /// service.name and service.version (after the `resource.opentelemetry.io/*` annotations).
+    #[arg(long, env = "ZEROTRACE_K8S_WELL_KNOWN_LABELS", value_enum, default_value = "off")]
+    pub k8s_well_known_labels: OnOff,
+
     /// tail only: watch a running agent through its control socket instead of tracing
     /// (a path, or tcp://HOST:PORT with --control-token).
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::control::DEFAULT_SOCKET)]

@@ -64,6 +64,8 @@ pub enum RunError {
     Events(std::io::Error),
     #[error(transparent)]
     Health(#[from] crate::health::HealthError),
+    #[error(transparent)]
+    Cri(#[from] crate::model::k8s::CriError),
 }
 
 /// A traced process while it is traced.
@@ -87,6 +89,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             return Err(RunError::Inject(why));
         }
     }
+    crate::model::k8s::init(&s.cri_socket, s.k8s_well_known_labels)?;
     // Look at every target before touching the kernel: a bad --pid changes nothing.
     let mut targets = Vec::new();
     for &pid in &s.pids {

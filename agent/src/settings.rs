@@ -30,6 +30,9 @@ pub struct RunSettings {
     pub control_token: Option<String>,
     /// `--health-listen`: where /healthz and /readyz are served.
     pub health_listen: Option<std::net::SocketAddr>,
+    /// `--cri-socket` and `--k8s-well-known-labels`.
+    pub cri_socket: String,
+    pub k8s_well_known_labels: bool,
     /// OTLP metrics every this often (None: no metrics).
     pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
@@ -284,6 +287,8 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         control_tcp: args.control_tcp,
         control_token: args.control_token.clone(),
         health_listen: args.health_listen,
+        cri_socket: args.cri_socket.clone(),
+        k8s_well_known_labels: args.k8s_well_known_labels == crate::cli::OnOff::On,
         metrics_interval,
         exe_globs,
         ports: args.port.clone(),

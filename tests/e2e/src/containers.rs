@@ -93,9 +93,9 @@ pub fn podman_load(archive: &Path) -> Result<String> {
     podman_out(&["load", "-i", &archive.to_string_lossy()])
 }
 
-/// An image of one program (plus its shared libraries) FROM scratch, loaded into podman.
-/// Returns the image name.
-pub fn program_image(name: &str, program: &Path) -> Result<String> {
+/// An image of one program (plus its shared libraries) FROM scratch, as an OCI archive:
+/// (image name, archive).
+pub fn program_archive(name: &str, program: &Path) -> Result<(String, PathBuf)> {
     let full = format!("docker.io/library/{name}:e2e");
     let spec = oci::ImageSpec {
         name: full.clone(),
@@ -106,6 +106,12 @@ pub fn program_image(name: &str, program: &Path) -> Result<String> {
     };
     let archive = tools::work_dir().join("containers").join(format!("{name}.oci.tar"));
     oci::write_archive(&spec, &archive)?;
+    Ok((full, archive))
+}
+
+/// The same, loaded into podman. Returns the image name.
+pub fn program_image(name: &str, program: &Path) -> Result<String> {
+    let (full, archive) = program_archive(name, program)?;
     podman_load(&archive)?;
     Ok(full)
 }

@@ -4,6 +4,7 @@
 //! decode what the agent sends, and the agent itself.
 pub mod agent;
 pub mod containers;
+pub mod cri;
 pub mod http;
 pub mod oci;
 pub mod otlp;

@@ -289,3 +289,97 @@ impl Drop for Guard {
         podman_rm(self.0);
     }
 }
+
+/// Pods made through containerd's CRI as kubelet makes them (kubelet's labels, BestEffort
+/// cgroup parents, the pods' own labels and annotations on their sandboxes), their
+/// containers running as nobody: the agent asks the runtime over its CRI socket, and every
+/// span names its pod, namespace, container, pod uid and container id; service.name follows
+/// the semantic conventions' Kubernetes rules (the annotation first, else the Deployment the
+/// pod's labels name), service.instance.id is namespace.pod.container.
+#[test]
+fn cri_pods_spans_carry_pod_names() -> Result<()> {
+    use zerotrace_e2e::cri::{Containerd, Pod};
+    let t0 = Instant::now();
+    let mut ctrd = Containerd::start()?;
+    let (go_img, go_archive) = containers::program_archive("zt-go-svc", &tools::httpserver(GO_NEWEST)?)?;
+    let (rust_img, rust_archive) = containers::program_archive("zt-rust-svc", &tools::rsvc()?)?;
+    ctrd.import(&go_archive)?;
+    ctrd.import(&rust_archive)?;
+    // The agent's own image imports under the name the manifests use.
+    let imported = ctrd.import(&agent_image()?)?;
+    ensure!(imported.contains("docker.io/library/zerotrace:dev"), "ctr import: {imported}");
+    eprintln!("containerd up, images imported in {:?}", t0.elapsed());
+
+    let frontend = Pod {
+        name: "frontend-7d4b9c8f6d-x2k9q".into(),
+        namespace: "shop".into(),
+        uid: "0b6f3c1e-2a4d-4c8e-9f10-1a2b3c4d5e6f".into(),
+        labels: [("pod-template-hash", "7d4b9c8f6d"), ("app.kubernetes.io/name", "web")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let ratings = Pod {
+        name: "ratings-0".into(),
+        namespace: "shop".into(),
+        uid: "7c2d9e4f-5b6a-4d1c-8e2f-3a4b5c6d7e8f".into(),
+        labels: [("statefulset.kubernetes.io/pod-name", "ratings-0")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        annotations: [("resource.opentelemetry.io/service.name", "ratings-api")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    let (go_port, rust_port) = (free_port(), free_port());
+    let (go_id, go_pid) = ctrd.run_pod(&frontend, "server", &go_img, &[format!("127.0.0.1:{go_port}")], 65534)?;
+    let (rust_id, rust_pid) = ctrd.run_pod(&ratings, "api", &rust_img, &[format!("127.0.0.1:{rust_port}")], 65534)?;
+    for p in [go_port, rust_port] {
+        wait_for_port(p, Duration::from_secs(20))?;
+    }
+    let cgroup = std::fs::read_to_string(format!("/proc/{go_pid}/cgroup"))?;
+    ensure!(cgroup.contains(&format!("/kubepods/besteffort/pod{}/{go_id}", frontend.uid)), "kubelet's cgroup parent: {cgroup}");
+    eprintln!("pods running {:?} after the start", t0.elapsed());
+
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = zerotrace_e2e::agent::Agent::start(
+        &[go_pid, rust_pid],
+        &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--cri-socket", zerotrace_e2e::cri::SOCKET],
+        &[("K8S_NODE_NAME", NODE)],
+    )?;
+    for port in [go_port, rust_port] {
+        let mut c = Client::new(port);
+        for _ in 0..3 {
+            ensure!(c.get("/hello")?.status == 200);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let spans = loop {
+        let spans = rx.spans();
+        if [go_pid, rust_pid].iter().all(|p| spans_of(&spans, *p).len() >= 3) || Instant::now() > deadline {
+            break spans;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    agent.stop()?;
+    let log = agent.proc.stderr_text();
+    for (pid, id, pod, container, service) in [(go_pid, &go_id, &frontend, "server", "frontend"), (rust_pid, &rust_id, &ratings, "api", "ratings-api")] {
+        let mine = spans_of(&spans, pid);
+        ensure!(mine.len() >= 3, "{}: {} spans; agent log:\n{log}", pod.name, mine.len());
+        for s in mine {
+            let want = [
+                ("container.id", id.as_str()),
+                ("k8s.pod.name", pod.name.as_str()),
+                ("k8s.namespace.name", pod.namespace.as_str()),
+                ("k8s.container.name", container),
+                ("k8s.pod.uid", pod.uid.as_str()),
+                ("k8s.node.name", NODE),
+                ("service.name", service),
+                ("service.namespace", "shop"),
+            ];
+            for (k, v) in want {
+                ensure!(s.res(k) == v, "{}: {k} = {:?}, want {v:?}", pod.name, s.res(k));
+            }
+            ensure!(s.res("service.instance.id") == format!("shop.{}.{container}", pod.name), "{}", s.res("service.instance.id"));
+        }
+    }
+    let front = spans_of(&spans, go_pid)[0];
+    ensure!(front.res("k8s.deployment.name") == "frontend" && front.res("k8s.replicaset.name") == "frontend-7d4b9c8f6d", "{:?}", front.res("k8s.deployment.name"));
+    ensure!(spans_of(&spans, rust_pid)[0].res("k8s.statefulset.name") == "ratings");
+    eprintln!("CRI pod identity test {:?}", t0.elapsed());
+    Ok(())
+}
