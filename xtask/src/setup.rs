@@ -77,6 +77,8 @@ pub fn containers() -> Result<()> {
     apt("ldd", "libc-bin")?;
     // The Service VIP test's DNAT rule.
     apt("nft", "nftables")?;
+    // The container tests check that no kernel program is left behind.
+    apt("bpftool", "bpftool")?;
     Ok(())
 }
 

@@ -90,6 +90,7 @@ fn image_loads_and_runs_read_only_without_a_shell() -> Result<()> {
 /// and a Go service on the host.
 struct Services {
     go: (u32, String, u16),
+    go_img: String,
     rust: (u32, String, u16),
     host: Proc,
     host_port: u16,
@@ -102,14 +103,7 @@ impl Services {
         let rust_img = program_image("zt-rust-svc", &tools::rsvc()?)?;
         let (go_port, rust_port, host_port) = (free_port(), free_port(), free_port());
         let (go_name, rust_name) = ("zt-e2e-go", "zt-e2e-rust");
-        // Their own PID, mount, user and cgroup; the host's network (loopback ports the test
-        // reaches).
-        let svc = |name: &'static str, img: &str, port: u16| -> Result<Guard> {
-            podman_rm(name);
-            podman_out(&["run", "-d", "--rm", "--name", name, "--network=host", "--user", "65534:65534", "--read-only", img, &format!("127.0.0.1:{port}")])?;
-            Ok(Guard(name))
-        };
-        let guards = [svc(go_name, &go_img, go_port)?, svc(rust_name, &rust_img, rust_port)?];
+        let guards = [run_service(go_name, &go_img, go_port)?, run_service(rust_name, &rust_img, rust_port)?];
         let host = Proc::spawn("host-go", {
             let mut c = Command::new(tools::httpserver(GO_NEWEST)?);
             c.arg(format!("127.0.0.1:{host_port}"));
@@ -120,6 +114,7 @@ impl Services {
         }
         Ok(Services {
             go: (podman_pid(go_name)?, podman_id(go_name)?, go_port),
+            go_img,
             rust: (podman_pid(rust_name)?, podman_id(rust_name)?, rust_port),
             host,
             host_port,
@@ -127,9 +122,45 @@ impl Services {
         })
     }
 
+    /// The Go container stopped and run again: a new container (id) and process.
+    fn restart_go(&mut self) -> Result<()> {
+        podman_out(&["stop", "-t", "5", "zt-e2e-go"])?;
+        podman_rm("zt-e2e-go");
+        std::mem::forget(run_service("zt-e2e-go", &self.go_img, self.go.2)?);
+        wait_for_port(self.go.2, Duration::from_secs(20))?;
+        self.go.0 = podman_pid("zt-e2e-go")?;
+        self.go.1 = podman_id("zt-e2e-go")?;
+        Ok(())
+    }
+
     fn pids(&self) -> [u32; 3] {
         [self.go.0, self.rust.0, self.host.pid()]
     }
+}
+
+/// A service container: its own PID, mount, user and cgroup namespaces, as nobody; the host's
+/// network (loopback ports the test reaches).
+fn run_service(name: &'static str, img: &str, port: u16) -> Result<Guard> {
+    podman_rm(name);
+    podman_out(&["run", "-d", "--rm", "--name", name, "--network=host", "--user", "65534:65534", "--read-only", img, &format!("127.0.0.1:{port}")])?;
+    Ok(Guard(name))
+}
+
+/// Names of the agent's kernel programs still loaded (bpftool; the kernel truncates names
+/// to 15 characters).
+fn our_programs() -> Result<Vec<String>> {
+    let out = Command::new("bpftool").args(["prog", "show", "--json"]).output().context("running bpftool (`cargo xtask setup` installs it)")?;
+    ensure!(out.status.success(), "bpftool prog show: {}", String::from_utf8_lossy(&out.stderr));
+    let progs: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let ours = ["sock_recv_lengt", "tcp_sendmsg_loc", "inet_sock_set_s", "go_conn_serve", "cpu_sample"];
+    Ok(progs
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .filter(|n| ours.iter().any(|o| n.starts_with(o)))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// The DaemonSet's pod, run by podman, traces a Go service and a Rust service in their own
@@ -141,7 +172,7 @@ fn daemonset_pod_traces_containers_and_host() -> Result<()> {
     let t0 = Instant::now();
     containers::podman_load(&agent_image()?)?;
     let docs = manifests("base")?;
-    let svcs = Services::start()?;
+    let mut svcs = Services::start()?;
     eprintln!("services up in {:?}", t0.elapsed());
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
@@ -195,6 +226,16 @@ fn daemonset_pod_traces_containers_and_host() -> Result<()> {
         }
     }
 
+    // A service container restarted (a new container, a new process): the agent, watching
+    // execs, traces it again under its new container id.
+    svcs.restart_go()?;
+    let needle = format!("tracing pid={} ", svcs.go.0);
+    wait_until("the restarted container to be traced", Duration::from_secs(20), || agent.stderr_text().contains(&needle))?;
+    ensure!(Client::new(svcs.go.2).get("/hello")?.status == 200);
+    wait_until("a span of the restarted container", Duration::from_secs(20), || {
+        rx.spans().iter().any(|s| s.res("process.pid") == svcs.go.0.to_string() && s.res("container.id") == svcs.go.1)
+    })?;
+
     // SIGTERM, as kubelet stops a pod: the agent flushes and exits well within the grace
     // period (podman stop would SIGKILL it at the end of it).
     let t_stop = Instant::now();
@@ -206,6 +247,14 @@ fn daemonset_pod_traces_containers_and_host() -> Result<()> {
     ensure!(status.success(), "the agent exited with {status} after SIGTERM:\n{log}");
     ensure!(took < Duration::from_secs(run.grace_seconds), "stopping took {took:?}, the grace period is {} s", run.grace_seconds);
     ensure!(!log.contains(" ERROR "), "{log}");
+    // Nothing left behind in the kernel.
+    let left = our_programs()?;
+    ensure!(left.is_empty(), "kernel programs left after the agent's pod stopped: {left:?}");
+    // The pod started again (a rolling update) attaches to the same services again.
+    let (mut again, _) = start_agent(&docs, &rx, &svcs.pids(), &[])?;
+    podman_out(&["stop", "-t", &run.grace_seconds.to_string(), AGENT])?;
+    ensure!(again.wait_timeout(Duration::from_secs(run.grace_seconds + 10)).is_some_and(|s| s.success()), "{}", again.stderr_text());
+    ensure!(our_programs()?.is_empty(), "kernel programs left after the second run");
     eprintln!("agent RSS {} MiB; stopped in {took:?} (grace {} s); whole test {:?}", rss_kib / 1024, run.grace_seconds, t0.elapsed());
     Ok(())
 }
