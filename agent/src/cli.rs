@@ -227,6 +227,28 @@ pub struct RunArgs {
     #[arg(long, env = "ZEROTRACE_K8S_WELL_KNOWN_LABELS", value_enum, default_value = "off")]
     pub k8s_well_known_labels: OnOff,
 
+    /// Never trace discovered processes whose executable (full path or file name) matches
+    /// (e.g. the collector: otelcol*). Repeatable. A --pid is always traced.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude_exe: Vec<String>,
+
+    /// Trace only discovered processes in pods of this Kubernetes namespace (repeatable;
+    /// processes outside pods are then left alone too).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub include_namespace: Vec<String>,
+
+    /// Never trace discovered processes in pods of this Kubernetes namespace. Repeatable.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub exclude_namespace: Vec<String>,
+
+    /// Never trace discovered processes in pods carrying this label. Repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub exclude_pod_label: Vec<String>,
+
+    /// Never trace discovered processes in containers of this name (e.g. a sidecar). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub exclude_container: Vec<String>,
+
     /// tail only: watch a running agent through its control socket instead of tracing
     /// (a path, or tcp://HOST:PORT with --control-token).
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::control::DEFAULT_SOCKET)]

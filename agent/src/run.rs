@@ -843,7 +843,11 @@ fn try_discovered(probes: &mut Probes, ctx: &mut AttachCtx<'_>, traced: &mut Has
         return;
     }
     let started = proc::start_ticks(pid);
-    attach_inspected(probes, ctx, traced, pid, started, crate::model::target::inspect(pid));
+    let inspected = match ctx.s.selection.excluded(pid) {
+        Some(reason) => Err(crate::model::target::TargetError::Excluded { pid, reason }),
+        None => crate::model::target::inspect(pid),
+    };
+    attach_inspected(probes, ctx, traced, pid, started, inspected);
 }
 
 /// Where the run loop gets back the processes it had inspected off the loop: pid, start
@@ -858,10 +862,16 @@ fn inspect_later(ctx: &AttachCtx<'_>, traced: &HashMap<u32, Traced>, inspecting:
         return;
     }
     let tx = tx.clone();
+    let selection = ctx.s.selection.clone();
     tokio::task::spawn_blocking(move || {
         let started = proc::start_ticks(pid);
         let exe = proc::exe_identity(pid);
-        let _ = tx.send((pid, started, exe, crate::model::target::inspect(pid)));
+        // Excluded ones are not inspected (a CRI lookup may wait here, off the loop).
+        let inspected = match selection.excluded(pid) {
+            Some(reason) => Err(crate::model::target::TargetError::Excluded { pid, reason }),
+            None => crate::model::target::inspect(pid),
+        };
+        let _ = tx.send((pid, started, exe, inspected));
     });
 }
 
@@ -898,6 +908,10 @@ fn attach_inspected(
             }
         },
         Err(crate::model::target::TargetError::NoSuchProcess(_)) => false,
+        Err(e @ crate::model::target::TargetError::Excluded { .. }) => {
+            tracing::debug!(pid, "{e}");
+            true
+        }
         Err(e) => {
             tracing::warn!(pid, error = %e, "discovered process not traced");
             true

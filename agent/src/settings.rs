@@ -33,6 +33,8 @@ pub struct RunSettings {
     /// `--cri-socket` and `--k8s-well-known-labels`.
     pub cri_socket: String,
     pub k8s_well_known_labels: bool,
+    /// What discovery leaves alone (--exclude-*, --include-namespace).
+    pub selection: std::sync::Arc<crate::model::select::Selection>,
     /// OTLP metrics every this often (None: no metrics).
     pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
@@ -289,6 +291,21 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         health_listen: args.health_listen,
         cri_socket: args.cri_socket.clone(),
         k8s_well_known_labels: args.k8s_well_known_labels == crate::cli::OnOff::On,
+        selection: std::sync::Arc::new(crate::model::select::Selection {
+            exclude_exe: args
+                .exclude_exe
+                .iter()
+                .map(|g| glob::Pattern::new(g).map_err(|e| invalid("--exclude-exe", g, leak(format!("a glob ({e})")))))
+                .collect::<Result<Vec<_>, _>>()?,
+            include_namespaces: args.include_namespace.clone(),
+            exclude_namespaces: args.exclude_namespace.clone(),
+            exclude_pod_labels: args
+                .exclude_pod_label
+                .iter()
+                .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| invalid("--exclude-pod-label", l, "KEY=VALUE")))
+                .collect::<Result<Vec<_>, _>>()?,
+            exclude_containers: args.exclude_container.clone(),
+        }),
         metrics_interval,
         exe_globs,
         ports: args.port.clone(),

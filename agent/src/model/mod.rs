@@ -4,6 +4,7 @@ pub mod container;
 pub mod k8s;
 pub mod memory;
 pub mod proc;
+pub mod select;
 pub mod sockdiag;
 pub mod target;
 

@@ -70,6 +70,8 @@ pub enum TargetError {
     Arch { pid: u32, path: String, arch: String },
     #[error("PID {pid}: {source}")]
     Symbols { pid: u32, #[source] source: SymbolError },
+    #[error("PID {pid} is left alone: {reason}")]
+    Excluded { pid: u32, reason: String },
 }
 
 /// A process that is not a Go program: traced at the socket level (HTTP/1 server and

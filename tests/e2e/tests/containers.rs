@@ -373,10 +373,22 @@ fn cri_pods_spans_carry_pod_names() -> Result<()> {
         labels: [("statefulset.kubernetes.io/pod-name", "ratings-0")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         annotations: [("resource.opentelemetry.io/service.name", "ratings-api")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
     };
-    let (go_port, rust_port) = (free_port(), free_port());
+    // Two more that node-wide selection leaves alone: one in an excluded namespace, one
+    // whose pod opts out by label.
+    let system = Pod { name: "dns-5d8f7c9b6-abcde".into(), namespace: "kube-system".into(), uid: "1d2e3f40-5a6b-4c7d-8e9f-0a1b2c3d4e5f".into(), ..Default::default() };
+    let quiet = Pod {
+        name: "batch-0".into(),
+        namespace: "shop".into(),
+        uid: "9a8b7c6d-5e4f-4a3b-8c2d-1e0f9a8b7c6d".into(),
+        labels: [("zerotrace", "off")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    let (go_port, rust_port, sys_port, quiet_port) = (free_port(), free_port(), free_port(), free_port());
     let (go_id, go_pid) = ctrd.run_pod(&frontend, "server", &go_img, &[format!("127.0.0.1:{go_port}")], 65534)?;
     let (rust_id, rust_pid) = ctrd.run_pod(&ratings, "api", &rust_img, &[format!("127.0.0.1:{rust_port}")], 65534)?;
-    for p in [go_port, rust_port] {
+    let (_, sys_pid) = ctrd.run_pod(&system, "dns", &go_img, &[format!("127.0.0.1:{sys_port}")], 65534)?;
+    let (_, quiet_pid) = ctrd.run_pod(&quiet, "job", &rust_img, &[format!("127.0.0.1:{quiet_port}")], 65534)?;
+    for p in [go_port, rust_port, sys_port, quiet_port] {
         wait_for_port(p, Duration::from_secs(20))?;
     }
     let cgroup = std::fs::read_to_string(format!("/proc/{go_pid}/cgroup"))?;
@@ -385,11 +397,20 @@ fn cri_pods_spans_carry_pod_names() -> Result<()> {
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
-    let mut agent = zerotrace_e2e::agent::Agent::start(
-        &[go_pid, rust_pid],
-        &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--cri-socket", zerotrace_e2e::cri::SOCKET],
+    // Discovered by executable, as a node-wide agent finds them, with the DaemonSet's
+    // exclusions plus a label.
+    let mut agent = zerotrace_e2e::agent::Agent::start_discovering_env(
+        "run",
+        &[
+            "--exe", "zt-go-svc", "--exe", "zt-rust-svc", "--exclude-namespace", "kube-system", "--exclude-pod-label", "zerotrace=off",
+            "--otlp-endpoint", &endpoint, "--batch-delay", "200ms", "--cri-socket", zerotrace_e2e::cri::SOCKET,
+        ],
         &[("K8S_NODE_NAME", NODE)],
     )?;
+    for pid in [go_pid, rust_pid] {
+        let needle = format!("tracing pid={pid} ");
+        wait_until(&format!("pid {pid} to be traced"), Duration::from_secs(20), || agent.proc.stderr_text().contains(&needle))?;
+    }
     for port in [go_port, rust_port] {
         let mut c = Client::new(port);
         for _ in 0..3 {
@@ -406,6 +427,10 @@ fn cri_pods_spans_carry_pod_names() -> Result<()> {
     };
     agent.stop()?;
     let log = agent.proc.stderr_text();
+    for (pid, why) in [(sys_pid, "kube-system"), (quiet_pid, "zerotrace=off")] {
+        ensure!(!log.contains(&format!("tracing pid={pid} ")), "the pod excluded by {why} was traced:\n{log}");
+        ensure!(!spans.iter().any(|s| s.res("process.pid") == pid.to_string()), "spans of the pod excluded by {why}");
+    }
     for (pid, id, pod, container, service) in [(go_pid, &go_id, &frontend, "server", "frontend"), (rust_pid, &rust_id, &ratings, "api", "ratings-api")] {
         let mine = spans_of(&spans, pid);
         ensure!(mine.len() >= 3, "{}: {} spans; agent log:\n{log}", pod.name, mine.len());
