@@ -18,6 +18,38 @@ pub struct ExportSettings {
     pub queue: usize,
     pub batch: usize,
     pub delay: Duration,
+    /// Certificates for https endpoints.
+    pub tls: TlsSettings,
+}
+
+/// TLS material for https endpoints, PEM, read from the files the OTLP variables name when
+/// the settings are resolved (a missing file stops the agent before it starts).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TlsSettings {
+    /// OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE: the CA that signed the collector's certificate.
+    pub ca: Option<Vec<u8>>,
+    /// OTEL_EXPORTER_OTLP_(TRACES_)CLIENT_CERTIFICATE and _CLIENT_KEY: mTLS.
+    pub client_cert: Option<Vec<u8>>,
+    pub client_key: Option<Vec<u8>>,
+}
+
+/// The TLS variables, the signal's own first.
+fn resolve_tls(env: &dyn Fn(&str) -> Option<String>) -> Result<TlsSettings, SettingsError> {
+    let read = |keys: &[&'static str]| -> Result<Option<Vec<u8>>, SettingsError> {
+        match first(env, keys) {
+            None => Ok(None),
+            Some((k, path)) => std::fs::read(&path).map(Some).map_err(|_| invalid(k, &path, "a readable PEM file")),
+        }
+    };
+    let tls = TlsSettings {
+        ca: read(&["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"])?,
+        client_cert: read(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"])?,
+        client_key: read(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"])?,
+    };
+    if tls.client_cert.is_some() != tls.client_key.is_some() {
+        return Err(invalid("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "", "set together with OTEL_EXPORTER_OTLP_CLIENT_KEY (mTLS needs both)"));
+    }
+    Ok(tls)
 }
 
 #[derive(Clone, Debug)]
@@ -313,7 +345,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         sampler,
         print: args.print,
         tail: None,
-        export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },
+        export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay, tls: resolve_tls(env)? },
         service_name,
         env_service_name,
         resource_attrs,
@@ -350,11 +382,9 @@ fn resolve_endpoint(flag: Option<&str>, protocol: Protocol, env: &dyn Fn(&str) -
             Protocol::HttpProtobuf => "http://localhost:4318/v1/traces".to_owned(),
         });
     };
-    if url.starts_with("https://") {
-        return Err(invalid(key, &url, "an http:// URL (this build has no TLS for export; run a local collector or sidecar)"));
-    }
-    if !url.starts_with("http://") || url.len() <= "http://".len() {
-        return Err(invalid(key, &url, "a URL such as http://collector:4317"));
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    if rest.is_none_or(str::is_empty) {
+        return Err(invalid(key, &url, "a URL such as http://collector:4317 or https://collector:4317"));
     }
     Ok(if append_path { format!("{}/v1/traces", url.trim_end_matches('/')) } else { url })
 }
@@ -466,6 +496,26 @@ mod tests {
         assert_eq!((s.export.queue, s.export.batch, s.export.delay), (100, 10, Duration::from_millis(250)));
         let s = resolve(&args(&["--service-name", "flag"]), &e).unwrap();
         assert_eq!(s.service_name.as_deref(), Some("flag"));
+    }
+
+    #[test]
+    fn tls_endpoints_and_certificates() {
+        let dir = std::env::temp_dir().join(format!("zt-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        let ca = ca.to_string_lossy().into_owned();
+        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())]);
+        let s = resolve(&args(&[]), &e).unwrap();
+        assert_eq!(s.export.endpoint, "https://c:4317");
+        assert!(s.export.tls.ca.is_some() && s.export.tls.client_cert.is_none());
+        let e = env(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")]);
+        assert!(resolve(&args(&[]), &e).unwrap_err().to_string().contains("OTEL_EXPORTER_OTLP_CERTIFICATE"));
+        // A client certificate needs its key.
+        let e = env(&[("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", ca.as_str())]);
+        assert!(resolve(&args(&[]), &e).is_err());
+        assert!(resolve(&args(&["--otlp-endpoint", "ftp://x"]), &env(&[])).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

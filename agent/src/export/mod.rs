@@ -8,6 +8,7 @@ pub mod print;
 pub mod resource;
 pub mod sink;
 pub mod tail;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 

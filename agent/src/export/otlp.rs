@@ -120,8 +120,8 @@ impl Transport {
                     let val = v.parse().map_err(|_| err(format!("invalid header value for {k}")))?;
                     metadata.insert(key, val);
                 }
-                let channel = tonic::transport::Endpoint::from_shared(s.endpoint.clone())
-                    .map_err(|e| err(format!("invalid endpoint: {e}")))?
+                let channel = super::tls::grpc_endpoint(&s.endpoint, &s.tls)
+                    .map_err(|e| err(e))?
                     .timeout(s.timeout)
                     .connect_lazy();
                 Ok(Transport::Grpc { grpc: tonic::client::Grpc::new(channel), metadata, timeout: s.timeout })
@@ -138,7 +138,8 @@ impl Transport {
                         _ => tracing::warn!(header = %k, "not a valid HTTP header; not sent"),
                     }
                 }
-                let client = reqwest::Client::builder()
+                let client = super::tls::http_builder(&s.tls)
+                    .map_err(|e| err(e))?
                     .timeout(s.timeout)
                     .user_agent(concat!("zerotrace/", env!("CARGO_PKG_VERSION")))
                     .build()
