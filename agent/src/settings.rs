@@ -505,14 +505,16 @@ mod tests {
         let ca = dir.join("ca.pem");
         std::fs::write(&ca, b"-----BEGIN CERTIFICATE-----\n").unwrap();
         let ca = ca.to_string_lossy().into_owned();
-        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())]);
+        let pairs = [("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())];
+        let e = env(&pairs);
         let s = resolve(&args(&[]), &e).unwrap();
         assert_eq!(s.export.endpoint, "https://c:4317");
         assert!(s.export.tls.ca.is_some() && s.export.tls.client_cert.is_none());
         let e = env(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")]);
         assert!(resolve(&args(&[]), &e).unwrap_err().to_string().contains("OTEL_EXPORTER_OTLP_CERTIFICATE"));
         // A client certificate needs its key.
-        let e = env(&[("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", ca.as_str())]);
+        let pairs = [("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", ca.as_str())];
+        let e = env(&pairs);
         assert!(resolve(&args(&[]), &e).is_err());
         assert!(resolve(&args(&["--otlp-endpoint", "ftp://x"]), &env(&[])).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
