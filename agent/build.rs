@@ -9,6 +9,7 @@ const NIGHTLY: &str = "nightly-2026-05-20";
 
 fn main() -> anyhow::Result<()> {
     control_service()?;
+    cri_client()?;
     println!("cargo:rerun-if-env-changed=AYA_BUILD_SKIP");
     if std::env::var("AYA_BUILD_SKIP").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true")) {
         // Builds that never load the kernel programs (fuzzing, docs): an empty object, which
@@ -29,6 +30,16 @@ fn main() -> anyhow::Result<()> {
     let root = pkg.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
     aya_build::build_ebpf([aya_build::Package { name: "zerotrace-ebpf", root_dir: root.as_str(), ..Default::default() }], aya_build::Toolchain::Custom(NIGHTLY))
         .with_context(|| format!("building the kernel programs with {NIGHTLY}; `cargo xtask build` installs what is missing"))
+}
+
+/// The client of the container runtime's CRI (proto/cri/runtime/v1/api.proto, Kubernetes'
+/// cri-api v1 as published), for pod and container names.
+fn cri_client() -> anyhow::Result<()> {
+    let proto = "../proto/cri/runtime/v1/api.proto";
+    println!("cargo:rerun-if-changed={proto}");
+    let fds = protox::compile([proto], ["../proto/cri"]).map_err(|e| anyhow!("compiling {proto}: {e}"))?;
+    tonic_prost_build::configure().build_client(true).build_server(false).compile_fds(fds).context("generating the CRI client")?;
+    Ok(())
 }
 
 /// The local control service (proto/zerotrace/v1/agent.proto), compiled with protox (no

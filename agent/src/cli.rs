@@ -175,6 +175,43 @@ pub struct RunArgs {
     #[arg(long, env = "ZEROTRACE_CONTROL_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub control_token: Option<String>,
 
+    /// Serve the health endpoints on this address (e.g. 0.0.0.0:8686): GET /healthz (the
+    /// agent is alive), GET /readyz (probes attached and exporter healthy); JSON bodies.
+    #[arg(long, env = "ZEROTRACE_HEALTH_LISTEN", value_name = "ADDR")]
+    pub health_listen: Option<std::net::SocketAddr>,
+
+    /// The container runtime's CRI socket, for pod, namespace and container names: a path,
+    /// auto (containerd's, k3s's, CRI-O's, the first that exists) or off.
+    #[arg(long, env = "ZEROTRACE_CRI_SOCKET", value_name = "PATH|auto|off", default_value = "auto")]
+    pub cri_socket: String,
+
+    /// Let the well-known `app.kubernetes.io/instance`, `/name` and `/version` pod labels set
+    /// service.name and service.version (after the `resource.opentelemetry.io/*` annotations).
+    #[arg(long, env = "ZEROTRACE_K8S_WELL_KNOWN_LABELS", value_enum, default_value = "off")]
+    pub k8s_well_known_labels: OnOff,
+
+    /// Never trace discovered processes whose executable (full path or file name) matches
+    /// (e.g. the collector: otelcol*). Repeatable. A --pid is always traced.
+    #[arg(long, value_name = "GLOB")]
+    pub exclude_exe: Vec<String>,
+
+    /// Trace only discovered processes in pods of this Kubernetes namespace (repeatable;
+    /// processes outside pods are then left alone too).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub include_namespace: Vec<String>,
+
+    /// Never trace discovered processes in pods of this Kubernetes namespace. Repeatable.
+    #[arg(long, value_name = "NAMESPACE")]
+    pub exclude_namespace: Vec<String>,
+
+    /// Never trace discovered processes in pods carrying this label. Repeatable.
+    #[arg(long, value_name = "KEY=VALUE")]
+    pub exclude_pod_label: Vec<String>,
+
+    /// Never trace discovered processes in containers of this name (e.g. a sidecar). Repeatable.
+    #[arg(long, value_name = "NAME")]
+    pub exclude_container: Vec<String>,
+
     /// tail only: watch a running agent through its control socket instead of tracing
     /// (a path, or tcp://HOST:PORT with --control-token).
     #[arg(long, value_name = "SOCKET", num_args = 0..=1, default_missing_value = crate::control::DEFAULT_SOCKET)]

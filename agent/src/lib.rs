@@ -8,6 +8,7 @@ pub mod correlate;
 pub mod doctor;
 pub mod events;
 pub mod export;
+pub mod health;
 pub mod model;
 pub mod otel_env;
 pub mod probes;

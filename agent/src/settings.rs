@@ -6,10 +6,29 @@ pub use crate::run::RunSettings;
 use crate::{
     cli::{OnOff, ProfileArgs, RunArgs, TailArgs},
     correlate::sampling::Sampler,
-    export::{ExportSettings, Exporter, Protocol, tail},
+    export::{ExportSettings, Exporter, Protocol, TlsSettings, tail},
     probes::{KernelSettings, go::GoCausality},
     profile::ProfileSettings,
 };
+
+/// The TLS variables, the signal's own first.
+fn resolve_tls(env: &dyn Fn(&str) -> Option<String>) -> Result<TlsSettings, SettingsError> {
+    let read = |keys: &[&'static str]| -> Result<Option<Vec<u8>>, SettingsError> {
+        match first(env, keys) {
+            None => Ok(None),
+            Some((k, path)) => std::fs::read(&path).map(Some).map_err(|_| invalid(k, &path, "a readable PEM file")),
+        }
+    };
+    let tls = TlsSettings {
+        ca: read(&["OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", "OTEL_EXPORTER_OTLP_CERTIFICATE"])?,
+        client_cert: read(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE"])?,
+        client_key: read(&["OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", "OTEL_EXPORTER_OTLP_CLIENT_KEY"])?,
+    };
+    if tls.client_cert.is_some() != tls.client_key.is_some() {
+        return Err(invalid("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "", "set together with OTEL_EXPORTER_OTLP_CLIENT_KEY (mTLS needs both)"));
+    }
+    Ok(tls)
+}
 
 /// `zerotrace profile`: the run settings of `tail` (export only when asked for), profiling
 /// on, ending after `--duration` with the files written.
@@ -200,6 +219,24 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         control_socket: (args.control_socket != "off").then(|| args.control_socket.clone().into()),
         control_tcp: args.control_tcp,
         control_token: args.control_token.clone(),
+        health_listen: args.health_listen,
+        cri_socket: args.cri_socket.clone(),
+        k8s_well_known_labels: args.k8s_well_known_labels == OnOff::On,
+        selection: std::sync::Arc::new(crate::model::select::Selection {
+            exclude_exe: args
+                .exclude_exe
+                .iter()
+                .map(|g| glob::Pattern::new(g).map_err(|e| invalid("--exclude-exe", g, leak(format!("a glob ({e})")))))
+                .collect::<Result<Vec<_>, _>>()?,
+            include_namespaces: args.include_namespace.clone(),
+            exclude_namespaces: args.exclude_namespace.clone(),
+            exclude_pod_labels: args
+                .exclude_pod_label
+                .iter()
+                .map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())).ok_or_else(|| invalid("--exclude-pod-label", l, "KEY=VALUE")))
+                .collect::<Result<Vec<_>, _>>()?,
+            exclude_containers: args.exclude_container.clone(),
+        }),
         metrics_interval,
         exe_globs,
         ports: args.port.clone(),
@@ -207,7 +244,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
         sampler,
         print: args.print,
         tail: None,
-        export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay },
+        export: ExportSettings { exporter, protocol, endpoint, headers, timeout, queue, batch, delay, tls: resolve_tls(env)? },
         service_name,
         env_service_name,
         resource_attrs,
@@ -236,11 +273,9 @@ fn resolve_endpoint(flag: Option<&str>, protocol: Protocol, env: &dyn Fn(&str) -
             Protocol::HttpProtobuf => "http://localhost:4318/v1/traces".to_owned(),
         });
     };
-    if url.starts_with("https://") {
-        return Err(invalid(key, &url, "an http:// URL (this build has no TLS for export; run a local collector or sidecar)"));
-    }
-    if !url.starts_with("http://") || url.len() <= "http://".len() {
-        return Err(invalid(key, &url, "a URL such as http://collector:4317"));
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
+    if rest.is_none_or(str::is_empty) {
+        return Err(invalid(key, &url, "a URL such as http://collector:4317 or https://collector:4317"));
     }
     Ok(if append_path { format!("{}/v1/traces", url.trim_end_matches('/')) } else { url })
 }
@@ -322,6 +357,28 @@ mod tests {
         assert_eq!((s.export.queue, s.export.batch, s.export.delay), (100, 10, Duration::from_millis(250)));
         let s = resolve(&args(&["--service-name", "flag"]), &e).unwrap();
         assert_eq!(s.service_name.as_deref(), Some("flag"));
+    }
+
+    #[test]
+    fn tls_endpoints_and_certificates() {
+        let dir = std::env::temp_dir().join(format!("zt-tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, b"-----BEGIN CERTIFICATE-----\n").unwrap();
+        let ca = ca.to_string_lossy().into_owned();
+        let pairs = [("OTEL_EXPORTER_OTLP_ENDPOINT", "https://c:4317"), ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_str())];
+        let e = env(&pairs);
+        let s = resolve(&args(&[]), &e).unwrap();
+        assert_eq!(s.export.endpoint, "https://c:4317");
+        assert!(s.export.tls.ca.is_some() && s.export.tls.client_cert.is_none());
+        let e = env(&[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")]);
+        assert!(resolve(&args(&[]), &e).unwrap_err().to_string().contains("OTEL_EXPORTER_OTLP_CERTIFICATE"));
+        // A client certificate needs its key.
+        let pairs = [("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", ca.as_str())];
+        let e = env(&pairs);
+        assert!(resolve(&args(&[]), &e).is_err());
+        assert!(resolve(&args(&["--otlp-endpoint", "ftp://x"]), &env(&[])).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -17,7 +17,7 @@ const STAGES: &[&[&str]] = &[
     &["correlate"],
     &["profile"],
     &["export"],
-    &["control"],
+    &["control", "health"],
     &["run"],
     &["replay", "doctor", "settings", "config", "cli", "lib", "main"],
 ];

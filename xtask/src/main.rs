@@ -7,6 +7,8 @@ mod bench;
 mod codegen;
 mod demo;
 mod fuzz;
+mod image;
+mod manifests;
 mod setup;
 mod test;
 mod util;
@@ -28,6 +30,8 @@ enum Task {
     Setup,
     /// Build everything; the agent ends up at target/release/zerotrace.
     Build,
+    /// The agent's OCI image (FROM scratch) at target/image/zerotrace.oci.tar, zerotrace:dev.
+    Image(image::ImageArgs),
     /// Run the bundled Go demo services under load, traced live, spans in the terminal.
     Demo(demo::DemoArgs),
     /// Set up, then run the whole test suite (unit, kernel, end-to-end).
@@ -70,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<()> {
             util::build_release()?;
             Ok(())
         }
+        Task::Image(args) => image::run_image(args),
         Task::Demo(args) => demo::run(args),
         Task::Test(args) => test::run(args),
         Task::Fuzz(args) => fuzz::run_fuzz(args),

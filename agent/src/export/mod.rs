@@ -9,6 +9,7 @@ pub mod profiles;
 pub mod resource;
 pub mod sink;
 pub mod tail;
+pub mod tls;
 
 use std::{
     sync::atomic::{AtomicU64, Ordering::Relaxed},
@@ -27,6 +28,19 @@ pub struct ExportSettings {
     pub queue: usize,
     pub batch: usize,
     pub delay: Duration,
+    /// Certificates for https endpoints.
+    pub tls: TlsSettings,
+}
+
+/// TLS material for https endpoints, PEM, read from the files the OTLP variables name when
+/// the settings are resolved (a missing file stops the agent before it starts).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TlsSettings {
+    /// OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE: the CA that signed the collector's certificate.
+    pub ca: Option<Vec<u8>>,
+    /// OTEL_EXPORTER_OTLP_(TRACES_)CLIENT_CERTIFICATE and _CLIENT_KEY: mTLS.
+    pub client_cert: Option<Vec<u8>>,
+    pub client_key: Option<Vec<u8>>,
 }
 
 /// OTLP's transports (OTEL_EXPORTER_OTLP_PROTOCOL).

@@ -107,10 +107,7 @@ impl Transport {
                     let val = v.parse().map_err(|_| err(format!("invalid header value for {k}")))?;
                     metadata.insert(key, val);
                 }
-                let channel = tonic::transport::Endpoint::from_shared(s.endpoint.clone())
-                    .map_err(|e| err(format!("invalid endpoint: {e}")))?
-                    .timeout(s.timeout)
-                    .connect_lazy();
+                let channel = super::tls::grpc_endpoint(&s.endpoint, &s.tls).map_err(&err)?.timeout(s.timeout).connect_lazy();
                 Ok(Transport::Grpc { grpc: tonic::client::Grpc::new(channel), metadata, timeout: s.timeout })
             }
             Protocol::HttpProtobuf => {
@@ -125,7 +122,8 @@ impl Transport {
                         _ => tracing::warn!(header = %k, "not a valid HTTP header; not sent"),
                     }
                 }
-                let client = reqwest::Client::builder()
+                let client = super::tls::http_builder(&s.tls)
+                    .map_err(&err)?
                     .timeout(s.timeout)
                     .user_agent(concat!("zerotrace/", env!("CARGO_PKG_VERSION")))
                     .build()

@@ -35,7 +35,7 @@ impl Sink {
         match self.settings.protocol {
             Protocol::Grpc => {
                 if self.grpc.is_none() {
-                    let ch = tonic::transport::Endpoint::from_shared(self.url.clone()).map_err(|e| e.to_string())?.timeout(timeout).connect_lazy();
+                    let ch = super::tls::grpc_endpoint(&self.url, &self.settings.tls)?.timeout(timeout).connect_lazy();
                     self.grpc = Some(tonic::client::Grpc::new(ch));
                 }
                 let Some(grpc) = self.grpc.as_mut() else { return Err("no gRPC channel".into()) };
@@ -51,7 +51,10 @@ impl Sink {
                 grpc.unary(r, path, codec).await.map(drop).map_err(|e| e.message().to_owned())
             }
             Protocol::HttpProtobuf => {
-                let client = self.http.get_or_insert_with(reqwest::Client::new);
+                if self.http.is_none() {
+                    self.http = Some(super::tls::http_builder(&self.settings.tls)?.build().map_err(|e| e.to_string())?);
+                }
+                let Some(client) = self.http.as_ref() else { return Err("no HTTP client".into()) };
                 let mut b = client.post(&self.url).timeout(timeout).header("content-type", "application/x-protobuf").body(req.encode_to_vec());
                 for (k, v) in &self.settings.headers {
                     b = b.header(k.as_str(), v.as_str());

@@ -221,7 +221,15 @@ pub fn accepted_connections(pid: u32) -> io::Result<Vec<TcpSocket>> {
 /// listening sockets from sock_diag, fetched once for all targets), or from /proc/PID/net/tcp
 /// when it lives in another network namespace or sock_diag failed.
 pub fn listening_ports(pid: u32, listeners: Option<&[(u64, u16)]>) -> Vec<u16> {
-    let Ok(fds) = socket_fds(pid) else { return Vec::new() };
+    let fds = match socket_fds(pid) {
+        Ok(fds) => fds,
+        Err(e) => {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                warn_fd_access(pid);
+            }
+            return Vec::new();
+        }
+    };
     let own;
     let listeners: &[(u64, u16)] = match listeners {
         Some(l) if super::sockdiag::same_netns(pid) => l,
@@ -234,6 +242,20 @@ pub fn listening_ports(pid: u32, listeners: Option<&[(u64, u16)]>) -> Vec<u16> {
     ports.sort_unstable();
     ports.dedup();
     ports
+}
+
+/// /proc/PID/fd of a process running as another user is closed to root without
+/// CAP_DAC_READ_SEARCH (a pod that dropped it): its listening sockets cannot be told, so a
+/// server that is not Go gets no server spans. Said once per agent, naming the capability.
+fn warn_fd_access(pid: u32) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            pid,
+            "cannot read /proc/{pid}/fd (a process of another user): CAP_DAC_READ_SEARCH is needed to find the listening sockets of \
+             such processes; without it their server spans are missed unless they are Go programs traced with uprobes"
+        );
+    }
 }
 
 /// Identity of the file process `pid` runs (device, inode of /proc/PID/exe): it changes at

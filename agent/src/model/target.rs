@@ -74,6 +74,8 @@ pub enum TargetError {
         #[source]
         source: SymbolError,
     },
+    #[error("PID {pid} is left alone: {reason}")]
+    Excluded { pid: u32, reason: String },
 }
 
 /// A process that is not a Go program: traced at the socket level (HTTP/1 server and

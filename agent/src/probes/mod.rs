@@ -85,8 +85,6 @@ pub mod uprobes {
 pub enum ProbeError {
     #[error(transparent)]
     Btf(#[from] btf::BtfError),
-    #[error("tracefs is not mounted at /sys/kernel/tracing and mounting it failed: {0}; mount it with `mount -t tracefs tracefs /sys/kernel/tracing`")]
-    Tracefs(std::io::Error),
     #[error("loading the kernel programs failed: {0}; run `zerotrace doctor` to see what this kernel allows")]
     Load(#[source] aya::EbpfError),
     #[error("program {name}: {source}; run `zerotrace doctor` to see what this kernel allows")]
@@ -153,7 +151,12 @@ impl Probes {
                 "the kernel programs in this binary: it was built with AYA_BUILD_SKIP=1 (for fuzzing); build it with `cargo xtask build`".into(),
             ));
         }
-        features::ensure_tracefs().map_err(ProbeError::Tracefs)?;
+        // Nothing zerotrace attaches needs tracefs (BTF and raw tracepoints, uprobes through
+        // the uprobe PMU); it is mounted when it can be, for tools. In a pod without
+        // CAP_SYS_ADMIN it cannot, and need not.
+        if let Err(e) = features::ensure_tracefs() {
+            tracing::debug!(error = %e, "tracefs is not mounted (not needed: BTF and raw tracepoints, the uprobe PMU)");
+        }
         let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
         let flags = match ks.inject {

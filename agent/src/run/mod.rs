@@ -46,6 +46,13 @@ pub struct RunSettings {
     /// `--control-tcp` and its token.
     pub control_tcp: Option<std::net::SocketAddr>,
     pub control_token: Option<String>,
+    /// `--health-listen`: where /healthz and /readyz are served.
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// `--cri-socket` and `--k8s-well-known-labels`.
+    pub cri_socket: String,
+    pub k8s_well_known_labels: bool,
+    /// What discovery leaves alone (--exclude-*, --include-namespace).
+    pub selection: std::sync::Arc<crate::model::select::Selection>,
     /// OTLP metrics every this often (None: no metrics).
     pub metrics_interval: Option<Duration>,
     /// OTEL_TRACES_SAMPLER / OTEL_TRACES_SAMPLER_ARG.
@@ -103,6 +110,10 @@ pub enum RunError {
     Export(#[from] crate::export::otlp::ExportError),
     #[error("reading kernel events: {0}")]
     Events(std::io::Error),
+    #[error(transparent)]
+    Health(#[from] crate::health::HealthError),
+    #[error(transparent)]
+    Cri(#[from] crate::model::k8s::CriError),
 }
 
 /// The pipeline while it runs: kernel side, decoder, correlator, who is traced, where
@@ -131,6 +142,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     {
         return Err(RunError::Inject(why));
     }
+    crate::model::k8s::init(&s.cri_socket, s.k8s_well_known_labels)?;
     // Look at every target before touching the kernel: a bad --pid changes nothing.
     let mut inspected = Vec::new();
     for &pid in &s.pids {
@@ -143,6 +155,11 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         tracing::info!(path = %path.display(), "recording every kernel record");
     }
     let outputs = Outputs::start(&s, &mut probes).await?;
+    let health = crate::health::Health::new(outputs.export_stats.clone(), s.export.exporter == crate::export::Exporter::Otlp);
+    let _health_task = match s.health_listen {
+        Some(addr) => Some(crate::health::serve(addr, health.clone()).await?),
+        None => None,
+    };
     let mut correlator = Correlator::new(Clock::system());
     correlator.traces.record_aliases = s.kernel.inject != Inject::Off;
     correlator.sampling = crate::correlate::sampling::Sampling::new(s.sampler);
@@ -160,6 +177,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         }
         targets.discover(d, &mut probes);
     }
+    health.set_attached();
+    health.tick(targets.len());
     let mut agent = Agent { s: &s, probes, reader, correlator, targets, outputs, spans: Vec::with_capacity(1024), execs: Vec::new(), started: Instant::now() };
     agent.outputs.announce(&agent.targets);
 
@@ -206,6 +225,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = housekeeping.tick() => {
                 agent.housekeeping();
+                health.tick(agent.targets.len());
                 if !s.stats_interval.is_zero() && last_stats.elapsed() >= s.stats_interval {
                     last_stats = Instant::now();
                     stats::log(&agent.counters());

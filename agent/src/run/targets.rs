@@ -16,10 +16,12 @@ use super::{RunError, RunSettings};
 use crate::{
     export::resource::{AttrValue, Process, Resources, attributes, resource},
     model::{
-        Target, proc, sockdiag,
-        target::{Inspected, TargetError},
+        Target, proc,
+        select::Selection,
+        sockdiag,
+        target::{Inspected, NativeTarget, TargetError},
     },
-    probes::{Inject, Probes, go},
+    probes::{Inject, Probes, features, go},
     symbols::Executable,
 };
 
@@ -54,6 +56,9 @@ pub struct Targets<'s> {
     /// Processes being inspected on a blocking thread, and where the results come back.
     inspecting: HashSet<u32>,
     inspect_tx: mpsc::UnboundedSender<Inspection>,
+    /// The kernel lets this agent create uprobes (else Go programs are traced at the socket
+    /// level).
+    uprobes: bool,
 }
 
 impl<'s> Targets<'s> {
@@ -61,7 +66,17 @@ impl<'s> Targets<'s> {
     pub fn new(s: &'s RunSettings, resources: Resources) -> (Self, mpsc::UnboundedReceiver<u32>, mpsc::UnboundedReceiver<Inspection>) {
         let (exit_tx, exits) = mpsc::unbounded_channel();
         let (inspect_tx, inspections) = mpsc::unbounded_channel();
-        let t = Self { s, traced: HashMap::new(), resources, exit_tx, refused: HashMap::new(), discover: None, inspecting: HashSet::new(), inspect_tx };
+        let t = Self {
+            s,
+            traced: HashMap::new(),
+            resources,
+            exit_tx,
+            refused: HashMap::new(),
+            discover: None,
+            inspecting: HashSet::new(),
+            inspect_tx,
+            uprobes: uprobes_allowed(),
+        };
         (t, exits, inspections)
     }
 
@@ -116,7 +131,8 @@ impl<'s> Targets<'s> {
                 continue;
             }
             let started = proc::start_ticks(pid);
-            self.attach_inspected(probes, pid, started, crate::model::target::inspect(pid));
+            let inspected = inspect_unless_excluded(&self.s.selection, pid);
+            self.attach_inspected(probes, pid, started, inspected);
         }
         tracing::info!(
             exe = ?d.globs.iter().map(|g| g.as_str()).collect::<Vec<_>>(),
@@ -169,10 +185,12 @@ impl<'s> Targets<'s> {
             return;
         }
         let tx = self.inspect_tx.clone();
+        let selection = self.s.selection.clone();
         tokio::task::spawn_blocking(move || {
             let started = proc::start_ticks(pid);
             let exe = proc::exe_identity(pid);
-            let _ = tx.send((pid, started, exe, crate::model::target::inspect(pid)));
+            // Excluded ones are not inspected (a CRI lookup may wait here, off the loop).
+            let _ = tx.send((pid, started, exe, inspect_unless_excluded(&selection, pid)));
         });
     }
 
@@ -195,6 +213,10 @@ impl<'s> Targets<'s> {
                 false
             }
             Err(RunError::Target(TargetError::NoSuchProcess(_))) => false,
+            Err(e @ RunError::Target(TargetError::Excluded { .. })) => {
+                tracing::debug!(pid, "{e}");
+                true
+            }
             Err(e) => {
                 tracing::warn!(pid, error = %e, "discovered process not traced");
                 true
@@ -209,24 +231,32 @@ impl<'s> Targets<'s> {
     }
 
     /// Starts tracing a selected process: a Go program with its uprobes, anything else at the
-    /// socket level.
+    /// socket level (Go programs too when the kernel refuses this agent uprobes).
     fn attach(&mut self, probes: &mut Probes, target: &Inspected) -> Result<Traced, RunError> {
         match target {
+            Inspected::Go(b) if !self.uprobes => {
+                let t = &b.0;
+                let n = NativeTarget {
+                    pid: t.pid,
+                    exe_path: t.exe_path.clone(),
+                    exe_name: t.exe_name.clone(),
+                    runtime: Some(("go".into(), t.build.go_version.clone())),
+                    env: t.env.clone(),
+                };
+                self.attach_socket_level(probes, &n, "a Go program, at the socket level: no uprobes without CAP_SYS_ADMIN")
+            }
             Inspected::Go(b) => self.attach_go(probes, &b.0, &b.1),
             Inspected::Native(n) => {
-                let service = self.begin(probes, n.pid, &Process::from(n))?;
-                probes.add_target(n.pid, &zerotrace_common::TargetConfig::native())?;
-                tracing::info!(
-                    pid = n.pid,
-                    exe = %n.exe_path.display(),
-                    runtime = n.runtime.as_ref().map_or("unknown", |r| r.0.as_str()),
-                    layer = "socket",
-                    note = "native program (not Go): HTTP/1 and HTTP/2 server and client spans from its sockets, no goroutines",
-                    "tracing"
-                );
-                Ok(Traced { service, catch_up_since: None, catch_up_inodes: HashSet::new() })
+                self.attach_socket_level(probes, n, "native program (not Go): HTTP/1 and HTTP/2 server and client spans from its sockets, no goroutines")
             }
         }
+    }
+
+    fn attach_socket_level(&mut self, probes: &mut Probes, n: &NativeTarget, note: &str) -> Result<Traced, RunError> {
+        let service = self.begin(probes, n.pid, &Process::from(n))?;
+        probes.add_target(n.pid, &zerotrace_common::TargetConfig::native())?;
+        tracing::info!(pid = n.pid, exe = %n.exe_path.display(), runtime = n.runtime.as_ref().map_or("unknown", |r| r.0.as_str()), layer = "socket", note, "tracing");
+        Ok(Traced { service, catch_up_since: None, catch_up_inodes: HashSet::new() })
     }
 
     /// What every traced process gets first: a watch on its exit, its resource, its
@@ -319,6 +349,34 @@ impl<'s> Targets<'s> {
                 t.catch_up_since = None;
             }
         }
+    }
+}
+
+/// Inspects a discovered process, unless the node-wide selection leaves it alone.
+fn inspect_unless_excluded(selection: &Selection, pid: u32) -> Result<Inspected, TargetError> {
+    match selection.excluded(pid) {
+        Some(reason) => Err(TargetError::Excluded { pid, reason }),
+        None => crate::model::target::inspect(pid),
+    }
+}
+
+/// Whether uprobes can be created with the capabilities the agent has. Linux requires
+/// CAP_SYS_ADMIN for them since 2025 (CAP_PERFMON no longer suffices; stable kernels got the
+/// change too), and a pod is often given less: then Go programs are traced at the socket
+/// level, said once, instead of failing.
+fn uprobes_allowed() -> bool {
+    match features::uprobes() {
+        Ok(()) => true,
+        Err(e) if !features::has_cap(features::capabilities(), features::CAP_SYS_ADMIN) => {
+            tracing::warn!(
+                error = %e,
+                "this kernel refuses uprobes without CAP_SYS_ADMIN: Go programs are traced at the socket level like any other program \
+                 (no goroutine context, no Go client, SQL or HTTPS spans); grant CAP_SYS_ADMIN for Go depth"
+            );
+            false
+        }
+        // Another reason: attaching says what it is.
+        Err(_) => true,
     }
 }
 

@@ -3,7 +3,10 @@
 //! themselves, a small HTTP/1.1 client that measures what it sees, OTLP receivers that
 //! decode what the agent sends, and the agent itself.
 pub mod agent;
+pub mod containers;
+pub mod cri;
 pub mod http;
+pub mod oci;
 pub mod otlp;
 pub mod proc;
 pub mod tools;

@@ -300,7 +300,22 @@ impl Receiver {
         Self::start_with(Kind::Http, port, Arc::new(Store { discard: true, ..Store::default() }))
     }
 
+    /// A gRPC receiver over TLS (https): `identity` is the server's (certificate, key) PEM;
+    /// with `client_ca`, clients must present a certificate it signed (mTLS).
+    pub fn start_tls(identity: (&str, &str), client_ca: Option<&str>) -> Result<Receiver> {
+        let mut tls = tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(identity.0, identity.1));
+        if let Some(ca) = client_ca {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        let r = Self::start_inner(Kind::Grpc, 0, Arc::new(Store::default()), Some(tls))?;
+        Ok(r)
+    }
+
     fn start_with(kind: Kind, port: u16, store: Arc<Store>) -> Result<Receiver> {
+        Self::start_inner(kind, port, store, None)
+    }
+
+    fn start_inner(kind: Kind, port: u16, store: Arc<Store>, tls: Option<tonic::transport::ServerTlsConfig>) -> Result<Receiver> {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let listener = rt.block_on(tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], port))))?;
         let port = listener.local_addr()?.port();
@@ -308,8 +323,12 @@ impl Receiver {
         match kind {
             Kind::Grpc => {
                 let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                let mut server = tonic::transport::Server::builder();
+                if let Some(tls) = tls {
+                    server = server.tls_config(tls)?;
+                }
                 rt.spawn(async move {
-                    let _ = tonic::transport::Server::builder()
+                    let _ = server
                         .add_service(TraceServiceServer::new(Svc(st.clone())).max_decoding_message_size(64 << 20))
                         .add_service(MetricsServiceServer::new(Svc(st.clone())).max_decoding_message_size(64 << 20))
                         .add_service(ProfilesServiceServer::new(Svc(st)).max_decoding_message_size(64 << 20))
