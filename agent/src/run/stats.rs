@@ -10,34 +10,11 @@ use crate::{control::proto::StatusReply, correlate::Correlator, events::reader::
 
 /// The pipeline's counters: kernel, reader, correlator.
 pub fn counters(kernel: &[u64; COUNTER_SLOTS as usize], reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
-    let k = |x: Counter| probes::counter(kernel, x);
-    vec![
-        ("events_read", reader.records),
-        ("events_undecodable", reader.decode_errors),
-        ("ring_wakeups", reader.wakeups),
-        ("events_dropped_ring_full", k(Counter::RingFull)),
-        ("connections_dropped_map_full", k(Counter::ConnsFull)),
-        ("target_reads_failed", k(Counter::ReadUserFailed)),
-        ("kernel_reads_failed", k(Counter::ReadKernelFailed)),
-        ("socket_ops", k(Counter::SocketSyscalls)),
-        ("receives_without_buffer", k(Counter::RecvNoBuffer)),
-        ("uprobe_hits", k(Counter::UprobeHits)),
-        ("requests_seen", k(Counter::Requests)),
-        ("socket_client_requests_seen", k(Counter::SockClientRequests)),
-        ("pipelined_requests_seen", k(Counter::PipelinedRequests)),
+    let mut v = vec![("events_read", reader.records), ("events_undecodable", reader.decode_errors), ("ring_wakeups", reader.wakeups)];
+    // The kernel's counters under the names zerotrace_common gives them.
+    v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(kernel, k))));
+    v.extend([
         ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
-        ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
-        ("goroutines_spawned", k(Counter::GoSpawns)),
-        ("goroutines_inherited_span", k(Counter::GoSpawnsInherited)),
-        ("channel_handoffs", k(Counter::ChanHandoffs)),
-        ("channel_edges", k(Counter::ChanEdges)),
-        ("client_links_offered", k(Counter::ClientLinks)),
-        ("server_requests_linked_kernel", k(Counter::ServerLinked)),
-        ("traceparent_injected", k(Counter::Injected)),
-        ("traceparent_dry_run", k(Counter::InjectDryRun)),
-        ("traceparent_skipped", k(Counter::InjectSkipped)),
-        ("traceparent_no_room", k(Counter::InjectNoRoom)),
-        ("traceparent_write_failed", k(Counter::InjectFailed)),
         ("server_spans_linked", c.stats.linked),
         ("client_returns_unmatched", c.stats.unmatched_client_returns),
         ("http2_directions_unreadable", c.stats.h2_unreadable),
@@ -50,7 +27,8 @@ pub fn counters(kernel: &[u64; COUNTER_SLOTS as usize], reader: &EventReader, c:
         ("requests_abandoned", c.stats.abandoned),
         ("requests_dropped_pending_full", c.stats.pending_full),
         ("route_pattern_reads_failed", c.stats.pattern_reads_failed),
-    ]
+    ]);
+    v
 }
 
 /// One log line with every counter that is not zero.

@@ -223,11 +223,10 @@ fn serves_later_request(pid: u32, s: &zerotrace_common::ConnState) -> bool {
     if s.go_conn == 0 || s.resp_w == 0 {
         return false;
     }
-    let Some(cfg) = crate::maps::TARGETS.get_ptr(pid) else {
+    let Some(cfg) = crate::util::target(pid) else {
         return false;
     };
-    // SAFETY: map value pointer, valid for this program run.
-    let off = unsafe { (*cfg).go.conn_curreq };
+    let off = cfg.go.conn_curreq;
     if off == zerotrace_common::GoOffsets::NONE {
         return false;
     }
@@ -270,7 +269,7 @@ pub fn receive(pid: u32, to: u64, span: u64) {
     if span != 0 {
         let ctx = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::CHANNEL, _pad: [0; 7] };
         let _ = GO_CTX.insert(&k, &ctx, 0);
-        count(Counter::ChanEdges);
+        count(Counter::ChannelEdges);
     } else if had {
         let _ = GO_CTX.remove(&k);
     }
@@ -284,7 +283,7 @@ pub fn spawn(pid: u32, child: u64, span: u64) {
     }
     let ctx = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::SPAWN, _pad: [0; 7] };
     let _ = GO_CTX.insert(&key(pid, child), &ctx, 0);
-    count(Counter::GoSpawnsInherited);
+    count(Counter::GoroutinesInheritedSpan);
 }
 
 /// A goroutine enters a call that is a span of its own (client call, SQL statement): the
@@ -312,7 +311,7 @@ pub fn set_own(k: &GoroutineKey, span: u64) {
 pub fn take_call<V: Copy>(calls: &HashMap<GoroutineKey, V>, k: &GoroutineKey) -> Option<V> {
     // SAFETY: map value pointer, copied before removal.
     let Some(st) = calls.get_ptr(k).map(|p| unsafe { *p }) else {
-        count(Counter::GoReturnUnmatched);
+        count(Counter::HandlerReturnsUnmatched);
         return None;
     };
     let _ = calls.remove(k);

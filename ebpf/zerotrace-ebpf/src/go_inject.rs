@@ -16,7 +16,7 @@
 //! - `h` is a map small enough to read in one group/bucket and has no `traceparent` key
 //!   (the application propagates its own context: never a second header).
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_write_user},
+    helpers::bpf_probe_write_user,
     macros::uprobe,
     programs::ProbeContext,
 };
@@ -24,7 +24,7 @@ use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceparentEvent,
 
 use crate::{
     maps::{CLIENT_HDR, EVENTS, SPAN_TRACE, settings},
-    util::{count, go_itab_type, header, now, read_user, regs, target, wake_flags},
+    util::{count, go_itab_type, header, now, read_user, regs, uprobe_target, wake_flags},
 };
 
 /// "traceparent: 00-" + 32 hex + "-" + 16 hex + "-01\r\n".
@@ -41,16 +41,14 @@ const MIN_TOPHASH: u8 = 5;
 
 #[uprobe]
 pub fn go_inject(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
     let r = regs(&ctx);
     // SAFETY: map value pointer, copied at once.
     let Some(span) = CLIENT_HDR.get_ptr(&SlotKey { pid, _pad: 0, addr: r.rax }).map(|p| unsafe { (*p)[0] }) else { return 0 };
     if span == 0 {
         // One Header map, two calls in flight: neither is named.
-        count(Counter::InjectSkipped);
+        count(Counter::TraceparentSkipped);
         return 0;
     }
     // SAFETY: map value pointer, copied at once.
@@ -60,11 +58,11 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
         None => inject_outcome::UNCHECKED,
     };
     count(match outcome {
-        inject_outcome::WRITTEN => Counter::Injected,
-        inject_outcome::DRY_RUN => Counter::InjectDryRun,
-        inject_outcome::NO_ROOM => Counter::InjectNoRoom,
-        inject_outcome::FAILED => Counter::InjectFailed,
-        _ => Counter::InjectSkipped,
+        inject_outcome::WRITTEN => Counter::TraceparentInjected,
+        inject_outcome::DRY_RUN => Counter::TraceparentDryRun,
+        inject_outcome::NO_ROOM => Counter::TraceparentNoRoom,
+        inject_outcome::FAILED => Counter::TraceparentWriteFailed,
+        _ => Counter::TraceparentSkipped,
     });
     let ev = TraceparentEvent {
         hdr: header(EventKind::Traceparent, core::mem::size_of::<TraceparentEvent>(), pid, pid_tgid as u32, now()),
@@ -74,7 +72,7 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
         _pad: [0; 7],
     };
     if EVENTS.output::<TraceparentEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
     }
     0
 }

@@ -20,7 +20,7 @@ use zerotrace_common::{Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind,
 use crate::{
     causality::span_of,
     maps::EVENTS,
-    socket_hooks::selected,
+    socket::conns::selected,
     util::{count, current_goroutine, header, now, target, wake_flags},
 };
 
@@ -77,7 +77,7 @@ unsafe fn fill(ctx: &PerfEventContext, e: *mut CpuSampleEvent, kind: EventKind, 
 #[inline(always)]
 fn go_sample(ctx: &PerfEventContext, pid: u32, tid: u32, cfg: &zerotrace_common::TargetConfig, ip: u64, sp: u64, bp: u64) {
     let Some(mut ev) = EVENTS.reserve::<CpuSampleEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();
@@ -90,14 +90,14 @@ fn go_sample(ctx: &PerfEventContext, pid: u32, tid: u32, cfg: &zerotrace_common:
         let u = bpf_get_stack(ctx.as_ptr(), (*e).ustack.as_mut_ptr().cast(), (bounds::USTACK_MAX * 8) as u32, BPF_F_USER_STACK);
         (*e).ustack_len = if u > 0 { u as u32 } else { 0 };
     }
-    count(Counter::CpuSamples);
+    count(Counter::CpuSamplesTaken);
     ev.submit(wake_flags());
 }
 
 #[inline(always)]
 fn native_sample(ctx: &PerfEventContext, pid: u32, tid: u32, ip: u64, sp: u64, bp: u64) {
     let Some(mut ev) = EVENTS.reserve::<CpuSampleNativeEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();
@@ -122,6 +122,6 @@ fn native_sample(ctx: &PerfEventContext, pid: u32, tid: u32, ip: u64, sp: u64, b
         }
         (*s).stack_len = copied;
     }
-    count(Counter::CpuSamples);
+    count(Counter::CpuSamplesTaken);
     ev.submit(wake_flags());
 }

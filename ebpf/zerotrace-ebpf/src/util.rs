@@ -1,6 +1,10 @@
 //! Small helpers shared by the programs: counters, the ring-buffer wake-up policy, the
-//! current goroutine from thread-local storage, bounded reads of target memory.
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_probe_read_user as raw_read_user};
+//! uprobe preamble, the current goroutine from thread-local storage, bounded reads of
+//! target memory.
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    generated::bpf_probe_read_user as raw_read_user,
+};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, TargetConfig, bounds};
 
@@ -27,7 +31,11 @@ pub fn now() -> u64 {
 /// Wake the agent only when enough data is pending; otherwise it drains on its timer.
 #[inline(always)]
 pub fn wake_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
 }
 
 #[inline(always)]
@@ -41,7 +49,7 @@ pub fn read_user<T>(addr: u64) -> Option<T> {
     match unsafe { bpf_probe_read_user(addr as *const T) } {
         Ok(v) => Some(v),
         Err(_) => {
-            count(Counter::ReadUserFailed);
+            count(Counter::TargetReadsFailed);
             None
         }
     }
@@ -53,7 +61,7 @@ pub fn read_kernel<T>(addr: u64) -> Option<T> {
     match unsafe { bpf_probe_read_kernel(addr as *const T) } {
         Ok(v) => Some(v),
         Err(_) => {
-            count(Counter::ReadKernelFailed);
+            count(Counter::KernelReadsFailed);
             None
         }
     }
@@ -73,7 +81,7 @@ pub fn read_user_bytes<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> u3
     // SAFETY: dst has CAP bytes of room and n <= CAP.
     let rc = unsafe { raw_read_user(dst.cast(), n as u32, src as *const _) };
     if rc < 0 {
-        count(Counter::ReadUserFailed);
+        count(Counter::TargetReadsFailed);
         return 0;
     }
     n as u32
@@ -93,6 +101,15 @@ pub fn target(pid: u32) -> Option<&'static TargetConfig> {
     TARGETS.get_ptr(pid).map(|c| unsafe { &*c })
 }
 
+/// Where every uprobe starts: the hit is counted, then the calling thread's pid_tgid and
+/// its process's configuration (None outside traced processes).
+#[inline(always)]
+pub fn uprobe_target() -> Option<(u64, &'static TargetConfig)> {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Some((pid_tgid, target((pid_tgid >> 32) as u32)?))
+}
+
 /// The goid of goroutine `g` (0 for a null or unreadable g).
 #[inline(always)]
 pub fn goid_of(go: &GoOffsets, g: u64) -> u64 {
@@ -102,16 +119,15 @@ pub fn goid_of(go: &GoOffsets, g: u64) -> u64 {
     read_user::<u64>(g + go.g_goid as u64).unwrap_or(0)
 }
 
-/// For a uprobe in Go code running on a user goroutine (R14 = g): the pid_tgid, the
-/// process's Go layout and the goroutine's key. None outside traced processes or when g
-/// cannot be read.
+/// `uprobe_target` for a uprobe in Go code running on a user goroutine (R14 = g): the
+/// pid_tgid, the process's Go layout and the goroutine's key. None outside traced
+/// processes or when g cannot be read.
 #[inline(always)]
 pub fn go_caller(ctx: &ProbeContext) -> Option<(u64, &'static GoOffsets, GoroutineKey)> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let go = &target(pid)?.go;
+    let (pid_tgid, cfg) = uprobe_target()?;
+    let go = &cfg.go;
     let goid = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64)?;
-    Some((pid_tgid, go, GoroutineKey { pid, _pad: 0, goid }))
+    Some((pid_tgid, go, GoroutineKey { pid: (pid_tgid >> 32) as u32, _pad: 0, goid }))
 }
 
 /// The goroutine running on this thread: g is at fsbase + tls_g (normally -8) and its goid at
@@ -179,13 +195,12 @@ pub fn go_conn_fd(go: &GoOffsets, itab: u64, data: u64) -> i32 {
     let mut tcp = 0u64;
     if ty == go.type_tcpconn {
         tcp = data;
-    } else if ty != 0
-        && ty == go.type_tlsconn
-        && go.tlsconn_conn != GoOffsets::NONE
-        && let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64)
-        && go_itab_type(inner[0]) == go.type_tcpconn
-    {
-        tcp = inner[1];
+    } else if ty != 0 && ty == go.type_tlsconn && go.tlsconn_conn != GoOffsets::NONE {
+        if let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64) {
+            if go_itab_type(inner[0]) == go.type_tcpconn {
+                tcp = inner[1];
+            }
+        }
     }
     if tcp == 0 {
         return -1;
