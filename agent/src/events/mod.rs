@@ -150,6 +150,8 @@ pub struct Traceparent {
     pub trace_id: [u8; 16],
     /// zerotrace_common::inject_outcome.
     pub outcome: u8,
+    /// The sampled flag the header carries.
+    pub sampled: bool,
 }
 
 /// A database/sql call started (queryDC/execDC entry).
@@ -477,7 +479,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Traceparent => {
             let e: TraceparentEvent = exact(b, kind)?;
-            Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome })
+            Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome, sampled: e.sampled != 0 })
         }
         EventKind::GoClientResponse => Event::GoClientResponse(call_end(&hdr, &exact(b, kind)?)),
         EventKind::CpuSample | EventKind::CpuSampleNative => {

@@ -146,7 +146,9 @@ impl Btf {
             let (name, ty, off) = (u32_at(&self.data, m)?, u32_at(&self.data, m + 4)?, u32_at(&self.data, m + 8)?);
             let bits = if bitfields { off & 0x00ff_ffff } else { off };
             if name != 0 && self.name(name) == field {
-                return (bits % 8 == 0).then_some((bits / 8, ty));
+                // A bitfield (e.g. sock.sk_protocol before Linux 5.6) is no byte offset.
+                let bitfield = bitfields && off >> 24 != 0;
+                return (bits % 8 == 0 && !bitfield).then_some((bits / 8, ty));
             }
             if name == 0
                 && let Some((inner, t)) = self.member(ty, field, depth + 1)
@@ -201,6 +203,12 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         msghdr_iter_count: off("msghdr", "msg_iter.count")?,
         // Only for telling a retried send from a new one: optional.
         tcp_write_seq: off("tcp_sock", "write_seq").unwrap_or(0),
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        file_inode: off("file", "f_inode")?,
+        inode_mode: off("inode", "i_mode")?,
+        sk_type: off("sock", "sk_type")?,
+        sk_protocol: off("sock", "sk_protocol")?,
+        task_stack: off("task_struct", "stack")?,
     })
 }
 
@@ -266,6 +274,12 @@ mod oracle {
             ("inode", "i_ino"),
             ("msghdr", "msg_iter.count"),
             ("tcp_sock", "write_seq"),
+            ("fdtable", "max_fds"),
+            ("file", "f_inode"),
+            ("inode", "i_mode"),
+            ("sock", "sk_type"),
+            ("sock", "sk_protocol"),
+            ("task_struct", "stack"),
             ("task_struct", "pid"),
             ("sk_buff", "len"),
         ];

@@ -37,18 +37,19 @@ pub fn log(counters: &[(&'static str, u64)]) {
     tracing::info!(target: "zerotrace::stats", "{}", text.join(" "));
 }
 
-/// `--stats-file`: every counter as `zerotrace_<name>`, and the uptime.
-pub fn json(counters: &[(&'static str, u64)], uptime: Duration) -> String {
+/// `--stats-file`: every counter as `zerotrace_<name>`, the socket hook set and the uptime.
+pub fn json(counters: &[(&'static str, u64)], uptime: Duration, hooks: &str) -> String {
     let mut s = String::from("{");
     for (k, v) in counters {
         s.push_str(&format!("\"zerotrace_{k}\":{v},"));
     }
+    s.push_str(&format!("\"socket_hooks\":\"{hooks}\","));
     s.push_str(&format!("\"uptime_ms\":{}}}", uptime.as_millis()));
     s
 }
 
 /// What `zerotrace status` shows.
-pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: Instant) -> StatusReply {
+pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: Instant, hooks: &str) -> StatusReply {
     use crate::control::proto::{Counter as C, Target as T};
     let mut list: Vec<T> = targets.services().map(|(pid, service)| T { pid, service: service.to_string() }).collect();
     list.sort_by_key(|t| t.pid);
@@ -58,5 +59,6 @@ pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: 
         uptime_seconds: started.elapsed().as_secs(),
         targets: list,
         counters: counters.iter().map(|(n, v)| C { name: format!("zerotrace_{n}"), value: *v }).collect(),
+        socket_hooks: hooks.to_owned(),
     }
 }

@@ -25,6 +25,7 @@ pub mod names {
     pub const CLIENT_HDR: &str = "CLIENT_HDR";
     pub const RECV_SENDER: &str = "RECV_SENDER";
     pub const GO_SQL: &str = "GO_SQL";
+    pub const RECV_ARGS: &str = "RECV_ARGS";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
 }
@@ -46,6 +47,8 @@ pub mod bounds {
     pub const MAX_GO_CTX: u32 = 65536;
     /// Goroutines inside `(*http.Transport).roundTrip` at once.
     pub const MAX_GO_CLIENTS: u32 = 16384;
+    /// Threads of traced processes inside a socket receive at once (syscall hook set).
+    pub const MAX_RECV_ARGS: u32 = 16384;
     /// Client requests of traced processes whose span a same-host server can still link to.
     pub const MAX_CLIENT_LINKS: u32 = 16384;
     /// Channel buffer slots holding a value sent from inside a span, at once (LRU).
@@ -158,9 +161,15 @@ counters! {
     /// Requests that came pipelined behind another (no read started them): seen at their
     /// response head, or in handler mode at their handler's entry.
     PipelinedRequestsSeen = 23, "pipelined_requests_seen";
+    /// The syscall hook set: RECV_ARGS was full when a receive started (more threads in
+    /// socket receives at once than its bound): that receive is not seen.
+    ReceivesLostMapFull = 24, "receives_lost_map_full";
+    /// `--inject-traceparent`: headers written (or, dry-run, decided) with the sampled flag
+    /// off, because the agent's sampler drops their trace.
+    TraceparentUnsampled = 25, "traceparent_unsampled";
 }
 
-pub const COUNTER_SLOTS: u32 = 24;
+pub const COUNTER_SLOTS: u32 = 26;
 const _: () = {
     assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
     let mut i = 0;
@@ -903,6 +912,28 @@ pub struct KernelOffsets {
     /// tcp_sock.write_seq: the sequence number after the last byte queued to send (0: not
     /// known; then a send's retry cannot be told from a new send).
     pub tcp_write_seq: u32,
+    /// The syscall hook set's way from a file descriptor to a TCP socket: fdtable.max_fds,
+    /// file.f_inode, inode.i_mode, sock.sk_type and sock.sk_protocol.
+    pub fdtable_max_fds: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+    /// task_struct.stack: the task's kernel stack, whose top holds its saved user
+    /// registers (CPU samples).
+    pub task_stack: u32,
+}
+
+/// Value of `RECV_ARGS` (syscall hook set): a receive on a TCP socket in progress, keyed by
+/// thread (pid_tgid): its socket, syscall number, second and third arguments and flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecvArgs {
+    pub sk: u64,
+    pub nr: u64,
+    pub a1: u64,
+    pub a2: u64,
+    pub flags: u64,
 }
 
 /// Load-time settings of the kernel programs.
@@ -914,7 +945,39 @@ pub struct Settings {
     pub abi_version: u32,
     /// `settings_flags` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The agent's sampler (`sampler_mode`), for the sampled flag of injected traceparents.
+    pub sampler: u32,
+    /// RATIO: a trace is sampled when the last 8 bytes of its id (big endian), shifted
+    /// right by one, are below this (the OpenTelemetry SDKs' TraceIdRatioBased rule).
+    pub ratio_bound: u64,
+}
+
+/// The OpenTelemetry SDKs' TraceIdRatioBased rule: trace `t` is kept when the last 8 bytes
+/// of its id (big endian), shifted right by one, are below `bound` (ratio x 2^63). The
+/// agent's sampler and the kernel's injected sampled flags both decide with this.
+#[inline(always)]
+pub fn trace_id_ratio_keeps(t: &[u8; 16], bound: u64) -> bool {
+    let low = u64::from_be_bytes([t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]]);
+    (low >> 1) < bound
+}
+
+/// `Settings::sampler`: the rule for traces that start here, plus PARENT_BASED when an
+/// incoming traceparent's sampled flag decides its trace instead.
+pub mod sampler_mode {
+    pub const ALWAYS_ON: u32 = 0;
+    pub const ALWAYS_OFF: u32 = 1;
+    pub const RATIO: u32 = 2;
+    pub const PARENT_BASED: u32 = 0x10;
+}
+
+/// Value of `SPAN_TRACE` (injection on): the trace a span belongs to, and whether the
+/// agent's sampler keeps it (the flag an injected traceparent carries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceCtx {
+    pub trace_id: [u8; 16],
+    pub sampled: u8,
+    pub _pad: [u8; 7],
 }
 
 pub mod settings_flags {
@@ -950,12 +1013,14 @@ pub struct TraceparentEvent {
     pub span_id: u64,
     pub trace_id: [u8; 16],
     pub outcome: u8,
-    pub _pad: [u8; 7],
+    /// The sampled flag the header carries (`-01` or `-00`).
+    pub sampled: u8,
+    pub _pad: [u8; 6],
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { req_capture: 1024, abi_version: ABI_VERSION, flags: 0, _pad: 0 }
+        Self { req_capture: 1024, abi_version: ABI_VERSION, flags: 0, sampler: sampler_mode::ALWAYS_ON, ratio_bound: 0 }
     }
 }
 
@@ -1004,7 +1069,10 @@ assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
 assert_size!(TargetConfig, 8 + 112);
-assert_size!(KernelOffsets, 72);
+assert_size!(KernelOffsets, 96);
+assert_size!(Settings, 24);
+assert_size!(TraceCtx, 24);
+assert_size!(RecvArgs, 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -1026,4 +1094,6 @@ mod pod {
     unsafe impl aya::Pod for GoSqlState {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ClientLink {}
+    unsafe impl aya::Pod for RecvArgs {}
+    unsafe impl aya::Pod for TraceCtx {}
 }

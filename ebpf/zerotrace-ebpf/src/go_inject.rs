@@ -20,14 +20,14 @@ use aya_ebpf::{
     macros::uprobe,
     programs::ProbeContext,
 };
-use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceparentEvent, inject_outcome, settings_flags};
+use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceCtx, TraceparentEvent, inject_outcome, settings_flags};
 
 use crate::{
     maps::{CLIENT_HDR, EVENTS, SPAN_TRACE, settings},
     util::{count, go_itab_type, header, now, read_user, regs, uprobe_target, wake_flags},
 };
 
-/// "traceparent: 00-" + 32 hex + "-" + 16 hex + "-01\r\n".
+/// "traceparent: 00-" + 32 hex + "-" + 16 hex + "-01\r\n" (or "-00": not sampled).
 const LINE: usize = 70;
 const HEX: &[u8; 16] = b"0123456789abcdef";
 /// A Go map[string][]string slot: key (string, 16 bytes) and value (slice, 24 bytes).
@@ -53,10 +53,13 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
     }
     // SAFETY: map value pointer, copied at once.
     let trace = SPAN_TRACE.get_ptr(&span).map(|p| unsafe { *p });
-    let outcome = match trace {
-        Some(t) => inject(&cfg.go, r.rax, r.rbx, r.rcx, span, &t),
+    let outcome = match &trace {
+        Some(t) => inject(&cfg.go, r.rax, r.rbx, r.rcx, span, t),
         None => inject_outcome::UNCHECKED,
     };
+    if trace.is_some_and(|t| t.sampled == 0) && matches!(outcome, inject_outcome::WRITTEN | inject_outcome::DRY_RUN) {
+        count(Counter::TraceparentUnsampled);
+    }
     count(match outcome {
         inject_outcome::WRITTEN => Counter::TraceparentInjected,
         inject_outcome::DRY_RUN => Counter::TraceparentDryRun,
@@ -67,9 +70,10 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
     let ev = TraceparentEvent {
         hdr: header(EventKind::Traceparent, core::mem::size_of::<TraceparentEvent>(), pid, pid_tgid as u32, now()),
         span_id: span,
-        trace_id: trace.unwrap_or([0; 16]),
+        trace_id: trace.map_or([0; 16], |t| t.trace_id),
         outcome,
-        _pad: [0; 7],
+        sampled: trace.map_or(0, |t| t.sampled),
+        _pad: [0; 6],
     };
     if EVENTS.output::<TraceparentEvent>(&ev, wake_flags()).is_err() {
         count(Counter::EventsDroppedRingFull);
@@ -78,9 +82,12 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
 }
 
 /// Checks and (unless dry-run) writes the line for `span` of `trace` into writer `w`
-/// (interface itab `w_itab`) about to format Header map `h`; returns the outcome.
+/// (interface itab `w_itab`) about to format Header map `h`; returns the outcome. The flags
+/// say sampled only when the agent's sampler keeps the trace, so that parent-based
+/// samplers downstream drop what this agent dropped.
 #[inline(always)]
-fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, trace: &[u8; 16]) -> u8 {
+fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, ctx: &TraceCtx) -> u8 {
+    let trace = &ctx.trace_id;
     if go.type_bufio_writer == 0 || go_itab_type(w_itab) != go.type_bufio_writer {
         return inject_outcome::UNCHECKED;
     }
@@ -106,6 +113,9 @@ fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, trace: &[u8; 1
     for i in 0..8 {
         line[49 + 2 * i] = HEX[(sb[i] >> 4) as usize];
         line[49 + 2 * i + 1] = HEX[(sb[i] & 15) as usize];
+    }
+    if ctx.sampled == 0 {
+        line[LINE - 3] = b'0';
     }
     // The bytes first, then the length that makes them part of the request: if the second
     // write failed, the first would only have filled unused buffer space.

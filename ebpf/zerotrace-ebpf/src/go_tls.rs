@@ -75,8 +75,19 @@ fn reg_by_index(r: &pt_regs, i: u32) -> Option<u64> {
 /// RCX, c in the register the agent proved holds it (TargetConfig::tls_c_reg).
 #[uprobe]
 pub fn go_tls_read(ctx: ProbeContext) -> u32 {
+    tls_read::<false>(&ctx)
+}
+
+/// `go_tls_read` that also reads an incoming traceparent (`--inject-traceparent`).
+#[uprobe]
+pub fn go_tls_read_inject(ctx: ProbeContext) -> u32 {
+    tls_read::<true>(&ctx)
+}
+
+#[inline(always)]
+fn tls_read<const SCAN: bool>(ctx: &ProbeContext) -> u32 {
     let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
-    let r = regs(&ctx);
+    let r = regs(ctx);
     let Some(c) = reg_by_index(r, cfg.tls_c_reg) else { return 0 };
     let (src, n) = (r.rbx, r.rcx);
     if n == 0 || src == 0 {
@@ -87,7 +98,7 @@ pub fn go_tls_read(ctx: ProbeContext) -> u32 {
         // Usually the socket read before this already ended the last response; not when
         // the next request came in the same TLS record as the previous one.
         finish_response(conn, pid_tgid as u32, now(), 0);
-        let _ = recv_bytes(conn, pid_tgid, src, n);
+        let _ = recv_bytes::<SCAN>(conn, pid_tgid, src, n);
     } else {
         // A client reading its response: its next write is a new request.
         conn.phase = phase::RESPONSE;

@@ -67,17 +67,28 @@ pub fn read_kernel<T>(addr: u64) -> Option<T> {
     }
 }
 
+/// `v` when it is at most `max` (else None), checked on the value the caller then uses, so
+/// that every verifier sees the bound. The compiler drops a comparison it can prove from
+/// earlier ones (`len < room` with room <= max), and moves values through the stack;
+/// verifiers before Linux 5.11 neither compare two registers' ranges nor carry a bound to a
+/// copy spilled before the comparison, so a size bounded only that way is refused ("R2 min
+/// value is negative"). The volatile read hides what the compiler knows.
+#[inline(always)]
+pub fn checked_at_most(v: u64, max: u64) -> Option<u64> {
+    // SAFETY: a read of a local.
+    let v = unsafe { core::ptr::read_volatile(&v) };
+    if v > max { None } else { Some(v) }
+}
+
 /// Copies `min(len, CAP)` bytes of target memory at `src` into `dst` (CAP bytes of room).
 /// Returns the number of bytes copied, 0 on failure.
 #[inline(always)]
 pub fn read_user_bytes<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> u32 {
-    let mut n = len;
-    if n > CAP as u64 {
-        n = CAP as u64;
-    }
+    let n = if len > CAP as u64 { CAP as u64 } else { len };
     if n == 0 {
         return 0;
     }
+    let Some(n) = checked_at_most(n, CAP as u64) else { return 0 };
     // SAFETY: dst has CAP bytes of room and n <= CAP.
     let rc = unsafe { raw_read_user(dst.cast(), n as u32, src as *const _) };
     if rc < 0 {

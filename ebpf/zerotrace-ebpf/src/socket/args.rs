@@ -97,6 +97,49 @@ impl<const BTF: bool> Syscall for TaskRegs<BTF> {
     }
 }
 
+/// The syscall flavour: the number and arguments as the syscall tracepoint passed them.
+pub struct SyscallArgs {
+    pub nr: u64,
+    pub a1: u64,
+    pub a2: u64,
+    /// A send's bytes (all its iovecs), summed once (`SyscallArgs::send`): a sum at each
+    /// place that needs it would put the iovec loop in the program several times over.
+    pub total: u64,
+}
+
+impl SyscallArgs {
+    /// A send syscall.
+    #[inline(always)]
+    pub fn send(nr: u64, a1: u64, a2: u64) -> Self {
+        let total = requested((nr, a1, a2)).unwrap_or(0);
+        SyscallArgs { nr, a1, a2, total }
+    }
+
+    /// A receive syscall.
+    #[inline(always)]
+    pub fn recv(nr: u64, a1: u64, a2: u64) -> Self {
+        SyscallArgs { nr, a1, a2, total: 0 }
+    }
+}
+
+impl Syscall for SyscallArgs {
+    #[inline(always)]
+    fn args(&self) -> (u64, u64, u64) {
+        (self.nr, self.a1, self.a2)
+    }
+
+    /// What the syscall asked to send (there is no kernel message to count yet).
+    #[inline(always)]
+    fn send_total(&self, len: u64) -> u64 {
+        if self.total != 0 { self.total } else { len }
+    }
+
+    #[inline(always)]
+    fn first_pass(&self) -> bool {
+        true
+    }
+}
+
 /// Bytes a send syscall `(nr, a1, a2)` asked to send (all its iovecs), when it can be told.
 #[inline(always)]
 fn requested((nr, a1, a2): (u64, u64, u64)) -> Option<u64> {

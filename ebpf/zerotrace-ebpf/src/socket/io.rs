@@ -23,9 +23,10 @@ const MSG_PEEK: i64 = 2;
 const TCP_CLOSE: i32 = 7;
 
 /// A receive on socket `sk` returned `ret` (bytes or -errno); `flags` are the receive's
-/// (a MSG_PEEK leaves the bytes for the next read, which is the one that counts).
+/// (a MSG_PEEK leaves the bytes for the next read, which is the one that counts). `SCAN`:
+/// see `records::request_capture`.
 #[inline(always)]
-pub fn on_recv<S: Syscall>(pid_tgid: u64, sk: u64, ret: i64, flags: i64, sys: &S) {
+pub fn on_recv<S: Syscall, const SCAN: bool>(pid_tgid: u64, sk: u64, ret: i64, flags: i64, sys: &S) {
     if !selected((pid_tgid >> 32) as u32) || flags & MSG_PEEK != 0 {
         return;
     }
@@ -33,7 +34,7 @@ pub fn on_recv<S: Syscall>(pid_tgid: u64, sk: u64, ret: i64, flags: i64, sys: &S
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
     if conn.role == ConnRole::Server as u8 {
-        return server::on_recv(conn, pid_tgid, ret, sys);
+        return server::on_recv::<S, SCAN>(conn, pid_tgid, ret, sys);
     }
     // A client reading its response: its next send is a new request.
     if ret > 0 && conn.tls == 0 {

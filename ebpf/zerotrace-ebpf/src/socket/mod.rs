@@ -17,4 +17,5 @@ pub mod io;
 pub mod native;
 pub mod records;
 pub mod server;
+pub mod syscalls;
 pub mod tracepoints;

@@ -12,7 +12,7 @@ use zerotrace_common::{
 use crate::{
     causality::{incoming_trace, injecting, remember_trace, trace_for},
     maps::{CLIENT_LINK, EVENTS, SCRATCH, settings},
-    util::{count, header, now, read_user, read_user_bytes, wake_flags},
+    util::{checked_at_most, count, header, now, read_user, read_user_bytes, wake_flags},
 };
 
 const REQ_HDR: usize = core::mem::size_of::<HttpRequestEvent>();
@@ -60,10 +60,7 @@ fn fill_capture(conn: &ConnState, pid_tgid: u64, kind: EventKind, src: u64, len:
 /// Sends the record assembled in scratch space `buf` (`captured` bytes behind its header).
 #[inline(always)]
 fn output(buf: *mut u8, captured: u32) {
-    let mut size = REQ_HDR as u64 + captured as u64;
-    if size > HTTP_REQUEST_MAX as u64 {
-        size = HTTP_REQUEST_MAX as u64;
-    }
+    let Some(size) = checked_at_most(REQ_HDR as u64 + captured as u64, HTTP_REQUEST_MAX as u64) else { return };
     // SAFETY: buf holds HTTP_REQUEST_MAX bytes and size is bounded by it.
     let rc = unsafe { bpf_ringbuf_output(core::ptr::addr_of!(EVENTS) as *mut _, buf.cast(), size, wake_flags()) };
     if rc < 0 {
@@ -74,9 +71,12 @@ fn output(buf: *mut u8, captured: u32) {
 /// Bytes of a request read by a server (`HttpRequest`): `len` at `src` of `read_len` read.
 /// Its first record names the same-host client that sent it (CLIENT_LINK) and the trace the
 /// kernel gives its span; `goroutine`/`goid`: the Go goroutine serving it (0: none).
+/// `SCAN`: the program reads an incoming traceparent (with injection on). The scan needs
+/// bpf_loop (Linux 5.17), which older verifiers refuse even as dead code, so only the
+/// `_inject` twins of the receiving programs have it.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn request_capture(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, read_len: u64, start_ns: u64, goroutine: u64, goid: u64) {
+pub fn request_capture<const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, read_len: u64, start_ns: u64, goroutine: u64, goid: u64) {
     let Some((buf, captured)) = fill_capture(conn, pid_tgid, EventKind::HttpRequest, src, len, read_len, start_ns) else {
         return;
     };
@@ -92,11 +92,11 @@ pub fn request_capture(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, 
             }
             // With injection on, an incoming traceparent decides the trace here already (the
             // agent decides it too, but only later): outgoing requests must name it.
-            let incoming = if injecting() { incoming_trace(buf.add(REQ_HDR), captured) } else { None };
+            let incoming = if SCAN && injecting() { incoming_trace(buf.add(REQ_HDR), captured) } else { None };
             conn.trace_in = incoming.is_some() as u8;
             (*ev).trace_id = match incoming {
-                Some(t) => {
-                    remember_trace(conn.span_id, &t);
+                Some((t, flags)) => {
+                    remember_trace(conn.span_id, &t, flags);
                     (*ev).trace_origin = trace_origin::INCOMING;
                     t
                 }
@@ -106,11 +106,11 @@ pub fn request_capture(conn: &mut ConnState, pid_tgid: u64, src: u64, len: u64, 
                     t
                 }
             };
-        } else if conn.trace_in == 0 && injecting() {
+        } else if SCAN && conn.trace_in == 0 && injecting() {
             // A head that came in pieces: its traceparent may be in this one (the handler, and
             // so any outgoing request, starts only once the head is complete).
-            if let Some(t) = incoming_trace(buf.add(REQ_HDR), captured) {
-                remember_trace(conn.span_id, &t);
+            if let Some((t, flags)) = incoming_trace(buf.add(REQ_HDR), captured) {
+                remember_trace(conn.span_id, &t, flags);
                 conn.trace_in = 1;
             }
         }

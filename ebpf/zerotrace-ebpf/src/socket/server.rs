@@ -282,7 +282,7 @@ pub fn finish_response(conn: &mut ConnState, tid: u32, ts: u64, closed: u8) {
 /// `len` request bytes at `buf` arrived on server connection `conn` (from a socket read,
 /// or in plaintext from crypto/tls): the first after a response start request n.
 #[inline(always)]
-pub fn recv_bytes(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Option<()> {
+pub fn recv_bytes<const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Option<()> {
     // HTTP/2 has no phases; an upgraded connection (101) carries another protocol.
     if conn.h2 != 0 || conn.other != 0 {
         return Some(());
@@ -325,14 +325,14 @@ pub fn recv_bytes(conn: &mut ConnState, pid_tgid: u64, buf: u64, len: u64) -> Op
         let cfg = target(conn.pid)?;
         if cfg.flags & zerotrace_common::target_flags::GO != 0 { current_goroutine(cfg) } else { (0, 0) }
     };
-    request_capture(conn, pid_tgid, buf, len, len, conn.req_ts, goroutine, goid);
+    request_capture::<SCAN>(conn, pid_tgid, buf, len, len, conn.req_ts, goroutine, goid);
     Some(())
 }
 
 /// A receive on server connection `conn` returned `ret` (bytes or -errno). The user buffer
 /// is read only when bytes are captured.
 #[inline(always)]
-pub fn on_recv<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, ret: i64, sys: &S) {
+pub fn on_recv<S: Syscall, const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, ret: i64, sys: &S) {
     count(Counter::SocketOps);
     // Any receive attempt after a response ends it: the server waits for what comes next.
     finish_response(conn, pid_tgid as u32, now(), 0);
@@ -365,6 +365,6 @@ pub fn on_recv<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, ret: i64, sys: &
         h2_bytes(conn, pid_tgid, EventKind::SockH2Recv, buf, len, ret as u64);
         return;
     }
-    recv_bytes(conn, pid_tgid, buf, len);
+    recv_bytes::<SCAN>(conn, pid_tgid, buf, len);
 }
 

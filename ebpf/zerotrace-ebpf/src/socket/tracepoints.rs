@@ -22,10 +22,21 @@ use super::{
 
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> u32 {
+    recv_btf::<false>(&ctx)
+}
+
+/// The same, reading incoming traceparents (`--inject-traceparent`).
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf_inject(ctx: BtfTracePointContext) -> u32 {
+    recv_btf::<true>(&ctx)
+}
+
+#[inline(always)]
+fn recv_btf<const SCAN: bool>(ctx: &BtfTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
     let flags: i32 = ctx.arg(2);
-    on_recv(bpf_get_current_pid_tgid(), sk, ret as i64, flags as i64, &TaskRegs::<true> { msg: 0 });
+    on_recv::<_, SCAN>(bpf_get_current_pid_tgid(), sk, ret as i64, flags as i64, &TaskRegs::<true> { msg: 0 });
     0
 }
 
@@ -44,10 +55,21 @@ pub fn inet_sock_set_state_btf(ctx: BtfTracePointContext) -> u32 {
 
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn sock_recv_length(ctx: RawTracePointContext) -> u32 {
+    recv_raw::<false>(&ctx)
+}
+
+/// The same, reading incoming traceparents (`--inject-traceparent`).
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn sock_recv_length_inject(ctx: RawTracePointContext) -> u32 {
+    recv_raw::<true>(&ctx)
+}
+
+#[inline(always)]
+fn recv_raw<const SCAN: bool>(ctx: &RawTracePointContext) -> u32 {
     let sk: u64 = ctx.arg(0);
     let ret: u64 = ctx.arg(1);
     let flags: u64 = ctx.arg(2);
-    on_recv(bpf_get_current_pid_tgid(), sk, ret as i32 as i64, flags as i32 as i64, &TaskRegs::<false> { msg: 0 });
+    on_recv::<_, SCAN>(bpf_get_current_pid_tgid(), sk, ret as i32 as i64, flags as i32 as i64, &TaskRegs::<false> { msg: 0 });
     0
 }
 
