@@ -27,10 +27,7 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .find(|p| p.name.as_str() == "zerotrace-ebpf")
         .ok_or_else(|| anyhow!("zerotrace-ebpf package not found in the workspace"))?;
-    let root = pkg
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
+    let root = pkg.manifest_path.parent().ok_or_else(|| anyhow!("no parent for {}", pkg.manifest_path))?;
     build_kernel_object(root.as_std_path())
 }
 

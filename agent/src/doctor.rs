@@ -53,12 +53,7 @@ pub fn check() -> Vec<Line> {
     push("ring buffer", features::ring_buffer().map(|()| "BPF_MAP_TYPE_RINGBUF".into()), "events reach the agent", "no event transport: zerotrace cannot run");
     push("tracepoints", features::tracepoints().map(|()| "syscalls:* attachable".into()), "tracepoints usable", "no tracepoints: zerotrace cannot run");
     for set in HookSet::ALL {
-        push(
-            set.name(),
-            set.available().map(|()| format!("available (needs {})", set.minimum())),
-            "",
-            "not on this kernel",
-        );
+        push(set.name(), set.available().map(|()| format!("available (needs {})", set.minimum())), "", "not on this kernel");
     }
     push(
         "socket hooks",
@@ -82,8 +77,18 @@ pub fn check() -> Vec<Line> {
             "maps cannot be created: grant CAP_SYS_RESOURCE or raise `ulimit -l` to unlimited",
         );
     }
-    push("kprobes", features::kprobes().map(|()| "kprobe PMU works".into()), "kernel function probes available (optional fast path)", "not needed: the baseline uses tracepoints");
-    push("fentry", features::fentry().map(|()| "BPF_TRACE_FENTRY loads".into()), "fentry available (optional fast path)", "not needed: the baseline uses tracepoints");
+    push(
+        "kprobes",
+        features::kprobes().map(|()| "kprobe PMU works".into()),
+        "kernel function probes available (optional fast path)",
+        "not needed: the baseline uses tracepoints",
+    );
+    push(
+        "fentry",
+        features::fentry().map(|()| "BPF_TRACE_FENTRY loads".into()),
+        "fentry available (optional fast path)",
+        "not needed: the baseline uses tracepoints",
+    );
     let lockdown = features::lockdown();
     push(
         "lockdown",
@@ -124,16 +129,8 @@ pub fn baseline_ok(lines: &[Line]) -> bool {
 /// One line: whether zerotrace can trace here, and if not, what is missing (the first gap
 /// of the baseline, with its detail).
 pub fn summary(lines: &[Line]) -> String {
-    let gaps: Vec<String> = BASELINE
-        .iter()
-        .filter_map(|n| lines.iter().find(|l| l.name == *n && !l.ok))
-        .map(|l| format!("{}: {}", l.name, l.detail))
-        .collect();
-    if gaps.is_empty() {
-        "baseline ok: zerotrace can trace on this machine".to_owned()
-    } else {
-        format!("zerotrace cannot trace here: {}", gaps.join("; "))
-    }
+    let gaps: Vec<String> = BASELINE.iter().filter_map(|n| lines.iter().find(|l| l.name == *n && !l.ok)).map(|l| format!("{}: {}", l.name, l.detail)).collect();
+    if gaps.is_empty() { "baseline ok: zerotrace can trace on this machine".to_owned() } else { format!("zerotrace cannot trace here: {}", gaps.join("; ")) }
 }
 
 pub fn render(lines: &[Line]) -> String {

@@ -340,30 +340,30 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     let mut report = String::new();
     for export in &a.export {
         for causality in &a.causality {
-        for case in a.cases.iter().map(String::as_str) {
-            let (pid, port) = match (&tls, &rust, case) {
-                (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
-                (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
-                _ => (srv.pid(), port),
-            };
-            let mut without = Vec::new();
-            let mut with: Vec<(Vec<Load>, Vec<AgentCost>)> = a.socket_hooks.iter().map(|_| (Vec::new(), Vec::new())).collect();
-            for round in 0..a.rounds {
-                eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
-                // Warm the service and the caches identically before every run.
-                drive(case, port, &a, Duration::from_secs(1))?;
-                without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
-                for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&mut with) {
+            for case in a.cases.iter().map(String::as_str) {
+                let (pid, port) = match (&tls, &rust, case) {
+                    (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
+                    (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
+                    _ => (srv.pid(), port),
+                };
+                let mut without = Vec::new();
+                let mut with: Vec<(Vec<Load>, Vec<AgentCost>)> = a.socket_hooks.iter().map(|_| (Vec::new(), Vec::new())).collect();
+                for round in 0..a.rounds {
+                    eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
+                    // Warm the service and the caches identically before every run.
                     drive(case, port, &a, Duration::from_secs(1))?;
-                    let (load, cost) = with_agent(pid, *export, causality, hooks, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
-                    loads.push(load);
-                    costs.push(cost);
+                    without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
+                    for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&mut with) {
+                        drive(case, port, &a, Duration::from_secs(1))?;
+                        let (load, cost) = with_agent(pid, *export, causality, hooks, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
+                        loads.push(load);
+                        costs.push(cost);
+                    }
+                }
+                for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&with) {
+                    report.push_str(&summarize(case, *export, causality, hooks, &a, &without, loads, costs));
                 }
             }
-            for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&with) {
-                report.push_str(&summarize(case, *export, causality, hooks, &a, &without, loads, costs));
-            }
-        }
         }
     }
     println!("\n{report}");

@@ -7,9 +7,9 @@ pub mod recording;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent,
-    GoServerRequestEvent, GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent,
-    ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds, h2_start,
+    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent,
+    GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds,
+    h2_start,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,7 +5,12 @@
 //! one line naming what is missing. The checks try things for real: each loads the smallest
 //! possible program of a type and attaches it the way zerotrace would. Used by `zerotrace
 //! doctor` and before loading.
-use std::{ffi::CString, io, os::fd::{AsRawFd, FromRawFd, OwnedFd}, path::Path};
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    path::Path,
+};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -137,17 +142,47 @@ pub struct Feature {
 /// Every kernel feature the kernel programs use, with the path of kernels without it.
 /// (ARCHITECTURE.md, "Kernels", has the same table.)
 pub const TABLE: &[Feature] = &[
-    Feature { name: "BPF instruction set v3 (jmp32, alu32)", since: (5, 1), used_for: "every program (built with bpf-linker --cpu v3)", without: Without::Refuse },
+    Feature {
+        name: "BPF instruction set v3 (jmp32, alu32)",
+        since: (5, 1),
+        used_for: "every program (built with bpf-linker --cpu v3)",
+        without: Without::Refuse,
+    },
     Feature { name: "global data (.rodata, .bss)", since: (5, 2), used_for: "kernel offsets and settings set at load", without: Without::Refuse },
     Feature { name: "bounded loops", since: (5, 3), used_for: "iovec sums, HTTP/2 pieces, Go map reads", without: Without::Refuse },
     Feature { name: "kernel BTF (/sys/kernel/btf/vmlinux)", since: (5, 4), used_for: "kernel struct offsets", without: Without::Refuse },
     Feature { name: "bpf_probe_read_user/_kernel", since: (5, 5), used_for: "reading target and kernel memory", without: Without::Refuse },
-    Feature { name: "BTF tracepoints (tp_btf)", since: (5, 5), used_for: "socket-btf set, the close hook", without: Without::Fallback("raw tracepoints (socket-raw set, raw close hook)") },
+    Feature {
+        name: "BTF tracepoints (tp_btf)",
+        since: (5, 5),
+        used_for: "socket-btf set, the close hook",
+        without: Without::Fallback("raw tracepoints (socket-raw set, raw close hook)"),
+    },
     Feature { name: "BPF ring buffer", since: (5, 8), used_for: "every record to the agent", without: Without::Refuse },
-    Feature { name: "BPF memory charged to memory cgroups", since: (5, 11), used_for: "map memory", without: Without::Fallback("RLIMIT_MEMLOCK raised to unlimited (needs CAP_SYS_RESOURCE unless the limit is already high)") },
-    Feature { name: "bpf_get_current_task_btf, bpf_task_pt_regs", since: (5, 15), used_for: "the socket-layer sets: user buffers from the saved registers", without: Without::Fallback("the syscall set has its arguments in its context; CPU samples read the registers from the sample or the kernel stack") },
-    Feature { name: "bpf_loop", since: (5, 17), used_for: "reading an incoming traceparent in the kernel (--inject-traceparent)", without: Without::RefuseOption("--inject-traceparent") },
-    Feature { name: "sock:sock_recv_length, tcp:tcp_sendmsg_locked", since: (6, 16), used_for: "the socket-layer sets (fire only for socket I/O)", without: Without::Fallback("the syscall set (syscalls:sys_enter/exit_* of the data syscalls)") },
+    Feature {
+        name: "BPF memory charged to memory cgroups",
+        since: (5, 11),
+        used_for: "map memory",
+        without: Without::Fallback("RLIMIT_MEMLOCK raised to unlimited (needs CAP_SYS_RESOURCE unless the limit is already high)"),
+    },
+    Feature {
+        name: "bpf_get_current_task_btf, bpf_task_pt_regs",
+        since: (5, 15),
+        used_for: "the socket-layer sets: user buffers from the saved registers",
+        without: Without::Fallback("the syscall set has its arguments in its context; CPU samples read the registers from the sample or the kernel stack"),
+    },
+    Feature {
+        name: "bpf_loop",
+        since: (5, 17),
+        used_for: "reading an incoming traceparent in the kernel (--inject-traceparent)",
+        without: Without::RefuseOption("--inject-traceparent"),
+    },
+    Feature {
+        name: "sock:sock_recv_length, tcp:tcp_sendmsg_locked",
+        since: (6, 16),
+        used_for: "the socket-layer sets (fire only for socket I/O)",
+        without: Without::Fallback("the syscall set (syscalls:sys_enter/exit_* of the data syscalls)"),
+    },
 ];
 
 /// Which hook set and options this kernel takes: checked before anything is loaded.

@@ -8,6 +8,7 @@
 //! - `syscalls`: the data syscalls' own tracepoints (`syscalls:sys_enter_read`, ...), which
 //!   every kernel has: they fire for every read and write of every process, and the program
 //!   follows the file descriptor to its socket.
+//!
 //! Every set ends sockets at `sock:inet_sock_set_state` (Linux 4.16).
 use aya::{
     Btf, Ebpf,
@@ -112,7 +113,9 @@ fn socket_tracepoints() -> Result<(), String> {
 }
 
 fn close_tracepoint() -> Result<(), String> {
-    features::tracepoint_format("sock", "inet_sock_set_state").map(drop).map_err(|_| "tracepoint sock:inet_sock_set_state missing (Linux 4.16+ has it)".to_owned())
+    features::tracepoint_format("sock", "inet_sock_set_state")
+        .map(drop)
+        .map_err(|_| "tracepoint sock:inet_sock_set_state missing (Linux 4.16+ has it)".to_owned())
 }
 
 /// Syscalls whose entries the syscall set hooks (the program keeps sends at their entry and

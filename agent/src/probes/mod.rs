@@ -80,7 +80,9 @@ pub enum ProbeError {
     Load(String),
     #[error("program {name}: {detail}; run `zerotrace doctor` to see what this kernel allows")]
     Program { name: String, detail: String },
-    #[error("the kernel refused the traceparent writer ({0}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent")]
+    #[error(
+        "the kernel refused the traceparent writer ({0}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent"
+    )]
     Inject(String),
     /// A kernel zerotrace cannot run on, found before loading anything.
     #[error("{0}")]
@@ -275,9 +277,7 @@ impl Probes {
         let prog = if prog == uprobes::GO_TLS_READ { self.tls_read } else { prog };
         let p: &mut UProbe = program(&mut self.ebpf, prog)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| ProbeError::Missing("pid 0".into()))?);
-        let link = p
-            .attach(offset, exe, scope)
-            .map_err(|source| ProbeError::program(format!("{prog} at {}+{offset:#x}", exe.display()), source))?;
+        let link = p.attach(offset, exe, scope).map_err(|source| ProbeError::program(format!("{prog} at {}+{offset:#x}", exe.display()), source))?;
         self.uprobe_links.entry(pid).or_default().push((prog, link, temporary));
         Ok(())
     }

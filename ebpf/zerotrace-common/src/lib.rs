@@ -1059,11 +1059,21 @@ macro_rules! assert_same_place {
         $(const _: () = assert!(core::mem::offset_of!($t, $a) == core::mem::offset_of!(HttpRequestEvent, $b));)*
     };
 }
-assert_same_place!(PipelinedRequestEvent, conn_id = conn_id, pattern_ptr = goroutine, pattern_len = goid, start_ns = start_ns,
-    seq = seq, read_len = read_len, captured = captured, offset = offset, span_id = span_id, trace_id = trace_id,
-    trace_origin = trace_origin);
-assert_same_place!(H2BytesEvent, conn_id = conn_id, ts_ns = start_ns, start = seq, total = read_len, captured = captured,
-    offset = offset, last = tls);
+assert_same_place!(
+    PipelinedRequestEvent,
+    conn_id = conn_id,
+    pattern_ptr = goroutine,
+    pattern_len = goid,
+    start_ns = start_ns,
+    seq = seq,
+    read_len = read_len,
+    captured = captured,
+    offset = offset,
+    span_id = span_id,
+    trace_id = trace_id,
+    trace_origin = trace_origin
+);
+assert_same_place!(H2BytesEvent, conn_id = conn_id, ts_ns = start_ns, start = seq, total = read_len, captured = captured, offset = offset, last = tls);
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);

@@ -330,10 +330,13 @@ pub fn set_own(k: &GoroutineKey, span: u64) {
 #[inline(always)]
 pub fn take_call<V: Copy>(calls: &HashMap<GoroutineKey, V>, k: &GoroutineKey) -> Option<V> {
     // SAFETY: map value pointer, copied before removal.
-    let Some(st) = calls.get_ptr(k).map(|p| unsafe { *p }) else {
+    let Some(p) = calls.get_ptr(k) else {
         count(Counter::HandlerReturnsUnmatched);
         return None;
     };
+    // SAFETY: map value pointer, copied before removal (only once known: go_inject.rs says
+    // why not through an Option).
+    let st = unsafe { *p };
     let _ = calls.remove(k);
     Some(st)
 }

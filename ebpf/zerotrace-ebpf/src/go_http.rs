@@ -4,10 +4,7 @@
 //! `go_serve_http` / `go_serve_http_ret` fire at the entry and at every RET instruction of
 //! `net/http.serverHandler.ServeHTTP` (never a uretprobe: goroutine stacks move).
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{
-    Counter, EventKind, GoRequestKey, GoRequestState, GoServerRequestEvent,
-    GoOffsets, TargetConfig,
-};
+use zerotrace_common::{Counter, EventKind, GoOffsets, GoRequestKey, GoRequestState, GoServerRequestEvent, TargetConfig};
 
 use crate::{
     causality::serve_conn,
@@ -66,8 +63,7 @@ pub fn go_serve_http(ctx: ProbeContext) -> u32 {
     let go = &cfg.go;
     let r = regs(&ctx);
     let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
-    let response =
-        if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
+    let response = if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
     let state = GoRequestState { start_ns: now(), request: r.rdi, response };
     if GO_REQUESTS.insert(&key, &state, 0).is_err() {
         count(Counter::GoCallsDroppedMapFull);
@@ -91,11 +87,13 @@ pub fn go_serve_http_ret(ctx: ProbeContext) -> u32 {
     let pid = (pid_tgid >> 32) as u32;
     let g = regs(&ctx).r14;
     let key = GoRequestKey { pid, _pad: 0, goroutine: g };
-    // SAFETY: map value pointer, copied before removal.
-    let Some(state) = GO_REQUESTS.get_ptr(&key).map(|p| unsafe { *p }) else {
+    let Some(p) = GO_REQUESTS.get_ptr(&key) else {
         count(Counter::HandlerReturnsUnmatched);
         return 0;
     };
+    // SAFETY: map value pointer, copied before removal (only once known: go_inject.rs says
+    // why not through an Option).
+    let state = unsafe { *p };
     let _ = GO_REQUESTS.remove(&key);
     send_server_request(cfg, pid_tgid, g, &state);
     0
@@ -119,20 +117,9 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
         (*e).start_ns = st.start_ns;
         (*e).end_ns = (*e).hdr.ts_ns;
         (*e).content_length = read_user::<i64>(r + go.request_content_length as u64).unwrap_or(-1);
-        (*e).status = if st.response != 0 {
-            read_user::<i64>(st.response + go.response_status as u64).unwrap_or(0)
-        } else {
-            0
-        };
+        (*e).status = if st.response != 0 { read_user::<i64>(st.response + go.response_status as u64).unwrap_or(0) } else { 0 };
         (*e).sk = 0;
-        for s in [
-            &mut (*e).method,
-            &mut (*e).path,
-            &mut (*e).pattern,
-            &mut (*e).host,
-            &mut (*e).remote_addr,
-            &mut (*e).proto,
-        ] {
+        for s in [&mut (*e).method, &mut (*e).path, &mut (*e).pattern, &mut (*e).host, &mut (*e).remote_addr, &mut (*e).proto] {
             s.len = 0;
             s.kept = 0;
         }

@@ -15,11 +15,7 @@
 //! - `w` is a `*bufio.Writer` (itab type check) with room for the whole line in `buf`;
 //! - `h` is a map small enough to read in one group/bucket and has no `traceparent` key
 //!   (the application propagates its own context: never a second header).
-use aya_ebpf::{
-    helpers::bpf_probe_write_user,
-    macros::uprobe,
-    programs::ProbeContext,
-};
+use aya_ebpf::{helpers::bpf_probe_write_user, macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceCtx, TraceparentEvent, inject_outcome, settings_flags};
 
 use crate::{
@@ -51,13 +47,15 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
         count(Counter::TraceparentSkipped);
         return 0;
     }
+    // Copied into a value defined either way: an Option of a struct leaves its payload
+    // undefined when None, and the compiler may then store whatever register it likes,
+    // one a helper call just clobbered, which verifiers refuse ("R1 !read_ok").
+    let lookup = SPAN_TRACE.get_ptr(&span);
+    let known = lookup.is_some();
     // SAFETY: map value pointer, copied at once.
-    let trace = SPAN_TRACE.get_ptr(&span).map(|p| unsafe { *p });
-    let outcome = match &trace {
-        Some(t) => inject(&cfg.go, r.rax, r.rbx, r.rcx, span, t),
-        None => inject_outcome::UNCHECKED,
-    };
-    if trace.is_some_and(|t| t.sampled == 0) && matches!(outcome, inject_outcome::WRITTEN | inject_outcome::DRY_RUN) {
+    let trace = lookup.map_or(TraceCtx::default(), |p| unsafe { *p });
+    let outcome = if known { inject(&cfg.go, r.rax, r.rbx, r.rcx, span, &trace) } else { inject_outcome::UNCHECKED };
+    if trace.sampled == 0 && matches!(outcome, inject_outcome::WRITTEN | inject_outcome::DRY_RUN) {
         count(Counter::TraceparentUnsampled);
     }
     count(match outcome {
@@ -70,9 +68,9 @@ pub fn go_inject(ctx: ProbeContext) -> u32 {
     let ev = TraceparentEvent {
         hdr: header(EventKind::Traceparent, core::mem::size_of::<TraceparentEvent>(), pid, pid_tgid as u32, now()),
         span_id: span,
-        trace_id: trace.map_or([0; 16], |t| t.trace_id),
+        trace_id: trace.trace_id,
         outcome,
-        sampled: trace.map_or(0, |t| t.sampled),
+        sampled: trace.sampled,
         _pad: [0; 6],
     };
     if EVENTS.output::<TraceparentEvent>(&ev, wake_flags()).is_err() {

@@ -5,9 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use zerotrace_common::{
-    ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoSqlState, GoRequestKey, GoRequestState,
-    GoroutineCtx, GoroutineKey, HTTP_REQUEST_MAX, SlotKey, KernelOffsets, ListenKey, RecvArgs, Settings, TraceCtx,
-    TargetConfig, bounds, COUNTER_SLOTS,
+    COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState, GoSqlState, GoroutineCtx, GoroutineKey,
+    HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
 };
 
 /// All events for the agent, variable-length records each starting with an EventHeader.
@@ -34,8 +33,7 @@ pub static CONNS: HashMap<ConnKey, ConnState> = HashMap::with_max_entries(bounds
 
 /// Handler probe mode: goroutines inside serverHandler.ServeHTTP.
 #[map]
-pub static GO_REQUESTS: HashMap<GoRequestKey, GoRequestState> =
-    HashMap::with_max_entries(bounds::MAX_GO_REQUESTS, 0);
+pub static GO_REQUESTS: HashMap<GoRequestKey, GoRequestState> = HashMap::with_max_entries(bounds::MAX_GO_REQUESTS, 0);
 
 /// The span each goroutine's work belongs to (see zerotrace_common::ctx_origin). LRU: when
 /// full, the goroutine touched least recently loses its context (it is most likely gone).
@@ -45,8 +43,7 @@ pub static GO_CTX: LruHashMap<GoroutineKey, GoroutineCtx> = LruHashMap::with_max
 /// Goroutines inside `(*http.Transport).roundTrip`: their client span and the context to
 /// restore when it returns.
 #[map]
-pub static GO_CLIENTS: HashMap<GoroutineKey, GoClientState> =
-    HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+pub static GO_CLIENTS: HashMap<GoroutineKey, GoClientState> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
 
 /// Goroutines inside database/sql's queryDC/execDC.
 #[map]
@@ -55,8 +52,7 @@ pub static GO_SQL: HashMap<GoroutineKey, GoSqlState> = HashMap::with_max_entries
 /// The span of the request a traced client last wrote on each flow: a server on this host
 /// that reads the request links its span to it.
 #[map]
-pub static CLIENT_LINK: LruHashMap<FlowKey, ClientLink> =
-    LruHashMap::with_max_entries(bounds::MAX_CLIENT_LINKS, 0);
+pub static CLIENT_LINK: LruHashMap<FlowKey, ClientLink> = LruHashMap::with_max_entries(bounds::MAX_CLIENT_LINKS, 0);
 
 /// The span of the goroutine that put each value in a channel buffer (only values sent from
 /// inside a span; a slot written outside any span is removed).
@@ -125,13 +121,8 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
 };
 
 #[unsafe(no_mangle)]
-pub static SETTINGS: Settings = Settings {
-    req_capture: 1024,
-    abi_version: zerotrace_common::ABI_VERSION,
-    flags: 0,
-    sampler: zerotrace_common::sampler_mode::ALWAYS_ON,
-    ratio_bound: 0,
-};
+pub static SETTINGS: Settings =
+    Settings { req_capture: 1024, abi_version: zerotrace_common::ABI_VERSION, flags: 0, sampler: zerotrace_common::sampler_mode::ALWAYS_ON, ratio_bound: 0 };
 
 #[inline(always)]
 pub fn kernel() -> KernelOffsets {

@@ -6,25 +6,23 @@
 //! agent from `.eh_frame`. Kernel frames in both cases. The user registers come from the
 //! sample's context or the task's kernel stack (`user_regs`), which every kernel has.
 use aya_ebpf::{
+    EbpfContext,
     bindings::pt_regs,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_task,
-        generated::{bpf_get_smp_processor_id, bpf_get_stack},
         generated::bpf_probe_read_user as raw_read_user,
+        generated::{bpf_get_smp_processor_id, bpf_get_stack},
     },
     macros::perf_event,
     programs::PerfEventContext,
-    EbpfContext,
 };
-use zerotrace_common::{
-    Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind, bounds, target_flags,
-};
+use zerotrace_common::{Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind, bounds, target_flags};
 
 use crate::{
     causality::span_of,
     maps::EVENTS,
-    socket::conns::selected,
     maps::kernel,
+    socket::conns::selected,
     util::{count, current_goroutine, header, now, read_kernel, target, wake_flags},
 };
 

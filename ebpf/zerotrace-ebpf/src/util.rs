@@ -1,10 +1,7 @@
 //! Small helpers shared by the programs: counters, the ring-buffer wake-up policy, the
 //! uprobe preamble, the current goroutine from thread-local storage, bounded reads of
 //! target memory.
-use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user,
-    generated::bpf_probe_read_user as raw_read_user,
-};
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_probe_read_user as raw_read_user};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, TargetConfig, bounds};
 
@@ -31,11 +28,7 @@ pub fn now() -> u64 {
 /// Wake the agent only when enough data is pending; otherwise it drains on its timer.
 #[inline(always)]
 pub fn wake_flags() -> u64 {
-    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    }
+    if EVENTS.query(BPF_RB_AVAIL_DATA) > bounds::WAKEUP_BYTES { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP }
 }
 
 #[inline(always)]
@@ -206,12 +199,13 @@ pub fn go_conn_fd(go: &GoOffsets, itab: u64, data: u64) -> i32 {
     let mut tcp = 0u64;
     if ty == go.type_tcpconn {
         tcp = data;
-    } else if ty != 0 && ty == go.type_tlsconn && go.tlsconn_conn != GoOffsets::NONE {
-        if let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64) {
-            if go_itab_type(inner[0]) == go.type_tcpconn {
-                tcp = inner[1];
-            }
-        }
+    } else if ty != 0
+        && ty == go.type_tlsconn
+        && go.tlsconn_conn != GoOffsets::NONE
+        && let Some(inner) = read_user::<[u64; 2]>(data + go.tlsconn_conn as u64)
+        && go_itab_type(inner[0]) == go.type_tcpconn
+    {
+        tcp = inner[1];
     }
     if tcp == 0 {
         return -1;

@@ -24,12 +24,7 @@ pub fn is_final_head(buf: u64) -> bool {
         return false;
     }
     let Some(b) = read_user::<[u8; 13]>(buf) else { return false };
-    b[..7] == *b"HTTP/1."
-        && b[8] == b' '
-        && (b'2'..=b'5').contains(&b[9])
-        && b[10].is_ascii_digit()
-        && b[11].is_ascii_digit()
-        && b[12] == b' '
+    b[..7] == *b"HTTP/1." && b[8] == b' ' && (b'2'..=b'5').contains(&b[9]) && b[10].is_ascii_digit() && b[11].is_ascii_digit() && b[12] == b' '
 }
 
 /// What a status line at `buf` says about the response it starts.

@@ -216,7 +216,7 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
     let c = CONNS.get_ptr_mut(&key)?;
     if role == ConnRole::Server || native {
         // SAFETY: map value pointer, valid for this program run.
-        announce(unsafe { &*c }, sk, &addrs, pid_tgid as u32);
+        announce(unsafe { &*c }, sk, addrs, pid_tgid as u32);
     }
     Some(c)
 }

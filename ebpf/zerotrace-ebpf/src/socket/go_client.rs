@@ -20,11 +20,11 @@ pub fn client_send(conn: &mut ConnState) {
     conn.phase = phase::REQUEST;
     let pid = conn.pid;
     let mut span = 0;
-    if let Some(cfg) = target(pid) {
-        if cfg.flags & target_flags::GO != 0 {
-            let (_, goid) = current_goroutine(cfg);
-            span = span_of(pid, goid);
-        }
+    if let Some(cfg) = target(pid)
+        && cfg.flags & target_flags::GO != 0
+    {
+        let (_, goid) = current_goroutine(cfg);
+        span = span_of(pid, goid);
     }
     if span != 0 {
         let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: span, ts_ns: now() }, 0);

@@ -104,11 +104,7 @@ pub fn on_close(sk: u64, newstate: i32) {
         let _ = CLIENT_LINK.remove(&conn.flow);
     }
     if conn.role == ConnRole::Server as u8 || conn.native != 0 {
-        let ev = ConnCloseEvent {
-            hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts),
-            conn_id: conn.id,
-            sk,
-        };
+        let ev = ConnCloseEvent { hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts), conn_id: conn.id, sk };
         if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
             count(Counter::EventsDroppedRingFull);
         }

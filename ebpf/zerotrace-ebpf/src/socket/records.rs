@@ -5,8 +5,7 @@
 //! native.rs).
 use aya_ebpf::helpers::generated::bpf_ringbuf_output;
 use zerotrace_common::{
-    ConnState, Counter, EventKind, H2BytesEvent, HTTP_REQUEST_MAX, HttpRequestEvent, PipelinedRequestEvent, SockBytesEvent,
-    bounds, trace_origin,
+    ConnState, Counter, EventKind, H2BytesEvent, HTTP_REQUEST_MAX, HttpRequestEvent, PipelinedRequestEvent, SockBytesEvent, bounds, trace_origin,
 };
 
 use crate::{
@@ -32,7 +31,13 @@ pub fn capture_size() -> u32 {
 fn fill_capture(conn: &ConnState, pid_tgid: u64, kind: EventKind, src: u64, len: u64, read_len: u64, start_ns: u64) -> Option<(*mut u8, u32)> {
     let buf = SCRATCH.get_ptr_mut(0)? as *mut u8;
     let room = capture_size().saturating_sub(conn.captured) as u64;
-    let want = if src == 0 { 0 } else if len < room { len } else { room };
+    let want = if src == 0 {
+        0
+    } else if len < room {
+        len
+    } else {
+        room
+    };
     // SAFETY: the scratch value holds REQ_HDR + REQ_CAPTURE_MAX bytes.
     let captured = read_user_bytes::<{ bounds::REQ_CAPTURE_MAX }>(unsafe { buf.add(REQ_HDR) }, src, want);
     let ev = buf as *mut HttpRequestEvent;

@@ -80,7 +80,6 @@ pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sk: u64, sys: &S
     }
 }
 
-
 /// tcp_sock.write_seq of socket `sk`: moves as bytes are queued to send.
 #[inline(always)]
 fn write_seq(sk: u64) -> Option<u32> {
@@ -194,11 +193,7 @@ pub fn send_bytes(conn: &mut ConnState, buf: u64, len: u64) {
 /// caller then moves the connection to RESPONSE.
 #[inline(always)]
 fn fill_response(conn: &mut ConnState, buf: u64, len: u64, ts: u64) {
-    let status_len = if buf != 0 {
-        read_user_bytes::<{ bounds::STATUS_CAPTURE }>(conn.status.as_mut_ptr(), buf, len) as u8
-    } else {
-        0
-    };
+    let status_len = if buf != 0 { read_user_bytes::<{ bounds::STATUS_CAPTURE }>(conn.status.as_mut_ptr(), buf, len) as u8 } else { 0 };
     let (pattern_ptr, pattern_len, w) = route_pattern(conn);
     // SAFETY: plain field stores through a valid reference; volatile so that they stay
     // before the caller's (volatile) move to RESPONSE.
@@ -242,11 +237,7 @@ fn route_pattern(conn: &ConnState) -> (u64, u16, u64) {
     let Some(s) = read_user::<[u64; 2]>(str_at) else {
         return (0, 0, w);
     };
-    if s[0] != 0 && s[1] != 0 {
-        (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 }, w)
-    } else {
-        (0, 0, w)
-    }
+    if s[0] != 0 && s[1] != 0 { (s[0], if s[1] > bounds::PATTERN_MAX as u64 { bounds::PATTERN_MAX as u16 } else { s[1] as u16 }, w) } else { (0, 0, w) }
 }
 
 /// Sends the record that ends the current response, if one is being written. `tid`: the
@@ -367,4 +358,3 @@ pub fn on_recv<S: Syscall, const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64
     }
     recv_bytes::<SCAN>(conn, pid_tgid, buf, len);
 }
-

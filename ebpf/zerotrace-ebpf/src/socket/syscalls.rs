@@ -120,8 +120,10 @@ fn exit<const SCAN: bool>(pid_tgid: u64, nr: u64, ret: i64) {
     if !is_recv(nr) || !selected((pid_tgid >> 32) as u32) {
         return;
     }
-    // SAFETY: map value pointer, copied at once.
-    let Some(args) = RECV_ARGS.get_ptr(&pid_tgid).map(|p| unsafe { *p }) else { return };
+    let Some(p) = RECV_ARGS.get_ptr(&pid_tgid) else { return };
+    // SAFETY: map value pointer, copied at once (only once known: an Option of a struct
+    // can leave undefined bytes the compiler fills from a clobbered register, go_inject.rs).
+    let args = unsafe { *p };
     let _ = RECV_ARGS.remove(&pid_tgid);
     // A stale entry (its syscall's exit was not seen) belongs to another call.
     if args.nr != nr {

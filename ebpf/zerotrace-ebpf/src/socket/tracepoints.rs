@@ -5,14 +5,15 @@
 //!   pass of its copy loop),
 //! - `sock:inet_sock_set_state` at TCP state changes (CLOSE ends a tracked socket; every
 //!   hook set uses it, it exists since Linux 4.16).
+//!
 //! The user buffer of a receive or send is found in the syscall's saved registers
 //! (read/recvfrom, write/sendto; the first iovec of readv/writev and recvmsg/sendmsg).
 //! Each hook exists twice: as a BTF tracepoint (tp_btf, typed arguments) and as a raw
 //! tracepoint for kernels that refuse BTF tracing programs. The agent loads one flavour.
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, raw_tracepoint},
     programs::{BtfTracePointContext, RawTracePointContext},
-    helpers::bpf_get_current_pid_tgid,
 };
 
 use super::{
