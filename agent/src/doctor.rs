@@ -46,7 +46,7 @@ pub fn check() -> Vec<Line> {
     push("tracefs", tracefs, "tracepoints can be found", "tracepoints cannot be attached: mount -t tracefs tracefs /sys/kernel/tracing");
     push(
         "btf",
-        btf::kernel_offsets(std::path::Path::new(btf::VMLINUX_BTF)).map(|_| btf::VMLINUX_BTF.to_owned()).map_err(|e| e.to_string()),
+        btf::kernel().and_then(|b| btf::kernel_offsets(b.as_ref())).map(|_| btf::VMLINUX_BTF.to_owned()).map_err(|e| e.to_string()),
         "kernel struct offsets resolved (sockets, thread pointer)",
         "socket addresses and goroutine ids cannot be read",
     );

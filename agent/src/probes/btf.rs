@@ -1,7 +1,10 @@
 //! Kernel structure offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux). aya's
 //! Rust eBPF has no CO-RE relocations, so the agent resolves the few fields the programs
 //! read and hands them over as a load-time global.
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use zerotrace_common::KernelOffsets;
 
@@ -171,14 +174,28 @@ impl Btf {
     }
 }
 
-/// Parses a BTF file (the kernel's: VMLINUX_BTF).
-pub fn type_information(path: &Path) -> Result<Btf, BtfError> {
-    Btf::read(path)
+/// The running kernel's BTF, parsed once while the agent starts: the feature checks, the
+/// hook choice and the offsets all read it, and each parse of its ~5 MB costs ~50 ms here
+/// (seconds under emulation). [`forget_kernel`] frees it once loading is done.
+static KERNEL: Mutex<Option<Arc<Btf>>> = Mutex::new(None);
+
+pub fn kernel() -> Result<Arc<Btf>, BtfError> {
+    let mut cached = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(btf) = cached.as_ref() {
+        return Ok(btf.clone());
+    }
+    let btf = Arc::new(Btf::read(Path::new(VMLINUX_BTF))?);
+    *cached = Some(btf.clone());
+    Ok(btf)
+}
+
+/// Frees the cached kernel BTF (the next [`kernel`] reads it again).
+pub fn forget_kernel() {
+    KERNEL.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
 
 /// Resolves every offset the kernel programs use.
-pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
-    let ti = type_information(path)?;
+pub fn kernel_offsets(ti: &Btf) -> Result<KernelOffsets, BtfError> {
     let off = |ty: &str, field: &str| -> Result<u32, BtfError> {
         let id = ti.id_of(ty).ok_or_else(|| BtfError::Missing(format!("struct {ty}")))?;
         ti.offset_of(id, field).ok_or_else(|| BtfError::Missing(format!("{ty}.{field}")))
@@ -219,7 +236,7 @@ mod tests {
     /// Needs a kernel with BTF (every machine zerotrace runs on); no privileges.
     #[test]
     fn resolves_running_kernel() {
-        let k = kernel_offsets(Path::new(VMLINUX_BTF)).expect("kernel BTF");
+        let k = kernel_offsets(&kernel().expect("kernel BTF")).expect("kernel offsets");
         assert!(k.task_fsbase > 0 && k.task_files > 0);
         // sock_common starts with the address pair: daddr then rcv_saddr.
         assert_eq!(k.skc_rcv_saddr, k.skc_daddr + 4);

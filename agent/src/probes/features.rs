@@ -391,7 +391,7 @@ pub fn fentry() -> Probe {
 }
 
 fn kernel_func_btf_id(name: &str) -> Option<u32> {
-    super::btf::type_information(Path::new(super::btf::VMLINUX_BTF)).ok()?.id_of(name)
+    super::btf::kernel().ok()?.id_of(name)
 }
 
 /// Effective capabilities of this process.

@@ -151,14 +151,14 @@ fn field_offset(format: &str, name: &str) -> Option<u32> {
 
 /// Loads and attaches the programs of `set`. `inject`: the receiving programs' twins that
 /// read incoming traceparents (`_inject`, which need bpf_loop).
-pub fn attach(ebpf: &mut Ebpf, set: HookSet, inject: bool) -> Result<(), ProbeError> {
+pub fn attach(ebpf: &mut Ebpf, btf: Option<&Btf>, set: HookSet, inject: bool) -> Result<(), ProbeError> {
     let twin = if inject { "_inject" } else { "" };
     match set {
         HookSet::SocketBtf => {
-            let btf = kernel_btf()?;
-            attach_btf(ebpf, &btf, &format!("sock_recv_length_btf{twin}"), "sock_recv_length")?;
+            let btf = kernel_btf(btf)?;
+            attach_btf(ebpf, btf, &format!("sock_recv_length_btf{twin}"), "sock_recv_length")?;
             for name in ["tcp_sendmsg_locked", "inet_sock_set_state"] {
-                attach_btf(ebpf, &btf, &format!("{name}_btf"), name)?;
+                attach_btf(ebpf, btf, &format!("{name}_btf"), name)?;
             }
         }
         HookSet::SocketRaw => {
@@ -168,7 +168,7 @@ pub fn attach(ebpf: &mut Ebpf, set: HookSet, inject: bool) -> Result<(), ProbeEr
             }
         }
         HookSet::Syscalls => {
-            attach_close(ebpf)?;
+            attach_close(ebpf, btf)?;
             let exit = format!("sys_exit_data{twin}");
             for (prog_name, names) in [("sys_enter_data", SYSCALLS_ENTER), ("sys_enter_recvfrom", SYSCALLS_ENTER4), (exit.as_str(), SYSCALLS_EXIT)] {
                 let prog: &mut TracePoint = program(ebpf, prog_name)?;
@@ -184,14 +184,9 @@ pub fn attach(ebpf: &mut Ebpf, set: HookSet, inject: bool) -> Result<(), ProbeEr
 
 /// `inet_sock_set_state` for the syscall set: a BTF tracepoint when this kernel allows
 /// them, else a raw one.
-fn attach_close(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
+fn attach_close(ebpf: &mut Ebpf, btf: Option<&Btf>) -> Result<(), ProbeError> {
     const NAME: &str = "inet_sock_set_state";
-    if features::btf_tracepoint(NAME).is_ok() {
-        let btf = kernel_btf()?;
-        attach_btf(ebpf, &btf, &format!("{NAME}_btf"), NAME)
-    } else {
-        attach_raw(ebpf, NAME, NAME)
-    }
+    if features::btf_tracepoint(NAME).is_ok() { attach_btf(ebpf, kernel_btf(btf)?, &format!("{NAME}_btf"), NAME) } else { attach_raw(ebpf, NAME, NAME) }
 }
 
 /// The tracepoint a BTF tracepoint program hangs on: its name without `_btf`/`_inject`.
@@ -199,8 +194,8 @@ pub fn btf_target(program: &str) -> &str {
     program.trim_end_matches("_inject").trim_end_matches("_btf")
 }
 
-fn kernel_btf() -> Result<Btf, ProbeError> {
-    Btf::from_sys_fs().map_err(|e| ProbeError::Missing(format!("kernel BTF at {} ({e})", super::btf::VMLINUX_BTF)))
+fn kernel_btf(btf: Option<&Btf>) -> Result<&Btf, ProbeError> {
+    btf.ok_or_else(|| ProbeError::Missing(format!("kernel BTF at {} (aya could not parse it)", super::btf::VMLINUX_BTF)))
 }
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &Btf, prog_name: &str, tracepoint: &str) -> Result<(), ProbeError> {

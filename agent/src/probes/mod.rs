@@ -175,7 +175,9 @@ impl Probes {
         features::preflight(inject).map_err(ProbeError::Kernel)?;
         features::ensure_tracefs().map_err(ProbeError::Tracefs)?;
         let hooks = hooks::choose(ks.hooks).map_err(ProbeError::Hooks)?;
-        let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+        let kernel: KernelOffsets = btf::kernel_offsets(btf::kernel()?.as_ref())?;
+        // aya's own model of the kernel BTF (relocations, BTF tracepoints): parsed once here.
+        let aya_btf = aya::Btf::from_sys_fs().ok();
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
         let flags = match ks.inject {
             Inject::Off => 0,
@@ -185,12 +187,15 @@ impl Probes {
         let (sampler, ratio_bound) = ks.sampler;
         let settings = Settings { req_capture: ks.req_capture, flags, sampler, ratio_bound, ..Settings::default() };
         let mut ebpf = EbpfLoader::new()
+            .btf(aya_btf.as_ref())
             .override_global("KERNEL", &kernel, true)
             .override_global("SETTINGS", &settings, true)
             .map_max_entries(names::CONNS, ks.max_conns)
             .load(KERNEL_OBJECT)
             .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
-        hooks::attach(&mut ebpf, hooks, inject)?;
+        hooks::attach(&mut ebpf, aya_btf.as_ref(), hooks, inject)?;
+        drop(aya_btf);
+        btf::forget_kernel();
         tracing::info!(socket_hooks = hooks.name(), forced = ks.hooks != SocketHooks::Auto, "socket hooks attached");
         // With injection on, the TLS read probe's twin that reads incoming traceparents.
         let tls_read = if inject { uprobes::GO_TLS_READ_INJECT } else { uprobes::GO_TLS_READ };
@@ -398,19 +403,20 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
         return Err(ProbeError::Missing("the kernel programs in this binary (built with AYA_BUILD_SKIP=1)".into()));
     }
     features::preflight(false).map_err(ProbeError::Kernel)?;
-    let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+    let kernel: KernelOffsets = btf::kernel_offsets(btf::kernel()?.as_ref())?;
     use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
     // The traceparent writer as it loads with --inject-traceparent=on, unless lockdown
     // forbids writing (then as in dry-run, where the write is dead code).
     let locked = features::lockdown().is_some_and(|m| m != "none");
     let flags = if locked { INJECT } else { INJECT | INJECT_WRITE };
     let settings = Settings { flags, ..Settings::default() };
+    let btf = aya::Btf::from_sys_fs().ok();
     let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
         .override_global("KERNEL", &kernel, true)
         .override_global("SETTINGS", &settings, true)
         .load(KERNEL_OBJECT)
         .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
-    let btf = aya::Btf::from_sys_fs().ok();
     let has_loop = features::helper(features::HELPER_LOOP);
     let mut out = Vec::new();
     let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
