@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::{
     correlate::NativeParents,
     export::{Exporter, Protocol},
-    probes::{HookFlavour, Inject, go::GoHttpProbes},
+    probes::{Inject, SocketHooks, go::GoHttpProbes},
 };
 
 #[derive(Parser, Debug)]
@@ -33,7 +33,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Check what this kernel and this process's privileges allow, one line each.
-    Doctor,
+    Doctor(DoctorArgs),
     /// Attach to running processes and trace them until SIGINT/SIGTERM.
     Run(RunArgs),
     /// Trace processes and watch their traces live in the terminal, as trees (or JSON, one
@@ -65,6 +65,14 @@ pub struct ReplayArgs {
     /// Stop after the correlator (no OTLP encoding): the cost of decode + correlate alone.
     #[arg(long)]
     pub no_encode: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Also load every kernel program this kernel can run (nothing is attached) and say
+    /// which the verifier accepts, with the time it took.
+    #[arg(long)]
+    pub programs: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -325,9 +333,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = zerotrace_common::bounds::MAX_CONNS, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub max_connections: u32,
 
-    /// Which flavour of socket hooks to load (auto: BTF tracepoints when allowed).
-    #[arg(long, value_enum, default_value = "auto", hide = true)]
-    pub socket_hooks: HookFlavour,
+    /// Which kernel events the socket programs hang on: auto (the cheapest this kernel
+    /// has: `zerotrace doctor` shows it), socket-btf or socket-raw (socket-layer
+    /// tracepoints, Linux 6.16+), syscalls (the data syscalls' tracepoints, every kernel).
+    /// The spans are the same whichever runs.
+    #[arg(long, value_enum, default_value = "auto", env = "ZEROTRACE_SOCKET_HOOKS", value_name = "SET")]
+    pub socket_hooks: SocketHooks,
 
     /// Print the agent's counters (events, drops, spans) every this often; 0 disables.
     #[arg(long, value_parser = parse_duration, default_value = "0s", value_name = "DURATION")]

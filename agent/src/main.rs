@@ -35,16 +35,24 @@ fn main() -> ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(ansi).init();
     match cli.command {
-        Command::Doctor => {
+        Command::Doctor(args) => {
             let lines = doctor::check();
             print!("{}", doctor::render(&lines));
-            if doctor::baseline_ok(&lines) {
-                println!("baseline ok: zerotrace can trace on this machine");
-                ExitCode::SUCCESS
-            } else {
-                println!("baseline missing: zerotrace needs the ring buffer, tracepoints and uprobes (see above)");
-                ExitCode::FAILURE
+            println!("{}", doctor::summary(&lines));
+            let mut ok = doctor::baseline_ok(&lines);
+            if args.programs {
+                match doctor::programs() {
+                    Ok((text, all_ok)) => {
+                        print!("{text}");
+                        ok &= all_ok;
+                    }
+                    Err(e) => {
+                        println!("programs: {e}");
+                        ok = false;
+                    }
+                }
             }
+            if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Command::Run(args) => {
             let env = |k: &str| std::env::var(k).ok();

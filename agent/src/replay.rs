@@ -21,12 +21,18 @@ pub enum ReplayError {
     Read { path: String, source: std::io::Error },
     #[error("{0} holds no records: record one with `zerotrace run --record FILE`")]
     Empty(String),
+    #[error("{path} was recorded with record format {version}, which this zerotrace does not read (it reads {readable:?}): record it again")]
+    Version { path: String, version: u32, readable: &'static [u32] },
 }
 
 /// Replays `path` `rounds` times (with OTLP encoding when `encode`); returns the
 /// measurements as one JSON object.
 pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError> {
     let bytes = std::fs::read(path).map_err(|source| ReplayError::Read { path: path.display().to_string(), source })?;
+    let version = recording::version(&bytes).0;
+    if !recording::READABLE.contains(&version) {
+        return Err(ReplayError::Version { path: path.display().to_string(), version, readable: recording::READABLE });
+    }
     let records: Vec<&[u8]> = recording::records(&bytes).collect();
     if records.is_empty() {
         return Err(ReplayError::Empty(path.display().to_string()));

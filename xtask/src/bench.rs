@@ -99,6 +99,10 @@ pub struct OverheadArgs {
     /// on, off, or both (on,off: each case measured twice).
     #[arg(long, value_delimiter = ',', default_value = "on")]
     pub causality: Vec<String>,
+    /// Socket hook sets (`--socket-hooks`) of the "with" runs: each round runs without the
+    /// agent, then with it once per set, so that the sets are compared under the same load.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub socket_hooks: Vec<String>,
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -342,17 +346,23 @@ fn overhead(a: OverheadArgs) -> Result<()> {
                     (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
                     _ => (srv.pid(), port),
                 };
-                let (mut without, mut with, mut costs) = (Vec::new(), Vec::new(), Vec::new());
+                let mut without = Vec::new();
+                let mut with: Vec<(Vec<Load>, Vec<AgentCost>)> = a.socket_hooks.iter().map(|_| (Vec::new(), Vec::new())).collect();
                 for round in 0..a.rounds {
                     eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
-                    // Warm the service and the caches identically before both runs.
+                    // Warm the service and the caches identically before every run.
                     drive(case, port, &a, Duration::from_secs(1))?;
                     without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
-                    let (load, cost) = with_agent(pid, *export, causality, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
-                    with.push(load);
-                    costs.push(cost);
+                    for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&mut with) {
+                        drive(case, port, &a, Duration::from_secs(1))?;
+                        let (load, cost) = with_agent(pid, *export, causality, hooks, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
+                        loads.push(load);
+                        costs.push(cost);
+                    }
                 }
-                report.push_str(&summarize(case, *export, causality, &a, &without, &with, &costs));
+                for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&with) {
+                    report.push_str(&summarize(case, *export, causality, hooks, &a, &without, loads, costs));
+                }
             }
         }
     }
@@ -364,7 +374,8 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     Ok(())
 }
 
-fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, without: &[Load], with: &[Load], costs: &[AgentCost]) -> String {
+#[allow(clippy::too_many_arguments)]
+fn summarize(case: &str, export: Export, causality: &str, hooks: &str, a: &OverheadArgs, without: &[Load], with: &[Load], costs: &[AgentCost]) -> String {
     let m = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
     let (r0, r1) = (m(without, |l| l.rps), m(with, |l| l.rps));
     let (p50_0, p50_1) = (m(without, |l| l.p50_ms), m(with, |l| l.p50_ms));
@@ -382,7 +393,7 @@ fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, with
         "rust-work" => format!("Rust (axum) 1 ms handler at {} req/s (32 connections, open loop), socket level", a.rate),
         _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
     };
-    let title = format!("{title}, goroutine+channel hooks {causality}");
+    let title = format!("{title}, goroutine+channel hooks {causality}, socket hooks {hooks}");
     let errors: u64 = with.iter().chain(without).map(|l| l.errors).sum();
     format!(
         "{title}, export {export:?}\n\
@@ -417,10 +428,18 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) / hz
 }
 
-fn with_agent(pid: u32, export: Export, causality: &str, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
+fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
     let mut sink = None;
-    let mut args: Vec<String> =
-        vec!["--go-http-probes".into(), a.go_http_probes.clone(), "--go-spawns".into(), causality.into(), "--go-channels".into(), causality.into()];
+    let mut args: Vec<String> = vec![
+        "--socket-hooks".into(),
+        hooks.into(),
+        "--go-http-probes".into(),
+        a.go_http_probes.clone(),
+        "--go-spawns".into(),
+        causality.into(),
+        "--go-channels".into(),
+        causality.into(),
+    ];
     match export {
         Export::None => args.extend(["--exporter".into(), "none".into()]),
         Export::Grpc => {

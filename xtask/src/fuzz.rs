@@ -68,7 +68,8 @@ fn fuzz_cmd() -> Command {
 fn seed(rec: &Path) -> Result<()> {
     let bytes = std::fs::read(rec).with_context(|| format!("reading {}", rec.display()))?;
     let mut records = Vec::new();
-    let mut at = 0;
+    // A recording's header: "ZTRECORD" and its record format (older recordings have none).
+    let mut at = if bytes.starts_with(b"ZTRECORD") { 12 } else { 0 };
     while at + 4 <= bytes.len() {
         let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
         let Some(r) = bytes.get(at + 4..at + 4 + len) else { break };
@@ -82,7 +83,8 @@ fn seed(rec: &Path) -> Result<()> {
         Ok(d)
     };
     let kind = |r: &[u8]| u16::from_le_bytes([r[0], r[1]]);
-    // HttpRequestEvent's fixed part; the captured bytes follow (kinds 3, 12, 13, 15, 17, 18).
+    // The capture records' fixed part (HttpRequestEvent, PipelinedRequestEvent and
+    // H2BytesEvent have one size); the captured bytes follow (kinds 3, 12, 13, 15, 17, 18).
     const HEAD: usize = 112;
     let payload = |r: &'_ [u8]| -> Option<Vec<u8>> { matches!(kind(r), 3 | 12 | 13 | 15 | 17 | 18).then(|| r.get(HEAD..).unwrap_or(&[]).to_vec()) };
     let (corr, ev, h1, h2) = (dir("correlate")?, dir("events")?, dir("http1")?, dir("http2")?);

@@ -25,13 +25,18 @@ pub struct TestArgs {
     /// Skip the style checks and the unit tests.
     #[arg(long)]
     pub e2e_only: bool,
-    /// Seconds each fuzz target runs after the tests (0: no fuzzing).
-    #[arg(long, default_value_t = 20)]
+    /// Seconds each fuzz target runs after the tests (0: no fuzzing); long campaigns are
+    /// `cargo xtask fuzz`.
+    #[arg(long, default_value_t = 10)]
     pub fuzz_seconds: u64,
     /// Kernel series the VM tier boots (`cargo xtask vmtest --kernel`), comma-separated;
     /// `none` leaves the tier out (said so in the output).
     #[arg(long, value_delimiter = ',', default_values_t = crate::vmtest::DEFAULT_KERNELS.iter().map(|s| s.to_string()))]
     pub vm_kernels: Vec<String>,
+    /// Skip the second end-to-end pass, which forces the syscall hook set (the socket
+    /// layer of kernels before 6.16) on every agent the tests start.
+    #[arg(long)]
+    pub no_syscalls_pass: bool,
 }
 
 /// The tiers run so far, with their times.
@@ -129,8 +134,25 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
             cmd.arg(f);
         }
         env(&mut cmd);
+        cmd.env_remove("ZEROTRACE_SOCKET_HOOKS");
         util::run(&mut cmd)
     })?;
+    // The same suite again with the syscall hook set forced (what kernels before 6.16 run),
+    // so that set is covered here in full: every agent the tests start inherits it
+    // (`--socket-hooks` reads ZEROTRACE_SOCKET_HOOKS).
+    if !args.no_syscalls_pass {
+        tiers.run("end-to-end, socket hooks forced to `syscalls`", || {
+            step("end-to-end tests again, with the syscall socket hook set forced");
+            let mut cmd = cargo();
+            cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e", "--", "--test-threads=1"]);
+            if let Some(f) = &args.filter {
+                cmd.arg(f);
+            }
+            env(&mut cmd);
+            cmd.env("ZEROTRACE_SOCKET_HOOKS", "syscalls");
+            util::run(&mut cmd)
+        })?;
+    }
     if args.fuzz_seconds > 0 && args.filter.is_none() {
         tiers.run("fuzzing (every parser of captured bytes)", || {
             step("fuzzing every parser of captured bytes (bounded time per target)");

@@ -77,7 +77,14 @@ pub async fn connect(path: &Path, token: Option<&str>) -> Result<Client, Connect
 pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectError> {
     let mut c = connect(path, token).await?;
     let r = c.status(StatusRequest {}).await.map_err(|e| ConnectError::Lost { path: path.display().to_string(), reason: e.message().to_owned() })?.into_inner();
-    let mut out = format!("zerotrace {} (pid {}), up {} s, tracing {} process(es)\n", r.version, r.agent_pid, r.uptime_seconds, r.targets.len());
+    let mut out = format!(
+        "zerotrace {} (pid {}), up {} s, socket hooks {}, tracing {} process(es)\n",
+        r.version,
+        r.agent_pid,
+        r.uptime_seconds,
+        r.socket_hooks,
+        r.targets.len()
+    );
     for t in &r.targets {
         out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));
     }

@@ -123,8 +123,9 @@ struct PendingClient {
     req: Box<GoClientRequest>,
     trace_id: TraceId,
     parent: Option<SpanId>,
-    /// `--inject-traceparent`: the kernel's decision for this request and the trace it named.
-    traceparent: Option<(u8, [u8; 16])>,
+    /// `--inject-traceparent`: the kernel's decision for this request, the trace it named and
+    /// its sampled flag.
+    traceparent: Option<(u8, [u8; 16], bool)>,
 }
 
 /// What the correlator saw go wrong; all counted, reported by the agent.
@@ -362,7 +363,7 @@ impl Correlator {
             Event::ProcExec { .. } => {}
             Event::Traceparent(t) => {
                 if let Some(p) = self.clients.get_mut(&t.span_id) {
-                    p.traceparent = Some((t.outcome, t.trace_id));
+                    p.traceparent = Some((t.outcome, t.trace_id, t.sampled));
                 }
             }
         }
@@ -516,7 +517,7 @@ impl Correlator {
         } else {
             Status::Unset
         };
-        if let Some((outcome, trace)) = p.traceparent {
+        if let Some((outcome, trace, sampled)) = p.traceparent {
             use zerotrace_common::inject_outcome as o;
             let said = match outcome {
                 o::WRITTEN => "written",
@@ -529,7 +530,7 @@ impl Correlator {
             a.push(("zerotrace.traceparent.outcome", Value::Static(said)));
             if matches!(outcome, o::WRITTEN | o::DRY_RUN) {
                 let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-                a.push(("zerotrace.traceparent", Value::Str(format!("00-{}-{:016x}-01", hex(&trace), c.span_id))));
+                a.push(("zerotrace.traceparent", Value::Str(format!("00-{}-{:016x}-{:02x}", hex(&trace), c.span_id, u8::from(sampled)))));
             }
         }
         let call = Call { pid: c.pid, tid: c.tid, goid: c.goid, span_id: c.span_id, start_ns: c.start_ns, end_ns: r.end_ns };

@@ -16,7 +16,7 @@
 //! so while request n is still open; its record waits with the leftover bytes instead of
 //! being merged into request n (or emitted alone beside the request's own span).
 use crate::{
-    events::{GoServerRequest, HttpRequest},
+    events::{GoServerRequest, PipelinedRequest},
     protocols::http1,
     spans::Span,
 };
@@ -133,7 +133,7 @@ impl Correlator {
 
     /// A server sent the head of a response no read started: the answer to the next
     /// pipelined request of its connection.
-    pub(super) fn on_server_pipelined(&mut self, r: HttpRequest, out: &mut Vec<Span>) {
+    pub(super) fn on_server_pipelined(&mut self, r: PipelinedRequest, out: &mut Vec<Span>) {
         // The request before it, if still open (its end record lost), ends here.
         if self.pending.get(&r.conn_id).is_some_and(|p| p.seq != r.seq)
             && let Some(p) = self.take_pending(r.conn_id)
@@ -155,8 +155,8 @@ impl Correlator {
         self.last_link.insert(r.conn_id, (l.link_span, l.index));
         self.traces.remember(r.span_id, ids.trace_id);
         self.open.entry(r.pid).or_default().insert((r.conn_id, 0), r.span_id);
-        let route = self.pattern(r.pid, r.goroutine, r.goid.min(u64::from(u16::MAX)) as u16);
-        let framing = Progress::first(&l.bytes, &r);
+        let route = self.pattern(r.pid, r.pattern_ptr, r.pattern_len);
+        let framing = Progress::starting(&l.bytes, &r.head, u64::from(r.read_len), r.start_ns);
         let (done, status) = (framing.done, framing.status.map(i64::from));
         let mut go = l.go;
         let first_go = (!go.is_empty()).then(|| go.remove(0));

@@ -67,10 +67,44 @@ pub fn ratio_keeps(ratio: f64, t: &TraceId) -> bool {
     if ratio <= 0.0 {
         return false;
     }
-    let bound = (ratio * (1u64 << 63) as f64) as u64;
-    let mut low = [0u8; 8];
-    low.copy_from_slice(&t.0[8..16]);
-    (u64::from_be_bytes(low) >> 1) < bound
+    zerotrace_common::trace_id_ratio_keeps(&t.0, ratio_bound(ratio))
+}
+
+/// The bound a ratio rule compares a trace id's last 8 bytes (shifted right by one) with;
+/// the kernel applies the same bound to the traceparents it writes.
+pub fn ratio_bound(ratio: f64) -> u64 {
+    (ratio * (1u64 << 63) as f64) as u64
+}
+
+impl Sampler {
+    /// The rule as the kernel applies it to the sampled flag of the traceparents it writes
+    /// (`zerotrace_common::sampler_mode`, ratio bound): the same decision as `keeps`.
+    pub fn kernel_rule(self) -> (u32, u64) {
+        use zerotrace_common::sampler_mode as m;
+        let ratio = |r: f64| -> (u32, u64) {
+            if r >= 1.0 {
+                (m::ALWAYS_ON, 0)
+            } else if r <= 0.0 {
+                (m::ALWAYS_OFF, 0)
+            } else {
+                (m::RATIO, ratio_bound(r))
+            }
+        };
+        let root = |r: Root| match r {
+            Root::AlwaysOn => (m::ALWAYS_ON, 0),
+            Root::AlwaysOff => (m::ALWAYS_OFF, 0),
+            Root::TraceIdRatio(r) => ratio(r),
+        };
+        match self {
+            Sampler::AlwaysOn => (m::ALWAYS_ON, 0),
+            Sampler::AlwaysOff => (m::ALWAYS_OFF, 0),
+            Sampler::TraceIdRatio(r) => ratio(r),
+            Sampler::ParentBased(r) => {
+                let (mode, bound) = root(r);
+                (mode | m::PARENT_BASED, bound)
+            }
+        }
+    }
 }
 
 /// The sampler with what it remembers of incoming decisions.
@@ -159,6 +193,27 @@ mod tests {
         let mut plain = Sampling::new(Sampler::TraceIdRatio(1.0));
         plain.remote_decision(no, false);
         assert!(plain.keeps(&no), "non-parent-based samplers ignore the flag");
+    }
+
+    /// The kernel decides the sampled flag of the headers it writes as the agent decides
+    /// which traces it keeps.
+    #[test]
+    fn the_kernels_rule_is_the_agents() {
+        use zerotrace_common::{sampler_mode as m, trace_id_ratio_keeps};
+        assert_eq!(Sampler::AlwaysOn.kernel_rule(), (m::ALWAYS_ON, 0));
+        assert_eq!(Sampler::AlwaysOff.kernel_rule().0, m::ALWAYS_OFF);
+        assert_eq!(Sampler::TraceIdRatio(1.0).kernel_rule().0, m::ALWAYS_ON);
+        assert_eq!(Sampler::TraceIdRatio(0.0).kernel_rule().0, m::ALWAYS_OFF);
+        assert_eq!(Sampler::ParentBased(Root::AlwaysOff).kernel_rule().0, m::ALWAYS_OFF | m::PARENT_BASED);
+        for ratio in [0.01, 0.3, 0.75] {
+            let (mode, bound) = Sampler::TraceIdRatio(ratio).kernel_rule();
+            assert_eq!(mode, m::RATIO);
+            assert_eq!(Sampler::ParentBased(Root::TraceIdRatio(ratio)).kernel_rule(), (m::RATIO | m::PARENT_BASED, bound));
+            for _ in 0..2000 {
+                let t = TraceId::random();
+                assert_eq!(trace_id_ratio_keeps(&t.0, bound), ratio_keeps(ratio, &t));
+            }
+        }
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
     ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent,
-    GoStr, HttpRequestEvent, HttpResponseEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds,
+    GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds,
+    h2_start,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,10 +79,8 @@ pub enum Event {
     SockServerResponse(HttpRequest),
     /// A later send of a native server's response.
     SockServerSend(SockBytes),
-    /// A server's response head that answers a pipelined request (no read started it):
-    /// `seq`, `span_id` and the trace are the new request's, `head` the response's first
-    /// bytes; `goroutine` and `goid` carry the address and length of a Go route pattern.
-    SockServerPipelined(HttpRequest),
+    /// A server's response head that answers a pipelined request (no read started it).
+    SockServerPipelined(PipelinedRequest),
     /// HTTP/2 bytes read or sent on a native process's connection.
     SockH2(H2Bytes),
     /// A CPU sample of a selected process.
@@ -151,6 +150,8 @@ pub struct Traceparent {
     pub trace_id: [u8; 16],
     /// zerotrace_common::inject_outcome.
     pub outcome: u8,
+    /// The sampled flag the header carries.
+    pub sampled: bool,
 }
 
 /// A database/sql call started (queryDC/execDC entry).
@@ -224,6 +225,26 @@ pub struct HttpRequest {
     pub head: Vec<u8>,
 }
 
+/// A server sent the head of a response no read started (`head`, of `read_len` bytes sent
+/// at `start_ns`): the answer to a request that came pipelined behind another. `seq`,
+/// `span_id` and the trace are the new request's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelinedRequest {
+    pub pid: u32,
+    pub tid: u32,
+    pub conn_id: u64,
+    pub seq: u32,
+    pub start_ns: u64,
+    pub read_len: u32,
+    pub span_id: u64,
+    pub trace_id: [u8; 16],
+    pub trace_origin: u8,
+    /// Go: where the route pattern of the request answered is in the target (0: none).
+    pub pattern_ptr: u64,
+    pub pattern_len: u16,
+    pub head: Vec<u8>,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct HttpResponse {
     pub pid: u32,
@@ -287,6 +308,14 @@ fn exact<T: Copy>(b: &[u8], kind: EventKind) -> Result<T, DecodeError> {
     Ok(read::<T>(b))
 }
 
+/// The `n` captured bytes that follow a capture record's header (all three capture
+/// records have HttpRequestEvent's size).
+fn captured(b: &[u8], kind: EventKind, n: u32) -> Result<Vec<u8>, DecodeError> {
+    let start = std::mem::size_of::<HttpRequestEvent>();
+    let end = start + n as usize;
+    b.get(start..end).map(<[u8]>::to_vec).ok_or(DecodeError::Size { kind, got: b.len(), want: end })
+}
+
 fn go_str(s: &GoStr) -> String {
     let kept = (s.kept as usize).min(s.buf.len());
     String::from_utf8_lossy(&s.buf[..kept]).into_owned()
@@ -307,17 +336,9 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             let e: ConnCloseEvent = exact(b, kind)?;
             Event::ConnClose { pid: hdr.pid, ts: hdr.ts_ns, conn_id: e.conn_id, sk: e.sk }
         }
-        EventKind::HttpRequest
-        | EventKind::SockClientRequest
-        | EventKind::SockClientResponse
-        | EventKind::SockServerResponse
-        | EventKind::SockServerPipelined
-        | EventKind::SockH2Recv
-        | EventKind::SockH2Send => {
+        EventKind::HttpRequest | EventKind::SockClientRequest | EventKind::SockClientResponse | EventKind::SockServerResponse => {
             let e: HttpRequestEvent = exact(b, kind)?;
-            let start = std::mem::size_of::<HttpRequestEvent>();
-            let end = start + e.captured as usize;
-            let head = b.get(start..end).ok_or(DecodeError::Size { kind, got: b.len(), want: end })?;
+            let head = captured(b, kind, e.captured)?;
             let r = HttpRequest {
                 pid: hdr.pid,
                 tid: hdr.tid,
@@ -333,27 +354,46 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 trace_id: e.trace_id,
                 tls: e.tls != 0,
                 trace_origin: e.trace_origin,
-                head: head.to_vec(),
+                head,
             };
             match kind {
                 EventKind::SockClientRequest => Event::SockClientRequest(r),
                 EventKind::SockClientResponse => Event::SockClientResponse(r),
                 EventKind::SockServerResponse => Event::SockServerResponse(r),
-                EventKind::SockServerPipelined => Event::SockServerPipelined(r),
-                EventKind::SockH2Recv | EventKind::SockH2Send => Event::SockH2(H2Bytes {
-                    pid: r.pid,
-                    tid: r.tid,
-                    ts: r.start_ns,
-                    conn_id: r.conn_id,
-                    sent: kind == EventKind::SockH2Send,
-                    total: r.read_len,
-                    offset: r.offset,
-                    last: r.tls,
-                    joined: r.seq == 2,
-                    bytes: r.head,
-                }),
                 _ => Event::HttpRequest(r),
             }
+        }
+        EventKind::SockServerPipelined => {
+            let e: PipelinedRequestEvent = exact(b, kind)?;
+            Event::SockServerPipelined(PipelinedRequest {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                conn_id: e.conn_id,
+                seq: e.seq,
+                start_ns: e.start_ns,
+                read_len: e.read_len,
+                span_id: e.span_id,
+                trace_id: e.trace_id,
+                trace_origin: e.trace_origin,
+                pattern_ptr: e.pattern_ptr,
+                pattern_len: e.pattern_len.min(u64::from(u16::MAX)) as u16,
+                head: captured(b, kind, e.captured)?,
+            })
+        }
+        EventKind::SockH2Recv | EventKind::SockH2Send => {
+            let e: H2BytesEvent = exact(b, kind)?;
+            Event::SockH2(H2Bytes {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                ts: e.ts_ns,
+                conn_id: e.conn_id,
+                sent: kind == EventKind::SockH2Send,
+                total: e.total,
+                offset: e.offset,
+                last: e.last != 0,
+                joined: e.start == u32::from(h2_start::JOINED),
+                bytes: captured(b, kind, e.captured)?,
+            })
         }
         EventKind::SockClientRecv | EventKind::SockServerSend => {
             let e: SockBytesEvent = exact(b, kind)?;
@@ -439,7 +479,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         }
         EventKind::Traceparent => {
             let e: TraceparentEvent = exact(b, kind)?;
-            Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome })
+            Event::Traceparent(Traceparent { pid: hdr.pid, span_id: e.span_id, trace_id: e.trace_id, outcome: e.outcome, sampled: e.sampled != 0 })
         }
         EventKind::GoClientResponse => Event::GoClientResponse(call_end(&hdr, &exact(b, kind)?)),
         EventKind::CpuSample | EventKind::CpuSampleNative => {

@@ -38,7 +38,9 @@ impl EventReader {
         // The records hold captured bytes (headers included): only root may read them.
         use std::os::unix::fs::OpenOptionsExt;
         let f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
-        self.record = Some((io::BufWriter::new(f), 0));
+        let mut w = io::BufWriter::new(f);
+        super::recording::write_header(&mut w)?;
+        self.record = Some((w, super::recording::MAGIC.len() as u64 + 4));
         Ok(())
     }
 

@@ -1,7 +1,10 @@
 //! Kernel structure offsets from the running kernel's BTF (/sys/kernel/btf/vmlinux). aya's
 //! Rust eBPF has no CO-RE relocations, so the agent resolves the few fields the programs
 //! read and hands them over as a load-time global.
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+};
 
 use zerotrace_common::KernelOffsets;
 
@@ -146,7 +149,9 @@ impl Btf {
             let (name, ty, off) = (u32_at(&self.data, m)?, u32_at(&self.data, m + 4)?, u32_at(&self.data, m + 8)?);
             let bits = if bitfields { off & 0x00ff_ffff } else { off };
             if name != 0 && self.name(name) == field {
-                return (bits % 8 == 0).then_some((bits / 8, ty));
+                // A bitfield (e.g. sock.sk_protocol before Linux 5.6) is no byte offset.
+                let bitfield = bitfields && off >> 24 != 0;
+                return (bits % 8 == 0 && !bitfield).then_some((bits / 8, ty));
             }
             if name == 0
                 && let Some((inner, t)) = self.member(ty, field, depth + 1)
@@ -169,14 +174,28 @@ impl Btf {
     }
 }
 
-/// Parses a BTF file (the kernel's: VMLINUX_BTF).
-pub fn type_information(path: &Path) -> Result<Btf, BtfError> {
-    Btf::read(path)
+/// The running kernel's BTF, parsed once while the agent starts: the feature checks, the
+/// hook choice and the offsets all read it, and each parse of its ~5 MB costs ~50 ms here
+/// (seconds under emulation). [`forget_kernel`] frees it once loading is done.
+static KERNEL: Mutex<Option<Arc<Btf>>> = Mutex::new(None);
+
+pub fn kernel() -> Result<Arc<Btf>, BtfError> {
+    let mut cached = KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(btf) = cached.as_ref() {
+        return Ok(btf.clone());
+    }
+    let btf = Arc::new(Btf::read(Path::new(VMLINUX_BTF))?);
+    *cached = Some(btf.clone());
+    Ok(btf)
+}
+
+/// Frees the cached kernel BTF (the next [`kernel`] reads it again).
+pub fn forget_kernel() {
+    KERNEL.lock().unwrap_or_else(|e| e.into_inner()).take();
 }
 
 /// Resolves every offset the kernel programs use.
-pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
-    let ti = type_information(path)?;
+pub fn kernel_offsets(ti: &Btf) -> Result<KernelOffsets, BtfError> {
     let off = |ty: &str, field: &str| -> Result<u32, BtfError> {
         let id = ti.id_of(ty).ok_or_else(|| BtfError::Missing(format!("struct {ty}")))?;
         ti.offset_of(id, field).ok_or_else(|| BtfError::Missing(format!("{ty}.{field}")))
@@ -201,6 +220,12 @@ pub fn kernel_offsets(path: &Path) -> Result<KernelOffsets, BtfError> {
         msghdr_iter_count: off("msghdr", "msg_iter.count")?,
         // Only for telling a retried send from a new one: optional.
         tcp_write_seq: off("tcp_sock", "write_seq").unwrap_or(0),
+        fdtable_max_fds: off("fdtable", "max_fds")?,
+        file_inode: off("file", "f_inode")?,
+        inode_mode: off("inode", "i_mode")?,
+        sk_type: off("sock", "sk_type")?,
+        sk_protocol: off("sock", "sk_protocol")?,
+        task_stack: off("task_struct", "stack")?,
     })
 }
 
@@ -211,7 +236,7 @@ mod tests {
     /// Needs a kernel with BTF (every machine zerotrace runs on); no privileges.
     #[test]
     fn resolves_running_kernel() {
-        let k = kernel_offsets(Path::new(VMLINUX_BTF)).expect("kernel BTF");
+        let k = kernel_offsets(&kernel().expect("kernel BTF")).expect("kernel offsets");
         assert!(k.task_fsbase > 0 && k.task_files > 0);
         // sock_common starts with the address pair: daddr then rcv_saddr.
         assert_eq!(k.skc_rcv_saddr, k.skc_daddr + 4);
@@ -266,6 +291,12 @@ mod oracle {
             ("inode", "i_ino"),
             ("msghdr", "msg_iter.count"),
             ("tcp_sock", "write_seq"),
+            ("fdtable", "max_fds"),
+            ("file", "f_inode"),
+            ("inode", "i_mode"),
+            ("sock", "sk_type"),
+            ("sock", "sk_protocol"),
+            ("task_struct", "stack"),
             ("task_struct", "pid"),
             ("sk_buff", "len"),
         ];

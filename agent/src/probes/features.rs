@@ -1,6 +1,10 @@
-//! Probes what this kernel allows, by trying it: each check loads the smallest possible
-//! program of a type and attaches it the way zerotrace would. Used by `zerotrace doctor`
-//! and before loading (tracefs).
+//! What this kernel allows, and what zerotrace does where it does not. `TABLE` lists every
+//! kernel feature the programs use with the first Linux release that has it and the path
+//! older kernels take (ARCHITECTURE.md has the same table); `preflight` checks the ones
+//! that can stop zerotrace before anything is loaded, so a kernel that cannot run it gets
+//! one line naming what is missing. The checks try things for real: each loads the smallest
+//! possible program of a type and attaches it the way zerotrace would. Used by `zerotrace
+//! doctor` and before loading.
 use std::{
     ffi::CString,
     io,
@@ -12,7 +16,6 @@ const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_PROG_LOAD: libc::c_long = 5;
 const PROG_KPROBE: u32 = 2;
 const PROG_TRACEPOINT: u32 = 5;
-const PROG_RAW_TRACEPOINT: u32 = 17;
 const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
 const PROG_PERF_EVENT: u32 = 7;
 const PROG_TRACING: u32 = 26;
@@ -48,16 +51,197 @@ fn put64(a: &mut [u8], off: usize, v: u64) {
 /// Loads `r0 = 0; exit` as a program of `prog_type`.
 fn load_trivial(prog_type: u32, expected_attach: u32, attach_btf_id: u32) -> io::Result<OwnedFd> {
     let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    load_insns(prog_type, expected_attach, attach_btf_id, &insns, None)
+}
+
+/// Loads `insns` as a program of `prog_type`, with the verifier's log in `log` if given.
+fn load_insns(prog_type: u32, expected_attach: u32, attach_btf_id: u32, insns: &[u64], log: Option<&mut [u8]>) -> io::Result<OwnedFd> {
     let license = b"GPL\0";
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, prog_type);
     put32(&mut attr, 4, insns.len() as u32);
     put64(&mut attr, 8, insns.as_ptr() as u64);
     put64(&mut attr, 16, license.as_ptr() as u64);
+    if let Some(log) = log {
+        put32(&mut attr, 24, 1);
+        put32(&mut attr, 28, log.len() as u32);
+        put64(&mut attr, 32, log.as_mut_ptr() as u64);
+    }
     put32(&mut attr, 68, expected_attach);
     put32(&mut attr, 108, attach_btf_id);
     bpf(BPF_PROG_LOAD, &mut attr)
 }
+
+/// Whether BPF helper `id` exists for tracing programs: a call of it with no arguments set
+/// up is refused either way, but only a missing helper is refused as unknown.
+pub fn helper(id: u32) -> bool {
+    // call id; r0 = 0; exit
+    let insns: [u64; 3] = [0x85 | (u64::from(id) << 32), 0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let mut log = vec![0u8; 4096];
+    if load_insns(PROG_TRACEPOINT, 0, 0, &insns, Some(&mut log)).is_ok() {
+        return true;
+    }
+    let text = String::from_utf8_lossy(&log);
+    !(text.contains("unknown func") || text.contains("invalid func"))
+}
+
+/// bpf_loop (include/uapi/linux/bpf.h): the incoming traceparent scan needs it.
+pub const HELPER_LOOP: u32 = 181;
+
+/// The running kernel's release, e.g. "5.10.0-32-cloud-amd64", and machine, e.g. "x86_64".
+pub fn uname() -> (String, String) {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return (String::new(), String::new());
+    }
+    let field = |f: &[libc::c_char]| {
+        let bytes: Vec<u8> = f.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
+    (field(&u.release), field(&u.machine))
+}
+
+/// (major, minor) of a kernel release string ("6.12.95+deb12-cloud-amd64" -> (6, 12)).
+pub fn release_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// The running kernel's (major, minor).
+pub fn kernel_version() -> Option<(u32, u32)> {
+    release_version(&uname().0)
+}
+
+/// The oldest kernel zerotrace supports (the syscall hook set, tested in VMs).
+pub const MINIMUM: (u32, u32) = (5, 10);
+
+/// What zerotrace does on a kernel that lacks a feature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Without {
+    /// Refused before loading: the kernel is too old for zerotrace (below MINIMUM anyway).
+    Refuse,
+    /// Another way, with the same results.
+    Fallback(&'static str),
+    /// The option that needs it is refused in one line; the rest works.
+    RefuseOption(&'static str),
+}
+
+/// A kernel feature the programs use.
+pub struct Feature {
+    pub name: &'static str,
+    /// The first Linux release that has it.
+    pub since: (u32, u32),
+    pub used_for: &'static str,
+    pub without: Without,
+}
+
+/// Every kernel feature the kernel programs use, with the path of kernels without it.
+/// (ARCHITECTURE.md, "Kernels", has the same table.)
+pub const TABLE: &[Feature] = &[
+    Feature {
+        name: "BPF instruction set v3 (jmp32, alu32)",
+        since: (5, 1),
+        used_for: "every program (built with bpf-linker --cpu v3)",
+        without: Without::Refuse,
+    },
+    Feature { name: "global data (.rodata, .bss)", since: (5, 2), used_for: "kernel offsets and settings set at load", without: Without::Refuse },
+    Feature { name: "bounded loops", since: (5, 3), used_for: "iovec sums, HTTP/2 pieces, Go map reads", without: Without::Refuse },
+    Feature { name: "kernel BTF (/sys/kernel/btf/vmlinux)", since: (5, 4), used_for: "kernel struct offsets", without: Without::Refuse },
+    Feature { name: "bpf_probe_read_user/_kernel", since: (5, 5), used_for: "reading target and kernel memory", without: Without::Refuse },
+    Feature {
+        name: "BTF tracepoints (tp_btf)",
+        since: (5, 5),
+        used_for: "socket-btf set, the close hook",
+        without: Without::Fallback("raw tracepoints (socket-raw set, raw close hook)"),
+    },
+    Feature { name: "BPF ring buffer", since: (5, 8), used_for: "every record to the agent", without: Without::Refuse },
+    Feature {
+        name: "BPF memory charged to memory cgroups",
+        since: (5, 11),
+        used_for: "map memory",
+        without: Without::Fallback("RLIMIT_MEMLOCK raised to unlimited (needs CAP_SYS_RESOURCE unless the limit is already high)"),
+    },
+    Feature {
+        name: "bpf_get_current_task_btf, bpf_task_pt_regs",
+        since: (5, 15),
+        used_for: "the socket-layer sets: user buffers from the saved registers",
+        without: Without::Fallback("the syscall set has its arguments in its context; CPU samples read the registers from the sample or the kernel stack"),
+    },
+    Feature {
+        name: "bpf_loop",
+        since: (5, 17),
+        used_for: "reading an incoming traceparent in the kernel (--inject-traceparent)",
+        without: Without::RefuseOption("--inject-traceparent"),
+    },
+    Feature {
+        name: "sock:sock_recv_length, tcp:tcp_sendmsg_locked",
+        since: (6, 16),
+        used_for: "the socket-layer sets (fire only for socket I/O)",
+        without: Without::Fallback("the syscall set (syscalls:sys_enter/exit_* of the data syscalls)"),
+    },
+];
+
+/// Which hook set and options this kernel takes: checked before anything is loaded.
+/// `inject`: --inject-traceparent is on. Err: one line naming what is missing.
+pub fn preflight(inject: bool) -> Result<(), String> {
+    if !cfg!(target_arch = "x86_64") || uname().1 != "x86_64" {
+        return Err(format!("zerotrace runs on x86_64 (amd64) only for now; this machine is {}", uname().1));
+    }
+    let (release, _) = uname();
+    let version = release_version(&release);
+    if version.is_some_and(|v| v < MINIMUM) {
+        return Err(format!("zerotrace needs Linux {}.{} or newer; this kernel is {release}", MINIMUM.0, MINIMUM.1));
+    }
+    if !Path::new(super::btf::VMLINUX_BTF).exists() {
+        return Err(format!(
+            "zerotrace needs the kernel's BTF ({}, CONFIG_DEBUG_INFO_BTF=y; Linux 5.4+ distributions ship it); this kernel {release} has none",
+            super::btf::VMLINUX_BTF
+        ));
+    }
+    ring_buffer().map_err(|e| format!("zerotrace needs the BPF ring buffer (Linux 5.8): {e}"))?;
+    if inject && !helper(HELPER_LOOP) {
+        return Err(format!(
+            "--inject-traceparent needs bpf_loop (Linux 5.17) to read an incoming traceparent in the kernel; this kernel {release} has none: run without it"
+        ));
+    }
+    memlock(version)
+}
+
+/// Linux before 5.11 charges BPF maps to the locked-memory limit (RLIMIT_MEMLOCK, often
+/// 64 KiB or 8 MiB): it is raised to unlimited, which needs CAP_SYS_RESOURCE unless the hard
+/// limit already allows it.
+fn memlock(version: Option<(u32, u32)>) -> Result<(), String> {
+    if version.is_none_or(|v| v >= (5, 11)) {
+        return Ok(());
+    }
+    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain data; getrlimit fills it.
+    let mut now: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut now) };
+    if now.rlim_max == libc::RLIM_INFINITY || now.rlim_max >= MEMLOCK_NEEDED {
+        let raised = libc::rlimit { rlim_cur: now.rlim_max, rlim_max: now.rlim_max };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "Linux before 5.11 charges BPF maps to the locked-memory limit, which is {} KiB here and cannot be raised without CAP_SYS_RESOURCE: grant it (e.g. add SYS_RESOURCE to the container's capabilities) or raise the limit (ulimit -l unlimited)",
+        now.rlim_cur / 1024
+    ))
+}
+
+/// Locked memory the maps need at most with default bounds (ring buffer and hash maps).
+const MEMLOCK_NEEDED: u64 = 64 << 20;
 
 #[repr(C)]
 #[derive(Default)]
@@ -118,9 +302,26 @@ pub fn tracefs_mounted() -> bool {
 }
 
 fn tracepoint_id(category: &str, name: &str) -> io::Result<u64> {
+    tracefs_file(category, name, "id")?.trim().parse().map_err(|_| io::Error::other("bad tracepoint id"))
+}
+
+/// The `format` file of tracepoint `category:name` (its record's fields); NotFound when the
+/// kernel has no such tracepoint.
+pub fn tracepoint_format(category: &str, name: &str) -> io::Result<String> {
+    tracefs_file(category, name, "format")
+}
+
+/// Whether the kernel has tracepoint `category:name`: its tracefs entry, or without tracefs
+/// (a pod that cannot mount it) the `btf_trace_<name>` type every tracepoint has in the
+/// kernel's BTF. Enough for the BTF and raw tracepoints, which attach by name.
+pub fn tracepoint_exists(category: &str, name: &str) -> bool {
+    tracepoint_format(category, name).is_ok() || kernel_func_btf_id(&format!("btf_trace_{name}")).is_some()
+}
+
+fn tracefs_file(category: &str, name: &str, file: &str) -> io::Result<String> {
     for root in [TRACEFS, "/sys/kernel/debug/tracing"] {
-        if let Ok(s) = std::fs::read_to_string(format!("{root}/events/{category}/{name}/id")) {
-            return s.trim().parse().map_err(|_| io::Error::other("bad tracepoint id"));
+        if let Ok(s) = std::fs::read_to_string(format!("{root}/events/{category}/{name}/{file}")) {
+            return Ok(s);
         }
     }
     Err(io::Error::new(io::ErrorKind::NotFound, format!("tracepoint {category}:{name} not found")))
@@ -140,31 +341,14 @@ pub fn tracepoints() -> Probe {
     set_bpf(&perf, &prog).map_err(|e| format!("attach: {e}"))
 }
 
-/// The socket-layer tracepoints zerotrace hangs on: present in tracefs, and attachable as
-/// raw tracepoints (the fallback flavour).
-pub fn socket_tracepoints() -> Probe {
-    for (cat, name) in SOCKET_TRACEPOINTS {
-        tracepoint_id(cat, name).map_err(|_| format!("tracepoint {cat}:{name} missing (Linux 6.5+ has it)"))?;
-        let prog = load_trivial(PROG_RAW_TRACEPOINT, 0, 0).map_err(|e| format!("BPF_PROG_LOAD raw_tracepoint: {e}"))?;
-        let cname = CString::new(*name).expect("no NUL");
-        let mut a = [0u8; 128];
-        put64(&mut a, 0, cname.as_ptr() as u64);
-        put32(&mut a, 8, prog.as_raw_fd() as u32);
-        bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("attach {name}: {e}"))?;
-    }
-    Ok(())
-}
-
-/// The same tracepoints as BTF tracing programs (the faster flavour).
-pub fn btf_tracepoints() -> Probe {
-    let id = kernel_func_btf_id("btf_trace_sock_recv_length").ok_or("btf_trace_sock_recv_length not in kernel BTF")?;
+/// Whether tracepoint `name` can be hooked by a BTF tracing program (tp_btf, Linux 5.5).
+pub fn btf_tracepoint(name: &str) -> Probe {
+    let id = kernel_func_btf_id(&format!("btf_trace_{name}")).ok_or_else(|| format!("btf_trace_{name} not in kernel BTF"))?;
     let prog = load_trivial(PROG_TRACING, ATTACH_TRACE_RAW_TP, id).map_err(|e| format!("BPF_PROG_LOAD tp_btf: {e}"))?;
     let mut a = [0u8; 128];
     put32(&mut a, 8, prog.as_raw_fd() as u32);
     bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("attach tp_btf: {e}"))
 }
-
-const SOCKET_TRACEPOINTS: &[(&str, &str)] = &[("sock", "sock_recv_length"), ("tcp", "tcp_sendmsg_locked"), ("sock", "inet_sock_set_state")];
 
 /// A function in this executable for the uprobe check to attach to.
 #[unsafe(no_mangle)]
@@ -214,7 +398,7 @@ pub fn fentry() -> Probe {
 }
 
 fn kernel_func_btf_id(name: &str) -> Option<u32> {
-    super::btf::type_information(Path::new(super::btf::VMLINUX_BTF)).ok()?.id_of(name)
+    super::btf::kernel().ok()?.id_of(name)
 }
 
 /// Effective capabilities of this process.
@@ -299,6 +483,16 @@ pub fn missing_privileges(caps: u64) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases() {
+        assert_eq!(release_version("5.10.0-32-cloud-amd64"), Some((5, 10)));
+        assert_eq!(release_version("6.12.95+deb12-cloud-amd64"), Some((6, 12)));
+        assert_eq!(release_version("6.19.14+deb13-cloud-amd64"), Some((6, 19)));
+        assert_eq!(release_version("4.18.0-553.el8_10.x86_64"), Some((4, 18)));
+        assert_eq!(release_version("garbage"), None);
+        assert!(TABLE.windows(2).all(|w| w[0].since <= w[1].since), "TABLE is ordered by release");
+    }
 
     #[test]
     fn privileges_from_capability_mask() {

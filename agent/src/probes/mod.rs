@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod features;
 pub mod go;
+pub mod hooks;
 
 use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
@@ -13,7 +14,7 @@ use aya::{
     maps::Array,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        BtfTracePoint, RawTracePoint, UProbe,
+        RawTracePoint, UProbe,
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
@@ -22,22 +23,7 @@ use zerotrace_common::{COUNTER_SLOTS, ConnKey, ConnRole, ConnState, Counter, Ker
 /// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
 
-/// The socket layer's tracepoints the kernel programs hang on, attached once for the machine
-/// (the programs filter on the SELECTED bitmap first): as BTF tracepoints when the kernel
-/// allows them, else as raw tracepoints. Each program is named like its tracepoint (the BTF
-/// flavour with a `_btf` suffix).
-pub const SOCKET_HOOKS: &[&str] = &["sock_recv_length", "tcp_sendmsg_locked", "inet_sock_set_state"];
-
-/// Which flavour of socket hooks to load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum HookFlavour {
-    /// BTF tracepoints if the kernel allows them, else raw tracepoints.
-    Auto,
-    /// tp_btf programs only.
-    Btf,
-    /// raw_tracepoint programs only.
-    Raw,
-}
+pub use hooks::{HookSet, SocketHooks};
 
 /// Uprobe programs (attached per process).
 pub mod uprobes {
@@ -57,6 +43,9 @@ pub mod uprobes {
     pub const GO_SQL_EXEC: &str = "go_sql_exec";
     pub const GO_SQL_RET: &str = "go_sql_ret";
     pub const GO_TLS_READ: &str = "go_tls_read";
+    /// GO_TLS_READ's twin that reads incoming traceparents (loaded instead of it with
+    /// --inject-traceparent; not in ALL).
+    pub const GO_TLS_READ_INJECT: &str = "go_tls_read_inject";
     pub const GO_TLS_WRITE: &str = "go_tls_write";
     /// Loaded only with --inject-traceparent (not in ALL).
     pub const GO_INJECT: &str = "go_inject";
@@ -86,20 +75,16 @@ pub enum ProbeError {
     #[error(transparent)]
     Btf(#[from] btf::BtfError),
     #[error("loading the kernel programs failed: {0}; run `zerotrace doctor` to see what this kernel allows")]
-    Load(#[source] aya::EbpfError),
-    #[error("program {name}: {source}; run `zerotrace doctor` to see what this kernel allows")]
-    Program {
-        name: String,
-        #[source]
-        source: aya::programs::ProgramError,
-    },
+    Load(String),
+    #[error("program {name}: {detail}; run `zerotrace doctor` to see what this kernel allows")]
+    Program { name: String, detail: String },
     #[error(
-        "the kernel refused the traceparent writer ({source}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent"
+        "the kernel refused the traceparent writer ({0}); bpf_probe_write_user needs CAP_SYS_ADMIN and no kernel lockdown: run without --inject-traceparent"
     )]
-    Inject {
-        #[source]
-        source: aya::programs::ProgramError,
-    },
+    Inject(String),
+    /// A kernel zerotrace cannot run on, found before loading anything.
+    #[error("{0}")]
+    Kernel(String),
     #[error("map {name}: {source}")]
     Map {
         name: &'static str,
@@ -108,6 +93,32 @@ pub enum ProbeError {
     },
     #[error("the kernel object has no {0} (agent and kernel programs out of step; rebuild with `cargo xtask build`)")]
     Missing(String),
+    #[error("{0}")]
+    Hooks(String),
+}
+
+impl ProbeError {
+    /// Loading or attaching program `name` failed: one line, the verifier's log (if any) in
+    /// a file that line names.
+    pub fn program(name: impl Into<String>, source: aya::programs::ProgramError) -> Self {
+        let name = name.into();
+        let detail = log_aside(&name, source.to_string());
+        ProbeError::Program { name, detail }
+    }
+}
+
+/// `msg` in one line: a verifier's log in it (hundreds of lines) goes to a file in the
+/// temporary directory, named in the line, and to the debug log (`--log debug`).
+fn log_aside(what: &str, msg: String) -> String {
+    let Some(at) = msg.find("Verifier output:").or_else(|| msg.find('\n')) else { return msg };
+    tracing::debug!(program = what, "{msg}");
+    let file: String = what.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '-' }).collect();
+    let path = std::env::temp_dir().join(format!("zerotrace-verifier-{file}.log"));
+    let head = msg[..at].trim_end_matches(['.', ' ']);
+    match std::fs::write(&path, &msg) {
+        Ok(()) => format!("{head} (the kernel's log is in {}; `--log debug` prints it)", path.display()),
+        Err(_) => format!("{head} (`--log debug` prints the kernel's log)"),
+    }
 }
 
 /// Load-time knobs of the kernel side.
@@ -115,10 +126,13 @@ pub enum ProbeError {
 pub struct KernelSettings {
     pub req_capture: u32,
     pub max_conns: u32,
-    pub hooks: HookFlavour,
+    pub hooks: SocketHooks,
     /// `--inject-traceparent`: keep trace ids per span and load the program that decides
     /// (and, when On, writes).
     pub inject: Inject,
+    /// The trace sampler as the kernel applies it (`zerotrace_common::sampler_mode` and the
+    /// ratio bound): injected traceparents say sampled only for traces the agent keeps.
+    pub sampler: (u32, u64),
 }
 
 /// `--inject-traceparent`.
@@ -134,8 +148,10 @@ pub enum Inject {
 
 pub struct Probes {
     ebpf: Ebpf,
-    /// "btf" or "raw": the socket hooks in use.
-    pub hooks: &'static str,
+    /// The socket hook set in use.
+    pub hooks: HookSet,
+    /// The program behind GO_TLS_READ (its `_inject` twin with injection on).
+    tls_read: &'static str,
     /// Ports each target listens on, as last written to LISTEN.
     listening: HashMap<u32, Vec<u16>>,
     /// Per process: (program, link, temporary). Temporary links are dropped early.
@@ -151,55 +167,59 @@ impl Probes {
                 "the kernel programs in this binary: it was built with AYA_BUILD_SKIP=1 (for fuzzing); build it with `cargo xtask build`".into(),
             ));
         }
-        // Nothing zerotrace attaches needs tracefs (BTF and raw tracepoints, uprobes through
-        // the uprobe PMU); it is mounted when it can be, for tools. In a pod without
-        // CAP_SYS_ADMIN it cannot, and need not.
+        // Decided before anything is loaded: a kernel zerotrace cannot run on, or without any
+        // socket hook set, is refused here in one line.
+        let inject = ks.inject != Inject::Off;
+        features::preflight(inject).map_err(ProbeError::Kernel)?;
+        // The socket-layer sets need no tracefs (BTF and raw tracepoints, uprobes through the
+        // uprobe PMU); the syscall set does (its tracepoints' ids). It is mounted when it can
+        // be: in a pod without CAP_SYS_ADMIN it cannot, and the DaemonSet mounts the node's.
         if let Err(e) = features::ensure_tracefs() {
-            tracing::debug!(error = %e, "tracefs is not mounted (not needed: BTF and raw tracepoints, the uprobe PMU)");
+            tracing::debug!(error = %e, "tracefs is not mounted (the socket-layer hook sets do not need it)");
         }
-        let kernel: KernelOffsets = btf::kernel_offsets(Path::new(btf::VMLINUX_BTF))?;
+        let hooks = hooks::choose(ks.hooks).map_err(ProbeError::Hooks)?;
+        let kernel: KernelOffsets = btf::kernel_offsets(btf::kernel()?.as_ref())?;
+        // aya's own model of the kernel BTF (relocations, BTF tracepoints): parsed once here.
+        let aya_btf = aya::Btf::from_sys_fs().ok();
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
         let flags = match ks.inject {
             Inject::Off => 0,
             Inject::DryRun => INJECT,
             Inject::On => INJECT | INJECT_WRITE,
         };
-        let settings = Settings { req_capture: ks.req_capture, flags, ..Settings::default() };
+        let (sampler, ratio_bound) = ks.sampler;
+        let settings = Settings { req_capture: ks.req_capture, flags, sampler, ratio_bound, ..Settings::default() };
         let mut ebpf = EbpfLoader::new()
+            .btf(aya_btf.as_ref())
             .override_global("KERNEL", &kernel, true)
             .override_global("SETTINGS", &settings, true)
             .map_max_entries(names::CONNS, ks.max_conns)
             .load(KERNEL_OBJECT)
-            .map_err(ProbeError::Load)?;
-        let hooks = match ks.hooks {
-            HookFlavour::Raw => attach_raw(&mut ebpf).map(|()| "raw")?,
-            HookFlavour::Btf => attach_btf(&mut ebpf).map(|()| "btf")?,
-            HookFlavour::Auto => match attach_btf(&mut ebpf) {
-                Ok(()) => "btf",
-                Err(e) => {
-                    tracing::debug!(error = %e, "BTF tracepoints refused; using raw tracepoints");
-                    attach_raw(&mut ebpf).map(|()| "raw")?
-                }
-            },
-        };
-        for name in uprobes::ALL {
+            .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
+        hooks::attach(&mut ebpf, aya_btf.as_ref(), hooks, inject)?;
+        drop(aya_btf);
+        btf::forget_kernel();
+        tracing::info!(socket_hooks = hooks.name(), forced = ks.hooks != SocketHooks::Auto, "socket hooks attached");
+        // With injection on, the TLS read probe's twin that reads incoming traceparents.
+        let tls_read = if inject { uprobes::GO_TLS_READ_INJECT } else { uprobes::GO_TLS_READ };
+        for name in uprobes::ALL.iter().map(|n| if *n == uprobes::GO_TLS_READ { tls_read } else { n }) {
             let prog: &mut UProbe = program(&mut ebpf, name)?;
-            prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
+            prog.load().map_err(|source| ProbeError::program(name.to_string(), source))?;
         }
         // The one program that writes into targets exists in the kernel only when asked for.
-        if ks.inject != Inject::Off {
+        if inject {
             let prog: &mut UProbe = program(&mut ebpf, uprobes::GO_INJECT)?;
-            prog.load().map_err(|source| ProbeError::Inject { source })?;
+            prog.load().map_err(|source| ProbeError::Inject(log_aside(uprobes::GO_INJECT, source.to_string())))?;
         }
-        Ok(Self { ebpf, hooks, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new() })
+        Ok(Self { ebpf, hooks, tls_read, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new() })
     }
 
     /// Reports every exec to the agent (`--exe` discovery).
     pub fn watch_execs(&mut self) -> Result<(), ProbeError> {
         const EXEC: &str = "sched_process_exec";
         let prog: &mut RawTracePoint = program(&mut self.ebpf, EXEC)?;
-        prog.load().map_err(|source| ProbeError::Program { name: EXEC.into(), source })?;
-        prog.attach(EXEC).map_err(|source| ProbeError::Program { name: format!("raw tracepoint {EXEC}"), source })?;
+        prog.load().map_err(|source| ProbeError::program(EXEC, source))?;
+        prog.attach(EXEC).map_err(|source| ProbeError::program(format!("raw tracepoint {EXEC}"), source))?;
         Ok(())
     }
 
@@ -211,7 +231,7 @@ impl Probes {
         const NAME: &str = "cpu_sample";
         let cpus = aya::util::online_cpus().map_err(|(_, e)| ProbeError::Missing(format!("the list of online CPUs ({e})")))?;
         let prog: &mut PerfEvent = program(&mut self.ebpf, NAME)?;
-        prog.load().map_err(|source| ProbeError::Program { name: NAME.into(), source })?;
+        prog.load().map_err(|source| ProbeError::program(NAME, source))?;
         for cpu in &cpus {
             prog.attach(
                 PerfEventConfig::Software(SoftwareEvent::CpuClock),
@@ -219,7 +239,7 @@ impl Probes {
                 SamplePolicy::Frequency(frequency),
                 false,
             )
-            .map_err(|source| ProbeError::Program { name: format!("{NAME} on CPU {cpu} (perf_event cpu-clock)"), source })?;
+            .map_err(|source| ProbeError::program(format!("{NAME} on CPU {cpu} (perf_event cpu-clock)"), source))?;
         }
         Ok(cpus.len())
     }
@@ -262,9 +282,10 @@ impl Probes {
 
     /// Attaches uprobe program `prog` at file offset `offset` of `exe`, for process `pid` only.
     pub fn attach_uprobe(&mut self, pid: u32, prog: &'static str, exe: &Path, offset: u64, temporary: bool) -> Result<(), ProbeError> {
+        let prog = if prog == uprobes::GO_TLS_READ { self.tls_read } else { prog };
         let p: &mut UProbe = program(&mut self.ebpf, prog)?;
         let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| ProbeError::Missing("pid 0".into()))?);
-        let link = p.attach(offset, exe, scope).map_err(|source| ProbeError::Program { name: format!("{prog} at {}+{offset:#x}", exe.display()), source })?;
+        let link = p.attach(offset, exe, scope).map_err(|source| ProbeError::program(format!("{prog} at {}+{offset:#x}", exe.display()), source))?;
         self.uprobe_links.entry(pid).or_default().push((prog, link, temporary));
         Ok(())
     }
@@ -299,6 +320,14 @@ impl Probes {
             let stale: Vec<ConnKey> = conns.iter().filter_map(Result::ok).filter(|(_, v)| v.pid == pid).map(|(k, _)| k).collect();
             for k in stale {
                 let _ = conns.remove(&k);
+            }
+        }
+        // Receives in progress (syscall hook set): a thread of a process no longer selected
+        // would not remove its own.
+        if let Ok(mut recvs) = self.map_mut::<BpfHashMap<_, u64, zerotrace_common::RecvArgs>>(names::RECV_ARGS) {
+            let stale: Vec<u64> = recvs.keys().filter_map(Result::ok).filter(|k| (k >> 32) as u32 == pid).collect();
+            for k in stale {
+                let _ = recvs.remove(&k);
             }
         }
         // Client calls that were in flight when the process went (--inject-traceparent).
@@ -359,36 +388,97 @@ impl Probes {
     }
 }
 
-fn attach_raw(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    for name in SOCKET_HOOKS {
-        let prog: &mut RawTracePoint = program(ebpf, name)?;
-        prog.load().map_err(|source| ProbeError::Program { name: name.to_string(), source })?;
-        prog.attach(name).map_err(|source| ProbeError::Program { name: format!("raw tracepoint {name}"), source })?;
-    }
-    Ok(())
+/// What the verifier said about one program (`zerotrace doctor --programs`).
+pub struct ProgramCheck {
+    pub name: String,
+    /// Ok: accepted, in this time; Err: refused (one line, the log in a file it names).
+    /// None: not loadable on this kernel by design (the reason).
+    pub outcome: Result<std::time::Duration, String>,
+    pub skipped: Option<String>,
 }
 
-fn attach_btf(ebpf: &mut Ebpf) -> Result<(), ProbeError> {
-    let btf = aya::Btf::from_sys_fs().map_err(|e| ProbeError::Missing(format!("kernel BTF ({e})")))?;
-    for name in SOCKET_HOOKS {
-        let prog_name = format!("{name}_btf");
-        let prog: &mut BtfTracePoint = program(ebpf, &prog_name)?;
-        prog.load(name, &btf).map_err(|source| ProbeError::Program { name: prog_name.clone(), source })?;
-        prog.attach().map_err(|source| ProbeError::Program { name: format!("tp_btf:{name}"), source })?;
+/// Loads every program of the kernel object that this kernel could run, one at a time, and
+/// reports what the verifier said: the programs of hook sets this kernel lacks are checked
+/// too where the kernel can load them (raw tracepoints load without their tracepoint), so
+/// one kernel checks more than it runs. Nothing is attached.
+pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
+    if KERNEL_OBJECT.is_empty() {
+        return Err(ProbeError::Missing("the kernel programs in this binary (built with AYA_BUILD_SKIP=1)".into()));
     }
-    Ok(())
+    features::preflight(false).map_err(ProbeError::Kernel)?;
+    let kernel: KernelOffsets = btf::kernel_offsets(btf::kernel()?.as_ref())?;
+    use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
+    // The traceparent writer as it loads with --inject-traceparent=on, unless lockdown
+    // forbids writing (then as in dry-run, where the write is dead code).
+    let locked = features::lockdown().is_some_and(|m| m != "none");
+    let flags = if locked { INJECT } else { INJECT | INJECT_WRITE };
+    let settings = Settings { flags, ..Settings::default() };
+    let btf = aya::Btf::from_sys_fs().ok();
+    let mut ebpf = EbpfLoader::new()
+        .btf(btf.as_ref())
+        .override_global("KERNEL", &kernel, true)
+        .override_global("SETTINGS", &settings, true)
+        .load(KERNEL_OBJECT)
+        .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
+    let has_loop = features::helper(features::HELPER_LOOP);
+    let mut out = Vec::new();
+    let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    names.sort();
+    for name in names {
+        let skip = |why: String| ProgramCheck { name: name.clone(), outcome: Ok(Default::default()), skipped: Some(why) };
+        // The `_inject` twins read incoming traceparents with bpf_loop.
+        if name.ends_with("_inject") && !has_loop {
+            out.push(skip("needs bpf_loop (Linux 5.17; --inject-traceparent is refused here)".into()));
+            continue;
+        }
+        let Some(prog) = ebpf.program_mut(&name) else { continue };
+        let started = std::time::Instant::now();
+        let result = match prog {
+            aya::programs::Program::UProbe(p) => p.load(),
+            aya::programs::Program::TracePoint(p) => p.load(),
+            aya::programs::Program::RawTracePoint(p) => p.load(),
+            aya::programs::Program::PerfEvent(p) => p.load(),
+            aya::programs::Program::BtfTracePoint(p) => {
+                let target = hooks::btf_target(&name);
+                match (&btf, features::btf_tracepoint(target)) {
+                    (Some(btf), Ok(())) => p.load(target, btf),
+                    (_, Err(why)) => {
+                        out.push(skip(format!("BTF tracepoint {target} not on this kernel ({why})")));
+                        continue;
+                    }
+                    (None, _) => {
+                        out.push(skip("no kernel BTF".into()));
+                        continue;
+                    }
+                }
+            }
+            _ => {
+                out.push(skip("a program type zerotrace does not use".into()));
+                continue;
+            }
+        };
+        let outcome = match result {
+            Ok(()) => Ok(started.elapsed()),
+            Err(source) => match ProbeError::program(name.clone(), source) {
+                ProbeError::Program { detail, .. } => Err(detail),
+                other => Err(other.to_string()),
+            },
+        };
+        out.push(ProgramCheck { name, outcome, skipped: None });
+    }
+    Ok(out)
 }
 
 pub fn counter(values: &[u64; COUNTER_SLOTS as usize], c: Counter) -> u64 {
     values[c as usize]
 }
 
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProbeError>
+pub(crate) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProbeError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     let p = ebpf.program_mut(name).ok_or_else(|| ProbeError::Missing(format!("program {name}")))?;
-    p.try_into().map_err(|source| ProbeError::Program { name: name.to_string(), source })
+    p.try_into().map_err(|source| ProbeError::program(name.to_string(), source))
 }
 
 impl Drop for Probes {

@@ -284,7 +284,7 @@ impl Agent<'_> {
         self.outputs.housekeeping(&self.targets);
         if self.outputs.wants_counters() {
             let counters = self.counters();
-            self.outputs.publish_counters(counters, &self.targets, self.started);
+            self.outputs.publish_counters(counters, &self.targets, self.started, self.probes.hooks.name());
         }
     }
 
@@ -303,6 +303,7 @@ impl Agent<'_> {
         self.pump();
         let Agent { s, probes, mut reader, correlator, targets, outputs, started, .. } = self;
         let mut counters = stats::counters(&probes.counters(), &reader, &correlator);
+        let hooks = probes.hooks;
         let more = outputs.finish(&targets, &counters, FLUSH_DEADLINE).await;
         counters.extend(more);
         // Spans are out; now wait for the uprobes to be gone (the kernel removes them one at
@@ -311,7 +312,7 @@ impl Agent<'_> {
         stats::log(&counters);
         reader.flush_recording();
         if let Some(path) = &s.stats_file
-            && let Err(e) = std::fs::write(path, stats::json(&counters, started.elapsed()))
+            && let Err(e) = std::fs::write(path, stats::json(&counters, started.elapsed(), hooks.name()))
         {
             tracing::warn!(path = %path.display(), error = %e, "cannot write the stats file");
         }

@@ -204,9 +204,9 @@ impl Outputs {
         self.metrics.is_some() || self.control.is_some()
     }
 
-    pub fn publish_counters(&self, counters: Vec<(&'static str, u64)>, targets: &Targets<'_>, started: Instant) {
+    pub fn publish_counters(&self, counters: Vec<(&'static str, u64)>, targets: &Targets<'_>, started: Instant, hooks: &str) {
         if let Some(c) = &self.control {
-            c.set_status(stats::status(targets, &counters, started));
+            c.set_status(stats::status(targets, &counters, started, hooks));
         }
         if let Some(m) = &self.metrics {
             *m.state.snapshot.lock().expect("not poisoned") = counters;

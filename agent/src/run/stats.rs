@@ -10,34 +10,11 @@ use crate::{control::proto::StatusReply, correlate::Correlator, events::reader::
 
 /// The pipeline's counters: kernel, reader, correlator.
 pub fn counters(kernel: &[u64; COUNTER_SLOTS as usize], reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
-    let k = |x: Counter| probes::counter(kernel, x);
-    vec![
-        ("events_read", reader.records),
-        ("events_undecodable", reader.decode_errors),
-        ("ring_wakeups", reader.wakeups),
-        ("events_dropped_ring_full", k(Counter::RingFull)),
-        ("connections_dropped_map_full", k(Counter::ConnsFull)),
-        ("target_reads_failed", k(Counter::ReadUserFailed)),
-        ("kernel_reads_failed", k(Counter::ReadKernelFailed)),
-        ("socket_ops", k(Counter::SocketSyscalls)),
-        ("receives_without_buffer", k(Counter::RecvNoBuffer)),
-        ("uprobe_hits", k(Counter::UprobeHits)),
-        ("requests_seen", k(Counter::Requests)),
-        ("socket_client_requests_seen", k(Counter::SockClientRequests)),
-        ("pipelined_requests_seen", k(Counter::PipelinedRequests)),
+    let mut v = vec![("events_read", reader.records), ("events_undecodable", reader.decode_errors), ("ring_wakeups", reader.wakeups)];
+    // The kernel's counters under the names zerotrace_common gives them.
+    v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(kernel, k))));
+    v.extend([
         ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
-        ("handler_returns_unmatched", k(Counter::GoReturnUnmatched)),
-        ("goroutines_spawned", k(Counter::GoSpawns)),
-        ("goroutines_inherited_span", k(Counter::GoSpawnsInherited)),
-        ("channel_handoffs", k(Counter::ChanHandoffs)),
-        ("channel_edges", k(Counter::ChanEdges)),
-        ("client_links_offered", k(Counter::ClientLinks)),
-        ("server_requests_linked_kernel", k(Counter::ServerLinked)),
-        ("traceparent_injected", k(Counter::Injected)),
-        ("traceparent_dry_run", k(Counter::InjectDryRun)),
-        ("traceparent_skipped", k(Counter::InjectSkipped)),
-        ("traceparent_no_room", k(Counter::InjectNoRoom)),
-        ("traceparent_write_failed", k(Counter::InjectFailed)),
         ("server_spans_linked", c.stats.linked),
         ("client_returns_unmatched", c.stats.unmatched_client_returns),
         ("http2_directions_unreadable", c.stats.h2_unreadable),
@@ -50,7 +27,8 @@ pub fn counters(kernel: &[u64; COUNTER_SLOTS as usize], reader: &EventReader, c:
         ("requests_abandoned", c.stats.abandoned),
         ("requests_dropped_pending_full", c.stats.pending_full),
         ("route_pattern_reads_failed", c.stats.pattern_reads_failed),
-    ]
+    ]);
+    v
 }
 
 /// One log line with every counter that is not zero.
@@ -59,18 +37,19 @@ pub fn log(counters: &[(&'static str, u64)]) {
     tracing::info!(target: "zerotrace::stats", "{}", text.join(" "));
 }
 
-/// `--stats-file`: every counter as `zerotrace_<name>`, and the uptime.
-pub fn json(counters: &[(&'static str, u64)], uptime: Duration) -> String {
+/// `--stats-file`: every counter as `zerotrace_<name>`, the socket hook set and the uptime.
+pub fn json(counters: &[(&'static str, u64)], uptime: Duration, hooks: &str) -> String {
     let mut s = String::from("{");
     for (k, v) in counters {
         s.push_str(&format!("\"zerotrace_{k}\":{v},"));
     }
+    s.push_str(&format!("\"socket_hooks\":\"{hooks}\","));
     s.push_str(&format!("\"uptime_ms\":{}}}", uptime.as_millis()));
     s
 }
 
 /// What `zerotrace status` shows.
-pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: Instant) -> StatusReply {
+pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: Instant, hooks: &str) -> StatusReply {
     use crate::control::proto::{Counter as C, Target as T};
     let mut list: Vec<T> = targets.services().map(|(pid, service)| T { pid, service: service.to_string() }).collect();
     list.sort_by_key(|t| t.pid);
@@ -80,5 +59,6 @@ pub fn status(targets: &Targets<'_>, counters: &[(&'static str, u64)], started: 
         uptime_seconds: started.elapsed().as_secs(),
         targets: list,
         counters: counters.iter().map(|(n, v)| C { name: format!("zerotrace_{n}"), value: *v }).collect(),
+        socket_hooks: hooks.to_owned(),
     }
 }

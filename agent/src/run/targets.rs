@@ -324,7 +324,7 @@ impl<'s> Targets<'s> {
             inject_traceparent = report.inject,
             existing_connections = existing.len(),
             mode = ?s.go_http_probes,
-            hooks = probes.hooks,
+            socket_hooks = probes.hooks.name(),
             "tracing"
         );
         tracing::debug!(pid, offsets = ?target.layout.offsets, tcpconn = ?target.layout.type_tcpconn, response = ?target.layout.type_response, "Go layout");

@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 6;
+pub const ABI_VERSION: u32 = 7;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -25,6 +25,7 @@ pub mod names {
     pub const CLIENT_HDR: &str = "CLIENT_HDR";
     pub const RECV_SENDER: &str = "RECV_SENDER";
     pub const GO_SQL: &str = "GO_SQL";
+    pub const RECV_ARGS: &str = "RECV_ARGS";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
 }
@@ -46,6 +47,8 @@ pub mod bounds {
     pub const MAX_GO_CTX: u32 = 65536;
     /// Goroutines inside `(*http.Transport).roundTrip` at once.
     pub const MAX_GO_CLIENTS: u32 = 16384;
+    /// Threads of traced processes inside a socket receive at once (syscall hook set).
+    pub const MAX_RECV_ARGS: u32 = 16384;
     /// Client requests of traced processes whose span a same-host server can still link to.
     pub const MAX_CLIENT_LINKS: u32 = 16384;
     /// Channel buffer slots holding a value sent from inside a span, at once (LRU).
@@ -81,63 +84,100 @@ pub mod bounds {
     pub const PAGE: usize = 4096;
 }
 
-/// Counters kept per CPU in the `COUNTERS` array; the agent sums and reports them.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
-    /// A record did not fit in the ring buffer (agent too slow): the event is lost.
-    RingFull = 0,
-    /// `CONNS` was full when a new connection arrived: it is not traced.
-    ConnsFull = 1,
-    /// Bytes received through a call zerotrace cannot read the buffer of.
-    RecvNoBuffer = 2,
-    /// Reading target memory failed (paged out, freed, bad offset).
-    ReadUserFailed = 3,
-    /// Reading a kernel structure failed.
-    ReadKernelFailed = 4,
-    /// Syscalls of traced processes on tracked sockets (probe hits on tracepoints).
-    SocketSyscalls = 5,
-    /// Uprobe hits, all Go functions together.
-    UprobeHits = 6,
-    /// Requests seen starting.
-    Requests = 7,
-    /// `GO_REQUESTS` was full at a handler entry.
-    GoRequestsFull = 8,
-    /// A handler return with no recorded entry (attached mid-request).
-    GoReturnUnmatched = 9,
-    /// Goroutines spawned (newproc1 returns seen).
-    GoSpawns = 10,
-    /// Goroutines spawned while a span was active: they inherited it.
-    GoSpawnsInherited = 11,
-    /// Values handed over a channel from one goroutine to another (hooks hit).
-    ChanHandoffs = 12,
-    /// Handoffs that carried a span context to the receiver.
-    ChanEdges = 13,
-    /// Client requests written on a socket with a span context (same-host link offered).
-    ClientLinks = 14,
-    /// Server requests that found the span of the same-host client that sent them.
-    ServerLinked = 15,
-    /// `--inject-traceparent`: headers written into outgoing requests.
-    Injected = 16,
-    /// Not injected: the request already has a traceparent, its Header map is too big to
-    /// check, its writer is not a bufio.Writer, or its span's trace is unknown.
-    InjectSkipped = 17,
-    /// Not injected: the writer's buffer has no room for the line.
-    InjectNoRoom = 18,
-    /// Writing into the target failed (nothing was changed).
-    InjectFailed = 19,
-    /// `--inject-traceparent=dry-run`: headers that would have been written.
-    InjectDryRun = 20,
-    /// Client requests of processes that are not Go, seen starting at the socket.
-    SockClientRequests = 21,
-    /// CPU samples of selected processes sent to the agent.
-    CpuSamples = 22,
-    /// Requests that came pipelined behind another (no read started them): seen at their
-    /// response head, or in handler mode at their handler's entry.
-    PipelinedRequests = 23,
+/// Counters kept per CPU in the `COUNTERS` array; the agent sums and reports them under
+/// `name()` (log, `--stats-file` as `zerotrace_<name>`, `status`, OTLP metrics): one name
+/// from here to the user.
+macro_rules! counters {
+    ($($(#[$doc:meta])* $variant:ident = $n:literal, $name:literal;)*) => {
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $variant = $n,)*
+        }
+
+        impl Counter {
+            /// Every counter, in slot order.
+            pub const ALL: &[Counter] = &[$(Counter::$variant,)*];
+
+            /// The name the agent exports it under.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)*
+                }
+            }
+        }
+    };
 }
 
-pub const COUNTER_SLOTS: u32 = 24;
+counters! {
+    /// A record did not fit in the ring buffer (agent too slow): the event is lost.
+    EventsDroppedRingFull = 0, "events_dropped_ring_full";
+    /// `CONNS` was full when a new connection arrived: it is not traced.
+    ConnectionsDroppedMapFull = 1, "connections_dropped_map_full";
+    /// Bytes received through a call zerotrace cannot read the buffer of.
+    ReceivesWithoutBuffer = 2, "receives_without_buffer";
+    /// Reading target memory failed (paged out, freed, bad offset).
+    TargetReadsFailed = 3, "target_reads_failed";
+    /// Reading a kernel structure failed.
+    KernelReadsFailed = 4, "kernel_reads_failed";
+    /// Receives and sends of traced processes on tracked server sockets (socket hook hits).
+    SocketOps = 5, "socket_ops";
+    /// Uprobe hits, all Go functions together.
+    UprobeHits = 6, "uprobe_hits";
+    /// Server requests seen starting.
+    RequestsSeen = 7, "requests_seen";
+    /// `GO_REQUESTS`, `GO_CLIENTS` or `GO_SQL` was full at a call's entry: not traced.
+    GoCallsDroppedMapFull = 8, "go_calls_dropped_map_full";
+    /// A Go handler, client call or SQL call returned with no recorded entry (attached
+    /// mid-call).
+    HandlerReturnsUnmatched = 9, "handler_returns_unmatched";
+    /// Goroutines spawned (spawn hooks hit).
+    GoroutinesSpawned = 10, "goroutines_spawned";
+    /// Goroutines spawned while a span was active: they inherited it.
+    GoroutinesInheritedSpan = 11, "goroutines_inherited_span";
+    /// Values handed over a channel from one goroutine to another (hooks hit).
+    ChannelHandoffs = 12, "channel_handoffs";
+    /// Handoffs that carried a span context to the receiver.
+    ChannelEdges = 13, "channel_edges";
+    /// Client requests written on a socket with a span context (same-host link offered).
+    ClientLinksOffered = 14, "client_links_offered";
+    /// Server requests that found the span of the same-host client that sent them.
+    ServerRequestsLinkedKernel = 15, "server_requests_linked_kernel";
+    /// `--inject-traceparent`: headers written into outgoing requests.
+    TraceparentInjected = 16, "traceparent_injected";
+    /// Not injected: the request already has a traceparent, its Header map is too big to
+    /// check, its writer is not a bufio.Writer, or its span's trace is unknown.
+    TraceparentSkipped = 17, "traceparent_skipped";
+    /// Not injected: the writer's buffer has no room for the line.
+    TraceparentNoRoom = 18, "traceparent_no_room";
+    /// Writing into the target failed (nothing was changed).
+    TraceparentWriteFailed = 19, "traceparent_write_failed";
+    /// `--inject-traceparent=dry-run`: headers that would have been written.
+    TraceparentDryRun = 20, "traceparent_dry_run";
+    /// Client requests of native processes (not Go), seen starting at the socket.
+    SocketClientRequestsSeen = 21, "socket_client_requests_seen";
+    /// CPU samples of selected processes sent to the agent.
+    CpuSamplesTaken = 22, "cpu_samples_taken";
+    /// Requests that came pipelined behind another (no read started them): seen at their
+    /// response head, or in handler mode at their handler's entry.
+    PipelinedRequestsSeen = 23, "pipelined_requests_seen";
+    /// The syscall hook set: RECV_ARGS was full when a receive started (more threads in
+    /// socket receives at once than its bound): that receive is not seen.
+    ReceivesLostMapFull = 24, "receives_lost_map_full";
+    /// `--inject-traceparent`: headers written (or, dry-run, decided) with the sampled flag
+    /// off, because the agent's sampler drops their trace.
+    TraceparentUnsampled = 25, "traceparent_unsampled";
+}
+
+pub const COUNTER_SLOTS: u32 = 26;
+const _: () = {
+    assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as usize == i);
+        i += 1;
+    }
+};
 
 /// Kinds of ring-buffer records, the first field of every record.
 #[repr(u16)]
@@ -168,8 +208,7 @@ pub enum EventKind {
     /// A later send of that response (SockBytesEvent).
     SockServerSend = 16,
     /// HTTP/2 on a native process's connection: the first bytes of every read, in pieces of
-    /// at most REQ_CAPTURE_MAX (HttpRequestEvent layout: `read_len` the bytes read,
-    /// `offset` where this piece starts, `captured` its bytes, `tls` 1 on the last piece).
+    /// at most REQ_CAPTURE_MAX (H2BytesEvent).
     SockH2Recv = 17,
     /// ... and of every send (`read_len`: the bytes handed to TCP).
     SockH2Send = 18,
@@ -179,9 +218,7 @@ pub enum EventKind {
     CpuSampleNative = 20,
     /// A server connection sends the head of a response while no request was read for it:
     /// the answer to a request that came pipelined, in the same read as an earlier one
-    /// (HttpRequestEvent layout: `seq` and `span_id` the new request's, `trace_id` and
-    /// `trace_origin` its trace, `start_ns` the send, `read_len` its bytes, the head
-    /// captured; `goroutine` and `goid` the address and length of its Go route pattern).
+    /// (PipelinedRequestEvent).
     /// In Go handler mode it comes at the handler's entry instead, with no head (`read_len`
     /// 0): the response then ends with an HttpResponse as usual.
     SockServerPipelined = 21,
@@ -505,9 +542,12 @@ pub struct CpuSampleNativeEvent {
     pub stack: [u8; bounds::STACK_PAGES * bounds::PAGE],
 }
 
-/// Bytes of a request read by a server (variable length: `captured` bytes follow). The
-/// first record of request `seq` has `offset` 0; when the head arrived in several reads,
-/// further records carry the next bytes at `offset`, up to the capture size.
+/// Bytes a socket moved, captured (variable length: `captured` bytes follow): a request
+/// read by a server (`HttpRequest`; when the head arrived in several reads, further
+/// records carry the next bytes at `offset`, up to the capture size), and a native
+/// process's request or response bytes (`SockClientRequest`, `SockClientResponse`,
+/// `SockServerResponse`). `PipelinedRequestEvent` and `H2BytesEvent` have the same size
+/// and the shared fields at the same places, so one writer in the kernel fills all three.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HttpRequestEvent {
@@ -516,10 +556,10 @@ pub struct HttpRequestEvent {
     /// Go: the goroutine (g pointer) and its goid that read the request, else 0.
     pub goroutine: u64,
     pub goid: u64,
-    /// Time the first bytes of the request were received.
+    /// Time the first bytes of the request were received (or sent: the native kinds).
     pub start_ns: u64,
     pub seq: u32,
-    /// Bytes the read returned.
+    /// Bytes the read returned (or the send handed to TCP).
     pub read_len: u32,
     /// Bytes copied into `data` (at most the capture size).
     pub captured: u32,
@@ -537,6 +577,66 @@ pub struct HttpRequestEvent {
     /// Where `trace_id` comes from (`trace_origin`; 0 in later pieces of a head).
     pub trace_origin: u8,
     pub _pad: [u8; 6],
+}
+
+/// `SockServerPipelined`: a server sends the head of a response no read started (the
+/// answer to a request that came pipelined behind another): the new request's sequence
+/// number, span and trace, the head captured (`captured` bytes follow), and for Go the
+/// route pattern of the request being answered (address and length in the target).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PipelinedRequestEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    /// Go: where the route pattern string is in the target, and its length (0: none).
+    pub pattern_ptr: u64,
+    pub pattern_len: u64,
+    /// The send of the head.
+    pub start_ns: u64,
+    pub seq: u32,
+    /// Bytes of that send (0: Go handler mode, where the request starts at its handler).
+    pub read_len: u32,
+    pub captured: u32,
+    pub offset: u32,
+    pub span_id: u64,
+    /// Always 0: the offer on the flow was the first request's.
+    pub link_span: u64,
+    pub trace_id: [u8; 16],
+    pub tls: u8,
+    pub trace_origin: u8,
+    pub _pad: [u8; 6],
+}
+
+/// `SockH2Recv` / `SockH2Send`: one piece (at most REQ_CAPTURE_MAX bytes, `captured` of
+/// them follow) of the bytes a read or send moved on a native process's HTTP/2
+/// connection. Same size as HttpRequestEvent; the `_unused` words keep the shared fields
+/// in place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct H2BytesEvent {
+    pub hdr: EventHeader,
+    pub conn_id: u64,
+    pub _unused: [u64; 2],
+    /// The read or send.
+    pub ts_ns: u64,
+    /// h2_start::PREFACE: the connection started with the client preface; JOINED: it was
+    /// open before the agent, joined at a plausible frame header.
+    pub start: u32,
+    /// Bytes the read returned or the send handed to TCP.
+    pub total: u32,
+    pub captured: u32,
+    /// Where this piece starts among `total`.
+    pub offset: u32,
+    pub _unused2: [u64; 4],
+    /// 1: the syscall's last piece (the rest of `total` was not captured).
+    pub last: u8,
+    pub _pad: [u8; 7],
+}
+
+/// How zerotrace came to follow an HTTP/2 connection (`ConnState::h2`, `H2BytesEvent::start`).
+pub mod h2_start {
+    pub const PREFACE: u8 = 1;
+    pub const JOINED: u8 = 2;
 }
 
 /// Where the kernel's trace id of a span comes from.
@@ -812,6 +912,28 @@ pub struct KernelOffsets {
     /// tcp_sock.write_seq: the sequence number after the last byte queued to send (0: not
     /// known; then a send's retry cannot be told from a new send).
     pub tcp_write_seq: u32,
+    /// The syscall hook set's way from a file descriptor to a TCP socket: fdtable.max_fds,
+    /// file.f_inode, inode.i_mode, sock.sk_type and sock.sk_protocol.
+    pub fdtable_max_fds: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub sk_type: u32,
+    pub sk_protocol: u32,
+    /// task_struct.stack: the task's kernel stack, whose top holds its saved user
+    /// registers (CPU samples).
+    pub task_stack: u32,
+}
+
+/// Value of `RECV_ARGS` (syscall hook set): a receive on a TCP socket in progress, keyed by
+/// thread (pid_tgid): its socket, syscall number, second and third arguments and flags.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecvArgs {
+    pub sk: u64,
+    pub nr: u64,
+    pub a1: u64,
+    pub a2: u64,
+    pub flags: u64,
 }
 
 /// Load-time settings of the kernel programs.
@@ -823,7 +945,39 @@ pub struct Settings {
     pub abi_version: u32,
     /// `settings_flags` bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The agent's sampler (`sampler_mode`), for the sampled flag of injected traceparents.
+    pub sampler: u32,
+    /// RATIO: a trace is sampled when the last 8 bytes of its id (big endian), shifted
+    /// right by one, are below this (the OpenTelemetry SDKs' TraceIdRatioBased rule).
+    pub ratio_bound: u64,
+}
+
+/// The OpenTelemetry SDKs' TraceIdRatioBased rule: trace `t` is kept when the last 8 bytes
+/// of its id (big endian), shifted right by one, are below `bound` (ratio x 2^63). The
+/// agent's sampler and the kernel's injected sampled flags both decide with this.
+#[inline(always)]
+pub fn trace_id_ratio_keeps(t: &[u8; 16], bound: u64) -> bool {
+    let low = u64::from_be_bytes([t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]]);
+    (low >> 1) < bound
+}
+
+/// `Settings::sampler`: the rule for traces that start here, plus PARENT_BASED when an
+/// incoming traceparent's sampled flag decides its trace instead.
+pub mod sampler_mode {
+    pub const ALWAYS_ON: u32 = 0;
+    pub const ALWAYS_OFF: u32 = 1;
+    pub const RATIO: u32 = 2;
+    pub const PARENT_BASED: u32 = 0x10;
+}
+
+/// Value of `SPAN_TRACE` (injection on): the trace a span belongs to, and whether the
+/// agent's sampler keeps it (the flag an injected traceparent carries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceCtx {
+    pub trace_id: [u8; 16],
+    pub sampled: u8,
+    pub _pad: [u8; 7],
 }
 
 pub mod settings_flags {
@@ -859,12 +1013,14 @@ pub struct TraceparentEvent {
     pub span_id: u64,
     pub trace_id: [u8; 16],
     pub outcome: u8,
-    pub _pad: [u8; 7],
+    /// The sampled flag the header carries (`-01` or `-00`).
+    pub sampled: u8,
+    pub _pad: [u8; 6],
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { req_capture: 1024, abi_version: ABI_VERSION, flags: 0, _pad: 0 }
+        Self { req_capture: 1024, abi_version: ABI_VERSION, flags: 0, sampler: sampler_mode::ALWAYS_ON, ratio_bound: 0 }
     }
 }
 
@@ -895,12 +1051,38 @@ assert_size!(ConnOpenEvent, 88);
 assert_size!(ConnCloseEvent, 40);
 assert_size!(SockBytesEvent, 56);
 assert_size!(HttpRequestEvent, 112);
+assert_size!(PipelinedRequestEvent, 112);
+assert_size!(H2BytesEvent, 112);
+/// The capture writer fills these through HttpRequestEvent's fields.
+macro_rules! assert_same_place {
+    ($t:ty, $($a:ident = $b:ident),*) => {
+        $(const _: () = assert!(core::mem::offset_of!($t, $a) == core::mem::offset_of!(HttpRequestEvent, $b));)*
+    };
+}
+assert_same_place!(
+    PipelinedRequestEvent,
+    conn_id = conn_id,
+    pattern_ptr = goroutine,
+    pattern_len = goid,
+    start_ns = start_ns,
+    seq = seq,
+    read_len = read_len,
+    captured = captured,
+    offset = offset,
+    span_id = span_id,
+    trace_id = trace_id,
+    trace_origin = trace_origin
+);
+assert_same_place!(H2BytesEvent, conn_id = conn_id, ts_ns = start_ns, start = seq, total = read_len, captured = captured, offset = offset, last = tls);
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
 assert_size!(TargetConfig, 8 + 112);
-assert_size!(KernelOffsets, 72);
+assert_size!(KernelOffsets, 96);
+assert_size!(Settings, 24);
+assert_size!(TraceCtx, 24);
+assert_size!(RecvArgs, 40);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -922,4 +1104,6 @@ mod pod {
     unsafe impl aya::Pod for GoSqlState {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ClientLink {}
+    unsafe impl aya::Pod for RecvArgs {}
+    unsafe impl aya::Pod for TraceCtx {}
 }

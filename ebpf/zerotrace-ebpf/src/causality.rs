@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::{bpf_get_prandom_u32, generated::bpf_loop},
     maps::HashMap,
 };
-use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, ctx_origin, phase, trace_origin};
+use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, TraceCtx, ctx_origin, phase, sampler_mode, trace_origin};
 
 use crate::{
     maps::{CONNS, GO_CTX, SPAN_TRACE, settings},
@@ -42,11 +42,28 @@ pub fn injecting() -> bool {
     settings().flags & zerotrace_common::settings_flags::INJECT != 0
 }
 
-/// With injection on, span `span` belongs to `trace` (an incoming traceparent's).
+/// With injection on, span `span` belongs to `trace` (an incoming traceparent's, whose flags
+/// were `flags`): sampled as the agent's parent-based sampler follows the flag, any other by
+/// its rule.
 #[inline(always)]
-pub fn remember_trace(span: u64, trace: &[u8; 16]) {
+pub fn remember_trace(span: u64, trace: &[u8; 16], flags: u8) {
     if injecting() {
-        let _ = SPAN_TRACE.insert(&span, trace, 0);
+        let mode = settings().sampler;
+        let sampled = if mode & sampler_mode::PARENT_BASED != 0 { flags & 1 } else { sampled_here(trace) };
+        let _ = SPAN_TRACE.insert(&span, &TraceCtx { trace_id: *trace, sampled, _pad: [0; 7] }, 0);
+    }
+}
+
+/// Whether the agent's sampler keeps trace `t`, which starts here (no incoming flag):
+/// the same rule as the agent's `correlate::sampling` (for a ratio, on the trace id's last
+/// 8 bytes), so the flag a header carries agrees with whether the agent exports the trace.
+#[inline(always)]
+fn sampled_here(t: &[u8; 16]) -> u8 {
+    let s = settings();
+    match s.sampler & !sampler_mode::PARENT_BASED {
+        sampler_mode::ALWAYS_OFF => 0,
+        sampler_mode::RATIO => zerotrace_common::trace_id_ratio_keeps(t, s.ratio_bound) as u8,
+        _ => 1,
     }
 }
 
@@ -56,14 +73,14 @@ const TRACEPARENT_SCAN: u32 = 1024;
 /// letters without case.
 const TP_NAME: &[u8; 13] = b"\ntraceparent:";
 
-/// The trace id of a `traceparent` header in the `len` captured head bytes at `head`
-/// (version 00, lower- or upper-case hex), if there is one. Only used with injection on:
+/// The trace id and flags of a `traceparent` header in the `len` captured head bytes at
+/// `head` (version 00, lower- or upper-case hex), if there is one. Only used with injection on:
 /// the header a request carries names the trace its outgoing requests must name.
 /// `head` must have at least TRACEPARENT_SCAN + 72 readable bytes. The scan runs in
 /// bpf_loop (verified once, not once per byte: inline, it made the socket program too
 /// complex for the verifier).
 #[inline(always)]
-pub fn incoming_trace(head: *const u8, len: u32) -> Option<[u8; 16]> {
+pub fn incoming_trace(head: *const u8, len: u32) -> Option<([u8; 16], u8)> {
     let mut scan = Scan { head, len, at: 0 };
     // SAFETY: the callback only reads `scan`, which lives across the call.
     unsafe {
@@ -132,7 +149,7 @@ fn name_at(p: *const u8) -> bool {
 /// version (two lower-case hex digits, not ff), trace id (32, not all zero), parent id (16,
 /// not all zero), flags (2).
 #[inline(always)]
-fn trace_after(mut q: *const u8) -> Option<[u8; 16]> {
+fn trace_after(mut q: *const u8) -> Option<([u8; 16], u8)> {
     for _ in 0..2 {
         // SAFETY: see incoming_trace.
         let c = unsafe { *q };
@@ -154,9 +171,8 @@ fn trace_after(mut q: *const u8) -> Option<[u8; 16]> {
     for k in 0..16 {
         span = span << 4 | hex(at(36 + k))? as u64;
     }
-    hex(at(53))?;
-    hex(at(54))?;
-    (t != [0; 16] && span != 0).then_some(t)
+    let flags = hex(at(53))? << 4 | hex(at(54))?;
+    (t != [0; 16] && span != 0).then_some((t, flags))
 }
 
 /// A lower-case hex digit (W3C trace context allows no upper case).
@@ -170,19 +186,23 @@ fn hex(c: u8) -> Option<u8> {
 }
 
 /// The trace of a new span whose parent is `parent` (0: none): the parent's trace when the
-/// kernel knows it, else a new one. With injection on, remembered for the span's children.
+/// kernel knows it, else a new one. With injection on, remembered for the span's children
+/// (with the parent's sampled flag, or the sampler's rule for a new trace).
 #[inline(always)]
 pub fn trace_for(span: u64, parent: u64) -> ([u8; 16], u8) {
     let known = if parent != 0 { SPAN_TRACE.get_ptr(&parent) } else { None };
     // SAFETY: map value pointer, copied at once.
-    let (trace, origin) = match known {
+    let (ctx, origin) = match known {
         Some(t) => (unsafe { *t }, trace_origin::INHERITED),
-        None => (new_trace_id(), trace_origin::DRAWN),
+        None => {
+            let trace_id = new_trace_id();
+            (TraceCtx { trace_id, sampled: sampled_here(&trace_id), _pad: [0; 7] }, trace_origin::DRAWN)
+        }
     };
     if injecting() {
-        let _ = SPAN_TRACE.insert(&span, &trace, 0);
+        let _ = SPAN_TRACE.insert(&span, &ctx, 0);
     }
-    (trace, origin)
+    (ctx.trace_id, origin)
 }
 
 #[inline(always)]
@@ -223,11 +243,10 @@ fn serves_later_request(pid: u32, s: &zerotrace_common::ConnState) -> bool {
     if s.go_conn == 0 || s.resp_w == 0 {
         return false;
     }
-    let Some(cfg) = crate::maps::TARGETS.get_ptr(pid) else {
+    let Some(cfg) = crate::util::target(pid) else {
         return false;
     };
-    // SAFETY: map value pointer, valid for this program run.
-    let off = unsafe { (*cfg).go.conn_curreq };
+    let off = cfg.go.conn_curreq;
     if off == zerotrace_common::GoOffsets::NONE {
         return false;
     }
@@ -270,7 +289,7 @@ pub fn receive(pid: u32, to: u64, span: u64) {
     if span != 0 {
         let ctx = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::CHANNEL, _pad: [0; 7] };
         let _ = GO_CTX.insert(&k, &ctx, 0);
-        count(Counter::ChanEdges);
+        count(Counter::ChannelEdges);
     } else if had {
         let _ = GO_CTX.remove(&k);
     }
@@ -284,7 +303,7 @@ pub fn spawn(pid: u32, child: u64, span: u64) {
     }
     let ctx = GoroutineCtx { span_id: span, sk: 0, origin: ctx_origin::SPAWN, _pad: [0; 7] };
     let _ = GO_CTX.insert(&key(pid, child), &ctx, 0);
-    count(Counter::GoSpawnsInherited);
+    count(Counter::GoroutinesInheritedSpan);
 }
 
 /// A goroutine enters a call that is a span of its own (client call, SQL statement): the
@@ -311,10 +330,13 @@ pub fn set_own(k: &GoroutineKey, span: u64) {
 #[inline(always)]
 pub fn take_call<V: Copy>(calls: &HashMap<GoroutineKey, V>, k: &GoroutineKey) -> Option<V> {
     // SAFETY: map value pointer, copied before removal.
-    let Some(st) = calls.get_ptr(k).map(|p| unsafe { *p }) else {
-        count(Counter::GoReturnUnmatched);
+    let Some(p) = calls.get_ptr(k) else {
+        count(Counter::HandlerReturnsUnmatched);
         return None;
     };
+    // SAFETY: map value pointer, copied before removal (only once known: go_inject.rs says
+    // why not through an Option).
+    let st = unsafe { *p };
     let _ = calls.remove(k);
     Some(st)
 }

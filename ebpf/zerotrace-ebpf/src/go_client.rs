@@ -17,14 +17,13 @@ use crate::{
 /// Entry: t in RAX, req in RBX, the calling goroutine in R14.
 #[uprobe]
 pub fn go_round_trip(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
     let Some((pid_tgid, go, k)) = go_caller(&ctx) else { return 0 };
     let r = regs(&ctx);
     let (span, parent, prev) = enter_own(&k);
     let req = r.rbx;
     let hdr_map = if injecting() { go_ptr(req, go.request_header) } else { 0 };
     if GO_CLIENTS.insert(&k, &GoClientState { span_id: span, prev, header: hdr_map }, 0).is_err() {
-        count(Counter::GoRequestsFull);
+        count(Counter::GoCallsDroppedMapFull);
         return 0;
     }
     if hdr_map != 0 {
@@ -33,7 +32,7 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
     set_own(&k, span);
 
     let Some(mut ev) = EVENTS.reserve::<GoClientRequestEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return 0;
     };
     let e = ev.as_mut_ptr();
@@ -67,7 +66,6 @@ pub fn go_round_trip(ctx: ProbeContext) -> u32 {
 /// A RET: *Response in RAX, the error's type word in RBX (0: nil error).
 #[uprobe]
 pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
     let Some((pid_tgid, go, k)) = go_caller(&ctx) else { return 0 };
     let r = regs(&ctx);
     let Some(st) = take_call(&GO_CLIENTS, &k) else { return 0 };
@@ -85,7 +83,7 @@ pub fn go_round_trip_ret(ctx: ProbeContext) -> u32 {
         err_type: r.rbx,
     };
     if EVENTS.output::<GoClientResponseEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
     }
     0
 }

@@ -3,27 +3,25 @@
 //! programs can read the route pattern without any per-request uprobe. In handler mode,
 //! `go_serve_http` / `go_serve_http_ret` fire at the entry and at every RET instruction of
 //! `net/http.serverHandler.ServeHTTP` (never a uretprobe: goroutine stacks move).
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{Counter, EventKind, GoOffsets, GoRequestKey, GoRequestState, GoServerRequestEvent, TargetConfig};
 
 use crate::{
     causality::serve_conn,
-    maps::{EVENTS, GO_REQUESTS, TARGETS},
-    sockets::{conn_for, fd_to_sk, go_iface_sk},
-    util::{count, go_conn_fd, go_itab_type, go_ptr, goid_of, header, now, read_go_string, read_user, regs, wake_flags},
+    maps::{EVENTS, GO_REQUESTS},
+    socket::{
+        conns::{conn_for, fd_to_sk, go_iface_sk},
+        server::handler_entry,
+    },
+    util::{count, go_conn_fd, go_itab_type, go_ptr, goid_of, header, now, read_go_string, read_user, regs, uprobe_target, wake_flags},
 };
 
 /// Entry of `net/http.(*conn).serve(c *conn, ctx context.Context)`: c arrives in RAX.
 #[uprobe]
 pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else {
-        return 0;
-    };
-    // SAFETY: map value pointer, valid for this program run.
-    let go = unsafe { &(*cfg).go };
+    let go = &cfg.go;
     let c = regs(&ctx).rax;
     let Some(rwc) = read_user::<[u64; 2]>(c + go.conn_rwc as u64) else {
         return 0;
@@ -60,27 +58,22 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
 /// sh.srv in RAX, rw as (itab RBX, data RCX), req in RDI, the goroutine in R14.
 #[uprobe]
 pub fn go_serve_http(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else {
-        return 0;
-    };
-    // SAFETY: map value pointer, valid for this program run.
-    let go = unsafe { &(*cfg).go };
+    let go = &cfg.go;
     let r = regs(&ctx);
     let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
     let response = if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
     let state = GoRequestState { start_ns: now(), request: r.rdi, response };
     if GO_REQUESTS.insert(&key, &state, 0).is_err() {
-        count(Counter::GoRequestsFull);
+        count(Counter::GoCallsDroppedMapFull);
     }
     // The handler's goroutine works for the request read on its connection.
     if response != 0 {
         let sk = response_sk(go, response);
         if sk != 0 {
             let goid = goid_of(go, r.r14);
-            crate::http_server::handler_entry(pid_tgid, sk);
+            handler_entry(pid_tgid, sk);
             serve_conn(pid, goid, sk);
         }
     }
@@ -90,22 +83,19 @@ pub fn go_serve_http(ctx: ProbeContext) -> u32 {
 /// A RET instruction of `serverHandler.ServeHTTP`: the handler is done.
 #[uprobe]
 pub fn go_serve_http_ret(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = TARGETS.get_ptr(pid) else {
-        return 0;
-    };
     let g = regs(&ctx).r14;
     let key = GoRequestKey { pid, _pad: 0, goroutine: g };
-    // SAFETY: map value pointer, copied before removal.
-    let Some(state) = GO_REQUESTS.get_ptr(&key).map(|p| unsafe { *p }) else {
-        count(Counter::GoReturnUnmatched);
+    let Some(p) = GO_REQUESTS.get_ptr(&key) else {
+        count(Counter::HandlerReturnsUnmatched);
         return 0;
     };
+    // SAFETY: map value pointer, copied before removal (only once known: go_inject.rs says
+    // why not through an Option).
+    let state = unsafe { *p };
     let _ = GO_REQUESTS.remove(&key);
-    // SAFETY: map value pointer, valid for this program run.
-    send_server_request(unsafe { &*cfg }, pid_tgid, g, &state);
+    send_server_request(cfg, pid_tgid, g, &state);
     0
 }
 
@@ -113,7 +103,7 @@ pub fn go_serve_http_ret(ctx: ProbeContext) -> u32 {
 fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequestState) {
     let go = &cfg.go;
     let Some(mut ev) = EVENTS.reserve::<GoServerRequestEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();

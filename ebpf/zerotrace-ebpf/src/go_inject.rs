@@ -15,19 +15,15 @@
 //! - `w` is a `*bufio.Writer` (itab type check) with room for the whole line in `buf`;
 //! - `h` is a map small enough to read in one group/bucket and has no `traceparent` key
 //!   (the application propagates its own context: never a second header).
-use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_write_user},
-    macros::uprobe,
-    programs::ProbeContext,
-};
-use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceparentEvent, inject_outcome, settings_flags};
+use aya_ebpf::{helpers::bpf_probe_write_user, macros::uprobe, programs::ProbeContext};
+use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceCtx, TraceparentEvent, inject_outcome, settings_flags};
 
 use crate::{
     maps::{CLIENT_HDR, EVENTS, SPAN_TRACE, settings},
-    util::{count, go_itab_type, header, now, read_user, regs, target, wake_flags},
+    util::{count, go_itab_type, header, now, read_user, regs, uprobe_target, wake_flags},
 };
 
-/// "traceparent: 00-" + 32 hex + "-" + 16 hex + "-01\r\n".
+/// "traceparent: 00-" + 32 hex + "-" + 16 hex + "-01\r\n" (or "-00": not sampled).
 const LINE: usize = 70;
 const HEX: &[u8; 16] = b"0123456789abcdef";
 /// A Go map[string][]string slot: key (string, 16 bytes) and value (slice, 24 bytes).
@@ -41,48 +37,55 @@ const MIN_TOPHASH: u8 = 5;
 
 #[uprobe]
 pub fn go_inject(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
     let r = regs(&ctx);
     // SAFETY: map value pointer, copied at once.
     let Some(span) = CLIENT_HDR.get_ptr(&SlotKey { pid, _pad: 0, addr: r.rax }).map(|p| unsafe { (*p)[0] }) else { return 0 };
     if span == 0 {
         // One Header map, two calls in flight: neither is named.
-        count(Counter::InjectSkipped);
+        count(Counter::TraceparentSkipped);
         return 0;
     }
+    // Copied into a value defined either way: an Option of a struct leaves its payload
+    // undefined when None, and the compiler may then store whatever register it likes,
+    // one a helper call just clobbered, which verifiers refuse ("R1 !read_ok").
+    let lookup = SPAN_TRACE.get_ptr(&span);
+    let known = lookup.is_some();
     // SAFETY: map value pointer, copied at once.
-    let trace = SPAN_TRACE.get_ptr(&span).map(|p| unsafe { *p });
-    let outcome = match trace {
-        Some(t) => inject(&cfg.go, r.rax, r.rbx, r.rcx, span, &t),
-        None => inject_outcome::UNCHECKED,
-    };
+    let trace = lookup.map_or(TraceCtx::default(), |p| unsafe { *p });
+    let outcome = if known { inject(&cfg.go, r.rax, r.rbx, r.rcx, span, &trace) } else { inject_outcome::UNCHECKED };
+    if trace.sampled == 0 && matches!(outcome, inject_outcome::WRITTEN | inject_outcome::DRY_RUN) {
+        count(Counter::TraceparentUnsampled);
+    }
     count(match outcome {
-        inject_outcome::WRITTEN => Counter::Injected,
-        inject_outcome::DRY_RUN => Counter::InjectDryRun,
-        inject_outcome::NO_ROOM => Counter::InjectNoRoom,
-        inject_outcome::FAILED => Counter::InjectFailed,
-        _ => Counter::InjectSkipped,
+        inject_outcome::WRITTEN => Counter::TraceparentInjected,
+        inject_outcome::DRY_RUN => Counter::TraceparentDryRun,
+        inject_outcome::NO_ROOM => Counter::TraceparentNoRoom,
+        inject_outcome::FAILED => Counter::TraceparentWriteFailed,
+        _ => Counter::TraceparentSkipped,
     });
     let ev = TraceparentEvent {
         hdr: header(EventKind::Traceparent, core::mem::size_of::<TraceparentEvent>(), pid, pid_tgid as u32, now()),
         span_id: span,
-        trace_id: trace.unwrap_or([0; 16]),
+        trace_id: trace.trace_id,
         outcome,
-        _pad: [0; 7],
+        sampled: trace.sampled,
+        _pad: [0; 6],
     };
     if EVENTS.output::<TraceparentEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
     }
     0
 }
 
 /// Checks and (unless dry-run) writes the line for `span` of `trace` into writer `w`
-/// (interface itab `w_itab`) about to format Header map `h`; returns the outcome.
+/// (interface itab `w_itab`) about to format Header map `h`; returns the outcome. The flags
+/// say sampled only when the agent's sampler keeps the trace, so that parent-based
+/// samplers downstream drop what this agent dropped.
 #[inline(always)]
-fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, trace: &[u8; 16]) -> u8 {
+fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, ctx: &TraceCtx) -> u8 {
+    let trace = &ctx.trace_id;
     if go.type_bufio_writer == 0 || go_itab_type(w_itab) != go.type_bufio_writer {
         return inject_outcome::UNCHECKED;
     }
@@ -108,6 +111,9 @@ fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, trace: &[u8; 1
     for i in 0..8 {
         line[49 + 2 * i] = HEX[(sb[i] >> 4) as usize];
         line[49 + 2 * i + 1] = HEX[(sb[i] & 15) as usize];
+    }
+    if ctx.sampled == 0 {
+        line[LINE - 3] = b'0';
     }
     // The bytes first, then the length that makes them part of the request: if the second
     // write failed, the first would only have filled unused buffer space.

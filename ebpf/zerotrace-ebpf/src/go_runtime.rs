@@ -14,13 +14,13 @@
 //!   for `chan struct{}`, whose slots all share one address (no span is carried then).
 //!
 //! Every value that crosses a channel between goroutines costs one hit.
-use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{Counter, GoOffsets, SlotKey};
 
 use crate::{
     causality::{receive, span_of, spawn},
     maps::{CHAN_SLOTS, RECV_SENDER},
-    util::{count, go_ptr, goid_of, read_user, regs, target},
+    util::{count, go_ptr, goid_of, read_user, regs, uprobe_target},
 };
 
 /// A RET of `runtime.newproc1(...) *g`: the new g is in RAX, fully set up (goid,
@@ -42,10 +42,9 @@ pub fn go_spawn_call(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn spawned(newg: u64) {
-    count(Counter::UprobeHits);
-    count(Counter::GoSpawns);
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(cfg) = target(pid) else { return };
+    count(Counter::GoroutinesSpawned);
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return };
+    let pid = (pid_tgid >> 32) as u32;
     let go = &cfg.go;
     if go.g_parent_goid == GoOffsets::NONE || newg == 0 {
         return;
@@ -59,10 +58,9 @@ fn spawned(newg: u64) {
 /// (R14) hands a value to the goroutine waiting in `sg` (RBX).
 #[uprobe]
 pub fn go_chan_send(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    count(Counter::ChanHandoffs);
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
+    count(Counter::ChannelHandoffs);
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
+    let pid = (pid_tgid >> 32) as u32;
     let go = &cfg.go;
     let r = regs(&ctx);
     let receiver = goid_of(go, go_ptr(r.rbx, go.sudog_g));
@@ -77,10 +75,9 @@ pub fn go_chan_send(ctx: ProbeContext) -> u32 {
 /// sender's value refills its slot (both at go_chan_refill).
 #[uprobe]
 pub fn go_chan_recv(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    count(Counter::ChanHandoffs);
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
+    count(Counter::ChannelHandoffs);
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
+    let pid = (pid_tgid >> 32) as u32;
     let go = &cfg.go;
     let r = regs(&ctx);
     let sender = span_of(pid, goid_of(go, go_ptr(r.rbx, go.sudog_g)));
@@ -88,7 +85,7 @@ pub fn go_chan_recv(ctx: ProbeContext) -> u32 {
     if buffered {
         // The receiver takes the oldest buffered value and the sender's value takes its
         // slot: both happen at go_chan_refill, which needs the sender's span.
-        let _ = RECV_SENDER.insert(&bpf_get_current_pid_tgid(), &sender, 0);
+        let _ = RECV_SENDER.insert(&pid_tgid, &sender, 0);
     } else {
         receive(pid, goid_of(go, r.r14), sender);
     }
@@ -104,10 +101,9 @@ fn elem_size(elemtype: u64) -> u64 {
 /// `typedmemmove(elemtype, slot, src)` putting a sent value into a channel buffer.
 #[uprobe]
 pub fn go_chan_put(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    count(Counter::ChanHandoffs);
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
+    count(Counter::ChannelHandoffs);
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
+    let pid = (pid_tgid >> 32) as u32;
     let r = regs(&ctx);
     if elem_size(r.rax) == 0 {
         return 0;
@@ -127,10 +123,9 @@ pub fn go_chan_put(ctx: ProbeContext) -> u32 {
 /// the receiver got a zero value and its context is cleared).
 #[uprobe]
 pub fn go_chan_take(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    count(Counter::ChanHandoffs);
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
+    count(Counter::ChannelHandoffs);
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
+    let pid = (pid_tgid >> 32) as u32;
     let r = regs(&ctx);
     let receiver = goid_of(&cfg.go, r.r14);
     let mut span = 0;
@@ -150,10 +145,8 @@ pub fn go_chan_take(ctx: ProbeContext) -> u32 {
 /// oldest value of a full buffer from `slot`, and the blocked sender's value goes there.
 #[uprobe]
 pub fn go_chan_refill(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
-    let Some(cfg) = target(pid) else { return 0 };
     let r = regs(&ctx);
     // SAFETY: map value pointer, copied at once.
     let sender = RECV_SENDER.get_ptr(&pid_tgid).map(|p| unsafe { *p }).unwrap_or(0);

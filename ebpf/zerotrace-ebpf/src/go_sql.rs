@@ -14,16 +14,15 @@ use crate::{
 
 #[inline(always)]
 fn start(ctx: &ProbeContext, kind: u8, text_ptr: u64, text_len: u64) {
-    count(Counter::UprobeHits);
     let Some((pid_tgid, _, k)) = go_caller(ctx) else { return };
     let (span, parent, prev) = enter_own(&k);
     if GO_SQL.insert(&k, &GoSqlState { span_id: span, kind, _pad: [0; 7], prev }, 0).is_err() {
-        count(Counter::GoRequestsFull);
+        count(Counter::GoCallsDroppedMapFull);
         return;
     }
     set_own(&k, span);
     let Some(mut ev) = EVENTS.reserve::<GoSqlStartEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();
@@ -63,7 +62,6 @@ pub fn go_sql_exec(ctx: ProbeContext) -> u32 {
 /// execDC returns (Result, error) -> RCX.
 #[uprobe]
 pub fn go_sql_ret(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
     let r = regs(&ctx);
     // Both candidate error registers are loaded before choosing: the verifier refuses a
     // context access at a computed offset.
@@ -81,7 +79,7 @@ pub fn go_sql_ret(ctx: ProbeContext) -> u32 {
         err_type,
     };
     if EVENTS.output::<GoClientResponseEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
     }
     0
 }

@@ -1,5 +1,5 @@
 //! HTTPS servers in Go: the plaintext of `crypto/tls.(*Conn)` reads and writes, fed into the
-//! same request/response cycle as plain sockets (http_server.rs). Both hooks sit on CALL
+//! same request/response cycle as plain sockets (socket/server.rs). Both hooks sit on CALL
 //! instructions (which the kernel emulates: one trap, no single-step), found by decoding:
 //! - in `(*Conn).Read`, the `runtime.memmove` that copies decrypted bytes out of `c.input`
 //!   (`c.input.Read(b)`, inlined): source and length are its arguments; c is in a register
@@ -11,13 +11,17 @@
 //! connections the plaintext only marks requests and responses (the span itself comes from
 //! Transport.roundTrip): the first write after a response offers the writer's span to a
 //! same-host server (CLIENT_LINK), as the socket hooks do for plain TCP.
-use aya_ebpf::{bindings::pt_regs, helpers::bpf_get_current_pid_tgid, macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{ConnRole, ConnState, Counter, GoOffsets, phase};
+use aya_ebpf::{bindings::pt_regs, macros::uprobe, programs::ProbeContext};
+use zerotrace_common::{ConnRole, ConnState, GoOffsets, phase};
 
 use crate::{
-    http_server::{client_send, finish_response, is_final_head, pipelined_response, recv_bytes, send_bytes},
-    sockets::{conn_for, go_iface_sk},
-    util::{count, now, regs, target},
+    socket::{
+        bytes::is_final_head,
+        conns::{conn_for, go_iface_sk},
+        go_client::client_send,
+        server::{finish_response, pipelined_response, recv_bytes, send_bytes},
+    },
+    util::{now, regs, uprobe_target},
 };
 
 /// TLS record type of application data.
@@ -71,10 +75,19 @@ fn reg_by_index(r: &pt_regs, i: u32) -> Option<u64> {
 /// RCX, c in the register the agent proved holds it (TargetConfig::tls_c_reg).
 #[uprobe]
 pub fn go_tls_read(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(cfg) = target((pid_tgid >> 32) as u32) else { return 0 };
-    let r = regs(&ctx);
+    tls_read::<false>(&ctx)
+}
+
+/// `go_tls_read` that also reads an incoming traceparent (`--inject-traceparent`).
+#[uprobe]
+pub fn go_tls_read_inject(ctx: ProbeContext) -> u32 {
+    tls_read::<true>(&ctx)
+}
+
+#[inline(always)]
+fn tls_read<const SCAN: bool>(ctx: &ProbeContext) -> u32 {
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
+    let r = regs(ctx);
     let Some(c) = reg_by_index(r, cfg.tls_c_reg) else { return 0 };
     let (src, n) = (r.rbx, r.rcx);
     if n == 0 || src == 0 {
@@ -85,7 +98,7 @@ pub fn go_tls_read(ctx: ProbeContext) -> u32 {
         // Usually the socket read before this already ended the last response; not when
         // the next request came in the same TLS record as the previous one.
         finish_response(conn, pid_tgid as u32, now(), 0);
-        let _ = recv_bytes(conn, pid_tgid, src, n);
+        let _ = recv_bytes::<SCAN>(conn, pid_tgid, src, n);
     } else {
         // A client reading its response: its next write is a new request.
         conn.phase = phase::RESPONSE;
@@ -97,9 +110,7 @@ pub fn go_tls_read(ctx: ProbeContext) -> u32 {
 /// in BL, data as (RCX, RDI).
 #[uprobe]
 pub fn go_tls_write(ctx: ProbeContext) -> u32 {
-    count(Counter::UprobeHits);
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(cfg) = target((pid_tgid >> 32) as u32) else { return 0 };
+    let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let r = regs(&ctx);
     if r.rbx & 0xff != APPLICATION_DATA || r.rdi == 0 {
         return 0;

@@ -1,5 +1,6 @@
-//! zerotrace's kernel programs: syscall tracepoints that follow sockets and HTTP exchanges of
-//! selected processes, and Go uprobes that add what the syscalls cannot see.
+//! zerotrace's kernel programs: socket hooks that follow the sockets and HTTP exchanges of
+//! selected processes (socket/), Go uprobes that add what sockets cannot show (go_*.rs),
+//! CPU sampling (profiler.rs) and exec reports for discovery (processes.rs).
 #![no_std]
 #![no_main]
 #![allow(static_mut_refs)]
@@ -18,13 +19,10 @@ mod go_inject;
 mod go_runtime;
 mod go_sql;
 mod go_tls;
-mod http_server;
 mod maps;
 mod processes;
 mod profiler;
-mod sock_client;
-mod socket_hooks;
-mod sockets;
+mod socket;
 mod util;
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use zerotrace_common::{
     COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState, GoSqlState, GoroutineCtx, GoroutineKey,
-    HTTP_REQUEST_MAX, KernelOffsets, ListenKey, Settings, SlotKey, TargetConfig, bounds,
+    HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
 };
 
 /// All events for the agent, variable-length records each starting with an EventHeader.
@@ -68,7 +68,7 @@ pub static RECV_SENDER: LruHashMap<u64, u64> = LruHashMap::with_max_entries(4096
 /// requests, client calls), so that a client call can name its trace in the header it
 /// writes. LRU: a span forgotten this way is not propagated (its request is long done).
 #[map]
-pub static SPAN_TRACE: LruHashMap<u64, [u8; 16]> = LruHashMap::with_max_entries(bounds::MAX_SPAN_TRACES, 0);
+pub static SPAN_TRACE: LruHashMap<u64, TraceCtx> = LruHashMap::with_max_entries(bounds::MAX_SPAN_TRACES, 0);
 
 /// With `--inject-traceparent` only: client calls in flight by their request's Header map
 /// (the one `(*Request).write` hands to `Header.writeSubset`) -> [client span, calls in
@@ -76,6 +76,12 @@ pub static SPAN_TRACE: LruHashMap<u64, [u8; 16]> = LruHashMap::with_max_entries(
 /// returned: none of them gets a header.
 #[map]
 pub static CLIENT_HDR: HashMap<SlotKey, [u64; 2]> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+
+/// Syscall hook set: receives on TCP sockets in progress, by thread (pid_tgid), from their
+/// entry to their exit (which removes them, also for a syscall a signal interrupted). The
+/// agent removes a process's entries when it stops tracing it.
+#[map]
+pub static RECV_ARGS: HashMap<u64, RecvArgs> = HashMap::with_max_entries(bounds::MAX_RECV_ARGS, 0);
 
 /// Per-CPU counters, indexed by zerotrace_common::Counter.
 #[map]
@@ -106,10 +112,17 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
     inode_ino: 0,
     msghdr_iter_count: 0,
     tcp_write_seq: 0,
+    fdtable_max_fds: 0,
+    file_inode: 0,
+    inode_mode: 0,
+    sk_type: 0,
+    sk_protocol: 0,
+    task_stack: 0,
 };
 
 #[unsafe(no_mangle)]
-pub static SETTINGS: Settings = Settings { req_capture: 1024, abi_version: zerotrace_common::ABI_VERSION, flags: 0, _pad: 0 };
+pub static SETTINGS: Settings =
+    Settings { req_capture: 1024, abi_version: zerotrace_common::ABI_VERSION, flags: 0, sampler: zerotrace_common::sampler_mode::ALWAYS_ON, ratio_bound: 0 };
 
 #[inline(always)]
 pub fn kernel() -> KernelOffsets {

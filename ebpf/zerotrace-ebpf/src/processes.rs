@@ -17,7 +17,7 @@ pub fn sched_process_exec(_ctx: RawTracePointContext) -> u32 {
     let ev = ProcExecEvent { hdr: header(EventKind::ProcExec, core::mem::size_of::<ProcExecEvent>(), (pid_tgid >> 32) as u32, pid_tgid as u32, now()) };
     // Woken at once: a new process should be traced before it does much.
     if EVENTS.output::<ProcExecEvent>(&ev, 0).is_err() {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
     }
     0
 }

@@ -3,14 +3,15 @@
 //! pointers in the kernel (bpf_get_stack), plus the goroutine and its span (GO_CTX).
 //! Other programs (Rust/C release builds have no frame pointers): a copy of the user stack
 //! (whole pages from the one holding the stack pointer) and the registers, unwound by the
-//! agent from `.eh_frame`. Kernel frames in both cases.
+//! agent from `.eh_frame`. Kernel frames in both cases. The user registers come from the
+//! sample's context or the task's kernel stack (`user_regs`), which every kernel has.
 use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid,
+        bpf_get_current_pid_tgid, bpf_get_current_task,
         generated::bpf_probe_read_user as raw_read_user,
-        generated::{bpf_get_current_task_btf, bpf_get_smp_processor_id, bpf_get_stack, bpf_task_pt_regs},
+        generated::{bpf_get_smp_processor_id, bpf_get_stack},
     },
     macros::perf_event,
     programs::PerfEventContext,
@@ -20,12 +21,54 @@ use zerotrace_common::{Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind,
 use crate::{
     causality::span_of,
     maps::EVENTS,
-    socket_hooks::selected,
-    util::{count, current_goroutine, header, now, target, wake_flags},
+    maps::kernel,
+    socket::conns::selected,
+    util::{count, current_goroutine, header, now, read_kernel, target, wake_flags},
 };
 
 /// bpf_get_stack flag: the user stack (else the kernel's).
 const BPF_F_USER_STACK: u64 = 1 << 8;
+/// x86-64 user code and stack segment selectors (__USER_CS, __USER_DS).
+const USER_CS: u64 = 0x33;
+const USER_SS: u64 = 0x2b;
+/// Where a task's saved user registers are: at the top of its kernel stack, below
+/// TOP_OF_KERNEL_STACK_PADDING (0, or 16 with FRED since Linux 6.9), in a stack of
+/// THREAD_SIZE bytes (16 KiB, 32 KiB with KASAN). The candidate whose code and stack
+/// segments are the user ones is taken.
+const PT_REGS_SIZE: u64 = core::mem::size_of::<pt_regs>() as u64;
+const STACK_TOPS: [u64; 4] = [16 << 10, (16 << 10) - 16, 32 << 10, (32 << 10) - 16];
+
+/// The user registers (ip, sp, bp) of the sampled thread: the perf context's own when the
+/// sample interrupted user code, else those saved on entry to the kernel. Works on every
+/// kernel (bpf_task_pt_regs, the helper for this, needs Linux 5.15).
+#[inline(always)]
+fn user_regs(ctx: &PerfEventContext) -> Option<(u64, u64, u64)> {
+    // SAFETY: a perf_event program's context starts with the interrupted registers.
+    let r = unsafe { &*(ctx.as_ptr() as *const pt_regs) };
+    if r.cs & 3 == 3 {
+        return Some((r.rip, r.rsp, r.rbp));
+    }
+    let stack = read_kernel::<u64>(current_task() + kernel().task_stack as u64)?;
+    if stack == 0 {
+        return None;
+    }
+    for top in STACK_TOPS {
+        let at = stack + top - PT_REGS_SIZE;
+        let Some(seg) = read_kernel::<[u64; 5]>(at + core::mem::offset_of!(pt_regs, rip) as u64) else { continue };
+        // rip, cs, flags, rsp, ss; the selectors are the low 16 bits (FRED keeps more above).
+        if seg[1] & 0xffff == USER_CS && seg[4] & 0xffff == USER_SS {
+            let bp = read_kernel::<u64>(at + core::mem::offset_of!(pt_regs, rbp) as u64)?;
+            return Some((seg[0], seg[3], bp));
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn current_task() -> u64 {
+    // SAFETY: returns the current task pointer, only used as an address to read from.
+    unsafe { bpf_get_current_task() }
+}
 
 #[perf_event]
 pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
@@ -38,13 +81,9 @@ pub fn cpu_sample(ctx: PerfEventContext) -> u32 {
     let Some(cfg) = target(pid) else {
         return 0;
     };
-    // SAFETY: the task's saved user registers (trusted BTF pointer, field loads checked).
-    let (ip, sp, bp) = unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        if regs.is_null() {
-            return 0;
-        }
-        ((*regs).rip, (*regs).rsp, (*regs).rbp)
+    // A kernel thread's samples and unreadable registers: nothing to attribute.
+    let Some((ip, sp, bp)) = user_regs(&ctx) else {
+        return 0;
     };
     if cfg.flags & target_flags::GO != 0 {
         go_sample(&ctx, pid, tid, cfg, ip, sp, bp);
@@ -77,7 +116,7 @@ unsafe fn fill(ctx: &PerfEventContext, e: *mut CpuSampleEvent, kind: EventKind, 
 #[inline(always)]
 fn go_sample(ctx: &PerfEventContext, pid: u32, tid: u32, cfg: &zerotrace_common::TargetConfig, ip: u64, sp: u64, bp: u64) {
     let Some(mut ev) = EVENTS.reserve::<CpuSampleEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();
@@ -90,14 +129,14 @@ fn go_sample(ctx: &PerfEventContext, pid: u32, tid: u32, cfg: &zerotrace_common:
         let u = bpf_get_stack(ctx.as_ptr(), (*e).ustack.as_mut_ptr().cast(), (bounds::USTACK_MAX * 8) as u32, BPF_F_USER_STACK);
         (*e).ustack_len = if u > 0 { u as u32 } else { 0 };
     }
-    count(Counter::CpuSamples);
+    count(Counter::CpuSamplesTaken);
     ev.submit(wake_flags());
 }
 
 #[inline(always)]
 fn native_sample(ctx: &PerfEventContext, pid: u32, tid: u32, ip: u64, sp: u64, bp: u64) {
     let Some(mut ev) = EVENTS.reserve::<CpuSampleNativeEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();
@@ -122,6 +161,6 @@ fn native_sample(ctx: &PerfEventContext, pid: u32, tid: u32, ip: u64, sp: u64, b
         }
         (*s).stack_len = copied;
     }
-    count(Counter::CpuSamples);
+    count(Counter::CpuSamplesTaken);
     ev.submit(wake_flags());
 }

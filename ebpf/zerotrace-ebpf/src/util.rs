@@ -1,5 +1,6 @@
 //! Small helpers shared by the programs: counters, the ring-buffer wake-up policy, the
-//! current goroutine from thread-local storage, bounded reads of target memory.
+//! uprobe preamble, the current goroutine from thread-local storage, bounded reads of
+//! target memory.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_probe_read_user as raw_read_user};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, TargetConfig, bounds};
@@ -41,7 +42,7 @@ pub fn read_user<T>(addr: u64) -> Option<T> {
     match unsafe { bpf_probe_read_user(addr as *const T) } {
         Ok(v) => Some(v),
         Err(_) => {
-            count(Counter::ReadUserFailed);
+            count(Counter::TargetReadsFailed);
             None
         }
     }
@@ -53,27 +54,38 @@ pub fn read_kernel<T>(addr: u64) -> Option<T> {
     match unsafe { bpf_probe_read_kernel(addr as *const T) } {
         Ok(v) => Some(v),
         Err(_) => {
-            count(Counter::ReadKernelFailed);
+            count(Counter::KernelReadsFailed);
             None
         }
     }
+}
+
+/// `v` when it is at most `max` (else None), checked on the value the caller then uses, so
+/// that every verifier sees the bound. The compiler drops a comparison it can prove from
+/// earlier ones (`len < room` with room <= max), and moves values through the stack;
+/// verifiers before Linux 5.11 neither compare two registers' ranges nor carry a bound to a
+/// copy spilled before the comparison, so a size bounded only that way is refused ("R2 min
+/// value is negative"). The volatile read hides what the compiler knows.
+#[inline(always)]
+pub fn checked_at_most(v: u64, max: u64) -> Option<u64> {
+    // SAFETY: a read of a local.
+    let v = unsafe { core::ptr::read_volatile(&v) };
+    if v > max { None } else { Some(v) }
 }
 
 /// Copies `min(len, CAP)` bytes of target memory at `src` into `dst` (CAP bytes of room).
 /// Returns the number of bytes copied, 0 on failure.
 #[inline(always)]
 pub fn read_user_bytes<const CAP: usize>(dst: *mut u8, src: u64, len: u64) -> u32 {
-    let mut n = len;
-    if n > CAP as u64 {
-        n = CAP as u64;
-    }
+    let n = if len > CAP as u64 { CAP as u64 } else { len };
     if n == 0 {
         return 0;
     }
+    let Some(n) = checked_at_most(n, CAP as u64) else { return 0 };
     // SAFETY: dst has CAP bytes of room and n <= CAP.
     let rc = unsafe { raw_read_user(dst.cast(), n as u32, src as *const _) };
     if rc < 0 {
-        count(Counter::ReadUserFailed);
+        count(Counter::TargetReadsFailed);
         return 0;
     }
     n as u32
@@ -93,6 +105,15 @@ pub fn target(pid: u32) -> Option<&'static TargetConfig> {
     TARGETS.get_ptr(pid).map(|c| unsafe { &*c })
 }
 
+/// Where every uprobe starts: the hit is counted, then the calling thread's pid_tgid and
+/// its process's configuration (None outside traced processes).
+#[inline(always)]
+pub fn uprobe_target() -> Option<(u64, &'static TargetConfig)> {
+    count(Counter::UprobeHits);
+    let pid_tgid = bpf_get_current_pid_tgid();
+    Some((pid_tgid, target((pid_tgid >> 32) as u32)?))
+}
+
 /// The goid of goroutine `g` (0 for a null or unreadable g).
 #[inline(always)]
 pub fn goid_of(go: &GoOffsets, g: u64) -> u64 {
@@ -102,16 +123,15 @@ pub fn goid_of(go: &GoOffsets, g: u64) -> u64 {
     read_user::<u64>(g + go.g_goid as u64).unwrap_or(0)
 }
 
-/// For a uprobe in Go code running on a user goroutine (R14 = g): the pid_tgid, the
-/// process's Go layout and the goroutine's key. None outside traced processes or when g
-/// cannot be read.
+/// `uprobe_target` for a uprobe in Go code running on a user goroutine (R14 = g): the
+/// pid_tgid, the process's Go layout and the goroutine's key. None outside traced
+/// processes or when g cannot be read.
 #[inline(always)]
 pub fn go_caller(ctx: &ProbeContext) -> Option<(u64, &'static GoOffsets, GoroutineKey)> {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let pid = (pid_tgid >> 32) as u32;
-    let go = &target(pid)?.go;
+    let (pid_tgid, cfg) = uprobe_target()?;
+    let go = &cfg.go;
     let goid = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64)?;
-    Some((pid_tgid, go, GoroutineKey { pid, _pad: 0, goid }))
+    Some((pid_tgid, go, GoroutineKey { pid: (pid_tgid >> 32) as u32, _pad: 0, goid }))
 }
 
 /// The goroutine running on this thread: g is at fsbase + tls_g (normally -8) and its goid at

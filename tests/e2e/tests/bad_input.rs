@@ -84,7 +84,7 @@ fn without_privileges_the_agent_says_what_it_needs() -> Result<()> {
     let text = String::from_utf8_lossy(&doctor.stdout);
     assert_eq!(doctor.status.code(), Some(1), "{text}");
     assert!(text.contains("privileges      missing"), "{text}");
-    assert!(text.contains("baseline missing"), "{text}");
+    assert!(text.contains("zerotrace cannot trace here: privileges: missing CAP_BPF"), "{text}");
     Ok(())
 }
 

@@ -526,6 +526,55 @@ fn check_injection(version: &str) -> Result<()> {
     Ok(())
 }
 
+/// The sampled flag of an injected traceparent follows the agent's sampler: with a ratio of
+/// 0 every trace is dropped here, so the headers say "not sampled" (`-00`) and a
+/// parent-based sampler downstream drops them too; where the kernel allows writing, C
+/// receives exactly that on the wire (under lockdown the same decisions run in dry-run).
+#[test]
+fn injected_traceparent_follows_the_sampler() -> Result<()> {
+    let bin = tools::causal(GO_NEWEST)?;
+    let serve = |name: &str, down: Option<u16>| -> Result<(Proc, u16)> {
+        let port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("127.0.0.1:{port}"));
+        if let Some(d) = down {
+            cmd.arg(format!("http://127.0.0.1:{d}"));
+        }
+        let p = Proc::spawn(name, cmd)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((p, port))
+    };
+    let (c_proc, c_port) = serve("sampled-c", None)?;
+    let (b_proc, b_port) = serve("sampled-b", Some(c_port))?;
+    let (a_proc, a_port) = serve("sampled-a", Some(b_port))?;
+    let pids = [a_proc.pid(), b_proc.pid(), c_proc.pid()];
+    let writes = kernel_allows_writes();
+    let mode = if writes { "--inject-traceparent=on" } else { "--inject-traceparent=dry-run" };
+    let args = ["--exporter", "none", "--sampler", "traceidratio", "--sampler-arg", "0", mode];
+    let mut agent = Agent::start(&pids, &args, &[])?;
+    let mut client = Client::new(a_port);
+    let r = client.get("/chain/1")?;
+    assert_eq!(r.status, 200);
+    // An incoming sampled flag does not matter to a sampler that is not parent-based.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let joined = client.request("GET", "/chain/2", &[("traceparent", tp)])?;
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    let header = String::from_utf8_lossy(&r.body).into_owned();
+    if writes {
+        assert!(header.starts_with("00-") && header.ends_with("-00"), "C received {header:?}: the trace was dropped, so not sampled");
+        let joined = String::from_utf8_lossy(&joined.body).into_owned();
+        assert!(joined.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && joined.ends_with("-00"), "{joined:?}");
+    } else {
+        assert_eq!(header, "", "dry-run writes nothing");
+    }
+    let decided = if writes { "traceparent_injected" } else { "traceparent_dry_run" };
+    assert_eq!(agent.stat(decided), 4, "A->B and B->C of both requests");
+    assert_eq!(agent.stat("traceparent_unsampled"), 4, "each with the sampled flag off");
+    assert!(agent.stat("spans_not_sampled") >= 10, "the agent dropped those traces: {}", agent.stat("spans_not_sampled"));
+    Ok(())
+}
+
 #[test]
 fn incoming_traceparent_roots_the_tree() -> Result<()> {
     let s = start(GO_NEWEST)?;

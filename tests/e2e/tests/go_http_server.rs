@@ -222,7 +222,7 @@ fn oldest_go_server_spans_over_http_protobuf() -> Result<()> {
 #[test]
 fn raw_tracepoint_hooks_give_the_same_spans() -> Result<()> {
     let run = trace(GO_NEWEST, Kind::Grpc, &["--socket-hooks", "raw"], 2)?;
-    assert!(run.agent.proc.stderr_text().contains("hooks=\"raw\""), "{}", run.agent.proc.stderr_text());
+    assert!(run.agent.proc.stderr_text().contains("socket_hooks=\"socket-raw\""), "{}", run.agent.proc.stderr_text());
     check(&run, true);
     Ok(())
 }

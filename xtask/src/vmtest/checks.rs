@@ -85,6 +85,17 @@ impl GuestData {
 
 /// The first line of agent output that says what went wrong: its fatal error, else a
 /// logged error, else its first line; without ANSI colours and cut to one line.
+/// The agent refused to start with exactly one error line containing `want`, and no
+/// verifier output on its standard error.
+pub fn one_line_refusal(stderr: &str, want: &str) -> Result<String> {
+    let clean = strip_ansi(stderr);
+    let errors: Vec<&str> = clean.lines().filter(|l| l.contains("error")).collect();
+    match errors.as_slice() {
+        [one] if one.contains(want) && !clean.contains("Verifier output") => Ok(one.trim().to_owned()),
+        _ => Err(anyhow::anyhow!("want one error line naming '{want}', got: {}", clean.lines().take(3).collect::<Vec<_>>().join(" | "))),
+    }
+}
+
 pub fn first_error(text: &str) -> String {
     let clean: String = strip_ansi(text);
     let lines: Vec<&str> = clean.lines().map(str::trim).filter(|l| !l.is_empty()).collect();

@@ -1,21 +1,30 @@
-//! Which sockets of a traced process are followed. A socket is known by its kernel
+//! Which sockets of a traced process are followed (CONNS). A socket is known by its kernel
 //! `struct sock` and becomes tracked the first time the process does I/O on it (or when Go
 //! starts serving it), so sockets that existed before zerotrace attached are followed too.
 //! Its role comes from the ports the process listens on (LISTEN, kept by the agent). It
-//! stops being tracked when TCP moves it to CLOSE.
+//! stops being tracked when TCP moves it to CLOSE (`io::on_close`). Also: which processes
+//! are selected at all (the SELECTED bit every hook tests first), and the way from a file
+//! descriptor to its socket.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_smp_processor_id};
-use zerotrace_common::{ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey, ListenKey, SockAddrs, phase};
+use zerotrace_common::{ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey, ListenKey, SockAddrs, phase};
 
 use crate::{
-    http_server::finish_response,
-    maps::{CONNS, EVENTS, LISTEN, SCRATCH, TARGETS, kernel},
-    util::{count, header, now, read_kernel, wake_flags},
+    maps::{CONNS, EVENTS, LISTEN, SCRATCH, SELECTED, kernel},
+    util::{count, header, now, read_kernel, read_user, target, wake_flags},
 };
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-/// TCP states (include/net/tcp_states.h).
-pub const TCP_CLOSE: i32 = 7;
+
+/// Whether process `pid` is selected: one bit per pid in an array (an inlined lookup), so
+/// that the cost for every other process on the machine is a few instructions.
+#[inline(always)]
+pub fn selected(pid: u32) -> bool {
+    match SELECTED.get(pid >> 6) {
+        Some(word) => word & (1u64 << (pid & 63)) != 0,
+        None => false,
+    }
+}
 
 /// Addresses of a kernel socket (struct sock starts with struct sock_common), written into
 /// `a` (in per-CPU scratch: the BPF stack has no room for it); false for anything but
@@ -66,7 +75,7 @@ pub fn fd_to_sk(fd: u32) -> Option<u64> {
 /// *net.TCPConn, or a *tls.Conn wrapping one) of the current task.
 #[inline(always)]
 pub fn go_iface_sk(go: &zerotrace_common::GoOffsets, at: u64) -> Option<u64> {
-    let iface = crate::util::read_user::<[u64; 2]>(at)?;
+    let iface = read_user::<[u64; 2]>(at)?;
     let fd = crate::util::go_conn_fd(go, iface[0], iface[1]);
     if fd < 0 {
         return None;
@@ -124,7 +133,7 @@ fn listens(pid: u32, port: u16) -> bool {
 #[inline(always)]
 fn announce(conn: &ConnState, sk: u64, addrs: &SockAddrs, tid: u32) {
     let Some(mut ev) = EVENTS.reserve::<ConnOpenEvent>(0) else {
-        count(Counter::RingFull);
+        count(Counter::EventsDroppedRingFull);
         return;
     };
     let e = ev.as_mut_ptr();
@@ -179,10 +188,9 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         return None;
     }
     let role = if server || listens(pid, addrs.local_port) { ConnRole::Server } else { ConnRole::Client };
-    // A process that is not Go: its client requests are followed here (sock_client.rs).
-    let native = match TARGETS.get_ptr(pid) {
-        // SAFETY: map value pointer, valid for this program run.
-        Some(cfg) => (unsafe { (*cfg).flags } & zerotrace_common::target_flags::GO) == 0,
+    // A native process (not Go): its client requests are followed at the socket (native.rs).
+    let native = match target(pid) {
+        Some(cfg) => cfg.flags & zerotrace_common::target_flags::GO == 0,
         None => false,
     };
     // SAFETY: the scratch value is larger than a ConnState and only used by this CPU.
@@ -200,7 +208,7 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
     // SAFETY: fully initialised above. BPF_NOEXIST: another CPU may have just created it.
     if let Err(e) = CONNS.insert(&key, unsafe { &*scratch }, 1) {
         if e != -17 {
-            count(Counter::ConnsFull);
+            count(Counter::ConnectionsDroppedMapFull);
             return None;
         }
         return CONNS.get_ptr_mut(&key);
@@ -211,33 +219,4 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         announce(unsafe { &*c }, sk, addrs, pid_tgid as u32);
     }
     Some(c)
-}
-
-/// TCP moved `sk` to a new state; at CLOSE a tracked socket ends (whatever task this runs
-/// in: state changes also happen in softirq context).
-#[inline(always)]
-pub fn on_state(sk: u64, newstate: i32) {
-    if newstate != TCP_CLOSE {
-        return;
-    }
-    let key = ConnKey { sk };
-    let Some(conn) = CONNS.get_ptr_mut(&key) else {
-        return;
-    };
-    // SAFETY: map value pointer, valid for this program run.
-    let conn = unsafe { &mut *conn };
-    let ts = now();
-    finish_response(conn, 0, ts, 1);
-    if conn.role != ConnRole::Server as u8 {
-        // A client's offer dies with its connection: a later connection on the same four
-        // addresses and ports (an untraced client) must not find it.
-        let _ = crate::maps::CLIENT_LINK.remove(&conn.flow);
-    }
-    if conn.role == ConnRole::Server as u8 || conn.native != 0 {
-        let ev = ConnCloseEvent { hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts), conn_id: conn.id, sk };
-        if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
-            count(Counter::RingFull);
-        }
-    }
-    let _ = CONNS.remove(&key);
 }

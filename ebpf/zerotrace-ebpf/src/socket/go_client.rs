@@ -1,0 +1,35 @@
+//! Client sockets of Go processes: Go's client spans come from uprobes (go_client.rs), so
+//! the socket only marks where requests start. The first send after a response (or the
+//! first ever) starts a request, and the span of the goroutine writing it is offered to a
+//! server on this host that will read it (CLIENT_LINK by flow). A request written outside
+//! any span withdraws the offer.
+use zerotrace_common::{ClientLink, ConnState, Counter, phase, target_flags};
+
+use crate::{
+    causality::span_of,
+    maps::CLIENT_LINK,
+    util::{count, current_goroutine, now, target},
+};
+
+/// A Go client connection `conn` sends (at the socket, or plaintext into crypto/tls).
+#[inline(always)]
+pub fn client_send(conn: &mut ConnState) {
+    if conn.phase == phase::REQUEST {
+        return;
+    }
+    conn.phase = phase::REQUEST;
+    let pid = conn.pid;
+    let mut span = 0;
+    if let Some(cfg) = target(pid)
+        && cfg.flags & target_flags::GO != 0
+    {
+        let (_, goid) = current_goroutine(cfg);
+        span = span_of(pid, goid);
+    }
+    if span != 0 {
+        let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: span, ts_ns: now() }, 0);
+        count(Counter::ClientLinksOffered);
+    } else {
+        let _ = CLIENT_LINK.remove(&conn.flow);
+    }
+}
