@@ -178,7 +178,7 @@ fn every_connection_is_followed_through_resets_under_load() -> Result<()> {
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = rust_service("churn", None)?;
     let mut agent = agent(&[server.pid()], &rx)?;
-    let clients: Vec<std::thread::JoinHandle<Result<Vec<(u16, String)>>>> = (0..THREADS)
+    let clients: Vec<_> = (0..THREADS)
         .map(|t| {
             std::thread::spawn(move || -> Result<Vec<(u16, String)>> {
                 let mut served = Vec::new();
