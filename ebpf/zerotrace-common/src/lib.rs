@@ -167,9 +167,13 @@ counters! {
     /// `--inject-traceparent`: headers written (or, dry-run, decided) with the sampled flag
     /// off, because the agent's sampler drops their trace.
     TraceparentUnsampled = 25, "traceparent_unsampled";
+    /// A socket's I/O found the state of an earlier socket at the same kernel address (one
+    /// whose end was not seen): that state was replaced, so the new connection is followed
+    /// from this I/O with its own role and addresses.
+    ConnectionsStaleReplaced = 26, "connections_stale_replaced";
 }
 
-pub const COUNTER_SLOTS: u32 = 26;
+pub const COUNTER_SLOTS: u32 = 27;
 const _: () = {
     assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
     let mut i = 0;
@@ -903,6 +907,8 @@ pub struct KernelOffsets {
     pub skc_num: u32,
     pub skc_v6_daddr: u32,
     pub skc_v6_rcv_saddr: u32,
+    /// sock_common.skc_state: the TCP state (a socket already in CLOSE is not tracked).
+    pub skc_state: u32,
     /// sock.sk_socket, socket_alloc.vfs_inode (the inode after the socket), inode.i_ino.
     pub sock_sk_socket: u32,
     pub socket_alloc_inode: u32,
@@ -1079,7 +1085,7 @@ assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
 assert_size!(TargetConfig, 8 + 112);
-assert_size!(KernelOffsets, 96);
+assert_size!(KernelOffsets, 100);
 assert_size!(Settings, 24);
 assert_size!(TraceCtx, 24);
 assert_size!(RecvArgs, 40);

@@ -107,6 +107,7 @@ pub static KERNEL: KernelOffsets = KernelOffsets {
     skc_num: 0,
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
+    skc_state: 0,
     sock_sk_socket: 0,
     socket_alloc_inode: 0,
     inode_ino: 0,

@@ -63,6 +63,29 @@ impl Client {
         }
         Ok(Response { status, body, elapsed, local_port })
     }
+
+    /// Ends the connection with a reset (RST, SO_LINGER 0) instead of a FIN: the server's
+    /// socket goes straight to CLOSE while the server may still read it.
+    pub fn reset(&mut self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let Some(conn) = self.conn.take() else { return Ok(()) };
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt on a socket we own, with a value of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                conn.get_ref().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+        }
+        drop(conn);
+        Ok(())
+    }
 }
 
 fn read_response(r: &mut BufReader<TcpStream>) -> Result<(u16, Vec<u8>, bool)> {

@@ -164,6 +164,93 @@ fn a_connection_opened_before_the_agent() -> Result<()> {
     Ok(())
 }
 
+/// Connections opened and ended under load, half of them by a reset (RST) while the
+/// server waits for the next request: TCP closes the server's socket before the server
+/// reads it again, and the kernel hands the socket's memory to the next connection it
+/// accepts. Every request served becomes a server span on its own connection (its client
+/// port), or a loss counted by the agent; each connection is followed from its first
+/// request.
+#[test]
+fn every_connection_is_followed_through_resets_under_load() -> Result<()> {
+    const THREADS: usize = 8;
+    const CONNS: usize = 40;
+    const REQS: usize = 3;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let (server, port) = rust_service("churn", None)?;
+    let mut agent = agent(&[server.pid()], &rx)?;
+    let clients: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || -> Result<Vec<(u16, String)>> {
+                let mut served = Vec::new();
+                for c in 0..CONNS {
+                    let mut client = Client::new(port);
+                    for r in 0..REQS {
+                        let path = format!("/chain/t{t}c{c}r{r}");
+                        let resp = client.get(&path)?;
+                        ensure!(resp.status == 200, "{path}: status {}", resp.status);
+                        served.push((resp.local_port, path));
+                    }
+                    if c % 2 == 0 {
+                        client.reset()?;
+                    }
+                }
+                Ok(served)
+            })
+        })
+        .collect();
+    let mut served: Vec<(u16, String)> = Vec::new();
+    for c in clients {
+        served.extend(c.join().expect("client thread")?);
+    }
+    // Every span the agent will send has arrived once the count stops moving.
+    let mut last = usize::MAX;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(250));
+        let n = rx.spans().len();
+        if n >= served.len() || n == last {
+            break;
+        }
+        last = n;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    agent.stop()?;
+    let spans: Vec<RSpan> = rx.spans().into_iter().filter(|s| s.kind == SERVER && s.res("service.name") == "churn").collect();
+    let got: HashMap<&str, &str> = spans.iter().map(|s| (s.attr("url.path"), s.attr("network.peer.port"))).collect();
+    let missing: Vec<&(u16, String)> = served.iter().filter(|(_, p)| !got.contains_key(p.as_str())).collect();
+    let ports: std::collections::HashSet<u16> = served.iter().map(|(p, _)| *p).collect();
+    let lost_ports: std::collections::HashSet<u16> = missing.iter().map(|(p, _)| *p).collect();
+    let stats = agent.stats()?;
+    let counted: u64 =
+        stats.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
+    println!(
+        "{} requests on {} connections: {} server spans, {} requests missing on {} connections, {counted} counted as lost; connections_stale_replaced={:?}",
+        served.len(),
+        ports.len(),
+        spans.len(),
+        missing.len(),
+        lost_ports.len(),
+        stats.get("zerotrace_connections_stale_replaced")
+    );
+    assert!(
+        missing.len() as u64 <= counted,
+        "{} of {} requests served have no span and no counter counts them (connections never followed: {} of {}); first: {:?}",
+        missing.len(),
+        served.len(),
+        lost_ports.len(),
+        ports.len(),
+        &missing[..missing.len().min(5)]
+    );
+    for (port, path) in &served {
+        if let Some(peer) = got.get(path.as_str()) {
+            assert_eq!(*peer, port.to_string(), "{path}: the span names its own connection's client port");
+        }
+    }
+    assert_eq!(spans.len(), got.len(), "one span per request, none twice");
+    // State left by an earlier socket at the same address is counted where it is replaced.
+    let _ = agent.stat("connections_stale_replaced");
+    Ok(())
+}
+
 /// A process that is not selected is not captured at all: the kernel filter drops its
 /// socket I/O before anything else. Here it even calls the traced service: had its
 /// requests been seen, the traced server's spans would have parents (offered on the flow),

@@ -2,11 +2,14 @@
 //! `struct sock` and becomes tracked the first time the process does I/O on it (or when Go
 //! starts serving it), so sockets that existed before zerotrace attached are followed too.
 //! Its role comes from the ports the process listens on (LISTEN, kept by the agent). It
-//! stops being tracked when TCP moves it to CLOSE (`io::on_close`). Also: which processes
+//! stops being tracked when TCP moves it to CLOSE (`io::on_close`); no state is made for a
+//! socket past CLOSE, and state found with another socket's inode (an earlier socket at
+//! the same kernel address) is replaced, so a new socket never inherits an old one's role.
+//! Also: which processes
 //! are selected at all (the SELECTED bit every hook tests first), and the way from a file
 //! descriptor to its socket.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_get_smp_processor_id};
-use zerotrace_common::{ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey, ListenKey, SockAddrs, phase};
+use zerotrace_common::{ConnCloseEvent, ConnKey, ConnOpenEvent, ConnRole, ConnState, Counter, EventKind, FlowKey, ListenKey, SockAddrs, phase};
 
 use crate::{
     maps::{CONNS, EVENTS, LISTEN, SCRATCH, SELECTED, kernel},
@@ -149,6 +152,34 @@ fn announce(conn: &ConnState, sk: u64, addrs: &SockAddrs, tid: u32) {
     ev.submit(wake_flags());
 }
 
+/// TCP states (include/net/tcp_states.h).
+const TCP_CLOSE: u8 = 7;
+const TCP_LISTEN: u8 = 10;
+
+/// Whether socket `sk` can still carry a connection: not yet in CLOSE (nor a listener).
+/// TCP's CLOSE is where a tracked socket's state is removed (`io::on_close`); state made
+/// for a socket after it (a read that returns the reset, a send that fails) would never be
+/// removed, and the next socket the kernel allocates at the same address would inherit it.
+/// An unreadable state counts as open.
+#[inline(always)]
+fn open_socket(sk: u64) -> bool {
+    let state = read_kernel::<u8>(sk + kernel().skc_state as u64).unwrap_or(0);
+    state != TCP_CLOSE && state != TCP_LISTEN
+}
+
+/// The record that tells the agent a connection it was told about has ended.
+#[inline(always)]
+pub fn announce_close(conn: &ConnState, sk: u64, ts: u64) {
+    if conn.role != ConnRole::Server as u8 && conn.native == 0 {
+        // Go's client sockets are tracked quietly: the agent never heard of them.
+        return;
+    }
+    let ev = ConnCloseEvent { hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts), conn_id: conn.id, sk };
+    if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
+        count(Counter::EventsDroppedRingFull);
+    }
+}
+
 /// The state of socket `sk` of the current (selected) process, created at first sight.
 /// `server`: the caller knows the process serves this socket (Go's conn.serve). Server
 /// sockets, and every socket of a process that is not Go, are announced to the agent;
@@ -157,27 +188,44 @@ fn announce(conn: &ConnState, sk: u64, addrs: &SockAddrs, tid: u32) {
 pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> {
     let key = ConnKey { sk };
     let pid = (pid_tgid >> 32) as u32;
+    let ino = sk_inode(sk);
+    // BPF_NOEXIST: another CPU may be creating the same state right now.
+    let mut flags = 1;
     if let Some(c) = CONNS.get_ptr_mut(&key) {
         // SAFETY: map value pointer, valid for this program run.
         let conn = unsafe { &mut *c };
-        if conn.role != ConnRole::Server as u8 && (server || listens(pid, conn.local_port)) {
-            // A listener the agent learnt about later, or Go serving it: it is a server socket,
-            // and what was made of it as a client (a response taken for a request) is undone.
-            conn.role = ConnRole::Server as u8;
-            conn.phase = phase::IDLE;
-            conn.seq = 0;
-            conn.other = 0;
-            conn.h2 = 0;
-            conn.captured = 0;
-            let scratch = SCRATCH.get_ptr_mut(0)? as *mut u8;
-            // SAFETY: the scratch value has room for SockAddrs at ADDRS_AT; only this CPU uses it.
-            let addrs = unsafe { &mut *(scratch.add(ADDRS_AT) as *mut SockAddrs) };
-            if sk_addrs(sk, addrs) {
-                set_flow(&mut conn.flow, addrs, ConnRole::Server);
-                announce(conn, sk, addrs, pid_tgid as u32);
+        if ino != 0 && conn.ino != ino {
+            // The state of an earlier socket the kernel had at this address, whose CLOSE
+            // came before the state was made (or was never seen): a new connection, made
+            // new below. Had it been kept, its role, addresses and phase would be the old
+            // socket's, and the new connection's requests would all be lost.
+            count(Counter::ConnectionsStaleReplaced);
+            announce_close(conn, sk, now());
+            flags = 0;
+        } else {
+            if conn.role != ConnRole::Server as u8 && (server || listens(pid, conn.local_port)) {
+                // A listener the agent learnt about later, or Go serving it: it is a server
+                // socket, and what was made of it as a client (a response taken for a
+                // request) is undone.
+                conn.role = ConnRole::Server as u8;
+                conn.phase = phase::IDLE;
+                conn.seq = 0;
+                conn.other = 0;
+                conn.h2 = 0;
+                conn.captured = 0;
+                let scratch = SCRATCH.get_ptr_mut(0)? as *mut u8;
+                // SAFETY: the scratch value has room for SockAddrs at ADDRS_AT; only this CPU uses it.
+                let addrs = unsafe { &mut *(scratch.add(ADDRS_AT) as *mut SockAddrs) };
+                if sk_addrs(sk, addrs) {
+                    set_flow(&mut conn.flow, addrs, ConnRole::Server);
+                    announce(conn, sk, addrs, pid_tgid as u32);
+                }
             }
+            return Some(c);
         }
-        return Some(c);
+    }
+    if !open_socket(sk) {
+        return None;
     }
     // The new state is assembled in per-CPU scratch space: it is too big for the BPF stack.
     let raw = SCRATCH.get_ptr_mut(0)? as *mut u8;
@@ -202,16 +250,22 @@ pub fn conn_for(pid_tgid: u64, sk: u64, server: bool) -> Option<*mut ConnState> 
         (*scratch).pid = pid;
         (*scratch).native = native as u8;
         (*scratch).local_port = addrs.local_port;
-        (*scratch).ino = sk_inode(sk);
+        (*scratch).ino = ino;
         set_flow(&mut (*scratch).flow, addrs, role);
     }
-    // SAFETY: fully initialised above. BPF_NOEXIST: another CPU may have just created it.
-    if let Err(e) = CONNS.insert(&key, unsafe { &*scratch }, 1) {
+    // SAFETY: fully initialised above.
+    if let Err(e) = CONNS.insert(&key, unsafe { &*scratch }, flags) {
         if e != -17 {
             count(Counter::ConnectionsDroppedMapFull);
             return None;
         }
         return CONNS.get_ptr_mut(&key);
+    }
+    if !open_socket(sk) {
+        // TCP closed the socket while its state was made (on another CPU: a reset), after
+        // `io::on_close` looked for it: nothing would remove it.
+        let _ = CONNS.remove(&key);
+        return None;
     }
     let c = CONNS.get_ptr_mut(&key)?;
     if role == ConnRole::Server || native {

@@ -4,18 +4,18 @@
 //! phase machine, the native client side, or a Go client's span offer. The hook flavours
 //! (tracepoints.rs, syscalls.rs) differ only in how they find the socket and the syscall's
 //! arguments, so the records are the same whichever set runs.
-use zerotrace_common::{ConnCloseEvent, ConnKey, ConnRole, Counter, EventKind, phase};
+use zerotrace_common::{ConnKey, ConnRole, phase};
 
 use super::{
     args::{Syscall, send_buffer},
     bytes::is_tls_record,
-    conns::{conn_for, selected},
+    conns::{announce_close, conn_for, selected},
     go_client::client_send,
     native, server,
 };
 use crate::{
-    maps::{CLIENT_LINK, CONNS, EVENTS},
-    util::{count, header, now, wake_flags},
+    maps::{CLIENT_LINK, CONNS},
+    util::now,
 };
 
 const MSG_PEEK: i64 = 2;
@@ -103,11 +103,6 @@ pub fn on_close(sk: u64, newstate: i32) {
         // addresses and ports (an untraced client) must not find it.
         let _ = CLIENT_LINK.remove(&conn.flow);
     }
-    if conn.role == ConnRole::Server as u8 || conn.native != 0 {
-        let ev = ConnCloseEvent { hdr: header(EventKind::ConnClose, core::mem::size_of::<ConnCloseEvent>(), conn.pid, 0, ts), conn_id: conn.id, sk };
-        if EVENTS.output::<ConnCloseEvent>(&ev, wake_flags()).is_err() {
-            count(Counter::EventsDroppedRingFull);
-        }
-    }
+    announce_close(conn, sk, ts);
     let _ = CONNS.remove(&key);
 }
