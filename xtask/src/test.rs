@@ -164,7 +164,7 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
         if args.vm_kernels.iter().any(|k| k == "none") {
             step("VM tests left out (--vm-kernels none)");
         } else {
-            tiers.run("VMs (e2e subset on the oldest and newest kernels)", || {
+            tiers.run("VMs (e2e subset on Linux 5.10 and 6.19)", || {
                 step(format!("VM tests: Linux {} under qemu (TCG), end-to-end subset in each", args.vm_kernels.join(", ")));
                 crate::vmtest::run_with(&crate::vmtest::VmtestArgs::kernels(args.vm_kernels.clone()), &bin, &rust_svc)
             })?;

@@ -33,8 +33,11 @@ use crate::{
 /// (6.1), Debian 13 / bookworm-backports (6.12), trixie-backports (6.16: the first with
 /// `tcp:tcp_sendmsg_locked`; 6.19), and the newest series Debian offers.
 pub const MATRIX: &[&str] = &["5.10", "6.1", "6.12", "6.16", "6.19", "newest"];
-/// What `cargo xtask vmtest` and `cargo xtask test` boot by default: the oldest and newest.
-pub const DEFAULT_KERNELS: &[&str] = &["5.10", "newest"];
+/// What `cargo xtask vmtest` and `cargo xtask test` boot by default: the oldest (the syscall
+/// hook set) and 6.19, the newest whose whole subset passes every run (the socket-layer
+/// sets). The newest series (7.3 today) misses one span in about half its runs, a known
+/// limit not yet explained (docs/limits.md): `--kernel newest` or `--all` boots it.
+pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.19"];
 /// A guard against a hung start, not a speed goal: under TCG the kernel's verifier and the
 /// agent's BTF parsing run ~25-40x slower than on hardware, and the start time is a
 /// measurement shown in the table (speed goals live in `cargo xtask bench`).
