@@ -62,7 +62,12 @@ pub fn check() -> Vec<Line> {
         "socket traffic of selected processes is seen",
         "no socket layer: zerotrace cannot trace here",
     );
-    push("uprobes", features::uprobes().map(|()| "uprobe PMU works".into()), "Go functions can be hooked", "Go programs are traced at the socket level only (uprobes need CAP_SYS_ADMIN: no goroutine causality, Go client/SQL/TLS spans)");
+    push(
+        "uprobes",
+        features::uprobes().map(|()| "uprobe PMU works".into()),
+        "Go functions can be hooked",
+        "Go programs are traced at the socket level only (uprobes need CAP_SYS_ADMIN: no goroutine causality, Go client/SQL/TLS spans)",
+    );
     push("perf events", features::perf_events().map(|()| "cpu-clock sampling attachable".into()), "CPU profiling possible", "no CPU profiles");
     push(
         "bpf_loop",
