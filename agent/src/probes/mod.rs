@@ -379,6 +379,22 @@ impl Probes {
         out
     }
 
+    /// Runs of zerotrace's loaded programs the kernel skipped (`recursion_misses` in each
+    /// program's fdinfo, Linux 5.12+; 0 where the kernel does not say). The kernel runs a
+    /// program at most once per CPU at a time: since Linux 7.0 tracepoint programs run with
+    /// preemption enabled, so a program preempted mid-run makes the kernel skip that program
+    /// (a perf tracepoint program: any tracepoint program) for every other task on that CPU
+    /// until it resumes. Each skip is an event zerotrace never saw (docs/limits.md).
+    pub fn runs_skipped(&self) -> u64 {
+        use std::os::fd::{AsFd, AsRawFd};
+        self.ebpf
+            .programs()
+            .filter_map(|(_, p)| p.fd().ok())
+            .filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok())
+            .map(|info| recursion_misses(&info))
+            .sum()
+    }
+
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
     where
         T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
@@ -469,6 +485,11 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
     Ok(out)
 }
 
+/// The `recursion_misses` line of a BPF program's fdinfo (0 when absent).
+fn recursion_misses(fdinfo: &str) -> u64 {
+    fdinfo.lines().find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok()).unwrap_or(0)
+}
+
 pub fn counter(values: &[u64; COUNTER_SLOTS as usize], c: Counter) -> u64 {
     values[c as usize]
 }
@@ -488,5 +509,16 @@ impl Drop for Probes {
         for t in self.detaching.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_recursion_misses_from_fdinfo() {
+        let info =
+            "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_id:\t13\nrun_time_ns:\t68220831\nrun_cnt:\t205\nrecursion_misses:\t2\nverified_insns:\t61709\n";
+        assert_eq!(super::recursion_misses(info), 2);
+        assert_eq!(super::recursion_misses("prog_type:\t26\n"), 0);
     }
 }
