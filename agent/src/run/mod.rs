@@ -289,8 +289,7 @@ impl Agent<'_> {
     }
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
-        let mut list = stats::counters(&self.probes.counters(), &self.reader, &self.correlator);
-        list.push(("kernel_runs_skipped", self.probes.runs_skipped()));
+        let mut list = stats::counters(&self.probes, &self.reader, &self.correlator);
         list.extend(self.outputs.counters());
         list.push(("processes_traced", self.targets.len() as u64));
         list
@@ -303,8 +302,7 @@ impl Agent<'_> {
         }
         self.pump();
         let Agent { s, probes, mut reader, correlator, targets, outputs, started, .. } = self;
-        let mut counters = stats::counters(&probes.counters(), &reader, &correlator);
-        counters.push(("kernel_runs_skipped", probes.runs_skipped()));
+        let mut counters = stats::counters(&probes, &reader, &correlator);
         let hooks = probes.hooks;
         let more = outputs.finish(&targets, &counters, FLUSH_DEADLINE).await;
         counters.extend(more);

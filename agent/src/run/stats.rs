@@ -3,16 +3,23 @@
 //! counters, the reader's and the correlator's; the outputs add their own.
 use std::time::{Duration, Instant};
 
-use zerotrace_common::{COUNTER_SLOTS, Counter};
+use zerotrace_common::Counter;
 
 use super::targets::Targets;
-use crate::{control::proto::StatusReply, correlate::Correlator, events::reader::EventReader, probes};
+use crate::{
+    control::proto::StatusReply,
+    correlate::Correlator,
+    events::reader::EventReader,
+    probes::{self, Probes},
+};
 
 /// The pipeline's counters: kernel, reader, correlator.
-pub fn counters(kernel: &[u64; COUNTER_SLOTS as usize], reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
+pub fn counters(probes: &Probes, reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
+    let kernel = probes.counters();
     let mut v = vec![("events_read", reader.records), ("events_undecodable", reader.decode_errors), ("ring_wakeups", reader.wakeups)];
     // The kernel's counters under the names zerotrace_common gives them.
-    v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(kernel, k))));
+    v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(&kernel, k))));
+    v.push(("kernel_runs_skipped", probes.runs_skipped()));
     v.extend([
         ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
         ("server_spans_linked", c.stats.linked),
