@@ -20,6 +20,7 @@ pub mod names {
     pub const GO_CTX: &str = "GO_CTX";
     pub const GO_CLIENTS: &str = "GO_CLIENTS";
     pub const CLIENT_LINK: &str = "CLIENT_LINK";
+    pub const CLIENT_LINK_NAT: &str = "CLIENT_LINK_NAT";
     pub const CHAN_SLOTS: &str = "CHAN_SLOTS";
     pub const SPAN_TRACE: &str = "SPAN_TRACE";
     pub const CLIENT_HDR: &str = "CLIENT_HDR";
@@ -171,9 +172,13 @@ counters! {
     /// whose end was not seen): that state was replaced, so the new connection is followed
     /// from this I/O with its own role and addresses.
     ConnectionsStaleReplaced = 26, "connections_stale_replaced";
+    /// Server requests linked to their same-host client by the client's address and port
+    /// alone: the client wrote to another address (a Service's virtual IP, DNAT) than the
+    /// one the server reads on. Included in `server_requests_linked_kernel`.
+    ServerRequestsLinkedThroughNat = 27, "server_requests_linked_through_nat";
 }
 
-pub const COUNTER_SLOTS: u32 = 27;
+pub const COUNTER_SLOTS: u32 = 28;
 const _: () = {
     assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
     let mut i = 0;

@@ -1,16 +1,17 @@
 //! Span contexts of goroutines: which span a goroutine's work belongs to (GO_CTX), how it
 //! gets one (serving a connection, its own client call, inherited at spawn, received over a
 //! channel) and how a client request written on a socket offers its span to the server on
-//! this host that reads it (CLIENT_LINK). The rules are in docs/causality.md.
+//! this host that reads it (CLIENT_LINK, and CLIENT_LINK_NAT for a server behind a
+//! Service's virtual IP). The rules are in docs/causality.md.
 use aya_ebpf::{
     cty::c_void,
     helpers::{bpf_get_prandom_u32, generated::bpf_loop},
     maps::HashMap,
 };
-use zerotrace_common::{ConnKey, GoroutineCtx, GoroutineKey, TraceCtx, ctx_origin, phase, sampler_mode, trace_origin};
+use zerotrace_common::{ClientLink, ConnKey, FlowKey, GoroutineCtx, GoroutineKey, TraceCtx, ctx_origin, phase, sampler_mode, trace_origin};
 
 use crate::{
-    maps::{CONNS, GO_CTX, SPAN_TRACE, settings},
+    maps::{CLIENT_LINK, CLIENT_LINK_NAT, CONNS, GO_CTX, SPAN_TRACE, settings},
     util::count,
 };
 use zerotrace_common::Counter;
@@ -34,6 +35,62 @@ pub fn new_trace_id() -> [u8; 16] {
         t[i * 4..i * 4 + 4].copy_from_slice(&r.to_ne_bytes());
     }
     t
+}
+
+/// Key of `CLIENT_LINK_NAT`: a flow's client address folded to 32 bits (an IPv4 address
+/// exactly: the other words of its v4-mapped form are constant) above its port. None for a
+/// loopback or unspecified client, whose address and port other network namespaces reuse.
+#[inline(always)]
+fn nat_key(f: &FlowKey) -> Option<u64> {
+    let a = &f.client_addr;
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    let (w0, w1, w2, w3) = (w(0), w(4), w(8), w(12));
+    if w0 == 0 && w1 == 0 {
+        let v4_loopback = w2 == u32::from_ne_bytes([0, 0, 0xff, 0xff]) && a[12] == 127;
+        let v6_loopback = w2 == 0 && (w3 == 0 || w3 == u32::from_ne_bytes([0, 0, 0, 1]));
+        if v4_loopback || v6_loopback {
+            return None;
+        }
+    }
+    Some(((w0 ^ w1 ^ w2 ^ w3) as u64) << 16 | f.client_port as u64)
+}
+
+/// A traced client writing a request on `flow` offers its span to the server on this host
+/// that will read it.
+#[inline(always)]
+pub fn offer_link(flow: &FlowKey, span: u64, ts: u64) {
+    let link = ClientLink { span_id: span, ts_ns: ts };
+    let _ = CLIENT_LINK.insert(flow, &link, 0);
+    if let Some(k) = nat_key(flow) {
+        let _ = CLIENT_LINK_NAT.insert(&k, &link, 0);
+    }
+    count(Counter::ClientLinksOffered);
+}
+
+/// The offer on `flow` is void (its connection closed, or its next request is untraced).
+#[inline(always)]
+pub fn withdraw_link(flow: &FlowKey) {
+    let _ = CLIENT_LINK.remove(flow);
+    if let Some(k) = nat_key(flow) {
+        let _ = CLIENT_LINK_NAT.remove(&k);
+    }
+}
+
+/// The span a traced client on this host offered for the request a server reads on
+/// `flow`: the offer on the same flow, else (the client wrote to a Service's virtual IP
+/// that DNAT sent here) the offer of a client at the same address and port.
+#[inline(always)]
+pub fn linked_span(flow: &FlowKey) -> Option<u64> {
+    if let Some(l) = CLIENT_LINK.get_ptr(flow) {
+        count(Counter::ServerRequestsLinkedKernel);
+        // SAFETY: map value pointer, valid for this program run.
+        return Some(unsafe { (*l).span_id });
+    }
+    let l = CLIENT_LINK_NAT.get_ptr(&nat_key(flow)?)?;
+    count(Counter::ServerRequestsLinkedKernel);
+    count(Counter::ServerRequestsLinkedThroughNat);
+    // SAFETY: as above.
+    Some(unsafe { (*l).span_id })
 }
 
 /// Whether `--inject-traceparent` is on (the kernel then keeps trace ids per span).

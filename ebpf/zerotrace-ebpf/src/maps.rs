@@ -54,6 +54,13 @@ pub static GO_SQL: HashMap<GoroutineKey, GoSqlState> = HashMap::with_max_entries
 #[map]
 pub static CLIENT_LINK: LruHashMap<FlowKey, ClientLink> = LruHashMap::with_max_entries(bounds::MAX_CLIENT_LINKS, 0);
 
+/// The same offers keyed by the client's address and port alone (`causality::nat_key`),
+/// for a server that reads on another address than the client wrote to (a Service's
+/// virtual IP, DNAT). Loopback clients are left out: their address is not unique across
+/// network namespaces.
+#[map]
+pub static CLIENT_LINK_NAT: LruHashMap<u64, ClientLink> = LruHashMap::with_max_entries(bounds::MAX_CLIENT_LINKS, 0);
+
 /// The span of the goroutine that put each value in a channel buffer (only values sent from
 /// inside a span; a slot written outside any span is removed).
 #[map]

@@ -9,6 +9,7 @@ use anyhow::{Result, ensure};
 use zerotrace_e2e::{
     agent::Agent,
     http::Client,
+    netns::Netns,
     otlp::{Kind, RSpan, Receiver},
     proc::{Proc, free_port, wait_for_port},
     tools::{self, GO_NEWEST},
@@ -161,6 +162,55 @@ fn a_connection_opened_before_the_agent() -> Result<()> {
     }
     assert!(spans.iter().all(|s| s.attr("url.path") != "/chain/before"), "nothing from before the agent");
     assert_eq!(spans.len(), 3, "{spans:#?}");
+    Ok(())
+}
+
+/// A client pod calls a server pod through a Service's virtual IP, as kube-proxy routes it:
+/// client, server and node each in their own network namespace (veth pairs), the node
+/// DNATs VIP:80 to the server pod's address. The client's socket names the VIP, the
+/// server's the pod address; the same-host link survives (by the client's address and
+/// port) and every server span is the child of its client span.
+#[test]
+fn a_call_through_a_service_virtual_ip_is_linked() -> Result<()> {
+    const N: usize = 20;
+    const VIP: &str = "10.96.0.10";
+    let (node, pod_a, pod_b) = (Netns::new("node")?, Netns::new("client")?, Netns::new("server")?);
+    pod_a.veth("eth0", "10.244.1.2/24", &node, "veth-a", "10.244.1.1/24")?;
+    pod_b.veth("eth0", "10.244.2.2/24", &node, "veth-b", "10.244.2.1/24")?;
+    pod_a.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
+    pod_b.ip(&["route", "add", "default", "via", "10.244.2.1"])?;
+    node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"], "")?;
+    let rules = format!("table ip zt {{\n chain pre {{\n type nat hook prerouting priority dstnat; policy accept;\n ip daddr {VIP} tcp dport 80 dnat to 10.244.2.2:8080\n }}\n}}\n");
+    node.exec("nft", &["-f", "-"], &rules)?;
+
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let mut cmd = pod_b.command(&tools::rust_svc()?);
+    cmd.arg("10.244.2.2:8080").env("OTEL_SERVICE_NAME", "svc-server");
+    let server = Proc::spawn("svc-server", cmd)?;
+    pod_a.enter(|| {
+        zerotrace_e2e::proc::wait_until("the server through the VIP", Duration::from_secs(10), || {
+            std::net::TcpStream::connect_timeout(&format!("{VIP}:80").parse().expect("an address"), Duration::from_millis(200)).is_ok()
+        })
+    })??;
+    let start = start_file("svc-client");
+    let mut cmd = pod_a.command(&tools::rust_svc()?);
+    cmd.args(["get", &format!("http://{VIP}:80/chain/v"), &N.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "svc-client");
+    let mut client = Proc::spawn("svc-client", cmd)?;
+    let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
+    std::fs::write(&start, b"go")?;
+    let st = client.wait_timeout(Duration::from_secs(60)).expect("the client finishes");
+    ensure!(st.success(), "client failed: {}", client.stderr_text());
+    let spans = rx.wait_for(2 * N, Duration::from_secs(30))?;
+    agent.stop()?;
+    for i in 0..N {
+        let path = format!("/chain/v{i}");
+        let c = one(&spans, "client span", |s| s.kind == CLIENT && s.attr("url.full").ends_with(&path));
+        assert_eq!((c.res("service.name"), c.attr("server.address")), ("svc-client", VIP), "the client called the VIP: {c:#?}");
+        let s = one(&spans, "server span", |s| s.kind == SERVER && s.attr("url.path") == path);
+        assert_eq!((s.res("service.name"), s.attr("network.peer.address")), ("svc-server", "10.244.1.2"), "the server saw the pod: {s:#?}");
+        assert_eq!((s.parent_span_id.as_str(), s.trace_id.as_str()), (c.span_id.as_str(), c.trace_id.as_str()), "{path}: linked through DNAT: {c:#?} {s:#?}");
+    }
+    assert_eq!(spans.len(), 2 * N, "{spans:#?}");
     Ok(())
 }
 

@@ -3,12 +3,11 @@
 //! first ever) starts a request, and the span of the goroutine writing it is offered to a
 //! server on this host that will read it (CLIENT_LINK by flow). A request written outside
 //! any span withdraws the offer.
-use zerotrace_common::{ClientLink, ConnState, Counter, phase, target_flags};
+use zerotrace_common::{ConnState, phase, target_flags};
 
 use crate::{
-    causality::span_of,
-    maps::CLIENT_LINK,
-    util::{count, current_goroutine, now, target},
+    causality::{offer_link, span_of, withdraw_link},
+    util::{current_goroutine, now, target},
 };
 
 /// A Go client connection `conn` sends (at the socket, or plaintext into crypto/tls).
@@ -27,9 +26,8 @@ pub fn client_send(conn: &mut ConnState) {
         span = span_of(pid, goid);
     }
     if span != 0 {
-        let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: span, ts_ns: now() }, 0);
-        count(Counter::ClientLinksOffered);
+        offer_link(&conn.flow, span, now());
     } else {
-        let _ = CLIENT_LINK.remove(&conn.flow);
+        withdraw_link(&conn.flow);
     }
 }

@@ -13,10 +13,7 @@ use super::{
     go_client::client_send,
     native, server,
 };
-use crate::{
-    maps::{CLIENT_LINK, CONNS},
-    util::now,
-};
+use crate::{causality::withdraw_link, maps::CONNS, util::now};
 
 const MSG_PEEK: i64 = 2;
 /// TCP states (include/net/tcp_states.h).
@@ -101,7 +98,7 @@ pub fn on_close(sk: u64, newstate: i32) {
     if conn.role != ConnRole::Server as u8 {
         // A client's offer dies with its connection: a later connection on the same four
         // addresses and ports (an untraced client) must not find it.
-        let _ = CLIENT_LINK.remove(&conn.flow);
+        withdraw_link(&conn.flow);
     }
     announce_close(conn, sk, ts);
     let _ = CONNS.remove(&key);

@@ -6,7 +6,7 @@
 //! tells where the response ends (Content-Length, chunked end, or the next request /
 //! close). HTTP/2 connections have every read and send captured. Go processes never come
 //! here: their client spans come from `(*Transport).roundTrip` (go_client.rs).
-use zerotrace_common::{ClientLink, ConnState, Counter, EventKind, h2_start, phase};
+use zerotrace_common::{ConnState, Counter, EventKind, h2_start, phase};
 
 use super::{
     args::{Syscall, recv_buffer, send_buffer},
@@ -14,8 +14,7 @@ use super::{
     records::{bytes_event, capture_size, h2_bytes, native_capture},
 };
 use crate::{
-    causality::new_span_id,
-    maps::CLIENT_LINK,
+    causality::{new_span_id, offer_link, withdraw_link},
     util::{count, now},
 };
 
@@ -50,7 +49,7 @@ pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sys: &S) {
         if conn.seq == 0 || is_tls_record(buf) {
             conn.other = 1;
         }
-        let _ = CLIENT_LINK.remove(&conn.flow);
+        withdraw_link(&conn.flow);
         return;
     }
     let ts = now();
@@ -61,8 +60,7 @@ pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sys: &S) {
     conn.bytes_in = 0;
     conn.span_id = new_span_id();
     count(Counter::SocketClientRequestsSeen);
-    let _ = CLIENT_LINK.insert(&conn.flow, &ClientLink { span_id: conn.span_id, ts_ns: ts }, 0);
-    count(Counter::ClientLinksOffered);
+    offer_link(&conn.flow, conn.span_id, ts);
     native_capture(conn, pid_tgid, EventKind::SockClientRequest, buf, len, len, ts);
 }
 

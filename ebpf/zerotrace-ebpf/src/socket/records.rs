@@ -9,8 +9,8 @@ use zerotrace_common::{
 };
 
 use crate::{
-    causality::{incoming_trace, injecting, remember_trace, trace_for},
-    maps::{CLIENT_LINK, EVENTS, SCRATCH, settings},
+    causality::{incoming_trace, injecting, linked_span, remember_trace, trace_for},
+    maps::{EVENTS, SCRATCH, settings},
     util::{checked_at_most, count, header, now, read_user, read_user_bytes, wake_flags},
 };
 
@@ -91,9 +91,8 @@ pub fn request_capture<const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, sr
         (*ev).goroutine = goroutine;
         (*ev).goid = goid;
         if conn.captured == 0 {
-            if let Some(l) = CLIENT_LINK.get_ptr(&conn.flow) {
-                (*ev).link_span = (*l).span_id;
-                count(Counter::ServerRequestsLinkedKernel);
+            if let Some(span) = linked_span(&conn.flow) {
+                (*ev).link_span = span;
             }
             // With injection on, an incoming traceparent decides the trace here already (the
             // agent decides it too, but only later): outgoing requests must name it.
