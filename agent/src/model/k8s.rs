@@ -3,14 +3,15 @@
 //! `k8s.pod.uid`, the workload's name where the pod's own labels name it, and `service.*`
 //! by the OpenTelemetry semantic conventions' rules for Kubernetes (v1.44, "Specify
 //! resource attributes using Kubernetes annotations"). One thread owns the gRPC client; callers
-//! wait at most LOOKUP_TIMEOUT for an answer. Answers are cached per container id (and pods
+//! wait at most LOOKUP_TIMEOUT for an answer, and after a runtime left one unanswered nobody
+//! waits for QUIET_AFTER_TIMEOUT (those containers are named by id only). Answers are cached per container id (and pods
 //! per sandbox id), a bounded number of each: a container that starts has a new id, so it is
 //! looked up afresh.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, OnceLock, mpsc},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 #[allow(clippy::all, dead_code)]
@@ -23,6 +24,9 @@ pub const DEFAULT_SOCKETS: &[&str] =
     &["/run/containerd/containerd.sock", "/run/k3s/containerd/containerd.sock", "/run/crio/crio.sock", "/var/run/crio/crio.sock"];
 /// How long a lookup may hold up whoever asks (the first process of a new container).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a lookup timed out, lookups return nothing at once for this long: a hung runtime
+/// holds up the agent's loop for at most LOOKUP_TIMEOUT per this period.
+const QUIET_AFTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Containers (and pods) remembered.
 const CACHE_BOUND: usize = 4096;
 
@@ -136,6 +140,8 @@ pub struct Cri {
     socket: PathBuf,
     requests: Mutex<mpsc::SyncSender<(String, Reply)>>,
     containers: Mutex<HashMap<String, Option<Arc<PodContainer>>>>,
+    /// Until when lookups are not asked (the runtime left the last one unanswered).
+    quiet_until: Mutex<Option<Instant>>,
     /// `app.kubernetes.io/*` labels count for service.name (`--k8s-well-known-labels`).
     pub well_known_labels: bool,
 }
@@ -178,17 +184,32 @@ impl Cri {
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the CRI client thread: no pod names");
         }
-        Cri { socket, requests: Mutex::new(tx), containers: Mutex::new(HashMap::new()), well_known_labels }
+        Cri { socket, requests: Mutex::new(tx), containers: Mutex::new(HashMap::new()), quiet_until: Mutex::new(None), well_known_labels }
     }
 
     fn get(&self, id: &str) -> Option<Arc<PodContainer>> {
         if let Some(hit) = self.containers.lock().unwrap_or_else(|e| e.into_inner()).get(id) {
             return hit.clone();
         }
+        let mut quiet = self.quiet_until.lock().unwrap_or_else(|e| e.into_inner());
+        if quiet.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         self.requests.lock().unwrap_or_else(|e| e.into_inner()).try_send((id.to_owned(), reply_tx)).ok()?;
-        // No answer in time: not cached, so the next process of that container asks again.
-        let answer = reply_rx.recv_timeout(LOOKUP_TIMEOUT).ok()?;
+        let asked = Instant::now();
+        let reply = reply_rx.recv_timeout(LOOKUP_TIMEOUT);
+        if asked.elapsed() >= LOOKUP_TIMEOUT / 2 {
+            // Hung or slow (no answer in time, or the client thread gave up on it, or a
+            // connection that took that long): nobody waits for a while.
+            if quiet.is_none() {
+                tracing::warn!(socket = %self.socket.display(), timeout = ?LOOKUP_TIMEOUT, quiet = ?QUIET_AFTER_TIMEOUT, "the container runtime is slow to answer CRI lookups: containers starting in the quiet period are named by id only");
+            }
+            *quiet = Some(Instant::now() + QUIET_AFTER_TIMEOUT);
+        }
+        drop(quiet);
+        // No answer: not cached, so the next process of that container asks again.
+        let answer = reply.ok()?;
         let mut cache = self.containers.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= CACHE_BOUND {
             cache.clear();
@@ -381,6 +402,30 @@ mod tests {
         assert_eq!(p.pod_labels.len(), 1, "kubelet's labels are not the pod's: {:?}", p.pod_labels);
         let attrs: HashMap<_, _> = p.attributes().into_iter().collect();
         assert_eq!(attrs["k8s.pod.uid"], "5f1c2a9e-7b3d-4e8f-9a0b-1c2d3e4f5a6b");
+    }
+
+    /// A runtime that accepts connections and never answers holds up one lookup for
+    /// LOOKUP_TIMEOUT; the lookups after it return at once.
+    #[test]
+    fn a_hung_runtime_holds_up_one_lookup_only() {
+        let dir = std::env::temp_dir().join(format!("zt-cri-hung-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("cri.sock");
+        let _ = std::fs::remove_file(&socket);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+        let held = std::thread::spawn(move || listener.incoming().take(4).filter_map(Result::ok).collect::<Vec<_>>());
+        let cri = Cri::start(socket.clone(), false);
+        let t = Instant::now();
+        assert!(cri.get("0123abcd").is_none());
+        let first = t.elapsed();
+        assert!(first >= LOOKUP_TIMEOUT - Duration::from_millis(100), "the first lookup waited for its answer: {first:?}");
+        let t = Instant::now();
+        for id in ["4567ef01", "89abcdef", "0123abcd"] {
+            assert!(cri.get(id).is_none());
+        }
+        assert!(t.elapsed() < LOOKUP_TIMEOUT / 2, "later lookups did not wait: {:?}", t.elapsed());
+        drop(held);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -180,7 +180,9 @@ fn a_call_through_a_service_virtual_ip_is_linked() -> Result<()> {
     pod_a.ip(&["route", "add", "default", "via", "10.244.1.1"])?;
     pod_b.ip(&["route", "add", "default", "via", "10.244.2.1"])?;
     node.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"], "")?;
-    let rules = format!("table ip zt {{\n chain pre {{\n type nat hook prerouting priority dstnat; policy accept;\n ip daddr {VIP} tcp dport 80 dnat to 10.244.2.2:8080\n }}\n}}\n");
+    let rules = format!(
+        "table ip zt {{\n chain pre {{\n type nat hook prerouting priority dstnat; policy accept;\n ip daddr {VIP} tcp dport 80 dnat to 10.244.2.2:8080\n }}\n}}\n"
+    );
     node.exec("nft", &["-f", "-"], &rules)?;
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
