@@ -430,16 +430,16 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
     let mut sink = None;
-    let mut args: Vec<String> = vec![
-        "--socket-hooks".into(),
-        hooks.into(),
+    // `auto` is the default: not passed, so that an older build (ZEROTRACE_BIN) runs too.
+    let mut args: Vec<String> = if hooks == "auto" { vec![] } else { vec!["--socket-hooks".into(), hooks.into()] };
+    args.extend([
         "--go-http-probes".into(),
         a.go_http_probes.clone(),
         "--go-spawns".into(),
         causality.into(),
         "--go-channels".into(),
         causality.into(),
-    ];
+    ]);
     match export {
         Export::None => args.extend(["--exporter".into(), "none".into()]),
         Export::Grpc => {
