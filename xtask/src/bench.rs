@@ -432,14 +432,7 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
     let mut sink = None;
     // `auto` is the default: not passed, so that an older build (ZEROTRACE_BIN) runs too.
     let mut args: Vec<String> = if hooks == "auto" { vec![] } else { vec!["--socket-hooks".into(), hooks.into()] };
-    args.extend([
-        "--go-http-probes".into(),
-        a.go_http_probes.clone(),
-        "--go-spawns".into(),
-        causality.into(),
-        "--go-channels".into(),
-        causality.into(),
-    ]);
+    args.extend(["--go-http-probes".into(), a.go_http_probes.clone(), "--go-spawns".into(), causality.into(), "--go-channels".into(), causality.into()]);
     match export {
         Export::None => args.extend(["--exporter".into(), "none".into()]),
         Export::Grpc => {
