@@ -423,7 +423,9 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
     row(
         "agent ready (start time measured)",
         match (started, ready) {
-            (_, Some(t)) if t <= READY_WITHIN_S => Ok(format!("{t:.1} s from start to tracing all 9 processes under TCG{}", also_ready(d))),
+            (_, Some(t)) if t <= READY_WITHIN_S => {
+                Ok(format!("{t:.1} s from start to tracing all 9 processes under TCG{}{}", also_ready(d), checks::start_stages(trace_err)))
+            }
             (_, Some(t)) => Err(anyhow::anyhow!("{t:.1} s from start to tracing all 9 processes: over the {READY_WITHIN_S:.0} s hang guard{}", also_ready(d))),
             (Some(_), None) => Err(agent_failed()),
             (None, None) => Err(anyhow::anyhow!("{}", missing())),

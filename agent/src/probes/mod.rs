@@ -160,6 +160,21 @@ pub struct Probes {
     detaching: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// Start-up stages timed at debug level (`ZEROTRACE_LOG=info,zerotrace::probes=debug`):
+/// where start time goes on a slow machine (vmtest's emulated guests keep these lines).
+struct Stages(std::time::Instant);
+
+impl Stages {
+    fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+
+    fn done(&mut self, stage: &str) {
+        tracing::debug!(ms = self.0.elapsed().as_millis() as u64, "start-up: {stage}");
+        self.0 = std::time::Instant::now();
+    }
+}
+
 impl Probes {
     pub fn load(ks: &KernelSettings) -> Result<Self, ProbeError> {
         if KERNEL_OBJECT.is_empty() {
@@ -169,6 +184,7 @@ impl Probes {
         }
         // Decided before anything is loaded: a kernel zerotrace cannot run on, or without any
         // socket hook set, is refused here in one line.
+        let mut stage = Stages::start();
         let inject = ks.inject != Inject::Off;
         features::preflight(inject).map_err(ProbeError::Kernel)?;
         // The socket-layer sets need no tracefs (BTF and raw tracepoints, uprobes through the
@@ -178,9 +194,12 @@ impl Probes {
             tracing::debug!(error = %e, "tracefs is not mounted (the socket-layer hook sets do not need it)");
         }
         let hooks = hooks::choose(ks.hooks).map_err(ProbeError::Hooks)?;
+        stage.done("kernel checked, socket hook set chosen");
         let kernel: KernelOffsets = btf::kernel_offsets(btf::kernel()?.as_ref())?;
+        stage.done("kernel BTF read (offsets)");
         // aya's own model of the kernel BTF (relocations, BTF tracepoints): parsed once here.
         let aya_btf = aya::Btf::from_sys_fs().ok();
+        stage.done("kernel BTF read (aya)");
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
         let flags = match ks.inject {
             Inject::Off => 0,
@@ -196,7 +215,9 @@ impl Probes {
             .map_max_entries(names::CONNS, ks.max_conns)
             .load(KERNEL_OBJECT)
             .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
+        stage.done("object parsed, maps created");
         hooks::attach(&mut ebpf, aya_btf.as_ref(), hooks, inject)?;
+        stage.done("socket hook programs verified and attached");
         drop(aya_btf);
         btf::forget_kernel();
         tracing::info!(socket_hooks = hooks.name(), forced = ks.hooks != SocketHooks::Auto, "socket hooks attached");
@@ -211,6 +232,7 @@ impl Probes {
             let prog: &mut UProbe = program(&mut ebpf, uprobes::GO_INJECT)?;
             prog.load().map_err(|source| ProbeError::Inject(log_aside(uprobes::GO_INJECT, source.to_string())))?;
         }
+        stage.done("uprobe programs verified");
         Ok(Self { ebpf, hooks, tls_read, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new() })
     }
 

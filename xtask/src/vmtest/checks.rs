@@ -96,6 +96,30 @@ pub fn one_line_refusal(stderr: &str, want: &str) -> Result<String> {
     }
 }
 
+/// The agent's start-up stages (its `start-up: STAGE ms=N` debug lines) in short:
+/// "; start-up: BTF 1.2 s, aya BTF 0.8 s, ...".
+pub fn start_stages(stderr: &str) -> String {
+    const SHORT: &[(&str, &str)] = &[
+        ("kernel checked", "checks"),
+        ("kernel BTF read (offsets)", "BTF"),
+        ("kernel BTF read (aya)", "aya BTF"),
+        ("object parsed", "object and maps"),
+        ("socket hook programs", "socket programs"),
+        ("uprobe programs", "uprobe programs"),
+    ];
+    let stages: Vec<String> = strip_ansi(stderr)
+        .lines()
+        .filter_map(|l| {
+            let (_, rest) = l.split_once("start-up: ")?;
+            let (stage, ms) = rest.split_once(" ms=")?;
+            let ms: f64 = ms.trim().parse().ok()?;
+            let name = SHORT.iter().find(|(long, _)| stage.starts_with(long)).map_or(stage, |(_, short)| short);
+            Some(format!("{name} {:.1} s", ms / 1000.0))
+        })
+        .collect();
+    if stages.is_empty() { String::new() } else { format!("; start-up: {}", stages.join(", ")) }
+}
+
 pub fn first_error(text: &str) -> String {
     let clean: String = strip_ansi(text);
     let lines: Vec<&str> = clean.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
@@ -475,6 +499,9 @@ mod tests {
             "zerotrace: error: program p: failed (os error 22), verifier: number of funcs in func_info doesn't match number of subprogs"
         );
         assert_eq!(first_error("2026-12-06T08:00:00Z ERROR cannot attach\n"), "cannot attach");
+        let log = "2026-12-06T16:17:12Z DEBUG zerotrace::probes: start-up: kernel BTF read (offsets) ms=2100\n\
+                   2026-12-06T16:17:14Z DEBUG zerotrace::probes: start-up: socket hook programs verified and attached ms=6042\n";
+        assert_eq!(start_stages(log), "; start-up: BTF 2.1 s, socket programs 6.0 s");
         assert_eq!(
             first_error("error: invalid value 'syscalls' for '--socket-hooks <HOOKS>'\n\n  [possible values: auto]"),
             "error: invalid value 'syscalls' for '--socket-hooks <HOOKS>'"
