@@ -15,8 +15,10 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// `zt-e2e-TAG-PID`: a leftover of an earlier run of this test process id is replaced.
+    /// `zt-e2e-TAG-PID`. Namespaces left by test processes that were killed (no PID alive)
+    /// are deleted first.
     pub fn new(tag: &str) -> Result<Netns> {
+        remove_leftovers();
         let name = format!("zt-e2e-{tag}-{}", std::process::id());
         let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
         run(Command::new("ip").args(["netns", "add", &name]))?;
@@ -80,6 +82,18 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Deletes `zt-e2e-*-PID` namespaces whose test process is gone.
+fn remove_leftovers() {
+    let Ok(dir) = std::fs::read_dir("/var/run/netns") else { return };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("zt-e2e-").and_then(|r| r.rsplit_once('-')).and_then(|(_, p)| p.parse::<u32>().ok()) else { continue };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).stderr(Stdio::null()).status();
+        }
     }
 }
 
