@@ -76,7 +76,7 @@ agent() {
 	t0=$(up) w0=$(date +%s)
 	rec=""
 	[ -n "$RECORD" ] && rec="--record /tmp/$name.rec"
-	ZEROTRACE_LOG=info,zerotrace::probes=debug zerotrace "$@" --socket-hooks "$HOOKS" --stats-file /tmp/$name.stats $rec $args > /tmp/$name.out 2> /tmp/$name.err &
+	ZEROTRACE_LOG="${ZEROTRACE_LOG:-info},zerotrace::probes=debug" zerotrace "$@" --socket-hooks "$HOOKS" --stats-file /tmp/$name.stats $rec $args > /tmp/$name.out 2> /tmp/$name.err &
 	AGENT=$!
 	n=0
 	while :; do

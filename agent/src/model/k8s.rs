@@ -24,8 +24,9 @@ pub const DEFAULT_SOCKETS: &[&str] =
     &["/run/containerd/containerd.sock", "/run/k3s/containerd/containerd.sock", "/run/crio/crio.sock", "/var/run/crio/crio.sock"];
 /// How long a lookup may hold up whoever asks (the first process of a new container).
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-/// After a lookup timed out, lookups return nothing at once for this long: a hung runtime
-/// holds up the agent's loop for at most LOOKUP_TIMEOUT per this period.
+/// After a lookup that took half of LOOKUP_TIMEOUT or more (answered or not), lookups
+/// return nothing at once for this long: a hung runtime holds up the agent's loop for at
+/// most LOOKUP_TIMEOUT per this period.
 const QUIET_AFTER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Containers (and pods) remembered.
 const CACHE_BOUND: usize = 4096;
@@ -202,9 +203,8 @@ impl Cri {
         if asked.elapsed() >= LOOKUP_TIMEOUT / 2 {
             // Hung or slow (no answer in time, or the client thread gave up on it, or a
             // connection that took that long): nobody waits for a while.
-            if quiet.is_none() {
-                tracing::warn!(socket = %self.socket.display(), timeout = ?LOOKUP_TIMEOUT, quiet = ?QUIET_AFTER_TIMEOUT, "the container runtime is slow to answer CRI lookups: containers starting in the quiet period are named by id only");
-            }
+            // At most once per quiet period (a lookup during one returned above).
+            tracing::warn!(socket = %self.socket.display(), timeout = ?LOOKUP_TIMEOUT, quiet = ?QUIET_AFTER_TIMEOUT, "the container runtime is slow to answer CRI lookups: containers starting in the quiet period are named by id only");
             *quiet = Some(Instant::now() + QUIET_AFTER_TIMEOUT);
         }
         drop(quiet);

@@ -12,7 +12,7 @@ use zerotrace_common::{ClientLink, ConnKey, FlowKey, GoroutineCtx, GoroutineKey,
 
 use crate::{
     maps::{CLIENT_LINK, CLIENT_LINK_NAT, CONNS, GO_CTX, SPAN_TRACE, settings},
-    util::count,
+    util::{count, now},
 };
 use zerotrace_common::Counter;
 
@@ -37,9 +37,11 @@ pub fn new_trace_id() -> [u8; 16] {
     t
 }
 
-/// Key of `CLIENT_LINK_NAT`: a flow's client address folded to 32 bits (an IPv4 address
-/// exactly: the other words of its v4-mapped form are constant) above its port. None for a
-/// loopback or unspecified client, whose address and port other network namespaces reuse.
+/// Key of `CLIENT_LINK_NAT`: a flow's client address hashed to 32 bits (an IPv4 address
+/// exactly: the other words of its v4-mapped form are constant; IPv6 words are mixed by
+/// odd multipliers, so addresses differing in a pattern do not collide) above its port.
+/// None for a loopback or unspecified client, whose address and port other network
+/// namespaces reuse.
 #[inline(always)]
 fn nat_key(f: &FlowKey) -> Option<u64> {
     let a = &f.client_addr;
@@ -52,8 +54,13 @@ fn nat_key(f: &FlowKey) -> Option<u64> {
             return None;
         }
     }
-    Some(((w0 ^ w1 ^ w2 ^ w3) as u64) << 16 | f.client_port as u64)
+    let h = w0.wrapping_mul(0x9E37_79B1) ^ w1.wrapping_mul(0x85EB_CA77) ^ w2.wrapping_mul(0xC2B2_AE3D) ^ w3;
+    Some(((h as u64) << 16) | f.client_port as u64)
 }
+
+/// Oldest client offer a server reached through DNAT takes (a server reads a request's
+/// head well within it; an older offer is one whose withdrawal was never seen).
+const NAT_LINK_MAX_AGE_NS: u64 = 10_000_000_000;
 
 /// A traced client writing a request on `flow` offers its span to the server on this host
 /// that will read it.
@@ -78,7 +85,8 @@ pub fn withdraw_link(flow: &FlowKey) {
 
 /// The span a traced client on this host offered for the request a server reads on
 /// `flow`: the offer on the same flow, else (the client wrote to a Service's virtual IP
-/// that DNAT sent here) the offer of a client at the same address and port.
+/// that DNAT sent here) the offer of a client at the same address and port made in the
+/// last NAT_LINK_MAX_AGE_NS.
 #[inline(always)]
 pub fn linked_span(flow: &FlowKey) -> Option<u64> {
     if let Some(l) = CLIENT_LINK.get_ptr(flow) {
@@ -87,10 +95,14 @@ pub fn linked_span(flow: &FlowKey) -> Option<u64> {
         return Some(unsafe { (*l).span_id });
     }
     let l = CLIENT_LINK_NAT.get_ptr(&nat_key(flow)?)?;
+    // SAFETY: as above.
+    let (span, ts) = unsafe { ((*l).span_id, (*l).ts_ns) };
+    if now().wrapping_sub(ts) > NAT_LINK_MAX_AGE_NS {
+        return None;
+    }
     count(Counter::ServerRequestsLinkedKernel);
     count(Counter::ServerRequestsLinkedThroughNat);
-    // SAFETY: as above.
-    Some(unsafe { (*l).span_id })
+    Some(span)
 }
 
 /// Whether `--inject-traceparent` is on (the kernel then keeps trace ids per span).
