@@ -3,10 +3,10 @@
 //! `k8s.pod.uid`, the workload's name where the pod's own labels name it, and `service.*`
 //! by the OpenTelemetry semantic conventions' rules for Kubernetes (v1.44, "Specify
 //! resource attributes using Kubernetes annotations"). One thread owns the gRPC client; callers
-//! wait at most LOOKUP_TIMEOUT for an answer, and after a runtime left one unanswered nobody
-//! waits for QUIET_AFTER_TIMEOUT (those containers are named by id only). Answers are cached per container id (and pods
-//! per sandbox id), a bounded number of each: a container that starts has a new id, so it is
-//! looked up afresh.
+//! wait at most LOOKUP_TIMEOUT for an answer, and after a runtime was slow to answer one
+//! nobody waits for QUIET_AFTER_TIMEOUT (those containers are named by id only). Answers are
+//! cached per container id (and pods per sandbox id), a bounded number of each: a container
+//! that starts has a new id, so it is looked up afresh.
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -141,7 +141,7 @@ pub struct Cri {
     socket: PathBuf,
     requests: Mutex<mpsc::SyncSender<(String, Reply)>>,
     containers: Mutex<HashMap<String, Option<Arc<PodContainer>>>>,
-    /// Until when lookups are not asked (the runtime left the last one unanswered).
+    /// Until when lookups are not asked (the runtime was slow to answer the last one).
     quiet_until: Mutex<Option<Instant>>,
     /// `app.kubernetes.io/*` labels count for service.name (`--k8s-well-known-labels`).
     pub well_known_labels: bool,

@@ -194,12 +194,12 @@ impl Probes {
             tracing::debug!(error = %e, "tracefs is not mounted (the socket-layer hook sets do not need it)");
         }
         let hooks = hooks::choose(ks.hooks).map_err(ProbeError::Hooks)?;
-        stage.done("kernel checked, socket hook set chosen");
+        stage.done("kernel checked (its BTF read), socket hook set chosen");
         let kernel: KernelOffsets = btf::kernel_offsets(btf::kernel()?.as_ref())?;
-        stage.done("kernel BTF read (offsets)");
+        stage.done("kernel offsets taken from BTF");
         // aya's own model of the kernel BTF (relocations, BTF tracepoints): parsed once here.
         let aya_btf = aya::Btf::from_sys_fs().ok();
-        stage.done("kernel BTF read (aya)");
+        stage.done("kernel BTF read again (aya)");
         use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
         let flags = match ks.inject {
             Inject::Off => 0,

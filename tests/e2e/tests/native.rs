@@ -43,6 +43,22 @@ fn agent(pids: &[u32], rx: &Receiver) -> Result<Agent> {
     Agent::start(pids, &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"], &[])
 }
 
+/// `client` (the Rust test service, maybe inside a network namespace) named `name` GETs
+/// `url` followed by 0..n over one connection once the agent traces it and `server`; the
+/// spans of both sides (`2 * n`, waited for up to `wait`).
+fn traced_gets(mut client: Command, name: &str, url: &str, n: usize, server: &Proc, rx: &Receiver, wait: Duration) -> Result<Vec<RSpan>> {
+    let start = start_file(name);
+    client.args(["get", url, &n.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", name);
+    let mut client = Proc::spawn(name, client)?;
+    let mut agent = agent(&[server.pid(), client.pid()], rx)?;
+    std::fs::write(&start, b"go")?;
+    let st = client.wait_timeout(Duration::from_secs(60)).expect("the client finishes");
+    ensure!(st.success(), "client failed: {}", client.stderr_text());
+    let spans = rx.wait_for(2 * n, wait)?;
+    agent.stop()?;
+    Ok(spans)
+}
+
 /// The one span that matches, with a readable failure.
 fn one<'a>(spans: &'a [RSpan], what: &str, f: impl Fn(&RSpan) -> bool) -> &'a RSpan {
     let found: Vec<&RSpan> = spans.iter().filter(|s| f(s)).collect();
@@ -106,16 +122,8 @@ fn keep_alive_reuse_across_1000_requests() -> Result<()> {
     const N: usize = 1000;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let (server, port) = rust_service("ka-server", None)?;
-    let start = start_file("ka");
-    let mut cmd = Command::new(tools::rust_svc()?);
-    cmd.args(["get", &format!("http://127.0.0.1:{port}/chain/k"), &N.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "ka-client");
-    let mut client = Proc::spawn("ka-client", cmd)?;
-    let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
-    std::fs::write(&start, b"go")?;
-    let st = client.wait_timeout(Duration::from_secs(60)).expect("the client finishes");
-    ensure!(st.success(), "client failed: {}", client.stderr_text());
-    let spans = rx.wait_for(2 * N, Duration::from_secs(60))?;
-    agent.stop()?;
+    let client = Command::new(tools::rust_svc()?);
+    let spans = traced_gets(client, "ka-client", &format!("http://127.0.0.1:{port}/chain/k"), N, &server, &rx, Duration::from_secs(60))?;
     let servers: HashMap<&str, &RSpan> =
         spans.iter().filter(|s| s.kind == SERVER && s.res("service.name") == "ka-server").map(|s| (s.attr("url.path"), s)).collect();
     let clients: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == "ka-client").collect();
@@ -194,16 +202,8 @@ fn a_call_through_a_service_virtual_ip_is_linked() -> Result<()> {
             std::net::TcpStream::connect_timeout(&format!("{VIP}:80").parse().expect("an address"), Duration::from_millis(200)).is_ok()
         })
     })??;
-    let start = start_file("svc-client");
-    let mut cmd = pod_a.command(&tools::rust_svc()?);
-    cmd.args(["get", &format!("http://{VIP}:80/chain/v"), &N.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "svc-client");
-    let mut client = Proc::spawn("svc-client", cmd)?;
-    let mut agent = agent(&[server.pid(), client.pid()], &rx)?;
-    std::fs::write(&start, b"go")?;
-    let st = client.wait_timeout(Duration::from_secs(60)).expect("the client finishes");
-    ensure!(st.success(), "client failed: {}", client.stderr_text());
-    let spans = rx.wait_for(2 * N, Duration::from_secs(30))?;
-    agent.stop()?;
+    let client = pod_a.command(&tools::rust_svc()?);
+    let spans = traced_gets(client, "svc-client", &format!("http://{VIP}:80/chain/v"), N, &server, &rx, Duration::from_secs(30))?;
     for i in 0..N {
         let path = format!("/chain/v{i}");
         let c = one(&spans, "client span", |s| s.kind == CLIENT && s.attr("url.full").ends_with(&path));

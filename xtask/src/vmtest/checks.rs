@@ -97,12 +97,12 @@ pub fn one_line_refusal(stderr: &str, want: &str) -> Result<String> {
 }
 
 /// The agent's start-up stages (its `start-up: STAGE ms=N` debug lines) in short:
-/// "; start-up: BTF 1.2 s, aya BTF 0.8 s, ...".
+/// "; start-up: checks and BTF 1.2 s, aya BTF 0.8 s, ...".
 pub fn start_stages(stderr: &str) -> String {
     const SHORT: &[(&str, &str)] = &[
-        ("kernel checked", "checks"),
-        ("kernel BTF read (offsets)", "BTF"),
-        ("kernel BTF read (aya)", "aya BTF"),
+        ("kernel checked", "checks and BTF"),
+        ("kernel offsets", "offsets"),
+        ("kernel BTF read again (aya)", "aya BTF"),
         ("object parsed", "object and maps"),
         ("socket hook programs", "socket programs"),
         ("uprobe programs", "uprobe programs"),
@@ -499,9 +499,9 @@ mod tests {
             "zerotrace: error: program p: failed (os error 22), verifier: number of funcs in func_info doesn't match number of subprogs"
         );
         assert_eq!(first_error("2026-12-06T08:00:00Z ERROR cannot attach\n"), "cannot attach");
-        let log = "2026-12-06T16:17:12Z DEBUG zerotrace::probes: start-up: kernel BTF read (offsets) ms=2100\n\
+        let log = "2026-12-06T16:17:12Z DEBUG zerotrace::probes: start-up: kernel checked (its BTF read), socket hook set chosen ms=2100\n\
                    2026-12-06T16:17:14Z DEBUG zerotrace::probes: start-up: socket hook programs verified and attached ms=6042\n";
-        assert_eq!(start_stages(log), "; start-up: BTF 2.1 s, socket programs 6.0 s");
+        assert_eq!(start_stages(log), "; start-up: checks and BTF 2.1 s, socket programs 6.0 s");
         assert_eq!(
             first_error("error: invalid value 'syscalls' for '--socket-hooks <HOOKS>'\n\n  [possible values: auto]"),
             "error: invalid value 'syscalls' for '--socket-hooks <HOOKS>'"
