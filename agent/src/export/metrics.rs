@@ -247,12 +247,12 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
 pub struct MetricsSink(super::sink::Sink);
 
 impl MetricsSink {
-    pub fn new(settings: &ExportSettings) -> Self {
-        Self(super::sink::Sink::new(settings, "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", "/v1/metrics"))
+    pub fn new(settings: &ExportSettings, stats: Arc<super::sink::SinkState>) -> Self {
+        Self(super::sink::Sink::new(settings, "metrics", "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export", "/v1/metrics", stats))
     }
 
     /// Sends one request; Err: why (the caller counts it; the next export has the totals).
-    pub async fn send(&mut self, req: ExportMetricsServiceRequest) -> Result<(), String> {
+    pub async fn send(&mut self, req: ExportMetricsServiceRequest) -> Result<(), super::sink::SinkError> {
         self.0.send::<_, ExportMetricsServiceResponse>(req).await
     }
 }

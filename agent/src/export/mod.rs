@@ -7,6 +7,7 @@ pub mod otlp;
 pub mod print;
 pub mod profiles;
 pub mod resource;
+pub mod retry;
 pub mod sink;
 pub mod tail;
 pub mod tls;
@@ -61,7 +62,10 @@ pub enum Exporter {
     None,
 }
 
-/// Export counters, shared between the pipeline and the exporter task.
+/// Export counters, shared between the pipeline and the exporter task. Every span offered
+/// is counted once: queued or dropped (queue full); every queued span ends
+/// exported or dropped for one reason (retries spent, refused, left at the shutdown
+/// deadline).
 #[derive(Debug, Default)]
 pub struct ExportStats {
     pub queued: AtomicU64,
@@ -69,18 +73,34 @@ pub struct ExportStats {
     pub dropped_queue_full: AtomicU64,
     /// Dropped after the retries of their batch ran out.
     pub dropped_failed: AtomicU64,
+    /// Refused by the collector for good (a non-retryable status, or rejected in a partial
+    /// success).
+    pub dropped_rejected: AtomicU64,
+    /// Still queued when the shutdown deadline passed.
+    pub dropped_shutdown: AtomicU64,
     pub exported: AtomicU64,
     pub export_errors: AtomicU64,
+    /// Times the collector asked to wait (Retry-After, gRPC RetryInfo).
+    pub retry_after: AtomicU64,
 }
 
 impl ExportStats {
-    pub fn snapshot(&self) -> [(&'static str, u64); 5] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
         [
             ("spans_queued", self.queued.load(Relaxed)),
             ("spans_exported", self.exported.load(Relaxed)),
             ("spans_dropped_queue_full", self.dropped_queue_full.load(Relaxed)),
             ("spans_dropped_export_failed", self.dropped_failed.load(Relaxed)),
+            ("spans_dropped_rejected", self.dropped_rejected.load(Relaxed)),
+            ("spans_dropped_shutdown", self.dropped_shutdown.load(Relaxed)),
             ("export_errors", self.export_errors.load(Relaxed)),
+            ("export_retry_after", self.retry_after.load(Relaxed)),
         ]
+    }
+
+    /// Queued spans neither exported nor dropped yet (in the queue, a batch or a request).
+    pub fn unaccounted(&self) -> u64 {
+        let done = self.exported.load(Relaxed) + self.dropped_failed.load(Relaxed) + self.dropped_rejected.load(Relaxed) + self.dropped_shutdown.load(Relaxed);
+        self.queued.load(Relaxed).saturating_sub(done)
     }
 }

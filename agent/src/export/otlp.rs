@@ -2,8 +2,11 @@
 //! traced process (each process is its own resource, encoded once) by size or delay, each
 //! batch encoded straight to an `ExportTraceServiceRequest` (`encode`) and sent over gRPC
 //! (tonic) or HTTP (reqwest), up to MAX_IN_FLIGHT export requests at once, with retries and
-//! exponential backoff while the collector is down. When it comes back, export resumes with
-//! whatever is queued then.
+//! exponential backoff while the collector is down or overloaded (a Retry-After or gRPC
+//! RetryInfo holds every request back until then; OTLP's rules in `retry`). When it comes
+//! back, export resumes with whatever is queued then. Every span taken in ends exported or
+//! counted under the reason it was dropped (queue full, retries spent, refused by the
+//! collector, still queued at the shutdown deadline).
 use std::{
     collections::HashMap,
     sync::{
@@ -25,6 +28,7 @@ use super::{
     ExportSettings, ExportStats, Protocol,
     encode::{self, EncodedResource},
     resource::Resources,
+    retry::{Failure, grpc_failure, http_failure},
 };
 use crate::spans::Span;
 
@@ -75,8 +79,11 @@ impl OtlpExport {
     pub async fn shutdown(mut self, deadline: Duration) {
         self.tx = None;
         if tokio::time::timeout(deadline, &mut self.task).await.is_err() {
-            tracing::warn!(seconds = deadline.as_secs(), "export did not finish in time; remaining spans are dropped");
             self.task.abort();
+            let _ = (&mut self.task).await;
+            let left = self.stats.unaccounted();
+            self.stats.dropped_shutdown.fetch_add(left, Relaxed);
+            tracing::warn!(seconds = deadline.as_secs(), spans = left, "export did not finish in time; the spans left are dropped (spans_dropped_shutdown)");
         }
     }
 }
@@ -133,15 +140,17 @@ impl Transport {
         }
     }
 
-    /// Sends one encoded `ExportTraceServiceRequest`; Err: why it failed.
-    async fn send(&mut self, body: Bytes) -> Result<(), String> {
+    /// Sends one encoded `ExportTraceServiceRequest`; Ok: how many of its spans the
+    /// collector rejected (OTLP partial success); Err: why it failed.
+    async fn send(&mut self, body: Bytes) -> Result<u64, Failure> {
         let timeout = match self {
             Transport::Grpc { timeout, .. } | Transport::Http { timeout, .. } => *timeout,
         };
         let response = match tokio::time::timeout(timeout, self.send_once(body)).await {
             Ok(r) => r?,
-            Err(_) => return Err(format!("no answer within {} ms", timeout.as_millis())),
+            Err(_) => return Err(Failure::transport(format!("no answer within {} ms", timeout.as_millis()))),
         };
+        let rejected = response.partial_success.as_ref().map_or(0, |p| p.rejected_spans.max(0) as u64);
         if let Some(p) = response.partial_success.filter(|p| p.rejected_spans > 0 || !p.error_message.is_empty()) {
             static WARNED: AtomicBool = AtomicBool::new(false);
             if WARNED.swap(true, Relaxed) {
@@ -150,13 +159,13 @@ impl Transport {
                 tracing::warn!(rejected_spans = p.rejected_spans, message = %p.error_message, "the collector rejected spans (further rejections are logged at debug level)");
             }
         }
-        Ok(())
+        Ok(rejected)
     }
 
-    async fn send_once(&mut self, body: Bytes) -> Result<ExportTraceServiceResponse, String> {
+    async fn send_once(&mut self, body: Bytes) -> Result<ExportTraceServiceResponse, Failure> {
         match self {
             Transport::Grpc { grpc, metadata, .. } => {
-                grpc.ready().await.map_err(|e| format!("gRPC channel not ready: {}", chain(&e)))?;
+                grpc.ready().await.map_err(|e| Failure::transport(format!("gRPC channel not ready: {}", chain(&e))))?;
                 let mut ext = tonic::Extensions::new();
                 ext.insert(tonic::GrpcMethod::new(GRPC_SERVICE, "Export"));
                 let req = tonic::Request::from_parts(metadata.clone(), ext, body);
@@ -164,10 +173,11 @@ impl Transport {
                 grpc.unary(req, path, RawCodec).await.map(tonic::Response::into_inner).map_err(|st| {
                     // The collector's message can echo secrets (auth headers): the code
                     // only, and the cause when the error is local (connecting, timing out).
-                    match std::error::Error::source(&st) {
+                    let why = match std::error::Error::source(&st) {
                         Some(src) => format!("gRPC status {:?}: {}", st.code(), chain(src)),
                         None => format!("gRPC status {:?}", st.code()),
-                    }
+                    };
+                    grpc_failure(&st, why)
                 })
             }
             Transport::Http { client, url, headers, .. } => {
@@ -178,12 +188,13 @@ impl Transport {
                     .body(body)
                     .send()
                     .await
-                    .map_err(|e| format!("HTTP request failed: {}", chain(&e)))?;
+                    .map_err(|e| Failure::transport(format!("HTTP request failed: {}", chain(&e))))?;
                 let status = resp.status();
                 if !status.is_success() {
-                    return Err(format!("HTTP status {status}"));
+                    let retry_after = resp.headers().get(reqwest::header::RETRY_AFTER).and_then(|v| v.to_str().ok());
+                    return Err(http_failure(status.as_u16(), retry_after, std::time::SystemTime::now()));
                 }
-                let bytes = resp.bytes().await.map_err(|e| format!("HTTP response failed: {}", chain(&e)))?;
+                let bytes = resp.bytes().await.map_err(|e| Failure::transport(format!("HTTP response failed: {}", chain(&e))))?;
                 Ok(ExportTraceServiceResponse::decode(bytes).unwrap_or_default())
             }
         }
@@ -282,13 +293,21 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transpo
             None => break,
         }
         let deadline = tokio::time::Instant::now() + s.delay;
+        // Spans gathered in partial batches (many processes, each below a batch): at most a
+        // queue's worth, so that memory stays within twice the queue.
+        let mut held = 1usize;
         loop {
+            if held >= s.queue {
+                break;
+            }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(span)) => {
+                    held += 1;
                     let pid = span.pid;
                     let b = batches.entry(pid).or_default();
                     b.push(span);
                     if b.len() >= s.batch {
+                        held -= b.len();
                         let full = std::mem::take(b);
                         // Waiting for a free export slot is the backpressure: meanwhile the
                         // bounded queue fills and further spans are dropped and counted.
@@ -333,10 +352,21 @@ struct Ctx {
     failing: Arc<Mutex<Failing>>,
 }
 
+/// The collector's state as the export tasks see it: failing since when, and until when
+/// it asked everyone to wait.
 #[derive(Default)]
 struct Failing {
     since: Option<Instant>,
     errors: u64,
+    resume_at: Option<tokio::time::Instant>,
+}
+
+impl Failing {
+    /// When the next request may go (a Retry-After still running), if later than now.
+    fn hold(f: &Mutex<Failing>) -> Option<tokio::time::Instant> {
+        let at = f.lock().expect("not poisoned").resume_at?;
+        (at > tokio::time::Instant::now()).then_some(at)
+    }
 }
 
 /// Encodes one process's batch and sends it in a task of its own, holding `permit` until
@@ -363,14 +393,21 @@ fn spawn_export(
     });
 }
 
-/// Exports one encoded batch of `n` spans, retrying with backoff when `retry` is set.
+/// Exports one encoded batch of `n` spans, retrying with backoff when `retry` is set and the
+/// failure is worth another try; every span ends up exported or counted as dropped.
 async fn send_batch(transport: &mut Transport, body: Bytes, n: u64, stats: &ExportStats, failing: &Mutex<Failing>, retry: bool) {
     let mut backoff = FIRST_BACKOFF;
     let attempts = if retry { MAX_ATTEMPTS } else { 1 };
     for attempt in 1..=attempts {
-        match transport.send(body.clone()).await {
-            Ok(()) => {
-                stats.exported.fetch_add(n, Relaxed);
+        // A collector that asked to wait gets nothing before then, from any task.
+        while let Some(at) = Failing::hold(failing) {
+            tokio::time::sleep_until(at).await;
+        }
+        let failure = match transport.send(body.clone()).await {
+            Ok(rejected) => {
+                let rejected = rejected.min(n);
+                stats.exported.fetch_add(n - rejected, Relaxed);
+                stats.dropped_rejected.fetch_add(rejected, Relaxed);
                 let mut f = failing.lock().expect("not poisoned");
                 if let Some(since) = f.since.take() {
                     tracing::info!(failed_requests = f.errors, down_for_s = since.elapsed().as_secs(), "OTLP export works again");
@@ -378,20 +415,47 @@ async fn send_batch(transport: &mut Transport, body: Bytes, n: u64, stats: &Expo
                 }
                 return;
             }
-            Err(e) => {
-                stats.export_errors.fetch_add(1, Relaxed);
-                {
-                    let mut f = failing.lock().expect("not poisoned");
-                    f.errors += 1;
-                    if f.since.is_none() {
-                        f.since = Some(Instant::now());
-                        tracing::warn!(error = %e, "OTLP export failed; retrying with backoff, spans queue up (bounded) meanwhile");
+            Err(e) => e,
+        };
+        stats.export_errors.fetch_add(1, Relaxed);
+        {
+            let mut f = failing.lock().expect("not poisoned");
+            f.errors += 1;
+            if f.since.is_none() {
+                f.since = Some(Instant::now());
+                match &failure {
+                    Failure::Retry { .. } => {
+                        tracing::warn!(error = %failure, "OTLP export failed; retrying with backoff, spans queue up (bounded) meanwhile")
                     }
+                    Failure::Rejected { .. } => {
+                        tracing::warn!(error = %failure, "the collector refused spans; they are dropped (spans_dropped_rejected), not sent again")
+                    }
+                    Failure::Unsupported { .. } => tracing::warn!(
+                        error = %failure,
+                        "the collector does not accept traces at this endpoint; spans are dropped (spans_dropped_rejected): check the endpoint"
+                    ),
                 }
-                if attempt < attempts {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            if let Failure::Retry { after: Some(wait), .. } = &failure {
+                stats.retry_after.fetch_add(1, Relaxed);
+                let at = tokio::time::Instant::now() + *wait;
+                if f.resume_at.is_none_or(|r| r < at) {
+                    f.resume_at = Some(at);
                 }
+                if !wait.is_zero() {
+                    tracing::debug!(wait_ms = wait.as_millis() as u64, "the collector asked to wait");
+                }
+            }
+        }
+        match failure {
+            Failure::Retry { .. } if attempt < attempts => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Failure::Retry { .. } => {}
+            Failure::Rejected { .. } | Failure::Unsupported { .. } => {
+                stats.dropped_rejected.fetch_add(n, Relaxed);
+                return;
             }
         }
     }

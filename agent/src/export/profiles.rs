@@ -267,12 +267,12 @@ impl<'a> Dict<'a> {
 pub struct ProfilesSink(Sink);
 
 impl ProfilesSink {
-    pub fn new(settings: &ExportSettings) -> Self {
-        Self(Sink::new(settings, "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export", "/v1development/profiles"))
+    pub fn new(settings: &ExportSettings, stats: Arc<super::sink::SinkState>) -> Self {
+        Self(Sink::new(settings, "profiles", "/opentelemetry.proto.collector.profiles.v1development.ProfilesService/Export", "/v1development/profiles", stats))
     }
 
     /// Sends one request; Err: why.
-    pub async fn send(&mut self, req: ExportProfilesServiceRequest) -> Result<(), String> {
+    pub async fn send(&mut self, req: ExportProfilesServiceRequest) -> Result<(), super::sink::SinkError> {
         self.0.send::<_, ExportProfilesServiceResponse>(req).await
     }
 }
@@ -284,13 +284,24 @@ pub fn resource_of(resources: &Resources, pid: u32) -> Vec<KeyValue> {
 }
 
 /// The task that sends each window's profile; returns when the profiler is gone.
-pub async fn export_task(settings: ExportSettings, resources: Resources, mut rx: tokio::sync::mpsc::Receiver<Profile>, stats: Arc<ProfilerStats>) {
-    let mut sink = ProfilesSink::new(&settings);
+pub async fn export_task(
+    settings: ExportSettings,
+    resources: Resources,
+    mut rx: tokio::sync::mpsc::Receiver<Profile>,
+    stats: Arc<ProfilerStats>,
+    sink_state: Arc<super::sink::SinkState>,
+) {
+    let mut sink = ProfilesSink::new(&settings, sink_state);
     while let Some(p) = rx.recv().await {
         let req = to_request(&p, &|pid| resource_of(&resources, pid));
         match sink.send(req).await {
             Ok(()) => {
                 stats.exported.fetch_add(1, Ordering::Relaxed);
+            }
+            // Not sent (the collector does not take profiles, or asked to wait): counted
+            // by the sink, and that window is lost.
+            Err(super::sink::SinkError::Held(_)) => {
+                stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
             }
             Err(why) => {
                 if stats.export_errors.fetch_add(1, Ordering::Relaxed) == 0 {

@@ -25,6 +25,7 @@ use crate::{
         otlp::OtlpExport,
         print, profiles,
         resource::Resources,
+        sink::{SinkError, SinkState},
         tail::Tail,
     },
     model::proc,
@@ -86,6 +87,10 @@ pub struct Outputs {
     metrics: Option<Metrics>,
     profiling: Option<Profiling>,
     profiler_stats: Arc<ProfilerStats>,
+    /// What the metrics and profiles sinks held back or saw refused.
+    metrics_sink: Arc<SinkState>,
+    profiles_sink: Arc<SinkState>,
+    metrics_errors: Arc<AtomicU64>,
 }
 
 impl Outputs {
@@ -96,7 +101,7 @@ impl Outputs {
             tracing::info!(endpoint = %s.export.endpoint, protocol = ?s.export.protocol, "exporting spans over OTLP");
         }
         if let Some(p) = &s.profile {
-            o.profiling = start_profiling(p, probes, &s.export, &o.resources, &o.profiler_stats)?;
+            o.profiling = start_profiling(p, probes, &s.export, &o.resources, &o.profiler_stats, &o.profiles_sink)?;
         }
         if let Some(path) = &s.control_socket {
             o.control = crate::control::serve(path).await;
@@ -107,7 +112,7 @@ impl Outputs {
             crate::control::serve_tcp(addr, token, c).await;
         }
         if let Some(every) = s.metrics_interval {
-            o.metrics = Some(start_metrics(every, &s.export, &o.resources));
+            o.metrics = Some(start_metrics(every, &s.export, &o.resources, &o.metrics_sink, &o.metrics_errors));
         }
         Ok(o)
     }
@@ -217,6 +222,14 @@ impl Outputs {
     pub fn counters(&self) -> Vec<(&'static str, u64)> {
         let mut v: Vec<_> = self.profiler_stats.snapshot().into();
         v.extend(self.export_stats.snapshot());
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        v.extend([
+            ("metrics_export_errors", n(&self.metrics_errors)),
+            ("metrics_unsupported", n(&self.metrics_sink.unsupported)),
+            ("metrics_held_retry_after", n(&self.metrics_sink.held)),
+            ("profiles_unsupported", n(&self.profiles_sink.unsupported)),
+            ("profiles_held_retry_after", n(&self.profiles_sink.held)),
+        ]);
         v
     }
 
@@ -229,7 +242,7 @@ impl Outputs {
         }
         self.announce(targets);
         if let Some(p) = self.profiling.take() {
-            finish_profile(p, self.export_settings.as_ref(), &self.resources, &self.profiler_stats, deadline).await;
+            finish_profile(p, self.export_settings.as_ref(), &self.resources, &self.profiler_stats, &self.profiles_sink, deadline).await;
         }
         if let Some(m) = self.metrics.take() {
             // The totals up to now.
@@ -238,7 +251,7 @@ impl Outputs {
             all.extend(self.counters());
             *m.state.snapshot.lock().expect("not poisoned") = all;
             if let Some(settings) = &self.export_settings {
-                let mut sink = MetricsSink::new(settings);
+                let mut sink = MetricsSink::new(settings, self.metrics_sink.clone());
                 let _ = tokio::time::timeout(deadline, export_metrics(&mut sink, &m.state, &self.resources)).await;
             }
         }
@@ -261,6 +274,7 @@ fn start_profiling(
     export: &ExportSettings,
     resources: &Resources,
     stats: &Arc<ProfilerStats>,
+    sink_state: &Arc<SinkState>,
 ) -> Result<Option<Profiling>, RunError> {
     match probes.start_profiling(p.frequency) {
         Ok(cpus) => tracing::info!(frequency_hz = p.frequency, cpus, otlp = p.otlp, "profiling CPU"),
@@ -272,7 +286,7 @@ fn start_profiling(
     }
     let (every, task) = if p.otlp {
         let (tx, rx) = mpsc::channel(4);
-        let task = tokio::spawn(profiles::export_task(export.clone(), resources.clone(), rx, stats.clone()));
+        let task = tokio::spawn(profiles::export_task(export.clone(), resources.clone(), rx, stats.clone(), sink_state.clone()));
         (Some((PROFILE_WINDOW, tx)), Some(task))
     } else {
         (None, None)
@@ -282,16 +296,26 @@ fn start_profiling(
 }
 
 /// The profile at exit: its files (`zerotrace profile`) and its last OTLP window.
-async fn finish_profile(p: Profiling, export: Option<&ExportSettings>, resources: &Resources, stats: &ProfilerStats, deadline: Duration) {
+async fn finish_profile(
+    p: Profiling,
+    export: Option<&ExportSettings>,
+    resources: &Resources,
+    stats: &ProfilerStats,
+    sink_state: &Arc<SinkState>,
+    deadline: Duration,
+) {
     let Profiling { profiler, settings, task, .. } = p;
     let profile = tokio::task::spawn_blocking(move || profiler.finish()).await.unwrap_or_default();
     crate::profile::write_files(&settings, &profile);
     if let (true, Some(export)) = (settings.otlp && !profile.samples.is_empty(), export) {
         let req = profiles::to_request(&profile, &|pid| profiles::resource_of(resources, pid));
-        let mut sink = profiles::ProfilesSink::new(export);
+        let mut sink = profiles::ProfilesSink::new(export, sink_state.clone());
         match tokio::time::timeout(deadline, sink.send(req)).await {
             Ok(Ok(())) => {
                 stats.exported.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(SinkError::Held(_))) => {
+                stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(e)) => {
                 stats.export_errors.fetch_add(1, Ordering::Relaxed);
@@ -308,17 +332,17 @@ async fn finish_profile(p: Profiling, export: Option<&ExportSettings>, resources
     }
 }
 
-fn start_metrics(every: Duration, settings: &ExportSettings, resources: &Resources) -> Metrics {
+fn start_metrics(every: Duration, settings: &ExportSettings, resources: &Resources, sink_state: &Arc<SinkState>, errors: &Arc<AtomicU64>) -> Metrics {
     let state = MetricsState {
         red: Arc::new(Mutex::new(Red::default())),
         snapshot: Arc::new(Mutex::new(Vec::new())),
-        errors: Arc::new(AtomicU64::new(0)),
+        errors: errors.clone(),
         start_ns: crate::export::metrics::now_ns(),
     };
     tracing::info!(every = ?every, "exporting RED metrics and the agent's counters over OTLP");
-    let (m, resources, settings) = (state.clone(), resources.clone(), settings.clone());
+    let (m, resources, settings, sink_state) = (state.clone(), resources.clone(), settings.clone(), sink_state.clone());
     let task = tokio::spawn(async move {
-        let mut sink = MetricsSink::new(&settings);
+        let mut sink = MetricsSink::new(&settings, sink_state);
         let mut tick = tokio::time::interval(every);
         tick.tick().await;
         loop {
@@ -337,9 +361,14 @@ async fn export_metrics(sink: &mut MetricsSink, m: &MetricsState, resources: &Re
         let snap = m.snapshot.lock().expect("not poisoned");
         crate::export::metrics::request(&r, resources, &snap, m.start_ns)
     };
-    if let Err(why) = sink.send(req).await
-        && m.errors.fetch_add(1, Ordering::Relaxed) == 0
-    {
-        tracing::warn!(error = %why, "OTLP metrics export failed (counted; the next export carries the totals)");
+    match sink.send(req).await {
+        Ok(()) => {}
+        // Counted by the sink (the collector does not take metrics, or asked to wait).
+        Err(SinkError::Held(_)) => {}
+        Err(SinkError::Failed(why)) => {
+            if m.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                tracing::warn!(error = %why, "OTLP metrics export failed (counted; the next export carries the totals)");
+            }
+        }
     }
 }

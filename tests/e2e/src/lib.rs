@@ -6,6 +6,7 @@ pub mod agent;
 pub mod containers;
 pub mod cri;
 pub mod http;
+pub mod load;
 pub mod netns;
 pub mod oci;
 pub mod otlp;

@@ -1,7 +1,9 @@
 //! OTLP receivers for the tests: gRPC (tonic, opentelemetry-proto's generated service) and
 //! HTTP/protobuf (a minimal HTTP/1.1 server), both decoding what the agent sends into flat
 //! span records the tests assert on. Each runs on its own runtime thread and can be
-//! stopped and restarted on the same port (a collector going down and coming back).
+//! stopped and restarted on the same port (a collector going down and coming back), or
+//! told to misbehave for one signal (`Fault`: refuse with a status and Retry-After, answer
+//! slowly, reset the connection), recording every export request it got (`attempts`).
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -165,6 +167,44 @@ pub fn flatten_profiles(req: &ExportProfilesServiceRequest) -> Result<Vec<RSampl
     Ok(out)
 }
 
+/// The three OTLP signals, each with its own export service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Signal {
+    Traces,
+    Metrics,
+    Profiles,
+}
+
+/// What the receiver does with one signal's export requests instead of taking them (a
+/// collector in trouble).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Refuse with this HTTP status (gRPC: its code as the OTLP specification maps them:
+    /// 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, 404 UNIMPLEMENTED, 400 INVALID_ARGUMENT,
+    /// others INTERNAL) and, when set, a wait in seconds (HTTP `Retry-After`, gRPC
+    /// `RetryInfo`).
+    Status { http: u16, retry_after: Option<u64> },
+    /// Take the request, but answer only after this long.
+    Slow(Duration),
+    /// Read the request, then reset the connection without an answer (HTTP receivers only).
+    Reset,
+}
+
+/// One export request as the receiver got it.
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub at: Instant,
+    pub signal: Signal,
+    /// The fault it met, None when it was taken.
+    pub fault: Option<Fault>,
+    /// Spans in it (traces; 0 for the other signals).
+    pub spans: usize,
+}
+
+fn span_count(req: &ExportTraceServiceRequest) -> usize {
+    req.resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum()
+}
+
 #[derive(Default)]
 struct Store {
     spans: Mutex<Vec<RSpan>>,
@@ -173,6 +213,8 @@ struct Store {
     requests: AtomicUsize,
     /// Benchmark sink: count requests, decode nothing.
     discard: bool,
+    faults: Mutex<BTreeMap<Signal, Fault>>,
+    attempts: Mutex<Vec<Attempt>>,
 }
 
 impl Store {
@@ -193,6 +235,42 @@ impl Store {
     fn add(&self, req: &ExportTraceServiceRequest) {
         self.requests.fetch_add(1, Ordering::SeqCst);
         self.spans.lock().unwrap().extend(flatten(req));
+    }
+
+    /// Records one export request of `signal`; returns the fault it meets, if any.
+    fn arrive(&self, signal: Signal, spans: usize) -> Option<Fault> {
+        // A benchmark sink neither keeps a record nor misbehaves.
+        if self.discard {
+            return None;
+        }
+        let fault = self.faults.lock().unwrap().get(&signal).copied();
+        self.attempts.lock().unwrap().push(Attempt { at: Instant::now(), signal, fault, spans });
+        fault
+    }
+
+    /// For the gRPC services: Err(status) for a refusal, after waiting out a slow answer.
+    async fn grpc_fault(&self, signal: Signal, spans: usize) -> Result<(), tonic::Status> {
+        use tonic_types::{ErrorDetails, StatusExt};
+        match self.arrive(signal, spans) {
+            None | Some(Fault::Reset) => Ok(()),
+            Some(Fault::Slow(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Some(Fault::Status { http, retry_after }) => {
+                let code = match http {
+                    429 => tonic::Code::ResourceExhausted,
+                    503 => tonic::Code::Unavailable,
+                    404 => tonic::Code::Unimplemented,
+                    400 => tonic::Code::InvalidArgument,
+                    _ => tonic::Code::Internal,
+                };
+                Err(match retry_after {
+                    Some(secs) => tonic::Status::with_error_details(code, "test fault", ErrorDetails::with_retry_info(Some(Duration::from_secs(secs)))),
+                    None => tonic::Status::new(code, "test fault"),
+                })
+            }
+        }
     }
 }
 
@@ -254,6 +332,7 @@ fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
 #[tonic::async_trait]
 impl MetricsService for Svc {
     async fn export(&self, req: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.grpc_fault(Signal::Metrics, 0).await?;
         self.0.metrics.lock().unwrap().extend(flatten_metrics(req.get_ref()));
         Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
@@ -262,6 +341,7 @@ impl MetricsService for Svc {
 #[tonic::async_trait]
 impl ProfilesService for Svc {
     async fn export(&self, req: tonic::Request<ExportProfilesServiceRequest>) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
+        self.0.grpc_fault(Signal::Profiles, 0).await?;
         self.0.profiles.lock().unwrap().push(req.into_inner());
         Ok(tonic::Response::new(ExportProfilesServiceResponse { partial_success: None }))
     }
@@ -270,6 +350,7 @@ impl ProfilesService for Svc {
 #[tonic::async_trait]
 impl TraceService for Svc {
     async fn export(&self, req: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.grpc_fault(Signal::Traces, span_count(req.get_ref())).await?;
         self.0.add(req.get_ref());
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
@@ -385,6 +466,36 @@ impl Receiver {
         self.store.requests.load(Ordering::SeqCst)
     }
 
+    /// From now on, `signal`'s export requests meet `fault` (None: taken again).
+    pub fn set_fault(&self, signal: Signal, fault: Option<Fault>) {
+        assert!(!(fault == Some(Fault::Reset) && self.kind == Kind::Grpc), "the gRPC receiver cannot reset connections");
+        let mut f = self.store.faults.lock().unwrap();
+        match fault {
+            Some(fault) => f.insert(signal, fault),
+            None => f.remove(&signal),
+        };
+    }
+
+    /// Every export request received so far, taken or not, in order of arrival.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.store.attempts.lock().unwrap().clone()
+    }
+
+    /// Waits until `signal` has had at least `n` export requests; returns them.
+    pub fn wait_for_attempts(&self, signal: Signal, n: usize, timeout: Duration) -> Result<Vec<Attempt>> {
+        let end = Instant::now() + timeout;
+        loop {
+            let got: Vec<Attempt> = self.attempts().into_iter().filter(|a| a.signal == signal).collect();
+            if got.len() >= n {
+                return Ok(got);
+            }
+            if Instant::now() > end {
+                bail!("received {} {signal:?} export requests, expected {n}, within {timeout:?}", got.len());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Waits until at least `n` spans arrived; returns all of them.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Result<Vec<RSpan>> {
         let end = Instant::now() + timeout;
@@ -448,6 +559,32 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         }
         let mut body = vec![0; len];
         r.read_exact(&mut body).await?;
+        let signal = if line.starts_with("POST /v1development/profiles ") {
+            Signal::Profiles
+        } else if line.starts_with("POST /v1/metrics ") {
+            Signal::Metrics
+        } else {
+            Signal::Traces
+        };
+        let spans = match signal {
+            Signal::Traces if !store.discard => ExportTraceServiceRequest::decode(body.as_slice()).map_or(0, |r| span_count(&r)),
+            _ => 0,
+        };
+        match store.arrive(signal, spans) {
+            None => {}
+            Some(Fault::Slow(d)) => tokio::time::sleep(d).await,
+            Some(Fault::Reset) => {
+                // SO_LINGER 0: closing sends a reset, not a FIN.
+                r.get_ref().set_zero_linger()?;
+                return Ok(());
+            }
+            Some(Fault::Status { http, retry_after }) => {
+                let wait = retry_after.map(|s| format!("Retry-After: {s}\r\n")).unwrap_or_default();
+                let head = format!("HTTP/1.1 {http} Test Fault\r\n{wait}Content-Length: 0\r\n\r\n");
+                r.get_mut().write_all(head.as_bytes()).await?;
+                continue;
+            }
+        }
         let ok = if line.starts_with("POST /v1development/profiles ") {
             match ExportProfilesServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {

@@ -817,3 +817,52 @@ fn pipelined_requests_each_get_their_spans() -> Result<()> {
     }
     Ok(())
 }
+
+/// At saturation (32 keep-alive connections as fast as the service answers), with each
+/// export protocol: every request the service served is a span the collector received, or
+/// a loss the agent counted. The load generator counts exactly what was served (it reads
+/// every response in flight to its end before it stops).
+#[test]
+fn saturation_loses_nothing_uncounted_with_either_export_protocol() -> Result<()> {
+    for kind in [Kind::Grpc, Kind::Http] {
+        let rx = Receiver::start(kind, 0)?;
+        let (server, port) = rust_service("saturated", None)?;
+        let endpoint = rx.endpoint();
+        let mut args = vec!["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"];
+        if kind == Kind::Http {
+            args.extend(["--otlp-protocol", "http/protobuf"]);
+        }
+        let mut agent = Agent::start(&[server.pid()], &args, &[])?;
+        let load = zerotrace_e2e::load::saturate(port, "/hello", 32, Duration::from_secs(3))?;
+        ensure!(load.errors == 0 && load.non_2xx == 0, "{kind:?}: the service failed requests: {load:?}");
+        // Every span the agent will send has arrived once the count stops moving.
+        let mut last = usize::MAX;
+        for _ in 0..60 {
+            std::thread::sleep(Duration::from_millis(250));
+            let n = rx.spans().len();
+            if n as u64 >= load.requests || n == last {
+                break;
+            }
+            last = n;
+        }
+        agent.stop()?;
+        let spans = rx.spans().into_iter().filter(|s| s.kind == SERVER && s.attr("url.path") == "/hello").count() as u64;
+        let stats = agent.stats()?;
+        let counted: u64 =
+            stats.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
+        println!(
+            "{kind:?}: {} requests served ({:.0}/s) on {} connections: {spans} spans, {counted} counted as lost",
+            load.requests,
+            load.rate(),
+            load.per_conn.len()
+        );
+        ensure!(spans <= load.requests, "{kind:?}: {spans} spans for {} requests", load.requests);
+        ensure!(
+            load.requests - spans <= counted,
+            "{kind:?}: {} of {} requests served have no span and no counter counts them",
+            load.requests - spans - counted,
+            load.requests
+        );
+    }
+    Ok(())
+}
