@@ -11,8 +11,11 @@ pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_owned()
 }
 
+/// A progress line on stderr. A closed stderr (`2>&1 | tee`, then Ctrl-C) is ignored: output
+/// ends, whatever was about to happen (e.g. the demo's shutdown) still happens.
 pub fn step(msg: impl AsRef<str>) {
-    eprintln!("\x1b[1m==>\x1b[0m {}", msg.as_ref());
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\x1b[1m==>\x1b[0m {}", msg.as_ref());
 }
 
 /// Runs a command with inherited output; fails with the command line in the message.

@@ -49,6 +49,8 @@ const MAX_IN_FLIGHT: usize = 4;
 pub struct OtlpExport {
     tx: Option<mpsc::Sender<Span>>,
     task: tokio::task::JoinHandle<()>,
+    /// Told at the shutdown deadline: the task ends every export in flight and returns.
+    stop: Arc<tokio::sync::Notify>,
     pub stats: Arc<ExportStats>,
 }
 
@@ -58,8 +60,9 @@ impl OtlpExport {
     pub fn start(settings: &ExportSettings, resources: Resources, stats: Arc<ExportStats>) -> Result<Self, ExportError> {
         let transport = Transport::new(settings)?;
         let (tx, rx) = mpsc::channel(settings.queue);
-        let task = tokio::spawn(run(rx, settings.clone(), transport, resources, stats.clone()));
-        Ok(Self { tx: Some(tx), task, stats })
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let task = tokio::spawn(run(rx, settings.clone(), transport, resources, stats.clone(), stop.clone()));
+        Ok(Self { tx: Some(tx), task, stop, stats })
     }
 
     /// Queues a span; never waits. A full queue drops the span and counts it.
@@ -79,8 +82,13 @@ impl OtlpExport {
     pub async fn shutdown(mut self, deadline: Duration) {
         self.tx = None;
         if tokio::time::timeout(deadline, &mut self.task).await.is_err() {
-            self.task.abort();
-            let _ = (&mut self.task).await;
+            // Every export task has ended (none can count a span after this) before the
+            // rest is counted as dropped.
+            self.stop.notify_one();
+            if tokio::time::timeout(Duration::from_secs(2), &mut self.task).await.is_err() {
+                self.task.abort();
+                let _ = (&mut self.task).await;
+            }
             let left = self.stats.unaccounted();
             self.stats.dropped_shutdown.fetch_add(left, Relaxed);
             tracing::warn!(seconds = deadline.as_secs(), spans = left, "export did not finish in time; the spans left are dropped (spans_dropped_shutdown)");
@@ -278,11 +286,30 @@ impl EncodedResources {
     }
 }
 
-async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transport, resources: Resources, stats: Arc<ExportStats>) {
+async fn run(rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transport, resources: Resources, stats: Arc<ExportStats>, stop: Arc<tokio::sync::Notify>) {
+    let mut in_flight = tokio::task::JoinSet::new();
+    tokio::select! {
+        biased;
+        _ = stop.notified() => {}
+        _ = gather(rx, s, transport, resources, stats, &mut in_flight) => {}
+    }
+    // Stopped (or done): the exports still in flight are cancelled and waited for.
+    in_flight.shutdown().await;
+}
+
+/// Gathers spans into per-process batches and exports them until the queue is closed and
+/// everything in it was sent.
+async fn gather(
+    mut rx: mpsc::Receiver<Span>,
+    s: ExportSettings,
+    transport: Transport,
+    resources: Resources,
+    stats: Arc<ExportStats>,
+    in_flight: &mut tokio::task::JoinSet<()>,
+) {
     let mut resources = EncodedResources { resources, by_pid: HashMap::new() };
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let failing = Arc::new(Mutex::new(Failing::default()));
-    let mut in_flight = tokio::task::JoinSet::new();
     let mut batches: HashMap<u32, Vec<Span>> = HashMap::new();
     let mut open = true;
     let ctx = Ctx { transport, stats, failing };
@@ -312,7 +339,7 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transpo
                         // Waiting for a free export slot is the backpressure: meanwhile the
                         // bounded queue fills and further spans are dropped and counted.
                         let permit = permits.clone().acquire_owned().await.expect("never closed");
-                        spawn_export(&mut in_flight, &ctx, resources.get(pid), full, permit, true);
+                        spawn_export(in_flight, &ctx, resources.get(pid), full, permit, true);
                     }
                 }
                 Ok(None) => {
@@ -324,7 +351,7 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transpo
         }
         for (pid, b) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
             let permit = permits.clone().acquire_owned().await.expect("never closed");
-            spawn_export(&mut in_flight, &ctx, resources.get(*pid), std::mem::take(b), permit, open);
+            spawn_export(in_flight, &ctx, resources.get(*pid), std::mem::take(b), permit, open);
         }
         while in_flight.try_join_next().is_some() {}
         resources.evict_idle();
@@ -339,7 +366,7 @@ async fn run(mut rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transpo
         while !spans.is_empty() {
             let chunk: Vec<Span> = spans.drain(..s.batch.max(1).min(spans.len())).collect();
             let permit = permits.clone().acquire_owned().await.expect("never closed");
-            spawn_export(&mut in_flight, &ctx, resources.get(pid), chunk, permit, false);
+            spawn_export(in_flight, &ctx, resources.get(pid), chunk, permit, false);
         }
     }
     while in_flight.join_next().await.is_some() {}

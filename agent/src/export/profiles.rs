@@ -300,7 +300,7 @@ pub async fn export_task(
             }
             // Not sent (the collector does not take profiles, or asked to wait): counted
             // by the sink, and that window is lost.
-            Err(super::sink::SinkError::Held(_)) => {
+            Err(super::sink::SinkError::NotTaken(_)) => {
                 stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
             }
             Err(why) => {

@@ -58,6 +58,11 @@ pub fn http_failure(status: u16, retry_after: Option<&str>, now: SystemTime) -> 
 /// echo credentials).
 pub fn grpc_failure(status: &tonic::Status, why: String) -> Failure {
     use tonic::Code;
+    // A status tonic made from a local error (a reset connection comes back as UNKNOWN, an
+    // HTTP/2 reset as INTERNAL): the collector said nothing, so it is worth another try.
+    if std::error::Error::source(status).is_some() {
+        return Failure::transport(why);
+    }
     let after = status.get_details_retry_info().and_then(|r| r.retry_delay).map(|d| d.min(MAX_RETRY_AFTER));
     match status.code() {
         Code::Cancelled | Code::DeadlineExceeded | Code::Aborted | Code::OutOfRange | Code::Unavailable | Code::DataLoss => Failure::Retry { after, why },
@@ -156,6 +161,9 @@ mod tests {
         assert!(matches!(grpc_failure(&tonic::Status::new(Code::Unavailable, ""), "x".into()), Failure::Retry { after: None, .. }));
         assert!(matches!(grpc_failure(&tonic::Status::new(Code::Unimplemented, ""), "x".into()), Failure::Unsupported { .. }));
         assert!(matches!(grpc_failure(&tonic::Status::new(Code::InvalidArgument, ""), "x".into()), Failure::Rejected { .. }));
+        let reset = tonic::Status::from_error(Box::new(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer")));
+        assert_eq!(reset.code(), Code::Unknown);
+        assert!(matches!(grpc_failure(&reset, "x".into()), Failure::Retry { after: None, .. }), "a reset is retried, not taken for a refusal");
         let long = tonic::Status::with_error_details(Code::Unavailable, "", ErrorDetails::with_retry_info(Some(Duration::from_secs(99_999))));
         assert_eq!(grpc_failure(&long, "x".into()), Failure::Retry { after: Some(MAX_RETRY_AFTER), why: "x".into() });
     }

@@ -40,9 +40,9 @@ struct Gate {
 /// Why a request did not reach the collector.
 #[derive(Debug)]
 pub enum SinkError {
-    /// Not sent: the collector does not serve this signal (tried again rarely) or asked
-    /// to wait.
-    Held(&'static str),
+    /// Not taken, and already counted and said by the sink: the collector does not serve
+    /// this signal (it refused it now, or lately: tried again rarely) or asked to wait.
+    NotTaken(&'static str),
     /// Sent and failed.
     Failed(Failure),
 }
@@ -50,7 +50,7 @@ pub enum SinkError {
 impl std::fmt::Display for SinkError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            SinkError::Held(why) => f.write_str(why),
+            SinkError::NotTaken(why) => f.write_str(why),
             SinkError::Failed(e) => e.fmt(f),
         }
     }
@@ -91,11 +91,11 @@ impl Sink {
             let gate = self.state.gate.lock().expect("not poisoned");
             if !gate.rare.open(now) {
                 self.state.unsupported.fetch_add(1, Relaxed);
-                return Err(SinkError::Held("the collector does not accept this signal (tried again later)"));
+                return Err(SinkError::NotTaken("the collector does not accept this signal (tried again later)"));
             }
             if gate.not_before.is_some_and(|t| now < t) {
                 self.state.held.fetch_add(1, Relaxed);
-                return Err(SinkError::Held("the collector asked to wait (Retry-After)"));
+                return Err(SinkError::NotTaken("the collector asked to wait (Retry-After)"));
             }
         }
         let result = self.send_once::<Req, Resp>(req).await;
@@ -129,6 +129,9 @@ impl Sink {
                     }
                     Failure::Retry { after: Some(wait), .. } => gate.not_before = Some(Instant::now() + *wait),
                     _ => {}
+                }
+                if matches!(f, Failure::Unsupported { .. }) {
+                    return Err(SinkError::NotTaken("the collector does not accept this signal"));
                 }
                 Err(SinkError::Failed(f))
             }

@@ -190,6 +190,12 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut tick = DRAIN_TICK;
     let mut last_stats = Instant::now();
     loop {
+        // Checked on every turn: a timer branch in the select below would be re-armed, and so
+        // never fire, while records keep arriving faster than it.
+        if s.tail.is_some() && print::stdout_closed() {
+            tracing::info!("stdout closed: detaching");
+            break;
+        }
         tokio::select! {
             _ = agent.reader.wait(tick) => {
                 let n = agent.pump();
@@ -203,10 +209,6 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = tokio::time::sleep_until(profile_end), if profile_until.is_some() => {
                 tracing::info!("profile duration reached: detaching");
-                break;
-            }
-            _ = tokio::time::sleep(Duration::from_millis(200)), if s.tail.is_some() && print::stdout_closed() => {
-                tracing::info!("stdout closed: detaching");
                 break;
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }

@@ -307,6 +307,11 @@ async fn finish_profile(
     let Profiling { profiler, settings, task, .. } = p;
     let profile = tokio::task::spawn_blocking(move || profiler.finish()).await.unwrap_or_default();
     crate::profile::write_files(&settings, &profile);
+    // The windows before this one first (the profiler's end closed their queue), so that
+    // the last window goes after them and meets the collector's latest answer.
+    if let Some(t) = task {
+        let _ = tokio::time::timeout(deadline, t).await;
+    }
     if let (true, Some(export)) = (settings.otlp && !profile.samples.is_empty(), export) {
         let req = profiles::to_request(&profile, &|pid| profiles::resource_of(resources, pid));
         let mut sink = profiles::ProfilesSink::new(export, sink_state.clone());
@@ -314,7 +319,7 @@ async fn finish_profile(
             Ok(Ok(())) => {
                 stats.exported.fetch_add(1, Ordering::Relaxed);
             }
-            Ok(Err(SinkError::Held(_))) => {
+            Ok(Err(SinkError::NotTaken(_))) => {
                 stats.profiles_dropped.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(e)) => {
@@ -326,9 +331,6 @@ async fn finish_profile(
                 tracing::warn!("OTLP profiles export timed out");
             }
         }
-    }
-    if let Some(t) = task {
-        let _ = tokio::time::timeout(deadline, t).await;
     }
 }
 
@@ -364,7 +366,7 @@ async fn export_metrics(sink: &mut MetricsSink, m: &MetricsState, resources: &Re
     match sink.send(req).await {
         Ok(()) => {}
         // Counted by the sink (the collector does not take metrics, or asked to wait).
-        Err(SinkError::Held(_)) => {}
+        Err(SinkError::NotTaken(_)) => {}
         Err(SinkError::Failed(why)) => {
             if m.errors.fetch_add(1, Ordering::Relaxed) == 0 {
                 tracing::warn!(error = %why, "OTLP metrics export failed (counted; the next export carries the totals)");

@@ -1,7 +1,8 @@
-//! Child processes that are killed when the test is done (even on panic), free ports, and
-//! waiting for things with a deadline.
+//! Child processes that are killed when the test is done (even on panic) and die with the
+//! test binary (even when it is SIGKILLed), free ports, and waiting for things with a deadline.
 use std::{
     net::{TcpListener, TcpStream},
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -9,7 +10,32 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-/// A running child; SIGKILLed on drop unless it already exited.
+/// Makes the process `cmd` starts die (SIGKILL) when the thread that starts it ends, which
+/// for the harness and xtask means when the test binary or xtask ends, however it ends: a
+/// SIGKILLed parent runs no code, so only the kernel can stop its children then
+/// (PR_SET_PDEATHSIG). Drop guards cover every exit path that does run code. The signal is
+/// tied to the spawning *thread*: spawn long-lived children from the thread that owns them
+/// (a test's own thread, xtask's main thread), never from a helper thread that ends first.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: getpid before the fork; the closure runs in the child between fork and exec
+    // and only calls async-signal-safe functions (prctl, getppid, _exit).
+    let parent = unsafe { libc::getpid() };
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then nobody will signal us.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A running child; SIGKILLed on drop unless it already exited, and when the test binary
+/// dies (`die_with_parent`).
 pub struct Proc {
     pub child: Child,
     pub name: String,
@@ -26,6 +52,7 @@ impl Proc {
         let stdout = dir.join(format!("{tag}.out"));
         let stderr = dir.join(format!("{tag}.err"));
         cmd.stdin(Stdio::null()).stdout(std::fs::File::create(&stdout)?).stderr(std::fs::File::create(&stderr)?);
+        die_with_parent(&mut cmd);
         let child = cmd.spawn().with_context(|| format!("spawning {name}: {cmd:?}"))?;
         Ok(Proc { child, name: name.to_owned(), stdout, stderr })
     }

@@ -34,6 +34,11 @@ pub fn zerotrace_bin() -> Result<PathBuf> {
     from_env_or("ZEROTRACE_BIN", root().join("target/release/zerotrace"))
 }
 
+/// The xtask binary (`cargo xtask test` names itself here), for tests that run the demo.
+pub fn xtask_bin() -> Result<PathBuf> {
+    from_env_or("ZEROTRACE_XTASK", root().join("target/debug/xtask"))
+}
+
 /// The Rust test service (tests/rust-svc: axum server, reqwest client), release build.
 pub fn rust_svc() -> Result<PathBuf> {
     from_env_or("ZEROTRACE_RUST_SVC", root().join("target/release/rust-svc"))

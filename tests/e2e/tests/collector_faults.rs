@@ -38,10 +38,10 @@ fn start_agent(pid: u32, rx: &Receiver, more: &[&str], env: &[(&str, &str)]) -> 
     Agent::start(&[pid], &args, env)
 }
 
-/// Every span the agent assembled is exported or counted under one reason; returns the
-/// drops by reason that are not zero.
+/// Every span the agent assembled is exported or counted under one reason (sampling
+/// included); returns the drops by reason that are not zero.
 fn assert_accounted(agent: &Agent) -> Vec<(&'static str, u64)> {
-    let reasons = ["spans_dropped_queue_full", "spans_dropped_export_failed", "spans_dropped_rejected", "spans_dropped_shutdown"];
+    let reasons = ["spans_not_sampled", "spans_dropped_queue_full", "spans_dropped_export_failed", "spans_dropped_rejected", "spans_dropped_shutdown"];
     let drops: Vec<(&str, u64)> = reasons.iter().map(|r| (*r, agent.stat(r))).filter(|(_, n)| *n > 0).collect();
     let assembled = agent.stat("spans_assembled");
     let exported = agent.stat("spans_exported");
@@ -138,15 +138,14 @@ fn collector_that_is_slow_never_holds_up_the_service() -> Result<()> {
     rx.set_fault(Signal::Traces, Some(Fault::Slow(Duration::from_secs(1))));
     let mut agent = start_agent(srv.pid(), &rx, &["--batch-queue", "100", "--batch-size", "20"], &[])?;
     let mut client = Client::new(port);
-    let mut slowest = Duration::ZERO;
     for i in 0..1500 {
         let r = client.get(&format!("/users/{i}"))?;
         ensure!(r.status == 200);
-        slowest = slowest.max(r.elapsed);
     }
     rx.wait_for_attempts(Signal::Traces, 4, Duration::from_secs(20))?;
     agent.stop()?;
-    ensure!(slowest < Duration::from_millis(900), "a request took {slowest:?} while the collector took 1 s per export");
+    // Export waits in its own tasks: the agent kept reading the kernel's records meanwhile.
+    ensure!(agent.stat("events_dropped_ring_full") == 0, "the agent stopped reading while export waited: {:?}", agent.stats().ok());
     let drops = assert_accounted(&agent);
     ensure!(agent.stat("spans_dropped_queue_full") > 0, "1500 spans through a queue of 100 at 80 spans/s: {drops:?}");
     let (exported, shutdown) = (agent.stat("spans_exported") as usize, agent.stat("spans_dropped_shutdown") as usize);

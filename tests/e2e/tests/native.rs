@@ -847,14 +847,23 @@ fn saturation_loses_nothing_uncounted_with_either_export_protocol() -> Result<()
         }
         agent.stop()?;
         let spans = rx.spans().into_iter().filter(|s| s.kind == SERVER && s.attr("url.path") == "/hello").count() as u64;
+        // Export side, exactly: every span assembled was received or dropped by reason.
+        let assembled = agent.stat("spans_assembled");
+        let export_drops: u64 =
+            ["spans_not_sampled", "spans_dropped_queue_full", "spans_dropped_export_failed", "spans_dropped_rejected", "spans_dropped_shutdown"]
+                .iter()
+                .map(|r| agent.stat(r))
+                .sum();
+        ensure!(assembled == agent.stat("spans_exported") + export_drops, "{kind:?}: spans lost in export uncounted: {:?}", agent.stats().ok());
         let stats = agent.stats()?;
         let counted: u64 =
             stats.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
         println!(
-            "{kind:?}: {} requests served ({:.0}/s) on {} connections: {spans} spans, {counted} counted as lost",
+            "{kind:?}: {} requests served ({:.0}/s) on {} connections: {spans} spans, {counted} counted as lost (kernel ring full: {}; export: {export_drops})",
             load.requests,
             load.rate(),
-            load.per_conn.len()
+            load.per_conn.len(),
+            agent.stat("events_dropped_ring_full")
         );
         ensure!(spans <= load.requests, "{kind:?}: {spans} spans for {} requests", load.requests);
         ensure!(
