@@ -160,3 +160,11 @@ pub fn causal_pair(bin: &Path, label: &str, scheme: &str, prepare: &dyn Fn(&mut 
     wait_for_port(front_port, Duration::from_secs(10))?;
     Ok(CausalPair { front, down, front_port, down_port })
 }
+
+/// A process's resident memory (VmRSS) in KiB; 0 when it is gone.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
