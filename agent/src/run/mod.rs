@@ -171,10 +171,13 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     for target in &inspected {
         targets.attach_given(&mut probes, target)?;
     }
-    if let Some(d) = Discover::new(&s.exe_globs, &s.ports, s.all) {
-        if d.by_exe() {
-            probes.watch_execs()?;
-        }
+    let discover = Discover::new(&s.exe_globs, &s.ports, s.all);
+    // Execs matter for discovery by executable, and for every --pid target: one that execs
+    // runs another program, whose spans must not carry the old one's resource and probes.
+    if discover.as_ref().is_some_and(Discover::by_exe) || !s.pids.is_empty() {
+        probes.watch_execs()?;
+    }
+    if let Some(d) = discover {
         targets.discover(d, &mut probes);
     }
     health.set_attached();
@@ -213,14 +216,15 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             Some(pid) = exits.recv() => {
-                if !agent.targets.contains(pid) {
-                    continue;
+                if agent.targets.contains(pid) {
+                    // Finish what the process sent before it went away.
+                    agent.pump();
+                    agent.forget(pid);
+                    tracing::info!(pid, remaining = agent.targets.len(), "traced process exited; stopped tracing it");
                 }
-                // Finish what the process sent before it went away.
-                agent.pump();
-                agent.forget(pid);
-                tracing::info!(pid, remaining = agent.targets.len(), "traced process exited; stopped tracing it");
-                if agent.targets.is_empty() && !agent.targets.discovering() {
+                // (A --pid target that exec'd into something not traced any more still ends
+                // the agent when it exits.)
+                if agent.targets.is_empty() && !agent.targets.discovering() && !agent.targets.inspecting_any() {
                     tracing::info!("every traced process has exited");
                     break;
                 }
@@ -254,17 +258,21 @@ impl Agent<'_> {
 
     /// A traced process that exec'd runs another program now: its old one is forgotten;
     /// any process that exec'd is inspected again when discovery selects it.
+    /// A `--pid` target that exec'd is inspected and attached again as the program it runs
+    /// now (the user named the process, not the program).
     fn after_execs(&mut self) {
-        if !self.targets.discovering() {
-            self.execs.clear();
-            return;
-        }
         for pid in std::mem::take(&mut self.execs) {
             if self.targets.contains(pid) {
                 self.forget(pid);
                 tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
+                if self.s.pids.contains(&pid) {
+                    self.targets.reattach(pid);
+                    continue;
+                }
             }
-            self.targets.exec_seen(pid);
+            if self.targets.discovering() {
+                self.targets.exec_seen(pid);
+            }
         }
     }
 

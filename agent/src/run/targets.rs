@@ -144,6 +144,17 @@ impl<'s> Targets<'s> {
         self.discover = Some(d);
     }
 
+    /// Whether an inspection runs now (its process may become a target).
+    pub fn inspecting_any(&self) -> bool {
+        !self.inspecting.is_empty()
+    }
+
+    /// A `--pid` target exec'd: inspect and attach it again, as the program it runs now.
+    pub fn reattach(&mut self, pid: u32) {
+        self.refused.remove(&pid);
+        self.inspect_later(pid);
+    }
+
     /// A process exec'd: inspect it if discovery selects its new executable.
     pub fn exec_seen(&mut self, pid: u32) {
         if self.discover.as_ref().is_some_and(|d| d.matches(pid)) {
@@ -157,7 +168,11 @@ impl<'s> Targets<'s> {
         self.inspecting.remove(&pid);
         if exe.is_some() && proc::exe_identity(pid) != exe {
             tracing::debug!(pid, "process exec'd while it was inspected; inspecting again");
-            self.exec_seen(pid);
+            if self.s.pids.contains(&pid) {
+                self.inspect_later(pid);
+            } else {
+                self.exec_seen(pid);
+            }
             return;
         }
         self.attach_inspected(probes, pid, started, result);
