@@ -236,7 +236,7 @@ impl Probes {
         Ok(Self { ebpf, hooks, tls_read, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new() })
     }
 
-    /// Reports every exec to the agent (`--exe` discovery).
+    /// Reports every exec to the agent (`--exe` discovery; `--pid` targets that exec).
     pub fn watch_execs(&mut self) -> Result<(), ProbeError> {
         const EXEC: &str = "sched_process_exec";
         let prog: &mut RawTracePoint = program(&mut self.ebpf, EXEC)?;

@@ -18,7 +18,7 @@ use crate::{
     correlate::{Clock, Correlator, NativeParents, sampling::Sampler},
     events::{Event, reader::EventReader},
     export::{ExportSettings, print, tail::TailSettings},
-    model::sockdiag,
+    model::{proc, sockdiag},
     probes::{self, Inject, KernelSettings, Probes, features, go},
     profile::ProfileSettings,
     spans::Span,
@@ -208,6 +208,12 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             Some(done) = inspections.recv() => {
                 let a = &mut agent;
                 a.targets.inspected(&mut a.probes, done);
+                // A --pid target that exec'd and exited while it was inspected again: its exit
+                // came while the inspection ran, so the end is seen here.
+                if a.targets.is_empty() && !a.targets.discovering() && !a.targets.inspecting_any() && s.pids.iter().all(|p| !proc::exists(*p)) {
+                    tracing::info!("every traced process has exited");
+                    break;
+                }
             }
             _ = sigint.recv() => { tracing::info!("SIGINT: detaching"); break; }
             _ = tokio::time::sleep_until(profile_end), if profile_until.is_some() => {
@@ -265,10 +271,11 @@ impl Agent<'_> {
             if self.targets.contains(pid) {
                 self.forget(pid);
                 tracing::info!(pid, "traced process exec'd another program; stopped tracing its old one");
-                if self.s.pids.contains(&pid) {
-                    self.targets.reattach(pid);
-                    continue;
-                }
+            }
+            // Also when its last program was refused: this one may be traceable.
+            if self.s.pids.contains(&pid) {
+                self.targets.reattach(pid);
+                continue;
             }
             if self.targets.discovering() {
                 self.targets.exec_seen(pid);

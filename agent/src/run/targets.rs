@@ -232,6 +232,10 @@ impl<'s> Targets<'s> {
                 tracing::debug!(pid, "{e}");
                 true
             }
+            Err(e) if self.s.pids.contains(&pid) => {
+                tracing::warn!(pid, error = %e, "the --pid target exec'd a program that is not traced; it is tried again at its next exec");
+                true
+            }
             Err(e) => {
                 tracing::warn!(pid, error = %e, "discovered process not traced");
                 true

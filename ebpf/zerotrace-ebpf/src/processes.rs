@@ -1,7 +1,7 @@
-//! Process discovery (`--exe`): every exec on the machine is reported to the agent, which
-//! decides by the new executable's path whether to trace the process. Attached only when
-//! discovery is asked for; an exec is rare enough that reporting all of them costs nothing
-//! measurable.
+//! Process discovery (`--exe`) and `--pid` targets that exec: every exec on the machine is
+//! reported to the agent, which decides by the new executable's path whether to trace the
+//! process, or attaches a `--pid` target again as its new program. Attached only for those;
+//! an exec is rare enough that reporting all of them costs nothing measurable.
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext};
 use zerotrace_common::{Counter, EventKind, ProcExecEvent};
 

@@ -73,10 +73,11 @@ fn an_agent_killed_under_load_leaves_targets_serving_and_nothing_behind() -> Res
 
     // Load on both targets until told to stop; every request must succeed.
     let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicU64::new(0));
+    let served = [Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0))];
     let load: Vec<_> = [go_port, rust_port]
         .into_iter()
-        .map(|port| {
+        .zip(&served)
+        .map(|(port, served)| {
             let (stop, served) = (stop.clone(), served.clone());
             std::thread::spawn(move || -> Result<()> {
                 let mut c = Client::new(port);
@@ -93,14 +94,16 @@ fn an_agent_killed_under_load_leaves_targets_serving_and_nothing_behind() -> Res
     agent.proc.signal(libc::SIGKILL);
     let st = agent.proc.wait_timeout(Duration::from_secs(10)).expect("a SIGKILLed agent is gone");
     ensure!(!st.success(), "the agent was killed, not stopped: {st}");
-    let at_kill = served.load(Ordering::Relaxed);
+    let at_kill: Vec<u64> = served.iter().map(|n| n.load(Ordering::Relaxed)).collect();
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::Relaxed);
     for l in load {
         l.join().expect("load thread")?;
     }
-    let after_kill = served.load(Ordering::Relaxed) - at_kill;
-    ensure!(after_kill > 100, "the targets served {after_kill} requests in the second after the agent was killed");
+    for ((name, n), before) in ["Go", "Rust"].iter().zip(&served).zip(at_kill) {
+        let after_kill = n.load(Ordering::Relaxed) - before;
+        ensure!(after_kill > 20, "the {name} target served {after_kill} requests in the second after the agent was killed");
+    }
     ensure!(rx.spans().len() > 10, "the agent traced the load before it was killed: {} spans", rx.spans().len());
     all_gone(&ours, "the killed agent's BPF objects to be freed")?;
 

@@ -46,7 +46,17 @@ fn listen_known(pid: u32, port: u16) -> bool {
     let Ok(out) = Command::new("bpftool").args(["map", "dump", "name", "LISTEN", "-j"]).output() else { return false };
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
     let want: Vec<u8> = [pid.to_le_bytes().as_slice(), port.to_le_bytes().as_slice()].concat();
-    v.as_array().into_iter().flatten().any(|e| {
+    // One map: its entries; several of that name: each with its "elements".
+    let entries: Vec<&serde_json::Value> = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| match e.get("elements").and_then(|x| x.as_array()) {
+            Some(inner) => inner.iter().collect::<Vec<_>>(),
+            None => vec![e],
+        })
+        .collect();
+    entries.into_iter().any(|e| {
         let key: Vec<u8> = e
             .get("key")
             .and_then(|k| k.as_array())
@@ -147,12 +157,16 @@ fn killed_mid_request_and_pid_reused() -> Result<()> {
 fn a_traced_process_that_execs_is_traced_as_its_new_program() -> Result<()> {
     let (go, _) = copies("exec")?;
     let port = free_port();
+    // The shell execs once the agent traces it (it waits for a file the test makes then).
+    let go_on = tools::work_dir().join(format!("exec-go-on-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go_on);
     let mut cmd = Command::new("bash");
-    cmd.args(["-c", &format!("sleep 3; exec {} 127.0.0.1:{port}", go.display())]);
+    cmd.args(["-c", &format!("while [ ! -e {} ]; do sleep 0.05; done; exec {} 127.0.0.1:{port}", go_on.display(), go.display())]);
     let p = Proc::spawn("fault-exec", cmd)?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
     let mut agent = Agent::start(&[p.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profiles", "off"], &[])?;
+    std::fs::write(&go_on, b"go")?;
     wait_for_port(port, Duration::from_secs(20))?;
     wait_until("the agent to attach to the exec'd program", Duration::from_secs(30), || {
         agent.proc.stderr_text().matches(&format!("tracing pid={} ", p.pid())).count() >= 2
@@ -190,6 +204,7 @@ fn an_executable_replaced_on_disk_while_traced() -> Result<()> {
     assert_eq!(Client::new(a_port).get("/users/old")?.status, 200);
     let (b, b_port) = serve("fault-new", &go)?;
     wait_until("the new program to be traced", Duration::from_secs(30), || traced(&agent, b.pid()))?;
+    wait_until("the agent to know the new program's listening port", Duration::from_secs(10), || listen_known(b.pid(), b_port))?;
     assert_eq!(Client::new(b_port).get("/hello?new=1")?.status, 200);
     assert_eq!(Client::new(a_port).get("/users/old2")?.status, 200);
     rx.wait_for(3, Duration::from_secs(20))?;
@@ -204,5 +219,22 @@ fn an_executable_replaced_on_disk_while_traced() -> Result<()> {
     assert_eq!(new.len(), 1, "{spans:#?}");
     assert_ne!(new[0].res("process.runtime.name"), "go", "{:#?}", new[0]);
     assert_eq!(new[0].attr("url.path"), "/hello");
+    Ok(())
+}
+
+/// A `--pid` target that execs a program that then exits at once: the agent notices that
+/// nothing is left to trace and ends by itself.
+#[test]
+fn a_pid_target_that_execs_and_exits_ends_the_agent() -> Result<()> {
+    let go_on = tools::work_dir().join(format!("exec-true-go-on-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go_on);
+    let mut cmd = Command::new("bash");
+    cmd.args(["-c", &format!("while [ ! -e {} ]; do sleep 0.05; done; exec true", go_on.display())]);
+    let p = Proc::spawn("fault-exec-true", cmd)?;
+    let mut agent = Agent::start(&[p.pid()], &["--exporter", "none"], &[])?;
+    std::fs::write(&go_on, b"go")?;
+    let st = agent.proc.wait_timeout(Duration::from_secs(30));
+    ensure!(st.is_some_and(|s| s.success()), "the agent did not end by itself: {}", agent.proc.stderr_text());
+    ensure!(agent.proc.stderr_text().contains("every traced process has exited"), "{}", agent.proc.stderr_text());
     Ok(())
 }
