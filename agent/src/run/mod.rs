@@ -167,6 +167,11 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     if s.sampler != Sampler::AlwaysOn {
         tracing::info!(sampler = ?s.sampler, "sampling traces");
     }
+    // From the first attach on, SIGINT and SIGTERM detach (the loop below sees them, also
+    // when they came during the rest of the start); before it, they end the process, which
+    // leaves nothing behind either.
+    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let (mut targets, mut exits, mut inspections) = Targets::new(&s, outputs.resources.clone());
     for target in &inspected {
         targets.attach_given(&mut probes, target)?;
@@ -187,8 +192,6 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
 
     let profile_until = s.profile.as_ref().and_then(|p| p.duration);
     let profile_end = tokio::time::Instant::now() + profile_until.unwrap_or(Duration::from_secs(86400 * 365));
-    let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut tick = DRAIN_TICK;
     let mut last_stats = Instant::now();
