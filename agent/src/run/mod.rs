@@ -18,7 +18,7 @@ use crate::{
     correlate::{Clock, Correlator, NativeParents, sampling::Sampler},
     events::{Event, reader::EventReader},
     export::{ExportSettings, print, tail::TailSettings},
-    model::{proc, sockdiag},
+    model::sockdiag,
     probes::{self, Inject, KernelSettings, Probes, features, go},
     profile::ProfileSettings,
     spans::Span,
@@ -195,6 +195,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
     let mut tick = DRAIN_TICK;
     let mut last_stats = Instant::now();
+    // The --pid targets whose exit their pidfd watch reported.
+    let mut exited: std::collections::HashSet<u32> = std::collections::HashSet::new();
     loop {
         // Checked on every turn: a timer branch in the select below would be re-armed, and so
         // never fire, while records keep arriving faster than it.
@@ -212,8 +214,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                 let a = &mut agent;
                 a.targets.inspected(&mut a.probes, done);
                 // A --pid target that exec'd and exited while it was inspected again: its exit
-                // came while the inspection ran, so the end is seen here.
-                if a.targets.is_empty() && !a.targets.discovering() && !a.targets.inspecting_any() && s.pids.iter().all(|p| !proc::exists(*p)) {
+                // came while the inspection ran, so the end is seen here. (Exits as the pidfd
+                // reports them: a process not yet reaped by its parent still has its /proc.)
+                if a.targets.is_empty() && !a.targets.discovering() && !a.targets.inspecting_any() && s.pids.iter().all(|p| exited.contains(p)) {
                     tracing::info!("every traced process has exited");
                     break;
                 }
@@ -225,6 +228,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
             Some(pid) = exits.recv() => {
+                if s.pids.contains(&pid) {
+                    exited.insert(pid);
+                }
                 if agent.targets.contains(pid) {
                     // Finish what the process sent before it went away.
                     agent.pump();
