@@ -17,7 +17,7 @@ use zerotrace_e2e::{
     agent::Agent,
     http::Client,
     otlp::{Kind, Receiver},
-    proc::{Proc, free_port, start_server, wait_for_port, wait_until},
+    proc::{start_server, start_server_env, wait_until},
     tools,
 };
 
@@ -50,19 +50,10 @@ fn all_gone(ours: &[BTreeSet<u64>], what: &str) -> Result<()> {
     wait_until(what, Duration::from_secs(10), || left().is_empty()).with_context(|| format!("BPF objects of the agent still there: {:?}", left()))
 }
 
-fn rust_service(name: &str) -> Result<(Proc, u16)> {
-    let port = free_port();
-    let mut cmd = Command::new(tools::rust_svc()?);
-    cmd.arg(format!("127.0.0.1:{port}")).env("OTEL_SERVICE_NAME", name);
-    let p = Proc::spawn(name, cmd)?;
-    wait_for_port(port, Duration::from_secs(10))?;
-    Ok((p, port))
-}
-
 #[test]
 fn an_agent_killed_under_load_leaves_targets_serving_and_nothing_behind() -> Result<()> {
     let (go, go_port) = start_server("killed-go", &tools::httpserver(tools::GO_NEWEST)?)?;
-    let (rust, rust_port) = rust_service("killed-rust")?;
+    let (rust, rust_port) = start_server_env("killed-rust", &tools::rust_svc()?, &[("OTEL_SERVICE_NAME", "killed-rust")])?;
     let before = bpf_objects()?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();

@@ -137,15 +137,11 @@ fn bad_hpack(port: u16) -> Result<()> {
 #[test]
 fn hostile_traffic_is_survived_counted_and_legitimate_requests_still_traced() -> Result<()> {
     let (go, go_port) = start_server("hostile-go", &tools::httpserver(GO_NEWEST)?)?;
-    let rust_port = free_port();
-    let mut cmd = Command::new(tools::rust_svc()?);
-    cmd.arg(format!("127.0.0.1:{rust_port}"));
-    let rust = Proc::spawn("hostile-rust", cmd)?;
+    let (rust, rust_port) = start_server("hostile-rust", &tools::rust_svc()?)?;
     let grpc_port = free_port();
     let mut cmd = Command::new(tools::rust_svc()?);
     cmd.args(["grpc", &format!("127.0.0.1:{grpc_port}")]);
     let grpc = Proc::spawn("hostile-grpc", cmd)?;
-    wait_for_port(rust_port, Duration::from_secs(10))?;
     wait_for_port(grpc_port, Duration::from_secs(10))?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();

@@ -12,7 +12,7 @@ use zerotrace_e2e::{
     agent::Agent,
     http::Client,
     otlp::{Kind, RSpan, Receiver},
-    proc::{Proc, die_with_parent, free_port, wait_for_port, wait_until},
+    proc::{Proc, die_with_parent, free_port, start_server, wait_for_port, wait_until},
     tools::{self, GO_NEWEST},
 };
 
@@ -25,15 +25,6 @@ fn copies(tag: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     std::fs::copy(tools::httpserver(GO_NEWEST)?, &go)?;
     std::fs::copy(tools::rust_svc()?, &rust)?;
     Ok((go, rust))
-}
-
-fn serve(name: &str, bin: &std::path::Path) -> Result<(Proc, u16)> {
-    let port = free_port();
-    let mut cmd = Command::new(bin);
-    cmd.arg(format!("127.0.0.1:{port}"));
-    let p = Proc::spawn(name, cmd)?;
-    wait_for_port(port, Duration::from_secs(10))?;
-    Ok((p, port))
 }
 
 fn traced(agent: &Agent, pid: u32) -> bool {
@@ -99,7 +90,7 @@ fn killed_mid_request_and_pid_reused() -> Result<()> {
     let endpoint = rx.endpoint();
     let mut agent =
         Agent::start_discovering("run", &["--exe", "zt-fault-*", "--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profiles", "off"])?;
-    let (mut a, a_port) = serve("fault-a", &go)?;
+    let (mut a, a_port) = start_server("fault-a", &go)?;
     let pid = a.pid();
     wait_until("the Go target to be traced", Duration::from_secs(30), || traced(&agent, pid))?;
     assert_eq!(Client::new(a_port).get("/users/before")?.status, 200);
@@ -123,7 +114,7 @@ fn killed_mid_request_and_pid_reused() -> Result<()> {
     for i in 0..5 {
         assert_eq!(Client::new(b_port).get(&format!("/hello?reused={i}"))?.status, 200);
     }
-    let (c, c_port) = serve("fault-c", &go)?;
+    let (c, c_port) = start_server("fault-c", &go)?;
     wait_until("a new Go target to be traced", Duration::from_secs(30), || traced(&agent, c.pid()))?;
     assert_eq!(Client::new(c_port).get("/users/after")?.status, 200);
     rx.wait_for(7, Duration::from_secs(20))?;
@@ -196,13 +187,13 @@ fn an_executable_replaced_on_disk_while_traced() -> Result<()> {
     let endpoint = rx.endpoint();
     let mut agent =
         Agent::start_discovering("run", &["--exe", "zt-fault-go", "--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms", "--profiles", "off"])?;
-    let (a, a_port) = serve("fault-old", &go)?;
+    let (a, a_port) = start_server("fault-old", &go)?;
     wait_until("the Go target to be traced", Duration::from_secs(30), || traced(&agent, a.pid()))?;
     let tmp = go.with_extension("new");
     std::fs::copy(&rust, &tmp)?;
     std::fs::rename(&tmp, &go)?;
     assert_eq!(Client::new(a_port).get("/users/old")?.status, 200);
-    let (b, b_port) = serve("fault-new", &go)?;
+    let (b, b_port) = start_server("fault-new", &go)?;
     wait_until("the new program to be traced", Duration::from_secs(30), || traced(&agent, b.pid()))?;
     wait_until("the agent to know the new program's listening port", Duration::from_secs(10), || listen_known(b.pid(), b_port))?;
     assert_eq!(Client::new(b_port).get("/hello?new=1")?.status, 200);
