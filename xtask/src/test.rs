@@ -149,10 +149,14 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
         tiers.run("end-to-end, socket hooks forced to `syscalls`", || {
             step("end-to-end tests again, with the syscall socket hook set forced");
             let mut cmd = cargo();
-            // Export faults and what the demo and the harness leave behind do not depend on
-            // the hook set: the first pass covers them.
-            cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e", "--", "--test-threads=1"]);
-            cmd.args(["--skip", "collector_", "--skip", "demo_", "--skip", "harness_"]);
+            cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e"]);
+            for suite in SOCKET_SUITES {
+                cmd.args(["--test", suite]);
+            }
+            cmd.args(["--", "--test-threads=1"]);
+            for t in SOCKET_SUITES_SKIP {
+                cmd.args(["--skip", t]);
+            }
             if let Some(f) = &args.filter {
                 cmd.arg(f);
             }
@@ -180,6 +184,39 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
     }
     Ok(())
 }
+
+/// The e2e suites whose spans go through the socket hooks (server and client I/O, links
+/// across processes, connection state), run again with each forced hook set. Left out
+/// because the hook set does not enter them: CPU profiles, Go binary layouts (uprobe
+/// offsets), settings, the control socket, OTLP over TLS, export faults, the decoder
+/// cross-check, redaction, and what the demo and the harness leave behind.
+const SOCKET_SUITES: &[&str] = &[
+    "native",
+    "go_http_server",
+    "go_causality",
+    "containers",
+    "discovery",
+    "tail",
+    "hostile",
+    "sampling",
+    "metrics",
+    "bad_input",
+    "agent_faults",
+    "target_faults",
+];
+
+/// Tests of those suites that vary what the hook set does not see: the Go version matrix
+/// (uprobe offsets per release; the newest Go runs), the image and its capabilities, and
+/// the agent's refusals before it loads anything.
+const SOCKET_SUITES_SKIP: &[&str] = &[
+    "every_go_version",
+    "oldest_go",
+    "image_loads",
+    "least_privilege",
+    "a_pid_that_does_not_exist",
+    "without_privileges",
+    "invalid_settings",
+];
 
 /// rustfmt (rustfmt.toml) and clippy with warnings as errors over every crate: the
 /// workspace, the fuzz targets, and the kernel programs for their own target.
