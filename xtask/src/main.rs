@@ -1,6 +1,6 @@
 //! `cargo xtask`: one entry point for setting up a machine, building, running the demo, the
-//! test suite, the VM tests on Debian kernels (`vmtest`), the benchmarks and regenerating
-//! generated sources (`codegen`). Every task
+//! test suite, the long trust runs (`soak`), the VM tests on Debian kernels (`vmtest`), the
+//! benchmarks and regenerating generated sources (`codegen`). Every task
 //! installs what it needs first (idempotently, saying what it does), so a fresh machine needs
 //! nothing but this repository and Rust.
 mod bench;
@@ -10,6 +10,7 @@ mod fuzz;
 mod image;
 mod manifests;
 mod setup;
+mod soak;
 mod test;
 mod util;
 mod vmtest;
@@ -43,6 +44,9 @@ enum Task {
         #[command(subcommand)]
         which: bench::Bench,
     },
+    /// The long trust runs: a soak at steady load (RSS and CPU curve in target/soak/) and
+    /// connection churn; `test` runs them short.
+    Soak(soak::SoakArgs),
     /// Boot Debian kernels under qemu and run an end-to-end subset in each (results in
     /// target/vmtest/results.txt).
     Vmtest(vmtest::VmtestArgs),
@@ -79,6 +83,7 @@ fn dispatch(cli: Cli) -> Result<()> {
         Task::Test(args) => test::run(args),
         Task::Fuzz(args) => fuzz::run_fuzz(args),
         Task::Bench { which } => bench::run(which),
+        Task::Soak(args) => soak::run(args),
         Task::Vmtest(args) => vmtest::run(args),
         Task::Codegen { which } => codegen::run_codegen(which),
     }

@@ -6,6 +6,7 @@
 //! newest Debian kernels (`vmtest`). The tiers' times are printed at the end, also when one
 //! failed.
 use std::{
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -82,8 +83,7 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
         Ok(())
     })?;
     let (bin, rust_svc) = (bin.expect("built"), rust_svc.expect("built"));
-    let gos: Vec<(String, std::path::PathBuf)> =
-        setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect::<Result<_>>()?;
+    let gos = go_toolchains()?;
     let py = setup::python()?;
     let mut manifests = None;
     tiers.run("Kubernetes manifests (kustomize render, schema validation)", || {
@@ -99,16 +99,8 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
     })?;
     let (manifests, image) = (manifests.expect("checked"), image.expect("built"));
     let env = |cmd: &mut Command| {
-        cmd.env("ZEROTRACE_BIN", &bin).env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_RUST_SVC", &rust_svc);
-        // The e2e tests that run the demo run this very binary (cargo holds the build
-        // directory meanwhile, so it cannot be `cargo xtask`).
-        if let Ok(me) = std::env::current_exe() {
-            cmd.env("ZEROTRACE_XTASK", me);
-        }
-        cmd.env("ZEROTRACE_MANIFESTS", &manifests).env("ZEROTRACE_IMAGE", &image.archive);
-        for (var, go) in &gos {
-            cmd.env(var, go);
-        }
+        e2e_env(cmd, &bin, &rust_svc, &gos);
+        cmd.env("ZEROTRACE_PYTHON", &py).env("ZEROTRACE_MANIFESTS", &manifests).env("ZEROTRACE_IMAGE", &image.archive);
     };
     if !args.e2e_only {
         tiers.run("unit tests", || {
@@ -185,6 +177,24 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
     Ok(())
 }
 
+/// Every Go toolchain of the matrix, as (ZEROTRACE_GO_<version> variable, go binary).
+pub fn go_toolchains() -> Result<Vec<(String, PathBuf)>> {
+    setup::GO_MATRIX.iter().map(|v| Ok((format!("ZEROTRACE_GO_{}", v.replace('.', "_")), setup::go(v)?))).collect()
+}
+
+/// What every e2e test run needs in its environment: the agent, the Rust test service, the
+/// Go toolchains, and this binary (the e2e tests that run the demo run it: cargo holds the
+/// build directory meanwhile, so it cannot be `cargo xtask`).
+pub fn e2e_env(cmd: &mut Command, bin: &Path, rust_svc: &Path, gos: &[(String, PathBuf)]) {
+    cmd.env("ZEROTRACE_BIN", bin).env("ZEROTRACE_RUST_SVC", rust_svc);
+    if let Ok(me) = std::env::current_exe() {
+        cmd.env("ZEROTRACE_XTASK", me);
+    }
+    for (var, go) in gos {
+        cmd.env(var, go);
+    }
+}
+
 /// The e2e suites whose spans go through the socket hooks (server and client I/O, links
 /// across processes, connection state), run again with each forced hook set. Left out
 /// because the hook set does not enter them: CPU profiles, Go binary layouts (uprobe
@@ -192,6 +202,7 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
 /// cross-check, redaction, and what the demo and the harness leave behind.
 const SOCKET_SUITES: &[&str] = &[
     "native",
+    "churn",
     "go_http_server",
     "go_causality",
     "containers",

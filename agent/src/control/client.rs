@@ -88,8 +88,14 @@ pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectE
     for t in &r.targets {
         out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));
     }
+    let entries = |c: &&crate::control::proto::Counter| c.name.strip_prefix("zerotrace_").is_some_and(crate::probes::occupancy::is_entries);
     out.push_str("counters (non-zero):\n");
-    for c in r.counters.iter().filter(|c| c.value > 0) {
+    for c in r.counters.iter().filter(|c| c.value > 0 && !entries(c)) {
+        out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
+    }
+    // Every map, empty ones too: what is left behind shows as a count that does not go back.
+    out.push_str("kernel maps (entries, counted every few seconds):\n");
+    for c in r.counters.iter().filter(entries) {
         out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
     }
     Ok(out)

@@ -219,8 +219,8 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
                     ..Default::default()
                 }],
                 aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                // A count that goes down as well as up.
-                is_monotonic: *name != "processes_traced",
+                // Counts that go down as well as up.
+                is_monotonic: *name != "processes_traced" && !crate::probes::occupancy::is_entries(name),
             })),
             ..Default::default()
         })

@@ -6,6 +6,7 @@ pub mod btf;
 pub mod features;
 pub mod go;
 pub mod hooks;
+pub mod occupancy;
 
 use std::{collections::HashMap, num::NonZeroU32, path::Path};
 
@@ -18,7 +19,7 @@ use aya::{
         uprobe::{UProbeLinkId, UProbeScope},
     },
 };
-use zerotrace_common::{COUNTER_SLOTS, ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, SlotKey, TargetConfig, bounds, names};
+use zerotrace_common::{COUNTER_SLOTS, ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, TargetConfig, bounds, names};
 
 /// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
@@ -158,6 +159,8 @@ pub struct Probes {
     uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
     /// Threads removing the uprobes of processes no longer traced.
     detaching: Vec<std::thread::JoinHandle<()>>,
+    /// The kernel maps' entry counts, refreshed at most every few seconds.
+    occupancy: occupancy::Occupancy,
 }
 
 /// Start-up stages timed at debug level (`ZEROTRACE_LOG=info,zerotrace::probes=debug`):
@@ -233,7 +236,7 @@ impl Probes {
             prog.load().map_err(|source| ProbeError::Inject(log_aside(uprobes::GO_INJECT, source.to_string())))?;
         }
         stage.done("uprobe programs verified");
-        Ok(Self { ebpf, hooks, tls_read, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new() })
+        Ok(Self { ebpf, hooks, tls_read, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new(), occupancy: Default::default() })
     }
 
     /// Reports every exec to the agent (`--exe` discovery; `--pid` targets that exec).
@@ -352,11 +355,11 @@ impl Probes {
                 let _ = recvs.remove(&k);
             }
         }
-        // Client calls that were in flight when the process went (--inject-traceparent).
-        if let Ok(mut hdrs) = self.map_mut::<BpfHashMap<_, SlotKey, [u64; 2]>>(names::CLIENT_HDR) {
-            let stale: Vec<SlotKey> = hdrs.keys().filter_map(Result::ok).filter(|k| k.pid == pid).collect();
-            for k in stale {
-                let _ = hdrs.remove(&k);
+        // Its goroutines' state, channel slots and client calls in flight (--inject-traceparent):
+        // the kernel removes these when a request or call ends, not when a process does.
+        for map in occupancy::PER_PROCESS {
+            if let Some(m) = occupancy::RawMap::of(&self.ebpf, map) {
+                m.purge_pid(pid);
             }
         }
     }
@@ -399,6 +402,12 @@ impl Probes {
             }
         }
         out
+    }
+
+    /// Entries of every kernel hash map (`map_<name>_entries`), counted now when `fresh`,
+    /// else at most every `occupancy::EVERY`.
+    pub fn occupancy(&mut self, fresh: bool) -> Vec<(&'static str, u64)> {
+        self.occupancy.get(&self.ebpf, fresh)
     }
 
     /// Runs of zerotrace's loaded programs the kernel skipped (`recursion_misses` in each

@@ -314,10 +314,13 @@ impl Agent<'_> {
         }
     }
 
-    fn counters(&self) -> Vec<(&'static str, u64)> {
+    /// Every counter and gauge; the kernel maps' entries are counted at most every few
+    /// seconds.
+    fn counters(&mut self) -> Vec<(&'static str, u64)> {
         let mut list = stats::counters(&self.probes, &self.reader, &self.correlator);
         list.extend(self.outputs.counters());
         list.push(("processes_traced", self.targets.len() as u64));
+        list.extend(self.probes.occupancy(false));
         list
     }
 
@@ -327,8 +330,11 @@ impl Agent<'_> {
             self.probes.remove_target(pid);
         }
         self.pump();
-        let Agent { s, probes, mut reader, correlator, targets, outputs, started, .. } = self;
+        let Agent { s, mut probes, mut reader, correlator, targets, outputs, started, .. } = self;
         let mut counters = stats::counters(&probes, &reader, &correlator);
+        // What the kernel maps still hold once every target is forgotten (the LRU caches
+        // aside, nothing: churn and failures must not leave entries behind).
+        counters.extend(probes.occupancy(true));
         let hooks = probes.hooks;
         let more = outputs.finish(&targets, &counters, FLUSH_DEADLINE).await;
         counters.extend(more);

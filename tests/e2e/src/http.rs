@@ -69,23 +69,23 @@ impl Client {
     pub fn reset(&mut self) -> Result<()> {
         use std::os::fd::AsRawFd;
         let Some(conn) = self.conn.take() else { return Ok(()) };
-        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-        // SAFETY: setsockopt on a socket we own, with a value of the size given.
-        let rc = unsafe {
-            libc::setsockopt(
-                conn.get_ref().as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            bail!("SO_LINGER: {}", std::io::Error::last_os_error());
-        }
+        set_zero_linger(conn.get_ref().as_raw_fd())?;
         drop(conn);
         Ok(())
     }
+}
+
+/// SO_LINGER 0 on socket `fd`: closing it sends a reset (RST) instead of a FIN.
+pub fn set_zero_linger(fd: std::os::fd::RawFd) -> Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on a socket the caller owns, with a value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, (&linger as *const libc::linger).cast(), std::mem::size_of::<libc::linger>() as libc::socklen_t)
+    };
+    if rc != 0 {
+        bail!("SO_LINGER: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn read_response(r: &mut BufReader<TcpStream>) -> Result<(u16, Vec<u8>, bool)> {

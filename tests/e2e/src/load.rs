@@ -207,3 +207,64 @@ async fn fill(s: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
+
+/// Connection churn: `total` short connections to 127.0.0.1:`port`, `parallel` at a time,
+/// each sending one GET `path`, reading the response and closing; every fourth ends with a
+/// reset (SO_LINGER 0) instead of a FIN. `per_conn` holds each connection's local port and
+/// whether it was answered (1) or not (0).
+pub fn churn(port: u16, path: &str, parallel: usize, total: usize) -> Result<LoadReport> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let start = Instant::now();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: zerotrace-load/1\r\n\r\n").into_bytes();
+        let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..parallel {
+            let (request, next) = (request.clone(), next.clone());
+            tasks.spawn(async move {
+                let mut out = LoadReport::default();
+                let mut buf = Vec::with_capacity(1024);
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        return Ok::<_, anyhow::Error>(out);
+                    }
+                    let s = TcpStream::connect(("127.0.0.1", port)).await.context("connecting to the service under churn")?;
+                    let local = s.local_addr()?.port();
+                    if i % 4 == 3 {
+                        crate::http::set_zero_linger(std::os::fd::AsRawFd::as_raw_fd(&s))?;
+                    }
+                    let mut s = s;
+                    buf.clear();
+                    let done = async {
+                        s.write_all(&request).await?;
+                        read_response(&mut s, &mut buf).await
+                    };
+                    match tokio::time::timeout(Duration::from_secs(30), done).await {
+                        Ok(Ok((status, _))) => {
+                            out.requests += 1;
+                            if !(200..300).contains(&status) {
+                                out.non_2xx += 1;
+                            }
+                            out.per_conn.push((local, 1));
+                        }
+                        Ok(Err(_)) | Err(_) => {
+                            out.errors += 1;
+                            out.per_conn.push((local, 0));
+                        }
+                    }
+                }
+            });
+        }
+        let mut report = LoadReport::default();
+        while let Some(r) = tasks.join_next().await {
+            let one = r.context("churn task")??;
+            report.requests += one.requests;
+            report.errors += one.errors;
+            report.non_2xx += one.non_2xx;
+            report.per_conn.extend(one.per_conn);
+        }
+        report.elapsed = start.elapsed();
+        Ok(report)
+    })
+}

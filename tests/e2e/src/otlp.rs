@@ -213,6 +213,10 @@ struct Store {
     requests: AtomicUsize,
     /// Benchmark sink: count requests, decode nothing.
     discard: bool,
+    /// Soak sink: count spans, keep none (hours of load would not fit in memory).
+    count_only: bool,
+    /// Spans received (kept or not).
+    span_total: AtomicUsize,
     faults: Mutex<BTreeMap<Signal, Fault>>,
     attempts: Mutex<Vec<Attempt>>,
 }
@@ -234,7 +238,10 @@ impl Store {
 
     fn add(&self, req: &ExportTraceServiceRequest) {
         self.requests.fetch_add(1, Ordering::SeqCst);
-        self.spans.lock().unwrap().extend(flatten(req));
+        self.span_total.fetch_add(span_count(req), Ordering::SeqCst);
+        if !self.count_only {
+            self.spans.lock().unwrap().extend(flatten(req));
+        }
     }
 
     /// Records one export request of `signal`; returns the fault it meets, if any.
@@ -381,6 +388,11 @@ impl Receiver {
         Self::start_with(Kind::Http, port, Arc::new(Store { discard: true, ..Store::default() }))
     }
 
+    /// A receiver that counts the spans it gets and keeps none (`spans_count`).
+    pub fn start_counting(kind: Kind) -> Result<Receiver> {
+        Self::start_with(kind, 0, Arc::new(Store { count_only: true, ..Store::default() }))
+    }
+
     /// A gRPC receiver over TLS (https): `identity` is the server's (certificate, key) PEM;
     /// with `client_ca`, clients must present a certificate it signed (mTLS).
     pub fn start_tls(identity: (&str, &str), client_ca: Option<&str>) -> Result<Receiver> {
@@ -460,6 +472,11 @@ impl Receiver {
 
     pub fn spans(&self) -> Vec<RSpan> {
         self.store.spans.lock().unwrap().clone()
+    }
+
+    /// Spans received so far (also by a counting receiver).
+    pub fn spans_count(&self) -> usize {
+        self.store.span_total.load(Ordering::SeqCst)
     }
 
     pub fn requests(&self) -> usize {

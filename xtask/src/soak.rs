@@ -1,0 +1,34 @@
+//! `cargo xtask soak`: the long versions of the trust suites, with a time budget. The soak
+//! (a Go and a Rust service at 2,500 req/s each, traced and exported over OTLP; agent RSS
+//! and CPU sampled every 10 s, the curve in target/soak/) and connection churn (600,000
+//! short connections). `cargo xtask test` runs the same suites in their short versions.
+use anyhow::Result;
+use clap::Args;
+
+use crate::{
+    setup, test,
+    util::{self, build_release, build_rust_services, cargo, root, step},
+};
+
+#[derive(Args)]
+pub struct SoakArgs {
+    /// Minutes of steady load (the first third, at least one minute, is warm-up).
+    #[arg(long, default_value_t = 10)]
+    pub minutes: u64,
+    /// Short connections of the churn run.
+    #[arg(long, default_value_t = 600_000)]
+    pub connections: u64,
+}
+
+pub fn run(args: SoakArgs) -> Result<()> {
+    setup::all()?;
+    let bin = build_release()?;
+    let rust_svc = build_rust_services()?;
+    let gos = test::go_toolchains()?;
+    step(format!("soak: {} min of steady load, then {} short connections (results in target/soak/)", args.minutes, args.connections));
+    let mut cmd = cargo();
+    cmd.current_dir(root()).args(["test", "--release", "-p", "zerotrace-e2e", "--test", "soak", "--test", "churn", "--", "--test-threads=1", "--nocapture"]);
+    test::e2e_env(&mut cmd, &bin, &rust_svc, &gos);
+    cmd.env("ZEROTRACE_SOAK_SECONDS", (args.minutes.max(2) * 60).to_string()).env("ZEROTRACE_CHURN_CONNECTIONS", args.connections.to_string());
+    util::run(&mut cmd)
+}
