@@ -1,7 +1,8 @@
 //! `cargo xtask fuzz`: every parser of captured bytes under libFuzzer (cargo-fuzz, the
 //! pinned nightly, AddressSanitizer), each for a bounded time, starting from the corpus
 //! checked in under fuzz/corpus (new inputs go to target/fuzz-corpus, crashes to
-//! fuzz/artifacts and fail the task). `--seed-from REC` rebuilds the checked-in corpus from
+//! fuzz/artifacts and fail the task; `--minutes N` is a campaign whose finds are kept in
+//! fuzz/corpus). `--seed-from REC` rebuilds the checked-in corpus from
 //! a recording (`zerotrace run --record`).
 use std::{path::Path, process::Command};
 
@@ -20,6 +21,10 @@ pub struct FuzzArgs {
     /// Seconds per target.
     #[arg(long, default_value_t = 60)]
     pub seconds: u64,
+    /// A campaign: minutes per target (overrides --seconds); the new inputs it finds go
+    /// into the checked-in corpus (fuzz/corpus/<target>), to be committed.
+    #[arg(long)]
+    pub minutes: Option<u64>,
     /// Targets to run (default: all).
     #[arg(long, value_delimiter = ',')]
     pub targets: Vec<String>,
@@ -36,16 +41,21 @@ pub fn run_fuzz(a: FuzzArgs) -> Result<()> {
     let targets: Vec<&str> = if a.targets.is_empty() { TARGETS.to_vec() } else { a.targets.iter().map(String::as_str).collect() };
     step(format!("building the fuzz targets ({} with AddressSanitizer; a few minutes the first time)", setup::NIGHTLY));
     run(fuzz_cmd().args(["build"]))?;
+    let seconds = a.minutes.map_or(a.seconds, |m| m * 60);
     for t in targets {
-        let fresh = root().join("target/fuzz-corpus").join(t);
-        std::fs::create_dir_all(&fresh)?;
         let seeds = root().join("fuzz/corpus").join(t);
-        step(format!("fuzzing {t} for {} s (seeds: {})", a.seconds, seeds.display()));
-        let st = fuzz_cmd()
-            .args(["run", t])
-            .arg(&fresh)
-            .arg(&seeds)
-            .args(["--", &format!("-max_total_time={}", a.seconds), "-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"])
+        // libFuzzer writes what it finds into the first corpus directory: a campaign's finds
+        // are kept in the repository, a short run's under target/.
+        let fresh = if a.minutes.is_some() { seeds.clone() } else { root().join("target/fuzz-corpus").join(t) };
+        std::fs::create_dir_all(&fresh)?;
+        step(format!("fuzzing {t} for {seconds} s (corpus: {}{})", seeds.display(), if a.minutes.is_some() { ", new inputs kept there" } else { "" }));
+        let mut cmd = fuzz_cmd();
+        cmd.args(["run", t]).arg(&fresh);
+        if fresh != seeds {
+            cmd.arg(&seeds);
+        }
+        let st = cmd
+            .args(["--", &format!("-max_total_time={seconds}"), "-rss_limit_mb=2048", "-max_len=65536", "-print_final_stats=1"])
             .status()
             .context("running cargo fuzz")?;
         if !st.success() {

@@ -160,7 +160,7 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
     if args.fuzz_seconds > 0 && args.filter.is_none() {
         tiers.run("fuzzing (every parser of captured bytes)", || {
             step("fuzzing every parser of captured bytes (bounded time per target)");
-            crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, targets: Vec::new(), seed_from: None })
+            crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, minutes: None, targets: Vec::new(), seed_from: None })
         })?;
     }
     // Last: the slowest tier, and a failure in a VM keeps no other tier from running.
@@ -219,15 +219,8 @@ const SOCKET_SUITES: &[&str] = &[
 /// Tests of those suites that vary what the hook set does not see: the Go version matrix
 /// (uprobe offsets per release; the newest Go runs), the image and its capabilities, and
 /// the agent's refusals before it loads anything.
-const SOCKET_SUITES_SKIP: &[&str] = &[
-    "every_go_version",
-    "oldest_go",
-    "image_loads",
-    "least_privilege",
-    "a_pid_that_does_not_exist",
-    "without_privileges",
-    "invalid_settings",
-];
+const SOCKET_SUITES_SKIP: &[&str] =
+    &["every_go_version", "oldest_go", "image_loads", "least_privilege", "a_pid_that_does_not_exist", "without_privileges", "invalid_settings"];
 
 /// rustfmt (rustfmt.toml) and clippy with warnings as errors over every crate: the
 /// workspace, the fuzz targets, and the kernel programs for their own target.

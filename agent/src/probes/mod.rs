@@ -406,8 +406,12 @@ impl Probes {
 
     /// Entries of every kernel hash map (`map_<name>_entries`), counted now when `fresh`,
     /// else at most every `occupancy::EVERY`.
+    /// And `uprobe_detach_backlog`: processes whose uprobes are still being removed.
     pub fn occupancy(&mut self, fresh: bool) -> Vec<(&'static str, u64)> {
-        self.occupancy.get(&self.ebpf, fresh)
+        let mut v = self.occupancy.get(&self.ebpf, fresh);
+        self.detaching.retain(|t| !t.is_finished());
+        v.push(("uprobe_detach_backlog", self.detaching.len() as u64));
+        v
     }
 
     /// Runs of zerotrace's loaded programs the kernel skipped (`recursion_misses` in each

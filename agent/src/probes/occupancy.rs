@@ -136,13 +136,8 @@ fn bpf_key_op(cmd: libc::c_long, fd: i32, key: Option<&[u8]>, next: Option<&mut 
         next_key: u64,
         _rest: [u64; 13],
     }
-    let attr = Attr {
-        map_fd: fd as u32,
-        _pad: 0,
-        key: key.map_or(0, |k| k.as_ptr() as u64),
-        next_key: next.map_or(0, |n| n.as_mut_ptr() as u64),
-        _rest: [0; 13],
-    };
+    let attr =
+        Attr { map_fd: fd as u32, _pad: 0, key: key.map_or(0, |k| k.as_ptr() as u64), next_key: next.map_or(0, |n| n.as_mut_ptr() as u64), _rest: [0; 13] };
     // SAFETY: bpf(2) with an attribute block of a size the kernel accepts for these commands
     // (zeroed past the fields it reads); the key buffers are the map's key size and outlive
     // the call.

@@ -96,6 +96,13 @@ impl Agent {
         }
     }
 
+    /// Planted secrets (`secrets`) in what the agent printed: `tail` lines and its log.
+    pub fn leaks(&self) -> Vec<String> {
+        let mut out = crate::secrets::find(self.proc.stdout_text().as_bytes());
+        out.extend(crate::secrets::find(self.proc.stderr_text().as_bytes()));
+        out
+    }
+
     /// The counters the agent wrote at exit.
     pub fn stats(&self) -> Result<serde_json::Value> {
         let text = std::fs::read_to_string(&self.stats_file)?;
@@ -113,6 +120,16 @@ impl Agent {
                 let known: Vec<&String> = stats.as_object().map(|o| o.keys().collect()).unwrap_or_default();
                 panic!("the agent writes no counter {key}; it writes {known:?}")
             }
+        }
+    }
+}
+
+impl Drop for Agent {
+    /// Planted secrets in the agent's output fail the test that owns it.
+    fn drop(&mut self) {
+        let leaks = self.leaks();
+        if !leaks.is_empty() && !std::thread::panicking() {
+            panic!("planted secrets in the agent's output: {leaks:?}");
         }
     }
 }

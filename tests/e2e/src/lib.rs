@@ -11,4 +11,5 @@ pub mod netns;
 pub mod oci;
 pub mod otlp;
 pub mod proc;
+pub mod secrets;
 pub mod tools;

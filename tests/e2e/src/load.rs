@@ -53,7 +53,7 @@ fn run(port: u16, path: &str, conns: usize, duration: Duration, rate: Option<f64
     rt.block_on(async move {
         let start = Instant::now();
         let end = start + duration;
-        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: zerotrace-load/1\r\n\r\n").into_bytes();
+        let request = request_bytes(port, path);
         let mut tasks = tokio::task::JoinSet::new();
         for c in 0..conns {
             let request = request.clone();
@@ -216,7 +216,7 @@ pub fn churn(port: u16, path: &str, parallel: usize, total: usize) -> Result<Loa
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         let start = Instant::now();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: zerotrace-load/1\r\n\r\n").into_bytes();
+        let request = request_bytes(port, path);
         let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..parallel {
@@ -267,4 +267,14 @@ pub fn churn(port: u16, path: &str, parallel: usize, total: usize) -> Result<Loa
         report.elapsed = start.elapsed();
         Ok(report)
     })
+}
+
+/// GET `path` with the planted credentials every test request carries (`secrets`).
+fn request_bytes(port: u16, path: &str) -> Vec<u8> {
+    let mut r = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: zerotrace-load/1\r\n");
+    for (k, v) in crate::secrets::HEADERS {
+        r.push_str(&format!("{k}: {v}\r\n"));
+    }
+    r.push_str("\r\n");
+    r.into_bytes()
 }

@@ -217,6 +217,8 @@ struct Store {
     count_only: bool,
     /// Spans received (kept or not).
     span_total: AtomicUsize,
+    /// Planted secrets found in what was received (`secrets`), by signal.
+    leaks: Mutex<Vec<String>>,
     faults: Mutex<BTreeMap<Signal, Fault>>,
     attempts: Mutex<Vec<Attempt>>,
 }
@@ -236,7 +238,22 @@ impl Store {
         }
     }
 
+    /// Records the planted secrets in one request's bytes.
+    fn scan(&self, signal: &str, bytes: &[u8]) {
+        let found = crate::secrets::find(bytes);
+        if !found.is_empty() {
+            let mut l = self.leaks.lock().unwrap();
+            for f in found {
+                let line = format!("{signal}: {f}");
+                if !l.contains(&line) {
+                    l.push(line);
+                }
+            }
+        }
+    }
+
     fn add(&self, req: &ExportTraceServiceRequest) {
+        self.scan("spans", &req.encode_to_vec());
         self.requests.fetch_add(1, Ordering::SeqCst);
         self.span_total.fetch_add(span_count(req), Ordering::SeqCst);
         if !self.count_only {
@@ -340,6 +357,7 @@ fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
 impl MetricsService for Svc {
     async fn export(&self, req: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.0.grpc_fault(Signal::Metrics, 0).await?;
+        self.0.scan("metrics", &req.get_ref().encode_to_vec());
         self.0.metrics.lock().unwrap().extend(flatten_metrics(req.get_ref()));
         Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
@@ -349,6 +367,7 @@ impl MetricsService for Svc {
 impl ProfilesService for Svc {
     async fn export(&self, req: tonic::Request<ExportProfilesServiceRequest>) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
         self.0.grpc_fault(Signal::Profiles, 0).await?;
+        self.0.scan("profiles", &req.get_ref().encode_to_vec());
         self.0.profiles.lock().unwrap().push(req.into_inner());
         Ok(tonic::Response::new(ExportProfilesServiceResponse { partial_success: None }))
     }
@@ -541,13 +560,20 @@ impl Receiver {
         let again = Self::start_with(self.kind, self.port, self.store.clone())?;
         let mut again = again;
         self.rt = again.rt.take();
+        // The stand-in shares this one's store: its drop must not report what this one will.
+        again.store = Arc::new(Store::default());
         Ok(())
     }
 }
 
 impl Drop for Receiver {
+    /// Stops it; planted secrets it received fail the test that owns it.
     fn drop(&mut self) {
         self.stop();
+        let leaks = self.store.leaks.lock().unwrap().clone();
+        if !leaks.is_empty() && !std::thread::panicking() {
+            panic!("planted secrets were exported: {leaks:?}");
+        }
     }
 }
 
@@ -605,6 +631,7 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         let ok = if line.starts_with("POST /v1development/profiles ") {
             match ExportProfilesServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {
+                    store.scan("profiles", &body);
                     store.profiles.lock().unwrap().push(req);
                     true
                 }
@@ -613,6 +640,7 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         } else if line.starts_with("POST /v1/metrics ") {
             match ExportMetricsServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {
+                    store.scan("metrics", &body);
                     store.metrics.lock().unwrap().extend(flatten_metrics(&req));
                     true
                 }

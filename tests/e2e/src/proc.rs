@@ -163,8 +163,18 @@ pub fn causal_pair(bin: &Path, label: &str, scheme: &str, prepare: &dyn Fn(&mut 
 
 /// A process's resident memory (VmRSS) in KiB; 0 when it is gone.
 pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+/// A process's anonymous resident memory (RssAnon: its heap and stacks, without the pages
+/// of files it maps) in KiB; 0 when it is gone.
+pub fn rss_anon_kib(pid: u32) -> u64 {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
