@@ -1,6 +1,7 @@
 //! zerotrace agent library: probes (load/attach) -> events (ring buffer decode) -> model
 //! (targets, /proc) -> protocols (byte parsers) -> correlate (span assembly) -> export
 //! (OTLP, terminal). `main.rs` is a thin CLI over `run` and `doctor`.
+pub mod attributes;
 pub mod cli;
 pub mod config;
 pub mod control;

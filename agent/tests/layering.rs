@@ -10,7 +10,7 @@ use std::{
 
 /// Stages from the bottom up: a module may use its own stage and the ones before it.
 const STAGES: &[&[&str]] = &[
-    &["spans", "otel_env"],
+    &["attributes", "spans", "otel_env"],
     &["protocols", "symbols", "events"],
     &["model"],
     &["probes"],

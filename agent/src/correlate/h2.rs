@@ -332,22 +332,42 @@ impl Correlator {
         let status;
         let name;
         if grpc {
-            let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
-            name = if method.is_empty() { service.to_owned() } else { format!("{service}/{method}") };
-            a.push(("rpc.system", Value::Static("grpc")));
-            a.push(("rpc.service", Value::Str(service.to_owned())));
-            a.push(("rpc.method", Value::Str(method.to_owned())));
+            // Semantic conventions v1.44 (RPC, gRPC): `rpc.method` is the fully-qualified
+            // `package.Service/Method` and names the span; a method the server did not
+            // recognise (UNIMPLEMENTED) or a path that is not `/Service/Method` is `_OTHER`,
+            // with the path in `rpc.method_original` and the span named after the system.
             let code = s.grpc_status.or(s.response.as_ref().and_then(|r| r.grpc_status));
-            if let Some(c) = code {
-                a.push(("rpc.grpc.status_code", Value::Int(c)));
+            let full = path.strip_prefix('/').filter(|p| p.split_once('/').is_some_and(|(svc, m)| !svc.is_empty() && !m.is_empty() && !m.contains('/')));
+            a.push(("rpc.system.name", Value::Static("grpc")));
+            match full {
+                Some(m) if code != Some(12) => {
+                    name = m.to_owned();
+                    a.push(("rpc.method", Value::Str(m.to_owned())));
+                }
+                _ => {
+                    name = "grpc".to_owned();
+                    a.push(("rpc.method", Value::Static("_OTHER")));
+                    if !path.is_empty() {
+                        a.push(("rpc.method_original", Value::Str(path.trim_start_matches('/').to_owned())));
+                    }
+                }
+            }
+            let code_name = code.map(|c| {
+                usize::try_from(c).ok().and_then(|i| crate::attributes::GRPC_STATUS.get(i)).map_or_else(|| Value::Str(c.to_string()), |n| Value::Static(n))
+            });
+            if let Some(n) = &code_name {
+                a.push(("rpc.response.status_code", n.clone()));
             }
             // Server errors are the codes that mean the server failed; for a client every
-            // code but OK is one.
+            // code but OK is one. `error.type` is the status code of a failed call.
             let failed = match code {
                 Some(c) if server => matches!(c, 2 | 4 | 12 | 13 | 14 | 15),
                 Some(c) => c != 0,
                 None => false,
             };
+            if failed && let Some(n) = code_name {
+                a.push(("error.type", n));
+            }
             status = if failed { Status::Error(format!("gRPC status {}", code.unwrap_or(0))) } else { Status::Unset };
         } else {
             let method = req.method.as_deref().unwrap_or("");
@@ -373,7 +393,9 @@ impl Correlator {
         }
         let status = match s.reset {
             Some(code) => {
-                a.push(("error.type", Value::Static("_OTHER")));
+                if !a.iter().any(|(k, _)| *k == "error.type") {
+                    a.push(("error.type", Value::Static("_OTHER")));
+                }
                 a.push(("zerotrace.http2.rst_stream", Value::Int(i64::from(code))));
                 Status::Error(format!("stream reset (HTTP/2 error code {code})"))
             }
@@ -417,6 +439,82 @@ impl Correlator {
             end_unix_ns: self.clock.to_unix(end_ns.max(s.start_ns)),
             attributes: a,
             status,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::correlate::Clock;
+
+    fn grpc_span(path: &str, code: Option<i64>, server: bool) -> Span {
+        let c = Correlator::new(Clock::fixed(0));
+        let request = Headers {
+            method: Some("POST".into()),
+            path: Some(path.into()),
+            authority: Some("127.0.0.1:50051".into()),
+            content_type: Some("application/grpc".into()),
+            ..Headers::default()
+        };
+        let s = Stream {
+            span: 1,
+            trace_id: TraceId([1; 16]),
+            parent: None,
+            remote: false,
+            trace_state: None,
+            tid: 7,
+            start_ns: 10,
+            request: Some(request),
+            response: None,
+            grpc_status: code,
+            reset: None,
+            headers_lost: false,
+        };
+        let flow = ("127.0.0.1:40000".parse().unwrap(), "127.0.0.1:50051".parse().unwrap());
+        c.stream_span(1, server, flow, s, 20, false)
+    }
+
+    fn attr(s: &Span, k: &str) -> Option<String> {
+        s.attr(k).map(|v| v.to_string())
+    }
+
+    /// Semantic conventions v1.44 for gRPC: `rpc.system.name`, the fully-qualified
+    /// `rpc.method` as the span's name, the status code's name, `error.type` on failure.
+    #[test]
+    fn grpc_spans_follow_the_rpc_conventions() {
+        let s = grpc_span("/shop.v1.Catalog/Get", Some(5), true);
+        assert_eq!(s.name, "shop.v1.Catalog/Get");
+        assert_eq!(attr(&s, "rpc.system.name").as_deref(), Some("grpc"));
+        assert_eq!(attr(&s, "rpc.method").as_deref(), Some("shop.v1.Catalog/Get"));
+        assert_eq!(attr(&s, "rpc.response.status_code").as_deref(), Some("NOT_FOUND"));
+        assert_eq!(attr(&s, "error.type"), None, "NOT_FOUND is not a server error");
+        assert_eq!(s.status, Status::Unset);
+        for old in ["rpc.system", "rpc.service", "rpc.grpc.status_code"] {
+            assert_eq!(attr(&s, old), None, "{old}");
+        }
+        let c = grpc_span("/shop.v1.Catalog/Get", Some(5), false);
+        assert_eq!(attr(&c, "error.type").as_deref(), Some("NOT_FOUND"), "every code but OK fails a client call");
+        let s = grpc_span("/shop.v1.Catalog/Get", Some(13), true);
+        assert_eq!((attr(&s, "error.type").as_deref(), s.status.clone()), (Some("INTERNAL"), Status::Error("gRPC status 13".into())));
+        // An unknown code keeps its number.
+        assert_eq!(attr(&grpc_span("/a.B/C", Some(42), true), "rpc.response.status_code").as_deref(), Some("42"));
+        // No trailers: no status code made up.
+        assert_eq!(attr(&grpc_span("/a.B/C", None, true), "rpc.response.status_code"), None);
+    }
+
+    /// A method the server does not know (UNIMPLEMENTED) or a path that is not
+    /// `/Service/Method` is `_OTHER`, with the original in `rpc.method_original`, and the
+    /// span is named after the system.
+    #[test]
+    fn unknown_grpc_methods_are_other() {
+        let s = grpc_span("/shop.v1.Catalog/Nope", Some(12), true);
+        assert_eq!((s.name.as_str(), attr(&s, "rpc.method").as_deref()), ("grpc", Some("_OTHER")));
+        assert_eq!(attr(&s, "rpc.method_original").as_deref(), Some("shop.v1.Catalog/Nope"));
+        assert_eq!(attr(&s, "error.type").as_deref(), Some("UNIMPLEMENTED"));
+        for path in ["/", "/justone", "/a/b/c", ""] {
+            let s = grpc_span(path, Some(0), true);
+            assert_eq!((s.name.as_str(), attr(&s, "rpc.method").as_deref()), ("grpc", Some("_OTHER")), "{path}");
         }
     }
 }

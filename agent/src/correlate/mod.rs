@@ -439,8 +439,9 @@ impl Correlator {
         if let Some(t) = target {
             a.push(("db.collection.name", Value::Str(t)));
         }
+        // Never the values a program wrote into its statement: literals become `?`.
         if let Some(t) = p.text {
-            a.push(("db.query.text", Value::Str(t)));
+            a.push(("db.query.text", Value::Str(crate::protocols::sql::sanitize(&t))));
         }
         let status = if r.failed {
             a.push(("error.type", Value::Static("_OTHER")));
@@ -456,7 +457,7 @@ impl Correlator {
     fn call_span(&self, c: &Call, trace_id: TraceId, parent: Option<SpanId>, name: String, mut attributes: Vec<(&'static str, Value)>, status: Status) -> Span {
         attributes.push(("thread.id", Value::Int(i64::from(c.tid))));
         if c.goid != 0 {
-            attributes.push(("go.goroutine.id", Value::Int(c.goid as i64)));
+            attributes.push((crate::attributes::GOROUTINE_ID, Value::Int(c.goid as i64)));
         }
         Span {
             pid: c.pid,
@@ -782,7 +783,7 @@ impl Correlator {
         }
         a.push(("thread.id", Value::Int(i64::from(f.tid))));
         if f.goid != 0 {
-            a.push(("go.goroutine.id", Value::Int(f.goid as i64)));
+            a.push((crate::attributes::GOROUTINE_ID, Value::Int(f.goid as i64)));
         }
         let status = match f.status {
             Some(s) if s >= 500 => Status::Error(String::new()),

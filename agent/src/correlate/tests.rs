@@ -136,7 +136,7 @@ fn a_head_read_in_pieces_is_joined() {
     assert_eq!(stats.not_http, 0, "{stats:?}");
     assert_eq!(spans[0].name, "GET /joined");
     assert_eq!(s(&spans[0], "user_agent.original"), "split");
-    assert_eq!(s(&spans[0], "go.goroutine.id"), (0xaaa000u64 / 8).to_string(), "the goroutine that read the head");
+    assert_eq!(s(&spans[0], crate::attributes::GOROUTINE_ID), (0xaaa000u64 / 8).to_string(), "the goroutine that read the head");
 }
 
 #[test]
@@ -181,7 +181,7 @@ fn handler_mode_merges_into_the_syscall_span() {
     c.on_event(decode(&record::response(PID, 30, 1, 1, b"HTTP/1.1 200 OK\r", "")).unwrap(), &mut out);
     assert_eq!(out.len(), 1, "one span, not two");
     assert_eq!(out[0].name, "GET /users/{id}");
-    assert_eq!(s(&out[0], "go.goroutine.id"), "77");
+    assert_eq!(s(&out[0], crate::attributes::GOROUTINE_ID), "77");
     assert_eq!(s(&out[0], "user_agent.original"), "t");
 }
 

@@ -29,7 +29,7 @@ pub fn line(s: &Span, service: &str) -> String {
     if let (Some(a), Some(p)) = (s.attr("network.peer.address"), s.attr("network.peer.port")) {
         let _ = write!(out, " peer={a}:{p}");
     }
-    if let Some(g) = s.attr("go.goroutine.id") {
+    if let Some(g) = s.attr(crate::attributes::GOROUTINE_ID) {
         let _ = write!(out, " goroutine={g}");
     }
     if let Some(ua) = s.attr("user_agent.original") {

@@ -25,9 +25,9 @@ use crate::profile::collect::ProfilerStats;
 
 /// Sample attribute: the thread (OS tid) that ran (semantic conventions `thread.id`).
 pub const THREAD_ID: &str = "thread.id";
-/// Sample attribute: the Go goroutine id that ran, when nonzero (no semantic convention
-/// exists; named after the `go.` namespace).
-pub const GOROUTINE_ID: &str = "go.goroutine.id";
+/// Sample attribute: the Go goroutine id that ran, when nonzero (the registry has no key for
+/// it: zerotrace's own namespace).
+pub const GOROUTINE_ID: &str = crate::attributes::GOROUTINE_ID;
 /// Location attribute: `kernel` or `native` (semantic conventions `profile.frame.type`).
 pub const FRAME_TYPE: &str = "profile.frame.type";
 /// Mapping attribute for a hex GNU build id (semantic conventions).

@@ -227,7 +227,7 @@ impl Tail {
             SpanKind::Internal => "INTERNAL",
         };
         let mut t = format!("{service} {kind} {}", s.name);
-        for key in ["http.response.status_code", "rpc.grpc.status_code"] {
+        for key in ["http.response.status_code", "rpc.response.status_code"] {
             if let Some(v) = s.attr(key) {
                 let _ = write!(t, " {v}");
             }

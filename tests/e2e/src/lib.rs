@@ -12,4 +12,5 @@ pub mod oci;
 pub mod otlp;
 pub mod proc;
 pub mod secrets;
+pub mod semconv;
 pub mod tools;

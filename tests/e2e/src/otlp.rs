@@ -4,6 +4,9 @@
 //! stopped and restarted on the same port (a collector going down and coming back), or
 //! told to misbehave for one signal (`Fault`: refuse with a status and Retry-After, answer
 //! slowly, reset the connection), recording every export request it got (`attempts`).
+//! Every request is also checked, whatever the test: no planted secret in it (`secrets`),
+//! every attribute by the semantic conventions (`semconv`); a receiver dropped with a
+//! finding fails its test.
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -217,8 +220,9 @@ struct Store {
     count_only: bool,
     /// Spans received (kept or not).
     span_total: AtomicUsize,
-    /// Planted secrets found in what was received (`secrets`), by signal.
-    leaks: Mutex<Vec<String>>,
+    /// Planted secrets (`secrets`) and semantic-conventions problems (`semconv`) found in
+    /// what was received.
+    findings: Mutex<Vec<String>>,
     faults: Mutex<BTreeMap<Signal, Fault>>,
     attempts: Mutex<Vec<Attempt>>,
 }
@@ -238,22 +242,22 @@ impl Store {
         }
     }
 
-    /// Records the planted secrets in one request's bytes.
-    fn scan(&self, signal: &str, bytes: &[u8]) {
-        let found = crate::secrets::find(bytes);
+    /// Records the planted secrets in one request's bytes and its semantic-conventions
+    /// problems.
+    fn scan(&self, signal: &str, bytes: &[u8], problems: Vec<String>) {
+        let found: Vec<String> = crate::secrets::find(bytes).into_iter().map(|s| format!("{signal}: planted secret {s} exported")).chain(problems).collect();
         if !found.is_empty() {
-            let mut l = self.leaks.lock().unwrap();
+            let mut l = self.findings.lock().unwrap();
             for f in found {
-                let line = format!("{signal}: {f}");
-                if !l.contains(&line) {
-                    l.push(line);
+                if !l.contains(&f) && l.len() < 100 {
+                    l.push(f);
                 }
             }
         }
     }
 
     fn add(&self, req: &ExportTraceServiceRequest) {
-        self.scan("spans", &req.encode_to_vec());
+        self.scan("spans", &req.encode_to_vec(), crate::semconv::check_traces(req));
         self.requests.fetch_add(1, Ordering::SeqCst);
         self.span_total.fetch_add(span_count(req), Ordering::SeqCst);
         if !self.count_only {
@@ -357,7 +361,7 @@ fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
 impl MetricsService for Svc {
     async fn export(&self, req: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         self.0.grpc_fault(Signal::Metrics, 0).await?;
-        self.0.scan("metrics", &req.get_ref().encode_to_vec());
+        self.0.scan("metrics", &req.get_ref().encode_to_vec(), crate::semconv::check_metrics(req.get_ref()));
         self.0.metrics.lock().unwrap().extend(flatten_metrics(req.get_ref()));
         Ok(tonic::Response::new(ExportMetricsServiceResponse { partial_success: None }))
     }
@@ -367,7 +371,7 @@ impl MetricsService for Svc {
 impl ProfilesService for Svc {
     async fn export(&self, req: tonic::Request<ExportProfilesServiceRequest>) -> Result<tonic::Response<ExportProfilesServiceResponse>, tonic::Status> {
         self.0.grpc_fault(Signal::Profiles, 0).await?;
-        self.0.scan("profiles", &req.get_ref().encode_to_vec());
+        self.0.scan("profiles", &req.get_ref().encode_to_vec(), crate::semconv::check_profiles(req.get_ref()));
         self.0.profiles.lock().unwrap().push(req.into_inner());
         Ok(tonic::Response::new(ExportProfilesServiceResponse { partial_success: None }))
     }
@@ -567,12 +571,13 @@ impl Receiver {
 }
 
 impl Drop for Receiver {
-    /// Stops it; planted secrets it received fail the test that owns it.
+    /// Stops it; planted secrets or semantic-conventions problems in what it received fail
+    /// the test that owns it.
     fn drop(&mut self) {
         self.stop();
-        let leaks = self.store.leaks.lock().unwrap().clone();
-        if !leaks.is_empty() && !std::thread::panicking() {
-            panic!("planted secrets were exported: {leaks:?}");
+        let findings = self.store.findings.lock().unwrap().clone();
+        if !findings.is_empty() && !std::thread::panicking() {
+            panic!("what the agent exported breaks a rule of every test:\n{}", findings.join("\n"));
         }
     }
 }
@@ -631,7 +636,7 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         let ok = if line.starts_with("POST /v1development/profiles ") {
             match ExportProfilesServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {
-                    store.scan("profiles", &body);
+                    store.scan("profiles", &body, crate::semconv::check_profiles(&req));
                     store.profiles.lock().unwrap().push(req);
                     true
                 }
@@ -640,7 +645,7 @@ async fn serve_http(sock: tokio::net::TcpStream, store: Arc<Store>) -> Result<()
         } else if line.starts_with("POST /v1/metrics ") {
             match ExportMetricsServiceRequest::decode(body.as_slice()) {
                 Ok(req) => {
-                    store.scan("metrics", &body);
+                    store.scan("metrics", &body, crate::semconv::check_metrics(&req));
                     store.metrics.lock().unwrap().extend(flatten_metrics(&req));
                     true
                 }

@@ -111,7 +111,7 @@ fn trace_and_check(b: &Build, bin: &std::path::Path, extra: &[&str]) -> Result<S
         assert_eq!(span.attr("http.response.status_code"), case.status.to_string(), "{ctx}");
         assert_eq!(span.attr("server.port"), port.to_string(), "{ctx}");
         assert_eq!(span.attr("network.peer.port"), resp.local_port.to_string(), "{ctx}");
-        assert!(span.attr("go.goroutine.id").parse::<u64>().is_ok_and(|g| g > 0), "goroutine id read at g.goid: {ctx}");
+        assert!(span.attr("zerotrace.go.goroutine.id").parse::<u64>().is_ok_and(|g| g > 0), "goroutine id read at g.goid: {ctx}");
         assert_eq!(span.status, if case.status >= 500 { 2 } else { 0 }, "{ctx}");
         assert!(span.duration() <= resp.elapsed, "{ctx}");
     }

@@ -394,11 +394,11 @@ fn grpc_unary_and_streaming_calls_with_status_codes() -> Result<()> {
     let unary_pairs = grpc_pairs(&spans, "grpc-unary", "grpc-server");
     assert_eq!(unary_pairs.len(), 6);
     for (i, (c, s)) in unary_pairs.iter().enumerate() {
-        let code = [0, 5, 13][i % 3];
+        let (code, name) = [(0, "OK"), (5, "NOT_FOUND"), (13, "INTERNAL")][i % 3];
         for x in [c, s] {
             assert_eq!(x.name, "zerotrace.test.v1.Echo/Unary");
-            assert_eq!((x.attr("rpc.system"), x.attr("rpc.service"), x.attr("rpc.method")), ("grpc", "zerotrace.test.v1.Echo", "Unary"));
-            assert_eq!(x.attr("rpc.grpc.status_code"), code.to_string(), "call {i}: {x:#?}");
+            assert_eq!((x.attr("rpc.system.name"), x.attr("rpc.method")), ("grpc", "zerotrace.test.v1.Echo/Unary"));
+            assert_eq!(x.attr("rpc.response.status_code"), name, "call {i}: {x:#?}");
             assert_eq!(x.attr("network.protocol.version"), "2");
             assert_eq!(x.trace_id, c.trace_id);
         }
@@ -410,10 +410,10 @@ fn grpc_unary_and_streaming_calls_with_status_codes() -> Result<()> {
     let stream_pairs = grpc_pairs(&spans, "grpc-stream", "grpc-server");
     assert_eq!(stream_pairs.len(), 2);
     for (i, (c, s)) in stream_pairs.iter().enumerate() {
-        let code = [0, 14][i % 2];
+        let (code, name) = [(0, "OK"), (14, "UNAVAILABLE")][i % 2];
         for x in [c, s] {
             assert_eq!(x.name, "zerotrace.test.v1.Echo/Stream");
-            assert_eq!(x.attr("rpc.grpc.status_code"), code.to_string(), "stream {i}: {x:#?}");
+            assert_eq!(x.attr("rpc.response.status_code"), name, "stream {i}: {x:#?}");
         }
         assert_eq!((c.status == 2, s.status == 2), (code != 0, code == 14), "UNAVAILABLE is a server error: {c:#?} {s:#?}");
         // Three replies 2 ms apart: the stream lasts until the last one and the trailers.
@@ -440,9 +440,9 @@ fn grpc_large_messages() -> Result<()> {
     let pairs = grpc_pairs(&spans, "big-client", "big-server");
     assert_eq!(pairs.len(), 6, "{spans:#?}");
     for (i, (c, s)) in pairs.iter().enumerate() {
-        let code = [0, 5, 13][i % 3].to_string();
+        let code = ["OK", "NOT_FOUND", "INTERNAL"][i % 3];
         for x in [c, s] {
-            assert_eq!((x.name.as_str(), x.attr("rpc.grpc.status_code")), ("zerotrace.test.v1.Echo/Unary", code.as_str()), "call {i}: {x:#?}");
+            assert_eq!((x.name.as_str(), x.attr("rpc.response.status_code")), ("zerotrace.test.v1.Echo/Unary", code), "call {i}: {x:#?}");
             assert_eq!(x.attr("zerotrace.http2.headers"), "", "{x:#?}");
         }
     }
@@ -469,12 +469,12 @@ fn http2_with_50_concurrent_streams() -> Result<()> {
     let mut codes = [0usize; 3];
     let mut peer_ports: Vec<&str> = Vec::new();
     for (c, s) in &pairs {
-        assert_eq!(c.attr("rpc.grpc.status_code"), s.attr("rpc.grpc.status_code"), "{c:#?} {s:#?}");
+        assert_eq!(c.attr("rpc.response.status_code"), s.attr("rpc.response.status_code"), "{c:#?} {s:#?}");
         assert_eq!(s.attr("zerotrace.http2.headers"), "", "headers read: {s:#?}");
-        codes[match s.attr("rpc.grpc.status_code") {
-            "0" => 0,
-            "5" => 1,
-            "13" => 2,
+        codes[match s.attr("rpc.response.status_code") {
+            "OK" => 0,
+            "NOT_FOUND" => 1,
+            "INTERNAL" => 2,
             other => panic!("unexpected code {other}"),
         }] += 1;
         peer_ports.push(s.attr("network.peer.port"));
@@ -512,7 +512,7 @@ fn http_request_that_makes_a_grpc_call() -> Result<()> {
         let call = one(&spans, "gRPC client span", |s| s.kind == CLIENT && s.parent_span_id == http.span_id);
         assert_eq!((call.name.as_str(), call.res("service.name")), ("zerotrace.test.v1.Echo/Unary", "web"));
         let served = one(&spans, "gRPC server span", |s| s.kind == SERVER && s.parent_span_id == call.span_id);
-        assert_eq!((served.res("service.name"), served.attr("rpc.grpc.status_code")), ("echo-grpc", "0"));
+        assert_eq!((served.res("service.name"), served.attr("rpc.response.status_code")), ("echo-grpc", "OK"));
         assert!(call.trace_id == http.trace_id && served.trace_id == http.trace_id);
     }
     assert_eq!(spans.len(), 9, "{spans:#?}");
@@ -542,7 +542,7 @@ fn an_http2_connection_joined_mid_way_degrades_gracefully() -> Result<()> {
         for x in [c, s] {
             assert!(x.attr("zerotrace.http2.headers").starts_with("not captured"), "says what is missing: {x:#?}");
             assert_eq!((x.name.as_str(), x.attr("network.protocol.version")), ("HTTP", "2"));
-            assert_eq!(x.attr("rpc.grpc.status_code"), "", "nothing made up: {x:#?}");
+            assert_eq!(x.attr("rpc.response.status_code"), "", "nothing made up: {x:#?}");
         }
         assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns);
     }

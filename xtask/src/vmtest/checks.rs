@@ -366,11 +366,11 @@ pub fn rust_grpc(all: &[RSpan]) -> Result<String> {
         spans.iter().map(|s| brief(s)).collect::<Vec<_>>()
     );
     for (i, c) in clients.iter().enumerate() {
-        let code = [0, 5, 13][i].to_string();
+        let code = ["OK", "NOT_FOUND", "INTERNAL"][i];
         let s = one(&spans, "server span of a call", |s| s.kind == SERVER && s.parent_span_id == c.span_id)?;
         for x in [c, &s] {
-            ensure!(x.name == "zerotrace.test.v1.Echo/Unary" && x.attr("rpc.system") == "grpc", "call {i}: {}", brief(x));
-            ensure!(x.attr("rpc.grpc.status_code") == code, "call {i}: status {} (want {code})", x.attr("rpc.grpc.status_code"));
+            ensure!(x.name == "zerotrace.test.v1.Echo/Unary" && x.attr("rpc.system.name") == "grpc", "call {i}: {}", brief(x));
+            ensure!(x.attr("rpc.response.status_code") == code, "call {i}: status {} (want {code})", x.attr("rpc.response.status_code"));
         }
         ensure!(
             s.trace_id == c.trace_id && s.res("service.name") == "rust-grpc" && s.res("process.pid") != c.res("process.pid"),
