@@ -217,10 +217,24 @@ const SOCKET_SUITES: &[&str] = &[
 ];
 
 /// Tests of those suites that vary what the hook set does not see: the Go version matrix
-/// (uprobe offsets per release; the newest Go runs), the image and its capabilities, and
-/// the agent's refusals before it loads anything.
-const SOCKET_SUITES_SKIP: &[&str] =
-    &["every_go_version", "oldest_go", "image_loads", "least_privilege", "a_pid_that_does_not_exist", "without_privileges", "invalid_settings"];
+/// and binary layouts (uprobe offsets per release and build; the newest Go runs), what
+/// only Go uprobes do (the traceparent writer, SQL, the causality switch), process churn
+/// (discovery, attach and detach), the image and its capabilities, and the agent's refusals
+/// before it loads anything.
+const SOCKET_SUITES_SKIP: &[&str] = &[
+    "every_go_version",
+    "oldest_go",
+    "stripped",
+    "injected_traceparent",
+    "sql_inside",
+    "causality_switches_off",
+    "process_churn",
+    "image_loads",
+    "least_privilege",
+    "a_pid_that_does_not_exist",
+    "without_privileges",
+    "invalid_settings",
+];
 
 /// rustfmt (rustfmt.toml) and clippy with warnings as errors over every crate: the
 /// workspace, the fuzz targets, and the kernel programs for their own target.

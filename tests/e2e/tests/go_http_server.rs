@@ -278,7 +278,7 @@ fn a_keep_alive_connection_opened_before_the_agent() -> Result<()> {
 #[test]
 fn concurrent_clients_do_not_mix() -> Result<()> {
     // The service's own OpenTelemetry environment names it.
-    let env = [("OTEL_SERVICE_NAME", "orders"), ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test,team=shop")];
+    let env = [("OTEL_SERVICE_NAME", "orders"), ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment.name=test,team=shop")];
     let (srv, port) = start_server_env("httpserver", &tools::httpserver(GO_NEWEST)?, &env)?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
@@ -315,7 +315,7 @@ fn concurrent_clients_do_not_mix() -> Result<()> {
     let ids: std::collections::HashSet<_> = spans.iter().map(|s| &s.span_id).collect();
     assert_eq!(ids.len(), spans.len(), "no duplicate spans");
     assert_eq!(spans[0].res("service.name"), "orders");
-    assert_eq!(spans[0].res("deployment.environment"), "test");
+    assert_eq!(spans[0].res("deployment.environment.name"), "test");
     assert_eq!(spans[0].res("team"), "shop");
     Ok(())
 }

@@ -111,6 +111,16 @@ fn otlp_export_over_tls_and_mtls() -> Result<()> {
     agent.stop()?;
     ensure!(rx_strict.spans().is_empty(), "the mTLS collector took spans from an agent without a client certificate");
     ensure!(agent.stat("export_errors") > 0, "refused exports are counted: {:?}", agent.stats().ok());
+    // A failed handshake loses spans only by a counted reason.
+    let drops: u64 = ["spans_dropped_queue_full", "spans_dropped_export_failed", "spans_dropped_rejected", "spans_dropped_shutdown", "spans_not_sampled"]
+        .iter()
+        .map(|r| agent.stat(r))
+        .sum();
+    ensure!(
+        agent.stat("spans_exported") == 0 && agent.stat("spans_assembled") == drops && drops > 0,
+        "every span of a refused handshake is a counted drop: {:?}",
+        agent.stats().ok()
+    );
 
     // A CA file that does not exist stops the agent before it starts, naming the variable.
     let mut bad = Agent::spawn(&[svc.pid()], &[], &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint), ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")])?;

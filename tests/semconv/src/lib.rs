@@ -15,6 +15,11 @@ use serde::Deserialize;
 /// The registry version the files under `v1.44.0/` come from.
 pub const VERSION: &str = "1.44.0";
 
+/// Enumerations whose listed values are examples, not the whole set: `error.type` is the
+/// failure's own code (an HTTP status, a gRPC code's name) and `_OTHER` only when there is
+/// none (semantic conventions, "Recording errors").
+pub const OPEN_ENUMS: &[&str] = &["error.type"];
+
 /// zerotrace's own attribute namespace.
 pub const OWN_PREFIX: &str = "zerotrace.";
 
@@ -269,6 +274,7 @@ impl Registry {
         }
         if let Some(v) = value
             && !a.members.is_empty()
+            && !OPEN_ENUMS.contains(&key)
             && !a.members.iter().any(|m| m == v)
         {
             return Err(Problem(format!("{key}: value {v:?} is not one of the registry's values {:?}", a.members)));
@@ -315,6 +321,7 @@ mod tests {
         assert!(r.check("zerotrace.cpu.samples", Type::Int, None).is_ok());
         assert!(r.check("rpc.request.metadata.x-id", Type::StrArray, None).is_ok(), "a template member");
         assert!(r.check("rpc.system.name", Type::Str, Some("grpc")).is_ok());
+        assert!(r.check("error.type", Type::Str, Some("404")).is_ok(), "an open enumeration");
         assert!(r.check("rpc.response.status_code", Type::Str, Some("NOT_FOUND")).is_ok());
         assert!(r.check_metric("http.server.request.duration", Some("s")).is_ok());
         assert!(r.check_metric("http.server.duration", None).is_err());
