@@ -23,7 +23,7 @@ pub struct FuzzArgs {
     pub seconds: u64,
     /// A campaign: minutes per target (overrides --seconds); the new inputs it finds go
     /// into the checked-in corpus (fuzz/corpus/<target>), to be committed.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub minutes: Option<u64>,
     /// Targets to run (default: all).
     #[arg(long, value_delimiter = ',')]

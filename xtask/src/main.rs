@@ -44,8 +44,8 @@ enum Task {
         #[command(subcommand)]
         which: bench::Bench,
     },
-    /// The long trust runs: a soak at steady load (RSS and CPU curve in target/soak/) and
-    /// connection churn; `test` runs them short.
+    /// The long trust runs: connection churn, process churn, and a soak at steady load (RSS
+    /// and CPU curve in target/soak/); `test` runs them short.
     Soak(soak::SoakArgs),
     /// Boot Debian kernels under qemu and run an end-to-end subset in each (results in
     /// target/vmtest/results.txt).

@@ -13,7 +13,7 @@ use crate::{
 
 #[derive(Args)]
 pub struct SoakArgs {
-    /// Minutes of steady load (the first third, at least one minute, is warm-up).
+    /// Minutes of steady load (the first third, at least 90 s, is warm-up; at least 150 s).
     #[arg(long, default_value_t = 10)]
     pub minutes: u64,
     /// Short connections of the connection churn.

@@ -134,8 +134,8 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
         cmd.env_remove("ZEROTRACE_SOCKET_HOOKS");
         util::run(&mut cmd)
     })?;
-    // The same suite again with the syscall hook set forced (what kernels before 6.16 run),
-    // so that set is covered here in full: every agent the tests start inherits it
+    // The suites that go through the socket hooks again, with the syscall hook set forced
+    // (what kernels before 6.16 run): every agent the tests start inherits it
     // (`--socket-hooks` reads ZEROTRACE_SOCKET_HOOKS).
     if !args.no_syscalls_pass {
         tiers.run("end-to-end, socket hooks forced to `syscalls`", || {

@@ -347,8 +347,9 @@ impl Correlator {
                 _ => {
                     name = "grpc".to_owned();
                     a.push(("rpc.method", Value::Static("_OTHER")));
-                    if !path.is_empty() {
-                        a.push(("rpc.method_original", Value::Str(path.trim_start_matches('/').to_owned())));
+                    let original = path.trim_start_matches('/');
+                    if !original.is_empty() {
+                        a.push(("rpc.method_original", Value::Str(original.to_owned())));
                     }
                 }
             }

@@ -316,7 +316,8 @@ impl Probes {
     }
 
     /// Stops following `pid`: its uprobes are detached and its kernel state dropped.
-    pub fn remove_target(&mut self, pid: u32) {
+    /// `purge`: also walk the maps keyed by pid for its entries (not at shutdown).
+    pub fn remove_target(&mut self, pid: u32, purge: bool) {
         // Removing a uprobe waits for a kernel grace period, one uprobe at a time (~0.1 s
         // each here, ~45 per Go process): done on a thread of its own, so that the run loop
         // keeps draining events and attaching new processes meanwhile.
@@ -338,7 +339,9 @@ impl Probes {
         let _ = self.select(pid, false);
         let _ = self.set_listening(pid, &[]);
         self.listening.remove(&pid);
+        let mut go = false;
         if let Ok(mut targets) = self.map_mut::<BpfHashMap<_, u32, TargetConfig>>(names::TARGETS) {
+            go = targets.get(&pid, 0).is_ok_and(|t| t.flags & zerotrace_common::target_flags::GO != 0);
             let _ = targets.remove(&pid);
         }
         if let Ok(mut conns) = self.map_mut::<BpfHashMap<_, ConnKey, ConnState>>(names::CONNS) {
@@ -355,11 +358,14 @@ impl Probes {
                 let _ = recvs.remove(&k);
             }
         }
-        // Its goroutines' state, channel slots and client calls in flight (--inject-traceparent):
-        // the kernel removes these when a request or call ends, not when a process does.
-        for map in occupancy::PER_PROCESS {
-            if let Some(m) = occupancy::RawMap::of(&self.ebpf, map) {
-                m.purge_pid(pid);
+        // A Go program's goroutine state, channel slots and client calls in flight
+        // (--inject-traceparent): the kernel removes these when a request or call ends, not
+        // when a process does. (Each map is walked: not at shutdown, when the maps go anyway.)
+        if go && purge {
+            for map in occupancy::PER_PROCESS {
+                if let Some(m) = occupancy::RawMap::of(&self.ebpf, map) {
+                    m.purge_pid(pid);
+                }
             }
         }
     }

@@ -91,23 +91,25 @@ impl RawMap {
         Some(RawMap { fd, key_size: info.key_size() as usize, max_entries: info.max_entries() })
     }
 
-    /// Calls `f` with each key, walking at most `max_entries` keys (a map changed meanwhile
-    /// may restart a walk; the bound keeps it finite). Returns how many keys it saw.
+    /// Calls `f` with each key once; returns how many there were. A key deleted under the
+    /// walk makes the kernel start again from the first key: keys already seen are skipped,
+    /// and the walk stops after twice the map's bound of steps.
     pub fn for_each_key(&self, mut f: impl FnMut(&[u8])) -> u64 {
         let mut key = vec![0u8; self.key_size];
         let mut next = vec![0u8; self.key_size];
-        let mut n = 0u64;
+        let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         let mut first = true;
-        while n < u64::from(self.max_entries) {
+        for _ in 0..2 * u64::from(self.max_entries) {
             if !bpf_key_op(BPF_MAP_GET_NEXT_KEY, self.fd.as_raw_fd(), if first { None } else { Some(&key) }, Some(&mut next)) {
                 break;
             }
             first = false;
-            n += 1;
-            f(&next);
+            if seen.insert(next.clone()) {
+                f(&next);
+            }
             std::mem::swap(&mut key, &mut next);
         }
-        n
+        seen.len() as u64
     }
 
     /// Deletes every entry whose key starts with `pid`; returns how many went.

@@ -1,7 +1,9 @@
 //! SQL statement text without its literals: every string ('...', E'...', X'...', $tag$...$tag$)
 //! and number becomes `?`, so that `db.query.text` never carries a value a program wrote
 //! into its statement (a password, an email, an id): the semantic conventions' sanitization.
-//! Placeholders (`?`, `$1`, `:name`), identifiers ("quoted" ones too) and keywords stay.
+//! Placeholders (`?`, `$1`, `:name`), identifiers (backquoted ones too) and keywords stay;
+//! "double-quoted" text is replaced (a string to MySQL), and a string with a backslash in it
+//! (an escape or not, by server) takes the rest of the statement with it.
 //! Comments go, as they may hold anything. A statement cut short by the capture ends with
 //! `?` where an unterminated literal began.
 
@@ -26,7 +28,10 @@ pub fn sanitize(text: &str) -> String {
                 };
                 flush(&mut out, from, start);
                 out.push('?');
-                i = skip_quoted(b, i + 1, b'\'');
+                // E'...' (PostgreSQL) has backslash escapes for sure; elsewhere a backslash
+                // means an escape to some servers and a character to others.
+                let escapes = start < i && matches!(b[start], b'E' | b'e');
+                i = skip_quoted(b, i + 1, b'\'', escapes);
                 from = i;
             }
             // A dollar-quoted string ($$...$$ or $tag$...$tag$); `$1` is a placeholder.
@@ -43,8 +48,15 @@ pub fn sanitize(text: &str) -> String {
                     _ => i += 1,
                 }
             }
-            // A quoted identifier (standard SQL) or a MySQL backquoted one: kept whole.
-            b'"' | b'`' => i = skip_quoted(b, i + 1, c),
+            // "..." is an identifier in standard SQL and a string in MySQL: replaced, as a
+            // string may hold anything. A backquoted identifier (MySQL) is kept whole.
+            b'"' => {
+                flush(&mut out, from, i);
+                out.push('?');
+                i = skip_quoted(b, i + 1, b'"', false);
+                from = i;
+            }
+            b'`' => i = skip_quoted(b, i + 1, b'`', false),
             b'-' if b.get(i + 1) == Some(&b'-') => {
                 flush(&mut out, from, i);
                 i = b[i..].iter().position(|x| *x == b'\n').map_or(b.len(), |p| i + p);
@@ -88,12 +100,17 @@ fn is_ident(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
 
-/// The index after the closing `q` of a literal opened before `i` (doubled `q` and
-/// backslash escapes stay inside); the end of `b` when it is not closed.
-fn skip_quoted(b: &[u8], mut i: usize, q: u8) -> usize {
+/// The index after the closing `q` of a literal opened before `i` (a doubled `q` stays
+/// inside); the end of `b` when it is not closed. With `escapes`, a backslash escapes the
+/// next byte. Without, a backslash in a string makes its end ambiguous (an escape to MySQL,
+/// a character to standard SQL): the end of `b`, so that the rest of the statement is
+/// replaced too rather than read either way.
+fn skip_quoted(b: &[u8], mut i: usize, q: u8, escapes: bool) -> usize {
     while i < b.len() {
-        if b[i] == b'\\' && q == b'\'' {
+        if b[i] == b'\\' && escapes {
             i += 2;
+        } else if b[i] == b'\\' && q != b'`' {
+            return b.len();
         } else if b[i] == q {
             if b.get(i + 1) == Some(&q) {
                 i += 2;
@@ -118,7 +135,10 @@ mod tests {
             ("INSERT INTO t (a, b) VALUES ('it''s', -1.5e3)", "INSERT INTO t (a, b) VALUES (?, -?)"),
             ("UPDATE acct SET pw = E'se\\'cret' WHERE id = $1", "UPDATE acct SET pw = ? WHERE id = $1"),
             ("SELECT x'DEADBEEF', .5, t1.c2 FROM t1", "SELECT ?, ?, t1.c2 FROM t1"),
-            ("SELECT $$dollar 'quoted'$$, $tag$x$tag$ FROM \"Weird 'Table'\"", "SELECT ?, ? FROM \"Weird 'Table'\""),
+            ("SELECT $$dollar 'quoted'$$, $tag$x$tag$ FROM \"Weird 'Table'\"", "SELECT ?, ? FROM ?"),
+            // Ambiguous backslashes: nothing after them is read as statement text.
+            ("SELECT a FROM t WHERE p = 'C:\\' AND pw = 'hunter2'", "SELECT a FROM t WHERE p = ?"),
+            ("SELECT a FROM t WHERE pw = \"hunter2\" AND x = 'it\\'s' OR y = 'secret'", "SELECT a FROM t WHERE pw = ? AND x = ?"),
             ("SELECT a FROM t WHERE b = ? -- password=hunter2\nAND c = :name", "SELECT a FROM t WHERE b = ? \nAND c = :name"),
             ("SELECT /* token abc */ 1", "SELECT   ?"),
             ("SELECT * FROM t WHERE s = 'cut short", "SELECT * FROM t WHERE s = ?"),

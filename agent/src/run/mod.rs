@@ -294,7 +294,7 @@ impl Agent<'_> {
 
     /// Stops tracing `pid` everywhere: kernel, correlator, targets, outputs.
     fn forget(&mut self, pid: u32) {
-        self.probes.remove_target(pid);
+        self.probes.remove_target(pid, true);
         self.correlator.forget_pid(pid);
         self.targets.remove(pid);
         self.outputs.forget(pid);
@@ -327,13 +327,14 @@ impl Agent<'_> {
     /// Stop producing, take what is in flight, flush the outputs, detach.
     async fn finish(mut self) {
         for pid in self.targets.pids() {
-            self.probes.remove_target(pid);
+            self.probes.remove_target(pid, false);
         }
         self.pump();
         let Agent { s, mut probes, mut reader, correlator, targets, outputs, started, .. } = self;
         let mut counters = stats::counters(&probes, &reader, &correlator);
-        // What the kernel maps still hold once every target is forgotten (the LRU caches
-        // aside, nothing: churn and failures must not leave entries behind).
+        // What the kernel maps still hold once every target is forgotten: nothing of their
+        // connections, listeners and targets (the maps keyed by pid are not walked at
+        // shutdown: they go with the agent).
         counters.extend(probes.occupancy(true));
         let hooks = probes.hooks;
         let more = outputs.finish(&targets, &counters, FLUSH_DEADLINE).await;

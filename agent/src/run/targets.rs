@@ -325,7 +325,7 @@ impl<'s> Targets<'s> {
         let report = match attach(probes) {
             Ok(r) => r,
             Err(source) => {
-                probes.remove_target(pid);
+                probes.remove_target(pid, true);
                 return Err(RunError::Attach { pid, source });
             }
         };

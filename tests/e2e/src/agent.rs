@@ -128,8 +128,11 @@ impl Drop for Agent {
     /// Planted secrets in the agent's output fail the test that owns it.
     fn drop(&mut self) {
         let leaks = self.leaks();
-        if !leaks.is_empty() && !std::thread::panicking() {
-            panic!("planted secrets in the agent's output: {leaks:?}");
+        if !leaks.is_empty() {
+            eprintln!("planted secrets in the agent's output: {leaks:?}");
+            if !std::thread::panicking() {
+                panic!("planted secrets in the agent's output: {leaks:?}");
+            }
         }
     }
 }

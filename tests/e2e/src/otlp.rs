@@ -575,9 +575,13 @@ impl Drop for Receiver {
     /// the test that owns it.
     fn drop(&mut self) {
         self.stop();
-        let findings = self.store.findings.lock().unwrap().clone();
-        if !findings.is_empty() && !std::thread::panicking() {
-            panic!("what the agent exported breaks a rule of every test:\n{}", findings.join("\n"));
+        let findings = self.store.findings.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if !findings.is_empty() {
+            // Printed first: a test that already failed keeps its own error, and shows these.
+            eprintln!("what the agent exported breaks a rule of every test:\n{}", findings.join("\n"));
+            if !std::thread::panicking() {
+                panic!("what the agent exported breaks a rule of every test (above)");
+            }
         }
     }
 }

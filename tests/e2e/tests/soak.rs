@@ -1,7 +1,8 @@
 //! Soak: a Go and a Rust service under steady load (2,500 req/s each), traced and exported
 //! over OTLP to a local receiver, while the agent's RSS and CPU are sampled. After the
 //! warm-up (a third of the run, at least 90 s: the cache of recent spans' traces, 262,144
-//! spans, is full after ~52 s at this rate, and RSS settles by ~70-90 s) RSS must be flat (its peak grows < 1 MiB/min), nothing
+//! spans, is full after ~52 s at this rate, and RSS settles by ~70-90 s) RSS must be flat (its
+//! peak grows < 1 MiB/min, with 2 MiB of slack for the short CI run), nothing
 //! dropped while the receiver keeps up, and CPU per span stable. The curve is written to
 //! target/soak/ (CSV and SVG). ZEROTRACE_SOAK_SECONDS sets the length (CI: 150 s;
 //! `cargo xtask soak`: 600 s), ZEROTRACE_SOAK_SAMPLE_SECONDS the sampling period (5 s
@@ -83,7 +84,7 @@ fn svg(samples: &[Sample], warm: f64) -> String {
 }
 
 #[test]
-fn soak_rss_flat_nothing_dropped_cpu_per_request_stable() -> Result<()> {
+fn soak_rss_flat_nothing_dropped_cpu_per_span_stable() -> Result<()> {
     let env_secs = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let seconds = env_secs("ZEROTRACE_SOAK_SECONDS", 150).max(150);
     let every = env_secs("ZEROTRACE_SOAK_SAMPLE_SECONDS", if seconds < 300 { 5 } else { 10 }).max(1);
