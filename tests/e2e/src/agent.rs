@@ -103,6 +103,12 @@ impl Agent {
         out
     }
 
+    /// Every loss the agent counted at exit: the sum of its `*dropped*` and `*lost*`
+    /// counters.
+    pub fn counted_losses(&self) -> Result<u64> {
+        Ok(self.stats()?.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum())
+    }
+
     /// The counters the agent wrote at exit.
     pub fn stats(&self) -> Result<serde_json::Value> {
         let text = std::fs::read_to_string(&self.stats_file)?;

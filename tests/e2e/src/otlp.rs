@@ -497,6 +497,22 @@ impl Receiver {
         self.store.spans.lock().unwrap().clone()
     }
 
+    /// Waits until `want` spans have arrived or their count stopped moving for 250 ms, for
+    /// at most `polls` such periods (every span the agent will send has arrived then);
+    /// returns the count.
+    pub fn settle(&self, want: u64, polls: u32) -> u64 {
+        let mut last = u64::MAX;
+        for _ in 0..polls {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let n = self.spans_count() as u64;
+            if n >= want || n == last {
+                return n;
+            }
+            last = n;
+        }
+        self.spans_count() as u64
+    }
+
     /// Spans received so far (also by a counting receiver).
     pub fn spans_count(&self) -> usize {
         self.store.span_total.load(Ordering::SeqCst)

@@ -267,16 +267,7 @@ fn connection_churn_leaves_no_state_behind() -> Result<()> {
     let churn = load::churn(port, "/hello", 16, total - total / 2)?;
     ensure!(churn.errors == 0 && churn.non_2xx == 0, "the service failed requests: {:?}", (churn.errors, churn.non_2xx));
     let served = warm.requests + churn.requests;
-    // Every span has arrived once the count stops moving.
-    let mut last = usize::MAX;
-    for _ in 0..80 {
-        std::thread::sleep(Duration::from_millis(250));
-        let n = rx.spans().len();
-        if n as u64 >= served || n == last {
-            break;
-        }
-        last = n;
-    }
+    rx.settle(served, 80);
     let rss_after = rss_kib(agent_pid);
     // The maps are counted every few seconds: wait for a count taken after the last close.
     // The service's listening socket has no entry (it does no I/O): every connection's entry
@@ -306,8 +297,7 @@ fn connection_churn_leaves_no_state_behind() -> Result<()> {
     ensure!(rss_after <= rss_before + bound, "agent RSS grew from {rss_before} to {rss_after} KiB over the last {} connections", churn.requests);
     agent.stop()?;
     let spans = rx.spans().into_iter().filter(|s| s.kind == SERVER && s.res("service.name") == "conn-churn").count() as u64;
-    let counted: u64 =
-        agent.stats()?.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
+    let counted = agent.counted_losses()?;
     ensure!(spans <= served && served - spans <= counted, "{served} requests served, {spans} spans, {counted} counted as lost");
     // The stats file is written once every target is forgotten: nothing of the Rust
     // service's sockets, listeners and target left.

@@ -254,16 +254,7 @@ fn every_connection_is_followed_through_resets_under_load() -> Result<()> {
     for c in clients {
         served.extend(c.join().expect("client thread")?);
     }
-    // Every span the agent will send has arrived once the count stops moving.
-    let mut last = usize::MAX;
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(250));
-        let n = rx.spans().len();
-        if n >= served.len() || n == last {
-            break;
-        }
-        last = n;
-    }
+    rx.settle(served.len() as u64, 40);
     std::thread::sleep(Duration::from_millis(500));
     agent.stop()?;
     let spans: Vec<RSpan> = rx.spans().into_iter().filter(|s| s.kind == SERVER && s.res("service.name") == "churn").collect();
@@ -272,8 +263,7 @@ fn every_connection_is_followed_through_resets_under_load() -> Result<()> {
     let ports: std::collections::HashSet<u16> = served.iter().map(|(p, _)| *p).collect();
     let lost_ports: std::collections::HashSet<u16> = missing.iter().map(|(p, _)| *p).collect();
     let stats = agent.stats()?;
-    let counted: u64 =
-        stats.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
+    let counted = agent.counted_losses()?;
     println!(
         "{} requests on {} connections: {} server spans, {} requests missing on {} connections, {counted} counted as lost; connections_stale_replaced={:?}",
         served.len(),
@@ -835,16 +825,7 @@ fn saturation_loses_nothing_uncounted_with_either_export_protocol() -> Result<()
         let mut agent = Agent::start(&[server.pid()], &args, &[])?;
         let load = zerotrace_e2e::load::saturate(port, "/hello", 32, Duration::from_secs(3))?;
         ensure!(load.errors == 0 && load.non_2xx == 0, "{kind:?}: the service failed requests: {load:?}");
-        // Every span the agent will send has arrived once the count stops moving.
-        let mut last = usize::MAX;
-        for _ in 0..60 {
-            std::thread::sleep(Duration::from_millis(250));
-            let n = rx.spans().len();
-            if n as u64 >= load.requests || n == last {
-                break;
-            }
-            last = n;
-        }
+        rx.settle(load.requests, 60);
         agent.stop()?;
         let spans = rx.spans().into_iter().filter(|s| s.kind == SERVER && s.attr("url.path") == "/hello").count() as u64;
         // Export side, exactly: every span assembled was received or dropped by reason.
@@ -855,9 +836,7 @@ fn saturation_loses_nothing_uncounted_with_either_export_protocol() -> Result<()
                 .map(|r| agent.stat(r))
                 .sum();
         ensure!(assembled == agent.stat("spans_exported") + export_drops, "{kind:?}: spans lost in export uncounted: {:?}", agent.stats().ok());
-        let stats = agent.stats()?;
-        let counted: u64 =
-            stats.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
+        let counted = agent.counted_losses()?;
         println!(
             "{kind:?}: {} requests served ({:.0}/s) on {} connections: {spans} spans, {counted} counted as lost (kernel ring full: {}; export: {export_drops})",
             load.requests,

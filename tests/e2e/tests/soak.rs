@@ -115,15 +115,7 @@ fn soak_rss_flat_nothing_dropped_cpu_per_span_stable() -> Result<()> {
         served += r.requests;
     }
     // The last spans in flight.
-    let mut last = u64::MAX;
-    for _ in 0..40 {
-        std::thread::sleep(Duration::from_millis(250));
-        let n = rx.spans_count() as u64;
-        if n >= served || n == last {
-            break;
-        }
-        last = n;
-    }
+    rx.settle(served, 40);
     agent.stop()?;
 
     let dir = tools::root().join("target/soak");
@@ -148,8 +140,7 @@ fn soak_rss_flat_nothing_dropped_cpu_per_span_stable() -> Result<()> {
     let per_span = |a: &Sample, b: &Sample| (b.cpu_s - a.cpu_s) * 1e6 / (b.spans.saturating_sub(a.spans)).max(1) as f64;
     let (first, middle, end) = (steady[0], steady[mid], steady[steady.len() - 1]);
     let (cpu_a, cpu_b) = (per_span(first, middle), per_span(middle, end));
-    let counted: u64 =
-        agent.stats()?.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum();
+    let counted = agent.counted_losses()?;
     let spans = rx.spans_count() as u64;
     println!(
         "soak {seconds} s: {served} requests ({:.0}/s), {spans} spans, {counted} dropped; agent RSS {} KiB at start, peaks after warm-up {peak_a:.1} then {peak_b:.1} MiB ({:+.2} MiB/min; least-squares slope {rss_slope:.2} MiB/min); \
