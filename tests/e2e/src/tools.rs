@@ -144,3 +144,23 @@ pub fn causal_static(version: &str) -> Result<PathBuf> {
     go_build_env(&go(version)?, &root().join("tests/e2e/go/causal"), &out, &[], &[("CGO_ENABLED", "0")])?;
     Ok(out)
 }
+
+/// The keys of every kernel map named `name` (one map: its entries; several of that name:
+/// each one's), as raw bytes, read with `bpftool map dump -j`.
+pub fn bpf_map_keys(name: &str) -> Result<Vec<Vec<u8>>> {
+    let out = Command::new("bpftool").args(["map", "dump", "name", name, "-j"]).output().context("running bpftool")?;
+    if !out.status.success() {
+        bail!("bpftool map dump name {name}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| format!("bpftool map dump name {name}"))?;
+    let Some(list) = v.as_array() else { bail!("bpftool map dump name {name}: not a list: {v}") };
+    let byte = |b: &serde_json::Value| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok();
+    Ok(list
+        .iter()
+        .flat_map(|e| match e.get("elements").and_then(|x| x.as_array()) {
+            Some(inner) => inner.iter().collect::<Vec<_>>(),
+            None => vec![e],
+        })
+        .filter_map(|e| Some(e.get("key")?.as_array()?.iter().filter_map(byte).collect()))
+        .collect())
+}

@@ -53,24 +53,7 @@ const PID_KEYED_MAPS: &[&str] = &["GO_CTX", "CHAN_SLOTS", "GO_CLIENTS", "GO_SQL"
 
 /// The pids the keys of kernel map `name` start with, read with bpftool.
 fn pids_in_map(name: &str) -> Result<HashSet<u32>> {
-    let out = Command::new("bpftool").args(["map", "dump", "name", name, "-j"]).output().context("running bpftool")?;
-    ensure!(out.status.success(), "bpftool map dump name {name}: {}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let byte = |b: &serde_json::Value| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok();
-    ensure!(v.is_array(), "bpftool map dump name {name}: not a list: {v}");
-    // One map: its entries; several of that name: each with its "elements".
-    Ok(v.as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|e| match e.get("elements").and_then(|x| x.as_array()) {
-            Some(inner) => inner.iter().collect::<Vec<_>>(),
-            None => vec![e],
-        })
-        .filter_map(|e| {
-            let k: Vec<u8> = e.get("key")?.as_array()?.iter().filter_map(byte).collect();
-            Some(u32::from_le_bytes(k.get(..4)?.try_into().ok()?))
-        })
-        .collect())
+    Ok(tools::bpf_map_keys(name)?.iter().filter_map(|k| Some(u32::from_le_bytes(k.get(..4)?.try_into().ok()?))).collect())
 }
 
 /// How the churned processes are selected.

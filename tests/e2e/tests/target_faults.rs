@@ -34,29 +34,8 @@ fn traced(agent: &Agent, pid: u32) -> bool {
 /// Whether the kernel's LISTEN map (the agent's record of which ports each traced process
 /// listens on) holds `pid`'s `port`; read with bpftool.
 fn listen_known(pid: u32, port: u16) -> bool {
-    let Ok(out) = Command::new("bpftool").args(["map", "dump", "name", "LISTEN", "-j"]).output() else { return false };
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else { return false };
     let want: Vec<u8> = [pid.to_le_bytes().as_slice(), port.to_le_bytes().as_slice()].concat();
-    // One map: its entries; several of that name: each with its "elements".
-    let entries: Vec<&serde_json::Value> = v
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|e| match e.get("elements").and_then(|x| x.as_array()) {
-            Some(inner) => inner.iter().collect::<Vec<_>>(),
-            None => vec![e],
-        })
-        .collect();
-    entries.into_iter().any(|e| {
-        let key: Vec<u8> = e
-            .get("key")
-            .and_then(|k| k.as_array())
-            .into_iter()
-            .flatten()
-            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
-            .collect();
-        key.len() >= 6 && key[..6] == want[..]
-    })
+    tools::bpf_map_keys("LISTEN").is_ok_and(|keys| keys.iter().any(|k| k.len() >= 6 && k[..6] == want[..]))
 }
 
 fn pid_of(s: &RSpan) -> u32 {
