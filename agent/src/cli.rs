@@ -333,6 +333,21 @@ pub struct RunArgs {
     #[arg(long, default_value_t = zerotrace_common::bounds::MAX_CONNS, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
     pub max_connections: u32,
 
+    /// CPU the agent and its probes may cost: its own CPU time plus its probes' hits on the
+    /// targets (each uprobe hit at its cost measured at start), smoothed over 30 s. Over it,
+    /// the kernel sheds new server requests (keeps 1 in 2, 4, ... 256; counted as
+    /// requests_shed) until the cost is back under half of it. "50%" or "500m" (of one
+    /// core), "1.5" (cores), or "off".
+    #[arg(long, default_value = "50%", value_parser = parse_cpu, value_name = "CORES")]
+    pub cpu_budget: f64,
+
+    /// Anonymous memory (RssAnon) the agent may use; over it, it takes no new spans
+    /// (spans_dropped_memory_limit, requests_shed) until it is back under 80 %. "256MiB",
+    /// "512Mi", "1G", bytes, "off", or "auto": 80 % of its cgroup's memory limit, off when
+    /// it has none.
+    #[arg(long, default_value = "auto", value_parser = parse_memory, value_name = "BYTES")]
+    pub memory_limit: MemoryLimit,
+
     /// Which kernel events the socket programs hang on: auto (the cheapest this kernel
     /// has: `zerotrace doctor` shows it), socket-btf or socket-raw (socket-layer
     /// tracepoints, Linux 6.16+), syscalls (the data syscalls' tracepoints, every kernel).
@@ -352,6 +367,64 @@ pub struct RunArgs {
     /// `cargo xtask bench pipeline` and fuzzing corpora.
     #[arg(long, value_name = "FILE")]
     pub record: Option<PathBuf>,
+}
+
+/// `--memory-limit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryLimit {
+    /// From the agent's cgroup.
+    Auto,
+    Off,
+    Bytes(u64),
+}
+
+/// "50%", "500m" (millicores), "1.5" (cores), "off" (0).
+pub fn parse_cpu(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let bad = || format!("invalid CPU budget {s:?}: use e.g. 50%, 500m, 1.5 or off");
+    if t == "off" {
+        return Ok(0.0);
+    }
+    let cores = if let Some(p) = t.strip_suffix('%') {
+        p.trim().parse::<f64>().map_err(|_| bad())? / 100.0
+    } else if let Some(m) = t.strip_suffix('m') {
+        m.trim().parse::<f64>().map_err(|_| bad())? / 1000.0
+    } else {
+        t.parse::<f64>().map_err(|_| bad())?
+    };
+    if !cores.is_finite() || cores <= 0.0 || cores > 1024.0 {
+        return Err(bad());
+    }
+    Ok(cores)
+}
+
+/// "256MiB", "512Mi", "1G", "1GB", a number of bytes, "auto" or "off".
+pub fn parse_memory(s: &str) -> Result<MemoryLimit, String> {
+    let t = s.trim();
+    let bad = || format!("invalid memory limit {s:?}: use e.g. 256MiB, 512Mi, 1G, auto or off");
+    match t {
+        "auto" => return Ok(MemoryLimit::Auto),
+        "off" => return Ok(MemoryLimit::Off),
+        _ => {}
+    }
+    let i = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let n: f64 = t[..i].parse().map_err(|_| bad())?;
+    let unit: f64 = match t[i..].trim() {
+        "" | "B" => 1.0,
+        "K" | "KB" | "k" | "kB" => 1e3,
+        "Ki" | "KiB" => 1024.0,
+        "M" | "MB" => 1e6,
+        "Mi" | "MiB" => 1048576.0,
+        "G" | "GB" => 1e9,
+        "Gi" | "GiB" => 1073741824.0,
+        _ => return Err(bad()),
+    };
+    let bytes = n * unit;
+    // Below 16 MiB the agent cannot start its own pipeline.
+    if !bytes.is_finite() || bytes < 16.0 * 1048576.0 {
+        return Err(format!("invalid memory limit {s:?}: at least 16MiB"));
+    }
+    Ok(MemoryLimit::Bytes(bytes as u64))
 }
 
 /// "500ms", "5s", "2m", or a bare number of seconds.
@@ -393,5 +466,20 @@ mod tests {
         assert_eq!(parse_duration("3").unwrap().as_secs(), 3);
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn budgets_and_limits() {
+        assert_eq!(parse_cpu("50%").unwrap(), 0.5);
+        assert_eq!(parse_cpu("250m").unwrap(), 0.25);
+        assert_eq!(parse_cpu("1.5").unwrap(), 1.5);
+        assert_eq!(parse_cpu("off").unwrap(), 0.0);
+        assert!(parse_cpu("0").is_err() && parse_cpu("-1").is_err() && parse_cpu("lots").is_err());
+        assert_eq!(parse_memory("256MiB").unwrap(), MemoryLimit::Bytes(256 << 20));
+        assert_eq!(parse_memory("512Mi").unwrap(), MemoryLimit::Bytes(512 << 20));
+        assert_eq!(parse_memory("1G").unwrap(), MemoryLimit::Bytes(1_000_000_000));
+        assert_eq!(parse_memory("auto").unwrap(), MemoryLimit::Auto);
+        assert_eq!(parse_memory("off").unwrap(), MemoryLimit::Off);
+        assert!(parse_memory("1MiB").is_err() && parse_memory("12 parsecs").is_err());
     }
 }

@@ -259,6 +259,14 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
             inject: args.inject_traceparent,
             sampler: sampler.kernel_rule(),
         },
+        guard: crate::probes::guard::GuardSettings {
+            cpu_budget: (args.cpu_budget > 0.0).then_some(args.cpu_budget),
+            memory_limit: match args.memory_limit {
+                crate::cli::MemoryLimit::Auto => crate::probes::guard::cgroup_memory_default(),
+                crate::cli::MemoryLimit::Off => None,
+                crate::cli::MemoryLimit::Bytes(b) => Some(b),
+            },
+        },
         stats_interval: args.stats_interval,
         stats_file: args.stats_file.clone(),
         record: args.record.clone(),

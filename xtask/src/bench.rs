@@ -454,6 +454,15 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
     let cpu1 = cpu_seconds(apid);
     agent.stop()?;
     drop(sink);
+    // No ratio is won by dropping spans: any shedding fails the bench (reported here, not
+    // again when the agent is dropped).
+    agent.sheds_on_purpose = true;
+    let (shed, refused) = (agent.stat("requests_shed"), agent.stat("spans_dropped_memory_limit"));
+    if shed + refused > 0 {
+        bail!(
+            "the agent shed load in this run (requests_shed={shed}, spans_dropped_memory_limit={refused}): its default --cpu-budget or --memory-limit tripped at the bench's load"
+        );
+    }
     let cost = AgentCost {
         cpu_s: cpu1 - cpu0,
         requests: agent.stat("requests_seen"),

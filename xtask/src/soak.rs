@@ -2,7 +2,10 @@
 //! (a Go and a Rust service at 2,500 req/s each, traced and exported over OTLP; agent RSS
 //! and CPU sampled every 10 s, the curve in target/soak/), connection churn (600,000 short
 //! connections) and process churn (2,000 short-lived Go and Rust processes over 5 min, under
-//! `--exe` and under `--all`). `cargo xtask test` runs the same suites in short versions.
+//! `--exe` and under `--all`); then the other promises at their one length, each printing
+//! its figures: self-protection (CPU budget, memory limit), collector, agent and target
+//! faults, hostile traffic, nothing left behind. `cargo xtask test` runs every suite, the
+//! first three in short versions.
 use anyhow::Result;
 use clap::Args;
 
@@ -47,6 +50,18 @@ pub fn run(args: SoakArgs) -> Result<()> {
         "soak",
         "--test",
         "churn",
+        "--test",
+        "self_protection",
+        "--test",
+        "collector_faults",
+        "--test",
+        "agent_faults",
+        "--test",
+        "target_faults",
+        "--test",
+        "hostile",
+        "--test",
+        "left_behind",
         "--",
         "--test-threads=1",
         "--nocapture",

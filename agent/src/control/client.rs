@@ -89,8 +89,10 @@ pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectE
         out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));
     }
     let entries = |c: &&crate::control::proto::Counter| c.name.strip_prefix("zerotrace_").is_some_and(crate::probes::occupancy::is_entries);
+    let gauge = |c: &&crate::control::proto::Counter| c.name.strip_prefix("zerotrace_").is_some_and(|n| crate::probes::guard::GAUGES.contains(&n));
+    out.push_str(&self_protection(&r.counters));
     out.push_str("counters (non-zero):\n");
-    for c in r.counters.iter().filter(|c| c.value > 0 && !entries(c)) {
+    for c in r.counters.iter().filter(|c| c.value > 0 && !entries(c) && !gauge(c)) {
         out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
     }
     // Every map, empty ones too: what is left behind shows as a count that does not go back.
@@ -99,6 +101,23 @@ pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectE
         out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
     }
     Ok(out)
+}
+
+/// The self-protection line of `status`: cost against budget, memory against limit, and
+/// what is shed.
+fn self_protection(counters: &[crate::control::proto::Counter]) -> String {
+    let get = |n: &str| counters.iter().find(|c| c.name.strip_prefix("zerotrace_") == Some(n)).map_or(0, |c| c.value);
+    let (cpu, budget, shift) = (get("guard_cpu_permille"), get("guard_cpu_budget_permille"), get("guard_shed_shift"));
+    let (mem, limit) = (get("guard_memory_bytes") >> 20, get("guard_memory_limit_bytes") >> 20);
+    let pct = |p: u64| format!("{}.{}%", p / 10, p % 10);
+    let budget = if budget == 0 { "no budget".to_owned() } else { format!("budget {}", pct(budget)) };
+    let limit = if limit == 0 { "no limit".to_owned() } else { format!("limit {limit} MiB") };
+    let shed = match shift {
+        0 => "every request traced".to_owned(),
+        s if s >= zerotrace_common::shed::KEEP_NONE as u64 => "SHEDDING: no new request traced".to_owned(),
+        s => format!("SHEDDING: 1 in {} new server requests traced", 1u64 << s),
+    };
+    format!("self-protection: CPU {} of a core ({budget}), memory {mem} MiB ({limit}); {shed}\n", pct(cpu))
 }
 
 /// `zerotrace tail --connect`: the spans of a running agent, through its control socket,

@@ -11,7 +11,8 @@ use rustc_hash::FxHashMap as HashMap;
 use crate::spans::TraceId;
 
 /// Traces whose incoming sampled flag is remembered, at most.
-pub const MAX_REMOTE_DECISIONS: usize = 65_536;
+/// (Below half of the table it grows to: `traces::MAX_REMEMBERED` says why.)
+pub const MAX_REMOTE_DECISIONS: usize = 49_152;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sampler {

@@ -71,6 +71,8 @@ pub struct ExportStats {
     pub queued: AtomicU64,
     /// Dropped because the queue was full (collector slow or down).
     pub dropped_queue_full: AtomicU64,
+    /// Dropped because the agent was over its memory limit (--memory-limit).
+    pub dropped_memory_limit: AtomicU64,
     /// Dropped after the retries of their batch ran out.
     pub dropped_failed: AtomicU64,
     /// Refused by the collector for good (a non-retryable status, or rejected in a partial
@@ -85,11 +87,12 @@ pub struct ExportStats {
 }
 
 impl ExportStats {
-    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
+    pub fn snapshot(&self) -> [(&'static str, u64); 9] {
         [
             ("spans_queued", self.queued.load(Relaxed)),
             ("spans_exported", self.exported.load(Relaxed)),
             ("spans_dropped_queue_full", self.dropped_queue_full.load(Relaxed)),
+            ("spans_dropped_memory_limit", self.dropped_memory_limit.load(Relaxed)),
             ("spans_dropped_export_failed", self.dropped_failed.load(Relaxed)),
             ("spans_dropped_rejected", self.dropped_rejected.load(Relaxed)),
             ("spans_dropped_shutdown", self.dropped_shutdown.load(Relaxed)),

@@ -68,6 +68,10 @@ impl OtlpExport {
     /// Queues a span; never waits. A full queue drops the span and counts it.
     pub fn offer(&self, span: Span) {
         let Some(tx) = &self.tx else { return };
+        if crate::probes::guard::OVER_MEMORY_LIMIT.load(Relaxed) {
+            self.stats.dropped_memory_limit.fetch_add(1, Relaxed);
+            return;
+        }
         match tx.try_send(span) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Relaxed);

@@ -3,8 +3,10 @@
 //! SELECTED bitmap in the kernel), uprobes are attached per traced process. Dropping `Probes` detaches
 //! everything; the kernel also does it if the agent dies, so targets run on unchanged.
 pub mod btf;
+mod calibrate;
 pub mod features;
 pub mod go;
+pub mod guard;
 pub mod hooks;
 pub mod occupancy;
 

@@ -79,6 +79,8 @@ pub struct RunSettings {
     pub go_tls: bool,
     pub native_parents: NativeParents,
     pub kernel: KernelSettings,
+    /// `--cpu-budget`, `--memory-limit`.
+    pub guard: probes::guard::GuardSettings,
     pub stats_interval: Duration,
     pub stats_file: Option<PathBuf>,
     /// `--record`: where every kernel record is written.
@@ -129,7 +131,32 @@ struct Agent<'s> {
     spans: Vec<Span>,
     /// Processes that exec'd since the last drain.
     execs: Vec<u32>,
+    /// --cpu-budget, --memory-limit.
+    guard: probes::guard::Guard,
     started: Instant,
+}
+
+/// The self-protection loop, with what a uprobe hit costs here (timed when there is a CPU
+/// budget).
+fn start_guard(s: &RunSettings, probes: &mut Probes) -> probes::guard::Guard {
+    /// Used when a uprobe hit cannot be timed (this VM measures ~9 us).
+    const UPROBE_HIT_NS: f64 = 10_000.0;
+    let g = s.guard;
+    let hit_ns = match g.cpu_budget {
+        None => UPROBE_HIT_NS,
+        Some(_) => probes.uprobe_hit_ns().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot time a uprobe hit; the CPU budget counts 10 us per hit");
+            UPROBE_HIT_NS
+        }),
+    };
+    let mib = |b: u64| b >> 20;
+    tracing::info!(
+        cpu_budget_percent = g.cpu_budget.map(|c| (c * 100.0).round() as u64),
+        memory_limit_mib = g.memory_limit.map(mib),
+        uprobe_hit_ns = hit_ns.round() as u64,
+        "self-protection"
+    );
+    probes::guard::Guard::new(g, hit_ns)
 }
 
 pub async fn run(s: RunSettings) -> Result<(), RunError> {
@@ -149,6 +176,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         inspected.push(crate::model::target::inspect(pid)?);
     }
     let mut probes = Probes::load(&s.kernel)?;
+    let guard = start_guard(&s, &mut probes);
     let mut reader = EventReader::new(probes.take_events()?).map_err(RunError::Events)?;
     if let Some(path) = &s.record {
         reader.record_to(path).map_err(RunError::Events)?;
@@ -187,7 +215,8 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     }
     health.set_attached();
     health.tick(targets.len());
-    let mut agent = Agent { s: &s, probes, reader, correlator, targets, outputs, spans: Vec::with_capacity(1024), execs: Vec::new(), started: Instant::now() };
+    let mut agent =
+        Agent { s: &s, probes, reader, correlator, targets, outputs, spans: Vec::with_capacity(1024), execs: Vec::new(), guard, started: Instant::now() };
     agent.outputs.announce(&agent.targets);
 
     let profile_until = s.profile.as_ref().and_then(|p| p.duration);
@@ -308,6 +337,11 @@ impl Agent<'_> {
         let listeners = sockdiag::listening().ok();
         self.targets.refresh(&mut self.probes, listeners.as_deref());
         self.outputs.housekeeping(&self.targets);
+        if let Some(shift) = self.guard.tick(&self.probes.counters())
+            && let Err(e) = self.probes.set_shed(shift)
+        {
+            tracing::warn!(error = %e, "cannot set load shedding in the kernel");
+        }
         if self.outputs.wants_counters() {
             let counters = self.counters();
             self.outputs.publish_counters(counters, &self.targets, self.started, self.probes.hooks.name());
@@ -320,6 +354,7 @@ impl Agent<'_> {
         let mut list = stats::counters(&self.probes, &self.reader, &self.correlator);
         list.extend(self.outputs.counters());
         list.push(("processes_traced", self.targets.len() as u64));
+        list.extend(self.guard.gauges());
         list.extend(self.probes.occupancy(false));
         list
     }
@@ -330,8 +365,9 @@ impl Agent<'_> {
             self.probes.remove_target(pid, false);
         }
         self.pump();
-        let Agent { s, mut probes, mut reader, correlator, targets, outputs, started, .. } = self;
+        let Agent { s, mut probes, mut reader, correlator, targets, outputs, started, guard, .. } = self;
         let mut counters = stats::counters(&probes, &reader, &correlator);
+        counters.extend(guard.gauges());
         // What the kernel maps still hold once every target is forgotten: nothing of their
         // connections, listeners and targets (the maps keyed by pid are not walked at
         // shutdown: they go with the agent).

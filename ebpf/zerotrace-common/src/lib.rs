@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 7;
+pub const ABI_VERSION: u32 = 8;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -29,6 +29,7 @@ pub mod names {
     pub const RECV_ARGS: &str = "RECV_ARGS";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const SHED: &str = "SHED";
 }
 
 /// Bounds of every map and buffer. Each one is documented in docs/limits.md; the agent
@@ -176,9 +177,12 @@ counters! {
     /// alone: the client wrote to another address (a Service's virtual IP, DNAT) than the
     /// one the server reads on. Included in `server_requests_linked_kernel`.
     ServerRequestsLinkedThroughNat = 27, "server_requests_linked_through_nat";
+    /// Server requests the kernel did not report because the agent was shedding load
+    /// (over its CPU budget or memory limit: SHED keeps 1 in 2^k new requests).
+    RequestsShed = 28, "requests_shed";
 }
 
-pub const COUNTER_SLOTS: u32 = 28;
+pub const COUNTER_SLOTS: u32 = 29;
 const _: () = {
     assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
     let mut i = 0;
@@ -375,7 +379,9 @@ pub struct ConnState {
     /// like a response head while it has not moved is the same send tried again (the
     /// socket's buffer was full), not the next response.
     pub resp_wseq: u32,
-    pub _pad2: u32,
+    /// 1: the current request is shed (SHED): none of its records are sent.
+    pub shed: u8,
+    pub _pad2: [u8; 3],
     /// The connection from its client's side (same-host link key).
     pub flow: FlowKey,
 }
@@ -970,6 +976,18 @@ pub struct Settings {
 pub fn trace_id_ratio_keeps(t: &[u8; 16], bound: u64) -> bool {
     let low = u64::from_be_bytes([t[8], t[9], t[10], t[11], t[12], t[13], t[14], t[15]]);
     (low >> 1) < bound
+}
+
+/// Load shedding (SHED[0], written by the agent's guard): shift `k` keeps 1 in 2^k of the
+/// server requests that start from now on, per process; KEEP_NONE and above keep none.
+pub mod shed {
+    pub const KEEP_NONE: u32 = 32;
+
+    /// Whether a request that starts with random number `r` is kept at shift `k`.
+    #[inline(always)]
+    pub fn keeps(k: u32, r: u32) -> bool {
+        k == 0 || k < KEEP_NONE && r & ((1u32 << k) - 1) == 0
+    }
 }
 
 /// `Settings::sampler`: the rule for traces that start here, plus PARENT_BASED when an

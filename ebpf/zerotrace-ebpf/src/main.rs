@@ -12,6 +12,7 @@
 // Indexed loops with constant bounds are the shape the verifier proves bounded.
 #![allow(clippy::needless_range_loop)]
 
+mod calibration;
 mod causality;
 mod go_client;
 mod go_http;

@@ -90,6 +90,10 @@ pub static CLIENT_HDR: HashMap<SlotKey, [u64; 2]> = HashMap::with_max_entries(bo
 #[map]
 pub static RECV_ARGS: HashMap<u64, RecvArgs> = HashMap::with_max_entries(bounds::MAX_RECV_ARGS, 0);
 
+/// Load shedding: [0] the shift of `zerotrace_common::shed` (0: every request kept).
+#[map]
+pub static SHED: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Per-CPU counters, indexed by zerotrace_common::Counter.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

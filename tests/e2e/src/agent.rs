@@ -16,6 +16,16 @@ static SEQ: AtomicUsize = AtomicUsize::new(0);
 pub struct Agent {
     pub proc: Proc,
     pub stats_file: PathBuf,
+    /// The test drives the agent past its CPU budget or memory limit on purpose; any other
+    /// agent that sheds fails its test (the defaults must never trip at the suite's loads).
+    pub sheds_on_purpose: bool,
+}
+
+/// `zerotrace status --connect SOCKET`: its text.
+pub fn status_text(socket: &str) -> Result<String> {
+    let out = Command::new(tools::zerotrace_bin()?).args(["status", "--connect", socket]).output()?;
+    anyhow::ensure!(out.status.success(), "zerotrace status: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Agent {
@@ -82,7 +92,7 @@ impl Agent {
             cmd.env(k, v);
         }
         let proc = Proc::spawn(&format!("agent-{n}"), cmd)?;
-        Ok(Agent { proc, stats_file })
+        Ok(Agent { proc, stats_file, sheds_on_purpose: false })
     }
 
     /// SIGINT, then wait: the agent flushes for at most 10 s, and the kernel removes uprobes
@@ -106,7 +116,14 @@ impl Agent {
     /// Every loss the agent counted at exit: the sum of its `*dropped*` and `*lost*`
     /// counters.
     pub fn counted_losses(&self) -> Result<u64> {
-        Ok(self.stats()?.as_object().into_iter().flatten().filter(|(k, _)| k.contains("dropped") || k.contains("lost")).filter_map(|(_, v)| v.as_u64()).sum())
+        Ok(self
+            .stats()?
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.contains("dropped") || k.contains("lost") || k.ends_with("_shed"))
+            .filter_map(|(_, v)| v.as_u64())
+            .sum())
     }
 
     /// The counters the agent wrote at exit.
@@ -133,6 +150,19 @@ impl Agent {
 impl Drop for Agent {
     /// Planted secrets in the agent's output fail the test that owns it.
     fn drop(&mut self) {
+        // Shedding where no test asked for it: the default budget or limit tripped.
+        if !self.sheds_on_purpose
+            && let Ok(stats) = self.stats()
+        {
+            let get = |k: &str| stats.get(format!("zerotrace_{k}")).and_then(|v| v.as_u64()).unwrap_or(0);
+            let (shed, memory) = (get("requests_shed"), get("spans_dropped_memory_limit"));
+            if (shed > 0 || memory > 0) && !std::thread::panicking() {
+                panic!(
+                    "the agent shed load at this test's load (requests_shed={shed}, spans_dropped_memory_limit={memory}): the default --cpu-budget and --memory-limit must never trip in the suite; its log:\n{}",
+                    self.proc.stderr_text()
+                );
+            }
+        }
         let leaks = self.leaks();
         if !leaks.is_empty() {
             eprintln!("planted secrets in the agent's output: {leaks:?}");

@@ -25,9 +25,7 @@ const SERVER: i32 = 2;
 /// Every figure a running agent shows in `zerotrace status` (its counters, which it lists
 /// when non-zero, and every kernel map's entries), without the `zerotrace_` prefix.
 fn status(socket: &str) -> Result<HashMap<String, u64>> {
-    let out = Command::new(tools::zerotrace_bin()?).args(["status", "--connect", socket]).output()?;
-    ensure!(out.status.success(), "zerotrace status: {}", String::from_utf8_lossy(&out.stderr));
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = zerotrace_e2e::agent::status_text(socket)?;
     ensure!(text.contains("kernel maps"), "no kernel maps in status:\n{text}");
     Ok(text
         .lines()

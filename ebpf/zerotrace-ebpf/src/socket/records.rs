@@ -29,6 +29,9 @@ pub fn capture_size() -> u32 {
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn fill_capture(conn: &ConnState, pid_tgid: u64, kind: EventKind, src: u64, len: u64, read_len: u64, start_ns: u64) -> Option<(*mut u8, u32)> {
+    if conn.shed != 0 {
+        return None;
+    }
     let buf = SCRATCH.get_ptr_mut(0)? as *mut u8;
     let room = capture_size().saturating_sub(conn.captured) as u64;
     let want = if src == 0 {
@@ -209,6 +212,9 @@ fn h2_chunk(conn: &ConnState, pid_tgid: u64, kind: EventKind, buf: u64, at: u64,
 /// 8) are the end of the `buf_len` bytes at `buf` (0: not known).
 #[inline(always)]
 pub fn bytes_event(conn: &ConnState, pid_tgid: u64, kind: EventKind, len: u64, buf: u64, buf_len: u64) {
+    if conn.shed != 0 {
+        return;
+    }
     let Some(mut ev) = EVENTS.reserve::<SockBytesEvent>(0) else {
         count(Counter::EventsDroppedRingFull);
         return;

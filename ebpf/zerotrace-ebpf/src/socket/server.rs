@@ -16,7 +16,7 @@ use super::{
 };
 use crate::{
     causality::new_span_id,
-    maps::{CONNS, EVENTS, kernel},
+    maps::{CONNS, EVENTS, SHED, kernel},
     util::{count, current_goroutine, go_ptr, header, now, read_kernel, read_user, read_user_bytes, target, wake_flags},
 };
 
@@ -80,6 +80,15 @@ pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sk: u64, sys: &S
     }
 }
 
+/// Whether the request starting now is shed: the agent's guard sets SHED's shift while
+/// it sheds load; a random draw keeps 1 in 2^shift.
+#[inline(always)]
+fn shed_this() -> bool {
+    let k = SHED.get(0).copied().unwrap_or(0);
+    // SAFETY: helper without side effects.
+    k != 0 && !zerotrace_common::shed::keeps(k, unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() })
+}
+
 /// tcp_sock.write_seq of socket `sk`: moves as bytes are queued to send.
 #[inline(always)]
 fn write_seq(sk: u64) -> Option<u32> {
@@ -125,6 +134,8 @@ fn start_unread_request(conn: &mut ConnState, pid_tgid: u64, ts: u64) {
     conn.req_ts = ts;
     conn.bytes_in = 0;
     conn.trace_in = 0;
+    // Pipelined requests are not shed: their bytes came with a kept request's capture.
+    conn.shed = 0;
     count(Counter::PipelinedRequestsSeen);
 }
 
@@ -248,6 +259,9 @@ pub fn finish_response(conn: &mut ConnState, tid: u32, ts: u64, closed: u8) {
         return;
     }
     conn.phase = phase::IDLE;
+    if conn.shed != 0 {
+        return;
+    }
     let Some(mut ev) = EVENTS.reserve::<HttpResponseEvent>(0) else {
         count(Counter::EventsDroppedRingFull);
         return;
@@ -307,6 +321,15 @@ pub fn recv_bytes<const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, buf: u6
         conn.captured = 0;
         conn.span_id = new_span_id();
         count(Counter::RequestsSeen);
+        conn.shed = shed_this() as u8;
+        if conn.shed != 0 {
+            // No records, and no span id for the goroutines it spawns to inherit.
+            conn.span_id = 0;
+            count(Counter::RequestsShed);
+        }
+    }
+    if conn.shed != 0 {
+        return Some(());
     }
     // The goroutine serving the connection, as Go's conn.serve told us; else (other
     // runtimes, connections older than the agent) whatever runs on this thread.

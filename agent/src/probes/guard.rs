@@ -1,0 +1,299 @@
+//! Self-protection, once a second: sense what the agent costs (its own CPU time, its probes'
+//! hits on the targets times a per-hit cost, its anonymous memory), decide whether to shed,
+//! act where it is cheapest. CPU over `--cpu-budget`: the kernel keeps 1 in 2^k of the
+//! server requests that start (SHED), k rising while the cost stays over and falling once it
+//! is well under. Memory over `--memory-limit`: the kernel keeps none and the export queue
+//! takes no new span (`spans_dropped_memory_limit`) until memory is back under 80 %.
+//! Every change is logged; the measures are gauges (`guard_*`) in stats, status and OTLP.
+use std::{
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use zerotrace_common::{COUNTER_SLOTS, Counter, shed};
+
+/// Set while the agent is over its memory limit: outputs take no new span.
+pub static OVER_MEMORY_LIMIT: AtomicBool = AtomicBool::new(false);
+
+/// The smoothed cost that starts shedding (an exponential average over this long): a burst
+/// of a few seconds does not shed, a load that stays does.
+const SLOW: Duration = Duration::from_secs(30);
+/// The quick measure that moves the shift while shedding (the effect of a change shows
+/// within seconds).
+const QUICK: Duration = Duration::from_secs(3);
+/// Least time between two changes of the shift.
+const SETTLE: Duration = Duration::from_secs(3);
+/// Most shedding for CPU: 1 in 256 new requests kept.
+const MAX_SHIFT: u32 = 8;
+/// Memory shedding ends below this share of the limit.
+const MEMORY_RECOVERED: f64 = 0.8;
+/// What a socket hook run costs a target: a tracepoint hit (~37 ns here) plus the
+/// program's work on a traced socket (reading the first bytes, a record): an upper bound,
+/// not calibrated (uprobes are, and dominate the cost wherever they are used).
+const SOCKET_OP_NS: f64 = 1000.0;
+
+/// Names of the guard's gauges (not monotonic in OTLP).
+pub const GAUGES: &[&str] = &["guard_cpu_permille", "guard_cpu_budget_permille", "guard_shed_shift", "guard_memory_bytes", "guard_memory_limit_bytes"];
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct GuardSettings {
+    /// Cores (0.05: 5 % of one core) the agent and its probes may cost; None: no budget.
+    pub cpu_budget: Option<f64>,
+    /// Bytes of anonymous memory (RssAnon) the agent may use; None: no limit.
+    pub memory_limit: Option<u64>,
+}
+
+/// One second's reading.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    at: Instant,
+    cpu_seconds: f64,
+    uprobe_hits: u64,
+    socket_ops: u64,
+}
+
+#[derive(Debug)]
+pub struct Guard {
+    s: GuardSettings,
+    uprobe_hit_ns: f64,
+    last: Option<Reading>,
+    /// Cost in cores: smoothed over SLOW and over QUICK.
+    slow: f64,
+    quick: f64,
+    shift: u32,
+    over_memory: bool,
+    memory: u64,
+    changed: Instant,
+}
+
+impl Guard {
+    /// `uprobe_hit_ns`: what a uprobe hit costs a target here, calibrated at start.
+    pub fn new(s: GuardSettings, uprobe_hit_ns: f64) -> Self {
+        Self { s, uprobe_hit_ns, last: None, slow: 0.0, quick: 0.0, shift: 0, over_memory: false, memory: 0, changed: Instant::now() }
+    }
+
+    /// The shift the kernel should use now (0: keep every request).
+    pub fn shift(&self) -> u32 {
+        if self.over_memory { shed::KEEP_NONE } else { self.shift }
+    }
+
+    /// Senses and decides; returns the new kernel shift when it changed.
+    pub fn tick(&mut self, kernel: &[u64; COUNTER_SLOTS as usize]) -> Option<u32> {
+        let before = self.shift();
+        let now = Reading {
+            at: Instant::now(),
+            cpu_seconds: own_cpu_seconds(),
+            uprobe_hits: kernel[Counter::UprobeHits as usize],
+            socket_ops: kernel[Counter::SocketOps as usize],
+        };
+        if let Some(last) = self.last.replace(now) {
+            let dt = now.at.duration_since(last.at).as_secs_f64();
+            if dt > 0.0 {
+                let probes_ns = now.uprobe_hits.saturating_sub(last.uprobe_hits) as f64 * self.uprobe_hit_ns
+                    + now.socket_ops.saturating_sub(last.socket_ops) as f64 * SOCKET_OP_NS;
+                let cost = ((now.cpu_seconds - last.cpu_seconds).max(0.0) + probes_ns / 1e9) / dt;
+                self.slow += (cost - self.slow) * (1.0 - (-dt / SLOW.as_secs_f64()).exp());
+                self.quick += (cost - self.quick) * (1.0 - (-dt / QUICK.as_secs_f64()).exp());
+                self.decide_cpu(now.at);
+            }
+        }
+        self.memory = own_anon_bytes();
+        self.decide_memory();
+        OVER_MEMORY_LIMIT.store(self.over_memory, Relaxed);
+        let after = self.shift();
+        (after != before).then_some(after)
+    }
+
+    fn decide_cpu(&mut self, now: Instant) {
+        let Some(budget) = self.s.cpu_budget else { return };
+        if now.duration_since(self.changed) < SETTLE {
+            return;
+        }
+        let (pct, budget_pct) = (self.quick * 100.0, budget * 100.0);
+        if self.shift == 0 {
+            if self.slow > budget && self.quick > budget {
+                self.shift = 1;
+                self.changed = now;
+                tracing::warn!(
+                    cost_percent = pct as u64,
+                    budget_percent = budget_pct as u64,
+                    "over the CPU budget (--cpu-budget): shedding, the kernel keeps 1 in 2 new server requests (requests_shed)"
+                );
+            }
+        } else if self.quick > budget && self.shift < MAX_SHIFT {
+            self.shift += 1;
+            self.changed = now;
+            tracing::warn!(
+                cost_percent = pct as u64,
+                budget_percent = budget_pct as u64,
+                "still over the CPU budget: the kernel keeps 1 in {} new server requests",
+                1u32 << self.shift
+            );
+        } else if self.quick < budget / 2.0 {
+            self.shift -= 1;
+            self.changed = now;
+            if self.shift == 0 {
+                // The slow measure starts again from here: the load that tripped it is gone.
+                self.slow = self.quick;
+                tracing::info!(cost_percent = pct as u64, budget_percent = budget_pct as u64, "back under the CPU budget: every request is traced again");
+            } else {
+                tracing::info!(
+                    cost_percent = pct as u64,
+                    budget_percent = budget_pct as u64,
+                    "under the CPU budget: the kernel keeps 1 in {} new server requests",
+                    1u32 << self.shift
+                );
+            }
+        }
+    }
+
+    fn decide_memory(&mut self) {
+        let Some(limit) = self.s.memory_limit else { return };
+        let mib = |b: u64| b >> 20;
+        if !self.over_memory && self.memory > limit {
+            self.over_memory = true;
+            tracing::warn!(
+                memory_mib = mib(self.memory),
+                limit_mib = mib(limit),
+                "over the memory limit (--memory-limit): shedding, no new spans are taken (spans_dropped_memory_limit, requests_shed)"
+            );
+        } else if self.over_memory && (self.memory as f64) < limit as f64 * MEMORY_RECOVERED {
+            self.over_memory = false;
+            tracing::info!(memory_mib = mib(self.memory), limit_mib = mib(limit), "back under the memory limit: spans are taken again");
+        }
+    }
+
+    /// The gauges named in GAUGES.
+    pub fn gauges(&self) -> [(&'static str, u64); 5] {
+        let permille = |cores: f64| (cores * 1000.0).round() as u64;
+        [
+            (GAUGES[0], permille(self.slow)),
+            (GAUGES[1], self.s.cpu_budget.map_or(0, permille)),
+            (GAUGES[2], self.shift() as u64),
+            (GAUGES[3], self.memory),
+            (GAUGES[4], self.s.memory_limit.unwrap_or(0)),
+        ]
+    }
+}
+
+/// The agent's CPU time (user + system, every thread) in seconds.
+fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// The agent's anonymous resident memory (RssAnon) in bytes.
+pub fn own_anon_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("RssAnon:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |k| k * 1024)
+}
+
+/// The default memory limit: 80 % of the memory limit of the agent's cgroup (its own or
+/// the tightest of its ancestors'), None when there is none. The rest is room for what the
+/// cgroup is also charged that RssAnon does not count (page cache, the kernel maps).
+pub fn cgroup_memory_default() -> Option<u64> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    cgroup_limit(&own, std::path::Path::new("/sys/fs/cgroup")).map(|l| l / 5 * 4)
+}
+
+/// The tightest memory limit on the path of `proc_cgroup` (the text of /proc/self/cgroup)
+/// under `root`: cgroup v2 `memory.max`, else v1 `memory/.../memory.limit_in_bytes`.
+fn cgroup_limit(proc_cgroup: &str, root: &std::path::Path) -> Option<u64> {
+    let read = |p: std::path::PathBuf| std::fs::read_to_string(p).ok().and_then(|t| t.trim().parse::<u64>().ok());
+    let mut best: Option<u64> = None;
+    for line in proc_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (base, file) = match controllers {
+            "" => (root.to_path_buf(), "memory.max"),
+            c if c.split(',').any(|c| c == "memory") => (root.join("memory"), "memory.limit_in_bytes"),
+            _ => continue,
+        };
+        // The path itself and each ancestor (a pod's limit sits on its parent).
+        let mut dir = base.join(path.trim_start_matches('/'));
+        loop {
+            // v1 says "no limit" with a huge number.
+            if let Some(l) = read(dir.join(file)).filter(|l| *l < 1 << 60) {
+                best = Some(best.map_or(l, |b| b.min(l)));
+            }
+            if dir == base || !dir.pop() {
+                break;
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tightest_cgroup_limit_on_the_path_is_found() {
+        let root = std::env::temp_dir().join(format!("zt-cgroup-{}", std::process::id()));
+        let pod = root.join("kubepods/pod1");
+        std::fs::create_dir_all(pod.join("ctr")).unwrap();
+        std::fs::write(root.join("kubepods/memory.max"), "max\n").unwrap();
+        std::fs::write(pod.join("memory.max"), "268435456\n").unwrap();
+        std::fs::write(pod.join("ctr/memory.max"), "max\n").unwrap();
+        assert_eq!(cgroup_limit("0::/kubepods/pod1/ctr\n", &root), Some(256 << 20));
+        // No limit anywhere: none.
+        assert_eq!(cgroup_limit("0::/kubepods\n", &root), None);
+        // cgroup v1: the memory controller's hierarchy, a huge number meaning none.
+        let v1 = root.join("memory/docker/abc");
+        std::fs::create_dir_all(&v1).unwrap();
+        std::fs::write(v1.join("memory.limit_in_bytes"), "134217728\n").unwrap();
+        std::fs::write(root.join("memory/memory.limit_in_bytes"), "9223372036854771712\n").unwrap();
+        assert_eq!(cgroup_limit("4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n", &root), Some(128 << 20));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn shedding_starts_over_budget_deepens_and_recovers() {
+        let mut g = Guard::new(GuardSettings { cpu_budget: Some(0.1), memory_limit: None }, 9000.0);
+        let t0 = Instant::now() - Duration::from_secs(100);
+        g.changed = t0;
+        // A second at 0.5 cores does not move the slow measure over 0.1 at once...
+        g.slow = 0.05;
+        g.quick = 0.5;
+        g.decide_cpu(t0 + Duration::from_secs(10));
+        assert_eq!(g.shift, 0);
+        // ... a load that stays does.
+        g.slow = 0.2;
+        g.decide_cpu(t0 + Duration::from_secs(20));
+        assert_eq!(g.shift, 1);
+        // Not again before SETTLE.
+        g.decide_cpu(t0 + Duration::from_secs(21));
+        assert_eq!(g.shift, 1);
+        g.decide_cpu(t0 + Duration::from_secs(24));
+        assert_eq!(g.shift, 2);
+        // Between half the budget and the budget: stays.
+        g.quick = 0.07;
+        g.decide_cpu(t0 + Duration::from_secs(30));
+        assert_eq!(g.shift, 2);
+        g.quick = 0.01;
+        g.decide_cpu(t0 + Duration::from_secs(40));
+        g.decide_cpu(t0 + Duration::from_secs(50));
+        assert_eq!(g.shift, 0);
+        assert_eq!(g.slow, 0.01);
+    }
+
+    #[test]
+    fn memory_over_the_limit_keeps_nothing_until_well_under() {
+        let mut g = Guard::new(GuardSettings { cpu_budget: None, memory_limit: Some(100 << 20) }, 9000.0);
+        g.memory = 101 << 20;
+        g.decide_memory();
+        assert_eq!(g.shift(), shed::KEEP_NONE);
+        g.memory = 90 << 20;
+        g.decide_memory();
+        assert_eq!(g.shift(), shed::KEEP_NONE);
+        g.memory = 70 << 20;
+        g.decide_memory();
+        assert_eq!(g.shift(), 0);
+    }
+}
