@@ -235,6 +235,11 @@ impl Correlator {
     /// The parent (kernel span id, 0: none) of a client request that thread `tid` of native
     /// process `pid` starts, by `--native-parents`.
     pub(super) fn native_parent(&self, pid: u32, tid: u32) -> u64 {
+        // While the kernel sheds (and shortly after), requests the agent never saw may be
+        // open: the rule could name the wrong one, so none is named.
+        if crate::probes::guard::SHEDDING.load(std::sync::atomic::Ordering::Relaxed) {
+            return 0;
+        }
         match self.native_parents {
             super::NativeParents::OneOpen => self.single_open_request(pid),
             super::NativeParents::Thread => self.threads.get(&(pid, tid)).map_or(0, |(_, span)| *span),

@@ -11,6 +11,8 @@ use super::{ProbeError, Probes, program};
 const NAME: &str = "calibration_point";
 const CALLS: u32 = 500;
 const ROUNDS: usize = 3;
+/// A uprobe hit is a trap into the kernel and back: less than this is a measuring error.
+const MIN_PLAUSIBLE_NS: f64 = 200.0;
 
 /// The probed function: a call that does nothing the optimiser can remove.
 #[inline(never)]
@@ -29,16 +31,24 @@ fn time_calls() -> f64 {
     t.elapsed().as_nanos() as f64
 }
 
-/// The file offset of `addr` in the agent's own executable, from /proc/self/maps.
+/// The file offset of `addr` in the agent's own executable (/proc/self/exe, which the
+/// kernel resolves even when the file was replaced or its path has spaces), from the
+/// mapping of /proc/self/maps that holds it and has the executable's inode.
 fn own_file_offset(addr: u64) -> Option<(std::path::PathBuf, u64)> {
-    let exe = std::fs::read_link("/proc/self/exe").ok()?;
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::path::PathBuf::from("/proc/self/exe");
+    let ino = std::fs::metadata(&exe).ok()?.ino();
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines().find_map(|l| {
         let f: Vec<&str> = l.split_whitespace().collect();
-        let (range, off, path) = (f.first()?, f.get(2)?, f.get(5)?);
+        let (range, off, inode) = (f.first()?, f.get(2)?, f.get(4)?);
         let (start, end) = range.split_once('-')?;
         let (start, end) = (u64::from_str_radix(start, 16).ok()?, u64::from_str_radix(end, 16).ok()?);
-        (start <= addr && addr < end && std::path::Path::new(path) == exe).then(|| Some((exe.clone(), addr - start + u64::from_str_radix(off, 16).ok()?)))?
+        if start <= addr && addr < end && inode.parse::<u64>().ok()? == ino {
+            Some((exe.clone(), addr - start + u64::from_str_radix(off, 16).ok()?))
+        } else {
+            None
+        }
     })
 }
 
@@ -51,17 +61,23 @@ impl Probes {
         let pid = NonZeroU32::new(std::process::id()).ok_or_else(|| ProbeError::Missing("the agent's pid".into()))?;
         let p: &mut UProbe = program(&mut self.ebpf, NAME)?;
         p.load().map_err(|source| ProbeError::program(NAME, source))?;
-        let mut best = f64::MAX;
-        let bare: Vec<f64> = (0..ROUNDS).map(|_| time_calls()).collect();
-        let link = p
-            .attach(offset, &exe, UProbeScope::OneProcess(pid))
-            .map_err(|source| ProbeError::program(format!("{NAME} at {}+{offset:#x}", exe.display()), source))?;
-        for b in bare {
-            best = best.min((time_calls() - b) / CALLS as f64);
+        // Interleaved rounds, the fastest of each kind kept: noise (preemption on a busy
+        // machine) only adds.
+        let (mut bare, mut probed) = (f64::MAX, f64::MAX);
+        for _ in 0..ROUNDS {
+            bare = bare.min(time_calls());
+            let link = p
+                .attach(offset, &exe, UProbeScope::OneProcess(pid))
+                .map_err(|source| ProbeError::program(format!("{NAME} at {}+{offset:#x}", exe.display()), source))?;
+            probed = probed.min(time_calls());
+            p.detach(link).map_err(|source| ProbeError::program(NAME, source))?;
         }
-        p.detach(link).map_err(|source| ProbeError::program(NAME, source))?;
         let _ = p.unload();
-        Ok(best.max(0.0))
+        let ns = (probed - bare) / CALLS as f64;
+        if ns < MIN_PLAUSIBLE_NS {
+            return Err(ProbeError::Missing(format!("a plausible uprobe hit time (measured {ns:.0} ns)")));
+        }
+        Ok(ns)
     }
 
     /// Load shedding in the kernel: keep 1 in 2^`shift` new server requests.

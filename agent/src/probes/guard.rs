@@ -14,6 +14,10 @@ use zerotrace_common::{COUNTER_SLOTS, Counter, shed};
 
 /// Set while the agent is over its memory limit: outputs take no new span.
 pub static OVER_MEMORY_LIMIT: AtomicBool = AtomicBool::new(false);
+/// Set while the kernel sheds requests, and for GRACE after: requests the agent never saw
+/// may be open, so "the one open request" or "the request this thread read" may be wrong.
+pub static SHEDDING: AtomicBool = AtomicBool::new(false);
+const GRACE: Duration = Duration::from_secs(10);
 
 /// The smoothed cost that starts shedding (an exponential average over this long): a burst
 /// of a few seconds does not shed, a load that stays does.
@@ -21,8 +25,13 @@ const SLOW: Duration = Duration::from_secs(30);
 /// The quick measure that moves the shift while shedding (the effect of a change shows
 /// within seconds).
 const QUICK: Duration = Duration::from_secs(3);
-/// Least time between two changes of the shift.
-const SETTLE: Duration = Duration::from_secs(3);
+/// Least time between two changes of the shift (twice QUICK: a step's effect shows).
+const SETTLE: Duration = Duration::from_secs(6);
+/// After shedding was found not to lower the cost (it is not the requests'), no new start
+/// for this long.
+const HOLD_OFF: Duration = Duration::from_secs(60);
+/// A step helped when the quick measure fell at least this much.
+const HELPED: f64 = 0.9;
 /// Most shedding for CPU: 1 in 256 new requests kept.
 const MAX_SHIFT: u32 = 8;
 /// Memory shedding ends below this share of the limit.
@@ -50,6 +59,7 @@ struct Reading {
     cpu_seconds: f64,
     uprobe_hits: u64,
     socket_ops: u64,
+    requests: u64,
 }
 
 #[derive(Debug)]
@@ -61,6 +71,16 @@ pub struct Guard {
     slow: f64,
     quick: f64,
     shift: u32,
+    /// The quick measure when the shift last changed.
+    at_step: f64,
+    /// New server requests per second (shed ones too), over QUICK.
+    requests: f64,
+    /// No new start before this (shedding did not lower the cost).
+    held_until: Option<Instant>,
+    /// When the kernel last shed (for SHEDDING's grace).
+    shed_at: Option<Instant>,
+    /// Consecutive readings over the memory limit.
+    over_readings: u32,
     over_memory: bool,
     memory: u64,
     changed: Instant,
@@ -69,7 +89,22 @@ pub struct Guard {
 impl Guard {
     /// `uprobe_hit_ns`: what a uprobe hit costs a target here, calibrated at start.
     pub fn new(s: GuardSettings, uprobe_hit_ns: f64) -> Self {
-        Self { s, uprobe_hit_ns, last: None, slow: 0.0, quick: 0.0, shift: 0, over_memory: false, memory: 0, changed: Instant::now() }
+        Self {
+            s,
+            uprobe_hit_ns,
+            last: None,
+            slow: 0.0,
+            quick: 0.0,
+            shift: 0,
+            at_step: 0.0,
+            requests: 0.0,
+            held_until: None,
+            shed_at: None,
+            over_readings: 0,
+            over_memory: false,
+            memory: 0,
+            changed: Instant::now(),
+        }
     }
 
     /// The shift the kernel should use now (0: keep every request).
@@ -77,14 +112,14 @@ impl Guard {
         if self.over_memory { shed::KEEP_NONE } else { self.shift }
     }
 
-    /// Senses and decides; returns the new kernel shift when it changed.
-    pub fn tick(&mut self, kernel: &[u64; COUNTER_SLOTS as usize]) -> Option<u32> {
-        let before = self.shift();
+    /// Senses and decides (the kernel shift to apply is `shift()`).
+    pub fn tick(&mut self, kernel: &[u64; COUNTER_SLOTS as usize]) {
         let now = Reading {
             at: Instant::now(),
             cpu_seconds: own_cpu_seconds(),
             uprobe_hits: kernel[Counter::UprobeHits as usize],
             socket_ops: kernel[Counter::SocketOps as usize],
+            requests: kernel[Counter::RequestsSeen as usize],
         };
         if let Some(last) = self.last.replace(now) {
             let dt = now.at.duration_since(last.at).as_secs_f64();
@@ -92,54 +127,71 @@ impl Guard {
                 let probes_ns = now.uprobe_hits.saturating_sub(last.uprobe_hits) as f64 * self.uprobe_hit_ns
                     + now.socket_ops.saturating_sub(last.socket_ops) as f64 * SOCKET_OP_NS;
                 let cost = ((now.cpu_seconds - last.cpu_seconds).max(0.0) + probes_ns / 1e9) / dt;
+                let requests = now.requests.saturating_sub(last.requests) as f64 / dt;
+                let quick = 1.0 - (-dt / QUICK.as_secs_f64()).exp();
                 self.slow += (cost - self.slow) * (1.0 - (-dt / SLOW.as_secs_f64()).exp());
-                self.quick += (cost - self.quick) * (1.0 - (-dt / QUICK.as_secs_f64()).exp());
+                self.quick += (cost - self.quick) * quick;
+                self.requests += (requests - self.requests) * quick;
                 self.decide_cpu(now.at);
             }
         }
         self.memory = own_anon_bytes();
         self.decide_memory();
         OVER_MEMORY_LIMIT.store(self.over_memory, Relaxed);
-        let after = self.shift();
-        (after != before).then_some(after)
+        if self.shift() != 0 {
+            self.shed_at = Some(now.at);
+        }
+        SHEDDING.store(self.shed_at.is_some_and(|t| now.at.duration_since(t) < GRACE), Relaxed);
     }
 
     fn decide_cpu(&mut self, now: Instant) {
         let Some(budget) = self.s.cpu_budget else { return };
+        let (pct, budget_pct) = ((self.quick * 100.0) as u64, (budget * 100.0) as u64);
+        if self.shift > 0 && self.requests < 1.0 {
+            self.stop_shedding(now, "no requests arrive");
+            return;
+        }
         if now.duration_since(self.changed) < SETTLE {
             return;
         }
-        let (pct, budget_pct) = (self.quick * 100.0, budget * 100.0);
         if self.shift == 0 {
-            if self.slow > budget && self.quick > budget {
-                self.shift = 1;
-                self.changed = now;
+            if self.slow > budget && self.quick > budget && self.requests >= 1.0 && self.held_until.is_none_or(|t| now >= t) {
+                self.step(now, 1);
                 tracing::warn!(
-                    cost_percent = pct as u64,
-                    budget_percent = budget_pct as u64,
+                    cost_percent = pct,
+                    budget_percent = budget_pct,
                     "over the CPU budget (--cpu-budget): shedding, the kernel keeps 1 in 2 new server requests (requests_shed)"
                 );
             }
-        } else if self.quick > budget && self.shift < MAX_SHIFT {
-            self.shift += 1;
-            self.changed = now;
-            tracing::warn!(
-                cost_percent = pct as u64,
-                budget_percent = budget_pct as u64,
-                "still over the CPU budget: the kernel keeps 1 in {} new server requests",
-                1u32 << self.shift
-            );
+        } else if self.quick > budget {
+            let helped = self.quick < self.at_step * HELPED;
+            if self.shift == 1 && !helped {
+                // The cost is not the requests' (runtime uprobes, attaching, profiling):
+                // shedding them loses spans and saves nothing.
+                self.held_until = Some(now + HOLD_OFF);
+                self.stop_shedding(now, "shedding requests did not lower the cost");
+                tracing::warn!(
+                    cost_percent = pct,
+                    budget_percent = budget_pct,
+                    "over the CPU budget, but not because of requests: not shedding them (tried again in 60 s)"
+                );
+            } else if helped && self.shift < MAX_SHIFT {
+                self.step(now, self.shift + 1);
+                tracing::debug!(
+                    cost_percent = pct,
+                    budget_percent = budget_pct,
+                    "still over the CPU budget: the kernel keeps 1 in {} new server requests",
+                    1u32 << self.shift
+                );
+            }
         } else if self.quick < budget / 2.0 {
-            self.shift -= 1;
-            self.changed = now;
-            if self.shift == 0 {
-                // The slow measure starts again from here: the load that tripped it is gone.
-                self.slow = self.quick;
-                tracing::info!(cost_percent = pct as u64, budget_percent = budget_pct as u64, "back under the CPU budget: every request is traced again");
+            if self.shift == 1 {
+                self.stop_shedding(now, "back under the CPU budget");
             } else {
-                tracing::info!(
-                    cost_percent = pct as u64,
-                    budget_percent = budget_pct as u64,
+                self.step(now, self.shift - 1);
+                tracing::debug!(
+                    cost_percent = pct,
+                    budget_percent = budget_pct,
                     "under the CPU budget: the kernel keeps 1 in {} new server requests",
                     1u32 << self.shift
                 );
@@ -147,10 +199,27 @@ impl Guard {
         }
     }
 
+    fn step(&mut self, now: Instant, shift: u32) {
+        self.shift = shift;
+        self.at_step = self.quick;
+        self.changed = now;
+    }
+
+    fn stop_shedding(&mut self, now: Instant, why: &str) {
+        let deepest = self.shift;
+        self.step(now, 0);
+        // The slow measure starts again from here: the load that tripped it is gone.
+        self.slow = self.quick;
+        tracing::info!(cost_percent = (self.quick * 100.0) as u64, deepest_shift = deepest, "not shedding any more ({why}): every request is traced again");
+    }
+
     fn decide_memory(&mut self) {
         let Some(limit) = self.s.memory_limit else { return };
         let mib = |b: u64| b >> 20;
-        if !self.over_memory && self.memory > limit {
+        // Two readings in a row: a peak of a second (reading a new target's executable)
+        // is no trend.
+        self.over_readings = if self.memory > limit { self.over_readings + 1 } else { 0 };
+        if !self.over_memory && self.over_readings >= 2 {
             self.over_memory = true;
             tracing::warn!(
                 memory_mib = mib(self.memory),
@@ -254,39 +323,72 @@ mod tests {
     }
 
     #[test]
-    fn shedding_starts_over_budget_deepens_and_recovers() {
+    fn shedding_starts_over_budget_deepens_while_it_helps_and_recovers() {
         let mut g = Guard::new(GuardSettings { cpu_budget: Some(0.1), memory_limit: None }, 9000.0);
-        let t0 = Instant::now() - Duration::from_secs(100);
+        let t0 = Instant::now() - Duration::from_secs(1000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
         g.changed = t0;
-        // A second at 0.5 cores does not move the slow measure over 0.1 at once...
-        g.slow = 0.05;
-        g.quick = 0.5;
-        g.decide_cpu(t0 + Duration::from_secs(10));
+        g.requests = 4000.0;
+        // A burst does not move the slow measure over the budget at once...
+        (g.slow, g.quick) = (0.05, 0.5);
+        g.decide_cpu(at(10));
         assert_eq!(g.shift, 0);
         // ... a load that stays does.
         g.slow = 0.2;
-        g.decide_cpu(t0 + Duration::from_secs(20));
+        g.decide_cpu(at(20));
         assert_eq!(g.shift, 1);
         // Not again before SETTLE.
-        g.decide_cpu(t0 + Duration::from_secs(21));
+        g.quick = 0.3;
+        g.decide_cpu(at(22));
         assert_eq!(g.shift, 1);
-        g.decide_cpu(t0 + Duration::from_secs(24));
+        // It helped (0.5 -> 0.3) and the cost is still over: deeper.
+        g.decide_cpu(at(27));
+        assert_eq!(g.shift, 2);
+        // It did not help this time: it stays.
+        g.decide_cpu(at(34));
         assert_eq!(g.shift, 2);
         // Between half the budget and the budget: stays.
         g.quick = 0.07;
-        g.decide_cpu(t0 + Duration::from_secs(30));
+        g.decide_cpu(at(41));
         assert_eq!(g.shift, 2);
         g.quick = 0.01;
-        g.decide_cpu(t0 + Duration::from_secs(40));
-        g.decide_cpu(t0 + Duration::from_secs(50));
+        g.decide_cpu(at(48));
+        assert_eq!(g.shift, 1);
+        g.decide_cpu(at(55));
         assert_eq!(g.shift, 0);
         assert_eq!(g.slow, 0.01);
+    }
+
+    #[test]
+    fn shedding_that_does_not_lower_the_cost_stops_and_holds_off() {
+        let mut g = Guard::new(GuardSettings { cpu_budget: Some(0.1), memory_limit: None }, 9000.0);
+        let t0 = Instant::now() - Duration::from_secs(1000);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        g.changed = t0;
+        g.requests = 100.0;
+        (g.slow, g.quick) = (0.5, 0.5);
+        g.decide_cpu(at(10));
+        assert_eq!(g.shift, 1);
+        // The cost stays where it was: not the requests'.
+        g.decide_cpu(at(20));
+        assert_eq!(g.shift, 0);
+        g.slow = 0.5;
+        g.decide_cpu(at(40));
+        assert_eq!(g.shift, 0, "held off");
+        g.decide_cpu(at(90));
+        assert_eq!(g.shift, 1, "tried again after the hold-off");
+        // No requests at all: nothing to shed.
+        g.requests = 0.0;
+        g.decide_cpu(at(91));
+        assert_eq!(g.shift, 0);
     }
 
     #[test]
     fn memory_over_the_limit_keeps_nothing_until_well_under() {
         let mut g = Guard::new(GuardSettings { cpu_budget: None, memory_limit: Some(100 << 20) }, 9000.0);
         g.memory = 101 << 20;
+        g.decide_memory();
+        assert_eq!(g.shift(), 0, "one reading over is no trend");
         g.decide_memory();
         assert_eq!(g.shift(), shed::KEEP_NONE);
         g.memory = 90 << 20;

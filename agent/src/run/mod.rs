@@ -133,6 +133,8 @@ struct Agent<'s> {
     execs: Vec<u32>,
     /// --cpu-budget, --memory-limit.
     guard: probes::guard::Guard,
+    /// The shift the kernel's SHED holds.
+    shed_applied: u32,
     started: Instant,
 }
 
@@ -145,7 +147,7 @@ fn start_guard(s: &RunSettings, probes: &mut Probes) -> probes::guard::Guard {
     let hit_ns = match g.cpu_budget {
         None => UPROBE_HIT_NS,
         Some(_) => probes.uprobe_hit_ns().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot time a uprobe hit; the CPU budget counts 10 us per hit");
+            tracing::info!(error = %e, "cannot time a uprobe hit; the CPU budget counts 10 us per hit");
             UPROBE_HIT_NS
         }),
     };
@@ -215,8 +217,19 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     }
     health.set_attached();
     health.tick(targets.len());
-    let mut agent =
-        Agent { s: &s, probes, reader, correlator, targets, outputs, spans: Vec::with_capacity(1024), execs: Vec::new(), guard, started: Instant::now() };
+    let mut agent = Agent {
+        s: &s,
+        probes,
+        reader,
+        correlator,
+        targets,
+        outputs,
+        spans: Vec::with_capacity(1024),
+        execs: Vec::new(),
+        guard,
+        shed_applied: 0,
+        started: Instant::now(),
+    };
     agent.outputs.announce(&agent.targets);
 
     let profile_until = s.profile.as_ref().and_then(|p| p.duration);
@@ -337,10 +350,14 @@ impl Agent<'_> {
         let listeners = sockdiag::listening().ok();
         self.targets.refresh(&mut self.probes, listeners.as_deref());
         self.outputs.housekeeping(&self.targets);
-        if let Some(shift) = self.guard.tick(&self.probes.counters())
-            && let Err(e) = self.probes.set_shed(shift)
-        {
-            tracing::warn!(error = %e, "cannot set load shedding in the kernel");
+        self.guard.tick(&self.probes.counters());
+        let shift = self.guard.shift();
+        if shift != self.shed_applied {
+            // Tried again each second until the kernel has it.
+            match self.probes.set_shed(shift) {
+                Ok(()) => self.shed_applied = shift,
+                Err(e) => tracing::warn!(error = %e, "cannot set load shedding in the kernel"),
+            }
         }
         if self.outputs.wants_counters() {
             let counters = self.counters();

@@ -800,6 +800,8 @@ pub struct GoRequestState {
     pub start_ns: u64,
     pub request: u64,
     pub response: u64,
+    /// 1: the socket's request this handler serves was shed (SHED): no record.
+    pub shed: u64,
 }
 
 /// Offsets into Go runtime and net/http structures of one executable, from its DWARF (or,
@@ -979,7 +981,8 @@ pub fn trace_id_ratio_keeps(t: &[u8; 16], bound: u64) -> bool {
 }
 
 /// Load shedding (SHED[0], written by the agent's guard): shift `k` keeps 1 in 2^k of the
-/// server requests that start from now on, per process; KEEP_NONE and above keep none.
+/// server requests that start from now on (each drawn at random, in every traced process
+/// alike); KEEP_NONE and above keep none.
 pub mod shed {
     pub const KEEP_NONE: u32 = 32;
 

@@ -4,11 +4,11 @@
 //! `go_serve_http` / `go_serve_http_ret` fire at the entry and at every RET instruction of
 //! `net/http.serverHandler.ServeHTTP` (never a uretprobe: goroutine stacks move).
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{Counter, EventKind, GoOffsets, GoRequestKey, GoRequestState, GoServerRequestEvent, TargetConfig};
+use zerotrace_common::{ConnKey, Counter, EventKind, GoOffsets, GoRequestKey, GoRequestState, GoServerRequestEvent, TargetConfig};
 
 use crate::{
     causality::serve_conn,
-    maps::{EVENTS, GO_REQUESTS},
+    maps::{CONNS, EVENTS, GO_REQUESTS},
     socket::{
         conns::{conn_for, fd_to_sk, go_iface_sk},
         server::handler_entry,
@@ -64,18 +64,25 @@ pub fn go_serve_http(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
     let response = if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
-    let state = GoRequestState { start_ns: now(), request: r.rdi, response };
-    if GO_REQUESTS.insert(&key, &state, 0).is_err() {
-        count(Counter::GoCallsDroppedMapFull);
-    }
-    // The handler's goroutine works for the request read on its connection.
+    let start_ns = now();
+    // The handler's goroutine works for the request read on its connection (which may
+    // start here, pipelined); a handler of a shed request sends no record.
+    let mut shed = 0;
     if response != 0 {
         let sk = response_sk(go, response);
         if sk != 0 {
             let goid = goid_of(go, r.r14);
             handler_entry(pid_tgid, sk);
             serve_conn(pid, goid, sk);
+            if let Some(c) = CONNS.get_ptr(&ConnKey { sk }) {
+                // SAFETY: map value pointer, valid for this program run.
+                shed = unsafe { (*c).shed } as u64;
+            }
         }
+    }
+    let state = GoRequestState { start_ns, request: r.rdi, response, shed };
+    if GO_REQUESTS.insert(&key, &state, 0).is_err() {
+        count(Counter::GoCallsDroppedMapFull);
     }
     0
 }
@@ -95,7 +102,9 @@ pub fn go_serve_http_ret(ctx: ProbeContext) -> u32 {
     // why not through an Option).
     let state = unsafe { *p };
     let _ = GO_REQUESTS.remove(&key);
-    send_server_request(cfg, pid_tgid, g, &state);
+    if state.shed == 0 {
+        send_server_request(cfg, pid_tgid, g, &state);
+    }
     0
 }
 

@@ -149,7 +149,7 @@ pub struct PodRun {
 }
 
 /// Turns the DaemonSet's pod spec into podman flags: hostPID, the capabilities (all dropped,
-/// the listed ones added), the read-only root, the seccomp profile, every volume mount
+/// the listed ones added), the read-only root, the memory limit, the seccomp profile, every volume mount
 /// (hostPath bind, emptyDir tmpfs, the ConfigMap's data as files), the environment (downward
 /// API fields from `node`), and the arguments. `overrides` replace environment variables
 /// (the collector endpoint: the test's receiver). The network: the host's, to reach the test's
@@ -186,6 +186,19 @@ pub fn pod_run(docs: &[Value], node: &str, overrides: &[(&str, &str)]) -> Result
         let cap = cap.as_str().unwrap_or_default().to_owned();
         f.push(format!("--cap-add={cap}"));
         run.caps.push(cap);
+    }
+    // The memory limit (the agent's --memory-limit defaults to 80 % of it): Kubernetes'
+    // binary suffixes are podman's units.
+    if let Some(mem) = c["resources"]["limits"]["memory"].as_str() {
+        let (num, unit) = mem.split_at(mem.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(mem.len()));
+        let unit = match unit {
+            "" => "b",
+            "Ki" => "k",
+            "Mi" => "m",
+            "Gi" => "g",
+            other => anyhow::bail!("memory limit {mem:?}: unit {other:?} is not one podman takes"),
+        };
+        f.push(format!("--memory={num}{unit}"));
     }
     match sc["seccompProfile"]["type"].as_str() {
         Some("Unconfined") => f.push("--security-opt=seccomp=unconfined".into()),

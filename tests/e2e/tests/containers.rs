@@ -205,6 +205,8 @@ fn daemonset_pod_traces_containers_and_host() -> Result<()> {
     };
     let log = agent.stderr_text();
     let rss_kib = rss_kib(&run, &log);
+    // --memory-limit's default: 80 % of the pod's memory limit (400Mi), read from its cgroup.
+    ensure!(log.contains("memory_limit_mib=320"), "the agent did not take its memory limit from the pod's cgroup; its log:\n{log}");
     for (what, pid, id) in [
         ("Go (container, uid 65534)", svcs.go.0, Some(&svcs.go.1)),
         ("Rust (container, uid 65534)", svcs.rust.0, Some(&svcs.rust.1)),

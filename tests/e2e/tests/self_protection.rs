@@ -28,23 +28,35 @@ fn over_a_low_cpu_budget_requests_are_shed_counted_and_traced_again_when_load_fa
     let (svc, port) = start_server("guard-rust", &tools::rust_svc()?)?;
     let socket = tools::work_dir().join(format!("guard-{}.sock", std::process::id())).display().to_string();
     let endpoint = rx.endpoint();
-    // 3 % of a core: an idle agent costs well under half of it, this load several times it.
-    let mut agent =
-        Agent::start(&[svc.pid()], &["--otlp-endpoint", &endpoint, "--cpu-budget", "3%", "--batch-delay", "200ms", "--control-socket", &socket], &[])?;
+    // 3 % of a core: an idle agent (profiles and metrics off) costs well under half of it,
+    // this load several times it.
+    let mut agent = Agent::start(
+        &[svc.pid()],
+        &["--otlp-endpoint", &endpoint, "--cpu-budget", "3%", "--batch-delay", "200ms", "--control-socket", &socket, "--profiles", "off", "--metrics", "off"],
+        &[],
+    )?;
     agent.sheds_on_purpose = true;
 
-    // Over the budget: 4,000 req/s until the agent says it sheds, and some seconds more.
-    let heavy = std::thread::spawn(move || load::at_rate(port, "/hello", 16, 4_000.0, Duration::from_secs(25)));
-    wait_log(&agent, "over the CPU budget", Duration::from_secs(25))?;
-    let status = status_text(&socket)?;
-    ensure!(status.contains("SHEDDING: 1 in"), "status does not say the agent sheds:\n{status}");
+    // Over the budget: 4,000 req/s for 40 s (the 30 s average passes 3 % within ~10-25 s,
+    // as fast as this machine serves).
+    let heavy = std::thread::spawn(move || load::at_rate(port, "/hello", 16, 4_000.0, Duration::from_secs(40)));
+    wait_log(&agent, "over the CPU budget (--cpu-budget): shedding", Duration::from_secs(40))?;
+    let says = |what: &str| {
+        let mut last = String::new();
+        let seen = wait_until(&format!("status to say {what:?}"), Duration::from_secs(10), || {
+            last = status_text(&socket).unwrap_or_default();
+            last.contains(what)
+        });
+        seen.map_err(|e| anyhow::anyhow!("{e}; status:\n{last}"))
+    };
+    says("SHEDDING: 1 in")?;
     let heavy = heavy.join().expect("load thread")?;
     ensure!(heavy.errors == 0 && heavy.non_2xx == 0, "the service failed requests: {heavy:?}");
 
-    // The load is gone: back to every request within the settle time of each step.
-    wait_log(&agent, "back under the CPU budget", Duration::from_secs(60))?;
+    // The load is gone: every request traced again.
+    wait_log(&agent, "every request is traced again", Duration::from_secs(60))?;
+    says("every request traced")?;
     let status = status_text(&socket)?;
-    ensure!(status.contains("every request traced"), "status still says the agent sheds:\n{status}");
     let shed_before = status.lines().find_map(|l| l.trim().strip_prefix("zerotrace_requests_shed")).map(|v| v.trim().parse::<u64>().unwrap_or(0));
     ensure!(shed_before.is_some_and(|n| n > 0), "status counts no requests_shed:\n{status}");
     let light = load::at_rate(port, "/hello", 2, 50.0, Duration::from_secs(4))?;

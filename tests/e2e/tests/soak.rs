@@ -1,8 +1,9 @@
 //! Soak: a Go and a Rust service under steady load (2,500 req/s each), traced and exported
 //! over OTLP to a local receiver, while the agent's RSS and CPU are sampled. After the
-//! warm-up (a third of the run, at least 90 s: the cache of recent spans' traces, 262,144
-//! spans, is full after ~52 s at this rate, and RSS settles by ~70-90 s) RSS must be flat (its
-//! peak grows < 1 MiB/min, with 2 MiB of slack for the short CI run), nothing
+//! warm-up (a third of the run, at least 90 s: the cache of recent spans' traces, 196,608
+//! spans, is full after ~40 s at this rate, and RSS settles by ~70-90 s) RSS must be flat (its
+//! peak grows < 1 MiB/min with 8 MiB of slack, and from 5 minutes on its fitted slope is
+//! under 1 MiB/min), nothing
 //! dropped while the receiver keeps up, and CPU per span stable. The curve is written to
 //! target/soak/ (CSV and SVG). ZEROTRACE_SOAK_SECONDS sets the length (CI: 150 s;
 //! `cargo xtask soak`: 600 s), ZEROTRACE_SOAK_SAMPLE_SECONDS the sampling period (5 s
@@ -23,6 +24,8 @@ use zerotrace_e2e::{
 
 /// Requests per second per service.
 const RATE: f64 = 2_500.0;
+/// How much higher the second half's RSS peak may be than the first's.
+const PEAK_SLACK_MIB: f64 = 8.0;
 
 /// One sample of the agent: time since the load started, RSS, CPU seconds used so far, and
 /// spans the receiver holds.
@@ -151,10 +154,15 @@ fn soak_rss_flat_nothing_dropped_cpu_per_span_stable() -> Result<()> {
         100.0 * (end.cpu_s - samples[0].cpu_s) / end.at,
         dir.join("soak.svg").display()
     );
+    // Samples move by up to ~20 MiB either way as the allocator returns and takes memory
+    // (the 10-minute run: 138-158 MiB throughout), so the halves' peaks get that much
+    // slack, and a run long enough for a fitted slope to mean something (5 min and more)
+    // must also stay under 1 MiB/min by least squares.
     ensure!(
-        peak_b <= peak_a + (1.0 * minutes).max(2.0),
+        peak_b <= peak_a + (1.0 * minutes).max(PEAK_SLACK_MIB),
         "agent RSS grows after the warm-up: peak {peak_a:.1} then {peak_b:.1} MiB, {minutes:.1} min apart (samples: {samples:?})"
     );
+    ensure!(seconds < 300 || rss_slope < 1.0, "agent RSS grows after the warm-up: {rss_slope:.2} MiB/min by least squares (samples: {samples:?})");
     ensure!(counted == 0 && spans == served, "{served} requests, {spans} spans, {counted} counted as dropped: the receiver kept up, nothing may be lost");
     ensure!((cpu_b / cpu_a - 1.0).abs() < 0.35, "agent CPU per span moved from {cpu_a:.2} us to {cpu_b:.2} us");
     Ok(())

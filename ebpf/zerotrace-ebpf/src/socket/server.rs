@@ -134,9 +134,13 @@ fn start_unread_request(conn: &mut ConnState, pid_tgid: u64, ts: u64) {
     conn.req_ts = ts;
     conn.bytes_in = 0;
     conn.trace_in = 0;
-    // Pipelined requests are not shed: their bytes came with a kept request's capture.
-    conn.shed = 0;
     count(Counter::PipelinedRequestsSeen);
+    // A request that came pipelined behind a shed one is shed with it: its bytes were in
+    // the read that was not captured.
+    if conn.shed != 0 {
+        conn.span_id = 0;
+        count(Counter::RequestsShed);
+    }
 }
 
 /// Handler mode: a Go handler starts on server socket `sk`. When no read started its
