@@ -81,6 +81,8 @@ pub struct Guard {
     shed_at: Option<Instant>,
     /// Consecutive readings over the memory limit.
     over_readings: u32,
+    /// No memory shedding before this (it could not help).
+    memory_held_until: Option<Instant>,
     over_memory: bool,
     memory: u64,
     changed: Instant,
@@ -101,6 +103,7 @@ impl Guard {
             held_until: None,
             shed_at: None,
             over_readings: 0,
+            memory_held_until: None,
             over_memory: false,
             memory: 0,
             changed: Instant::now(),
@@ -112,8 +115,9 @@ impl Guard {
         if self.over_memory { shed::KEEP_NONE } else { self.shift }
     }
 
-    /// Senses and decides (the kernel shift to apply is `shift()`).
-    pub fn tick(&mut self, kernel: &[u64; COUNTER_SLOTS as usize]) {
+    /// Senses and decides (the kernel shift to apply is `shift()`). `held`: spans taken
+    /// for export and not out yet.
+    pub fn tick(&mut self, kernel: &[u64; COUNTER_SLOTS as usize], held: u64) {
         let now = Reading {
             at: Instant::now(),
             cpu_seconds: own_cpu_seconds(),
@@ -136,7 +140,7 @@ impl Guard {
             }
         }
         self.memory = own_anon_bytes();
-        self.decide_memory();
+        self.decide_memory(now.at, held);
         OVER_MEMORY_LIMIT.store(self.over_memory, Relaxed);
         if self.shift() != 0 {
             self.shed_at = Some(now.at);
@@ -213,22 +217,43 @@ impl Guard {
         tracing::info!(cost_percent = (self.quick * 100.0) as u64, deepest_shift = deepest, "not shedding any more ({why}): every request is traced again");
     }
 
-    fn decide_memory(&mut self) {
+    /// `held`: spans taken for export and not yet out (what refusing new ones lets drain).
+    fn decide_memory(&mut self, now: Instant, held: u64) {
         let Some(limit) = self.s.memory_limit else { return };
         let mib = |b: u64| b >> 20;
         // Two readings in a row: a peak of a second (reading a new target's executable)
         // is no trend.
         self.over_readings = if self.memory > limit { self.over_readings + 1 } else { 0 };
-        if !self.over_memory && self.over_readings >= 2 {
-            self.over_memory = true;
+        if !self.over_memory {
+            if self.over_readings >= 2 && self.memory_held_until.is_none_or(|t| now >= t) {
+                self.over_memory = true;
+                tracing::warn!(
+                    memory_mib = mib(self.memory),
+                    limit_mib = mib(limit),
+                    "over the memory limit (--memory-limit): shedding, no new spans are taken (spans_dropped_memory_limit, requests_shed)"
+                );
+            }
+        } else if (self.memory as f64) < limit as f64 * MEMORY_RECOVERED {
+            self.over_memory = false;
+            tracing::info!(memory_mib = mib(self.memory), limit_mib = mib(limit), "back under the memory limit: spans are taken again");
+        } else if held == 0 && self.memory <= limit {
+            // What shedding frees is gone (the allocator may keep some of it): no reason to
+            // refuse spans while under the limit.
+            self.over_memory = false;
+            tracing::info!(
+                memory_mib = mib(self.memory),
+                limit_mib = mib(limit),
+                "back under the memory limit (nothing held for export): spans are taken again"
+            );
+        } else if held == 0 && self.over_readings >= 2 {
+            // Over the limit with nothing held: refusing spans cannot bring it down.
+            self.over_memory = false;
+            self.memory_held_until = Some(now + HOLD_OFF);
             tracing::warn!(
                 memory_mib = mib(self.memory),
                 limit_mib = mib(limit),
-                "over the memory limit (--memory-limit): shedding, no new spans are taken (spans_dropped_memory_limit, requests_shed)"
+                "over the memory limit with no span held for export: shedding cannot help, not shedding (tried again in 60 s); raise --memory-limit"
             );
-        } else if self.over_memory && (self.memory as f64) < limit as f64 * MEMORY_RECOVERED {
-            self.over_memory = false;
-            tracing::info!(memory_mib = mib(self.memory), limit_mib = mib(limit), "back under the memory limit: spans are taken again");
         }
     }
 
@@ -384,18 +409,40 @@ mod tests {
     }
 
     #[test]
-    fn memory_over_the_limit_keeps_nothing_until_well_under() {
+    fn memory_over_the_limit_keeps_nothing_until_well_under_or_drained() {
         let mut g = Guard::new(GuardSettings { cpu_budget: None, memory_limit: Some(100 << 20) }, 9000.0);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
         g.memory = 101 << 20;
-        g.decide_memory();
+        g.decide_memory(at(1), 5000);
         assert_eq!(g.shift(), 0, "one reading over is no trend");
-        g.decide_memory();
+        g.decide_memory(at(2), 5000);
         assert_eq!(g.shift(), shed::KEEP_NONE);
+        // Under the limit, still spans held: stays.
         g.memory = 90 << 20;
-        g.decide_memory();
+        g.decide_memory(at(3), 5000);
         assert_eq!(g.shift(), shed::KEEP_NONE);
         g.memory = 70 << 20;
-        g.decide_memory();
+        g.decide_memory(at(4), 5000);
         assert_eq!(g.shift(), 0);
+        // Over again; the queue drains and memory stays at 90 %: taken again.
+        g.memory = 101 << 20;
+        g.decide_memory(at(5), 5000);
+        g.decide_memory(at(6), 5000);
+        assert_eq!(g.shift(), shed::KEEP_NONE);
+        g.memory = 90 << 20;
+        g.decide_memory(at(7), 0);
+        assert_eq!(g.shift(), 0);
+        // Over with nothing held: shedding cannot help, held off for a minute.
+        g.memory = 120 << 20;
+        g.decide_memory(at(8), 0);
+        g.decide_memory(at(9), 0);
+        assert_eq!(g.shift(), shed::KEEP_NONE);
+        g.decide_memory(at(10), 0);
+        assert_eq!(g.shift(), 0);
+        g.decide_memory(at(20), 0);
+        assert_eq!(g.shift(), 0, "held off");
+        g.decide_memory(at(80), 0);
+        assert_eq!(g.shift(), shed::KEEP_NONE, "tried again");
     }
 }

@@ -350,7 +350,7 @@ impl Agent<'_> {
         let listeners = sockdiag::listening().ok();
         self.targets.refresh(&mut self.probes, listeners.as_deref());
         self.outputs.housekeeping(&self.targets);
-        self.guard.tick(&self.probes.counters());
+        self.guard.tick(&self.probes.counters(), self.outputs.export_stats.unaccounted());
         let shift = self.guard.shift();
         if shift != self.shed_applied {
             // Tried again each second until the kernel has it.
