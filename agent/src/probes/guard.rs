@@ -347,65 +347,60 @@ mod tests {
         std::fs::remove_dir_all(&root).unwrap();
     }
 
-    #[test]
-    fn shedding_starts_over_budget_deepens_while_it_helps_and_recovers() {
+    /// One CPU decision at second `at` after the measures are set (None: unchanged), and
+    /// the shift it must leave.
+    struct Step {
+        at: u64,
+        slow: Option<f64>,
+        quick: Option<f64>,
+        requests: Option<f64>,
+        shift: u32,
+        why: &'static str,
+    }
+
+    fn step(at: u64, slow: Option<f64>, quick: Option<f64>, requests: Option<f64>, shift: u32, why: &'static str) -> Step {
+        Step { at, slow, quick, requests, shift, why }
+    }
+
+    /// A guard with a budget of 10 % of a core, taken through `steps`.
+    fn run_cpu(steps: &[Step]) -> Guard {
         let mut g = Guard::new(GuardSettings { cpu_budget: Some(0.1), memory_limit: None }, 9000.0);
         let t0 = Instant::now() - Duration::from_secs(1000);
-        let at = |s: u64| t0 + Duration::from_secs(s);
         g.changed = t0;
-        g.requests = 4000.0;
-        // A burst does not move the slow measure over the budget at once...
-        (g.slow, g.quick) = (0.05, 0.5);
-        g.decide_cpu(at(10));
-        assert_eq!(g.shift, 0);
-        // ... a load that stays does.
-        g.slow = 0.2;
-        g.decide_cpu(at(20));
-        assert_eq!(g.shift, 1);
-        // Not again before SETTLE.
-        g.quick = 0.3;
-        g.decide_cpu(at(22));
-        assert_eq!(g.shift, 1);
-        // It helped (0.5 -> 0.3) and the cost is still over: deeper.
-        g.decide_cpu(at(27));
-        assert_eq!(g.shift, 2);
-        // It did not help this time: it stays.
-        g.decide_cpu(at(34));
-        assert_eq!(g.shift, 2);
-        // Between half the budget and the budget: stays.
-        g.quick = 0.07;
-        g.decide_cpu(at(41));
-        assert_eq!(g.shift, 2);
-        g.quick = 0.01;
-        g.decide_cpu(at(48));
-        assert_eq!(g.shift, 1);
-        g.decide_cpu(at(55));
-        assert_eq!(g.shift, 0);
-        assert_eq!(g.slow, 0.01);
+        for s in steps {
+            g.slow = s.slow.unwrap_or(g.slow);
+            g.quick = s.quick.unwrap_or(g.quick);
+            g.requests = s.requests.unwrap_or(g.requests);
+            g.decide_cpu(t0 + Duration::from_secs(s.at));
+            assert_eq!(g.shift, s.shift, "at {} s: {}", s.at, s.why);
+        }
+        g
+    }
+
+    #[test]
+    fn shedding_starts_over_budget_deepens_while_it_helps_and_recovers() {
+        let g = run_cpu(&[
+            step(10, Some(0.05), Some(0.5), Some(4000.0), 0, "a burst does not move the slow measure over the budget at once"),
+            step(20, Some(0.2), None, None, 1, "a load that stays does"),
+            step(22, None, Some(0.3), None, 1, "not again before SETTLE"),
+            step(27, None, None, None, 2, "it helped (0.5 -> 0.3) and the cost is still over: deeper"),
+            step(34, None, None, None, 2, "it did not help this time: it stays"),
+            step(41, None, Some(0.07), None, 2, "between half the budget and the budget: it stays"),
+            step(48, None, Some(0.01), None, 1, "well under: one step back"),
+            step(55, None, None, None, 0, "and the last"),
+        ]);
+        assert_eq!(g.slow, 0.01, "the slow measure starts again from the quick one");
     }
 
     #[test]
     fn shedding_that_does_not_lower_the_cost_stops_and_holds_off() {
-        let mut g = Guard::new(GuardSettings { cpu_budget: Some(0.1), memory_limit: None }, 9000.0);
-        let t0 = Instant::now() - Duration::from_secs(1000);
-        let at = |s: u64| t0 + Duration::from_secs(s);
-        g.changed = t0;
-        g.requests = 100.0;
-        (g.slow, g.quick) = (0.5, 0.5);
-        g.decide_cpu(at(10));
-        assert_eq!(g.shift, 1);
-        // The cost stays where it was: not the requests'.
-        g.decide_cpu(at(20));
-        assert_eq!(g.shift, 0);
-        g.slow = 0.5;
-        g.decide_cpu(at(40));
-        assert_eq!(g.shift, 0, "held off");
-        g.decide_cpu(at(90));
-        assert_eq!(g.shift, 1, "tried again after the hold-off");
-        // No requests at all: nothing to shed.
-        g.requests = 0.0;
-        g.decide_cpu(at(91));
-        assert_eq!(g.shift, 0);
+        run_cpu(&[
+            step(10, Some(0.5), Some(0.5), Some(100.0), 1, "over the budget"),
+            step(20, None, None, None, 0, "the cost stayed where it was: not the requests'"),
+            step(40, Some(0.5), None, None, 0, "held off"),
+            step(90, None, None, None, 1, "tried again after the hold-off"),
+            step(91, None, None, Some(0.0), 0, "no requests at all: nothing to shed"),
+        ]);
     }
 
     #[test]
