@@ -138,11 +138,18 @@ fn wait_for_trees(demo: &mut Child, stderr: &std::sync::Mutex<String>) -> Result
 
 /// No process with one of `needles` on its command line runs, nor any of `pids`.
 fn assert_none_left(needles: &[String], pids: &[u32], what: &str) {
-    // Killed children are reaped by init; give it a moment.
+    // Killed children are reaped by init. A killed agent takes a while to be gone: the
+    // kernel removes its uprobes as it exits, one grace period (~0.1 s here) each, ~45 per
+    // Go service of the demo.
     let gone = || running_with(needles).is_empty() && pids.iter().all(|p| !alive(*p));
-    let _ = wait_until("the demo's processes to end", Duration::from_secs(5), gone);
+    let _ = wait_until("the demo's processes to end", Duration::from_secs(30), gone);
     let left = running_with(needles);
-    let pids_left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+    let pids_left: Vec<String> = pids
+        .iter()
+        .copied()
+        .filter(|p| alive(*p))
+        .map(|p| format!("{p} ({})", std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default().trim()))
+        .collect();
     assert!(left.is_empty() && pids_left.is_empty(), "{what}: processes left running: {left:#?}, pids {pids_left:?}");
 }
 
