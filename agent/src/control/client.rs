@@ -88,7 +88,9 @@ pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectE
     for t in &r.targets {
         out.push_str(&format!("  pid {:<8} {}\n", t.pid, t.service));
     }
-    let entries = |c: &&crate::control::proto::Counter| c.name.strip_prefix("zerotrace_").is_some_and(crate::probes::occupancy::is_entries);
+    let entries = |c: &&crate::control::proto::Counter| {
+        c.name.strip_prefix("zerotrace_").is_some_and(|n| crate::probes::occupancy::is_entries(n) || crate::correlate::GAUGES.contains(&n))
+    };
     let gauge = |c: &&crate::control::proto::Counter| c.name.strip_prefix("zerotrace_").is_some_and(|n| crate::probes::guard::GAUGES.contains(&n));
     out.push_str(&self_protection(&r.counters));
     out.push_str("counters (non-zero):\n");
@@ -96,7 +98,7 @@ pub async fn status(path: &Path, token: Option<&str>) -> Result<String, ConnectE
         out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
     }
     // Every map, empty ones too: what is left behind shows as a count that does not go back.
-    out.push_str("kernel maps (entries, counted every few seconds):\n");
+    out.push_str("kernel maps (entries, counted every few seconds) and the agent's connections:\n");
     for c in r.counters.iter().filter(entries) {
         out.push_str(&format!("  {:<36} {}\n", c.name, c.value));
     }

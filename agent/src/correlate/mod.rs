@@ -12,7 +12,7 @@ pub mod traces;
 
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::{
     events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, GoSqlStart, HttpRequest, HttpResponse},
@@ -33,8 +33,15 @@ pub enum NativeParents {
 
 use traces::{Traces, span_id};
 
+/// The correlator's figures that are gauges, not running totals.
+pub const GAUGES: &[&str] = &["connections_held"];
+
 /// Requests waiting for their response, at most.
 pub const MAX_PENDING: usize = 65_536;
+/// A Go client or SQL call whose return has not come this long after its start is forgotten
+/// (`client_calls_expired`): its return was lost (a panic unwound past its RET probes, a
+/// record lost to a full ring buffer).
+pub const CALL_EXPIRY: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 /// Distinct route patterns remembered, at most.
 pub const MAX_PATTERNS: usize = 16_384;
 
@@ -154,6 +161,11 @@ pub struct Stats {
     /// Responses to pipelined requests whose bytes were not captured (beyond the capture
     /// size, or a body the capture cut): no span.
     pub pipelined_uncaptured: u64,
+    /// Connections closed by a sweep: the kernel no longer had them, their close record was
+    /// lost.
+    pub closed_unseen: u64,
+    /// Go client and SQL calls forgotten `CALL_EXPIRY` after their start (return not seen).
+    pub calls_expired: u64,
 }
 
 /// Reads `len` bytes of a target's memory at an address, as a string.
@@ -178,6 +190,8 @@ pub struct Correlator {
     threads: HashMap<(u32, u32), (u64, u64)>,
     /// How native client requests find their parent inside their process.
     pub native_parents: NativeParents,
+    /// Connections held here that CONNS did not have at the last sweep (`sweep`).
+    unseen_closes: HashSet<u64>,
     /// HTTP/2 connections of native processes, and client streams offered for links.
     h2: HashMap<u64, h2::H2Conn>,
     h2_links: HashMap<h2::LinkKey, u64>,
@@ -227,6 +241,7 @@ impl Correlator {
             native_parents: NativeParents::OneOpen,
             h2: HashMap::default(),
             h2_links: HashMap::default(),
+            unseen_closes: HashSet::default(),
             finished: HashMap::default(),
             leftovers: HashMap::default(),
             batches: HashMap::default(),
@@ -284,6 +299,59 @@ impl Correlator {
         self.threads.retain(|(p, _), _| *p != pid);
     }
 
+    /// A connection's end: what waited for it is finished (or counted), then forgotten.
+    fn close_conn(&mut self, conn_id: u64, out: &mut Vec<Span>) {
+        self.end_native(conn_id, out);
+        self.close_h2(conn_id, out);
+        self.drop_leftover(conn_id, out);
+        if let Some(p) = self.pending.get_mut(&conn_id) {
+            let queued = std::mem::take(&mut p.queued_go);
+            self.flush_go(queued, out);
+        }
+        self.drop_conn(conn_id);
+    }
+
+    /// Closes the connections the kernel no longer tracks (`live`: the ids in CONNS) though
+    /// no close record came for them (lost to a full ring buffer): at the second sweep in a
+    /// row that misses one, since at the first its close may still be in the ring. Also
+    /// forgets Go client and SQL calls started more than `CALL_EXPIRY` before `now_ns` (their
+    /// return was never seen). Counted: `connections_closed_unseen`, `client_calls_expired`.
+    pub fn sweep(&mut self, live: &HashSet<u64>, now_ns: u64, out: &mut Vec<Span>) {
+        let missing: HashSet<u64> = self.held_ids().filter(|id| !live.contains(id)).collect();
+        let (gone, suspects): (Vec<u64>, Vec<u64>) = missing.into_iter().partition(|id| self.unseen_closes.contains(id));
+        for id in gone {
+            self.close_conn(id, out);
+            self.stats.closed_unseen += 1;
+        }
+        self.unseen_closes = suspects.into_iter().collect();
+        let conns = &self.conns;
+        self.by_sk.retain(|_, id| conns.contains_key(id));
+        let fresh = |start_ns: u64| now_ns.saturating_sub(start_ns) < CALL_EXPIRY.as_nanos() as u64;
+        let before = self.clients.len() + self.sql.len();
+        self.clients.retain(|_, c| fresh(c.req.start_ns));
+        self.sql.retain(|_, q| fresh(q.start.start_ns));
+        self.stats.calls_expired += (before - self.clients.len() - self.sql.len()) as u64;
+    }
+
+    /// The connection ids of every per-connection table (an id once per table).
+    fn held_ids(&self) -> impl Iterator<Item = u64> + '_ {
+        self.conns
+            .keys()
+            .chain(self.pending.keys())
+            .chain(self.native.keys())
+            .chain(self.h2.keys())
+            .chain(self.finished.keys())
+            .chain(self.leftovers.keys())
+            .chain(self.last_link.keys())
+            .copied()
+    }
+
+    /// How many connections the correlator holds state for (`connections_held`, a gauge:
+    /// back to 0 once every traced connection has closed).
+    pub fn connections_held(&self) -> u64 {
+        self.held_ids().collect::<HashSet<u64>>().len() as u64
+    }
+
     fn drop_conn(&mut self, id: u64) {
         if let Some(c) = self.conns.remove(&id)
             && self.by_sk.get(&c.sk) == Some(&id)
@@ -321,16 +389,7 @@ impl Correlator {
     pub fn on_event(&mut self, ev: Event, out: &mut Vec<Span>) {
         match ev {
             Event::ConnOpen { pid, conn_id, sk, role, addrs, .. } => self.add_conn(conn_id, pid, sk, role, addrs),
-            Event::ConnClose { conn_id, .. } => {
-                self.end_native(conn_id, out);
-                self.close_h2(conn_id, out);
-                self.drop_leftover(conn_id, out);
-                if let Some(p) = self.pending.get_mut(&conn_id) {
-                    let queued = std::mem::take(&mut p.queued_go);
-                    self.flush_go(queued, out);
-                }
-                self.drop_conn(conn_id);
-            }
+            Event::ConnClose { conn_id, .. } => self.close_conn(conn_id, out),
             Event::HttpRequest(r) => self.on_request(r, out),
             Event::SockClientRequest(r) => self.on_native_request(r, out),
             Event::SockClientResponse(r) => self.on_native_response(r, out),

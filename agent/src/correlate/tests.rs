@@ -534,3 +534,52 @@ fn a_head_read_ends_an_unmeasured_chunked_response() {
     assert_eq!(spans[0].end_unix_ns - OFFSET as u64, 3_000_000, "ended at its last read");
     assert!(got[1].0.ends_with("/2") && got[1].1 == "204", "{got:?}");
 }
+
+/// A connection whose close record was lost (full ring) is closed by the sweep at the second
+/// miss in a row (the first may be a close still in the ring), its open request counted as
+/// abandoned; live connections and a connection seen again are kept. Go client and SQL
+/// calls whose return never came are forgotten after CALL_EXPIRY.
+#[test]
+fn the_sweep_closes_what_the_kernel_forgot() {
+    let mut c = Correlator::with_memory(Clock::fixed(OFFSET), Box::new(record::fake_memory));
+    let mut out = Vec::new();
+    let feed = |c: &mut Correlator, out: &mut Vec<Span>, recs: &[Vec<u8>]| {
+        for r in recs {
+            c.on_event(decode(r).expect("recorded records decode"), out);
+        }
+    };
+    feed(
+        &mut c,
+        &mut out,
+        &[
+            open(1, 7),
+            record::conn_open(PID, 1_000, 2, SK + 8, ([127, 0, 0, 1], 8080), ([127, 0, 0, 1], 51001)),
+            record::request(PID, 2_000, 1, 1, 0, b"GET /lost HTTP/1.1\r\n\r\n"),
+            record::request(PID, 2_000, 2, 1, 0, b"GET /kept HTTP/1.1\r\n\r\n"),
+            record::client_request(PID, 3_000, 9, 0xbbbb, 0, "GET", "http://stock:8080/items/1"),
+        ],
+    );
+    let live = |ids: &[u64]| ids.iter().copied().collect::<HashSet<u64>>();
+    let minute = 60_000_000_000;
+    // Connection 1 is missing once, then seen again (a CONNS entry made after the walk).
+    c.sweep(&live(&[2]), minute, &mut out);
+    c.sweep(&live(&[1, 2]), 2 * minute, &mut out);
+    assert_eq!((c.conns.len(), c.stats.closed_unseen), (2, 0), "one miss closes nothing");
+    // Now missing twice in a row: closed, its request abandoned; connection 2 stays.
+    c.sweep(&live(&[2]), 3 * minute, &mut out);
+    assert_eq!(c.stats.closed_unseen, 0);
+    c.sweep(&live(&[2]), 4 * minute, &mut out);
+    assert_eq!((c.stats.closed_unseen, c.stats.abandoned), (1, 1));
+    assert!(!c.conns.contains_key(&1) && !c.pending.contains_key(&1) && !c.by_sk.contains_key(&SK));
+    assert!(c.conns.contains_key(&2) && c.pending.contains_key(&2));
+    // Connection 2's request still ends as a span.
+    feed(&mut c, &mut out, &[record::response(PID, 5_000, 2, 1, b"HTTP/1.1 200 OK\r", "")]);
+    assert_eq!(out.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["GET /kept"]);
+    // The client call without a return: kept until CALL_EXPIRY after its start.
+    assert_eq!((c.clients.len(), c.stats.calls_expired), (1, 0));
+    let expiry = CALL_EXPIRY.as_nanos() as u64;
+    c.sweep(&live(&[2]), 3_000 + expiry - 1, &mut out);
+    assert_eq!((c.clients.len(), c.stats.calls_expired), (1, 0));
+    c.sweep(&live(&[2]), 3_000 + expiry, &mut out);
+    assert_eq!((c.clients.len(), c.stats.calls_expired), (0, 1));
+}

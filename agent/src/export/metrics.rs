@@ -222,7 +222,8 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
                 // Counts that go down as well as up.
                 is_monotonic: !matches!(*name, "processes_traced" | "uprobe_detach_backlog")
                     && !crate::probes::occupancy::is_entries(name)
-                    && !crate::probes::guard::GAUGES.contains(name),
+                    && !crate::probes::guard::GAUGES.contains(name)
+                    && !crate::correlate::GAUGES.contains(name),
             })),
             ..Default::default()
         })

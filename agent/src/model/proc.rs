@@ -100,6 +100,13 @@ pub fn in_readonly_file_mapping(pid: u32, addr: u64, len: u64) -> bool {
     maps.iter().any(|m| m.readable() && !m.writable() && m.inode != 0 && addr >= m.start && addr.saturating_add(len) <= m.end)
 }
 
+/// A `kB` figure of this process's /proc/self/status (`RssAnon`, `RssFile`, ...), in KiB; 0
+/// when it cannot be read.
+pub fn own_status_kib(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
 pub fn comm(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|s| s.trim().to_owned())
 }

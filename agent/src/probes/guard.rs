@@ -283,8 +283,7 @@ fn own_cpu_seconds() -> f64 {
 
 /// The agent's anonymous resident memory (RssAnon) in bytes.
 pub fn own_anon_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("RssAnon:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map_or(0, |k| k * 1024)
+    crate::model::proc::own_status_kib("RssAnon") * 1024
 }
 
 /// The default memory limit: 80 % of the memory limit of the agent's cgroup (its own or

@@ -386,6 +386,17 @@ impl Probes {
         n
     }
 
+    /// The ids of every connection CONNS holds (None: the map could not be read), for the
+    /// correlator's sweep of connections whose close record was lost.
+    pub fn live_conn_ids(&self) -> Option<rustc_hash::FxHashSet<u64>> {
+        // The keys by the bounded walk (a key deleted under aya's iterator restarts it).
+        let mut keys = Vec::new();
+        occupancy::RawMap::of(&self.ebpf, names::CONNS)?.for_each_key(|k| keys.extend(k.try_into().ok().map(u64::from_ne_bytes)));
+        let conns = BpfHashMap::<_, ConnKey, ConnState>::try_from(self.ebpf.map(names::CONNS)?).ok()?;
+        // A key gone since the walk: its connection is closed, its id not live.
+        Some(keys.into_iter().filter_map(|sk| conns.get(&ConnKey { sk }, 0).ok().map(|c| c.id)).collect())
+    }
+
     /// Socket inodes of `pid` whose Go connection the kernel knows.
     pub fn go_resolved_inodes(&self, pid: u32) -> std::collections::HashSet<u64> {
         let Some(map) = self.ebpf.map(names::CONNS) else { return Default::default() };
@@ -400,7 +411,7 @@ impl Probes {
     }
 
     /// Kernel counters summed over CPUs, indexed by `Counter`.
-    pub fn counters(&self) -> [u64; COUNTER_SLOTS as usize] {
+    pub fn counters(&self) -> Counters {
         let mut out = [0u64; COUNTER_SLOTS as usize];
         let Some(map) = self.ebpf.map(names::COUNTERS) else { return out };
         let Ok(arr) = PerCpuArray::<_, u64>::try_from(map) else { return out };
@@ -533,7 +544,10 @@ fn recursion_misses(fdinfo: &str) -> u64 {
     fdinfo.lines().find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok()).unwrap_or(0)
 }
 
-pub fn counter(values: &[u64; COUNTER_SLOTS as usize], c: Counter) -> u64 {
+/// The kernel's counters summed over CPUs, indexed by `Counter`.
+pub type Counters = [u64; COUNTER_SLOTS as usize];
+
+pub fn counter(values: &Counters, c: Counter) -> u64 {
     values[c as usize]
 }
 

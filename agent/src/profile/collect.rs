@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{
     model::{Labels, ProcessInfo, Profile, StackSample},
@@ -179,8 +179,12 @@ fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::syn
     }
 }
 
-/// Go's tables of one executable, by (device, inode).
-type GoTables = HashMap<(u64, u64), Option<Arc<GoSymbolizer>>>;
+/// Go's tables of one executable (None: unreadable), with the sample count of their last
+/// use, by (device, inode).
+type GoTables = HashMap<(u64, u64), (Option<Arc<GoSymbolizer>>, u64)>;
+
+/// Bytes of Go tables kept for executables no traced process runs any more.
+const MAX_GO_TABLE_BYTES: usize = 64 << 20;
 
 struct Worker {
     period_ns: u64,
@@ -190,6 +194,8 @@ struct Worker {
     go: GoTables,
     /// Per Go process: the executable's identity (its tables are in `go`).
     go_pids: HashMap<u32, Option<(u64, u64)>>,
+    /// Lookups of Go tables so far (their clock of last use).
+    uses: u64,
     /// Aggregated samples of this window: index by (labels, addresses).
     index: HashMap<(Labels, Vec<u64>), usize>,
     samples: Vec<StackSample>,
@@ -208,6 +214,7 @@ impl Worker {
             native: NativeProfiler::new(),
             go: HashMap::default(),
             go_pids: HashMap::default(),
+            uses: 0,
             index: HashMap::default(),
             samples: Vec::new(),
             processes: BTreeMap::new(),
@@ -221,22 +228,35 @@ impl Worker {
     }
 
     /// Go's tables for process `pid` (read once per executable).
+    /// Over MAX_GO_TABLE_BYTES, the least recently used tables of executables no process
+    /// runs any more are dropped (read again if one comes back).
     fn go_tables(&mut self, pid: u32) -> Option<Arc<GoSymbolizer>> {
         let id = *self.go_pids.entry(pid).or_insert_with(|| crate::model::proc::exe_identity(pid));
         let id = id?;
-        self.go
-            .entry(id)
-            .or_insert_with(|| {
-                let exe = Executable::open(&crate::model::proc::exe_open_path(pid)).ok()?;
-                match GoSymbolizer::new(&exe) {
-                    Ok(g) => Some(Arc::new(g)),
-                    Err(e) => {
-                        tracing::warn!(pid, error = %e, "cannot read Go's function table for profiles; Go frames stay unsymbolized");
-                        None
-                    }
-                }
-            })
-            .clone()
+        self.uses += 1;
+        if let Some((g, used)) = self.go.get_mut(&id) {
+            *used = self.uses;
+            return g.clone();
+        }
+        let exe = Executable::open(&crate::model::proc::exe_open_path(pid)).ok()?;
+        let g = match GoSymbolizer::new(&exe) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::warn!(pid, error = %e, "cannot read Go's function table for profiles; Go frames stay unsymbolized");
+                None
+            }
+        };
+        let size = |g: &Option<Arc<GoSymbolizer>>| g.as_ref().map_or(0, |g| g.bytes());
+        let mut total = self.go.values().map(|(g, _)| size(g)).sum::<usize>() + size(&g);
+        while total > MAX_GO_TABLE_BYTES {
+            let running: HashSet<(u64, u64)> = self.go_pids.values().flatten().copied().collect();
+            let Some(old) = self.go.iter().filter(|(k, _)| !running.contains(k)).min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) else { break };
+            if let Some((g, _)) = self.go.remove(&old) {
+                total -= size(&g);
+            }
+        }
+        self.go.insert(id, (g.clone(), self.uses));
+        g
     }
 
     fn add(&mut self, s: &CpuSample, span: Option<(TraceId, u64)>) {

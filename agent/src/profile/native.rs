@@ -33,6 +33,8 @@ const MAX_PROCS: usize = 4096;
 const MAX_MAPPINGS: usize = 1024;
 /// Binaries (unwind sections, segments, open file) kept when no process uses them.
 const MAX_BINARIES: usize = 256;
+/// Unwind section bytes kept for binaries no process uses any more (those in use stay).
+const MAX_BINARY_BYTES: usize = 64 << 20;
 /// Binaries whose symbolizer state (ELF symbols, DWARF) blazesym keeps.
 const MAX_SYM_FILES: usize = 32;
 /// Largest unwind section copied.
@@ -100,6 +102,8 @@ struct Binary {
     file: Option<File>,
     /// Dynamic text symbols (start, end, name), only for binaries without a file (vDSO).
     dynsyms: Vec<(u64, u64, Arc<str>)>,
+    /// What its copies take (unwind sections, symbols), for the cache's byte bound.
+    bytes: usize,
 }
 
 impl Binary {
@@ -268,6 +272,8 @@ pub struct NativeProfiler {
     procs: HashMap<u32, Proc>,
     /// Cached binaries by id, with the tick of their last use.
     binaries: HashMap<u64, (Arc<Binary>, u64)>,
+    /// The `bytes` of every cached binary.
+    binary_bytes: usize,
     by_file: HashMap<FileId, u64>,
     by_build_id: HashMap<Arc<str>, u64>,
     next_id: u64,
@@ -307,6 +313,7 @@ impl NativeProfiler {
         NativeProfiler {
             procs: HashMap::new(),
             binaries: HashMap::new(),
+            binary_bytes: 0,
             by_file: HashMap::new(),
             by_build_id: HashMap::new(),
             next_id: 1,
@@ -549,18 +556,38 @@ impl NativeProfiler {
     }
 
     fn insert_binary(&mut self, name: &str, build_id: String, file_id: Option<FileId>, file: Option<File>, info: Option<ElfInfo>) -> Arc<Binary> {
-        if self.binaries.len() >= MAX_BINARIES
-            && let Some(old) = self.binaries.iter().min_by_key(|(_, (b, used))| (Arc::strong_count(b) > 1, *used)).map(|(&k, _)| k)
-        {
-            self.binaries.remove(&old);
+        let (segments, unwind, dynsyms) = info.map_or_else(Default::default, |i| (i.segments, i.unwind, i.dynsyms));
+        let section = |d: &Option<Data>| d.as_ref().map_or(0, |d| d.len());
+        let bytes = unwind.as_ref().map_or(0, |u| section(&u.eh_frame) + section(&u.eh_frame_hdr) + section(&u.debug_frame))
+            + dynsyms.iter().map(|(_, _, n)| 24 + n.len()).sum::<usize>();
+        // Over either bound: the least recently used binaries go, those no process maps
+        // first; over the byte bound only those (a binary in use keeps its memory anyway).
+        loop {
+            let over_count = self.binaries.len() >= MAX_BINARIES;
+            let over_bytes = self.binary_bytes + bytes > MAX_BINARY_BYTES;
+            let Some((old, in_use)) = self
+                .binaries
+                .iter()
+                .map(|(&k, (b, used))| (k, Arc::strong_count(b) > 1, *used))
+                .min_by_key(|&(_, in_use, used)| (in_use, used))
+                .map(|(k, in_use, _)| (k, in_use))
+            else {
+                break;
+            };
+            if !(over_count || over_bytes && !in_use) {
+                break;
+            }
+            if let Some((b, _)) = self.binaries.remove(&old) {
+                self.binary_bytes -= b.bytes;
+            }
             self.by_file.retain(|_, id| *id != old);
             self.by_build_id.retain(|_, id| *id != old);
         }
         let id = self.next_id;
         self.next_id += 1;
         let build_id: Arc<str> = build_id.into();
-        let (segments, unwind, dynsyms) = info.map_or_else(Default::default, |i| (i.segments, i.unwind, i.dynsyms));
-        let b = Arc::new(Binary { id, name: name.into(), build_id: build_id.clone(), file_id, segments, unwind, file, dynsyms });
+        let b = Arc::new(Binary { id, name: name.into(), build_id: build_id.clone(), file_id, segments, unwind, file, dynsyms, bytes });
+        self.binary_bytes += bytes;
         self.binaries.insert(id, (b.clone(), self.tick));
         if let Some(f) = file_id {
             self.by_file.insert(f, id);
@@ -845,9 +872,8 @@ mod tests {
 
     /// (anonymous, file-backed) resident KiB.
     fn rss_kib() -> (u64, u64) {
-        let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let get = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0);
-        (get("RssAnon:"), get("RssFile:"))
+        use crate::model::proc::own_status_kib;
+        (own_status_kib("RssAnon"), own_status_kib("RssFile"))
     }
 
     #[test]

@@ -35,6 +35,9 @@ const QUIET_TICK: Duration = Duration::from_millis(100);
 const QUIET_RECORDS: usize = 64;
 /// Longest flush at shutdown.
 const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the correlator's connections are compared with the kernel's (CONNS): a
+/// connection missing twice in a row lost its close record and is closed.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// Everything `run` needs, resolved and validated (see `crate::settings`) before anything
 /// starts. Each stage's part is that stage's own type.
@@ -135,6 +138,8 @@ struct Agent<'s> {
     guard: probes::guard::Guard,
     /// The shift the kernel's SHED holds.
     shed_applied: u32,
+    /// When the correlator last compared its connections with CONNS.
+    last_sweep: Instant,
     started: Instant,
 }
 
@@ -228,6 +233,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
         execs: Vec::new(),
         guard,
         shed_applied: 0,
+        last_sweep: Instant::now(),
         started: Instant::now(),
     };
     agent.outputs.announce(&agent.targets);
@@ -350,7 +356,8 @@ impl Agent<'_> {
         let listeners = sockdiag::listening().ok();
         self.targets.refresh(&mut self.probes, listeners.as_deref());
         self.outputs.housekeeping(&self.targets);
-        self.guard.tick(&self.probes.counters(), self.outputs.export_stats.unaccounted());
+        let kernel = self.probes.counters();
+        self.guard.tick(&kernel, self.outputs.export_stats.unaccounted());
         let shift = self.guard.shift();
         if shift != self.shed_applied {
             // Tried again each second until the kernel has it.
@@ -359,8 +366,14 @@ impl Agent<'_> {
                 Err(e) => tracing::warn!(error = %e, "cannot set load shedding in the kernel"),
             }
         }
+        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+            self.last_sweep = Instant::now();
+            if let Some(live) = self.probes.live_conn_ids() {
+                self.correlator.sweep(&live, Clock::monotonic_now(), &mut self.spans);
+            }
+        }
         if self.outputs.wants_counters() {
-            let counters = self.counters();
+            let counters = self.counters_with(&kernel);
             self.outputs.publish_counters(counters, &self.targets, self.started, self.probes.hooks.name());
         }
     }
@@ -368,7 +381,13 @@ impl Agent<'_> {
     /// Every counter and gauge; the kernel maps' entries are counted at most every few
     /// seconds.
     fn counters(&mut self) -> Vec<(&'static str, u64)> {
-        let mut list = stats::counters(&self.probes, &self.reader, &self.correlator);
+        let kernel = self.probes.counters();
+        self.counters_with(&kernel)
+    }
+
+    /// `counters` with the kernel's counters already read.
+    fn counters_with(&mut self, kernel: &probes::Counters) -> Vec<(&'static str, u64)> {
+        let mut list = stats::counters(kernel, &self.probes, &self.reader, &self.correlator);
         list.extend(self.outputs.counters());
         list.push(("processes_traced", self.targets.len() as u64));
         list.extend(self.guard.gauges());
@@ -383,7 +402,7 @@ impl Agent<'_> {
         }
         self.pump();
         let Agent { s, mut probes, mut reader, correlator, targets, outputs, started, guard, .. } = self;
-        let mut counters = stats::counters(&probes, &reader, &correlator);
+        let mut counters = stats::counters(&probes.counters(), &probes, &reader, &correlator);
         counters.extend(guard.gauges());
         // What the kernel maps still hold once every target is forgotten: nothing of their
         // connections, listeners and targets (the maps keyed by pid are not walked at

@@ -14,14 +14,16 @@ use crate::{
 };
 
 /// The pipeline's counters: kernel, reader, correlator.
-pub fn counters(probes: &Probes, reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
-    let kernel = probes.counters();
+pub fn counters(kernel: &probes::Counters, probes: &Probes, reader: &EventReader, c: &Correlator) -> Vec<(&'static str, u64)> {
     let mut v = vec![("events_read", reader.records), ("events_undecodable", reader.decode_errors), ("ring_wakeups", reader.wakeups)];
     // The kernel's counters under the names zerotrace_common gives them.
-    v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(&kernel, k))));
+    v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(kernel, k))));
     v.push(("kernel_runs_skipped", probes.runs_skipped()));
     v.extend([
         ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
+        ("connections_closed_unseen", c.stats.closed_unseen),
+        ("client_calls_expired", c.stats.calls_expired),
+        (crate::correlate::GAUGES[0], c.connections_held()),
         ("server_spans_linked", c.stats.linked),
         ("client_returns_unmatched", c.stats.unmatched_client_returns),
         ("http2_directions_unreadable", c.stats.h2_unreadable),
