@@ -28,6 +28,10 @@ pub struct FuzzArgs {
     /// Targets to run (default: all).
     #[arg(long, value_delimiter = ',')]
     pub targets: Vec<String>,
+    /// Unoptimized targets: they build in about half the time and fuzz slower; for short
+    /// runs (`cargo xtask test` uses it), not campaigns.
+    #[arg(long)]
+    pub dev: bool,
     /// Rebuild fuzz/corpus from this recording instead of fuzzing.
     #[arg(long, value_name = "REC")]
     pub seed_from: Option<std::path::PathBuf>,
@@ -39,8 +43,15 @@ pub fn run_fuzz(a: FuzzArgs) -> Result<()> {
     }
     setup::cargo_fuzz()?;
     let targets: Vec<&str> = if a.targets.is_empty() { TARGETS.to_vec() } else { a.targets.iter().map(String::as_str).collect() };
-    step(format!("building the fuzz targets ({} with AddressSanitizer; a few minutes the first time)", setup::NIGHTLY));
-    run(fuzz_cmd().args(["build"]))?;
+    // cargo-fuzz's default build is optimized with debug assertions (`--release` would
+    // turn those off).
+    let profile: &[&str] = if a.dev { &["--dev"] } else { &[] };
+    step(format!(
+        "building the fuzz targets ({} with AddressSanitizer, {}; a few minutes the first time)",
+        setup::NIGHTLY,
+        if a.dev { "unoptimized" } else { "optimized" }
+    ));
+    run(fuzz_cmd().arg("build").args(profile))?;
     let seconds = a.minutes.map_or(a.seconds, |m| m * 60);
     for t in targets {
         let seeds = root().join("fuzz/corpus").join(t);
@@ -50,7 +61,7 @@ pub fn run_fuzz(a: FuzzArgs) -> Result<()> {
         std::fs::create_dir_all(&fresh)?;
         step(format!("fuzzing {t} for {seconds} s (corpus: {}{})", seeds.display(), if a.minutes.is_some() { ", new inputs kept there" } else { "" }));
         let mut cmd = fuzz_cmd();
-        cmd.args(["run", t]).arg(&fresh);
+        cmd.arg("run").args(profile).arg(t).arg(&fresh);
         if fresh != seeds {
             cmd.arg(&seeds);
         }

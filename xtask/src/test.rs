@@ -160,7 +160,7 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
     if args.fuzz_seconds > 0 && args.filter.is_none() {
         tiers.run("fuzzing (every parser of captured bytes)", || {
             step("fuzzing every parser of captured bytes (bounded time per target)");
-            crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, minutes: None, targets: Vec::new(), seed_from: None })
+            crate::fuzz::run_fuzz(crate::fuzz::FuzzArgs { seconds: args.fuzz_seconds, minutes: None, targets: Vec::new(), dev: true, seed_from: None })
         })?;
     }
     // Last: the slowest tier, and a failure in a VM keeps no other tier from running.
