@@ -161,8 +161,9 @@ pub struct Stats {
     /// Responses to pipelined requests whose bytes were not captured (beyond the capture
     /// size, or a body the capture cut): no span.
     pub pipelined_uncaptured: u64,
-    /// Connections closed by a sweep: the kernel no longer had them, their close record was
-    /// lost.
+    /// Connections closed by a sweep: the kernel no longer had them and no close record
+    /// came (lost to a full ring; or state made again by a record that came after the close,
+    /// or for a connection whose kernel state the agent removed).
     pub closed_unseen: u64,
     /// Go client and SQL calls forgotten `CALL_EXPIRY` after their start (return not seen).
     pub calls_expired: u64,
@@ -331,6 +332,11 @@ impl Correlator {
         self.clients.retain(|_, c| fresh(c.req.start_ns));
         self.sql.retain(|_, q| fresh(q.start.start_ns));
         self.stats.calls_expired += (before - self.clients.len() - self.sql.len()) as u64;
+    }
+
+    /// Whether a sweep has anything to look at (else the walk of CONNS is skipped).
+    pub fn holds_anything(&self) -> bool {
+        self.held_ids().next().is_some() || !self.by_sk.is_empty() || !self.clients.is_empty() || !self.sql.is_empty()
     }
 
     /// The connection ids of every per-connection table (an id once per table).

@@ -561,7 +561,7 @@ fn the_sweep_closes_what_the_kernel_forgot() {
     );
     let live = |ids: &[u64]| ids.iter().copied().collect::<HashSet<u64>>();
     let minute = 60_000_000_000;
-    // Connection 1 is missing once, then seen again (a CONNS entry made after the walk).
+    // Connection 1 is missing once, then live again: one miss closes nothing.
     c.sweep(&live(&[2]), minute, &mut out);
     c.sweep(&live(&[1, 2]), 2 * minute, &mut out);
     assert_eq!((c.conns.len(), c.stats.closed_unseen), (2, 0), "one miss closes nothing");

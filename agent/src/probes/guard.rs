@@ -140,6 +140,10 @@ impl Guard {
             }
         }
         self.memory = own_anon_bytes();
+        if self.s.memory_limit.is_some_and(|l| self.memory as f64 > l as f64 * MEMORY_RECOVERED) {
+            reclaim_freed();
+            self.memory = own_anon_bytes();
+        }
         self.decide_memory(now.at, held);
         OVER_MEMORY_LIMIT.store(self.over_memory, Relaxed);
         if self.shift() != 0 {
@@ -279,6 +283,17 @@ fn own_cpu_seconds() -> f64 {
     }
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(u.ru_utime) + tv(u.ru_stime)
+}
+
+/// Gives the OS back what the allocator holds freed. The run loop's thread makes the spans
+/// and the export tasks free them on other threads: the allocator collects such frees
+/// into the owning thread's pages only when that thread allocates from them again, so an
+/// agent idle after draining its export queue kept it all (76 MiB with a 64 MiB limit and
+/// nothing held). Called on the run loop's thread; mimalloc's `mi_collect(force)` also
+/// returns what other threads left.
+fn reclaim_freed() {
+    // SAFETY: mimalloc's collection entry point, callable from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
 }
 
 /// The agent's anonymous resident memory (RssAnon) in bytes.

@@ -389,12 +389,23 @@ impl Probes {
     /// The ids of every connection CONNS holds (None: the map could not be read), for the
     /// correlator's sweep of connections whose close record was lost.
     pub fn live_conn_ids(&self) -> Option<rustc_hash::FxHashSet<u64>> {
-        // The keys by the bounded walk (a key deleted under aya's iterator restarts it).
-        let mut keys = Vec::new();
-        occupancy::RawMap::of(&self.ebpf, names::CONNS)?.for_each_key(|k| keys.extend(k.try_into().ok().map(u64::from_ne_bytes)));
+        // Every key, by the bounded walk (a key deleted under aya's iterator restarts it); a
+        // walk that did not finish reads as nothing known.
+        let keys = occupancy::RawMap::of(&self.ebpf, names::CONNS)?.all_keys()?;
         let conns = BpfHashMap::<_, ConnKey, ConnState>::try_from(self.ebpf.map(names::CONNS)?).ok()?;
-        // A key gone since the walk: its connection is closed, its id not live.
-        Some(keys.into_iter().filter_map(|sk| conns.get(&ConnKey { sk }, 0).ok().map(|c| c.id)).collect())
+        let mut live = rustc_hash::FxHashSet::default();
+        for k in keys {
+            let sk = u64::from_ne_bytes(k.as_slice().try_into().ok()?);
+            match conns.get(&ConnKey { sk }, 0) {
+                Ok(c) => {
+                    live.insert(c.id);
+                }
+                // Gone since the walk: its connection is closed, its id not live.
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(_) => return None,
+            }
+        }
+        Some(live)
     }
 
     /// Socket inodes of `pid` whose Go connection the kernel knows.

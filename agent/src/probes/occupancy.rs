@@ -94,13 +94,28 @@ impl RawMap {
     /// Calls `f` with each key once; returns how many there were. A key deleted under the
     /// walk makes the kernel start again from the first key: keys already seen are skipped,
     /// and the walk stops after twice the map's bound of steps.
-    pub fn for_each_key(&self, mut f: impl FnMut(&[u8])) -> u64 {
+    pub fn for_each_key(&self, f: impl FnMut(&[u8])) -> u64 {
+        self.walk(f).0
+    }
+
+    /// Every key, or None when the walk did not reach the map's end (its step bound, or an
+    /// error): a caller that acts on what is missing needs them all.
+    pub fn all_keys(&self) -> Option<Vec<Vec<u8>>> {
+        let mut keys = Vec::new();
+        let (_, complete) = self.walk(|k| keys.push(k.to_vec()));
+        complete.then_some(keys)
+    }
+
+    /// `for_each_key`, and whether the walk ended at the map's end.
+    fn walk(&self, mut f: impl FnMut(&[u8])) -> (u64, bool) {
         let mut key = vec![0u8; self.key_size];
         let mut next = vec![0u8; self.key_size];
         let mut seen: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
         let mut first = true;
-        for _ in 0..2 * u64::from(self.max_entries) {
+        let mut complete = false;
+        for _ in 0..2 * u64::from(self.max_entries) + 1 {
             if !bpf_key_op(BPF_MAP_GET_NEXT_KEY, self.fd.as_raw_fd(), if first { None } else { Some(&key) }, Some(&mut next)) {
+                complete = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT);
                 break;
             }
             first = false;
@@ -109,7 +124,7 @@ impl RawMap {
             }
             std::mem::swap(&mut key, &mut next);
         }
-        seen.len() as u64
+        (seen.len() as u64, complete)
     }
 
     /// Deletes every entry whose key starts with `pid`; returns how many went.

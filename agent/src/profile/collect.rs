@@ -238,22 +238,28 @@ impl Worker {
             *used = self.uses;
             return g.clone();
         }
-        let exe = Executable::open(&crate::model::proc::exe_open_path(pid)).ok()?;
-        let g = match GoSymbolizer::new(&exe) {
+        // An executable that cannot be opened or read is remembered as such (None).
+        let g = Executable::open(&crate::model::proc::exe_open_path(pid)).ok().and_then(|exe| match GoSymbolizer::new(&exe) {
             Ok(g) => Some(Arc::new(g)),
             Err(e) => {
                 tracing::warn!(pid, error = %e, "cannot read Go's function table for profiles; Go frames stay unsymbolized");
                 None
             }
-        };
+        });
+        // The bound is on the tables of executables no process runs (those in use stay).
         let size = |g: &Option<Arc<GoSymbolizer>>| g.as_ref().map_or(0, |g| g.bytes());
-        let mut total = self.go.values().map(|(g, _)| size(g)).sum::<usize>() + size(&g);
-        while total > MAX_GO_TABLE_BYTES {
-            let running: HashSet<(u64, u64)> = self.go_pids.values().flatten().copied().collect();
-            let Some(old) = self.go.iter().filter(|(k, _)| !running.contains(k)).min_by_key(|(_, (_, used))| *used).map(|(k, _)| *k) else { break };
-            if let Some((g, _)) = self.go.remove(&old) {
-                total -= size(&g);
+        let running: HashSet<(u64, u64)> = self.go_pids.values().flatten().copied().collect();
+        let mut unused: Vec<((u64, u64), u64, usize)> =
+            self.go.iter().filter(|&(k, _)| !running.contains(k)).map(|(k, (g, used))| (*k, *used, size(g))).collect();
+        let mut total: usize = unused.iter().map(|u| u.2).sum();
+        // Least recently used first.
+        unused.sort_by_key(|u| u.1);
+        for (k, _, bytes) in unused {
+            if total <= MAX_GO_TABLE_BYTES {
+                break;
             }
+            self.go.remove(&k);
+            total -= bytes;
         }
         self.go.insert(id, (g.clone(), self.uses));
         g

@@ -272,8 +272,6 @@ pub struct NativeProfiler {
     procs: HashMap<u32, Proc>,
     /// Cached binaries by id, with the tick of their last use.
     binaries: HashMap<u64, (Arc<Binary>, u64)>,
-    /// The `bytes` of every cached binary.
-    binary_bytes: usize,
     by_file: HashMap<FileId, u64>,
     by_build_id: HashMap<Arc<str>, u64>,
     next_id: u64,
@@ -313,7 +311,6 @@ impl NativeProfiler {
         NativeProfiler {
             procs: HashMap::new(),
             binaries: HashMap::new(),
-            binary_bytes: 0,
             by_file: HashMap::new(),
             by_build_id: HashMap::new(),
             next_id: 1,
@@ -560,34 +557,28 @@ impl NativeProfiler {
         let section = |d: &Option<Data>| d.as_ref().map_or(0, |d| d.len());
         let bytes = unwind.as_ref().map_or(0, |u| section(&u.eh_frame) + section(&u.eh_frame_hdr) + section(&u.debug_frame))
             + dynsyms.iter().map(|(_, _, n)| 24 + n.len()).sum::<usize>();
-        // Over either bound: the least recently used binaries go, those no process maps
-        // first; over the byte bound only those (a binary in use keeps its memory anyway).
-        loop {
-            let over_count = self.binaries.len() >= MAX_BINARIES;
-            let over_bytes = self.binary_bytes + bytes > MAX_BINARY_BYTES;
-            let Some((old, in_use)) = self
-                .binaries
-                .iter()
-                .map(|(&k, (b, used))| (k, Arc::strong_count(b) > 1, *used))
-                .min_by_key(|&(_, in_use, used)| (in_use, used))
-                .map(|(k, in_use, _)| (k, in_use))
-            else {
-                break;
-            };
-            if !(over_count || over_bytes && !in_use) {
+        // Over the count: the least recently used go, those no process maps first.
+        while self.binaries.len() >= MAX_BINARIES {
+            let Some(old) = self.binaries.iter().min_by_key(|(_, (b, used))| (Arc::strong_count(b) > 1, *used)).map(|(&k, _)| k) else { break };
+            self.evict_binary(old);
+        }
+        // Over the bytes of binaries no process maps (those in use keep their memory anyway):
+        // the least recently used of them go.
+        let mut unused: Vec<(u64, u64, usize)> =
+            self.binaries.iter().filter(|(_, (b, _))| Arc::strong_count(b) == 1).map(|(&k, (b, used))| (k, *used, b.bytes)).collect();
+        let mut total: usize = unused.iter().map(|u| u.2).sum();
+        unused.sort_by_key(|u| u.1);
+        for (old, _, bytes) in unused {
+            if total <= MAX_BINARY_BYTES {
                 break;
             }
-            if let Some((b, _)) = self.binaries.remove(&old) {
-                self.binary_bytes -= b.bytes;
-            }
-            self.by_file.retain(|_, id| *id != old);
-            self.by_build_id.retain(|_, id| *id != old);
+            self.evict_binary(old);
+            total -= bytes;
         }
         let id = self.next_id;
         self.next_id += 1;
         let build_id: Arc<str> = build_id.into();
         let b = Arc::new(Binary { id, name: name.into(), build_id: build_id.clone(), file_id, segments, unwind, file, dynsyms, bytes });
-        self.binary_bytes += bytes;
         self.binaries.insert(id, (b.clone(), self.tick));
         if let Some(f) = file_id {
             self.by_file.insert(f, id);
@@ -596,6 +587,12 @@ impl NativeProfiler {
             self.by_build_id.insert(build_id, id);
         }
         b
+    }
+
+    fn evict_binary(&mut self, old: u64) {
+        self.binaries.remove(&old);
+        self.by_file.retain(|_, id| *id != old);
+        self.by_build_id.retain(|_, id| *id != old);
     }
 
     /// Lines of ELF virtual addresses of one binary (ELF symbols + DWARF, inlined calls).

@@ -366,7 +366,7 @@ impl Agent<'_> {
                 Err(e) => tracing::warn!(error = %e, "cannot set load shedding in the kernel"),
             }
         }
-        if self.last_sweep.elapsed() >= SWEEP_EVERY {
+        if self.last_sweep.elapsed() >= SWEEP_EVERY && self.correlator.holds_anything() {
             self.last_sweep = Instant::now();
             if let Some(live) = self.probes.live_conn_ids() {
                 self.correlator.sweep(&live, Clock::monotonic_now(), &mut self.spans);
@@ -390,6 +390,7 @@ impl Agent<'_> {
         let mut list = stats::counters(kernel, &self.probes, &self.reader, &self.correlator);
         list.extend(self.outputs.counters());
         list.push(("processes_traced", self.targets.len() as u64));
+        list.push(("processes_exited_before_traced", self.targets.exited_before_traced));
         list.extend(self.guard.gauges());
         list.extend(self.probes.occupancy(false));
         list

@@ -55,6 +55,9 @@ pub struct Targets<'s> {
     discover: Option<Discover>,
     /// Processes being inspected on a blocking thread, and where the results come back.
     inspecting: HashSet<u32>,
+    /// Discovered processes that exited before they could be traced
+    /// (`processes_exited_before_traced`: shorter-lived than inspecting and attaching).
+    pub exited_before_traced: u64,
     inspect_tx: mpsc::UnboundedSender<Inspection>,
     /// The kernel lets this agent create uprobes (else Go programs are traced at the socket
     /// level).
@@ -74,6 +77,7 @@ impl<'s> Targets<'s> {
             refused: HashMap::new(),
             discover: None,
             inspecting: HashSet::new(),
+            exited_before_traced: 0,
             inspect_tx,
             uprobes: uprobes_allowed(),
         };
@@ -227,7 +231,10 @@ impl<'s> Targets<'s> {
                 self.traced.insert(pid, t);
                 false
             }
-            Err(RunError::Target(TargetError::NoSuchProcess(_))) => false,
+            Err(RunError::Target(TargetError::NoSuchProcess(_))) => {
+                self.exited_before_traced += 1;
+                false
+            }
             Err(e @ RunError::Target(TargetError::Excluded { .. })) => {
                 tracing::debug!(pid, "{e}");
                 true

@@ -81,14 +81,14 @@ struct Func {
 }
 
 impl GoSymbolizer {
-    /// Built from the executable's function table (works on stripped binaries). Inlined
-    /// frames need the module data (for moduledata.gofunc); without it every pc gets its
-    /// physical function only.
     /// The bytes its copies of the executable's tables take.
     pub fn bytes(&self) -> usize {
         self.tab.len() + self.funcdata.len()
     }
 
+    /// Built from the executable's function table (works on stripped binaries). Inlined
+    /// frames need the module data (for moduledata.gofunc); without it every pc gets its
+    /// physical function only.
     pub fn new(exe: &Executable) -> Result<Self, String> {
         let t = exe.go_tables().map_err(str::to_owned)?;
         let h = t.header;

@@ -120,7 +120,9 @@ fn over_the_memory_limit_no_new_spans_are_taken_and_memory_stays_bounded() -> Re
 
     // The collector comes up: what is queued goes out, memory falls, spans are taken again.
     let rx = Receiver::start(Kind::Grpc, collector)?;
-    wait_log(&agent, "back under the memory limit", Duration::from_secs(90))?;
+    wait_log(&agent, "back under the memory limit", Duration::from_secs(90))
+        .map_err(|e| anyhow::anyhow!("{e}\nRssAnon now {} MiB", rss_anon_kib(pid) / 1024))?;
+    let recovered = rss_anon_kib(pid);
     let light = load::at_rate(port, "/status/200", 2, 50.0, Duration::from_secs(3))?;
     let light_spans = || rx.spans().iter().filter(|s| s.attr("url.path") == "/status/200").count() as u64;
     wait_until("the light load's spans", Duration::from_secs(30), || light_spans() >= light.requests)?;
@@ -132,10 +134,11 @@ fn over_the_memory_limit_no_new_spans_are_taken_and_memory_stays_bounded() -> Re
     let lost = agent.counted_losses()?;
     let served = heavy.requests + light.requests;
     println!(
-        "memory limit {LIMIT_MIB} MiB: {} requests in {:.0} s, RssAnon peak {} MiB; {dropped} spans refused over the limit, {shed} requests shed in the kernel, {exported} exported, {lost} counted losses in all; light load {} requests, {} spans",
+        "memory limit {LIMIT_MIB} MiB: {} requests in {:.0} s, RssAnon peak {} MiB, {} MiB once back under; {dropped} spans refused over the limit, {shed} requests shed in the kernel, {exported} exported, {lost} counted losses in all; light load {} requests, {} spans",
         heavy.requests,
         start.elapsed().as_secs_f64(),
         peak / 1024,
+        recovered / 1024,
         light.requests,
         light_spans()
     );
