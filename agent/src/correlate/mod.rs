@@ -298,6 +298,9 @@ impl Correlator {
         self.sql.retain(|_, c| c.start.pid != pid);
         self.open.remove(&pid);
         self.threads.retain(|(p, _), _| *p != pid);
+        // Else a churn of processes fills the cache (MAX_PATTERNS) with the gone ones'
+        // patterns, and new processes' patterns are read from their memory at every request.
+        self.patterns.retain(|(p, _, _), _| *p != pid);
     }
 
     /// A connection's end: what waited for it is finished (or counted), then forgotten.

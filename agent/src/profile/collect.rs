@@ -33,6 +33,8 @@ const QUEUE: usize = 4096;
 const MAX_STACKS: usize = 100_000;
 /// Spans whose sample counts are kept while they run.
 const MAX_SPANS: usize = 65_536;
+/// Forgotten processes whose names are kept until their window is taken.
+const MAX_GONE: usize = 65_536;
 /// User frames unwound per sample, at most.
 const MAX_FRAMES: usize = 128;
 
@@ -157,6 +159,7 @@ fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::syn
         match rx.recv_timeout(wait) {
             Ok(Msg::Sample(s, span)) => w.add(&s, span),
             Ok(Msg::Process(p)) => {
+                w.gone.retain(|&g| g != p.pid);
                 w.processes.insert(p.pid, p);
             }
             Ok(Msg::Forget(pid)) => w.forget(pid),
@@ -200,6 +203,8 @@ struct Worker {
     index: HashMap<(Labels, Vec<u64>), usize>,
     samples: Vec<StackSample>,
     processes: BTreeMap<u32, ProcessInfo>,
+    /// Processes forgotten during this window (their names go with it).
+    gone: Vec<u32>,
     window_start: u64,
 }
 
@@ -218,6 +223,7 @@ impl Worker {
             index: HashMap::default(),
             samples: Vec::new(),
             processes: BTreeMap::new(),
+            gone: Vec::new(),
             window_start,
         }
     }
@@ -225,6 +231,14 @@ impl Worker {
     fn forget(&mut self, pid: u32) {
         self.native.forget(pid);
         self.go_pids.remove(&pid);
+        // Its name is still needed for this window's samples: dropped when it is taken (or,
+        // in a window that never ends, once MAX_GONE processes went: the oldest half).
+        if self.gone.len() >= MAX_GONE {
+            for old in self.gone.drain(..MAX_GONE / 2) {
+                self.processes.remove(&old);
+            }
+        }
+        self.gone.push(pid);
     }
 
     /// Go's tables for process `pid` (read once per executable).
@@ -330,6 +344,9 @@ impl Worker {
         }
         let p = Profile { period_ns: self.period_ns, start_unix_ns: self.window_start, duration_ns: now.saturating_sub(self.window_start), samples, processes };
         self.window_start = now;
+        for pid in self.gone.drain(..) {
+            self.processes.remove(&pid);
+        }
         p
     }
 }
