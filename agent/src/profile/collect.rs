@@ -263,17 +263,9 @@ impl Worker {
         // The bound is on the tables of executables no process runs (those in use stay).
         let size = |g: &Option<Arc<GoSymbolizer>>| g.as_ref().map_or(0, |g| g.bytes());
         let running: HashSet<(u64, u64)> = self.go_pids.values().flatten().copied().collect();
-        let mut unused: Vec<((u64, u64), u64, usize)> =
-            self.go.iter().filter(|&(k, _)| !running.contains(k)).map(|(k, (g, used))| (*k, *used, size(g))).collect();
-        let mut total: usize = unused.iter().map(|u| u.2).sum();
-        // Least recently used first.
-        unused.sort_by_key(|u| u.1);
-        for (k, _, bytes) in unused {
-            if total <= MAX_GO_TABLE_BYTES {
-                break;
-            }
+        let unused = self.go.iter().filter(|&(k, _)| !running.contains(k)).map(|(k, (g, used))| (*k, *used, size(g))).collect();
+        for k in super::over_bound(unused, MAX_GO_TABLE_BYTES) {
             self.go.remove(&k);
-            total -= bytes;
         }
         self.go.insert(id, (g.clone(), self.uses));
         g

@@ -11,6 +11,23 @@ pub mod tables;
 
 use std::{path::PathBuf, time::Duration};
 
+/// The cached entries to drop so that those no process uses stay within `bound` bytes:
+/// `unused` as (key, last use, bytes), least recently used first out. The profiler's
+/// binary and Go-table caches share this rule.
+fn over_bound<K>(mut unused: Vec<(K, u64, usize)>, bound: usize) -> Vec<K> {
+    let mut total: usize = unused.iter().map(|u| u.2).sum();
+    unused.sort_by_key(|u| u.1);
+    let mut out = Vec::new();
+    for (k, _, bytes) in unused {
+        if total <= bound {
+            break;
+        }
+        total -= bytes;
+        out.push(k);
+    }
+    out
+}
+
 /// CPU profiling: how often to sample and where profiles go.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProfileSettings {
@@ -44,5 +61,18 @@ pub fn write_files(ps: &ProfileSettings, profile: &model::Profile) {
             Ok(()) => tracing::info!(path = %path.display(), samples, "wrote the flame graph"),
             Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot write the flame graph"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Least recently used first, until what is left fits.
+    #[test]
+    fn over_bound_drops_the_least_recently_used_until_it_fits() {
+        let unused = vec![("a", 3, 40), ("b", 1, 30), ("c", 2, 50)];
+        assert_eq!(super::over_bound(unused.clone(), 120), Vec::<&str>::new());
+        assert_eq!(super::over_bound(unused.clone(), 90), ["b"]);
+        assert_eq!(super::over_bound(unused.clone(), 50), ["b", "c"]);
+        assert_eq!(super::over_bound(unused, 0), ["b", "c", "a"]);
     }
 }

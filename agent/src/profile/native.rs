@@ -564,16 +564,9 @@ impl NativeProfiler {
         }
         // Over the bytes of binaries no process maps (those in use keep their memory anyway):
         // the least recently used of them go.
-        let mut unused: Vec<(u64, u64, usize)> =
-            self.binaries.iter().filter(|(_, (b, _))| Arc::strong_count(b) == 1).map(|(&k, (b, used))| (k, *used, b.bytes)).collect();
-        let mut total: usize = unused.iter().map(|u| u.2).sum();
-        unused.sort_by_key(|u| u.1);
-        for (old, _, bytes) in unused {
-            if total <= MAX_BINARY_BYTES {
-                break;
-            }
+        let unused = self.binaries.iter().filter(|(_, (b, _))| Arc::strong_count(b) == 1).map(|(&k, (b, used))| (k, *used, b.bytes)).collect();
+        for old in super::over_bound(unused, MAX_BINARY_BYTES) {
             self.evict_binary(old);
-            total -= bytes;
         }
         let id = self.next_id;
         self.next_id += 1;
