@@ -220,7 +220,7 @@ pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)
                 }],
                 aggregation_temporality: AggregationTemporality::Cumulative as i32,
                 // Counts that go down as well as up.
-                is_monotonic: !matches!(*name, "processes_traced" | "uprobe_detach_backlog")
+                is_monotonic: !matches!(*name, "processes_traced" | "uprobe_detach_backlog" | "uprobe_files_shared")
                     && !crate::probes::occupancy::is_entries(name)
                     && !crate::probes::guard::GAUGES.contains(name)
                     && !crate::correlate::GAUGES.contains(name),

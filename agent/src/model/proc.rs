@@ -265,12 +265,22 @@ fn warn_fd_access(pid: u32) {
     }
 }
 
-/// Identity of the file process `pid` runs (device, inode of /proc/PID/exe): it changes at
-/// an exec even when the path does not.
-pub fn exe_identity(pid: u32) -> Option<(u64, u64)> {
+/// Identity of an executable file: device and inode (an exec changes them even when the
+/// path stays), size and modification time (a file rewritten in place while no process ran
+/// it keeps its inode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// The identity of the file process `pid` runs (/proc/PID/exe).
+pub fn exe_identity(pid: u32) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
-    Some((m.dev(), m.ino()))
+    Some(FileId { dev: m.dev(), ino: m.ino(), size: m.size(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128 })
 }
 
 #[cfg(test)]

@@ -93,35 +93,99 @@ pub struct NativeTarget {
 
 /// What a selected process turned out to be.
 pub enum Inspected {
-    Go(Box<(Target, Executable)>),
+    Go(Box<Target>),
     Native(NativeTarget),
 }
 
 impl Inspected {
     pub fn pid(&self) -> u32 {
         match self {
-            Inspected::Go(b) => b.0.pid,
+            Inspected::Go(t) => t.pid,
             Inspected::Native(n) => n.pid,
         }
     }
 }
 
-/// Inspects process `pid`: a Go program (supported version), else any other program,
-/// which is traced at the socket level.
-pub fn inspect(pid: u32) -> Result<Inspected, TargetError> {
-    match Target::inspect(pid) {
-        Ok(t) => Ok(Inspected::Go(Box::new(t))),
-        Err(TargetError::NotGo { .. }) => NativeTarget::inspect(pid).map(Inspected::Native),
-        Err(e) => Err(e),
-    }
+/// What an executable file is, read once per file: the same for every process running it.
+#[derive(Clone, Debug)]
+pub enum Program {
+    /// A Go program of a supported version and architecture.
+    Go(Box<GoProgram>),
+    /// Any other program, traced at the socket level; the language runtime when the
+    /// executable says (rustc's `.comment` note): (name, version).
+    Native { runtime: Option<(String, String)> },
 }
 
-impl NativeTarget {
-    pub fn inspect(pid: u32) -> Result<NativeTarget, TargetError> {
+/// What a Go executable file is.
+#[derive(Clone, Debug)]
+pub struct GoProgram {
+    pub build: BuildInfo,
+    pub layout: GoLayout,
+    pub is_pie: bool,
+    pub first_load_vaddr: u64,
+}
+
+impl Program {
+    /// Reads the executable of process `pid` (the slow part of inspecting: a Go program's
+    /// build info and struct layout), with the opened executable for a Go program (where
+    /// its uprobes go is read from it).
+    pub fn read(pid: u32) -> Result<(Program, Option<Executable>), TargetError> {
+        if pid == 0 || !proc::exists(pid) {
+            return Err(TargetError::NoSuchProcess(pid));
+        }
+        let shown = exe_path(pid)?.display().to_string();
+        let exe = Executable::open(&proc::exe_open_path(pid)).map_err(|e| match e {
+            SymbolError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => TargetError::NoSuchProcess(pid),
+            SymbolError::Read { source, .. } => TargetError::Access { pid, source },
+            SymbolError::NotElf { .. } => TargetError::NotGo { pid, path: shown.clone() },
+            source => TargetError::Symbols { pid, source },
+        });
+        let exe = match exe {
+            Err(TargetError::NotGo { .. }) => return Ok((Program::Native { runtime: None }, None)),
+            other => other?,
+        };
+        let section = exe.section(".go.buildinfo");
+        let build = match section.as_deref().map(BuildInfo::parse) {
+            Some(Ok(b)) => b,
+            Some(Err(BuildInfoError::PointerFormat)) => {
+                return Err(TargetError::TooOld { pid, path: shown, version: "Go 1.17 or older".into() });
+            }
+            _ => {
+                let runtime = exe.section(".comment").and_then(|c| rust_version(&c)).map(|v| ("rust".to_owned(), v));
+                return Ok((Program::Native { runtime }, None));
+            }
+        };
+        if exe.machine != object::elf::EM_X86_64 {
+            let arch = build.setting("GOARCH").unwrap_or("a non-amd64").to_owned();
+            return Err(TargetError::Arch { pid, path: shown, arch });
+        }
+        match build.version_tuple() {
+            Some((maj, min, _)) if (maj, min) < MIN_GO => {
+                return Err(TargetError::TooOld { pid, path: shown, version: build.go_version.clone() });
+            }
+            _ => {}
+        }
+        // Stripped binaries (-ldflags='-s -w') work too: functions come from Go's own function
+        // table, struct offsets from the generated table (GoLayout::source says which).
+        let layout = layout(&exe, &build).map_err(|source| TargetError::Symbols { pid, source })?;
+        let program = Program::Go(Box::new(GoProgram { build, layout, is_pie: exe.is_pie, first_load_vaddr: exe.first_load_vaddr() }));
+        Ok((program, Some(exe)))
+    }
+
+    /// Process `pid` running this program: what is its own (path, name, environment, load
+    /// bias).
+    pub fn inspect(&self, pid: u32) -> Result<Inspected, TargetError> {
         let exe_path = exe_path(pid)?;
-        let runtime = Executable::open(&proc::exe_open_path(pid)).ok().and_then(|exe| rust_version(&exe.section(".comment")?));
         let exe_name = exe_name(pid, &exe_path);
-        Ok(NativeTarget { pid, exe_path, exe_name, runtime: runtime.map(|v| ("rust".to_owned(), v)), env: TargetEnv::read(pid) })
+        let env = TargetEnv::read(pid);
+        match self {
+            Program::Native { runtime } => Ok(Inspected::Native(NativeTarget { pid, exe_path, exe_name, runtime: runtime.clone(), env })),
+            Program::Go(g) => {
+                let gone_or = |source| if proc::exists(pid) { TargetError::Access { pid, source } } else { TargetError::NoSuchProcess(pid) };
+                let bias = if g.is_pie { proc::load_bias(pid, &exe_path, g.first_load_vaddr).map_err(gone_or)? } else { 0 };
+                Ok(Inspected::Go(Box::new(Target { pid, exe_path, exe_name, build: g.build.clone(), layout: g.layout.clone(), bias, env })))
+            }
+        }
     }
 }
 
@@ -144,46 +208,4 @@ fn rust_version(comment: &[u8]) -> Option<String> {
     let rest = &comment[at..];
     let end = rest.iter().position(|&b| b == b' ' || b == 0).unwrap_or(rest.len()).min(32);
     std::str::from_utf8(&rest[..end]).ok().filter(|v| !v.is_empty()).map(str::to_owned)
-}
-
-impl Target {
-    /// Reads everything zerotrace needs to know about process `pid`.
-    pub fn inspect(pid: u32) -> Result<(Target, Executable), TargetError> {
-        if pid == 0 || !proc::exists(pid) {
-            return Err(TargetError::NoSuchProcess(pid));
-        }
-        let exe_path = exe_path(pid)?;
-        let shown = exe_path.display().to_string();
-        let exe = Executable::open(&proc::exe_open_path(pid)).map_err(|e| match e {
-            SymbolError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => TargetError::NoSuchProcess(pid),
-            SymbolError::Read { source, .. } => TargetError::Access { pid, source },
-            SymbolError::NotElf { .. } => TargetError::NotGo { pid, path: shown.clone() },
-            source => TargetError::Symbols { pid, source },
-        })?;
-        let section = exe.section(".go.buildinfo");
-        let build = match section.as_deref().map(BuildInfo::parse) {
-            Some(Ok(b)) => b,
-            Some(Err(BuildInfoError::PointerFormat)) => {
-                return Err(TargetError::TooOld { pid, path: shown, version: "Go 1.17 or older".into() });
-            }
-            _ => return Err(TargetError::NotGo { pid, path: shown }),
-        };
-        if exe.machine != object::elf::EM_X86_64 {
-            let arch = build.setting("GOARCH").unwrap_or("a non-amd64").to_owned();
-            return Err(TargetError::Arch { pid, path: shown, arch });
-        }
-        match build.version_tuple() {
-            Some((maj, min, _)) if (maj, min) < MIN_GO => {
-                return Err(TargetError::TooOld { pid, path: shown, version: build.go_version.clone() });
-            }
-            _ => {}
-        }
-        // Stripped binaries (-ldflags='-s -w') work too: functions come from Go's own function
-        // table, struct offsets from the generated table (GoLayout::source says which).
-        let layout = layout(&exe, &build).map_err(|source| TargetError::Symbols { pid, source })?;
-        let bias = if exe.is_pie { proc::load_bias(pid, &exe_path, exe.first_load_vaddr()).map_err(|source| TargetError::Access { pid, source })? } else { 0 };
-        let exe_name = exe_name(pid, &exe_path);
-        let env = TargetEnv::read(pid);
-        Ok((Target { pid, exe_path, exe_name, build, layout, bias, env }, exe))
-    }
 }

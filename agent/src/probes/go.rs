@@ -1,13 +1,11 @@
 //! Where the Go uprobes of one process go: function entries from the symbol table, RET
 //! instructions by decoding the function (no uretprobes on Go), file offsets for the kernel.
-use std::path::Path;
-
 use zerotrace_common::{GoOffsets, TargetConfig, target_flags};
 
-use super::{ProbeError, Probes, uprobes};
+use super::uprobes;
 use crate::{
     model::Target,
-    symbols::{Executable, SymbolError, disasm},
+    symbols::{Executable, SymbolError, disasm, go::GoLayout},
 };
 
 /// How Go net/http server requests are observed.
@@ -55,7 +53,7 @@ pub const WRITE_SUBSET: &str = "net/http.Header.writeSubset";
 const BYTES_READER_SIZE: u64 = 40;
 
 /// Where the crypto/tls plaintext hooks go (addresses of CALL instructions).
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsSites {
     /// The copy out of the decrypted record in `(*Conn).Read` (`c.input.Read(b)`, inlined
     /// to a `runtime.memmove`), and the register holding c there.
@@ -167,12 +165,58 @@ fn direct_calls(exe: &Executable, name: &str) -> Option<Vec<(u64, u64)>> {
     disasm::calls(code, sym.addr).ok()
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum AttachError {
-    #[error(transparent)]
-    Symbols(#[from] SymbolError),
-    #[error(transparent)]
-    Probe(#[from] ProbeError),
+/// One uprobe: its program at a file offset of the executable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Site {
+    pub prog: &'static str,
+    pub offset: u64,
+}
+
+/// Where the uprobes of a Go executable go and what they give, worked out once per
+/// executable file (offsets in the file are the same for every process running it, PIE or
+/// not) and attached for each process, or once for all of them.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub sites: Vec<Site>,
+    /// `(*conn).readRequest`'s entry: the temporary catch-up probe for connections older
+    /// than the agent (`GoHttpProbes::Conn` only; attached per process when it has some).
+    pub catch_up: Option<u64>,
+    /// The crypto/tls plaintext sites, when hooked.
+    pub tls: Option<TlsSites>,
+    pub report: AttachReport,
+}
+
+/// The run's settings that decide a plan.
+#[derive(Clone, Copy, Debug)]
+pub struct PlanSettings {
+    pub http: GoHttpProbes,
+    pub causality: GoCausality,
+    pub tls: bool,
+    pub inject: bool,
+}
+
+/// The plan for Go executable `exe` with `layout`; `pid` names the first process that runs it
+/// in the log lines that say what it will not get.
+pub fn plan(pid: u32, layout: &GoLayout, exe: &Executable, s: &PlanSettings) -> Result<Plan, SymbolError> {
+    let mut p = Plan::default();
+    plan_http(&mut p, exe, s.http)?;
+    plan_causality(&mut p, pid, layout, exe, &s.causality)?;
+    p.tls = tls_plan(pid, layout, exe, s.tls);
+    if let Some(sites) = p.tls.take() {
+        plan_tls(&mut p, exe, &sites)?;
+        p.tls = Some(sites);
+    }
+    if s.inject {
+        plan_inject(&mut p, pid, layout, exe)?;
+    }
+    p.report.uprobes = p.sites.len();
+    Ok(p)
+}
+
+impl Plan {
+    fn add(&mut self, prog: &'static str, offset: u64) {
+        self.sites.push(Site { prog, offset });
+    }
 }
 
 /// What was attached for one process, for the log line and the tests.
@@ -192,22 +236,21 @@ pub struct AttachReport {
     pub inject: bool,
 }
 
-/// The kernel-side configuration of a Go target. `tls`: the TLS sites when they will be
-/// hooked.
-pub fn target_config(t: &Target, tls: Option<&TlsSites>) -> TargetConfig {
-    TargetConfig { flags: target_flags::GO, tls_c_reg: tls.map_or(TargetConfig::NO_REG, |s| s.read_c_reg), go: t.layout.biased(t.bias) }
+/// The kernel-side configuration of a Go target traced with `plan`.
+pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
+    TargetConfig { flags: target_flags::GO, tls_c_reg: plan.tls.as_ref().map_or(TargetConfig::NO_REG, |s| s.read_c_reg), go: t.layout.biased(t.bias) }
 }
 
 /// The TLS plaintext sites of a program that has crypto/tls, if wanted and understood
 /// (otherwise said in the log: HTTPS servers then get no spans).
-pub fn tls_plan(t: &Target, exe: &Executable, want: bool) -> Option<TlsSites> {
+fn tls_plan(pid: u32, layout: &GoLayout, exe: &Executable, want: bool) -> Option<TlsSites> {
     if !want || exe.symbol(TLS_READ).is_none() {
         return None;
     }
-    match tls_sites(exe, t.layout.offsets.tlsconn_input) {
+    match tls_sites(exe, layout.offsets.tlsconn_input) {
         Ok(s) => Some(s),
         Err(why) => {
-            tracing::warn!(pid = t.pid, %why, "crypto/tls code not understood: HTTPS requests of this program are not traced");
+            tracing::warn!(pid, %why, "crypto/tls code not understood: HTTPS requests of this program are not traced");
             None
         }
     }
@@ -227,19 +270,19 @@ pub fn inject_site(exe: &Executable) -> Result<u64, String> {
     }
 }
 
-/// Attaches the traceparent writer (`--inject-traceparent`) when the program makes client
-/// spans and its layout has what the writer checks; otherwise says why in the log.
-pub fn attach_inject(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path, report: &mut AttachReport) -> Result<(), AttachError> {
-    let go = &t.layout.offsets;
-    let why = if !report.client {
+/// The traceparent writer (`--inject-traceparent`) when the program makes client spans and
+/// its layout has what the writer checks; otherwise says why in the log.
+fn plan_inject(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable) -> Result<(), SymbolError> {
+    let go = &layout.offsets;
+    let why = if !p.report.client {
         Some("the program has no net/http client".to_owned())
-    } else if t.layout.type_bufio_writer.is_none() || go.request_header == GoOffsets::NONE {
+    } else if layout.type_bufio_writer.is_none() || go.request_header == GoOffsets::NONE {
         Some("bufio.Writer type or Request.Header offset unknown".to_owned())
     } else {
         inject_site(exe).err()
     };
     if let Some(why) = why {
-        tracing::warn!(pid = t.pid, %why, "no traceparent is written into this program's requests");
+        tracing::warn!(pid, %why, "no traceparent is written into this program's requests");
         return Ok(());
     }
     let site = inject_site(exe).ok().and_then(|a| exe.file_offset(a)).ok_or_else(|| SymbolError::Disassembly {
@@ -247,14 +290,13 @@ pub fn attach_inject(probes: &mut Probes, t: &Target, exe: &Executable, path: &P
         name: WRITE_SUBSET.into(),
         reason: "call site outside the segments".into(),
     })?;
-    probes.attach_uprobe(t.pid, uprobes::GO_INJECT, path, site, false)?;
-    report.uprobes += 1;
-    report.inject = true;
+    p.add(uprobes::GO_INJECT, site);
+    p.report.inject = true;
     Ok(())
 }
 
-/// Attaches the crypto/tls plaintext hooks at `sites`.
-pub fn attach_tls(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path, sites: &TlsSites, report: &mut AttachReport) -> Result<(), AttachError> {
+/// The crypto/tls plaintext hooks at `sites`.
+fn plan_tls(p: &mut Plan, exe: &Executable, sites: &TlsSites) -> Result<(), SymbolError> {
     let file = |a: u64| {
         exe.file_offset(a).ok_or_else(|| SymbolError::Disassembly {
             path: exe.path.clone(),
@@ -262,54 +304,45 @@ pub fn attach_tls(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path
             reason: format!("{a:#x} outside the segments"),
         })
     };
-    probes.attach_uprobe(t.pid, uprobes::GO_TLS_READ, path, file(sites.read)?, false)?;
+    p.add(uprobes::GO_TLS_READ, file(sites.read)?);
     for a in &sites.write {
-        probes.attach_uprobe(t.pid, uprobes::GO_TLS_WRITE, path, file(*a)?, false)?;
+        p.add(uprobes::GO_TLS_WRITE, file(*a)?);
     }
-    report.uprobes += 1 + sites.write.len();
-    report.tls = true;
+    p.report.tls = true;
     Ok(())
 }
 
-/// Attaches the hooks that make span trees: client calls (entry and RETs of
+/// The hooks that make span trees: client calls (entry and RETs of
 /// `(*Transport).roundTrip`, when the program has an HTTP client), goroutine spawns (RETs of
 /// `runtime.newproc1`) and channel handoffs (entries of `runtime.send`/`runtime.recv`).
 /// A function a program does not have is skipped (the program cannot make that edge);
 /// runtime layout fields a Go version lacks switch the matching hook off, said in the log.
-pub fn attach_causality(
-    probes: &mut Probes,
-    t: &Target,
-    exe: &Executable,
-    path: &Path,
-    want: &GoCausality,
-    report: &mut AttachReport,
-) -> Result<(), AttachError> {
-    let go = &t.layout.offsets;
+fn plan_causality(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable, want: &GoCausality) -> Result<(), SymbolError> {
+    let go = &layout.offsets;
     if exe.symbol(ROUND_TRIP).is_some() {
-        report.uprobes += 1 + attach_call(probes, t.pid, exe, path, ROUND_TRIP, uprobes::GO_ROUND_TRIP, uprobes::GO_ROUND_TRIP_RET)?;
-        report.client = true;
+        plan_call(p, exe, ROUND_TRIP, uprobes::GO_ROUND_TRIP, uprobes::GO_ROUND_TRIP_RET)?;
+        p.report.client = true;
     }
     if exe.symbol(SQL_QUERY).is_some() && exe.symbol(SQL_EXEC).is_some() {
         for (name, prog) in [(SQL_QUERY, uprobes::GO_SQL_QUERY), (SQL_EXEC, uprobes::GO_SQL_EXEC)] {
-            report.uprobes += 1 + attach_call(probes, t.pid, exe, path, name, prog, uprobes::GO_SQL_RET)?;
+            plan_call(p, exe, name, prog, uprobes::GO_SQL_RET)?;
         }
-        report.sql = true;
+        p.report.sql = true;
     }
     if want.spawns {
         if go.g_parent_goid == GoOffsets::NONE {
-            tracing::warn!(pid = t.pid, "this Go version has no g.parentGoid: spans are not followed into spawned goroutines");
+            tracing::warn!(pid, "this Go version has no g.parentGoid: spans are not followed into spawned goroutines");
         } else {
             // Cheapest: the CALL to runqput that follows newproc1 in newproc's closure (an
             // emulated probe); else every RET of newproc1 (single-stepped).
             let site = spawn_call_site(exe).and_then(|a| exe.file_offset(a));
             match site {
-                Some(off) => {
-                    probes.attach_uprobe(t.pid, uprobes::GO_SPAWN_CALL, path, off, false)?;
-                    report.uprobes += 1;
+                Some(off) => p.add(uprobes::GO_SPAWN_CALL, off),
+                None => {
+                    plan_rets(p, exe, NEWPROC1, uprobes::GO_NEWPROC1_RET)?;
                 }
-                None => report.uprobes += attach_rets(probes, t.pid, exe, path, NEWPROC1, uprobes::GO_NEWPROC1_RET)?,
             }
-            report.spawns = true;
+            p.report.spawns = true;
         }
     }
     if want.channels {
@@ -318,9 +351,9 @@ pub fn attach_causality(
             _ => Err("runtime.typedmemmove/typedmemclr not found".into()),
         };
         match sites {
-            Err(why) => tracing::warn!(pid = t.pid, %why, "the Go runtime's channel code is not understood: spans are not followed over channels"),
+            Err(why) => tracing::warn!(pid, %why, "the Go runtime's channel code is not understood: spans are not followed over channels"),
             Ok(_) if go.sudog_g == GoOffsets::NONE || go.hchan_dataqsiz == GoOffsets::NONE => {
-                tracing::warn!(pid = t.pid, "runtime channel layout unknown: spans are not followed over channels")
+                tracing::warn!(pid, "runtime channel layout unknown: spans are not followed over channels")
             }
             Ok(sites) => {
                 let file = |a: u64| {
@@ -332,17 +365,16 @@ pub fn attach_causality(
                 };
                 let send = entry_offset(exe, CHAN_SEND)?;
                 let recv = entry_offset(exe, CHAN_RECV)?;
-                probes.attach_uprobe(t.pid, uprobes::GO_CHAN_SEND, path, send, false)?;
-                probes.attach_uprobe(t.pid, uprobes::GO_CHAN_RECV, path, recv, false)?;
+                p.add(uprobes::GO_CHAN_SEND, send);
+                p.add(uprobes::GO_CHAN_RECV, recv);
                 for a in &sites.put {
-                    probes.attach_uprobe(t.pid, uprobes::GO_CHAN_PUT, path, file(*a)?, false)?;
+                    p.add(uprobes::GO_CHAN_PUT, file(*a)?);
                 }
                 for a in &sites.take {
-                    probes.attach_uprobe(t.pid, uprobes::GO_CHAN_TAKE, path, file(*a)?, false)?;
+                    p.add(uprobes::GO_CHAN_TAKE, file(*a)?);
                 }
-                probes.attach_uprobe(t.pid, uprobes::GO_CHAN_REFILL, path, file(sites.refill)?, false)?;
-                report.uprobes += 3 + sites.put.len() + sites.take.len();
-                report.channels = true;
+                p.add(uprobes::GO_CHAN_REFILL, file(sites.refill)?);
+                p.report.channels = true;
             }
         }
     }
@@ -365,17 +397,16 @@ fn function(exe: &Executable, name: &str) -> Result<(u64, u64), SymbolError> {
 
 /// Hooks a whole call of function `name`: `entry` after its stack check, `ret` at every RET
 /// (never a uretprobe). Returns the number of RET sites.
-fn attach_call(probes: &mut Probes, pid: u32, exe: &Executable, path: &Path, name: &str, entry: &'static str, ret: &'static str) -> Result<usize, AttachError> {
-    let off = entry_offset(exe, name)?;
-    probes.attach_uprobe(pid, entry, path, off, false)?;
-    attach_rets(probes, pid, exe, path, name, ret)
+fn plan_call(p: &mut Plan, exe: &Executable, name: &str, entry: &'static str, ret: &'static str) -> Result<usize, SymbolError> {
+    p.add(entry, entry_offset(exe, name)?);
+    plan_rets(p, exe, name, ret)
 }
 
 /// Hooks every RET of function `name` with program `ret`; returns how many there are.
-fn attach_rets(probes: &mut Probes, pid: u32, exe: &Executable, path: &Path, name: &str, ret: &'static str) -> Result<usize, AttachError> {
+fn plan_rets(p: &mut Plan, exe: &Executable, name: &str, ret: &'static str) -> Result<usize, SymbolError> {
     let rets = ret_offsets(exe, name)?;
     for off in &rets {
-        probes.attach_uprobe(pid, ret, path, *off, false)?;
+        p.add(ret, *off);
     }
     Ok(rets.len())
 }
@@ -416,28 +447,20 @@ pub fn ret_offsets(exe: &Executable, name: &str) -> Result<Vec<u64>, SymbolError
         .collect()
 }
 
-/// Attaches the Go net/http probes of `t` (whose executable is `exe`, opened at `path`).
-/// `catch_up`: also hook `(*conn).readRequest` (temporarily) to learn the Go connection of
-/// sockets that were open before zerotrace attached.
-pub fn attach_http(probes: &mut Probes, t: &Target, exe: &Executable, path: &Path, mode: GoHttpProbes, catch_up: bool) -> Result<AttachReport, AttachError> {
-    let mut report = AttachReport::default();
+/// The Go net/http server probes. With `GoHttpProbes::Conn`, also where the temporary
+/// catch-up probe goes (`(*conn).readRequest`: it learns the Go connection of sockets that
+/// were open before zerotrace attached).
+fn plan_http(p: &mut Plan, exe: &Executable, mode: GoHttpProbes) -> Result<(), SymbolError> {
     match mode {
         GoHttpProbes::Conn => {
-            let off = entry_offset(exe, CONN_SERVE)?;
-            probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, false)?;
-            report.uprobes += 1;
-            if catch_up && let Ok(off) = entry_offset(exe, CONN_READ_REQUEST) {
-                probes.attach_uprobe(t.pid, uprobes::GO_CONN_SERVE, path, off, true)?;
-                report.uprobes += 1;
-            }
+            p.add(uprobes::GO_CONN_SERVE, entry_offset(exe, CONN_SERVE)?);
+            p.catch_up = entry_offset(exe, CONN_READ_REQUEST).ok();
         }
         GoHttpProbes::Handler => {
-            let rets = attach_call(probes, t.pid, exe, path, SERVE_HTTP, uprobes::GO_SERVE_HTTP, uprobes::GO_SERVE_HTTP_RET)?;
-            report.uprobes += 1 + rets;
-            report.ret_sites = rets;
+            p.report.ret_sites = plan_call(p, exe, SERVE_HTTP, uprobes::GO_SERVE_HTTP, uprobes::GO_SERVE_HTTP_RET)?;
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! Loading and attaching the kernel programs. One `Probes` owns the loaded object: the
 //! socket-layer tracepoints are attached once for the whole machine (they filter on the
-//! SELECTED bitmap in the kernel), uprobes are attached per traced process. Dropping `Probes` detaches
-//! everything; the kernel also does it if the agent dies, so targets run on unchanged.
+//! SELECTED bitmap in the kernel), uprobes per traced process, or once per executable file
+//! under discovery by executable (the programs filter on TARGETS). Dropping `Probes`
+//! detaches everything; the kernel also does it if the agent dies, so targets run on
+//! unchanged.
 pub mod btf;
 mod calibrate;
 pub mod features;
@@ -10,7 +12,12 @@ pub mod guard;
 pub mod hooks;
 pub mod occupancy;
 
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -22,6 +29,8 @@ use aya::{
     },
 };
 use zerotrace_common::{COUNTER_SLOTS, ConnKey, ConnRole, ConnState, Counter, KernelOffsets, ListenKey, Settings, TargetConfig, bounds, names};
+
+use crate::model::proc::FileId;
 
 /// The kernel object built from ebpf/zerotrace-ebpf by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/zerotrace"));
@@ -159,10 +168,23 @@ pub struct Probes {
     listening: HashMap<u32, Vec<u16>>,
     /// Per process: (program, link, temporary). Temporary links are dropped early.
     uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
-    /// Threads removing the uprobes of processes no longer traced.
-    detaching: Vec<std::thread::JoinHandle<()>>,
+    /// Uprobes attached once per executable file for every process running it, and which
+    /// file each traced process shares.
+    shared: HashMap<FileId, Shared>,
+    shared_of: HashMap<u32, FileId>,
+    /// Threads removing uprobes no longer wanted (of the file, when they were shared).
+    detaching: Vec<(Option<FileId>, std::thread::JoinHandle<()>)>,
     /// The kernel maps' entry counts, refreshed at most every few seconds.
     occupancy: occupancy::Occupancy,
+}
+
+/// The uprobes of one executable file, attached for every process running it.
+struct Shared {
+    links: Vec<(&'static str, UProbeLinkId)>,
+    /// The traced processes running the file.
+    pids: HashSet<u32>,
+    /// Since when no traced process runs it.
+    idle_since: Option<Instant>,
 }
 
 /// Start-up stages timed at debug level (`ZEROTRACE_LOG=info,zerotrace::probes=debug`):
@@ -238,7 +260,17 @@ impl Probes {
             prog.load().map_err(|source| ProbeError::Inject(log_aside(uprobes::GO_INJECT, source.to_string())))?;
         }
         stage.done("uprobe programs verified");
-        Ok(Self { ebpf, hooks, tls_read, listening: HashMap::new(), uprobe_links: HashMap::new(), detaching: Vec::new(), occupancy: Default::default() })
+        Ok(Self {
+            ebpf,
+            hooks,
+            tls_read,
+            listening: HashMap::new(),
+            uprobe_links: HashMap::new(),
+            shared: HashMap::new(),
+            shared_of: HashMap::new(),
+            detaching: Vec::new(),
+            occupancy: Default::default(),
+        })
     }
 
     /// Reports every exec to the agent (`--exe` discovery; `--pid` targets that exec).
@@ -307,35 +339,119 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches uprobe program `prog` at file offset `offset` of `exe`, for process `pid` only.
-    pub fn attach_uprobe(&mut self, pid: u32, prog: &'static str, exe: &Path, offset: u64, temporary: bool) -> Result<(), ProbeError> {
-        let prog = if prog == uprobes::GO_TLS_READ { self.tls_read } else { prog };
-        let p: &mut UProbe = program(&mut self.ebpf, prog)?;
-        let scope = UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| ProbeError::Missing("pid 0".into()))?);
-        let link = p.attach(offset, exe, scope).map_err(|source| ProbeError::program(format!("{prog} at {}+{offset:#x}", exe.display()), source))?;
-        self.uprobe_links.entry(pid).or_default().push((prog, link, temporary));
+    /// Attaches the uprobes of `plan` for process `pid`, whose executable is opened at `exe`:
+    /// for that process only, or with `shared` (the file's identity) once for every process
+    /// running that file. A later process of a shared file attaches nothing: it joins (the
+    /// kernel programs act only for processes in TARGETS). Every uprobe hit in an untraced
+    /// process of that file then costs the trap, so sharing is for discovery by executable,
+    /// where every such process is selected.
+    pub fn attach_go(&mut self, pid: u32, exe: &Path, plan: &go::Plan, shared: Option<FileId>) -> Result<(), ProbeError> {
+        let Some(file) = shared else {
+            for site in &plan.sites {
+                let link = self.attach_site(site, exe, Some(pid))?;
+                self.uprobe_links.entry(pid).or_default().push((site.prog, link.1, false));
+            }
+            return Ok(());
+        };
+        if let Some(s) = self.shared.get_mut(&file) {
+            s.pids.insert(pid);
+            s.idle_since = None;
+            self.shared_of.insert(pid, file);
+            return Ok(());
+        }
+        // The removal of this file's last links may still be under way: until it is done,
+        // new links would make every probe of the file fire twice.
+        self.wait_detached(file);
+        let mut links = Vec::with_capacity(plan.sites.len());
+        for site in &plan.sites {
+            match self.attach_site(site, exe, None) {
+                Ok(l) => links.push(l),
+                Err(e) => {
+                    self.detach_later(None, links);
+                    return Err(e);
+                }
+            }
+        }
+        self.shared.insert(file, Shared { links, pids: HashSet::from([pid]), idle_since: None });
+        self.shared_of.insert(pid, file);
         Ok(())
     }
 
-    /// Stops following `pid`: its uprobes are detached and its kernel state dropped.
-    /// `purge`: also walk the maps keyed by pid for its entries (not at shutdown).
-    pub fn remove_target(&mut self, pid: u32, purge: bool) {
-        // Removing a uprobe waits for a kernel grace period, one uprobe at a time (~0.1 s
-        // each here, ~45 per Go process): done on a thread of its own, so that the run loop
-        // keeps draining events and attaching new processes meanwhile.
+    /// Attaches a temporary uprobe (the catch-up probe) for process `pid` only.
+    pub fn attach_temporary(&mut self, pid: u32, prog: &'static str, exe: &Path, offset: u64) -> Result<(), ProbeError> {
+        let link = self.attach_site(&go::Site { prog, offset }, exe, Some(pid))?;
+        self.uprobe_links.entry(pid).or_default().push((prog, link.1, true));
+        Ok(())
+    }
+
+    /// Attaches one uprobe, for process `pid` or (None) every process running `exe`.
+    fn attach_site(&mut self, site: &go::Site, exe: &Path, pid: Option<u32>) -> Result<(&'static str, UProbeLinkId), ProbeError> {
+        let prog = if site.prog == uprobes::GO_TLS_READ { self.tls_read } else { site.prog };
+        let p: &mut UProbe = program(&mut self.ebpf, prog)?;
+        let scope = match pid {
+            Some(pid) => UProbeScope::OneProcess(NonZeroU32::new(pid).ok_or_else(|| ProbeError::Missing("pid 0".into()))?),
+            None => UProbeScope::AllProcesses,
+        };
+        let offset = site.offset;
+        let link = p.attach(offset, exe, scope).map_err(|source| ProbeError::program(format!("{prog} at {}+{offset:#x}", exe.display()), source))?;
+        Ok((prog, link))
+    }
+
+    /// Removes `links` on a thread of its own: removing a uprobe waits for a kernel grace
+    /// period, one uprobe at a time (~0.1 s each here, ~45 per Go program), and the run loop
+    /// keeps draining events and attaching new processes meanwhile.
+    fn detach_later(&mut self, file: Option<FileId>, links: Vec<(&'static str, UProbeLinkId)>) {
         let mut owned = Vec::new();
-        for (prog, link, _) in self.uprobe_links.remove(&pid).unwrap_or_default() {
+        for (prog, link) in links {
             if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog)
                 && let Ok(l) = p.take_link(link)
             {
                 owned.push(l);
             }
         }
-        self.detaching.retain(|t| !t.is_finished());
+        self.detaching.retain(|(_, t)| !t.is_finished());
         if !owned.is_empty() {
-            let t = std::thread::Builder::new().name(format!("detach-{pid}")).spawn(move || drop(owned));
+            let t = std::thread::Builder::new().name("uprobe-detach".into()).spawn(move || drop(owned));
             if let Ok(t) = t {
-                self.detaching.push(t);
+                self.detaching.push((file, t));
+            }
+        }
+    }
+
+    /// Waits until no removal of `file`'s shared links is under way.
+    fn wait_detached(&mut self, file: FileId) {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.detaching).into_iter().partition(|(f, _)| *f == Some(file));
+        self.detaching = rest;
+        for (_, t) in mine {
+            tracing::debug!(?file, "waiting for the removal of the file's previous uprobes");
+            let _ = t.join();
+        }
+    }
+
+    /// Removes the shared uprobes of files no traced process has run for `linger` (kept that
+    /// long for the next process of the same file: a short-lived program started again and
+    /// again attaches once). Called every second.
+    pub fn release_idle(&mut self, linger: Duration) {
+        let idle: Vec<FileId> = self.shared.iter().filter(|(_, s)| s.idle_since.is_some_and(|t| t.elapsed() >= linger)).map(|(f, _)| *f).collect();
+        for file in idle {
+            if let Some(s) = self.shared.remove(&file) {
+                self.detach_later(Some(file), s.links);
+            }
+        }
+    }
+
+    /// Stops following `pid`: its uprobes are detached and its kernel state dropped.
+    /// `purge`: also walk the maps keyed by pid for its entries (not at shutdown).
+    /// Shared uprobes stay for the file's other processes (and for `release_idle`).
+    pub fn remove_target(&mut self, pid: u32, purge: bool) {
+        let own = self.uprobe_links.remove(&pid).unwrap_or_default();
+        self.detach_later(None, own.into_iter().map(|(prog, link, _)| (prog, link)).collect());
+        if let Some(file) = self.shared_of.remove(&pid)
+            && let Some(s) = self.shared.get_mut(&file)
+        {
+            s.pids.remove(&pid);
+            if s.pids.is_empty() {
+                s.idle_since = Some(Instant::now());
             }
         }
         let _ = self.select(pid, false);
@@ -436,11 +552,14 @@ impl Probes {
 
     /// Entries of every kernel hash map (`map_<name>_entries`), counted now when `fresh`,
     /// else at most every `occupancy::EVERY`.
-    /// And `uprobe_detach_backlog`: processes whose uprobes are still being removed.
+    /// And `uprobe_detach_backlog`: sets of uprobes (a process's, or a file's shared ones)
+    /// still being removed; `uprobe_files_shared`: executable files whose uprobes are
+    /// attached once for all their processes.
     pub fn occupancy(&mut self, fresh: bool) -> Vec<(&'static str, u64)> {
         let mut v = self.occupancy.get(&self.ebpf, fresh);
-        self.detaching.retain(|t| !t.is_finished());
+        self.detaching.retain(|(_, t)| !t.is_finished());
         v.push(("uprobe_detach_backlog", self.detaching.len() as u64));
+        v.push(("uprobe_files_shared", self.shared.len() as u64));
         v
     }
 
@@ -574,7 +693,7 @@ impl Drop for Probes {
     /// The kernel objects go with the last reference: wait for the detaching threads first,
     /// so that nothing of ours is left attached when the agent is gone.
     fn drop(&mut self) {
-        for t in self.detaching.drain(..) {
+        for (_, t) in self.detaching.drain(..) {
             let _ = t.join();
         }
     }

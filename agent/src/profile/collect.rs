@@ -23,6 +23,7 @@ use super::{
 use crate::{
     correlate::Clock,
     events::CpuSample,
+    model::proc::FileId,
     spans::{Span, TraceId, Value},
     symbols::{Executable, gosym::GoSymbolizer},
 };
@@ -184,7 +185,7 @@ fn worker(rx: Receiver<Msg>, period_ns: u64, every: Option<(Duration, tokio::syn
 
 /// Go's tables of one executable (None: unreadable), with the sample count of their last
 /// use, by (device, inode).
-type GoTables = HashMap<(u64, u64), (Option<Arc<GoSymbolizer>>, u64)>;
+type GoTables = HashMap<FileId, (Option<Arc<GoSymbolizer>>, u64)>;
 
 /// Bytes of Go tables kept for executables no traced process runs any more.
 const MAX_GO_TABLE_BYTES: usize = 64 << 20;
@@ -196,7 +197,7 @@ struct Worker {
     native: NativeProfiler,
     go: GoTables,
     /// Per Go process: the executable's identity (its tables are in `go`).
-    go_pids: HashMap<u32, Option<(u64, u64)>>,
+    go_pids: HashMap<u32, Option<FileId>>,
     /// Lookups of Go tables so far (their clock of last use).
     uses: u64,
     /// Aggregated samples of this window: index by (labels, addresses).
@@ -262,7 +263,7 @@ impl Worker {
         });
         // The bound is on the tables of executables no process runs (those in use stay).
         let size = |g: &Option<Arc<GoSymbolizer>>| g.as_ref().map_or(0, |g| g.bytes());
-        let running: HashSet<(u64, u64)> = self.go_pids.values().flatten().copied().collect();
+        let running: HashSet<FileId> = self.go_pids.values().flatten().copied().collect();
         let unused = self.go.iter().filter(|&(k, _)| !running.contains(k)).map(|(k, (g, used))| (*k, *used, size(g))).collect();
         for k in super::over_bound(unused, MAX_GO_TABLE_BYTES) {
             self.go.remove(&k);

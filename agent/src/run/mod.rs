@@ -1,9 +1,11 @@
 //! `zerotrace run` (and `tail`, `profile`): inspect the targets, load and attach the probes,
 //! then pump kernel records through the correlator to the outputs until SIGINT/SIGTERM or
 //! until every target has exited. On the way out: stop the kernel side, drain, flush (at
-//! most 10 s), detach. Which processes are traced lives in `targets`, where spans and
-//! profiles go in `outputs`, the agent's counters in `stats`.
+//! most 10 s), detach. Which processes are traced lives in `targets` (what each executable
+//! file is, read once, in `programs`), where spans and profiles go in `outputs`, the
+//! agent's counters in `stats`.
 mod outputs;
+mod programs;
 mod stats;
 mod targets;
 
@@ -38,6 +40,9 @@ const FLUSH_DEADLINE: Duration = Duration::from_secs(10);
 /// How often the correlator's connections are compared with the kernel's (CONNS): a
 /// connection missing twice in a row lost its close record and is closed.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// How long a Go executable's shared uprobes stay once no traced process runs it: a program
+/// started again and again (a cron job, a CLI in a loop) attaches once.
+const SHARED_LINGER: Duration = Duration::from_secs(30);
 
 /// Everything `run` needs, resolved and validated (see `crate::settings`) before anything
 /// starts. Each stage's part is that stage's own type.
@@ -109,7 +114,7 @@ pub enum RunError {
     Attach {
         pid: u32,
         #[source]
-        source: go::AttachError,
+        source: probes::ProbeError,
     },
     #[error(transparent)]
     Export(#[from] crate::export::otlp::ExportError),
@@ -178,9 +183,11 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     }
     crate::model::k8s::init(&s.cri_socket, s.k8s_well_known_labels)?;
     // Look at every target before touching the kernel: a bad --pid changes nothing.
+    let programs =
+        programs::Programs::new(go::PlanSettings { http: s.go_http_probes, causality: s.go_causality, tls: s.go_tls, inject: s.kernel.inject != Inject::Off });
     let mut inspected = Vec::new();
     for &pid in &s.pids {
-        inspected.push(crate::model::target::inspect(pid)?);
+        inspected.push(programs.inspect(pid)?);
     }
     let mut probes = Probes::load(&s.kernel)?;
     let guard = start_guard(&s, &mut probes);
@@ -207,7 +214,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     // leaves nothing behind either.
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
-    let (mut targets, mut exits, mut inspections) = Targets::new(&s, outputs.resources.clone());
+    let (mut targets, mut exits, mut inspections) = Targets::new(&s, outputs.resources.clone(), programs);
     for target in &inspected {
         targets.attach_given(&mut probes, target)?;
     }
@@ -355,6 +362,7 @@ impl Agent<'_> {
         self.outputs.announce(&self.targets);
         let listeners = sockdiag::listening().ok();
         self.targets.refresh(&mut self.probes, listeners.as_deref());
+        self.probes.release_idle(SHARED_LINGER);
         self.outputs.housekeeping(&self.targets);
         let kernel = self.probes.counters();
         self.guard.tick(&kernel, self.outputs.export_stats.unaccounted());

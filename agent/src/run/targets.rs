@@ -1,8 +1,8 @@
 //! Which processes are traced: the ones given by `--pid`, and those discovery selects
 //! (`--exe` and `--all` at start and at every exec, `--port` at start and every second).
 //! Attaching a process: its exit watch, its resource, its listening ports, its kernel
-//! configuration, and for Go programs their uprobes; native programs (not Go) are traced
-//! from their sockets alone.
+//! configuration, and for Go programs their uprobes (once per executable file under
+//! discovery by executable); native programs (not Go) are traced from their sockets alone.
 use std::{
     collections::{HashMap, HashSet},
     os::fd::{FromRawFd, OwnedFd},
@@ -12,17 +12,20 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::mpsc};
 
-use super::{RunError, RunSettings};
+use super::{
+    RunError, RunSettings,
+    programs::{Programs, Ready},
+};
 use crate::{
     export::resource::{AttrValue, Process, Resources, attributes, resource},
     model::{
-        Target, proc,
+        Target,
+        proc::{self, FileId},
         select::Selection,
         sockdiag,
         target::{Inspected, NativeTarget, TargetError},
     },
-    probes::{Inject, Probes, features, go},
-    symbols::Executable,
+    probes::{Probes, features, go, uprobes},
 };
 
 /// Longest time the temporary catch-up probes stay attached.
@@ -42,7 +45,7 @@ struct Traced {
 
 /// Where the run loop gets back the processes it had inspected off the loop: pid, start
 /// time, executable identity before the inspection, the result.
-pub type Inspection = (u32, Option<u64>, Option<(u64, u64)>, Result<Inspected, TargetError>);
+pub type Inspection = (u32, Option<u64>, Option<FileId>, Result<Ready, TargetError>);
 
 /// The traced processes and the discovery of new ones.
 pub struct Targets<'s> {
@@ -59,14 +62,19 @@ pub struct Targets<'s> {
     /// (`processes_exited_before_traced`: shorter-lived than inspecting and attaching).
     pub exited_before_traced: u64,
     inspect_tx: mpsc::UnboundedSender<Inspection>,
+    /// The programs read so far, by executable file.
+    programs: Programs,
     /// The kernel lets this agent create uprobes (else Go programs are traced at the socket
     /// level).
     uprobes: bool,
+    /// A Go executable's uprobes are attached once for all its processes (discovery by
+    /// executable: every process of a selected file is selected).
+    share_uprobes: bool,
 }
 
 impl<'s> Targets<'s> {
     /// The set, and the channels the run loop waits on: pids that exited, inspections done.
-    pub fn new(s: &'s RunSettings, resources: Resources) -> (Self, mpsc::UnboundedReceiver<u32>, mpsc::UnboundedReceiver<Inspection>) {
+    pub fn new(s: &'s RunSettings, resources: Resources, programs: Programs) -> (Self, mpsc::UnboundedReceiver<u32>, mpsc::UnboundedReceiver<Inspection>) {
         let (exit_tx, exits) = mpsc::unbounded_channel();
         let (inspect_tx, inspections) = mpsc::unbounded_channel();
         let t = Self {
@@ -79,7 +87,9 @@ impl<'s> Targets<'s> {
             inspecting: HashSet::new(),
             exited_before_traced: 0,
             inspect_tx,
+            programs,
             uprobes: uprobes_allowed(),
+            share_uprobes: s.all || !s.exe_globs.is_empty(),
         };
         (t, exits, inspections)
     }
@@ -121,7 +131,7 @@ impl<'s> Targets<'s> {
     }
 
     /// A `--pid` target: failing to attach it is fatal.
-    pub fn attach_given(&mut self, probes: &mut Probes, target: &Inspected) -> Result<(), RunError> {
+    pub fn attach_given(&mut self, probes: &mut Probes, target: &Ready) -> Result<(), RunError> {
         let t = self.attach(probes, target)?;
         self.traced.insert(target.pid(), t);
         Ok(())
@@ -135,7 +145,7 @@ impl<'s> Targets<'s> {
                 continue;
             }
             let started = proc::start_ticks(pid);
-            let inspected = inspect_unless_excluded(&self.s.selection, pid);
+            let inspected = inspect_unless_excluded(&self.s.selection, &self.programs, pid);
             self.attach_inspected(probes, pid, started, inspected);
         }
         tracing::info!(
@@ -205,11 +215,12 @@ impl<'s> Targets<'s> {
         }
         let tx = self.inspect_tx.clone();
         let selection = self.s.selection.clone();
+        let programs = self.programs.clone();
         tokio::task::spawn_blocking(move || {
             let started = proc::start_ticks(pid);
             let exe = proc::exe_identity(pid);
             // Excluded ones are not inspected (a CRI lookup may wait here, off the loop).
-            let _ = tx.send((pid, started, exe, inspect_unless_excluded(&selection, pid)));
+            let _ = tx.send((pid, started, exe, inspect_unless_excluded(&selection, &programs, pid)));
         });
     }
 
@@ -222,7 +233,7 @@ impl<'s> Targets<'s> {
 
     /// Attaches an inspected process found by discovery, or remembers that it was refused
     /// (never fatal: it is not a --pid).
-    fn attach_inspected(&mut self, probes: &mut Probes, pid: u32, started: Option<u64>, inspected: Result<Inspected, TargetError>) {
+    fn attach_inspected(&mut self, probes: &mut Probes, pid: u32, started: Option<u64>, inspected: Result<Ready, TargetError>) {
         if self.traced.contains_key(&pid) {
             return;
         }
@@ -258,10 +269,9 @@ impl<'s> Targets<'s> {
 
     /// Starts tracing a selected process: a Go program with its uprobes, anything else at the
     /// socket level (Go programs too when the kernel refuses this agent uprobes).
-    fn attach(&mut self, probes: &mut Probes, target: &Inspected) -> Result<Traced, RunError> {
-        match target {
-            Inspected::Go(b) if !self.uprobes => {
-                let t = &b.0;
+    fn attach(&mut self, probes: &mut Probes, ready: &Ready) -> Result<Traced, RunError> {
+        match (&ready.inspected, &ready.plan) {
+            (Inspected::Go(t), _) if !self.uprobes => {
                 let n = NativeTarget {
                     pid: t.pid,
                     exe_path: t.exe_path.clone(),
@@ -271,8 +281,9 @@ impl<'s> Targets<'s> {
                 };
                 self.attach_socket_level(probes, &n, "a Go program, at the socket level: no uprobes without CAP_SYS_ADMIN")
             }
-            Inspected::Go(b) => self.attach_go(probes, &b.0, &b.1),
-            Inspected::Native(n) => {
+            (Inspected::Go(t), Some(plan)) => self.attach_go(probes, t, plan, ready.file),
+            (Inspected::Go(t), None) => Err(RunError::Target(TargetError::NotGo { pid: t.pid, path: t.exe_path.display().to_string() })),
+            (Inspected::Native(n), _) => {
                 self.attach_socket_level(probes, n, "native program (not Go): HTTP/1 and HTTP/2 server and client spans from its sockets, no goroutines")
             }
         }
@@ -306,42 +317,35 @@ impl<'s> Targets<'s> {
     }
 
     /// Starts tracing one inspected Go process: its resource, its kernel configuration, its
-    /// uprobes, a watch on its exit.
-    fn attach_go(&mut self, probes: &mut Probes, target: &Target, exe: &Executable) -> Result<Traced, RunError> {
+    /// uprobes (`plan`; shared with the other processes of its `file` under discovery by
+    /// executable), a watch on its exit.
+    fn attach_go(&mut self, probes: &mut Probes, target: &Target, plan: &go::Plan, file: Option<FileId>) -> Result<Traced, RunError> {
         let s = self.s;
         let pid = target.pid;
         let service = self.begin(probes, pid, &Process::from(target))?;
-        let tls = go::tls_plan(target, exe, s.go_tls);
-        probes.add_target(pid, &go::target_config(target, tls.as_ref()))?;
+        probes.add_target(pid, &go::target_config(target, plan))?;
         // Connections accepted before zerotrace started are picked up at their next request;
         // their Go connection is learnt by a temporary probe on (*conn).readRequest.
         let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
-        let catch_up = s.go_http_probes == go::GoHttpProbes::Conn && !existing.is_empty();
+        let catch_up = plan.catch_up.filter(|_| !existing.is_empty());
         let open_path = proc::exe_open_path(pid);
-        let attach = |probes: &mut Probes| -> Result<go::AttachReport, go::AttachError> {
-            let mut report = go::attach_http(probes, target, exe, &open_path, s.go_http_probes, catch_up)?;
-            go::attach_causality(probes, target, exe, &open_path, &s.go_causality, &mut report)?;
-            if let Some(sites) = &tls {
-                go::attach_tls(probes, target, exe, &open_path, sites, &mut report)?;
-            }
-            if s.kernel.inject != Inject::Off {
-                go::attach_inject(probes, target, exe, &open_path, &mut report)?;
-            }
-            Ok(report)
-        };
-        let report = match attach(probes) {
-            Ok(r) => r,
-            Err(source) => {
-                probes.remove_target(pid, true);
-                return Err(RunError::Attach { pid, source });
-            }
-        };
+        let shared = file.filter(|_| self.share_uprobes);
+        let attached = probes.attach_go(pid, &open_path, plan, shared).and_then(|()| match catch_up {
+            Some(off) => probes.attach_temporary(pid, uprobes::GO_CONN_SERVE, &open_path, off),
+            None => Ok(()),
+        });
+        if let Err(source) = attached {
+            probes.remove_target(pid, true);
+            return Err(RunError::Attach { pid, source });
+        }
+        let report = &plan.report;
         tracing::info!(
             pid,
             exe = %target.exe_path.display(),
             go = %target.build.go_version,
             offsets = target.layout.source,
-            uprobes = report.uprobes,
+            uprobes = report.uprobes + usize::from(catch_up.is_some()),
+            shared = shared.is_some(),
             client_spans = report.client,
             sql_spans = report.sql,
             spawns = report.spawns,
@@ -357,7 +361,7 @@ impl<'s> Targets<'s> {
         if !target.layout.absent.is_empty() {
             tracing::debug!(pid, absent = ?target.layout.absent, "fields this Go version does not have");
         }
-        Ok(Traced { service, catch_up_since: catch_up.then(Instant::now), catch_up_inodes: existing })
+        Ok(Traced { service, catch_up_since: catch_up.map(|_| Instant::now()), catch_up_inodes: existing })
     }
 
     /// Detaches the temporary readRequest probes once every connection older than the agent
@@ -379,10 +383,10 @@ impl<'s> Targets<'s> {
 }
 
 /// Inspects a discovered process, unless the node-wide selection leaves it alone.
-fn inspect_unless_excluded(selection: &Selection, pid: u32) -> Result<Inspected, TargetError> {
+fn inspect_unless_excluded(selection: &Selection, programs: &Programs, pid: u32) -> Result<Ready, TargetError> {
     match selection.excluded(pid) {
         Some(reason) => Err(TargetError::Excluded { pid, reason }),
-        None => crate::model::target::inspect(pid),
+        None => programs.inspect(pid),
     }
 }
 

@@ -42,8 +42,8 @@ pub fn go_spawn_call(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn spawned(newg: u64) {
-    count(Counter::GoroutinesSpawned);
     let Some((pid_tgid, cfg)) = uprobe_target() else { return };
+    count(Counter::GoroutinesSpawned);
     let pid = (pid_tgid >> 32) as u32;
     let go = &cfg.go;
     if go.g_parent_goid == GoOffsets::NONE || newg == 0 {

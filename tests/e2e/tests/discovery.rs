@@ -1,6 +1,7 @@
 //! `--exe` discovery, end to end: a Go service running before the agent and one started
-//! after it are both traced, a restarted service is traced again under its new pid, and a
-//! process whose executable does not match is left alone.
+//! after it are both traced (the second joins the uprobes attached once for their shared
+//! executable, and gets every span once), a restarted service is traced again under its new
+//! pid, and a process whose executable does not match is left alone.
 use std::{
     process::Command,
     time::{Duration, Instant},
@@ -16,8 +17,14 @@ use zerotrace_e2e::{
 };
 
 fn serve(bin: &std::path::Path, name: &str, port: u16) -> Result<Proc> {
+    serve_calling(bin, name, port, None)
+}
+
+/// `serve`, with the routes that call `downstream` (a base URL) when it is given.
+fn serve_calling(bin: &std::path::Path, name: &str, port: u16, downstream: Option<&str>) -> Result<Proc> {
     let mut cmd = Command::new(bin);
     cmd.arg(format!("127.0.0.1:{port}"));
+    cmd.args(downstream);
     let p = Proc::spawn(name, cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
     Ok(p)
@@ -44,12 +51,17 @@ fn processes_are_found_by_executable_now_and_later() -> Result<()> {
     traced_within(&agent, before.pid(), Duration::from_secs(1))?;
 
     // Started after the agent: attached at its exec, before it serves (the port is
-    // accepting only once main runs).
+    // accepting only once main runs). It runs the same file as `before`, so it joins the
+    // uprobes attached for `before` and attaches none of its own.
     let after_port = free_port();
     let t0 = Instant::now();
-    let after = serve(&bin, "disc-after", after_port)?;
+    let after = serve_calling(&bin, "disc-after", after_port, Some(&format!("http://127.0.0.1:{before_port}")))?;
     traced_within(&agent, after.pid(), Duration::from_secs(5))?;
     eprintln!("process started and traced within {:?}", t0.elapsed());
+    // Its work in three spawned goroutines, each calling `before`: the joined process's
+    // uprobes (spawns, client calls) and the first one's (its server) each give every span
+    // once.
+    assert_eq!(Client::new(after_port).get("/fanout/shared")?.status, 200);
     // A Go program with another executable name: never traced.
     let unrelated_port = free_port();
     let mut cmd = Command::new(&other);
@@ -68,10 +80,24 @@ fn processes_are_found_by_executable_now_and_later() -> Result<()> {
     traced_within(&agent, again.pid(), Duration::from_secs(5))?;
     assert_eq!(Client::new(after_port).get("/leaf/y")?.status, 200);
 
-    rx.wait_for(3, Duration::from_secs(20))?;
+    rx.wait_for(10, Duration::from_secs(20))?;
     agent.stop()?;
     let log = agent.proc.stderr_text();
     let spans = rx.spans();
+    assert!(log.contains(&format!("tracing pid={} ", after_pid)) && log.contains("shared=true"), "{log}");
+    let of = |pid: u32, kind: i32, path: &str| -> Vec<&zerotrace_e2e::otlp::RSpan> {
+        spans.iter().filter(|s| s.res("process.pid") == pid.to_string() && s.kind == kind && s.attr("url.path").starts_with(path)).collect()
+    };
+    let fanout = of(after_pid, 2, "/fanout/shared");
+    assert_eq!(fanout.len(), 1, "server spans of /fanout/shared: {fanout:?}");
+    let calls: Vec<_> = spans.iter().filter(|s| s.kind == 3 && s.attr("url.full").contains("/leaf/fanout-shared-")).collect();
+    assert_eq!(calls.len(), 3, "client spans of the fan-out: {calls:?}");
+    assert!(
+        calls.iter().all(|c| c.res("process.pid") == after_pid.to_string() && c.parent_span_id == fanout[0].span_id),
+        "client spans under the request: {calls:?}"
+    );
+    let served = of(before.pid(), 2, "/leaf/fanout-shared-");
+    assert_eq!(served.len(), 3, "server spans of the fan-out's calls in the first process: {served:?}");
     let pids: Vec<String> = spans.iter().map(|s| s.res("process.pid").to_string()).collect();
     for p in [before.pid(), after_pid, again.pid()] {
         assert!(pids.contains(&p.to_string()), "a span from pid {p}: {pids:?}\n{log}");
