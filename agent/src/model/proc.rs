@@ -276,11 +276,24 @@ pub struct FileId {
     pub mtime_ns: i128,
 }
 
+impl FileId {
+    pub fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        FileId { dev: m.dev(), ino: m.ino(), size: m.size(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128 }
+    }
+}
+
 /// The identity of the file process `pid` runs (/proc/PID/exe).
 pub fn exe_identity(pid: u32) -> Option<FileId> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
-    Some(FileId { dev: m.dev(), ino: m.ino(), size: m.size(), mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128 })
+    std::fs::metadata(format!("/proc/{pid}/exe")).ok().map(|m| FileId::of(&m))
+}
+
+/// The file process `pid` runs, opened (it stays usable after the process is gone), with
+/// its identity.
+pub fn open_exe(pid: u32) -> io::Result<(std::fs::File, FileId)> {
+    let f = std::fs::File::open(exe_open_path(pid))?;
+    let id = FileId::of(&f.metadata()?);
+    Ok((f, id))
 }
 
 #[cfg(test)]

@@ -172,6 +172,8 @@ pub struct Probes {
     /// file each traced process shares.
     shared: HashMap<FileId, Shared>,
     shared_of: HashMap<u32, FileId>,
+    /// The file of each process with uprobes of its own.
+    own_file: HashMap<u32, FileId>,
     /// Threads removing uprobes no longer wanted (of the file, when they were shared).
     detaching: Vec<(Option<FileId>, std::thread::JoinHandle<()>)>,
     /// The kernel maps' entry counts, refreshed at most every few seconds.
@@ -181,10 +183,38 @@ pub struct Probes {
 /// The uprobes of one executable file, attached for every process running it.
 struct Shared {
     links: Vec<(&'static str, UProbeLinkId)>,
+    /// The file, open read-only with a read lease: checked every second and at SIGIO for
+    /// a writer waiting (and for a change on disk).
+    held: std::fs::File,
     /// The traced processes running the file.
     pids: HashSet<u32>,
     /// Since when no traced process runs it.
     idle_since: Option<Instant>,
+}
+
+/// Takes a read lease on `f` (opened read-only): an open for writing or a truncation of the
+/// file then waits for the lease's holder (SIGIO tells it) to give it up.
+fn read_lease(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own; the result is checked.
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether the lease on `f` is being broken (someone waits to write the file).
+fn lease_breaking(f: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on a descriptor we own.
+    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETLEASE) == libc::F_UNLCK }
+}
+
+/// A path naming an open file through this process's descriptor (valid while it is open,
+/// whatever happens to the process the file was found through).
+fn fd_path(f: &std::fs::File) -> std::path::PathBuf {
+    use std::os::fd::AsRawFd;
+    std::path::PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
 /// Start-up stages timed at debug level (`ZEROTRACE_LOG=info,zerotrace::probes=debug`):
@@ -268,6 +298,7 @@ impl Probes {
             uprobe_links: HashMap::new(),
             shared: HashMap::new(),
             shared_of: HashMap::new(),
+            own_file: HashMap::new(),
             detaching: Vec::new(),
             occupancy: Default::default(),
         })
@@ -339,47 +370,60 @@ impl Probes {
         Ok(())
     }
 
-    /// Attaches the uprobes of `plan` for process `pid`, whose executable is opened at `exe`:
-    /// for that process only, or with `shared` (the file's identity) once for every process
+    /// Attaches the uprobes of `plan` for process `pid`, whose executable the agent opened
+    /// (`exe`, identity `file`): for that process only, or (`shared`) once for every process
     /// running that file. A later process of a shared file attaches nothing: it joins (the
     /// kernel programs act only for processes in TARGETS). Every uprobe hit in an untraced
     /// process of that file then costs the trap, so sharing is for discovery by executable,
     /// where every such process is selected.
-    pub fn attach_go(&mut self, pid: u32, exe: &Path, plan: &go::Plan, shared: Option<FileId>) -> Result<(), ProbeError> {
-        let Some(file) = shared else {
+    pub fn attach_go(&mut self, pid: u32, exe: &std::fs::File, file: FileId, plan: &go::Plan, shared: bool) -> Result<(), ProbeError> {
+        let path = fd_path(exe);
+        if !shared {
+            self.wait_detached(file, false);
             for site in &plan.sites {
-                let link = self.attach_site(site, exe, Some(pid))?;
+                let link = self.attach_site(site, &path, Some(pid))?;
                 self.uprobe_links.entry(pid).or_default().push((site.prog, link.1, false));
             }
+            self.own_file.insert(pid, file);
             return Ok(());
-        };
+        }
         if let Some(s) = self.shared.get_mut(&file) {
             s.pids.insert(pid);
             s.idle_since = None;
             self.shared_of.insert(pid, file);
             return Ok(());
         }
-        // The removal of this file's last links may still be under way: until it is done,
-        // new links would make every probe of the file fire twice.
-        self.wait_detached(file);
+        self.wait_detached(file, true);
+        // Shared uprobes only under a read lease on the file: the kernel holds an opener for
+        // writing back until the lease is given up, so a file rewritten in place (allowed
+        // once no process runs it) never meets uprobes placed for its old content (see
+        // `release_idle`). No lease (a file of another owner without CAP_LEASE, leases
+        // disabled): per-process uprobes.
+        let held = match exe.try_clone().and_then(|f| read_lease(&f).map(|()| f)) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(pid, error = %e, "no read lease on the executable: its uprobes are attached for this process only");
+                return self.attach_go(pid, exe, file, plan, false);
+            }
+        };
         let mut links = Vec::with_capacity(plan.sites.len());
         for site in &plan.sites {
-            match self.attach_site(site, exe, None) {
+            match self.attach_site(site, &path, None) {
                 Ok(l) => links.push(l),
                 Err(e) => {
-                    self.detach_later(None, links);
+                    self.detach_later(Some(file), links, Some(held));
                     return Err(e);
                 }
             }
         }
-        self.shared.insert(file, Shared { links, pids: HashSet::from([pid]), idle_since: None });
+        self.shared.insert(file, Shared { links, held, pids: HashSet::from([pid]), idle_since: None });
         self.shared_of.insert(pid, file);
         Ok(())
     }
 
     /// Attaches a temporary uprobe (the catch-up probe) for process `pid` only.
-    pub fn attach_temporary(&mut self, pid: u32, prog: &'static str, exe: &Path, offset: u64) -> Result<(), ProbeError> {
-        let link = self.attach_site(&go::Site { prog, offset }, exe, Some(pid))?;
+    pub fn attach_temporary(&mut self, pid: u32, prog: &'static str, exe: &std::fs::File, offset: u64) -> Result<(), ProbeError> {
+        let link = self.attach_site(&go::Site { prog, offset }, &fd_path(exe), Some(pid))?;
         self.uprobe_links.entry(pid).or_default().push((prog, link.1, true));
         Ok(())
     }
@@ -397,10 +441,11 @@ impl Probes {
         Ok((prog, link))
     }
 
-    /// Removes `links` on a thread of its own: removing a uprobe waits for a kernel grace
-    /// period, one uprobe at a time (~0.1 s each here, ~45 per Go program), and the run loop
-    /// keeps draining events and attaching new processes meanwhile.
-    fn detach_later(&mut self, file: Option<FileId>, links: Vec<(&'static str, UProbeLinkId)>) {
+    /// Removes `links` (of executable `file`) on a thread of its own: removing a uprobe
+    /// waits for a kernel grace period, one uprobe at a time (~0.1 s each here, ~45 per Go
+    /// program), and the run loop keeps draining events and attaching new processes meanwhile.
+    /// `lease`: the file's descriptor holding the read lease, given up once they are gone.
+    fn detach_later(&mut self, file: Option<FileId>, links: Vec<(&'static str, UProbeLinkId)>, lease: Option<std::fs::File>) {
         let mut owned = Vec::new();
         for (prog, link) in links {
             if let Ok(p) = program::<UProbe>(&mut self.ebpf, prog)
@@ -411,31 +456,57 @@ impl Probes {
         }
         self.detaching.retain(|(_, t)| !t.is_finished());
         if !owned.is_empty() {
-            let t = std::thread::Builder::new().name("uprobe-detach".into()).spawn(move || drop(owned));
+            let t = std::thread::Builder::new().name("uprobe-detach".into()).spawn(move || {
+                drop(owned);
+                drop(lease);
+            });
             if let Ok(t) = t {
                 self.detaching.push((file, t));
             }
         }
     }
 
-    /// Waits until no removal of `file`'s shared links is under way.
-    fn wait_detached(&mut self, file: FileId) {
-        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.detaching).into_iter().partition(|(f, _)| *f == Some(file));
+    /// Waits for removals under way of uprobes on the same file (device and inode) as
+    /// `file` that would make new ones wrong. The kernel keeps one uprobe per file offset
+    /// with the instruction it copied from the file when it was first placed: until the
+    /// last link of it is gone, a new link reuses that copy, which is wrong for a file
+    /// rewritten in place since (`file`'s size or mtime differ). And `shared` links over
+    /// ones still going (even of the same content) would fire twice in every process.
+    fn wait_detached(&mut self, file: FileId, shared: bool) {
+        let conflicts = |f: &Option<FileId>| f.is_some_and(|f| f.dev == file.dev && f.ino == file.ino && (shared || f != file));
+        if !self.detaching.iter().any(|(f, _)| conflicts(f)) {
+            return;
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.detaching).into_iter().partition(|(f, _)| conflicts(f));
         self.detaching = rest;
+        tracing::debug!(?file, removals = mine.len(), "waiting for the removal of the file's previous uprobes");
         for (_, t) in mine {
-            tracing::debug!(?file, "waiting for the removal of the file's previous uprobes");
             let _ = t.join();
         }
     }
 
-    /// Removes the shared uprobes of files no traced process has run for `linger` (kept that
-    /// long for the next process of the same file: a short-lived program started again and
-    /// again attaches once). Called every second.
+    /// Every second and at SIGIO (a lease break): removes the shared uprobes of files no
+    /// traced process has run for `linger` (kept that long for the next process of the same
+    /// file: a short-lived program started again and again attaches once), and at once those
+    /// of a file someone opens for writing (its lease breaks: the writer waits until the
+    /// uprobes are gone and the lease given up, at most the kernel's lease-break-time) or
+    /// that changed on disk anyway.
     pub fn release_idle(&mut self, linger: Duration) {
-        let idle: Vec<FileId> = self.shared.iter().filter(|(_, s)| s.idle_since.is_some_and(|t| t.elapsed() >= linger)).map(|(f, _)| *f).collect();
-        for file in idle {
+        let gone: Vec<(FileId, bool)> = self
+            .shared
+            .iter()
+            .filter_map(|(f, s)| {
+                let changed = s.held.metadata().map(|m| FileId::of(&m) != *f).unwrap_or(true) || lease_breaking(&s.held);
+                (changed || s.idle_since.is_some_and(|t| t.elapsed() >= linger)).then_some((*f, changed))
+            })
+            .collect();
+        for (file, written) in gone {
+            if written {
+                tracing::info!(?file, "a traced executable is being written: its shared uprobes are removed first");
+            }
             if let Some(s) = self.shared.remove(&file) {
-                self.detach_later(Some(file), s.links);
+                self.shared_of.retain(|_, f| *f != file);
+                self.detach_later(Some(file), s.links, Some(s.held));
             }
         }
     }
@@ -445,7 +516,8 @@ impl Probes {
     /// Shared uprobes stay for the file's other processes (and for `release_idle`).
     pub fn remove_target(&mut self, pid: u32, purge: bool) {
         let own = self.uprobe_links.remove(&pid).unwrap_or_default();
-        self.detach_later(None, own.into_iter().map(|(prog, link, _)| (prog, link)).collect());
+        let file = self.own_file.remove(&pid);
+        self.detach_later(file, own.into_iter().map(|(prog, link, _)| (prog, link)).collect(), None);
         if let Some(file) = self.shared_of.remove(&pid)
             && let Some(s) = self.shared.get_mut(&file)
         {

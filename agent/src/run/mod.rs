@@ -214,6 +214,9 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
     // leaves nothing behind either.
     let mut sigint = signal(SignalKind::interrupt()).map_err(RunError::Events)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(RunError::Events)?;
+    // A lease on a shared executable breaking (someone opens it for writing): its uprobes go
+    // first. Installed before any lease is taken (SIGIO's default action ends the process).
+    let mut sigio = signal(SignalKind::io()).map_err(RunError::Events)?;
     let (mut targets, mut exits, mut inspections) = Targets::new(&s, outputs.resources.clone(), programs);
     for target in &inspected {
         targets.attach_given(&mut probes, target)?;
@@ -282,6 +285,7 @@ pub async fn run(s: RunSettings) -> Result<(), RunError> {
                 break;
             }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: detaching"); break; }
+            _ = sigio.recv() => agent.probes.release_idle(SHARED_LINGER),
             Some(pid) = exits.recv() => {
                 if s.pids.contains(&pid) {
                     exited.insert(pid);

@@ -97,12 +97,7 @@ mod tests {
     /// nowhere.
     #[test]
     fn a_file_is_read_once() {
-        let settings = go::PlanSettings {
-            http: go::GoHttpProbes::Conn,
-            causality: go::GoCausality { spawns: true, channels: true },
-            tls: true,
-            inject: false,
-        };
+        let settings = go::PlanSettings { http: go::GoHttpProbes::Conn, causality: go::GoCausality { spawns: true, channels: true }, tls: true, inject: false };
         let programs = Programs::new(settings);
         let me = std::process::id();
         for _ in 0..2 {

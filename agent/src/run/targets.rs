@@ -328,13 +328,28 @@ impl<'s> Targets<'s> {
         // their Go connection is learnt by a temporary probe on (*conn).readRequest.
         let existing: HashSet<u64> = proc::accepted_connections(pid).map(|c| c.into_iter().map(|s| s.inode).collect()).unwrap_or_default();
         let catch_up = plan.catch_up.filter(|_| !existing.is_empty());
-        let open_path = proc::exe_open_path(pid);
-        let shared = file.filter(|_| self.share_uprobes);
-        let attached = probes.attach_go(pid, &open_path, plan, shared).and_then(|()| match catch_up {
-            Some(off) => probes.attach_temporary(pid, uprobes::GO_CONN_SERVE, &open_path, off),
+        // The file opened once and named by this agent's fd: a process that exits while its
+        // uprobes are attached leaves the path valid (shared uprobes stay for the file's next
+        // process). A process that exec'd since its inspection is not attached here; its
+        // exec brings it back.
+        let gone = |probes: &mut Probes| {
+            probes.remove_target(pid, true);
+            Err(RunError::Target(TargetError::NoSuchProcess(pid)))
+        };
+        let (exe, id) = match proc::open_exe(pid) {
+            Ok((f, id)) if file.is_none_or(|want| want == id) => (f, id),
+            _ => return gone(probes),
+        };
+        let attached = probes.attach_go(pid, &exe, id, plan, self.share_uprobes).and_then(|()| match catch_up {
+            Some(off) => probes.attach_temporary(pid, uprobes::GO_CONN_SERVE, &exe, off),
             None => Ok(()),
         });
+        drop(exe);
         if let Err(source) = attached {
+            // Exited (a zombie has no executable any more).
+            if proc::exe_identity(pid).is_none() {
+                return gone(probes);
+            }
             probes.remove_target(pid, true);
             return Err(RunError::Attach { pid, source });
         }
@@ -345,7 +360,7 @@ impl<'s> Targets<'s> {
             go = %target.build.go_version,
             offsets = target.layout.source,
             uprobes = report.uprobes + usize::from(catch_up.is_some()),
-            shared = shared.is_some(),
+            shared = self.share_uprobes,
             client_spans = report.client,
             sql_spans = report.sql,
             spawns = report.spawns,

@@ -199,11 +199,12 @@ fn process_churn(select: Select, processes: usize, seconds: u64, slack: u64) -> 
     agent.stop()?;
     settled?;
     ensure!(failed * 20 <= started, "{failed} of {started} churned processes failed");
-    // Processes living ~0.2 s are partly missed: those that exit before the agent has read
-    // their executable are not even known to be candidates (not counted yet), those gone
-    // before their attach are `processes_exited_before_traced`. At 2,000 over 5 min
-    // (`cargo xtask soak`) about 37 % were traced under --exe: this bar holds at CI size.
-    ensure!(traced * 2 >= started, "the agent traced only {traced} of {started} churned processes");
+    // Processes living ~0.05-0.4 s: each file is read once and a Go file's uprobes are
+    // attached once for all its processes, so a later process costs a few /proc reads and a
+    // TARGETS insert. At 2,000 over 5 min (`cargo xtask soak`) all of them were traced
+    // under --exe and --all here; the first process of each file may be gone before its
+    // file is read.
+    ensure!(traced * 10 >= started * 9, "the agent traced only {traced} of {started} churned processes");
     for m in LIVE_MAPS {
         let (b, a) = (before.get(*m).copied().unwrap_or(0), after.get(*m).copied().unwrap_or(0));
         ensure!(a <= b + slack, "{m}: {b} entries before the churn, {a} after it");

@@ -153,3 +153,51 @@ fn processes_are_found_by_port_and_all() -> Result<()> {
     assert!(!log.contains("ERROR"), "{log}");
     Ok(())
 }
+
+/// A Go executable whose uprobes are shared (`--exe`) is rewritten in place after its
+/// process exited (`cp` over it: the kernel allows it once nothing runs it), while the agent
+/// keeps those uprobes for the file's next process. The kernel keeps each uprobe's copy of
+/// the instruction it replaced: a program started from the new file with them in place
+/// would run the old file's instructions at the old offsets. The writer waits until they
+/// are gone (the agent's read lease on the file), so the new program (another Go server)
+/// starts, serves and is traced as what it is now.
+#[test]
+fn an_executable_rewritten_in_place_never_meets_the_old_uprobes() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tools::work_dir().join("rewrite");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("zt-rewrite-svc");
+    let _ = std::fs::remove_file(&path);
+    std::fs::copy(tools::causal(GO_NEWEST)?, &path)?;
+    let agent = Agent::start_discovering("run", &["--exe", "zt-rewrite-*", "--exporter", "none"])?;
+    let first = serve(&path, "rewrite-first", free_port())?;
+    let first_pid = first.pid();
+    traced_within(&agent, first_pid, Duration::from_secs(5))?;
+    drop(first);
+    wait_until("the agent to forget the first process", Duration::from_secs(10), || {
+        agent.proc.stderr_text().lines().any(|l| l.contains("traced process exited") && l.contains(&format!("pid={first_pid}")))
+    })?;
+    assert!(!agent.proc.stderr_text().contains("is being written"), "no writer yet");
+
+    // In place: the same inode, another program's bytes.
+    let ino = std::fs::metadata(&path)?.ino();
+    let t0 = Instant::now();
+    {
+        let mut out = std::fs::OpenOptions::new().write(true).truncate(true).open(&path)?;
+        std::io::copy(&mut std::fs::File::open(tools::httpserver(GO_NEWEST)?)?, &mut out)?;
+    }
+    eprintln!("the writer waited {:?} for the uprobes to go", t0.elapsed());
+    assert_eq!(std::fs::metadata(&path)?.ino(), ino, "rewritten in place");
+    let log = agent.proc.stderr_text();
+    assert!(log.contains("is being written"), "the agent saw the writer: {log}");
+
+    let port = free_port();
+    let mut second = serve(&path, "rewrite-second", port)?;
+    traced_within(&agent, second.pid(), Duration::from_secs(5))?;
+    let mut client = Client::new(port);
+    for i in 0..50 {
+        assert_eq!(client.get(&format!("/users/{i}"))?.status, 200, "the rewritten program serves");
+    }
+    assert!(second.child.try_wait()?.is_none(), "the rewritten program runs on: {}", second.stderr_text());
+    Ok(())
+}
