@@ -170,8 +170,8 @@ pub struct Probes {
     uprobe_links: HashMap<u32, Vec<(&'static str, UProbeLinkId, bool)>>,
     /// Uprobes attached once per executable file for every process running it, and which
     /// file each traced process shares.
-    shared: HashMap<FileId, Shared>,
-    shared_of: HashMap<u32, FileId>,
+    shared: HashMap<(u64, u64), Shared>,
+    shared_of: HashMap<u32, (u64, u64)>,
     /// The file of each process with uprobes of its own.
     own_file: HashMap<u32, FileId>,
     /// Threads removing uprobes no longer wanted (of the file, when they were shared).
@@ -199,6 +199,22 @@ fn read_lease(f: &std::fs::File) -> std::io::Result<()> {
     // SAFETY: fcntl on a descriptor we own; the result is checked.
     if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } < 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether uprobes on `f` may be shared: not on overlayfs (the kernel places them on the
+/// file underneath, which another container's overlay shows under another identity).
+fn shareable(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+    // SAFETY: fstatfs into a zeroed struct on a descriptor we own; the result is checked.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.f_type as i64 == OVERLAYFS_SUPER_MAGIC {
+        return Err(std::io::Error::other("on overlayfs"));
     }
     Ok(())
 }
@@ -375,37 +391,45 @@ impl Probes {
     /// running that file. A later process of a shared file attaches nothing: it joins (the
     /// kernel programs act only for processes in TARGETS). Every uprobe hit in an untraced
     /// process of that file then costs the trap, so sharing is for discovery by executable,
-    /// where every such process is selected.
-    pub fn attach_go(&mut self, pid: u32, exe: &std::fs::File, file: FileId, plan: &go::Plan, shared: bool) -> Result<(), ProbeError> {
+    /// where every such process is selected. Returns whether the process shares its file's.
+    pub fn attach_go(&mut self, pid: u32, exe: &std::fs::File, file: FileId, plan: &go::Plan, shared: bool) -> Result<bool, ProbeError> {
         let path = fd_path(exe);
-        if !shared {
-            self.wait_detached(file, false);
-            for site in &plan.sites {
-                let link = self.attach_site(site, &path, Some(pid))?;
-                self.uprobe_links.entry(pid).or_default().push((site.prog, link.1, false));
-            }
-            self.own_file.insert(pid, file);
-            return Ok(());
-        }
-        if let Some(s) = self.shared.get_mut(&file) {
+        let inode = file.inode();
+        // The file's shared uprobes fire in this process already (their lease guarantees the
+        // file was not written since they were placed, whatever its mtime says now).
+        if let Some(s) = self.shared.get_mut(&inode) {
             s.pids.insert(pid);
             s.idle_since = None;
-            self.shared_of.insert(pid, file);
-            return Ok(());
+            self.shared_of.insert(pid, inode);
+            return Ok(true);
         }
-        self.wait_detached(file, true);
-        // Shared uprobes only under a read lease on the file: the kernel holds an opener for
-        // writing back until the lease is given up, so a file rewritten in place (allowed
-        // once no process runs it) never meets uprobes placed for its old content (see
-        // `release_idle`). No lease (a file of another owner without CAP_LEASE, leases
-        // disabled): per-process uprobes.
-        let held = match exe.try_clone().and_then(|f| read_lease(&f).map(|()| f)) {
+        // Shared only when no process of the file has its own (they would fire twice there)
+        // and under a read lease on the file: the kernel holds an opener for writing back
+        // until the lease is given up, so a file rewritten in place (allowed once no process
+        // runs it) never meets uprobes placed for its old content (see `release_idle`). No
+        // lease (a file of another owner without CAP_LEASE, leases disabled), or a file on
+        // overlayfs (the kernel places uprobes on the file underneath, which containers of
+        // one image share under different identities): per-process uprobes.
+        let held = match shared.then(|| self.own_file.values().all(|f| f.inode() != inode)) {
+            Some(true) => exe.try_clone().and_then(|f| shareable(&f).and_then(|()| read_lease(&f)).map(|()| f)),
+            _ => Err(std::io::Error::other("not shared")),
+        };
+        let held = match held {
             Ok(f) => f,
             Err(e) => {
-                tracing::debug!(pid, error = %e, "no read lease on the executable: its uprobes are attached for this process only");
-                return self.attach_go(pid, exe, file, plan, false);
+                if shared {
+                    tracing::debug!(pid, error = %e, "the executable's uprobes are attached for this process only");
+                }
+                self.wait_detached(file, false);
+                self.own_file.insert(pid, file);
+                for site in &plan.sites {
+                    let link = self.attach_site(site, &path, Some(pid))?;
+                    self.uprobe_links.entry(pid).or_default().push((site.prog, link.1, false));
+                }
+                return Ok(false);
             }
         };
+        self.wait_detached(file, true);
         let mut links = Vec::with_capacity(plan.sites.len());
         for site in &plan.sites {
             match self.attach_site(site, &path, None) {
@@ -416,9 +440,9 @@ impl Probes {
                 }
             }
         }
-        self.shared.insert(file, Shared { links, held, pids: HashSet::from([pid]), idle_since: None });
-        self.shared_of.insert(pid, file);
-        Ok(())
+        self.shared.insert(inode, Shared { links, held, pids: HashSet::from([pid]), idle_since: None });
+        self.shared_of.insert(pid, inode);
+        Ok(true)
     }
 
     /// Attaches a temporary uprobe (the catch-up probe) for process `pid` only.
@@ -473,7 +497,7 @@ impl Probes {
     /// rewritten in place since (`file`'s size or mtime differ). And `shared` links over
     /// ones still going (even of the same content) would fire twice in every process.
     fn wait_detached(&mut self, file: FileId, shared: bool) {
-        let conflicts = |f: &Option<FileId>| f.is_some_and(|f| f.dev == file.dev && f.ino == file.ino && (shared || f != file));
+        let conflicts = |f: &Option<FileId>| f.is_some_and(|f| f.inode() == file.inode() && (shared || f != file));
         if !self.detaching.iter().any(|(f, _)| conflicts(f)) {
             return;
         }
@@ -492,22 +516,24 @@ impl Probes {
     /// uprobes are gone and the lease given up, at most the kernel's lease-break-time) or
     /// that changed on disk anyway.
     pub fn release_idle(&mut self, linger: Duration) {
-        let gone: Vec<(FileId, bool)> = self
+        let gone: Vec<((u64, u64), bool)> = self
             .shared
             .iter()
             .filter_map(|(f, s)| {
-                let changed = s.held.metadata().map(|m| FileId::of(&m) != *f).unwrap_or(true) || lease_breaking(&s.held);
-                (changed || s.idle_since.is_some_and(|t| t.elapsed() >= linger)).then_some((*f, changed))
+                let written = lease_breaking(&s.held);
+                (written || s.idle_since.is_some_and(|t| t.elapsed() >= linger)).then_some((*f, written))
             })
             .collect();
-        for (file, written) in gone {
+        for (inode, written) in gone {
+            let Some(s) = self.shared.remove(&inode) else { continue };
             if written {
-                tracing::info!(?file, "a traced executable is being written: its shared uprobes are removed first");
+                // Processes still running it (a kernel that let the file be opened for
+                // writing while it runs) keep their other hooks and lose these.
+                tracing::info!(traced_processes_running_it = s.pids.len(), "a traced executable is being written: its shared uprobes are removed first");
             }
-            if let Some(s) = self.shared.remove(&file) {
-                self.shared_of.retain(|_, f| *f != file);
-                self.detach_later(Some(file), s.links, Some(s.held));
-            }
+            self.shared_of.retain(|_, f| *f != inode);
+            let file = s.held.metadata().ok().map(|m| FileId::of(&m));
+            self.detach_later(file, s.links, Some(s.held));
         }
     }
 
@@ -763,7 +789,9 @@ where
 
 impl Drop for Probes {
     /// The kernel objects go with the last reference: wait for the detaching threads first,
-    /// so that nothing of ours is left attached when the agent is gone.
+    /// so that nothing of ours is left attached when the agent is gone. Then the fields, in
+    /// order: `ebpf` (every link) before `shared` (the files' leases), so a writer waiting
+    /// on a lease goes on only once the uprobes are gone.
     fn drop(&mut self) {
         for (_, t) in self.detaching.drain(..) {
             let _ = t.join();

@@ -67,9 +67,9 @@ pub struct Targets<'s> {
     /// The kernel lets this agent create uprobes (else Go programs are traced at the socket
     /// level).
     uprobes: bool,
-    /// A Go executable's uprobes are attached once for all its processes (discovery by
-    /// executable: every process of a selected file is selected).
-    share_uprobes: bool,
+    /// Discovery by executable (`--exe`, `--all`): a Go executable it selects has its
+    /// uprobes attached once for all its processes (every process of it is selected).
+    by_exe: Option<Discover>,
 }
 
 impl<'s> Targets<'s> {
@@ -89,7 +89,7 @@ impl<'s> Targets<'s> {
             inspect_tx,
             programs,
             uprobes: uprobes_allowed(),
-            share_uprobes: s.all || !s.exe_globs.is_empty(),
+            by_exe: Discover::new(&s.exe_globs, &[], s.all),
         };
         (t, exits, inspections)
     }
@@ -338,21 +338,30 @@ impl<'s> Targets<'s> {
         };
         let (exe, id) = match proc::open_exe(pid) {
             Ok((f, id)) if file.is_none_or(|want| want == id) => (f, id),
-            _ => return gone(probes),
+            Ok(_) => return gone(probes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound || !proc::exists(pid) => return gone(probes),
+            Err(source) => {
+                probes.remove_target(pid, true);
+                return Err(RunError::Target(TargetError::Access { pid, source }));
+            }
         };
-        let attached = probes.attach_go(pid, &exe, id, plan, self.share_uprobes).and_then(|()| match catch_up {
-            Some(off) => probes.attach_temporary(pid, uprobes::GO_CONN_SERVE, &exe, off),
-            None => Ok(()),
+        // --pid and --port targets that discovery by executable does not select keep uprobes
+        // of their own: other processes of their file are not traced and would pay the traps.
+        let share = self.by_exe.as_ref().is_some_and(|d| d.matches(pid));
+        let attached = probes.attach_go(pid, &exe, id, plan, share).and_then(|shared| match catch_up {
+            Some(off) => probes.attach_temporary(pid, uprobes::GO_CONN_SERVE, &exe, off).map(|()| shared),
+            None => Ok(shared),
         });
         drop(exe);
-        if let Err(source) = attached {
+        let shared = match attached {
+            Ok(shared) => shared,
             // Exited (a zombie has no executable any more).
-            if proc::exe_identity(pid).is_none() {
-                return gone(probes);
+            Err(_) if proc::exe_identity(pid).is_none() => return gone(probes),
+            Err(source) => {
+                probes.remove_target(pid, true);
+                return Err(RunError::Attach { pid, source });
             }
-            probes.remove_target(pid, true);
-            return Err(RunError::Attach { pid, source });
-        }
+        };
         let report = &plan.report;
         tracing::info!(
             pid,
@@ -360,7 +369,7 @@ impl<'s> Targets<'s> {
             go = %target.build.go_version,
             offsets = target.layout.source,
             uprobes = report.uprobes + usize::from(catch_up.is_some()),
-            shared = self.share_uprobes,
+            shared,
             client_spans = report.client,
             sql_spans = report.sql,
             spawns = report.spawns,

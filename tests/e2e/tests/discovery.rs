@@ -84,7 +84,8 @@ fn processes_are_found_by_executable_now_and_later() -> Result<()> {
     agent.stop()?;
     let log = agent.proc.stderr_text();
     let spans = rx.spans();
-    assert!(log.contains(&format!("tracing pid={} ", after_pid)) && log.contains("shared=true"), "{log}");
+    let joined = log.lines().find(|l| l.contains(&format!("tracing pid={after_pid} "))).unwrap_or("");
+    assert!(joined.contains("shared=true"), "the second process shares the file's uprobes: {log}");
     let of = |pid: u32, kind: i32, path: &str| -> Vec<&zerotrace_e2e::otlp::RSpan> {
         spans.iter().filter(|s| s.res("process.pid") == pid.to_string() && s.kind == kind && s.attr("url.path").starts_with(path)).collect()
     };
