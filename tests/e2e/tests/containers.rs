@@ -226,10 +226,15 @@ fn daemonset_pod_traces_containers_and_host() -> Result<()> {
     svcs.restart_go()?;
     let needle = format!("tracing pid={} ", svcs.go.0);
     wait_until("the restarted container to be traced", Duration::from_secs(20), || agent.stderr_text().contains(&needle))?;
-    ensure!(Client::new(svcs.go.2).get("/hello")?.status == 200);
+    // Requests until one has its span: a process attached at its exec has its listening
+    // ports read again every second, and a request in the second before that is not known
+    // for a server's.
+    let mut client = Client::new(svcs.go.2);
     wait_until("a span of the restarted container", Duration::from_secs(20), || {
+        let _ = client.get("/hello");
         rx.spans().iter().any(|s| s.res("process.pid") == svcs.go.0.to_string() && s.res("container.id") == svcs.go.1)
     })?;
+    ensure!(client.get("/hello")?.status == 200, "the restarted container serves");
 
     // SIGTERM, as kubelet stops a pod: the agent flushes and exits well within the grace
     // period (podman stop would SIGKILL it at the end of it).
