@@ -350,8 +350,9 @@ pub struct RunArgs {
 
     /// Which kernel events the socket programs hang on: auto (the cheapest this kernel
     /// has: `zerotrace doctor` shows it), socket-btf or socket-raw (socket-layer
-    /// tracepoints, Linux 6.16+), syscalls (the data syscalls' tracepoints, every kernel).
-    /// The spans are the same whichever runs.
+    /// tracepoints, Linux 6.16+), socket-fentry (fentry/fexit on TCP's send and receive
+    /// functions, Linux 5.10+ where tracing programs are allowed), syscalls (the data
+    /// syscalls' tracepoints, every kernel). The spans are the same whichever runs.
     #[arg(long, value_enum, default_value = "auto", env = "ZEROTRACE_SOCKET_HOOKS", value_name = "SET")]
     pub socket_hooks: SocketHooks,
 

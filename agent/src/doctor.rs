@@ -75,6 +75,15 @@ pub fn check() -> Vec<Line> {
         "--inject-traceparent reads incoming traceparents in the kernel",
         "--inject-traceparent is refused (everything else works)",
     );
+    push(
+        "preemption",
+        match btf::kernel().ok().and_then(|b| b.func("bpf_preempt_disable")) {
+            Some(_) => Ok("bpf_preempt_disable present".into()),
+            None => Err("kernel functions bpf_preempt_disable/enable missing (Linux 6.10 has them)".into()),
+        },
+        "socket programs run unpreempted",
+        "tracepoint programs run unpreempted before Linux 7.0; fentry and uprobe programs can be preempted on fully preemptible kernels (skipped runs: kernel_runs_skipped)",
+    );
     if features::release_version(&release).is_some_and(|v| v < (5, 11)) {
         push(
             "memlock",
@@ -86,14 +95,14 @@ pub fn check() -> Vec<Line> {
     push(
         "kprobes",
         features::kprobes().map(|()| "kprobe PMU works".into()),
-        "kernel function probes available (optional fast path)",
-        "not needed: the baseline uses tracepoints",
+        "kernel function probes available (unused: fentry serves wherever kprobes do)",
+        "not needed: no hook set uses kprobes",
     );
     push(
         "fentry",
         features::fentry().map(|()| "BPF_TRACE_FENTRY loads".into()),
-        "fentry available (optional fast path)",
-        "not needed: the baseline uses tracepoints",
+        "the socket-fentry set can run (kernels before the socket-layer tracepoints take it)",
+        "kernels before the socket-layer tracepoints (6.16) take the syscall set instead",
     );
     let lockdown = features::lockdown();
     push(
@@ -165,7 +174,8 @@ pub fn programs() -> Result<(String, bool), crate::probes::ProbeError> {
                 let _ = writeln!(out, "program {:<28} skipped  {why}", c.name);
             }
             (None, Ok(t)) => {
-                let _ = writeln!(out, "program {:<28} ok       verified in {} ms", c.name, t.as_millis());
+                let walked = c.walked.map(|n| format!(" ({n} instructions walked)")).unwrap_or_default();
+                let _ = writeln!(out, "program {:<28} ok       verified in {} ms{walked}", c.name, t.as_millis());
             }
             (None, Err(e)) => {
                 ok = false;

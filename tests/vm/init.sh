@@ -124,8 +124,8 @@ finish() {
 	poweroff -f
 }
 
-# doctor: what this kernel allows.
-timeout 120 zerotrace doctor > /tmp/doctor.txt 2>&1
+# doctor: what this kernel allows, and every kernel program through its verifier.
+timeout 300 zerotrace doctor --programs > /tmp/doctor.txt 2>&1
 send doctor /tmp/doctor.txt $?
 
 # Run 1: the Go span trees (oldest and newest Go, a front calling a downstream) and the
@@ -148,6 +148,8 @@ for s in go-old-down go-old-front go-new-down go-new-front rust-leaf rust-front 
 	PIDS="$PIDS $(pid_of $s)"
 	emit "PID $s $(pid_of $s)"
 done
+# Program run counts for the hook set's cost (the "socket program runs" row).
+echo 1 > /proc/sys/kernel/bpf_stats_enabled
 if agent trace tail --json; then
 	for v in old new; do
 		base=$([ $v = old ] && echo 18002 || echo 18012)

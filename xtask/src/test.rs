@@ -35,7 +35,8 @@ pub struct TestArgs {
     #[arg(long, value_delimiter = ',', default_values_t = crate::vmtest::DEFAULT_KERNELS.iter().map(|s| s.to_string()))]
     pub vm_kernels: Vec<String>,
     /// Skip the second end-to-end pass, which forces the syscall hook set (the socket
-    /// layer of kernels before 6.16) on every agent the tests start.
+    /// layer of kernels without socket-layer tracepoints or BPF trampolines) on every agent
+    /// the tests start.
     #[arg(long)]
     pub no_syscalls_pass: bool,
 }
@@ -168,7 +169,7 @@ fn run_tiers(args: &TestArgs, tiers: &mut Tiers) -> Result<()> {
         if args.vm_kernels.iter().any(|k| k == "none") {
             step("VM tests left out (--vm-kernels none)");
         } else {
-            tiers.run("VMs (e2e subset on Linux 5.10 and 6.19)", || {
+            tiers.run("VMs (e2e subset on Linux 5.10, 6.19 and the newest)", || {
                 step(format!("VM tests: Linux {} under qemu (TCG), end-to-end subset in each", args.vm_kernels.join(", ")));
                 crate::vmtest::run_with(&crate::vmtest::VmtestArgs::kernels(args.vm_kernels.clone()), &bin, &rust_svc)
             })?;

@@ -33,12 +33,11 @@ use crate::{
 /// (6.1), Debian 13 / bookworm-backports (6.12), trixie-backports (6.16: the first with
 /// `tcp:tcp_sendmsg_locked`; 6.19), and the newest series Debian offers.
 pub const MATRIX: &[&str] = &["5.10", "6.1", "6.12", "6.16", "6.19", "newest"];
-/// What `cargo xtask vmtest` and `cargo xtask test` boot by default: the oldest (the syscall
-/// hook set) and 6.19, the newest whose whole subset passes every run (the socket-layer
-/// sets). The newest series (7.3 today) loses one span in about half its runs: Linux 7.0+
-/// skips tracepoint program runs while one is preempted (`kernel_runs_skipped`, a known
-/// limit: docs/limits.md); `--kernel newest` or `--all` boots it.
-pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.19"];
+/// What `cargo xtask vmtest` and `cargo xtask test` boot by default: the oldest (the fentry
+/// hook set, no bpf_loop), 6.19 (the socket-layer tracepoints) and the newest series (7.3
+/// today: Linux 7.0+ runs tracepoint programs preemptible, where the twins rescue the runs
+/// the kernel skips; docs/limits.md).
+pub const DEFAULT_KERNELS: &[&str] = &["5.10", "6.19", "newest"];
 /// A guard against a hung start, not a speed goal: under TCG the kernel's verifier and the
 /// agent's BTF parsing run ~25-40x slower than on hardware, and the start time is a
 /// measurement shown in the table (speed goals live in `cargo xtask bench`).
@@ -390,15 +389,21 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
             Err(anyhow::anyhow!("{}", missing()))
         },
     );
+    // `doctor --programs`: the baseline, and every kernel program through this kernel's
+    // verifier (those this kernel cannot have are named, not loaded).
     row(
-        "doctor",
+        "doctor, every program verified",
         match d.section("doctor") {
-            Some(s) if s.rc == Some(0) => Ok(s.text.lines().last().unwrap_or("").to_owned()),
+            Some(s) if s.rc == Some(0) => {
+                let pick = |p: &str| s.text.lines().find(|l| l.starts_with(p)).unwrap_or("").trim().to_owned();
+                Ok(format!("{}; {}", pick("baseline"), pick("programs:")))
+            }
             Some(s) => {
                 let line = s
                     .text
                     .lines()
-                    .find(|l| l.contains("missing") && l.contains("cannot run"))
+                    .find(|l| l.contains(" REFUSED "))
+                    .or_else(|| s.text.lines().find(|l| l.contains("missing") && l.contains("cannot run")))
                     .or_else(|| s.text.lines().find(|l| l.starts_with("baseline missing")))
                     .unwrap_or_else(|| s.text.lines().last().unwrap_or("(no output)"));
                 Err(anyhow::anyhow!("exit {:?}: {}", s.rc, line.split_whitespace().collect::<Vec<_>>().join(" ")))
@@ -448,10 +453,30 @@ fn evaluate(k: &kernels::Kernel, ctx: &Ctx, d: &checks::GuestData, console: &str
         Err(e) => Err(anyhow::anyhow!("{e:#}")),
     };
     // A span lost to a program run the kernel skipped (Linux 7.0+: docs/limits.md) says so.
-    let skipped = kernel_runs_skipped(d.section("trace.stats").map_or("", |s| s.text.as_str()));
+    let stats = d.section("trace.stats").map_or("", |s| s.text.as_str());
+    let skipped = stat(stats, "kernel_runs_skipped");
     let note = |r: Result<String>| -> Result<String> {
         r.map_err(|e| if skipped > 0 { anyhow::anyhow!("{e:#} [the kernel skipped {skipped} program runs: kernel_runs_skipped]") } else { e })
     };
+    // What the hook set cost in this run, counted by the kernel (kernel.bpf_stats_enabled):
+    // program runs, comparable between hook sets on one kernel (times under TCG are not).
+    if let Ok(spans) = &trace {
+        let (runs, rescued) = (stat(stats, "socket_program_runs"), stat(stats, "kernel_runs_rescued"));
+        row(
+            "socket program runs (counted)",
+            if runs == 0 {
+                Err(anyhow::anyhow!("the kernel counted no socket program run (kernel.bpf_stats_enabled not on?)"))
+            } else {
+                Ok(format!(
+                    "{runs} runs for {} spans ({:.1} per span, {} hook set){}",
+                    spans.len(),
+                    runs as f64 / spans.len().max(1) as f64,
+                    hooks.as_deref().unwrap_or("?"),
+                    if rescued > 0 { format!("; {rescued} skipped runs handled by twins (kernel_runs_rescued)") } else { String::new() }
+                ))
+            },
+        );
+    }
     row(&format!("Go {GO_OLDEST} span tree"), note(with(&|s| checks::go_trees(d, s, "old", 18001))));
     row(&format!("Go {GO_NEWEST} span tree"), note(with(&|s| checks::go_trees(d, s, "new", 18011))));
     row("Rust HTTP/1 links", note(with(&checks::rust_http)));
@@ -511,10 +536,11 @@ fn hook_set(agent_log: &str) -> Option<String> {
     agent_log.split_whitespace().find_map(|w| w.strip_prefix("socket_hooks=")).map(|h| h.trim_matches('"').to_owned())
 }
 
-/// `zerotrace_kernel_runs_skipped` of a `--stats-file` (0 when absent).
-fn kernel_runs_skipped(stats: &str) -> u64 {
-    let key = "\"zerotrace_kernel_runs_skipped\":";
-    stats.find(key).and_then(|i| stats[i + key.len()..].split([',', '}']).next()?.trim().parse().ok()).unwrap_or(0)
+/// `zerotrace_<name>` in the last line of a `--stats-file` (0 when absent).
+fn stat(stats: &str, name: &str) -> u64 {
+    let key = format!("\"zerotrace_{name}\":");
+    let last = stats.lines().rev().find(|l| l.contains(&key)).unwrap_or("");
+    last.find(&key).and_then(|i| last[i + key.len()..].split([',', '}']).next()?.trim().parse().ok()).unwrap_or(0)
 }
 
 /// (major, minor) of a kernel release string such as `5.10.0-32-cloud-amd64`.

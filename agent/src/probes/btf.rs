@@ -31,6 +31,7 @@ mod kind {
     pub const VOLATILE: u32 = 9;
     pub const CONST: u32 = 10;
     pub const RESTRICT: u32 = 11;
+    pub const FUNC: u32 = 12;
     pub const FUNC_PROTO: u32 = 13;
     pub const VAR: u32 = 14;
     pub const DATASEC: u32 = 15;
@@ -118,6 +119,24 @@ impl Btf {
             }
         }
         any
+    }
+
+    /// Kernel function `name`: its type id and its parameters' names (None: not in BTF).
+    pub fn func(&self, name: &str) -> Option<(u32, Vec<String>)> {
+        (1..self.types.len() as u32).find_map(|id| {
+            let (n, k, _, proto, _) = self.ty(id)?;
+            if k != kind::FUNC || self.name(n) != name.as_bytes() {
+                return None;
+            }
+            let (_, pk, vlen, _, at) = self.ty(proto)?;
+            if pk != kind::FUNC_PROTO {
+                return None;
+            }
+            let params = (0..vlen)
+                .map(|i| u32_at(&self.data, at + 12 + 8 * i).map(|n| String::from_utf8_lossy(self.name(n)).into_owned()))
+                .collect::<Option<Vec<_>>>()?;
+            Some((id, params))
+        })
     }
 
     /// Through typedefs and qualifiers to the type itself.

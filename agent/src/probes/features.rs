@@ -116,7 +116,7 @@ pub fn kernel_version() -> Option<(u32, u32)> {
     release_version(&uname().0)
 }
 
-/// The oldest kernel zerotrace supports (the syscall hook set, tested in VMs).
+/// The oldest kernel zerotrace supports (the fentry and syscall hook sets; tested in VMs).
 pub const MINIMUM: (u32, u32) = (5, 10);
 
 /// What zerotrace does on a kernel that lacks a feature.
@@ -158,6 +158,12 @@ pub const TABLE: &[Feature] = &[
         used_for: "socket-btf set, the close hook",
         without: Without::Fallback("raw tracepoints (socket-raw set, raw close hook)"),
     },
+    Feature {
+        name: "BPF trampolines (fentry/fexit)",
+        since: (5, 5),
+        used_for: "socket-fentry set (before the socket-layer tracepoints)",
+        without: Without::Fallback("the syscall set (also where the kernel refuses tracing programs: built without ftrace)"),
+    },
     Feature { name: "BPF ring buffer", since: (5, 8), used_for: "every record to the agent", without: Without::Refuse },
     Feature {
         name: "BPF memory charged to memory cgroups",
@@ -168,8 +174,10 @@ pub const TABLE: &[Feature] = &[
     Feature {
         name: "bpf_get_current_task_btf, bpf_task_pt_regs",
         since: (5, 15),
-        used_for: "the socket-layer sets: user buffers from the saved registers",
-        without: Without::Fallback("the syscall set has its arguments in its context; CPU samples read the registers from the sample or the kernel stack"),
+        used_for: "the socket-layer tracepoint sets: user buffers from the saved registers",
+        without: Without::Fallback(
+            "the socket-fentry set and CPU samples read the saved registers at the top of the kernel stack; the syscall set has its arguments in its context",
+        ),
     },
     Feature {
         name: "bpf_loop",
@@ -178,10 +186,18 @@ pub const TABLE: &[Feature] = &[
         without: Without::RefuseOption("--inject-traceparent"),
     },
     Feature {
+        name: "bpf_preempt_disable/enable (kernel functions)",
+        since: (6, 10),
+        used_for: "socket programs and the Go programs sharing their scratch run unpreempted (Linux 7.0 runs tracepoint programs preemptible)",
+        without: Without::Fallback(
+            "the calls become no-ops: tracepoint programs ran unpreempted before 7.0; fentry and uprobe programs stay preemptible on fully preemptible kernels",
+        ),
+    },
+    Feature {
         name: "sock:sock_recv_length, tcp:tcp_sendmsg_locked",
         since: (6, 16),
         used_for: "the socket-layer sets (fire only for socket I/O)",
-        without: Without::Fallback("the syscall set (syscalls:sys_enter/exit_* of the data syscalls)"),
+        without: Without::Fallback("the socket-fentry set, else the syscall set (syscalls:sys_enter/exit_* of the data syscalls)"),
     },
 ];
 
@@ -395,6 +411,16 @@ pub fn perf_events() -> Probe {
 pub fn fentry() -> Probe {
     let id = kernel_func_btf_id("do_nanosleep").ok_or("do_nanosleep not in kernel BTF")?;
     load_trivial(PROG_TRACING, ATTACH_TRACE_FENTRY, id).map(drop).map_err(|e| format!("BPF_PROG_LOAD fentry: {e}"))
+}
+
+/// Whether an fentry program can be attached to kernel function `name` (a BPF trampoline
+/// made, and removed again when the check's descriptors close).
+pub fn fentry_on(name: &str) -> Probe {
+    let (id, _) = super::btf::kernel().ok().and_then(|b| b.func(name)).ok_or_else(|| format!("{name} not in kernel BTF"))?;
+    let prog = load_trivial(PROG_TRACING, ATTACH_TRACE_FENTRY, id).map_err(|e| format!("BPF_PROG_LOAD fentry: {e}"))?;
+    let mut a = [0u8; 128];
+    put32(&mut a, 8, prog.as_raw_fd() as u32);
+    bpf(BPF_RAW_TRACEPOINT_OPEN, &mut a).map(drop).map_err(|e| format!("attach fentry/{name}: {e}"))
 }
 
 fn kernel_func_btf_id(name: &str) -> Option<u32> {

@@ -10,6 +10,7 @@ pub mod features;
 pub mod go;
 pub mod guard;
 pub mod hooks;
+mod kfuncs;
 pub mod occupancy;
 
 use std::{
@@ -178,6 +179,12 @@ pub struct Probes {
     detaching: Vec<(Option<FileId>, std::thread::JoinHandle<()>)>,
     /// The kernel maps' entry counts, refreshed at most every few seconds.
     occupancy: occupancy::Occupancy,
+    /// Each program's skipped runs as last read (a rise is logged with the program's name).
+    skipped: std::sync::Mutex<HashMap<String, u64>>,
+    /// The socket hook programs attached (for their run counts).
+    socket_programs: Vec<String>,
+    /// Linux 7.0+: programs get twins (hooks::run_twins).
+    run_twins: bool,
 }
 
 /// The uprobes of one executable file, attached for every process running it.
@@ -273,27 +280,32 @@ impl Probes {
         // aya's own model of the kernel BTF (relocations, BTF tracepoints): parsed once here.
         let aya_btf = aya::Btf::from_sys_fs().ok();
         stage.done("kernel BTF read again (aya)");
-        use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE};
+        use zerotrace_common::settings_flags::{INJECT, INJECT_WRITE, RUN_TWINS};
+        let run_twins = hooks::run_twins();
         let flags = match ks.inject {
             Inject::Off => 0,
             Inject::DryRun => INJECT,
             Inject::On => INJECT | INJECT_WRITE,
-        };
+        } | if run_twins { RUN_TWINS } else { 0 };
         let (sampler, ratio_bound) = ks.sampler;
         let settings = Settings { req_capture: ks.req_capture, flags, sampler, ratio_bound, ..Settings::default() };
+        let (object, preemption, calls) = kfuncs::rewrite(KERNEL_OBJECT, Some(btf::kernel()?.as_ref())).map_err(ProbeError::Load)?;
+        tracing::debug!(?preemption, calls, "kernel object: preemption calls rewritten");
         let mut ebpf = EbpfLoader::new()
             .btf(aya_btf.as_ref())
             .override_global("KERNEL", &kernel, true)
             .override_global("SETTINGS", &settings, true)
             .map_max_entries(names::CONNS, ks.max_conns)
-            .load(KERNEL_OBJECT)
+            .map_max_entries(names::RUN_MARK, if run_twins { zerotrace_common::RUN_MARK_SLOTS } else { 1 })
+            .load(&object)
             .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
+        drop(object);
         stage.done("object parsed, maps created");
-        hooks::attach(&mut ebpf, aya_btf.as_ref(), hooks, inject)?;
+        let socket_programs = hooks::attach(&mut ebpf, aya_btf.as_ref(), hooks, inject, run_twins)?;
         stage.done("socket hook programs verified and attached");
         drop(aya_btf);
         btf::forget_kernel();
-        tracing::info!(socket_hooks = hooks.name(), forced = ks.hooks != SocketHooks::Auto, "socket hooks attached");
+        tracing::info!(socket_hooks = hooks.name(), forced = ks.hooks != SocketHooks::Auto, run_twins, "socket hooks attached");
         // With injection on, the TLS read probe's twin that reads incoming traceparents.
         let tls_read = if inject { uprobes::GO_TLS_READ_INJECT } else { uprobes::GO_TLS_READ };
         for name in uprobes::ALL.iter().map(|n| if *n == uprobes::GO_TLS_READ { tls_read } else { n }) {
@@ -317,6 +329,9 @@ impl Probes {
             own_file: HashMap::new(),
             detaching: Vec::new(),
             occupancy: Default::default(),
+            skipped: Default::default(),
+            socket_programs,
+            run_twins,
         })
     }
 
@@ -326,6 +341,12 @@ impl Probes {
         let prog: &mut RawTracePoint = program(&mut self.ebpf, EXEC)?;
         prog.load().map_err(|source| ProbeError::program(EXEC, source))?;
         prog.attach(EXEC).map_err(|source| ProbeError::program(format!("raw tracepoint {EXEC}"), source))?;
+        if self.run_twins {
+            const TWIN: &str = "sched_process_exec_twin";
+            let prog: &mut RawTracePoint = program(&mut self.ebpf, TWIN)?;
+            prog.load().map_err(|source| ProbeError::program(TWIN, source))?;
+            prog.attach(EXEC).map_err(|source| ProbeError::program(format!("raw tracepoint {EXEC} (twin)"), source))?;
+        }
         Ok(())
     }
 
@@ -666,15 +687,45 @@ impl Probes {
     /// program at most once per CPU at a time: since Linux 7.0 tracepoint programs run with
     /// preemption enabled, so a program preempted mid-run makes the kernel skip that program
     /// (a perf tracepoint program: any tracepoint program) for every other task on that CPU
-    /// until it resumes. Each skip is an event zerotrace never saw (docs/limits.md).
+    /// until it resumes. Each skip is an event zerotrace never saw (docs/limits.md), unless
+    /// the program's twin handled it (`kernel_runs_rescued`, subtracted by the caller).
     pub fn runs_skipped(&self) -> u64 {
         use std::os::fd::{AsFd, AsRawFd};
-        self.ebpf
-            .programs()
-            .filter_map(|(_, p)| p.fd().ok())
-            .filter_map(|fd| std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok())
-            .map(|info| recursion_misses(&info))
-            .sum()
+        let mut last = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = 0;
+        for (name, p) in self.ebpf.programs() {
+            let Ok(fd) = p.fd() else { continue };
+            // A twin's own skips lose nothing unless its program was skipped too, and those
+            // are the program's skips that were not rescued.
+            if name.ends_with("_twin") {
+                continue;
+            }
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())) else { continue };
+            let n = recursion_misses(&info);
+            total += n;
+            let seen = last.entry(name.to_owned()).or_default();
+            if n > *seen {
+                tracing::debug!(program = name, skipped = n, "the kernel skipped runs of a program (kernel_runs_skipped)");
+                *seen = n;
+            }
+        }
+        total
+    }
+
+    /// How often the socket hook programs ran and for how long in all (ns): the kernel
+    /// counts only while `kernel.bpf_stats_enabled` is 1 (else both are 0). `cargo xtask
+    /// vmtest` turns it on to compare hook sets by program runs per request.
+    pub fn socket_program_runs(&self) -> (u64, u64) {
+        use std::os::fd::{AsFd, AsRawFd};
+        let field = |info: &str, key: &str| info.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok()).unwrap_or(0);
+        let mut total = (0, 0);
+        for name in &self.socket_programs {
+            let Some(Ok(fd)) = self.ebpf.program(name).map(|p| p.fd()) else { continue };
+            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())) else { continue };
+            total.0 += field(&info, "run_cnt:");
+            total.1 += field(&info, "run_time_ns:");
+        }
+        total
     }
 
     fn map_mut<'a, T>(&'a mut self, name: &'static str) -> Result<T, ProbeError>
@@ -693,6 +744,8 @@ pub struct ProgramCheck {
     /// None: not loadable on this kernel by design (the reason).
     pub outcome: Result<std::time::Duration, String>,
     pub skipped: Option<String>,
+    /// Instructions the verifier walked (what its time grows with), where the kernel says.
+    pub walked: Option<u64>,
 }
 
 /// Loads every program of the kernel object that this kernel could run, one at a time, and
@@ -709,21 +762,23 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
     // The traceparent writer as it loads with --inject-traceparent=on, unless lockdown
     // forbids writing (then as in dry-run, where the write is dead code).
     let locked = features::lockdown().is_some_and(|m| m != "none");
-    let flags = if locked { INJECT } else { INJECT | INJECT_WRITE };
+    // Twins checked as they run on Linux 7.0+ (with RUN_TWINS clear their work is dead code).
+    let flags = if locked { INJECT } else { INJECT | INJECT_WRITE } | zerotrace_common::settings_flags::RUN_TWINS;
     let settings = Settings { flags, ..Settings::default() };
     let btf = aya::Btf::from_sys_fs().ok();
+    let (object, _, _) = kfuncs::rewrite(KERNEL_OBJECT, Some(btf::kernel()?.as_ref())).map_err(ProbeError::Load)?;
     let mut ebpf = EbpfLoader::new()
         .btf(btf.as_ref())
         .override_global("KERNEL", &kernel, true)
         .override_global("SETTINGS", &settings, true)
-        .load(KERNEL_OBJECT)
+        .load(&object)
         .map_err(|e| ProbeError::Load(log_aside("object", e.to_string())))?;
     let has_loop = features::helper(features::HELPER_LOOP);
     let mut out = Vec::new();
     let mut names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
     names.sort();
     for name in names {
-        let skip = |why: String| ProgramCheck { name: name.clone(), outcome: Ok(Default::default()), skipped: Some(why) };
+        let skip = |why: String| ProgramCheck { name: name.clone(), outcome: Ok(Default::default()), skipped: Some(why), walked: None };
         // The `_inject` twins read incoming traceparents with bpf_loop.
         if name.ends_with("_inject") && !has_loop {
             out.push(skip("needs bpf_loop (Linux 5.17; --inject-traceparent is refused here)".into()));
@@ -734,20 +789,40 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
         let result = match prog {
             aya::programs::Program::UProbe(p) => p.load(),
             aya::programs::Program::TracePoint(p) => p.load(),
-            aya::programs::Program::RawTracePoint(p) => p.load(),
-            aya::programs::Program::PerfEvent(p) => p.load(),
-            aya::programs::Program::BtfTracePoint(p) => {
+            aya::programs::Program::RawTracePoint(p) => {
                 let target = hooks::btf_target(&name);
-                match (&btf, features::btf_tracepoint(target)) {
-                    (Some(btf), Ok(())) => p.load(target, btf),
+                if !raw_tracepoint_exists(btf.is_some(), target) {
+                    out.push(skip(format!("tracepoint {target} not on this kernel")));
+                    continue;
+                }
+                p.load()
+            }
+            aya::programs::Program::PerfEvent(p) => p.load(),
+            aya::programs::Program::BtfTracePoint(_) | aya::programs::Program::FEntry(_) | aya::programs::Program::FExit(_) => {
+                // Tracing programs: their target must be in this kernel and loadable.
+                let btf_tp = matches!(prog, aya::programs::Program::BtfTracePoint(_));
+                let target = if btf_tp {
+                    let target = hooks::btf_target(&name);
+                    features::btf_tracepoint(target).map(|()| target).map_err(|why| format!("BTF tracepoint {target} not on this kernel ({why})"))
+                } else {
+                    hooks::fentry_target(&name).map_err(|why| format!("not loadable here ({why})"))
+                };
+                let (btf, target) = match (&btf, target) {
+                    (Some(btf), Ok(target)) => (btf, target),
                     (_, Err(why)) => {
-                        out.push(skip(format!("BTF tracepoint {target} not on this kernel ({why})")));
+                        out.push(skip(why));
                         continue;
                     }
                     (None, _) => {
                         out.push(skip("no kernel BTF".into()));
                         continue;
                     }
+                };
+                match prog {
+                    aya::programs::Program::BtfTracePoint(p) => p.load(target, btf),
+                    aya::programs::Program::FEntry(p) => p.load(target, btf),
+                    aya::programs::Program::FExit(p) => p.load(target, btf),
+                    _ => unreachable!("matched above"),
                 }
             }
             _ => {
@@ -762,9 +837,21 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
                 other => Err(other.to_string()),
             },
         };
-        out.push(ProgramCheck { name, outcome, skipped: None });
+        // The instructions the verifier walked (fdinfo `verified_insns`, Linux 5.16+).
+        let walked = ebpf.program(&name).and_then(|p| p.fd().ok()).and_then(|fd| {
+            use std::os::fd::{AsFd, AsRawFd};
+            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()?;
+            info.lines().find_map(|l| l.strip_prefix("verified_insns:")?.trim().parse().ok())
+        });
+        out.push(ProgramCheck { name, outcome, skipped: None, walked });
     }
     Ok(out)
+}
+
+/// Whether raw tracepoint `name` exists here (its `btf_trace_` type is in the kernel's BTF;
+/// without BTF the load decides).
+fn raw_tracepoint_exists(has_btf: bool, name: &str) -> bool {
+    !has_btf || btf::kernel().ok().is_none_or(|b| b.id_of(&format!("btf_trace_{name}")).is_some())
 }
 
 /// The `recursion_misses` line of a BPF program's fdinfo (0 when absent).

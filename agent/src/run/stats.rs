@@ -18,7 +18,10 @@ pub fn counters(kernel: &probes::Counters, probes: &Probes, reader: &EventReader
     let mut v = vec![("events_read", reader.records), ("events_undecodable", reader.decode_errors), ("ring_wakeups", reader.wakeups)];
     // The kernel's counters under the names zerotrace_common gives them.
     v.extend(Counter::ALL.iter().map(|&k| (k.name(), probes::counter(kernel, k))));
-    v.push(("kernel_runs_skipped", probes.runs_skipped()));
+    // Skipped runs a twin rescued are no loss (probes::hooks::run_twins).
+    v.push(("kernel_runs_skipped", probes.runs_skipped().saturating_sub(probes::counter(kernel, Counter::KernelRunsRescued))));
+    let (runs, ns) = probes.socket_program_runs();
+    v.extend([("socket_program_runs", runs), ("socket_program_ns", ns)]);
     v.extend([
         ("pipelined_requests_not_captured", c.stats.pipelined_uncaptured),
         ("connections_closed_unseen", c.stats.closed_unseen),

@@ -16,6 +16,7 @@ pub mod names {
     pub const LISTEN: &str = "LISTEN";
     pub const COUNTERS: &str = "COUNTERS";
     pub const SCRATCH: &str = "SCRATCH";
+    pub const RUN_MARK: &str = "RUN_MARK";
     pub const GO_REQUESTS: &str = "GO_REQUESTS";
     pub const GO_CTX: &str = "GO_CTX";
     pub const GO_CLIENTS: &str = "GO_CLIENTS";
@@ -180,9 +181,12 @@ counters! {
     /// Server requests the kernel did not report because the agent was shedding load
     /// (over its CPU budget or memory limit: SHED keeps 1 in 2^k new requests).
     RequestsShed = 28, "requests_shed";
+    /// Linux 7.0+: events a program's twin handled because the kernel skipped the program
+    /// itself (it was preempted in another task on the CPU; see RUN_MARK).
+    KernelRunsRescued = 29, "kernel_runs_rescued";
 }
 
-pub const COUNTER_SLOTS: u32 = 29;
+pub const COUNTER_SLOTS: u32 = 30;
 const _: () = {
     assert!(Counter::ALL.len() == COUNTER_SLOTS as usize);
     let mut i = 0;
@@ -1019,7 +1023,14 @@ pub mod settings_flags {
     /// ... and writes it (not in dry-run). Read from frozen .rodata: when clear, the
     /// verifier drops the write as dead code, so dry-run loads even under kernel lockdown.
     pub const INJECT_WRITE: u32 = 2;
+    /// Linux 7.0+: the programs with twins (socket-btf receive and send, the exec watch) mark
+    /// each event they handle in RUN_MARK, and their twins (attached after them) handle the
+    /// events they were skipped for.
+    pub const RUN_TWINS: u32 = 4;
 }
+
+/// RUN_MARK's entries (a thread's slot is its id modulo this).
+pub const RUN_MARK_SLOTS: u32 = 1 << 16;
 
 /// What `--inject-traceparent` did for one outgoing request (`TraceparentEvent::outcome`).
 pub mod inject_outcome {

@@ -13,16 +13,21 @@ use crate::{
         conns::{conn_for, fd_to_sk, go_iface_sk},
         server::handler_entry,
     },
-    util::{count, go_conn_fd, go_itab_type, go_ptr, goid_of, header, now, read_go_string, read_user, regs, uprobe_target, wake_flags},
+    util::{count, go_conn_fd, go_itab_type, go_ptr, goid_of, header, now, read_go_string, read_user, regs, unpreempted, uprobe_target, wake_flags},
 };
 
 /// Entry of `net/http.(*conn).serve(c *conn, ctx context.Context)`: c arrives in RAX.
 #[uprobe]
 pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
+    unpreempted(|| conn_serve(&ctx))
+}
+
+#[inline(always)]
+fn conn_serve(ctx: &ProbeContext) -> u32 {
     let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
     let go = &cfg.go;
-    let c = regs(&ctx).rax;
+    let c = regs(ctx).rax;
     let Some(rwc) = read_user::<[u64; 2]>(c + go.conn_rwc as u64) else {
         return 0;
     };
@@ -36,7 +41,7 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
     // Go serves this socket: it is a server socket whatever LISTEN says. The goroutine
     // running conn.serve handles every request of the connection (HTTP/1).
     if let Some(conn) = conn_for(pid_tgid, sk, true) {
-        let g = regs(&ctx).r14;
+        let g = regs(ctx).r14;
         let goid = goid_of(go, g);
         // SAFETY: map value pointer, valid for this program run.
         unsafe {
@@ -58,10 +63,15 @@ pub fn go_conn_serve(ctx: ProbeContext) -> u32 {
 /// sh.srv in RAX, rw as (itab RBX, data RCX), req in RDI, the goroutine in R14.
 #[uprobe]
 pub fn go_serve_http(ctx: ProbeContext) -> u32 {
+    unpreempted(|| serve_http(&ctx))
+}
+
+#[inline(always)]
+fn serve_http(ctx: &ProbeContext) -> u32 {
     let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
     let pid = (pid_tgid >> 32) as u32;
     let go = &cfg.go;
-    let r = regs(&ctx);
+    let r = regs(ctx);
     let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
     let response = if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
     let start_ns = now();

@@ -21,7 +21,7 @@ use crate::{
         go_client::client_send,
         server::{finish_response, pipelined_response, recv_bytes, send_bytes},
     },
-    util::{now, regs, uprobe_target},
+    util::{now, regs, unpreempted, uprobe_target},
 };
 
 /// TLS record type of application data.
@@ -75,13 +75,13 @@ fn reg_by_index(r: &pt_regs, i: u32) -> Option<u64> {
 /// RCX, c in the register the agent proved holds it (TargetConfig::tls_c_reg).
 #[uprobe]
 pub fn go_tls_read(ctx: ProbeContext) -> u32 {
-    tls_read::<false>(&ctx)
+    unpreempted(|| tls_read::<false>(&ctx))
 }
 
 /// `go_tls_read` that also reads an incoming traceparent (`--inject-traceparent`).
 #[uprobe]
 pub fn go_tls_read_inject(ctx: ProbeContext) -> u32 {
-    tls_read::<true>(&ctx)
+    unpreempted(|| tls_read::<true>(&ctx))
 }
 
 #[inline(always)]
@@ -110,8 +110,13 @@ fn tls_read<const SCAN: bool>(ctx: &ProbeContext) -> u32 {
 /// in BL, data as (RCX, RDI).
 #[uprobe]
 pub fn go_tls_write(ctx: ProbeContext) -> u32 {
+    unpreempted(|| tls_write(&ctx))
+}
+
+#[inline(always)]
+fn tls_write(ctx: &ProbeContext) -> u32 {
     let Some((pid_tgid, cfg)) = uprobe_target() else { return 0 };
-    let r = regs(&ctx);
+    let r = regs(ctx);
     if r.rbx & 0xff != APPLICATION_DATA || r.rdi == 0 {
         return 0;
     }

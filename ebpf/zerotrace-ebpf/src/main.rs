@@ -6,6 +6,8 @@
 #![allow(static_mut_refs)]
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
+// Inline assembly: the preemption calls the agent rewrites (util::unpreempted).
+#![feature(asm_experimental_arch)]
 // aya's map methods take `impl Borrow<K>`: a key passed by reference stays where it is on the
 // 512-byte BPF stack instead of being copied.
 #![allow(clippy::needless_borrows_for_generic_args)]

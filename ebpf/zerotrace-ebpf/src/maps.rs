@@ -2,11 +2,11 @@
 //! load-time globals the agent fills in (kernel struct offsets, settings).
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use zerotrace_common::{
     COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState, GoSqlState, GoroutineCtx, GoroutineKey,
-    HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
+    HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RUN_MARK_SLOTS, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
 };
 
 /// All events for the agent, variable-length records each starting with an EventHeader.
@@ -97,6 +97,29 @@ pub static SHED: Array<u32> = Array::with_max_entries(1, 0);
 /// Per-CPU counters, indexed by zerotrace_common::Counter.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Linux 7.0+ (settings_flags::RUN_TWINS; one entry otherwise): per thread (its id modulo
+/// RUN_MARK_SLOTS), the key (util::run_key) of the last event a program with a twin
+/// handled. The kernel runs a program once per CPU at a time and, since 7.0, lets it be
+/// preempted (at the latest where it enables preemption again, after its work), skipping
+/// it meanwhile for every other task on the CPU: the socket-btf receive and send programs
+/// and the exec watch each have a twin attached after them, which runs the program for an
+/// event only when the event's mark is not there (and takes the mark when it is).
+#[map]
+pub static RUN_MARK: Array<u64> = Array::with_max_entries(RUN_MARK_SLOTS, 0);
+
+/// Linux 7.0+: the socket-btf receive and send programs, which their twins run by a tail
+/// call for a thread the kernel skipped them for. One array each: the kernel lets a prog
+/// array hold tracing programs of one attach point only.
+#[map]
+pub static TWIN_RECV: ProgramArray = ProgramArray::with_max_entries(1, 0);
+#[map]
+pub static TWIN_SEND: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
+/// Per CPU: the event (its run key) a twin hands to its program by the tail call
+/// (util::rescue).
+#[map]
+pub static RESCUE: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// Per-CPU space to assemble a variable-length record before it is copied to EVENTS.
 #[map]

@@ -9,7 +9,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_get_current_pid_tgid,
         generated::bpf_probe_read_user as raw_read_user,
         generated::{bpf_get_smp_processor_id, bpf_get_stack},
     },
@@ -21,26 +21,15 @@ use zerotrace_common::{Counter, CpuSampleEvent, CpuSampleNativeEvent, EventKind,
 use crate::{
     causality::span_of,
     maps::EVENTS,
-    maps::kernel,
     socket::conns::selected,
-    util::{count, current_goroutine, header, now, read_kernel, target, wake_flags},
+    util::{count, current_goroutine, header, now, read_kernel, saved_user_regs, target, wake_flags},
 };
 
 /// bpf_get_stack flag: the user stack (else the kernel's).
 const BPF_F_USER_STACK: u64 = 1 << 8;
-/// x86-64 user code and stack segment selectors (__USER_CS, __USER_DS).
-const USER_CS: u64 = 0x33;
-const USER_SS: u64 = 0x2b;
-/// Where a task's saved user registers are: at the top of its kernel stack, below
-/// TOP_OF_KERNEL_STACK_PADDING (0, or 16 with FRED since Linux 6.9), in a stack of
-/// THREAD_SIZE bytes (16 KiB, 32 KiB with KASAN). The candidate whose code and stack
-/// segments are the user ones is taken.
-const PT_REGS_SIZE: u64 = core::mem::size_of::<pt_regs>() as u64;
-const STACK_TOPS: [u64; 4] = [16 << 10, (16 << 10) - 16, 32 << 10, (32 << 10) - 16];
 
 /// The user registers (ip, sp, bp) of the sampled thread: the perf context's own when the
-/// sample interrupted user code, else those saved on entry to the kernel. Works on every
-/// kernel (bpf_task_pt_regs, the helper for this, needs Linux 5.15).
+/// sample interrupted user code, else those saved on entry to the kernel (`saved_user_regs`).
 #[inline(always)]
 fn user_regs(ctx: &PerfEventContext) -> Option<(u64, u64, u64)> {
     // SAFETY: a perf_event program's context starts with the interrupted registers.
@@ -48,26 +37,9 @@ fn user_regs(ctx: &PerfEventContext) -> Option<(u64, u64, u64)> {
     if r.cs & 3 == 3 {
         return Some((r.rip, r.rsp, r.rbp));
     }
-    let stack = read_kernel::<u64>(current_task() + kernel().task_stack as u64)?;
-    if stack == 0 {
-        return None;
-    }
-    for top in STACK_TOPS {
-        let at = stack + top - PT_REGS_SIZE;
-        let Some(seg) = read_kernel::<[u64; 5]>(at + core::mem::offset_of!(pt_regs, rip) as u64) else { continue };
-        // rip, cs, flags, rsp, ss; the selectors are the low 16 bits (FRED keeps more above).
-        if seg[1] & 0xffff == USER_CS && seg[4] & 0xffff == USER_SS {
-            let bp = read_kernel::<u64>(at + core::mem::offset_of!(pt_regs, rbp) as u64)?;
-            return Some((seg[0], seg[3], bp));
-        }
-    }
-    None
-}
-
-#[inline(always)]
-fn current_task() -> u64 {
-    // SAFETY: returns the current task pointer, only used as an address to read from.
-    unsafe { bpf_get_current_task() }
+    let (at, seg) = saved_user_regs()?;
+    let bp = read_kernel::<u64>(at + core::mem::offset_of!(pt_regs, rbp) as u64)?;
+    Some((seg[0], seg[3], bp))
 }
 
 #[perf_event]

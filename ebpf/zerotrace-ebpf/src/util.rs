@@ -3,9 +3,9 @@
 //! target memory.
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_probe_read_user as raw_read_user};
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
-use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, TargetConfig, bounds};
+use zerotrace_common::{Counter, EventHeader, GoOffsets, GoStr, GoroutineKey, RUN_MARK_SLOTS, TargetConfig, bounds, settings_flags};
 
-use crate::maps::{COUNTERS, EVENTS, TARGETS, kernel};
+use crate::maps::{COUNTERS, EVENTS, RESCUE, RUN_MARK, TARGETS, kernel, settings};
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -134,6 +134,65 @@ pub fn go_caller(ctx: &ProbeContext) -> Option<(u64, &'static GoOffsets, Gorouti
     Some((pid_tgid, go, GoroutineKey { pid: (pid_tgid >> 32) as u32, _pad: 0, goid }))
 }
 
+/// Calls with these helper numbers are rewritten by the agent before loading
+/// (agent/src/probes/kfuncs.rs): into calls of the kernel functions bpf_preempt_disable and
+/// bpf_preempt_enable where the kernel has them (Linux 6.10+), else into `r0 = 0`.
+pub const CALL_PREEMPT_DISABLE: u32 = 0x7a70_0001;
+pub const CALL_PREEMPT_ENABLE: u32 = 0x7a70_0002;
+
+/// Runs `f` with preemption disabled. Linux 7.0 runs tracepoint programs preemptible (uprobe
+/// and fentry programs are on preemptible kernels too): a program preempted mid-run could
+/// have its per-CPU scratch space overwritten by the next program on the CPU. The kernel
+/// still preempts the program before `f` and where preemption is enabled again, inside its
+/// once-per-CPU guard, and skips the program for other tasks on the CPU meanwhile: that is
+/// what the twins are for (maps::RUN_MARK).
+#[inline(always)]
+pub fn unpreempted<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: a helper call the agent turns into bpf_preempt_disable() or a no-op; both
+    // clobber only the caller-saved registers named.
+    unsafe {
+        core::arch::asm!("call {n}", n = const CALL_PREEMPT_DISABLE, out("r0") _, out("r1") _, out("r2") _, out("r3") _, out("r4") _, out("r5") _, options(nostack));
+    }
+    let r = f();
+    // SAFETY: as above, bpf_preempt_enable() or a no-op.
+    unsafe {
+        core::arch::asm!("call {n}", n = const CALL_PREEMPT_ENABLE, out("r0") _, out("r1") _, out("r2") _, out("r3") _, out("r4") _, out("r5") _, options(nostack));
+    }
+    r
+}
+
+/// x86-64 user code and stack segment selectors (__USER_CS, __USER_DS).
+const USER_CS: u64 = 0x33;
+const USER_SS: u64 = 0x2b;
+/// Where a task's saved user registers are: at the top of its kernel stack, below
+/// TOP_OF_KERNEL_STACK_PADDING (0, or 16 with FRED since Linux 6.9), in a stack of
+/// THREAD_SIZE bytes (16 KiB, 32 KiB with KASAN). The candidate whose code and stack
+/// segments are the user ones is taken.
+const PT_REGS_SIZE: u64 = core::mem::size_of::<aya_ebpf::bindings::pt_regs>() as u64;
+const STACK_TOPS: [u64; 4] = [16 << 10, (16 << 10) - 16, 32 << 10, (32 << 10) - 16];
+
+/// The current task's user registers as saved on entry to the kernel: the address of its
+/// `struct pt_regs` and (rip, cs, flags, rsp, ss) there. Works on every kernel (the helper
+/// for this, bpf_task_pt_regs, needs Linux 5.15); None in a kernel thread.
+#[inline(always)]
+pub fn saved_user_regs() -> Option<(u64, [u64; 5])> {
+    // SAFETY: returns the current task pointer, only used as an address to read from.
+    let task = unsafe { bpf_get_current_task() };
+    let stack = read_kernel::<u64>(task + kernel().task_stack as u64)?;
+    if stack == 0 {
+        return None;
+    }
+    for top in STACK_TOPS {
+        let at = stack + top - PT_REGS_SIZE;
+        let Some(seg) = read_kernel::<[u64; 5]>(at + core::mem::offset_of!(aya_ebpf::bindings::pt_regs, rip) as u64) else { continue };
+        // The selectors are the low 16 bits (FRED keeps more above).
+        if seg[1] & 0xffff == USER_CS && seg[4] & 0xffff == USER_SS {
+            return Some((at, seg));
+        }
+    }
+    None
+}
+
 /// The goroutine running on this thread: g is at fsbase + tls_g (normally -8) and its goid at
 /// g + g_goid. Returns (0, 0) outside Go code that set up TLS (e.g. a cgo thread).
 #[inline(always)]
@@ -215,4 +274,73 @@ pub fn go_conn_fd(go: &GoOffsets, itab: u64, data: u64) -> i32 {
         return -1;
     }
     read_user::<i64>(netfd + go.netfd_sysfd as u64).map_or(-1, |fd| fd as i32)
+}
+
+/// An event's key in RUN_MARK: its thread's id in the low half; in the high half a mix of
+/// the hook (`hook`) and what the hook was passed (`a`, `b`, `c`: socket, length, ...), so
+/// a mark no twin took (the twin was skipped itself) matches no later event of the thread.
+#[inline(always)]
+pub fn run_key(tid: u32, hook: u64, a: u64, b: u64, c: u64) -> u64 {
+    let mix = (a ^ b.rotate_left(21) ^ c.rotate_left(42) ^ hook).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mix & 0xffff_ffff_0000_0000) | tid as u64
+}
+
+/// Linux 7.0+ (RUN_TWINS; see maps::RUN_MARK): a program with a twin marks the event it
+/// handles (`key`, from run_key; computed only then), unless its twin handed it this event (RESCUE: a rescue,
+/// counted; the twin takes no mark then).
+#[inline(always)]
+pub fn mark_run(key: impl FnOnce() -> u64) {
+    if settings().flags & settings_flags::RUN_TWINS == 0 {
+        return;
+    }
+    let key = key();
+    if let Some(r) = RESCUE.get_ptr_mut(0) {
+        // SAFETY: per-CPU value pointer, valid for this program run.
+        unsafe {
+            if *r == key {
+                *r = 0;
+                count(Counter::KernelRunsRescued);
+                return;
+            }
+        }
+    }
+    if let Some(mark) = RUN_MARK.get_ptr_mut(key as u32 & (RUN_MARK_SLOTS - 1)) {
+        // SAFETY: array value pointer, valid for this program run; a plain store (a
+        // collision of two threads' slots costs at worst one event handled twice or lost).
+        unsafe { *mark = key };
+    }
+}
+
+/// In a twin: whether its program was skipped for the event `key` (no such mark), else
+/// the mark is taken and the twin does nothing.
+#[inline(always)]
+pub fn twin_runs(key: u64) -> bool {
+    if settings().flags & settings_flags::RUN_TWINS == 0 {
+        return false;
+    }
+    let Some(mark) = RUN_MARK.get_ptr_mut(key as u32 & (RUN_MARK_SLOTS - 1)) else { return false };
+    // SAFETY: as in mark_run.
+    unsafe {
+        if *mark == key {
+            *mark = 0;
+            return false;
+        }
+    }
+    true
+}
+
+/// In a twin whose program was skipped: runs the program itself for the event `key` (a
+/// tail call into `target`, so the twin is verified without the program's work), telling
+/// it not to mark the event. Only this twin's run uses this CPU's RESCUE meanwhile (the
+/// kernel runs the twin once per CPU at a time).
+#[inline(always)]
+pub fn rescue<C: aya_ebpf::EbpfContext>(ctx: &C, target: &aya_ebpf::maps::ProgramArray, key: u64) {
+    let Some(r) = RESCUE.get_ptr_mut(0) else { return };
+    // SAFETY: per-CPU value pointer, valid for this program run; the tail call does not
+    // return when it succeeds.
+    unsafe {
+        *r = key;
+        target.tail_call(ctx, 0);
+        *r = 0;
+    }
 }

@@ -88,6 +88,29 @@ fn without_privileges_the_agent_says_what_it_needs() -> Result<()> {
     Ok(())
 }
 
+/// A forced hook set is used where the kernel has it, and refused in one line where it
+/// does not (this machine forbids tracing programs, so `socket-fentry` is refused here; the
+/// VM kernels of `cargo xtask vmtest` run it).
+#[test]
+fn a_forced_hook_set_is_used_or_refused_in_one_line() -> Result<()> {
+    let (srv, _) = start_server("httpserver", &tools::httpserver(tools::GO_NEWEST)?)?;
+    let doctor = Command::new(tools::zerotrace_bin()?).arg("doctor").env("NO_COLOR", "1").output()?;
+    let report = String::from_utf8_lossy(&doctor.stdout).into_owned();
+    let row = report.lines().find(|l| l.starts_with("socket-fentry ")).unwrap_or_else(|| panic!("doctor has a socket-fentry row: {report}")).to_owned();
+    if row.contains(" ok ") {
+        let agent = Agent::start(&[srv.pid()], &["--exporter", "none", "--socket-hooks", "fentry"], &[])?;
+        assert!(agent.proc.stderr_text().contains("socket_hooks=\"socket-fentry\""), "{}", agent.proc.stderr_text());
+        return Ok(());
+    }
+    let (code, err) = run_to_end(&[srv.pid()], &["--exporter", "none", "--socket-hooks", "fentry"], &[])?;
+    assert_eq!(code, 2, "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {err}");
+    assert!(lines[0].contains("--socket-hooks socket-fentry:") && lines[0].contains("fentry") && lines[0].contains("Linux 5.10"), "{err}");
+    assert!(row.contains("missing"), "doctor names the gap: {row}");
+    Ok(())
+}
+
 #[test]
 fn invalid_settings_name_the_key() -> Result<()> {
     let (srv, _) = start_server("httpserver", &tools::httpserver(tools::GO_NEWEST)?)?;

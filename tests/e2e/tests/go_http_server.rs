@@ -87,6 +87,10 @@ struct Run {
 /// Starts the service and the agent, sends every case `rounds` times (keep-alive, plus one
 /// fresh connection per round), stops the agent and collects what the receiver got.
 fn trace(version: &'static str, kind: Kind, extra: &[&str], rounds: usize) -> Result<Run> {
+    trace_with(version, kind, extra, &[], rounds)
+}
+
+fn trace_with(version: &'static str, kind: Kind, extra: &[&str], env: &[(&str, &str)], rounds: usize) -> Result<Run> {
     let bin = tools::httpserver(version)?;
     let (srv, port) = start_server(&format!("httpserver-{version}"), &bin)?;
     let rx = Receiver::start(kind, 0)?;
@@ -106,7 +110,7 @@ fn trace(version: &'static str, kind: Kind, extra: &[&str], rounds: usize) -> Re
         "off",
     ];
     args.extend_from_slice(extra);
-    let mut agent = Agent::start(&[srv.pid()], &args, &[])?;
+    let mut agent = Agent::start(&[srv.pid()], &args, env)?;
     let mut sent = Vec::new();
     let mut keep_alive = Client::new(port);
     for _ in 0..rounds {
@@ -224,6 +228,20 @@ fn raw_tracepoint_hooks_give_the_same_spans() -> Result<()> {
     let run = trace(GO_NEWEST, Kind::Grpc, &["--socket-hooks", "raw"], 2)?;
     assert!(run.agent.proc.stderr_text().contains("socket_hooks=\"socket-raw\""), "{}", run.agent.proc.stderr_text());
     check(&run, true);
+    Ok(())
+}
+
+/// Linux 7.0+ gives the socket-btf programs twins for the runs the kernel skips; forced on
+/// here, where the kernel skips none, they must change nothing: every span once, nothing
+/// rescued.
+#[test]
+fn twin_programs_change_nothing_where_nothing_is_skipped() -> Result<()> {
+    let run = trace_with(GO_NEWEST, Kind::Grpc, &[], &[("ZEROTRACE_RUN_TWINS", "on")], 2)?;
+    let log = run.agent.proc.stderr_text();
+    assert!(log.contains("run_twins=true") && log.contains("socket_hooks=\"socket-btf\""), "{log}");
+    check(&run, true);
+    assert_eq!(run.agent.stat("kernel_runs_rescued"), 0);
+    assert_eq!(run.agent.stat("kernel_runs_skipped"), 0);
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The syscall behind a socket hook: its number, its arguments and the user buffers they
-//! name, shared by every hook flavour. The tracepoint flavours find the arguments in the
-//! task's saved user registers (read only when a program needs the bytes); the syscall
-//! flavour has them in its own context. Nothing here knows about connections.
+//! name, shared by every hook flavour. The tracepoint and fentry flavours find the
+//! arguments in the task's saved user registers (read once a hook knows the socket is
+//! followed: `Syscall::resolve`); the syscall flavour has them in its own context. Nothing
+//! here knows about connections.
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
@@ -9,7 +10,7 @@ use aya_ebpf::{
 
 use crate::{
     maps::kernel,
-    util::{read_kernel, read_user},
+    util::{read_kernel, read_user, saved_user_regs},
 };
 
 /// x86-64 syscall numbers whose second argument is the data buffer (third: its length).
@@ -42,19 +43,37 @@ pub trait Syscall {
     /// Whether this hit is the first of its syscall. The `tcp_sendmsg_locked` tracepoint
     /// fires once per pass of TCP's copy loop; a syscall hook fires once.
     fn first_pass(&self) -> bool;
+    /// All of the above read once, as plain values: the hooks call this once they know the
+    /// socket is followed, and everything below them sees only `SyscallArgs` (the registers
+    /// are read once, and the verifier walks one shape whatever the hook flavour).
+    fn resolve(&self) -> SyscallArgs;
 }
 
-/// Tracepoint flavours: the arguments come from the task's saved user registers, read with
-/// plain loads through a trusted BTF pointer (`BTF`) or with bpf_probe_read_kernel (raw);
-/// `msg` is the kernel's `struct msghdr` of a send (0 for receives).
-pub struct TaskRegs<const BTF: bool> {
-    pub msg: u64,
+/// Where a hook flavour finds the task's saved user registers (`TaskRegs`): through
+/// bpf_task_pt_regs (Linux 5.15) as a trusted BTF pointer read with plain loads, or with
+/// bpf_probe_read_kernel; or at the top of the task's kernel stack (every kernel).
+pub const REGS_BTF: u8 = 0;
+pub const REGS_READ: u8 = 1;
+pub const REGS_STACK: u8 = 2;
+
+/// Tracepoint and fentry flavours: the arguments come from the task's saved user
+/// registers, found the `HOW` way (`REGS_*`); `msg` is the kernel's `struct msghdr` of a
+/// send (0 for receives).
+pub struct TaskRegs<const HOW: u8> {
+    msg: u64,
 }
 
-impl<const BTF: bool> Syscall for TaskRegs<BTF> {
+impl<const HOW: u8> TaskRegs<HOW> {
+    #[inline(always)]
+    pub fn new(msg: u64) -> Self {
+        TaskRegs { msg }
+    }
+}
+
+impl<const HOW: u8> Syscall for TaskRegs<HOW> {
     #[inline(always)]
     fn args(&self) -> (u64, u64, u64) {
-        if BTF {
+        if HOW == REGS_BTF {
             // SAFETY: bpf_task_pt_regs returns a trusted BTF pointer to the task's saved user
             // registers; the verifier checks each field load.
             unsafe {
@@ -62,8 +81,15 @@ impl<const BTF: bool> Syscall for TaskRegs<BTF> {
                 ((*regs).orig_rax, (*regs).rsi, (*regs).rdx)
             }
         } else {
-            // SAFETY: helpers for the current task; the result is only read from.
-            let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+            let regs = if HOW == REGS_READ {
+                // SAFETY: helpers for the current task; the result is only read from.
+                unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) as u64 }
+            } else {
+                match saved_user_regs() {
+                    Some((at, _)) => at,
+                    None => 0,
+                }
+            };
             if regs == 0 {
                 return (u64::MAX, 0, 0);
             }
@@ -85,19 +111,29 @@ impl<const BTF: bool> Syscall for TaskRegs<BTF> {
         read_kernel::<u64>(self.msg + off as u64).unwrap_or(len)
     }
 
-    /// Later passes of TCP's copy loop see fewer bytes left in `msg` than the syscall asked
-    /// to send. Unknown (more than IOV_SUM_MAX iovecs, unreadable): first.
     #[inline(always)]
     fn first_pass(&self) -> bool {
-        let left = self.send_total(u64::MAX);
-        match requested(self.args()) {
-            Some(asked) => left >= asked,
+        self.resolve().first
+    }
+
+    #[inline(always)]
+    /// Later passes of TCP's copy loop see fewer bytes left in `msg` than the syscall asked
+    /// to send (unknown, e.g. more than IOV_SUM_MAX iovecs: first).
+    fn resolve(&self) -> SyscallArgs {
+        let (nr, a1, a2) = self.args();
+        // 0: not known (then a send's own length counts, as in send_total).
+        let left = self.send_total(0);
+        let first = match requested((nr, a1, a2)) {
+            Some(asked) => left == 0 || left >= asked,
             None => true,
-        }
+        };
+        SyscallArgs { nr, a1, a2, total: left, first }
     }
 }
 
-/// The syscall flavour: the number and arguments as the syscall tracepoint passed them.
+/// The syscall flavour: the number and arguments as the syscall tracepoint passed them;
+/// also what every flavour resolves to (`Syscall::resolve`).
+#[derive(Clone, Copy)]
 pub struct SyscallArgs {
     pub nr: u64,
     pub a1: u64,
@@ -105,6 +141,8 @@ pub struct SyscallArgs {
     /// A send's bytes (all its iovecs), summed once (`SyscallArgs::send`): a sum at each
     /// place that needs it would put the iovec loop in the program several times over.
     pub total: u64,
+    /// Whether this is the first hook hit of its syscall (see `Syscall::first_pass`).
+    pub first: bool,
 }
 
 impl SyscallArgs {
@@ -112,13 +150,13 @@ impl SyscallArgs {
     #[inline(always)]
     pub fn send(nr: u64, a1: u64, a2: u64) -> Self {
         let total = requested((nr, a1, a2)).unwrap_or(0);
-        SyscallArgs { nr, a1, a2, total }
+        SyscallArgs { nr, a1, a2, total, first: true }
     }
 
     /// A receive syscall.
     #[inline(always)]
     pub fn recv(nr: u64, a1: u64, a2: u64) -> Self {
-        SyscallArgs { nr, a1, a2, total: 0 }
+        SyscallArgs { nr, a1, a2, total: 0, first: true }
     }
 }
 
@@ -136,7 +174,12 @@ impl Syscall for SyscallArgs {
 
     #[inline(always)]
     fn first_pass(&self) -> bool {
-        true
+        self.first
+    }
+
+    #[inline(always)]
+    fn resolve(&self) -> SyscallArgs {
+        *self
     }
 }
 

@@ -2,7 +2,7 @@
 //! socket. The selected-process test comes first (every other process pays a few
 //! instructions); then the socket's state (conns.rs) decides who handles it: the server
 //! phase machine, the native client side, or a Go client's span offer. The hook flavours
-//! (tracepoints.rs, syscalls.rs) differ only in how they find the socket and the syscall's
+//! (tracepoints.rs, fentry.rs, syscalls.rs) differ only in how they find the socket and the syscall's
 //! arguments, so the records are the same whichever set runs.
 use zerotrace_common::{ConnKey, ConnRole, phase};
 
@@ -30,8 +30,9 @@ pub fn on_recv<S: Syscall, const SCAN: bool>(pid_tgid: u64, sk: u64, ret: i64, f
     let Some(conn) = conn_for(pid_tgid, sk, false) else { return };
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
+    let sys = &sys.resolve();
     if conn.role == ConnRole::Server as u8 {
-        return server::on_recv::<S, SCAN>(conn, pid_tgid, ret, sys);
+        return server::on_recv::<_, SCAN>(conn, pid_tgid, ret, sys);
     }
     // A client reading its response: its next send is a new request.
     if ret > 0 && conn.tls == 0 {
@@ -52,6 +53,7 @@ pub fn on_send<S: Syscall>(pid_tgid: u64, sk: u64, sys: &S) {
     let Some(conn) = conn_for(pid_tgid, sk, false) else { return };
     // SAFETY: map value pointer, valid for this program run.
     let conn = unsafe { &mut *conn };
+    let sys = &sys.resolve();
     if conn.role == ConnRole::Server as u8 {
         return server::on_send(conn, pid_tgid, sk, sys);
     }

@@ -1,6 +1,6 @@
 //! Sockets of selected processes, from the hooks down. Each file uses only those listed
 //! after it:
-//! - `tracepoints`, `syscalls`: the hook programs, one file per hook set;
+//! - `tracepoints`, `fentry`, `syscalls`: the hook programs, one file per hook set;
 //! - `io`: what every hook calls (receive, send, close), dispatching by the socket's role;
 //! - `server`: the request/response phase machine of server connections;
 //! - `native`: the client side of native processes (not Go), requests seen at the socket;
@@ -12,6 +12,7 @@
 pub mod args;
 pub mod bytes;
 pub mod conns;
+pub mod fentry;
 pub mod go_client;
 pub mod io;
 pub mod native;

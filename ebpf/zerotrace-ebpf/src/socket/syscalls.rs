@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     maps::{RECV_ARGS, kernel},
-    util::{count, read_kernel},
+    util::{count, read_kernel, unpreempted},
 };
 
 /// Where the syscall tracepoints' records keep the syscall number and arguments (or the
@@ -155,7 +155,7 @@ fn enter_tp<const FOUR: bool>(ctx: &TracePointContext) -> u32 {
         let args = p.add(TP_ARGS) as *const u64;
         (nr, [*args, *args.add(1), *args.add(2), if FOUR { *args.add(3) } else { 0 }])
     };
-    enter::<FOUR>(bpf_get_current_pid_tgid(), nr, a);
+    unpreempted(|| enter::<FOUR>(bpf_get_current_pid_tgid(), nr, a));
     0
 }
 
@@ -176,6 +176,6 @@ fn exit_tp<const SCAN: bool>(ctx: &TracePointContext) -> u32 {
     let p = ctx.as_ptr() as *const u8;
     // SAFETY: constant offsets inside the tracepoint's record (checked by the verifier).
     let (nr, ret) = unsafe { (*(p.add(TP_NR) as *const i32) as u64, *(p.add(TP_ARGS) as *const i64)) };
-    exit::<SCAN>(bpf_get_current_pid_tgid(), nr, ret);
+    unpreempted(|| exit::<SCAN>(bpf_get_current_pid_tgid(), nr, ret));
     0
 }
