@@ -220,8 +220,9 @@ const SOCKET_SUITES: &[&str] = &[
 /// Tests of those suites that vary what the hook set does not see: the Go version matrix
 /// and binary layouts (uprobe offsets per release and build; the newest Go runs), what
 /// only Go uprobes do (the traceparent writer, SQL, the causality switch), process churn
-/// (discovery, attach and detach), the image and its capabilities, and the agent's refusals
-/// before it loads anything.
+/// (discovery, attach and detach), the image and its capabilities, the agent's refusals
+/// before it loads anything, and the tests that choose their own hook set (twins, a forced
+/// set).
 const SOCKET_SUITES_SKIP: &[&str] = &[
     "every_go_version",
     "oldest_go",
@@ -235,6 +236,8 @@ const SOCKET_SUITES_SKIP: &[&str] = &[
     "a_pid_that_does_not_exist",
     "without_privileges",
     "invalid_settings",
+    "twin_programs",
+    "a_forced_hook_set",
 ];
 
 /// rustfmt (rustfmt.toml) and clippy with warnings as errors over every crate: the

@@ -236,7 +236,7 @@ fn raw_tracepoint_hooks_give_the_same_spans() -> Result<()> {
 /// rescued.
 #[test]
 fn twin_programs_change_nothing_where_nothing_is_skipped() -> Result<()> {
-    let run = trace_with(GO_NEWEST, Kind::Grpc, &[], &[("ZEROTRACE_RUN_TWINS", "on")], 2)?;
+    let run = trace_with(GO_NEWEST, Kind::Grpc, &["--socket-hooks", "btf"], &[("ZEROTRACE_RUN_TWINS", "on")], 2)?;
     let log = run.agent.proc.stderr_text();
     assert!(log.contains("run_twins=true") && log.contains("socket_hooks=\"socket-btf\""), "{log}");
     check(&run, true);
