@@ -690,7 +690,6 @@ impl Probes {
     /// until it resumes. Each skip is an event zerotrace never saw (docs/limits.md), unless
     /// the program's twin handled it (`kernel_runs_rescued`, subtracted by the caller).
     pub fn runs_skipped(&self) -> u64 {
-        use std::os::fd::{AsFd, AsRawFd};
         let mut last = self.skipped.lock().unwrap_or_else(|e| e.into_inner());
         let mut total = 0;
         for (name, p) in self.ebpf.programs() {
@@ -700,8 +699,8 @@ impl Probes {
             if name.ends_with("_twin") {
                 continue;
             }
-            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())) else { continue };
-            let n = recursion_misses(&info);
+            let Some(info) = fdinfo(fd) else { continue };
+            let n = fdinfo_field(&info, "recursion_misses").unwrap_or(0);
             total += n;
             let seen = last.entry(name.to_owned()).or_default();
             if n > *seen {
@@ -716,14 +715,11 @@ impl Probes {
     /// counts only while `kernel.bpf_stats_enabled` is 1 (else both are 0). `cargo xtask
     /// vmtest` turns it on to compare hook sets by program runs per request.
     pub fn socket_program_runs(&self) -> (u64, u64) {
-        use std::os::fd::{AsFd, AsRawFd};
-        let field = |info: &str, key: &str| info.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok()).unwrap_or(0);
         let mut total = (0, 0);
         for name in &self.socket_programs {
-            let Some(Ok(fd)) = self.ebpf.program(name).map(|p| p.fd()) else { continue };
-            let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())) else { continue };
-            total.0 += field(&info, "run_cnt:");
-            total.1 += field(&info, "run_time_ns:");
+            let Some(info) = self.ebpf.program(name).and_then(|p| p.fd().ok()).and_then(fdinfo) else { continue };
+            total.0 += fdinfo_field(&info, "run_cnt").unwrap_or(0);
+            total.1 += fdinfo_field(&info, "run_time_ns").unwrap_or(0);
         }
         total
     }
@@ -838,11 +834,7 @@ pub fn check_programs() -> Result<Vec<ProgramCheck>, ProbeError> {
             },
         };
         // The instructions the verifier walked (fdinfo `verified_insns`, Linux 5.16+).
-        let walked = ebpf.program(&name).and_then(|p| p.fd().ok()).and_then(|fd| {
-            use std::os::fd::{AsFd, AsRawFd};
-            let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()?;
-            info.lines().find_map(|l| l.strip_prefix("verified_insns:")?.trim().parse().ok())
-        });
+        let walked = ebpf.program(&name).and_then(|p| p.fd().ok()).and_then(fdinfo).and_then(|info| fdinfo_field(&info, "verified_insns"));
         out.push(ProgramCheck { name, outcome, skipped: None, walked });
     }
     Ok(out)
@@ -854,9 +846,15 @@ fn raw_tracepoint_exists(has_btf: bool, name: &str) -> bool {
     !has_btf || btf::kernel().ok().is_none_or(|b| b.id_of(&format!("btf_trace_{name}")).is_some())
 }
 
-/// The `recursion_misses` line of a BPF program's fdinfo (0 when absent).
-fn recursion_misses(fdinfo: &str) -> u64 {
-    fdinfo.lines().find_map(|l| l.strip_prefix("recursion_misses:")?.trim().parse().ok()).unwrap_or(0)
+/// A loaded program's fdinfo (the kernel's counts of its runs, skips and verification).
+fn fdinfo(fd: &aya::programs::ProgramFd) -> Option<String> {
+    use std::os::fd::{AsFd, AsRawFd};
+    std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd())).ok()
+}
+
+/// The number on line `key:` of a program's fdinfo (None when the kernel has no such line).
+fn fdinfo_field(fdinfo: &str, key: &str) -> Option<u64> {
+    fdinfo.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')?.trim().parse().ok())
 }
 
 /// The kernel's counters summed over CPUs, indexed by `Counter`.
@@ -889,10 +887,13 @@ impl Drop for Probes {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn reads_recursion_misses_from_fdinfo() {
+    fn reads_fields_from_fdinfo() {
         let info =
             "pos:\t0\nflags:\t02000002\nprog_type:\t26\nprog_id:\t13\nrun_time_ns:\t68220831\nrun_cnt:\t205\nrecursion_misses:\t2\nverified_insns:\t61709\n";
-        assert_eq!(super::recursion_misses(info), 2);
-        assert_eq!(super::recursion_misses("prog_type:\t26\n"), 0);
+        assert_eq!(super::fdinfo_field(info, "recursion_misses"), Some(2));
+        assert_eq!(super::fdinfo_field(info, "run_cnt"), Some(205));
+        assert_eq!(super::fdinfo_field(info, "run_time_ns"), Some(68220831));
+        assert_eq!(super::fdinfo_field(info, "verified_insns"), Some(61709));
+        assert_eq!(super::fdinfo_field("prog_type:\t26\n", "recursion_misses"), None);
     }
 }
