@@ -35,17 +35,10 @@ const IOV_SUM_MAX: u64 = 16;
 
 /// The syscall a socket hook fired in, as each hook flavour sees it.
 pub trait Syscall {
-    /// (syscall number, second argument, third argument); u64::MAX as the number when
-    /// unknown.
-    fn args(&self) -> (u64, u64, u64);
-    /// Bytes this send hands to TCP (every iovec); `len` when that cannot be told.
-    fn send_total(&self, len: u64) -> u64;
-    /// Whether this hit is the first of its syscall. The `tcp_sendmsg_locked` tracepoint
-    /// fires once per pass of TCP's copy loop; a syscall hook fires once.
-    fn first_pass(&self) -> bool;
-    /// All of the above read once, as plain values: the hooks call this once they know the
-    /// socket is followed, and everything below them sees only `SyscallArgs` (the registers
-    /// are read once, and the verifier walks one shape whatever the hook flavour).
+    /// Its number, arguments, bytes to send and whether this is the syscall's first hook hit,
+    /// read once as plain values: the hooks call this once they know the socket is
+    /// followed, and everything below them sees only `SyscallArgs` (the registers are read
+    /// once, and the verifier walks one shape whatever the hook flavour).
     fn resolve(&self) -> SyscallArgs;
 }
 
@@ -70,7 +63,9 @@ impl<const HOW: u8> TaskRegs<HOW> {
     }
 }
 
-impl<const HOW: u8> Syscall for TaskRegs<HOW> {
+impl<const HOW: u8> TaskRegs<HOW> {
+    /// (syscall number, second argument, third argument); u64::MAX as the number when
+    /// unknown.
     #[inline(always)]
     fn args(&self) -> (u64, u64, u64) {
         if HOW == REGS_BTF {
@@ -110,12 +105,9 @@ impl<const HOW: u8> Syscall for TaskRegs<HOW> {
         }
         read_kernel::<u64>(self.msg + off as u64).unwrap_or(len)
     }
+}
 
-    #[inline(always)]
-    fn first_pass(&self) -> bool {
-        self.resolve().first
-    }
-
+impl<const HOW: u8> Syscall for TaskRegs<HOW> {
     #[inline(always)]
     /// Later passes of TCP's copy loop see fewer bytes left in `msg` than the syscall asked
     /// to send (unknown, e.g. more than IOV_SUM_MAX iovecs: first).
@@ -141,7 +133,7 @@ pub struct SyscallArgs {
     /// A send's bytes (all its iovecs), summed once (`SyscallArgs::send`): a sum at each
     /// place that needs it would put the iovec loop in the program several times over.
     pub total: u64,
-    /// Whether this is the first hook hit of its syscall (see `Syscall::first_pass`).
+    /// Whether this is the first hook hit of its syscall (see `SyscallArgs::first_pass`).
     pub first: bool,
 }
 
@@ -160,23 +152,27 @@ impl SyscallArgs {
     }
 }
 
-impl Syscall for SyscallArgs {
+impl SyscallArgs {
     #[inline(always)]
-    fn args(&self) -> (u64, u64, u64) {
+    pub fn args(&self) -> (u64, u64, u64) {
         (self.nr, self.a1, self.a2)
     }
 
-    /// What the syscall asked to send (there is no kernel message to count yet).
+    /// Bytes this send hands to TCP (every iovec); `len` when that cannot be told.
     #[inline(always)]
-    fn send_total(&self, len: u64) -> u64 {
+    pub fn send_total(&self, len: u64) -> u64 {
         if self.total != 0 { self.total } else { len }
     }
 
+    /// Whether this hit is the first of its syscall. The `tcp_sendmsg_locked` tracepoint
+    /// fires once per pass of TCP's copy loop; a syscall hook fires once.
     #[inline(always)]
-    fn first_pass(&self) -> bool {
+    pub fn first_pass(&self) -> bool {
         self.first
     }
+}
 
+impl Syscall for SyscallArgs {
     #[inline(always)]
     fn resolve(&self) -> SyscallArgs {
         *self
@@ -217,7 +213,7 @@ fn requested((nr, a1, a2): (u64, u64, u64)) -> Option<u64> {
 /// directly by read/recvfrom (`recv`) or write/sendto, else an iovec of readv/recvmsg or
 /// writev/sendmsg. (0, 0) for anything else: no bytes are read then.
 #[inline(always)]
-fn data_buffer<S: Syscall>(sys: &S, recv: bool, last: bool) -> (u64, u64) {
+fn data_buffer(sys: &SyscallArgs, recv: bool, last: bool) -> (u64, u64) {
     let (nr, a1, a2) = sys.args();
     let (direct, vector, msg) = if recv {
         (nr == SYS_READ || nr == SYS_RECVFROM, nr == SYS_READV, nr == SYS_RECVMSG)
@@ -246,18 +242,18 @@ fn data_buffer<S: Syscall>(sys: &S, recv: bool, last: bool) -> (u64, u64) {
 
 /// The receive buffer and its size, when the syscall names one.
 #[inline(always)]
-pub fn recv_buffer<S: Syscall>(sys: &S) -> (u64, u64) {
+pub fn recv_buffer(sys: &SyscallArgs) -> (u64, u64) {
     data_buffer(sys, true, false)
 }
 
 /// The send buffer and its length, when the syscall names one.
 #[inline(always)]
-pub fn send_buffer<S: Syscall>(sys: &S) -> (u64, u64) {
+pub fn send_buffer(sys: &SyscallArgs) -> (u64, u64) {
     data_buffer(sys, false, false)
 }
 
 /// The last send buffer and its length (where a vectored send ends).
 #[inline(always)]
-pub fn last_send_buffer<S: Syscall>(sys: &S) -> (u64, u64) {
+pub fn last_send_buffer(sys: &SyscallArgs) -> (u64, u64) {
     data_buffer(sys, false, true)
 }

@@ -32,7 +32,7 @@ pub fn on_recv<S: Syscall, const SCAN: bool>(pid_tgid: u64, sk: u64, ret: i64, f
     let conn = unsafe { &mut *conn };
     let sys = &sys.resolve();
     if conn.role == ConnRole::Server as u8 {
-        return server::on_recv::<_, SCAN>(conn, pid_tgid, ret, sys);
+        return server::on_recv::<SCAN>(conn, pid_tgid, ret, sys);
     }
     // A client reading its response: its next send is a new request.
     if ret > 0 && conn.tls == 0 {

@@ -9,7 +9,7 @@
 use zerotrace_common::{ConnState, Counter, EventKind, h2_start, phase};
 
 use super::{
-    args::{Syscall, recv_buffer, send_buffer},
+    args::{SyscallArgs, recv_buffer, send_buffer},
     bytes::{Interim, h2_frame_start, h2_preface, interim_status, is_final_head, is_tls_record, starts_request},
     records::{bytes_event, capture_size, h2_bytes, native_capture},
 };
@@ -20,7 +20,7 @@ use crate::{
 
 /// The process hands bytes to TCP on client socket `conn`.
 #[inline(always)]
-pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sys: &S) {
+pub fn on_send(conn: &mut ConnState, pid_tgid: u64, sys: &SyscallArgs) {
     if conn.other != 0 {
         return;
     }
@@ -66,7 +66,7 @@ pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sys: &S) {
 
 /// A receive on client socket `conn` returned `ret` > 0 bytes.
 #[inline(always)]
-pub fn on_recv<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, ret: u64, sys: &S) {
+pub fn on_recv(conn: &mut ConnState, pid_tgid: u64, ret: u64, sys: &SyscallArgs) {
     if conn.other != 0 {
         return;
     }

@@ -10,7 +10,7 @@
 use zerotrace_common::{ConnKey, ConnRole, ConnState, Counter, EventKind, GoOffsets, HttpResponseEvent, bounds, h2_start, phase};
 
 use super::{
-    args::{Syscall, last_send_buffer, recv_buffer, send_buffer},
+    args::{SyscallArgs, last_send_buffer, recv_buffer, send_buffer},
     bytes::{Interim, h2_frame_start, h2_preface, interim_status, is_final_head, is_tls_record, starts_request},
     records::{bytes_event, capture_size, h2_bytes, native_capture, pipelined_capture, request_capture},
 };
@@ -25,7 +25,7 @@ use crate::{
 /// send's return, is the response's end candidate). The user buffer is read only at the
 /// first send of a response.
 #[inline(always)]
-pub fn on_send<S: Syscall>(conn: &mut ConnState, pid_tgid: u64, sk: u64, sys: &S) {
+pub fn on_send(conn: &mut ConnState, pid_tgid: u64, sk: u64, sys: &SyscallArgs) {
     count(Counter::SocketOps);
     if conn.tls != 0 {
         // The response's bytes came through crypto/tls (send_bytes); this is its timing.
@@ -350,7 +350,7 @@ pub fn recv_bytes<const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, buf: u6
 /// A receive on server connection `conn` returned `ret` (bytes or -errno). The user buffer
 /// is read only when bytes are captured.
 #[inline(always)]
-pub fn on_recv<S: Syscall, const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, ret: i64, sys: &S) {
+pub fn on_recv<const SCAN: bool>(conn: &mut ConnState, pid_tgid: u64, ret: i64, sys: &SyscallArgs) {
     count(Counter::SocketOps);
     // Any receive attempt after a response ends it: the server waits for what comes next.
     finish_response(conn, pid_tgid as u32, now(), 0);
