@@ -65,6 +65,17 @@ pub struct ReplayArgs {
     /// Stop after the correlator (no OTLP encoding): the cost of decode + correlate alone.
     #[arg(long)]
     pub no_encode: bool,
+    /// Instead: send the recording's spans through the OTLP/gRPC exporter to this endpoint,
+    /// offered at --rate spans/s for --seconds (the recording's spans over and over), with
+    /// the default queue and batch; prints what was exported and dropped.
+    #[arg(long, value_name = "URL")]
+    pub export_to: Option<String>,
+    /// Spans offered per second with --export-to.
+    #[arg(long, default_value_t = 200_000)]
+    pub rate: u64,
+    /// Seconds of offering with --export-to.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -254,7 +265,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "NAME")]
     pub service_name: Option<String>,
 
-    /// Spans waiting for export at most; more are dropped and counted [env: OTEL_BSP_MAX_QUEUE_SIZE] [default: 2048].
+    /// Spans waiting for export at most; more are dropped and counted [env: OTEL_BSP_MAX_QUEUE_SIZE] [default: 8192].
     #[arg(long, value_name = "N")]
     pub batch_queue: Option<usize>,
 

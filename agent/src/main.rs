@@ -90,7 +90,10 @@ fn main() -> ExitCode {
                 },
             }
         }
-        Command::Replay(args) => match zerotrace::replay::run(&args.file, args.rounds, !args.no_encode) {
+        Command::Replay(args) => match match &args.export_to {
+            Some(endpoint) => zerotrace::replay::export(&args.file, endpoint, args.rate, args.seconds),
+            None => zerotrace::replay::run(&args.file, args.rounds, !args.no_encode),
+        } {
             Ok(json) => {
                 println!("{json}");
                 ExitCode::SUCCESS

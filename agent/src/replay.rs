@@ -2,7 +2,8 @@
 //! a network: a `--record` recording is decoded, correlated into spans and encoded as OTLP
 //! export requests (per batch, with the exporter's own `export::encode::request`), and the
 //! throughput is printed as JSON. `cargo xtask bench pipeline` records live traffic and runs
-//! this.
+//! this. With `--export-to`, the recording's spans go through the real OTLP/gRPC exporter
+//! (queue, batches, requests in flight) at a fixed rate instead: what it sustains.
 use std::{path::Path, time::Instant};
 
 use crate::{
@@ -23,20 +24,93 @@ pub enum ReplayError {
     Empty(String),
     #[error("{path} was recorded with record format {version}, which this zerotrace does not read (it reads {readable:?}): record it again")]
     Version { path: String, version: u32, readable: &'static [u32] },
+    #[error("{0}")]
+    Export(String),
 }
 
-/// Replays `path` `rounds` times (with OTLP encoding when `encode`); returns the
-/// measurements as one JSON object.
-pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError> {
+/// The records of the recording at `path`, checked.
+fn load(path: &Path) -> Result<Vec<u8>, ReplayError> {
     let bytes = std::fs::read(path).map_err(|source| ReplayError::Read { path: path.display().to_string(), source })?;
     let version = recording::version(&bytes).0;
     if !recording::READABLE.contains(&version) {
         return Err(ReplayError::Version { path: path.display().to_string(), version, readable: recording::READABLE });
     }
-    let records: Vec<&[u8]> = recording::records(&bytes).collect();
-    if records.is_empty() {
+    if recording::records(&bytes).next().is_none() {
         return Err(ReplayError::Empty(path.display().to_string()));
     }
+    Ok(bytes)
+}
+
+/// Offers the spans of the recording at `path` to the OTLP/gRPC exporter (default queue,
+/// batch and requests in flight) at `rate` spans/s for `seconds`, then shuts it down
+/// (30 s deadline); returns offered, exported and dropped spans and the rate exported, as
+/// one JSON object.
+pub fn export(path: &Path, endpoint: &str, rate: u64, seconds: u64) -> Result<String, ReplayError> {
+    use std::sync::{Arc, atomic::Ordering::Relaxed};
+
+    use crate::export::{ExportSettings, ExportStats, Exporter, Protocol, TlsSettings, otlp::OtlpExport};
+    let bytes = load(path)?;
+    let mut spans = Vec::new();
+    let mut c = Correlator::with_memory(Clock::system(), Box::new(|_, _, _| None));
+    for r in recording::records(&bytes) {
+        if let Ok(ev) = decode(r) {
+            c.on_event(ev, &mut spans);
+        }
+    }
+    if spans.is_empty() {
+        return Err(ReplayError::Empty(path.display().to_string()));
+    }
+    let settings = ExportSettings {
+        exporter: Exporter::Otlp,
+        protocol: Protocol::Grpc,
+        endpoint: endpoint.to_owned(),
+        headers: Vec::new(),
+        timeout: std::time::Duration::from_secs(10),
+        queue: crate::settings::DEFAULT_QUEUE,
+        batch: 512,
+        delay: std::time::Duration::from_secs(5),
+        tls: TlsSettings::default(),
+    };
+    // As `run`: two tokio workers; the spans are offered from this thread.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| ReplayError::Export(e.to_string()))?;
+    let stats = Arc::new(ExportStats::default());
+    let exporter = {
+        let _guard = rt.enter();
+        OtlpExport::start(&settings, Default::default(), stats.clone()).map_err(|e| ReplayError::Export(e.to_string()))?
+    };
+    let start = Instant::now();
+    let mut offered = 0u64;
+    while start.elapsed().as_secs() < seconds {
+        // Due so far at `rate`; offered in bursts of at most a millisecond's worth.
+        let due = (start.elapsed().as_secs_f64() * rate as f64) as u64;
+        if offered >= due {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+            continue;
+        }
+        while offered < due {
+            exporter.offer(spans[(offered % spans.len() as u64) as usize].clone());
+            offered += 1;
+        }
+    }
+    rt.block_on(exporter.shutdown(std::time::Duration::from_secs(30)));
+    let secs = start.elapsed().as_secs_f64();
+    let exported = stats.exported.load(Relaxed);
+    let dropped = stats.dropped_queue_full.load(Relaxed)
+        + stats.dropped_failed.load(Relaxed)
+        + stats.dropped_rejected.load(Relaxed)
+        + stats.dropped_shutdown.load(Relaxed);
+    Ok(format!(
+        "{{\"offered\":{offered},\"exported\":{exported},\"dropped\":{dropped},\"seconds\":{secs:.3},\"exported_per_s\":{:.0},\"peak_rss_kib\":{}}}",
+        exported as f64 / secs,
+        peak_rss_kib()
+    ))
+}
+
+/// Replays `path` `rounds` times (with OTLP encoding when `encode`); returns the
+/// measurements as one JSON object.
+pub fn run(path: &Path, rounds: u32, encode: bool) -> Result<String, ReplayError> {
+    let bytes = load(path)?;
+    let records: Vec<&[u8]> = recording::records(&bytes).collect();
     let resource = EncodedResource::new(Some(&crate::export::resource::resource(&[(
         "service.name".to_owned(),
         crate::export::resource::AttrValue::Str("replay".into()),

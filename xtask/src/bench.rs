@@ -7,7 +7,11 @@
 //! agent and reports its CPU, probe hits per request and ring-buffer wake-ups. The https
 //! case loads a Go HTTPS server (the e2e test service, with a certificate it makes) at
 //! saturation: the cost of the crypto/tls plaintext hooks. The rust-* cases load the Rust
-//! test service (axum), traced at the socket level (no uprobes).
+//! test service (axum), traced at the socket level (no uprobes). rust-sdk adds the peer a
+//! user would pick instead: the same no-op route instrumented by hand with the OpenTelemetry
+//! SDK (tests/rust-svc-otel), both exporting to one local OTLP/gRPC receiver.
+//! Every round alternates which side runs first; ratios are paired by round and reported
+//! as median (min-max); a side with fewer than one span per completed request fails.
 //!
 //! `pipeline`: live traffic (Rust -> Go -> Rust over HTTP/1, gRPC) recorded by the agent
 //! (`--record`), then replayed through decode -> correlate -> OTLP encoding in one thread
@@ -60,6 +64,9 @@ pub struct PipelineArgs {
     /// Replays of the recording (the best is reported).
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
+    /// Seconds the exporter is fed at each rate.
+    #[arg(long, default_value_t = 5)]
+    pub export_seconds: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -92,8 +99,10 @@ pub struct OverheadArgs {
     /// Handlers to load: noop (saturation), work (1 ms, fixed rate), fanout (three
     /// goroutines answering over a channel, saturation), fanout-rate (the same at the fixed
     /// rate), https (a no-op handler over TLS at saturation), rust-noop and rust-work (the
-    /// Rust service: no-op at saturation, 1 ms at the fixed rate).
-    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https,rust-noop,rust-work")]
+    /// Rust service: no-op at saturation, 1 ms at the fixed rate), rust-sdk (the Rust no-op
+    /// traced by zerotrace vs instrumented by hand with the OpenTelemetry SDK, both exporting
+    /// over OTLP/gRPC; measured with the grpc export only).
+    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https,rust-noop,rust-work,rust-sdk")]
     pub cases: Vec<String>,
     /// The goroutine and channel hooks (--go-spawns/--go-channels) in the "with" runs:
     /// on, off, or both (on,off: each case measured twice).
@@ -266,6 +275,28 @@ fn pipeline(a: PipelineArgs) -> Result<()> {
         g("events_per_s"),
         g("spans_per_s"),
     );
+    // The exporter: the recording's spans offered at the goal's rate, sent over OTLP/gRPC
+    // to a Rust receiver in this process that decodes every request.
+    let mut report = format!("{}{report}", machine_line());
+    for rate in [200_000u64, 400_000] {
+        let sink = Receiver::start_bench_sink(Kind::Grpc)?;
+        step(format!("OTLP/gRPC export at {rate} spans/s for {} s to a local receiver", a.export_seconds));
+        let out = Command::new(&agent_bin)
+            .args(["replay", &rec_s, "--export-to", &sink.endpoint(), "--rate", &rate.to_string(), "--seconds", &a.export_seconds.to_string()])
+            .output()?;
+        if !out.status.success() {
+            bail!("zerotrace replay --export-to failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let h = |k: &str| json.get(k).and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+        report.push_str(&format!(
+            "  OTLP/gRPC export offered {rate} spans/s: exported {:.0} spans/s, {:.0} of {:.0} dropped, receiver counted {} (goal at 200,000: none dropped)\n",
+            h("exported_per_s"),
+            h("dropped"),
+            h("offered"),
+            sink.spans_count()
+        ));
+    }
     println!("\n{report}");
     let path = root().join("target/bench/pipeline.txt");
     std::fs::write(&path, &report)?;
@@ -280,8 +311,12 @@ struct Load {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// Responses completed in the measured window.
+    completed: u64,
 }
 
+/// What one "with" run cost: the agent's figures (zerotrace), or only the spans the sink
+/// received (the SDK peer, whose cost is inside the target).
 #[derive(Clone, Copy, Debug, Default)]
 struct AgentCost {
     cpu_s: f64,
@@ -294,6 +329,23 @@ struct AgentCost {
     dropped: u64,
 }
 
+/// One way of running the service in a round.
+#[derive(Clone, Debug, PartialEq)]
+enum Side {
+    Without,
+    /// zerotrace attached, with this socket hook set.
+    Zerotrace(String),
+    /// The peer: the service instrumented by hand with the OpenTelemetry SDK.
+    Sdk,
+}
+
+/// Runs of one side over the rounds.
+struct Runs {
+    side: Side,
+    loads: Vec<Load>,
+    costs: Vec<AgentCost>,
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -302,7 +354,29 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Median of `v` with its min and max: "0.812 (0.790-0.826)".
+fn spread(v: &[f64]) -> String {
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    format!("{:.3} ({lo:.3}-{hi:.3})", median(v.to_vec()))
+}
+
+/// Date, CPU and kernel of this run, the first line of every report.
+fn machine_line() -> String {
+    let out =
+        |cmd: &str, args: &[&str]| Command::new(cmd).args(args).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).and_then(|l| l.split_once(':')).map_or("?", |(_, m)| m.trim()).to_owned();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{} | {cpus} x {model} | Linux {} | load generator on the same machine\n\n", out("date", &["-u", "+%Y-%m-%d %H:%M UTC"]), out("uname", &["-r"]))
+}
+
+/// The cases and what each loads.
+const CASES: &str = "noop, work, fanout, fanout-rate, https, rust-noop, rust-work, rust-sdk";
+
 fn overhead(a: OverheadArgs) -> Result<()> {
+    if a.cases.iter().any(|c| c == "rust-sdk") && !a.export.contains(&Export::Grpc) {
+        bail!("the rust-sdk case compares zerotrace and the OpenTelemetry SDK both exporting over OTLP/gRPC: add grpc to --export");
+    }
     setup::kernel_toolchain()?;
     setup::apt("wrk", "wrk")?;
     let go = setup::go(setup::GO_NEWEST)?;
@@ -328,6 +402,7 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     } else {
         None
     };
+    let sdk_bin = if a.cases.iter().any(|c| c == "rust-sdk") { Some(build_sdk_peer()?) } else { None };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(format!(
         "bench overhead: Go {} frontend on :{port}, {cpus} CPUs, {} rounds x {} s, exports {:?}, probes {}",
@@ -337,32 +412,51 @@ fn overhead(a: OverheadArgs) -> Result<()> {
         a.export,
         a.go_http_probes
     ));
-    let mut report = String::new();
+    let mut report = machine_line();
+    let mut failures = Vec::new();
     for export in &a.export {
         for causality in &a.causality {
             for case in a.cases.iter().map(String::as_str) {
+                if case == "rust-sdk" && *export != Export::Grpc {
+                    continue;
+                }
                 let (pid, port) = match (&tls, &rust, case) {
                     (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
-                    (_, Some((p, rust_port)), "rust-noop" | "rust-work") => (p.pid(), *rust_port),
+                    (_, Some((p, rust_port)), c) if c.starts_with("rust-") => (p.pid(), *rust_port),
                     _ => (srv.pid(), port),
                 };
-                let mut without = Vec::new();
-                let mut with: Vec<(Vec<Load>, Vec<AgentCost>)> = a.socket_hooks.iter().map(|_| (Vec::new(), Vec::new())).collect();
+                let mut sides = vec![Side::Without];
+                if case == "rust-sdk" {
+                    sides.extend([Side::Zerotrace("auto".into()), Side::Sdk]);
+                } else {
+                    sides.extend(a.socket_hooks.iter().map(|h| Side::Zerotrace(h.clone())));
+                }
+                let mut runs: Vec<Runs> = sides.iter().map(|s| Runs { side: s.clone(), loads: Vec::new(), costs: Vec::new() }).collect();
                 for round in 0..a.rounds {
                     eprintln!("  {case} / {export:?} / goroutine+channel hooks {causality}: round {} of {}", round + 1, a.rounds);
-                    // Warm the service and the caches identically before every run.
-                    drive(case, port, &a, Duration::from_secs(1))?;
-                    without.push(drive(case, port, &a, Duration::from_secs(a.seconds))?);
-                    for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&mut with) {
-                        drive(case, port, &a, Duration::from_secs(1))?;
-                        let (load, cost) = with_agent(pid, *export, causality, hooks, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?;
-                        loads.push(load);
-                        costs.push(cost);
+                    // Which side goes first alternates between rounds.
+                    let order: Vec<usize> = if round % 2 == 0 { (0..runs.len()).collect() } else { (0..runs.len()).rev().collect() };
+                    for i in order {
+                        let r = &mut runs[i];
+                        let (load, cost) = match &r.side {
+                            Side::Without => {
+                                // Warm the service and the caches identically before every run.
+                                drive(case, port, &a, Duration::from_secs(1))?;
+                                (drive(case, port, &a, Duration::from_secs(a.seconds))?, AgentCost::default())
+                            }
+                            Side::Zerotrace(hooks) => {
+                                drive(case, port, &a, Duration::from_secs(1))?;
+                                with_agent(pid, *export, causality, hooks, &a, || drive(case, port, &a, Duration::from_secs(a.seconds)))?
+                            }
+                            Side::Sdk => with_sdk(sdk_bin.as_deref().expect("built for rust-sdk"), case, &a)?,
+                        };
+                        r.loads.push(load);
+                        r.costs.push(cost);
                     }
                 }
-                for (hooks, (loads, costs)) in a.socket_hooks.iter().zip(&with) {
-                    report.push_str(&summarize(case, *export, causality, hooks, &a, &without, loads, costs));
-                }
+                let (text, failed) = summarize(case, *export, causality, &a, &runs);
+                report.push_str(&text);
+                failures.extend(failed);
             }
         }
     }
@@ -371,50 +465,94 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     std::fs::create_dir_all(out.parent().unwrap())?;
     std::fs::write(&out, &report)?;
     eprintln!("(also written to {})", out.display());
+    if !failures.is_empty() {
+        bail!("{}", failures.join("; "));
+    }
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn summarize(case: &str, export: Export, causality: &str, hooks: &str, a: &OverheadArgs, without: &[Load], with: &[Load], costs: &[AgentCost]) -> String {
-    let m = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
-    let (r0, r1) = (m(without, |l| l.rps), m(with, |l| l.rps));
-    let (p50_0, p50_1) = (m(without, |l| l.p50_ms), m(with, |l| l.p50_ms));
-    let (p99_0, p99_1) = (m(without, |l| l.p99_ms), m(with, |l| l.p99_ms));
-    let reqs: u64 = costs.iter().map(|c| c.requests).sum::<u64>().max(1);
-    let cpu: f64 = costs.iter().map(|c| c.cpu_s).sum();
-    let run_s = a.seconds as f64 * costs.len() as f64;
-    let per = |x: u64| x as f64 / reqs as f64;
-    let title = match case {
+fn title(case: &str, a: &OverheadArgs) -> String {
+    match case {
         "noop" => "no-op handler at saturation (wrk -t1 -c32)".to_owned(),
         "fanout" => "fan-out handler (3 goroutines + channel) at saturation (wrk -t1 -c32)".to_owned(),
         "fanout-rate" => format!("fan-out handler (3 goroutines + channel) at {} req/s (32 connections, open loop)", a.rate),
         "https" => "no-op handler over HTTPS (TLS 1.3, keep-alive) at saturation (wrk -t1 -c32)".to_owned(),
         "rust-noop" => "Rust (axum) no-op handler at saturation (wrk -t1 -c32), socket level".to_owned(),
         "rust-work" => format!("Rust (axum) 1 ms handler at {} req/s (32 connections, open loop), socket level", a.rate),
+        "rust-sdk" => "Rust (axum) no-op handler at saturation (wrk -t1 -c32): zerotrace on the uninstrumented build vs the same service \
+                       instrumented by hand with the OpenTelemetry SDK (tracing + tracing-opentelemetry + OTLP batch exporter), both \
+                       exporting OTLP/gRPC to one local receiver"
+            .to_owned(),
         _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
-    };
-    let title = format!("{title}, goroutine+channel hooks {causality}, socket hooks {hooks}");
-    let errors: u64 = with.iter().chain(without).map(|l| l.errors).sum();
-    format!(
-        "{title}, export {export:?}\n\
-         \x20 without agent: {r0:>9.0} req/s  p50 {p50_0:.3} ms  p99 {p99_0:.3} ms\n\
-         \x20 with agent:    {r1:>9.0} req/s  p50 {p50_1:.3} ms  p99 {p99_1:.3} ms\n\
-         \x20 throughput ratio {:.3}   p50 latency ratio {:.3}   p99 latency ratio {:.3}   errors {errors}\n\
-         \x20 agent CPU {:.1}% of one core ({:.2} us/request); per request: {:.3} uprobe hits, {:.2} traced socket operations, {:.2} ring records; \
-         ring wake-ups {} for {} records; spans {} (dropped {})\n\n",
-        r1 / r0,
-        p50_0 / p50_1.max(1e-9),
-        p99_0 / p99_1.max(1e-9),
-        100.0 * cpu / run_s,
-        1e6 * cpu / reqs as f64,
-        per(costs.iter().map(|c| c.uprobe_hits).sum()),
-        per(costs.iter().map(|c| c.socket_syscalls).sum()),
-        per(costs.iter().map(|c| c.records).sum()),
-        costs.iter().map(|c| c.wakeups).sum::<u64>(),
-        costs.iter().map(|c| c.records).sum::<u64>(),
-        costs.iter().map(|c| c.spans).sum::<u64>(),
-        costs.iter().map(|c| c.dropped).sum::<u64>(),
-    )
+    }
+}
+
+/// The report of one case: each side's median load, its ratios to the runs without
+/// (paired by round; median and min-max), and what zerotrace cost per request. A side whose
+/// spans per request fall below 1 fails the bench: no ratio may be won by losing spans.
+fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, runs: &[Runs]) -> (String, Vec<String>) {
+    let mut failures = Vec::new();
+    let m = |v: &[Load], f: fn(&Load) -> f64| median(v.iter().map(f).collect());
+    let without = &runs.iter().find(|r| r.side == Side::Without).expect("every case runs without").loads;
+    let mut text = format!("{}, goroutine+channel hooks {causality}, export {export:?}\n", title(case, a));
+    let errors: u64 = runs.iter().flat_map(|r| &r.loads).map(|l| l.errors).sum();
+    for r in runs {
+        let name = match &r.side {
+            Side::Without => "without agent".to_owned(),
+            Side::Zerotrace(h) => format!("zerotrace ({h})"),
+            Side::Sdk => "OpenTelemetry SDK".to_owned(),
+        };
+        text.push_str(&format!(
+            "  {name:<22} {:>9.0} req/s  p50 {:.3} ms  p99 {:.3} ms\n",
+            m(&r.loads, |l| l.rps),
+            m(&r.loads, |l| l.p50_ms),
+            m(&r.loads, |l| l.p99_ms)
+        ));
+    }
+    for r in runs.iter().filter(|r| r.side != Side::Without) {
+        let paired = |f: fn(&Load, &Load) -> f64| -> Vec<f64> { r.loads.iter().zip(without).map(|(w, wo)| f(w, wo)).collect() };
+        let thr = paired(|w, wo| w.rps / wo.rps.max(1e-9));
+        let p50 = paired(|w, wo| wo.p50_ms / w.p50_ms.max(1e-9));
+        let p99 = paired(|w, wo| wo.p99_ms / w.p99_ms.max(1e-9));
+        let completed: u64 = r.loads.iter().map(|l| l.completed).sum::<u64>().max(1);
+        let spans: u64 = r.costs.iter().map(|c| c.spans).sum();
+        let spans_per = spans as f64 / completed as f64;
+        let label = match &r.side {
+            Side::Sdk => "OpenTelemetry SDK".to_owned(),
+            Side::Zerotrace(h) => format!("zerotrace ({h})"),
+            Side::Without => unreachable!(),
+        };
+        text.push_str(&format!(
+            "  {label}: throughput ratio {}   p50 latency ratio {}   p99 latency ratio {}   spans per request {spans_per:.3}\n",
+            spread(&thr),
+            spread(&p50),
+            spread(&p99)
+        ));
+        if spans_per < 1.0 {
+            failures.push(format!("{case}, {label}: {spans_per:.3} spans per request (below 1: spans were lost)"));
+        }
+        if let Side::Zerotrace(_) = r.side {
+            let c = &r.costs;
+            let reqs: u64 = c.iter().map(|c| c.requests).sum::<u64>().max(1);
+            let cpu: f64 = c.iter().map(|c| c.cpu_s).sum();
+            let run_s = a.seconds as f64 * c.len() as f64;
+            let per = |x: u64| x as f64 / reqs as f64;
+            text.push_str(&format!(
+                "    agent CPU {:.1}% of one core ({:.2} us/request); per request: {:.3} uprobe hits, {:.2} traced socket operations, {:.2} ring records; \
+                 ring wake-ups {} for {} records; spans dropped {}\n",
+                100.0 * cpu / run_s,
+                1e6 * cpu / reqs as f64,
+                per(c.iter().map(|c| c.uprobe_hits).sum()),
+                per(c.iter().map(|c| c.socket_syscalls).sum()),
+                per(c.iter().map(|c| c.records).sum()),
+                c.iter().map(|c| c.wakeups).sum::<u64>(),
+                c.iter().map(|c| c.records).sum::<u64>(),
+                c.iter().map(|c| c.dropped).sum::<u64>(),
+            ));
+        }
+    }
+    text.push_str(&format!("  errors {errors}\n\n"));
+    (text, failures)
 }
 
 /// CPU seconds (user + system) used so far by `pid`.
@@ -436,7 +574,7 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
     match export {
         Export::None => args.extend(["--exporter".into(), "none".into()]),
         Export::Grpc => {
-            let r = Receiver::start(Kind::Grpc, 0)?;
+            let r = Receiver::start_bench_sink(Kind::Grpc)?;
             args.extend(["--otlp-endpoint".into(), r.endpoint()]);
             sink = Some(r);
         }
@@ -453,6 +591,11 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
     let result = load()?;
     let cpu1 = cpu_seconds(apid);
     agent.stop()?;
+    // Spans exported count as what the sink received; without export, as assembled.
+    let spans = match (&sink, export) {
+        (Some(r), Export::Grpc) => r.spans_count() as u64,
+        _ => agent.stat("spans_assembled"),
+    };
     drop(sink);
     // No ratio is won by dropping spans: any shedding fails the bench (reported here, not
     // again when the agent is dropped).
@@ -470,10 +613,42 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
         socket_syscalls: agent.stat("socket_ops"),
         wakeups: agent.stat("ring_wakeups"),
         records: agent.stat("events_read"),
-        spans: agent.stat("spans_assembled"),
+        spans,
         dropped: agent.stat("events_dropped_ring_full") + agent.stat("spans_dropped_queue_full") + agent.stat("spans_dropped_export_failed"),
     };
     Ok((result, cost))
+}
+
+/// Builds the SDK peer (tests/rust-svc-otel).
+fn build_sdk_peer() -> Result<std::path::PathBuf> {
+    step("building the OpenTelemetry SDK peer (tests/rust-svc-otel, release)");
+    crate::util::run(crate::util::cargo().current_dir(root()).args(["build", "--release", "-p", "rust-svc-otel"]))?;
+    Ok(root().join("target/release/rust-svc-otel"))
+}
+
+/// One run of the SDK peer: a fresh process exporting to a fresh counting receiver, warmed
+/// for a second, measured, then stopped (SIGTERM flushes its batches) so that every span it
+/// made is counted. Its queue is sized so that the batch processor drops nothing at this
+/// load (its default 2,048 would drop spans and make its ratio look better than its cost).
+fn with_sdk(bin: &std::path::Path, case: &str, a: &OverheadArgs) -> Result<(Load, AgentCost)> {
+    let sink = Receiver::start_bench_sink(Kind::Grpc)?;
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg(format!("127.0.0.1:{port}"))
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", sink.endpoint())
+        .env("OTEL_BSP_MAX_QUEUE_SIZE", "262144")
+        .env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "4096");
+    let mut p = Proc::spawn("bench-sdk", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let warm = drive(case, port, a, Duration::from_secs(1))?;
+    let load = drive(case, port, a, Duration::from_secs(a.seconds))?;
+    p.signal(libc::SIGTERM);
+    if !p.wait_timeout(Duration::from_secs(90)).is_some_and(|s| s.success()) {
+        bail!("the SDK peer did not flush and exit within 90 s of SIGTERM ({} spans received): {}", sink.spans_count(), p.stderr_text());
+    }
+    // The warm-up's spans are in the count too: only the measured run's are kept.
+    let spans = (sink.spans_count() as u64).saturating_sub(warm.completed);
+    Ok((load, AgentCost { spans, ..AgentCost::default() }))
 }
 
 fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
@@ -483,9 +658,9 @@ fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
         "fanout-rate" => fixed_rate(port, "/fanout", a.rate, 32, d),
         "work" => fixed_rate(port, "/work", a.rate, 32, d),
         "https" => wrk_url(&format!("https://127.0.0.1:{port}/leaf/bench"), d),
-        "rust-noop" => wrk(port, "/hello", d),
+        "rust-noop" | "rust-sdk" => wrk(port, "/hello", d),
         "rust-work" => fixed_rate(port, "/slow/1", a.rate, 32, d),
-        other => bail!("unknown case {other:?} (noop, work, fanout, fanout-rate, https, rust-noop, rust-work)"),
+        other => bail!("unknown case {other:?} ({CASES})"),
     }
 }
 
@@ -524,7 +699,9 @@ fn wrk_url(url: &str, d: Duration) -> Result<Load> {
     let mut l = Load::default();
     for line in text.lines() {
         let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
+        if let Some((n, _)) = t.split_once(" requests in ") {
+            l.completed = n.trim().parse().unwrap_or(0);
+        } else if let Some(v) = t.strip_prefix("Requests/sec:") {
             l.rps = v.trim().parse().unwrap_or(0.0);
         } else if let Some(v) = t.strip_prefix("50%") {
             l.p50_ms = wrk_ms(v.trim());
@@ -554,26 +731,29 @@ fn wrk_ms(v: &str) -> f64 {
 }
 
 /// Open-loop load at `rate` req/s over `conns` keep-alive connections; latency counts from
-/// each request's scheduled time, so a stall is not hidden by sending less.
+/// each request's scheduled time, so a stall is not hidden by sending less. Throughput is
+/// the responses completed in the window: a generator that falls behind stops at the
+/// window's end instead of catching up, so a slower service shows a lower rate, not the
+/// schedule's.
 fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Result<Load> {
     let start = Instant::now() + Duration::from_millis(50);
+    let end = start + d;
     let interval = Duration::from_secs_f64(conns as f64 / rate as f64);
     let handles: Vec<_> = (0..conns)
         .map(|c| {
             let path = path.to_owned();
-            std::thread::spawn(move || -> Result<(Vec<f64>, u64)> {
+            std::thread::spawn(move || -> Result<(Vec<f64>, u64, u64)> {
                 let mut client = Client::new(port);
                 client.connect()?;
-                let mut lat = Vec::new();
-                let mut errors = 0;
+                let (mut lat, mut errors, mut in_window) = (Vec::new(), 0, 0);
                 let offset = interval.mul_f64(c as f64 / conns as f64);
                 let mut k = 0u32;
                 loop {
                     let due = start + offset + interval * k;
-                    if due > start + d {
+                    let now = Instant::now();
+                    if due > end || now > end {
                         break;
                     }
-                    let now = Instant::now();
                     if due > now {
                         std::thread::sleep(due - now);
                     }
@@ -581,21 +761,23 @@ fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Re
                         errors += 1;
                     }
                     lat.push(due.elapsed().as_secs_f64() * 1000.0);
+                    if Instant::now() <= end {
+                        in_window += 1;
+                    }
                     k += 1;
                 }
-                Ok((lat, errors))
+                Ok((lat, errors, in_window))
             })
         })
         .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
+    let (mut all, mut errors, mut completed) = (Vec::new(), 0, 0);
     for h in handles {
-        let (lat, e) = h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+        let (lat, e, n) = h.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
         all.extend(lat);
         errors += e;
+        completed += n;
     }
-    let elapsed = d.as_secs_f64();
     all.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1))).copied().unwrap_or(0.0);
-    Ok(Load { rps: all.len() as f64 / elapsed, p50_ms: pct(0.5), p99_ms: pct(0.99), errors })
+    Ok(Load { rps: completed as f64 / d.as_secs_f64(), p50_ms: pct(0.5), p99_ms: pct(0.99), errors, completed })
 }

@@ -218,6 +218,9 @@ struct Store {
     discard: bool,
     /// Soak sink: count spans, keep none (hours of load would not fit in memory).
     count_only: bool,
+    /// Benchmark sink for any exporter (zerotrace or the OpenTelemetry SDK): decode and
+    /// count spans, check nothing (the checks hold zerotrace to its own conventions).
+    unchecked: bool,
     /// Spans received (kept or not).
     span_total: AtomicUsize,
     /// Planted secrets (`secrets`) and semantic-conventions problems (`semconv`) found in
@@ -257,7 +260,9 @@ impl Store {
     }
 
     fn add(&self, req: &ExportTraceServiceRequest) {
-        self.scan("spans", &req.encode_to_vec(), crate::semconv::check_traces(req));
+        if !self.unchecked {
+            self.scan("spans", &req.encode_to_vec(), crate::semconv::check_traces(req));
+        }
         self.requests.fetch_add(1, Ordering::SeqCst);
         self.span_total.fetch_add(span_count(req), Ordering::SeqCst);
         if !self.count_only {
@@ -414,6 +419,12 @@ impl Receiver {
     /// A receiver that counts the spans it gets and keeps none (`spans_count`).
     pub fn start_counting(kind: Kind) -> Result<Receiver> {
         Self::start_with(kind, 0, Arc::new(Store { count_only: true, ..Store::default() }))
+    }
+
+    /// A benchmark sink for zerotrace and the OpenTelemetry SDK alike: decodes every export
+    /// request and counts its spans (`spans_count`), keeps and checks none.
+    pub fn start_bench_sink(kind: Kind) -> Result<Receiver> {
+        Self::start_with(kind, 0, Arc::new(Store { count_only: true, unchecked: true, ..Store::default() }))
     }
 
     /// A gRPC receiver over TLS (https): `identity` is the server's (certificate, key) PEM;
