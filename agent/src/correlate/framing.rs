@@ -66,8 +66,8 @@ impl Progress {
     /// A response to the request whose captured bytes are `request`, starting with `head`
     /// (captured) of `len` bytes moved at `ts`.
     pub(super) fn starting(request: &[u8], head: &[u8], len: u64, ts: u64) -> Progress {
-        let method = http1::parse_request(request).map(|h| h.method.into_owned()).unwrap_or_default();
-        let mut p = Progress::new(head, &method, ts);
+        let method = http1::request_method(request).unwrap_or_default();
+        let mut p = Progress::new(head, method, ts);
         p.add_read(head, len, ts);
         p
     }

@@ -9,7 +9,7 @@
 //! resource (service.name = zerotrace). Aggregation and encoding are ours (a few histogram
 //! series per route), the wire types are opentelemetry-proto's.
 use std::{
-    collections::HashMap,
+    collections::hash_map::Entry,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -22,6 +22,8 @@ use opentelemetry_proto::tonic::{
     },
     resource::v1::Resource as ProtoResource,
 };
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{ExportSettings, resource::Resources};
 use crate::spans::{Span, SpanKind, Status, Value};
@@ -105,12 +107,16 @@ impl Red {
             attrs.push(("error.type", Attr::Str(code.to_string())));
         }
         let key = SeriesKey { pid: s.pid, metric, attrs };
-        if !self.series.contains_key(&key) && self.series.len() >= MAX_SERIES {
-            self.dropped_series += 1;
-            return;
-        }
+        let full = self.series.len() >= MAX_SERIES;
+        let h = match self.series.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(_) if full => {
+                self.dropped_series += 1;
+                return;
+            }
+            Entry::Vacant(e) => e.insert(Hist::default()),
+        };
         let secs = s.duration_ns() as f64 / 1e9;
-        let h = self.series.entry(key).or_default();
         let bounds = bounds_of(metric);
         let bucket = bounds.iter().position(|b| secs <= *b).unwrap_or(bounds.len());
         h.counts[bucket] += 1;
@@ -168,7 +174,7 @@ pub fn now_ns() -> u64 {
 /// counters (under its own).
 pub fn request(red: &Red, resources: &Resources, counters: &[(&'static str, u64)], start_ns: u64) -> ExportMetricsServiceRequest {
     let now = now_ns();
-    let mut by_pid: HashMap<u32, HashMap<&'static str, Vec<HistogramDataPoint>>> = HashMap::new();
+    let mut by_pid: HashMap<u32, HashMap<&'static str, Vec<HistogramDataPoint>>> = HashMap::default();
     for (k, h) in &red.series {
         let point = HistogramDataPoint {
             attributes: k.attrs.iter().map(|(n, a)| proto_attr(n, a)).collect(),
@@ -331,7 +337,7 @@ mod tests {
         let err = red.series.keys().find(|k| k.attrs.contains(&("http.response.status_code", Attr::Int(503)))).unwrap();
         assert!(err.attrs.contains(&("error.type", Attr::Str("503".into()))));
         assert!(!red.series.keys().any(|k| k.attrs.iter().any(|(n, _)| *n == "url.path")), "never the raw path");
-        let resources: Resources = Arc::new(Mutex::new(HashMap::new()));
+        let resources: Resources = Arc::new(Mutex::new(Default::default()));
         let req = request(&red, &resources, &[("spans_assembled", 4)], 1);
         assert_eq!(req.resource_metrics.len(), 2, "the process's and the agent's own");
         red.forget_pid(7);

@@ -35,6 +35,22 @@ impl RequestHead<'_> {
 
 const MAX_HEADERS: usize = 96;
 
+/// The method of the request head in `buf` (its first token, after the empty lines a
+/// request line may follow), without parsing the rest: what a response's framing needs to
+/// know of its request (HEAD, CONNECT). None when `buf` starts with no token and a space.
+pub fn request_method(buf: &[u8]) -> Option<&str> {
+    let start = buf.iter().position(|&b| b != b'\r' && b != b'\n')?;
+    let rest = &buf[start..];
+    let end = rest.iter().position(|&b| b == b' ')?;
+    let token = &rest[..end];
+    // RFC 9110 tchar.
+    let tchar = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(b);
+    if token.is_empty() || !token.iter().all(tchar) {
+        return None;
+    }
+    std::str::from_utf8(token).ok()
+}
+
 /// Parses a request head from captured bytes; None when the bytes are not an HTTP/1 request.
 pub fn parse_request(buf: &[u8]) -> Option<RequestHead<'_>> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -269,6 +285,19 @@ pub fn known_method(m: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_method_is_the_first_token() {
+        assert_eq!(request_method(b"HEAD /x HTTP/1.1\r\nhost: a\r\n\r\n"), Some("HEAD"));
+        assert_eq!(request_method(b"\r\nGET / HTTP/1.1\r\n"), Some("GET"));
+        // A head cut short still names its method, as parse_request does.
+        assert_eq!(request_method(b"CONNECT a:443 HT"), Some("CONNECT"));
+        for bad in [&b""[..], b"GET", b" GET / HTTP/1.1", b"G(T / HTTP/1.1", b"\x16\x03\x01 hello"] {
+            assert_eq!(request_method(bad), None, "{bad:?}");
+        }
+        let head = b"DELETE /a HTTP/1.1\r\n\r\n";
+        assert_eq!(request_method(head), parse_request(head).map(|h| h.method.into_owned()).as_deref());
+    }
 
     #[test]
     fn response_framing() {
