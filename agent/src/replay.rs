@@ -87,10 +87,13 @@ pub fn export(path: &Path, endpoint: &str, rate: u64, seconds: u64) -> Result<St
             std::thread::sleep(std::time::Duration::from_micros(200));
             continue;
         }
+        // As the run loop does: a drain's spans in one message.
+        let mut burst = Vec::with_capacity((due - offered) as usize);
         while offered < due {
-            exporter.offer(spans[(offered % spans.len() as u64) as usize].clone());
+            burst.push(spans[(offered % spans.len() as u64) as usize].clone());
             offered += 1;
         }
+        exporter.offer_all(&mut burst);
     }
     rt.block_on(exporter.shutdown(std::time::Duration::from_secs(30)));
     let secs = start.elapsed().as_secs_f64();

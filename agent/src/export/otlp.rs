@@ -1,4 +1,5 @@
-//! OTLP trace export: a bounded queue (drops counted, the pipeline never waits), batches per
+//! OTLP trace export: a bounded queue (drops counted, the pipeline never waits; the spans of
+//! one drain go in as one message, so the exporting task wakes once per drain), batches per
 //! traced process (each process is its own resource, encoded once) by size or delay, each
 //! batch encoded straight to an `ExportTraceServiceRequest` (`encode`) and sent over gRPC
 //! (tonic) or HTTP (reqwest), up to MAX_IN_FLIGHT export requests at once, with retries and
@@ -8,10 +9,9 @@
 //! counted under the reason it was dropped (queue full, retries spent, refused by the
 //! collector, still queued at the shutdown deadline).
 use std::{
-    collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -22,6 +22,7 @@ use prost::{
     Message as _,
     bytes::{BufMut as _, Bytes},
 };
+use rustc_hash::FxHashMap as HashMap;
 use tokio::sync::mpsc;
 
 use super::{
@@ -47,7 +48,10 @@ pub enum ExportError {
 const MAX_IN_FLIGHT: usize = 4;
 
 pub struct OtlpExport {
-    tx: Option<mpsc::Sender<Span>>,
+    tx: Option<mpsc::Sender<Vec<Span>>>,
+    /// Spans in the queue (its bound is in spans, its messages hold a drain's spans each).
+    queued: Arc<AtomicUsize>,
+    queue: usize,
     task: tokio::task::JoinHandle<()>,
     /// Told at the shutdown deadline: the task ends every export in flight and returns.
     stop: Arc<tokio::sync::Notify>,
@@ -59,25 +63,46 @@ impl OtlpExport {
     /// the exporter cannot use.
     pub fn start(settings: &ExportSettings, resources: Resources, stats: Arc<ExportStats>) -> Result<Self, ExportError> {
         let transport = Transport::new(settings)?;
-        let (tx, rx) = mpsc::channel(settings.queue);
+        // Every message holds at least one span, so the span bound also bounds messages.
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let queued = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(tokio::sync::Notify::new());
-        let task = tokio::spawn(run(rx, settings.clone(), transport, resources, stats.clone(), stop.clone()));
-        Ok(Self { tx: Some(tx), task, stop, stats })
+        let task = tokio::spawn(run(rx, queued.clone(), settings.clone(), transport, resources, stats.clone(), stop.clone()));
+        Ok(Self { tx: Some(tx), queued, queue: settings.queue, task, stop, stats })
     }
 
-    /// Queues a span; never waits. A full queue drops the span and counts it.
-    pub fn offer(&self, span: Span) {
-        let Some(tx) = &self.tx else { return };
+    /// Queues `spans` (emptied) as one message; never waits. What does not fit in the
+    /// queue is dropped and counted (the last spans of the lot).
+    pub fn offer_all(&self, spans: &mut Vec<Span>) {
+        let n = spans.len();
+        let Some(tx) = self.tx.as_ref().filter(|_| n > 0) else {
+            spans.clear();
+            return;
+        };
         if crate::probes::guard::OVER_MEMORY_LIMIT.load(Relaxed) {
-            self.stats.dropped_memory_limit.fetch_add(1, Relaxed);
+            self.stats.dropped_memory_limit.fetch_add(n as u64, Relaxed);
+            spans.clear();
             return;
         }
-        match tx.try_send(span) {
+        // Only this thread adds to the count, so the room seen here cannot shrink.
+        let room = self.queue.saturating_sub(self.queued.load(Relaxed));
+        if room < n {
+            self.stats.dropped_queue_full.fetch_add((n - room) as u64, Relaxed);
+            spans.truncate(room);
+        }
+        let k = spans.len();
+        if k == 0 {
+            return;
+        }
+        self.queued.fetch_add(k, Relaxed);
+        match tx.try_send(std::mem::take(spans)) {
             Ok(()) => {
-                self.stats.queued.fetch_add(1, Relaxed);
+                self.stats.queued.fetch_add(k as u64, Relaxed);
             }
-            Err(_) => {
-                self.stats.dropped_queue_full.fetch_add(1, Relaxed);
+            Err(e) => {
+                self.queued.fetch_sub(k, Relaxed);
+                self.stats.dropped_queue_full.fetch_add(k as u64, Relaxed);
+                drop(e);
             }
         }
     }
@@ -290,12 +315,20 @@ impl EncodedResources {
     }
 }
 
-async fn run(rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transport, resources: Resources, stats: Arc<ExportStats>, stop: Arc<tokio::sync::Notify>) {
+async fn run(
+    rx: mpsc::Receiver<Vec<Span>>,
+    queued: Arc<AtomicUsize>,
+    s: ExportSettings,
+    transport: Transport,
+    resources: Resources,
+    stats: Arc<ExportStats>,
+    stop: Arc<tokio::sync::Notify>,
+) {
     let mut in_flight = tokio::task::JoinSet::new();
     tokio::select! {
         biased;
         _ = stop.notified() => {}
-        _ = gather(rx, s, transport, resources, stats, &mut in_flight) => {}
+        _ = gather(rx, queued, s, transport, resources, stats, &mut in_flight) => {}
     }
     // Stopped (or done): the exports still in flight are cancelled and waited for.
     in_flight.shutdown().await;
@@ -304,53 +337,51 @@ async fn run(rx: mpsc::Receiver<Span>, s: ExportSettings, transport: Transport, 
 /// Gathers spans into per-process batches and exports them until the queue is closed and
 /// everything in it was sent.
 async fn gather(
-    mut rx: mpsc::Receiver<Span>,
+    mut rx: mpsc::Receiver<Vec<Span>>,
+    queued: Arc<AtomicUsize>,
     s: ExportSettings,
     transport: Transport,
     resources: Resources,
     stats: Arc<ExportStats>,
     in_flight: &mut tokio::task::JoinSet<()>,
 ) {
-    let mut resources = EncodedResources { resources, by_pid: HashMap::new() };
+    let mut resources = EncodedResources { resources, by_pid: HashMap::default() };
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let failing = Arc::new(Mutex::new(Failing::default()));
-    let mut batches: HashMap<u32, Vec<Span>> = HashMap::new();
+    let mut batches: HashMap<u32, Vec<Span>> = HashMap::default();
     let mut open = true;
     let ctx = Ctx { transport, stats, failing };
     while open {
-        // Wait for a first span, then gather until a batch is full or the delay is over.
-        match rx.recv().await {
-            Some(span) => batches.entry(span.pid).or_default().push(span),
-            None => break,
-        }
+        // Wait for a first message, then gather until a batch is full or the delay is over.
+        let Some(first) = rx.recv().await else { break };
         let deadline = tokio::time::Instant::now() + s.delay;
         // Spans gathered in partial batches (many processes, each below a batch): at most a
         // queue's worth, so that memory stays within twice the queue.
-        let mut held = 1usize;
-        loop {
+        let mut held = 0usize;
+        let mut next = Some(first);
+        while let Some(spans) = next.take() {
+            queued.fetch_sub(spans.len(), Relaxed);
+            for span in spans {
+                held += 1;
+                let pid = span.pid;
+                let b = batches.entry(pid).or_default();
+                b.push(span);
+                if b.len() >= s.batch {
+                    held -= b.len();
+                    let full = std::mem::take(b);
+                    // Waiting for a free export slot is the backpressure: meanwhile the
+                    // bounded queue fills and further spans are dropped and counted.
+                    let permit = permits.clone().acquire_owned().await.expect("never closed");
+                    spawn_export(in_flight, &ctx, resources.get(pid), full, permit, true);
+                }
+            }
             if held >= s.queue {
                 break;
             }
             match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => {
-                    held += 1;
-                    let pid = span.pid;
-                    let b = batches.entry(pid).or_default();
-                    b.push(span);
-                    if b.len() >= s.batch {
-                        held -= b.len();
-                        let full = std::mem::take(b);
-                        // Waiting for a free export slot is the backpressure: meanwhile the
-                        // bounded queue fills and further spans are dropped and counted.
-                        let permit = permits.clone().acquire_owned().await.expect("never closed");
-                        spawn_export(in_flight, &ctx, resources.get(pid), full, permit, true);
-                    }
-                }
-                Ok(None) => {
-                    open = false;
-                    break;
-                }
-                Err(_) => break,
+                Ok(Some(spans)) => next = Some(spans),
+                Ok(None) => open = false,
+                Err(_) => {}
             }
         }
         for (pid, b) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
@@ -363,8 +394,11 @@ async fn gather(
     }
     // Closed: what is left goes out in full batches, one attempt each.
     let mut rest: HashMap<u32, Vec<Span>> = batches;
-    while let Ok(span) = rx.try_recv() {
-        rest.entry(span.pid).or_default().push(span);
+    while let Ok(spans) = rx.try_recv() {
+        queued.fetch_sub(spans.len(), Relaxed);
+        for span in spans {
+            rest.entry(span.pid).or_default().push(span);
+        }
     }
     for (pid, mut spans) in rest {
         while !spans.is_empty() {

@@ -165,7 +165,7 @@ impl Outputs {
             print::print(&lines);
         }
         match &self.export {
-            Some(e) => spans.drain(..).for_each(|sp| e.offer(sp)),
+            Some(e) => e.offer_all(spans),
             None => spans.clear(),
         }
     }
