@@ -9,7 +9,7 @@
 //! saturation: the cost of the crypto/tls plaintext hooks. The rust-* cases load the Rust
 //! test service (axum), traced at the socket level (no uprobes). rust-sdk adds the peer a
 //! user would pick instead: the same no-op route instrumented by hand with the OpenTelemetry
-//! SDK (tests/rust-svc-otel), both exporting to one local OTLP/gRPC receiver.
+//! SDK (tests/rust-svc-otel), each run exporting to a fresh local OTLP/gRPC receiver.
 //! Every round alternates which side runs first; ratios are paired by round and reported
 //! as median (min-max); a side with fewer than one span per completed request fails.
 //!
@@ -81,7 +81,8 @@ pub enum Export {
 
 #[derive(Args)]
 pub struct OverheadArgs {
-    /// Alternating rounds per case (each round: one run without, one with the agent).
+    /// Rounds per case (each round: one run without the agent and one per "with" side, the
+    /// order reversed every other round).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Seconds per run.
@@ -351,7 +352,8 @@ fn median(mut v: Vec<f64>) -> f64 {
         return 0.0;
     }
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
 }
 
 /// Median of `v` with its min and max: "0.812 (0.790-0.826)".
@@ -375,7 +377,7 @@ const CASES: &str = "noop, work, fanout, fanout-rate, https, rust-noop, rust-wor
 
 fn overhead(a: OverheadArgs) -> Result<()> {
     if a.cases.iter().any(|c| c == "rust-sdk") && !a.export.contains(&Export::Grpc) {
-        bail!("the rust-sdk case compares zerotrace and the OpenTelemetry SDK both exporting over OTLP/gRPC: add grpc to --export");
+        eprintln!("  (the rust-sdk case compares exports over OTLP/gRPC: it runs only with grpc in --export)");
     }
     setup::kernel_toolchain()?;
     setup::apt("wrk", "wrk")?;
@@ -481,7 +483,7 @@ fn title(case: &str, a: &OverheadArgs) -> String {
         "rust-work" => format!("Rust (axum) 1 ms handler at {} req/s (32 connections, open loop), socket level", a.rate),
         "rust-sdk" => "Rust (axum) no-op handler at saturation (wrk -t1 -c32): zerotrace on the uninstrumented build vs the same service \
                        instrumented by hand with the OpenTelemetry SDK (tracing + tracing-opentelemetry + OTLP batch exporter), both \
-                       exporting OTLP/gRPC to one local receiver"
+                       exporting OTLP/gRPC to a local receiver (a fresh one per run)"
             .to_owned(),
         _ => format!("1 ms handler at {} req/s (32 connections, open loop)", a.rate),
     }
@@ -531,6 +533,10 @@ fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, runs
         if spans_per < 1.0 {
             failures.push(format!("{case}, {label}: {spans_per:.3} spans per request (below 1: spans were lost)"));
         }
+        let dropped: u64 = r.costs.iter().map(|c| c.dropped).sum();
+        if dropped > 0 {
+            failures.push(format!("{case}, {label}: {dropped} records or spans dropped"));
+        }
         if let Side::Zerotrace(_) = r.side {
             let c = &r.costs;
             let reqs: u64 = c.iter().map(|c| c.requests).sum::<u64>().max(1);
@@ -568,7 +574,7 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &OverheadArgs, load: impl FnOnce() -> Result<Load>) -> Result<(Load, AgentCost)> {
     let mut sink = None;
-    // `auto` is the default: not passed, so that an older build (ZEROTRACE_BIN) runs too.
+    // `auto` is the default: not passed (a build older than the hook sets runs too).
     let mut args: Vec<String> = if hooks == "auto" { vec![] } else { vec!["--socket-hooks".into(), hooks.into()] };
     args.extend(["--go-http-probes".into(), a.go_http_probes.clone(), "--go-spawns".into(), causality.into(), "--go-channels".into(), causality.into()]);
     // Full tracing is what is measured: the default budget (half a core, probe hits
@@ -606,9 +612,7 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
     agent.sheds_on_purpose = true;
     let (shed, refused) = (agent.stat("requests_shed"), agent.stat("spans_dropped_memory_limit"));
     if shed + refused > 0 {
-        bail!(
-            "the agent shed load in this run (requests_shed={shed}, spans_dropped_memory_limit={refused}): its default --cpu-budget or --memory-limit tripped at the bench's load"
-        );
+        bail!("the agent shed load in this run (requests_shed={shed}, spans_dropped_memory_limit={refused}): its --memory-limit tripped at the bench's load");
     }
     let cost = AgentCost {
         cpu_s: cpu1 - cpu0,
@@ -717,8 +721,8 @@ fn wrk_url(url: &str, d: Duration) -> Result<Load> {
             l.errors += t.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u64>().ok()).sum::<u64>();
         }
     }
-    if l.rps == 0.0 {
-        bail!("wrk printed no throughput:\n{text}");
+    if l.rps == 0.0 || l.completed == 0 {
+        bail!("wrk printed no throughput or request count:\n{text}");
     }
     Ok(l)
 }
@@ -736,8 +740,8 @@ fn wrk_ms(v: &str) -> f64 {
 
 /// Open-loop load at `rate` req/s over `conns` keep-alive connections; latency counts from
 /// each request's scheduled time, so a stall is not hidden by sending less. Throughput is
-/// the responses completed in the window: a generator that falls behind stops at the
-/// window's end instead of catching up, so a slower service shows a lower rate, not the
+/// the responses completed in the window (a generator that falls behind finishes what was
+/// due after the window, uncounted), so a slower service shows a lower rate, not the
 /// schedule's.
 fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Result<Load> {
     let start = Instant::now() + Duration::from_millis(50);
@@ -753,11 +757,13 @@ fn fixed_rate(port: u16, path: &str, rate: u32, conns: usize, d: Duration) -> Re
                 let offset = interval.mul_f64(c as f64 / conns as f64);
                 let mut k = 0u32;
                 loop {
+                    // Every request due in the window is sent, late or not: its latency
+                    // counts from when it was due.
                     let due = start + offset + interval * k;
-                    let now = Instant::now();
-                    if due > end || now > end {
+                    if due > end {
                         break;
                     }
+                    let now = Instant::now();
                     if due > now {
                         std::thread::sleep(due - now);
                     }

@@ -73,7 +73,7 @@ impl OtlpExport {
 
     /// Queues `spans` (emptied) as one message; never waits. What does not fit in the
     /// queue is dropped and counted (the last spans of the lot).
-    pub fn offer_all(&self, spans: &mut Vec<Span>) {
+    pub fn offer_all(&mut self, spans: &mut Vec<Span>) {
         let n = spans.len();
         let Some(tx) = self.tx.as_ref().filter(|_| n > 0) else {
             spans.clear();
@@ -84,7 +84,7 @@ impl OtlpExport {
             spans.clear();
             return;
         }
-        // Only this thread adds to the count, so the room seen here cannot shrink.
+        // Only the owner (`&mut self`) adds to the count, so the room seen here cannot shrink.
         let room = self.queue.saturating_sub(self.queued.load(Relaxed));
         if room < n {
             self.stats.dropped_queue_full.fetch_add((n - room) as u64, Relaxed);
@@ -95,7 +95,9 @@ impl OtlpExport {
             return;
         }
         self.queued.fetch_add(k, Relaxed);
-        match tx.try_send(std::mem::take(spans)) {
+        // The caller's buffer keeps its capacity for the next drain.
+        let lot = std::mem::replace(spans, Vec::with_capacity(spans.capacity()));
+        match tx.try_send(lot) {
             Ok(()) => {
                 self.stats.queued.fetch_add(k as u64, Relaxed);
             }
@@ -356,38 +358,41 @@ async fn gather(
         let Some(first) = rx.recv().await else { break };
         let deadline = tokio::time::Instant::now() + s.delay;
         // Spans gathered in partial batches (many processes, each below a batch): at most a
-        // queue's worth, so that memory stays within twice the queue.
+        // queue's worth (sent when reached). A message's spans count as queued until they
+        // are in batches (counted before each wait), so memory stays within twice the queue
+        // plus a few batches.
         let mut held = 0usize;
         let mut next = Some(first);
         while let Some(spans) = next.take() {
-            queued.fetch_sub(spans.len(), Relaxed);
+            let mut taken = 0usize;
             for span in spans {
                 held += 1;
+                taken += 1;
                 let pid = span.pid;
                 let b = batches.entry(pid).or_default();
                 b.push(span);
                 if b.len() >= s.batch {
                     held -= b.len();
                     let full = std::mem::take(b);
+                    queued.fetch_sub(std::mem::take(&mut taken), Relaxed);
                     // Waiting for a free export slot is the backpressure: meanwhile the
                     // bounded queue fills and further spans are dropped and counted.
                     let permit = permits.clone().acquire_owned().await.expect("never closed");
                     spawn_export(in_flight, &ctx, resources.get(pid), full, permit, true);
+                } else if held >= s.queue {
+                    queued.fetch_sub(std::mem::take(&mut taken), Relaxed);
+                    flush(&mut batches, &permits, in_flight, &ctx, &mut resources, true).await;
+                    held = 0;
                 }
             }
-            if held >= s.queue {
-                break;
-            }
+            queued.fetch_sub(taken, Relaxed);
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(spans)) => next = Some(spans),
                 Ok(None) => open = false,
                 Err(_) => {}
             }
         }
-        for (pid, b) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
-            let permit = permits.clone().acquire_owned().await.expect("never closed");
-            spawn_export(in_flight, &ctx, resources.get(*pid), std::mem::take(b), permit, open);
-        }
+        flush(&mut batches, &permits, in_flight, &ctx, &mut resources, open).await;
         while in_flight.try_join_next().is_some() {}
         resources.evict_idle();
         batches.retain(|_, b| !b.is_empty());
@@ -408,6 +413,21 @@ async fn gather(
         }
     }
     while in_flight.join_next().await.is_some() {}
+}
+
+/// Sends every partial batch (each process's spans gathered so far).
+async fn flush(
+    batches: &mut HashMap<u32, Vec<Span>>,
+    permits: &Arc<tokio::sync::Semaphore>,
+    in_flight: &mut tokio::task::JoinSet<()>,
+    ctx: &Ctx,
+    resources: &mut EncodedResources,
+    retry: bool,
+) {
+    for (pid, b) in batches.iter_mut().filter(|(_, b)| !b.is_empty()) {
+        let permit = permits.clone().acquire_owned().await.expect("never closed");
+        spawn_export(in_flight, ctx, resources.get(*pid), std::mem::take(b), permit, retry);
+    }
 }
 
 /// What every export task shares.
@@ -525,4 +545,65 @@ async fn send_batch(transport: &mut Transport, body: Bytes, n: u64, stats: &Expo
         }
     }
     stats.dropped_failed.fetch_add(n, Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        export::{Exporter, TlsSettings},
+        spans::{SpanId, SpanKind, Status, TraceId},
+    };
+
+    fn span(i: u64) -> Span {
+        Span {
+            pid: 1 + (i % 3) as u32,
+            trace_id: TraceId([1; 16]),
+            span_id: SpanId((i + 1).to_be_bytes()),
+            parent: None,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Server,
+            name: "GET".into(),
+            start_unix_ns: 1,
+            end_unix_ns: 2,
+            attributes: Vec::new(),
+            status: Status::Unset,
+        }
+    }
+
+    /// A lot larger than the queue: what fits is queued, the rest dropped and counted, and at
+    /// shutdown (the collector unreachable) every queued span is exported or dropped under
+    /// one reason.
+    #[test]
+    fn every_span_offered_is_queued_or_dropped_once() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let settings = ExportSettings {
+            exporter: Exporter::Otlp,
+            protocol: Protocol::Grpc,
+            endpoint: "http://127.0.0.1:9".into(),
+            headers: Vec::new(),
+            timeout: Duration::from_millis(200),
+            queue: 10,
+            batch: 4,
+            delay: Duration::from_millis(20),
+            tls: TlsSettings::default(),
+        };
+        let stats = Arc::new(ExportStats::default());
+        let mut e = {
+            let _g = rt.enter();
+            OtlpExport::start(&settings, Default::default(), stats.clone()).unwrap()
+        };
+        let mut lot: Vec<Span> = (0..25).map(span).collect();
+        e.offer_all(&mut lot);
+        assert!(lot.is_empty() && lot.capacity() >= 25, "the caller's buffer is emptied and keeps its capacity");
+        assert_eq!((stats.queued.load(Relaxed), stats.dropped_queue_full.load(Relaxed)), (10, 15));
+        let mut more: Vec<Span> = (25..27).map(span).collect();
+        e.offer_all(&mut more);
+        let offered = 27;
+        assert_eq!(stats.queued.load(Relaxed) + stats.dropped_queue_full.load(Relaxed), offered);
+        rt.block_on(e.shutdown(Duration::from_secs(1)));
+        assert_eq!(stats.unaccounted(), 0, "{stats:?}");
+        assert_eq!(stats.exported.load(Relaxed), 0);
+    }
 }

@@ -164,7 +164,7 @@ impl Outputs {
             let lines: Vec<String> = spans.iter().map(|sp| print::line(sp, service(sp.pid))).collect();
             print::print(&lines);
         }
-        match &self.export {
+        match &mut self.export {
             Some(e) => e.offer_all(spans),
             None => spans.clear(),
         }
