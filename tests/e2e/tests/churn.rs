@@ -190,6 +190,12 @@ fn process_churn(select: Select, processes: usize, seconds: u64, slack: u64) -> 
         for sp in &after_spans {
             println!("  {} pid={} span={} peer={}", sp.attr("url.path"), sp.res("process.pid"), sp.span_id, sp.attr("network.peer.port"));
         }
+        // Which survivor lost its spans, and where the agent says they went.
+        println!("  survivors: Go pid {}, Rust pid {}; agent status: {:?}", survivors[0], survivors[1], status(&socket));
+        let log = agent.proc.stderr_text();
+        for l in log.lines().filter(|l| survivors.iter().any(|p| l.contains(&format!("pid={p}")))) {
+            println!("  agent: {l}");
+        }
     }
     println!(
         "{select:?}: {started} processes in {:.0} s ({failed} failed, ~{traced} traced, {exited_early} exited before they could be); agent RSS {rss_before} KiB before, {rss_max} max, {rss_after} after (anonymous: {anon_before} before, {anon_mid} at half-way, {anon_after} after); \
