@@ -66,10 +66,10 @@ pub fn export(path: &Path, endpoint: &str, rate: u64, seconds: u64) -> Result<St
         protocol: Protocol::Grpc,
         endpoint: endpoint.to_owned(),
         headers: Vec::new(),
-        timeout: std::time::Duration::from_secs(10),
+        timeout: crate::settings::DEFAULT_TIMEOUT,
         queue: crate::settings::DEFAULT_QUEUE,
-        batch: 512,
-        delay: std::time::Duration::from_secs(5),
+        batch: crate::settings::DEFAULT_BATCH,
+        delay: crate::settings::DEFAULT_DELAY,
         tls: TlsSettings::default(),
     };
     // As `run`: two tokio workers; the spans are offered from this thread.

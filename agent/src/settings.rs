@@ -16,6 +16,11 @@ use crate::{
 /// At 95k spans/s on two saturated cores (`bench overhead --cases rust-sdk`), 2,048 dropped
 /// 0.07 % of the spans in such bursts and 8,192 none.
 pub const DEFAULT_QUEUE: usize = 8192;
+/// Spans per export request, longest wait for a partial batch, and per request (the SDKs'
+/// defaults).
+pub const DEFAULT_BATCH: usize = 512;
+pub const DEFAULT_DELAY: Duration = Duration::from_secs(5);
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The TLS variables, the signal's own first.
 fn resolve_tls(env: &dyn Fn(&str) -> Option<String>) -> Result<TlsSettings, SettingsError> {
@@ -147,7 +152,7 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     };
     let timeout = match args.otlp_timeout {
         Some(t) => t,
-        None => ms_var(env, &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])?.unwrap_or(Duration::from_secs(10)),
+        None => ms_var(env, &["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"])?.unwrap_or(DEFAULT_TIMEOUT),
     };
     let queue = match args.batch_queue {
         Some(q) => q,
@@ -155,11 +160,11 @@ pub fn resolve(args: &RunArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<R
     };
     let batch = match args.batch_size {
         Some(b) => b,
-        None => num_var(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?.unwrap_or(512),
+        None => num_var(env, "OTEL_BSP_MAX_EXPORT_BATCH_SIZE")?.unwrap_or(DEFAULT_BATCH),
     };
     let delay = match args.batch_delay {
         Some(d) => d,
-        None => ms_var(env, &["OTEL_BSP_SCHEDULE_DELAY"])?.unwrap_or(Duration::from_secs(5)),
+        None => ms_var(env, &["OTEL_BSP_SCHEDULE_DELAY"])?.unwrap_or(DEFAULT_DELAY),
     };
     if queue == 0 {
         return Err(invalid("batch queue size", "0", "at least 1"));

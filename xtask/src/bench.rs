@@ -404,7 +404,7 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     } else {
         None
     };
-    let sdk_bin = if a.cases.iter().any(|c| c == "rust-sdk") { Some(build_sdk_peer()?) } else { None };
+    let sdk_bin = if a.cases.iter().any(|c| c == "rust-sdk") { Some(crate::util::build_sdk_peer()?) } else { None };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(format!(
         "bench overhead: Go {} frontend on :{port}, {cpus} CPUs, {} rounds x {} s, exports {:?}, probes {}",
@@ -625,13 +625,6 @@ fn with_agent(pid: u32, export: Export, causality: &str, hooks: &str, a: &Overhe
         dropped: agent.stat("events_dropped_ring_full") + agent.stat("spans_dropped_queue_full") + agent.stat("spans_dropped_export_failed"),
     };
     Ok((result, cost))
-}
-
-/// Builds the SDK peer (tests/rust-svc-otel).
-fn build_sdk_peer() -> Result<std::path::PathBuf> {
-    step("building the OpenTelemetry SDK peer (tests/rust-svc-otel, release)");
-    crate::util::run(crate::util::cargo().current_dir(root()).args(["build", "--release", "-p", "rust-svc-otel"]))?;
-    Ok(root().join("target/release/rust-svc-otel"))
 }
 
 /// One run of the SDK peer: a fresh process exporting to a fresh counting receiver, warmed

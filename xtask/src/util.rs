@@ -49,14 +49,24 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
-/// Release build of the agent: target/release/zerotrace.
 /// The Rust services the end-to-end tests trace (tests/rust-svc), release build.
 pub fn build_rust_services() -> Result<PathBuf> {
-    step("building the Rust test services (release)");
-    run(cargo().current_dir(root()).args(["build", "--release", "-p", "rust-svc"]))?;
-    Ok(root().join("target/release/rust-svc"))
+    build_test_package("rust-svc", "the Rust test services")
 }
 
+/// The overhead bench's OpenTelemetry SDK peer (tests/rust-svc-otel), release build.
+pub fn build_sdk_peer() -> Result<PathBuf> {
+    build_test_package("rust-svc-otel", "the OpenTelemetry SDK peer (tests/rust-svc-otel)")
+}
+
+/// Release build of a test package whose binary is named after it.
+fn build_test_package(package: &str, what: &str) -> Result<PathBuf> {
+    step(format!("building {what} (release)"));
+    run(cargo().current_dir(root()).args(["build", "--release", "-p", package]))?;
+    Ok(root().join("target/release").join(package))
+}
+
+/// Release build of the agent: target/release/zerotrace.
 pub fn build_release() -> Result<PathBuf> {
     step("building zerotrace (release; the first build takes a few minutes)");
     run(cargo().current_dir(root()).args(["build", "--release", "-p", "zerotrace", "--bin", "zerotrace"]))?;

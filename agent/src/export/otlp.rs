@@ -101,10 +101,9 @@ impl OtlpExport {
             Ok(()) => {
                 self.stats.queued.fetch_add(k as u64, Relaxed);
             }
-            Err(e) => {
+            Err(_) => {
                 self.queued.fetch_sub(k, Relaxed);
                 self.stats.dropped_queue_full.fetch_add(k as u64, Relaxed);
-                drop(e);
             }
         }
     }
