@@ -68,6 +68,10 @@ pub const GRPC_STATUS: [&str; 17] = [
 /// zerotrace's own key for a Go goroutine's id (the registry has none).
 pub const GOROUTINE_ID: &str = "zerotrace.go.goroutine.id";
 
+/// `db.system.name` of each database a Go database/sql driver is known for, in the order of
+/// zerotrace_common::sql_system from OTHER (1) on.
+pub const DB_SYSTEM_NAMES: &[&str] = &["other_sql", "postgresql", "mysql", "sqlite", "microsoft.sql_server", "oracle.db", "clickhouse"];
+
 pub const ALL: &[Key] = &[
     // HTTP, server and client spans (and the RED metrics' attributes).
     values("http.request.method", &[S, M], HTTP_METHODS),
@@ -93,10 +97,10 @@ pub const ALL: &[Key] = &[
     key("rpc.method_original", Str, &[S]),
     values("rpc.response.status_code", &[S], &GRPC_STATUS),
     // database/sql client calls.
-    values("db.system.name", &[S, M], &["other_sql"]),
-    key("db.operation.name", Str, &[S, M]),
-    key("db.collection.name", Str, &[S, M]),
+    values("db.system.name", &[S, M], DB_SYSTEM_NAMES),
+    key("db.query.summary", Str, &[S, M]),
     key("db.query.text", Str, &[S]),
+    key("db.response.status_code", Str, &[S, M]),
     // Who ran it.
     key("thread.id", Int, &[S, P]),
     key(GOROUTINE_ID, Int, &[S, P]),

@@ -33,6 +33,7 @@ pub fn all() -> Result<()> {
     apt("cc", "gcc")?;
     // `zerotrace tail` is tested in a real terminal (tests/e2e tail.rs).
     apt("tmux", "tmux")?;
+    postgresql()?;
     cargo_fuzz()?;
     k8s_tools()?;
     containers()?;
@@ -178,12 +179,26 @@ pub fn python() -> Result<PathBuf> {
     Ok(py)
 }
 
+/// PostgreSQL's server binaries (Debian's postgresql; the database tests start their own
+/// server from them, tests/e2e go_sql.rs).
+pub fn postgresql() -> Result<()> {
+    if zerotrace_e2e::postgres::bin_dir().is_ok() {
+        return Ok(());
+    }
+    apt_install("postgresql")
+}
+
 /// Debian packages (apt-get), installed only when their command is missing.
 #[allow(dead_code)]
 pub fn apt(command: &str, package: &str) -> Result<()> {
     if Command::new("sh").args(["-c", &format!("command -v {command} || test -x /usr/sbin/{command}")]).output().is_ok_and(|o| o.status.success()) {
         return Ok(());
     }
+    apt_install(package)
+}
+
+/// apt-get install, with progress shown.
+fn apt_install(package: &str) -> Result<()> {
     step(format!("installing {package} (apt-get)"));
     // Another apt-get (unattended upgrades, a second checkout's setup) may hold the lock.
     let _ = run(Command::new("apt-get").args(["-o", "DPkg::Lock::Timeout=600", "update", "-q"]));

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::{
-    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, GoSqlStart, HttpRequest, HttpResponse},
+    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, GoSqlEnd, GoSqlStart, HttpRequest, HttpResponse},
     protocols::http1,
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
@@ -485,35 +485,37 @@ impl Correlator {
         self.sql.insert(q.span_id, PendingSql { start: q, text, trace_id, parent });
     }
 
-    fn sql_span(&self, p: PendingSql, r: &GoClientResponse) -> Span {
+    fn sql_span(&self, p: PendingSql, r: &GoSqlEnd) -> Span {
         let q = &p.start;
         let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(8);
-        a.push(("db.system.name", Value::Static("other_sql")));
-        let (op, target) = p.text.as_deref().map(sql_summary).unwrap_or((None, None));
-        let name = match (&op, &target) {
-            (Some(o), Some(t)) => format!("{o} {t}"),
-            (Some(o), None) => o.clone(),
-            _ => {
-                if q.exec {
-                    "EXEC".to_owned()
-                } else {
-                    "QUERY".to_owned()
-                }
-            }
-        };
-        if let Some(o) = op {
-            a.push(("db.operation.name", Value::Str(o)));
-        }
-        if let Some(t) = target {
-            a.push(("db.collection.name", Value::Str(t)));
+        let system = sql_system_name(q.system);
+        a.push(("db.system.name", Value::Static(system)));
+        // The span name: the statement's summary, else the database (the conventions' rule).
+        let summary = p.text.as_deref().and_then(crate::protocols::sql::summary);
+        let name = summary.clone().unwrap_or_else(|| system.to_owned());
+        if let Some(s) = summary {
+            a.push(("db.query.summary", Value::Str(s)));
         }
         // Never the values a program wrote into its statement: literals become `?`.
         if let Some(t) = p.text {
             a.push(("db.query.text", Value::Str(crate::protocols::sql::sanitize(&t))));
         }
+        if let Some(server) = r.server {
+            a.push(("server.address", Value::Str(server.addr.to_string())));
+            a.push(("server.port", Value::Int(i64::from(server.port))));
+        }
         let status = if r.failed {
-            a.push(("error.type", Value::Static("_OTHER")));
-            Status::Error("the statement returned an error".into())
+            match r.code.as_deref().filter(|c| is_sqlstate(c)) {
+                Some(code) => {
+                    a.push(("db.response.status_code", Value::Str(code.to_owned())));
+                    a.push(("error.type", Value::Str(code.to_owned())));
+                    Status::Error(format!("SQLSTATE {code}"))
+                }
+                None => {
+                    a.push(("error.type", Value::Static("_OTHER")));
+                    Status::Error("the statement returned an error".into())
+                }
+            }
         } else {
             Status::Unset
         };
@@ -920,34 +922,17 @@ fn traceparent_in(head: &[u8]) -> Option<RemoteParent> {
     RemoteParent::parse(h.traceparent.as_deref()?, h.tracestate.as_deref())
 }
 
-/// The operation (first keyword) and the table a SQL statement works on, when simple to
-/// tell: `SELECT .. FROM t`, `INSERT INTO t`, `UPDATE t`, `DELETE FROM t`.
-pub fn sql_summary(text: &str) -> (Option<String>, Option<String>) {
-    const OPS: &[&str] = &[
-        "SELECT", "INSERT", "UPDATE", "DELETE", "UPSERT", "REPLACE", "MERGE", "WITH", "CREATE", "DROP", "ALTER", "TRUNCATE", "BEGIN", "COMMIT", "ROLLBACK",
-        "CALL", "EXEC", "EXECUTE", "SHOW", "SET", "PRAGMA",
-    ];
-    let words: Vec<&str> = text.split(|c: char| c.is_whitespace() || c == ';').filter(|w| !w.is_empty()).take(64).collect();
-    let Some(first) = words.first() else { return (None, None) };
-    let op = first.to_ascii_uppercase();
-    if !OPS.contains(&op.as_str()) {
-        return (None, None);
-    }
-    let after = |kw: &str| {
-        words
-            .iter()
-            .position(|w| w.eq_ignore_ascii_case(kw))
-            .and_then(|i| words.get(i + 1))
-            .map(|w| w.split(['(', ',', ')']).next().unwrap_or("").trim_matches(['`', '"', '[', ']']).to_owned())
-    };
-    let target = match op.as_str() {
-        "SELECT" | "DELETE" => after("FROM"),
-        "INSERT" | "REPLACE" | "UPSERT" | "MERGE" => after("INTO"),
-        "UPDATE" => words.get(1).map(|w| w.trim_matches(['`', '"', '[', ']']).to_owned()),
-        _ => None,
-    }
-    .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.'));
-    (Some(op), target)
+/// `db.system.name` of a driver's database (zerotrace_common::sql_system; NONE and
+/// unknown values read as OTHER).
+fn sql_system_name(system: u8) -> &'static str {
+    use crate::attributes::DB_SYSTEM_NAMES as NAMES;
+    NAMES.get(usize::from(system).saturating_sub(zerotrace_common::sql_system::OTHER as usize)).copied().unwrap_or(NAMES[0])
+}
+
+/// A SQLSTATE: five digits or upper-case letters (what a driver's error holds is checked,
+/// not trusted).
+fn is_sqlstate(code: &str) -> bool {
+    code.len() == 5 && code.bytes().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
 }
 
 /// "host:port" -> (host, port); "[::1]:80" -> ("::1", 80); "host" -> (host, None).

@@ -196,17 +196,17 @@ fn handler_mode_alone_still_makes_a_span() {
     assert_eq!((out[0].start_unix_ns, out[0].end_unix_ns), (12, 18));
 }
 
+/// The kernel's database numbers name the right databases.
 #[test]
-fn sql_statements_are_summarised() {
-    assert_eq!(sql_summary("SELECT name FROM items WHERE id = ?"), (Some("SELECT".into()), Some("items".into())));
-    assert_eq!(sql_summary("  insert into orders(id, qty) values (?, ?)"), (Some("INSERT".into()), Some("orders".into())));
-    assert_eq!(sql_summary("UPDATE `stock` SET n = n - 1"), (Some("UPDATE".into()), Some("stock".into())));
-    assert_eq!(sql_summary("DELETE FROM carts"), (Some("DELETE".into()), Some("carts".into())));
-    assert_eq!(sql_summary("BEGIN"), (Some("BEGIN".into()), None));
-    assert_eq!(sql_summary("SELECT 1"), (Some("SELECT".into()), None));
-    assert_eq!(sql_summary("hello world"), (None, None));
-    assert_eq!(sql_summary(""), (None, None));
-    assert_eq!(sql_summary("SELECT * FROM (SELECT 1)"), (Some("SELECT".into()), None));
+fn sql_systems_are_named() {
+    use zerotrace_common::sql_system as s;
+    let named = |n: u32| super::sql_system_name(n as u8);
+    assert_eq!(
+        [s::NONE, s::OTHER, s::POSTGRESQL, s::MYSQL, s::SQLITE, s::CLICKHOUSE, 200].map(named),
+        ["other_sql", "other_sql", "postgresql", "mysql", "sqlite", "clickhouse", "other_sql"]
+    );
+    assert!(named(s::SQL_SERVER).starts_with("microsoft") && named(s::ORACLE).starts_with("oracle"));
+    assert_eq!(crate::attributes::DB_SYSTEM_NAMES.len() as u32, s::CLICKHOUSE);
 }
 
 #[test]

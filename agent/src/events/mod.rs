@@ -7,9 +7,9 @@ pub mod recording;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoServerRequestEvent, GoSqlStartEvent,
-    GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds,
-    h2_start,
+    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoServerRequestEvent, GoSqlEndEvent,
+    GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent,
+    TraceparentEvent, bounds, h2_start,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +62,7 @@ pub enum Event {
     GoClientRequest(Box<GoClientRequest>),
     GoClientResponse(GoClientResponse),
     GoSqlStart(Box<GoSqlStart>),
-    GoSqlEnd(GoClientResponse),
+    GoSqlEnd(GoSqlEnd),
     Traceparent(Traceparent),
     /// A process exec'd (discovery): the agent decides whether to trace it.
     ProcExec {
@@ -154,7 +154,7 @@ pub struct Traceparent {
     pub sampled: bool,
 }
 
-/// A database/sql call started (queryDC/execDC entry).
+/// A database/sql call started (queryDC/execDC or Stmt.QueryContext/ExecContext entry).
 #[derive(Clone, Debug, PartialEq)]
 pub struct GoSqlStart {
     pub pid: u32,
@@ -164,11 +164,29 @@ pub struct GoSqlStart {
     pub span_id: u64,
     pub parent_span: u64,
     pub exec: bool,
+    /// A prepared statement's call.
+    pub prepared: bool,
+    /// The driver's database (zerotrace_common::sql_system).
+    pub system: u8,
     /// The statement's text as the kernel read it (None: not readable there).
     pub text: Option<String>,
     /// Where the text is in the target, and its full length.
     pub text_ptr: u64,
     pub text_len: u32,
+}
+
+/// A database/sql call returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoSqlEnd {
+    pub pid: u32,
+    pub end_ns: u64,
+    pub span_id: u64,
+    /// It returned an error.
+    pub failed: bool,
+    /// The server of the connection it wrote to, when the socket hooks saw one.
+    pub server: Option<Endpoint>,
+    /// The driver's error code (SQLSTATE), as the program holds it (not yet checked).
+    pub code: Option<String>,
 }
 
 /// A Go HTTP client call started (Transport.roundTrip entry).
@@ -466,13 +484,30 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 span_id: e.span_id,
                 parent_span: e.parent_span,
                 exec: e.kind == zerotrace_common::sql_kind::EXEC,
+                prepared: e.prepared != 0,
+                system: e.system,
                 text: (kept > 0 || e.text_len == 0).then(|| String::from_utf8_lossy(&e.text[..kept]).into_owned()),
                 text_ptr: e.text_ptr,
                 text_len: e.text_len,
             }))
         }
-        // Both calls end with the same record (the kernel writes status 0 for SQL).
-        EventKind::GoSqlEnd => Event::GoSqlEnd(call_end(&hdr, &exact(b, kind)?)),
+        // Recordings before ABI 9: the HTTP client's end record (status 0).
+        EventKind::GoSqlEnd => {
+            let e: GoClientResponseEvent = exact(b, kind)?;
+            Event::GoSqlEnd(GoSqlEnd { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, failed: e.err_type != 0, server: None, code: None })
+        }
+        EventKind::GoSqlDone => {
+            let e: GoSqlEndEvent = exact(b, kind)?;
+            let code = &e.code[..(e.code_len as usize).min(e.code.len())];
+            Event::GoSqlEnd(GoSqlEnd {
+                pid: hdr.pid,
+                end_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                failed: e.err_type != 0,
+                server: (e.server_port != 0).then(|| Endpoint { addr: ip(e.server_addr), port: e.server_port }),
+                code: (!code.is_empty()).then(|| String::from_utf8_lossy(code).into_owned()),
+            })
+        }
         EventKind::ProcExec => {
             let _: ProcExecEvent = exact(b, kind)?;
             Event::ProcExec { pid: hdr.pid }

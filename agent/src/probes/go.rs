@@ -1,11 +1,11 @@
 //! Where the Go uprobes of one process go: function entries from the symbol table, RET
 //! instructions by decoding the function (no uretprobes on Go), file offsets for the kernel.
-use zerotrace_common::{GoOffsets, TargetConfig, target_flags};
+use zerotrace_common::{GoOffsets, TargetConfig, sql_system, target_flags};
 
 use super::uprobes;
 use crate::{
     model::Target,
-    symbols::{Executable, SymbolError, disasm, go::GoLayout},
+    symbols::{Executable, SymbolError, buildinfo::BuildInfo, disasm, go::GoLayout},
 };
 
 /// How Go net/http server requests are observed.
@@ -35,6 +35,8 @@ pub const NEWPROC_FUNC1: &str = "runtime.newproc.func1";
 pub const RUNQPUT: &str = "runtime.runqput";
 pub const SQL_QUERY: &str = "database/sql.(*DB).queryDC";
 pub const SQL_EXEC: &str = "database/sql.(*DB).execDC";
+pub const SQL_STMT_QUERY: &str = "database/sql.(*Stmt).QueryContext";
+pub const SQL_STMT_EXEC: &str = "database/sql.(*Stmt).ExecContext";
 pub const CHAN_SEND: &str = "runtime.send";
 pub const CHAN_RECV: &str = "runtime.recv";
 pub const CHANSEND: &str = "runtime.chansend";
@@ -183,7 +185,64 @@ pub struct Plan {
     pub catch_up: Option<u64>,
     /// The crypto/tls plaintext sites, when hooked.
     pub tls: Option<TlsSites>,
+    /// The database/sql driver, when database/sql is hooked.
+    pub sql: Option<SqlDriver>,
     pub report: AttachReport,
+}
+
+/// A Go program's database/sql driver, known by the driver module it is built with.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SqlDriver {
+    /// `zerotrace_common::sql_system`.
+    pub system: u32,
+    /// The driver module, for the log.
+    pub module: Option<&'static str>,
+    /// The runtime type of the driver's error (not yet biased) and where its code string
+    /// lies in the error's value.
+    pub error_type: Option<u64>,
+    pub error_code: u32,
+}
+
+/// A known database/sql driver: module path (a prefix: major versions are suffixes), the
+/// database (`sql_system`), and, when its code is a Go string in the error's value, the
+/// error's pointer type as DWARF names it and the code's offset there.
+type KnownDriver = (&'static str, u32, Option<(&'static str, u32)>);
+
+const SQL_DRIVERS: &[KnownDriver] = &[
+    // lib/pq: Error{Severity string; Code ErrorCode (string); ...}, the same since v1.0.
+    ("github.com/lib/pq", sql_system::POSTGRESQL, Some(("*github.com/lib/pq.Error", 16))),
+    ("github.com/jackc/pgx", sql_system::POSTGRESQL, None),
+    ("github.com/go-sql-driver/mysql", sql_system::MYSQL, None),
+    ("github.com/mattn/go-sqlite3", sql_system::SQLITE, None),
+    ("modernc.org/sqlite", sql_system::SQLITE, None),
+    ("github.com/microsoft/go-mssqldb", sql_system::SQL_SERVER, None),
+    ("github.com/denisenkom/go-mssqldb", sql_system::SQL_SERVER, None),
+    ("github.com/sijms/go-ora", sql_system::ORACLE, None),
+    ("github.com/godror/godror", sql_system::ORACLE, None),
+    ("github.com/ClickHouse/clickhouse-go", sql_system::CLICKHOUSE, None),
+];
+
+/// The driver of a program with database/sql, from the modules its build info lists: the
+/// known driver when all it has name one database, else `other_sql` (two databases, or a
+/// driver zerotrace does not know: a span never names the wrong database).
+fn sql_driver(pid: u32, exe: &Executable, build: &BuildInfo) -> SqlDriver {
+    let found: Vec<&KnownDriver> =
+        SQL_DRIVERS.iter().filter(|(m, _, _)| build.deps.iter().any(|d| d == m || d.strip_prefix(m).is_some_and(|rest| rest.starts_with('/')))).collect();
+    let Some(first) = found.first() else { return SqlDriver { system: sql_system::OTHER, ..Default::default() } };
+    if found.iter().any(|d| d.1 != first.1) {
+        tracing::info!(pid, drivers = ?found.iter().map(|d| d.0).collect::<Vec<_>>(), "database/sql drivers of several databases: db.system.name is other_sql");
+        return SqlDriver { system: sql_system::OTHER, ..Default::default() };
+    }
+    let mut d = SqlDriver { system: first.1, module: Some(first.0), ..Default::default() };
+    if let [(_, _, Some((ty, code)))] = found[..] {
+        let minor = build.version_tuple().map_or(u32::MAX, |v| v.1);
+        match exe.go_tables().map_err(str::to_owned).and_then(|t| t.runtime_type(exe, minor, ty)) {
+            Ok(Some(t)) => (d.error_type, d.error_code) = (Some(t), *code),
+            Ok(None) => tracing::debug!(pid, ty, "the driver's error type is not in the program: no error codes"),
+            Err(why) => tracing::warn!(pid, ty, %why, "the driver's error type was not found: SQL spans carry no error codes"),
+        }
+    }
+    d
 }
 
 /// The run's settings that decide a plan.
@@ -197,10 +256,10 @@ pub struct PlanSettings {
 
 /// The plan for Go executable `exe` with `layout`; `pid` names the first process that runs it
 /// in the log lines that say what it will not get.
-pub fn plan(pid: u32, layout: &GoLayout, exe: &Executable, s: &PlanSettings) -> Result<Plan, SymbolError> {
+pub fn plan(pid: u32, layout: &GoLayout, build: &BuildInfo, exe: &Executable, s: &PlanSettings) -> Result<Plan, SymbolError> {
     let mut p = Plan::default();
     plan_http(&mut p, exe, s.http)?;
-    plan_causality(&mut p, pid, layout, exe, &s.causality)?;
+    plan_causality(&mut p, pid, layout, exe, build, &s.causality)?;
     p.tls = tls_plan(pid, layout, exe, s.tls);
     if let Some(sites) = p.tls.take() {
         plan_tls(&mut p, exe, &sites)?;
@@ -238,7 +297,15 @@ pub struct AttachReport {
 
 /// The kernel-side configuration of a Go target traced with `plan`.
 pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
-    TargetConfig { flags: target_flags::GO, tls_c_reg: plan.tls.as_ref().map_or(TargetConfig::NO_REG, |s| s.read_c_reg), go: t.layout.biased(t.bias) }
+    let sql = plan.sql.clone().unwrap_or_default();
+    TargetConfig {
+        flags: target_flags::GO,
+        tls_c_reg: plan.tls.as_ref().map_or(TargetConfig::NO_REG, |s| s.read_c_reg),
+        go: t.layout.biased(t.bias),
+        sql_error_type: sql.error_type.map_or(0, |a| a.wrapping_add(t.bias)),
+        sql_error_code: sql.error_code,
+        sql_system: sql.system,
+    }
 }
 
 /// The TLS plaintext sites of a program that has crypto/tls, if wanted and understood
@@ -317,7 +384,7 @@ fn plan_tls(p: &mut Plan, exe: &Executable, sites: &TlsSites) -> Result<(), Symb
 /// `runtime.newproc1`) and channel handoffs (entries of `runtime.send`/`runtime.recv`).
 /// A function a program does not have is skipped (the program cannot make that edge);
 /// runtime layout fields a Go version lacks switch the matching hook off, said in the log.
-fn plan_causality(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable, want: &GoCausality) -> Result<(), SymbolError> {
+fn plan_causality(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable, build: &BuildInfo, want: &GoCausality) -> Result<(), SymbolError> {
     let go = &layout.offsets;
     if exe.symbol(ROUND_TRIP).is_some() {
         plan_call(p, exe, ROUND_TRIP, uprobes::GO_ROUND_TRIP, uprobes::GO_ROUND_TRIP_RET)?;
@@ -327,7 +394,14 @@ fn plan_causality(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable, w
         for (name, prog) in [(SQL_QUERY, uprobes::GO_SQL_QUERY), (SQL_EXEC, uprobes::GO_SQL_EXEC)] {
             plan_call(p, exe, name, prog, uprobes::GO_SQL_RET)?;
         }
+        // Prepared statements: the linker leaves these out of programs that never run one.
+        for (name, prog) in [(SQL_STMT_QUERY, uprobes::GO_SQL_STMT_QUERY), (SQL_STMT_EXEC, uprobes::GO_SQL_STMT_EXEC)] {
+            if exe.symbol(name).is_some() {
+                plan_call(p, exe, name, prog, uprobes::GO_SQL_RET)?;
+            }
+        }
         p.report.sql = true;
+        p.sql = Some(sql_driver(pid, exe, build));
     }
     if want.spawns {
         if go.g_parent_goid == GoOffsets::NONE {

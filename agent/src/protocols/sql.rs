@@ -5,7 +5,8 @@
 //! "double-quoted" text is replaced (a string to MySQL), and a string with a backslash in it
 //! (an escape or not, by server) takes the rest of the statement with it.
 //! Comments go, as they may hold anything. A statement cut short by the capture ends with
-//! `?` where an unterminated literal began.
+//! `?` where an unterminated literal began. Also the statement's summary (`summary`), the
+//! span name the database conventions ask for.
 
 /// `text` with its literals replaced by `?` and comments removed.
 pub fn sanitize(text: &str) -> String {
@@ -96,6 +97,259 @@ pub fn sanitize(text: &str) -> String {
     out
 }
 
+/// Longest summary (the conventions' limit), cut at a word.
+const SUMMARY_MAX: usize = 255;
+
+/// Keywords that are operations: they go into the summary, in order.
+const OPERATIONS: &[&str] = &[
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "UPSERT",
+    "REPLACE",
+    "MERGE",
+    "CREATE",
+    "DROP",
+    "ALTER",
+    "TRUNCATE",
+    "BEGIN",
+    "START",
+    "COMMIT",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "RELEASE",
+    "CALL",
+    "EXEC",
+    "EXECUTE",
+    "SHOW",
+    "SET",
+    "PRAGMA",
+    "VACUUM",
+    "ANALYZE",
+    "EXPLAIN",
+    "COPY",
+    "LOCK",
+    "GRANT",
+    "REVOKE",
+    "LISTEN",
+    "NOTIFY",
+    "DECLARE",
+    "FETCH",
+    "PREPARE",
+    "DEALLOCATE",
+];
+
+/// Keywords after which the next name is a target (table, view, procedure).
+const TARGET_BEFORE: &[&str] = &["FROM", "INTO", "JOIN", "UPDATE", "TABLE", "VIEW", "INDEX", "CALL", "EXEC", "EXECUTE", "TRUNCATE"];
+
+/// Keywords that never are a target's name (they end a FROM list, or qualify the next word).
+const NOT_TARGET: &[&str] = &[
+    "WHERE",
+    "ON",
+    "USING",
+    "GROUP",
+    "ORDER",
+    "HAVING",
+    "LIMIT",
+    "OFFSET",
+    "SET",
+    "VALUES",
+    "VALUE",
+    "AS",
+    "RETURNING",
+    "UNION",
+    "EXCEPT",
+    "INTERSECT",
+    "WINDOW",
+    "FOR",
+    "LEFT",
+    "RIGHT",
+    "INNER",
+    "OUTER",
+    "FULL",
+    "CROSS",
+    "NATURAL",
+    "LATERAL",
+    "ONLY",
+    "IF",
+    "NOT",
+    "EXISTS",
+    "TEMPORARY",
+    "TEMP",
+    "UNIQUE",
+    "DEFAULT",
+    "SELECT",
+    "WITH",
+    "LOW_PRIORITY",
+    "IGNORE",
+    "QUICK",
+    "DELAYED",
+    "HIGH_PRIORITY",
+    "CONCURRENTLY",
+];
+
+/// The statement's summary as the database conventions describe it: its operations and
+/// their targets in the order they appear (`SELECT items`, `INSERT audit SELECT orders`,
+/// `SELECT songs artists`), from the sanitized text (no literal can be in it), at most
+/// 255 bytes. None when the text starts with no known operation.
+pub fn summary(text: &str) -> Option<String> {
+    let clean = sanitize(text);
+    let mut parts: Vec<String> = Vec::new();
+    // A target name is expected next; inside a FROM list a comma expects another.
+    let mut expect = false;
+    let mut from_list = false;
+    // At a statement's start (the text's, after `;` or `(`) any operation counts; further
+    // on only the data operations do (`INSERT .. SELECT`), and not in `FOR UPDATE` or
+    // `DO UPDATE` (a lock, an upsert's action).
+    let mut at_start = true;
+    let mut first = true;
+    let mut prev = String::new();
+    for tok in tokens(&clean) {
+        match tok {
+            Token::Word(w) => {
+                let up = w.to_ascii_uppercase();
+                let word = up.as_str();
+                if first {
+                    first = false;
+                    if !OPERATIONS.contains(&word) && word != "WITH" {
+                        return None;
+                    }
+                }
+                let is_op = OPERATIONS.contains(&word)
+                    && (at_start || (matches!(word, "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE") && !matches!(prev.as_str(), "FOR" | "DO" | "KEY")));
+                at_start = false;
+                prev = up.clone();
+                if expect && !NOT_TARGET.contains(&word) && (!is_op || TARGET_BEFORE.contains(&word)) {
+                    parts.push(w.trim_matches(['"', '`', '[', ']']).to_owned());
+                    expect = false;
+                    continue;
+                }
+                if TARGET_BEFORE.contains(&word) && (is_op || !OPERATIONS.contains(&word)) {
+                    if is_op {
+                        parts.push(up.clone());
+                    }
+                    expect = true;
+                    from_list = word == "FROM" || word == "JOIN";
+                } else if is_op {
+                    parts.push(up.clone());
+                    expect = false;
+                    from_list = false;
+                } else if NOT_TARGET.contains(&word) {
+                    // JOIN's qualifiers (LEFT, OUTER, ...) and AS keep a FROM list going.
+                    if !matches!(
+                        word,
+                        "LEFT"
+                            | "RIGHT"
+                            | "INNER"
+                            | "OUTER"
+                            | "FULL"
+                            | "CROSS"
+                            | "NATURAL"
+                            | "LATERAL"
+                            | "AS"
+                            | "ONLY"
+                            | "IF"
+                            | "NOT"
+                            | "EXISTS"
+                            | "TEMPORARY"
+                            | "TEMP"
+                            | "UNIQUE"
+                            | "CONCURRENTLY"
+                            | "LOW_PRIORITY"
+                            | "IGNORE"
+                            | "QUICK"
+                            | "DELAYED"
+                            | "HIGH_PRIORITY"
+                    ) {
+                        from_list = false;
+                        expect = false;
+                    }
+                }
+            }
+            Token::Comma if from_list => expect = true,
+            // A subquery or a column list: its own words decide.
+            Token::Open => {
+                expect = false;
+                at_start = true;
+            }
+            Token::Semicolon => {
+                expect = false;
+                from_list = false;
+                at_start = true;
+            }
+            _ => at_start = false,
+        }
+    }
+    let mut out = String::new();
+    for p in parts {
+        if out.len() + 1 + p.len() > SUMMARY_MAX {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&p);
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+enum Token<'a> {
+    /// A keyword or a name (dotted, quoted with "", `` or []).
+    Word(&'a str),
+    Comma,
+    Open,
+    Semicolon,
+    Other,
+}
+
+/// The words and the punctuation that matters of a sanitized statement.
+fn tokens(text: &str) -> impl Iterator<Item = Token<'_>> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while i < b.len() && b[i].is_ascii_whitespace() {
+            i += 1;
+        }
+        let start = i;
+        let c = *b.get(i)?;
+        i += 1;
+        Some(match c {
+            b',' => Token::Comma,
+            b'(' => Token::Open,
+            b';' => Token::Semicolon,
+            b'"' | b'`' | b'[' | b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
+                // A name: quoted parts and dots join it (schema."Table").
+                let mut quote = match c {
+                    b'"' => Some(b'"'),
+                    b'`' => Some(b'`'),
+                    b'[' => Some(b']'),
+                    _ => None,
+                };
+                while i < b.len() {
+                    let d = b[i];
+                    match quote {
+                        Some(q) if d == q => quote = None,
+                        Some(_) => {}
+                        None if d == b'"' => quote = Some(b'"'),
+                        None if d == b'`' => quote = Some(b'`'),
+                        None if is_ident(d) || d == b'.' || d == b'$' || d >= 0x80 => {}
+                        None => break,
+                    }
+                    i += 1;
+                }
+                Token::Word(&text[start..i])
+            }
+            _ => {
+                while i < b.len() && !b[i].is_ascii() {
+                    i += 1;
+                }
+                Token::Other
+            }
+        })
+    })
+}
+
 fn is_ident(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_'
 }
@@ -126,7 +380,42 @@ fn skip_quoted(b: &[u8], mut i: usize, q: u8, escapes: bool) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::sanitize;
+    use super::{sanitize, summary};
+
+    /// The conventions' examples and the statements the tests' programs run.
+    #[test]
+    fn summaries() {
+        let cases = [
+            ("SELECT wuser_table.username FROM wuser_table WHERE id = 1", Some("SELECT wuser_table")),
+            (
+                "INSERT INTO shipping_details (order_id, address) SELECT order_id, address FROM orders WHERE order_id = ?",
+                Some("INSERT shipping_details SELECT orders"),
+            ),
+            ("SELECT * FROM songs, artists WHERE songs.artist_id == artists.id", Some("SELECT songs artists")),
+            ("SELECT order_date FROM (SELECT * FROM orders o JOIN customers c ON o.customer_id = c.customer_id)", Some("SELECT SELECT orders customers")),
+            ("SELECT name FROM items WHERE id = $1", Some("SELECT items")),
+            ("  insert into orders(id, qty) values (?, ?)", Some("INSERT orders")),
+            ("UPDATE `stock` SET n = n - 1", Some("UPDATE stock")),
+            ("DELETE FROM carts", Some("DELETE carts")),
+            ("SELECT a FROM t1 AS x LEFT OUTER JOIN public.t2 y ON x.id = y.id", Some("SELECT t1 public.t2")),
+            ("SELECT count(*) FROM audit", Some("SELECT audit")),
+            ("BEGIN", Some("BEGIN")),
+            ("SELECT 1", Some("SELECT")),
+            ("SELECT 'FROM secret' FROM t", Some("SELECT t")),
+            ("CREATE TABLE IF NOT EXISTS items (id int)", Some("CREATE items")),
+            ("SELECT id FROM jobs WHERE n > 1 FOR UPDATE", Some("SELECT jobs")),
+            ("INSERT INTO t (id) VALUES (?) ON CONFLICT (id) DO UPDATE SET n = t.n + 1", Some("INSERT t")),
+            ("SET search_path = app", Some("SET")),
+            ("BEGIN; UPDATE a SET x = 1; COMMIT", Some("BEGIN UPDATE a COMMIT")),
+            ("hello world", None),
+            ("", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(summary(text).as_deref(), want, "{text}");
+        }
+        let long = format!("SELECT {}", (0..100).map(|i| format!("a FROM table_number_{i}")).collect::<Vec<_>>().join(", "));
+        assert!(summary(&long).unwrap().len() <= 255);
+    }
 
     #[test]
     fn literals_become_placeholders() {

@@ -62,7 +62,7 @@ impl Programs {
                 let (program, exe) = Program::read(pid)?;
                 let plan = match (&program, exe) {
                     (Program::Go(g), Some(exe)) => {
-                        Some(Arc::new(go::plan(pid, &g.layout, &exe, &self.settings).map_err(|source| TargetError::Symbols { pid, source })?))
+                        Some(Arc::new(go::plan(pid, &g.layout, &g.build, &exe, &self.settings).map_err(|source| TargetError::Symbols { pid, source })?))
                     }
                     _ => None,
                 };

@@ -372,6 +372,8 @@ impl<'s> Targets<'s> {
             shared,
             client_spans = report.client,
             sql_spans = report.sql,
+            sql_driver = plan.sql.as_ref().and_then(|d| d.module).unwrap_or("-"),
+            sql_error_codes = plan.sql.as_ref().is_some_and(|d| d.error_type.is_some()),
             spawns = report.spawns,
             channels = report.channels,
             https = report.tls,

@@ -13,6 +13,9 @@ pub struct BuildInfo {
     pub path: Option<String>,
     /// `build` settings (GOARCH, CGO_ENABLED, DefaultGODEBUG, ...).
     pub settings: Vec<(String, String)>,
+    /// Paths of the modules the program is built with (`dep` lines; a `=>` replacement
+    /// keeps the path it replaces).
+    pub deps: Vec<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -44,6 +47,7 @@ impl BuildInfo {
             let mut parts = line.splitn(3, '\t');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some("path"), Some(p), _) => info.path = Some(p.to_owned()),
+                (Some("dep"), Some(p), _) => info.deps.push(p.to_owned()),
                 (Some("build"), Some(kv), _) => {
                     if let Some((k, v)) = kv.split_once('=') {
                         info.settings.push((k.to_owned(), v.to_owned()));
@@ -114,7 +118,12 @@ mod tests {
         s.resize(32, 0);
         s.push(version.len() as u8);
         s.extend_from_slice(version.as_bytes());
-        s.push(modinfo.len() as u8);
+        let mut n = modinfo.len();
+        while n >= 0x80 {
+            s.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        s.push(n as u8);
         s.extend_from_slice(modinfo.as_bytes());
         s
     }
@@ -122,12 +131,15 @@ mod tests {
     #[test]
     fn parses_inline_format() {
         let sentinel = "0123456789abcdef";
-        let modinfo = format!("{sentinel}path\texample.com/demo\nmod\texample.com/demo\t(devel)\t\nbuild\tGOARCH=amd64\nbuild\tCGO_ENABLED=0\n{sentinel}");
+        let modinfo = format!(
+            "{sentinel}path\texample.com/demo\nmod\texample.com/demo\t(devel)\t\ndep\tgithub.com/lib/pq\tv1.12.3\n=>\t/src/pq\t(devel)\t\nbuild\tGOARCH=amd64\nbuild\tCGO_ENABLED=0\n{sentinel}"
+        );
         let info = BuildInfo::parse(&section("go1.22.10", &modinfo)).unwrap();
         assert_eq!(info.go_version, "go1.22.10");
         assert_eq!(info.path.as_deref(), Some("example.com/demo"));
         assert_eq!(info.setting("GOARCH"), Some("amd64"));
         assert_eq!(info.setting("CGO_ENABLED"), Some("0"));
+        assert_eq!(info.deps, ["github.com/lib/pq"]);
         assert_eq!(info.version_tuple(), Some((1, 22, 10)));
     }
 

@@ -83,13 +83,15 @@ impl GoTables {
 }
 
 /// The string a type descriptor holds for a type named as in DWARF: packages are named by
-/// the last element of their path (`*crypto/tls.Conn` -> `*tls.Conn`).
+/// the last element of their path (`*crypto/tls.Conn` -> `*tls.Conn`; a package whose name
+/// differs from it, as `gopkg.in/yaml.v3`'s `yaml`, is not found this way).
 pub fn rtype_name(dwarf_name: &str) -> String {
     let stars = dwarf_name.len() - dwarf_name.trim_start_matches('*').len();
     let rest = &dwarf_name[stars..];
-    // The package path ends at the last '/' before the first '.'.
-    let pkg_end = rest.find('.').unwrap_or(0);
-    let cut = rest[..pkg_end].rfind('/').map_or(0, |i| i + 1);
+    // The package path ends at its last '/' (module paths have dots: github.com/lib/pq),
+    // before any type arguments.
+    let head = rest.split('[').next().unwrap_or(rest);
+    let cut = head.rfind('/').map_or(0, |i| i + 1);
     format!("{}{}", &dwarf_name[..stars], &rest[cut..])
 }
 
@@ -294,6 +296,7 @@ mod tests {
         assert_eq!(rtype_name("*crypto/tls.Conn"), "*tls.Conn");
         assert_eq!(rtype_name("*net/http.response"), "*http.response");
         assert_eq!(rtype_name("runtime.g"), "runtime.g");
+        assert_eq!(rtype_name("*github.com/lib/pq.Error"), "*pq.Error");
     }
 
     #[test]

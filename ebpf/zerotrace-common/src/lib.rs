@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 8;
+pub const ABI_VERSION: u32 = 9;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -72,6 +72,8 @@ pub mod bounds {
     pub const STATUS_CAPTURE: usize = 16;
     /// Bytes of a SQL statement's text kept per call.
     pub const SQL_TEXT_MAX: usize = 1024;
+    /// Bytes of a database error code kept (SQLSTATE is 5; MySQL error numbers fit too).
+    pub const SQL_CODE_MAX: usize = 8;
     /// Longest Go route pattern the agent reads (`GET /users/{id}`); longer ones are cut.
     pub const PATTERN_MAX: usize = 256;
     /// Longest Go string copied for method, path, host or remote address.
@@ -239,6 +241,10 @@ pub enum EventKind {
     /// In Go handler mode it comes at the handler's entry instead, with no head (`read_len`
     /// 0): the response then ends with an HttpResponse as usual.
     SockServerPipelined = 21,
+    /// A database/sql call returned (GoSqlEndEvent: its error's SQLSTATE when the driver's
+    /// error type is known, the server it talked to). Replaces GoSqlEnd (still read in
+    /// recordings).
+    GoSqlDone = 22,
 }
 
 impl EventKind {
@@ -265,6 +271,7 @@ impl EventKind {
             19 => Self::CpuSample,
             20 => Self::CpuSampleNative,
             21 => Self::SockServerPipelined,
+            22 => Self::GoSqlDone,
             _ => return None,
         })
     }
@@ -770,8 +777,27 @@ pub struct GoSqlStartEvent {
     pub kept: u32,
     /// sql_kind::QUERY or EXEC.
     pub kind: u8,
-    pub _pad: [u8; 7],
+    /// The driver's database (sql_system), from the target's configuration.
+    pub system: u8,
+    /// 1: a prepared statement's call (`(*Stmt).QueryContext`/`ExecContext`).
+    pub prepared: u8,
+    pub _pad: [u8; 5],
     pub text: [u8; bounds::SQL_TEXT_MAX],
+}
+
+/// The database a Go program's database/sql driver talks to, known from the driver module
+/// the program is built with (`db.system.name`).
+pub mod sql_system {
+    /// The program has no database/sql hooks.
+    pub const NONE: u32 = 0;
+    /// database/sql with a driver zerotrace does not know (`other_sql`).
+    pub const OTHER: u32 = 1;
+    pub const POSTGRESQL: u32 = 2;
+    pub const MYSQL: u32 = 3;
+    pub const SQLITE: u32 = 4;
+    pub const SQL_SERVER: u32 = 5;
+    pub const ORACLE: u32 = 6;
+    pub const CLICKHOUSE: u32 = 7;
 }
 
 pub mod sql_kind {
@@ -779,13 +805,38 @@ pub mod sql_kind {
     pub const EXEC: u8 = 2;
 }
 
-/// Value of `GO_SQL`: a goroutine inside queryDC/execDC.
+/// A database/sql call returned (a RET of queryDC, execDC, `(*Stmt).QueryContext` or
+/// `(*Stmt).ExecContext`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoSqlEndEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    /// Type word of the returned error (0: no error).
+    pub err_type: u64,
+    /// The server of the first connection the call wrote to (`server_port` 0: none seen),
+    /// IPv4 as mapped IPv6, as FlowKey.
+    pub server_addr: [u8; 16],
+    pub server_port: u16,
+    /// Bytes of `code`: the error's SQLSTATE (or the driver's code), read when the error
+    /// is of the driver's error type (`TargetConfig::sql_error_type`); 0: none.
+    pub code_len: u8,
+    pub _pad: [u8; 5],
+    pub code: [u8; bounds::SQL_CODE_MAX],
+}
+
+/// Value of `GO_SQL`: a goroutine inside a database/sql call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GoSqlState {
     pub span_id: u64,
     pub kind: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 5],
+    /// The server of the first connection the call wrote to, set by the socket hooks
+    /// (`server_port` 0: none yet).
+    pub server_port: u16,
+    pub server_addr: [u8; 16],
     pub prev: GoroutineCtx,
 }
 
@@ -886,6 +937,12 @@ pub struct TargetConfig {
     /// (an index into the agent's `disasm::GPR_ORDER`), found by decoding; NO_REG: none.
     pub tls_c_reg: u32,
     pub go: GoOffsets,
+    /// database/sql: the runtime type of the driver's error (load bias applied; 0: no
+    /// driver known), and where the code string (Go string header) lies in its value.
+    pub sql_error_type: u64,
+    pub sql_error_code: u32,
+    /// The driver's database (`sql_system`), put on every SQL start record.
+    pub sql_system: u32,
 }
 
 impl TargetConfig {
@@ -893,7 +950,7 @@ impl TargetConfig {
 
     /// A process that is not Go: sockets only.
     pub fn native() -> Self {
-        TargetConfig { flags: 0, tls_c_reg: Self::NO_REG, go: GoOffsets::default() }
+        TargetConfig { flags: 0, tls_c_reg: Self::NO_REG, go: GoOffsets::default(), sql_error_type: 0, sql_error_code: 0, sql_system: sql_system::NONE }
     }
 }
 
@@ -1086,7 +1143,8 @@ assert_size!(GoClientState, 40);
 assert_size!(GoClientRequestEvent, 64 + 4 * 136);
 assert_size!(GoClientResponseEvent, 56);
 assert_size!(GoSqlStartEvent, 24 + 48 + 1024);
-assert_size!(GoSqlState, 40);
+assert_size!(GoSqlState, 56);
+assert_size!(GoSqlEndEvent, 24 + 24 + 24 + bounds::SQL_CODE_MAX);
 assert_size!(SockAddrs, 40);
 assert_size!(TraceparentEvent, 56);
 assert_size!(ProcExecEvent, 24);
@@ -1121,7 +1179,7 @@ assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
-assert_size!(TargetConfig, 8 + 112);
+assert_size!(TargetConfig, 8 + 112 + 16);
 assert_size!(KernelOffsets, 100);
 assert_size!(Settings, 24);
 assert_size!(TraceCtx, 24);

@@ -128,10 +128,16 @@ pub fn goid_of(go: &GoOffsets, g: u64) -> u64 {
 /// processes or when g cannot be read.
 #[inline(always)]
 pub fn go_caller(ctx: &ProbeContext) -> Option<(u64, &'static GoOffsets, GoroutineKey)> {
+    let (pid_tgid, cfg, k) = go_caller_config(ctx)?;
+    Some((pid_tgid, &cfg.go, k))
+}
+
+/// `go_caller` with the whole target configuration.
+#[inline(always)]
+pub fn go_caller_config(ctx: &ProbeContext) -> Option<(u64, &'static TargetConfig, GoroutineKey)> {
     let (pid_tgid, cfg) = uprobe_target()?;
-    let go = &cfg.go;
-    let goid = read_user::<u64>(regs(ctx).r14 + go.g_goid as u64)?;
-    Some((pid_tgid, go, GoroutineKey { pid: (pid_tgid >> 32) as u32, _pad: 0, goid }))
+    let goid = read_user::<u64>(regs(ctx).r14 + cfg.go.g_goid as u64)?;
+    Some((pid_tgid, cfg, GoroutineKey { pid: (pid_tgid >> 32) as u32, _pad: 0, goid }))
 }
 
 /// Calls with these helper numbers are rewritten by the agent before loading

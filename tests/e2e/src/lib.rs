@@ -10,6 +10,7 @@ pub mod load;
 pub mod netns;
 pub mod oci;
 pub mod otlp;
+pub mod postgres;
 pub mod proc;
 pub mod secrets;
 pub mod semconv;

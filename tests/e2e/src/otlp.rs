@@ -322,6 +322,13 @@ pub struct RMetric {
     pub time_ns: u64,
 }
 
+impl RMetric {
+    /// An attribute's value, "" when absent.
+    pub fn attr(&self, k: &str) -> &str {
+        self.attrs.get(k).map_or("", String::as_str)
+    }
+}
+
 fn flatten_metrics(req: &ExportMetricsServiceRequest) -> Vec<RMetric> {
     let mut out = Vec::new();
     for rm in &req.resource_metrics {

@@ -78,6 +78,28 @@ pub fn go_build(go: &Path, src: &Path, out: &Path, extra_flags: &[&str]) -> Resu
 
 /// `go_build` with extra environment for the go command (e.g. CGO_ENABLED=0).
 pub fn go_build_env(go: &Path, src: &Path, out: &Path, extra_flags: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    go_build_with(go, src, out, extra_flags, env, &[])
+}
+
+/// Offline sources of the Go modules test programs may use (grpc-go, x/net, lib/pq, ...):
+/// `ZEROTRACE_GOMOD`, else the nearest `shared/gomod` beside the checkout or one of the
+/// folders holding it (`../shared/gomod` for a checkout beside `shared`).
+pub fn gomod_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("ZEROTRACE_GOMOD").map(PathBuf::from) {
+        if !dir.join("README.md").exists() {
+            bail!("ZEROTRACE_GOMOD={} holds no offline Go module sources", dir.display());
+        }
+        return Ok(dir);
+    }
+    let root = root();
+    root.ancestors().map(|a| a.join("shared/gomod")).find(|d| d.join("README.md").exists()).ok_or_else(|| {
+        anyhow::anyhow!("the offline Go module sources (shared/gomod) are not beside {} or a folder above it: set ZEROTRACE_GOMOD to them", root.display())
+    })
+}
+
+/// `go_build_env` for a program that needs modules: each (path, version) is required and
+/// replaced by its offline source folder (`gomod_dir`), with no network.
+pub fn go_build_with(go: &Path, src: &Path, out: &Path, extra_flags: &[&str], env: &[(&str, &str)], modules: &[(&str, &str)]) -> Result<()> {
     let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let newest_src = std::fs::read_dir(src)?.filter_map(|e| e.ok()?.metadata().ok()?.modified().ok()).max();
     if let (Ok(built), Some(src_time)) = (out.metadata().and_then(|m| m.modified()), newest_src)
@@ -97,7 +119,14 @@ pub fn go_build_env(go: &Path, src: &Path, out: &Path, extra_flags: &[&str], env
     let version = Command::new(go).args(["env", "GOVERSION"]).output().context("running go env")?;
     let version = String::from_utf8_lossy(&version.stdout).trim().trim_start_matches("go").to_owned();
     let lang: String = version.split('.').take(2).collect::<Vec<_>>().join(".");
-    std::fs::write(work.join("go.mod"), format!("module zerotrace.test/app\n\ngo {lang}\n"))?;
+    let mut gomod = format!("module zerotrace.test/app\n\ngo {lang}\n");
+    if !modules.is_empty() {
+        let dir = gomod_dir()?.canonicalize()?;
+        for (path, version) in modules {
+            gomod.push_str(&format!("\nrequire {path} {version}\nreplace {path} => {}\n", dir.join(path).display()));
+        }
+    }
+    std::fs::write(work.join("go.mod"), gomod)?;
     let status = Command::new(go)
         .current_dir(&work)
         .arg("build")
@@ -108,6 +137,8 @@ pub fn go_build_env(go: &Path, src: &Path, out: &Path, extra_flags: &[&str], env
         .env("GOTOOLCHAIN", "local")
         .env("GOFLAGS", "-mod=mod")
         .env("GOPROXY", "off")
+        .env("GOSUMDB", "off")
+        .env("GOWORK", "off")
         .env("GOTELEMETRY", "off")
         .envs(env.iter().copied())
         .status()
@@ -142,6 +173,17 @@ pub fn causal_built(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf>
 pub fn causal_static(version: &str) -> Result<PathBuf> {
     let out = work_dir().join(format!("causal-go{version}-static"));
     go_build_env(&go(version)?, &root().join("tests/e2e/go/causal"), &out, &[], &[("CGO_ENABLED", "0")])?;
+    Ok(out)
+}
+
+/// lib/pq, the PostgreSQL driver the database/sql tests use (its offline source's version).
+pub const LIB_PQ: (&str, &str) = ("github.com/lib/pq", "v1.12.3");
+
+/// The database/sql test service (tests/e2e/go/pgshop, lib/pq) built with Go `version` and
+/// extra `go build` flags; `tag` names the build.
+pub fn pgshop(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {
+    let out = work_dir().join(format!("pgshop-go{version}{tag}"));
+    go_build_with(&go(version)?, &root().join("tests/e2e/go/pgshop"), &out, flags, &[], &[LIB_PQ])?;
     Ok(out)
 }
 
