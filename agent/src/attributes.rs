@@ -92,10 +92,10 @@ pub const ALL: &[Key] = &[
     // Status codes of failed requests, and `_OTHER` for failures without one.
     key("error.type", Str, &[S, M]),
     // gRPC streams (socket level).
-    values("rpc.system.name", &[S], &["grpc"]),
-    key("rpc.method", Str, &[S]),
+    values("rpc.system.name", &[S, M], &["grpc"]),
+    key("rpc.method", Str, &[S, M]),
     key("rpc.method_original", Str, &[S]),
-    values("rpc.response.status_code", &[S], &GRPC_STATUS),
+    values("rpc.response.status_code", &[S, M], &GRPC_STATUS),
     // database/sql client calls.
     values("db.system.name", &[S, M], DB_SYSTEM_NAMES),
     key("db.query.summary", Str, &[S, M]),
@@ -150,7 +150,13 @@ pub const ALL: &[Key] = &[
 ];
 
 /// Metrics zerotrace exports besides its counters (`zerotrace_<counter>`), with their unit.
-pub const METRICS: &[(&str, &str)] = &[("http.server.request.duration", "s"), ("http.client.request.duration", "s"), ("db.client.operation.duration", "s")];
+pub const METRICS: &[(&str, &str)] = &[
+    ("http.server.request.duration", "s"),
+    ("http.client.request.duration", "s"),
+    ("db.client.operation.duration", "s"),
+    ("rpc.server.call.duration", "s"),
+    ("rpc.client.call.duration", "s"),
+];
 
 /// The declared key `name`, if any.
 pub fn find(name: &str) -> Option<&'static Key> {

@@ -180,11 +180,15 @@ pub fn python() -> Result<PathBuf> {
 }
 
 /// PostgreSQL's server binaries (Debian's postgresql; the database tests start their own
-/// server from them, tests/e2e go_sql.rs).
+/// server from them, tests/e2e go_sql.rs). Installed without the cluster Debian would make
+/// and start on port 5432: nothing runs that the tests did not start.
 pub fn postgresql() -> Result<()> {
     if zerotrace_e2e::postgres::bin_dir().is_ok() {
         return Ok(());
     }
+    let conf = Path::new("/etc/postgresql-common/createcluster.d");
+    std::fs::create_dir_all(conf)?;
+    std::fs::write(conf.join("zerotrace.conf"), "# zerotrace's tests start their own clusters\ncreate_main_cluster = false\n")?;
     apt_install("postgresql")
 }
 

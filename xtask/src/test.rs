@@ -209,6 +209,8 @@ const SOCKET_SUITES: &[&str] = &[
     "churn",
     "go_http_server",
     "go_causality",
+    "go_sql",
+    "go_grpc",
     "containers",
     "discovery",
     "tail",
@@ -222,7 +224,8 @@ const SOCKET_SUITES: &[&str] = &[
 
 /// Tests of those suites that vary what the hook set does not see: the Go version matrix
 /// and binary layouts (uprobe offsets per release and build; the newest Go runs), what
-/// only Go uprobes do (the traceparent writer, SQL, the causality switch), process churn
+/// only Go uprobes do (the traceparent writer, SQL with an in-process driver, the causality
+/// switch), process churn
 /// (discovery, attach and detach), the image and its capabilities, the agent's refusals
 /// before it loads anything, and the tests that choose their own hook set (twins, a forced
 /// set).

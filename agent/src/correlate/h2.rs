@@ -332,44 +332,8 @@ impl Correlator {
         let status;
         let name;
         if grpc {
-            // Semantic conventions v1.44 (RPC, gRPC): `rpc.method` is the fully-qualified
-            // `package.Service/Method` and names the span; a method the server did not
-            // recognise (UNIMPLEMENTED) or a path that is not `/Service/Method` is `_OTHER`,
-            // with the path in `rpc.method_original` and the span named after the system.
             let code = s.grpc_status.or(s.response.as_ref().and_then(|r| r.grpc_status));
-            let full = path.strip_prefix('/').filter(|p| p.split_once('/').is_some_and(|(svc, m)| !svc.is_empty() && !m.is_empty() && !m.contains('/')));
-            a.push(("rpc.system.name", Value::Static("grpc")));
-            match full {
-                Some(m) if code != Some(12) => {
-                    name = m.to_owned();
-                    a.push(("rpc.method", Value::Str(m.to_owned())));
-                }
-                _ => {
-                    name = "grpc".to_owned();
-                    a.push(("rpc.method", Value::Static("_OTHER")));
-                    let original = path.trim_start_matches('/');
-                    if !original.is_empty() {
-                        a.push(("rpc.method_original", Value::Str(original.to_owned())));
-                    }
-                }
-            }
-            let code_name = code.map(|c| {
-                usize::try_from(c).ok().and_then(|i| crate::attributes::GRPC_STATUS.get(i)).map_or_else(|| Value::Str(c.to_string()), |n| Value::Static(n))
-            });
-            if let Some(n) = &code_name {
-                a.push(("rpc.response.status_code", n.clone()));
-            }
-            // Server errors are the codes that mean the server failed; for a client every
-            // code but OK is one. `error.type` is the status code of a failed call.
-            let failed = match code {
-                Some(c) if server => matches!(c, 2 | 4 | 12 | 13 | 14 | 15),
-                Some(c) => c != 0,
-                None => false,
-            };
-            if failed && let Some(n) = code_name {
-                a.push(("error.type", n));
-            }
-            status = if failed { Status::Error(format!("gRPC status {}", code.unwrap_or(0))) } else { Status::Unset };
+            (name, status) = grpc_attributes(path, code, server, &mut a);
         } else {
             let method = req.method.as_deref().unwrap_or("");
             let known = crate::protocols::http1::known_method(method);
@@ -442,6 +406,47 @@ impl Correlator {
             status,
         }
     }
+}
+
+/// The attributes of a gRPC call (server or client side) by the semantic conventions
+/// v1.44 (RPC, gRPC), from its path and status code; returns the span's name and status.
+/// `rpc.method` is the fully-qualified `package.Service/Method` and names the span; a method
+/// the server did not recognise (UNIMPLEMENTED) or a path that is not `/Service/Method` is
+/// `_OTHER`, with the path in `rpc.method_original` and the span named after the system.
+pub(super) fn grpc_attributes(path: &str, code: Option<i64>, server: bool, a: &mut Vec<(&'static str, Value)>) -> (String, Status) {
+    let name;
+    let full = path.strip_prefix('/').filter(|p| p.split_once('/').is_some_and(|(svc, m)| !svc.is_empty() && !m.is_empty() && !m.contains('/')));
+    a.push(("rpc.system.name", Value::Static("grpc")));
+    match full {
+        Some(m) if code != Some(12) => {
+            name = m.to_owned();
+            a.push(("rpc.method", Value::Str(m.to_owned())));
+        }
+        _ => {
+            name = "grpc".to_owned();
+            a.push(("rpc.method", Value::Static("_OTHER")));
+            let original = path.trim_start_matches('/');
+            if !original.is_empty() {
+                a.push(("rpc.method_original", Value::Str(original.to_owned())));
+            }
+        }
+    }
+    let code_name = code
+        .map(|c| usize::try_from(c).ok().and_then(|i| crate::attributes::GRPC_STATUS.get(i)).map_or_else(|| Value::Str(c.to_string()), |n| Value::Static(n)));
+    if let Some(n) = &code_name {
+        a.push(("rpc.response.status_code", n.clone()));
+    }
+    // Server errors are the codes that mean the server failed; for a client every code
+    // but OK is one. `error.type` is the status code of a failed call.
+    let failed = match code {
+        Some(c) if server => matches!(c, 2 | 4 | 12 | 13 | 14 | 15),
+        Some(c) => c != 0,
+        None => false,
+    };
+    if failed && let Some(n) = code_name {
+        a.push(("error.type", n));
+    }
+    (name, if failed { Status::Error(format!("gRPC status {}", code.unwrap_or(0))) } else { Status::Unset })
 }
 
 #[cfg(test)]

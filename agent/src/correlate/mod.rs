@@ -15,7 +15,7 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::{
-    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoServerRequest, GoSqlEnd, GoSqlStart, HttpRequest, HttpResponse},
+    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoRpcStart, GoServerRequest, GoSqlEnd, GoSqlStart, HttpRequest, HttpResponse},
     protocols::http1,
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
@@ -124,6 +124,13 @@ struct PendingSql {
     parent: Option<SpanId>,
 }
 
+/// A grpc-go server stream waiting for its status.
+#[derive(Debug)]
+struct PendingRpc {
+    start: Box<GoRpcStart>,
+    trace_id: TraceId,
+}
+
 /// A Go client call waiting for its return.
 #[derive(Debug)]
 struct PendingClient {
@@ -181,6 +188,7 @@ pub struct Correlator {
     by_sk: HashMap<u64, u64>,
     pending: HashMap<u64, Pending>,
     clients: HashMap<u64, PendingClient>,
+    rpcs: HashMap<u64, PendingRpc>,
     sql: HashMap<u64, PendingSql>,
     /// Native (not Go) client requests waiting for their response's end, by connection.
     native: HashMap<u64, native::NativeCall>,
@@ -235,6 +243,7 @@ impl Correlator {
             by_sk: HashMap::default(),
             pending: HashMap::default(),
             clients: HashMap::default(),
+            rpcs: HashMap::default(),
             sql: HashMap::default(),
             native: HashMap::default(),
             open: HashMap::default(),
@@ -296,6 +305,7 @@ impl Correlator {
         }
         self.clients.retain(|_, c| c.req.pid != pid);
         self.sql.retain(|_, c| c.start.pid != pid);
+        self.rpcs.retain(|_, c| c.start.pid != pid);
         self.open.remove(&pid);
         self.threads.retain(|(p, _), _| *p != pid);
         // Else a churn of processes fills the cache (MAX_PATTERNS) with the gone ones'
@@ -331,15 +341,16 @@ impl Correlator {
         let conns = &self.conns;
         self.by_sk.retain(|_, id| conns.contains_key(id));
         let fresh = |start_ns: u64| now_ns.saturating_sub(start_ns) < CALL_EXPIRY.as_nanos() as u64;
-        let before = self.clients.len() + self.sql.len();
+        let before = self.clients.len() + self.sql.len() + self.rpcs.len();
         self.clients.retain(|_, c| fresh(c.req.start_ns));
         self.sql.retain(|_, q| fresh(q.start.start_ns));
-        self.stats.calls_expired += (before - self.clients.len() - self.sql.len()) as u64;
+        self.rpcs.retain(|_, r| fresh(r.start.start_ns));
+        self.stats.calls_expired += (before - self.clients.len() - self.sql.len() - self.rpcs.len()) as u64;
     }
 
     /// Whether a sweep has anything to look at (else the walk of CONNS is skipped).
     pub fn holds_anything(&self) -> bool {
-        self.held_ids().next().is_some() || !self.by_sk.is_empty() || !self.clients.is_empty() || !self.sql.is_empty()
+        self.held_ids().next().is_some() || !self.by_sk.is_empty() || !self.clients.is_empty() || !self.sql.is_empty() || !self.rpcs.is_empty()
     }
 
     /// The connection ids of every per-connection table (an id once per table).
@@ -413,6 +424,18 @@ impl Correlator {
             Event::GoServerRequest(g) => self.on_go_request(g, out),
             Event::GoClientRequest(c) => self.on_client_request(c),
             Event::GoSqlStart(q) => self.on_sql_start(q),
+            Event::GoRpcStart(q) => {
+                if let Some((trace_id, _)) = self.call_ids(self.rpcs.len(), q.span_id, 0, [0; 16]) {
+                    self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id });
+                }
+            }
+            Event::GoRpcEnd(r) => match self.rpcs.remove(&r.span_id) {
+                Some(p) => {
+                    self.stats.spans += 1;
+                    out.push(self.rpc_span(p, &r));
+                }
+                None => self.stats.unmatched_client_returns += 1,
+            },
             Event::GoSqlEnd(r) => {
                 if let Some(p) = self.sql.remove(&r.span_id) {
                     self.stats.spans += 1;
@@ -483,6 +506,29 @@ impl Correlator {
         let len = (q.text_len as usize).min(zerotrace_common::bounds::SQL_TEXT_MAX);
         let text = q.text.clone().or_else(|| ((self.readonly)(q.pid, q.text_ptr, len as u64)).then(|| (self.memory)(q.pid, q.text_ptr, len)).flatten());
         self.sql.insert(q.span_id, PendingSql { start: q, text, trace_id, parent });
+    }
+
+    /// The SERVER span of a grpc-go stream.
+    fn rpc_span(&self, p: PendingRpc, r: &crate::events::GoRpcEnd) -> Span {
+        let q = &p.start;
+        let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(8);
+        let (name, status) = h2::grpc_attributes(&q.method, r.code, true, &mut a);
+        a.push(("thread.id", Value::Int(i64::from(q.tid))));
+        a.push((crate::attributes::GOROUTINE_ID, Value::Int(q.goid as i64)));
+        Span {
+            pid: q.pid,
+            trace_id: p.trace_id,
+            span_id: span_id(q.span_id),
+            parent: None,
+            parent_is_remote: false,
+            trace_state: None,
+            kind: SpanKind::Server,
+            name,
+            start_unix_ns: self.clock.to_unix(q.start_ns),
+            end_unix_ns: self.clock.to_unix(r.end_ns.max(q.start_ns)),
+            attributes: a,
+            status,
+        }
     }
 
     fn sql_span(&self, p: PendingSql, r: &GoSqlEnd) -> Span {

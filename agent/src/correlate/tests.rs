@@ -196,6 +196,43 @@ fn handler_mode_alone_still_makes_a_span() {
     assert_eq!((out[0].start_unix_ns, out[0].end_unix_ns), (12, 18));
 }
 
+/// A SQL span: named by its summary, the driver's database, the server, the text without
+/// literals; a failure with the driver's SQLSTATE, and one whose code is not a SQLSTATE
+/// (not trusted); a call a gRPC server span made: every part from the records.
+#[test]
+fn sql_and_grpc_spans_from_their_records() {
+    use zerotrace_common::sql_system;
+    let (spans, stats) = run(&[
+        record::rpc_start(PID, 1_000, 9, 0xaaaa, "/shop.v1.Catalog/Get"),
+        record::sql_start(PID, 1_100, 9, 0xbbbb, 0xaaaa, "SELECT name FROM items WHERE secret = 'hunter2'", sql_system::POSTGRESQL),
+        record::sql_done(PID, 1_200, 9, 0xbbbb, 0x77, "42P01", ([127, 0, 0, 1], 5432)),
+        record::sql_start(PID, 1_300, 9, 0xcccc, 0xaaaa, "UPDATE stock SET n = 1", sql_system::MYSQL),
+        record::sql_done(PID, 1_400, 9, 0xcccc, 0x77, "4'2\0", ([127, 0, 0, 1], 3306)),
+        record::sql_start(PID, 1_500, 9, 0xdddd, 0xaaaa, "VACUUM", sql_system::NONE),
+        record::sql_done(PID, 1_600, 9, 0xdddd, 0, "", ([0; 4], 0)),
+        record::rpc_end(PID, 2_000, 9, 0xaaaa, 5),
+    ]);
+    assert_eq!(spans.len(), 4, "{stats:?}");
+    let rpc = spans.iter().find(|s| s.span_id == traces::span_id(0xaaaa)).unwrap();
+    assert_eq!((rpc.kind, rpc.name.as_str(), rpc.parent), (SpanKind::Server, "shop.v1.Catalog/Get", None));
+    assert_eq!(
+        (s(rpc, "rpc.method"), s(rpc, "rpc.response.status_code"), s(rpc, "error.type")),
+        ("shop.v1.Catalog/Get".into(), "NOT_FOUND".into(), String::new())
+    );
+    let q = spans.iter().find(|s| s.span_id == traces::span_id(0xbbbb)).unwrap();
+    assert_eq!((q.kind, q.parent, q.trace_id), (SpanKind::Client, Some(rpc.span_id), rpc.trace_id));
+    assert_eq!(q.name, "SELECT items");
+    assert_eq!(s(q, "db.query.text"), "SELECT name FROM items WHERE secret = ?");
+    assert_eq!((s(q, "db.system.name"), s(q, "server.address"), s(q, "server.port")), ("postgresql".into(), "127.0.0.1".into(), "5432".into()));
+    assert_eq!((s(q, "db.response.status_code"), s(q, "error.type")), ("42P01".into(), "42P01".into()));
+    assert!(matches!(q.status, Status::Error(_)));
+    let u = spans.iter().find(|s| s.span_id == traces::span_id(0xcccc)).unwrap();
+    assert_eq!((s(u, "db.system.name"), s(u, "db.response.status_code"), s(u, "error.type")), ("mysql".into(), String::new(), "_OTHER".into()));
+    let v = spans.iter().find(|s| s.span_id == traces::span_id(0xdddd)).unwrap();
+    assert_eq!((v.name.as_str(), s(v, "db.system.name"), s(v, "server.address")), ("VACUUM", "other_sql".into(), String::new()));
+    assert!(matches!(v.status, Status::Unset));
+}
+
 /// The kernel's database numbers name the right databases.
 #[test]
 fn sql_systems_are_named() {

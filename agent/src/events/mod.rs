@@ -7,9 +7,9 @@ pub mod recording;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoServerRequestEvent, GoSqlEndEvent,
-    GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent,
-    TraceparentEvent, bounds, h2_start,
+    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoRpcEndEvent, GoRpcStartEvent,
+    GoServerRequestEvent, GoSqlEndEvent, GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent,
+    SockAddrs, SockBytesEvent, TraceparentEvent, bounds, h2_start,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +63,8 @@ pub enum Event {
     GoClientResponse(GoClientResponse),
     GoSqlStart(Box<GoSqlStart>),
     GoSqlEnd(GoSqlEnd),
+    GoRpcStart(Box<GoRpcStart>),
+    GoRpcEnd(GoRpcEnd),
     Traceparent(Traceparent),
     /// A process exec'd (discovery): the agent decides whether to trace it.
     ProcExec {
@@ -173,6 +175,29 @@ pub struct GoSqlStart {
     /// Where the text is in the target, and its full length.
     pub text_ptr: u64,
     pub text_len: u32,
+}
+
+/// A grpc-go server stream met its handler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoRpcStart {
+    pub pid: u32,
+    pub tid: u32,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub span_id: u64,
+    pub stream_id: u32,
+    /// `/package.Service/Method` as the client sent it (cut at GO_STR_MAX).
+    pub method: String,
+}
+
+/// Its status was written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoRpcEnd {
+    pub pid: u32,
+    pub end_ns: u64,
+    pub span_id: u64,
+    /// The gRPC status code (None: not readable).
+    pub code: Option<i64>,
 }
 
 /// A database/sql call returned.
@@ -496,6 +521,22 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             let e: GoClientResponseEvent = exact(b, kind)?;
             Event::GoSqlEnd(GoSqlEnd { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, failed: e.err_type != 0, server: None, code: None })
         }
+        EventKind::GoRpcStart => {
+            let e: GoRpcStartEvent = exact(b, kind)?;
+            Event::GoRpcStart(Box::new(GoRpcStart {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                goid: e.goid,
+                start_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                stream_id: e.stream_id,
+                method: go_str(&e.method),
+            }))
+        }
+        EventKind::GoRpcEnd => {
+            let e: GoRpcEndEvent = exact(b, kind)?;
+            Event::GoRpcEnd(GoRpcEnd { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, code: (e.code >= 0).then_some(e.code) })
+        }
         EventKind::GoSqlDone => {
             let e: GoSqlEndEvent = exact(b, kind)?;
             let code = &e.code[..(e.code_len as usize).min(e.code.len())];
@@ -683,6 +724,62 @@ pub mod record {
             status,
             err_type,
         })
+    }
+
+    /// A database/sql call's start with its statement's text, by a driver of `system`.
+    pub fn sql_start(pid: u32, ts: u64, goid: u64, span_id: u64, parent_span: u64, text: &str, system: u32) -> Vec<u8> {
+        let mut e = GoSqlStartEvent {
+            hdr: header(EventKind::GoSqlStart, std::mem::size_of::<GoSqlStartEvent>(), pid, ts),
+            goid,
+            span_id,
+            parent_span,
+            text_ptr: 0x1000,
+            text_len: text.len() as u32,
+            kept: text.len().min(bounds::SQL_TEXT_MAX) as u32,
+            kind: sql_kind::QUERY,
+            system: system as u8,
+            prepared: 0,
+            _pad: [0; 5],
+            text: [0; bounds::SQL_TEXT_MAX],
+        };
+        e.text[..e.kept as usize].copy_from_slice(&text.as_bytes()[..e.kept as usize]);
+        bytes_of(&e)
+    }
+
+    /// Its end: an error (`err_type` not 0) with `code`, the server it wrote to.
+    pub fn sql_done(pid: u32, ts: u64, goid: u64, span_id: u64, err_type: u64, code: &str, server: ([u8; 4], u16)) -> Vec<u8> {
+        let a = server.0;
+        let mut e = GoSqlEndEvent {
+            hdr: header(EventKind::GoSqlDone, std::mem::size_of::<GoSqlEndEvent>(), pid, ts),
+            goid,
+            span_id,
+            err_type,
+            server_addr: [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]],
+            server_port: server.1,
+            code_len: code.len() as u8,
+            _pad: [0; 5],
+            code: [0; bounds::SQL_CODE_MAX],
+        };
+        e.code[..code.len()].copy_from_slice(code.as_bytes());
+        bytes_of(&e)
+    }
+
+    /// A grpc-go server stream's start (handleStream) and end (WriteStatus).
+    pub fn rpc_start(pid: u32, ts: u64, goid: u64, span_id: u64, method: &str) -> Vec<u8> {
+        bytes_of(&GoRpcStartEvent {
+            hdr: header(EventKind::GoRpcStart, std::mem::size_of::<GoRpcStartEvent>(), pid, ts),
+            goid,
+            span_id,
+            parent_span: 0,
+            stream: 0xc000_0000,
+            stream_id: 1,
+            _pad: 0,
+            method: go_str(method),
+        })
+    }
+
+    pub fn rpc_end(pid: u32, ts: u64, goid: u64, span_id: u64, code: i64) -> Vec<u8> {
+        bytes_of(&GoRpcEndEvent { hdr: header(EventKind::GoRpcEnd, std::mem::size_of::<GoRpcEndEvent>(), pid, ts), goid, span_id, code })
     }
 
     /// A response; its route pattern, when not empty, is "at" address `pattern.as_ptr()`:

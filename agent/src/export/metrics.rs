@@ -2,8 +2,9 @@
 //! sampling) adds its duration to a histogram of its process, per current semantic
 //! conventions: `http.server.request.duration` (method, route, status code, scheme,
 //! protocol version, error.type), `http.client.request.duration` (method, server address and
-//! port, status code, error.type) and `db.client.operation.duration` (db system, query
-//! summary, response status code, error.type, server port), in seconds, low-cardinality attributes only (the route, never the
+//! port, status code, error.type), `db.client.operation.duration` (db system, query
+//! summary, response status code, error.type, server address and port) and `rpc.server.call.duration` /
+//! `rpc.client.call.duration` (rpc system, method, status code, error.type), in seconds, low-cardinality attributes only (the route, never the
 //! raw path). Cumulative temporality: a failed export loses nothing, the next one carries
 //! the totals. The agent's counters go out as `zerotrace_<name>` sums under the agent's own
 //! resource (service.name = zerotrace). Aggregation and encoding are ours (a few histogram
@@ -86,13 +87,20 @@ impl Red {
     /// calls are not counted).
     pub fn record(&mut self, s: &Span) {
         let (metric, keys): (&'static str, &[&'static str]) = match s.kind {
+            SpanKind::Server if s.attr("rpc.system.name").is_some() => {
+                ("rpc.server.call.duration", &["rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type"])
+            }
+            SpanKind::Client if s.attr("rpc.system.name").is_some() => {
+                ("rpc.client.call.duration", &["rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type"])
+            }
             SpanKind::Server if s.attr("http.request.method").is_some() => (
                 "http.server.request.duration",
                 &["http.request.method", "http.route", "http.response.status_code", "url.scheme", "network.protocol.version", "error.type"],
             ),
-            SpanKind::Client if s.attr("db.system.name").is_some() => {
-                ("db.client.operation.duration", &["db.system.name", "db.query.summary", "db.response.status_code", "error.type", "server.port"])
-            }
+            SpanKind::Client if s.attr("db.system.name").is_some() => (
+                "db.client.operation.duration",
+                &["db.system.name", "db.query.summary", "db.response.status_code", "error.type", "server.address", "server.port"],
+            ),
             SpanKind::Client if s.attr("http.request.method").is_some() => {
                 ("http.client.request.duration", &["http.request.method", "server.address", "server.port", "http.response.status_code", "error.type"])
             }

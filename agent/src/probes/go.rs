@@ -37,6 +37,10 @@ pub const SQL_QUERY: &str = "database/sql.(*DB).queryDC";
 pub const SQL_EXEC: &str = "database/sql.(*DB).execDC";
 pub const SQL_STMT_QUERY: &str = "database/sql.(*Stmt).QueryContext";
 pub const SQL_STMT_EXEC: &str = "database/sql.(*Stmt).ExecContext";
+pub const GRPC_HANDLE_STREAM: &str = "google.golang.org/grpc.(*Server).handleStream";
+pub const GRPC_WRITE_STATUS: &str = "google.golang.org/grpc/internal/transport.(*http2Server).WriteStatus";
+const GRPC_STREAM: &str = "google.golang.org/grpc/internal/transport.Stream";
+const GRPC_STATUS_PROTO: &str = "google.golang.org/genproto/googleapis/rpc/status.Status";
 pub const CHAN_SEND: &str = "runtime.send";
 pub const CHAN_RECV: &str = "runtime.recv";
 pub const CHANSEND: &str = "runtime.chansend";
@@ -187,6 +191,8 @@ pub struct Plan {
     pub tls: Option<TlsSites>,
     /// The database/sql driver, when database/sql is hooked.
     pub sql: Option<SqlDriver>,
+    /// Where grpc-go keeps what its server hooks read, when they are attached.
+    pub grpc: Option<GrpcLayout>,
     pub report: AttachReport,
 }
 
@@ -203,38 +209,115 @@ pub struct SqlDriver {
     pub error_code: u32,
 }
 
+/// Offsets the grpc-go server hooks read: `transport.Stream`'s `id` and `method`, the status
+/// proto's `Code`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GrpcLayout {
+    pub stream_id: u32,
+    pub stream_method: u32,
+    pub status_code: u32,
+    /// "dwarf" or the grpc version whose known layout was used.
+    pub source: &'static str,
+}
+
+/// grpc-go versions whose layout is known without DWARF (compared with the DWARF of every
+/// program that has both, a warning when they differ; the e2e suite builds v1.67.1 with
+/// both Go ends and asserts no warning): `Stream{id uint32; st, ct ServerTransport/ClientTransport;
+/// ctx; cancel; done; doneFunc; ctxDone; method string}` and `spb.Status{state, sizeCache,
+/// unknownFields; Code int32}`. From v1.68 handleStream takes a `*ServerStream`.
+const GRPC_KNOWN: &[(&str, GrpcLayout)] = &[("v1.67.", GrpcLayout { stream_id: 0, stream_method: 88, status_code: 40, source: "v1.67" })];
+
+/// The grpc-go server hooks (entry of handleStream, entry of WriteStatus: 2 hits per RPC),
+/// when the program serves gRPC and its layout is known: from its DWARF, else by its grpc
+/// version. Otherwise said in the log.
+fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Result<(), SymbolError> {
+    if exe.symbol(GRPC_HANDLE_STREAM).is_none() || exe.symbol(GRPC_WRITE_STATUS).is_none() {
+        return Ok(());
+    }
+    let version = build.deps.iter().find(|(m, _)| m == "google.golang.org/grpc").map_or("", |(_, v)| v.as_str());
+    let from_dwarf = crate::symbols::dwarf::GoDwarf::load(exe, &[GRPC_STREAM, GRPC_STATUS_PROTO], &[]).ok().and_then(|d| {
+        let m = |ty: &str, f: &str| d.member(ty, f).and_then(|o| u32::try_from(o).ok());
+        Some(GrpcLayout {
+            stream_id: m(GRPC_STREAM, "id")?,
+            stream_method: m(GRPC_STREAM, "method")?,
+            status_code: m(GRPC_STATUS_PROTO, "Code")?,
+            source: "dwarf",
+        })
+    });
+    let known = GRPC_KNOWN.iter().find(|(v, _)| version.starts_with(v)).map(|(_, l)| *l);
+    if let (Some(d), Some(k)) = (from_dwarf, known)
+        && (d.stream_id, d.stream_method, d.status_code) != (k.stream_id, k.stream_method, k.status_code)
+    {
+        tracing::warn!(pid, grpc = version, dwarf = ?d, table = ?k, "the known grpc-go layout differs from this program's DWARF: stripped builds of this version would be misread");
+    }
+    let layout = from_dwarf.or(known);
+    let Some(layout) = layout else {
+        tracing::warn!(pid, grpc = version, "this grpc-go version's layout is not known without DWARF: its RPCs get no server spans");
+        return Ok(());
+    };
+    p.add(uprobes::GO_GRPC_STREAM, entry_offset(exe, GRPC_HANDLE_STREAM)?);
+    p.add(uprobes::GO_GRPC_STATUS, entry_offset(exe, GRPC_WRITE_STATUS)?);
+    p.grpc = Some(layout);
+    Ok(())
+}
+
 /// A known database/sql driver: module path (a prefix: major versions are suffixes), the
-/// database (`sql_system`), and, when its code is a Go string in the error's value, the
-/// error's pointer type as DWARF names it and the code's offset there.
-type KnownDriver = (&'static str, u32, Option<(&'static str, u32)>);
+/// element of the package its database/sql driver is in (its `Open` method is linked into a
+/// program that registers it), the database (`sql_system`), and, when its code is a Go
+/// string in the error's value, the error's pointer type as DWARF names it and the code's
+/// offset there.
+type KnownDriver = (&'static str, &'static str, u32, Option<(&'static str, u32)>);
 
 const SQL_DRIVERS: &[KnownDriver] = &[
     // lib/pq: Error{Severity string; Code ErrorCode (string); ...}, the same since v1.0.
-    ("github.com/lib/pq", sql_system::POSTGRESQL, Some(("*github.com/lib/pq.Error", 16))),
-    ("github.com/jackc/pgx", sql_system::POSTGRESQL, None),
-    ("github.com/go-sql-driver/mysql", sql_system::MYSQL, None),
-    ("github.com/mattn/go-sqlite3", sql_system::SQLITE, None),
-    ("modernc.org/sqlite", sql_system::SQLITE, None),
-    ("github.com/microsoft/go-mssqldb", sql_system::SQL_SERVER, None),
-    ("github.com/denisenkom/go-mssqldb", sql_system::SQL_SERVER, None),
-    ("github.com/sijms/go-ora", sql_system::ORACLE, None),
-    ("github.com/godror/godror", sql_system::ORACLE, None),
-    ("github.com/ClickHouse/clickhouse-go", sql_system::CLICKHOUSE, None),
+    ("github.com/lib/pq", "/pq.", sql_system::POSTGRESQL, Some(("*github.com/lib/pq.Error", 16))),
+    ("github.com/jackc/pgx", "/stdlib.", sql_system::POSTGRESQL, None),
+    ("github.com/go-sql-driver/mysql", "/mysql.", sql_system::MYSQL, None),
+    ("github.com/mattn/go-sqlite3", "/go-sqlite3.", sql_system::SQLITE, None),
+    ("modernc.org/sqlite", "/sqlite.", sql_system::SQLITE, None),
+    ("github.com/microsoft/go-mssqldb", "/go-mssqldb.", sql_system::SQL_SERVER, None),
+    ("github.com/denisenkom/go-mssqldb", "/go-mssqldb.", sql_system::SQL_SERVER, None),
+    ("github.com/sijms/go-ora", "/go-ora", sql_system::ORACLE, None),
+    ("github.com/godror/godror", "/godror.", sql_system::ORACLE, None),
+    ("github.com/ClickHouse/clickhouse-go", "/clickhouse-go", sql_system::CLICKHOUSE, None),
 ];
 
-/// The driver of a program with database/sql, from the modules its build info lists: the
-/// known driver when all it has name one database, else `other_sql` (two databases, or a
-/// driver zerotrace does not know: a span never names the wrong database).
+/// The known drivers a program registers with database/sql: a module it is built with (its
+/// build info) whose database/sql driver's `Open` method is among its `functions`.
+fn drivers_of<'a>(build: &BuildInfo, functions: impl Iterator<Item = &'a str>) -> Vec<&'static KnownDriver> {
+    let built: Vec<&KnownDriver> = SQL_DRIVERS
+        .iter()
+        .filter(|(m, _, _, _)| build.deps.iter().any(|(d, _)| d == m || d.strip_prefix(m).is_some_and(|rest| rest.starts_with('/'))))
+        .collect();
+    if built.is_empty() {
+        return built;
+    }
+    let mut linked = vec![false; built.len()];
+    for f in functions.filter(|f| f.ends_with(".Open")) {
+        for (i, (m, pkg, _, _)) in built.iter().enumerate() {
+            if f.starts_with(m) && f.contains(pkg) {
+                linked[i] = true;
+            }
+        }
+    }
+    built.into_iter().zip(linked).filter(|(_, l)| *l).map(|(d, _)| d).collect()
+}
+
+/// The driver of a program with database/sql: the known driver when the drivers it
+/// registers name one database, else `other_sql` (drivers of two databases, or a driver
+/// zerotrace does not know: a span never names the wrong database).
 fn sql_driver(pid: u32, exe: &Executable, build: &BuildInfo) -> SqlDriver {
-    let found: Vec<&KnownDriver> =
-        SQL_DRIVERS.iter().filter(|(m, _, _)| build.deps.iter().any(|d| d == m || d.strip_prefix(m).is_some_and(|rest| rest.starts_with('/')))).collect();
+    let found = match exe.go_tables() {
+        Ok(t) => drivers_of(build, t.functions().map(|(n, _)| n)),
+        Err(_) => Vec::new(),
+    };
     let Some(first) = found.first() else { return SqlDriver { system: sql_system::OTHER, ..Default::default() } };
-    if found.iter().any(|d| d.1 != first.1) {
+    if found.iter().any(|d| d.2 != first.2) {
         tracing::info!(pid, drivers = ?found.iter().map(|d| d.0).collect::<Vec<_>>(), "database/sql drivers of several databases: db.system.name is other_sql");
         return SqlDriver { system: sql_system::OTHER, ..Default::default() };
     }
-    let mut d = SqlDriver { system: first.1, module: Some(first.0), ..Default::default() };
-    if let [(_, _, Some((ty, code)))] = found[..] {
+    let mut d = SqlDriver { system: first.2, module: Some(first.0), ..Default::default() };
+    if let [(_, _, _, Some((ty, code)))] = found[..] {
         let minor = build.version_tuple().map_or(u32::MAX, |v| v.1);
         match exe.go_tables().map_err(str::to_owned).and_then(|t| t.runtime_type(exe, minor, ty)) {
             Ok(Some(t)) => (d.error_type, d.error_code) = (Some(t), *code),
@@ -260,6 +343,7 @@ pub fn plan(pid: u32, layout: &GoLayout, build: &BuildInfo, exe: &Executable, s:
     let mut p = Plan::default();
     plan_http(&mut p, exe, s.http)?;
     plan_causality(&mut p, pid, layout, exe, build, &s.causality)?;
+    plan_grpc(&mut p, pid, exe, build)?;
     p.tls = tls_plan(pid, layout, exe, s.tls);
     if let Some(sites) = p.tls.take() {
         plan_tls(&mut p, exe, &sites)?;
@@ -305,6 +389,10 @@ pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
         sql_error_type: sql.error_type.map_or(0, |a| a.wrapping_add(t.bias)),
         sql_error_code: sql.error_code,
         sql_system: sql.system,
+        grpc_stream_id: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_id),
+        grpc_stream_method: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_method),
+        grpc_status_code: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.status_code),
+        _pad: 0,
     }
 }
 
@@ -390,17 +478,22 @@ fn plan_causality(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable, b
         plan_call(p, exe, ROUND_TRIP, uprobes::GO_ROUND_TRIP, uprobes::GO_ROUND_TRIP_RET)?;
         p.report.client = true;
     }
-    if exe.symbol(SQL_QUERY).is_some() && exe.symbol(SQL_EXEC).is_some() {
-        for (name, prog) in [(SQL_QUERY, uprobes::GO_SQL_QUERY), (SQL_EXEC, uprobes::GO_SQL_EXEC)] {
+    // Each database/sql path the program has (the linker leaves out what it never runs:
+    // a program that only queries has no execDC, one without prepared statements no Stmt
+    // methods).
+    let sql = [
+        (SQL_QUERY, uprobes::GO_SQL_QUERY),
+        (SQL_EXEC, uprobes::GO_SQL_EXEC),
+        (SQL_STMT_QUERY, uprobes::GO_SQL_STMT_QUERY),
+        (SQL_STMT_EXEC, uprobes::GO_SQL_STMT_EXEC),
+    ];
+    for (name, prog) in sql {
+        if exe.symbol(name).is_some() {
             plan_call(p, exe, name, prog, uprobes::GO_SQL_RET)?;
+            p.report.sql = true;
         }
-        // Prepared statements: the linker leaves these out of programs that never run one.
-        for (name, prog) in [(SQL_STMT_QUERY, uprobes::GO_SQL_STMT_QUERY), (SQL_STMT_EXEC, uprobes::GO_SQL_STMT_EXEC)] {
-            if exe.symbol(name).is_some() {
-                plan_call(p, exe, name, prog, uprobes::GO_SQL_RET)?;
-            }
-        }
-        p.report.sql = true;
+    }
+    if p.report.sql {
         p.sql = Some(sql_driver(pid, exe, build));
     }
     if want.spawns {
@@ -540,6 +633,24 @@ fn plan_http(p: &mut Plan, exe: &Executable, mode: GoHttpProbes) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A driver counts when the program is built with its module and links its database/sql
+    /// driver; major-version paths match; a module used without database/sql does not.
+    #[test]
+    fn sql_drivers_by_module_and_linked_open() {
+        let build = |deps: &[&str]| BuildInfo { deps: deps.iter().map(|d| (d.to_string(), "v1.0.0".to_string())).collect(), ..Default::default() };
+        let names = |found: Vec<&'static KnownDriver>| found.iter().map(|d| d.0).collect::<Vec<_>>();
+        let pq = build(&["github.com/lib/pq"]);
+        assert_eq!(names(drivers_of(&pq, ["github.com/lib/pq.Driver.Open", "main.main"].into_iter())), ["github.com/lib/pq"]);
+        assert!(drivers_of(&pq, ["github.com/lib/pq.QuoteIdentifier"].into_iter()).is_empty(), "linked but not registered");
+        let pgx = build(&["github.com/jackc/pgx/v5"]);
+        assert!(drivers_of(&pgx, ["github.com/jackc/pgx/v5/pgxpool.(*Pool).Acquire"].into_iter()).is_empty(), "pgx without database/sql");
+        assert_eq!(names(drivers_of(&pgx, ["github.com/jackc/pgx/v5/stdlib.(*Driver).Open"].into_iter())), ["github.com/jackc/pgx"]);
+        let both = build(&["github.com/lib/pq", "github.com/go-sql-driver/mysql"]);
+        let found = drivers_of(&both, ["github.com/lib/pq.Driver.Open", "github.com/go-sql-driver/mysql.MySQLDriver.Open"].into_iter());
+        assert_eq!(found.len(), 2);
+        assert!(drivers_of(&build(&["example.com/other"]), ["example.com/other.Driver.Open"].into_iter()).is_empty());
+    }
     use crate::symbols::{
         buildinfo::BuildInfo,
         go::layout,

@@ -57,6 +57,8 @@ pub mod uprobes {
     pub const GO_SQL_RET: &str = "go_sql_ret";
     pub const GO_SQL_STMT_QUERY: &str = "go_sql_stmt_query";
     pub const GO_SQL_STMT_EXEC: &str = "go_sql_stmt_exec";
+    pub const GO_GRPC_STREAM: &str = "go_grpc_stream";
+    pub const GO_GRPC_STATUS: &str = "go_grpc_status";
     pub const GO_TLS_READ: &str = "go_tls_read";
     /// GO_TLS_READ's twin that reads incoming traceparents (loaded instead of it with
     /// --inject-traceparent; not in ALL).
@@ -72,6 +74,8 @@ pub mod uprobes {
         GO_SQL_RET,
         GO_SQL_STMT_QUERY,
         GO_SQL_STMT_EXEC,
+        GO_GRPC_STREAM,
+        GO_GRPC_STATUS,
         GO_CHAN_PUT,
         GO_CHAN_TAKE,
         GO_CHAN_REFILL,

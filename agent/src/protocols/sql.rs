@@ -143,8 +143,12 @@ const OPERATIONS: &[&str] = &[
 /// Keywords after which the next name is a target (table, view, procedure).
 const TARGET_BEFORE: &[&str] = &["FROM", "INTO", "JOIN", "UPDATE", "TABLE", "VIEW", "INDEX", "CALL", "EXEC", "EXECUTE", "TRUNCATE"];
 
-/// Keywords that never are a target's name (they end a FROM list, or qualify the next word).
+/// Keywords that never are a target's name (they end a FROM list, or qualify the next word:
+/// QUALIFIERS).
 const NOT_TARGET: &[&str] = &[
+    "TABLE",
+    "VIEW",
+    "INDEX",
     "WHERE",
     "ON",
     "USING",
@@ -189,20 +193,60 @@ const NOT_TARGET: &[&str] = &[
     "CONCURRENTLY",
 ];
 
+/// Keywords that qualify what follows (JOIN's kinds, AS, IF NOT EXISTS, ...): a FROM list or
+/// an expected target goes on past them.
+const QUALIFIERS: &[&str] = &[
+    "LEFT",
+    "RIGHT",
+    "INNER",
+    "OUTER",
+    "FULL",
+    "CROSS",
+    "NATURAL",
+    "LATERAL",
+    "AS",
+    "ONLY",
+    "IF",
+    "NOT",
+    "EXISTS",
+    "TEMPORARY",
+    "TEMP",
+    "UNIQUE",
+    "CONCURRENTLY",
+    "LOW_PRIORITY",
+    "IGNORE",
+    "QUICK",
+    "DELAYED",
+    "HIGH_PRIORITY",
+    "TABLE",
+    "VIEW",
+    "INDEX",
+];
+
 /// The statement's summary as the database conventions describe it: its operations and
 /// their targets in the order they appear (`SELECT items`, `INSERT audit SELECT orders`,
 /// `SELECT songs artists`), from the sanitized text (no literal can be in it), at most
 /// 255 bytes. None when the text starts with no known operation.
 pub fn summary(text: &str) -> Option<String> {
+    /// Where the walk is, per parenthesis depth (a subquery has its own; its `)` gives the
+    /// enclosing one back).
+    #[derive(Clone, Copy, Default)]
+    struct Clause {
+        /// A target name comes next.
+        expect: bool,
+        /// In a FROM list: a comma expects another target.
+        from_list: bool,
+    }
     let clean = sanitize(text);
     let mut parts: Vec<String> = Vec::new();
-    // A target name is expected next; inside a FROM list a comma expects another.
-    let mut expect = false;
-    let mut from_list = false;
-    // At a statement's start (the text's, after `;` or `(`) any operation counts; further
-    // on only the data operations do (`INSERT .. SELECT`), and not in `FOR UPDATE` or
-    // `DO UPDATE` (a lock, an upsert's action).
+    let mut clause = Clause::default();
+    let mut outer: Vec<Clause> = Vec::new();
+    // Any operation counts at a statement's start (the text's, after `;`), SELECT at a
+    // subquery's `(`; further on only the data operations do (`INSERT .. SELECT`), and not
+    // after FOR, DO, ON or KEY (a lock, an upsert's action, a foreign key's rule) or as the
+    // first word in parentheses (a column named `start`).
     let mut at_start = true;
+    let mut after_open = false;
     let mut first = true;
     let mut prev = String::new();
     for tok in tokens(&clean) {
@@ -217,68 +261,49 @@ pub fn summary(text: &str) -> Option<String> {
                     }
                 }
                 let is_op = OPERATIONS.contains(&word)
-                    && (at_start || (matches!(word, "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE") && !matches!(prev.as_str(), "FOR" | "DO" | "KEY")));
+                    && (at_start
+                        || (after_open && word == "SELECT")
+                        || (matches!(word, "SELECT" | "INSERT" | "UPDATE" | "DELETE" | "MERGE")
+                            && !matches!(prev.as_str(), "FOR" | "DO" | "ON" | "KEY" | "(")));
                 at_start = false;
+                after_open = false;
                 prev = up.clone();
-                if expect && !NOT_TARGET.contains(&word) && (!is_op || TARGET_BEFORE.contains(&word)) {
+                if clause.expect && !NOT_TARGET.contains(&word) && (!is_op || TARGET_BEFORE.contains(&word)) {
                     parts.push(w.trim_matches(['"', '`', '[', ']']).to_owned());
-                    expect = false;
+                    clause.expect = false;
                     continue;
                 }
                 if TARGET_BEFORE.contains(&word) && (is_op || !OPERATIONS.contains(&word)) {
                     if is_op {
                         parts.push(up.clone());
                     }
-                    expect = true;
-                    from_list = word == "FROM" || word == "JOIN";
+                    clause.expect = true;
+                    clause.from_list = word == "FROM" || word == "JOIN";
                 } else if is_op {
                     parts.push(up.clone());
-                    expect = false;
-                    from_list = false;
-                } else if NOT_TARGET.contains(&word) {
-                    // JOIN's qualifiers (LEFT, OUTER, ...) and AS keep a FROM list going.
-                    if !matches!(
-                        word,
-                        "LEFT"
-                            | "RIGHT"
-                            | "INNER"
-                            | "OUTER"
-                            | "FULL"
-                            | "CROSS"
-                            | "NATURAL"
-                            | "LATERAL"
-                            | "AS"
-                            | "ONLY"
-                            | "IF"
-                            | "NOT"
-                            | "EXISTS"
-                            | "TEMPORARY"
-                            | "TEMP"
-                            | "UNIQUE"
-                            | "CONCURRENTLY"
-                            | "LOW_PRIORITY"
-                            | "IGNORE"
-                            | "QUICK"
-                            | "DELAYED"
-                            | "HIGH_PRIORITY"
-                    ) {
-                        from_list = false;
-                        expect = false;
-                    }
+                    clause = Clause::default();
+                } else if NOT_TARGET.contains(&word) && !QUALIFIERS.contains(&word) {
+                    clause = Clause::default();
                 }
             }
-            Token::Comma if from_list => expect = true,
-            // A subquery or a column list: its own words decide.
+            Token::Comma if clause.from_list => clause.expect = true,
             Token::Open => {
-                expect = false;
-                at_start = true;
+                outer.push(clause);
+                clause = Clause::default();
+                after_open = true;
+                prev = "(".to_owned();
+            }
+            Token::Close => {
+                clause = outer.pop().unwrap_or_default();
+                clause.expect = false;
+                (at_start, after_open) = (false, false);
             }
             Token::Semicolon => {
-                expect = false;
-                from_list = false;
-                at_start = true;
+                clause = Clause::default();
+                outer.clear();
+                (at_start, after_open) = (true, false);
             }
-            _ => at_start = false,
+            _ => (at_start, after_open) = (false, false),
         }
     }
     let mut out = String::new();
@@ -299,6 +324,7 @@ enum Token<'a> {
     Word(&'a str),
     Comma,
     Open,
+    Close,
     Semicolon,
     Other,
 }
@@ -317,6 +343,7 @@ fn tokens(text: &str) -> impl Iterator<Item = Token<'_>> {
         Some(match c {
             b',' => Token::Comma,
             b'(' => Token::Open,
+            b')' => Token::Close,
             b';' => Token::Semicolon,
             b'"' | b'`' | b'[' | b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
                 // A name: quoted parts and dots join it (schema."Table").
@@ -407,6 +434,12 @@ mod tests {
             ("INSERT INTO t (id) VALUES (?) ON CONFLICT (id) DO UPDATE SET n = t.n + 1", Some("INSERT t")),
             ("SET search_path = app", Some("SET")),
             ("BEGIN; UPDATE a SET x = 1; COMMIT", Some("BEGIN UPDATE a COMMIT")),
+            ("SELECT a, (SELECT max(x) FROM u), b FROM t", Some("SELECT SELECT u t")),
+            ("SELECT * FROM a JOIN (SELECT id FROM b) AS bb ON a.id = bb.id, c", Some("SELECT a SELECT b")),
+            ("TRUNCATE TABLE logs", Some("TRUNCATE logs")),
+            ("CREATE TABLE o (id int REFERENCES c (id) ON DELETE CASCADE ON UPDATE CASCADE)", Some("CREATE o")),
+            ("INSERT INTO r (start, stop) VALUES (?, ?)", Some("INSERT r")),
+            ("DELETE FROM t WHERE id IN (SELECT id FROM u)", Some("DELETE t SELECT u")),
             ("hello world", None),
             ("", None),
         ];

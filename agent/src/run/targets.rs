@@ -374,6 +374,7 @@ impl<'s> Targets<'s> {
             sql_spans = report.sql,
             sql_driver = plan.sql.as_ref().and_then(|d| d.module).unwrap_or("-"),
             sql_error_codes = plan.sql.as_ref().is_some_and(|d| d.error_type.is_some()),
+            grpc_spans = plan.grpc.map_or("-", |g| g.source),
             spawns = report.spawns,
             channels = report.channels,
             https = report.tls,

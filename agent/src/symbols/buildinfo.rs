@@ -13,9 +13,9 @@ pub struct BuildInfo {
     pub path: Option<String>,
     /// `build` settings (GOARCH, CGO_ENABLED, DefaultGODEBUG, ...).
     pub settings: Vec<(String, String)>,
-    /// Paths of the modules the program is built with (`dep` lines; a `=>` replacement
-    /// keeps the path it replaces).
-    pub deps: Vec<String>,
+    /// The modules the program is built with, (path, version) (`dep` lines; a `=>`
+    /// replacement keeps the path and version it replaces).
+    pub deps: Vec<(String, String)>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -47,7 +47,7 @@ impl BuildInfo {
             let mut parts = line.splitn(3, '\t');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some("path"), Some(p), _) => info.path = Some(p.to_owned()),
-                (Some("dep"), Some(p), _) => info.deps.push(p.to_owned()),
+                (Some("dep"), Some(p), v) => info.deps.push((p.to_owned(), v.unwrap_or("").split('\t').next().unwrap_or("").to_owned())),
                 (Some("build"), Some(kv), _) => {
                     if let Some((k, v)) = kv.split_once('=') {
                         info.settings.push((k.to_owned(), v.to_owned()));
@@ -139,7 +139,7 @@ mod tests {
         assert_eq!(info.path.as_deref(), Some("example.com/demo"));
         assert_eq!(info.setting("GOARCH"), Some("amd64"));
         assert_eq!(info.setting("CGO_ENABLED"), Some("0"));
-        assert_eq!(info.deps, ["github.com/lib/pq"]);
+        assert_eq!(info.deps, [("github.com/lib/pq".to_owned(), "v1.12.3".to_owned())]);
         assert_eq!(info.version_tuple(), Some((1, 22, 10)));
     }
 

@@ -27,6 +27,7 @@ pub mod names {
     pub const CLIENT_HDR: &str = "CLIENT_HDR";
     pub const RECV_SENDER: &str = "RECV_SENDER";
     pub const GO_SQL: &str = "GO_SQL";
+    pub const GO_RPC: &str = "GO_RPC";
     pub const RECV_ARGS: &str = "RECV_ARGS";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
@@ -245,6 +246,10 @@ pub enum EventKind {
     /// error type is known, the server it talked to). Replaces GoSqlEnd (still read in
     /// recordings).
     GoSqlDone = 22,
+    /// A grpc-go server stream met its handler (GoRpcStartEvent).
+    GoRpcStart = 23,
+    /// Its status was written (GoRpcEndEvent).
+    GoRpcEnd = 24,
 }
 
 impl EventKind {
@@ -272,6 +277,8 @@ impl EventKind {
             20 => Self::CpuSampleNative,
             21 => Self::SockServerPipelined,
             22 => Self::GoSqlDone,
+            23 => Self::GoRpcStart,
+            24 => Self::GoRpcEnd,
             _ => return None,
         })
     }
@@ -826,6 +833,54 @@ pub struct GoSqlEndEvent {
     pub code: [u8; bounds::SQL_CODE_MAX],
 }
 
+/// A grpc-go server stream met its handler: entry of `(*Server).handleStream`, on the
+/// goroutine that runs the handler.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoRpcStartEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    /// The span the goroutine had (0: none).
+    pub parent_span: u64,
+    /// The `*transport.Stream` (the key its end is found by).
+    pub stream: u64,
+    /// HTTP/2 stream id.
+    pub stream_id: u32,
+    pub _pad: u32,
+    /// `/package.Service/Method`.
+    pub method: GoStr,
+}
+
+/// The stream's status was written: entry of `(*http2Server).WriteStatus`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoRpcEndEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    /// The gRPC status code; -1: not readable.
+    pub code: i64,
+}
+
+/// Key of `GO_RPC`: a server stream of a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoRpcKey {
+    pub pid: u32,
+    pub _pad: u32,
+    pub stream: u64,
+}
+
+/// Value of `GO_RPC`: the stream's span and what its handler goroutine had before.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoRpcState {
+    pub span_id: u64,
+    pub goid: u64,
+    pub prev: GoroutineCtx,
+}
+
 /// Value of `GO_SQL`: a goroutine inside a database/sql call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -943,14 +998,32 @@ pub struct TargetConfig {
     pub sql_error_code: u32,
     /// The driver's database (`sql_system`), put on every SQL start record.
     pub sql_system: u32,
+    /// grpc-go: offsets of `transport.Stream`'s `id` and `method`, and of `Code` in the
+    /// status proto (`spb.Status`); NO_OFFSET when the program's grpc is not understood.
+    pub grpc_stream_id: u32,
+    pub grpc_stream_method: u32,
+    pub grpc_status_code: u32,
+    pub _pad: u32,
 }
 
 impl TargetConfig {
     pub const NO_REG: u32 = u32::MAX;
+    pub const NO_OFFSET: u32 = u32::MAX;
 
     /// A process that is not Go: sockets only.
     pub fn native() -> Self {
-        TargetConfig { flags: 0, tls_c_reg: Self::NO_REG, go: GoOffsets::default(), sql_error_type: 0, sql_error_code: 0, sql_system: sql_system::NONE }
+        TargetConfig {
+            flags: 0,
+            tls_c_reg: Self::NO_REG,
+            go: GoOffsets::default(),
+            sql_error_type: 0,
+            sql_error_code: 0,
+            sql_system: sql_system::NONE,
+            grpc_stream_id: Self::NO_OFFSET,
+            grpc_stream_method: Self::NO_OFFSET,
+            grpc_status_code: Self::NO_OFFSET,
+            _pad: 0,
+        }
     }
 }
 
@@ -1179,7 +1252,11 @@ assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
-assert_size!(TargetConfig, 8 + 112 + 16);
+assert_size!(TargetConfig, 8 + 112 + 16 + 16);
+assert_size!(GoRpcStartEvent, 24 + 40 + 8 + bounds::GO_STR_MAX);
+assert_size!(GoRpcEndEvent, 48);
+assert_size!(GoRpcKey, 16);
+assert_size!(GoRpcState, 16 + 24);
 assert_size!(KernelOffsets, 100);
 assert_size!(Settings, 24);
 assert_size!(TraceCtx, 24);

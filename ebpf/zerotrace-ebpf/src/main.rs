@@ -17,6 +17,7 @@
 mod calibration;
 mod causality;
 mod go_client;
+mod go_grpc;
 mod go_http;
 mod go_inject;
 mod go_runtime;

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use zerotrace_common::{
-    COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState, GoSqlState, GoroutineCtx, GoroutineKey,
-    HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RUN_MARK_SLOTS, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
+    COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState, GoRpcKey, GoRpcState, GoSqlState, GoroutineCtx,
+    GoroutineKey, HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RUN_MARK_SLOTS, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
 };
 
 /// All events for the agent, variable-length records each starting with an EventHeader.
@@ -44,6 +44,11 @@ pub static GO_CTX: LruHashMap<GoroutineKey, GoroutineCtx> = LruHashMap::with_max
 /// restore when it returns.
 #[map]
 pub static GO_CLIENTS: HashMap<GoroutineKey, GoClientState> = HashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+
+/// grpc-go server streams between their handler's start and their status. LRU: a stream
+/// whose status is never written (the client reset it, the connection broke) ages out.
+#[map]
+pub static GO_RPC: LruHashMap<GoRpcKey, GoRpcState> = LruHashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
 
 /// Goroutines inside database/sql's queryDC/execDC.
 #[map]

@@ -58,11 +58,32 @@ fn ids(user: &str) -> Result<(u32, u32)> {
     Ok((id("-u")?, id("-g")?))
 }
 
-/// A running server; SIGQUIT (immediate shutdown) and its directory removed on drop.
+/// A cluster's directory, removed when dropped (on every path, a failed start too).
+struct Dir(PathBuf);
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Directories of clusters whose test process is gone (SIGKILLed before its drop ran).
+fn sweep_leftovers() {
+    for e in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("zerotrace-pg-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A running server; on drop SIGQUIT (immediate shutdown), SIGKILL if it has not exited in
+/// 10 s, then its directory removed.
 pub struct Postgres {
     pub port: u16,
     pub proc: Proc,
-    dir: PathBuf,
+    _dir: Dir,
 }
 
 impl Postgres {
@@ -72,11 +93,12 @@ impl Postgres {
         static N: AtomicU32 = AtomicU32::new(0);
         let bin = bin_dir()?;
         let (uid, gid) = ids("postgres")?;
-        let dir = std::env::temp_dir().join(format!("zerotrace-pg-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
-        std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
-        let data = dir.join("data");
+        sweep_leftovers();
+        let dir = Dir(std::env::temp_dir().join(format!("zerotrace-pg-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0)?;
+        std::os::unix::fs::chown(&dir.0, Some(uid), Some(gid))?;
+        let data = dir.0.join("data");
         let out = Command::new(bin.join("initdb"))
             .args(["-D"])
             .arg(&data)
@@ -90,23 +112,30 @@ impl Postgres {
         }
         let port = free_port();
         let mut cmd = Command::new(bin.join("postgres"));
-        cmd.arg("-D").arg(&data).arg("-k").arg(&dir).args(["-h", "127.0.0.1", "-p", &port.to_string()]);
+        cmd.arg("-D").arg(&data).arg("-k").arg(&dir.0).args(["-h", "127.0.0.1", "-p", &port.to_string()]);
         // A test database: durability is not what is measured.
         cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200"]);
         cmd.uid(uid).gid(gid);
         let proc = Proc::spawn("postgres", cmd)?;
-        let pg = Postgres { port, proc, dir };
+        let pg = Postgres { port, proc, _dir: dir };
         wait_for_port(port, Duration::from_secs(30)).with_context(|| format!("postgres did not start: {}", pg.proc.stderr_text()))?;
-        let out = Command::new(bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, DATABASE])
-            .uid(uid)
-            .gid(gid)
-            .output()
-            .context("running createdb")?;
-        if !out.status.success() {
-            bail!("createdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        // The server listens before it accepts sessions ("the database system is starting
+        // up"): createdb is retried until then.
+        let mut last = String::new();
+        for _ in 0..120 {
+            let out = Command::new(bin.join("createdb"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER, DATABASE])
+                .uid(uid)
+                .gid(gid)
+                .output()
+                .context("running createdb")?;
+            if out.status.success() {
+                return Ok(pg);
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+            std::thread::sleep(Duration::from_millis(250));
         }
-        Ok(pg)
+        bail!("createdb failed: {last}")
     }
 
     /// The lib/pq connection string (URL form) for `DATABASE` as `USER`.
@@ -118,7 +147,10 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.proc.signal(libc::SIGQUIT);
-        let _ = self.proc.wait_timeout(Duration::from_secs(10));
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.proc.wait_timeout(Duration::from_secs(10)).is_none() {
+            let _ = self.proc.child.kill();
+            let _ = self.proc.child.wait();
+        }
+        // Then `_dir` goes (fields drop after this).
     }
 }

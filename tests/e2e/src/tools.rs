@@ -187,6 +187,24 @@ pub fn pgshop(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// grpc-go and what it requires, at the versions of the offline module sources.
+pub const GRPC: &[(&str, &str)] = &[
+    ("google.golang.org/grpc", "v1.67.1"),
+    ("golang.org/x/net", "v0.28.0"),
+    ("golang.org/x/sys", "v0.24.0"),
+    ("golang.org/x/text", "v0.17.0"),
+    ("google.golang.org/genproto/googleapis/rpc", "v0.0.0-20240814211410-ddb44dafa142"),
+    ("google.golang.org/protobuf", "v1.34.2"),
+];
+
+/// The grpc-go test service (tests/e2e/go/grpcshop) built with Go `version` and extra
+/// `go build` flags; `tag` names the build.
+pub fn grpcshop(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {
+    let out = work_dir().join(format!("grpcshop-go{version}{tag}"));
+    go_build_with(&go(version)?, &root().join("tests/e2e/go/grpcshop"), &out, flags, &[], GRPC)?;
+    Ok(out)
+}
+
 /// The keys of every kernel map named `name` (one map: its entries; several of that name:
 /// each one's), as raw bytes, read with `bpftool map dump -j`.
 pub fn bpf_map_keys(name: &str) -> Result<Vec<Vec<u8>>> {

@@ -1,7 +1,7 @@
 // Command pgshop is the Go service of zerotrace's database/sql tests: an HTTP server whose
 // handlers reach a real PostgreSQL server through lib/pq along every database/sql path
 // (DB, Conn, Tx, prepared Stmt, Tx-bound Stmt) and one statement that fails. It builds
-// against the offline module sources in ../shared/gomod (see tools::go_build_modules).
+// against the offline module sources in ../shared/gomod (see tools::go_build_with).
 //
 // Usage: pgshop ADDR DSN. The tables are made before it listens, so a tracer attached
 // afterwards sees only the handlers' statements. Every statement is written here once and

@@ -1,0 +1,85 @@
+//! grpc-go server spans: two uprobes per RPC. `go_grpc_stream` at the entry of
+//! `(*Server).handleStream`, which runs on the goroutine that then runs the handler (so
+//! the RPC's span becomes that goroutine's own: client calls, SQL, spawned goroutines and
+//! channels of the handler go under it), and `go_grpc_status` at the entry of
+//! `(*http2Server).WriteStatus`, which ends it with the status the handler returned. Both
+//! find the stream by its `*transport.Stream`; field offsets come from the agent
+//! (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use zerotrace_common::{Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, TargetConfig};
+
+use crate::{
+    causality::{enter_own, leave_own, set_own},
+    maps::{EVENTS, GO_RPC},
+    util::{count, go_caller_config, header, now, read_go_string, read_user, regs, wake_flags},
+};
+
+/// `(*Server).handleStream(s, t ServerTransport, stream *Stream)`: s in RAX, t in RBX/RCX,
+/// stream in RDI; R14 is the handler's goroutine.
+#[uprobe]
+pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
+    let stream = regs(&ctx).rdi;
+    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    if cfg.grpc_stream_method == TargetConfig::NO_OFFSET || stream == 0 {
+        return 0;
+    }
+    // A server span: its parent is the client's, never what the goroutine carried.
+    let (span, _, prev) = enter_own(&k);
+    let key = GoRpcKey { pid: k.pid, _pad: 0, stream };
+    if GO_RPC.insert(&key, &GoRpcState { span_id: span, goid: k.goid, prev }, 0).is_err() {
+        count(Counter::GoCallsDroppedMapFull);
+        return 0;
+    }
+    set_own(&k, span);
+    let Some(mut ev) = EVENTS.reserve::<GoRpcStartEvent>(0) else {
+        count(Counter::EventsDroppedRingFull);
+        return 0;
+    };
+    let e = ev.as_mut_ptr();
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoRpcStart, core::mem::size_of::<GoRpcStartEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).goid = k.goid;
+        (*e).span_id = span;
+        (*e).parent_span = 0;
+        (*e).stream = stream;
+        (*e).stream_id = read_user::<u32>(stream + cfg.grpc_stream_id as u64).unwrap_or(0);
+        (*e)._pad = 0;
+        (*e).method.len = 0;
+        (*e).method.kept = 0;
+        read_go_string(stream + cfg.grpc_stream_method as u64, &mut (*e).method);
+    }
+    ev.submit(wake_flags());
+    0
+}
+
+/// `(*http2Server).WriteStatus(t, s *Stream, st *status.Status)`: s in RBX, st in RCX
+/// (`status.Status` holds one pointer, to the status proto). The first call for a stream
+/// ends it; the handler's goroutine gets back what it had.
+#[uprobe]
+pub fn go_grpc_status(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    // SAFETY: plain loads of fields of the register set.
+    let (stream, st) = unsafe { (core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx)) };
+    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    let key = GoRpcKey { pid: k.pid, _pad: 0, stream };
+    // SAFETY: map value pointer, copied before removal.
+    let Some(state) = GO_RPC.get_ptr(&key).map(|p| unsafe { *p }) else { return 0 };
+    let _ = GO_RPC.remove(&key);
+    if state.goid == k.goid {
+        leave_own(&k, &state.prev);
+    }
+    let proto = if st == 0 { 0 } else { read_user::<u64>(st).unwrap_or(0) };
+    // A nil proto is OK (status.New(codes.OK, "") keeps one, but be lenient).
+    let code = if proto == 0 { 0 } else { read_user::<i32>(proto + cfg.grpc_status_code as u64).map_or(-1, i64::from) };
+    let ev = GoRpcEndEvent {
+        hdr: header(EventKind::GoRpcEnd, core::mem::size_of::<GoRpcEndEvent>(), k.pid, pid_tgid as u32, now()),
+        goid: k.goid,
+        span_id: state.span_id,
+        code,
+    };
+    if EVENTS.output::<GoRpcEndEvent>(&ev, wake_flags()).is_err() {
+        count(Counter::EventsDroppedRingFull);
+    }
+    0
+}

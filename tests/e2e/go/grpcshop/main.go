@@ -1,0 +1,161 @@
+// Command grpcshop is the Go gRPC service of zerotrace's grpc-go tests: grpc-go's interop
+// TestService (built from the offline module sources, see tools::go_build_with) whose
+// handlers answer by what the request asks (a status code, a delay), call an HTTP route of
+// the same process from inside the handler, and stream; plus a client mode that makes the
+// calls a test checks.
+//
+// Usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	testpb "google.golang.org/grpc/interop/grpc_testing"
+	"google.golang.org/grpc/status"
+)
+
+var downstream string
+
+type server struct {
+	testpb.UnimplementedTestServiceServer
+}
+
+// UnaryCall: response_status asks for a code; response_size > 0 asks for a delay in ms
+// (ended early by the deadline); every OK call first GETs /leaf/ of this process's HTTP
+// server (a client span under the RPC's span).
+func (server) UnaryCall(ctx context.Context, in *testpb.SimpleRequest) (*testpb.SimpleResponse, error) {
+	if s := in.GetResponseStatus(); s != nil && s.GetCode() != 0 {
+		return nil, status.Error(codes.Code(s.GetCode()), s.GetMessage())
+	}
+	if d := in.GetResponseSize(); d > 0 {
+		select {
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		case <-time.After(time.Duration(d) * time.Millisecond):
+		}
+	}
+	resp, err := http.Get(downstream + "/leaf/" + strconv.Itoa(int(in.GetResponseType())))
+	if err != nil {
+		return nil, status.Error(codes.Unavailable, err.Error())
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	return &testpb.SimpleResponse{}, nil
+}
+
+// StreamingOutputCall: one message per requested size.
+func (server) StreamingOutputCall(in *testpb.StreamingOutputCallRequest, out testpb.TestService_StreamingOutputCallServer) error {
+	for range in.GetResponseParameters() {
+		if err := out.Send(&testpb.StreamingOutputCallResponse{}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func serve(grpcAddr, httpAddr string) {
+	downstream = "http://" + httpAddr
+	mux := http.NewServeMux()
+	mux.HandleFunc("/leaf/", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, "leaf") })
+	go func() {
+		if err := http.ListenAndServe(httpAddr, mux); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	}()
+	lis, err := net.Listen("tcp", grpcAddr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	s := grpc.NewServer()
+	testpb.RegisterTestServiceServer(s, server{})
+	fmt.Println("listening on", grpcAddr)
+	if err := s.Serve(lis); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+// call makes, on one connection: an OK call, a NOT_FOUND, a call past its deadline, a
+// server stream of 3, a method the server does not have, then N concurrent OK calls whose
+// response_type (the id their downstream call repeats) is 100+i. Prints each outcome.
+func call(addr string, n int) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	c := testpb.NewTestServiceClient(conn)
+	ctx := context.Background()
+	_, err = c.UnaryCall(ctx, &testpb.SimpleRequest{ResponseType: 1})
+	fmt.Println("ok", status.Code(err))
+	_, err = c.UnaryCall(ctx, &testpb.SimpleRequest{ResponseStatus: &testpb.EchoStatus{Code: int32(codes.NotFound), Message: "no such item"}})
+	fmt.Println("notfound", status.Code(err))
+	short, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	_, err = c.UnaryCall(short, &testpb.SimpleRequest{ResponseSize: 2000})
+	cancel()
+	fmt.Println("deadline", status.Code(err))
+	stream, err := c.StreamingOutputCall(ctx, &testpb.StreamingOutputCallRequest{ResponseParameters: make([]*testpb.ResponseParameters, 3)})
+	if err != nil {
+		return err
+	}
+	got := 0
+	for {
+		if _, err := stream.Recv(); err == io.EOF {
+			fmt.Println("stream", got, "OK")
+			break
+		} else if err != nil {
+			fmt.Println("stream", got, status.Code(err))
+			break
+		}
+		got++
+	}
+	_, err = c.UnimplementedCall(ctx, &testpb.Empty{})
+	fmt.Println("unimplemented", status.Code(err))
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			if _, err := c.UnaryCall(ctx, &testpb.SimpleRequest{ResponseType: testpb.PayloadType(100 + i)}); err != nil {
+				errs <- err
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		return err
+	}
+	fmt.Println("concurrent", n)
+	return nil
+}
+
+func main() {
+	switch {
+	case len(os.Args) == 4 && os.Args[1] == "serve":
+		serve(os.Args[2], os.Args[3])
+	case len(os.Args) == 4 && os.Args[1] == "call":
+		n, _ := strconv.Atoi(os.Args[3])
+		if err := call(os.Args[2], n); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
+	default:
+		fmt.Fprintln(os.Stderr, "usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT")
+		os.Exit(2)
+	}
+}

@@ -1,0 +1,127 @@
+//! grpc-go servers, end to end: a Go service (tests/e2e/go/grpcshop, grpc-go v1.67.1 built
+//! from the offline module sources) serves grpc-go's interop TestService; its own client
+//! mode calls it (OK, NOT_FOUND, past a deadline, a server stream, a method the server does
+//! not have, then 100 calls at once on one connection). Each RPC is one SERVER span named
+//! `package.Service/Method` with the current RPC conventions, and the HTTP call its
+//! handler makes sits under it. Oldest and newest Go, and the newest stripped as a PIE.
+use std::{collections::BTreeSet, process::Command, time::Duration};
+
+use anyhow::Result;
+use zerotrace_e2e::{
+    agent::Agent,
+    otlp::{Kind, RSpan, Receiver},
+    proc::{Proc, free_port, wait_for_port, wait_until},
+    tools::{self, GO_NEWEST, GO_OLDEST},
+};
+
+const SERVER: i32 = 2;
+const CLIENT: i32 = 3;
+const UNARY: &str = "grpc.testing.TestService/UnaryCall";
+const CONCURRENT: usize = 100;
+
+fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
+    let ctx = format!("Go {version}{tag}");
+    let bin = tools::grpcshop(version, tag, flags)?;
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let mut cmd = Command::new(&bin);
+    cmd.args(["serve", &format!("127.0.0.1:{grpc_port}"), &format!("127.0.0.1:{http_port}")]).env("OTEL_SERVICE_NAME", "grpcshop");
+    let server = Proc::spawn("grpcshop", cmd)?;
+    wait_for_port(grpc_port, Duration::from_secs(30))?;
+    wait_for_port(http_port, Duration::from_secs(30))?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[server.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[("OTEL_METRIC_EXPORT_INTERVAL", "500")])?;
+    let log = agent.proc.stderr_text();
+    // Offsets from the program's DWARF, or from the grpc version when it has none.
+    let source = if tag.contains("stripped") { "grpc_spans=\"v1.67\"" } else { "grpc_spans=\"dwarf\"" };
+    assert!(log.contains(source), "{ctx}: {log}");
+    assert!(!log.contains("layout differs"), "{ctx}: {log}");
+    let out = Command::new(&bin).args(["call", &format!("127.0.0.1:{grpc_port}"), &CONCURRENT.to_string()]).output()?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{ctx}: {said} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        said.lines().collect::<Vec<_>>(),
+        ["ok OK", "notfound NotFound", "deadline DeadlineExceeded", "stream 3 OK", "unimplemented Unimplemented", &format!("concurrent {CONCURRENT}")],
+        "{ctx}"
+    );
+    // 105 RPCs; the 101 that succeed each make an HTTP call to the same process (a client
+    // span and the /leaf/ server span).
+    let rpcs = 5 + CONCURRENT;
+    let ok_unary = 1 + CONCURRENT;
+    let want = rpcs + 2 * ok_unary;
+    rx.wait_for(want, Duration::from_secs(30))?;
+    let count_ok = |ms: &[zerotrace_e2e::otlp::RMetric]| {
+        ms.iter()
+            .filter(|m| m.name == "rpc.server.call.duration" && m.attr("rpc.method") == UNARY && m.attr("rpc.response.status_code") == "OK")
+            .max_by_key(|m| m.time_ns)
+            .map(|m| m.count)
+    };
+    wait_until("the RPC metric", Duration::from_secs(20), || count_ok(&rx.metrics()) == Some(ok_unary as u64))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), want, "{ctx}: {:#?}", spans.iter().map(|s| (&s.name, s.kind, s.attr("rpc.response.status_code"))).collect::<Vec<_>>());
+    let rpc: Vec<&RSpan> = spans.iter().filter(|s| s.kind == SERVER && s.attr("rpc.system.name") == "grpc").collect();
+    assert_eq!(rpc.len(), rpcs, "{ctx}");
+    let by_code = |code: &str| rpc.iter().filter(|s| s.attr("rpc.response.status_code") == code).copied().collect::<Vec<_>>();
+    let ok = by_code("OK");
+    assert_eq!(ok.len(), ok_unary + 1, "{ctx}: the unary calls and the stream");
+    let mut leaf_paths = BTreeSet::new();
+    for s in &ok {
+        assert_eq!((s.status, s.attr("error.type")), (0, ""), "{ctx}: {s:#?}");
+        if s.name == "grpc.testing.TestService/StreamingOutputCall" {
+            continue;
+        }
+        assert_eq!((s.name.as_str(), s.attr("rpc.method")), (UNARY, UNARY), "{ctx}: {s:#?}");
+        // The handler's HTTP call is its one child, in its trace, within its time.
+        let kids: Vec<&RSpan> = spans.iter().filter(|k| k.parent_span_id == s.span_id).collect();
+        assert_eq!(kids.len(), 1, "{ctx}: {s:#?} {kids:#?}");
+        let k = kids[0];
+        assert_eq!((k.kind, k.trace_id.as_str()), (CLIENT, s.trace_id.as_str()), "{ctx}: {k:#?}");
+        assert!(s.start_ns <= k.start_ns && k.end_ns <= s.end_ns, "{ctx}: {s:#?} {k:#?}");
+        let path = k.attr("url.full").rsplit_once('/').map(|(_, id)| id.to_owned()).unwrap_or_default();
+        assert!(leaf_paths.insert(path), "{ctx}: two RPCs with the same downstream call: {k:#?}");
+    }
+    let want_paths: BTreeSet<String> = std::iter::once(1).chain(100..100 + CONCURRENT).map(|i| i.to_string()).collect();
+    assert_eq!(leaf_paths, want_paths, "{ctx}: every call's downstream request under its own RPC");
+    let not_found = by_code("NOT_FOUND");
+    assert_eq!(not_found.len(), 1, "{ctx}");
+    assert_eq!((not_found[0].status, not_found[0].attr("error.type")), (0, ""), "{ctx}: NOT_FOUND is no server error");
+    // Past its deadline: the server's own timer (from grpc-timeout) ends the handler with
+    // DEADLINE_EXCEEDED, a server error, unless the client's reset arrives first: then
+    // the handler's context is cancelled (CANCELLED, no server error). Both are races a
+    // real server runs; either way the span lasts until the deadline.
+    let late: Vec<&RSpan> = rpc.iter().filter(|s| matches!(s.attr("rpc.response.status_code"), "DEADLINE_EXCEEDED" | "CANCELLED")).copied().collect();
+    assert_eq!(late.len(), 1, "{ctx}");
+    let l = late[0];
+    let failed = l.attr("rpc.response.status_code") == "DEADLINE_EXCEEDED";
+    assert_eq!((l.status, l.attr("error.type")), if failed { (2, "DEADLINE_EXCEEDED") } else { (0, "") }, "{ctx}: {l:#?}");
+    assert!(l.duration() >= Duration::from_millis(90), "{ctx}: {l:#?}");
+    let unknown = by_code("UNIMPLEMENTED");
+    assert_eq!(unknown.len(), 1, "{ctx}");
+    let u = unknown[0];
+    assert_eq!(
+        (u.name.as_str(), u.attr("rpc.method"), u.attr("rpc.method_original")),
+        ("grpc", "_OTHER", "grpc.testing.TestService/UnimplementedCall"),
+        "{ctx}"
+    );
+    assert_eq!((u.status, u.attr("error.type")), (2, "UNIMPLEMENTED"), "{ctx}");
+    for s in &rpc {
+        assert!(s.parent_span_id.is_empty(), "{ctx}: an RPC's span starts its trace here: {s:#?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn grpc_server_oldest_go() -> Result<()> {
+    run(GO_OLDEST, "", &[])
+}
+
+#[test]
+fn grpc_server_newest_go() -> Result<()> {
+    run(GO_NEWEST, "", &[])
+}
+
+#[test]
+fn grpc_server_stripped_pie() -> Result<()> {
+    run(GO_NEWEST, "-stripped-pie", &["-buildmode=pie", "-ldflags=-s -w"])
+}
