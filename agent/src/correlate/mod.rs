@@ -129,6 +129,8 @@ struct PendingSql {
 struct PendingRpc {
     start: Box<GoRpcStart>,
     trace_id: TraceId,
+    /// The client stream's span on this host that it answers (same flow and stream id).
+    parent: Option<SpanId>,
 }
 
 /// A Go client call waiting for its return.
@@ -424,11 +426,7 @@ impl Correlator {
             Event::GoServerRequest(g) => self.on_go_request(g, out),
             Event::GoClientRequest(c) => self.on_client_request(c),
             Event::GoSqlStart(q) => self.on_sql_start(q),
-            Event::GoRpcStart(q) => {
-                if let Some((trace_id, _)) = self.call_ids(self.rpcs.len(), q.span_id, 0, [0; 16]) {
-                    self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id });
-                }
-            }
+            Event::GoRpcStart(q) => self.on_rpc_start(q),
             Event::GoRpcEnd(r) => match self.rpcs.remove(&r.span_id) {
                 Some(p) => {
                     self.stats.spans += 1;
@@ -508,18 +506,43 @@ impl Correlator {
         self.sql.insert(q.span_id, PendingSql { start: q, text, trace_id, parent });
     }
 
+    /// A grpc-go stream met its handler: its parent is the client stream offered on the
+    /// same connection under the same stream id (a traced client on this host), if any.
+    fn on_rpc_start(&mut self, q: Box<GoRpcStart>) {
+        if self.rpcs.len() >= MAX_PENDING {
+            self.stats.pending_full += 1;
+            return;
+        }
+        let offered = q.flow.and_then(|(c, s)| self.h2_links.remove(&(c, s, q.stream_id))).unwrap_or(0);
+        let (trace_id, parent) = self.traces.child_of(offered, [0; 16]);
+        if parent.is_some() {
+            self.stats.linked += 1;
+        }
+        self.traces.remember(q.span_id, trace_id);
+        self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id, parent });
+    }
+
     /// The SERVER span of a grpc-go stream.
     fn rpc_span(&self, p: PendingRpc, r: &crate::events::GoRpcEnd) -> Span {
         let q = &p.start;
         let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(8);
         let (name, status) = h2::grpc_attributes(&q.method, r.code, true, &mut a);
+        if let Some((client, server)) = q.flow {
+            a.push(("server.address", Value::Str(server.ip().to_string())));
+            a.push(("server.port", Value::Int(i64::from(server.port()))));
+            a.push(("client.address", Value::Str(client.ip().to_string())));
+            a.push(("network.peer.address", Value::Str(client.ip().to_string())));
+            a.push(("network.peer.port", Value::Int(i64::from(client.port()))));
+        }
+        a.push(("network.protocol.name", Value::Static("http")));
+        a.push(("network.protocol.version", Value::Static("2")));
         a.push(("thread.id", Value::Int(i64::from(q.tid))));
         a.push((crate::attributes::GOROUTINE_ID, Value::Int(q.goid as i64)));
         Span {
             pid: q.pid,
             trace_id: p.trace_id,
             span_id: span_id(q.span_id),
-            parent: None,
+            parent: p.parent,
             parent_is_remote: false,
             trace_state: None,
             kind: SpanKind::Server,

@@ -186,6 +186,8 @@ pub struct GoRpcStart {
     pub start_ns: u64,
     pub span_id: u64,
     pub stream_id: u32,
+    /// The connection: (client, server), when the kernel found it.
+    pub flow: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     /// `/package.Service/Method` as the client sent it (cut at GO_STR_MAX).
     pub method: String,
 }
@@ -530,6 +532,10 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 start_ns: hdr.ts_ns,
                 span_id: e.span_id,
                 stream_id: e.stream_id,
+                flow: (e.has_flow != 0).then(|| {
+                    let f = &e.flow;
+                    (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port))
+                }),
                 method: go_str(&e.method),
             }))
         }
@@ -773,7 +779,8 @@ pub mod record {
             parent_span: 0,
             stream: 0xc000_0000,
             stream_id: 1,
-            _pad: 0,
+            has_flow: 0,
+            flow: FlowKey::default(),
             method: go_str(method),
         })
     }

@@ -41,6 +41,7 @@ pub const GRPC_HANDLE_STREAM: &str = "google.golang.org/grpc.(*Server).handleStr
 pub const GRPC_WRITE_STATUS: &str = "google.golang.org/grpc/internal/transport.(*http2Server).WriteStatus";
 const GRPC_STREAM: &str = "google.golang.org/grpc/internal/transport.Stream";
 const GRPC_STATUS_PROTO: &str = "google.golang.org/genproto/googleapis/rpc/status.Status";
+const GRPC_HTTP2_SERVER: &str = "google.golang.org/grpc/internal/transport.http2Server";
 pub const CHAN_SEND: &str = "runtime.send";
 pub const CHAN_RECV: &str = "runtime.recv";
 pub const CHANSEND: &str = "runtime.chansend";
@@ -210,12 +211,13 @@ pub struct SqlDriver {
 }
 
 /// Offsets the grpc-go server hooks read: `transport.Stream`'s `id` and `method`, the status
-/// proto's `Code`.
+/// proto's `Code`, `http2Server`'s `conn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrpcLayout {
     pub stream_id: u32,
     pub stream_method: u32,
     pub status_code: u32,
+    pub server_conn: u32,
     /// "dwarf" or the grpc version whose known layout was used.
     pub source: &'static str,
 }
@@ -223,9 +225,10 @@ pub struct GrpcLayout {
 /// grpc-go versions whose layout is known without DWARF (compared with the DWARF of every
 /// program that has both, a warning when they differ; the e2e suite builds v1.67.1 with
 /// both Go ends and asserts no warning): `Stream{id uint32; st, ct ServerTransport/ClientTransport;
-/// ctx; cancel; done; doneFunc; ctxDone; method string}` and `spb.Status{state, sizeCache,
-/// unknownFields; Code int32}`. From v1.68 handleStream takes a `*ServerStream`.
-const GRPC_KNOWN: &[(&str, GrpcLayout)] = &[("v1.67.", GrpcLayout { stream_id: 0, stream_method: 88, status_code: 40, source: "v1.67" })];
+/// ctx; cancel; done; doneFunc; ctxDone; method string}`, `spb.Status{state, sizeCache,
+/// unknownFields; Code int32}` and `http2Server{lastRead int64; done chan; conn net.Conn}`.
+/// From v1.68 handleStream takes a `*ServerStream`.
+const GRPC_KNOWN: &[(&str, GrpcLayout)] = &[("v1.67.", GrpcLayout { stream_id: 0, stream_method: 88, status_code: 40, server_conn: 16, source: "v1.67" })];
 
 /// The grpc-go server hooks (entry of handleStream, entry of WriteStatus: 2 hits per RPC),
 /// when the program serves gRPC and its layout is known: from its DWARF, else by its grpc
@@ -235,18 +238,19 @@ fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Res
         return Ok(());
     }
     let version = build.deps.iter().find(|(m, _)| m == "google.golang.org/grpc").map_or("", |(_, v)| v.as_str());
-    let from_dwarf = crate::symbols::dwarf::GoDwarf::load(exe, &[GRPC_STREAM, GRPC_STATUS_PROTO], &[]).ok().and_then(|d| {
+    let from_dwarf = crate::symbols::dwarf::GoDwarf::load(exe, &[GRPC_STREAM, GRPC_STATUS_PROTO, GRPC_HTTP2_SERVER], &[]).ok().and_then(|d| {
         let m = |ty: &str, f: &str| d.member(ty, f).and_then(|o| u32::try_from(o).ok());
         Some(GrpcLayout {
             stream_id: m(GRPC_STREAM, "id")?,
             stream_method: m(GRPC_STREAM, "method")?,
             status_code: m(GRPC_STATUS_PROTO, "Code")?,
+            server_conn: m(GRPC_HTTP2_SERVER, "conn")?,
             source: "dwarf",
         })
     });
     let known = GRPC_KNOWN.iter().find(|(v, _)| version.starts_with(v)).map(|(_, l)| *l);
     if let (Some(d), Some(k)) = (from_dwarf, known)
-        && (d.stream_id, d.stream_method, d.status_code) != (k.stream_id, k.stream_method, k.status_code)
+        && (d.stream_id, d.stream_method, d.status_code, d.server_conn) != (k.stream_id, k.stream_method, k.status_code, k.server_conn)
     {
         tracing::warn!(pid, grpc = version, dwarf = ?d, table = ?k, "the known grpc-go layout differs from this program's DWARF: stripped builds of this version would be misread");
     }
@@ -392,7 +396,7 @@ pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
         grpc_stream_id: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_id),
         grpc_stream_method: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_method),
         grpc_status_code: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.status_code),
-        _pad: 0,
+        grpc_server_conn: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.server_conn),
     }
 }
 

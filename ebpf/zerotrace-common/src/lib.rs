@@ -847,7 +847,9 @@ pub struct GoRpcStartEvent {
     pub stream: u64,
     /// HTTP/2 stream id.
     pub stream_id: u32,
-    pub _pad: u32,
+    /// 1: `flow` is the stream's connection (found through the transport's net.Conn).
+    pub has_flow: u32,
+    pub flow: FlowKey,
     /// `/package.Service/Method`.
     pub method: GoStr,
 }
@@ -1003,7 +1005,8 @@ pub struct TargetConfig {
     pub grpc_stream_id: u32,
     pub grpc_stream_method: u32,
     pub grpc_status_code: u32,
-    pub _pad: u32,
+    /// Offset of `http2Server.conn` (the connection's net.Conn).
+    pub grpc_server_conn: u32,
 }
 
 impl TargetConfig {
@@ -1022,7 +1025,7 @@ impl TargetConfig {
             grpc_stream_id: Self::NO_OFFSET,
             grpc_stream_method: Self::NO_OFFSET,
             grpc_status_code: Self::NO_OFFSET,
-            _pad: 0,
+            grpc_server_conn: Self::NO_OFFSET,
         }
     }
 }
@@ -1253,7 +1256,7 @@ assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
 assert_size!(TargetConfig, 8 + 112 + 16 + 16);
-assert_size!(GoRpcStartEvent, 24 + 40 + 8 + bounds::GO_STR_MAX);
+assert_size!(GoRpcStartEvent, 24 + 40 + 40 + 8 + bounds::GO_STR_MAX);
 assert_size!(GoRpcEndEvent, 48);
 assert_size!(GoRpcKey, 16);
 assert_size!(GoRpcState, 16 + 24);

@@ -6,19 +6,22 @@
 //! find the stream by its `*transport.Stream`; field offsets come from the agent
 //! (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, TargetConfig};
+use zerotrace_common::{ConnKey, Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, TargetConfig};
 
 use crate::{
     causality::{enter_own, leave_own, set_own},
-    maps::{EVENTS, GO_RPC},
-    util::{count, go_caller_config, header, now, read_go_string, read_user, regs, wake_flags},
+    maps::{CONNS, EVENTS, GO_RPC},
+    socket::conns::fd_to_sk,
+    util::{count, go_caller_config, go_conn_fd, header, now, read_go_string, read_user, regs, wake_flags},
 };
 
 /// `(*Server).handleStream(s, t ServerTransport, stream *Stream)`: s in RAX, t in RBX/RCX,
 /// stream in RDI; R14 is the handler's goroutine.
 #[uprobe]
 pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
-    let stream = regs(&ctx).rdi;
+    let r = regs(&ctx);
+    // SAFETY: plain loads of fields of the register set.
+    let (transport, stream) = unsafe { (core::ptr::read_volatile(&r.rcx), core::ptr::read_volatile(&r.rdi)) };
     let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
     if cfg.grpc_stream_method == TargetConfig::NO_OFFSET || stream == 0 {
         return 0;
@@ -44,7 +47,21 @@ pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
         (*e).parent_span = 0;
         (*e).stream = stream;
         (*e).stream_id = read_user::<u32>(stream + cfg.grpc_stream_id as u64).unwrap_or(0);
-        (*e)._pad = 0;
+        // The connection (for links from the client's stream): the transport is an
+        // *http2Server (handler-based transports have another type and no conn there).
+        (*e).has_flow = 0;
+        if cfg.grpc_server_conn != TargetConfig::NO_OFFSET
+            && let Some(conn) = read_user::<[u64; 2]>(transport + cfg.grpc_server_conn as u64)
+        {
+            let fd = go_conn_fd(&cfg.go, conn[0], conn[1]);
+            if fd >= 0
+                && let Some(sk) = fd_to_sk(fd as u32)
+                && let Some(c) = CONNS.get_ptr(&ConnKey { sk })
+            {
+                (*e).flow = (*c).flow;
+                (*e).has_flow = 1;
+            }
+        }
         (*e).method.len = 0;
         (*e).method.kept = 0;
         read_go_string(stream + cfg.grpc_stream_method as u64, &mut (*e).method);

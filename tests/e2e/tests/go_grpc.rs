@@ -4,6 +4,7 @@
 //! not have, then 100 calls at once on one connection). Each RPC is one SERVER span named
 //! `package.Service/Method` with the current RPC conventions, and the HTTP call its
 //! handler makes sits under it. Oldest and newest Go, and the newest stripped as a PIE.
+//! A tonic client on the same host is the parent of the grpc-go spans it caused.
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use anyhow::Result;
@@ -124,4 +125,55 @@ fn grpc_server_newest_go() -> Result<()> {
 #[test]
 fn grpc_server_stripped_pie() -> Result<()> {
     run(GO_NEWEST, "-stripped-pie", &["-buildmode=pie", "-ldflags=-s -w"])
+}
+
+/// Across languages on one host, with no header: a tonic client (rust-svc, traced at the
+/// socket level) calls the grpc-go server's Echo service six times on one connection; each
+/// call's grpc-go SERVER span is the child of the tonic CLIENT span of the same stream, in
+/// its trace, with the code the client asked for and the connection's addresses.
+#[test]
+fn tonic_client_to_grpc_go_server() -> Result<()> {
+    let bin = tools::grpcshop(GO_NEWEST, "", &[])?;
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let mut cmd = Command::new(&bin);
+    cmd.args(["serve", &format!("127.0.0.1:{grpc_port}"), &format!("127.0.0.1:{http_port}")]).env("OTEL_SERVICE_NAME", "grpcshop");
+    let server = Proc::spawn("grpcshop", cmd)?;
+    wait_for_port(grpc_port, Duration::from_secs(30))?;
+    let start = tools::work_dir().join("logs").join(format!("tonic-to-go-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start);
+    let mut cmd = Command::new(tools::rust_svc()?);
+    cmd.args(["grpc-call", &format!("http://127.0.0.1:{grpc_port}"), "unary", "6", "1"]).arg(&start).env("OTEL_SERVICE_NAME", "tonic-client");
+    let mut client = Proc::spawn("tonic-client", cmd)?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[server.pid(), client.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+    std::fs::write(&start, b"go")?;
+    anyhow::ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "tonic client: {}", client.stderr_text());
+    rx.wait_for(12, Duration::from_secs(30))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 12, "{spans:#?}");
+    let mut calls: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == "tonic-client").collect();
+    calls.sort_by_key(|s| s.start_ns);
+    assert_eq!(calls.len(), 6);
+    for (i, c) in calls.iter().enumerate() {
+        let code = ["OK", "NOT_FOUND", "INTERNAL"][i % 3];
+        let served: Vec<&RSpan> = spans.iter().filter(|s| s.kind == SERVER && s.parent_span_id == c.span_id).collect();
+        assert_eq!(served.len(), 1, "call {i}: one grpc-go span under the tonic call: {c:#?} {spans:#?}");
+        let s = served[0];
+        assert_eq!(s.res("service.name"), "grpcshop");
+        assert_eq!(s.trace_id, c.trace_id);
+        for x in [*c, s] {
+            assert_eq!(
+                (x.name.as_str(), x.attr("rpc.method"), x.attr("rpc.response.status_code")),
+                ("zerotrace.test.v1.Echo/Unary", "zerotrace.test.v1.Echo/Unary", code),
+                "call {i}: {x:#?}"
+            );
+        }
+        assert_eq!(s.status == 2, code == "INTERNAL", "a server error only for INTERNAL: {s:#?}");
+        assert!(c.start_ns <= s.start_ns && s.end_ns <= c.end_ns, "call {i}: {c:#?} {s:#?}");
+        assert_eq!((s.attr("server.address"), s.attr("server.port")), ("127.0.0.1", grpc_port.to_string().as_str()), "{s:#?}");
+        assert_eq!(s.attr("network.peer.address"), "127.0.0.1");
+    }
+    Ok(())
 }

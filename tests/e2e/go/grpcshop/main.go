@@ -1,8 +1,9 @@
 // Command grpcshop is the Go gRPC service of zerotrace's grpc-go tests: grpc-go's interop
 // TestService (built from the offline module sources, see tools::go_build_with) whose
 // handlers answer by what the request asks (a status code, a delay), call an HTTP route of
-// the same process from inside the handler, and stream; plus a client mode that makes the
-// calls a test checks.
+// the same process from inside the handler, and stream; the Rust test services' Echo
+// service (zerotrace.test.v1.Echo/Unary, its messages read and written with protowire:
+// no generated code); plus a client mode that makes the calls a test checks.
 //
 // Usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT
 package main
@@ -23,6 +24,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/types/known/emptypb"
 )
 
 var downstream string
@@ -64,6 +67,52 @@ func (server) StreamingOutputCall(in *testpb.StreamingOutputCallRequest, out tes
 	return nil
 }
 
+// echoUnary answers zerotrace.test.v1.Echo/Unary (EchoRequest{text = 1; code = 2}): fails
+// with status `code` when it is not 0, else replies EchoReply{text = 1} with the text. The
+// request arrives as an Empty whose unknown fields are the EchoRequest's.
+func echoUnary(_ any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+	in := new(emptypb.Empty)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	var text string
+	var code int32
+	b := in.ProtoReflect().GetUnknown()
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return nil, status.Error(codes.InvalidArgument, "bad request")
+		}
+		b = b[n:]
+		switch {
+		case num == 1 && typ == protowire.BytesType:
+			v, m := protowire.ConsumeString(b)
+			text, n = v, m
+		case num == 2 && typ == protowire.VarintType:
+			v, m := protowire.ConsumeVarint(b)
+			code, n = int32(v), m
+		default:
+			n = protowire.ConsumeFieldValue(num, typ, b)
+		}
+		if n < 0 {
+			return nil, status.Error(codes.InvalidArgument, "bad request")
+		}
+		b = b[n:]
+	}
+	if code != 0 {
+		return nil, status.Error(codes.Code(code), "asked for")
+	}
+	out := new(emptypb.Empty)
+	out.ProtoReflect().SetUnknown(protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), text))
+	return out, nil
+}
+
+var echoDesc = grpc.ServiceDesc{
+	ServiceName: "zerotrace.test.v1.Echo",
+	HandlerType: (*any)(nil),
+	Methods:     []grpc.MethodDesc{{MethodName: "Unary", Handler: echoUnary}},
+}
+
 func serve(grpcAddr, httpAddr string) {
 	downstream = "http://" + httpAddr
 	mux := http.NewServeMux()
@@ -81,6 +130,7 @@ func serve(grpcAddr, httpAddr string) {
 	}
 	s := grpc.NewServer()
 	testpb.RegisterTestServiceServer(s, server{})
+	s.RegisterService(&echoDesc, struct{}{})
 	fmt.Println("listening on", grpcAddr)
 	if err := s.Serve(lis); err != nil {
 		fmt.Fprintln(os.Stderr, err)
