@@ -84,6 +84,7 @@ pub const ALL: &[Key] = &[
     key("server.address", Str, &[S, M]),
     key("server.port", Int, &[S, M]),
     key("client.address", Str, &[S]),
+    key("client.port", Int, &[S]),
     key("network.peer.address", Str, &[S]),
     key("network.peer.port", Int, &[S]),
     values("network.protocol.name", &[S, M], &["http"]),

@@ -531,6 +531,7 @@ impl Correlator {
             a.push(("server.address", Value::Str(server.ip().to_string())));
             a.push(("server.port", Value::Int(i64::from(server.port()))));
             a.push(("client.address", Value::Str(client.ip().to_string())));
+            a.push(("client.port", Value::Int(i64::from(client.port()))));
             a.push(("network.peer.address", Value::Str(client.ip().to_string())));
             a.push(("network.peer.port", Value::Int(i64::from(client.port()))));
         }

@@ -4,7 +4,8 @@
 //! protocol version, error.type), `http.client.request.duration` (method, server address and
 //! port, status code, error.type), `db.client.operation.duration` (db system, query
 //! summary, response status code, error.type, server address and port) and `rpc.server.call.duration` /
-//! `rpc.client.call.duration` (rpc system, method, status code, error.type), in seconds, low-cardinality attributes only (the route, never the
+//! `rpc.client.call.duration` (rpc system, method, status code, error.type; the client's
+//! also server address and port), in seconds, low-cardinality attributes only (the route, never the
 //! raw path). Cumulative temporality: a failed export loses nothing, the next one carries
 //! the totals. The agent's counters go out as `zerotrace_<name>` sums under the agent's own
 //! resource (service.name = zerotrace). Aggregation and encoding are ours (a few histogram
@@ -91,7 +92,7 @@ impl Red {
                 ("rpc.server.call.duration", &["rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type"])
             }
             SpanKind::Client if s.attr("rpc.system.name").is_some() => {
-                ("rpc.client.call.duration", &["rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type"])
+                ("rpc.client.call.duration", &["rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type", "server.address", "server.port"])
             }
             SpanKind::Server if s.attr("http.request.method").is_some() => (
                 "http.server.request.duration",

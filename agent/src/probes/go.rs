@@ -42,6 +42,10 @@ pub const GRPC_WRITE_STATUS: &str = "google.golang.org/grpc/internal/transport.(
 const GRPC_STREAM: &str = "google.golang.org/grpc/internal/transport.Stream";
 const GRPC_STATUS_PROTO: &str = "google.golang.org/genproto/googleapis/rpc/status.Status";
 const GRPC_HTTP2_SERVER: &str = "google.golang.org/grpc/internal/transport.http2Server";
+/// The genproto `googleapis/rpc` release whose status proto layout is checked (Code at 40,
+/// after state, sizeCache, unknownFields); protoc-gen-go 1.36 moved those last, later
+/// releases may have Code at 8.
+const GENPROTO_RPC_CHECKED: &str = "20240814211410";
 pub const CHAN_SEND: &str = "runtime.send";
 pub const CHAN_RECV: &str = "runtime.recv";
 pub const CHANSEND: &str = "runtime.chansend";
@@ -218,6 +222,8 @@ pub struct GrpcLayout {
     pub stream_method: u32,
     pub status_code: u32,
     pub server_conn: u32,
+    /// The runtime type of `*transport.http2Server` (not yet biased).
+    pub transport_type: u64,
     /// "dwarf" or the grpc version whose known layout was used.
     pub source: &'static str,
 }
@@ -227,17 +233,35 @@ pub struct GrpcLayout {
 /// both Go ends and asserts no warning): `Stream{id uint32; st, ct ServerTransport/ClientTransport;
 /// ctx; cancel; done; doneFunc; ctxDone; method string}`, `spb.Status{state, sizeCache,
 /// unknownFields; Code int32}` and `http2Server{lastRead int64; done chan; conn net.Conn}`.
-/// From v1.68 handleStream takes a `*ServerStream`.
-const GRPC_KNOWN: &[(&str, GrpcLayout)] = &[("v1.67.", GrpcLayout { stream_id: 0, stream_method: 88, status_code: 40, server_conn: 16, source: "v1.67" })];
+/// From v1.69 handleStream takes a `*ServerStream` and WriteStatus is `writeStatus`. The
+/// status proto's layout is the genproto module's: used only up to GENPROTO_RPC_CHECKED.
+const GRPC_KNOWN: &[(&str, GrpcLayout)] =
+    &[("v1.67.", GrpcLayout { stream_id: 0, stream_method: 88, status_code: 40, server_conn: 16, transport_type: 0, source: "v1.67" })];
 
 /// The grpc-go server hooks (entry of handleStream, entry of WriteStatus: 2 hits per RPC),
 /// when the program serves gRPC and its layout is known: from its DWARF, else by its grpc
 /// version. Otherwise said in the log.
 fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Result<(), SymbolError> {
-    if exe.symbol(GRPC_HANDLE_STREAM).is_none() || exe.symbol(GRPC_WRITE_STATUS).is_none() {
+    if exe.symbol(GRPC_HANDLE_STREAM).is_none() {
         return Ok(());
     }
     let version = build.deps.iter().find(|(m, _)| m == "google.golang.org/grpc").map_or("", |(_, v)| v.as_str());
+    if exe.symbol(GRPC_WRITE_STATUS).is_none() {
+        tracing::warn!(pid, grpc = version, "this grpc-go version's server is not understood (no http2Server.WriteStatus): its RPCs get no server spans");
+        return Ok(());
+    }
+    let minor = build.version_tuple().map_or(u32::MAX, |v| v.1);
+    let transport_type = match exe.go_tables().map_err(str::to_owned).and_then(|t| t.runtime_type(exe, minor, &format!("*{GRPC_HTTP2_SERVER}"))) {
+        Ok(Some(t)) => t,
+        other => {
+            tracing::warn!(pid, grpc = version, why = ?other.err(), "grpc-go's transport type was not found: its RPCs get no server spans");
+            return Ok(());
+        }
+    };
+    // The status proto's layout is known for genproto releases up to the one checked (a
+    // pseudo-version's date).
+    let genproto = build.deps.iter().find(|(m, _)| m == "google.golang.org/genproto/googleapis/rpc").map_or("", |(_, v)| v.as_str());
+    let genproto_known = genproto.split('-').nth(1).is_some_and(|date| date.len() == GENPROTO_RPC_CHECKED.len() && date <= GENPROTO_RPC_CHECKED);
     let from_dwarf = crate::symbols::dwarf::GoDwarf::load(exe, &[GRPC_STREAM, GRPC_STATUS_PROTO, GRPC_HTTP2_SERVER], &[]).ok().and_then(|d| {
         let m = |ty: &str, f: &str| d.member(ty, f).and_then(|o| u32::try_from(o).ok());
         Some(GrpcLayout {
@@ -245,10 +269,11 @@ fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Res
             stream_method: m(GRPC_STREAM, "method")?,
             status_code: m(GRPC_STATUS_PROTO, "Code")?,
             server_conn: m(GRPC_HTTP2_SERVER, "conn")?,
+            transport_type,
             source: "dwarf",
         })
     });
-    let known = GRPC_KNOWN.iter().find(|(v, _)| version.starts_with(v)).map(|(_, l)| *l);
+    let known = GRPC_KNOWN.iter().find(|(v, _)| version.starts_with(v) && genproto_known).map(|(_, l)| GrpcLayout { transport_type, ..*l });
     if let (Some(d), Some(k)) = (from_dwarf, known)
         && (d.stream_id, d.stream_method, d.status_code, d.server_conn) != (k.stream_id, k.stream_method, k.status_code, k.server_conn)
     {
@@ -256,7 +281,7 @@ fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Res
     }
     let layout = from_dwarf.or(known);
     let Some(layout) = layout else {
-        tracing::warn!(pid, grpc = version, "this grpc-go version's layout is not known without DWARF: its RPCs get no server spans");
+        tracing::warn!(pid, grpc = version, genproto, "this grpc-go version's layout is not known without DWARF: its RPCs get no server spans");
         return Ok(());
     };
     p.add(uprobes::GO_GRPC_STREAM, entry_offset(exe, GRPC_HANDLE_STREAM)?);
@@ -397,6 +422,7 @@ pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
         grpc_stream_method: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_method),
         grpc_status_code: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.status_code),
         grpc_server_conn: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.server_conn),
+        grpc_transport_type: plan.grpc.map_or(0, |g| g.transport_type.wrapping_add(t.bias)),
     }
 }
 

@@ -143,12 +143,9 @@ const OPERATIONS: &[&str] = &[
 /// Keywords after which the next name is a target (table, view, procedure).
 const TARGET_BEFORE: &[&str] = &["FROM", "INTO", "JOIN", "UPDATE", "TABLE", "VIEW", "INDEX", "CALL", "EXEC", "EXECUTE", "TRUNCATE"];
 
-/// Keywords that never are a target's name (they end a FROM list, or qualify the next word:
-/// QUALIFIERS).
-const NOT_TARGET: &[&str] = &[
-    "TABLE",
-    "VIEW",
-    "INDEX",
+/// Keywords that end a FROM list or an expected target (with QUALIFIERS, the keywords that
+/// never are a target's name).
+const ENDERS: &[&str] = &[
     "WHERE",
     "ON",
     "USING",
@@ -160,37 +157,15 @@ const NOT_TARGET: &[&str] = &[
     "SET",
     "VALUES",
     "VALUE",
-    "AS",
     "RETURNING",
     "UNION",
     "EXCEPT",
     "INTERSECT",
     "WINDOW",
     "FOR",
-    "LEFT",
-    "RIGHT",
-    "INNER",
-    "OUTER",
-    "FULL",
-    "CROSS",
-    "NATURAL",
-    "LATERAL",
-    "ONLY",
-    "IF",
-    "NOT",
-    "EXISTS",
-    "TEMPORARY",
-    "TEMP",
-    "UNIQUE",
     "DEFAULT",
     "SELECT",
     "WITH",
-    "LOW_PRIORITY",
-    "IGNORE",
-    "QUICK",
-    "DELAYED",
-    "HIGH_PRIORITY",
-    "CONCURRENTLY",
 ];
 
 /// Keywords that qualify what follows (JOIN's kinds, AS, IF NOT EXISTS, ...): a FROM list or
@@ -268,7 +243,8 @@ pub fn summary(text: &str) -> Option<String> {
                 at_start = false;
                 after_open = false;
                 prev = up.clone();
-                if clause.expect && !NOT_TARGET.contains(&word) && (!is_op || TARGET_BEFORE.contains(&word)) {
+                let keyword = ENDERS.contains(&word) || QUALIFIERS.contains(&word);
+                if clause.expect && !keyword && (!is_op || TARGET_BEFORE.contains(&word)) {
                     parts.push(w.trim_matches(['"', '`', '[', ']']).to_owned());
                     clause.expect = false;
                     continue;
@@ -282,7 +258,7 @@ pub fn summary(text: &str) -> Option<String> {
                 } else if is_op {
                     parts.push(up.clone());
                     clause = Clause::default();
-                } else if NOT_TARGET.contains(&word) && !QUALIFIERS.contains(&word) {
+                } else if ENDERS.contains(&word) {
                     clause = Clause::default();
                 }
             }

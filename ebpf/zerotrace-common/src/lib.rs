@@ -1007,6 +1007,9 @@ pub struct TargetConfig {
     pub grpc_status_code: u32,
     /// Offset of `http2Server.conn` (the connection's net.Conn).
     pub grpc_server_conn: u32,
+    /// The runtime type of `*transport.http2Server` (load bias applied): streams of other
+    /// transports (grpc's ServeHTTP) are not followed, their status goes elsewhere.
+    pub grpc_transport_type: u64,
 }
 
 impl TargetConfig {
@@ -1026,6 +1029,7 @@ impl TargetConfig {
             grpc_stream_method: Self::NO_OFFSET,
             grpc_status_code: Self::NO_OFFSET,
             grpc_server_conn: Self::NO_OFFSET,
+            grpc_transport_type: 0,
         }
     }
 }
@@ -1255,7 +1259,7 @@ assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 36 * 2);
-assert_size!(TargetConfig, 8 + 112 + 16 + 16);
+assert_size!(TargetConfig, 8 + 112 + 16 + 16 + 8);
 assert_size!(GoRpcStartEvent, 24 + 40 + 40 + 8 + bounds::GO_STR_MAX);
 assert_size!(GoRpcEndEvent, 48);
 assert_size!(GoRpcKey, 16);

@@ -6,13 +6,13 @@
 //! find the stream by its `*transport.Stream`; field offsets come from the agent
 //! (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{ConnKey, Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, TargetConfig};
+use zerotrace_common::{ConnKey, Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, TargetConfig};
 
 use crate::{
     causality::{enter_own, leave_own, set_own},
     maps::{CONNS, EVENTS, GO_RPC},
     socket::conns::fd_to_sk,
-    util::{count, go_caller_config, go_conn_fd, header, now, read_go_string, read_user, regs, wake_flags},
+    util::{count, go_caller_config, go_conn_fd, go_itab_type, header, now, read_go_string, read_user, regs, wake_flags},
 };
 
 /// `(*Server).handleStream(s, t ServerTransport, stream *Stream)`: s in RAX, t in RBX/RCX,
@@ -21,23 +21,28 @@ use crate::{
 pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
     let r = regs(&ctx);
     // SAFETY: plain loads of fields of the register set.
-    let (transport, stream) = unsafe { (core::ptr::read_volatile(&r.rcx), core::ptr::read_volatile(&r.rdi)) };
+    let (itab, transport, stream) = unsafe { (core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx), core::ptr::read_volatile(&r.rdi)) };
     let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
-    if cfg.grpc_stream_method == TargetConfig::NO_OFFSET || stream == 0 {
+    // Only grpc's own HTTP/2 transport, whose WriteStatus is hooked (ServeHTTP's is not).
+    if cfg.grpc_stream_method == TargetConfig::NO_OFFSET || stream == 0 || cfg.grpc_transport_type == 0 || go_itab_type(itab) != cfg.grpc_transport_type {
         return 0;
     }
-    // A server span: its parent is the client's, never what the goroutine carried.
-    let (span, _, prev) = enter_own(&k);
-    let key = GoRpcKey { pid: k.pid, _pad: 0, stream };
-    if GO_RPC.insert(&key, &GoRpcState { span_id: span, goid: k.goid, prev }, 0).is_err() {
-        count(Counter::GoCallsDroppedMapFull);
-        return 0;
-    }
-    set_own(&k, span);
+    // The record first: no span becomes a goroutine's own unless it is reported.
     let Some(mut ev) = EVENTS.reserve::<GoRpcStartEvent>(0) else {
         count(Counter::EventsDroppedRingFull);
         return 0;
     };
+    // A server span: its parent is the client's, never what the goroutine carried, and at
+    // its end the goroutine carries nothing (a worker goroutine serves the next stream
+    // clean, whatever an earlier stream left).
+    let (span, _, _) = enter_own(&k);
+    let key = GoRpcKey { pid: k.pid, _pad: 0, stream };
+    if GO_RPC.insert(&key, &GoRpcState { span_id: span, goid: k.goid, prev: GoroutineCtx::default() }, 0).is_err() {
+        count(Counter::GoCallsDroppedMapFull);
+        ev.discard(0);
+        return 0;
+    }
+    set_own(&k, span);
     let e = ev.as_mut_ptr();
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {

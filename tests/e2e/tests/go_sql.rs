@@ -40,15 +40,21 @@ fn latest<'a>(ms: &'a [RMetric], attrs: &[(&str, &str)]) -> Option<&'a RMetric> 
     ms.iter().filter(|m| m.name == DB_METRIC && attrs.iter().all(|(k, v)| m.attrs.get(*k).map_or("", String::as_str) == *v)).max_by_key(|m| m.time_ns)
 }
 
-fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
-    let ctx = format!("Go {version}{tag}");
-    let pg = Postgres::start()?;
+/// pgshop built with Go `version` (`tag`, `flags`) against `pg`, listening: it and its port.
+fn start_shop(pg: &Postgres, version: &str, tag: &str, flags: &[&str]) -> Result<(Proc, u16)> {
     let bin = tools::pgshop(version, tag, flags)?;
     let port = free_port();
     let mut cmd = Command::new(&bin);
     cmd.arg(format!("127.0.0.1:{port}")).arg(pg.dsn()).env("OTEL_SERVICE_NAME", "pgshop");
     let shop = Proc::spawn("pgshop", cmd)?;
     wait_for_port(port, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e}: {}", shop.stderr_text()))?;
+    Ok((shop, port))
+}
+
+fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
+    let ctx = format!("Go {version}{tag}");
+    let pg = Postgres::start()?;
+    let (shop, port) = start_shop(&pg, version, tag, flags)?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
     let mut agent = Agent::start(&[shop.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[("OTEL_METRIC_EXPORT_INTERVAL", "500")])?;
@@ -132,12 +138,7 @@ fn lib_pq_against_postgresql_stripped_pie() -> Result<()> {
 #[test]
 fn concurrent_statements_stay_with_their_requests() -> Result<()> {
     let pg = Postgres::start()?;
-    let bin = tools::pgshop(GO_NEWEST, "", &[])?;
-    let port = free_port();
-    let mut cmd = Command::new(&bin);
-    cmd.arg(format!("127.0.0.1:{port}")).arg(pg.dsn()).env("OTEL_SERVICE_NAME", "pgshop");
-    let shop = Proc::spawn("pgshop", cmd)?;
-    wait_for_port(port, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("{e}: {}", shop.stderr_text()))?;
+    let (shop, port) = start_shop(&pg, GO_NEWEST, "", &[])?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
     let mut agent = Agent::start(&[shop.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;

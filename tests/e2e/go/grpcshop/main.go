@@ -139,7 +139,8 @@ func serve(grpcAddr, httpAddr string) {
 }
 
 // call makes, on one connection: an OK call, a NOT_FOUND, a call past its deadline, a
-// server stream of 3, a method the server does not have, then N concurrent OK calls whose
+// server stream of 3, a method the service does not implement, a service the server does
+// not have, then N concurrent OK calls whose
 // response_type (the id their downstream call repeats) is 100+i. Prints each outcome.
 func call(addr string, n int) error {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -174,6 +175,8 @@ func call(addr string, n int) error {
 	}
 	_, err = c.UnimplementedCall(ctx, &testpb.Empty{})
 	fmt.Println("unimplemented", status.Code(err))
+	err = conn.Invoke(ctx, "/x.Nope/Method", &testpb.Empty{}, &testpb.Empty{})
+	fmt.Println("unknown service", status.Code(err))
 	var wg sync.WaitGroup
 	errs := make(chan error, n)
 	for i := 0; i < n; i++ {
