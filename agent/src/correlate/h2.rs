@@ -78,6 +78,15 @@ enum Effect {
 }
 
 impl Correlator {
+    /// A client stream (native or grpc-go) offers its span to the server on this host that
+    /// reads stream `key` (bounded: the oldest offers go all at once when full).
+    pub(super) fn offer_h2_link(&mut self, key: LinkKey, span: u64) {
+        if self.h2_links.len() >= MAX_LINKS {
+            self.h2_links.clear();
+        }
+        self.h2_links.insert(key, span);
+    }
+
     /// Bytes read or sent on an HTTP/2 connection of a native process.
     pub(super) fn on_h2(&mut self, b: H2Bytes, out: &mut Vec<Span>) {
         if !self.h2.contains_key(&b.conn_id) {
@@ -271,10 +280,7 @@ impl Correlator {
         if server {
             self.open.entry(pid).or_default().insert((conn_id, stream), span);
         } else {
-            if self.h2_links.len() >= MAX_LINKS {
-                self.h2_links.clear();
-            }
-            self.h2_links.insert((flow.0, flow.1, stream), span);
+            self.offer_h2_link((flow.0, flow.1, stream), span);
         }
         let headers_lost = headers.is_none();
         let s = Stream {

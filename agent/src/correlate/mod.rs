@@ -15,7 +15,9 @@ use std::sync::Arc;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::{
-    events::{Addrs, Event, GoClientRequest, GoClientResponse, GoRpcStart, GoServerRequest, GoSqlEnd, GoSqlStart, HttpRequest, HttpResponse},
+    events::{
+        Addrs, Event, GoClientRequest, GoClientResponse, GoH2End, GoH2Start, GoRpcStart, GoServerRequest, GoSqlEnd, GoSqlStart, HttpRequest, HttpResponse,
+    },
     protocols::http1,
     spans::{RemoteParent, Span, SpanId, SpanKind, Status, TraceId, Value},
 };
@@ -133,6 +135,13 @@ struct PendingRpc {
     parent: Option<SpanId>,
 }
 
+/// A Go HTTP/2 server stream waiting for its handler's return.
+#[derive(Debug)]
+struct PendingH2 {
+    start: Box<GoH2Start>,
+    ids: Ids,
+}
+
 /// A Go client call waiting for its return.
 #[derive(Debug)]
 struct PendingClient {
@@ -191,6 +200,7 @@ pub struct Correlator {
     pending: HashMap<u64, Pending>,
     clients: HashMap<u64, PendingClient>,
     rpcs: HashMap<u64, PendingRpc>,
+    h2_streams: HashMap<u64, PendingH2>,
     sql: HashMap<u64, PendingSql>,
     /// Native (not Go) client requests waiting for their response's end, by connection.
     native: HashMap<u64, native::NativeCall>,
@@ -246,6 +256,7 @@ impl Correlator {
             pending: HashMap::default(),
             clients: HashMap::default(),
             rpcs: HashMap::default(),
+            h2_streams: HashMap::default(),
             sql: HashMap::default(),
             native: HashMap::default(),
             open: HashMap::default(),
@@ -308,6 +319,7 @@ impl Correlator {
         self.clients.retain(|_, c| c.req.pid != pid);
         self.sql.retain(|_, c| c.start.pid != pid);
         self.rpcs.retain(|_, c| c.start.pid != pid);
+        self.h2_streams.retain(|_, c| c.start.pid != pid);
         self.open.remove(&pid);
         self.threads.retain(|(p, _), _| *p != pid);
         // Else a churn of processes fills the cache (MAX_PATTERNS) with the gone ones'
@@ -343,16 +355,22 @@ impl Correlator {
         let conns = &self.conns;
         self.by_sk.retain(|_, id| conns.contains_key(id));
         let fresh = |start_ns: u64| now_ns.saturating_sub(start_ns) < CALL_EXPIRY.as_nanos() as u64;
-        let before = self.clients.len() + self.sql.len() + self.rpcs.len();
+        let before = self.clients.len() + self.sql.len() + self.rpcs.len() + self.h2_streams.len();
         self.clients.retain(|_, c| fresh(c.req.start_ns));
         self.sql.retain(|_, q| fresh(q.start.start_ns));
         self.rpcs.retain(|_, r| fresh(r.start.start_ns));
-        self.stats.calls_expired += (before - self.clients.len() - self.sql.len() - self.rpcs.len()) as u64;
+        self.h2_streams.retain(|_, r| fresh(r.start.start_ns));
+        self.stats.calls_expired += (before - self.clients.len() - self.sql.len() - self.rpcs.len() - self.h2_streams.len()) as u64;
     }
 
     /// Whether a sweep has anything to look at (else the walk of CONNS is skipped).
     pub fn holds_anything(&self) -> bool {
-        self.held_ids().next().is_some() || !self.by_sk.is_empty() || !self.clients.is_empty() || !self.sql.is_empty() || !self.rpcs.is_empty()
+        self.held_ids().next().is_some()
+            || !self.by_sk.is_empty()
+            || !self.clients.is_empty()
+            || !self.sql.is_empty()
+            || !self.rpcs.is_empty()
+            || !self.h2_streams.is_empty()
     }
 
     /// The connection ids of every per-connection table (an id once per table).
@@ -434,6 +452,14 @@ impl Correlator {
                 }
                 None => self.stats.unmatched_client_returns += 1,
             },
+            Event::GoH2Start(q) => self.on_h2_start(q),
+            Event::GoH2End(r) => match self.h2_streams.remove(&r.span_id) {
+                Some(p) => {
+                    self.stats.spans += 1;
+                    out.push(self.h2_span(p, &r));
+                }
+                None => self.stats.unmatched_client_returns += 1,
+            },
             Event::GoSqlEnd(r) => {
                 if let Some(p) = self.sql.remove(&r.span_id) {
                     self.stats.spans += 1;
@@ -509,6 +535,16 @@ impl Correlator {
     /// A grpc-go stream met its handler: its parent is the client stream offered on the
     /// same connection under the same stream id (a traced client on this host), if any.
     fn on_rpc_start(&mut self, q: Box<GoRpcStart>) {
+        if q.client {
+            // A client stream: under the span that made it; offered to the server on this
+            // host that reads the stream (grpc-go or native) by connection and stream id.
+            let Some((trace_id, parent)) = self.call_ids(self.rpcs.len(), q.span_id, q.parent_span, [0; 16]) else { return };
+            if let Some((c, s)) = q.flow {
+                self.offer_h2_link((c, s, q.stream_id), q.span_id);
+            }
+            self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id, parent });
+            return;
+        }
         if self.rpcs.len() >= MAX_PENDING {
             self.stats.pending_full += 1;
             return;
@@ -522,12 +558,63 @@ impl Correlator {
         self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id, parent });
     }
 
-    /// The SERVER span of a grpc-go stream.
+    /// A Go HTTP/2 stream met its handler: its parent is the client stream a traced client
+    /// on this host offered (the kernel's link, else a native client's stream on the same
+    /// connection under the same id).
+    fn on_h2_start(&mut self, q: Box<GoH2Start>) {
+        if self.h2_streams.len() >= MAX_PENDING {
+            self.stats.pending_full += 1;
+            return;
+        }
+        let offered = match q.parent_span {
+            0 => q.flow.and_then(|(c, s)| self.h2_links.remove(&(c, s, q.stream_id))).unwrap_or(0),
+            p => p,
+        };
+        let (trace_id, parent) = self.traces.child_of(offered, [0; 16]);
+        if parent.is_some() {
+            self.stats.linked += 1;
+        }
+        self.traces.remember(q.span_id, trace_id);
+        self.h2_streams.insert(q.span_id, PendingH2 { start: q, ids: Ids { trace_id, parent, remote: false, trace_state: None } });
+    }
+
+    /// The SERVER span of a Go HTTP/2 stream: the attributes of an HTTP/1 request's.
+    fn h2_span(&self, p: PendingH2, r: &GoH2End) -> Span {
+        let q = &p.start;
+        let addrs = if q.sk != 0 { self.by_sk.get(&q.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone())) } else { None };
+        self.server_span(ServerFields {
+            pid: q.pid,
+            tid: q.tid,
+            goid: q.goid,
+            method: &q.method,
+            path: &q.path,
+            pattern: &r.pattern,
+            status: r.status,
+            host: (!q.host.is_empty()).then_some(q.host.as_str()),
+            user_agent: None,
+            version: Some("2"),
+            scheme: if q.tls { "https" } else { "http" },
+            span_id: q.span_id,
+            ids: Some(p.ids),
+            addrs,
+            start_ns: q.start_ns,
+            end_ns: r.end_ns.max(q.start_ns),
+        })
+    }
+
+    /// The SERVER or CLIENT span of a grpc-go stream.
     fn rpc_span(&self, p: PendingRpc, r: &crate::events::GoRpcEnd) -> Span {
         let q = &p.start;
         let mut a: Vec<(&'static str, Value)> = Vec::with_capacity(8);
-        let (name, status) = h2::grpc_attributes(&q.method, r.code, true, &mut a);
-        if let Some((client, server)) = q.flow {
+        let (name, status) = h2::grpc_attributes(&q.method, r.code, !q.client, &mut a);
+        if q.client {
+            if let Some((_, server)) = q.flow {
+                a.push(("server.address", Value::Str(server.ip().to_string())));
+                a.push(("server.port", Value::Int(i64::from(server.port()))));
+                a.push(("network.peer.address", Value::Str(server.ip().to_string())));
+                a.push(("network.peer.port", Value::Int(i64::from(server.port()))));
+            }
+        } else if let Some((client, server)) = q.flow {
             a.push(("server.address", Value::Str(server.ip().to_string())));
             a.push(("server.port", Value::Int(i64::from(server.port()))));
             a.push(("client.address", Value::Str(client.ip().to_string())));
@@ -546,7 +633,7 @@ impl Correlator {
             parent: p.parent,
             parent_is_remote: false,
             trace_state: None,
-            kind: SpanKind::Server,
+            kind: if q.client { SpanKind::Client } else { SpanKind::Server },
             name,
             start_unix_ns: self.clock.to_unix(q.start_ns),
             end_unix_ns: self.clock.to_unix(r.end_ns.max(q.start_ns)),
@@ -809,7 +896,7 @@ impl Correlator {
             status,
             host: head.host.as_deref(),
             user_agent: head.user_agent.as_deref(),
-            minor_version: Some(head.minor_version),
+            version: Some(if head.minor_version == 0 { "1.0" } else { "1.1" }),
             scheme: if p.tls { "https" } else { "http" },
             span_id: p.span_id,
             ids: Some(p.ids.clone()),
@@ -855,9 +942,9 @@ impl Correlator {
     /// The span of a Go handler's record alone (no request seen at the socket for it).
     fn go_alone(&self, g: &GoServerRequest) -> Span {
         let addrs = if g.sk != 0 { self.by_sk.get(&g.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone())) } else { None };
-        let minor = match g.proto.as_str() {
-            "HTTP/1.0" => Some(0),
-            "HTTP/1.1" => Some(1),
+        let version = match g.proto.as_str() {
+            "HTTP/1.0" => Some("1.0"),
+            "HTTP/1.1" => Some("1.1"),
             _ => None,
         };
         let host = (!g.host.is_empty()).then_some(g.host.as_str());
@@ -872,7 +959,7 @@ impl Correlator {
             status: Some(if g.status > 0 { g.status } else { 200 }),
             host,
             user_agent: None,
-            minor_version: minor,
+            version,
             scheme: "http",
             span_id: 0,
             ids: None,
@@ -917,9 +1004,9 @@ impl Correlator {
         if let Some(ua) = f.user_agent {
             a.push(("user_agent.original", Value::Str(ua.to_owned())));
         }
-        if let Some(m) = f.minor_version {
+        if let Some(v) = f.version {
             a.push(("network.protocol.name", Value::Static("http")));
-            a.push(("network.protocol.version", Value::Static(if m == 0 { "1.0" } else { "1.1" })));
+            a.push(("network.protocol.version", Value::Static(v)));
         }
         a.push(("thread.id", Value::Int(i64::from(f.tid))));
         if f.goid != 0 {
@@ -958,7 +1045,8 @@ struct ServerFields<'a> {
     status: Option<i64>,
     host: Option<&'a str>,
     user_agent: Option<&'a str>,
-    minor_version: Option<u8>,
+    /// `network.protocol.version`: "1.0", "1.1" or "2".
+    version: Option<&'static str>,
     scheme: &'static str,
     /// Kernel span id (0: make one) and the span's place in its trace (None: a new root).
     span_id: u64,

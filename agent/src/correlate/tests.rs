@@ -233,6 +233,53 @@ fn sql_and_grpc_spans_from_their_records() {
     assert!(matches!(v.status, Status::Unset));
 }
 
+/// A Go HTTP/2 stream: its span from the two records, under the same-host client span the
+/// kernel linked, with the HTTP/1 attributes and version 2; its pattern names the route;
+/// a status the kernel could not read is left out; a call it made sits under it.
+#[test]
+fn go_http2_stream_spans_from_their_records() {
+    let (spans, stats) = run(&[
+        record::client_request(PID, 900, 3, 0x1111, 0, "GET", "https://127.0.0.1:8443/items/4"),
+        record::h2_start(PID + 1, 1_000, 0xaaaa, 0x1111, 0, "GET", "/items/4"),
+        record::client_request(PID + 1, 1_100, 7, 0xbbbb, 0xaaaa, "GET", "http://127.0.0.1:9000/stock"),
+        record::client_response(PID + 1, 1_200, 7, 0xbbbb, 200, 0),
+        record::h2_end(PID + 1, 2_000, 7, 0xaaaa, 404, "GET /items/{id}"),
+        record::client_response(PID, 2_100, 3, 0x1111, 404, 0),
+        record::h2_start(PID + 1, 3_000, 0xcccc, 0, 0, "POST", "/x"),
+        record::h2_end(PID + 1, 3_100, 7, 0xcccc, 0, ""),
+    ]);
+    assert_eq!(spans.len(), 4, "{stats:?}");
+    let client = spans.iter().find(|s| s.span_id == traces::span_id(0x1111)).unwrap();
+    let h2 = spans.iter().find(|s| s.span_id == traces::span_id(0xaaaa)).unwrap();
+    assert_eq!((h2.kind, h2.name.as_str(), h2.parent, h2.trace_id), (SpanKind::Server, "GET /items/{id}", Some(client.span_id), client.trace_id));
+    assert_eq!((s(h2, "network.protocol.version"), s(h2, "url.scheme"), s(h2, "http.response.status_code")), ("2".into(), "https".into(), "404".into()));
+    assert_eq!((s(h2, "server.address"), s(h2, "http.route")), ("localhost".into(), "/items/{id}".into()));
+    let call = spans.iter().find(|s| s.span_id == traces::span_id(0xbbbb)).unwrap();
+    assert_eq!((call.parent, call.trace_id), (Some(h2.span_id), h2.trace_id));
+    let other = spans.iter().find(|s| s.span_id == traces::span_id(0xcccc)).unwrap();
+    assert_eq!((other.parent, s(other, "http.response.status_code"), other.name.as_str()), (None, String::new(), "POST /x"));
+    assert_eq!(stats.linked, 1);
+}
+
+/// A grpc-go client stream: a CLIENT span under the span that made it, with the server's
+/// address; every code but OK is an error on a client.
+#[test]
+fn grpc_client_spans_from_their_records() {
+    let (spans, stats) = run(&[
+        record::h2_start(PID, 1_000, 0xaaaa, 0, 0, "GET", "/front"),
+        record::rpc_client_start(PID, 1_100, 0xbbbb, 0xaaaa, "/shop.v1.Catalog/Get", (40_000, 50_051)),
+        record::rpc_end(PID, 1_900, 5, 0xbbbb, 5),
+        record::h2_end(PID, 2_000, 7, 0xaaaa, 200, ""),
+    ]);
+    assert_eq!(spans.len(), 2, "{stats:?}");
+    let front = spans.iter().find(|s| s.span_id == traces::span_id(0xaaaa)).unwrap();
+    let call = spans.iter().find(|s| s.span_id == traces::span_id(0xbbbb)).unwrap();
+    assert_eq!((call.kind, call.name.as_str(), call.parent, call.trace_id), (SpanKind::Client, "shop.v1.Catalog/Get", Some(front.span_id), front.trace_id));
+    assert_eq!((s(call, "server.port"), s(call, "rpc.response.status_code"), s(call, "error.type")), ("50051".into(), "NOT_FOUND".into(), "NOT_FOUND".into()));
+    assert_eq!(s(call, "client.address"), "");
+    assert!(matches!(call.status, Status::Error(_)));
+}
+
 /// The kernel's database numbers name the right databases.
 #[test]
 fn sql_systems_are_named() {

@@ -7,9 +7,9 @@ pub mod recording;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoRpcEndEvent, GoRpcStartEvent,
-    GoServerRequestEvent, GoSqlEndEvent, GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent, PipelinedRequestEvent, ProcExecEvent,
-    SockAddrs, SockBytesEvent, TraceparentEvent, bounds, h2_start,
+    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoH2EndEvent, GoH2StartEvent,
+    GoRpcEndEvent, GoRpcStartEvent, GoServerRequestEvent, GoSqlEndEvent, GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent,
+    PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds, h2_start,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub enum Event {
     GoSqlEnd(GoSqlEnd),
     GoRpcStart(Box<GoRpcStart>),
     GoRpcEnd(GoRpcEnd),
+    GoH2Start(Box<GoH2Start>),
+    GoH2End(Box<GoH2End>),
     Traceparent(Traceparent),
     /// A process exec'd (discovery): the agent decides whether to trace it.
     ProcExec {
@@ -177,7 +179,7 @@ pub struct GoSqlStart {
     pub text_len: u32,
 }
 
-/// A grpc-go server stream met its handler.
+/// A grpc-go server stream met its handler, or a client stream was made.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GoRpcStart {
     pub pid: u32,
@@ -185,11 +187,48 @@ pub struct GoRpcStart {
     pub goid: u64,
     pub start_ns: u64,
     pub span_id: u64,
+    /// A client's stream (its RPC's CLIENT span), else a server's.
+    pub client: bool,
+    /// A client's: the span of the goroutine that made it (0: none).
+    pub parent_span: u64,
     pub stream_id: u32,
     /// The connection: (client, server), when the kernel found it.
     pub flow: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
     /// `/package.Service/Method` as the client sent it (cut at GO_STR_MAX).
     pub method: String,
+}
+
+/// A Go net/http HTTP/2 stream met its handler.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoH2Start {
+    pub pid: u32,
+    pub tid: u32,
+    pub goid: u64,
+    pub start_ns: u64,
+    pub span_id: u64,
+    /// The client span a traced client on this host offered for the stream (0: none).
+    pub parent_span: u64,
+    pub sk: u64,
+    pub stream_id: u32,
+    /// The connection: (client, server), when the kernel found it.
+    pub flow: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
+    pub tls: bool,
+    pub content_length: i64,
+    pub method: String,
+    pub path: String,
+    pub host: String,
+    pub remote_addr: String,
+}
+
+/// Its handler returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GoH2End {
+    pub pid: u32,
+    pub end_ns: u64,
+    pub span_id: u64,
+    /// The status written (None: not known).
+    pub status: Option<i64>,
+    pub pattern: String,
 }
 
 /// Its status was written.
@@ -523,14 +562,17 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             let e: GoClientResponseEvent = exact(b, kind)?;
             Event::GoSqlEnd(GoSqlEnd { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, failed: e.err_type != 0, server: None, code: None })
         }
-        EventKind::GoRpcStart => {
+        EventKind::GoRpcStart | EventKind::GoRpcClientStart => {
             let e: GoRpcStartEvent = exact(b, kind)?;
+            let client = kind == EventKind::GoRpcClientStart;
             Event::GoRpcStart(Box::new(GoRpcStart {
                 pid: hdr.pid,
                 tid: hdr.tid,
                 goid: e.goid,
                 start_ns: hdr.ts_ns,
                 span_id: e.span_id,
+                client,
+                parent_span: if client { e.parent_span } else { 0 },
                 stream_id: e.stream_id,
                 flow: (e.has_flow != 0).then(|| {
                     let f = &e.flow;
@@ -542,6 +584,39 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
         EventKind::GoRpcEnd => {
             let e: GoRpcEndEvent = exact(b, kind)?;
             Event::GoRpcEnd(GoRpcEnd { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, code: (e.code >= 0).then_some(e.code) })
+        }
+        EventKind::GoH2Start => {
+            let e: GoH2StartEvent = exact(b, kind)?;
+            Event::GoH2Start(Box::new(GoH2Start {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                goid: e.goid,
+                start_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                parent_span: e.parent_span,
+                sk: e.sk,
+                stream_id: e.stream_id,
+                flow: (e.has_flow != 0).then(|| {
+                    let f = &e.flow;
+                    (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port))
+                }),
+                tls: e.tls != 0,
+                content_length: e.content_length,
+                method: go_str(&e.method),
+                path: go_str(&e.path),
+                host: go_str(&e.host),
+                remote_addr: go_str(&e.remote_addr),
+            }))
+        }
+        EventKind::GoH2End => {
+            let e: GoH2EndEvent = exact(b, kind)?;
+            Event::GoH2End(Box::new(GoH2End {
+                pid: hdr.pid,
+                end_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                status: (e.status > 0).then_some(e.status),
+                pattern: go_str(&e.pattern),
+            }))
         }
         EventKind::GoSqlDone => {
             let e: GoSqlEndEvent = exact(b, kind)?;
@@ -785,8 +860,57 @@ pub mod record {
         })
     }
 
+    /// A grpc-go client stream's start (NewStream's RET) on the connection from 127.0.0.1:
+    /// `client_port` to 127.0.0.1:`server_port`, stream 1, made in span `parent_span`.
+    pub fn rpc_client_start(pid: u32, ts: u64, span_id: u64, parent_span: u64, method: &str, ports: (u16, u16)) -> Vec<u8> {
+        let lo = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 127, 0, 0, 1];
+        bytes_of(&GoRpcStartEvent {
+            hdr: header(EventKind::GoRpcClientStart, std::mem::size_of::<GoRpcStartEvent>(), pid, ts),
+            goid: 5,
+            span_id,
+            parent_span,
+            stream: 0xc000_1000,
+            stream_id: 1,
+            has_flow: 1,
+            flow: FlowKey { client_addr: lo, server_addr: lo, client_port: ports.0, server_port: ports.1, _pad: 0 },
+            method: go_str(method),
+        })
+    }
+
     pub fn rpc_end(pid: u32, ts: u64, goid: u64, span_id: u64, code: i64) -> Vec<u8> {
         bytes_of(&GoRpcEndEvent { hdr: header(EventKind::GoRpcEnd, std::mem::size_of::<GoRpcEndEvent>(), pid, ts), goid, span_id, code })
+    }
+
+    /// A Go HTTP/2 stream's start (runHandler entry, goroutine 7) on socket `sk`, linked to
+    /// client span `parent_span` (0: none), and its end.
+    pub fn h2_start(pid: u32, ts: u64, span_id: u64, parent_span: u64, sk: u64, method: &str, path: &str) -> Vec<u8> {
+        bytes_of(&GoH2StartEvent {
+            hdr: header(EventKind::GoH2Start, std::mem::size_of::<GoH2StartEvent>(), pid, ts),
+            goid: 7,
+            span_id,
+            parent_span,
+            sk,
+            content_length: 0,
+            stream_id: 1,
+            has_flow: 0,
+            tls: 1,
+            _pad: [0; 2],
+            flow: FlowKey::default(),
+            method: go_str(method),
+            path: go_str(path),
+            host: go_str("localhost:8443"),
+            remote_addr: go_str("127.0.0.1:40000"),
+        })
+    }
+
+    pub fn h2_end(pid: u32, ts: u64, goid: u64, span_id: u64, status: i64, pattern: &str) -> Vec<u8> {
+        bytes_of(&GoH2EndEvent {
+            hdr: header(EventKind::GoH2End, std::mem::size_of::<GoH2EndEvent>(), pid, ts),
+            goid,
+            span_id,
+            status,
+            pattern: go_str(pattern),
+        })
     }
 
     /// A response; its route pattern, when not empty, is "at" address `pattern.as_ptr()`:

@@ -12,8 +12,9 @@ pub const MAGIC: &[u8; 8] = b"ZTRECORD";
 pub const HEADERLESS_ABI: u32 = 6;
 /// Record ABI versions this build decodes (their records have the same layout; 8 changed
 /// only map values; 9 added the GoSqlDone record and the database of a SQL start in its
-/// padding, which older recordings have as 0: `other_sql`).
-pub const READABLE: &[u32] = &[HEADERLESS_ABI, 7, 8, zerotrace_common::ABI_VERSION];
+/// padding, which older recordings have as 0: `other_sql`; 10 added the HTTP/2 stream
+/// records and changed only map values besides).
+pub const READABLE: &[u32] = &[HEADERLESS_ABI, 7, 8, 9, zerotrace_common::ABI_VERSION];
 
 /// Starts a recording: the header.
 pub fn write_header(w: &mut impl Write) -> io::Result<()> {

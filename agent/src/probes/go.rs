@@ -28,6 +28,9 @@ pub struct GoCausality {
 pub const CONN_SERVE: &str = "net/http.(*conn).serve";
 pub const CONN_READ_REQUEST: &str = "net/http.(*conn).readRequest";
 pub const SERVE_HTTP: &str = "net/http.serverHandler.ServeHTTP";
+/// Where an HTTP/2 stream meets its handler, on the handler's goroutine: net/http's bundled
+/// copy (Go 1.21-1.26), its own package from 1.27.
+pub const H2_RUN_HANDLER: [&str; 2] = ["net/http.(*http2serverConn).runHandler", "net/http/internal/http2.(*serverConn).runHandler"];
 pub const ROUND_TRIP: &str = "net/http.(*Transport).roundTrip";
 pub const NEWPROC1: &str = "runtime.newproc1";
 /// The closure `newproc` runs on the system stack: newproc1, then runqput(pp, newg, next).
@@ -42,6 +45,12 @@ pub const GRPC_WRITE_STATUS: &str = "google.golang.org/grpc/internal/transport.(
 const GRPC_STREAM: &str = "google.golang.org/grpc/internal/transport.Stream";
 const GRPC_STATUS_PROTO: &str = "google.golang.org/genproto/googleapis/rpc/status.Status";
 const GRPC_HTTP2_SERVER: &str = "google.golang.org/grpc/internal/transport.http2Server";
+pub const GRPC_NEW_STREAM: &str = "google.golang.org/grpc/internal/transport.(*http2Client).NewStream";
+pub const GRPC_CLIENT_FINISH: &str = "google.golang.org/grpc.(*clientStream).finish";
+const GRPC_HTTP2_CLIENT: &str = "google.golang.org/grpc/internal/transport.http2Client";
+const GRPC_CLIENT_STREAM: &str = "google.golang.org/grpc.clientStream";
+const GRPC_ATTEMPT: &str = "google.golang.org/grpc.csAttempt";
+const GRPC_STATUS_ERROR: &str = "google.golang.org/grpc/internal/status.Error";
 /// The genproto `googleapis/rpc` release whose status proto layout is checked (Code at 40,
 /// after state, sizeCache, unknownFields); protoc-gen-go 1.36 moved those last, later
 /// releases may have Code at 8.
@@ -214,78 +223,159 @@ pub struct SqlDriver {
     pub error_code: u32,
 }
 
-/// Offsets the grpc-go server hooks read: `transport.Stream`'s `id` and `method`, the status
-/// proto's `Code`, `http2Server`'s `conn`.
+/// Offsets the grpc-go hooks read: `transport.Stream`'s `id`, `method` and `ct` (its client
+/// transport), the status proto's `Code`, `http2Server`'s and `http2Client`'s `conn`,
+/// `clientStream.attempt` and `csAttempt.s`. A side's offsets are NO_OFFSET when that side
+/// is not hooked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GrpcLayout {
     pub stream_id: u32,
     pub stream_method: u32,
     pub status_code: u32,
     pub server_conn: u32,
-    /// The runtime type of `*transport.http2Server` (not yet biased).
+    pub stream_ct: u32,
+    pub client_conn: u32,
+    pub cs_attempt: u32,
+    pub attempt_stream: u32,
+    /// The runtime type of `*transport.http2Server` (not yet biased; 0: servers not hooked).
     pub transport_type: u64,
+    /// The runtime type of `*internal/status.Error` (not yet biased; 0: unknown, a client's
+    /// errors are then UNKNOWN).
+    pub error_type: u64,
     /// "dwarf" or the grpc version whose known layout was used.
     pub source: &'static str,
+}
+
+const NO: u32 = TargetConfig::NO_OFFSET;
+
+impl GrpcLayout {
+    pub fn server(&self) -> bool {
+        self.transport_type != 0 && self.server_conn != NO
+    }
+
+    pub fn client(&self) -> bool {
+        self.cs_attempt != NO
+    }
+
+    /// The offsets, for comparing two sources on the fields both have.
+    fn fields(&self) -> [u32; 8] {
+        [self.stream_id, self.stream_method, self.status_code, self.server_conn, self.stream_ct, self.client_conn, self.cs_attempt, self.attempt_stream]
+    }
 }
 
 /// grpc-go versions whose layout is known without DWARF (compared with the DWARF of every
 /// program that has both, a warning when they differ; the e2e suite builds v1.67.1 with
 /// both Go ends and asserts no warning): `Stream{id uint32; st, ct ServerTransport/ClientTransport;
 /// ctx; cancel; done; doneFunc; ctxDone; method string}`, `spb.Status{state, sizeCache,
-/// unknownFields; Code int32}` and `http2Server{lastRead int64; done chan; conn net.Conn}`.
-/// From v1.69 handleStream takes a `*ServerStream` and WriteStatus is `writeStatus`. The
-/// status proto's layout is the genproto module's: used only up to GENPROTO_RPC_CHECKED.
-const GRPC_KNOWN: &[(&str, GrpcLayout)] =
-    &[("v1.67.", GrpcLayout { stream_id: 0, stream_method: 88, status_code: 40, server_conn: 16, transport_type: 0, source: "v1.67" })];
+/// unknownFields; Code int32}`, `http2Server{lastRead int64; done chan; conn net.Conn}`,
+/// `http2Client.conn` after 128 bytes, `clientStream.attempt` after 216, `csAttempt{ctx; cs;
+/// t ClientTransport; s *Stream}`. From v1.69 handleStream takes a `*ServerStream` and
+/// WriteStatus is `writeStatus`. The status proto's layout is the genproto module's: used
+/// only up to GENPROTO_RPC_CHECKED.
+const GRPC_KNOWN: &[(&str, GrpcLayout)] = &[(
+    "v1.67.",
+    GrpcLayout {
+        stream_id: 0,
+        stream_method: 88,
+        status_code: 40,
+        server_conn: 16,
+        stream_ct: 24,
+        client_conn: 128,
+        cs_attempt: 216,
+        attempt_stream: 40,
+        transport_type: 0,
+        error_type: 0,
+        source: "v1.67",
+    },
+)];
 
-/// The grpc-go server hooks (entry of handleStream, entry of WriteStatus: 2 hits per RPC),
-/// when the program serves gRPC and its layout is known: from its DWARF, else by its grpc
-/// version. Otherwise said in the log.
+/// The grpc-go hooks, when the program serves or calls gRPC and its layout is known (from
+/// its DWARF, else by its grpc version; otherwise said in the log): servers at the entries
+/// of handleStream and WriteStatus, clients at NewStream's RETs and clientStream.finish's
+/// entry (2 hits per RPC on each side).
 fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Result<(), SymbolError> {
-    if exe.symbol(GRPC_HANDLE_STREAM).is_none() {
-        return Ok(());
-    }
+    let has = |n: &str| exe.symbol(n).is_some();
     let version = build.deps.iter().find(|(m, _)| m == "google.golang.org/grpc").map_or("", |(_, v)| v.as_str());
-    if exe.symbol(GRPC_WRITE_STATUS).is_none() {
+    let mut server = has(GRPC_HANDLE_STREAM);
+    if server && !has(GRPC_WRITE_STATUS) {
         tracing::warn!(pid, grpc = version, "this grpc-go version's server is not understood (no http2Server.WriteStatus): its RPCs get no server spans");
+        server = false;
+    }
+    let client = has(GRPC_NEW_STREAM) && has(GRPC_CLIENT_FINISH);
+    if !server && !client {
         return Ok(());
     }
     let minor = build.version_tuple().map_or(u32::MAX, |v| v.1);
-    let transport_type = match exe.go_tables().map_err(str::to_owned).and_then(|t| t.runtime_type(exe, minor, &format!("*{GRPC_HTTP2_SERVER}"))) {
-        Ok(Some(t)) => t,
-        other => {
-            tracing::warn!(pid, grpc = version, why = ?other.err(), "grpc-go's transport type was not found: its RPCs get no server spans");
-            return Ok(());
+    let tables = exe.go_tables().map_err(str::to_owned);
+    let runtime_type = |name: &str| tables.as_ref().map_err(Clone::clone).and_then(|t| t.runtime_type(exe, minor, name));
+    let mut transport_type = 0;
+    if server {
+        match runtime_type(&format!("*{GRPC_HTTP2_SERVER}")) {
+            Ok(Some(t)) => transport_type = t,
+            other => {
+                tracing::warn!(pid, grpc = version, why = ?other.err(), "grpc-go's transport type was not found: its RPCs get no server spans");
+                server = false;
+            }
         }
-    };
+    }
+    let error_type = if client { runtime_type(&format!("*{GRPC_STATUS_ERROR}")).ok().flatten().unwrap_or(0) } else { 0 };
+    if !server && !client {
+        return Ok(());
+    }
     // The status proto's layout is known for genproto releases up to the one checked (a
     // pseudo-version's date).
     let genproto = build.deps.iter().find(|(m, _)| m == "google.golang.org/genproto/googleapis/rpc").map_or("", |(_, v)| v.as_str());
     let genproto_known = genproto.split('-').nth(1).is_some_and(|date| date.len() == GENPROTO_RPC_CHECKED.len() && date <= GENPROTO_RPC_CHECKED);
-    let from_dwarf = crate::symbols::dwarf::GoDwarf::load(exe, &[GRPC_STREAM, GRPC_STATUS_PROTO, GRPC_HTTP2_SERVER], &[]).ok().and_then(|d| {
+    let dwarf = crate::symbols::dwarf::GoDwarf::load(
+        exe,
+        &[GRPC_STREAM, GRPC_STATUS_PROTO, GRPC_HTTP2_SERVER, GRPC_HTTP2_CLIENT, GRPC_CLIENT_STREAM, GRPC_ATTEMPT],
+        &[],
+    )
+    .ok();
+    let from_dwarf = dwarf.as_ref().and_then(|d| {
         let m = |ty: &str, f: &str| d.member(ty, f).and_then(|o| u32::try_from(o).ok());
+        let side = |on: bool, ty: &str, f: &str| if on { m(ty, f) } else { Some(NO) };
         Some(GrpcLayout {
             stream_id: m(GRPC_STREAM, "id")?,
             stream_method: m(GRPC_STREAM, "method")?,
             status_code: m(GRPC_STATUS_PROTO, "Code")?,
-            server_conn: m(GRPC_HTTP2_SERVER, "conn")?,
+            server_conn: side(server, GRPC_HTTP2_SERVER, "conn")?,
+            stream_ct: side(client, GRPC_STREAM, "ct")?,
+            client_conn: side(client, GRPC_HTTP2_CLIENT, "conn")?,
+            cs_attempt: side(client, GRPC_CLIENT_STREAM, "attempt")?,
+            attempt_stream: side(client, GRPC_ATTEMPT, "s")?,
             transport_type,
+            error_type,
             source: "dwarf",
         })
     });
-    let known = GRPC_KNOWN.iter().find(|(v, _)| version.starts_with(v) && genproto_known).map(|(_, l)| GrpcLayout { transport_type, ..*l });
+    let known = GRPC_KNOWN.iter().find(|(v, _)| version.starts_with(v) && genproto_known).map(|(_, l)| GrpcLayout {
+        server_conn: if server { l.server_conn } else { NO },
+        stream_ct: if client { l.stream_ct } else { NO },
+        client_conn: if client { l.client_conn } else { NO },
+        cs_attempt: if client { l.cs_attempt } else { NO },
+        attempt_stream: if client { l.attempt_stream } else { NO },
+        transport_type,
+        error_type,
+        ..*l
+    });
     if let (Some(d), Some(k)) = (from_dwarf, known)
-        && (d.stream_id, d.stream_method, d.status_code, d.server_conn) != (k.stream_id, k.stream_method, k.status_code, k.server_conn)
+        && d.fields() != k.fields()
     {
         tracing::warn!(pid, grpc = version, dwarf = ?d, table = ?k, "the known grpc-go layout differs from this program's DWARF: stripped builds of this version would be misread");
     }
-    let layout = from_dwarf.or(known);
-    let Some(layout) = layout else {
-        tracing::warn!(pid, grpc = version, genproto, "this grpc-go version's layout is not known without DWARF: its RPCs get no server spans");
+    let Some(layout) = from_dwarf.or(known) else {
+        tracing::warn!(pid, grpc = version, genproto, "this grpc-go version's layout is not known without DWARF: its RPCs get no spans");
         return Ok(());
     };
-    p.add(uprobes::GO_GRPC_STREAM, entry_offset(exe, GRPC_HANDLE_STREAM)?);
-    p.add(uprobes::GO_GRPC_STATUS, entry_offset(exe, GRPC_WRITE_STATUS)?);
+    if server {
+        p.add(uprobes::GO_GRPC_STREAM, entry_offset(exe, GRPC_HANDLE_STREAM)?);
+        p.add(uprobes::GO_GRPC_STATUS, entry_offset(exe, GRPC_WRITE_STATUS)?);
+    }
+    if client {
+        plan_rets(p, exe, GRPC_NEW_STREAM, uprobes::GO_GRPC_CLIENT_STREAM)?;
+        p.add(uprobes::GO_GRPC_CLIENT_FINISH, entry_offset(exe, GRPC_CLIENT_FINISH)?);
+    }
     p.grpc = Some(layout);
     Ok(())
 }
@@ -371,6 +461,7 @@ pub struct PlanSettings {
 pub fn plan(pid: u32, layout: &GoLayout, build: &BuildInfo, exe: &Executable, s: &PlanSettings) -> Result<Plan, SymbolError> {
     let mut p = Plan::default();
     plan_http(&mut p, exe, s.http)?;
+    plan_h2(&mut p, pid, layout, exe)?;
     plan_causality(&mut p, pid, layout, exe, build, &s.causality)?;
     plan_grpc(&mut p, pid, exe, build)?;
     p.tls = tls_plan(pid, layout, exe, s.tls);
@@ -391,6 +482,19 @@ impl Plan {
     }
 }
 
+/// net/http's HTTP/2 server streams (entry and RETs of runHandler: 2 hits per stream, none
+/// per HTTP/1 request), when the program has the server and its layout is known.
+fn plan_h2(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable) -> Result<(), SymbolError> {
+    let Some(name) = H2_RUN_HANDLER.into_iter().find(|n| exe.symbol(n).is_some()) else { return Ok(()) };
+    if layout.offsets.h2_rw_rws == GoOffsets::NONE {
+        tracing::warn!(pid, "this program's HTTP/2 server layout is not known: its HTTP/2 requests get no server spans");
+        return Ok(());
+    }
+    p.report.h2 = true;
+    plan_call(p, exe, name, uprobes::GO_H2_HANDLER, uprobes::GO_H2_HANDLER_RET)?;
+    Ok(())
+}
+
 /// What was attached for one process, for the log line and the tests.
 #[derive(Debug, Default, Clone)]
 pub struct AttachReport {
@@ -400,6 +504,8 @@ pub struct AttachReport {
     /// followed.
     pub client: bool,
     pub sql: bool,
+    /// HTTP/2 server streams (runHandler hooked).
+    pub h2: bool,
     pub spawns: bool,
     pub channels: bool,
     /// HTTPS server requests (crypto/tls plaintext hooks).
@@ -422,7 +528,12 @@ pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
         grpc_stream_method: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_method),
         grpc_status_code: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.status_code),
         grpc_server_conn: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.server_conn),
-        grpc_transport_type: plan.grpc.map_or(0, |g| g.transport_type.wrapping_add(t.bias)),
+        grpc_transport_type: plan.grpc.filter(GrpcLayout::server).map_or(0, |g| g.transport_type.wrapping_add(t.bias)),
+        grpc_stream_ct: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_ct),
+        grpc_client_conn: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.client_conn),
+        grpc_cs_attempt: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.cs_attempt),
+        grpc_attempt_stream: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.attempt_stream),
+        grpc_error_type: plan.grpc.filter(|g| g.error_type != 0).map_or(0, |g| g.error_type.wrapping_add(t.bias)),
     }
 }
 

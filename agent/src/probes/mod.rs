@@ -59,6 +59,10 @@ pub mod uprobes {
     pub const GO_SQL_STMT_EXEC: &str = "go_sql_stmt_exec";
     pub const GO_GRPC_STREAM: &str = "go_grpc_stream";
     pub const GO_GRPC_STATUS: &str = "go_grpc_status";
+    pub const GO_GRPC_CLIENT_STREAM: &str = "go_grpc_client_stream";
+    pub const GO_GRPC_CLIENT_FINISH: &str = "go_grpc_client_finish";
+    pub const GO_H2_HANDLER: &str = "go_h2_handler";
+    pub const GO_H2_HANDLER_RET: &str = "go_h2_handler_ret";
     pub const GO_TLS_READ: &str = "go_tls_read";
     /// GO_TLS_READ's twin that reads incoming traceparents (loaded instead of it with
     /// --inject-traceparent; not in ALL).
@@ -76,6 +80,10 @@ pub mod uprobes {
         GO_SQL_STMT_EXEC,
         GO_GRPC_STREAM,
         GO_GRPC_STATUS,
+        GO_GRPC_CLIENT_STREAM,
+        GO_GRPC_CLIENT_FINISH,
+        GO_H2_HANDLER,
+        GO_H2_HANDLER_RET,
         GO_CHAN_PUT,
         GO_CHAN_TAKE,
         GO_CHAN_REFILL,

@@ -15,7 +15,7 @@ use aya::{
 };
 use zerotrace_common::names;
 
-/// The hash maps counted, with the names their figures take. The LRU ones (GO_CTX, GO_RPC,
+/// The hash maps counted, with the names their figures take. The LRU ones (GO_CTX, GO_RPC, GO_H2,
 /// CLIENT_LINK*, CHAN_SLOTS, RECV_SENDER, SPAN_TRACE) are caches bounded by their size;
 /// the others hold only what is live and go back to their baseline.
 pub const MAPS: &[(&str, &str)] = &[
@@ -28,6 +28,7 @@ pub const MAPS: &[(&str, &str)] = &[
     (names::GO_CLIENTS, "map_go_clients_entries"),
     (names::GO_SQL, "map_go_sql_entries"),
     (names::GO_RPC, "map_go_rpc_entries"),
+    (names::GO_H2, "map_go_h2_entries"),
     (names::CLIENT_HDR, "map_client_hdr_entries"),
     (names::CLIENT_LINK, "map_client_link_entries"),
     (names::CLIENT_LINK_NAT, "map_client_link_nat_entries"),
@@ -38,7 +39,8 @@ pub const MAPS: &[(&str, &str)] = &[
 
 /// The maps whose keys start with the owning process's pid (`GoroutineKey`,
 /// `GoRequestKey`, `SlotKey`, `GoRpcKey`): a forgotten process's entries are removed from them.
-pub const PER_PROCESS: &[&str] = &[names::GO_REQUESTS, names::GO_CTX, names::GO_CLIENTS, names::GO_SQL, names::GO_RPC, names::CHAN_SLOTS, names::CLIENT_HDR];
+pub const PER_PROCESS: &[&str] =
+    &[names::GO_REQUESTS, names::GO_CTX, names::GO_CLIENTS, names::GO_SQL, names::GO_RPC, names::GO_H2, names::CHAN_SLOTS, names::CLIENT_HDR];
 
 /// Counting walks at most this often.
 pub const EVERY: Duration = Duration::from_secs(5);

@@ -175,9 +175,8 @@ impl Outputs {
         if let Some(p) = &self.profiling {
             p.profiler.forget(pid);
         }
-        if let Some(m) = &self.metrics {
-            m.state.red.lock().expect("not poisoned").forget_pid(pid);
-        }
+        // Its metric series stay as long as its resource: the calls it made just before it
+        // ended are exported at the next interval.
         self.gone.push_back((pid, Instant::now()));
     }
 
@@ -194,12 +193,15 @@ impl Outputs {
         p.announced.retain(|pid| targets.contains(*pid));
     }
 
-    /// Once a second: resources of processes gone for a minute are dropped.
+    /// Once a second: resources and metric series of processes gone for a minute are dropped.
     pub fn housekeeping(&mut self, targets: &Targets<'_>) {
         while self.gone.front().is_some_and(|(_, t)| t.elapsed() > RESOURCE_AFTERLIFE) {
             let (pid, _) = self.gone.pop_front().expect("checked");
             if !targets.contains(pid) {
                 self.resources.lock().expect("not poisoned").remove(&pid);
+            }
+            if let Some(m) = &self.metrics {
+                m.state.red.lock().expect("not poisoned").forget_pid(pid);
             }
         }
     }

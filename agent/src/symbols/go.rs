@@ -98,6 +98,22 @@ pub const MEMBERS: &[(&str, &str)] = &[
     ("internal/runtime/maps.Map", "dirLen"),
     ("runtime.hmap", "B"),
     ("runtime.hmap", "buckets"),
+    // HTTP/2 server: bundled into net/http up to 1.26, its own package from 1.27.
+    ("net/http.http2responseWriter", "rws"),
+    ("net/http.http2responseWriterState", "stream"),
+    ("net/http.http2responseWriterState", "status"),
+    ("net/http.http2stream", "id"),
+    ("net/http.http2serverConn", "conn"),
+    ("net/http/internal/http2.responseWriter", "rws"),
+    ("net/http/internal/http2.responseWriterState", "stream"),
+    ("net/http/internal/http2.responseWriterState", "status"),
+    ("net/http/internal/http2.stream", "id"),
+    ("net/http/internal/http2.serverConn", "conn"),
+    ("net/http/internal/http2.ServerRequest", "Method"),
+    ("net/http/internal/http2.ServerRequest", "URL"),
+    ("net/http/internal/http2.ServerRequest", "Host"),
+    ("net/http/internal/http2.ServerRequest", "RemoteAddr"),
+    ("net/http/internal/http2.ServerRequest", "ContentLength"),
 ];
 
 /// Runtime type descriptors the kernel compares interface values against (DWARF names).
@@ -134,6 +150,7 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
     let request_pat = opt("net/http.Request", "pat", "Request.pat");
     let pattern_str = if m.has_struct("net/http.pattern") { opt("net/http.pattern", "str", "pattern.str") } else { GoOffsets::NONE };
     let tlsconn_conn = opt("crypto/tls.Conn", "conn", "tls.Conn.conn");
+    let h2 = h2_offsets(m);
     let offsets = GoOffsets {
         tls_g,
         type_tcpconn: 0,
@@ -173,9 +190,67 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
         map_dirlen: opt("internal/runtime/maps.Map", "dirLen", "maps.Map.dirLen"),
         hmap_b: opt("runtime.hmap", "B", "hmap.B"),
         hmap_buckets: opt("runtime.hmap", "buckets", "hmap.buckets"),
-        _pad: [0; 3],
+        h2_rw_rws: h2.rw_rws,
+        h2_rws_stream: h2.rws_stream,
+        h2_rws_status: h2.rws_status,
+        h2_stream_id: h2.stream_id,
+        h2_sc_conn: h2.sc_conn,
+        h2_req_method: h2.req[0],
+        h2_req_url: h2.req[1],
+        h2_req_host: h2.req[2],
+        h2_req_remote_addr: h2.req[3],
+        h2_req_content_length: h2.req[4],
+        h2_req_http: h2.req_http,
     };
+    if h2.rw_rws == GoOffsets::NONE {
+        absent.push("http2 server");
+    }
     Ok((offsets, absent))
+}
+
+/// The HTTP/2 server's offsets (GoOffsets::h2_*), all NONE when any is missing.
+struct H2Offsets {
+    rw_rws: u16,
+    rws_stream: u16,
+    rws_status: u16,
+    stream_id: u16,
+    sc_conn: u16,
+    /// Method, URL, Host, RemoteAddr, ContentLength of the handler's request.
+    req: [u16; 5],
+    req_http: u16,
+}
+
+fn h2_offsets(m: &dyn Members) -> H2Offsets {
+    const NONE: H2Offsets = H2Offsets {
+        rw_rws: GoOffsets::NONE,
+        rws_stream: GoOffsets::NONE,
+        rws_status: GoOffsets::NONE,
+        stream_id: GoOffsets::NONE,
+        sc_conn: GoOffsets::NONE,
+        req: [GoOffsets::NONE; 5],
+        req_http: 0,
+    };
+    const REQ_FIELDS: [&str; 5] = ["Method", "URL", "Host", "RemoteAddr", "ContentLength"];
+    // (package prefix, the request's struct, whether it is net/http's Request).
+    let found = [("net/http.http2", "net/http.Request", 1), ("net/http/internal/http2.", "net/http/internal/http2.ServerRequest", 0)].into_iter().find_map(
+        |(pkg, req, http)| {
+            let f = |ty: &str, field: &str| m.member(&format!("{pkg}{ty}"), field).and_then(|v| u16::try_from(v).ok());
+            let mut r = [0u16; 5];
+            for (slot, name) in r.iter_mut().zip(REQ_FIELDS) {
+                *slot = u16::try_from(m.member(req, name)?).ok()?;
+            }
+            Some(H2Offsets {
+                rw_rws: f("responseWriter", "rws")?,
+                rws_stream: f("responseWriterState", "stream")?,
+                rws_status: f("responseWriterState", "status")?,
+                stream_id: f("stream", "id")?,
+                sc_conn: f("serverConn", "conn")?,
+                req: r,
+                req_http: http,
+            })
+        },
+    );
+    found.unwrap_or(NONE)
 }
 
 /// Members where DWARF (`a`) and the table (`b`) disagree, as "struct.member (dwarf X,

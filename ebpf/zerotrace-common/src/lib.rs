@@ -5,7 +5,7 @@
 #![no_std]
 
 /// Bumped whenever a record or map layout changes; the agent refuses a mismatched object.
-pub const ABI_VERSION: u32 = 9;
+pub const ABI_VERSION: u32 = 10;
 
 /// Names of maps and programs, shared so that neither side spells them twice.
 pub mod names {
@@ -28,6 +28,7 @@ pub mod names {
     pub const RECV_SENDER: &str = "RECV_SENDER";
     pub const GO_SQL: &str = "GO_SQL";
     pub const GO_RPC: &str = "GO_RPC";
+    pub const GO_H2: &str = "GO_H2";
     pub const RECV_ARGS: &str = "RECV_ARGS";
     pub const KERNEL: &str = "KERNEL";
     pub const SETTINGS: &str = "SETTINGS";
@@ -250,6 +251,12 @@ pub enum EventKind {
     GoRpcStart = 23,
     /// Its status was written (GoRpcEndEvent).
     GoRpcEnd = 24,
+    /// A Go net/http HTTP/2 stream met its handler (GoH2StartEvent).
+    GoH2Start = 25,
+    /// Its handler returned (GoH2EndEvent).
+    GoH2End = 26,
+    /// A grpc-go client stream was made (GoRpcStartEvent; `parent_span` the caller's).
+    GoRpcClientStart = 27,
 }
 
 impl EventKind {
@@ -279,6 +286,9 @@ impl EventKind {
             22 => Self::GoSqlDone,
             23 => Self::GoRpcStart,
             24 => Self::GoRpcEnd,
+            25 => Self::GoH2Start,
+            26 => Self::GoH2End,
+            27 => Self::GoRpcClientStart,
             _ => return None,
         })
     }
@@ -865,6 +875,61 @@ pub struct GoRpcEndEvent {
     pub code: i64,
 }
 
+/// A Go net/http HTTP/2 stream met its handler: entry of `(*serverConn).runHandler`, on the
+/// goroutine that runs the handler.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoH2StartEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    /// The client span a traced client on this host offered for this stream (0: none).
+    pub parent_span: u64,
+    /// The kernel socket of the stream's connection (0: not found).
+    pub sk: u64,
+    pub content_length: i64,
+    /// HTTP/2 stream id.
+    pub stream_id: u32,
+    /// 1: `flow` is the stream's connection.
+    pub has_flow: u8,
+    /// 1: the connection is TLS.
+    pub tls: u8,
+    pub _pad: [u8; 2],
+    pub flow: FlowKey,
+    pub method: GoStr,
+    pub path: GoStr,
+    /// `:authority`.
+    pub host: GoStr,
+    pub remote_addr: GoStr,
+}
+
+/// The stream's handler returned: a RET of `runHandler`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoH2EndEvent {
+    pub hdr: EventHeader,
+    pub goid: u64,
+    pub span_id: u64,
+    /// The status the handler wrote; 0: not known (the response state was already reused).
+    pub status: i64,
+    /// The ServeMux pattern that matched (Go 1.22-1.26: the request is an `*http.Request`).
+    pub pattern: GoStr,
+}
+
+/// Value of `GO_H2`: a handler goroutine inside `runHandler` (key: GoroutineKey).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GoH2State {
+    pub span_id: u64,
+    /// The stream's `responseWriterState` and `stream`: its status is read at the end only
+    /// while the state still belongs to the stream (the state is pooled).
+    pub rws: u64,
+    pub stream: u64,
+    /// The request (an `*http.Request` in Go 1.21-1.26: its pattern is read at the end).
+    pub req: u64,
+    pub prev: GoroutineCtx,
+}
+
 /// Key of `GO_RPC`: a server stream of a process.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -978,7 +1043,23 @@ pub struct GoOffsets {
     pub map_dirlen: u16,
     pub hmap_b: u16,
     pub hmap_buckets: u16,
-    pub _pad: [u16; 3],
+    /// HTTP/2 server (net/http's own: `http2` in 1.21-1.26, `internal/http2` from 1.27):
+    /// `responseWriter.rws`, `responseWriterState.stream` / `.status`, `stream.id`,
+    /// `serverConn.conn` (net.Conn).
+    pub h2_rw_rws: u16,
+    pub h2_rws_stream: u16,
+    pub h2_rws_status: u16,
+    pub h2_stream_id: u16,
+    pub h2_sc_conn: u16,
+    /// The handler's request: `*http.Request` up to 1.26 (the Request offsets), the
+    /// package's own `ServerRequest` from 1.27.
+    pub h2_req_method: u16,
+    pub h2_req_url: u16,
+    pub h2_req_host: u16,
+    pub h2_req_remote_addr: u16,
+    pub h2_req_content_length: u16,
+    /// 1: the request is an `*http.Request` (its route pattern is readable), 0: not.
+    pub h2_req_http: u16,
 }
 
 impl GoOffsets {
@@ -1010,6 +1091,15 @@ pub struct TargetConfig {
     /// The runtime type of `*transport.http2Server` (load bias applied): streams of other
     /// transports (grpc's ServeHTTP) are not followed, their status goes elsewhere.
     pub grpc_transport_type: u64,
+    /// grpc-go clients: `Stream.ct` (the ClientTransport interface), `http2Client.conn`,
+    /// `clientStream.attempt`, `csAttempt.s`; NO_OFFSET when not understood.
+    pub grpc_stream_ct: u32,
+    pub grpc_client_conn: u32,
+    pub grpc_cs_attempt: u32,
+    pub grpc_attempt_stream: u32,
+    /// The runtime type of `*internal/status.Error` (load bias applied): an RPC error that
+    /// carries a status (`Error.s` -> `Status.s` -> the proto's Code).
+    pub grpc_error_type: u64,
 }
 
 impl TargetConfig {
@@ -1030,6 +1120,11 @@ impl TargetConfig {
             grpc_status_code: Self::NO_OFFSET,
             grpc_server_conn: Self::NO_OFFSET,
             grpc_transport_type: 0,
+            grpc_stream_ct: Self::NO_OFFSET,
+            grpc_client_conn: Self::NO_OFFSET,
+            grpc_cs_attempt: Self::NO_OFFSET,
+            grpc_attempt_stream: Self::NO_OFFSET,
+            grpc_error_type: 0,
         }
     }
 }
@@ -1258,8 +1353,11 @@ assert_same_place!(H2BytesEvent, conn_id = conn_id, ts_ns = start_ns, start = se
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
-assert_size!(GoOffsets, 40 + 36 * 2);
-assert_size!(TargetConfig, 8 + 112 + 16 + 16 + 8);
+assert_size!(GoOffsets, 40 + 44 * 2);
+assert_size!(TargetConfig, 8 + 128 + 16 + 16 + 8 + 16 + 8);
+assert_size!(GoH2StartEvent, 24 + 48 + 40 + 4 * 136);
+assert_size!(GoH2EndEvent, 48 + 136);
+assert_size!(GoH2State, 32 + 24);
 assert_size!(GoRpcStartEvent, 24 + 40 + 40 + 8 + bounds::GO_STR_MAX);
 assert_size!(GoRpcEndEvent, 48);
 assert_size!(GoRpcKey, 16);
@@ -1287,6 +1385,7 @@ mod pod {
     unsafe impl aya::Pod for GoroutineCtx {}
     unsafe impl aya::Pod for GoClientState {}
     unsafe impl aya::Pod for GoSqlState {}
+    unsafe impl aya::Pod for GoH2State {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ClientLink {}
     unsafe impl aya::Pod for RecvArgs {}

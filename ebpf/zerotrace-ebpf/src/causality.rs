@@ -105,6 +105,31 @@ pub fn linked_span(flow: &FlowKey) -> Option<u64> {
     Some(span)
 }
 
+/// HTTP/2: a traced client writes the HEADERS of stream `stream_id` on `flow`; the server
+/// on this host whose handler takes that stream links its span to `span`. The key is the
+/// flow with the stream id in its padding (HTTP/1 offers leave it 0; client stream ids are
+/// odd). No DNAT fallback: a client address and port say nothing of the stream.
+#[inline(always)]
+pub fn offer_stream_link(flow: &FlowKey, stream_id: u32, span: u64) {
+    let mut k = *flow;
+    k._pad = stream_id;
+    let _ = CLIENT_LINK.insert(&k, &ClientLink { span_id: span, ts_ns: now() }, 0);
+    count(Counter::ClientLinksOffered);
+}
+
+/// The span a traced client on this host offered for stream `stream_id` of `flow`, taken
+/// (0: none).
+#[inline(always)]
+pub fn take_stream_link(flow: &FlowKey, stream_id: u32) -> u64 {
+    let mut k = *flow;
+    k._pad = stream_id;
+    // SAFETY: map value pointer, copied at once.
+    let Some(span) = CLIENT_LINK.get_ptr(&k).map(|l| unsafe { (*l).span_id }) else { return 0 };
+    let _ = CLIENT_LINK.remove(&k);
+    count(Counter::ServerRequestsLinkedKernel);
+    span
+}
+
 /// Whether `--inject-traceparent` is on (the kernel then keeps trace ids per span).
 #[inline(always)]
 pub fn injecting() -> bool {

@@ -1,15 +1,19 @@
-//! grpc-go server spans: two uprobes per RPC. `go_grpc_stream` at the entry of
+//! grpc-go server and client spans: two uprobes per RPC on each side. `go_grpc_stream` at the entry of
 //! `(*Server).handleStream`, which runs on the goroutine that then runs the handler (so
 //! the RPC's span becomes that goroutine's own: client calls, SQL, spawned goroutines and
 //! channels of the handler go under it), and `go_grpc_status` at the entry of
 //! `(*http2Server).WriteStatus`, which ends it with the status the handler returned. Both
-//! find the stream by its `*transport.Stream`; field offsets come from the agent
-//! (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
+//! find the stream by its `*transport.Stream`. A client RPC starts at a RET of
+//! `(*http2Client).NewStream` (the stream exists, with its id, on the caller's goroutine:
+//! its parent is that goroutine's span) and ends at the entry of `(*clientStream).finish`
+//! with the status of the error it ends with. Its record names the connection and stream
+//! id, by which the agent links the server's span (grpc-go, tonic) to it. Field offsets come
+//! from the agent (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{ConnKey, Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, TargetConfig};
 
 use crate::{
-    causality::{enter_own, leave_own, set_own},
+    causality::{enter_own, leave_own, new_span_id, set_own, span_of},
     maps::{CONNS, EVENTS, GO_RPC},
     socket::conns::fd_to_sk,
     util::{count, go_caller_config, go_conn_fd, go_itab_type, header, now, read_go_string, read_user, regs, wake_flags},
@@ -94,6 +98,117 @@ pub fn go_grpc_status(ctx: ProbeContext) -> u32 {
     let proto = if st == 0 { 0 } else { read_user::<u64>(st).unwrap_or(0) };
     // A nil proto is OK (status.New(codes.OK, "") keeps one, but be lenient).
     let code = if proto == 0 { 0 } else { read_user::<i32>(proto + cfg.grpc_status_code as u64).map_or(-1, i64::from) };
+    let ev = GoRpcEndEvent {
+        hdr: header(EventKind::GoRpcEnd, core::mem::size_of::<GoRpcEndEvent>(), k.pid, pid_tgid as u32, now()),
+        goid: k.goid,
+        span_id: state.span_id,
+        code,
+    };
+    if EVENTS.output::<GoRpcEndEvent>(&ev, wake_flags()).is_err() {
+        count(Counter::EventsDroppedRingFull);
+    }
+    0
+}
+
+/// A RET of `(*http2Client).NewStream(ctx, callHdr) (*Stream, error)`: the stream in RAX
+/// (nil on error), on the calling goroutine.
+#[uprobe]
+pub fn go_grpc_client_stream(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    // SAFETY: a plain load of a field of the register set.
+    let stream = unsafe { core::ptr::read_volatile(&r.rax) };
+    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    if stream == 0 || cfg.grpc_cs_attempt == TargetConfig::NO_OFFSET {
+        return 0;
+    }
+    let Some(mut ev) = EVENTS.reserve::<GoRpcStartEvent>(0) else {
+        count(Counter::EventsDroppedRingFull);
+        return 0;
+    };
+    let span = new_span_id();
+    let key = GoRpcKey { pid: k.pid, _pad: 0, stream };
+    if GO_RPC.insert(&key, &GoRpcState { span_id: span, goid: 0, prev: GoroutineCtx::default() }, 0).is_err() {
+        count(Counter::GoCallsDroppedMapFull);
+        ev.discard(0);
+        return 0;
+    }
+    let e = ev.as_mut_ptr();
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoRpcClientStart, core::mem::size_of::<GoRpcStartEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).goid = k.goid;
+        (*e).span_id = span;
+        (*e).parent_span = span_of(k.pid, k.goid);
+        (*e).stream = stream;
+        (*e).stream_id = read_user::<u32>(stream + cfg.grpc_stream_id as u64).unwrap_or(0);
+        (*e).has_flow = 0;
+        // Stream.ct is the ClientTransport: an *http2Client, whose conn is the connection.
+        let transport = read_user::<u64>(stream + cfg.grpc_stream_ct as u64 + 8).unwrap_or(0);
+        if transport != 0
+            && let Some(conn) = read_user::<[u64; 2]>(transport + cfg.grpc_client_conn as u64)
+        {
+            let fd = go_conn_fd(&cfg.go, conn[0], conn[1]);
+            if fd >= 0
+                && let Some(sk) = fd_to_sk(fd as u32)
+                && let Some(c) = CONNS.get_ptr(&ConnKey { sk })
+            {
+                (*e).flow = (*c).flow;
+                (*e).has_flow = 1;
+            }
+        }
+        (*e).method.len = 0;
+        (*e).method.kept = 0;
+        read_go_string(stream + cfg.grpc_stream_method as u64, &mut (*e).method);
+    }
+    ev.submit(wake_flags());
+    0
+}
+
+/// gRPC status codes this side names without reading a status.
+const OK: i64 = 0;
+const UNKNOWN: i64 = 2;
+
+/// Whether error value `data` is io.EOF (`errors.New("EOF")`, an `*errors.errorString`
+/// whose one field is the text): a stream that ended well.
+#[inline(always)]
+fn is_eof(data: u64) -> bool {
+    let Some([ptr, len]) = read_user::<[u64; 2]>(data) else { return false };
+    len == 3 && read_user::<[u8; 3]>(ptr) == Some(*b"EOF")
+}
+
+/// Entry of `(*clientStream).finish(cs, err error)`: cs in RAX, err as (itab RBX, data RCX).
+/// The first call for a stream ends its RPC: nil or io.EOF (a stream that ended) is OK, a
+/// status error carries its code, any other error is UNKNOWN.
+#[uprobe]
+pub fn go_grpc_client_finish(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    // SAFETY: plain loads of fields of the register set.
+    let (cs, itab, data) = unsafe { (core::ptr::read_volatile(&r.rax), core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx)) };
+    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    if cfg.grpc_cs_attempt == TargetConfig::NO_OFFSET {
+        return 0;
+    }
+    let attempt = read_user::<u64>(cs + cfg.grpc_cs_attempt as u64).unwrap_or(0);
+    if attempt == 0 {
+        return 0;
+    }
+    let stream = read_user::<u64>(attempt + cfg.grpc_attempt_stream as u64).unwrap_or(0);
+    let key = GoRpcKey { pid: k.pid, _pad: 0, stream };
+    // SAFETY: map value pointer, copied before removal.
+    let Some(state) = GO_RPC.get_ptr(&key).map(|p| unsafe { *p }) else { return 0 };
+    let _ = GO_RPC.remove(&key);
+    let code = if itab == 0 {
+        OK
+    } else if cfg.grpc_error_type != 0 && go_itab_type(itab) == cfg.grpc_error_type {
+        // *status.Error -> *status.Status (its only field) -> the proto.
+        let st = read_user::<u64>(data).unwrap_or(0);
+        let proto = if st == 0 { 0 } else { read_user::<u64>(st).unwrap_or(0) };
+        if proto == 0 { UNKNOWN } else { read_user::<i32>(proto + cfg.grpc_status_code as u64).map_or(-1, i64::from) }
+    } else if is_eof(data) {
+        OK
+    } else {
+        UNKNOWN
+    };
     let ev = GoRpcEndEvent {
         hdr: header(EventKind::GoRpcEnd, core::mem::size_of::<GoRpcEndEvent>(), k.pid, pid_tgid as u32, now()),
         goid: k.goid,

@@ -74,6 +74,10 @@ fn serve_http(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
     let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
     let response = if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
+    // Another ResponseWriter is an HTTP/2 stream's, whose span go_h2.rs makes.
+    if go.type_response != 0 && response == 0 {
+        return 0;
+    }
     let start_ns = now();
     // The handler's goroutine works for the request read on its connection (which may
     // start here, pipelined); a handler of a shed request sends no record.

@@ -131,7 +131,7 @@ fn tls_write(ctx: &ProbeContext) -> u32 {
     } else {
         // A client writing a request: its span is offered to the server that reads it.
         // (At the socket, TLS handshake records would make the wrong goroutine's offer.)
-        client_send(conn);
+        client_send(conn, r.rcx, r.rdi);
     }
     0
 }

@@ -18,6 +18,7 @@ mod calibration;
 mod causality;
 mod go_client;
 mod go_grpc;
+mod go_h2;
 mod go_http;
 mod go_inject;
 mod go_runtime;

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use zerotrace_common::{
-    COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoRequestKey, GoRequestState, GoRpcKey, GoRpcState, GoSqlState, GoroutineCtx,
-    GoroutineKey, HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RUN_MARK_SLOTS, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
+    COUNTER_SLOTS, ClientLink, ConnKey, ConnState, FlowKey, GoClientState, GoH2State, GoRequestKey, GoRequestState, GoRpcKey, GoRpcState, GoSqlState,
+    GoroutineCtx, GoroutineKey, HTTP_REQUEST_MAX, KernelOffsets, ListenKey, RUN_MARK_SLOTS, RecvArgs, Settings, SlotKey, TargetConfig, TraceCtx, bounds,
 };
 
 /// All events for the agent, variable-length records each starting with an EventHeader.
@@ -49,6 +49,11 @@ pub static GO_CLIENTS: HashMap<GoroutineKey, GoClientState> = HashMap::with_max_
 /// whose status is never written (the client reset it, the connection broke) ages out.
 #[map]
 pub static GO_RPC: LruHashMap<GoRpcKey, GoRpcState> = LruHashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
+
+/// Go HTTP/2 handler goroutines inside runHandler: their stream's span and response state.
+/// LRU: a handler that never returns (it blocks forever) ages out.
+#[map]
+pub static GO_H2: LruHashMap<GoroutineKey, GoH2State> = LruHashMap::with_max_entries(bounds::MAX_GO_CLIENTS, 0);
 
 /// Goroutines inside database/sql's queryDC/execDC.
 #[map]

@@ -316,22 +316,40 @@ fn span_trees_stripped_pie() -> Result<()> {
 #[test]
 fn https_servers_and_clients() -> Result<()> {
     for version in [GO_OLDEST, GO_NEWEST] {
-        check_https(version)?;
+        check_https(version, false)?;
     }
     Ok(())
 }
 
-fn check_https(version: &str) -> Result<()> {
+/// The same trees over HTTP/2 (TLS with ALPN, as Go's clients and servers negotiate by
+/// default): every client speaks h2, so the front's three fan-out calls are concurrent
+/// streams on one connection. Each server span is its stream's (two uprobe hits at
+/// runHandler), parent of the handler's calls, and linked to the client stream that
+/// caused it by connection and stream id, with no header. Go 1.21 and 1.24 (net/http's
+/// bundled HTTP/2) and 1.27 (its own package).
+#[test]
+fn http2_servers_and_clients() -> Result<()> {
+    for version in [GO_OLDEST, tools::GO_MATRIX[3], GO_NEWEST] {
+        check_https(version, true).map_err(|e| e.context(format!("HTTP/2, Go {version}")))?;
+    }
+    Ok(())
+}
+
+fn check_https(version: &str, h2: bool) -> Result<()> {
     let bin = tools::causal(version)?;
-    let dir = tools::work_dir().join(format!("tls-{version}-{}", std::process::id()));
+    let dir = tools::work_dir().join(format!("tls-{version}-{h2}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let st = Command::new(&bin).arg("gencert").arg(&dir).status()?;
     assert!(st.success(), "gencert");
     let tls = |cmd: &mut Command| {
         cmd.env("CAUSAL_TLS_DIR", &dir);
+        if h2 {
+            cmd.env("CAUSAL_H2", "1");
+        }
     };
-    let s = causal_pair(&bin, &format!("causal-tls-{version}"), "https", &tls)?;
-    let (front_port, down_port) = (s.front_port, s.down_port);
+    let label = if h2 { "causal-h2" } else { "causal-tls" };
+    let s = causal_pair(&bin, &format!("{label}-{version}"), "https", &tls)?;
+    let front_port = s.front_port;
 
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let mut agent = agent(&s, &rx, &[])?;
@@ -359,33 +377,27 @@ fn check_https(version: &str) -> Result<()> {
         let root = f.server(path);
         assert!(root.parent_span_id.is_empty(), "{path} is a root");
         assert_eq!(root.attr("url.scheme"), "https", "{root:#?}");
-        // Go 1.21's ServeMux keeps no pattern on the request: no route there.
-        let route = if version == GO_OLDEST { String::new() } else { format!("/{}/", path.split('/').nth(1).unwrap()) };
+        // Go 1.21's ServeMux keeps no pattern on the request, and from 1.27 an HTTP/2
+        // handler's request is made where no hook sees it: no route there.
+        let routed = version != GO_OLDEST && !(h2 && version == GO_NEWEST);
+        let route = if routed { format!("/{}/", path.split('/').nth(1).unwrap()) } else { String::new() };
         assert_eq!(root.attr("http.route"), route, "{root:#?}");
-        assert_eq!(root.attr("network.protocol.version"), "1.1");
+        assert_eq!(root.attr("network.protocol.version"), if h2 { "2" } else { "1.1" }, "{root:#?}");
+        assert_eq!(root.attr("server.port"), front_port.to_string(), "{root:#?}");
+        assert_eq!(root.attr("client.address"), "127.0.0.1", "{root:#?}");
         let kids = f.children(root);
         assert_eq!(kids.len(), leaves.len(), "Go {version} {path}: {kids:#?}");
         for (k, leaf) in kids.iter().zip(leaves) {
             assert_call_over(&f, root, k, "https", dp, leaf);
+            if h2 {
+                assert_eq!(f.children(k)[0].attr("network.protocol.version"), "2");
+            }
         }
     }
     assert_eq!(f.server("/sync/1").attr("http.response.status_code"), "200");
     assert_eq!(f.server("/err5xx/4").attr("http.response.status_code"), "500");
     assert_eq!(agent.stat("server_spans_linked"), 6, "every downstream request linked to its client span");
-    // A client that negotiates HTTP/2 with the same server: not traced yet, and never
-    // mistaken for HTTP/1 (no span, nothing unparsable).
-    let mut h2 = Command::new(&bin);
-    h2.arg("get").arg(format!("https://127.0.0.1:{down_port}/leaf/h2")).env("CAUSAL_H2", "1");
-    tls(&mut h2);
-    let rx2 = Receiver::start(Kind::Grpc, 0)?;
-    let endpoint = rx2.endpoint();
-    let mut agent2 = Agent::start(&[s.down.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"], &[])?;
-    let out = h2.output()?;
-    assert!(out.status.success(), "h2 client: {}", String::from_utf8_lossy(&out.stderr));
-    std::thread::sleep(Duration::from_millis(800));
-    agent2.stop()?;
-    assert_eq!(rx2.spans().len(), 0, "{:#?}", rx2.spans());
-    assert_eq!(agent2.stat("requests_not_http"), 0);
+    assert_eq!(agent.stat("requests_not_http"), 0);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -1,10 +1,12 @@
-//! grpc-go servers, end to end: a Go service (tests/e2e/go/grpcshop, grpc-go v1.67.1 built
-//! from the offline module sources) serves grpc-go's interop TestService; its own client
-//! mode calls it (OK, NOT_FOUND, past a deadline, a server stream, a method the server does
-//! not have, then 100 calls at once on one connection). Each RPC is one SERVER span named
-//! `package.Service/Method` with the current RPC conventions, and the HTTP call its
-//! handler makes sits under it. Oldest and newest Go, and the newest stripped as a PIE.
-//! A tonic client on the same host is the parent of the grpc-go spans it caused.
+//! grpc-go servers and clients, end to end: a Go service (tests/e2e/go/grpcshop, grpc-go
+//! v1.67.1 built from the offline module sources) serves grpc-go's interop TestService; its
+//! own client mode, traced too, calls it (OK, NOT_FOUND, past a deadline, a server stream,
+//! a method the server does not have, then 100 calls at once on one connection). Each RPC
+//! is one CLIENT span and one SERVER span under it (linked by connection and stream id,
+//! no header), named `package.Service/Method` with the current RPC conventions, and the
+//! HTTP call the handler makes sits under the server's. Oldest and newest Go, and the
+//! newest stripped as a PIE. Across languages: a tonic client on the same host is the
+//! parent of the grpc-go spans it caused, and a grpc-go client of the tonic spans.
 use std::{collections::BTreeSet, process::Command, time::Duration};
 
 use anyhow::Result;
@@ -37,15 +39,24 @@ fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
     let (server, grpc_port) = serve(&bin)?;
     let rx = Receiver::start(Kind::Grpc, 0)?;
     let endpoint = rx.endpoint();
-    let mut agent = Agent::start(&[server.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[("OTEL_METRIC_EXPORT_INTERVAL", "500")])?;
+    let start = tools::work_dir().join("logs").join(format!("grpc-call-{}{tag}-{}", version, std::process::id()));
+    let _ = std::fs::remove_file(&start);
+    let mut cmd = Command::new(&bin);
+    cmd.args(["call", &format!("127.0.0.1:{grpc_port}"), &CONCURRENT.to_string()]).arg(&start).env("OTEL_SERVICE_NAME", "grpcshop-client");
+    let mut client = Proc::spawn("grpcshop-client", cmd)?;
+    let mut agent =
+        Agent::start(&[server.pid(), client.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[("OTEL_METRIC_EXPORT_INTERVAL", "500")])?;
     let log = agent.proc.stderr_text();
-    // Offsets from the program's DWARF, or from the grpc version when it has none.
+    // Offsets from the program's DWARF, or from the grpc version when it has none; both
+    // sides hooked in each (the client mode links the server too).
     let source = if tag.contains("stripped") { "grpc_spans=\"v1.67\"" } else { "grpc_spans=\"dwarf\"" };
-    assert!(log.contains(source), "{ctx}: {log}");
+    assert_eq!(log.matches(source).count(), 2, "{ctx}: {log}");
+    assert_eq!(log.matches("grpc_client=true").count(), 2, "{ctx}: {log}");
     assert!(!log.contains("layout differs"), "{ctx}: {log}");
-    let out = Command::new(&bin).args(["call", &format!("127.0.0.1:{grpc_port}"), &CONCURRENT.to_string()]).output()?;
-    let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{ctx}: {said} {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&start, b"go")?;
+    anyhow::ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "{ctx}: client: {}", client.stderr_text());
+    let said = client.stdout_text();
+    let _ = std::fs::remove_file(&start);
     assert_eq!(
         said.lines().collect::<Vec<_>>(),
         [
@@ -63,7 +74,7 @@ fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
     // span and the /leaf/ server span).
     let rpcs = 6 + CONCURRENT;
     let ok_unary = 1 + CONCURRENT;
-    let want = rpcs + 2 * ok_unary;
+    let want = 2 * rpcs + 2 * ok_unary;
     rx.wait_for(want, Duration::from_secs(30))?;
     let count_ok = |ms: &[zerotrace_e2e::otlp::RMetric]| {
         ms.iter()
@@ -71,7 +82,25 @@ fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
             .max_by_key(|m| m.time_ns)
             .map(|m| m.count)
     };
-    wait_until("the RPC metric", Duration::from_secs(20), || count_ok(&rx.metrics()) == Some(ok_unary as u64))?;
+    let client_ok = |ms: &[zerotrace_e2e::otlp::RMetric]| {
+        ms.iter()
+            .filter(|m| m.name == "rpc.client.call.duration" && m.attr("rpc.method") == UNARY && m.attr("rpc.response.status_code") == "OK")
+            .max_by_key(|m| m.time_ns)
+            .map(|m| m.count)
+    };
+    let metrics_done = wait_until("the RPC metrics", Duration::from_secs(20), || {
+        let ms = rx.metrics();
+        count_ok(&ms) == Some(ok_unary as u64) && client_ok(&ms) == Some(ok_unary as u64)
+    });
+    if metrics_done.is_err() {
+        let ms = rx.metrics();
+        let names: BTreeSet<(&str, &str, &str, u64)> = ms
+            .iter()
+            .filter(|m| m.name.starts_with("rpc."))
+            .map(|m| (m.name.as_str(), m.attr("rpc.method"), m.attr("rpc.response.status_code"), m.count))
+            .collect();
+        panic!("{ctx}: RPC metrics {names:#?}");
+    }
     agent.stop()?;
     let spans = rx.spans();
     assert_eq!(spans.len(), want, "{ctx}: {:#?}", spans.iter().map(|s| (&s.name, s.kind, s.attr("rpc.response.status_code"))).collect::<Vec<_>>());
@@ -120,9 +149,32 @@ fn run(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
     for u in unknown {
         assert_eq!((u.status, u.attr("error.type")), (2, "UNIMPLEMENTED"), "{ctx}");
     }
+    // Each server span sits under the client span of its call: same trace, same method,
+    // same code (but for the race above), within its time.
+    let calls: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.attr("rpc.system.name") == "grpc").collect();
+    assert_eq!(calls.len(), rpcs, "{ctx}");
+    let slack = Duration::from_millis(2).as_nanos() as u64;
     for s in &rpc {
-        assert!(s.parent_span_id.is_empty(), "{ctx}: an RPC's span starts its trace here: {s:#?}");
+        let c = calls.iter().find(|c| c.span_id == s.parent_span_id);
+        let Some(c) = c else { panic!("{ctx}: a server span under no client call: {s:#?}") };
+        assert_eq!(
+            (c.trace_id.as_str(), c.name.as_str(), c.attr("rpc.method")),
+            (s.trace_id.as_str(), s.name.as_str(), s.attr("rpc.method")),
+            "{ctx}: {c:#?} {s:#?}"
+        );
+        assert!(c.parent_span_id.is_empty(), "{ctx}: the client's calls start their traces: {c:#?}");
+        assert!(c.start_ns <= s.start_ns + slack && s.end_ns <= c.end_ns + slack, "{ctx}: {c:#?} {s:#?}");
+        assert_eq!((c.attr("server.address"), c.attr("server.port")), ("127.0.0.1", grpc_port.to_string().as_str()), "{ctx}: {c:#?}");
+        assert_eq!(c.res("service.name"), "grpcshop-client");
+        let code = c.attr("rpc.response.status_code");
+        if code != "DEADLINE_EXCEEDED" {
+            assert_eq!(code, s.attr("rpc.response.status_code"), "{ctx}: {c:#?} {s:#?}");
+        }
+        // On a client every code but OK is an error.
+        assert_eq!((c.status == 2, c.attr("error.type") == code), (code != "OK", code != "OK"), "{ctx}: {c:#?}");
     }
+    let codes: BTreeSet<&str> = calls.iter().map(|c| c.attr("rpc.response.status_code")).collect();
+    assert_eq!(codes, ["DEADLINE_EXCEEDED", "NOT_FOUND", "OK", "UNIMPLEMENTED"].into_iter().collect(), "{ctx}");
     Ok(())
 }
 
@@ -188,6 +240,61 @@ fn tonic_client_to_grpc_go_server() -> Result<()> {
         assert!(c.start_ns <= s.start_ns + slack && s.end_ns <= c.end_ns + slack, "call {i}: {c:#?} {s:#?}");
         assert_eq!((s.attr("server.address"), s.attr("server.port")), ("127.0.0.1", grpc_port.to_string().as_str()), "{s:#?}");
         assert_eq!(s.attr("network.peer.address"), "127.0.0.1");
+    }
+    Ok(())
+}
+
+/// A grpc-go client is the parent of the tonic server spans it caused: its record names
+/// the connection and stream id, and the tonic server's stream, read at the socket, is
+/// found by them. 12 calls, 3 at a time on one connection: OK, NOT_FOUND, INTERNAL in turn.
+#[test]
+fn grpc_go_client_to_tonic_server() -> Result<()> {
+    let port = free_port();
+    let mut cmd = Command::new(tools::rust_svc()?);
+    cmd.args(["grpc", &format!("127.0.0.1:{port}")]).env("OTEL_SERVICE_NAME", "tonic-server");
+    let server = Proc::spawn("tonic-server", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let start = tools::work_dir().join("logs").join(format!("go-to-tonic-start-{}", std::process::id()));
+    let _ = std::fs::remove_file(&start);
+    let mut cmd = Command::new(tools::grpcshop(GO_NEWEST, "", &[])?);
+    cmd.args(["echo", &format!("127.0.0.1:{port}"), "12"]).arg(&start).env("OTEL_SERVICE_NAME", "grpcshop-client");
+    let mut client = Proc::spawn("grpcshop-client", cmd)?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[server.pid(), client.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+    std::fs::write(&start, b"go")?;
+    anyhow::ensure!(client.wait_timeout(Duration::from_secs(30)).is_some_and(|s| s.success()), "grpc-go client: {}", client.stderr_text());
+    let _ = std::fs::remove_file(&start);
+    let said = client.stdout_text();
+    let want: Vec<String> = (0..12).map(|i| format!("{i} {}", ["OK", "NotFound", "Internal"][i % 3])).collect();
+    assert_eq!(said.lines().collect::<Vec<_>>(), want);
+    rx.wait_for(24, Duration::from_secs(30))?;
+    agent.stop()?;
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 24, "{spans:#?}");
+    let calls: Vec<&RSpan> = spans.iter().filter(|s| s.kind == CLIENT && s.res("service.name") == "grpcshop-client").collect();
+    assert_eq!(calls.len(), 12);
+    let slack = Duration::from_millis(2).as_nanos() as u64;
+    for (i, c) in calls.iter().enumerate() {
+        let code = c.attr("rpc.response.status_code");
+        let served: Vec<&RSpan> = spans.iter().filter(|s| s.kind == SERVER && s.parent_span_id == c.span_id).collect();
+        assert_eq!(served.len(), 1, "call {i}: one tonic span under the grpc-go call: {c:#?} {spans:#?}");
+        let s = served[0];
+        assert_eq!(s.res("service.name"), "tonic-server");
+        assert_eq!(s.trace_id, c.trace_id);
+        for x in [*c, s] {
+            assert_eq!(
+                (x.name.as_str(), x.attr("rpc.method"), x.attr("rpc.response.status_code")),
+                ("zerotrace.test.v1.Echo/Unary", "zerotrace.test.v1.Echo/Unary", code),
+                "call {i}: {x:#?}"
+            );
+        }
+        assert_eq!(c.status == 2, code != "OK", "a client error for every code but OK: {c:#?}");
+        assert!(c.start_ns <= s.start_ns + slack && s.end_ns <= c.end_ns + slack, "call {i}: {c:#?} {s:#?}");
+        assert_eq!((c.attr("server.address"), c.attr("server.port")), ("127.0.0.1", port.to_string().as_str()), "{c:#?}");
+    }
+    for code in ["OK", "NOT_FOUND", "INTERNAL"] {
+        assert_eq!(calls.iter().filter(|c| c.attr("rpc.response.status_code") == code).count(), 4, "{code}: {calls:#?}");
     }
     Ok(())
 }

@@ -77,8 +77,9 @@ pub fn on_send<S: Syscall>(pid_tgid: u64, sk: u64, sys: &S) {
         if sys.first_pass() {
             native::on_send(conn, pid_tgid, sys);
         }
-    } else {
-        client_send(conn);
+    } else if sys.first_pass() {
+        let (buf, len) = send_buffer(sys);
+        client_send(conn, buf, len);
     }
 }
 

@@ -5,7 +5,9 @@
 // service (zerotrace.test.v1.Echo/Unary, its messages read and written with protowire:
 // no generated code); plus a client mode that makes the calls a test checks.
 //
-// Usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT
+// Usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT [START] |
+// grpcshop echo GRPC_ADDR N [START]. A client mode given START waits until that file
+// exists before it calls (so a test can attach to it first).
 package main
 
 import (
@@ -197,18 +199,67 @@ func call(addr string, n int) error {
 	return nil
 }
 
+// echo makes n zerotrace.test.v1.Echo/Unary calls, three at a time on one connection:
+// call i asks for status [OK, NOT_FOUND, INTERNAL][i % 3]. Prints each call's code.
+func echo(addr string, n int) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	got := make([]codes.Code, n)
+	sem := make(chan struct{}, 3)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func(i int) {
+			defer wg.Done()
+			defer func() { <-sem }()
+			req := protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), fmt.Sprintf("go-%d", i))
+			req = protowire.AppendVarint(protowire.AppendTag(req, 2, protowire.VarintType), uint64([]int{0, 5, 13}[i%3]))
+			in := new(emptypb.Empty)
+			in.ProtoReflect().SetUnknown(req)
+			err := conn.Invoke(context.Background(), "/zerotrace.test.v1.Echo/Unary", in, new(emptypb.Empty))
+			got[i] = status.Code(err)
+		}(i)
+	}
+	wg.Wait()
+	for i, c := range got {
+		fmt.Println(i, c)
+	}
+	return nil
+}
+
+// waitFor returns once file exists (polled; at most 30 s).
+func waitFor(file string) {
+	for end := time.Now().Add(30 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+		if _, err := os.Stat(file); err == nil {
+			return
+		}
+	}
+}
+
 func main() {
+	client := len(os.Args) >= 4 && (os.Args[1] == "call" || os.Args[1] == "echo")
+	if client && len(os.Args) == 5 {
+		waitFor(os.Args[4])
+	}
 	switch {
 	case len(os.Args) == 4 && os.Args[1] == "serve":
 		serve(os.Args[2], os.Args[3])
-	case len(os.Args) == 4 && os.Args[1] == "call":
+	case client && len(os.Args) <= 5:
 		n, _ := strconv.Atoi(os.Args[3])
-		if err := call(os.Args[2], n); err != nil {
+		run := call
+		if os.Args[1] == "echo" {
+			run = echo
+		}
+		if err := run(os.Args[2], n); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(1)
 		}
 	default:
-		fmt.Fprintln(os.Stderr, "usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT")
+		fmt.Fprintln(os.Stderr, "usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT [START] | grpcshop echo GRPC_ADDR N [START]")
 		os.Exit(2)
 	}
 }

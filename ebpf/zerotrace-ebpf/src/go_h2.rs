@@ -1,0 +1,133 @@
+//! Go net/http HTTP/2 server spans: `go_h2_handler` at the entry of
+//! `(*serverConn).runHandler` (net/http's own HTTP/2: `http2serverConn` up to Go 1.26,
+//! `internal/http2.serverConn` from 1.27), which runs on the goroutine that then runs the
+//! handler, and `go_h2_handler_ret` at each of its RETs (never a uretprobe): two hits per
+//! stream, none per HTTP/1 request. The stream's span is the handler goroutine's own, so
+//! its client calls, SQL, goroutines and channels go under it; its parent is the client
+//! stream a traced client on this host offered on the same connection under the same
+//! stream id (socket/go_client.rs). Offsets: GoOffsets::h2_*.
+use aya_ebpf::{macros::uprobe, programs::ProbeContext};
+use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoH2EndEvent, GoH2StartEvent, GoH2State, GoOffsets};
+
+use crate::{
+    causality::{enter_own, leave_own, set_own, take_stream_link},
+    maps::{CONNS, EVENTS, GO_H2},
+    socket::conns::go_iface_sk,
+    util::{count, go_caller_config, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
+};
+
+/// `runHandler(sc, rw *responseWriter, req, handler)`: sc in RAX, rw in RBX, req in RCX;
+/// R14 is the handler's goroutine.
+#[uprobe]
+pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
+    let r = regs(&ctx);
+    // SAFETY: plain loads of fields of the register set.
+    let (sc, rw, req) = unsafe { (core::ptr::read_volatile(&r.rax), core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx)) };
+    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    let go = &cfg.go;
+    if go.h2_rw_rws == GoOffsets::NONE || rw == 0 || req == 0 {
+        return 0;
+    }
+    let rws = go_ptr(rw, go.h2_rw_rws);
+    let stream = go_ptr(rws, go.h2_rws_stream);
+    if stream == 0 {
+        return 0;
+    }
+    // The record first: no span becomes a goroutine's own unless it is reported.
+    let Some(mut ev) = EVENTS.reserve::<GoH2StartEvent>(0) else {
+        count(Counter::EventsDroppedRingFull);
+        return 0;
+    };
+    // A server span: its parent is the client's, never what the goroutine inherited from
+    // the connection's serve loop that spawned it.
+    let (span, _, _) = enter_own(&k);
+    let state = GoH2State { span_id: span, rws, stream, req, prev: Default::default() };
+    if GO_H2.insert(&k, &state, 0).is_err() {
+        count(Counter::GoCallsDroppedMapFull);
+        ev.discard(0);
+        return 0;
+    }
+    set_own(&k, span);
+    let stream_id = read_user::<u32>(stream + go.h2_stream_id as u64).unwrap_or(0);
+    let sk = go_iface_sk(go, sc + go.h2_sc_conn as u64).unwrap_or(0);
+    let e = ev.as_mut_ptr();
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoH2Start, core::mem::size_of::<GoH2StartEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).goid = k.goid;
+        (*e).span_id = span;
+        (*e).parent_span = 0;
+        (*e).sk = sk;
+        (*e).stream_id = stream_id;
+        (*e).has_flow = 0;
+        (*e).tls = 0;
+        (*e)._pad = [0; 2];
+        (*e).flow = FlowKey::default();
+        if sk != 0
+            && let Some(c) = CONNS.get_ptr(&ConnKey { sk })
+        {
+            (*e).flow = (*c).flow;
+            (*e).has_flow = 1;
+            (*e).tls = (*c).tls;
+            (*e).parent_span = take_stream_link(&(*c).flow, stream_id);
+        }
+        (*e).content_length = read_user::<i64>(req + go.h2_req_content_length as u64).unwrap_or(-1);
+        for s in [&mut (*e).method, &mut (*e).path, &mut (*e).host, &mut (*e).remote_addr] {
+            s.len = 0;
+            s.kept = 0;
+        }
+        read_go_string(req + go.h2_req_method as u64, &mut (*e).method);
+        let url = go_ptr(req, go.h2_req_url);
+        if url != 0 {
+            read_go_string(url + go.url_path as u64, &mut (*e).path);
+        }
+        read_go_string(req + go.h2_req_host as u64, &mut (*e).host);
+        read_go_string(req + go.h2_req_remote_addr as u64, &mut (*e).remote_addr);
+    }
+    ev.submit(wake_flags());
+    0
+}
+
+/// A RET of `runHandler`: the handler returned (its deferred cleanup, which gives the
+/// response state back to a pool, has run).
+#[uprobe]
+pub fn go_h2_handler_ret(ctx: ProbeContext) -> u32 {
+    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    let go = &cfg.go;
+    // SAFETY: map value pointer, copied before removal.
+    let Some(st) = GO_H2.get_ptr(&k).map(|p| unsafe { *p }) else {
+        count(Counter::HandlerReturnsUnmatched);
+        return 0;
+    };
+    let _ = GO_H2.remove(&k);
+    // A handler goroutine runs one stream: it ends carrying nothing.
+    leave_own(&k, &st.prev);
+    let Some(mut ev) = EVENTS.reserve::<GoH2EndEvent>(0) else {
+        count(Counter::EventsDroppedRingFull);
+        return 0;
+    };
+    let e = ev.as_mut_ptr();
+    // SAFETY: e points at a reserved record of the right size; every field is written.
+    unsafe {
+        (*e).hdr = header(EventKind::GoH2End, core::mem::size_of::<GoH2EndEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).goid = k.goid;
+        (*e).span_id = st.span_id;
+        // The state went back to its pool; another stream may have it already.
+        (*e).status = if go_ptr(st.rws, go.h2_rws_stream) == st.stream { read_user::<i64>(st.rws + go.h2_rws_status as u64).unwrap_or(0) } else { 0 };
+        (*e).pattern.len = 0;
+        (*e).pattern.kept = 0;
+        if go.h2_req_http != 0 {
+            let r = st.req;
+            if go.request_pattern != GoOffsets::NONE {
+                read_go_string(r + go.request_pattern as u64, &mut (*e).pattern);
+            } else if go.request_pat != GoOffsets::NONE {
+                let p = go_ptr(r, go.request_pat);
+                if p != 0 {
+                    read_go_string(p + go.pattern_str as u64, &mut (*e).pattern);
+                }
+            }
+        }
+    }
+    ev.submit(wake_flags());
+    0
+}
