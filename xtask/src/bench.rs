@@ -9,7 +9,10 @@
 //! saturation: the cost of the crypto/tls plaintext hooks. The rust-* cases load the Rust
 //! test service (axum), traced at the socket level (no uprobes). rust-sdk adds the peer a
 //! user would pick instead: the same no-op route instrumented by hand with the OpenTelemetry
-//! SDK (tests/rust-svc-otel), each run exporting to a fresh local OTLP/gRPC receiver.
+//! SDK (tests/rust-svc-otel), each run exporting to a fresh local OTLP/gRPC receiver. The
+//! grpc case loads a grpc-go server (the e2e grpcshop, no-op Echo/Unary) at saturation from
+//! grpcshop's own load mode (32 goroutines on one connection): hits per RPC of the grpc-go
+//! hooks.
 //! Every round alternates which side runs first; ratios are paired by round and reported
 //! as median (min-max); a side with fewer than one span per completed request fails.
 //!
@@ -102,8 +105,9 @@ pub struct OverheadArgs {
     /// rate), https (a no-op handler over TLS at saturation), rust-noop and rust-work (the
     /// Rust service: no-op at saturation, 1 ms at the fixed rate), rust-sdk (the Rust no-op
     /// traced by zerotrace vs instrumented by hand with the OpenTelemetry SDK, both exporting
-    /// over OTLP/gRPC; measured with the grpc export only).
-    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https,rust-noop,rust-work,rust-sdk")]
+    /// over OTLP/gRPC; measured with the grpc export only), grpc (a grpc-go no-op unary
+    /// method at saturation, 32 concurrent calls on one connection).
+    #[arg(long, value_delimiter = ',', default_value = "noop,work,fanout,fanout-rate,https,grpc,rust-noop,rust-work,rust-sdk")]
     pub cases: Vec<String>,
     /// The goroutine and channel hooks (--go-spawns/--go-channels) in the "with" runs:
     /// on, off, or both (on,off: each case measured twice).
@@ -373,7 +377,10 @@ fn machine_line() -> String {
 }
 
 /// The cases and what each loads.
-const CASES: &str = "noop, work, fanout, fanout-rate, https, rust-noop, rust-work, rust-sdk";
+const CASES: &str = "noop, work, fanout, fanout-rate, https, grpc, rust-noop, rust-work, rust-sdk";
+
+/// The grpc case's program (grpcshop): its server, and its load mode as the load generator.
+static GRPCSHOP: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
 
 fn overhead(a: OverheadArgs) -> Result<()> {
     if a.cases.iter().any(|c| c == "rust-sdk") && !a.export.contains(&Export::Grpc) {
@@ -404,6 +411,7 @@ fn overhead(a: OverheadArgs) -> Result<()> {
     } else {
         None
     };
+    let grpc = if a.cases.iter().any(|c| c == "grpc") { Some(grpc_server(&go)?) } else { None };
     let sdk_bin = if a.cases.iter().any(|c| c == "rust-sdk") { Some(crate::util::build_sdk_peer()?) } else { None };
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     step(format!(
@@ -424,6 +432,7 @@ fn overhead(a: OverheadArgs) -> Result<()> {
                 }
                 let (pid, port) = match (&tls, &rust, case) {
                     (Some((p, tls_port)), _, "https") => (p.pid(), *tls_port),
+                    (_, _, "grpc") => grpc.as_ref().map(|(p, port)| (p.pid(), *port)).expect("started for the grpc case"),
                     (_, Some((p, rust_port)), c) if c.starts_with("rust-") => (p.pid(), *rust_port),
                     _ => (srv.pid(), port),
                 };
@@ -479,6 +488,7 @@ fn title(case: &str, a: &OverheadArgs) -> String {
         "fanout" => "fan-out handler (3 goroutines + channel) at saturation (wrk -t1 -c32)".to_owned(),
         "fanout-rate" => format!("fan-out handler (3 goroutines + channel) at {} req/s (32 connections, open loop)", a.rate),
         "https" => "no-op handler over HTTPS (TLS 1.3, keep-alive) at saturation (wrk -t1 -c32)".to_owned(),
+        "grpc" => "grpc-go no-op unary method at saturation (32 concurrent calls on one connection, grpc-go v1.67 client)".to_owned(),
         "rust-noop" => "Rust (axum) no-op handler at saturation (wrk -t1 -c32), socket level".to_owned(),
         "rust-work" => format!("Rust (axum) 1 ms handler at {} req/s (32 connections, open loop), socket level", a.rate),
         "rust-sdk" => "Rust (axum) no-op handler at saturation (wrk -t1 -c32): zerotrace on the uninstrumented build vs the same service \
@@ -539,7 +549,8 @@ fn summarize(case: &str, export: Export, causality: &str, a: &OverheadArgs, runs
         }
         if let Side::Zerotrace(_) = r.side {
             let c = &r.costs;
-            let reqs: u64 = c.iter().map(|c| c.requests).sum::<u64>().max(1);
+            // gRPC calls are no HTTP/1 requests the socket hooks count: per completed call.
+            let reqs: u64 = if case == "grpc" { completed } else { c.iter().map(|c| c.requests).sum::<u64>().max(1) };
             let cpu: f64 = c.iter().map(|c| c.cpu_s).sum();
             let run_s = a.seconds as f64 * c.len() as f64;
             let per = |x: u64| x as f64 / reqs as f64;
@@ -659,6 +670,7 @@ fn drive(case: &str, port: u16, a: &OverheadArgs, d: Duration) -> Result<Load> {
         "fanout-rate" => fixed_rate(port, "/fanout", a.rate, 32, d),
         "work" => fixed_rate(port, "/work", a.rate, 32, d),
         "https" => wrk_url(&format!("https://127.0.0.1:{port}/leaf/bench"), d),
+        "grpc" => grpc_load(port, d),
         "rust-noop" | "rust-sdk" => wrk(port, "/hello", d),
         "rust-work" => fixed_rate(port, "/slow/1", a.rate, 32, d),
         other => bail!("unknown case {other:?} ({CASES})"),
@@ -683,6 +695,35 @@ fn https_server(go: &std::path::Path) -> Result<(Proc, u16)> {
     let p = Proc::spawn("bench-https", cmd)?;
     wait_for_port(port, Duration::from_secs(10))?;
     Ok((p, port))
+}
+
+/// The grpc-go test service (grpc-go from the offline module sources) serving on a port of
+/// its own; also the grpc case's load generator.
+fn grpc_server(go: &std::path::Path) -> Result<(Proc, u16)> {
+    let bin = root().join("target/bench/grpcshop");
+    std::fs::create_dir_all(bin.parent().unwrap())?;
+    tools::go_build_with(go, &root().join("tests/e2e/go/grpcshop"), &bin, &[], &[], tools::GRPC)?;
+    let (port, http_port) = (free_port(), free_port());
+    let mut cmd = Command::new(&bin);
+    cmd.args(["serve", &format!("127.0.0.1:{port}"), &format!("127.0.0.1:{http_port}")]);
+    let p = Proc::spawn("bench-grpc", cmd)?;
+    wait_for_port(port, Duration::from_secs(10))?;
+    let _ = GRPCSHOP.set(bin);
+    Ok((p, port))
+}
+
+/// grpcshop's load mode at saturation: "completed N errors E p50_ms X p99_ms Y".
+fn grpc_load(port: u16, d: Duration) -> Result<Load> {
+    let bin = GRPCSHOP.get().context("the grpc server was not built")?;
+    let out = Command::new(bin).args(["load", &format!("127.0.0.1:{port}"), &d.as_secs().max(1).to_string(), "32"]).output().context("running grpcshop load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("grpcshop load: {text} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let w: Vec<&str> = text.split_whitespace().collect();
+    let num = |key: &str| -> Result<f64> { w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1)?.parse().ok()).with_context(|| format!("grpcshop load printed {text:?}")) };
+    let completed = num("completed")? as u64;
+    Ok(Load { rps: completed as f64 / d.as_secs_f64(), p50_ms: num("p50_ms")?, p99_ms: num("p99_ms")?, errors: num("errors")? as u64, completed })
 }
 
 /// wrk at saturation; parses requests/s and the 50th/99th latency percentiles.

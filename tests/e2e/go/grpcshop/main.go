@@ -6,8 +6,11 @@
 // no generated code); plus a client mode that makes the calls a test checks.
 //
 // Usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT [START] |
-// grpcshop echo GRPC_ADDR N [START]. A client mode given START waits until that file
-// exists before it calls (so a test can attach to it first).
+// grpcshop echo GRPC_ADDR N [START] | grpcshop load GRPC_ADDR SECONDS CONCURRENT. A client
+// mode given START waits until that file exists before it calls (so a test can attach to
+// it first). load is the benchmark's load generator: no-op Echo/Unary calls from
+// CONCURRENT goroutines on one connection, as many as they can make in SECONDS; it prints
+// "completed N errors E p50_ms X p99_ms Y".
 package main
 
 import (
@@ -17,6 +20,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"sort"
 	"strconv"
 	"sync"
 	"time"
@@ -231,6 +235,51 @@ func echo(addr string, n int) error {
 	return nil
 }
 
+// load calls Echo/Unary (OK, no downstream call) from conc goroutines for d.
+func load(addr string, d time.Duration, conc int) error {
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	in := new(emptypb.Empty)
+	in.ProtoReflect().SetUnknown(protowire.AppendString(protowire.AppendTag(nil, 1, protowire.BytesType), "x"))
+	end := time.Now().Add(d)
+	lat := make([][]time.Duration, conc)
+	errs := make([]int, conc)
+	var wg sync.WaitGroup
+	for g := 0; g < conc; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for time.Now().Before(end) {
+				t := time.Now()
+				if err := conn.Invoke(context.Background(), "/zerotrace.test.v1.Echo/Unary", in, new(emptypb.Empty)); err != nil {
+					errs[g]++
+					continue
+				}
+				lat[g] = append(lat[g], time.Since(t))
+			}
+		}(g)
+	}
+	wg.Wait()
+	var all []time.Duration
+	nerr := 0
+	for g := range lat {
+		all = append(all, lat[g]...)
+		nerr += errs[g]
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	pct := func(p float64) float64 {
+		if len(all) == 0 {
+			return 0
+		}
+		return float64(all[int(p*float64(len(all)-1))].Microseconds()) / 1000
+	}
+	fmt.Printf("completed %d errors %d p50_ms %.3f p99_ms %.3f\n", len(all), nerr, pct(0.5), pct(0.99))
+	return nil
+}
+
 // waitFor returns once file exists (polled; at most 30 s).
 func waitFor(file string) {
 	for end := time.Now().Add(30 * time.Second); time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
@@ -248,6 +297,13 @@ func main() {
 	switch {
 	case len(os.Args) == 4 && os.Args[1] == "serve":
 		serve(os.Args[2], os.Args[3])
+	case len(os.Args) == 5 && os.Args[1] == "load":
+		secs, _ := strconv.Atoi(os.Args[3])
+		conc, _ := strconv.Atoi(os.Args[4])
+		if err := load(os.Args[2], time.Duration(secs)*time.Second, conc); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			os.Exit(1)
+		}
 	case client && len(os.Args) <= 5:
 		n, _ := strconv.Atoi(os.Args[3])
 		run := call
@@ -259,7 +315,7 @@ func main() {
 			os.Exit(1)
 		}
 	default:
-		fmt.Fprintln(os.Stderr, "usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT [START] | grpcshop echo GRPC_ADDR N [START]")
+		fmt.Fprintln(os.Stderr, "usage: grpcshop serve GRPC_ADDR HTTP_ADDR | grpcshop call GRPC_ADDR CONCURRENT [START] | grpcshop echo GRPC_ADDR N [START] | grpcshop load GRPC_ADDR SECONDS CONCURRENT")
 		os.Exit(2)
 	}
 }
