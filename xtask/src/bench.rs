@@ -715,13 +715,16 @@ fn grpc_server(go: &std::path::Path) -> Result<(Proc, u16)> {
 /// grpcshop's load mode at saturation: "completed N errors E p50_ms X p99_ms Y".
 fn grpc_load(port: u16, d: Duration) -> Result<Load> {
     let bin = GRPCSHOP.get().context("the grpc server was not built")?;
-    let out = Command::new(bin).args(["load", &format!("127.0.0.1:{port}"), &d.as_secs().max(1).to_string(), "32"]).output().context("running grpcshop load")?;
+    let out =
+        Command::new(bin).args(["load", &format!("127.0.0.1:{port}"), &d.as_secs().max(1).to_string(), "32"]).output().context("running grpcshop load")?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!("grpcshop load: {text} {}", String::from_utf8_lossy(&out.stderr));
     }
     let w: Vec<&str> = text.split_whitespace().collect();
-    let num = |key: &str| -> Result<f64> { w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1)?.parse().ok()).with_context(|| format!("grpcshop load printed {text:?}")) };
+    let num = |key: &str| -> Result<f64> {
+        w.iter().position(|x| *x == key).and_then(|i| w.get(i + 1)?.parse().ok()).with_context(|| format!("grpcshop load printed {text:?}"))
+    };
     let completed = num("completed")? as u64;
     Ok(Load { rps: completed as f64 / d.as_secs_f64(), p50_ms: num("p50_ms")?, p99_ms: num("p99_ms")?, errors: num("errors")? as u64, completed })
 }

@@ -131,8 +131,10 @@ struct PendingSql {
 struct PendingRpc {
     start: Box<GoRpcStart>,
     trace_id: TraceId,
-    /// The client stream's span on this host that it answers (same flow and stream id).
+    /// The client stream's span on this host that it answers (same flow and stream id), or
+    /// its incoming traceparent's parent (`remote`).
     parent: Option<SpanId>,
+    remote: bool,
 }
 
 /// A Go HTTP/2 server stream waiting for its handler's return.
@@ -542,7 +544,7 @@ impl Correlator {
             if let Some((c, s)) = q.flow {
                 self.offer_h2_link((c, s, q.stream_id), q.span_id);
             }
-            self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id, parent });
+            self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id, parent, remote: false });
             return;
         }
         if self.rpcs.len() >= MAX_PENDING {
@@ -550,12 +552,9 @@ impl Correlator {
             return;
         }
         let offered = q.flow.and_then(|(c, s)| self.h2_links.remove(&(c, s, q.stream_id))).unwrap_or(0);
-        let (trace_id, parent) = self.traces.child_of(offered, [0; 16]);
-        if parent.is_some() {
-            self.stats.linked += 1;
-        }
-        self.traces.remember(q.span_id, trace_id);
-        self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id, parent });
+        let ids = self.stream_ids(q.trace.as_ref(), offered);
+        self.traces.remember(q.span_id, ids.trace_id);
+        self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id: ids.trace_id, parent: ids.parent, remote: ids.remote });
     }
 
     /// A Go HTTP/2 stream met its handler: its parent is the client stream a traced client
@@ -570,12 +569,24 @@ impl Correlator {
             0 => q.flow.and_then(|(c, s)| self.h2_links.remove(&(c, s, q.stream_id))).unwrap_or(0),
             p => p,
         };
+        let ids = self.stream_ids(q.trace.as_ref(), offered);
+        self.traces.remember(q.span_id, ids.trace_id);
+        self.h2_streams.insert(q.span_id, PendingH2 { start: q, ids });
+    }
+
+    /// Where a server stream's span sits: under its incoming traceparent, else under the
+    /// same-host client span `offered` (0: none), else at the root of a new trace.
+    fn stream_ids(&mut self, incoming: Option<&crate::spans::RemoteParent>, offered: u64) -> Ids {
+        if let Some(rp) = incoming {
+            let trace_id = self.traces.resolve(rp.trace_id);
+            self.sampling.remote_decision(trace_id, rp.sampled);
+            return Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: None };
+        }
         let (trace_id, parent) = self.traces.child_of(offered, [0; 16]);
         if parent.is_some() {
             self.stats.linked += 1;
         }
-        self.traces.remember(q.span_id, trace_id);
-        self.h2_streams.insert(q.span_id, PendingH2 { start: q, ids: Ids { trace_id, parent, remote: false, trace_state: None } });
+        Ids { trace_id, parent, remote: false, trace_state: None }
     }
 
     /// The SERVER span of a Go HTTP/2 stream: the attributes of an HTTP/1 request's.
@@ -631,7 +642,7 @@ impl Correlator {
             trace_id: p.trace_id,
             span_id: span_id(q.span_id),
             parent: p.parent,
-            parent_is_remote: false,
+            parent_is_remote: p.remote,
             trace_state: None,
             kind: if q.client { SpanKind::Client } else { SpanKind::Server },
             name,

@@ -7,10 +7,12 @@ pub mod recording;
 use std::net::{IpAddr, Ipv6Addr};
 
 use zerotrace_common::{
-    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, GoClientRequestEvent, GoClientResponseEvent, GoH2EndEvent, GoH2StartEvent,
+    ConnCloseEvent, ConnOpenEvent, CpuSampleEvent, EventHeader, EventKind, FlowKey, GoClientRequestEvent, GoClientResponseEvent, GoH2EndEvent, GoH2StartEvent,
     GoRpcEndEvent, GoRpcStartEvent, GoServerRequestEvent, GoSqlEndEvent, GoSqlStartEvent, GoStr, H2BytesEvent, HttpRequestEvent, HttpResponseEvent,
     PipelinedRequestEvent, ProcExecEvent, SockAddrs, SockBytesEvent, TraceparentEvent, bounds, h2_start,
 };
+
+use crate::spans::{RemoteParent, SpanId, TraceId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Endpoint {
@@ -191,6 +193,8 @@ pub struct GoRpcStart {
     pub client: bool,
     /// A client's: the span of the goroutine that made it (0: none).
     pub parent_span: u64,
+    /// A server's: the `traceparent` of the call's metadata.
+    pub trace: Option<RemoteParent>,
     pub stream_id: u32,
     /// The connection: (client, server), when the kernel found it.
     pub flow: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
@@ -208,6 +212,8 @@ pub struct GoH2Start {
     pub span_id: u64,
     /// The client span a traced client on this host offered for the stream (0: none).
     pub parent_span: u64,
+    /// The request's `traceparent`.
+    pub trace: Option<RemoteParent>,
     pub sk: u64,
     pub stream_id: u32,
     /// The connection: (client, server), when the kernel found it.
@@ -382,6 +388,26 @@ fn read<T: Copy>(b: &[u8]) -> T {
     debug_assert!(b.len() >= std::mem::size_of::<T>());
     // SAFETY: length checked by every caller; T is a repr(C) POD from zerotrace_common.
     unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) }
+}
+
+/// GoRpcStartEvent as ABI 9 wrote it (record kind GoRpcStart).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GoRpcStartEventV9 {
+    hdr: EventHeader,
+    goid: u64,
+    span_id: u64,
+    parent_span: u64,
+    stream: u64,
+    stream_id: u32,
+    has_flow: u32,
+    flow: FlowKey,
+    method: GoStr,
+}
+
+/// A kernel-read `traceparent` (`has` 1), as the agent's parse would give it.
+fn remote_parent(has: u8, trace_id: [u8; 16], span: u64, flags: u8) -> Option<RemoteParent> {
+    (has != 0).then(|| RemoteParent { trace_id: TraceId(trace_id), span_id: SpanId(span.to_be_bytes()), sampled: flags & 1 != 0, trace_state: None })
 }
 
 fn exact<T: Copy>(b: &[u8], kind: EventKind) -> Result<T, DecodeError> {
@@ -562,7 +588,27 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
             let e: GoClientResponseEvent = exact(b, kind)?;
             Event::GoSqlEnd(GoSqlEnd { pid: hdr.pid, end_ns: hdr.ts_ns, span_id: e.span_id, failed: e.err_type != 0, server: None, code: None })
         }
-        EventKind::GoRpcStart | EventKind::GoRpcClientStart => {
+        // Recordings of ABI 9: a server's, without traceparent.
+        EventKind::GoRpcStart => {
+            let e: GoRpcStartEventV9 = exact(b, kind)?;
+            Event::GoRpcStart(Box::new(GoRpcStart {
+                pid: hdr.pid,
+                tid: hdr.tid,
+                goid: e.goid,
+                start_ns: hdr.ts_ns,
+                span_id: e.span_id,
+                client: false,
+                parent_span: 0,
+                trace: None,
+                stream_id: e.stream_id,
+                flow: (e.has_flow != 0).then(|| {
+                    let f = &e.flow;
+                    (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port))
+                }),
+                method: go_str(&e.method),
+            }))
+        }
+        EventKind::GoRpcServerStart | EventKind::GoRpcClientStart => {
             let e: GoRpcStartEvent = exact(b, kind)?;
             let client = kind == EventKind::GoRpcClientStart;
             Event::GoRpcStart(Box::new(GoRpcStart {
@@ -573,6 +619,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 span_id: e.span_id,
                 client,
                 parent_span: if client { e.parent_span } else { 0 },
+                trace: remote_parent(e.has_trace, e.trace_id, e.remote_span, e.trace_flags),
                 stream_id: e.stream_id,
                 flow: (e.has_flow != 0).then(|| {
                     let f = &e.flow;
@@ -594,6 +641,7 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 start_ns: hdr.ts_ns,
                 span_id: e.span_id,
                 parent_span: e.parent_span,
+                trace: remote_parent(e.has_trace, e.trace_id, e.remote_span, e.trace_flags),
                 sk: e.sk,
                 stream_id: e.stream_id,
                 flow: (e.has_flow != 0).then(|| {
@@ -848,14 +896,19 @@ pub mod record {
     /// A grpc-go server stream's start (handleStream) and end (WriteStatus).
     pub fn rpc_start(pid: u32, ts: u64, goid: u64, span_id: u64, method: &str) -> Vec<u8> {
         bytes_of(&GoRpcStartEvent {
-            hdr: header(EventKind::GoRpcStart, std::mem::size_of::<GoRpcStartEvent>(), pid, ts),
+            hdr: header(EventKind::GoRpcServerStart, std::mem::size_of::<GoRpcStartEvent>(), pid, ts),
             goid,
             span_id,
             parent_span: 0,
             stream: 0xc000_0000,
             stream_id: 1,
             has_flow: 0,
+            has_trace: 0,
+            trace_flags: 0,
+            _pad: 0,
             flow: FlowKey::default(),
+            trace_id: [0; 16],
+            remote_span: 0,
             method: go_str(method),
         })
     }
@@ -872,7 +925,12 @@ pub mod record {
             stream: 0xc000_1000,
             stream_id: 1,
             has_flow: 1,
+            has_trace: 0,
+            trace_flags: 0,
+            _pad: 0,
             flow: FlowKey { client_addr: lo, server_addr: lo, client_port: ports.0, server_port: ports.1, _pad: 0 },
+            trace_id: [0; 16],
+            remote_span: 0,
             method: go_str(method),
         })
     }
@@ -894,8 +952,11 @@ pub mod record {
             stream_id: 1,
             has_flow: 0,
             tls: 1,
-            _pad: [0; 2],
+            has_trace: 0,
+            trace_flags: 0,
             flow: FlowKey::default(),
+            trace_id: [0; 16],
+            remote_span: 0,
             method: go_str(method),
             path: go_str(path),
             host: go_str("localhost:8443"),

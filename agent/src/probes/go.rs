@@ -237,6 +237,8 @@ pub struct GrpcLayout {
     pub client_conn: u32,
     pub cs_attempt: u32,
     pub attempt_stream: u32,
+    /// `Stream.ctx` (a server stream's metadata context).
+    pub stream_ctx: u32,
     /// The runtime type of `*transport.http2Server` (not yet biased; 0: servers not hooked).
     pub transport_type: u64,
     /// The runtime type of `*internal/status.Error` (not yet biased; 0: unknown, a client's
@@ -258,15 +260,25 @@ impl GrpcLayout {
     }
 
     /// The offsets, for comparing two sources on the fields both have.
-    fn fields(&self) -> [u32; 8] {
-        [self.stream_id, self.stream_method, self.status_code, self.server_conn, self.stream_ct, self.client_conn, self.cs_attempt, self.attempt_stream]
+    fn fields(&self) -> [u32; 9] {
+        [
+            self.stream_id,
+            self.stream_method,
+            self.status_code,
+            self.server_conn,
+            self.stream_ct,
+            self.client_conn,
+            self.cs_attempt,
+            self.attempt_stream,
+            self.stream_ctx,
+        ]
     }
 }
 
 /// grpc-go versions whose layout is known without DWARF (compared with the DWARF of every
 /// program that has both, a warning when they differ; the e2e suite builds v1.67.1 with
 /// both Go ends and asserts no warning): `Stream{id uint32; st, ct ServerTransport/ClientTransport;
-/// ctx; cancel; done; doneFunc; ctxDone; method string}`, `spb.Status{state, sizeCache,
+/// ctx context.Context; cancel; done; doneFunc; ctxDone; method string}`, `spb.Status{state, sizeCache,
 /// unknownFields; Code int32}`, `http2Server{lastRead int64; done chan; conn net.Conn}`,
 /// `http2Client.conn` after 128 bytes, `clientStream.attempt` after 216, `csAttempt{ctx; cs;
 /// t ClientTransport; s *Stream}`. From v1.69 handleStream takes a `*ServerStream` and
@@ -283,6 +295,7 @@ const GRPC_KNOWN: &[(&str, GrpcLayout)] = &[(
         client_conn: 128,
         cs_attempt: 216,
         attempt_stream: 40,
+        stream_ctx: 40,
         transport_type: 0,
         error_type: 0,
         source: "v1.67",
@@ -344,6 +357,7 @@ fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Res
             client_conn: side(client, GRPC_HTTP2_CLIENT, "conn")?,
             cs_attempt: side(client, GRPC_CLIENT_STREAM, "attempt")?,
             attempt_stream: side(client, GRPC_ATTEMPT, "s")?,
+            stream_ctx: side(server, GRPC_STREAM, "ctx")?,
             transport_type,
             error_type,
             source: "dwarf",
@@ -355,6 +369,7 @@ fn plan_grpc(p: &mut Plan, pid: u32, exe: &Executable, build: &BuildInfo) -> Res
         client_conn: if client { l.client_conn } else { NO },
         cs_attempt: if client { l.cs_attempt } else { NO },
         attempt_stream: if client { l.attempt_stream } else { NO },
+        stream_ctx: if server { l.stream_ctx } else { NO },
         transport_type,
         error_type,
         ..*l
@@ -534,6 +549,8 @@ pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
         grpc_cs_attempt: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.cs_attempt),
         grpc_attempt_stream: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.attempt_stream),
         grpc_error_type: plan.grpc.filter(|g| g.error_type != 0).map_or(0, |g| g.error_type.wrapping_add(t.bias)),
+        grpc_stream_ctx: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_ctx),
+        _pad2: 0,
     }
 }
 

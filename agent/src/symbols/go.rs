@@ -114,6 +114,7 @@ pub const MEMBERS: &[(&str, &str)] = &[
     ("net/http/internal/http2.ServerRequest", "Host"),
     ("net/http/internal/http2.ServerRequest", "RemoteAddr"),
     ("net/http/internal/http2.ServerRequest", "ContentLength"),
+    ("net/http/internal/http2.ServerRequest", "Header"),
 ];
 
 /// Runtime type descriptors the kernel compares interface values against (DWARF names).
@@ -201,6 +202,8 @@ pub fn offsets(m: &dyn Members, tls_g: i64) -> Result<(GoOffsets, Vec<&'static s
         h2_req_remote_addr: h2.req[3],
         h2_req_content_length: h2.req[4],
         h2_req_http: h2.req_http,
+        h2_req_header: h2.req[5],
+        _pad: [0; 3],
     };
     if h2.rw_rws == GoOffsets::NONE {
         absent.push("http2 server");
@@ -215,8 +218,8 @@ struct H2Offsets {
     rws_status: u16,
     stream_id: u16,
     sc_conn: u16,
-    /// Method, URL, Host, RemoteAddr, ContentLength of the handler's request.
-    req: [u16; 5],
+    /// Method, URL, Host, RemoteAddr, ContentLength, Header of the handler's request.
+    req: [u16; 6],
     req_http: u16,
 }
 
@@ -227,15 +230,15 @@ fn h2_offsets(m: &dyn Members) -> H2Offsets {
         rws_status: GoOffsets::NONE,
         stream_id: GoOffsets::NONE,
         sc_conn: GoOffsets::NONE,
-        req: [GoOffsets::NONE; 5],
+        req: [GoOffsets::NONE; 6],
         req_http: 0,
     };
-    const REQ_FIELDS: [&str; 5] = ["Method", "URL", "Host", "RemoteAddr", "ContentLength"];
+    const REQ_FIELDS: [&str; 6] = ["Method", "URL", "Host", "RemoteAddr", "ContentLength", "Header"];
     // (package prefix, the request's struct, whether it is net/http's Request).
     let found = [("net/http.http2", "net/http.Request", 1), ("net/http/internal/http2.", "net/http/internal/http2.ServerRequest", 0)].into_iter().find_map(
         |(pkg, req, http)| {
             let f = |ty: &str, field: &str| m.member(&format!("{pkg}{ty}"), field).and_then(|v| u16::try_from(v).ok());
-            let mut r = [0u16; 5];
+            let mut r = [0u16; 6];
             for (slot, name) in r.iter_mut().zip(REQ_FIELDS) {
                 *slot = u16::try_from(m.member(req, name)?).ok()?;
             }
@@ -565,6 +568,22 @@ mod tests {
                 assert_eq!(t.source, "table");
                 assert!(d.type_tcpconn.is_some() && d.type_tlsconn.is_some() && d.type_response.is_some(), "{ctx}: {d:?}");
                 assert_eq!(d.offsets, t.offsets, "{ctx}");
+                // Every version has the HTTP/2 server's offsets, its request's Header too.
+                let o = &d.offsets;
+                let h2 = [
+                    o.h2_rw_rws,
+                    o.h2_rws_stream,
+                    o.h2_rws_status,
+                    o.h2_stream_id,
+                    o.h2_sc_conn,
+                    o.h2_req_method,
+                    o.h2_req_url,
+                    o.h2_req_host,
+                    o.h2_req_header,
+                ];
+                assert!(!h2.contains(&GoOffsets::NONE) && o.h2_req_header != 0 && o.h2_rws_status != 0, "{ctx}: {o:?}");
+                let minor: u32 = v.split('.').nth(1).and_then(|m| m.parse().ok()).unwrap();
+                assert_eq!(o.h2_req_http, u16::from(minor < 27), "{ctx}: an *http.Request up to 1.26");
                 assert_eq!((d.type_tcpconn, d.type_tlsconn, d.type_response), (t.type_tcpconn, t.type_tlsconn, t.type_response), "{ctx}");
                 assert_eq!(d.absent, t.absent, "{ctx}");
             }

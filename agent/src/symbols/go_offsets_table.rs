@@ -318,6 +318,7 @@ pub const GO_OFFSETS: &[TableEntry] = &[
             ("net/http/internal/http2.ServerRequest", "Host", 104),
             ("net/http/internal/http2.ServerRequest", "RemoteAddr", 128),
             ("net/http/internal/http2.ServerRequest", "ContentLength", 120),
+            ("net/http/internal/http2.ServerRequest", "Header", 72),
         ],
     },
 ];

@@ -247,7 +247,8 @@ pub enum EventKind {
     /// error type is known, the server it talked to). Replaces GoSqlEnd (still read in
     /// recordings).
     GoSqlDone = 22,
-    /// A grpc-go server stream met its handler (GoRpcStartEvent).
+    /// A grpc-go server stream met its handler: recordings of ABI 9 (GoRpcStartEvent's
+    /// layout then: no traceparent). Replaced by GoRpcServerStart.
     GoRpcStart = 23,
     /// Its status was written (GoRpcEndEvent).
     GoRpcEnd = 24,
@@ -257,6 +258,8 @@ pub enum EventKind {
     GoH2End = 26,
     /// A grpc-go client stream was made (GoRpcStartEvent; `parent_span` the caller's).
     GoRpcClientStart = 27,
+    /// A grpc-go server stream met its handler (GoRpcStartEvent).
+    GoRpcServerStart = 28,
 }
 
 impl EventKind {
@@ -289,6 +292,7 @@ impl EventKind {
             25 => Self::GoH2Start,
             26 => Self::GoH2End,
             27 => Self::GoRpcClientStart,
+            28 => Self::GoRpcServerStart,
             _ => return None,
         })
     }
@@ -858,8 +862,15 @@ pub struct GoRpcStartEvent {
     /// HTTP/2 stream id.
     pub stream_id: u32,
     /// 1: `flow` is the stream's connection (found through the transport's net.Conn).
-    pub has_flow: u32,
+    pub has_flow: u8,
+    /// A server's: 1 when the call's metadata carried a valid `traceparent` (`trace_id`,
+    /// `remote_span`, `trace_flags`).
+    pub has_trace: u8,
+    pub trace_flags: u8,
+    pub _pad: u8,
     pub flow: FlowKey,
+    pub trace_id: [u8; 16],
+    pub remote_span: u64,
     /// `/package.Service/Method`.
     pub method: GoStr,
 }
@@ -894,8 +905,13 @@ pub struct GoH2StartEvent {
     pub has_flow: u8,
     /// 1: the connection is TLS.
     pub tls: u8,
-    pub _pad: [u8; 2],
+    /// 1: the request carried a valid `traceparent` (`trace_id`, `remote_span`,
+    /// `trace_flags`).
+    pub has_trace: u8,
+    pub trace_flags: u8,
     pub flow: FlowKey,
+    pub trace_id: [u8; 16],
+    pub remote_span: u64,
     pub method: GoStr,
     pub path: GoStr,
     /// `:authority`.
@@ -1060,6 +1076,9 @@ pub struct GoOffsets {
     pub h2_req_content_length: u16,
     /// 1: the request is an `*http.Request` (its route pattern is readable), 0: not.
     pub h2_req_http: u16,
+    /// The request's Header map (`map[string][]string`).
+    pub h2_req_header: u16,
+    pub _pad: [u16; 3],
 }
 
 impl GoOffsets {
@@ -1097,6 +1116,10 @@ pub struct TargetConfig {
     pub grpc_client_conn: u32,
     pub grpc_cs_attempt: u32,
     pub grpc_attempt_stream: u32,
+    /// `Stream.ctx` (a server stream's context: the metadata's valueCtx), NO_OFFSET: not
+    /// read.
+    pub grpc_stream_ctx: u32,
+    pub _pad2: u32,
     /// The runtime type of `*internal/status.Error` (load bias applied): an RPC error that
     /// carries a status (`Error.s` -> `Status.s` -> the proto's Code).
     pub grpc_error_type: u64,
@@ -1124,6 +1147,8 @@ impl TargetConfig {
             grpc_client_conn: Self::NO_OFFSET,
             grpc_cs_attempt: Self::NO_OFFSET,
             grpc_attempt_stream: Self::NO_OFFSET,
+            grpc_stream_ctx: Self::NO_OFFSET,
+            _pad2: 0,
             grpc_error_type: 0,
         }
     }
@@ -1353,12 +1378,12 @@ assert_same_place!(H2BytesEvent, conn_id = conn_id, ts_ns = start_ns, start = se
 assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
-assert_size!(GoOffsets, 40 + 44 * 2);
-assert_size!(TargetConfig, 8 + 128 + 16 + 16 + 8 + 16 + 8);
-assert_size!(GoH2StartEvent, 24 + 48 + 40 + 4 * 136);
+assert_size!(GoOffsets, 40 + 48 * 2);
+assert_size!(TargetConfig, 8 + 136 + 16 + 16 + 8 + 16 + 8 + 8);
+assert_size!(GoH2StartEvent, 24 + 48 + 40 + 24 + 4 * 136);
 assert_size!(GoH2EndEvent, 48 + 136);
 assert_size!(GoH2State, 32 + 24);
-assert_size!(GoRpcStartEvent, 24 + 40 + 40 + 8 + bounds::GO_STR_MAX);
+assert_size!(GoRpcStartEvent, 24 + 40 + 40 + 24 + 8 + bounds::GO_STR_MAX);
 assert_size!(GoRpcEndEvent, 48);
 assert_size!(GoRpcKey, 16);
 assert_size!(GoRpcState, 16 + 24);

@@ -188,7 +188,7 @@ pub fn incoming_trace(head: *const u8, len: u32) -> Option<([u8; 16], u8)> {
     // power of two).
     let i = (at - 1) & (TRACEPARENT_SCAN as u64 - 1);
     // SAFETY: i < TRACEPARENT_SCAN; trace_after reads at most 72 bytes past it.
-    trace_after(unsafe { head.add(i as usize + 13) })
+    trace_after(unsafe { head.add(i as usize + 13) }).map(|(t, _, flags)| (t, flags))
 }
 
 #[repr(C)]
@@ -241,9 +241,9 @@ fn name_at(p: *const u8) -> bool {
 
 /// Parses the value after "traceparent:" as the agent's `RemoteParent::parse` does:
 /// version (two lower-case hex digits, not ff), trace id (32, not all zero), parent id (16,
-/// not all zero), flags (2).
+/// not all zero), flags (2): the trace id, the parent span id and the flags.
 #[inline(always)]
-fn trace_after(mut q: *const u8) -> Option<([u8; 16], u8)> {
+pub fn trace_after(mut q: *const u8) -> Option<([u8; 16], u64, u8)> {
     for _ in 0..2 {
         // SAFETY: see incoming_trace.
         let c = unsafe { *q };
@@ -266,7 +266,7 @@ fn trace_after(mut q: *const u8) -> Option<([u8; 16], u8)> {
         span = span << 4 | hex(at(36 + k))? as u64;
     }
     let flags = hex(at(53))? << 4 | hex(at(54))?;
-    (t != [0; 16] && span != 0).then_some((t, flags))
+    (t != [0; 16] && span != 0).then_some((t, span, flags))
 }
 
 /// A lower-case hex digit (W3C trace context allows no upper case).

@@ -13,7 +13,8 @@ use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{ConnKey, Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, TargetConfig};
 
 use crate::{
-    causality::{enter_own, leave_own, new_span_id, set_own, span_of},
+    causality::{enter_own, leave_own, new_span_id, remember_trace, set_own, span_of},
+    go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_RPC},
     socket::conns::fd_to_sk,
     util::{count, go_caller_config, go_conn_fd, go_itab_type, header, now, read_go_string, read_user, regs, wake_flags},
@@ -50,12 +51,24 @@ pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
     let e = ev.as_mut_ptr();
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
-        (*e).hdr = header(EventKind::GoRpcStart, core::mem::size_of::<GoRpcStartEvent>(), k.pid, pid_tgid as u32, now());
+        (*e).hdr = header(EventKind::GoRpcServerStart, core::mem::size_of::<GoRpcStartEvent>(), k.pid, pid_tgid as u32, now());
         (*e).goid = k.goid;
         (*e).span_id = span;
         (*e).parent_span = 0;
         (*e).stream = stream;
         (*e).stream_id = read_user::<u32>(stream + cfg.grpc_stream_id as u64).unwrap_or(0);
+        (*e).has_trace = 0;
+        (*e).trace_flags = 0;
+        (*e)._pad = 0;
+        (*e).trace_id = [0; 16];
+        (*e).remote_span = 0;
+        if let Some((t, parent, flags)) = metadata_traceparent(cfg, stream) {
+            (*e).has_trace = 1;
+            (*e).trace_flags = flags;
+            (*e).trace_id = t;
+            (*e).remote_span = parent;
+            remember_trace(span, &t, flags);
+        }
         // The connection (for links from the client's stream): the transport is an
         // *http2Server (handler-based transports have another type and no conn there).
         (*e).has_flow = 0;
@@ -78,6 +91,26 @@ pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
     ev.submit(wake_flags());
     0
 }
+
+/// The `traceparent` of a server stream's incoming metadata: `Stream.ctx` is the
+/// `context.valueCtx` that `metadata.NewIncomingContext` made (Context, key, val: its
+/// value's data word is the `metadata.MD` map) unless grpc's stats tags or a tap handler
+/// wrapped it once more: then the map read finds no traceparent.
+#[inline(always)]
+fn metadata_traceparent(cfg: &TargetConfig, stream: u64) -> Option<([u8; 16], u64, u8)> {
+    if cfg.grpc_stream_ctx == TargetConfig::NO_OFFSET {
+        return None;
+    }
+    let ctx = read_user::<u64>(stream + cfg.grpc_stream_ctx as u64 + 8)?;
+    if ctx == 0 {
+        return None;
+    }
+    let md = read_user::<u64>(ctx + VALUE_CTX_VAL_DATA)?;
+    incoming_traceparent(&cfg.go, md)
+}
+
+/// `context.valueCtx{Context; key, val any}`: the data word of `val`.
+const VALUE_CTX_VAL_DATA: u64 = 40;
 
 /// `(*http2Server).WriteStatus(t, s *Stream, st *status.Status)`: s in RBX, st in RCX
 /// (`status.Status` holds one pointer, to the status proto). The first call for a stream
@@ -141,6 +174,11 @@ pub fn go_grpc_client_stream(ctx: ProbeContext) -> u32 {
         (*e).parent_span = span_of(k.pid, k.goid);
         (*e).stream = stream;
         (*e).stream_id = read_user::<u32>(stream + cfg.grpc_stream_id as u64).unwrap_or(0);
+        (*e).has_trace = 0;
+        (*e).trace_flags = 0;
+        (*e)._pad = 0;
+        (*e).trace_id = [0; 16];
+        (*e).remote_span = 0;
         (*e).has_flow = 0;
         // Stream.ct is the ClientTransport: an *http2Client, whose conn is the connection.
         let transport = read_user::<u64>(stream + cfg.grpc_stream_ct as u64 + 8).unwrap_or(0);

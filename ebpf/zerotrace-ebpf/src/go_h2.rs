@@ -5,12 +5,14 @@
 //! stream, none per HTTP/1 request. The stream's span is the handler goroutine's own, so
 //! its client calls, SQL, goroutines and channels go under it; its parent is the client
 //! stream a traced client on this host offered on the same connection under the same
-//! stream id (socket/go_client.rs). Offsets: GoOffsets::h2_*.
+//! stream id (socket/go_client.rs); an incoming `traceparent` (the request's Header map,
+//! when it is small enough to read here) wins over that link. Offsets: GoOffsets::h2_*.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoH2EndEvent, GoH2StartEvent, GoH2State, GoOffsets};
 
 use crate::{
-    causality::{enter_own, leave_own, set_own, take_stream_link},
+    causality::{enter_own, leave_own, remember_trace, set_own, take_stream_link},
+    go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_H2},
     socket::conns::go_iface_sk,
     util::{count, go_caller_config, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
@@ -61,8 +63,20 @@ pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
         (*e).stream_id = stream_id;
         (*e).has_flow = 0;
         (*e).tls = 0;
-        (*e)._pad = [0; 2];
         (*e).flow = FlowKey::default();
+        (*e).has_trace = 0;
+        (*e).trace_flags = 0;
+        (*e).trace_id = [0; 16];
+        (*e).remote_span = 0;
+        if go.h2_req_header != GoOffsets::NONE
+            && let Some((t, parent, flags)) = incoming_traceparent(go, go_ptr(req, go.h2_req_header))
+        {
+            (*e).has_trace = 1;
+            (*e).trace_flags = flags;
+            (*e).trace_id = t;
+            (*e).remote_span = parent;
+            remember_trace(span, &t, flags);
+        }
         if sk != 0
             && let Some(c) = CONNS.get_ptr(&ConnKey { sk })
         {

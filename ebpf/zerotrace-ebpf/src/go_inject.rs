@@ -19,6 +19,7 @@ use aya_ebpf::{helpers::bpf_probe_write_user, macros::uprobe, programs::ProbeCon
 use zerotrace_common::{Counter, EventKind, GoOffsets, SlotKey, TraceCtx, TraceparentEvent, inject_outcome, settings_flags};
 
 use crate::{
+    causality::trace_after,
     maps::{CLIENT_HDR, EVENTS, SPAN_TRACE, settings},
     util::{count, go_itab_type, header, now, read_user, regs, uprobe_target, wake_flags},
 };
@@ -135,27 +136,38 @@ fn inject(go: &GoOffsets, h: u64, w_itab: u64, w: u64, span: u64, ctx: &TraceCtx
 /// layout): the caller then writes nothing.
 #[inline(always)]
 fn has_traceparent(go: &GoOffsets, h: u64) -> Option<bool> {
+    traceparent_elem(go, h).map(|e| e.is_some())
+}
+
+/// Where the value ([]string) of the key of Go map `h` (a `map[string][]string`: an
+/// http.Header, gRPC metadata) that is "traceparent" in any case lies: Some(None) when
+/// there is none, None when that cannot be read here (a map bigger than one group or
+/// bucket, an unknown layout).
+#[inline(always)]
+pub fn traceparent_elem(go: &GoOffsets, h: u64) -> Option<Option<u64>> {
     if h == 0 {
-        return Some(false);
+        return Some(None);
     }
     if go.map_dirptr != GoOffsets::NONE && go.map_dirlen != GoOffsets::NONE {
-        // Swiss table: a small map (dirLen 0) is one group at dirPtr.
+        // Swiss table: a small map (dirLen 0) is one group at dirPtr: control word, then
+        // 8 slots of key and element.
         let dir_len = read_user::<i64>(h + go.map_dirlen as u64)?;
         if dir_len != 0 {
             return None;
         }
         let group = read_user::<u64>(h + go.map_dirptr as u64)?;
         if group == 0 {
-            return Some(false);
+            return Some(None);
         }
         let ctrl = read_user::<[u8; 8]>(group)?;
         for i in 0..GROUP_SLOTS {
+            let slot = group + 8 + i * (KEY + ELEM);
             // A full slot's control byte has its high bit clear.
-            if ctrl[i as usize] & 0x80 == 0 && key_is_traceparent(group + 8 + i * (KEY + ELEM))? {
-                return Some(true);
+            if ctrl[i as usize] & 0x80 == 0 && key_is_traceparent(slot)? {
+                return Some(Some(slot + KEY));
             }
         }
-        return Some(false);
+        return Some(None);
     }
     if go.hmap_b != GoOffsets::NONE && go.hmap_buckets != GoOffsets::NONE {
         if read_user::<u8>(h + go.hmap_b as u64)? != 0 {
@@ -163,18 +175,44 @@ fn has_traceparent(go: &GoOffsets, h: u64) -> Option<bool> {
         }
         let bucket = read_user::<u64>(h + go.hmap_buckets as u64)?;
         if bucket == 0 {
-            return Some(false);
+            return Some(None);
         }
+        // tophash[8], then the 8 keys, then the 8 elements.
         let tophash = read_user::<[u8; 8]>(bucket)?;
         for i in 0..8u64 {
             if tophash[i as usize] >= MIN_TOPHASH && key_is_traceparent(bucket + 8 + i * KEY)? {
-                return Some(true);
+                return Some(Some(bucket + 8 + 8 * KEY + i * ELEM));
             }
         }
-        return Some(false);
+        return Some(None);
     }
     None
 }
+
+/// The traceparent in Go map `h` (`map[string][]string`, key in any case): trace id,
+/// parent span id and flags, when there is a valid one and the map can be read here.
+#[inline(always)]
+pub fn incoming_traceparent(go: &GoOffsets, h: u64) -> Option<([u8; 16], u64, u8)> {
+    let elem = traceparent_elem(go, h)??;
+    // The []string: its first value.
+    let [ptr, len, _] = read_user::<[u64; 3]>(elem)?;
+    if len == 0 {
+        return None;
+    }
+    let [s, n] = read_user::<[u64; 2]>(ptr)?;
+    if n < TRACEPARENT_LEN as u64 {
+        return None;
+    }
+    let mut buf = [0u8; TRACEPARENT_LEN + 2];
+    let v = read_user::<[u8; TRACEPARENT_LEN]>(s)?;
+    buf[..TRACEPARENT_LEN].copy_from_slice(&v);
+    // SAFETY: trace_after reads at most TRACEPARENT_LEN bytes from buf (no leading blanks:
+    // Go keeps a header's value trimmed), and two more if there are: buf has them.
+    trace_after(buf.as_ptr())
+}
+
+/// "00-" 32 "-" 16 "-" 2.
+const TRACEPARENT_LEN: usize = 55;
 
 /// Whether the Go string at `at` is "traceparent", ignoring case.
 #[inline(always)]

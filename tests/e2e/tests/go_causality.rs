@@ -361,12 +361,33 @@ fn check_https(version: &str, h2: bool) -> Result<()> {
     assert!(out.status.success(), "client: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200\n200\n200\n500\n");
     // Front server spans 4, client spans 1+1+3+1, downstream server spans 6.
-    let want = 4 + 6 + 6;
+    let mut want = 4 + 6 + 6;
+    // Over HTTP/2 also a request that carries a traceparent (curl, ALPN h2): it roots its
+    // tree, the Go client's streams link the rest.
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    if h2 {
+        let tp = format!("traceparent: 00-{trace}-{parent}-01");
+        let out = Command::new("curl")
+            .args(["-sk", "--http2", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "-H", &tp])
+            .arg(format!("https://127.0.0.1:{front_port}/fanout/9"))
+            .output()?;
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2", "curl: {}", String::from_utf8_lossy(&out.stderr));
+        want += 7;
+    }
     rx.wait_for(want, Duration::from_secs(20))?;
     agent.stop()?;
     let spans = rx.spans();
     assert_eq!(spans.len(), want, "Go {version}: {:#?}", spans.iter().map(|s| (&s.name, s.attr("url.path"), s.attr("url.full"))).collect::<Vec<_>>());
     let f = Forest::new(&spans);
+    if h2 {
+        let root = f.server("/fanout/9");
+        assert_eq!(root.parent_span_id, parent, "{root:#?}");
+        let tree: Vec<&RSpan> = spans.iter().filter(|s| s.trace_id == trace).collect();
+        assert_eq!(tree.len(), 7, "{tree:#?}");
+        for sp in tree {
+            assert_eq!(f.root(sp).span_id, root.span_id, "every span under the request's span: {sp:#?}");
+        }
+    }
     let dp = s.down_port;
     for (path, leaves) in [
         ("/sync/1", &["/leaf/sync-1"][..]),
@@ -396,7 +417,7 @@ fn check_https(version: &str, h2: bool) -> Result<()> {
     }
     assert_eq!(f.server("/sync/1").attr("http.response.status_code"), "200");
     assert_eq!(f.server("/err5xx/4").attr("http.response.status_code"), "500");
-    assert_eq!(agent.stat("server_spans_linked"), 6, "every downstream request linked to its client span");
+    assert_eq!(agent.stat("server_spans_linked"), if h2 { 9 } else { 6 }, "every downstream request linked to its client span");
     assert_eq!(agent.stat("requests_not_http"), 0);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -298,3 +298,32 @@ fn grpc_go_client_to_tonic_server() -> Result<()> {
     }
     Ok(())
 }
+
+/// A call's incoming `traceparent` metadata roots the grpc-go server's span (its client is
+/// not traced): the kernel reads it from the stream's metadata map, a hash map on Go 1.21
+/// and a Swiss table on 1.27.
+#[test]
+fn grpc_incoming_traceparent() -> Result<()> {
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    for version in [GO_OLDEST, GO_NEWEST] {
+        let bin = tools::grpcshop(version, "", &[])?;
+        let (server, grpc_port) = serve(&bin)?;
+        let rx = Receiver::start(Kind::Grpc, 0)?;
+        let endpoint = rx.endpoint();
+        let mut agent = Agent::start(&[server.pid()], &["--otlp-endpoint", &endpoint, "--batch-delay", "200ms"], &[])?;
+        let out = Command::new(&bin)
+            .args(["echo", &format!("127.0.0.1:{grpc_port}"), "3"])
+            .env("GRPCSHOP_TRACEPARENT", format!("00-{trace}-{parent}-01"))
+            .output()?;
+        assert!(out.status.success(), "Go {version}: {}", String::from_utf8_lossy(&out.stderr));
+        rx.wait_for(3, Duration::from_secs(20))?;
+        agent.stop()?;
+        let spans = rx.spans();
+        assert_eq!(spans.len(), 3, "Go {version}: {spans:#?}");
+        for s in &spans {
+            assert_eq!((s.kind, s.trace_id.as_str(), s.parent_span_id.as_str()), (SERVER, trace, parent), "Go {version}: {s:#?}");
+        }
+        drop(server);
+    }
+    Ok(())
+}

@@ -28,6 +28,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	testpb "google.golang.org/grpc/interop/grpc_testing"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -204,7 +205,8 @@ func call(addr string, n int) error {
 }
 
 // echo makes n zerotrace.test.v1.Echo/Unary calls, three at a time on one connection:
-// call i asks for status [OK, NOT_FOUND, INTERNAL][i % 3]. Prints each call's code.
+// call i asks for status [OK, NOT_FOUND, INTERNAL][i % 3]; with GRPCSHOP_TRACEPARENT set
+// each carries it in its metadata. Prints each call's code.
 func echo(addr string, n int) error {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
@@ -224,7 +226,11 @@ func echo(addr string, n int) error {
 			req = protowire.AppendVarint(protowire.AppendTag(req, 2, protowire.VarintType), uint64([]int{0, 5, 13}[i%3]))
 			in := new(emptypb.Empty)
 			in.ProtoReflect().SetUnknown(req)
-			err := conn.Invoke(context.Background(), "/zerotrace.test.v1.Echo/Unary", in, new(emptypb.Empty))
+			ctx := context.Background()
+			if tp := os.Getenv("GRPCSHOP_TRACEPARENT"); tp != "" {
+				ctx = metadata.AppendToOutgoingContext(ctx, "traceparent", tp)
+			}
+			err := conn.Invoke(ctx, "/zerotrace.test.v1.Echo/Unary", in, new(emptypb.Empty))
 			got[i] = status.Code(err)
 		}(i)
 	}
