@@ -142,6 +142,9 @@ struct PendingRpc {
 struct PendingH2 {
     start: Box<GoH2Start>,
     ids: Ids,
+    /// Its connection's addresses, taken at the start (the client may close the connection
+    /// before the handler's end record is read).
+    addrs: Option<(Addrs, Arc<str>)>,
 }
 
 /// A Go client call waiting for its return.
@@ -571,7 +574,8 @@ impl Correlator {
         };
         let ids = self.stream_ids(q.trace.as_ref(), offered);
         self.traces.remember(q.span_id, ids.trace_id);
-        self.h2_streams.insert(q.span_id, PendingH2 { start: q, ids });
+        let addrs = if q.sk != 0 { self.by_sk.get(&q.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone())) } else { None };
+        self.h2_streams.insert(q.span_id, PendingH2 { start: q, ids, addrs });
     }
 
     /// Where a server stream's span sits: under its incoming traceparent, else under the
@@ -592,7 +596,6 @@ impl Correlator {
     /// The SERVER span of a Go HTTP/2 stream: the attributes of an HTTP/1 request's.
     fn h2_span(&self, p: PendingH2, r: &GoH2End) -> Span {
         let q = &p.start;
-        let addrs = if q.sk != 0 { self.by_sk.get(&q.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone())) } else { None };
         self.server_span(ServerFields {
             pid: q.pid,
             tid: q.tid,
@@ -607,7 +610,7 @@ impl Correlator {
             scheme: if q.tls { "https" } else { "http" },
             span_id: q.span_id,
             ids: Some(p.ids),
-            addrs,
+            addrs: p.addrs,
             start_ns: q.start_ns,
             end_ns: r.end_ns.max(q.start_ns),
         })

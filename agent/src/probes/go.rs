@@ -207,6 +207,8 @@ pub struct Plan {
     pub sql: Option<SqlDriver>,
     /// Where grpc-go keeps what its server hooks read, when they are attached.
     pub grpc: Option<GrpcLayout>,
+    /// golang.org/x/net/http2's server offsets (TargetConfig::xnet_h2), when hooked.
+    pub xnet_h2: Option<[u16; 5]>,
     pub report: AttachReport,
 }
 
@@ -476,7 +478,7 @@ pub struct PlanSettings {
 pub fn plan(pid: u32, layout: &GoLayout, build: &BuildInfo, exe: &Executable, s: &PlanSettings) -> Result<Plan, SymbolError> {
     let mut p = Plan::default();
     plan_http(&mut p, exe, s.http)?;
-    plan_h2(&mut p, pid, layout, exe)?;
+    plan_h2(&mut p, pid, layout, exe, build)?;
     plan_causality(&mut p, pid, layout, exe, build, &s.causality)?;
     plan_grpc(&mut p, pid, exe, build)?;
     p.tls = tls_plan(pid, layout, exe, s.tls);
@@ -498,17 +500,61 @@ impl Plan {
 }
 
 /// net/http's HTTP/2 server streams (entry and RETs of runHandler: 2 hits per stream, none
-/// per HTTP/1 request), when the program has the server and its layout is known.
-fn plan_h2(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable) -> Result<(), SymbolError> {
-    let Some(name) = H2_RUN_HANDLER.into_iter().find(|n| exe.symbol(n).is_some()) else { return Ok(()) };
-    if layout.offsets.h2_rw_rws == GoOffsets::NONE {
-        tracing::warn!(pid, "this program's HTTP/2 server layout is not known: its HTTP/2 requests get no server spans");
+/// per HTTP/1 request), when the program has the server and its layout is known; the same
+/// for golang.org/x/net/http2's server (h2c), laid out by the program's DWARF or its x/net
+/// version.
+fn plan_h2(p: &mut Plan, pid: u32, layout: &GoLayout, exe: &Executable, build: &BuildInfo) -> Result<(), SymbolError> {
+    if let Some(name) = H2_RUN_HANDLER.into_iter().find(|n| exe.symbol(n).is_some()) {
+        if layout.offsets.h2_rw_rws == GoOffsets::NONE {
+            tracing::warn!(pid, "this program's HTTP/2 server layout is not known: its HTTP/2 requests get no server spans");
+        } else {
+            p.report.h2 = true;
+            plan_call(p, exe, name, uprobes::GO_H2_HANDLER, uprobes::GO_H2_HANDLER_RET)?;
+        }
+    }
+    if exe.symbol(XNET_RUN_HANDLER).is_none() {
         return Ok(());
     }
+    let version = build.deps.iter().find(|(m, _)| m == "golang.org/x/net").map_or("", |(_, v)| v.as_str());
+    let x = |t: &str| format!("golang.org/x/net/http2.{t}");
+    let members = [("responseWriter", "rws"), ("responseWriterState", "stream"), ("responseWriterState", "status"), ("stream", "id"), ("serverConn", "conn")];
+    let structs: Vec<String> = members.iter().map(|(t, _)| x(t)).collect();
+    let refs: Vec<&str> = structs.iter().map(String::as_str).collect();
+    let from_dwarf = crate::symbols::dwarf::GoDwarf::load(exe, &refs, &[]).ok().and_then(|d| {
+        let mut o = [0u16; 5];
+        for (slot, (t, f)) in o.iter_mut().zip(members) {
+            *slot = u16::try_from(d.member(&x(t), f)?).ok()?;
+        }
+        Some(o)
+    });
+    let known = XNET_KNOWN.iter().find(|(v, _)| version.starts_with(v)).map(|(_, o)| *o);
+    if let (Some(d), Some(k)) = (from_dwarf, known)
+        && d != k
+    {
+        tracing::warn!(pid, x_net = version, dwarf = ?d, table = ?k, "the known golang.org/x/net/http2 layout differs from this program's DWARF: stripped builds of this version would be misread");
+    }
+    let Some(offsets) = from_dwarf.or(known) else {
+        tracing::warn!(
+            pid,
+            x_net = version,
+            "this golang.org/x/net/http2 server's layout is not known without DWARF: its HTTP/2 (h2c) requests get no server spans"
+        );
+        return Ok(());
+    };
+    p.xnet_h2 = Some(offsets);
     p.report.h2 = true;
-    plan_call(p, exe, name, uprobes::GO_H2_HANDLER, uprobes::GO_H2_HANDLER_RET)?;
+    plan_call(p, exe, XNET_RUN_HANDLER, uprobes::GO_H2_XNET_HANDLER, uprobes::GO_H2_XNET_HANDLER_RET)?;
     Ok(())
 }
+
+/// golang.org/x/net/http2's runHandler (h2c servers and other direct users of its Server).
+pub const XNET_RUN_HANDLER: &str = "golang.org/x/net/http2.(*serverConn).runHandler";
+
+/// golang.org/x/net versions whose HTTP/2 server layout is known without DWARF (compared
+/// with the DWARF of every program that has both; the e2e h2c service is built with
+/// v0.28.0): `responseWriter.rws`, `responseWriterState.stream` / `.status`, `stream.id`,
+/// `serverConn.conn`.
+const XNET_KNOWN: &[(&str, [u16; 5])] = &[("v0.28.", [0, 0, 72, 8, 16])];
 
 /// What was attached for one process, for the log line and the tests.
 #[derive(Debug, Default, Clone)]
@@ -551,6 +597,8 @@ pub fn target_config(t: &Target, plan: &Plan) -> TargetConfig {
         grpc_error_type: plan.grpc.filter(|g| g.error_type != 0).map_or(0, |g| g.error_type.wrapping_add(t.bias)),
         grpc_stream_ctx: plan.grpc.map_or(TargetConfig::NO_OFFSET, |g| g.stream_ctx),
         _pad2: 0,
+        xnet_h2: plan.xnet_h2.unwrap_or([GoOffsets::NONE; 5]),
+        _pad3: [0; 3],
     }
 }
 

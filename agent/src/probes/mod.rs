@@ -63,6 +63,8 @@ pub mod uprobes {
     pub const GO_GRPC_CLIENT_FINISH: &str = "go_grpc_client_finish";
     pub const GO_H2_HANDLER: &str = "go_h2_handler";
     pub const GO_H2_HANDLER_RET: &str = "go_h2_handler_ret";
+    pub const GO_H2_XNET_HANDLER: &str = "go_h2_xnet_handler";
+    pub const GO_H2_XNET_HANDLER_RET: &str = "go_h2_xnet_handler_ret";
     pub const GO_TLS_READ: &str = "go_tls_read";
     /// GO_TLS_READ's twin that reads incoming traceparents (loaded instead of it with
     /// --inject-traceparent; not in ALL).
@@ -84,6 +86,8 @@ pub mod uprobes {
         GO_GRPC_CLIENT_FINISH,
         GO_H2_HANDLER,
         GO_H2_HANDLER_RET,
+        GO_H2_XNET_HANDLER,
+        GO_H2_XNET_HANDLER_RET,
         GO_CHAN_PUT,
         GO_CHAN_TAKE,
         GO_CHAN_REFILL,

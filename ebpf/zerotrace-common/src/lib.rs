@@ -1120,6 +1120,11 @@ pub struct TargetConfig {
     /// read.
     pub grpc_stream_ctx: u32,
     pub _pad2: u32,
+    /// golang.org/x/net/http2's server (h2c): `responseWriter.rws`,
+    /// `responseWriterState.stream` / `.status`, `stream.id`, `serverConn.conn` (its
+    /// request is an `*http.Request`: GoOffsets' Request offsets); NONE in [0]: not hooked.
+    pub xnet_h2: [u16; 5],
+    pub _pad3: [u16; 3],
     /// The runtime type of `*internal/status.Error` (load bias applied): an RPC error that
     /// carries a status (`Error.s` -> `Status.s` -> the proto's Code).
     pub grpc_error_type: u64,
@@ -1149,6 +1154,8 @@ impl TargetConfig {
             grpc_attempt_stream: Self::NO_OFFSET,
             grpc_stream_ctx: Self::NO_OFFSET,
             _pad2: 0,
+            xnet_h2: [GoOffsets::NONE; 5],
+            _pad3: [0; 3],
             grpc_error_type: 0,
         }
     }
@@ -1379,7 +1386,7 @@ assert_size!(HttpResponseEvent, 88);
 assert_size!(GoStr, 136);
 assert_size!(GoServerRequestEvent, 24 + 56 + 6 * 136);
 assert_size!(GoOffsets, 40 + 48 * 2);
-assert_size!(TargetConfig, 8 + 136 + 16 + 16 + 8 + 16 + 8 + 8);
+assert_size!(TargetConfig, 8 + 136 + 16 + 16 + 8 + 16 + 8 + 16 + 8);
 assert_size!(GoH2StartEvent, 24 + 48 + 40 + 24 + 4 * 136);
 assert_size!(GoH2EndEvent, 48 + 136);
 assert_size!(GoH2State, 32 + 24);

@@ -1,37 +1,109 @@
 //! Go net/http HTTP/2 server spans: `go_h2_handler` at the entry of
 //! `(*serverConn).runHandler` (net/http's own HTTP/2: `http2serverConn` up to Go 1.26,
-//! `internal/http2.serverConn` from 1.27), which runs on the goroutine that then runs the
-//! handler, and `go_h2_handler_ret` at each of its RETs (never a uretprobe): two hits per
-//! stream, none per HTTP/1 request. The stream's span is the handler goroutine's own, so
+//! `internal/http2.serverConn` from 1.27; `go_h2_xnet_handler` for golang.org/x/net/http2's,
+//! which h2c servers use), which runs on the goroutine that then runs the handler, and
+//! `go_h2_handler_ret` (`go_h2_xnet_handler_ret`) at each of its RETs (never a uretprobe):
+//! two hits per stream, none per HTTP/1 request. The stream's span is the handler goroutine's own, so
 //! its client calls, SQL, goroutines and channels go under it; its parent is the client
 //! stream a traced client on this host offered on the same connection under the same
 //! stream id (socket/go_client.rs); an incoming `traceparent` (the request's Header map,
-//! when it is small enough to read here) wins over that link. Offsets: GoOffsets::h2_*.
+//! when it is small enough to read here) wins over that link. Offsets: GoOffsets::h2_*, and
+//! TargetConfig::xnet_h2 with the Request offsets for x/net.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoH2EndEvent, GoH2StartEvent, GoH2State, GoOffsets};
+use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoH2EndEvent, GoH2StartEvent, GoH2State, GoOffsets, TargetConfig};
 
 use crate::{
     causality::{enter_own, leave_own, remember_trace, set_own, take_stream_link},
     go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_H2},
-    socket::conns::go_iface_sk,
-    util::{count, go_caller_config, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
+    socket::conns::fd_to_sk,
+    util::{count, go_caller_config, go_conn_fd, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
 };
+
+/// Where one HTTP/2 server package keeps what the hooks read.
+struct Layout {
+    rw_rws: u16,
+    rws_stream: u16,
+    rws_status: u16,
+    stream_id: u16,
+    sc_conn: u16,
+    /// Method, URL, Host, RemoteAddr, ContentLength, Header of the handler's request.
+    req: [u16; 6],
+    /// The request is an `*http.Request` (its route pattern is readable at the end).
+    req_http: bool,
+}
+
+/// net/http's own (`XNET` false) or golang.org/x/net/http2's.
+#[inline(always)]
+fn layout<const XNET: bool>(cfg: &TargetConfig) -> Layout {
+    let go = &cfg.go;
+    if XNET {
+        let x = &cfg.xnet_h2;
+        Layout {
+            rw_rws: x[0],
+            rws_stream: x[1],
+            rws_status: x[2],
+            stream_id: x[3],
+            sc_conn: x[4],
+            req: [go.request_method, go.request_url, go.request_host, go.request_remote_addr, go.request_content_length, go.request_header],
+            req_http: true,
+        }
+    } else {
+        Layout {
+            rw_rws: go.h2_rw_rws,
+            rws_stream: go.h2_rws_stream,
+            rws_status: go.h2_rws_status,
+            stream_id: go.h2_stream_id,
+            sc_conn: go.h2_sc_conn,
+            req: [go.h2_req_method, go.h2_req_url, go.h2_req_host, go.h2_req_remote_addr, go.h2_req_content_length, go.h2_req_header],
+            req_http: go.h2_req_http != 0,
+        }
+    }
+}
+
+/// The kernel socket under the serverConn's net.Conn at `at`: a TCP or TLS connection, or
+/// one wrapping it as its first field (h2c's `bufConn{net.Conn; *bufio.Reader}`).
+#[inline(always)]
+fn conn_sk(go: &GoOffsets, at: u64) -> u64 {
+    let Some([itab, data]) = read_user::<[u64; 2]>(at) else { return 0 };
+    let mut fd = go_conn_fd(go, itab, data);
+    if fd < 0
+        && let Some([inner_itab, inner]) = read_user::<[u64; 2]>(data)
+    {
+        fd = go_conn_fd(go, inner_itab, inner);
+    }
+    if fd < 0 {
+        return 0;
+    }
+    fd_to_sk(fd as u32).unwrap_or(0)
+}
 
 /// `runHandler(sc, rw *responseWriter, req, handler)`: sc in RAX, rw in RBX, req in RCX;
 /// R14 is the handler's goroutine.
 #[uprobe]
 pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
-    let r = regs(&ctx);
+    handler::<false>(&ctx)
+}
+
+/// `go_h2_handler` for golang.org/x/net/http2's `runHandler` (same arguments).
+#[uprobe]
+pub fn go_h2_xnet_handler(ctx: ProbeContext) -> u32 {
+    handler::<true>(&ctx)
+}
+
+#[inline(always)]
+fn handler<const XNET: bool>(ctx: &ProbeContext) -> u32 {
+    let r = regs(ctx);
     // SAFETY: plain loads of fields of the register set.
     let (sc, rw, req) = unsafe { (core::ptr::read_volatile(&r.rax), core::ptr::read_volatile(&r.rbx), core::ptr::read_volatile(&r.rcx)) };
-    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    let Some((pid_tgid, cfg, k)) = go_caller_config(ctx) else { return 0 };
     let go = &cfg.go;
-    if go.h2_rw_rws == GoOffsets::NONE || rw == 0 || req == 0 {
+    let l = layout::<XNET>(cfg);
+    if l.rw_rws == GoOffsets::NONE || rw == 0 || req == 0 {
         return 0;
     }
-    let rws = go_ptr(rw, go.h2_rw_rws);
-    let stream = go_ptr(rws, go.h2_rws_stream);
+    let rws = go_ptr(rw, l.rw_rws);
+    let stream = go_ptr(rws, l.rws_stream);
     if stream == 0 {
         return 0;
     }
@@ -50,8 +122,8 @@ pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
         return 0;
     }
     set_own(&k, span);
-    let stream_id = read_user::<u32>(stream + go.h2_stream_id as u64).unwrap_or(0);
-    let sk = go_iface_sk(go, sc + go.h2_sc_conn as u64).unwrap_or(0);
+    let stream_id = read_user::<u32>(stream + l.stream_id as u64).unwrap_or(0);
+    let sk = conn_sk(go, sc + l.sc_conn as u64);
     let e = ev.as_mut_ptr();
     // SAFETY: e points at a reserved record of the right size; every field is written.
     unsafe {
@@ -68,8 +140,8 @@ pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
         (*e).trace_flags = 0;
         (*e).trace_id = [0; 16];
         (*e).remote_span = 0;
-        if go.h2_req_header != GoOffsets::NONE
-            && let Some((t, parent, flags)) = incoming_traceparent(go, go_ptr(req, go.h2_req_header))
+        if l.req[5] != GoOffsets::NONE
+            && let Some((t, parent, flags)) = incoming_traceparent(go, go_ptr(req, l.req[5]))
         {
             (*e).has_trace = 1;
             (*e).trace_flags = flags;
@@ -85,18 +157,18 @@ pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
             (*e).tls = (*c).tls;
             (*e).parent_span = take_stream_link(&(*c).flow, stream_id);
         }
-        (*e).content_length = read_user::<i64>(req + go.h2_req_content_length as u64).unwrap_or(-1);
+        (*e).content_length = read_user::<i64>(req + l.req[4] as u64).unwrap_or(-1);
         for s in [&mut (*e).method, &mut (*e).path, &mut (*e).host, &mut (*e).remote_addr] {
             s.len = 0;
             s.kept = 0;
         }
-        read_go_string(req + go.h2_req_method as u64, &mut (*e).method);
-        let url = go_ptr(req, go.h2_req_url);
+        read_go_string(req + l.req[0] as u64, &mut (*e).method);
+        let url = go_ptr(req, l.req[1]);
         if url != 0 {
             read_go_string(url + go.url_path as u64, &mut (*e).path);
         }
-        read_go_string(req + go.h2_req_host as u64, &mut (*e).host);
-        read_go_string(req + go.h2_req_remote_addr as u64, &mut (*e).remote_addr);
+        read_go_string(req + l.req[2] as u64, &mut (*e).host);
+        read_go_string(req + l.req[3] as u64, &mut (*e).remote_addr);
     }
     ev.submit(wake_flags());
     0
@@ -106,8 +178,20 @@ pub fn go_h2_handler(ctx: ProbeContext) -> u32 {
 /// response state back to a pool, has run).
 #[uprobe]
 pub fn go_h2_handler_ret(ctx: ProbeContext) -> u32 {
-    let Some((pid_tgid, cfg, k)) = go_caller_config(&ctx) else { return 0 };
+    handler_ret::<false>(&ctx)
+}
+
+/// `go_h2_handler_ret` for golang.org/x/net/http2's `runHandler`.
+#[uprobe]
+pub fn go_h2_xnet_handler_ret(ctx: ProbeContext) -> u32 {
+    handler_ret::<true>(&ctx)
+}
+
+#[inline(always)]
+fn handler_ret<const XNET: bool>(ctx: &ProbeContext) -> u32 {
+    let Some((pid_tgid, cfg, k)) = go_caller_config(ctx) else { return 0 };
     let go = &cfg.go;
+    let l = layout::<XNET>(cfg);
     // SAFETY: map value pointer, copied before removal.
     let Some(st) = GO_H2.get_ptr(&k).map(|p| unsafe { *p }) else {
         count(Counter::HandlerReturnsUnmatched);
@@ -127,10 +211,10 @@ pub fn go_h2_handler_ret(ctx: ProbeContext) -> u32 {
         (*e).goid = k.goid;
         (*e).span_id = st.span_id;
         // The state went back to its pool; another stream may have it already.
-        (*e).status = if go_ptr(st.rws, go.h2_rws_stream) == st.stream { read_user::<i64>(st.rws + go.h2_rws_status as u64).unwrap_or(0) } else { 0 };
+        (*e).status = if go_ptr(st.rws, l.rws_stream) == st.stream { read_user::<i64>(st.rws + l.rws_status as u64).unwrap_or(0) } else { 0 };
         (*e).pattern.len = 0;
         (*e).pattern.kept = 0;
-        if go.h2_req_http != 0 {
+        if l.req_http {
             let r = st.req;
             if go.request_pattern != GoOffsets::NONE {
                 read_go_string(r + go.request_pattern as u64, &mut (*e).pattern);

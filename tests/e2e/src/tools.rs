@@ -197,6 +197,17 @@ pub const GRPC: &[(&str, &str)] = &[
     ("google.golang.org/protobuf", "v1.34.2"),
 ];
 
+/// golang.org/x/net and what it needs, from the offline module sources.
+pub const XNET: &[(&str, &str)] = &[("golang.org/x/net", "v0.28.0"), ("golang.org/x/text", "v0.17.0")];
+
+/// The h2c test service (tests/e2e/go/h2cshop: x/net's h2c server, Go's own unencrypted
+/// HTTP/2 client) built with Go `version` (1.24 or later) and extra `go build` flags.
+pub fn h2cshop(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {
+    let out = work_dir().join(format!("h2cshop-go{version}{tag}"));
+    go_build_with(&go(version)?, &root().join("tests/e2e/go/h2cshop"), &out, flags, &[], XNET)?;
+    Ok(out)
+}
+
 /// The grpc-go test service (tests/e2e/go/grpcshop) built with Go `version` and extra
 /// `go build` flags; `tag` names the build.
 pub fn grpcshop(version: &str, tag: &str, flags: &[&str]) -> Result<PathBuf> {

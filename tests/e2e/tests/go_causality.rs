@@ -728,3 +728,73 @@ for _ in paths:
     assert_eq!(got, [("/leaf/a", "200", "https"), ("/status/404", "404", "https"), ("/leaf/b", "200", "https")], "{spans:#?}");
     Ok(())
 }
+
+/// HTTP/2 in the clear: two services behind golang.org/x/net's h2c handler (x/net v0.28.0
+/// from the offline module sources), the front calling the other with Go's own client over
+/// unencrypted HTTP/2 (Go 1.24+), requests from curl with prior knowledge. Each stream is
+/// one server span from x/net's runHandler (two hits), the front's call sits under its
+/// stream, the downstream stream under the call (linked by connection and stream id), and a
+/// request's traceparent roots its span. Go 1.24 and 1.27, and 1.27 stripped as a PIE (the
+/// x/net layout by its version).
+#[test]
+fn h2c_servers_and_clients() -> Result<()> {
+    for (version, tag, flags) in [(tools::GO_MATRIX[3], "", &[][..]), (GO_NEWEST, "", &[]), (GO_NEWEST, "-stripped-pie", &["-buildmode=pie", "-ldflags=-s -w"])]
+    {
+        check_h2c(version, tag, flags).map_err(|e| e.context(format!("h2c, Go {version}{tag}")))?;
+    }
+    Ok(())
+}
+
+fn check_h2c(version: &str, tag: &str, flags: &[&str]) -> Result<()> {
+    let bin = tools::h2cshop(version, tag, flags)?;
+    let serve = |name: &str, down: Option<u16>| -> Result<(Proc, u16)> {
+        let port = free_port();
+        let mut cmd = Command::new(&bin);
+        cmd.arg(format!("127.0.0.1:{port}"));
+        if let Some(d) = down {
+            cmd.arg(format!("http://127.0.0.1:{d}"));
+        }
+        let p = Proc::spawn(name, cmd)?;
+        wait_for_port(port, Duration::from_secs(10))?;
+        Ok((p, port))
+    };
+    let (down, down_port) = serve("h2c-down", None)?;
+    let (front, front_port) = serve("h2c-front", Some(down_port))?;
+    let rx = Receiver::start(Kind::Grpc, 0)?;
+    let endpoint = rx.endpoint();
+    let mut agent = Agent::start(&[front.pid(), down.pid()], &["--otlp-endpoint", endpoint.as_str(), "--batch-delay", "200ms"], &[])?;
+    let (trace, parent) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let curl = |path: &str, extra: &[&str]| -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+            .args(extra)
+            .arg(format!("http://127.0.0.1:{front_port}{path}"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(curl("/call/1", &[])?, "200 2");
+    assert_eq!(curl("/call/missing", &[])?, "404 2");
+    assert_eq!(curl("/leaf/tp", &["-H", &format!("traceparent: 00-{trace}-{parent}-01")])?, "200 2");
+    rx.wait_for(7, Duration::from_secs(20))?;
+    agent.stop()?;
+    let log = agent.proc.stderr_text();
+    assert!(!log.contains("layout differs"), "{log}");
+    let spans = rx.spans();
+    assert_eq!(spans.len(), 7, "{:#?}", spans.iter().map(|s| (&s.name, s.attr("url.path"), s.attr("url.full"))).collect::<Vec<_>>());
+    let f = Forest::new(&spans);
+    for (path, leaf, status) in [("/call/1", "/leaf/1", "200"), ("/call/missing", "/leaf/missing", "404")] {
+        let root = f.server(path);
+        assert!(root.parent_span_id.is_empty(), "{root:#?}");
+        assert_eq!((root.attr("network.protocol.version"), root.attr("url.scheme")), ("2", "http"), "{root:#?}");
+        assert_eq!((root.attr("http.route"), root.attr("http.response.status_code")), ("/call/", status), "{root:#?}");
+        assert_eq!(root.attr("server.port"), front_port.to_string(), "{root:#?}");
+        let kids = f.children(root);
+        assert_eq!(kids.len(), 1, "{path}: {kids:#?}");
+        assert_call_over(&f, root, kids[0], "http", down_port, leaf);
+        assert_eq!(f.children(kids[0])[0].attr("network.protocol.version"), "2");
+    }
+    let tp = f.server("/leaf/tp");
+    assert_eq!((tp.trace_id.as_str(), tp.parent_span_id.as_str()), (trace, parent), "{tp:#?}");
+    assert_eq!(agent.stat("server_spans_linked"), 2);
+    Ok(())
+}
