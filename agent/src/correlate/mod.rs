@@ -452,6 +452,13 @@ impl Correlator {
             Event::GoRpcStart(q) => self.on_rpc_start(q),
             Event::GoRpcEnd(r) => match self.rpcs.remove(&r.span_id) {
                 Some(p) => {
+                    // A client stream's offer ends with it (its server, if on this host,
+                    // took it long before).
+                    if p.start.client
+                        && let Some((c, s)) = p.start.flow
+                    {
+                        self.h2_links.remove(&(c, s, p.start.stream_id));
+                    }
                     self.stats.spans += 1;
                     out.push(self.rpc_span(p, &r));
                 }
@@ -543,7 +550,7 @@ impl Correlator {
         if q.client {
             // A client stream: under the span that made it; offered to the server on this
             // host that reads the stream (grpc-go or native) by connection and stream id.
-            let Some((trace_id, parent)) = self.call_ids(self.rpcs.len(), q.span_id, q.parent_span, [0; 16]) else { return };
+            let Some((trace_id, parent)) = self.call_ids(self.rpcs.len(), q.span_id, q.parent_span, q.kernel_trace) else { return };
             if let Some((c, s)) = q.flow {
                 self.offer_h2_link((c, s, q.stream_id), q.span_id);
             }
@@ -555,7 +562,7 @@ impl Correlator {
             return;
         }
         let offered = q.flow.and_then(|(c, s)| self.h2_links.remove(&(c, s, q.stream_id))).unwrap_or(0);
-        let ids = self.stream_ids(q.trace.as_ref(), offered);
+        let ids = self.stream_ids(q.trace.as_ref(), offered, q.kernel_trace);
         self.traces.remember(q.span_id, ids.trace_id);
         self.rpcs.insert(q.span_id, PendingRpc { start: q, trace_id: ids.trace_id, parent: ids.parent, remote: ids.remote });
     }
@@ -572,21 +579,22 @@ impl Correlator {
             0 => q.flow.and_then(|(c, s)| self.h2_links.remove(&(c, s, q.stream_id))).unwrap_or(0),
             p => p,
         };
-        let ids = self.stream_ids(q.trace.as_ref(), offered);
+        let ids = self.stream_ids(q.trace.as_ref(), offered, q.kernel_trace);
         self.traces.remember(q.span_id, ids.trace_id);
         let addrs = if q.sk != 0 { self.by_sk.get(&q.sk).and_then(|id| self.conns.get(id)).map(|c| (c.addrs, c.peer.clone())) } else { None };
         self.h2_streams.insert(q.span_id, PendingH2 { start: q, ids, addrs });
     }
 
     /// Where a server stream's span sits: under its incoming traceparent, else under the
-    /// same-host client span `offered` (0: none), else at the root of a new trace.
-    fn stream_ids(&mut self, incoming: Option<&crate::spans::RemoteParent>, offered: u64) -> Ids {
+    /// same-host client span `offered` (0: none), else at the root of a new trace (the one
+    /// the kernel drew, `kernel`, when it did).
+    fn stream_ids(&mut self, incoming: Option<&crate::spans::RemoteParent>, offered: u64, kernel: [u8; 16]) -> Ids {
         if let Some(rp) = incoming {
             let trace_id = self.traces.resolve(rp.trace_id);
             self.sampling.remote_decision(trace_id, rp.sampled);
             return Ids { trace_id, parent: Some(rp.span_id), remote: true, trace_state: None };
         }
-        let (trace_id, parent) = self.traces.child_of(offered, [0; 16]);
+        let (trace_id, parent) = self.traces.child_of(offered, kernel);
         if parent.is_some() {
             self.stats.linked += 1;
         }

@@ -195,6 +195,8 @@ pub struct GoRpcStart {
     pub parent_span: u64,
     /// A server's: the `traceparent` of the call's metadata.
     pub trace: Option<RemoteParent>,
+    /// Without one: the trace the kernel gave the span (its parent's, else new; 0: none).
+    pub kernel_trace: [u8; 16],
     pub stream_id: u32,
     /// The connection: (client, server), when the kernel found it.
     pub flow: Option<(std::net::SocketAddr, std::net::SocketAddr)>,
@@ -214,6 +216,8 @@ pub struct GoH2Start {
     pub parent_span: u64,
     /// The request's `traceparent`.
     pub trace: Option<RemoteParent>,
+    /// Without one: the trace the kernel gave the span (its linked client's, else new).
+    pub kernel_trace: [u8; 16],
     pub sk: u64,
     pub stream_id: u32,
     /// The connection: (client, server), when the kernel found it.
@@ -403,6 +407,11 @@ struct GoRpcStartEventV9 {
     has_flow: u32,
     flow: FlowKey,
     method: GoStr,
+}
+
+/// A record's connection as (client, server), when it has one.
+fn flow_of(has: bool, f: &FlowKey) -> Option<(std::net::SocketAddr, std::net::SocketAddr)> {
+    has.then(|| (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port)))
 }
 
 /// A kernel-read `traceparent` (`has` 1), as the agent's parse would give it.
@@ -600,11 +609,9 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 client: false,
                 parent_span: 0,
                 trace: None,
+                kernel_trace: [0; 16],
                 stream_id: e.stream_id,
-                flow: (e.has_flow != 0).then(|| {
-                    let f = &e.flow;
-                    (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port))
-                }),
+                flow: flow_of(e.has_flow != 0, &e.flow),
                 method: go_str(&e.method),
             }))
         }
@@ -620,11 +627,9 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 client,
                 parent_span: if client { e.parent_span } else { 0 },
                 trace: remote_parent(e.has_trace, e.trace_id, e.remote_span, e.trace_flags),
+                kernel_trace: if e.has_trace == 0 { e.trace_id } else { [0; 16] },
                 stream_id: e.stream_id,
-                flow: (e.has_flow != 0).then(|| {
-                    let f = &e.flow;
-                    (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port))
-                }),
+                flow: flow_of(e.has_flow != 0, &e.flow),
                 method: go_str(&e.method),
             }))
         }
@@ -642,12 +647,10 @@ pub fn decode(b: &[u8]) -> Result<Event, DecodeError> {
                 span_id: e.span_id,
                 parent_span: e.parent_span,
                 trace: remote_parent(e.has_trace, e.trace_id, e.remote_span, e.trace_flags),
+                kernel_trace: if e.has_trace == 0 { e.trace_id } else { [0; 16] },
                 sk: e.sk,
                 stream_id: e.stream_id,
-                flow: (e.has_flow != 0).then(|| {
-                    let f = &e.flow;
-                    (std::net::SocketAddr::new(ip(f.client_addr), f.client_port), std::net::SocketAddr::new(ip(f.server_addr), f.server_port))
-                }),
+                flow: flow_of(e.has_flow != 0, &e.flow),
                 tls: e.tls != 0,
                 content_length: e.content_length,
                 method: go_str(&e.method),

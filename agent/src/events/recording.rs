@@ -13,7 +13,8 @@ pub const HEADERLESS_ABI: u32 = 6;
 /// Record ABI versions this build decodes (their records have the same layout; 8 changed
 /// only map values; 9 added the GoSqlDone record and the database of a SQL start in its
 /// padding, which older recordings have as 0: `other_sql`; 10 added the HTTP/2 stream
-/// records and changed only map values besides).
+/// records and the grpc-go client and server start records (kinds 27 and 28, with a
+/// traceparent); ABI 9's grpc-go server start, kind 23, is read in its own layout).
 pub const READABLE: &[u32] = &[HEADERLESS_ABI, 7, 8, 9, zerotrace_common::ABI_VERSION];
 
 /// Starts a recording: the header.

@@ -199,9 +199,9 @@ impl Outputs {
             let (pid, _) = self.gone.pop_front().expect("checked");
             if !targets.contains(pid) {
                 self.resources.lock().expect("not poisoned").remove(&pid);
-            }
-            if let Some(m) = &self.metrics {
-                m.state.red.lock().expect("not poisoned").forget_pid(pid);
+                if let Some(m) = &self.metrics {
+                    m.state.red.lock().expect("not poisoned").forget_pid(pid);
+                }
             }
         }
     }

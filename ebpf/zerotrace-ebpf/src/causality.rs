@@ -329,6 +329,20 @@ pub fn span_of(pid: u32, goid: u64) -> u64 {
     s.span_id
 }
 
+/// The span goroutine `goid` of `pid` owns (a call of its own) or inherited when it was
+/// spawned, 0 otherwise: not one received over a channel, which a long-lived goroutine
+/// keeps after the work it was for (grpc-go's transport writer, woken over a channel by
+/// every caller, would offer a stale span for another call's stream).
+#[inline(always)]
+pub fn spawned_or_own_span(pid: u32, goid: u64) -> u64 {
+    if goid == 0 {
+        return 0;
+    }
+    // SAFETY: map value pointer, copied at once.
+    let Some(c) = GO_CTX.get_ptr(&key(pid, goid)).map(|c| unsafe { *c }) else { return 0 };
+    if c.origin == ctx_origin::OWN || c.origin == ctx_origin::SPAWN { c.span_id } else { 0 }
+}
+
 /// Go: whether the goroutine serving connection `s` (whose response has started) has moved
 /// on to a later request: one that came pipelined, which no read started, so the kernel
 /// does not know it yet. Its work then belongs to no span rather than to the previous one.

@@ -10,10 +10,10 @@
 //! id, by which the agent links the server's span (grpc-go, tonic) to it. Field offsets come
 //! from the agent (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{ConnKey, Counter, EventKind, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, TargetConfig};
+use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, TargetConfig};
 
 use crate::{
-    causality::{enter_own, leave_own, new_span_id, remember_trace, set_own, span_of},
+    causality::{enter_own, leave_own, new_span_id, remember_trace, set_own, span_of, trace_for},
     go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_RPC},
     socket::conns::fd_to_sk,
@@ -68,21 +68,17 @@ pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
             (*e).trace_id = t;
             (*e).remote_span = parent;
             remember_trace(span, &t, flags);
+        } else {
+            // A new trace (its client's link is made in the agent): kept for injection, and
+            // the id the agent gives the trace when nothing links it.
+            (*e).trace_id = trace_for(span, 0).0;
         }
         // The connection (for links from the client's stream): the transport is an
         // *http2Server (handler-based transports have another type and no conn there).
-        (*e).has_flow = 0;
-        if cfg.grpc_server_conn != TargetConfig::NO_OFFSET
-            && let Some(conn) = read_user::<[u64; 2]>(transport + cfg.grpc_server_conn as u64)
-        {
-            let fd = go_conn_fd(&cfg.go, conn[0], conn[1]);
-            if fd >= 0
-                && let Some(sk) = fd_to_sk(fd as u32)
-                && let Some(c) = CONNS.get_ptr(&ConnKey { sk })
-            {
-                (*e).flow = (*c).flow;
-                (*e).has_flow = 1;
-            }
+        (*e).has_flow =
+            if cfg.grpc_server_conn != TargetConfig::NO_OFFSET { conn_flow(cfg, transport + cfg.grpc_server_conn as u64, &mut (*e).flow) } else { 0 };
+        if (*e).has_flow == 0 {
+            (*e).flow = FlowKey::default();
         }
         (*e).method.len = 0;
         (*e).method.kept = 0;
@@ -90,6 +86,21 @@ pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
     }
     ev.submit(wake_flags());
     0
+}
+
+/// The flow of the connection whose net.Conn interface lies at `at`, written to `out`:
+/// 1 when it is a followed TCP (or TLS over TCP) connection, else 0 (`out` untouched).
+#[inline(always)]
+fn conn_flow(cfg: &TargetConfig, at: u64, out: &mut FlowKey) -> u8 {
+    let Some([itab, data]) = read_user::<[u64; 2]>(at) else { return 0 };
+    let fd = go_conn_fd(&cfg.go, itab, data);
+    if fd < 0 {
+        return 0;
+    }
+    let Some(c) = fd_to_sk(fd as u32).and_then(|sk| CONNS.get_ptr(&ConnKey { sk })) else { return 0 };
+    // SAFETY: map value pointer, valid for this program run.
+    *out = unsafe { (*c).flow };
+    1
 }
 
 /// The `traceparent` of a server stream's incoming metadata: `Stream.ctx` is the
@@ -177,22 +188,14 @@ pub fn go_grpc_client_stream(ctx: ProbeContext) -> u32 {
         (*e).has_trace = 0;
         (*e).trace_flags = 0;
         (*e)._pad = 0;
-        (*e).trace_id = [0; 16];
+        // Its parent's trace when the kernel knows it, else a new one (as a Go HTTP call).
+        (*e).trace_id = trace_for(span, (*e).parent_span).0;
         (*e).remote_span = 0;
-        (*e).has_flow = 0;
         // Stream.ct is the ClientTransport: an *http2Client, whose conn is the connection.
         let transport = read_user::<u64>(stream + cfg.grpc_stream_ct as u64 + 8).unwrap_or(0);
-        if transport != 0
-            && let Some(conn) = read_user::<[u64; 2]>(transport + cfg.grpc_client_conn as u64)
-        {
-            let fd = go_conn_fd(&cfg.go, conn[0], conn[1]);
-            if fd >= 0
-                && let Some(sk) = fd_to_sk(fd as u32)
-                && let Some(c) = CONNS.get_ptr(&ConnKey { sk })
-            {
-                (*e).flow = (*c).flow;
-                (*e).has_flow = 1;
-            }
+        (*e).has_flow = if transport != 0 { conn_flow(cfg, transport + cfg.grpc_client_conn as u64, &mut (*e).flow) } else { 0 };
+        if (*e).has_flow == 0 {
+            (*e).flow = FlowKey::default();
         }
         (*e).method.len = 0;
         (*e).method.kept = 0;

@@ -13,7 +13,8 @@ use aya_ebpf::{macros::uprobe, programs::ProbeContext};
 use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoH2EndEvent, GoH2StartEvent, GoH2State, GoOffsets, TargetConfig};
 
 use crate::{
-    causality::{enter_own, leave_own, remember_trace, set_own, take_stream_link},
+    causality::{enter_own, leave_own, remember_trace, set_own, take_stream_link, trace_for},
+    go_http::read_request_pattern,
     go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_H2},
     socket::conns::fd_to_sk,
@@ -157,6 +158,11 @@ fn handler<const XNET: bool>(ctx: &ProbeContext) -> u32 {
             (*e).tls = (*c).tls;
             (*e).parent_span = take_stream_link(&(*c).flow, stream_id);
         }
+        if (*e).has_trace == 0 {
+            // The linked client's trace, else a new one (kept for injection; the agent
+            // starts a new trace with this id, so both agree).
+            (*e).trace_id = trace_for(span, (*e).parent_span).0;
+        }
         (*e).content_length = read_user::<i64>(req + l.req[4] as u64).unwrap_or(-1);
         for s in [&mut (*e).method, &mut (*e).path, &mut (*e).host, &mut (*e).remote_addr] {
             s.len = 0;
@@ -215,15 +221,7 @@ fn handler_ret<const XNET: bool>(ctx: &ProbeContext) -> u32 {
         (*e).pattern.len = 0;
         (*e).pattern.kept = 0;
         if l.req_http {
-            let r = st.req;
-            if go.request_pattern != GoOffsets::NONE {
-                read_go_string(r + go.request_pattern as u64, &mut (*e).pattern);
-            } else if go.request_pat != GoOffsets::NONE {
-                let p = go_ptr(r, go.request_pat);
-                if p != 0 {
-                    read_go_string(p + go.pattern_str as u64, &mut (*e).pattern);
-                }
-            }
+            read_request_pattern(go, st.req, &mut (*e).pattern);
         }
     }
     ev.submit(wake_flags());

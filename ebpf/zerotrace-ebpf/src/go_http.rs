@@ -4,7 +4,7 @@
 //! `go_serve_http` / `go_serve_http_ret` fire at the entry and at every RET instruction of
 //! `net/http.serverHandler.ServeHTTP` (never a uretprobe: goroutine stacks move).
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{ConnKey, Counter, EventKind, GoOffsets, GoRequestKey, GoRequestState, GoServerRequestEvent, TargetConfig};
+use zerotrace_common::{ConnKey, Counter, EventKind, GoOffsets, GoRequestKey, GoRequestState, GoServerRequestEvent, GoStr, TargetConfig};
 
 use crate::{
     causality::serve_conn,
@@ -74,8 +74,9 @@ fn serve_http(ctx: &ProbeContext) -> u32 {
     let r = regs(ctx);
     let key = GoRequestKey { pid, _pad: 0, goroutine: r.r14 };
     let response = if go.type_response != 0 && go_itab_type(r.rbx) == go.type_response { r.rcx } else { 0 };
-    // Another ResponseWriter is an HTTP/2 stream's, whose span go_h2.rs makes.
-    if go.type_response != 0 && response == 0 {
+    // Another ResponseWriter is an HTTP/2 stream's, whose span go_h2.rs makes (when the
+    // program's HTTP/2 server layout is known: its runHandler is hooked then).
+    if go.type_response != 0 && response == 0 && go.h2_rw_rws != GoOffsets::NONE {
         return 0;
     }
     let start_ns = now();
@@ -150,14 +151,7 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
         if url != 0 {
             read_go_string(url + go.url_path as u64, &mut (*e).path);
         }
-        if go.request_pattern != GoOffsets::NONE {
-            read_go_string(r + go.request_pattern as u64, &mut (*e).pattern);
-        } else if go.request_pat != GoOffsets::NONE {
-            let p = go_ptr(r, go.request_pat);
-            if p != 0 {
-                read_go_string(p + go.pattern_str as u64, &mut (*e).pattern);
-            }
-        }
+        read_request_pattern(go, r, &mut (*e).pattern);
         read_go_string(r + go.request_host as u64, &mut (*e).host);
         read_go_string(r + go.request_remote_addr as u64, &mut (*e).remote_addr);
         read_go_string(r + go.request_proto as u64, &mut (*e).proto);
@@ -166,6 +160,20 @@ fn send_server_request(cfg: &TargetConfig, pid_tgid: u64, g: u64, st: &GoRequest
         }
     }
     ev.submit(wake_flags());
+}
+
+/// The ServeMux pattern that matched `*http.Request` r (`Request.Pattern` from Go 1.23,
+/// `Request.pat.str` in 1.22; none before), into `out`.
+#[inline(always)]
+pub fn read_request_pattern(go: &GoOffsets, r: u64, out: &mut GoStr) {
+    if go.request_pattern != GoOffsets::NONE {
+        read_go_string(r + go.request_pattern as u64, out);
+    } else if go.request_pat != GoOffsets::NONE {
+        let p = go_ptr(r, go.request_pat);
+        if p != 0 {
+            read_go_string(p + go.pattern_str as u64, out);
+        }
+    }
 }
 
 /// The kernel socket of the connection a Go `*http.response` writes to, 0 if unknown.

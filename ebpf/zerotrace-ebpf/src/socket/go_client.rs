@@ -5,12 +5,13 @@
 //! any span withdraws the offer. A request written inside a database/sql call names the
 //! call's server. On an HTTP/2 connection (it began with the client preface) each HEADERS
 //! frame written offers the writer's span for its stream instead (Go writes a request's
-//! HEADERS from a goroutine the round trip spawned, which inherits its span).
+//! HEADERS from a goroutine the round trip spawned, which inherits its span); only a span
+//! the writer owns or inherited at spawn, never one received over a channel.
 use zerotrace_common::{ConnState, h2_start, phase, sql_system, target_flags};
 
 use super::bytes::h2_preface;
 use crate::{
-    causality::{offer_link, offer_stream_link, span_of, withdraw_link},
+    causality::{offer_link, offer_stream_link, span_of, spawned_or_own_span, withdraw_link},
     go_sql::note_server,
     util::{current_goroutine, now, read_user, target},
 };
@@ -74,7 +75,7 @@ fn h2_client_send(conn: &ConnState, buf: u64, len: u64, mut at: u64) {
                 if let Some(cfg) = target(conn.pid)
                     && cfg.flags & target_flags::GO != 0
                 {
-                    span = span_of(conn.pid, current_goroutine(cfg).1);
+                    span = spawned_or_own_span(conn.pid, current_goroutine(cfg).1);
                 }
             }
             if span == 0 {
