@@ -10,14 +10,14 @@
 //! id, by which the agent links the server's span (grpc-go, tonic) to it. Field offsets come
 //! from the agent (TargetConfig::grpc_*), from the program's DWARF or its grpc version.
 use aya_ebpf::{macros::uprobe, programs::ProbeContext};
-use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, TargetConfig};
+use zerotrace_common::{ConnKey, Counter, EventKind, FlowKey, GoRpcEndEvent, GoRpcKey, GoRpcStartEvent, GoRpcState, GoroutineCtx, GoroutineKey, TargetConfig};
 
 use crate::{
     causality::{enter_own, leave_own, new_span_id, remember_trace, set_own, span_of, trace_for},
     go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_RPC},
-    socket::conns::fd_to_sk,
-    util::{count, go_caller_config, go_conn_fd, go_itab_type, header, now, read_go_string, read_user, regs, wake_flags},
+    socket::conns::go_iface_sk,
+    util::{count, go_caller_config, go_itab_type, header, now, read_go_string, read_user, regs, wake_flags},
 };
 
 /// `(*Server).handleStream(s, t ServerTransport, stream *Stream)`: s in RAX, t in RBX/RCX,
@@ -92,12 +92,7 @@ pub fn go_grpc_stream(ctx: ProbeContext) -> u32 {
 /// 1 when it is a followed TCP (or TLS over TCP) connection, else 0 (`out` untouched).
 #[inline(always)]
 fn conn_flow(cfg: &TargetConfig, at: u64, out: &mut FlowKey) -> u8 {
-    let Some([itab, data]) = read_user::<[u64; 2]>(at) else { return 0 };
-    let fd = go_conn_fd(&cfg.go, itab, data);
-    if fd < 0 {
-        return 0;
-    }
-    let Some(c) = fd_to_sk(fd as u32).and_then(|sk| CONNS.get_ptr(&ConnKey { sk })) else { return 0 };
+    let Some(c) = go_iface_sk(&cfg.go, at).and_then(|sk| CONNS.get_ptr(&ConnKey { sk })) else { return 0 };
     // SAFETY: map value pointer, valid for this program run.
     *out = unsafe { (*c).flow };
     1
@@ -142,15 +137,7 @@ pub fn go_grpc_status(ctx: ProbeContext) -> u32 {
     let proto = if st == 0 { 0 } else { read_user::<u64>(st).unwrap_or(0) };
     // A nil proto is OK (status.New(codes.OK, "") keeps one, but be lenient).
     let code = if proto == 0 { 0 } else { read_user::<i32>(proto + cfg.grpc_status_code as u64).map_or(-1, i64::from) };
-    let ev = GoRpcEndEvent {
-        hdr: header(EventKind::GoRpcEnd, core::mem::size_of::<GoRpcEndEvent>(), k.pid, pid_tgid as u32, now()),
-        goid: k.goid,
-        span_id: state.span_id,
-        code,
-    };
-    if EVENTS.output::<GoRpcEndEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::EventsDroppedRingFull);
-    }
+    send_end(pid_tgid, &k, state.span_id, code);
     0
 }
 
@@ -205,6 +192,20 @@ pub fn go_grpc_client_stream(ctx: ProbeContext) -> u32 {
     0
 }
 
+/// The RPC of span `span` ended with status `code` (-1: not readable), seen by goroutine `k`.
+#[inline(always)]
+fn send_end(pid_tgid: u64, k: &GoroutineKey, span: u64, code: i64) {
+    let ev = GoRpcEndEvent {
+        hdr: header(EventKind::GoRpcEnd, core::mem::size_of::<GoRpcEndEvent>(), k.pid, pid_tgid as u32, now()),
+        goid: k.goid,
+        span_id: span,
+        code,
+    };
+    if EVENTS.output::<GoRpcEndEvent>(&ev, wake_flags()).is_err() {
+        count(Counter::EventsDroppedRingFull);
+    }
+}
+
 /// gRPC status codes this side names without reading a status.
 const OK: i64 = 0;
 const UNKNOWN: i64 = 2;
@@ -250,14 +251,6 @@ pub fn go_grpc_client_finish(ctx: ProbeContext) -> u32 {
     } else {
         UNKNOWN
     };
-    let ev = GoRpcEndEvent {
-        hdr: header(EventKind::GoRpcEnd, core::mem::size_of::<GoRpcEndEvent>(), k.pid, pid_tgid as u32, now()),
-        goid: k.goid,
-        span_id: state.span_id,
-        code,
-    };
-    if EVENTS.output::<GoRpcEndEvent>(&ev, wake_flags()).is_err() {
-        count(Counter::EventsDroppedRingFull);
-    }
+    send_end(pid_tgid, &k, state.span_id, code);
     0
 }

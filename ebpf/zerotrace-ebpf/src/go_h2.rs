@@ -17,8 +17,8 @@ use crate::{
     go_http::read_request_pattern,
     go_inject::incoming_traceparent,
     maps::{CONNS, EVENTS, GO_H2},
-    socket::conns::fd_to_sk,
-    util::{count, go_caller_config, go_conn_fd, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
+    socket::conns::go_iface_sk,
+    util::{count, go_caller_config, go_ptr, header, now, read_go_string, read_user, regs, wake_flags},
 };
 
 /// Where one HTTP/2 server package keeps what the hooks read.
@@ -66,17 +66,7 @@ fn layout<const XNET: bool>(cfg: &TargetConfig) -> Layout {
 /// one wrapping it as its first field (h2c's `bufConn{net.Conn; *bufio.Reader}`).
 #[inline(always)]
 fn conn_sk(go: &GoOffsets, at: u64) -> u64 {
-    let Some([itab, data]) = read_user::<[u64; 2]>(at) else { return 0 };
-    let mut fd = go_conn_fd(go, itab, data);
-    if fd < 0
-        && let Some([inner_itab, inner]) = read_user::<[u64; 2]>(data)
-    {
-        fd = go_conn_fd(go, inner_itab, inner);
-    }
-    if fd < 0 {
-        return 0;
-    }
-    fd_to_sk(fd as u32).unwrap_or(0)
+    go_iface_sk(go, at).or_else(|| go_iface_sk(go, read_user::<u64>(at + 8)?)).unwrap_or(0)
 }
 
 /// `runHandler(sc, rw *responseWriter, req, handler)`: sc in RAX, rw in RBX, req in RCX;
