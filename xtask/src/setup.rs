@@ -33,6 +33,9 @@ pub fn all() -> Result<()> {
     apt("cc", "gcc")?;
     // `zerotrace tail` is tested in a real terminal (tests/e2e tail.rs).
     apt("tmux", "tmux")?;
+    // An HTTP/2 client that is not Go (with a traceparent, over TLS and h2c with prior
+    // knowledge: tests/e2e go_causality.rs).
+    apt("curl", "curl")?;
     postgresql()?;
     cargo_fuzz()?;
     k8s_tools()?;
